@@ -1,0 +1,242 @@
+//! Map keys, values and constants shared by the xdplb datapath (the XDP
+//! program in `xdp-ebpf`) and its control plane (`xdp-userspace`).
+//!
+//! Every type is `#[repr(C)]` and laid out by hand so that it has no padding
+//! holes: the kernel compares hash-map keys byte for byte, and uninitialised
+//! padding would make equal keys differ. Addresses are kept as four `u32`
+//! words holding the bytes exactly as they appear on the wire (IPv4 as an
+//! IPv4-mapped IPv6 address), and ports in network byte order, so the
+//! datapath copies them from the packet without conversion.
+#![no_std]
+
+pub mod hash;
+
+/// Names of the pinned/bpffs-visible maps. The `_v1` suffix is the format
+/// version: a change to a key or value layout gets a new name, so a daemon
+/// never adopts a map whose format it does not understand. Kernel object
+/// names are limited to 15 bytes, hence the abbreviations.
+pub mod map_names {
+    /// `ServiceKey` -> `Service`.
+    pub const SERVICES: &str = "xdplb_svc_v1";
+    /// Backend id -> `Backend`.
+    pub const BACKENDS: &str = "xdplb_be_v1";
+    /// Flat array of backend ids: every service's Maglev tables.
+    pub const MAGLEV: &str = "xdplb_maglev_v1";
+    /// `FlowKey` -> `Flow`, the connection-tracking table (LRU).
+    pub const FLOWS: &str = "xdplb_flow_v1";
+    /// Per-CPU counter per `Reason`.
+    pub const REASONS: &str = "xdplb_stats_v1";
+    /// Per-CPU `Counters` per service id.
+    pub const SERVICE_STATS: &str = "xdplb_svcst_v1";
+    /// Per-CPU `Counters` per backend id.
+    pub const BACKEND_STATS: &str = "xdplb_best_v1";
+    /// DEVMAP_HASH of egress interfaces for XDP_REDIRECT, keyed by ifindex.
+    pub const TX_PORTS: &str = "xdplb_txport_v1";
+}
+
+/// Capacity of the services map.
+pub const MAX_SERVICES: u32 = 1024;
+/// Capacity of the backends array; backend ids are indices into it.
+pub const MAX_BACKENDS: u32 = 16384;
+/// Default (and most common) Maglev table size: a prime, as Maglev needs.
+pub const DEFAULT_TABLE_SIZE: u32 = 65537;
+/// Largest table size a service may ask for.
+pub const MAX_TABLE_SIZE: u32 = 1_048_573;
+/// Slots in the flat Maglev array shared by all services. Every service
+/// owns two regions of its table size (double buffering), so this holds 32
+/// services at the default size (16 MiB of kernel memory).
+pub const MAGLEV_SLOTS: u32 = 64 * DEFAULT_TABLE_SIZE;
+/// Capacity of the connection-tracking table.
+pub const MAX_FLOWS: u32 = 262_144;
+/// Capacity of the egress-interface devmap.
+pub const MAX_TX_PORTS: u32 = 64;
+
+/// IP protocol numbers a service may use.
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+
+/// Identifies a service: VIP, port and protocol.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct ServiceKey {
+    /// VIP, wire bytes; IPv4 as `::ffff:a.b.c.d`.
+    pub addr: [u32; 4],
+    /// Port, network byte order.
+    pub port_be: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+/// `Service::flags`: hash the source address only (client affinity).
+pub const SVC_F_HASH_SRC_ONLY: u32 = 1;
+
+/// A service's state as the datapath sees it. The control plane replaces
+/// the whole value in one map update, which is what makes a table swap
+/// atomic: a packet reads either the old `table_base` or the new one.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Service {
+    /// Index into the per-service counters.
+    pub id: u32,
+    /// `SVC_F_*` bits.
+    pub flags: u32,
+    /// First slot of the active Maglev table in the flat array.
+    pub table_base: u32,
+    /// Number of slots of the active table (a prime), or 0 when the service
+    /// has no backend that takes new flows.
+    pub table_size: u32,
+}
+
+/// `Backend::state`: not in use, or removed / marked down. Flows pinned to
+/// it are re-picked on their next packet.
+pub const BACKEND_DOWN: u32 = 0;
+/// In the Maglev table: takes new flows and keeps established ones.
+pub const BACKEND_ACTIVE: u32 = 1;
+/// Out of the Maglev table, but established flows keep using it.
+pub const BACKEND_DRAINING: u32 = 2;
+
+/// A backend as the datapath sees it: where to send its frames.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Backend {
+    /// Address, wire bytes; IPv4 as `::ffff:a.b.c.d`.
+    pub addr: [u32; 4],
+    /// The next hop's MAC (the backend's own on an L2 segment); all zero
+    /// while the neighbour is unresolved.
+    pub dst_mac: [u8; 6],
+    /// The egress interface's MAC.
+    pub src_mac: [u8; 6],
+    /// Egress interface.
+    pub ifindex: u32,
+    /// `BACKEND_*`.
+    pub state: u32,
+    /// Backend port, network byte order (used by NAT services).
+    pub port_be: u16,
+    pub _pad: [u8; 2],
+}
+
+/// Connection-tracking key: the packet's 5-tuple as received.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct FlowKey {
+    pub src: [u32; 4],
+    pub dst: [u32; 4],
+    pub sport_be: u16,
+    pub dport_be: u16,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+
+/// Connection-tracking value.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Flow {
+    /// The backend this flow is pinned to.
+    pub backend: u32,
+    pub _pad: u32,
+}
+
+/// Packet and byte counters (per CPU in the maps; summed by userspace).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Counters {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// Why the datapath did what it did with a packet: one per-CPU counter each.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reason {
+    /// Not IPv4/IPv6 (ARP, LLDP, ...): passed.
+    PassNotIp = 0,
+    /// IP but not addressed to a service: passed.
+    PassNotService,
+    /// Truncated or malformed headers: passed.
+    PassMalformed,
+    /// IPv4 fragment to a VIP: passed (see docs/datapath.md).
+    PassFragment,
+    /// IPv6 with extension headers before L4 to a VIP: passed.
+    PassIpv6Ext,
+    /// The chosen backend's next hop is not resolved: passed to the kernel.
+    PassNoNeigh,
+    /// The service has no backend taking new flows: dropped.
+    DropNoBackend,
+    /// Forwarded with XDP_TX (same interface).
+    Tx,
+    /// Forwarded with XDP_REDIRECT (another interface).
+    Redirect,
+    /// A new flow got a backend from the Maglev table.
+    FlowNew,
+    /// A packet matched an established flow.
+    FlowHit,
+    /// An established flow's backend was gone; the flow was re-picked.
+    FlowRepick,
+    /// The redirect to another interface failed: dropped.
+    DropRedirect,
+}
+
+/// Number of `Reason` counters.
+pub const REASON_COUNT: u32 = 13;
+
+impl Reason {
+    /// Every reason, in index order.
+    pub const ALL: [Reason; REASON_COUNT as usize] = [
+        Reason::PassNotIp,
+        Reason::PassNotService,
+        Reason::PassMalformed,
+        Reason::PassFragment,
+        Reason::PassIpv6Ext,
+        Reason::PassNoNeigh,
+        Reason::DropNoBackend,
+        Reason::Tx,
+        Reason::Redirect,
+        Reason::FlowNew,
+        Reason::FlowHit,
+        Reason::FlowRepick,
+        Reason::DropRedirect,
+    ];
+
+    /// Stable name used by the CLI, logs and tests.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Reason::PassNotIp => "pass_not_ip",
+            Reason::PassNotService => "pass_not_service",
+            Reason::PassMalformed => "pass_malformed",
+            Reason::PassFragment => "pass_fragment",
+            Reason::PassIpv6Ext => "pass_ipv6_ext",
+            Reason::PassNoNeigh => "pass_no_neigh",
+            Reason::DropNoBackend => "drop_no_backend",
+            Reason::Tx => "tx",
+            Reason::Redirect => "redirect",
+            Reason::FlowNew => "flow_new",
+            Reason::FlowHit => "flow_hit",
+            Reason::FlowRepick => "flow_repick",
+            Reason::DropRedirect => "drop_redirect",
+        }
+    }
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all types are repr(C), Copy, and have no padding holes (checked
+    // by the size assertions below), so any byte pattern is a valid value.
+    unsafe impl aya::Pod for super::ServiceKey {}
+    unsafe impl aya::Pod for super::Service {}
+    unsafe impl aya::Pod for super::Backend {}
+    unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::Flow {}
+    unsafe impl aya::Pod for super::Counters {}
+}
+
+// No holes: each size is the sum of its fields.
+const _: () = {
+    use core::mem::size_of;
+    assert!(size_of::<ServiceKey>() == 16 + 2 + 1 + 1);
+    assert!(size_of::<Service>() == 16);
+    assert!(size_of::<Backend>() == 16 + 6 + 6 + 4 + 4 + 2 + 2);
+    assert!(size_of::<FlowKey>() == 16 + 16 + 2 + 2 + 1 + 3);
+    assert!(size_of::<Flow>() == 8);
+    assert!(size_of::<Counters>() == 16);
+    assert!(Reason::ALL.len() == REASON_COUNT as usize);
+};

@@ -1,0 +1,39 @@
+//! L2 direct server return: rewrite the Ethernet addresses to the backend's
+//! next hop and send the frame on; IP and L4 are left untouched, so the
+//! backend (which holds the VIP on a loopback address) replies directly to
+//! the client.
+
+use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
+use network_types::eth::EthHdr;
+use xdp_common::{Backend, Reason};
+
+use crate::{maps::TX_PORTS, parse::ptr_at, stats::count};
+
+/// Rewrites the MACs and returns the verdict, or `Err` with the reason the
+/// frame goes to the kernel instead.
+#[inline(always)]
+pub fn dsr(ctx: &XdpContext, backend: &Backend) -> Result<u32, Reason> {
+    if backend.dst_mac == [0; 6] {
+        return Err(Reason::PassNoNeigh);
+    }
+    let eth: *mut EthHdr = ptr_at(ctx, 0).ok_or(Reason::PassMalformed)?;
+    // SAFETY: bounds checked by ptr_at.
+    unsafe {
+        (*eth).dst_addr = backend.dst_mac;
+        (*eth).src_addr = backend.src_mac;
+    }
+    if backend.ifindex as usize == ctx.ingress_ifindex() {
+        count(Reason::Tx);
+        return Ok(xdp_action::XDP_TX);
+    }
+    match TX_PORTS.redirect(backend.ifindex, 0) {
+        Ok(verdict) => {
+            count(Reason::Redirect);
+            Ok(verdict)
+        }
+        Err(_) => {
+            count(Reason::DropRedirect);
+            Ok(xdp_action::XDP_DROP)
+        }
+    }
+}

@@ -1,0 +1,83 @@
+//! The xdplb XDP program: parse, service look-up, connection tracking,
+//! Maglev, rewrite, stats. Each step lives in its own module; this file only
+//! wires them together and turns every outcome into a verdict.
+#![no_std]
+#![no_main]
+
+mod conntrack;
+mod forward;
+mod maglev;
+mod maps;
+mod parse;
+mod stats;
+
+use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
+use xdp_common::{Reason, ServiceKey};
+
+use crate::{
+    conntrack::Lookup,
+    maps::{BACKENDS, SERVICES},
+};
+
+#[xdp]
+pub fn xdplb(ctx: XdpContext) -> u32 {
+    match balance(&ctx) {
+        Ok(verdict) => verdict,
+        // Whatever went wrong, the kernel gets the frame unchanged (or as
+        // far as it was changed: only a failed MAC rewrite could, and that
+        // cannot fail after the bounds check). Never XDP_ABORTED.
+        Err(Reason::DropNoBackend) => {
+            stats::count(Reason::DropNoBackend);
+            xdp_action::XDP_DROP
+        }
+        Err(reason) => {
+            stats::count(reason);
+            xdp_action::XDP_PASS
+        }
+    }
+}
+
+#[inline(always)]
+fn balance(ctx: &XdpContext) -> Result<u32, Reason> {
+    let packet = parse::parse(ctx)?;
+    let key = &packet.key;
+    let service_key = ServiceKey {
+        addr: key.dst,
+        port_be: key.dport_be,
+        proto: key.proto,
+        _pad: 0,
+    };
+    // SAFETY: service values are replaced whole by the control plane, never
+    // written in place, so a reader sees one version or the other.
+    let service = unsafe { SERVICES.get(&service_key) }.ok_or(Reason::PassNotService)?;
+
+    let (id, backend) = match conntrack::lookup(key) {
+        Lookup::Hit(id, backend) => {
+            stats::count(Reason::FlowHit);
+            (id, backend)
+        }
+        miss_or_stale => {
+            let id = maglev::pick(service, key).ok_or(Reason::DropNoBackend)?;
+            let backend = BACKENDS.get(id).ok_or(Reason::DropNoBackend)?;
+            conntrack::pin(key, id);
+            stats::count(match miss_or_stale {
+                Lookup::Stale => Reason::FlowRepick,
+                _ => Reason::FlowNew,
+            });
+            (id, backend)
+        }
+    };
+    let verdict = forward::dsr(ctx, backend)?;
+    stats::count_forwarded(service.id, id, (ctx.data_end() - ctx.data()) as u64);
+    Ok(verdict)
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

@@ -1,0 +1,42 @@
+//! The datapath's maps. Names and formats are in `xdp_common::map_names`;
+//! every map is pinned by name so a restarted daemon adopts it (the loader
+//! sets the pin directory).
+
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
+};
+use xdp_common::{
+    Backend, Counters, Flow, FlowKey, Service, ServiceKey, MAGLEV_SLOTS, MAX_BACKENDS, MAX_FLOWS,
+    MAX_SERVICES, MAX_TX_PORTS, REASON_COUNT,
+};
+
+/// BPF_F_NO_COMMON_LRU: one LRU list per CPU, so CPUs never contend on a
+/// shared list lock when they insert flows (Katran keeps per-CPU LRUs for
+/// the same reason). The hash table itself stays shared, so userspace sees
+/// every flow in one map.
+const BPF_F_NO_COMMON_LRU: u32 = 1 << 1;
+
+#[map(name = "xdplb_svc_v1")]
+pub static SERVICES: HashMap<ServiceKey, Service> = HashMap::pinned(MAX_SERVICES, 0);
+
+#[map(name = "xdplb_be_v1")]
+pub static BACKENDS: Array<Backend> = Array::pinned(MAX_BACKENDS, 0);
+
+#[map(name = "xdplb_maglev_v1")]
+pub static MAGLEV: Array<u32> = Array::pinned(MAGLEV_SLOTS, 0);
+
+#[map(name = "xdplb_flow_v1")]
+pub static FLOWS: LruHashMap<FlowKey, Flow> = LruHashMap::pinned(MAX_FLOWS, BPF_F_NO_COMMON_LRU);
+
+#[map(name = "xdplb_stats_v1")]
+pub static REASONS: PerCpuArray<u64> = PerCpuArray::pinned(REASON_COUNT, 0);
+
+#[map(name = "xdplb_svcst_v1")]
+pub static SERVICE_STATS: PerCpuArray<Counters> = PerCpuArray::pinned(MAX_SERVICES, 0);
+
+#[map(name = "xdplb_best_v1")]
+pub static BACKEND_STATS: PerCpuArray<Counters> = PerCpuArray::pinned(MAX_BACKENDS, 0);
+
+#[map(name = "xdplb_txport_v1")]
+pub static TX_PORTS: DevMapHash = DevMapHash::pinned(MAX_TX_PORTS, 0);
