@@ -1,1 +1,87 @@
+//! Veth-namespace testbed shared by the integration tests and `cargo xtask demo`.
+//!
+//! Everything here deliberately depends only on std, anyhow and libc: xtask
+//! links this crate before the eBPF toolchain exists, so nothing eBPF-related
+//! may be pulled in.
+//!
+//! * [`netns`]: RAII network namespaces and ways to run code inside them.
+//! * [`proc`]: RAII child processes with captured output.
+//! * [`topology`]: the DSR demo/test topology (client, lb, backends on one L2 segment).
+//! * [`client`]: small HTTP/UDP client helpers to call from inside a namespace.
 
+pub mod client;
+pub mod netns;
+pub mod proc;
+pub mod topology;
+
+use std::path::{Path, PathBuf};
+
+/// Panics with a clear message unless the process runs as root: the testbed
+/// creates network namespaces, veths and bridges, which needs CAP_NET_ADMIN
+/// and CAP_SYS_ADMIN (for `setns`).
+pub fn require_root() {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let euid = unsafe { libc::geteuid() };
+    if euid != 0 {
+        panic!(
+            "this test needs root (network namespaces, veth, XDP); running as euid {euid}. \
+             Re-run with sudo, e.g. `sudo -E cargo test -p xdplb-tests`"
+        );
+    }
+}
+
+/// Whether `cmd` is an executable file in a directory of `$PATH` (or, if it
+/// contains a slash, whether that path is executable). Also searches the
+/// sbin directories, which a non-login root shell may lack in `$PATH`.
+pub fn which(cmd: &str) -> bool {
+    find_executable(cmd).is_some()
+}
+
+/// Like [`which`] but returns the path found.
+pub fn find_executable(cmd: &str) -> Option<PathBuf> {
+    if cmd.contains('/') {
+        return is_executable(Path::new(cmd)).then(|| PathBuf::from(cmd));
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let extra = ["/usr/local/sbin", "/usr/sbin", "/sbin"].map(PathBuf::from);
+    std::env::split_paths(&path)
+        .chain(extra)
+        .map(|dir| dir.join(cmd))
+        .find(|p| is_executable(p))
+}
+
+fn is_executable(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt as _;
+    path.metadata()
+        .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        .unwrap_or(false)
+}
+
+/// Path of a binary built by this workspace (e.g. `xdplb-testbackend`),
+/// found next to the running executable.
+///
+/// Integration tests should prefer `env!("CARGO_BIN_EXE_<name>")`; this is
+/// for unit tests (whose executable lives in `target/<profile>/deps/`) and
+/// for xtask (which lives in `target/<profile>/`), where that macro is not
+/// available. Errors if the binary has not been built.
+pub fn bin_path(name: &str) -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let mut candidates = Vec::new();
+    if let Some(dir) = exe.parent() {
+        candidates.push(dir.join(name));
+        // Test harnesses live one level down, in deps/.
+        if let Some(parent) = dir.parent() {
+            candidates.push(parent.join(name));
+        }
+    }
+    candidates
+        .iter()
+        .find(|p| is_executable(p))
+        .cloned()
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "binary {name:?} not found (looked at {candidates:?}); build it first, \
+             e.g. `cargo build -p xdplb-tests --bins`"
+            )
+        })
+}

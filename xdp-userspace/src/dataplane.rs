@@ -1,1 +1,194 @@
-//! TODO
+//! Typed handles on the datapath's maps, and the writes and reads the
+//! control plane makes through them.
+
+use std::{net::SocketAddr, path::Path};
+
+use anyhow::{bail, Context as _, Result};
+use aya::{
+    maps::{Array, DevMapHash, HashMap, Map, MapData, PerCpuArray},
+    Ebpf,
+};
+use xdp_common::{hash::flow_hash, map_names as names, *};
+
+use crate::addr;
+
+/// Every map of the datapath.
+pub struct Maps {
+    pub services: HashMap<MapData, ServiceKey, Service>,
+    pub backends: Array<MapData, Backend>,
+    pub maglev: Array<MapData, u32>,
+    pub flows: HashMap<MapData, FlowKey, Flow>,
+    pub reasons: PerCpuArray<MapData, u64>,
+    pub service_stats: PerCpuArray<MapData, Counters>,
+    pub backend_stats: PerCpuArray<MapData, Counters>,
+    pub tx_ports: DevMapHash<MapData>,
+}
+
+/// A map by name, from a loaded program or from its pin.
+trait Source {
+    fn map(&mut self, name: &str) -> Result<Map>;
+}
+
+impl Source for &mut Ebpf {
+    fn map(&mut self, name: &str) -> Result<Map> {
+        self.take_map(name).with_context(|| format!("map {name} missing from the XDP object"))
+    }
+}
+
+impl Source for &Path {
+    fn map(&mut self, name: &str) -> Result<Map> {
+        let path = self.join(name);
+        let data = MapData::from_pin(&path)
+            .with_context(|| format!("opening pinned map {} (is xdplb running?)", path.display()))?;
+        Ok(Map::from_map_data(data)?)
+    }
+}
+
+impl Maps {
+    fn from_source(mut src: impl Source) -> Result<Self> {
+        macro_rules! typed {
+            ($name:expr) => {
+                src.map($name)?.try_into().with_context(|| format!("map {} has an unexpected type", $name))?
+            };
+        }
+        Ok(Self {
+            services: typed!(names::SERVICES),
+            backends: typed!(names::BACKENDS),
+            maglev: typed!(names::MAGLEV),
+            flows: typed!(names::FLOWS),
+            reasons: typed!(names::REASONS),
+            service_stats: typed!(names::SERVICE_STATS),
+            backend_stats: typed!(names::BACKEND_STATS),
+            tx_ports: typed!(names::TX_PORTS),
+        })
+    }
+
+    /// Takes the maps out of a freshly loaded program.
+    pub fn take(ebpf: &mut Ebpf) -> Result<Self> {
+        Self::from_source(ebpf)
+    }
+
+    /// Opens the maps a running datapath pinned in `pin_dir`.
+    pub fn open_pinned(pin_dir: &Path) -> Result<Self> {
+        Self::from_source(pin_dir)
+    }
+
+    /// Removes every service entry (a fresh start over adopted maps): the
+    /// datapath then passes all traffic until services are programmed.
+    pub fn clear_services(&mut self) -> Result<()> {
+        let keys: Vec<ServiceKey> = self.services.keys().collect::<Result<_, _>>()?;
+        for key in keys {
+            self.services.remove(&key)?;
+        }
+        Ok(())
+    }
+
+    /// Writes Maglev table `table` at `base` in the flat array.
+    pub fn write_table(&mut self, base: u32, table: &[u32]) -> Result<()> {
+        for (i, id) in table.iter().enumerate() {
+            self.maglev.set(base + i as u32, id, 0).context("writing a Maglev table")?;
+        }
+        Ok(())
+    }
+
+    /// Reads one backend's datapath entry.
+    pub fn backend(&self, id: u32) -> Result<Backend> {
+        Ok(self.backends.get(&id, 0)?)
+    }
+
+    /// Every reason counter, summed over CPUs.
+    pub fn reason_counts(&self) -> Result<Vec<(Reason, u64)>> {
+        Reason::ALL
+            .iter()
+            .map(|&r| Ok((r, self.reasons.get(&(r as u32), 0)?.iter().sum())))
+            .collect()
+    }
+
+    /// One reason counter, summed over CPUs.
+    pub fn reason_count(&self, reason: Reason) -> Result<u64> {
+        Ok(self.reasons.get(&(reason as u32), 0)?.iter().sum())
+    }
+
+    fn sum(map: &PerCpuArray<MapData, Counters>, id: u32) -> Result<Counters> {
+        Ok(map.get(&id, 0)?.iter().fold(Counters::default(), |a, c| Counters {
+            packets: a.packets + c.packets,
+            bytes: a.bytes + c.bytes,
+        }))
+    }
+
+    /// A service's counters, summed over CPUs.
+    pub fn service_counters(&self, id: u32) -> Result<Counters> {
+        Self::sum(&self.service_stats, id)
+    }
+
+    /// A backend's counters, summed over CPUs.
+    pub fn backend_counters(&self, id: u32) -> Result<Counters> {
+        Self::sum(&self.backend_stats, id)
+    }
+
+    /// Zeroes a service's or backend's counters (when its id is reused).
+    pub fn reset_counters(&mut self, service: Option<u32>, backend: Option<u32>) -> Result<()> {
+        let zero = || aya::maps::PerCpuValues::try_from(vec![Counters::default(); aya::util::nr_cpus().map_err(|(_, e)| e)?]).map_err(anyhow::Error::from);
+        if let Some(id) = service {
+            self.service_stats.set(id, zero()?, 0)?;
+        }
+        if let Some(id) = backend {
+            self.backend_stats.set(id, zero()?, 0)?;
+        }
+        Ok(())
+    }
+
+    /// Where the datapath sends a packet from `src` to `dst`, worked out
+    /// from the maps exactly as the XDP program does: the flow table for
+    /// an established flow whose backend still takes it, else the
+    /// service's active Maglev table.
+    pub fn route(&self, src: SocketAddr, dst: SocketAddr, proto: u8) -> Result<Route> {
+        let service = self
+            .services
+            .get(&addr::service_key(dst.ip(), dst.port(), proto), 0)
+            .with_context(|| format!("no service at {dst}/{}", proto_name(proto)))?;
+        let key = addr::flow_key(src, dst, proto);
+        let hash = flow_hash(&key, service.flags & SVC_F_HASH_SRC_ONLY != 0);
+        let pinned = self.flows.get(&key, 0).ok().map(|f| f.backend);
+        let live = |id: u32| self.backend(id).ok().filter(|b| b.state != BACKEND_DOWN);
+        let (id, backend, established) = match pinned.and_then(|id| live(id).map(|b| (id, b))) {
+            Some((id, b)) => (id, b, true),
+            None => {
+                if service.table_size == 0 {
+                    bail!("service at {dst} has no backend taking new flows");
+                }
+                let id = self.maglev.get(&(service.table_base + hash % service.table_size), 0)?;
+                (id, self.backend(id)?, false)
+            }
+        };
+        Ok(Route {
+            backend_id: id,
+            backend: SocketAddr::new(addr::from_words(backend.addr), u16::from_be(backend.port_be)),
+            established,
+            hash,
+            slot: (service.table_size != 0).then(|| hash % service.table_size),
+        })
+    }
+}
+
+/// Where a flow goes, as `xdplb flow` reports it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Route {
+    pub backend_id: u32,
+    pub backend: SocketAddr,
+    /// True when the flow table already pins the flow; false when the
+    /// answer comes from the Maglev table (the flow is new).
+    pub established: bool,
+    pub hash: u32,
+    /// The Maglev slot a new flow hashes to.
+    pub slot: Option<u32>,
+}
+
+/// "tcp"/"udp" for messages.
+pub fn proto_name(proto: u8) -> String {
+    match proto {
+        PROTO_TCP => "tcp".into(),
+        PROTO_UDP => "udp".into(),
+        n => format!("proto {n}"),
+    }
+}

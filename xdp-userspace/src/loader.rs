@@ -1,1 +1,189 @@
-//! TODO
+//! Loading the embedded XDP program, adopting pinned maps, attaching to
+//! interfaces.
+
+use std::{
+    ffi::CString,
+    fs,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{bail, Context as _, Result};
+use aya::{
+    maps::{MapInfo, MapType},
+    programs::{Xdp, XdpMode},
+    Ebpf, EbpfLoader,
+};
+use tracing::warn;
+use xdp_common::{map_names as names, *};
+
+use crate::program::{OBJECT, PROGRAM_NAME};
+
+/// Where bpffs is normally mounted.
+pub const BPFFS: &str = "/sys/fs/bpf";
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// How to attach the program to an interface.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AttachMode {
+    /// Native (driver) mode, falling back to generic mode with a warning.
+    Auto,
+    /// Native mode only: fail if the driver lacks XDP support.
+    Native,
+    /// Generic (skb) mode: works everywhere, slower.
+    Generic,
+}
+
+/// The mode an attachment ended up in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Attached {
+    Native,
+    Generic,
+}
+
+/// Expected kernel shape of every pinned map: (name, type, key size, value
+/// size, max entries). The same types define the maps in xdp-ebpf, so a
+/// pinned map that differs was made by an incompatible build.
+fn expected_maps() -> [(&'static str, MapType, usize, usize, u32); 8] {
+    use std::mem::size_of;
+    [
+        (names::SERVICES, MapType::Hash, size_of::<ServiceKey>(), size_of::<Service>(), MAX_SERVICES),
+        (names::BACKENDS, MapType::Array, 4, size_of::<Backend>(), MAX_BACKENDS),
+        (names::MAGLEV, MapType::Array, 4, 4, MAGLEV_SLOTS),
+        (names::FLOWS, MapType::LruHash, size_of::<FlowKey>(), size_of::<Flow>(), MAX_FLOWS),
+        (names::REASONS, MapType::PerCpuArray, 4, 8, REASON_COUNT),
+        (names::SERVICE_STATS, MapType::PerCpuArray, 4, size_of::<Counters>(), MAX_SERVICES),
+        (names::BACKEND_STATS, MapType::PerCpuArray, 4, size_of::<Counters>(), MAX_BACKENDS),
+        (names::TX_PORTS, MapType::DevMapHash, 4, 8, MAX_TX_PORTS),
+    ]
+}
+
+/// Mounts bpffs on /sys/fs/bpf unless `dir` already lies on a bpffs.
+pub fn ensure_bpffs(dir: &Path) -> Result<()> {
+    let on_bpffs = |p: &Path| -> bool {
+        let Ok(c) = CString::new(p.as_os_str().as_encoded_bytes()) else { return false };
+        let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+        // SAFETY: valid C string and out-pointer.
+        unsafe { libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == BPF_FS_MAGIC }
+    };
+    let probe = dir.ancestors().find(|p| p.exists()).unwrap_or(Path::new("/"));
+    if on_bpffs(probe) {
+        return Ok(());
+    }
+    if !dir.starts_with(BPFFS) {
+        bail!("pin directory {} is not on a bpf filesystem", dir.display());
+    }
+    fs::create_dir_all(BPFFS).with_context(|| format!("creating {BPFFS}"))?;
+    let (src, target, fstype) = (c"bpf", CString::new(BPFFS)?, c"bpf");
+    // SAFETY: valid C strings; no data argument.
+    let rc = unsafe { libc::mount(src.as_ptr(), target.as_ptr(), fstype.as_ptr(), 0, std::ptr::null()) };
+    if rc != 0 {
+        bail!("mounting bpffs on {BPFFS}: {}", std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Refuses pinned maps whose format differs from this build's, naming the
+/// map and what to do, instead of letting the program read garbage.
+fn check_pinned_maps(pin_dir: &Path) -> Result<()> {
+    for (name, kind, key, value, max) in expected_maps() {
+        let path = pin_dir.join(name);
+        if !path.exists() {
+            continue;
+        }
+        let info = MapInfo::from_pin(&path).with_context(|| format!("opening pinned map {}", path.display()))?;
+        let found = (info.map_type().ok(), info.key_size() as usize, info.value_size() as usize, info.max_entries());
+        if found != (Some(kind), key, value, max) {
+            bail!(
+                "pinned map {} was made by an incompatible xdplb build (type/key/value/entries {:?}/{}/{}/{}, expected {:?}/{}/{}/{}); \
+                 run `xdplb detach --all` to remove the old datapath (this drops its flow table) and start again",
+                path.display(), found.0, found.1, found.2, found.3, kind, key, value, max
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The loaded program and its maps.
+pub struct Datapath {
+    pub ebpf: Ebpf,
+    pub pin_dir: PathBuf,
+}
+
+impl Datapath {
+    /// Loads the embedded program. Its maps are pinned in `pin_dir`; maps
+    /// already pinned there (by an earlier run) are adopted, contents and
+    /// all, after a format check.
+    pub fn load(pin_dir: &Path) -> Result<Self> {
+        ensure_bpffs(pin_dir)?;
+        fs::create_dir_all(pin_dir).with_context(|| format!("creating pin directory {}", pin_dir.display()))?;
+        check_pinned_maps(pin_dir)?;
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(pin_dir)
+            .load(OBJECT)
+            .context("loading the XDP program")?;
+        let program: &mut Xdp = ebpf
+            .program_mut(PROGRAM_NAME)
+            .context("XDP program missing from the object")?
+            .try_into()?;
+        program.load().context("verifying the XDP program")?;
+        Ok(Self { ebpf, pin_dir: pin_dir.to_owned() })
+    }
+
+    /// The XDP program.
+    pub fn program(&mut self) -> &mut Xdp {
+        self.ebpf
+            .program_mut(PROGRAM_NAME)
+            .expect("checked at load")
+            .try_into()
+            .expect("checked at load")
+    }
+
+    /// Attaches to `iface`. The attachment lives as long as `self`.
+    pub fn attach(&mut self, iface: &str, mode: AttachMode) -> Result<Attached> {
+        match mode {
+            AttachMode::Native => attach_one(self.program(), iface, XdpMode::Driver).map(|_| Attached::Native),
+            AttachMode::Generic => attach_one(self.program(), iface, XdpMode::Skb).map(|_| Attached::Generic),
+            AttachMode::Auto => match attach_one(self.program(), iface, XdpMode::Driver) {
+                Ok(()) => Ok(Attached::Native),
+                Err(err) if interface_exists(iface) => {
+                    warn!("native XDP on {iface} failed ({err:#}); falling back to generic mode, which is slower");
+                    attach_one(self.program(), iface, XdpMode::Skb).map(|_| Attached::Generic)
+                }
+                Err(err) => Err(err),
+            },
+        }
+    }
+}
+
+/// The index of interface `iface` in this network namespace, or an error
+/// naming it.
+pub fn interface_index(iface: &str) -> Result<u32> {
+    let index = CString::new(iface).map_or(0, |c| unsafe { libc::if_nametoindex(c.as_ptr()) });
+    if index == 0 {
+        bail!("unknown interface {iface:?}");
+    }
+    Ok(index)
+}
+
+fn interface_exists(iface: &str) -> bool {
+    interface_index(iface).is_ok()
+}
+
+fn attach_one(program: &mut Xdp, iface: &str, mode: XdpMode) -> Result<()> {
+    interface_index(iface)?;
+    program
+        .attach(iface, mode)
+        .with_context(|| format!("attaching XDP to {iface} in {mode:?} mode"))?;
+    Ok(())
+}
+
+/// Removes `pin_dir` and every pin in it.
+pub fn remove_pins(pin_dir: &Path) -> Result<()> {
+    match fs::remove_dir_all(pin_dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("removing {}", pin_dir.display())),
+    }
+}

@@ -1,1 +1,141 @@
-fn main(){}
+//! Development tasks for xdplb: `cargo xtask <setup|test|demo|bench>`.
+
+mod setup;
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, ExitCode},
+};
+
+use anyhow::{bail, Context as _, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask", bin_name = "cargo xtask", about = "xdplb development tasks")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what is missing to build and test xdplb (idempotent).
+    Setup,
+    /// setup, build, then run all tests serially (`-- ARGS` go to the test binaries).
+    Test {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// setup, build, then run the demo (xdplb-demo in package xdplb-tests).
+    Demo {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// setup, then run the benchmarks (package xdplb-bench) in release mode.
+    Bench {
+        /// A short run.
+        #[arg(long)]
+        quick: bool,
+    },
+}
+
+/// `cargo build` flags for everything that runs on the host: xdp-ebpf only
+/// builds for the BPF target (xdp-userspace's build.rs builds it).
+const HOST_PACKAGES: &[&str] = &["--workspace", "--exclude", "xdp-ebpf"];
+
+fn main() -> ExitCode {
+    match run(Cli::parse().cmd) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cmd: Cmd) -> Result<()> {
+    match cmd {
+        Cmd::Setup => setup::run(),
+        Cmd::Test { args } => {
+            header(1, 3, "setup");
+            setup::run()?;
+            header(2, 3, "build");
+            cargo_step(&["build"], &[HOST_PACKAGES, &["--bins"]], &[])?;
+            header(3, 3, "test (serial)");
+            cargo_step(&["test"], &[HOST_PACKAGES, &["--", "--test-threads=1"]], &args)
+        }
+        Cmd::Demo { args } => {
+            header(1, 3, "setup");
+            setup::run()?;
+            header(2, 3, "build");
+            cargo_step(&["build"], &[HOST_PACKAGES, &["--bins"]], &[])?;
+            header(3, 3, "demo");
+            cargo_step(&["run", "-q", "-p", "xdplb-tests", "--bin", "xdplb-demo", "--"], &[], &args)
+        }
+        Cmd::Bench { quick } => {
+            if !has_package("xdplb-bench")? {
+                bail!("bench package not found: no package `xdplb-bench` in the workspace");
+            }
+            header(1, 2, "setup");
+            setup::run()?;
+            header(2, 2, "bench");
+            let quick: &[&str] = if quick { &["--quick"] } else { &[] };
+            cargo_step(&["run", "--release", "-p", "xdplb-bench", "--"], &[quick], &[])
+        }
+    }
+}
+
+fn header(n: usize, of: usize, what: &str) {
+    println!("\n==================== xtask [{n}/{of}] {what} ====================");
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace root")
+        .to_path_buf()
+}
+
+fn cargo_cmd() -> Command {
+    let mut cmd = Command::new(setup::cargo());
+    cmd.current_dir(workspace_root());
+    cmd
+}
+
+/// Runs cargo from the workspace root. If it fails, xtask exits right away
+/// with cargo's exit status (128+signal if killed), after saying so.
+fn cargo_step(first: &[&str], groups: &[&[&str]], extra: &[String]) -> Result<()> {
+    let mut cmd = cargo_cmd();
+    cmd.args(first);
+    for g in groups {
+        cmd.args(*g);
+    }
+    cmd.args(extra);
+    let line = setup::cmdline(&cmd);
+    println!("+ {line}");
+    let status = cmd.status().with_context(|| format!("cannot run `{line}`"))?;
+    if status.success() {
+        return Ok(());
+    }
+    eprintln!("xtask: `{line}` failed: {status}");
+    let code = status.code().unwrap_or_else(|| {
+        use std::os::unix::process::ExitStatusExt as _;
+        128 + status.signal().unwrap_or(0)
+    });
+    std::process::exit(if code == 0 { 1 } else { code });
+}
+
+fn has_package(name: &str) -> Result<bool> {
+    let mut cmd = cargo_cmd();
+    cmd.args(["metadata", "--no-deps", "--format-version", "1"]);
+    let out = cmd.output().context("cannot run `cargo metadata`")?;
+    if !out.status.success() {
+        bail!(
+            "`cargo metadata` failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    // Package objects start with name then version; dependencies with name then source.
+    let needle = format!("\"name\":\"{name}\",\"version\"");
+    Ok(String::from_utf8_lossy(&out.stdout).contains(&needle))
+}

@@ -1,0 +1,404 @@
+//! Test backend for the DSR testbed: a tiny HTTP server (and optional UDP
+//! echo) that identifies itself by name.
+//!
+//! ```text
+//! xdplb-testbackend --name b1 [--port 80] [--udp-port 53] [--verbose]
+//! ```
+//!
+//! * `GET <any path>`: `200 OK`, header `X-Backend: <name>`, body `<name>\n`;
+//!   keep-alive when requested (HTTP/1.1 default, HTTP/1.0 with
+//!   `Connection: keep-alive`), so one connection can carry many requests.
+//! * `GET /stream`: headers, then the connection stays open and every line
+//!   the client sends is echoed back as `<name>: <line>` (for long-lived
+//!   connection tests).
+//! * UDP on `--udp-port`: every datagram is answered with `<name>\n`, sent
+//!   from the address it was sent to (the VIP, under DSR).
+//!
+//! Sockets listen on `[::]` with IPV6_V6ONLY off, so both the IPv4 and the
+//! IPv6 VIP are served. Prints `listening ...` on stdout once bound.
+
+use std::io::{BufRead as _, BufReader, Read as _, Write as _};
+use std::mem;
+use std::net::{TcpListener, TcpStream};
+use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
+use std::sync::Arc;
+
+struct Config {
+    name: String,
+    port: u16,
+    udp_port: Option<u16>,
+    verbose: bool,
+}
+
+const USAGE: &str =
+    "usage: xdplb-testbackend --name NAME [--port PORT] [--udp-port PORT] [--verbose]";
+
+fn parse_args() -> Result<Config, String> {
+    let mut name = None;
+    let mut port = 80;
+    let mut udp_port = None;
+    let mut verbose = false;
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        let mut value = |what: &str| args.next().ok_or_else(|| format!("{what} needs a value"));
+        match arg.as_str() {
+            "--name" => name = Some(value("--name")?),
+            "--port" => {
+                port = value("--port")?
+                    .parse()
+                    .map_err(|e| format!("--port: {e}"))?
+            }
+            "--udp-port" => {
+                udp_port = Some(
+                    value("--udp-port")?
+                        .parse()
+                        .map_err(|e| format!("--udp-port: {e}"))?,
+                )
+            }
+            "--verbose" | "-v" => verbose = true,
+            "--help" | "-h" => {
+                println!("{USAGE}");
+                std::process::exit(0);
+            }
+            other => return Err(format!("unknown argument {other:?}")),
+        }
+    }
+    let name = name.ok_or("--name is required")?;
+    Ok(Config {
+        name,
+        port,
+        udp_port,
+        verbose,
+    })
+}
+
+fn main() {
+    let config = match parse_args() {
+        Ok(c) => Arc::new(c),
+        Err(e) => {
+            eprintln!("xdplb-testbackend: {e}\n{USAGE}");
+            std::process::exit(2);
+        }
+    };
+    let listener = match dual_stack_socket(libc::SOCK_STREAM, config.port) {
+        Ok(fd) => TcpListener::from(fd),
+        Err(e) => fail(&format!("TCP [::]:{}: {e}", config.port)),
+    };
+    let udp = config
+        .udp_port
+        .map(|port| match dual_stack_socket(libc::SOCK_DGRAM, port) {
+            Ok(fd) => fd,
+            Err(e) => fail(&format!("UDP [::]:{port}: {e}")),
+        });
+    if let Some(fd) = udp {
+        let config = config.clone();
+        std::thread::spawn(move || udp_loop(fd, &config));
+    }
+    let udp_note = config
+        .udp_port
+        .map(|p| format!(", udp [::]:{p}"))
+        .unwrap_or_default();
+    // Callers wait for this line before sending traffic.
+    println!(
+        "listening: {} on tcp [::]:{}{udp_note}",
+        config.name, config.port
+    );
+    let _ = std::io::stdout().flush();
+
+    for conn in listener.incoming() {
+        match conn {
+            Ok(stream) => {
+                let config = config.clone();
+                std::thread::spawn(move || {
+                    let peer = stream
+                        .peer_addr()
+                        .map(|a| a.to_string())
+                        .unwrap_or_default();
+                    if let Err(e) = serve(stream, &config) {
+                        if config.verbose {
+                            eprintln!("{}: connection from {peer}: {e}", config.name);
+                        }
+                    }
+                });
+            }
+            Err(e) => eprintln!("{}: accept: {e}", config.name),
+        }
+    }
+}
+
+fn fail(msg: &str) -> ! {
+    eprintln!("xdplb-testbackend: {msg}");
+    std::process::exit(1);
+}
+
+/// One connection: HTTP requests until the client or the protocol closes it.
+fn serve(stream: TcpStream, config: &Config) -> std::io::Result<()> {
+    let name = &config.name;
+    let peer = stream.peer_addr()?;
+    let mut out = stream.try_clone()?;
+    let mut reader = BufReader::new(stream);
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if reader.read_line(&mut line)? == 0 {
+            return Ok(());
+        }
+        let request_line = line.trim_end().to_owned();
+        if request_line.is_empty() {
+            // Tolerate stray CRLFs between pipelined requests.
+            continue;
+        }
+        let mut parts = request_line.split_whitespace();
+        let (Some(method), Some(path), Some(version)) = (parts.next(), parts.next(), parts.next())
+        else {
+            return respond_error(&mut out, "400 Bad Request", name);
+        };
+        let (method, path, version) = (method.to_owned(), path.to_owned(), version.to_owned());
+
+        let mut connection = String::new();
+        let mut content_length = 0usize;
+        loop {
+            line.clear();
+            if reader.read_line(&mut line)? == 0 {
+                return Ok(());
+            }
+            let header = line.trim_end();
+            if header.is_empty() {
+                break;
+            }
+            if let Some((k, v)) = header.split_once(':') {
+                let (k, v) = (k.trim(), v.trim());
+                if k.eq_ignore_ascii_case("connection") {
+                    connection = v.to_ascii_lowercase();
+                } else if k.eq_ignore_ascii_case("content-length") {
+                    content_length = v.parse().unwrap_or(0);
+                }
+            }
+        }
+        // Discard any request body so the next request parses cleanly.
+        std::io::copy(
+            &mut (&mut reader).take(content_length as u64),
+            &mut std::io::sink(),
+        )?;
+        if config.verbose {
+            eprintln!("{name}: {peer} {request_line}");
+        }
+
+        let version = if version == "HTTP/1.0" {
+            "HTTP/1.0"
+        } else {
+            "HTTP/1.1"
+        };
+        let keep_alive = match version {
+            "HTTP/1.0" => connection.contains("keep-alive"),
+            _ => !connection.contains("close"),
+        };
+        if method != "GET" && method != "HEAD" {
+            return respond_error(&mut out, "405 Method Not Allowed", name);
+        }
+
+        if path == "/stream" {
+            // No Content-Length: the body is the echo stream, ended by close.
+            write!(out, "{version} 200 OK\r\nX-Backend: {name}\r\nContent-Type: text/plain\r\nConnection: close\r\n\r\n")?;
+            loop {
+                line.clear();
+                if reader.read_line(&mut line)? == 0 {
+                    return Ok(());
+                }
+                writeln!(out, "{name}: {}", line.trim_end_matches(['\r', '\n']))?;
+            }
+        }
+
+        let body = format!("{name}\n");
+        let conn_header = if keep_alive { "keep-alive" } else { "close" };
+        let mut response = format!(
+            "{version} 200 OK\r\nContent-Length: {}\r\nContent-Type: text/plain\r\nX-Backend: {name}\r\nConnection: {conn_header}\r\n\r\n",
+            body.len()
+        );
+        if method == "GET" {
+            response.push_str(&body);
+        }
+        // One write per response, so keep-alive replies are single segments.
+        out.write_all(response.as_bytes())?;
+        if !keep_alive {
+            return Ok(());
+        }
+    }
+}
+
+fn respond_error(out: &mut TcpStream, status: &str, name: &str) -> std::io::Result<()> {
+    let body = format!("{status}\n");
+    write!(
+        out,
+        "HTTP/1.1 {status}\r\nContent-Length: {}\r\nX-Backend: {name}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+/// A socket on `[::]:port` that also accepts IPv4 (IPV6_V6ONLY explicitly
+/// off rather than relying on the namespace's bindv6only default), with
+/// SO_REUSEADDR so a restarted backend can rebind at once; TCP sockets are
+/// put in listening state.
+fn dual_stack_socket(ty: libc::c_int, port: u16) -> std::io::Result<OwnedFd> {
+    // SAFETY: plain syscall; the fd is owned right below.
+    let fd = unsafe { libc::socket(libc::AF_INET6, ty | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: fresh fd owned by nobody else.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let raw = fd.as_raw_fd();
+    setsockopt_int(raw, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, 0)?;
+    setsockopt_int(raw, libc::SOL_SOCKET, libc::SO_REUSEADDR, 1)?;
+    if ty == libc::SOCK_DGRAM {
+        // Learn each datagram's destination address, to reply from it.
+        setsockopt_int(raw, libc::IPPROTO_IPV6, libc::IPV6_RECVPKTINFO, 1)?;
+    }
+    // SAFETY: all-zero sockaddr_in6 is the unspecified address.
+    let mut sa: libc::sockaddr_in6 = unsafe { mem::zeroed() };
+    sa.sin6_family = libc::AF_INET6 as libc::sa_family_t;
+    sa.sin6_port = port.to_be();
+    // SAFETY: sa is a valid sockaddr_in6.
+    let rc = unsafe {
+        libc::bind(
+            raw,
+            (&raw const sa).cast(),
+            mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: plain syscall on a bound socket.
+    if ty == libc::SOCK_STREAM && unsafe { libc::listen(raw, 1024) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(fd)
+}
+
+fn setsockopt_int(
+    fd: libc::c_int,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: libc::c_int,
+) -> std::io::Result<()> {
+    // SAFETY: value is a live c_int of the given size.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            name,
+            (&raw const value).cast(),
+            mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// UDP echo: answers every datagram with `<name>\n`.
+///
+/// A socket bound to the wildcard address would reply from the address the
+/// route to the client picks (eth0's), not the VIP the client sent to, and
+/// the client would discard it. So the destination address of each request
+/// (IPV6_PKTINFO, which on a dual-stack socket also covers IPv4 as
+/// v4-mapped addresses) is set as the source of the reply.
+fn udp_loop(fd: OwnedFd, config: &Config) {
+    let raw = fd.as_raw_fd();
+    let reply = format!("{}\n", config.name);
+    let mut buf = [0u8; 2048];
+    // u64 elements keep the control buffer aligned for cmsghdr.
+    let mut control = [0u64; 32];
+    loop {
+        // SAFETY: all-zero is a valid sockaddr_in6 / msghdr.
+        let mut peer: libc::sockaddr_in6 = unsafe { mem::zeroed() };
+        let mut iov = libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        };
+        let mut msg: libc::msghdr = unsafe { mem::zeroed() };
+        msg.msg_name = (&raw mut peer).cast();
+        msg.msg_namelen = mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t;
+        msg.msg_iov = &raw mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.as_mut_ptr().cast();
+        msg.msg_controllen = mem::size_of_val(&control) as _;
+        // SAFETY: msg points to live buffers of the stated sizes.
+        let n = unsafe { libc::recvmsg(raw, &raw mut msg, 0) };
+        if n < 0 {
+            let err = std::io::Error::last_os_error();
+            if err.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            fail(&format!("UDP recvmsg: {err}"));
+        }
+
+        let mut local: Option<libc::in6_addr> = None;
+        // SAFETY: walking the control messages the kernel just wrote.
+        unsafe {
+            let mut cmsg = libc::CMSG_FIRSTHDR(&raw const msg);
+            while !cmsg.is_null() {
+                if (*cmsg).cmsg_level == libc::IPPROTO_IPV6
+                    && (*cmsg).cmsg_type == libc::IPV6_PKTINFO
+                {
+                    let info = libc::CMSG_DATA(cmsg)
+                        .cast::<libc::in6_pktinfo>()
+                        .read_unaligned();
+                    local = Some(info.ipi6_addr);
+                }
+                cmsg = libc::CMSG_NXTHDR(&raw const msg, cmsg);
+            }
+        }
+        if config.verbose {
+            let peer_ip = std::net::Ipv6Addr::from(peer.sin6_addr.s6_addr);
+            eprintln!(
+                "{}: UDP from [{peer_ip}]:{}",
+                config.name,
+                u16::from_be(peer.sin6_port)
+            );
+        }
+
+        let mut out_iov = libc::iovec {
+            iov_base: reply.as_ptr() as *mut _,
+            iov_len: reply.len(),
+        };
+        // SAFETY: all-zero msghdr is valid; fields set below.
+        let mut out: libc::msghdr = unsafe { mem::zeroed() };
+        out.msg_name = (&raw mut peer).cast();
+        out.msg_namelen = mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t;
+        out.msg_iov = &raw mut out_iov;
+        out.msg_iovlen = 1;
+        let mut out_control = [0u64; 8];
+        if let Some(addr) = local {
+            // SAFETY: out_control is aligned and large enough for one
+            // in6_pktinfo control message (CMSG_SPACE(20) = 40 bytes).
+            unsafe {
+                let space = libc::CMSG_SPACE(mem::size_of::<libc::in6_pktinfo>() as u32) as usize;
+                out.msg_control = out_control.as_mut_ptr().cast();
+                out.msg_controllen = space as _;
+                let cmsg = libc::CMSG_FIRSTHDR(&raw const out);
+                (*cmsg).cmsg_level = libc::IPPROTO_IPV6;
+                (*cmsg).cmsg_type = libc::IPV6_PKTINFO;
+                (*cmsg).cmsg_len = libc::CMSG_LEN(mem::size_of::<libc::in6_pktinfo>() as u32) as _;
+                // Interface 0: let routing choose; only the source matters.
+                let info = libc::in6_pktinfo {
+                    ipi6_addr: addr,
+                    ipi6_ifindex: 0,
+                };
+                libc::CMSG_DATA(cmsg)
+                    .cast::<libc::in6_pktinfo>()
+                    .write_unaligned(info);
+            }
+        }
+        // SAFETY: out points to live buffers of the stated sizes.
+        if unsafe { libc::sendmsg(raw, &raw const out, 0) } < 0 && config.verbose {
+            eprintln!(
+                "{}: UDP sendmsg: {}",
+                config.name,
+                std::io::Error::last_os_error()
+            );
+        }
+    }
+}

@@ -1,0 +1,346 @@
+//! Client helpers for talking to backends or the VIP. Sockets belong to the
+//! network namespace of the thread that creates them, so call these inside
+//! [`crate::netns::Netns::run`] on the client namespace; the returned
+//! connections may then be used from any thread.
+
+use std::io::{BufRead as _, BufReader, Read as _, Write as _};
+use std::mem;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream, UdpSocket};
+use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd, RawFd};
+use std::time::Duration;
+
+use anyhow::{bail, ensure, Context as _};
+
+/// Connects a TCP socket to `addr`, from `src_port` if given, giving up
+/// after `timeout` (which also becomes the read and write timeout).
+///
+/// The socket has SO_REUSEADDR (so a source port can be bound again right
+/// away) and SO_LINGER 0, so closing it sends RST instead of FIN and leaves
+/// no TIME_WAIT on the client that would block reusing the same 4-tuple.
+pub fn connect(
+    addr: SocketAddr,
+    src_port: Option<u16>,
+    timeout: Duration,
+) -> anyhow::Result<TcpStream> {
+    // std cannot bind before connecting, hence the raw socket.
+    let family = match addr {
+        SocketAddr::V4(_) => libc::AF_INET,
+        SocketAddr::V6(_) => libc::AF_INET6,
+    };
+    // SAFETY: plain syscall; the fd is owned right below.
+    let fd = unsafe { libc::socket(family, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    ensure!(fd >= 0, "socket(): {}", std::io::Error::last_os_error());
+    // SAFETY: fd is a fresh, valid descriptor that nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let raw = fd.as_raw_fd();
+    setsockopt(
+        raw,
+        libc::SOL_SOCKET,
+        libc::SO_REUSEADDR,
+        &1 as &libc::c_int,
+    )?;
+    setsockopt(
+        raw,
+        libc::SOL_SOCKET,
+        libc::SO_LINGER,
+        &libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        },
+    )?;
+    // Linux bounds a blocking connect() by the send timeout.
+    let tv = timeval(timeout);
+    setsockopt(raw, libc::SOL_SOCKET, libc::SO_SNDTIMEO, &tv)?;
+    if let Some(port) = src_port {
+        let local = match addr {
+            SocketAddr::V4(_) => SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), port),
+            SocketAddr::V6(_) => SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), port),
+        };
+        let (sa, len) = sockaddr(local);
+        // SAFETY: sa is a valid sockaddr of length len.
+        if unsafe { libc::bind(raw, (&raw const sa).cast(), len) } != 0 {
+            bail!("bind to {local}: {}", std::io::Error::last_os_error());
+        }
+    }
+    let (sa, len) = sockaddr(addr);
+    // SAFETY: sa is a valid sockaddr of length len.
+    if unsafe { libc::connect(raw, (&raw const sa).cast(), len) } != 0 {
+        let err = std::io::Error::last_os_error();
+        if err.raw_os_error() == Some(libc::EINPROGRESS) {
+            bail!(
+                "connect to {addr}{}: timed out after {timeout:?}",
+                from_port(src_port)
+            );
+        }
+        bail!("connect to {addr}{}: {err}", from_port(src_port));
+    }
+    let stream = TcpStream::from(fd);
+    stream.set_read_timeout(Some(nonzero(timeout)))?;
+    stream.set_write_timeout(Some(nonzero(timeout)))?;
+    Ok(stream)
+}
+
+/// Fetches `http://addr/` with HTTP/1.0 (one request per connection) and
+/// returns the body trimmed, which for `xdplb-testbackend` is the name of
+/// the backend that answered. Fails unless the status is 200.
+pub fn get(addr: SocketAddr, src_port: Option<u16>, timeout: Duration) -> anyhow::Result<String> {
+    let mut stream = connect(addr, src_port, timeout)?;
+    let ctx = || format!("GET http://{addr}/{}", from_port(src_port));
+    stream
+        .write_all(b"GET / HTTP/1.0\r\nHost: xdplb\r\n\r\n")
+        .with_context(ctx)?;
+    let mut reader = BufReader::new(stream);
+    let head = read_head(&mut reader).with_context(ctx)?;
+    let mut body = String::new();
+    reader.read_to_string(&mut body).with_context(ctx)?;
+    ensure!(
+        head.status == 200,
+        "{}: status {}: {}",
+        ctx(),
+        head.status,
+        body.trim()
+    );
+    Ok(body.trim().to_owned())
+}
+
+/// Sends one UDP datagram to `addr` (from `src_port` if given) and returns
+/// the reply trimmed (`xdplb-testbackend --udp-port` answers its name).
+/// Fails on timeout or if the reply comes from another address than `addr`
+/// (a DSR backend must answer from the VIP).
+pub fn udp_query(
+    addr: SocketAddr,
+    src_port: Option<u16>,
+    timeout: Duration,
+) -> anyhow::Result<String> {
+    let local = match addr {
+        SocketAddr::V4(_) => SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), src_port.unwrap_or(0)),
+        SocketAddr::V6(_) => SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), src_port.unwrap_or(0)),
+    };
+    let sock = UdpSocket::bind(local).with_context(|| format!("binding UDP {local}"))?;
+    sock.set_read_timeout(Some(nonzero(timeout)))?;
+    sock.send_to(b"query\n", addr)
+        .with_context(|| format!("sending to UDP {addr}"))?;
+    let mut buf = [0u8; 1500];
+    let (n, from) = sock
+        .recv_from(&mut buf)
+        .with_context(|| format!("waiting for a reply from UDP {addr} (timeout {timeout:?})"))?;
+    ensure!(from == addr, "UDP reply came from {from}, expected {addr}");
+    Ok(String::from_utf8_lossy(&buf[..n]).trim().to_owned())
+}
+
+/// A persistent HTTP/1.1 keep-alive connection for sending repeated requests
+/// over one TCP connection (so all land on the same backend).
+#[derive(Debug)]
+pub struct Conn {
+    reader: BufReader<TcpStream>,
+    peer: SocketAddr,
+}
+
+impl Conn {
+    /// Connects like [`connect`].
+    pub fn connect(
+        addr: SocketAddr,
+        src_port: Option<u16>,
+        timeout: Duration,
+    ) -> anyhow::Result<Conn> {
+        Ok(Conn {
+            reader: BufReader::new(connect(addr, src_port, timeout)?),
+            peer: addr,
+        })
+    }
+
+    /// The connection's local address (the client's source port).
+    pub fn local_addr(&self) -> anyhow::Result<SocketAddr> {
+        Ok(self.reader.get_ref().local_addr()?)
+    }
+
+    /// Sends `GET path` with keep-alive and returns the trimmed body (the
+    /// backend's name for `xdplb-testbackend`). Fails unless status is 200.
+    pub fn get(&mut self, path: &str) -> anyhow::Result<String> {
+        let ctx = || format!("keep-alive GET http://{}{path}", self.peer);
+        let req = format!("GET {path} HTTP/1.1\r\nHost: xdplb\r\nConnection: keep-alive\r\n\r\n");
+        self.reader
+            .get_mut()
+            .write_all(req.as_bytes())
+            .with_context(ctx)?;
+        let head = read_head(&mut self.reader).with_context(ctx)?;
+        let len = head
+            .content_length
+            .with_context(|| format!("{}: no Content-Length", ctx()))?;
+        let mut body = vec![0; len];
+        self.reader.read_exact(&mut body).with_context(ctx)?;
+        let body = String::from_utf8_lossy(&body).trim().to_owned();
+        ensure!(
+            head.status == 200,
+            "{}: status {}: {body}",
+            ctx(),
+            head.status
+        );
+        Ok(body)
+    }
+}
+
+/// A long-lived connection to `xdplb-testbackend`'s `/stream` endpoint,
+/// which echoes each line prefixed with the backend's name.
+#[derive(Debug)]
+pub struct StreamConn {
+    reader: BufReader<TcpStream>,
+    peer: SocketAddr,
+}
+
+impl StreamConn {
+    /// Connects like [`connect`] and requests `/stream`.
+    pub fn open(
+        addr: SocketAddr,
+        src_port: Option<u16>,
+        timeout: Duration,
+    ) -> anyhow::Result<StreamConn> {
+        let mut stream = connect(addr, src_port, timeout)?;
+        let ctx = || format!("GET http://{addr}/stream");
+        stream
+            .write_all(b"GET /stream HTTP/1.1\r\nHost: xdplb\r\n\r\n")
+            .with_context(ctx)?;
+        let mut reader = BufReader::new(stream);
+        let head = read_head(&mut reader).with_context(ctx)?;
+        ensure!(head.status == 200, "{}: status {}", ctx(), head.status);
+        Ok(StreamConn { reader, peer: addr })
+    }
+
+    /// The connection's local address (the client's source port).
+    pub fn local_addr(&self) -> anyhow::Result<SocketAddr> {
+        Ok(self.reader.get_ref().local_addr()?)
+    }
+
+    /// Sends `line` (without newline) and returns the echoed line, e.g.
+    /// `"b2: hello"`, without its newline.
+    pub fn send_line(&mut self, line: &str) -> anyhow::Result<String> {
+        let ctx = || format!("stream to {}", self.peer);
+        self.reader
+            .get_mut()
+            .write_all(format!("{line}\n").as_bytes())
+            .with_context(ctx)?;
+        let mut reply = String::new();
+        let n = self.reader.read_line(&mut reply).with_context(ctx)?;
+        ensure!(n > 0, "{}: connection closed", ctx());
+        Ok(reply.trim_end_matches(['\r', '\n']).to_owned())
+    }
+}
+
+/// Status line and the headers we care about.
+struct Head {
+    status: u16,
+    content_length: Option<usize>,
+}
+
+fn read_head(reader: &mut BufReader<TcpStream>) -> anyhow::Result<Head> {
+    let mut line = String::new();
+    ensure!(
+        reader.read_line(&mut line)? > 0,
+        "connection closed before a response"
+    );
+    // "HTTP/1.1 200 OK"
+    let status = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .with_context(|| format!("bad status line {line:?}"))?;
+    let mut content_length = None;
+    loop {
+        line.clear();
+        ensure!(
+            reader.read_line(&mut line)? > 0,
+            "connection closed in headers"
+        );
+        let l = line.trim_end();
+        if l.is_empty() {
+            break;
+        }
+        if let Some((k, v)) = l.split_once(':') {
+            if k.trim().eq_ignore_ascii_case("content-length") {
+                content_length = Some(
+                    v.trim()
+                        .parse()
+                        .with_context(|| format!("bad header {l:?}"))?,
+                );
+            }
+        }
+    }
+    Ok(Head {
+        status,
+        content_length,
+    })
+}
+
+fn from_port(src_port: Option<u16>) -> String {
+    src_port
+        .map(|p| format!(" from port {p}"))
+        .unwrap_or_default()
+}
+
+/// std rejects zero timeouts; treat zero as the smallest one.
+fn nonzero(d: Duration) -> Duration {
+    d.max(Duration::from_millis(1))
+}
+
+fn timeval(d: Duration) -> libc::timeval {
+    let d = nonzero(d);
+    libc::timeval {
+        tv_sec: d.as_secs() as libc::time_t,
+        tv_usec: d.subsec_micros() as libc::suseconds_t,
+    }
+}
+
+fn setsockopt<T>(
+    fd: RawFd,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: &T,
+) -> anyhow::Result<()> {
+    // SAFETY: value points to a live T of the given size.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            name,
+            (value as *const T).cast(),
+            mem::size_of::<T>() as libc::socklen_t,
+        )
+    };
+    ensure!(
+        rc == 0,
+        "setsockopt({level}, {name}): {}",
+        std::io::Error::last_os_error()
+    );
+    Ok(())
+}
+
+/// `addr` as a C sockaddr (in a sockaddr_storage) and its length.
+fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+    // SAFETY: all-zero is a valid sockaddr_storage.
+    let mut storage: libc::sockaddr_storage = unsafe { mem::zeroed() };
+    let len = match addr {
+        SocketAddr::V4(a) => {
+            // SAFETY: sockaddr_storage is large and aligned enough for sockaddr_in.
+            let sin = unsafe { &mut *(&raw mut storage).cast::<libc::sockaddr_in>() };
+            sin.sin_family = libc::AF_INET as libc::sa_family_t;
+            sin.sin_port = a.port().to_be();
+            sin.sin_addr = libc::in_addr {
+                s_addr: u32::from_ne_bytes(a.ip().octets()),
+            };
+            mem::size_of::<libc::sockaddr_in>()
+        }
+        SocketAddr::V6(a) => {
+            // SAFETY: sockaddr_storage is large and aligned enough for sockaddr_in6.
+            let sin6 = unsafe { &mut *(&raw mut storage).cast::<libc::sockaddr_in6>() };
+            sin6.sin6_family = libc::AF_INET6 as libc::sa_family_t;
+            sin6.sin6_port = a.port().to_be();
+            sin6.sin6_flowinfo = a.flowinfo();
+            sin6.sin6_addr = libc::in6_addr {
+                s6_addr: a.ip().octets(),
+            };
+            sin6.sin6_scope_id = a.scope_id();
+            mem::size_of::<libc::sockaddr_in6>()
+        }
+    };
+    (storage, len as libc::socklen_t)
+}
