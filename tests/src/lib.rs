@@ -10,6 +10,7 @@
 //! * [`client`]: small HTTP/UDP client helpers to call from inside a namespace.
 
 pub mod client;
+pub mod lb;
 pub mod netns;
 pub mod proc;
 pub mod topology;

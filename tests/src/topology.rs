@@ -18,11 +18,15 @@
 //! server return): replies go from the backend straight to the client.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context as _};
 
-use crate::netns::{unique_prefix, Netns};
+use crate::{
+    netns::{unique_prefix, Netns},
+    proc::Proc,
+};
 
 /// The IPv4 virtual IP served by the load balancer.
 pub const VIP4: Ipv4Addr = Ipv4Addr::new(10, 77, 100, 1);
@@ -48,6 +52,9 @@ pub const MAX_BACKENDS: usize = 89;
 #[derive(Debug)]
 pub struct DsrTopology {
     prefix: String,
+    /// The pass-through XDP program on the lb's veth peer (see
+    /// [`DsrTopology::enable_xdp_tx`]); dropped (detached) first.
+    passthrough: Option<Proc>,
     // Field order is drop order; any order works since every veth end dies
     // with its namespace.
     client: Netns,
@@ -140,12 +147,11 @@ impl DsrTopology {
         // Never route: the VIP must be served by XDP or not at all.
         lb.sysctl("net.ipv4.ip_forward", "0")?;
         lb.sysctl("net.ipv6.conf.all.forwarding", "0")?;
-        // A frame sent with XDP_TX on a veth is handed to the peer's NAPI
-        // instance; without one (no GRO, no XDP on the peer) the kernel drops
-        // it. Enabling GRO on the peer gives it NAPI.
-        switch
-            .exec(&["ethtool", "-K", "v-lb", "gro", "on"])
-            .context("enabling GRO on the lb's veth peer (needed for XDP_TX on veth)")?;
+        // The client's packets reach the load balancer's XDP program, which
+        // bounces them to a backend as raw frames: an offloaded (partial)
+        // checksum would arrive unfinished and the backend would drop the
+        // segment. A real NIC's traffic always carries full checksums.
+        client.exec(&["ethtool", "-K", HOST_IFACE, "tx", "off"])?;
 
         let mut backend_ns = Vec::with_capacity(backends);
         for i in 1..=backends {
@@ -175,11 +181,27 @@ impl DsrTopology {
 
         Ok(DsrTopology {
             prefix,
+            passthrough: None,
             client,
             lb,
             backends: backend_ns,
             switch,
         })
+    }
+
+    /// Lets frames the lb sends with XDP_TX reach the switch: a veth
+    /// delivers frames its peer transmits from XDP only if it has an XDP
+    /// program itself (GRO alone leaves them queued on this kernel), so this
+    /// runs `xdplb pass-through` on the lb's peer in the switch namespace,
+    /// for the topology's lifetime.
+    pub fn enable_xdp_tx(&mut self, xdplb: &Path) -> anyhow::Result<()> {
+        let mut cmd = self.switch.command(xdplb);
+        cmd.args(["pass-through", "--iface", "v-lb"]);
+        let mut proc = Proc::spawn_with(&mut cmd, "pass-through", false)?;
+        proc.wait_for_stdout_line("ready", Duration::from_secs(10))
+            .context("attaching the pass-through XDP program to the lb's veth peer")?;
+        self.passthrough = Some(proc);
+        Ok(())
     }
 
     /// The unique prefix of this topology's namespace names.

@@ -498,10 +498,11 @@ impl Validator<'_> {
         let health_check = self.health_check(&at, raw.health_check.unwrap_or_default())?;
 
         let mut backends: Vec<BackendConfig> = Vec::with_capacity(raw.backend.len());
+        let mut seen: HashMap<(IpAddr, u16), usize> = HashMap::new();
         for (i, raw) in raw.backend.into_iter().enumerate() {
             let at = format!("{at} backend[{i}]");
             let b = self.backend(&at, raw, vip, port, mode)?;
-            if let Some(first) = backends.iter().position(|o| (o.address, o.port) == (b.address, b.port)) {
+            if let Some(first) = seen.insert((b.address, b.port), i) {
                 return self.fail(
                     at,
                     format!("duplicate backend {} (same as backend[{first}])", SocketAddr::new(b.address, b.port)),
@@ -509,7 +510,9 @@ impl Validator<'_> {
             }
             backends.push(b);
         }
-        // Maglev gives every backend at least one slot.
+        // Maglev gives every backend of weight > 0 at least one slot. Those
+        // of weight 0 count too, so that no later change of weight or state
+        // can make the table impossible to build.
         if backends.len() > table_size as usize {
             return self.fail(
                 format!("{at} table_size"),
@@ -1149,6 +1152,17 @@ state = "down"
         let c = parse(FULL).unwrap();
         let text = toml::to_string(&c).unwrap();
         assert_eq!(parse(&text).unwrap(), c, "{text}");
+    }
+
+    #[test]
+    fn documented_examples_parse() {
+        let doc = include_str!("../../docs/configuration.md");
+        let examples: Vec<&str> =
+            doc.split("```toml\n").skip(1).map(|block| block.split("```").next().unwrap()).collect();
+        assert_eq!(examples.len(), 2);
+        for example in examples {
+            parse(example).unwrap_or_else(|e| panic!("{e}\n{example}"));
+        }
     }
 
     #[test]

@@ -16,7 +16,7 @@ use aya::{
 use tracing::warn;
 use xdp_common::{map_names as names, *};
 
-use crate::program::{OBJECT, PROGRAM_NAME};
+use crate::program::{OBJECT, PASSTHROUGH_OBJECT, PASS_PROGRAM, PROGRAM_NAME};
 
 /// Where bpffs is normally mounted.
 pub const BPFFS: &str = "/sys/fs/bpf";
@@ -177,6 +177,23 @@ fn attach_one(program: &mut Xdp, iface: &str, mode: XdpMode) -> Result<()> {
         .attach(iface, mode)
         .with_context(|| format!("attaching XDP to {iface} in {mode:?} mode"))?;
     Ok(())
+}
+
+/// Loads one of the map-less programs of `PASSTHROUGH_OBJECT` (by name).
+pub fn load_passthrough(name: &str) -> Result<(Ebpf, String)> {
+    let mut ebpf = Ebpf::load(PASSTHROUGH_OBJECT).context("loading the pass-through object")?;
+    let program: &mut Xdp = ebpf.program_mut(name).with_context(|| format!("no program {name}"))?.try_into()?;
+    program.load().with_context(|| format!("verifying {name}"))?;
+    Ok((ebpf, name.to_owned()))
+}
+
+/// Attaches the pass-through program to `iface` in native mode, for as long
+/// as the returned object lives.
+pub fn attach_passthrough(iface: &str) -> Result<Ebpf> {
+    let (mut ebpf, name) = load_passthrough(PASS_PROGRAM)?;
+    let program: &mut Xdp = ebpf.program_mut(&name).expect("loaded").try_into()?;
+    attach_one(program, iface, XdpMode::Driver)?;
+    Ok(ebpf)
 }
 
 /// Removes `pin_dir` and every pin in it.

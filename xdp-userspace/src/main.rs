@@ -59,6 +59,14 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Attach a pass-through XDP program to a veth and keep it attached until
+    /// SIGINT/SIGTERM. A veth only receives the frames its peer sends with
+    /// XDP_TX/XDP_REDIRECT if it has XDP attached itself: run this on the
+    /// peer of the interface xdplb serves when that is a veth.
+    PassThrough {
+        #[arg(long, short)]
+        iface: String,
+    },
     /// Check a configuration file and exit.
     Check {
         #[arg(long, short)]
@@ -107,6 +115,14 @@ fn dispatch(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Command::PassThrough { iface } => {
+            let _attached = loader::attach_passthrough(&iface)?;
+            info!(%iface, "pass-through XDP program attached");
+            println!("ready");
+            std::io::stdout().flush()?;
+            block_until_signal(|| {})?;
+            Ok(())
+        }
         Command::Check { config } => {
             let cfg = Config::load(&config)?;
             println!("{}: {} service(s), configuration is valid", config.display(), cfg.services.len());
@@ -148,22 +164,10 @@ fn run(config_path: &Path, ifaces: &[String], mode: AttachMode, pin_dir: Option<
     println!("ready");
     std::io::stdout().flush()?;
 
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    runtime.block_on(async {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-        let mut refresh = tokio::time::interval(Duration::from_secs(5));
-        loop {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => break,
-                _ = term.recv() => break,
-                _ = refresh.tick() => {
-                    if let Err(err) = controller.refresh_neighbours() {
-                        warn!("refreshing backend next hops: {err:#}");
-                    }
-                }
-            }
+    block_until_signal(|| {
+        if let Err(err) = controller.refresh_neighbours() {
+            warn!("refreshing backend next hops: {err:#}");
         }
-        anyhow::Ok(())
     })?;
     info!("stopping: detaching and removing pins");
     drop(controller);
@@ -171,3 +175,20 @@ fn run(config_path: &Path, ifaces: &[String], mode: AttachMode, pin_dir: Option<
     Ok(())
 }
 
+
+/// Runs `every_5s` every five seconds until SIGINT or SIGTERM.
+fn block_until_signal(mut every_5s: impl FnMut()) -> Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    runtime.block_on(async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        let mut tick = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => break,
+                _ = term.recv() => break,
+                _ = tick.tick() => every_5s(),
+            }
+        }
+        Ok(())
+    })
+}
