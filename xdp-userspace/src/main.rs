@@ -67,6 +67,15 @@ enum Command {
         #[arg(long, short)]
         iface: String,
     },
+    /// Show the datapath's counters, read from its pinned maps.
+    Stats {
+        /// bpffs directory of the running datapath.
+        #[arg(long, default_value = DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Check a configuration file and exit.
     Check {
         #[arg(long, short)]
@@ -121,6 +130,20 @@ fn dispatch(cli: Cli) -> Result<()> {
             println!("ready");
             std::io::stdout().flush()?;
             block_until_signal(|| {})?;
+            Ok(())
+        }
+        Command::Stats { pin_dir, json } => {
+            let maps = Maps::open_pinned(&pin_dir)?;
+            let counts = maps.reason_counts()?;
+            if json {
+                let obj: serde_json::Map<String, serde_json::Value> =
+                    counts.iter().map(|(r, n)| (r.name().to_owned(), (*n).into())).collect();
+                println!("{}", serde_json::Value::Object(obj));
+            } else {
+                for (reason, n) in counts.iter().filter(|(_, n)| *n > 0) {
+                    println!("{:<18} {n:>12}", reason.name());
+                }
+            }
             Ok(())
         }
         Command::Check { config } => {
