@@ -62,7 +62,7 @@ fn run(cmd: Cmd) -> Result<()> {
             header(2, 3, "build");
             cargo_step(&["build"], &[HOST_PACKAGES, &["--bins"]], &[])?;
             header(3, 3, "test (serial)");
-            cargo_step(&["test"], &[HOST_PACKAGES, &["--", "--test-threads=1"]], &args)
+            cargo_test(&args)
         }
         Cmd::Demo { args } => {
             header(1, 3, "setup");
@@ -123,6 +123,47 @@ fn cargo_step(first: &[&str], groups: &[&[&str]], extra: &[String]) -> Result<()
         128 + status.signal().unwrap_or(0)
     });
     std::process::exit(if code == 0 { 1 } else { code });
+}
+
+/// Runs the test suite, echoing its output, and closes with one line that
+/// totals every test binary's result: cargo's own last line is that of the
+/// last (often empty) doc-test run, which says nothing about the suite.
+fn cargo_test(extra: &[String]) -> Result<()> {
+    use std::io::{BufRead as _, BufReader};
+    let mut cmd = cargo_cmd();
+    cmd.arg("test").args(HOST_PACKAGES).args(["--", "--test-threads=1"]).args(extra);
+    let line = setup::cmdline(&cmd);
+    println!("+ {line}");
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .with_context(|| format!("cannot run `{line}`"))?;
+    let (mut passed, mut failed, mut ignored) = (0u64, 0u64, 0u64);
+    for l in BufReader::new(child.stdout.take().expect("piped")).lines() {
+        let l = l?;
+        println!("{l}");
+        if let Some(rest) = l.strip_prefix("test result: ") {
+            // "ok. 8 passed; 0 failed; 1 ignored; ..."
+            for part in rest.split(';') {
+                let mut words = part.split_whitespace().rev();
+                let (Some(what), Some(n)) = (words.next(), words.next()) else { continue };
+                let n: u64 = n.trim_start_matches("ok.").trim_start_matches("FAILED.").trim().parse().unwrap_or(0);
+                match what {
+                    "passed" => passed += n,
+                    "failed" => failed += n,
+                    "ignored" => ignored += n,
+                    _ => {}
+                }
+            }
+        }
+    }
+    let status = child.wait()?;
+    println!("\nsummary: {passed} passed, {failed} failed, {ignored} skipped");
+    if !status.success() {
+        eprintln!("xtask: `{line}` failed: {status}");
+        std::process::exit(status.code().filter(|&c| c != 0).unwrap_or(1));
+    }
+    Ok(())
 }
 
 fn has_package(name: &str) -> Result<bool> {
