@@ -6,7 +6,11 @@ use std::{
     net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
     process::Command,
-    time::Duration,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
 };
 
 use anyhow::{bail, Context as _, Result};
@@ -14,11 +18,21 @@ use anyhow::{bail, Context as _, Result};
 use crate::{client, proc::Proc, topology::DsrTopology};
 
 /// A TOML configuration with one TCP service on port 80 of each VIP
-/// (IPv4 and IPv6), every backend of the topology serving both.
+/// (IPv4 and IPv6), every backend of the topology serving both, with the
+/// default health check.
 pub fn dsr_config(topo: &DsrTopology) -> String {
+    dsr_config_with(topo, "")
+}
+
+/// As [`dsr_config`], with `health_check` (TOML lines) as each service's
+/// `[service.health_check]` table.
+pub fn dsr_config_with(topo: &DsrTopology, health_check: &str) -> String {
     let mut text = String::new();
     for (name, vip) in [("web4", topo.vip4().to_string()), ("web6", topo.vip6().to_string())] {
         text += &format!("[[service]]\nname = \"{name}\"\nvip = \"{vip}\"\nport = 80\nprotocol = \"tcp\"\n\n");
+        if !health_check.is_empty() {
+            text += &format!("[service.health_check]\n{health_check}\n\n");
+        }
         for i in 1..=topo.backend_count() {
             let addr = if name == "web4" { topo.backend_addr4(i).to_string() } else { topo.backend_addr6(i).to_string() };
             text += &format!("[[service.backend]]\naddress = \"{addr}\"\n\n");
@@ -28,66 +42,129 @@ pub fn dsr_config(topo: &DsrTopology) -> String {
 }
 
 /// The `xdplb` daemon running in the lb namespace, with its own pin
-/// directory and config file. Dropping it stops the daemon and removes
-/// whatever it may have left: pins, the XDP attachment, the config file.
+/// directory, API socket, state file and config file. Dropping it stops
+/// the daemon and removes whatever it leaves: the XDP attachment, pins,
+/// files.
 pub struct Xdplb {
     pub proc: Proc,
     pub pin_dir: PathBuf,
-    pub config: PathBuf,
+    /// Holds the config, the API socket and the state file.
+    pub dir: PathBuf,
     binary: PathBuf,
     lb: String,
     iface: String,
 }
 
 impl Xdplb {
-    /// Writes `config` to a temporary file and starts `binary run` on the
-    /// topology's lb interface in native XDP mode; returns once the daemon
-    /// says it is ready.
+    /// Writes `config` and starts `binary run` on the topology's lb
+    /// interface in native XDP mode; returns once the daemon is ready.
     pub fn start(binary: &Path, topo: &DsrTopology, config: &str) -> Result<Self> {
-        let tag = topo.prefix();
-        let config_path = std::env::temp_dir().join(format!("xdplb-{tag}.toml"));
-        std::fs::write(&config_path, config).with_context(|| format!("writing {}", config_path.display()))?;
-        let pin_dir = PathBuf::from(format!("/sys/fs/bpf/xdplb-{tag}"));
-        let mut cmd = topo.lb().command(binary);
-        cmd.args(["run", "--xdp-mode", "native", "--iface", topo.lb_iface(), "--config"])
-            .arg(&config_path)
-            .arg("--pin-dir")
-            .arg(&pin_dir);
-        let proc = Proc::spawn_with(&mut cmd, "xdplb", false)?;
+        let dir = std::env::temp_dir().join(format!("xdplb-{}", topo.prefix()));
+        std::fs::create_dir_all(&dir)?;
         let mut lb = Self {
-            proc,
-            pin_dir,
-            config: config_path,
+            proc: Proc::spawn(&mut Command::new("true"))?,
+            pin_dir: PathBuf::from(format!("/sys/fs/bpf/xdplb-{}", topo.prefix())),
+            dir,
             binary: binary.to_owned(),
             lb: topo.lb().name().to_owned(),
             iface: topo.lb_iface().to_owned(),
         };
-        if let Err(err) = lb.proc.wait_for_stdout_line("ready", Duration::from_secs(20)) {
-            bail!("xdplb did not become ready: {err:#}\n--- xdplb output ---\n{}", lb.proc.output_text());
-        }
+        lb.write_config(config)?;
+        lb.proc = lb.spawn(topo)?;
         Ok(lb)
     }
 
-    /// `xdplb flow SRC DST tcp` against this daemon's pinned maps.
-    pub fn flow(&self, src: SocketAddr, dst: SocketAddr) -> Result<String> {
-        let out = Command::new(&self.binary)
-            .args(["flow", &src.to_string(), &dst.to_string(), "tcp", "--pin-dir"])
+    /// The config file the daemon reads.
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.join("xdplb.toml")
+    }
+
+    /// The daemon's API socket.
+    pub fn socket(&self) -> PathBuf {
+        self.dir.join("api.sock")
+    }
+
+    /// Replaces the config file (the daemon reads it on reload/restart).
+    pub fn write_config(&self, config: &str) -> Result<()> {
+        let path = self.config_path();
+        std::fs::write(&path, config).with_context(|| format!("writing {}", path.display()))
+    }
+
+    /// Starts another daemon with the same files (after the last one was
+    /// stopped or killed): it adopts the running datapath.
+    pub fn restart(&mut self, topo: &DsrTopology) -> Result<()> {
+        self.proc = self.spawn(topo)?;
+        Ok(())
+    }
+
+    fn spawn(&self, topo: &DsrTopology) -> Result<Proc> {
+        let mut cmd = topo.lb().command(&self.binary);
+        cmd.args(["run", "--xdp-mode", "native", "--iface", topo.lb_iface(), "--config"])
+            .arg(self.config_path())
+            .arg("--pin-dir")
             .arg(&self.pin_dir)
-            .output()?;
-        if !out.status.success() {
-            bail!("xdplb flow failed: {}", String::from_utf8_lossy(&out.stderr));
+            .arg("--api-socket")
+            .arg(self.socket())
+            .arg("--state-file")
+            .arg(self.dir.join("state.json"));
+        let mut proc = Proc::spawn_with(&mut cmd, "xdplb", false)?;
+        if let Err(err) = proc.wait_for_stdout_line("ready", Duration::from_secs(20)) {
+            bail!("xdplb did not become ready: {err:#}\n--- xdplb output ---\n{}", proc.output_text());
         }
-        Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+        Ok(proc)
+    }
+
+    /// Runs `xdplb ARGS --socket S` (the operator CLI) and returns its
+    /// stdout, or an error with its stderr.
+    pub fn cli(&self, args: &[&str]) -> Result<String> {
+        let out = Command::new(&self.binary).args(args).arg("--socket").arg(self.socket()).output()?;
+        if !out.status.success() {
+            bail!("xdplb {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// `cli` with `--json`, parsed.
+    pub fn json(&self, args: &[&str]) -> Result<serde_json::Value> {
+        let mut args = args.to_vec();
+        args.push("--json");
+        let text = self.cli(&args)?;
+        serde_json::from_str(&text).with_context(|| format!("parsing the output of xdplb {}: {text}", args.join(" ")))
+    }
+
+    /// `xdplb flow SRC DST tcp --json`: the daemon's answer.
+    pub fn flow(&self, src: SocketAddr, dst: SocketAddr) -> Result<serde_json::Value> {
+        self.json(&["flow", &src.to_string(), &dst.to_string(), "tcp"])
+    }
+
+    /// The backend view of `address` in service `service`, from the API.
+    pub fn backend(&self, service: &str, address: IpAddr) -> Result<serde_json::Value> {
+        let list = self.json(&["backend", "list", service])?;
+        list.as_array()
+            .and_then(|l| l.iter().find(|b| b["address"].as_str() == Some(&address.to_string())))
+            .cloned()
+            .with_context(|| format!("backend {address} not listed: {list}"))
+    }
+
+    /// Stops the daemon the way Ctrl-C does (SIGINT: detach, remove pins)
+    /// and waits for it.
+    pub fn interrupt(&mut self) -> Result<()> {
+        self.proc.kill(libc::SIGINT)?;
+        match self.proc.wait_timeout(Duration::from_secs(10))? {
+            Some(status) if status.success() => Ok(()),
+            other => bail!("xdplb did not exit cleanly on SIGINT: {other:?}\n{}", self.proc.output_text()),
+        }
     }
 }
 
 impl Drop for Xdplb {
     fn drop(&mut self) {
         let _ = self.proc.terminate();
-        // Belt and braces for a daemon that died before cleaning up.
+        let _ = Command::new(&self.binary).args(["detach", "--all", "--pin-dir"]).arg(&self.pin_dir).output();
+        // Belt and braces for a datapath whose pins are already gone.
         let _ = Command::new("ip").args(["-n", &self.lb, "link", "set", "dev", &self.iface, "xdp", "off"]).status();
         let _ = std::fs::remove_dir_all(&self.pin_dir);
-        let _ = std::fs::remove_file(&self.config);
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
@@ -125,14 +202,110 @@ pub fn requests(topo: &DsrTopology, vip: IpAddr, ports: impl Iterator<Item = u16
 /// Starts `xdplb-testbackend` (at `binary`) in every backend namespace,
 /// named after it (`b1`, `b2`, ...), and waits until each listens.
 pub fn start_backends(topo: &DsrTopology, binary: &Path) -> Result<Vec<Proc>> {
-    (1..=topo.backend_count())
-        .map(|i| {
-            let name = topo.backend_name(i);
-            let mut cmd = topo.backend(i).command(binary);
-            cmd.args(["--name", &name, "--port", "80"]);
-            let mut p = Proc::spawn_with(&mut cmd, &name, false)?;
-            p.wait_for_stdout_line("listening", Duration::from_secs(10))?;
-            Ok(p)
-        })
-        .collect()
+    (1..=topo.backend_count()).map(|i| start_backend(topo, binary, i, &[])).collect()
+}
+
+/// Starts backend `i`'s server with `extra` arguments.
+pub fn start_backend(topo: &DsrTopology, binary: &Path, i: usize, extra: &[&str]) -> Result<Proc> {
+    let name = topo.backend_name(i);
+    let mut cmd = topo.backend(i).command(binary);
+    cmd.args(["--name", &name, "--port", "80"]).args(extra);
+    let mut p = Proc::spawn_with(&mut cmd, &name, false)?;
+    p.wait_for_stdout_line("listening", Duration::from_secs(10))?;
+    Ok(p)
+}
+
+/// One request of a [`Load`].
+#[derive(Debug)]
+pub struct Sample {
+    pub start: Instant,
+    pub port: u16,
+    /// The backend's name, or the error.
+    pub result: Result<String, String>,
+}
+
+/// Steady load from the client: a new TCP connection (one HTTP request)
+/// every `every`, each from the next source port, until stopped.
+pub struct Load {
+    stop: Arc<AtomicBool>,
+    handle: std::thread::JoinHandle<Vec<Sample>>,
+}
+
+impl Load {
+    /// Starts the load against `vip` from source ports `first_port..`.
+    pub fn start(topo: &DsrTopology, vip: SocketAddr, every: Duration, first_port: u16) -> Result<Self> {
+        let ns = std::fs::File::open(topo.client().path())?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let handle = std::thread::spawn(move || {
+            // SAFETY: setns on a valid fd; affects only this thread.
+            if unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&ns), libc::CLONE_NEWNET) } != 0 {
+                panic!("setns: {}", std::io::Error::last_os_error());
+            }
+            let mut samples = Vec::new();
+            let mut port = first_port;
+            let mut next = Instant::now();
+            while !flag.load(Ordering::Relaxed) {
+                let start = Instant::now();
+                let result = client::get(vip, Some(port), Duration::from_secs(2)).map_err(|e| format!("{e:#}"));
+                samples.push(Sample { start, port, result });
+                port = if port == u16::MAX { first_port } else { port + 1 };
+                next += every;
+                if let Some(wait) = next.checked_duration_since(Instant::now()) {
+                    std::thread::sleep(wait);
+                }
+            }
+            samples
+        });
+        Ok(Self { stop, handle })
+    }
+
+    /// Stops the load and returns every request's outcome.
+    pub fn stop(self) -> Vec<Sample> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.handle.join().expect("load thread panicked")
+    }
+}
+
+/// Long-lived connections from the client, each pinned to some backend.
+pub struct LongLived {
+    /// (backend name, connection).
+    pub conns: Vec<(String, client::StreamConn)>,
+}
+
+impl LongLived {
+    /// Opens `n` `/stream` connections to `vip` from ports `first_port..`.
+    pub fn open(topo: &DsrTopology, vip: SocketAddr, first_port: u16, n: u16) -> Result<Self> {
+        let conns = topo.client().run(|| {
+            (first_port..first_port + n)
+                .map(|port| {
+                    let mut c = client::StreamConn::open(vip, Some(port), Duration::from_secs(3))?;
+                    let hello = c.send_line("hello")?;
+                    let name = hello.split(':').next().unwrap_or_default().to_owned();
+                    Ok((name, c))
+                })
+                .collect::<Result<Vec<_>>>()
+        })?;
+        Ok(Self { conns })
+    }
+
+    /// Exchanges one line on every connection whose backend is not in
+    /// `except`; returns the failures (backend, error).
+    pub fn exchange(&mut self, except: &[&str], round: usize) -> Vec<(String, String)> {
+        let mut failures = Vec::new();
+        for (name, c) in self.conns.iter_mut().filter(|(n, _)| !except.contains(&n.as_str())) {
+            let line = format!("round {round}");
+            match c.send_line(&line) {
+                Ok(reply) if reply == format!("{name}: {line}") => {}
+                Ok(reply) => failures.push((name.clone(), format!("unexpected reply {reply:?}"))),
+                Err(e) => failures.push((name.clone(), format!("{e:#}"))),
+            }
+        }
+        failures
+    }
+
+    /// Backends that have at least one connection.
+    pub fn backends(&self) -> std::collections::BTreeSet<String> {
+        self.conns.iter().map(|(n, _)| n.clone()).collect()
+    }
 }

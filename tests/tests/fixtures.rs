@@ -12,6 +12,7 @@ use std::{
 use aya::programs::{TestRun, TestRunOptions};
 use xdp_common::{
     Backend, Reason, Service, BACKEND_ACTIVE, BACKEND_DOWN, BACKEND_DRAINING, PROTO_TCP, PROTO_UDP,
+    SVC_F_NO_BACKEND,
 };
 use xdplb::{addr, dataplane::Maps, loader::Datapath};
 
@@ -171,6 +172,7 @@ impl Harness {
             src_mac: LB_MAC,
             ifindex: LO_IFINDEX,
             state,
+            service: 0,
             port_be: 80u16.to_be(),
             _pad: [0; 2],
         };
@@ -185,7 +187,8 @@ impl Harness {
             self.maps.write_table(base, &table).unwrap();
         }
         let key = addr::service_key(vip.parse().unwrap(), port, proto);
-        let svc = Service { id, flags: 0, table_base: base, table_size: if members.is_empty() { 0 } else { TABLE_SIZE } };
+        let flags = if members.is_empty() { SVC_F_NO_BACKEND } else { 0 };
+        let svc = Service { id, flags, table_base: base, table_size: TABLE_SIZE };
         self.maps.services.insert(key, svc, 0).unwrap();
     }
 

@@ -69,6 +69,12 @@ pub struct ServiceKey {
 
 /// `Service::flags`: hash the source address only (client affinity).
 pub const SVC_F_HASH_SRC_ONLY: u32 = 1;
+/// `Service::flags`: no backend takes new flows; new flows are dropped.
+pub const SVC_F_NO_BACKEND: u32 = 1 << 1;
+/// `Service::flags`: the active table is the second half of the service's
+/// region. The datapath ignores it; a restarted daemon reads it to find the
+/// region (`table_base - table_size`) it adopts.
+pub const SVC_F_SECOND_HALF: u32 = 1 << 2;
 
 /// A service's state as the datapath sees it. The control plane replaces
 /// the whole value in one map update, which is what makes a table swap
@@ -82,8 +88,7 @@ pub struct Service {
     pub flags: u32,
     /// First slot of the active Maglev table in the flat array.
     pub table_base: u32,
-    /// Number of slots of the active table (a prime), or 0 when the service
-    /// has no backend that takes new flows.
+    /// Number of slots of the table (a prime).
     pub table_size: u32,
 }
 
@@ -110,6 +115,10 @@ pub struct Backend {
     pub ifindex: u32,
     /// `BACKEND_*`.
     pub state: u32,
+    /// Id of the service the backend belongs to (a backend shared by two
+    /// services has two ids). Lets a restarted daemon adopt backend ids, so
+    /// flows pinned to them keep their backend.
+    pub service: u32,
     /// Backend port, network byte order (used by NAT services).
     pub port_be: u16,
     pub _pad: [u8; 2],
@@ -234,7 +243,7 @@ const _: () = {
     use core::mem::size_of;
     assert!(size_of::<ServiceKey>() == 16 + 2 + 1 + 1);
     assert!(size_of::<Service>() == 16);
-    assert!(size_of::<Backend>() == 16 + 6 + 6 + 4 + 4 + 2 + 2);
+    assert!(size_of::<Backend>() == 16 + 6 + 6 + 4 + 4 + 4 + 2 + 2);
     assert!(size_of::<FlowKey>() == 16 + 16 + 2 + 2 + 1 + 3);
     assert!(size_of::<Flow>() == 8);
     assert!(size_of::<Counters>() == 16);

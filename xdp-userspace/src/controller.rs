@@ -1,8 +1,7 @@
 //! The control plane's model of the datapath: which services and backends
 //! exist, their ids and table regions, and the Maglev tables programmed for
 //! them. `apply` takes a configuration to the datapath touching only what
-//! changed; health and admin state changes go through `set_health` and
-//! `set_admin`.
+//! changed; health and admin changes go through `set_health` and `set_admin`.
 //!
 //! Order of writes, so that no packet ever sees a half-made state:
 //! 1. backend entries (a backend is complete before any table names it);
@@ -10,24 +9,27 @@
 //!    datapath is not reading;
 //! 3. the service entry, pointing at that half: one map update, the swap;
 //! 4. only then, backends that left the table are marked draining or down.
+//!
+//! A controller built over maps pinned by an earlier daemon adopts their
+//! ids and regions (`adopt`), so flows pinned to backend ids keep their
+//! backend across a daemon restart.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashMap},
     net::{IpAddr, SocketAddr},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use anyhow::{bail, Context as _, Result};
-use serde::Serialize;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 use xdp_common::{
     Backend, Service, BACKEND_ACTIVE, BACKEND_DOWN, BACKEND_DRAINING, MAGLEV_SLOTS, MAX_BACKENDS,
-    MAX_SERVICES, SVC_F_HASH_SRC_ONLY,
+    MAX_SERVICES, SVC_F_HASH_SRC_ONLY, SVC_F_NO_BACKEND, SVC_F_SECOND_HALF,
 };
 
 use crate::{
     addr,
-    config::{BackendConfig, Config, HashFields, InitialState, ServiceConfig},
+    config::{AllDown, BackendConfig, Config, HashFields, InitialState, ServiceConfig},
     dataplane::Maps,
     maglev::{self, MaglevBackend},
     neigh,
@@ -39,7 +41,7 @@ pub type ServiceId = (IpAddr, u16, u8);
 pub type BackendAddr = (IpAddr, u16);
 
 /// Whether an operator lets a backend take traffic.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Admin {
     Up,
@@ -57,57 +59,72 @@ impl From<InitialState> for Admin {
     }
 }
 
+impl Admin {
+    /// "up", "drain", "down".
+    pub fn name(self) -> &'static str {
+        match self {
+            Admin::Up => "up",
+            Admin::Drain => "drain",
+            Admin::Down => "down",
+        }
+    }
+}
+
+/// Name of a `BACKEND_*` datapath state.
+pub fn state_name(state: u32) -> &'static str {
+    match state {
+        BACKEND_ACTIVE => "active",
+        BACKEND_DRAINING => "draining",
+        _ => "down",
+    }
+}
+
 /// One backend of one service.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug)]
 pub struct BackendState {
     pub id: u32,
     pub config: BackendConfig,
     pub admin: Admin,
     pub healthy: bool,
+    /// What the datapath was last told (`BACKEND_*`).
+    pub state: u32,
     /// The MAC the datapath rewrites to, once resolved.
     pub mac: Option<[u8; 6]>,
     pub ifindex: u32,
-    #[serde(skip)]
     src_mac: [u8; 6],
+    /// When the backend stopped taking new flows while keeping established
+    /// ones (drain, weight 0); after the service's drain timeout those flows
+    /// are moved too.
+    draining_since: Option<Instant>,
 }
 
 impl BackendState {
-    /// Takes new flows: in the Maglev table.
-    pub fn in_table(&self) -> bool {
-        self.healthy && self.admin == Admin::Up && self.config.weight > 0
+    /// `address:port`, the backend's identity in messages and Maglev keys.
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::new(self.config.address, self.config.port)
     }
 
-    /// The datapath state (`BACKEND_*`).
-    pub fn datapath_state(&self) -> u32 {
-        if self.in_table() {
-            BACKEND_ACTIVE
-        } else if self.healthy && self.admin != Admin::Down {
-            // Drained (admin or weight 0): established flows stay.
-            BACKEND_DRAINING
-        } else {
-            BACKEND_DOWN
-        }
+    /// May take new flows, health allowing.
+    fn eligible(&self) -> bool {
+        self.admin == Admin::Up && self.config.weight > 0
     }
 
-    fn entry(&self) -> Backend {
+    fn entry(&self, service: u32) -> Backend {
         Backend {
             addr: addr::to_words(self.config.address),
             dst_mac: self.mac.unwrap_or_default(),
             src_mac: self.src_mac,
             ifindex: self.ifindex,
-            state: self.datapath_state(),
+            state: self.state,
+            service,
             port_be: self.config.port.to_be(),
             _pad: [0; 2],
         }
     }
-
-    fn key(&self) -> String {
-        SocketAddr::new(self.config.address, self.config.port).to_string()
-    }
 }
 
 /// One service.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug)]
 pub struct ServiceState {
     pub id: u32,
     pub config: ServiceConfig,
@@ -117,8 +134,9 @@ pub struct ServiceState {
     /// Which half the datapath reads (0 or 1).
     active_half: u32,
     /// The table the datapath reads, as backend ids (empty: none).
-    #[serde(skip)]
     table: Vec<u32>,
+    /// Whether the service is failing open (every backend unhealthy).
+    pub failing_open: bool,
 }
 
 impl ServiceState {
@@ -127,17 +145,27 @@ impl ServiceState {
     }
 
     fn entry(&self) -> Service {
-        Service {
-            id: self.id,
-            flags: if self.config.hash == HashFields::Source { SVC_F_HASH_SRC_ONLY } else { 0 },
-            table_base: self.table_base(self.active_half),
-            table_size: if self.table.is_empty() { 0 } else { self.config.table_size },
+        let mut flags = 0;
+        if self.config.hash == HashFields::Source {
+            flags |= SVC_F_HASH_SRC_ONLY;
         }
+        if self.table.is_empty() {
+            flags |= SVC_F_NO_BACKEND;
+        }
+        if self.active_half == 1 {
+            flags |= SVC_F_SECOND_HALF;
+        }
+        Service { id: self.id, flags, table_base: self.table_base(self.active_half), table_size: self.config.table_size }
     }
 
     /// Backend by id.
     pub fn backend_by_id(&self, id: u32) -> Option<&BackendState> {
         self.backends.values().find(|b| b.id == id)
+    }
+
+    /// Number of backends taking new flows.
+    pub fn active(&self) -> usize {
+        self.backends.values().filter(|b| b.state == BACKEND_ACTIVE).count()
     }
 }
 
@@ -153,12 +181,24 @@ impl Ranges {
     }
 
     fn alloc(&mut self, len: u32) -> Option<u32> {
-        let (&start, &have) = self.free.iter().find(|(_, &l)| l >= len)?;
-        self.free.remove(&start);
-        if have > len {
-            self.free.insert(start + len, have - len);
+        let (&start, _) = self.free.iter().find(|(_, &l)| l >= len)?;
+        self.take(start, len).then_some(start)
+    }
+
+    /// Allocates exactly `start..start + len`, if free.
+    fn take(&mut self, start: u32, len: u32) -> bool {
+        let Some((&s, &l)) = self.free.range(..=start).next_back() else { return false };
+        if s + l < start + len {
+            return false;
         }
-        Some(start)
+        self.free.remove(&s);
+        if start > s {
+            self.free.insert(s, start - s);
+        }
+        if s + l > start + len {
+            self.free.insert(start + len, s + l - start - len);
+        }
+        true
     }
 
     fn release(&mut self, start: u32, len: u32) {
@@ -170,12 +210,21 @@ impl Ranges {
                 len += l;
             }
         }
-        if let Some(&l) = self.free.get(&(start + len)) {
-            self.free.remove(&(start + len));
+        if let Some(l) = self.free.remove(&(start + len)) {
             len += l;
         }
         self.free.insert(start, len);
     }
+}
+
+/// What an earlier daemon left in pinned maps, waiting to be matched
+/// against the configuration.
+#[derive(Debug, Default)]
+struct Adoptable {
+    /// Service key -> its entry.
+    services: HashMap<ServiceId, Service>,
+    /// (service id, address, port) -> (backend id, datapath state).
+    backends: HashMap<(u32, IpAddr, u16), (u32, u32)>,
 }
 
 /// How long to wait for a new backend's MAC before programming it
@@ -191,6 +240,8 @@ pub struct Controller {
     service_ids: Ranges,
     backend_ids: Ranges,
     slots: Ranges,
+    all_down: AllDown,
+    adoptable: Adoptable,
 }
 
 fn service_id(cfg: &ServiceConfig) -> ServiceId {
@@ -198,15 +249,41 @@ fn service_id(cfg: &ServiceConfig) -> ServiceId {
 }
 
 impl Controller {
-    /// A controller for freshly loaded (or adopted) maps.
-    pub fn new(maps: Maps) -> Self {
-        Self {
+    /// A controller for `maps`. If they hold an earlier daemon's state
+    /// (pinned maps), it is adopted by the first `apply`: services and
+    /// backends that are still configured keep their ids, regions and
+    /// health; the rest are removed.
+    pub fn new(maps: Maps) -> Result<Self> {
+        let mut adoptable = Adoptable::default();
+        for entry in maps.services.iter() {
+            let (key, svc) = entry.context("reading pinned services")?;
+            let id = (addr::from_words(key.addr), u16::from_be(key.port_be), key.proto);
+            adoptable.services.insert(id, svc);
+        }
+        if !adoptable.services.is_empty() {
+            for id in 0..MAX_BACKENDS {
+                let b = maps.backend(id)?;
+                if b.addr != [0; 4] {
+                    let key = (b.service, addr::from_words(b.addr), u16::from_be(b.port_be));
+                    adoptable.backends.insert(key, (id, b.state));
+                }
+            }
+            info!(services = adoptable.services.len(), backends = adoptable.backends.len(), "adopting a running datapath");
+        }
+        Ok(Self {
             maps,
             services: BTreeMap::new(),
             service_ids: Ranges::new(MAX_SERVICES),
             backend_ids: Ranges::new(MAX_BACKENDS),
             slots: Ranges::new(MAGLEV_SLOTS),
-        }
+            all_down: AllDown::FailOpen,
+            adoptable,
+        })
+    }
+
+    /// Whether this controller found a running datapath to adopt.
+    pub fn adopting(&self) -> bool {
+        !self.adoptable.services.is_empty()
     }
 
     /// The services, in key order.
@@ -220,10 +297,12 @@ impl Controller {
     }
 
     /// Takes the datapath to `config`: adds, changes and removes services
-    /// and backends, rebuilding only the tables whose backends changed.
+    /// and backends, rebuilding only the tables whose members changed.
     /// Capacity is checked before anything is written.
     pub fn apply(&mut self, config: &Config) -> Result<()> {
-        self.check_capacity(config)?;
+        check_capacity(config)?;
+        let all_down_changed = self.all_down != config.daemon.all_down;
+        self.all_down = config.daemon.all_down;
         let wanted: BTreeMap<ServiceId, &ServiceConfig> =
             config.services.iter().map(|s| (service_id(s), s)).collect();
         let gone: Vec<ServiceId> = self.services.keys().filter(|k| !wanted.contains_key(k)).copied().collect();
@@ -232,7 +311,11 @@ impl Controller {
         }
         for (key, cfg) in wanted {
             match self.services.get(&key) {
-                Some(s) if s.config == *cfg => {}
+                Some(s) if s.config == *cfg => {
+                    if all_down_changed {
+                        self.sync(key)?;
+                    }
+                }
                 Some(s) if s.config.table_size != cfg.table_size => {
                     // A new table size needs a new region: re-create.
                     self.remove_service(key)?;
@@ -242,61 +325,81 @@ impl Controller {
                 None => self.add_service(cfg)?,
             }
         }
-        Ok(())
+        self.finish_adoption()
     }
 
-    fn check_capacity(&self, config: &Config) -> Result<()> {
-        if config.services.len() > MAX_SERVICES as usize {
-            bail!("{} services configured; the datapath holds at most {MAX_SERVICES}", config.services.len());
+    /// Removes what an adopted datapath had that the configuration does not.
+    fn finish_adoption(&mut self) -> Result<()> {
+        let adoptable = std::mem::take(&mut self.adoptable);
+        for key in adoptable.services.keys() {
+            if !self.services.contains_key(key) {
+                let skey = addr::service_key(key.0, key.1, key.2);
+                self.maps.services.remove(&skey).context("removing a service the configuration dropped")?;
+                info!(vip = %key.0, port = key.1, "service of the adopted datapath is no longer configured: removed");
+            }
         }
-        let backends: usize = config.services.iter().map(|s| s.backends.len()).sum();
-        if backends > MAX_BACKENDS as usize {
-            bail!("{backends} backends configured; the datapath holds at most {MAX_BACKENDS}");
-        }
-        let slots: u64 = config.services.iter().map(|s| 2 * u64::from(s.table_size)).sum();
-        if slots > u64::from(MAGLEV_SLOTS) {
-            bail!(
-                "the services' Maglev tables need {slots} slots (two per table entry, for atomic swaps); \
-                 the datapath holds {MAGLEV_SLOTS}: use fewer services or smaller table_size"
-            );
+        for (id, _) in adoptable.backends.values() {
+            if !self.services.values().any(|s| s.backends.values().any(|b| b.id == *id)) {
+                self.maps.backends.set(*id, Backend::default(), 0)?;
+            }
         }
         Ok(())
     }
 
     fn add_service(&mut self, cfg: &ServiceConfig) -> Result<()> {
-        let id = self.service_ids.alloc(1).context("no free service id")?;
-        let Some(region) = self.slots.alloc(2 * cfg.table_size) else {
-            self.service_ids.release(id, 1);
-            bail!("no room for service {}'s Maglev table (fragmented); restart the daemon to compact", cfg.name);
+        let key = service_id(cfg);
+        let size = cfg.table_size;
+        // An adopted service keeps its id and region: the datapath reads it.
+        let adopted = self.adoptable.services.remove(&key).filter(|s| {
+            let half = u32::from(s.flags & SVC_F_SECOND_HALF != 0);
+            s.table_size == size
+                && s.table_base >= half * size
+                && self.service_ids.take(s.id, 1)
+                && (self.slots.take(s.table_base - half * size, 2 * size) || {
+                    self.service_ids.release(s.id, 1);
+                    false
+                })
+        });
+        let (id, region, active_half) = match adopted {
+            Some(s) => {
+                let half = u32::from(s.flags & SVC_F_SECOND_HALF != 0);
+                (s.id, s.table_base - half * size, half)
+            }
+            None => {
+                let id = self.service_ids.alloc(1).context("no free service id")?;
+                let Some(region) = self.slots.alloc(2 * size) else {
+                    self.service_ids.release(id, 1);
+                    bail!("no room for service {}'s Maglev table (fragmented); restart the daemon to compact", cfg.name);
+                };
+                self.maps.reset_counters(Some(id), None)?;
+                (id, region, 0)
+            }
         };
-        self.maps.reset_counters(Some(id), None)?;
         let mut svc = ServiceState {
             id,
             config: cfg.clone(),
             backends: BTreeMap::new(),
             region,
-            active_half: 0,
+            active_half,
             table: Vec::new(),
+            failing_open: false,
         };
         for b in &cfg.backends {
-            let state = self.new_backend(b)?;
+            let state = self.new_backend(id, b)?;
             svc.backends.insert((b.address, b.port), state);
         }
-        info!(service = %cfg.name, vip = %cfg.vip, port = cfg.port, protocol = %cfg.protocol, backends = svc.backends.len(), "service added");
-        let key = service_id(cfg);
+        info!(service = %cfg.name, vip = %cfg.vip, port = cfg.port, protocol = %cfg.protocol, backends = svc.backends.len(), adopted = adopted.is_some(), "service added");
         self.services.insert(key, svc);
         self.sync(key)
     }
 
     fn update_service(&mut self, key: ServiceId, cfg: &ServiceConfig) -> Result<()> {
         let svc = self.services.get_mut(&key).expect("caller checked");
+        let service_id = svc.id;
         let wanted: BTreeMap<BackendAddr, &BackendConfig> =
             cfg.backends.iter().map(|b| ((b.address, b.port), b)).collect();
         let removed: Vec<BackendAddr> = svc.backends.keys().filter(|k| !wanted.contains_key(k)).copied().collect();
-        let mut leaving = Vec::new();
-        for k in removed {
-            leaving.push(svc.backends.remove(&k).expect("listed"));
-        }
+        let leaving: Vec<BackendState> = removed.iter().filter_map(|k| svc.backends.remove(k)).collect();
         let mut added = Vec::new();
         for (k, b) in &wanted {
             match svc.backends.get_mut(k) {
@@ -304,23 +407,23 @@ impl Controller {
                     if state.config.state != b.state {
                         state.admin = b.state.into();
                     }
-                    state.config = (*b).clone();
+                    state.config = **b;
                 }
                 None => added.push(**b),
             }
         }
         svc.config = cfg.clone();
-        for b in added.iter() {
-            let state = self.new_backend(b)?;
+        for b in &added {
+            let state = self.new_backend(service_id, b)?;
             self.services.get_mut(&key).expect("present").backends.insert((b.address, b.port), state);
         }
         self.sync(key)?;
         // Removed backends leave only after the new table is live.
         for mut b in leaving {
-            b.healthy = false;
-            self.maps.backends.set(b.id, b.entry(), 0)?;
+            b.state = BACKEND_DOWN;
+            self.maps.backends.set(b.id, b.entry(service_id), 0)?;
             self.backend_ids.release(b.id, 1);
-            info!(service = %cfg.name, backend = %b.key(), "backend removed");
+            info!(service = %cfg.name, backend = %b.addr(), "backend removed");
         }
         Ok(())
     }
@@ -330,9 +433,7 @@ impl Controller {
         let skey = addr::service_key(key.0, key.1, key.2);
         self.maps.services.remove(&skey).with_context(|| format!("removing service {}", svc.config.name))?;
         for b in svc.backends.values() {
-            let mut gone = b.clone();
-            gone.healthy = false;
-            self.maps.backends.set(b.id, gone.entry(), 0)?;
+            self.maps.backends.set(b.id, Backend::default(), 0)?;
             self.backend_ids.release(b.id, 1);
         }
         self.slots.release(svc.region, 2 * svc.config.table_size);
@@ -341,56 +442,95 @@ impl Controller {
         Ok(())
     }
 
-    fn new_backend(&mut self, cfg: &BackendConfig) -> Result<BackendState> {
-        let id = self.backend_ids.alloc(1).context("no free backend id")?;
-        self.maps.reset_counters(None, Some(id))?;
+    fn new_backend(&mut self, service: u32, cfg: &BackendConfig) -> Result<BackendState> {
+        // An adopted backend keeps its id (flows are pinned to it) and the
+        // health its datapath state implies.
+        let adopted = self
+            .adoptable
+            .backends
+            .remove(&(service, cfg.address, cfg.port))
+            .filter(|(id, _)| self.backend_ids.take(*id, 1));
+        let (id, healthy) = match adopted {
+            Some((id, state)) => (id, state != BACKEND_DOWN || cfg.state == InitialState::Down),
+            None => {
+                let id = self.backend_ids.alloc(1).context("no free backend id")?;
+                self.maps.reset_counters(None, Some(id))?;
+                (id, true)
+            }
+        };
         let mut state = BackendState {
             id,
-            config: cfg.clone(),
+            config: *cfg,
             admin: cfg.state.into(),
-            healthy: true,
+            healthy,
+            state: BACKEND_DOWN,
             mac: None,
             ifindex: 0,
             src_mac: [0; 6],
+            draining_since: None,
         };
-        match neigh::resolve(cfg.address, RESOLVE_WAIT) {
-            Ok(hop) => {
-                state.mac = hop.dst_mac;
-                state.ifindex = hop.ifindex;
-                state.src_mac = hop.src_mac;
-                if hop.dst_mac.is_none() {
-                    warn!(backend = %state.key(), iface = %hop.ifname, "backend MAC unresolved: its packets go to the kernel until it answers ARP/ND");
-                }
-                self.maps
-                    .tx_ports
-                    .insert(hop.ifindex, hop.ifindex, None, 0)
-                    .with_context(|| format!("adding {} to the egress devmap", hop.ifname))?;
-            }
+        let hop = match neigh::resolve(cfg.address, RESOLVE_WAIT) {
+            Ok(hop) => hop,
             Err(err) => {
                 self.backend_ids.release(id, 1);
-                return Err(err.context(format!("backend {}", state.key())));
+                return Err(err.context(format!("backend {}", state.addr())));
             }
+        };
+        if hop.dst_mac.is_none() {
+            warn!(backend = %state.addr(), iface = %hop.ifname, "backend MAC unresolved: its packets go to the kernel until it answers ARP/ND");
         }
+        (state.mac, state.ifindex, state.src_mac) = (hop.dst_mac, hop.ifindex, hop.src_mac);
+        self.maps
+            .tx_ports
+            .insert(hop.ifindex, hop.ifindex, None, 0)
+            .with_context(|| format!("adding {} to the egress devmap", hop.ifname))?;
         Ok(state)
     }
 
-    /// Writes a service's backends, rebuilds its table if its set of
-    /// table members changed, swaps it in, and retires leavers.
+    /// Writes a service's backends, rebuilds its table if its members
+    /// changed, swaps it in, and retires leavers.
     fn sync(&mut self, key: ServiceId) -> Result<()> {
+        let all_down = self.all_down;
         let svc = self.services.get_mut(&key).expect("caller checked");
-        for b in svc.backends.values() {
-            if b.in_table() {
-                self.maps.backends.set(b.id, b.entry(), 0)?;
+        let mut members: Vec<&BackendState> = svc.backends.values().filter(|b| b.eligible() && b.healthy).collect();
+        let eligible = svc.backends.values().filter(|b| b.eligible()).count();
+        let failing_open = members.is_empty() && eligible > 0 && all_down == AllDown::FailOpen;
+        if failing_open {
+            members = svc.backends.values().filter(|b| b.eligible()).collect();
+        }
+        if members.is_empty() && eligible > 0 && !svc.table.is_empty() {
+            error!(service = %svc.config.name, "every backend is down: dropping new flows (all_down = \"drop\")");
+        }
+        if failing_open && !svc.failing_open {
+            error!(service = %svc.config.name, "every backend is down: failing open, new flows go to all of them regardless of health");
+        }
+        svc.failing_open = failing_open;
+        let member_ids: BTreeSet<u32> = members.iter().map(|b| b.id).collect();
+        let keyed: Vec<MaglevBackend> =
+            members.iter().map(|b| MaglevBackend { key: b.addr().to_string(), id: b.id, weight: b.config.weight }).collect();
+        let table = maglev::build(&keyed, svc.config.table_size)
+            .with_context(|| format!("building the Maglev table of service {}", svc.config.name))?;
+
+        let now = Instant::now();
+        let new_state = |b: &BackendState| {
+            if member_ids.contains(&b.id) {
+                BACKEND_ACTIVE
+            } else if b.healthy && b.admin != Admin::Down {
+                BACKEND_DRAINING
+            } else {
+                BACKEND_DOWN
+            }
+        };
+        // 1. Joining backends are complete before a table names them.
+        for b in svc.backends.values_mut() {
+            let state = new_state(b);
+            if state == BACKEND_ACTIVE && b.state != BACKEND_ACTIVE {
+                b.state = state;
+                b.draining_since = None;
+                self.maps.backends.set(b.id, b.entry(svc.id), 0)?;
             }
         }
-        let members: Vec<MaglevBackend> = svc
-            .backends
-            .values()
-            .filter(|b| b.in_table())
-            .map(|b| MaglevBackend { key: b.key(), id: b.id, weight: b.config.weight })
-            .collect();
-        let table = maglev::build(&members, svc.config.table_size)
-            .with_context(|| format!("building the Maglev table of service {}", svc.config.name))?;
+        // 2.+3. New table into the idle half, then the swap.
         let skey = addr::service_key(key.0, key.1, key.2);
         let exists = self.maps.services.get(&skey, 0).is_ok();
         if table != svc.table || !exists {
@@ -399,14 +539,40 @@ impl Controller {
             svc.active_half = next;
             svc.table = table;
             self.maps.services.insert(skey, svc.entry(), 0).context("swapping in the new table")?;
-            info!(service = %svc.config.name, members = members.len(), "Maglev table swapped in");
+            info!(service = %svc.config.name, members = member_ids.len(), "Maglev table swapped in");
         }
-        for b in svc.backends.values() {
-            if !b.in_table() {
-                self.maps.backends.set(b.id, b.entry(), 0)?;
+        // 4. Leavers stop only now.
+        for b in svc.backends.values_mut() {
+            let state = new_state(b);
+            if state != b.state {
+                b.draining_since = (state == BACKEND_DRAINING).then_some(now);
+                b.state = state;
+                self.maps.backends.set(b.id, b.entry(svc.id), 0)?;
+            } else if !exists {
+                self.maps.backends.set(b.id, b.entry(svc.id), 0)?;
             }
         }
         Ok(())
+    }
+
+    /// Moves the flows of backends that have been draining longer than
+    /// their service's drain timeout: the datapath re-picks them. Returns
+    /// the backends it expired.
+    pub fn expire_drains(&mut self, now: Instant) -> Result<Vec<(String, SocketAddr)>> {
+        let mut expired = Vec::new();
+        for svc in self.services.values_mut() {
+            let timeout = svc.config.drain_timeout;
+            for b in svc.backends.values_mut() {
+                if b.draining_since.is_some_and(|t| now.duration_since(t) >= timeout) {
+                    b.draining_since = None;
+                    b.state = BACKEND_DOWN;
+                    self.maps.backends.set(b.id, b.entry(svc.id), 0)?;
+                    info!(service = %svc.config.name, backend = %b.addr(), "drain timeout passed: remaining flows move to other backends");
+                    expired.push((svc.config.name.clone(), b.addr()));
+                }
+            }
+        }
+        Ok(expired)
     }
 
     /// Re-reads backends' next hops and rewrites those that changed (a
@@ -420,9 +586,9 @@ impl Controller {
                 // Keep the last known MAC while the kernel re-verifies it.
                 let mac = hop.dst_mac.or(b.mac);
                 if (mac, hop.ifindex, hop.src_mac) != (b.mac, b.ifindex, b.src_mac) {
-                    info!(backend = %b.key(), mac = ?mac, "backend next hop updated");
+                    info!(backend = %b.addr(), mac = ?mac, "backend next hop updated");
                     (b.mac, b.ifindex, b.src_mac) = (mac, hop.ifindex, hop.src_mac);
-                    self.maps.backends.set(b.id, b.entry(), 0)?;
+                    self.maps.backends.set(b.id, b.entry(svc.id), 0)?;
                     self.maps.tx_ports.insert(hop.ifindex, hop.ifindex, None, 0)?;
                 }
             }
@@ -443,7 +609,8 @@ impl Controller {
         Ok((*key, b))
     }
 
-    /// Records a health-check verdict; rebuilds the table if it changed.
+    /// Records a health-check verdict; rebuilds the table if it changed
+    /// anything. Returns whether it did.
     pub fn set_health(&mut self, service: &str, backend: BackendAddr, healthy: bool) -> Result<bool> {
         let (key, b) = self.backend_mut(service, backend)?;
         if b.healthy == healthy {
@@ -455,7 +622,7 @@ impl Controller {
     }
 
     /// Sets a backend's admin state (drain/undrain/down); rebuilds the
-    /// table if it changed.
+    /// table if it changed. Returns whether it did.
     pub fn set_admin(&mut self, service: &str, backend: BackendAddr, admin: Admin) -> Result<bool> {
         let (key, b) = self.backend_mut(service, backend)?;
         if b.admin == admin {
@@ -465,12 +632,24 @@ impl Controller {
         self.sync(key)?;
         Ok(true)
     }
+}
 
-    /// Backend ids currently taking new flows, per service name (for tests
-    /// and status).
-    pub fn table_members(&self, service: &str) -> BTreeSet<u32> {
-        self.service_by_name(service).map(|s| s.table.iter().copied().collect()).unwrap_or_default()
+fn check_capacity(config: &Config) -> Result<()> {
+    if config.services.len() > MAX_SERVICES as usize {
+        bail!("{} services configured; the datapath holds at most {MAX_SERVICES}", config.services.len());
     }
+    let backends: usize = config.services.iter().map(|s| s.backends.len()).sum();
+    if backends > MAX_BACKENDS as usize {
+        bail!("{backends} backends configured; the datapath holds at most {MAX_BACKENDS}");
+    }
+    let slots: u64 = config.services.iter().map(|s| 2 * u64::from(s.table_size)).sum();
+    if slots > u64::from(MAGLEV_SLOTS) {
+        bail!(
+            "the services' Maglev tables need {slots} slots (two per table entry, for atomic swaps); \
+             the datapath holds {MAGLEV_SLOTS}: use fewer services or smaller table_size"
+        );
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -491,5 +670,17 @@ mod tests {
         r.release(0, 60);
         r.release(60, 40);
         assert_eq!(r.alloc(100), Some(0));
+    }
+
+    #[test]
+    fn ranges_take_exact_ranges() {
+        let mut r = Ranges::new(100);
+        assert!(r.take(40, 20));
+        assert!(!r.take(50, 1), "already taken");
+        assert!(!r.take(30, 20), "overlaps");
+        assert_eq!(r.alloc(40), Some(0));
+        assert_eq!(r.alloc(40), Some(60));
+        r.release(40, 20);
+        assert!(r.take(40, 20));
     }
 }

@@ -154,7 +154,7 @@ impl Maps {
         let (id, backend, established) = match pinned.and_then(|id| live(id).map(|b| (id, b))) {
             Some((id, b)) => (id, b, true),
             None => {
-                if service.table_size == 0 {
+                if service.flags & SVC_F_NO_BACKEND != 0 || service.table_size == 0 {
                     bail!("service at {dst} has no backend taking new flows");
                 }
                 let id = self.maglev.get(&(service.table_base + hash % service.table_size), 0)?;
@@ -166,7 +166,7 @@ impl Maps {
             backend: SocketAddr::new(addr::from_words(backend.addr), u16::from_be(backend.port_be)),
             established,
             hash,
-            slot: (service.table_size != 0).then(|| hash % service.table_size),
+            slot: (service.flags & SVC_F_NO_BACKEND == 0 && service.table_size != 0).then(|| hash % service.table_size),
         })
     }
 }

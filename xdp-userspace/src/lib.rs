@@ -1,9 +1,14 @@
 //! xdplb: loader, control plane and CLI of the XDP load balancer.
 pub mod addr;
+pub mod api;
+pub mod cli;
 pub mod config;
 pub mod controller;
+pub mod daemon;
 pub mod dataplane;
+pub mod health;
 pub mod loader;
 pub mod maglev;
 pub mod neigh;
 pub mod program;
+pub mod state;

@@ -10,7 +10,11 @@ use std::{
 use anyhow::{bail, Context as _, Result};
 use aya::{
     maps::{MapInfo, MapType},
-    programs::{Xdp, XdpMode},
+    programs::{
+        links::{FdLink, PinnedLink},
+        xdp::{XdpLink, XdpLinkId},
+        Xdp, XdpMode,
+    },
     Ebpf, EbpfLoader,
 };
 use tracing::warn;
@@ -40,6 +44,19 @@ pub enum AttachMode {
 pub enum Attached {
     Native,
     Generic,
+    /// Took over the link an earlier daemon pinned (its mode unchanged).
+    Adopted,
+}
+
+impl Attached {
+    /// "native", "generic", "adopted".
+    pub fn name(self) -> &'static str {
+        match self {
+            Attached::Native => "native",
+            Attached::Generic => "generic",
+            Attached::Adopted => "adopted",
+        }
+    }
 }
 
 /// Expected kernel shape of every pinned map: (name, type, key size, value
@@ -140,18 +157,53 @@ impl Datapath {
             .expect("checked at load")
     }
 
-    /// Attaches to `iface`. The attachment lives as long as `self`.
-    pub fn attach(&mut self, iface: &str, mode: AttachMode) -> Result<Attached> {
+    /// Attaches to `iface` through a bpf_link pinned at
+    /// `<pin_dir>/links/<iface>`, so the program stays attached when the
+    /// daemon exits or dies. If an earlier daemon left such a link, this
+    /// program replaces the old one in it atomically (no packet is ever
+    /// without a program) and `Attached::Adopted` is returned.
+    pub fn attach_pinned(&mut self, iface: &str, mode: AttachMode) -> Result<Attached> {
+        interface_index(iface)?;
+        let links = self.pin_dir.join("links");
+        fs::create_dir_all(&links).with_context(|| format!("creating {}", links.display()))?;
+        let path = links.join(iface);
+        let (attached, id) = if path.exists() {
+            let old = PinnedLink::from_pin(&path)
+                .with_context(|| format!("opening pinned link {}", path.display()))?
+                .unpin()
+                .with_context(|| format!("unpinning {}", path.display()))?;
+            let old = XdpLink::try_from(old).with_context(|| format!("{} is not an XDP link", path.display()))?;
+            let id = self
+                .program()
+                .attach_to_link(old)
+                .with_context(|| format!("replacing the program on {iface}"))?;
+            (Attached::Adopted, id)
+        } else {
+            self.attach(iface, mode)?
+        };
+        let link: FdLink = self
+            .program()
+            .take_link(id)?
+            .try_into()
+            .context("the kernel attached XDP without a bpf_link; hot restart needs Linux >= 5.9")?;
+        // Pinned and then closed here: the pin is the link's only reference,
+        // so `detach` (unpin) really detaches.
+        link.pin(&path).with_context(|| format!("pinning the XDP link at {}", path.display()))?;
+        Ok(attached)
+    }
+
+    /// Attaches to `iface`, falling back from native to generic mode in
+    /// `Auto` mode. The attachment lives as long as `self` owns the link.
+    fn attach(&mut self, iface: &str, mode: AttachMode) -> Result<(Attached, XdpLinkId)> {
         match mode {
-            AttachMode::Native => attach_one(self.program(), iface, XdpMode::Driver).map(|_| Attached::Native),
-            AttachMode::Generic => attach_one(self.program(), iface, XdpMode::Skb).map(|_| Attached::Generic),
+            AttachMode::Native => attach_one(self.program(), iface, XdpMode::Driver).map(|id| (Attached::Native, id)),
+            AttachMode::Generic => attach_one(self.program(), iface, XdpMode::Skb).map(|id| (Attached::Generic, id)),
             AttachMode::Auto => match attach_one(self.program(), iface, XdpMode::Driver) {
-                Ok(()) => Ok(Attached::Native),
-                Err(err) if interface_exists(iface) => {
+                Ok(id) => Ok((Attached::Native, id)),
+                Err(err) => {
                     warn!("native XDP on {iface} failed ({err:#}); falling back to generic mode, which is slower");
-                    attach_one(self.program(), iface, XdpMode::Skb).map(|_| Attached::Generic)
+                    attach_one(self.program(), iface, XdpMode::Skb).map(|id| (Attached::Generic, id))
                 }
-                Err(err) => Err(err),
             },
         }
     }
@@ -167,16 +219,11 @@ pub fn interface_index(iface: &str) -> Result<u32> {
     Ok(index)
 }
 
-fn interface_exists(iface: &str) -> bool {
-    interface_index(iface).is_ok()
-}
-
-fn attach_one(program: &mut Xdp, iface: &str, mode: XdpMode) -> Result<()> {
+fn attach_one(program: &mut Xdp, iface: &str, mode: XdpMode) -> Result<XdpLinkId> {
     interface_index(iface)?;
     program
         .attach(iface, mode)
-        .with_context(|| format!("attaching XDP to {iface} in {mode:?} mode"))?;
-    Ok(())
+        .with_context(|| format!("attaching XDP to {iface} in {mode:?} mode"))
 }
 
 /// Loads one of the map-less programs of `PASSTHROUGH_OBJECT` (by name).
@@ -194,6 +241,33 @@ pub fn attach_passthrough(iface: &str) -> Result<Ebpf> {
     let program: &mut Xdp = ebpf.program_mut(&name).expect("loaded").try_into()?;
     attach_one(program, iface, XdpMode::Driver)?;
     Ok(ebpf)
+}
+
+/// Detaches the program from `iface` by removing the link pinned for it
+/// in `pin_dir`. Returns whether there was one.
+pub fn detach(pin_dir: &Path, iface: &str) -> Result<bool> {
+    let path = pin_dir.join("links").join(iface);
+    if !path.exists() {
+        return Ok(false);
+    }
+    let link = PinnedLink::from_pin(&path).with_context(|| format!("opening pinned link {}", path.display()))?;
+    // Unpinning drops the last reference: the kernel detaches the program.
+    drop(link.unpin().with_context(|| format!("removing {}", path.display()))?);
+    Ok(true)
+}
+
+/// Interfaces that have a link pinned in `pin_dir`.
+pub fn pinned_interfaces(pin_dir: &Path) -> Result<Vec<String>> {
+    let links = pin_dir.join("links");
+    if !links.exists() {
+        return Ok(Vec::new());
+    }
+    let mut names = Vec::new();
+    for entry in fs::read_dir(&links).with_context(|| format!("listing {}", links.display()))? {
+        names.push(entry?.file_name().to_string_lossy().into_owned());
+    }
+    names.sort();
+    Ok(names)
 }
 
 /// Removes `pin_dir` and every pin in it.

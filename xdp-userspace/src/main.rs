@@ -1,21 +1,16 @@
-//! The `xdplb` command: runs the load balancer and queries its datapath.
+//! The `xdplb` command: the daemon (`run`), datapath housekeeping, and the
+//! operator CLI that talks to a running daemon through its API.
 
-use std::{
-    io::Write as _,
-    net::SocketAddr,
-    path::{Path, PathBuf},
-    time::Duration,
-};
+use std::{io::Write as _, path::PathBuf};
 
 use anyhow::{bail, Result};
-use clap::{Parser, Subcommand};
-use tracing::{info, warn};
+use clap::{CommandFactory as _, Parser, Subcommand};
+use tracing::info;
 use xdplb::{
-    config::Config,
-    dataplane::proto_name,
-    controller::Controller,
-    dataplane::Maps,
-    loader::{self, AttachMode, Datapath},
+    cli::{self, CliCommand, ClientOpts},
+    config::{Config, DEFAULT_PIN_DIR},
+    daemon,
+    loader::{self, AttachMode},
 };
 
 #[derive(Parser)]
@@ -23,12 +18,16 @@ use xdplb::{
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    #[command(flatten)]
+    client: ClientOpts,
 }
 
 #[derive(Subcommand)]
 enum Command {
-    /// Load the datapath, program it from the config, attach, and serve
-    /// until SIGINT/SIGTERM (then detach and remove the pins).
+    /// Run the daemon: load (or adopt) the datapath, program it, attach,
+    /// health-check backends and serve the API. SIGHUP reloads the config;
+    /// SIGTERM stops the daemon and leaves the datapath forwarding (a new
+    /// `run` adopts it); SIGINT detaches and removes every pin.
     Run {
         /// The TOML configuration.
         #[arg(long, short)]
@@ -39,25 +38,27 @@ enum Command {
         /// XDP attach mode.
         #[arg(long, value_enum, default_value = "auto")]
         xdp_mode: AttachMode,
-        /// bpffs directory for the maps (default: the config's pin_dir).
+        /// bpffs directory for maps and links (default: the config's `daemon.pin_dir`).
         #[arg(long)]
         pin_dir: Option<PathBuf>,
+        /// API socket (default: the config's `daemon.api_socket`).
+        #[arg(long)]
+        api_socket: Option<PathBuf>,
+        /// Run-time state file (default: the config's `daemon.state_file`).
+        #[arg(long)]
+        state_file: Option<PathBuf>,
     },
-    /// Show which backend a flow goes to, read from the live datapath.
-    Flow {
-        /// Client address and port.
-        src: SocketAddr,
-        /// Service address (VIP) and port.
-        dst: SocketAddr,
-        /// Protocol: tcp or udp.
-        #[arg(value_parser = parse_protocol)]
-        protocol: u8,
-        /// bpffs directory of the running datapath.
+    /// Detach the datapath and remove its pins (after the daemon stopped).
+    Detach {
+        /// Interface to detach from (repeatable).
+        #[arg(long, short, required_unless_present = "all", conflicts_with = "all")]
+        iface: Vec<String>,
+        /// Every interface, and remove the maps too.
+        #[arg(long)]
+        all: bool,
+        /// bpffs directory of the datapath.
         #[arg(long, default_value = DEFAULT_PIN_DIR)]
         pin_dir: PathBuf,
-        /// Print JSON.
-        #[arg(long)]
-        json: bool,
     },
     /// Attach a pass-through XDP program to a veth and keep it attached until
     /// SIGINT/SIGTERM. A veth only receives the frames its peer sends with
@@ -67,31 +68,21 @@ enum Command {
         #[arg(long, short)]
         iface: String,
     },
-    /// Show the datapath's counters, read from its pinned maps.
-    Stats {
-        /// bpffs directory of the running datapath.
-        #[arg(long, default_value = DEFAULT_PIN_DIR)]
-        pin_dir: PathBuf,
-        /// Print JSON.
-        #[arg(long)]
-        json: bool,
-    },
     /// Check a configuration file and exit.
     Check {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Print shell completions.
+    Completions {
+        #[arg(value_enum)]
+        shell: cli::Shell,
+    },
+    /// Print the man page (roff).
+    Man,
+    #[command(flatten)]
+    Api(CliCommand),
 }
-
-fn parse_protocol(s: &str) -> Result<u8> {
-    match s {
-        "tcp" => Ok(xdp_common::PROTO_TCP),
-        "udp" => Ok(xdp_common::PROTO_UDP),
-        _ => bail!("unknown protocol {s:?} (expected tcp or udp)"),
-    }
-}
-
-const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/xdplb";
 
 fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
@@ -111,41 +102,36 @@ fn main() -> std::process::ExitCode {
 
 fn dispatch(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Run { config, iface, xdp_mode, pin_dir } => run(&config, &iface, xdp_mode, pin_dir),
-        Command::Flow { src, dst, protocol, pin_dir, json } => {
-            let maps = Maps::open_pinned(&pin_dir)?;
-            let route = maps.route(src, dst, protocol)?;
-            if json {
-                println!("{}", serde_json::to_string(&route)?);
-            } else {
-                let how = if route.established { "established flow" } else { "new flow" };
-                let slot = route.slot.map_or_else(|| "-".into(), |s| s.to_string());
-                println!("{src} -> {dst}/{}: backend {} ({how}, hash {:#010x}, slot {slot})", proto_name(protocol), route.backend, route.hash);
-            }
-            Ok(())
-        }
+        Command::Run { config, iface, xdp_mode, pin_dir, api_socket, state_file } => daemon::run(daemon::Options {
+            config,
+            ifaces: iface,
+            mode: xdp_mode,
+            pin_dir,
+            api_socket,
+            state_file,
+        }),
+        Command::Detach { iface, all, pin_dir } => detach(&pin_dir, iface, all),
         Command::PassThrough { iface } => {
             let _attached = loader::attach_passthrough(&iface)?;
             info!(%iface, "pass-through XDP program attached");
             println!("ready");
             std::io::stdout().flush()?;
-            block_until_signal(|| {})?;
-            Ok(())
-        }
-        Command::Stats { pin_dir, json } => {
-            let maps = Maps::open_pinned(&pin_dir)?;
-            let counts = maps.reason_counts()?;
-            if json {
-                let obj: serde_json::Map<String, serde_json::Value> =
-                    counts.iter().map(|(r, n)| (r.name().to_owned(), (*n).into())).collect();
-                println!("{}", serde_json::Value::Object(obj));
-            } else {
-                for (reason, n) in counts.iter().filter(|(_, n)| *n > 0) {
-                    println!("{:<18} {n:>12}", reason.name());
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            runtime.block_on(async {
+                let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
                 }
-            }
+                anyhow::Ok(())
+            })
+        }
+        Command::Api(cmd) => cli::execute(cmd, &cli.client),
+        Command::Completions { shell } => {
+            cli::completions(shell, &mut Cli::command());
             Ok(())
         }
+        Command::Man => Ok(cli::man_page(Cli::command())?),
         Command::Check { config } => {
             let cfg = Config::load(&config)?;
             println!("{}: {} service(s), configuration is valid", config.display(), cfg.services.len());
@@ -154,64 +140,19 @@ fn dispatch(cli: Cli) -> Result<()> {
     }
 }
 
-/// Removes the pins when dropped, unless disarmed: a run that fails half
-/// way leaves nothing behind.
-struct PinGuard<'a>(&'a Path);
-
-impl Drop for PinGuard<'_> {
-    fn drop(&mut self) {
-        if let Err(err) = loader::remove_pins(self.0) {
-            warn!("{err:#}");
+fn detach(pin_dir: &std::path::Path, ifaces: Vec<String>, all: bool) -> Result<()> {
+    let ifaces = if all { loader::pinned_interfaces(pin_dir)? } else { ifaces };
+    for iface in &ifaces {
+        if loader::detach(pin_dir, iface)? {
+            println!("detached from {iface}");
+        } else if !all {
+            bail!("no xdplb datapath is attached to {iface} (no link pinned in {})", pin_dir.display());
         }
     }
-}
-
-fn run(config_path: &Path, ifaces: &[String], mode: AttachMode, pin_dir: Option<PathBuf>) -> Result<()> {
-    // Everything that can be checked is checked before anything is loaded.
-    let config = Config::load(config_path)?;
-    for iface in ifaces {
-        loader::interface_index(iface)?;
+    // The maps go with the last attachment.
+    if all || loader::pinned_interfaces(pin_dir)?.is_empty() {
+        loader::remove_pins(pin_dir)?;
+        println!("removed {}", pin_dir.display());
     }
-    let pin_dir = pin_dir.unwrap_or_else(|| config.daemon.pin_dir.clone());
-
-    let mut datapath = Datapath::load(&pin_dir)?;
-    let _pins = PinGuard(&pin_dir);
-    let mut maps = Maps::take(&mut datapath.ebpf)?;
-    maps.clear_services()?;
-    let mut controller = Controller::new(maps);
-    controller.apply(&config)?;
-    for iface in ifaces {
-        let attached = datapath.attach(iface, mode)?;
-        info!(%iface, mode = ?attached, "XDP program attached");
-    }
-    println!("ready");
-    std::io::stdout().flush()?;
-
-    block_until_signal(|| {
-        if let Err(err) = controller.refresh_neighbours() {
-            warn!("refreshing backend next hops: {err:#}");
-        }
-    })?;
-    info!("stopping: detaching and removing pins");
-    drop(controller);
-    drop(datapath);
     Ok(())
-}
-
-
-/// Runs `every_5s` every five seconds until SIGINT or SIGTERM.
-fn block_until_signal(mut every_5s: impl FnMut()) -> Result<()> {
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    runtime.block_on(async {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-        let mut tick = tokio::time::interval(Duration::from_secs(5));
-        loop {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => break,
-                _ = term.recv() => break,
-                _ = tick.tick() => every_5s(),
-            }
-        }
-        Ok(())
-    })
 }

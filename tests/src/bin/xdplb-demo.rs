@@ -8,7 +8,7 @@
 
 use std::{
     net::{IpAddr, SocketAddr},
-    process::{Command, ExitCode},
+    process::ExitCode,
     sync::atomic::{AtomicBool, Ordering},
 };
 
@@ -105,12 +105,13 @@ fn demo() -> Result<()> {
     let again = requests(&topo, vip4, first..first + 1);
     println!("\n  sample flow: {src} -> {vip4}:80");
     println!("    $ xdplb flow {src} {vip4}:80 tcp");
-    println!("    {}", lb.flow(src, SocketAddr::new(vip4, 80))?);
+    for line in lb.cli(&["flow", &src.to_string(), &format!("{vip4}:80"), "tcp"])?.lines() {
+        println!("    {line}");
+    }
     println!("    the same source port again was served by: {}", again.served.keys().next().map_or("nobody", |s| s.as_str()));
 
-    println!("\n  datapath counters:");
-    let stats = Command::new(&xdplb).args(["stats", "--pin-dir"]).arg(&lb.pin_dir).output()?;
-    for line in String::from_utf8_lossy(&stats.stdout).lines() {
+    println!("\n  $ xdplb stats");
+    for line in lb.cli(&["stats"])?.lines() {
         println!("    {line}");
     }
 

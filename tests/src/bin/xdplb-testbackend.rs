@@ -2,7 +2,7 @@
 //! echo) that identifies itself by name.
 //!
 //! ```text
-//! xdplb-testbackend --name b1 [--port 80] [--udp-port 53] [--verbose]
+//! xdplb-testbackend --name b1 [--port 80] [--udp-port 53] [--flap N] [--verbose]
 //! ```
 //!
 //! * `GET <any path>`: `200 OK`, header `X-Backend: <name>`, body `<name>\n`;
@@ -11,6 +11,8 @@
 //! * `GET /stream`: headers, then the connection stays open and every line
 //!   the client sends is echoed back as `<name>: <line>` (for long-lived
 //!   connection tests).
+//! * `GET /health` with `--flap N`: every Nth request answers `503` (a
+//!   backend that fails one health check in N).
 //! * UDP on `--udp-port`: every datagram is answered with `<name>\n`, sent
 //!   from the address it was sent to (the VIP, under DSR).
 //!
@@ -27,17 +29,21 @@ struct Config {
     name: String,
     port: u16,
     udp_port: Option<u16>,
+    /// Every `flap`th `/health` request fails.
+    flap: Option<u64>,
+    health_requests: std::sync::atomic::AtomicU64,
     verbose: bool,
 }
 
 const USAGE: &str =
-    "usage: xdplb-testbackend --name NAME [--port PORT] [--udp-port PORT] [--verbose]";
+    "usage: xdplb-testbackend --name NAME [--port PORT] [--udp-port PORT] [--flap N] [--verbose]";
 
 fn parse_args() -> Result<Config, String> {
     let mut name = None;
     let mut port = 80;
     let mut udp_port = None;
     let mut verbose = false;
+    let mut flap = None;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         let mut value = |what: &str| args.next().ok_or_else(|| format!("{what} needs a value"));
@@ -55,6 +61,7 @@ fn parse_args() -> Result<Config, String> {
                         .map_err(|e| format!("--udp-port: {e}"))?,
                 )
             }
+            "--flap" => flap = Some(value("--flap")?.parse().map_err(|e| format!("--flap: {e}"))?),
             "--verbose" | "-v" => verbose = true,
             "--help" | "-h" => {
                 println!("{USAGE}");
@@ -68,6 +75,8 @@ fn parse_args() -> Result<Config, String> {
         name,
         port,
         udp_port,
+        flap,
+        health_requests: Default::default(),
         verbose,
     })
 }
@@ -206,6 +215,13 @@ fn serve(stream: TcpStream, config: &Config) -> std::io::Result<()> {
                     return Ok(());
                 }
                 writeln!(out, "{name}: {}", line.trim_end_matches(['\r', '\n']))?;
+            }
+        }
+
+        if path == "/health" {
+            let n = config.health_requests.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+            if config.flap.is_some_and(|every| n % every == 0) {
+                return respond_error(&mut out, "503 Service Unavailable", name);
             }
         }
 

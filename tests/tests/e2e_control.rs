@@ -1,0 +1,325 @@
+//! The control plane end to end, in veth namespaces with real HTTP
+//! backends and the real daemon: failover, recovery, flapping, drain, hot
+//! restart, bad input, API permissions. Needs root.
+//!
+//! Health checks run every 200 ms here (fall 3, rise 2) so that each test
+//! takes seconds; the bounds asserted are the ones the daemon promises for
+//! any interval: detection within interval x fall + interval.
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    os::unix::{fs::PermissionsExt as _, process::CommandExt as _},
+    path::{Path, PathBuf},
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use xdplb_tests::{
+    bin_path,
+    lb::{dsr_config_with, requests, start_backend, start_backends, Load, LongLived, Sample, Xdplb},
+    proc::Proc,
+    require_root,
+    topology::DsrTopology,
+};
+
+const TESTBACKEND: &str = env!("CARGO_BIN_EXE_xdplb-testbackend");
+const INTERVAL: Duration = Duration::from_millis(200);
+const FALL: u32 = 3;
+const RISE: u32 = 2;
+
+fn health_check(kind: &str) -> String {
+    let extra = if kind == "http" { "path = \"/health\"\n" } else { "" };
+    format!(
+        "type = \"{kind}\"\ninterval = \"{}ms\"\ntimeout = \"100ms\"\nrise = {RISE}\nfall = {FALL}\n{extra}",
+        INTERVAL.as_millis()
+    )
+}
+
+/// A topology with three backends serving HTTP, and the daemon on it.
+struct Bed {
+    lb: Xdplb,
+    backends: Vec<Proc>,
+    topo: DsrTopology,
+    xdplb: PathBuf,
+}
+
+impl Bed {
+    fn new(tag: &str, kind: &str) -> Self {
+        require_root();
+        let xdplb = bin_path("xdplb").expect("xdplb binary (cargo build --bins)");
+        let mut topo = DsrTopology::with_tag(tag, 3).expect("topology");
+        topo.enable_xdp_tx(&xdplb).expect("pass-through on the lb's peer");
+        let backends = start_backends(&topo, Path::new(TESTBACKEND)).expect("backends");
+        topo.wait_reachable().expect("segment reachable");
+        let lb = Xdplb::start(&xdplb, &topo, &dsr_config_with(&topo, &health_check(kind))).expect("xdplb");
+        Self { lb, backends, topo, xdplb }
+    }
+
+    fn vip(&self) -> SocketAddr {
+        SocketAddr::new(self.topo.vip4().into(), 80)
+    }
+
+    fn addr(&self, i: usize) -> IpAddr {
+        self.topo.backend_addr4(i).into()
+    }
+
+    fn health(&self, i: usize) -> String {
+        let b = self.lb.backend("web4", self.addr(i)).unwrap();
+        b["health"].as_str().unwrap().to_owned()
+    }
+
+    /// Polls backend `i`'s health until it is `want`; returns when.
+    fn wait_health(&self, i: usize, want: &str, limit: Duration) -> Instant {
+        let deadline = Instant::now() + limit;
+        loop {
+            if self.health(i) == want {
+                return Instant::now();
+            }
+            assert!(Instant::now() < deadline, "b{i} not {want} within {limit:?}: {}", self.lb.backend("web4", self.addr(i)).unwrap());
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+fn failures<'a>(samples: &'a [Sample], from: Instant, to: Instant) -> Vec<&'a Sample> {
+    samples.iter().filter(|s| s.start >= from && s.start < to && s.result.is_err()).collect()
+}
+
+#[test]
+fn failover_and_recovery_under_load() {
+    let mut bed = Bed::new("fo", "tcp");
+    let mut long = LongLived::open(&bed.topo, bed.vip(), 50000, 12).unwrap();
+    assert!(long.backends().len() == 3, "long-lived connections reach every backend: {:?}", long.backends());
+    let load = Load::start(&bed.topo, bed.vip(), Duration::from_millis(5), 20000).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+
+    // Kill b1's server: its host stays up and answers SYNs with RST.
+    let killed = Instant::now();
+    bed.backends[0].kill(libc::SIGKILL).unwrap();
+    let mut round = 0;
+    let down = loop {
+        round += 1;
+        let broken = long.exchange(&["b1"], round);
+        assert!(broken.is_empty(), "long-lived connections to healthy backends broke: {broken:?}");
+        if bed.health(1) == "down" {
+            break Instant::now();
+        }
+        assert!(killed.elapsed() < Duration::from_secs(3), "b1 never went down");
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let detection = down - killed;
+    let bound = INTERVAL * FALL + INTERVAL;
+    eprintln!("failover: detection {detection:?} (bound {bound:?})");
+    assert!(detection <= bound, "detected after {detection:?}, bound {bound:?}");
+
+    // Load goes on for a second after the swap.
+    let settle = Instant::now() + Duration::from_secs(1);
+    while Instant::now() < settle {
+        round += 1;
+        let broken = long.exchange(&["b1"], round);
+        assert!(broken.is_empty(), "long-lived connections to healthy backends broke: {broken:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let samples = load.stop();
+    let before_kill = failures(&samples, samples[0].start, killed);
+    let during = failures(&samples, killed, down);
+    let after_swap = failures(&samples, down, Instant::now());
+    let total = samples.len();
+    eprintln!("failover: {total} requests, {} failed before the swap (to the dead backend), {} after", during.len(), after_swap.len());
+    assert!(before_kill.is_empty(), "failures before the kill: {before_kill:?}");
+    assert!(after_swap.is_empty(), "new connections failed after the swap: {after_swap:?}");
+    let served_after: Vec<&str> = samples.iter().filter(|s| s.start > down).filter_map(|s| s.result.as_deref().ok()).collect();
+    assert!(!served_after.is_empty() && !served_after.contains(&"b1"), "nothing reaches the dead backend after the swap");
+
+    // Recovery: the server comes back and rejoins after `rise` checks.
+    let restarted = Instant::now();
+    bed.backends[0] = start_backend(&bed.topo, Path::new(TESTBACKEND), 1, &[]).unwrap();
+    let up = bed.wait_health(1, "up", Duration::from_secs(3));
+    let rejoin = up - restarted;
+    eprintln!("recovery: rejoined after {rejoin:?}");
+    assert!(rejoin <= INTERVAL * (RISE + 1) + INTERVAL, "rejoined after {rejoin:?}");
+    let tally = requests(&bed.topo, bed.vip().ip(), 30000..30150);
+    assert!(tally.failed.is_empty(), "{:?}", tally.failed);
+    assert!(tally.served.get("b1").copied().unwrap_or(0) > 20, "b1 gets new connections again: {:?}", tally.served);
+    let broken = long.exchange(&["b1"], round + 1);
+    assert!(broken.is_empty(), "established flows stayed where they were: {broken:?}");
+}
+
+#[test]
+fn a_backend_failing_one_check_in_three_never_goes_down() {
+    let mut bed = Bed::new("flap", "http");
+    // b1 fails every third /health request; b2 fails all of them (proves
+    // the checks really run and can fail).
+    bed.backends[0] = start_backend(&bed.topo, Path::new(TESTBACKEND), 1, &["--flap", "3"]).unwrap();
+    bed.backends[1] = start_backend(&bed.topo, Path::new(TESTBACKEND), 2, &["--flap", "1"]).unwrap();
+    bed.wait_health(2, "down", INTERVAL * (FALL + 2));
+    let watch_until = Instant::now() + INTERVAL * 15;
+    while Instant::now() < watch_until {
+        assert_eq!(bed.health(1), "up", "flapping backend went down");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let b1 = bed.lb.backend("web4", bed.addr(1)).unwrap();
+    assert_eq!(b1["transitions"], 0, "{b1}");
+    assert_eq!(b1["state"], "active", "{b1}");
+}
+
+#[test]
+fn drain_keeps_established_flows_and_takes_no_new_ones() {
+    let bed = Bed::new("drain", "tcp");
+    let mut long = LongLived::open(&bed.topo, bed.vip(), 50000, 9).unwrap();
+    assert!(long.backends().contains("b2"), "{:?}", long.backends());
+    let b2 = bed.addr(2).to_string();
+    let out = bed.lb.cli(&["backend", "drain", "web4", &b2]).unwrap();
+    eprintln!("drain: {}", out.trim());
+    assert_eq!(bed.lb.backend("web4", bed.addr(2)).unwrap()["state"], "draining");
+
+    let tally = requests(&bed.topo, bed.vip().ip(), 30000..30150);
+    assert!(tally.failed.is_empty(), "{:?}", tally.failed);
+    assert_eq!(tally.served.get("b2"), None, "a drained backend takes no new connection: {:?}", tally.served);
+    let broken = long.exchange(&[], 1);
+    assert!(broken.is_empty(), "established connections (b2's included) keep working: {broken:?}");
+
+    bed.lb.cli(&["backend", "undrain", "web4", &b2]).unwrap();
+    let tally = requests(&bed.topo, bed.vip().ip(), 31000..31150);
+    assert!(tally.served.get("b2").copied().unwrap_or(0) > 20, "undrained backend takes new connections: {:?}", tally.served);
+}
+
+#[test]
+fn hot_restart_keeps_forwarding_and_adopts_the_datapath() {
+    let mut bed = Bed::new("hot", "tcp");
+    let mut long = LongLived::open(&bed.topo, bed.vip(), 50000, 9).unwrap();
+    // A run-time change that must survive the restart.
+    let b3 = bed.addr(3).to_string();
+    bed.lb.cli(&["backend", "drain", "web4", &b3]).unwrap();
+    let load = Load::start(&bed.topo, bed.vip(), Duration::from_millis(5), 20000).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+
+    bed.lb.proc.kill(libc::SIGKILL).unwrap();
+    let _ = bed.lb.proc.wait_timeout(Duration::from_secs(5));
+    std::thread::sleep(Duration::from_secs(1));
+    let broken = long.exchange(&[], 1);
+    assert!(broken.is_empty(), "connections while the daemon is gone: {broken:?}");
+
+    bed.lb.restart(&bed.topo).unwrap();
+    let status = bed.lb.json(&["status"]).unwrap();
+    assert_eq!(status["adopted"], true, "{status}");
+    assert_eq!(bed.lb.backend("web4", bed.addr(3)).unwrap()["admin"], "drain", "run-time drain survived the restart");
+    std::thread::sleep(Duration::from_millis(500));
+    let samples = load.stop();
+    let failed: Vec<&Sample> = samples.iter().filter(|s| s.result.is_err()).collect();
+    eprintln!("hot restart: {} requests across the kill and restart, {} failed", samples.len(), failed.len());
+    assert!(failed.is_empty(), "requests failed across the restart: {failed:?}");
+    assert!(samples.iter().all(|s| s.result.as_deref() != Ok("b3")), "drained b3 got a new connection");
+    let broken = long.exchange(&[], 2);
+    assert!(broken.is_empty(), "the new daemon reset connections: {broken:?}");
+
+    // SIGTERM: the datapath goes on forwarding without a daemon...
+    bed.lb.proc.terminate().unwrap();
+    let tally = requests(&bed.topo, bed.vip().ip(), 31000..31030);
+    assert!(tally.failed.is_empty(), "forwarding after SIGTERM: {:?}", tally.failed);
+    // ...until `detach` removes it all.
+    let out = Command::new(&bed.xdplb).args(["detach", "--all", "--pin-dir"]).arg(&bed.lb.pin_dir).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let link = bed.topo.lb().exec(&["ip", "link", "show", "dev", "eth0"]).unwrap();
+    assert!(!link.contains("xdp"), "program detached: {link}");
+    assert!(!bed.lb.pin_dir.exists(), "pins (maps and links) removed");
+}
+
+/// Services, their backends and their states, without the counters.
+fn shape(list: &serde_json::Value) -> Vec<String> {
+    list.as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|s| {
+            s["backends"].as_array().unwrap().iter().map(move |b| {
+                format!("{} {} {}:{} {} {} w{}", s["name"], s["vip"], b["address"], b["port"], b["admin"], b["state"], b["weight"])
+            })
+        })
+        .collect()
+}
+
+#[test]
+fn bad_input_is_refused_and_changes_nothing() {
+    let bed = Bed::new("bad", "tcp");
+    let good = std::fs::read_to_string(bed.lb.config_path()).unwrap();
+    let vip = bed.topo.vip4().to_string();
+    let cases: Vec<(&str, String, &str)> = vec![
+        ("unknown field", good.replacen("protocol = \"tcp\"", "protocol = \"tcp\"\nprotocl = \"udp\"", 1), "protocl"),
+        (
+            "duplicate service",
+            format!("{good}\n[[service]]\nname = \"again\"\nvip = \"{vip}\"\nport = 80\nprotocol = \"tcp\"\n"),
+            "duplicate",
+        ),
+        ("invalid address", good.replacen(&format!("vip = \"{vip}\""), "vip = \"10.77.300.1\"", 1), "10.77.300.1"),
+        ("weight out of range", good.replacen("address = \"10.77.0.11\"", "address = \"10.77.0.11\"\nweight = 20000", 1), "weight"),
+    ];
+    let before = shape(&bed.lb.json(&["service", "list"]).unwrap());
+    assert_eq!(before.len(), 6, "{before:?}");
+
+    // A fresh `xdplb run` with each bad file: refused, nothing attached.
+    for (what, text, needle) in &cases {
+        let path = bed.lb.dir.join("bad.toml");
+        std::fs::write(&path, text).unwrap();
+        let pin_dir = format!("/sys/fs/bpf/xdplb-{}-bad", bed.topo.prefix());
+        let out = bed
+            .topo
+            .lb()
+            .command(&bed.xdplb)
+            .args(["run", "--iface", "eth0", "--config"])
+            .arg(&path)
+            .args(["--pin-dir", &pin_dir])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{what}: accepted");
+        assert!(err.contains(needle) && err.contains("bad.toml"), "{what}: message {err:?} should name {needle:?} and the file");
+        assert!(!Path::new(&pin_dir).exists(), "{what}: pins created");
+
+        // The running daemon refuses a reload with it and keeps its state.
+        bed.lb.write_config(text).unwrap();
+        let reload = bed.lb.cli(&["reload"]);
+        let msg = format!("{:#}", reload.expect_err(what));
+        assert!(msg.contains(needle), "{what}: reload error {msg:?}");
+        assert_eq!(shape(&bed.lb.json(&["service", "list"]).unwrap()), before, "{what}: state changed");
+    }
+    let out = bed.topo.lb().command(&bed.xdplb).args(["run", "--iface", "nosuch0", "--config"]).arg(bed.lb.config_path()).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("nosuch0"), "unknown interface: {err}");
+
+    // SIGHUP with a bad file: still running, still forwarding.
+    let mut lb = bed.lb;
+    lb.proc.kill(libc::SIGHUP).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(lb.proc.try_wait().unwrap().is_none(), "daemon died on a bad reload");
+    let tally = requests(&bed.topo, bed.topo.vip4().into(), 30000..30050);
+    assert!(tally.failed.is_empty(), "{:?}", tally.failed);
+    assert_eq!(shape(&lb.json(&["service", "list"]).unwrap()), before);
+    let link = bed.topo.lb().exec(&["ip", "link", "show", "dev", "eth0"]).unwrap();
+    assert!(link.contains("xdp"), "still attached");
+    drop(lb);
+}
+
+#[test]
+fn the_api_socket_refuses_non_root_users() {
+    let bed = Bed::new("perm", "none");
+    let mode = std::fs::metadata(bed.lb.socket()).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "socket mode");
+    let mut cmd = Command::new(&bed.xdplb);
+    cmd.args(["status", "--socket"]).arg(bed.lb.socket());
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::setgid(65534) != 0 || libc::setuid(65534) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let out = cmd.output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a non-root user got an answer: {}", String::from_utf8_lossy(&out.stdout));
+    assert!(err.contains("ermission denied") && err.contains("root"), "message: {err}");
+    // Root gets one.
+    let status = bed.lb.json(&["status"]).unwrap();
+    assert_eq!(status["services"], 2, "{status}");
+}

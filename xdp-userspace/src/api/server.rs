@@ -1,0 +1,1047 @@
+//! Serves the control API: a small HTTP/1.1 server on a root-only Unix
+//! socket.
+//!
+//! Only the subset of HTTP/1.1 the API needs is implemented, by hand, to keep
+//! the daemon's dependencies few: one request per connection (every answer
+//! says `Connection: close`), bodies framed by `Content-Length` only, JSON in
+//! and out. `curl --unix-socket /run/xdplb/xdplb.sock http://x/v1/status`
+//! works, and so does the CLI ([`super::client`]).
+//!
+//! The mapping between HTTP and [`Request`] is defined once: the `ROUTES`
+//! table plus the per-endpoint encoding in [`route`] and [`path_of`], which
+//! are inverses of each other (tested below).
+
+use std::{
+    fs::{self, DirBuilder},
+    io,
+    os::unix::fs::{DirBuilderExt as _, FileTypeExt as _, MetadataExt as _, PermissionsExt as _},
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use anyhow::{bail, Context as _};
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::{UnixListener, UnixStream},
+};
+use tracing::{debug, warn};
+
+use super::{ApiError, Handler, Request};
+
+/// Largest request head (request line plus headers) accepted.
+const MAX_HEAD: usize = 16 * 1024;
+/// Largest request body accepted; a whole configuration is far smaller.
+const MAX_BODY: usize = 1024 * 1024;
+/// How long a client may take to send its request, and the daemon to send
+/// the answer: a stuck client must not hold a connection forever.
+const IO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Serves the API on `socket` until the returned future is dropped (or
+/// fails to bind), answering each request with `handler`.
+///
+/// Before binding it creates the socket's directory (mode 0700 when it
+/// creates it) and removes a stale socket left by a daemon that died, but
+/// refuses to start when a live daemon answers on `socket`. The socket is
+/// made mode 0600, and connections from peers other than root (or the
+/// daemon's own user) are refused with 403 as well. The socket file is
+/// removed when the future is dropped, unless another daemon has replaced
+/// it since.
+pub async fn serve(socket: &Path, handler: Arc<dyn Handler>) -> anyhow::Result<()> {
+    let (listener, _remove_on_drop) = bind(socket)?;
+    accept_loop(listener, handler, peer_allowed).await
+}
+
+/// Who may use the API: root, and the daemon's own user. The latter only
+/// matters for a daemon not running as root (tests): such a user can
+/// already do anything the daemon can.
+fn peer_allowed(uid: u32) -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    uid == 0 || uid == unsafe { libc::geteuid() }
+}
+
+/// Removes the socket file on drop if it is still the one this daemon
+/// bound: a successor daemon may have replaced it in the meantime.
+struct SocketFile {
+    path: PathBuf,
+    dev: u64,
+    ino: u64,
+}
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        match fs::symlink_metadata(&self.path) {
+            Ok(meta) if meta.dev() == self.dev && meta.ino() == self.ino => {
+                if let Err(err) = fs::remove_file(&self.path) {
+                    warn!("removing the API socket {}: {err}", self.path.display());
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Prepares the socket's directory, clears a stale socket, binds and
+/// restricts the socket to its owner.
+fn bind(socket: &Path) -> anyhow::Result<(UnixListener, SocketFile)> {
+    if let Some(dir) = socket.parent().filter(|dir| !dir.as_os_str().is_empty()) {
+        // The mode only applies to the directories this creates: an existing
+        // /run/xdplb keeps whatever mode the administrator gave it.
+        DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .with_context(|| format!("creating the API socket's directory {}", dir.display()))?;
+    }
+    match fs::symlink_metadata(socket) {
+        Ok(meta) if meta.file_type().is_socket() => {
+            // A socket file outlives its daemon when the daemon is killed.
+            // Only connecting tells a stale one from a live one.
+            match std::os::unix::net::UnixStream::connect(socket) {
+                Ok(_) => bail!("another xdplb daemon is already serving {}", socket.display()),
+                Err(err) => {
+                    debug!("removing the stale API socket {} ({err})", socket.display());
+                    fs::remove_file(socket)
+                        .with_context(|| format!("removing the stale API socket {}", socket.display()))?;
+                }
+            }
+        }
+        // Never delete something that is not a socket: the path is probably
+        // wrong, and the file may matter to someone.
+        Ok(_) => bail!("{} exists and is not a socket; refusing to replace it", socket.display()),
+        Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+        Err(err) => return Err(err).with_context(|| format!("inspecting the API socket {}", socket.display())),
+    }
+    let listener =
+        UnixListener::bind(socket).with_context(|| format!("binding the API socket {}", socket.display()))?;
+    // Between bind and chmod the socket has the umask's mode; the peer
+    // credential check covers that window.
+    fs::set_permissions(socket, fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("making the API socket {} mode 0600", socket.display()))?;
+    let meta =
+        fs::symlink_metadata(socket).with_context(|| format!("inspecting the API socket {}", socket.display()))?;
+    Ok((listener, SocketFile { path: socket.to_owned(), dev: meta.dev(), ino: meta.ino() }))
+}
+
+/// Accepts connections forever, one task each. `allowed` decides on the
+/// peer's uid (a parameter so tests can exercise the refusal).
+async fn accept_loop(
+    listener: UnixListener,
+    handler: Arc<dyn Handler>,
+    allowed: fn(u32) -> bool,
+) -> anyhow::Result<()> {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                tokio::spawn(connection(stream, Arc::clone(&handler), allowed));
+            }
+            Err(err) => {
+                // Typically EMFILE: transient, and no reason to stop serving.
+                // The pause keeps a persistent error from spinning.
+                warn!("accepting an API connection: {err}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// Answers the one request of a connection.
+async fn connection(mut stream: UnixStream, handler: Arc<dyn Handler>, allowed: fn(u32) -> bool) {
+    let response = match stream.peer_cred() {
+        Ok(cred) if allowed(cred.uid()) => answer(&mut stream, handler).await,
+        Ok(cred) => {
+            // The socket's mode 0600 should make this unreachable.
+            warn!(uid = cred.uid(), pid = ?cred.pid(), "refused an API connection from a non-root peer");
+            Some(Response::error(403, "the xdplb API is root-only", None))
+        }
+        Err(err) => {
+            warn!("reading an API peer's credentials: {err}");
+            Some(Response::error(403, "the xdplb API is root-only", None))
+        }
+    };
+    let Some(response) = response else { return };
+    let bytes = response.to_bytes();
+    let sent = tokio::time::timeout(IO_TIMEOUT, async {
+        stream.write_all(&bytes).await?;
+        stream.shutdown().await
+    })
+    .await;
+    match sent {
+        Ok(Ok(())) => linger(&mut stream).await,
+        // The client went away; nobody is left to tell.
+        Ok(Err(err)) => debug!("sending an API answer: {err}"),
+        Err(_) => debug!("sending an API answer timed out"),
+    }
+}
+
+/// Reads and drops what the client still sends, until it closes (it does
+/// once it has read the answer) or for at most a second and a few MiB.
+///
+/// An answer can go out before the request was read whole (403, 413,
+/// 431), and closing a Unix socket with unread data in it makes the
+/// client's next read fail with ECONNRESET, losing the answer.
+async fn linger(stream: &mut UnixStream) {
+    let drain = async {
+        let mut sink = [0u8; 16 * 1024];
+        let mut left = 4 * MAX_BODY;
+        while left > 0 {
+            match stream.read(&mut sink).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => left = left.saturating_sub(n),
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(1), drain).await;
+}
+
+/// Reads, routes and handles one request. `None`: the client closed the
+/// connection before sending a whole request, so there is nobody to answer.
+async fn answer(stream: &mut UnixStream, handler: Arc<dyn Handler>) -> Option<Response> {
+    let request = match tokio::time::timeout(IO_TIMEOUT, read_request(stream)).await {
+        Ok(Ok(request)) => request,
+        Ok(Err(err)) => return err.map(Response::from),
+        Err(_) => return Some(Response::error(408, "timed out reading the request", None)),
+    };
+    let api_request = match route(&request.method, &request.target, &request.body) {
+        Ok(api_request) => api_request,
+        Err(err) => {
+            let allow = (err.status == 405).then(|| allowed_method(&request.target)).flatten();
+            return Some(Response::error(err.status, err.message, allow));
+        }
+    };
+    debug!(method = %request.method, target = %request.target, "API request");
+    // The handler does BPF syscalls and may take tens of milliseconds: off
+    // the async workers.
+    let result = tokio::task::spawn_blocking(move || handler.handle(api_request)).await;
+    Some(match result {
+        Ok(Ok(value)) => Response { status: 200, body: value, allow: None },
+        Ok(Err(err)) => {
+            // A handler answering an error with a non-error status is a bug;
+            // the client must still see a failure.
+            let status = if (400..=599).contains(&err.status) { err.status } else { 500 };
+            Response::error(status, err.message, None)
+        }
+        Err(err) => {
+            warn!("the API handler failed: {err}");
+            Response::error(500, "internal error: the request handler failed", None)
+        }
+    })
+}
+
+/// A request as read off the socket.
+struct HttpRequest {
+    method: String,
+    target: String,
+    body: Vec<u8>,
+}
+
+/// Reads one request. `Err(Some(_))`: answer with that error; `Err(None)`:
+/// the client is gone.
+async fn read_request(stream: &mut UnixStream) -> Result<HttpRequest, Option<ApiError>> {
+    let mut buf = Vec::with_capacity(1024);
+    let head_end = loop {
+        if let Some(end) = head_end(&buf) {
+            break end;
+        }
+        if buf.len() > MAX_HEAD {
+            return Err(Some(error(431, format!("request head larger than {MAX_HEAD} bytes"))));
+        }
+        let mut chunk = [0u8; 4096];
+        match stream.read(&mut chunk).await {
+            Ok(0) | Err(_) => return Err(None),
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    };
+    if head_end > MAX_HEAD {
+        return Err(Some(error(431, format!("request head larger than {MAX_HEAD} bytes"))));
+    }
+    let head = parse_head(&buf[..head_end]).map_err(Some)?;
+    if head.content_length > MAX_BODY {
+        return Err(Some(error(413, format!("request body larger than {MAX_BODY} bytes"))));
+    }
+    if head.expect_continue {
+        // curl waits for this before sending a body over 1 KiB.
+        if stream.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await.is_err() {
+            return Err(None);
+        }
+    }
+    let mut body = buf.split_off(head_end);
+    if body.len() < head.content_length {
+        let start = body.len();
+        body.resize(head.content_length, 0);
+        if stream.read_exact(&mut body[start..]).await.is_err() {
+            return Err(None);
+        }
+    }
+    // Anything past the body would be a pipelined second request, which
+    // `Connection: close` rules out.
+    body.truncate(head.content_length);
+    Ok(HttpRequest { method: head.method, target: head.target, body })
+}
+
+/// The end of the head (just past its empty line), if it is all in `buf`.
+/// Bare LF line ends are accepted too (RFC 9112 allows it).
+fn head_end(buf: &[u8]) -> Option<usize> {
+    (0..buf.len()).filter(|&i| buf[i] == b'\n').find_map(|i| match &buf[i + 1..] {
+        [b'\n', ..] => Some(i + 2),
+        [b'\r', b'\n', ..] => Some(i + 3),
+        _ => None,
+    })
+}
+
+struct Head {
+    method: String,
+    target: String,
+    content_length: usize,
+    expect_continue: bool,
+}
+
+fn parse_head(head: &[u8]) -> Result<Head, ApiError> {
+    let head = std::str::from_utf8(head).map_err(|_| error(400, "request head is not UTF-8"))?;
+    let mut lines = head.split('\n').map(|line| line.strip_suffix('\r').unwrap_or(line));
+    let request_line = lines.next().unwrap_or_default();
+    let parts: Vec<&str> = request_line.split(' ').collect();
+    let [method, target, version] = parts[..] else {
+        return Err(error(400, format!("malformed request line {request_line:?}")));
+    };
+    if version != "HTTP/1.1" && version != "HTTP/1.0" {
+        return Err(error(505, format!("unsupported HTTP version {version:?} (HTTP/1.1 only)")));
+    }
+    let mut content_length = None;
+    let mut expect_continue = false;
+    for line in lines.take_while(|line| !line.is_empty()) {
+        let Some((name, value)) = line.split_once(':') else {
+            return Err(error(400, format!("malformed header line {line:?}")));
+        };
+        let value = value.trim();
+        if name.eq_ignore_ascii_case("content-length") {
+            let length: usize = value.parse().map_err(|_| error(400, format!("bad Content-Length {value:?}")))?;
+            // Conflicting lengths are how request smuggling starts.
+            if content_length.is_some_and(|previous| previous != length) {
+                return Err(error(400, "conflicting Content-Length headers"));
+            }
+            content_length = Some(length);
+        } else if name.eq_ignore_ascii_case("transfer-encoding") {
+            return Err(error(501, "Transfer-Encoding is not supported: send a Content-Length"));
+        } else if name.eq_ignore_ascii_case("expect") {
+            expect_continue = value.eq_ignore_ascii_case("100-continue");
+        }
+    }
+    Ok(Head {
+        method: method.to_owned(),
+        target: target.to_owned(),
+        content_length: content_length.unwrap_or(0),
+        expect_continue,
+    })
+}
+
+fn error(status: u16, message: impl Into<String>) -> ApiError {
+    ApiError { status, message: message.into() }
+}
+
+/// An answer to send.
+struct Response {
+    status: u16,
+    body: serde_json::Value,
+    /// The `Allow` header of a 405.
+    allow: Option<&'static str>,
+}
+
+impl Response {
+    fn error(status: u16, message: impl Into<String>, allow: Option<&'static str>) -> Self {
+        Self { status, body: serde_json::json!({ "error": message.into() }), allow }
+    }
+
+    fn to_bytes(&self) -> Vec<u8> {
+        let mut body = serde_json::to_vec(&self.body).expect("a JSON value always serializes");
+        // For people reading answers with curl.
+        body.push(b'\n');
+        let mut out = format!(
+            "HTTP/1.1 {} {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n",
+            self.status,
+            reason_phrase(self.status),
+            body.len()
+        );
+        if let Some(allow) = self.allow {
+            out.push_str(&format!("Allow: {allow}\r\n"));
+        }
+        out.push_str("\r\n");
+        let mut out = out.into_bytes();
+        out.extend_from_slice(&body);
+        out
+    }
+}
+
+impl From<ApiError> for Response {
+    fn from(err: ApiError) -> Self {
+        Self::error(err.status, err.message, None)
+    }
+}
+
+fn reason_phrase(status: u16) -> &'static str {
+    match status {
+        200 => "OK",
+        400 => "Bad Request",
+        403 => "Forbidden",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        408 => "Request Timeout",
+        409 => "Conflict",
+        413 => "Content Too Large",
+        431 => "Request Header Fields Too Large",
+        500 => "Internal Server Error",
+        501 => "Not Implemented",
+        503 => "Service Unavailable",
+        505 => "HTTP Version Not Supported",
+        _ if status < 500 => "Client Error",
+        _ => "Server Error",
+    }
+}
+
+// --- The mapping between HTTP and `Request` ---------------------------------
+
+/// The API's endpoints, one per [`Request`] variant except `Drain` and
+/// `Undrain`, which differ only by path.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Endpoint {
+    Status,
+    ListServices,
+    AddService,
+    RemoveService,
+    ListBackends,
+    AddBackend,
+    RemoveBackend,
+    Drain,
+    Undrain,
+    Reload,
+    Flow,
+    Stats,
+}
+
+/// The routing table: the one place paths and methods are written down.
+/// [`route`] reads it forwards, [`path_of`] backwards.
+const ROUTES: &[(Endpoint, &str, &str)] = &[
+    (Endpoint::Status, "GET", "/v1/status"),
+    (Endpoint::ListServices, "GET", "/v1/services"),
+    (Endpoint::AddService, "POST", "/v1/services/add"),
+    (Endpoint::RemoveService, "POST", "/v1/services/remove"),
+    (Endpoint::ListBackends, "GET", "/v1/backends"),
+    (Endpoint::AddBackend, "POST", "/v1/backends/add"),
+    (Endpoint::RemoveBackend, "POST", "/v1/backends/remove"),
+    (Endpoint::Drain, "POST", "/v1/backends/drain"),
+    (Endpoint::Undrain, "POST", "/v1/backends/undrain"),
+    (Endpoint::Reload, "POST", "/v1/reload"),
+    (Endpoint::Flow, "GET", "/v1/flow"),
+    (Endpoint::Stats, "GET", "/v1/stats"),
+];
+
+/// Body of `POST /v1/services/remove`.
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RemoveServiceBody {
+    name: String,
+}
+
+/// Body of `POST /v1/backends/add`.
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AddBackendBody {
+    service: String,
+    backend: serde_json::Value,
+}
+
+/// Turns an HTTP request into the API [`Request`] it stands for: 404 for an
+/// unknown path, 405 for a known path with the wrong method, 400 for a bad
+/// body or query. Pure: no I/O.
+pub fn route(method: &str, target: &str, body: &[u8]) -> Result<Request, ApiError> {
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    let Some(&(endpoint, expected_method, _)) = ROUTES.iter().find(|(_, _, p)| *p == path) else {
+        return Err(error(404, format!("no such API endpoint: {path}")));
+    };
+    if method != expected_method {
+        return Err(error(405, format!("{path} takes {expected_method}, not {method}")));
+    }
+    let mut query = Query::parse(query)?;
+    let request = match endpoint {
+        Endpoint::Status => Request::Status,
+        Endpoint::ListServices => Request::ListServices,
+        Endpoint::AddService => {
+            let service: serde_json::Value = json_body(body)?;
+            if !service.is_object() {
+                return Err(error(400, "the body must be a JSON object: a [[service]] table"));
+            }
+            Request::AddService(service)
+        }
+        Endpoint::RemoveService => {
+            let RemoveServiceBody { name } = json_body(body)?;
+            Request::RemoveService { name }
+        }
+        Endpoint::ListBackends => Request::ListBackends { service: query.take("service") },
+        Endpoint::AddBackend => {
+            let AddBackendBody { service, backend } = json_body(body)?;
+            Request::AddBackend { service, backend }
+        }
+        Endpoint::RemoveBackend => Request::RemoveBackend(json_body(body)?),
+        Endpoint::Drain => Request::Drain(json_body(body)?),
+        Endpoint::Undrain => Request::Undrain(json_body(body)?),
+        Endpoint::Reload => Request::Reload,
+        Endpoint::Flow => Request::Flow {
+            src: query.address("src")?,
+            dst: query.address("dst")?,
+            protocol: query.require("protocol")?,
+        },
+        Endpoint::Stats => Request::Stats,
+    };
+    query.finish()?;
+    Ok(request)
+}
+
+/// The HTTP form of `request`: method, target (path and query) and body.
+/// The inverse of [`route`].
+pub fn path_of(request: &Request) -> (&'static str, String, Option<Vec<u8>>) {
+    fn to_json<T: Serialize>(value: &T) -> Option<Vec<u8>> {
+        Some(serde_json::to_vec(value).expect("API bodies always serialize"))
+    }
+    let mut query: Vec<(&str, String)> = Vec::new();
+    let (endpoint, body) = match request {
+        Request::Status => (Endpoint::Status, None),
+        Request::ListServices => (Endpoint::ListServices, None),
+        Request::AddService(service) => (Endpoint::AddService, to_json(service)),
+        Request::RemoveService { name } => {
+            (Endpoint::RemoveService, to_json(&RemoveServiceBody { name: name.clone() }))
+        }
+        Request::ListBackends { service } => {
+            query.extend(service.iter().map(|name| ("service", name.clone())));
+            (Endpoint::ListBackends, None)
+        }
+        Request::AddBackend { service, backend } => {
+            (Endpoint::AddBackend, to_json(&AddBackendBody { service: service.clone(), backend: backend.clone() }))
+        }
+        Request::RemoveBackend(backend) => (Endpoint::RemoveBackend, to_json(backend)),
+        Request::Drain(backend) => (Endpoint::Drain, to_json(backend)),
+        Request::Undrain(backend) => (Endpoint::Undrain, to_json(backend)),
+        Request::Reload => (Endpoint::Reload, None),
+        Request::Flow { src, dst, protocol } => {
+            query.extend([("src", src.to_string()), ("dst", dst.to_string()), ("protocol", protocol.clone())]);
+            (Endpoint::Flow, None)
+        }
+        Request::Stats => (Endpoint::Stats, None),
+    };
+    let &(_, method, path) = ROUTES.iter().find(|(e, _, _)| *e == endpoint).expect("every endpoint is in ROUTES");
+    let mut target = path.to_owned();
+    for (i, (name, value)) in query.iter().enumerate() {
+        target.push(if i == 0 { '?' } else { '&' });
+        target.push_str(name);
+        target.push('=');
+        target.push_str(&percent_encode(value));
+    }
+    (method, target, body)
+}
+
+/// The method a known path takes, for the `Allow` header of a 405.
+fn allowed_method(target: &str) -> Option<&'static str> {
+    let path = target.split_once('?').map_or(target, |(path, _)| path);
+    ROUTES.iter().find(|(_, _, p)| *p == path).map(|(_, method, _)| *method)
+}
+
+fn json_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Err(error(400, "this request needs a JSON body"));
+    }
+    serde_json::from_slice(body).map_err(|err| error(400, format!("invalid JSON body: {err}")))
+}
+
+/// A decoded query string. Parameters are taken out as they are used, so
+/// [`Query::finish`] can reject the ones no endpoint knows: a misspelt
+/// parameter must not be silently ignored.
+struct Query(Vec<(String, String)>);
+
+impl Query {
+    fn parse(query: &str) -> Result<Self, ApiError> {
+        let mut params: Vec<(String, String)> = Vec::new();
+        for pair in query.split('&').filter(|pair| !pair.is_empty()) {
+            let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+            let (name, value) = (percent_decode(name)?, percent_decode(value)?);
+            if params.iter().any(|(n, _)| *n == name) {
+                return Err(error(400, format!("query parameter {name:?} given twice")));
+            }
+            params.push((name, value));
+        }
+        Ok(Self(params))
+    }
+
+    fn take(&mut self, name: &str) -> Option<String> {
+        let i = self.0.iter().position(|(n, _)| n == name)?;
+        Some(self.0.remove(i).1)
+    }
+
+    fn require(&mut self, name: &str) -> Result<String, ApiError> {
+        self.take(name).ok_or_else(|| error(400, format!("missing query parameter {name:?}")))
+    }
+
+    fn address(&mut self, name: &str) -> Result<std::net::SocketAddr, ApiError> {
+        let value = self.require(name)?;
+        value
+            .parse()
+            .map_err(|_| error(400, format!("query parameter {name}: {value:?} is not IP:PORT (IPv6 as [IP]:PORT)")))
+    }
+
+    fn finish(self) -> Result<(), ApiError> {
+        match self.0.first() {
+            Some((name, _)) => Err(error(400, format!("unknown query parameter {name:?}"))),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Percent-encodes everything but RFC 3986's unreserved characters, so any
+/// value (an IPv6 `[addr]:port`, a service name) survives as one parameter.
+fn percent_encode(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for byte in value.bytes() {
+        if byte.is_ascii_alphanumeric() || b"-._~".contains(&byte) {
+            out.push(byte as char);
+        } else {
+            out.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    out
+}
+
+/// Decodes `%XX` escapes. `+` stays a plus: it only means a space in HTML
+/// forms, which nothing here speaks.
+fn percent_decode(value: &str) -> Result<String, ApiError> {
+    let bytes = value.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = bytes.get(i + 1..i + 3).and_then(|hex| std::str::from_utf8(hex).ok());
+            let Some(byte) = hex.and_then(|hex| u8::from_str_radix(hex, 16).ok()) else {
+                return Err(error(400, format!("bad percent-encoding in query {value:?}")));
+            };
+            out.push(byte);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).map_err(|_| error(400, format!("query {value:?} is not UTF-8 once decoded")))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        io::{Read as _, Write as _},
+        os::unix::net::UnixStream as StdUnixStream,
+        time::Instant,
+    };
+
+    use serde_json::json;
+
+    use super::*;
+    use crate::api::{client, client::ClientError, BackendRef, Done};
+
+    fn backend_ref(port: Option<u16>) -> BackendRef {
+        BackendRef { service: "web".into(), address: "10.0.0.1".parse().unwrap(), port }
+    }
+
+    /// One of each variant, with the awkward values: IPv6 addresses, names
+    /// that need percent-encoding.
+    fn every_request() -> Vec<Request> {
+        vec![
+            Request::Status,
+            Request::ListServices,
+            Request::AddService(json!({"name": "web", "vip": "10.0.0.100", "port": 80, "protocol": "tcp",
+                "backend": [{"address": "10.0.0.1", "weight": 5}]})),
+            Request::RemoveService { name: "web".into() },
+            Request::ListBackends { service: None },
+            Request::ListBackends { service: Some("web & dns/6 ?=%".into()) },
+            Request::AddBackend { service: "web".into(), backend: json!({"address": "10.0.0.1", "state": "drain"}) },
+            Request::RemoveBackend(backend_ref(None)),
+            Request::Drain(backend_ref(Some(8080))),
+            Request::Undrain(BackendRef {
+                service: "dns6".into(),
+                address: "2001:db8::10".parse().unwrap(),
+                port: Some(53),
+            }),
+            Request::Reload,
+            Request::Flow {
+                src: "10.1.1.1:40000".parse().unwrap(),
+                dst: "10.0.0.100:80".parse().unwrap(),
+                protocol: "tcp".into(),
+            },
+            Request::Flow {
+                src: "[fd00::1]:40000".parse().unwrap(),
+                dst: "[2001:db8::53]:53".parse().unwrap(),
+                protocol: "udp".into(),
+            },
+            Request::Stats,
+        ]
+    }
+
+    #[test]
+    fn every_request_round_trips_through_http() {
+        for request in every_request() {
+            let (method, target, body) = path_of(&request);
+            let back = route(method, &target, body.as_deref().unwrap_or_default());
+            assert_eq!(back, Ok(request.clone()), "{method} {target}");
+        }
+    }
+
+    #[test]
+    fn every_endpoint_has_exactly_one_route() {
+        for (i, (endpoint, _, path)) in ROUTES.iter().enumerate() {
+            assert!(ROUTES[i + 1..].iter().all(|(e, _, p)| e != endpoint && p != path), "{path}");
+        }
+    }
+
+    #[test]
+    fn routes_match_the_documented_table() {
+        let cases: &[(&str, &str, &str, Request)] = &[
+            ("GET", "/v1/status", "", Request::Status),
+            ("GET", "/v1/services", "", Request::ListServices),
+            ("POST", "/v1/services/add", r#"{"name":"web"}"#, Request::AddService(json!({"name": "web"}))),
+            ("POST", "/v1/services/remove", r#"{"name":"web"}"#, Request::RemoveService { name: "web".into() }),
+            ("GET", "/v1/backends", "", Request::ListBackends { service: None }),
+            ("GET", "/v1/backends?service=web", "", Request::ListBackends { service: Some("web".into()) }),
+            (
+                "POST",
+                "/v1/backends/add",
+                r#"{"service":"web","backend":{"address":"10.0.0.1"}}"#,
+                Request::AddBackend { service: "web".into(), backend: json!({"address": "10.0.0.1"}) },
+            ),
+            (
+                "POST",
+                "/v1/backends/remove",
+                r#"{"service":"web","address":"10.0.0.1"}"#,
+                Request::RemoveBackend(backend_ref(None)),
+            ),
+            (
+                "POST",
+                "/v1/backends/drain",
+                r#"{"service":"web","address":"10.0.0.1","port":8080}"#,
+                Request::Drain(backend_ref(Some(8080))),
+            ),
+            (
+                "POST",
+                "/v1/backends/undrain",
+                r#"{"service":"web","address":"10.0.0.1"}"#,
+                Request::Undrain(backend_ref(None)),
+            ),
+            ("POST", "/v1/reload", "", Request::Reload),
+            (
+                "GET",
+                "/v1/flow?src=10.1.1.1:40000&dst=10.0.0.100:80&protocol=tcp",
+                "",
+                Request::Flow {
+                    src: "10.1.1.1:40000".parse().unwrap(),
+                    dst: "10.0.0.100:80".parse().unwrap(),
+                    protocol: "tcp".into(),
+                },
+            ),
+            (
+                "GET",
+                "/v1/flow?src=%5Bfd00%3A%3A1%5D%3A40000&dst=%5bfd00%3a%3a100%5d%3a80&protocol=udp",
+                "",
+                Request::Flow {
+                    src: "[fd00::1]:40000".parse().unwrap(),
+                    dst: "[fd00::100]:80".parse().unwrap(),
+                    protocol: "udp".into(),
+                },
+            ),
+            ("GET", "/v1/stats", "", Request::Stats),
+        ];
+        for (method, target, body, expected) in cases {
+            assert_eq!(route(method, target, body.as_bytes()).as_ref(), Ok(expected), "{method} {target}");
+        }
+    }
+
+    #[test]
+    fn ipv6_flow_query_is_percent_encoded() {
+        let (method, target, body) = path_of(&Request::Flow {
+            src: "[fd00::1]:40000".parse().unwrap(),
+            dst: "[fd00::100]:80".parse().unwrap(),
+            protocol: "tcp".into(),
+        });
+        assert_eq!(method, "GET");
+        assert_eq!(target, "/v1/flow?src=%5Bfd00%3A%3A1%5D%3A40000&dst=%5Bfd00%3A%3A100%5D%3A80&protocol=tcp");
+        assert_eq!(body, None);
+    }
+
+    #[test]
+    fn route_rejects_bad_requests() {
+        let status =
+            |method: &str, target: &str, body: &str| route(method, target, body.as_bytes()).unwrap_err().status;
+        assert_eq!(status("GET", "/v1/nope", ""), 404);
+        assert_eq!(status("GET", "/v1/status/", ""), 404);
+        assert_eq!(status("GET", "/", ""), 404);
+        assert_eq!(status("POST", "/v1/status", ""), 405);
+        assert_eq!(status("GET", "/v1/reload", ""), 405);
+        assert_eq!(status("DELETE", "/v1/services/remove", ""), 405);
+        assert_eq!(status("POST", "/v1/services/remove", ""), 400);
+        assert_eq!(status("POST", "/v1/services/remove", "{"), 400);
+        assert_eq!(status("POST", "/v1/services/remove", r#"{"name":"web","x":1}"#), 400);
+        assert_eq!(status("POST", "/v1/services/add", "[]"), 400);
+        assert_eq!(status("POST", "/v1/backends/drain", r#"{"service":"web","address":"nope"}"#), 400);
+        assert_eq!(status("GET", "/v1/flow?src=10.0.0.1:1&dst=10.0.0.2:2", ""), 400);
+        assert_eq!(status("GET", "/v1/flow?src=10.0.0.1&dst=10.0.0.2:2&protocol=tcp", ""), 400);
+        assert_eq!(status("GET", "/v1/flow?src=fd00::1:1&dst=10.0.0.2:2&protocol=tcp", ""), 400);
+        assert_eq!(status("GET", "/v1/backends?service=a&service=b", ""), 400);
+        assert_eq!(status("GET", "/v1/backends?servce=web", ""), 400);
+        assert_eq!(status("GET", "/v1/status?verbose=1", ""), 400);
+        assert_eq!(status("GET", "/v1/backends?service=%zz", ""), 400);
+        assert_eq!(status("GET", "/v1/backends?service=%ff", ""), 400);
+    }
+
+    #[test]
+    fn percent_decoding() {
+        assert_eq!(percent_decode("a%20b+c%2B").unwrap(), "a b+c+");
+        assert_eq!(percent_decode("%5b%5D").unwrap(), "[]");
+        assert!(percent_decode("%").is_err());
+        assert!(percent_decode("%4").is_err());
+        assert_eq!(percent_encode("[fd00::1]:80 a/b"), "%5Bfd00%3A%3A1%5D%3A80%20a%2Fb");
+    }
+
+    #[test]
+    fn head_parsing() {
+        let head = b"POST /v1/reload HTTP/1.1\r\nHost: x\r\ncontent-length: 12\r\nExpect: 100-continue\r\n\r\n";
+        assert_eq!(head_end(head), Some(head.len()));
+        let parsed = parse_head(head).unwrap();
+        assert_eq!((parsed.method.as_str(), parsed.target.as_str()), ("POST", "/v1/reload"));
+        assert_eq!(parsed.content_length, 12);
+        assert!(parsed.expect_continue);
+        assert_eq!(head_end(b"GET / HTTP/1.1\nHost: x\n\nbody"), Some(24));
+        assert_eq!(head_end(b"GET / HTTP/1.1\r\nHost: x\r\n"), None);
+        let status = |head: &str| parse_head(head.as_bytes()).err().map(|err| err.status);
+        assert_eq!(status("GET /v1/status HTTP/1.1\r\n\r\n"), None);
+        assert_eq!(status("GET /v1/status\r\n\r\n"), Some(400));
+        assert_eq!(status("GET /v1/status HTTP/2\r\n\r\n"), Some(505));
+        assert_eq!(status("GET / HTTP/1.1\r\nContent-Length: x\r\n\r\n"), Some(400));
+        assert_eq!(status("GET / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n"), Some(400));
+        assert_eq!(status("GET / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"), Some(501));
+        assert_eq!(status("GET / HTTP/1.1\r\nno colon\r\n\r\n"), Some(400));
+    }
+
+    // --- Over a real socket ---------------------------------------------------
+
+    /// A handler with one service, "web".
+    struct Dummy;
+
+    impl Handler for Dummy {
+        fn handle(&self, request: Request) -> Result<serde_json::Value, ApiError> {
+            match request {
+                Request::Status => Ok(json!({"version": "test"})),
+                Request::RemoveService { name } if name == "web" => {
+                    Ok(serde_json::to_value(Done { message: "service web removed".into() }).unwrap())
+                }
+                Request::RemoveService { name } => Err(ApiError::not_found(format!("no service named {name:?}"))),
+                Request::AddService(service) => Ok(service),
+                Request::Flow { src, dst, protocol } => Ok(json!({"src": src, "dst": dst, "protocol": protocol})),
+                Request::Stats => panic!("the dummy handler panics on stats"),
+                other => Err(ApiError::internal(format!("not in the dummy: {other:?}"))),
+            }
+        }
+    }
+
+    /// A directory of its own for each test, removed on drop.
+    struct TempDir(PathBuf);
+
+    impl TempDir {
+        fn new(test: &str) -> Self {
+            let dir = std::env::temp_dir().join(format!("xdplb-api-{}-{test}", std::process::id()));
+            let _ = fs::remove_dir_all(&dir);
+            fs::create_dir_all(&dir).unwrap();
+            Self(dir)
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+
+    /// Runs `future` (a server) on its own runtime until the returned
+    /// runtime is dropped, and waits for `socket` to appear.
+    fn start(
+        socket: &Path,
+        future: impl std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
+    ) -> tokio::runtime::Runtime {
+        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        runtime.spawn(async move {
+            if let Err(err) = future.await {
+                panic!("server failed: {err:#}");
+            }
+        });
+        // Connecting, not the file's existence, says it is up: a stale
+        // socket file may be there before the server binds.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while StdUnixStream::connect(socket).is_err() {
+            assert!(Instant::now() < deadline, "the server did not bind {}", socket.display());
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        runtime
+    }
+
+    fn serve_dummy(socket: &Path) -> tokio::runtime::Runtime {
+        let path = socket.to_owned();
+        start(socket, async move { serve(&path, Arc::new(Dummy)).await })
+    }
+
+    /// Sends raw bytes, returns the raw answer.
+    fn raw(socket: &Path, request: &[u8]) -> String {
+        let mut stream = StdUnixStream::connect(socket).unwrap();
+        stream.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        // The server may answer (and close) before all is written.
+        let _ = stream.write_all(request);
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).unwrap();
+        answer
+    }
+
+    #[test]
+    fn serves_requests_over_the_socket() {
+        let dir = TempDir::new("serve");
+        // A directory that does not exist yet: serve creates it 0700.
+        let socket = dir.0.join("run").join("xdplb.sock");
+        let runtime = serve_dummy(&socket);
+
+        let mode = |path: &Path| fs::metadata(path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&socket), 0o600);
+        assert_eq!(mode(&dir.0.join("run")), 0o700);
+
+        assert_eq!(client::call(&socket, &Request::Status).unwrap(), json!({"version": "test"}));
+        let done = client::call(&socket, &Request::RemoveService { name: "web".into() }).unwrap();
+        assert_eq!(done, json!({"message": "service web removed"}));
+        let service = json!({"name": "big", "padding": "x".repeat(100_000)});
+        assert_eq!(client::call(&socket, &Request::AddService(service.clone())).unwrap(), service);
+        let flow = Request::Flow {
+            src: "[fd00::1]:40000".parse().unwrap(),
+            dst: "[fd00::100]:80".parse().unwrap(),
+            protocol: "tcp".into(),
+        };
+        assert_eq!(
+            client::call(&socket, &flow).unwrap(),
+            json!({"src": "[fd00::1]:40000", "dst": "[fd00::100]:80", "protocol": "tcp"})
+        );
+
+        // Errors from the handler keep their status and message.
+        match client::call(&socket, &Request::RemoveService { name: "nope".into() }) {
+            Err(ClientError::Api(err)) => {
+                assert_eq!(err, ApiError::not_found("no service named \"nope\""));
+            }
+            other => panic!("expected a 404, got {other:?}"),
+        }
+        // A panicking handler is a 500, and the server keeps serving.
+        match client::call(&socket, &Request::Stats) {
+            Err(ClientError::Api(err)) => assert_eq!(err.status, 500),
+            other => panic!("expected a 500, got {other:?}"),
+        }
+        assert!(client::call(&socket, &Request::Status).is_ok());
+
+        // A second daemon on the same socket is refused.
+        let second = tokio::runtime::Runtime::new().unwrap();
+        let err = second.block_on(serve(&socket, Arc::new(Dummy))).unwrap_err();
+        assert!(format!("{err:#}").contains("another xdplb daemon is already serving"), "{err:#}");
+
+        // Dropping the server removes its socket.
+        drop(runtime);
+        assert!(!socket.exists());
+        match client::call(&socket, &Request::Status) {
+            Err(err @ ClientError::NotRunning { .. }) => {
+                assert!(err.to_string().contains("daemon is not running"), "{err}");
+                assert!(err.to_string().contains(&socket.display().to_string()), "{err}");
+            }
+            other => panic!("expected not running, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn answers_raw_http() {
+        let dir = TempDir::new("raw");
+        let socket = dir.0.join("xdplb.sock");
+        let _runtime = serve_dummy(&socket);
+
+        let answer = raw(&socket, b"GET /v1/status HTTP/1.1\r\nHost: x\r\n\r\n");
+        assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
+        assert!(answer.contains("\r\nContent-Type: application/json\r\n"), "{answer}");
+        assert!(answer.contains("\r\nConnection: close\r\n"), "{answer}");
+        assert!(answer.contains("\r\nContent-Length: 19\r\n"), "{answer}");
+        assert!(answer.ends_with("\r\n\r\n{\"version\":\"test\"}\n"), "{answer}");
+
+        let answer = raw(&socket, b"GET /v1/nothing HTTP/1.1\r\n\r\n");
+        assert!(answer.starts_with("HTTP/1.1 404 Not Found\r\n"), "{answer}");
+        assert!(answer.ends_with("{\"error\":\"no such API endpoint: /v1/nothing\"}\n"), "{answer}");
+
+        let answer = raw(&socket, b"GET /v1/reload HTTP/1.1\r\n\r\n");
+        assert!(answer.starts_with("HTTP/1.1 405 Method Not Allowed\r\n"), "{answer}");
+        assert!(answer.contains("\r\nAllow: POST\r\n"), "{answer}");
+
+        let body = br#"{"name": "#;
+        let request = format!("POST /v1/services/remove HTTP/1.1\r\nContent-Length: {}\r\n\r\n", body.len());
+        let answer = raw(&socket, &[request.as_bytes(), body].concat());
+        assert!(answer.starts_with("HTTP/1.1 400 Bad Request\r\n"), "{answer}");
+        assert!(answer.contains("invalid JSON body"), "{answer}");
+
+        // curl's Expect: 100-continue gets its interim answer.
+        let mut stream = StdUnixStream::connect(&socket).unwrap();
+        stream
+            .write_all(b"POST /v1/services/remove HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 14\r\n\r\n")
+            .unwrap();
+        let mut interim = [0u8; 25];
+        stream.read_exact(&mut interim).unwrap();
+        assert_eq!(&interim, b"HTTP/1.1 100 Continue\r\n\r\n");
+        stream.write_all(br#"{"name":"web"}"#).unwrap();
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).unwrap();
+        assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
+
+        let huge_head = format!("GET /v1/status HTTP/1.1\r\nX: {}\r\n\r\n", "a".repeat(MAX_HEAD));
+        let answer = raw(&socket, huge_head.as_bytes());
+        assert!(answer.starts_with("HTTP/1.1 431 "), "{answer}");
+
+        let answer = raw(
+            &socket,
+            format!("POST /v1/services/add HTTP/1.1\r\nContent-Length: {}\r\n\r\n", MAX_BODY + 1).as_bytes(),
+        );
+        assert!(answer.starts_with("HTTP/1.1 413 "), "{answer}");
+    }
+
+    #[test]
+    fn refuses_peers_that_are_not_allowed() {
+        let dir = TempDir::new("refuse");
+        let socket = dir.0.join("xdplb.sock");
+        let path = socket.clone();
+        let _runtime = start(&socket, async move {
+            let (listener, _remove) = bind(&path)?;
+            accept_loop(listener, Arc::new(Dummy), |_| false).await
+        });
+        match client::call(&socket, &Request::Status) {
+            Err(ClientError::Api(err)) => {
+                assert_eq!(err, ApiError { status: 403, message: "the xdplb API is root-only".into() })
+            }
+            other => panic!("expected a 403, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn replaces_a_stale_socket_but_not_other_files() {
+        let dir = TempDir::new("stale");
+        let socket = dir.0.join("xdplb.sock");
+        // A socket nobody listens on any more, as a killed daemon leaves.
+        drop(std::os::unix::net::UnixListener::bind(&socket).unwrap());
+        assert!(socket.exists());
+        let _runtime = serve_dummy(&socket);
+        assert!(client::call(&socket, &Request::Status).is_ok());
+
+        let file = dir.0.join("not-a-socket");
+        fs::write(&file, "keep me").unwrap();
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let err = runtime.block_on(serve(&file, Arc::new(Dummy))).unwrap_err();
+        assert!(format!("{err:#}").contains("is not a socket"), "{err:#}");
+        assert_eq!(fs::read_to_string(&file).unwrap(), "keep me");
+    }
+}

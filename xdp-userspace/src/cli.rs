@@ -1,0 +1,1067 @@
+//! The operator CLI: the subcommands that talk to a running daemon through
+//! its API (`xdplb status`, `xdplb backend drain ...`), how they run, and
+//! how their answers are shown.
+//!
+//! `main.rs` owns the top-level parser; it flattens [`ClientOpts`] and
+//! [`CliCommand`] into it and hands them to [`execute`]. Rendering is kept in
+//! pure functions returning strings so it can be tested without a daemon.
+
+use std::{
+    collections::HashMap,
+    fmt::Write as _,
+    io::{self, IsTerminal as _, Write as _},
+    net::{IpAddr, Ipv6Addr, SocketAddr},
+    path::PathBuf,
+    str::FromStr,
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
+use clap::{Args, Subcommand};
+pub use clap_complete::Shell;
+use serde::{de::DeserializeOwned, Serialize};
+use serde_json::{Map, Value};
+
+use crate::{
+    api::{client, BackendRef, BackendView, Done, FlowView, Request, ServiceView, StatsView, StatusView},
+    config::DEFAULT_API_SOCKET,
+};
+
+/// Options of every API subcommand.
+#[derive(Args, Clone, Debug, PartialEq, Eq)]
+pub struct ClientOpts {
+    /// The daemon's API socket.
+    // A high display order lists these after each subcommand's own options.
+    #[arg(long, global = true, value_name = "PATH", env = "XDPLB_SOCKET", default_value = DEFAULT_API_SOCKET,
+          display_order = 100)]
+    pub socket: PathBuf,
+    /// Print the API's JSON answer instead of tables.
+    #[arg(long, global = true, display_order = 101)]
+    pub json: bool,
+}
+
+/// The subcommands that talk to a running daemon.
+#[derive(Subcommand, Clone, Debug, PartialEq)]
+pub enum CliCommand {
+    /// Show the daemon's state and a summary of its services.
+    Status,
+    /// Add, remove or list services.
+    #[command(subcommand)]
+    Service(ServiceCmd),
+    /// Add, remove, drain, undrain or list backends.
+    #[command(subcommand)]
+    Backend(BackendCmd),
+    /// Show the datapath's counters: per drop/pass reason, service and
+    /// backend.
+    Stats {
+        /// Redraw every SECS seconds (default 2), with rates, until Ctrl-C.
+        /// With --json, print one JSON sample per line instead.
+        #[arg(long, value_name = "SECS", num_args = 0..=1, default_missing_value = "2",
+              value_parser = clap::value_parser!(u64).range(1..))]
+        watch: Option<u64>,
+    },
+    /// Show which backend a flow goes to in the live datapath.
+    Flow {
+        /// The client's address and port.
+        // Brackets in a doc comment would be rustdoc links.
+        #[arg(help = "Client address and port (IPv6 as [ADDR]:PORT)")]
+        src: SocketAddr,
+        /// Service address (VIP) and port.
+        dst: SocketAddr,
+        /// The flow's protocol.
+        #[arg(value_parser = ["tcp", "udp"])]
+        protocol: String,
+    },
+    /// Re-read the configuration file and apply the changes.
+    Reload,
+}
+
+/// `xdplb service ...`.
+#[derive(Subcommand, Clone, Debug, PartialEq)]
+pub enum ServiceCmd {
+    /// Add a service: see [`ServiceAddArgs`].
+    #[command(about = "Add a service. The flags are the configuration file's [[service]] keys; \
+                       those not given take the file's defaults")]
+    Add(Box<ServiceAddArgs>),
+    /// Remove a service and its backends.
+    Remove {
+        /// The service's name.
+        name: String,
+    },
+    /// List the services and their counters.
+    List,
+}
+
+/// `xdplb service add`: one flag per `[[service]]` key of the configuration
+/// file (docs/configuration.md), health-check keys prefixed with `check-`.
+#[derive(Args, Clone, Debug, PartialEq)]
+pub struct ServiceAddArgs {
+    /// Unique name (a-z A-Z 0-9 _ . -).
+    #[arg(long)]
+    pub name: String,
+    /// The virtual IP clients connect to.
+    #[arg(long)]
+    pub vip: IpAddr,
+    /// The service's port.
+    #[arg(long)]
+    pub port: u16,
+    /// The service's protocol.
+    #[arg(long, value_parser = ["tcp", "udp"])]
+    pub protocol: String,
+    /// How packets reach backends [default: dsr].
+    #[arg(long, value_parser = ["dsr", "nat"])]
+    pub mode: Option<String>,
+    /// Maglev table size, a prime [default: 65537].
+    #[arg(long)]
+    pub table_size: Option<u32>,
+    /// Which fields pick a new flow's backend [default: 5-tuple].
+    #[arg(long, value_parser = ["5-tuple", "source"])]
+    pub hash: Option<String>,
+    /// How long a drained backend keeps its flows, e.g. 30s [default: 30s].
+    #[arg(long, value_name = "DURATION")]
+    pub drain_timeout: Option<String>,
+    /// Health check type [default: tcp].
+    #[arg(long, value_parser = ["tcp", "http", "none"])]
+    pub check: Option<String>,
+    /// Time between probes, e.g. 1s or 500ms [default: 1s].
+    #[arg(long, value_name = "DURATION")]
+    pub check_interval: Option<String>,
+    /// Probe timeout [default: 500ms, at most the interval].
+    #[arg(long, value_name = "DURATION")]
+    pub check_timeout: Option<String>,
+    /// Consecutive successes that bring a backend back [default: 2].
+    #[arg(long)]
+    pub rise: Option<u32>,
+    /// Consecutive failures that take a backend out [default: 3].
+    #[arg(long)]
+    pub fall: Option<u32>,
+    /// Port to probe [default: the backend's].
+    #[arg(long)]
+    pub check_port: Option<u16>,
+    /// HTTP checks: method [default: GET].
+    #[arg(long)]
+    pub check_method: Option<String>,
+    /// HTTP checks: request path [default: /].
+    #[arg(long)]
+    pub check_path: Option<String>,
+    /// HTTP checks: statuses that pass, comma-separated [default: 200].
+    #[arg(long, value_delimiter = ',', value_name = "STATUS")]
+    pub expect_status: Vec<u16>,
+    /// HTTP checks: Host header [default: the backend's address].
+    #[arg(long)]
+    pub check_host: Option<String>,
+    /// The backends, from `--backend ADDR[:PORT][@WEIGHT]`, repeatable.
+    #[arg(
+        long,
+        value_name = "ADDR[:PORT][@WEIGHT]",
+        help = "A backend, as ADDR[:PORT][@WEIGHT] (IPv6 with a port as [ADDR]:PORT); repeat for more"
+    )]
+    pub backend: Vec<BackendSpec>,
+}
+
+/// `xdplb backend ...`.
+#[derive(Subcommand, Clone, Debug, PartialEq)]
+pub enum BackendCmd {
+    /// Add a backend to a service.
+    Add {
+        /// The service's name.
+        service: String,
+        /// The backend's address.
+        address: IpAddr,
+        /// The backend's port [default: the service's].
+        #[arg(long)]
+        port: Option<u16>,
+        /// Share of new flows relative to the other backends [default: 100].
+        #[arg(long)]
+        weight: Option<u32>,
+        /// The state it starts in [default: up].
+        #[arg(long, value_parser = ["up", "down", "drain"])]
+        state: Option<String>,
+    },
+    /// Remove a backend from a service.
+    Remove(BackendArgs),
+    /// Stop sending new flows to a backend; established flows stay.
+    Drain(BackendArgs),
+    /// Let a drained backend take new flows again.
+    Undrain(BackendArgs),
+    /// List backends, of every service or of one.
+    List {
+        /// Only this service's backends.
+        service: Option<String>,
+    },
+}
+
+/// Names one backend.
+#[derive(Args, Clone, Debug, PartialEq, Eq)]
+pub struct BackendArgs {
+    /// The service's name.
+    pub service: String,
+    /// The backend's address.
+    pub address: IpAddr,
+    /// The backend's port, when the service has several backends on one
+    /// address [default: the service's].
+    #[arg(long)]
+    pub port: Option<u16>,
+}
+
+impl From<BackendArgs> for BackendRef {
+    fn from(args: BackendArgs) -> Self {
+        Self { service: args.service, address: args.address, port: args.port }
+    }
+}
+
+/// A `--backend ADDR[:PORT][@WEIGHT]` of `service add`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BackendSpec {
+    pub address: IpAddr,
+    /// `None`: the service's port.
+    pub port: Option<u16>,
+    /// `None`: the configuration's default weight.
+    pub weight: Option<u32>,
+}
+
+impl FromStr for BackendSpec {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        // The weight goes last, after an `@` that no address contains.
+        let (address, weight) = match text.rsplit_once('@') {
+            Some((address, weight)) => {
+                let weight = weight.parse().map_err(|_| format!("weight {weight:?} is not a whole number"))?;
+                (address, Some(weight))
+            }
+            None => (text, None),
+        };
+        // An IPv6 address with a port needs brackets; without brackets,
+        // `fd00::1:80` is the address fd00::1:80, not port 80.
+        if let Ok(socket) = address.parse::<SocketAddr>() {
+            return Ok(Self { address: socket.ip(), port: Some(socket.port()), weight });
+        }
+        let bare = address.strip_prefix('[').and_then(|a| a.strip_suffix(']'));
+        let ip = match bare {
+            Some(v6) => v6.parse::<Ipv6Addr>().map(IpAddr::V6).ok(),
+            None => address.parse::<IpAddr>().ok(),
+        };
+        match ip {
+            Some(address) => Ok(Self { address, port: None, weight }),
+            None => Err(format!("{address:?} is not ADDR or ADDR:PORT (IPv6 with a port as [ADDR]:PORT)")),
+        }
+    }
+}
+
+impl BackendSpec {
+    /// The `[[service.backend]]` table, as JSON.
+    fn to_json(&self) -> Value {
+        backend_json(self.address, self.port, self.weight, None)
+    }
+}
+
+/// A `[[service.backend]]` table as JSON, with only the keys given.
+fn backend_json(address: IpAddr, port: Option<u16>, weight: Option<u32>, state: Option<&str>) -> Value {
+    let mut backend = Map::new();
+    backend.insert("address".into(), address.to_string().into());
+    put(&mut backend, "port", port);
+    put(&mut backend, "weight", weight);
+    put(&mut backend, "state", state);
+    Value::Object(backend)
+}
+
+/// Inserts `key` only when there is a value: keys left out take the
+/// configuration's defaults, which the daemon applies.
+fn put<T: Serialize>(map: &mut Map<String, Value>, key: &str, value: Option<T>) {
+    if let Some(value) = value {
+        map.insert(key.into(), serde_json::to_value(value).expect("plain values serialize"));
+    }
+}
+
+impl ServiceAddArgs {
+    /// The `[[service]]` table these flags describe, as JSON with the
+    /// configuration file's key names.
+    pub fn to_json(&self) -> Value {
+        let mut check = Map::new();
+        put(&mut check, "type", self.check.as_deref());
+        put(&mut check, "interval", self.check_interval.as_deref());
+        put(&mut check, "timeout", self.check_timeout.as_deref());
+        put(&mut check, "rise", self.rise);
+        put(&mut check, "fall", self.fall);
+        put(&mut check, "port", self.check_port);
+        put(&mut check, "method", self.check_method.as_deref());
+        put(&mut check, "path", self.check_path.as_deref());
+        put(&mut check, "expect_status", Some(&self.expect_status).filter(|s| !s.is_empty()));
+        put(&mut check, "host", self.check_host.as_deref());
+
+        let mut service = Map::new();
+        service.insert("name".into(), self.name.clone().into());
+        service.insert("vip".into(), self.vip.to_string().into());
+        service.insert("port".into(), self.port.into());
+        service.insert("protocol".into(), self.protocol.clone().into());
+        put(&mut service, "mode", self.mode.as_deref());
+        put(&mut service, "table_size", self.table_size);
+        put(&mut service, "hash", self.hash.as_deref());
+        put(&mut service, "drain_timeout", self.drain_timeout.as_deref());
+        put(&mut service, "health_check", Some(check).filter(|c| !c.is_empty()));
+        let backends: Vec<Value> = self.backend.iter().map(BackendSpec::to_json).collect();
+        put(&mut service, "backend", Some(backends).filter(|b| !b.is_empty()));
+        Value::Object(service)
+    }
+}
+
+/// The API request a command makes (`status` makes a second one,
+/// [`Request::ListServices`], for its table).
+pub fn request_of(command: &CliCommand) -> Request {
+    match command.clone() {
+        CliCommand::Status => Request::Status,
+        CliCommand::Service(ServiceCmd::Add(args)) => Request::AddService(args.to_json()),
+        CliCommand::Service(ServiceCmd::Remove { name }) => Request::RemoveService { name },
+        CliCommand::Service(ServiceCmd::List) => Request::ListServices,
+        CliCommand::Backend(BackendCmd::Add { service, address, port, weight, state }) => {
+            Request::AddBackend { service, backend: backend_json(address, port, weight, state.as_deref()) }
+        }
+        CliCommand::Backend(BackendCmd::Remove(backend)) => Request::RemoveBackend(backend.into()),
+        CliCommand::Backend(BackendCmd::Drain(backend)) => Request::Drain(backend.into()),
+        CliCommand::Backend(BackendCmd::Undrain(backend)) => Request::Undrain(backend.into()),
+        CliCommand::Backend(BackendCmd::List { service }) => Request::ListBackends { service },
+        CliCommand::Stats { .. } => Request::Stats,
+        CliCommand::Flow { src, dst, protocol } => Request::Flow { src, dst, protocol },
+        CliCommand::Reload => Request::Reload,
+    }
+}
+
+/// Runs `command` against the daemon at `opts.socket` and prints the
+/// answer: a table, or with `--json` the JSON the API returned.
+pub fn execute(command: CliCommand, opts: &ClientOpts) -> anyhow::Result<()> {
+    if let CliCommand::Stats { watch: Some(seconds) } = command {
+        return watch_stats(opts, Duration::from_secs(seconds));
+    }
+    let answer = client::call(&opts.socket, &request_of(&command))?;
+    if opts.json {
+        println!("{}", serde_json::to_string_pretty(&answer)?);
+        return Ok(());
+    }
+    let text = match &command {
+        CliCommand::Status => {
+            let services: Vec<ServiceView> = view(client::call(&opts.socket, &Request::ListServices)?)?;
+            render_status(&view(answer)?, &services)
+        }
+        CliCommand::Service(ServiceCmd::List) => render_services(&view::<Vec<_>>(answer)?),
+        CliCommand::Backend(BackendCmd::List { .. }) => render_backends(&view::<Vec<_>>(answer)?),
+        CliCommand::Stats { .. } => render_stats(&view(answer)?, None),
+        CliCommand::Flow { src, dst, protocol } => render_flow(*src, *dst, protocol, &view(answer)?),
+        // Everything else changes something and answers `Done`.
+        _ => {
+            let done: Done = view(answer)?;
+            format!("{}\n", done.message)
+        }
+    };
+    print!("{text}");
+    Ok(())
+}
+
+/// Reads an API answer as the view it should be.
+fn view<T: DeserializeOwned>(answer: Value) -> anyhow::Result<T> {
+    serde_json::from_value(answer).context("unexpected answer from the daemon (is it another version of xdplb?)")
+}
+
+/// `stats --watch`: samples, redraws and sleeps until the process is
+/// interrupted (Ctrl-C ends it the usual way).
+fn watch_stats(opts: &ClientOpts, every: Duration) -> anyhow::Result<()> {
+    // Clearing the screen only makes sense on a terminal; piped output gets
+    // one block per sample.
+    let redraw = io::stdout().is_terminal();
+    let mut previous: Option<(StatsView, Instant)> = None;
+    loop {
+        let answer = client::call(&opts.socket, &Request::Stats)?;
+        let now = Instant::now();
+        let mut out = io::stdout().lock();
+        if opts.json {
+            writeln!(out, "{}", serde_json::to_string(&answer)?)?;
+        } else {
+            let stats: StatsView = view(answer)?;
+            let rates = previous.as_ref().map(|(before, at)| (before, now - *at));
+            let text = render_stats(&stats, rates);
+            if redraw {
+                write!(out, "\x1b[H\x1b[2J")?;
+            } else if previous.is_some() {
+                writeln!(out)?;
+            }
+            write!(out, "every {}s, Ctrl-C to stop\n\n{text}", every.as_secs())?;
+            previous = Some((stats, now));
+        }
+        out.flush()?;
+        drop(out);
+        std::thread::sleep(every);
+    }
+}
+
+/// Writes `shell` completions for `command` (the whole `xdplb` command
+/// tree) to stdout.
+pub fn completions(shell: Shell, command: &mut clap::Command) {
+    let name = command.get_name().to_owned();
+    clap_complete::generate(shell, command, name, &mut io::stdout());
+}
+
+/// Writes the man page of `command` (roff) to stdout.
+pub fn man_page(command: clap::Command) -> io::Result<()> {
+    clap_mangen::Man::new(command).render(&mut io::stdout())
+}
+
+// --- Rendering ---------------------------------------------------------------
+
+/// Column alignment: numbers right, text left.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Align {
+    Left,
+    Right,
+}
+
+use Align::{Left, Right};
+
+/// Lays out `rows` under `header` in columns two spaces apart.
+fn table(header: &[(&str, Align)], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|(name, _)| name.len()).collect();
+    for row in rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.chars().count());
+        }
+    }
+    let header_row: Vec<String> = header.iter().map(|(name, _)| (*name).to_owned()).collect();
+    let mut out = String::new();
+    for row in std::iter::once(&header_row).chain(rows) {
+        let mut line = String::new();
+        for ((cell, width), (_, align)) in row.iter().zip(&widths).zip(header) {
+            match align {
+                Left => write!(line, "{cell:<width$}  "),
+                Right => write!(line, "{cell:>width$}  "),
+            }
+            .expect("writing to a String cannot fail");
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+/// "3d 4h 5m 6s", from the largest non-zero unit down.
+fn format_uptime(seconds: u64) -> String {
+    let units = [(86_400, "d"), (3_600, "h"), (60, "m"), (1, "s")];
+    let mut out = Vec::new();
+    let mut rest = seconds;
+    for (size, unit) in units {
+        if rest >= size || !out.is_empty() || size == 1 {
+            out.push(format!("{}{unit}", rest / size));
+            rest %= size;
+        }
+    }
+    out.join(" ")
+}
+
+fn active_of(backends: &[BackendView]) -> String {
+    let active = backends.iter().filter(|b| b.state == "active").count();
+    format!("{active}/{}", backends.len())
+}
+
+/// `xdplb status`: the daemon's summary, then its services.
+pub fn render_status(status: &StatusView, services: &[ServiceView]) -> String {
+    let interfaces = if status.interfaces.is_empty() {
+        "none".to_owned()
+    } else {
+        let names: Vec<String> = status.interfaces.iter().map(|i| format!("{} ({})", i.name, i.mode)).collect();
+        names.join(", ")
+    };
+    let datapath =
+        if status.adopted { "adopted from the previous daemon (hot restart)" } else { "loaded by this daemon" };
+    let mut out = format!(
+        "xdplb {} (pid {}), up {}\n\
+         config:      {}\n\
+         pin dir:     {}\n\
+         datapath:    {datapath}\n\
+         interfaces:  {interfaces}\n\
+         services:    {}\n\
+         backends:    {} ({} active)\n",
+        status.version,
+        status.pid,
+        format_uptime(status.uptime_s),
+        status.config,
+        status.pin_dir,
+        status.services,
+        status.backends,
+        status.backends_active,
+    );
+    if !services.is_empty() {
+        let rows: Vec<Vec<String>> = services
+            .iter()
+            .map(|s| {
+                vec![
+                    s.name.clone(),
+                    s.vip.to_string(),
+                    s.port.to_string(),
+                    s.protocol.clone(),
+                    s.mode.clone(),
+                    active_of(&s.backends),
+                ]
+            })
+            .collect();
+        out.push('\n');
+        out.push_str(&table(
+            &[("SERVICE", Left), ("VIP", Left), ("PORT", Right), ("PROTO", Left), ("MODE", Left), ("BACKENDS", Right)],
+            &rows,
+        ));
+    }
+    out
+}
+
+/// `xdplb service list`.
+pub fn render_services(services: &[ServiceView]) -> String {
+    if services.is_empty() {
+        return "no services\n".to_owned();
+    }
+    let rows: Vec<Vec<String>> = services
+        .iter()
+        .map(|s| {
+            vec![
+                s.name.clone(),
+                s.vip.to_string(),
+                s.port.to_string(),
+                s.protocol.clone(),
+                s.mode.clone(),
+                s.hash.clone(),
+                s.table_size.to_string(),
+                active_of(&s.backends),
+                s.packets.to_string(),
+                s.bytes.to_string(),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            ("SERVICE", Left),
+            ("VIP", Left),
+            ("PORT", Right),
+            ("PROTO", Left),
+            ("MODE", Left),
+            ("HASH", Left),
+            ("TABLE-SIZE", Right),
+            ("BACKENDS", Right),
+            ("PACKETS", Right),
+            ("BYTES", Right),
+        ],
+        &rows,
+    )
+}
+
+/// `xdplb backend list`.
+pub fn render_backends(backends: &[BackendView]) -> String {
+    if backends.is_empty() {
+        return "no backends\n".to_owned();
+    }
+    let rows: Vec<Vec<String>> = backends
+        .iter()
+        .map(|b| {
+            vec![
+                b.service.clone(),
+                b.address.to_string(),
+                b.port.to_string(),
+                b.weight.to_string(),
+                b.admin.clone(),
+                b.health.clone(),
+                b.state.clone(),
+                b.packets.to_string(),
+                b.bytes.to_string(),
+                b.last_check.clone().unwrap_or_else(|| "-".into()),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            ("SERVICE", Left),
+            ("ADDRESS", Left),
+            ("PORT", Right),
+            ("WEIGHT", Right),
+            ("ADMIN", Left),
+            ("HEALTH", Left),
+            ("STATE", Left),
+            ("PACKETS", Right),
+            ("BYTES", Right),
+            ("LAST-CHECK", Left),
+        ],
+        &rows,
+    )
+}
+
+/// `xdplb stats`. With `previous` (an earlier sample and the time since),
+/// adds per-second rates.
+pub fn render_stats(stats: &StatsView, previous: Option<(&StatsView, Duration)>) -> String {
+    let seconds = previous.map(|(_, elapsed)| elapsed.as_secs_f64()).filter(|s| *s > 0.0);
+    // A counter that went down (the daemon restarted, the backend was
+    // re-added) has no meaningful rate.
+    let rate = |now: u64, before: Option<u64>| match (before, seconds) {
+        (Some(before), Some(seconds)) if now >= before => format!("{:.1}", (now - before) as f64 / seconds),
+        _ => "-".to_owned(),
+    };
+    let with_rates = previous.is_some();
+    let mut out = String::new();
+
+    let reasons: Vec<Vec<String>> = stats
+        .reasons
+        .iter()
+        .filter(|(_, count)| **count > 0)
+        .map(|(reason, count)| {
+            let before = previous.and_then(|(p, _)| p.reasons.get(reason).copied());
+            let mut row = vec![reason.clone(), count.to_string()];
+            if with_rates {
+                row.push(rate(*count, before));
+            }
+            row
+        })
+        .collect();
+    if reasons.is_empty() {
+        out.push_str("no packets counted\n");
+    } else {
+        let mut header = vec![("REASON", Left), ("PACKETS", Right)];
+        if with_rates {
+            header.push(("PKT/S", Right));
+        }
+        out.push_str(&table(&header, &reasons));
+    }
+
+    if stats.services.is_empty() {
+        return out;
+    }
+    // Earlier counters by (service, backend); None is the service total.
+    let mut before: HashMap<(&str, Option<SocketAddr>), (u64, u64)> = HashMap::new();
+    for service in previous.iter().flat_map(|(p, _)| &p.services) {
+        before.insert((&service.name, None), (service.packets, service.bytes));
+        for backend in &service.backends {
+            let address = SocketAddr::new(backend.address, backend.port);
+            before.insert((&service.name, Some(address)), (backend.packets, backend.bytes));
+        }
+    }
+    let mut rows = Vec::new();
+    let mut push = |service: &str, backend: Option<SocketAddr>, packets: u64, bytes: u64| {
+        let label = backend.map_or_else(|| "(all)".to_owned(), |b| b.to_string());
+        let mut row = vec![service.to_owned(), label, packets.to_string(), bytes.to_string()];
+        if with_rates {
+            let earlier = before.get(&(service, backend));
+            row.push(rate(packets, earlier.map(|e| e.0)));
+            row.push(rate(bytes, earlier.map(|e| e.1)));
+        }
+        rows.push(row);
+    };
+    for service in &stats.services {
+        push(&service.name, None, service.packets, service.bytes);
+        for backend in &service.backends {
+            push(&service.name, Some(SocketAddr::new(backend.address, backend.port)), backend.packets, backend.bytes);
+        }
+    }
+    let mut header = vec![("SERVICE", Left), ("BACKEND", Left), ("PACKETS", Right), ("BYTES", Right)];
+    if with_rates {
+        header.extend([("PKT/S", Right), ("BYTES/S", Right)]);
+    }
+    out.push('\n');
+    out.push_str(&table(&header, &rows));
+    out
+}
+
+/// `xdplb flow`.
+pub fn render_flow(src: SocketAddr, dst: SocketAddr, protocol: &str, flow: &FlowView) -> String {
+    let how = if flow.established { "established flow" } else { "new flow" };
+    let slot = flow.slot.map_or_else(|| "-".to_owned(), |slot| slot.to_string());
+    format!(
+        "{src} -> {dst}/{protocol}: service {}, backend {} ({}; {how}, hash {:#010x}, slot {slot})\n",
+        flow.service, flow.backend, flow.backend_state, flow.hash
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use clap::{CommandFactory as _, Parser};
+    use serde_json::json;
+
+    use super::*;
+    use crate::api::{BackendStatsView, InterfaceView, ServiceStatsView};
+
+    /// The shape main.rs gives the CLI.
+    #[derive(Parser, Debug)]
+    #[command(name = "xdplb")]
+    struct TestCli {
+        #[command(flatten)]
+        opts: ClientOpts,
+        #[command(subcommand)]
+        command: CliCommand,
+    }
+
+    fn parse(line: &str) -> TestCli {
+        TestCli::try_parse_from(line.split_whitespace()).unwrap_or_else(|err| panic!("{line}: {err}"))
+    }
+
+    fn backend(service: &str, address: &str, state: &str) -> BackendView {
+        BackendView {
+            service: service.into(),
+            address: address.parse().unwrap(),
+            port: 80,
+            weight: 100,
+            admin: "up".into(),
+            health: if state == "down" { "down".into() } else { "up".into() },
+            state: state.into(),
+            mac: None,
+            packets: 1234,
+            bytes: 567_890,
+            last_check: Some("ok in 2ms".into()),
+            transitions: 0,
+        }
+    }
+
+    fn service(name: &str, vip: &str, backends: Vec<BackendView>) -> ServiceView {
+        ServiceView {
+            name: name.into(),
+            vip: vip.parse().unwrap(),
+            port: 80,
+            protocol: "tcp".into(),
+            mode: "dsr".into(),
+            table_size: 65537,
+            hash: "5-tuple".into(),
+            packets: 99,
+            bytes: 9900,
+            backends,
+        }
+    }
+
+    #[test]
+    fn the_command_tree_is_valid() {
+        TestCli::command().debug_assert();
+        // What `completions` and `man_page` do, into buffers: they write to
+        // stdout directly, which the test harness does not capture.
+        let mut script = Vec::new();
+        clap_complete::generate(Shell::Bash, &mut TestCli::command(), "xdplb", &mut script);
+        assert!(String::from_utf8(script).unwrap().contains("undrain"));
+        let mut page = Vec::new();
+        clap_mangen::Man::new(TestCli::command()).render(&mut page).unwrap();
+        assert!(String::from_utf8(page).unwrap().contains("XDPLB_SOCKET"));
+    }
+
+    #[test]
+    fn parses_commands_and_global_options() {
+        let cli = parse("xdplb backend drain web 10.0.0.1 --port 8080 --socket /tmp/x.sock --json");
+        assert_eq!(cli.opts, ClientOpts { socket: "/tmp/x.sock".into(), json: true });
+        assert_eq!(
+            request_of(&cli.command),
+            Request::Drain(BackendRef {
+                service: "web".into(),
+                address: "10.0.0.1".parse().unwrap(),
+                port: Some(8080)
+            })
+        );
+        assert_eq!(parse("xdplb stats").command, CliCommand::Stats { watch: None });
+        assert_eq!(parse("xdplb stats --watch").command, CliCommand::Stats { watch: Some(2) });
+        assert_eq!(parse("xdplb stats --watch 5").command, CliCommand::Stats { watch: Some(5) });
+        assert!(TestCli::try_parse_from(["xdplb", "stats", "--watch", "0"]).is_err());
+        assert_eq!(
+            request_of(&parse("xdplb flow [fd00::1]:40000 [fd00::100]:80 udp").command),
+            Request::Flow {
+                src: "[fd00::1]:40000".parse().unwrap(),
+                dst: "[fd00::100]:80".parse().unwrap(),
+                protocol: "udp".into()
+            }
+        );
+        assert!(TestCli::try_parse_from(["xdplb", "flow", "1.1.1.1:1", "2.2.2.2:2", "icmp"]).is_err());
+        assert_eq!(request_of(&parse("xdplb backend list").command), Request::ListBackends { service: None });
+        assert_eq!(
+            request_of(&parse("xdplb backend list web").command),
+            Request::ListBackends { service: Some("web".into()) }
+        );
+        assert_eq!(
+            request_of(&parse("xdplb service remove web").command),
+            Request::RemoveService { name: "web".into() }
+        );
+        assert_eq!(request_of(&parse("xdplb reload").command), Request::Reload);
+        assert_eq!(request_of(&parse("xdplb status").command), Request::Status);
+    }
+
+    #[test]
+    fn backend_add_builds_a_backend_table() {
+        let cli = parse("xdplb backend add web 10.0.0.1 --weight 50 --state drain");
+        assert_eq!(
+            request_of(&cli.command),
+            Request::AddBackend {
+                service: "web".into(),
+                backend: json!({"address": "10.0.0.1", "weight": 50, "state": "drain"})
+            }
+        );
+        let cli = parse("xdplb backend add web fd00::1 --port 8080");
+        assert_eq!(
+            request_of(&cli.command),
+            Request::AddBackend { service: "web".into(), backend: json!({"address": "fd00::1", "port": 8080}) }
+        );
+    }
+
+    #[test]
+    fn service_add_builds_the_config_table() {
+        let cli = parse(
+            "xdplb service add --name web --vip 10.0.0.100 --port 80 --protocol tcp --mode dsr --table-size 251 \
+             --hash source --drain-timeout 10s --check http --check-interval 2s --check-timeout 1s --rise 1 --fall 5 \
+             --check-port 8080 --check-method HEAD --check-path /healthz --expect-status 200,204 --check-host x.example \
+             --backend 10.0.0.1:80@50 --backend 10.0.0.2",
+        );
+        let expected = json!({
+            "name": "web", "vip": "10.0.0.100", "port": 80, "protocol": "tcp", "mode": "dsr", "table_size": 251,
+            "hash": "source", "drain_timeout": "10s",
+            "health_check": {"type": "http", "interval": "2s", "timeout": "1s", "rise": 1, "fall": 5, "port": 8080,
+                "method": "HEAD", "path": "/healthz", "expect_status": [200, 204], "host": "x.example"},
+            "backend": [{"address": "10.0.0.1", "port": 80, "weight": 50}, {"address": "10.0.0.2"}],
+        });
+        assert_eq!(request_of(&cli.command), Request::AddService(expected));
+    }
+
+    #[test]
+    fn service_add_leaves_out_what_was_not_given() {
+        let cli = parse("xdplb service add --name dns6 --vip 2001:db8::53 --port 53 --protocol udp");
+        let expected = json!({"name": "dns6", "vip": "2001:db8::53", "port": 53, "protocol": "udp"});
+        assert_eq!(request_of(&cli.command), Request::AddService(expected));
+        let cli = parse("xdplb service add --name web --vip 10.0.0.1 --port 80 --protocol tcp --check none");
+        let CliCommand::Service(ServiceCmd::Add(args)) = cli.command else { panic!() };
+        assert_eq!(args.to_json()["health_check"], json!({"type": "none"}));
+        assert!(TestCli::try_parse_from(
+            "xdplb service add --name w --vip 10.0.0.1 --port 80 --protocol sctp".split(' ')
+        )
+        .is_err());
+    }
+
+    #[test]
+    fn parses_backend_specs() {
+        let spec = |text: &str| text.parse::<BackendSpec>();
+        let ip = |text: &str| text.parse::<IpAddr>().unwrap();
+        assert_eq!(
+            spec("10.0.0.1:8080@50"),
+            Ok(BackendSpec { address: ip("10.0.0.1"), port: Some(8080), weight: Some(50) })
+        );
+        assert_eq!(spec("[fd00::1]:80@5"), Ok(BackendSpec { address: ip("fd00::1"), port: Some(80), weight: Some(5) }));
+        assert_eq!(spec("10.0.0.1"), Ok(BackendSpec { address: ip("10.0.0.1"), port: None, weight: None }));
+        assert_eq!(spec("10.0.0.1@0"), Ok(BackendSpec { address: ip("10.0.0.1"), port: None, weight: Some(0) }));
+        assert_eq!(spec("fd00::1"), Ok(BackendSpec { address: ip("fd00::1"), port: None, weight: None }));
+        assert_eq!(spec("[fd00::1]@7"), Ok(BackendSpec { address: ip("fd00::1"), port: None, weight: Some(7) }));
+        // Without brackets the last group belongs to the address.
+        assert_eq!(spec("fd00::1:80"), Ok(BackendSpec { address: ip("fd00::1:80"), port: None, weight: None }));
+        assert!(spec("10.0.0.1:x").is_err());
+        assert!(spec("10.0.0.1:70000").is_err());
+        assert!(spec("[10.0.0.1]").is_err());
+        assert!(spec("10.0.0.1@").unwrap_err().contains("weight"));
+        assert!(spec("web1:80").unwrap_err().contains("[ADDR]:PORT"));
+        assert_eq!(spec("[fd00::1]:80@5").unwrap().to_json(), json!({"address": "fd00::1", "port": 80, "weight": 5}));
+    }
+
+    #[test]
+    fn renders_backends_as_a_table() {
+        let text = render_backends(&[backend("web", "10.0.0.11", "active"), backend("web", "fd00::12", "down")]);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 3, "{text}");
+        let header: Vec<&str> = lines[0].split_whitespace().collect();
+        assert_eq!(
+            header,
+            ["SERVICE", "ADDRESS", "PORT", "WEIGHT", "ADMIN", "HEALTH", "STATE", "PACKETS", "BYTES", "LAST-CHECK"]
+        );
+        assert_eq!(
+            lines[1].split_whitespace().collect::<Vec<_>>(),
+            ["web", "10.0.0.11", "80", "100", "up", "up", "active", "1234", "567890", "ok", "in", "2ms"]
+        );
+        assert!(lines[2].contains("fd00::12") && lines[2].contains("down"), "{text}");
+        // Aligned: every row's STATE column starts where the header's does.
+        let column = lines[0].find("STATE").unwrap();
+        assert_eq!(&lines[1][column..column + 6], "active");
+        assert_eq!(&lines[2][column..column + 4], "down");
+        assert_eq!(render_backends(&[]), "no backends\n");
+    }
+
+    #[test]
+    fn renders_status_with_a_service_table() {
+        let status = StatusView {
+            version: "0.1.0".into(),
+            pid: 4242,
+            uptime_s: 93_784,
+            config: "/etc/xdplb.toml".into(),
+            pin_dir: "/sys/fs/bpf/xdplb".into(),
+            adopted: true,
+            interfaces: vec![InterfaceView { name: "eth0".into(), mode: "native".into() }],
+            services: 1,
+            backends: 2,
+            backends_active: 1,
+        };
+        let services = [service(
+            "web",
+            "10.0.0.100",
+            vec![backend("web", "10.0.0.11", "active"), backend("web", "10.0.0.12", "down")],
+        )];
+        let text = render_status(&status, &services);
+        assert!(text.starts_with("xdplb 0.1.0 (pid 4242), up 1d 2h 3m 4s\n"), "{text}");
+        assert!(text.contains("interfaces:  eth0 (native)\n"), "{text}");
+        assert!(text.contains("hot restart"), "{text}");
+        assert!(text.contains("backends:    2 (1 active)\n"), "{text}");
+        let table: Vec<Vec<&str>> =
+            text.lines().skip_while(|l| !l.starts_with("SERVICE")).map(|l| l.split_whitespace().collect()).collect();
+        assert_eq!(
+            table,
+            [
+                vec!["SERVICE", "VIP", "PORT", "PROTO", "MODE", "BACKENDS"],
+                vec!["web", "10.0.0.100", "80", "tcp", "dsr", "1/2"]
+            ]
+        );
+    }
+
+    #[test]
+    fn renders_services() {
+        let text = render_services(&[service("web", "10.0.0.100", vec![backend("web", "10.0.0.11", "active")])]);
+        let rows: Vec<Vec<&str>> = text.lines().map(|l| l.split_whitespace().collect()).collect();
+        assert_eq!(
+            rows,
+            [
+                vec!["SERVICE", "VIP", "PORT", "PROTO", "MODE", "HASH", "TABLE-SIZE", "BACKENDS", "PACKETS", "BYTES"],
+                vec!["web", "10.0.0.100", "80", "tcp", "dsr", "5-tuple", "65537", "1/1", "99", "9900"],
+            ]
+        );
+        assert_eq!(render_services(&[]), "no services\n");
+    }
+
+    fn stats(scale: u64) -> StatsView {
+        StatsView {
+            reasons: BTreeMap::from([
+                ("tx_dsr".to_owned(), 1000 * scale),
+                ("drop_no_backend".to_owned(), 0),
+                ("pass_not_vip".to_owned(), 10 * scale),
+            ]),
+            services: vec![ServiceStatsView {
+                name: "web".into(),
+                packets: 1000 * scale,
+                bytes: 64_000 * scale,
+                backends: vec![BackendStatsView {
+                    address: "fd00::11".parse().unwrap(),
+                    port: 80,
+                    packets: 1000 * scale,
+                    bytes: 64_000 * scale,
+                }],
+            }],
+        }
+    }
+
+    #[test]
+    fn renders_stats_without_zero_reasons() {
+        let text = render_stats(&stats(1), None);
+        assert!(!text.contains("drop_no_backend"), "{text}");
+        let rows: Vec<Vec<&str>> = text.lines().map(|l| l.split_whitespace().collect()).collect();
+        assert_eq!(
+            rows,
+            [
+                vec!["REASON", "PACKETS"],
+                vec!["pass_not_vip", "10"],
+                vec!["tx_dsr", "1000"],
+                vec![],
+                vec!["SERVICE", "BACKEND", "PACKETS", "BYTES"],
+                vec!["web", "(all)", "1000", "64000"],
+                vec!["web", "[fd00::11]:80", "1000", "64000"],
+            ]
+        );
+    }
+
+    #[test]
+    fn renders_stats_with_rates() {
+        let (before, now) = (stats(1), stats(3));
+        let text = render_stats(&now, Some((&before, Duration::from_secs(2))));
+        let rows: Vec<Vec<&str>> = text.lines().map(|l| l.split_whitespace().collect()).collect();
+        assert_eq!(rows[0], ["REASON", "PACKETS", "PKT/S"]);
+        assert_eq!(rows[2], ["tx_dsr", "3000", "1000.0"]);
+        assert_eq!(rows[4], ["SERVICE", "BACKEND", "PACKETS", "BYTES", "PKT/S", "BYTES/S"]);
+        assert_eq!(rows[6], ["web", "[fd00::11]:80", "3000", "192000", "1000.0", "64000.0"]);
+        // Counters that went backwards (a restart) have no rate.
+        let text = render_stats(&before, Some((&now, Duration::from_secs(2))));
+        assert!(text.lines().nth(2).unwrap().ends_with(" -"), "{text}");
+    }
+
+    #[test]
+    fn renders_flows() {
+        let flow = FlowView {
+            service: "web".into(),
+            backend: "[fd00::11]:80".parse().unwrap(),
+            backend_state: "active".into(),
+            established: false,
+            hash: 0xabc,
+            slot: Some(17),
+        };
+        assert_eq!(
+            render_flow("[fd00::1]:40000".parse().unwrap(), "[fd00::100]:80".parse().unwrap(), "tcp", &flow),
+            "[fd00::1]:40000 -> [fd00::100]:80/tcp: service web, backend [fd00::11]:80 (active; new flow, hash 0x00000abc, slot 17)\n"
+        );
+    }
+
+    #[test]
+    fn formats_uptimes() {
+        assert_eq!(format_uptime(0), "0s");
+        assert_eq!(format_uptime(59), "59s");
+        assert_eq!(format_uptime(3600), "1h 0m 0s");
+        assert_eq!(format_uptime(93_784), "1d 2h 3m 4s");
+    }
+
+    /// Answers every request with sample views, as the daemon would.
+    struct SampleDaemon;
+
+    impl crate::api::Handler for SampleDaemon {
+        fn handle(&self, request: Request) -> Result<Value, crate::api::ApiError> {
+            let web = || service("web", "10.0.0.100", vec![backend("web", "10.0.0.11", "active")]);
+            let value = match request {
+                Request::Status => json!({
+                    "version": "0.1.0", "pid": 1, "uptime_s": 5, "config": "/etc/xdplb.toml",
+                    "pin_dir": "/sys/fs/bpf/xdplb", "adopted": false, "interfaces": [],
+                    "services": 1, "backends": 1, "backends_active": 1,
+                }),
+                Request::ListServices => serde_json::to_value([web()]).unwrap(),
+                Request::ListBackends { .. } => serde_json::to_value(&web().backends).unwrap(),
+                Request::Stats => serde_json::to_value(stats(1)).unwrap(),
+                Request::Flow { .. } => json!({
+                    "service": "web", "backend": "10.0.0.11:80", "backend_state": "active",
+                    "established": true, "hash": 7, "slot": null,
+                }),
+                Request::Drain(backend) if backend.service == "web" => json!({"message": "drained"}),
+                Request::Drain(backend) => {
+                    return Err(crate::api::ApiError::not_found(format!("no service named {:?}", backend.service)))
+                }
+                other => panic!("unexpected {other:?}"),
+            };
+            Ok(value)
+        }
+    }
+
+    #[test]
+    fn executes_commands_against_a_daemon() {
+        let dir = std::env::temp_dir().join(format!("xdplb-cli-{}", std::process::id()));
+        let socket = dir.join("xdplb.sock");
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let path = socket.clone();
+        runtime.spawn(async move { crate::api::server::serve(&path, std::sync::Arc::new(SampleDaemon)).await });
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::os::unix::net::UnixStream::connect(&socket).is_err() {
+            assert!(Instant::now() < deadline, "the server did not start");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+
+        for json in [false, true] {
+            let opts = ClientOpts { socket: socket.clone(), json };
+            for line in [
+                "xdplb status",
+                "xdplb service list",
+                "xdplb backend list web",
+                "xdplb stats",
+                "xdplb flow 10.1.1.1:4000 10.0.0.100:80 tcp",
+                "xdplb backend drain web 10.0.0.11",
+            ] {
+                execute(parse(line).command, &opts).unwrap_or_else(|err| panic!("{line}: {err:#}"));
+            }
+            let err = execute(parse("xdplb backend drain nope 10.0.0.11").command, &opts).unwrap_err();
+            assert_eq!(format!("{err:#}"), "no service named \"nope\"");
+        }
+        drop(runtime);
+        let _ = std::fs::remove_dir_all(&dir);
+
+        let opts = ClientOpts { socket: socket.clone(), json: false };
+        let err = execute(CliCommand::Status, &opts).unwrap_err();
+        assert!(format!("{err:#}").starts_with("the xdplb daemon is not running"), "{err:#}");
+    }
+}

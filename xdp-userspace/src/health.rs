@@ -1,0 +1,934 @@
+//! Active health checks: every backend is probed on a fixed schedule, and a
+//! verdict change is reported as a [`HealthEvent`].
+//!
+//! Three layers, each usable on its own:
+//! - [`Hysteresis`] turns probe results into a verdict: `fall` consecutive
+//!   failures take a backend down, `rise` consecutive successes bring it
+//!   back. A backend that fails now and then is therefore not flapped in and
+//!   out of the Maglev table, where every flip moves flows.
+//! - [`probe`] runs one TCP or HTTP check.
+//! - [`HealthChecker`] runs one tokio task per backend, sends an event on
+//!   every verdict change, and keeps each backend's latest results readable
+//!   ([`HealthChecker::status`]) for the API.
+//!
+//! Detection time is bounded: probes run at a fixed rate, so the first probe
+//! after a backend dies starts within one `interval`, and the `fall`-th
+//! failing one ends `(fall - 1) × interval + timeout` after that. As
+//! `timeout <= interval`, a dead backend is reported within
+//! `(fall + 1) × interval`, plus any wait for a probe slot when more than
+//! `max_concurrent` probes are due at once.
+
+use std::{
+    collections::BTreeMap,
+    future::Future,
+    hash::{DefaultHasher, Hash, Hasher},
+    io,
+    net::{IpAddr, SocketAddr},
+    sync::{Arc, Mutex, MutexGuard, PoisonError},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use tokio::{
+    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
+    net::TcpStream,
+    runtime::Handle,
+    sync::{mpsc::UnboundedSender, Semaphore},
+    task::JoinHandle,
+    time::{self, MissedTickBehavior},
+};
+
+use crate::config::{CheckKind, HealthCheck};
+
+// ---------------------------------------------------------------------------
+// Hysteresis.
+
+/// A backend's health verdict, changed only by runs of equal probe results.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Hysteresis {
+    rise: u32,
+    fall: u32,
+    healthy: bool,
+    ok_streak: u32,
+    fail_streak: u32,
+}
+
+impl Hysteresis {
+    /// A verdict that starts as `initially_healthy`. A `rise` or `fall` of 0
+    /// counts as 1 (the configuration never has one).
+    #[must_use]
+    pub fn new(rise: u32, fall: u32, initially_healthy: bool) -> Self {
+        Self { rise: rise.max(1), fall: fall.max(1), healthy: initially_healthy, ok_streak: 0, fail_streak: 0 }
+    }
+
+    /// Records one probe result. Returns the new verdict if it changed: a
+    /// healthy backend goes down on its `fall`-th consecutive failure, a
+    /// down one comes up on its `rise`-th consecutive success.
+    pub fn record(&mut self, ok: bool) -> Option<bool> {
+        let (streak, other, needed) = if ok {
+            (&mut self.ok_streak, &mut self.fail_streak, self.rise)
+        } else {
+            (&mut self.fail_streak, &mut self.ok_streak, self.fall)
+        };
+        *streak = streak.saturating_add(1);
+        *other = 0;
+        if self.healthy != ok && *streak >= needed {
+            self.healthy = ok;
+            Some(ok)
+        } else {
+            None
+        }
+    }
+
+    /// The current verdict.
+    #[must_use]
+    pub fn healthy(&self) -> bool {
+        self.healthy
+    }
+
+    /// How many results in a row, up to the latest, were equal to it.
+    #[must_use]
+    pub fn streak(&self) -> u32 {
+        // One of the two is always 0: each result resets the other streak.
+        self.ok_streak.max(self.fail_streak)
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Probes.
+
+/// The longest HTTP status line read. Real ones are about 20 bytes; the
+/// limit keeps a backend that answers with something else from making the
+/// checker buffer it all.
+const MAX_STATUS_LINE: u64 = 256;
+
+/// Runs one check of `target`. The whole probe, connect included, must
+/// finish within `timeout`.
+///
+/// `Tcp` succeeds when a connection is established (it is closed right
+/// away). `Http` sends one `HTTP/1.1` request and succeeds when the status
+/// is one of `expect_status`; only the status line is read. `None` always
+/// succeeds.
+///
+/// # Errors
+///
+/// A failed check, as a message saying which step failed and why:
+/// `connect 10.0.0.1:80: connection refused`,
+/// `read HTTP status line: timed out after 500ms`,
+/// `HTTP status 503, expected [200]`.
+pub async fn probe(kind: &CheckKind, target: SocketAddr, timeout: Duration) -> Result<(), String> {
+    let deadline = Deadline { at: time::Instant::now() + timeout, timeout };
+    match kind {
+        CheckKind::None => Ok(()),
+        CheckKind::Tcp => connect(target, deadline).await.map(drop),
+        CheckKind::Http { method, path, expect_status, host } => {
+            let host = host.clone().unwrap_or_else(|| host_header(target.ip()));
+            let request = format!(
+                "{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\nUser-Agent: xdplb-health\r\n\r\n"
+            );
+            let mut stream = connect(target, deadline).await?;
+            deadline.run("send HTTP request", stream.write_all(request.as_bytes())).await?;
+            let line = deadline.run("read HTTP status line", read_status_line(&mut stream)).await?;
+            check_status(&line, expect_status)
+        }
+    }
+}
+
+/// The end of a probe's time budget, shared by its steps so that each step's
+/// error can say which one ran out of time.
+#[derive(Clone, Copy)]
+struct Deadline {
+    at: time::Instant,
+    /// The whole budget, for messages.
+    timeout: Duration,
+}
+
+impl Deadline {
+    /// Runs one step of a probe; errors are prefixed with the step.
+    async fn run<T>(self, step: &str, op: impl Future<Output = io::Result<T>>) -> Result<T, String> {
+        match time::timeout_at(self.at, op).await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(e)) => Err(format!("{step}: {}", io_reason(&e))),
+            Err(_) => Err(format!("{step}: timed out after {:?}", self.timeout)),
+        }
+    }
+}
+
+async fn connect(target: SocketAddr, deadline: Deadline) -> Result<TcpStream, String> {
+    deadline.run(&format!("connect {target}"), TcpStream::connect(target)).await
+}
+
+/// An I/O error as part of a sentence: `Connection refused (os error 111)`
+/// becomes `connection refused`. The error number tells an operator nothing
+/// more.
+fn io_reason(e: &io::Error) -> String {
+    let full = e.to_string();
+    let text = full.split(" (os error ").next().unwrap_or_default();
+    let mut chars = text.chars();
+    chars.next().map(|first| first.to_lowercase().chain(chars).collect()).unwrap_or_default()
+}
+
+/// The `Host` header naming an address: IPv6 literals go in brackets
+/// (RFC 9110, `uri-host`).
+fn host_header(ip: IpAddr) -> String {
+    match ip {
+        IpAddr::V4(v4) => v4.to_string(),
+        IpAddr::V6(v6) => format!("[{v6}]"),
+    }
+}
+
+/// The response's first line, at most [`MAX_STATUS_LINE`] bytes; empty if
+/// the backend closed the connection without answering.
+async fn read_status_line(stream: &mut TcpStream) -> io::Result<Vec<u8>> {
+    let mut line = Vec::new();
+    BufReader::new(stream).take(MAX_STATUS_LINE).read_until(b'\n', &mut line).await?;
+    Ok(line)
+}
+
+fn check_status(line: &[u8], expect: &[u16]) -> Result<(), String> {
+    let status = parse_status_line(line)?;
+    if expect.contains(&status) {
+        Ok(())
+    } else {
+        Err(format!("HTTP status {status}, expected {expect:?}"))
+    }
+}
+
+/// The status code of `HTTP/1.1 200 OK`.
+fn parse_status_line(line: &[u8]) -> Result<u16, String> {
+    if line.is_empty() {
+        return Err("connection closed before the HTTP status line".to_owned());
+    }
+    let text = String::from_utf8_lossy(line);
+    let text = text.trim_end();
+    let mut fields = text.split(' ');
+    let version = fields.next().unwrap_or_default();
+    let code = fields.next().unwrap_or_default();
+    let well_formed = version.starts_with("HTTP/") && code.len() == 3 && code.bytes().all(|b| b.is_ascii_digit());
+    match code.parse() {
+        Ok(status) if well_formed => Ok(status),
+        _ => Err(format!("malformed HTTP status line {text:?}")),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The scheduler's public types.
+
+/// One backend of one service, to be checked.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CheckTarget {
+    pub service: String,
+    /// The backend's address and port. The probe goes to `check.port` if
+    /// set, to this port otherwise.
+    pub backend: (IpAddr, u16),
+    pub check: HealthCheck,
+    /// The verdict to start from when the checker first sees this backend;
+    /// ignored for one it already checks, which keeps its verdict.
+    pub initially_healthy: bool,
+}
+
+impl CheckTarget {
+    fn key(&self) -> TargetKey {
+        (self.service.clone(), self.backend)
+    }
+
+    fn probe_addr(&self) -> SocketAddr {
+        SocketAddr::new(self.backend.0, self.check.port.unwrap_or(self.backend.1))
+    }
+}
+
+/// A backend's verdict changed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HealthEvent {
+    pub service: String,
+    pub backend: (IpAddr, u16),
+    /// The new verdict.
+    pub healthy: bool,
+    /// Why: `3 consecutive failures: connect 10.0.0.1:80: connection
+    /// refused`, `2 consecutive successes`, or `health checks off`.
+    pub detail: String,
+    /// When the deciding probe ended.
+    pub at: Instant,
+}
+
+/// What the checker knows about one backend.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TargetStatus {
+    pub service: String,
+    pub backend: (IpAddr, u16),
+    /// The current verdict; always true for `CheckKind::None`.
+    pub healthy: bool,
+    /// The latest probe's result; `None` before the first probe.
+    pub last_result: Option<Result<(), String>>,
+    /// When the latest probe ended.
+    pub last_at: Option<Instant>,
+    /// Verdict changes since the checker first saw the backend.
+    pub transitions: u64,
+    /// Probes run since the checker first saw the backend.
+    pub checks: u64,
+}
+
+impl TargetStatus {
+    fn new(target: &CheckTarget) -> Self {
+        Self {
+            service: target.service.clone(),
+            backend: target.backend,
+            healthy: target.initially_healthy,
+            last_result: None,
+            last_at: None,
+            transitions: 0,
+            checks: 0,
+        }
+    }
+
+    /// Records a verdict change and returns the event announcing it.
+    fn transition(&mut self, healthy: bool, detail: String, at: Instant) -> HealthEvent {
+        self.healthy = healthy;
+        self.transitions += 1;
+        HealthEvent { service: self.service.clone(), backend: self.backend, healthy, detail, at }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The scheduler.
+
+/// Identity of a target: service name, backend address and port.
+type TargetKey = (String, (IpAddr, u16));
+
+/// Checks backends in the background, one tokio task each, and sends a
+/// [`HealthEvent`] whenever a verdict changes.
+///
+/// Dropping it stops every check, as does [`HealthChecker::shutdown`].
+pub struct HealthChecker {
+    targets: BTreeMap<TargetKey, Running>,
+    /// Bounds the probes in flight, across all targets.
+    probe_slots: Arc<Semaphore>,
+    events: UnboundedSender<HealthEvent>,
+    /// Where tasks are spawned, so that `update` works from any thread.
+    runtime: Handle,
+}
+
+impl HealthChecker {
+    /// Starts checking `targets`, at most `max_concurrent` probes at a time
+    /// (0 counts as 1). Verdict changes go to `events`; a closed channel
+    /// does not stop the checks, whose status stays readable.
+    ///
+    /// # Panics
+    ///
+    /// Outside a tokio runtime.
+    #[must_use = "dropping the checker stops the checks"]
+    pub fn spawn(
+        targets: Vec<CheckTarget>,
+        max_concurrent: usize,
+        events: UnboundedSender<HealthEvent>,
+    ) -> HealthChecker {
+        let mut checker = HealthChecker {
+            targets: BTreeMap::new(),
+            probe_slots: Arc::new(Semaphore::new(max_concurrent.max(1))),
+            events,
+            runtime: Handle::current(),
+        };
+        checker.update(targets);
+        checker
+    }
+
+    /// Makes `targets` the set checked, as after a configuration reload.
+    ///
+    /// A target is identified by service name and backend. One whose check
+    /// is unchanged keeps running undisturbed: its verdict, streak and
+    /// schedule survive. One whose check changed is restarted with the new
+    /// check, keeping its verdict and counters (see below). Targets not in
+    /// `targets` are stopped, new ones started from `initially_healthy`. If
+    /// `targets` names a backend twice, the last entry wins.
+    ///
+    /// Why a restarted target keeps its verdict rather than taking
+    /// `initially_healthy`: the caller's view of it was built from this
+    /// checker's events, some possibly still queued, so starting from the
+    /// checker's own verdict is what keeps the two in agreement.
+    pub fn update(&mut self, targets: Vec<CheckTarget>) {
+        let mut previous = std::mem::take(&mut self.targets);
+        for target in targets {
+            let key = target.key();
+            let running = match previous.remove(&key) {
+                Some(running) if running.check == target.check => running,
+                changed => {
+                    let carried = changed.map(|old| old.retire());
+                    self.start(target, carried)
+                }
+            };
+            self.targets.insert(key, running);
+        }
+        // `previous` holds the targets that disappeared; dropping stops them.
+    }
+
+    /// The status of every target, ordered by service name, then backend.
+    pub fn status(&self) -> Vec<TargetStatus> {
+        self.targets.values().map(Running::status).collect()
+    }
+
+    /// The status of one target, if it is checked.
+    pub fn status_of(&self, service: &str, backend: (IpAddr, u16)) -> Option<TargetStatus> {
+        self.targets.get(&(service.to_owned(), backend)).map(Running::status)
+    }
+
+    /// Stops every check: no event is sent after this returns.
+    pub fn shutdown(self) {
+        drop(self);
+    }
+
+    /// Starts checking `target`, from `previous` status if it had one.
+    fn start(&self, target: CheckTarget, previous: Option<TargetStatus>) -> Running {
+        let mut status = previous.unwrap_or_else(|| TargetStatus::new(&target));
+        let probed = target.check.kind != CheckKind::None;
+        if !probed && !status.healthy {
+            // No checks means healthy; tell the caller, which held the
+            // backend down.
+            let event = status.transition(true, "health checks off".to_owned(), Instant::now());
+            self.send(event);
+        }
+        let hysteresis = Hysteresis::new(target.check.rise, target.check.fall, status.healthy);
+        let shared = Arc::new(Mutex::new(Shared { status, retired: false }));
+        let task = probed.then(|| self.spawn_worker(&target, hysteresis, &shared));
+        Running { check: target.check, shared, task }
+    }
+
+    fn spawn_worker(
+        &self,
+        target: &CheckTarget,
+        hysteresis: Hysteresis,
+        shared: &Arc<Mutex<Shared>>,
+    ) -> JoinHandle<()> {
+        let worker = Worker {
+            probe_addr: target.probe_addr(),
+            check: target.check.clone(),
+            hysteresis,
+            shared: Arc::clone(shared),
+            probe_slots: Arc::clone(&self.probe_slots),
+            events: self.events.clone(),
+        };
+        let first_probe_in = jitter(target.check.interval, &mut XorShift64::new(seed(&target.key())));
+        self.runtime.spawn(worker.run(first_probe_in))
+    }
+
+    fn send(&self, event: HealthEvent) {
+        // A closed channel means the caller stopped listening (shutting
+        // down); the status stays readable, so there is nothing to do.
+        let _ = self.events.send(event);
+    }
+}
+
+/// A target's status, shared by its task and the checker.
+struct Shared {
+    status: TargetStatus,
+    /// Set when the checker lets go of the target. An aborted task may
+    /// still be finishing a probe on another thread; it checks this under
+    /// the lock before it records anything or sends an event.
+    retired: bool,
+}
+
+/// Locks a target's status. A panic elsewhere while it was held cannot leave
+/// it inconsistent (every update is a few plain assignments), so a poisoned
+/// lock is used as is.
+fn lock(shared: &Mutex<Shared>) -> MutexGuard<'_, Shared> {
+    shared.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// A target the checker looks after.
+struct Running {
+    check: HealthCheck,
+    shared: Arc<Mutex<Shared>>,
+    /// `None` for `CheckKind::None`: nothing to probe.
+    task: Option<JoinHandle<()>>,
+}
+
+impl Running {
+    fn status(&self) -> TargetStatus {
+        lock(&self.shared).status.clone()
+    }
+
+    /// Stops the task for good and returns the target's last status. After
+    /// this returns, the task sends no event and changes no status.
+    fn retire(&self) -> TargetStatus {
+        let mut shared = lock(&self.shared);
+        shared.retired = true;
+        if let Some(task) = &self.task {
+            task.abort();
+        }
+        shared.status.clone()
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.retire();
+    }
+}
+
+/// The task checking one target.
+struct Worker {
+    probe_addr: SocketAddr,
+    check: HealthCheck,
+    hysteresis: Hysteresis,
+    shared: Arc<Mutex<Shared>>,
+    probe_slots: Arc<Semaphore>,
+    events: UnboundedSender<HealthEvent>,
+}
+
+impl Worker {
+    /// Probes after `first_probe_in`, then every `interval` until retired.
+    async fn run(mut self, first_probe_in: Duration) {
+        // Fixed rate, not a fixed pause between probes: that is what bounds
+        // detection time. `Delay` keeps a late probe (one that waited for a
+        // slot) from being followed by a burst of catch-up probes.
+        let mut ticks = time::interval_at(time::Instant::now() + first_probe_in, self.check.interval);
+        ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        loop {
+            ticks.tick().await;
+            let Some(result) = self.probe_once().await else { return };
+            if !self.record(result) {
+                return;
+            }
+        }
+    }
+
+    /// One probe, once a slot is free. The timeout starts only then: a wait
+    /// for a slot is the checker's congestion, not the backend's slowness.
+    /// `None` if no slot will ever be free.
+    async fn probe_once(&self) -> Option<Result<(), String>> {
+        // The semaphore is never closed, but if it were, nothing could probe.
+        let _slot = self.probe_slots.acquire().await.ok()?;
+        Some(probe(&self.check.kind, self.probe_addr, self.check.timeout).await)
+    }
+
+    /// Feeds a result to the hysteresis and the shared status, and sends an
+    /// event if the verdict changed. Returns false if the target is retired.
+    fn record(&mut self, result: Result<(), String>) -> bool {
+        let at = Instant::now();
+        let change = self.hysteresis.record(result.is_ok());
+        let mut shared = lock(&self.shared);
+        if shared.retired {
+            return false;
+        }
+        let status = &mut shared.status;
+        status.checks += 1;
+        status.last_at = Some(at);
+        if let Some(healthy) = change {
+            let event = status.transition(healthy, self.detail(&result), at);
+            // Sent under the lock, so that `Running::retire` cannot slip in
+            // between the status change and its event. A closed channel is
+            // no reason to stop: see `HealthChecker::spawn`.
+            let _ = self.events.send(event);
+        }
+        status.last_result = Some(result);
+        true
+    }
+
+    /// Why the verdict changed, on the probe that changed it.
+    fn detail(&self, result: &Result<(), String>) -> String {
+        let n = self.hysteresis.streak();
+        match result {
+            Ok(()) if n == 1 => "1 consecutive success".to_owned(),
+            Ok(()) => format!("{n} consecutive successes"),
+            Err(e) if n == 1 => format!("1 consecutive failure: {e}"),
+            Err(e) => format!("{n} consecutive failures: {e}"),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Start-time jitter.
+
+/// xorshift64* (Vigna, 2016). Probe start times need spreading, not
+/// cryptographic randomness; this avoids a dependency for one draw per task.
+struct XorShift64(u64);
+
+impl XorShift64 {
+    fn new(seed: u64) -> Self {
+        // Zero is the one state xorshift never leaves.
+        Self(seed | 1)
+    }
+
+    fn next_u64(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.0 = x;
+        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+}
+
+/// A seed from the target and the clock: different backends, and the same
+/// backend after a restart or reload, start at different offsets.
+fn seed(key: &TargetKey) -> u64 {
+    let mut hasher = DefaultHasher::new();
+    key.hash(&mut hasher);
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or_default().hash(&mut hasher);
+    hasher.finish()
+}
+
+/// A delay in `[0, interval)`. Starting every target at once would probe all
+/// backends (and, with several balancers, each backend) in bursts instead of
+/// evenly.
+fn jitter(interval: Duration, rng: &mut XorShift64) -> Duration {
+    let range = u64::try_from(interval.as_nanos()).unwrap_or(u64::MAX).max(1);
+    Duration::from_nanos(rng.next_u64() % range)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use tokio::{
+        io::AsyncReadExt,
+        net::TcpListener,
+        sync::mpsc::{unbounded_channel, UnboundedReceiver},
+    };
+
+    use super::*;
+
+    // -- Hysteresis ---------------------------------------------------------
+
+    #[test]
+    fn failing_one_check_in_three_never_goes_down() {
+        let mut h = Hysteresis::new(2, 3, true);
+        for _ in 0..1000 {
+            for ok in [true, true, false] {
+                assert_eq!(h.record(ok), None);
+            }
+        }
+        assert!(h.healthy());
+    }
+
+    #[test]
+    fn goes_down_exactly_on_the_fall_th_consecutive_failure() {
+        let mut h = Hysteresis::new(2, 3, true);
+        assert_eq!(h.record(false), None);
+        assert_eq!(h.record(false), None);
+        assert_eq!(h.record(false), Some(false));
+        assert_eq!(h.record(false), None, "already down: no second transition");
+        assert!(!h.healthy());
+    }
+
+    #[test]
+    fn comes_up_on_the_rise_th_consecutive_success() {
+        let mut h = Hysteresis::new(2, 3, false);
+        assert_eq!(h.record(true), None);
+        assert_eq!(h.record(true), Some(true));
+        assert_eq!(h.record(true), None);
+        assert!(h.healthy());
+    }
+
+    #[test]
+    fn an_opposite_result_resets_the_streak() {
+        let mut down = Hysteresis::new(2, 3, false);
+        assert_eq!(down.record(true), None);
+        assert_eq!(down.record(false), None);
+        assert_eq!(down.record(true), None, "the failure reset the success streak");
+        assert_eq!(down.record(true), Some(true));
+
+        let mut up = Hysteresis::new(2, 3, true);
+        for ok in [false, false, true, false, false] {
+            assert_eq!(up.record(ok), None);
+        }
+        assert_eq!(up.streak(), 2);
+        assert_eq!(up.record(false), Some(false));
+    }
+
+    // -- Probes -------------------------------------------------------------
+
+    const OK: &str = "HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n";
+    const UNAVAILABLE: &str = "HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n";
+    const TIMEOUT: Duration = Duration::from_millis(50);
+
+    fn http(expect_status: &[u16], host: Option<&str>) -> CheckKind {
+        CheckKind::Http {
+            method: "GET".to_owned(),
+            path: "/healthz".to_owned(),
+            expect_status: expect_status.to_vec(),
+            host: host.map(str::to_owned),
+        }
+    }
+
+    /// A loopback port nothing listens on (barring a race with another
+    /// process taking it).
+    fn free_port() -> SocketAddr {
+        std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
+    }
+
+    /// A loopback server. Each connection's request head is recorded, then
+    /// answered with `reply`, or never answered if `reply` is `None`.
+    struct Server {
+        addr: SocketAddr,
+        accepted: Arc<AtomicUsize>,
+        requests: Arc<Mutex<Vec<String>>>,
+        task: JoinHandle<()>,
+    }
+
+    impl Server {
+        async fn start(addr: SocketAddr, reply: Option<&'static str>) -> Server {
+            let listener = TcpListener::bind(addr).await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let accepted = Arc::new(AtomicUsize::new(0));
+            let requests = Arc::new(Mutex::new(Vec::new()));
+            let (count, log) = (Arc::clone(&accepted), Arc::clone(&requests));
+            let task = tokio::spawn(async move {
+                while let Ok((stream, _)) = listener.accept().await {
+                    count.fetch_add(1, Ordering::SeqCst);
+                    tokio::spawn(serve(stream, reply, Arc::clone(&log)));
+                }
+            });
+            Server { addr, accepted, requests, task }
+        }
+
+        /// Closes the listening socket: connects are refused from the
+        /// moment this returns.
+        async fn kill(self) {
+            self.task.abort();
+            let _ = self.task.await;
+        }
+    }
+
+    async fn serve(mut stream: TcpStream, reply: Option<&str>, log: Arc<Mutex<Vec<String>>>) {
+        let mut head = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !head.ends_with(b"\r\n\r\n") {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return, // a TCP check: connect, close
+                Ok(n) => head.extend_from_slice(&buf[..n]),
+            }
+        }
+        log.lock().unwrap().push(String::from_utf8_lossy(&head).into_owned());
+        match reply {
+            Some(reply) => {
+                let _ = stream.write_all(reply.as_bytes()).await;
+            }
+            None => std::future::pending().await,
+        }
+    }
+
+    #[tokio::test]
+    async fn tcp_probe_succeeds_against_a_listener() {
+        let server = Server::start(free_port(), None).await;
+        assert_eq!(probe(&CheckKind::Tcp, server.addr, TIMEOUT).await, Ok(()));
+    }
+
+    #[tokio::test]
+    async fn tcp_probe_reports_a_refused_connect() {
+        let addr = free_port();
+        assert_eq!(probe(&CheckKind::Tcp, addr, TIMEOUT).await, Err(format!("connect {addr}: connection refused")));
+    }
+
+    #[tokio::test]
+    async fn http_probe_sends_the_request_and_accepts_an_expected_status() {
+        let server = Server::start(free_port(), Some(OK)).await;
+        assert_eq!(probe(&http(&[200, 204], None), server.addr, TIMEOUT).await, Ok(()));
+        assert_eq!(
+            server.requests.lock().unwrap().as_slice(),
+            ["GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nUser-Agent: xdplb-health\r\n\r\n"]
+        );
+        assert_eq!(probe(&http(&[200], Some("www.example.com")), server.addr, TIMEOUT).await, Ok(()));
+        assert!(server.requests.lock().unwrap()[1].contains("\r\nHost: www.example.com\r\n"));
+    }
+
+    #[tokio::test]
+    async fn http_probe_fails_on_an_unexpected_status() {
+        let server = Server::start(free_port(), Some(UNAVAILABLE)).await;
+        assert_eq!(
+            probe(&http(&[200], None), server.addr, TIMEOUT).await,
+            Err("HTTP status 503, expected [200]".to_owned())
+        );
+    }
+
+    #[tokio::test]
+    async fn http_probe_times_out_on_a_silent_server() {
+        let server = Server::start(free_port(), None).await;
+        let started = Instant::now();
+        assert_eq!(
+            probe(&http(&[200], None), server.addr, TIMEOUT).await,
+            Err("read HTTP status line: timed out after 50ms".to_owned())
+        );
+        assert!(started.elapsed() < TIMEOUT * 4, "took {:?}", started.elapsed());
+    }
+
+    #[test]
+    fn status_lines() {
+        assert_eq!(parse_status_line(b"HTTP/1.1 204 No Content\r\n"), Ok(204));
+        assert_eq!(parse_status_line(b"HTTP/1.0 200\r\n"), Ok(200));
+        assert_eq!(parse_status_line(b""), Err("connection closed before the HTTP status line".to_owned()));
+        assert_eq!(
+            parse_status_line(b"SSH-2.0-OpenSSH\r\n"),
+            Err("malformed HTTP status line \"SSH-2.0-OpenSSH\"".to_owned())
+        );
+        assert!(parse_status_line(b"HTTP/1.1 +20 OK\r\n").is_err());
+        assert!(parse_status_line(b"HTTP/1.1 2000 OK\r\n").is_err());
+    }
+
+    #[test]
+    fn host_header_brackets_ipv6() {
+        assert_eq!(host_header("10.0.0.1".parse().unwrap()), "10.0.0.1");
+        assert_eq!(host_header("2001:db8::1".parse().unwrap()), "[2001:db8::1]");
+    }
+
+    #[test]
+    fn jitter_stays_below_the_interval() {
+        let interval = Duration::from_millis(100);
+        let mut rng = XorShift64::new(0);
+        let draws: Vec<Duration> = (0..1000).map(|_| jitter(interval, &mut rng)).collect();
+        assert!(draws.iter().all(|d| *d < interval));
+        // Spread over the interval, not bunched at one end.
+        assert!(draws.iter().any(|d| *d < interval / 10) && draws.iter().any(|d| *d > interval * 9 / 10));
+    }
+
+    // -- Scheduler ----------------------------------------------------------
+
+    const INTERVAL: Duration = Duration::from_millis(100);
+    const RISE: u32 = 2;
+    const FALL: u32 = 3;
+    /// Allowance for scheduling on a loaded test machine.
+    const SLACK: Duration = Duration::from_millis(50);
+
+    fn tcp_check() -> HealthCheck {
+        HealthCheck { kind: CheckKind::Tcp, interval: INTERVAL, timeout: TIMEOUT, rise: RISE, fall: FALL, port: None }
+    }
+
+    fn target(service: &str, addr: SocketAddr, check: HealthCheck, initially_healthy: bool) -> CheckTarget {
+        CheckTarget { service: service.to_owned(), backend: (addr.ip(), addr.port()), check, initially_healthy }
+    }
+
+    fn backend(addr: SocketAddr) -> (IpAddr, u16) {
+        (addr.ip(), addr.port())
+    }
+
+    async fn next_event(events: &mut UnboundedReceiver<HealthEvent>, within: Duration) -> Option<HealthEvent> {
+        time::timeout(within, events.recv()).await.ok().flatten()
+    }
+
+    /// Waits until `ready` holds for the status of `service`/`addr`.
+    async fn wait_for(checker: &HealthChecker, service: &str, addr: SocketAddr, ready: impl Fn(&TargetStatus) -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while !checker.status_of(service, backend(addr)).is_some_and(|s| ready(&s)) {
+            assert!(Instant::now() < deadline, "timed out waiting for {service} {addr}");
+            time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_healthy_backend_stays_healthy_without_events() {
+        let server = Server::start(free_port(), None).await;
+        let (tx, mut events) = unbounded_channel();
+        let checker = HealthChecker::spawn(vec![target("web", server.addr, tcp_check(), true)], 8, tx);
+        wait_for(&checker, "web", server.addr, |s| s.checks >= 4).await;
+        let status = checker.status_of("web", backend(server.addr)).unwrap();
+        assert!(status.healthy);
+        assert_eq!(status.last_result, Some(Ok(())));
+        assert_eq!(status.transitions, 0);
+        assert!(events.try_recv().is_err());
+    }
+
+    /// Several backends (each with its own start jitter) die at once; each
+    /// must be reported down once within `(fall + 1) × interval`, and up
+    /// again within `(rise + 1) × interval` of its return.
+    #[tokio::test]
+    async fn a_dead_backend_is_reported_once_within_the_bound_and_its_return_too() {
+        const BACKENDS: usize = 4;
+        let mut servers = Vec::new();
+        for _ in 0..BACKENDS {
+            servers.push(Server::start(free_port(), None).await);
+        }
+        let addrs: Vec<SocketAddr> = servers.iter().map(|s| s.addr).collect();
+        let (tx, mut events) = unbounded_channel();
+        let targets = addrs.iter().map(|&a| target("web", a, tcp_check(), true)).collect();
+        let checker = HealthChecker::spawn(targets, 8, tx);
+        for &addr in &addrs {
+            wait_for(&checker, "web", addr, |s| s.checks >= 2).await;
+        }
+
+        let killed = Instant::now();
+        for server in servers {
+            server.kill().await;
+        }
+        let down_bound = INTERVAL * (FALL + 1) + SLACK;
+        let mut down_latencies = Vec::new();
+        for _ in 0..BACKENDS {
+            let event = next_event(&mut events, down_bound).await.expect("a down event");
+            assert!(!event.healthy);
+            let prefix = format!("3 consecutive failures: connect {}:", event.backend.0);
+            assert!(event.detail.starts_with(&prefix) && event.detail.ends_with("connection refused"), "{event:?}");
+            down_latencies.push(event.at - killed);
+        }
+        assert!(next_event(&mut events, INTERVAL * 3).await.is_none(), "one down event per backend");
+        for &addr in &addrs {
+            let status = checker.status_of("web", backend(addr)).unwrap();
+            assert!(!status.healthy && status.transitions == 1, "{status:?}");
+        }
+
+        let restarted = Instant::now();
+        let mut servers = Vec::new();
+        for &addr in &addrs {
+            servers.push(Server::start(addr, None).await);
+        }
+        let up_bound = INTERVAL * (RISE + 1) + SLACK;
+        let mut up_latencies = Vec::new();
+        for _ in 0..BACKENDS {
+            let event = next_event(&mut events, up_bound).await.expect("an up event");
+            assert!(event.healthy);
+            assert_eq!(event.detail, "2 consecutive successes");
+            up_latencies.push(event.at - restarted);
+        }
+        eprintln!(
+            "down after {down_latencies:?} (bound {down_bound:?}); up after {up_latencies:?} (bound {up_bound:?})"
+        );
+        assert!(down_latencies.iter().all(|d| *d <= down_bound));
+        assert!(up_latencies.iter().all(|d| *d <= up_bound));
+    }
+
+    #[tokio::test]
+    async fn update_keeps_unchanged_targets_and_stops_removed_ones() {
+        let dead = free_port();
+        let removed = Server::start(free_port(), None).await;
+        let (tx, mut events) = unbounded_channel();
+        let kept = target("web", dead, tcp_check(), true);
+        let checker_targets = vec![kept.clone(), target("web", removed.addr, tcp_check(), true)];
+        let mut checker = HealthChecker::spawn(checker_targets, 8, tx);
+        let down = next_event(&mut events, INTERVAL * (FALL + 1) + SLACK).await.expect("a down event");
+        assert_eq!(down.backend, backend(dead));
+
+        // `initially_healthy` says up, but a running target keeps its own
+        // verdict.
+        checker.update(vec![kept.clone()]);
+        let before = checker.status_of("web", backend(dead)).unwrap();
+        assert!(!before.healthy);
+        assert!(checker.status_of("web", backend(removed.addr)).is_none());
+        let probes_of_removed = removed.accepted.load(Ordering::SeqCst);
+        time::sleep(INTERVAL * 3).await;
+        assert_eq!(removed.accepted.load(Ordering::SeqCst), probes_of_removed, "the removed target is still probed");
+        let after = checker.status_of("web", backend(dead)).unwrap();
+        assert!(!after.healthy && after.transitions == 1);
+        assert!(after.checks > before.checks, "the kept target stopped");
+        assert!(events.try_recv().is_err());
+
+        // A changed check restarts the target from its current verdict.
+        let changed = CheckTarget { check: HealthCheck { interval: INTERVAL * 2, ..tcp_check() }, ..kept };
+        checker.update(vec![changed]);
+        let restarted = checker.status_of("web", backend(dead)).unwrap();
+        assert!(!restarted.healthy && restarted.transitions == 1 && restarted.checks >= after.checks);
+        time::sleep(INTERVAL * 2).await;
+        assert!(events.try_recv().is_err());
+        checker.shutdown();
+    }
+
+    #[tokio::test]
+    async fn unchecked_targets_are_healthy_without_probes() {
+        let addr = free_port();
+        let off = HealthCheck { kind: CheckKind::None, ..tcp_check() };
+        let (tx, mut events) = unbounded_channel();
+        let checker = HealthChecker::spawn(vec![target("dns", addr, off.clone(), false)], 8, tx);
+        let event = events.try_recv().expect("held down, so told it is up");
+        assert!(event.healthy);
+        assert_eq!(event.detail, "health checks off");
+        time::sleep(INTERVAL * 2).await;
+        let status = checker.status_of("dns", backend(addr)).unwrap();
+        assert!(status.healthy && status.checks == 0 && status.last_result.is_none());
+        assert!(events.try_recv().is_err());
+    }
+}
