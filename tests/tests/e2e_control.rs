@@ -150,8 +150,10 @@ fn a_backend_failing_one_check_in_three_never_goes_down() {
     let mut bed = Bed::new("flap", "http");
     // b1 fails every third /health request; b2 fails all of them (proves
     // the checks really run and can fail).
-    bed.backends[0] = start_backend(&bed.topo, Path::new(TESTBACKEND), 1, &["--flap", "3"]).unwrap();
-    bed.backends[1] = start_backend(&bed.topo, Path::new(TESTBACKEND), 2, &["--flap", "1"]).unwrap();
+    for (i, every) in [(1, "3"), (2, "1")] {
+        bed.backends[i - 1].terminate().unwrap();
+        bed.backends[i - 1] = start_backend(&bed.topo, Path::new(TESTBACKEND), i, &["--flap", every]).unwrap();
+    }
     bed.wait_health(2, "down", INTERVAL * (FALL + 2));
     let watch_until = Instant::now() + INTERVAL * 15;
     while Instant::now() < watch_until {
@@ -282,11 +284,13 @@ fn bad_input_is_refused_and_changes_nothing() {
         assert!(msg.contains(needle), "{what}: reload error {msg:?}");
         assert_eq!(shape(&bed.lb.json(&["service", "list"]).unwrap()), before, "{what}: state changed");
     }
+    bed.lb.write_config(&good).unwrap();
     let out = bed.topo.lb().command(&bed.xdplb).args(["run", "--iface", "nosuch0", "--config"]).arg(bed.lb.config_path()).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("nosuch0"), "unknown interface: {err}");
 
     // SIGHUP with a bad file: still running, still forwarding.
+    bed.lb.write_config(&cases[0].1).unwrap();
     let mut lb = bed.lb;
     lb.proc.kill(libc::SIGHUP).unwrap();
     std::thread::sleep(Duration::from_millis(300));
