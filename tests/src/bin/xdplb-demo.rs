@@ -15,10 +15,13 @@ use std::{
 use anyhow::{bail, Context as _, Result};
 use xdplb_tests::{
     bin_path,
-    lb::{dsr_config, requests, start_backends, Tally, Xdplb},
+    lb::{dsr_config_with, requests, start_backend, start_backends, Load, Tally, Xdplb},
     require_root,
     topology::DsrTopology,
 };
+
+/// The demo's health check: fast enough to watch.
+const HEALTH_CHECK: &str = "type = \"tcp\"\ninterval = \"500ms\"\ntimeout = \"250ms\"\nrise = 2\nfall = 3";
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
@@ -79,12 +82,12 @@ fn demo() -> Result<()> {
         topo.backend_addr4(topo.backend_count()),
     );
     topo.enable_xdp_tx(&xdplb)?;
-    let _backends = start_backends(&topo, &testbackend)?;
+    let mut backends = start_backends(&topo, &testbackend)?;
     topo.wait_reachable()?;
     println!("  backends b1 b2 b3 serve HTTP on :80 with VIPs {} and {} on loopback", topo.vip4(), topo.vip6());
     check_interrupt()?;
 
-    let lb = Xdplb::start(&xdplb, &topo, &dsr_config(&topo))?;
+    let lb = Xdplb::start(&xdplb, &topo, &dsr_config_with(&topo, HEALTH_CHECK))?;
     println!("  xdplb attached to {}/{} in native XDP mode; maps pinned in {}", topo.lb().name(), topo.lb_iface(), lb.pin_dir.display());
     check_interrupt()?;
 
@@ -115,6 +118,9 @@ fn demo() -> Result<()> {
         println!("    {line}");
     }
 
+    check_interrupt()?;
+    failover(&topo, &lb, &mut backends, &testbackend)?;
+
     println!("\n  tearing down (xdplb detaches, namespaces removed)");
     let failed = tally.failed.len() + tally6.failed.len();
     drop(lb);
@@ -123,5 +129,58 @@ fn demo() -> Result<()> {
         bail!("{failed} connections failed");
     }
     println!("done");
+    Ok(())
+}
+
+/// Kills a backend's server under load and shows the failover, then brings
+/// it back.
+fn failover(topo: &DsrTopology, lb: &Xdplb, backends: &mut [xdplb_tests::proc::Proc], testbackend: &std::path::Path) -> Result<()> {
+    println!("\n  failover (health check: tcp every 500ms, fall 3, rise 2)");
+    println!("    $ xdplb status");
+    for line in lb.cli(&["status"])?.lines() {
+        println!("    {line}");
+    }
+    let vip = SocketAddr::new(topo.vip4().into(), 80);
+    let victim = topo.backend_addr4(2);
+    let health = |want: &str| -> Result<bool> { Ok(lb.backend("web4", victim.into())?["health"] == want) };
+
+    let load = Load::start(topo, vip, std::time::Duration::from_millis(10), 20000)?;
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    println!("\n    steady load: a new connection every 10 ms; killing b2's server ({victim}) now");
+    let killed = std::time::Instant::now();
+    backends[1].kill(libc::SIGKILL)?;
+    while !health("down")? {
+        check_interrupt()?;
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let moved = killed.elapsed();
+    std::thread::sleep(std::time::Duration::from_millis(1000));
+    let samples = load.stop();
+    let swap = killed + moved;
+    let failed_before = samples.iter().filter(|s| s.result.is_err() && s.start < swap).count();
+    let failed_after = samples.iter().filter(|s| s.result.is_err() && s.start >= swap).count();
+    let others_failed = samples.iter().filter(|s| s.start < killed && s.result.is_err()).count();
+    println!("    b2 marked down and its traffic moved {} ms after the kill", moved.as_millis());
+    println!(
+        "    {} requests: {failed_before} failed before the swap (flows hashed to the dead b2), {failed_after} after it, {others_failed} before the kill",
+        samples.len()
+    );
+    println!("    $ xdplb backend list web4");
+    for line in lb.cli(&["backend", "list", "web4"])?.lines() {
+        println!("    {line}");
+    }
+
+    let restarted = std::time::Instant::now();
+    backends[1] = start_backend(topo, testbackend, 2, &[])?;
+    while !health("up")? {
+        check_interrupt()?;
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    println!("\n    b2's server restarted: back in the table {} ms later", restarted.elapsed().as_millis());
+    let tally = requests(topo, vip.ip(), 45000..45150);
+    print_tally("after recovery", &tally, 150);
+    if failed_after > 0 || others_failed > 0 {
+        bail!("requests failed outside the failover window");
+    }
     Ok(())
 }
