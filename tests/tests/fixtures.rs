@@ -173,6 +173,7 @@ impl Harness {
             ifindex: LO_IFINDEX,
             state,
             service: 0,
+            snat_addr: [0; 4],
             port_be: 80u16.to_be(),
             _pad: [0; 2],
         };
@@ -188,7 +189,7 @@ impl Harness {
         }
         let key = addr::service_key(vip.parse().unwrap(), port, proto);
         let flags = if members.is_empty() { SVC_F_NO_BACKEND } else { 0 };
-        let svc = Service { id, flags, table_base: base, table_size: TABLE_SIZE };
+        let svc = Service { id, flags, table_base: base, table_size: TABLE_SIZE, ..Default::default() };
         self.maps.services.insert(key, svc, 0).unwrap();
     }
 

@@ -30,6 +30,12 @@ pub mod map_names {
     pub const SERVICE_STATS: &str = "xdplb_svcst_v1";
     /// Per-CPU `Counters` per backend id.
     pub const BACKEND_STATS: &str = "xdplb_best_v1";
+    /// NAT, client side: the client's `FlowKey` -> `NatFwd`.
+    pub const NAT_FWD: &str = "xdplb_natf_v1";
+    /// NAT, backend side: the backend's reply `FlowKey` -> `NatRev`.
+    pub const NAT_REV: &str = "xdplb_natr_v1";
+    /// One `Globals` value.
+    pub const GLOBALS: &str = "xdplb_glob_v1";
     /// DEVMAP_HASH of egress interfaces for XDP_REDIRECT, keyed by ifindex.
     pub const TX_PORTS: &str = "xdplb_txport_v1";
 }
@@ -48,6 +54,10 @@ pub const MAX_TABLE_SIZE: u32 = 1_048_573;
 pub const MAGLEV_SLOTS: u32 = 64 * DEFAULT_TABLE_SIZE;
 /// Capacity of the connection-tracking table.
 pub const MAX_FLOWS: u32 = 262_144;
+/// Capacity of each NAT table (flows translated at once).
+pub const MAX_NAT_FLOWS: u32 = 262_144;
+/// Source ports tried for a new NAT flow before it is refused.
+pub const NAT_PORT_TRIES: u32 = 8;
 /// Capacity of the egress-interface devmap.
 pub const MAX_TX_PORTS: u32 = 64;
 
@@ -71,6 +81,8 @@ pub struct ServiceKey {
 pub const SVC_F_HASH_SRC_ONLY: u32 = 1;
 /// `Service::flags`: no backend takes new flows; new flows are dropped.
 pub const SVC_F_NO_BACKEND: u32 = 1 << 1;
+/// `Service::flags`: a NAT service (DNAT + SNAT) rather than DSR.
+pub const SVC_F_NAT: u32 = 1 << 3;
 /// `Service::flags`: the active table is the second half of the service's
 /// region. The datapath ignores it; a restarted daemon reads it to find the
 /// region (`table_base - table_size`) it adopts.
@@ -90,6 +102,13 @@ pub struct Service {
     pub table_base: u32,
     /// Number of slots of the table (a prime).
     pub table_size: u32,
+    /// NAT: first source port of the SNAT range, and how many ports it has.
+    pub nat_port_base: u16,
+    pub nat_port_count: u16,
+    /// NAT idle timeouts in seconds: TCP established, TCP after FIN/RST, UDP.
+    pub nat_tcp_timeout: u32,
+    pub nat_closing_timeout: u32,
+    pub nat_udp_timeout: u32,
 }
 
 /// `Backend::state`: not in use, or removed / marked down. Flows pinned to
@@ -115,6 +134,8 @@ pub struct Backend {
     pub ifindex: u32,
     /// `BACKEND_*`.
     pub state: u32,
+    /// NAT: the load balancer's address the backend sees as source.
+    pub snat_addr: [u32; 4],
     /// Id of the service the backend belongs to (a backend shared by two
     /// services has two ids). Lets a restarted daemon adopt backend ids, so
     /// flows pinned to them keep their backend.
@@ -143,6 +164,56 @@ pub struct Flow {
     /// The backend this flow is pinned to.
     pub backend: u32,
     pub _pad: u32,
+}
+
+/// `NatFwd::flags` / `NatRev::flags`: the flow saw a FIN or RST; it
+/// expires after the short closing timeout.
+pub const NAT_F_CLOSING: u16 = 1;
+
+/// NAT state of a flow, looked up by the client's 5-tuple.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct NatFwd {
+    pub backend: u32,
+    /// The allocated source port, network byte order.
+    pub nat_port_be: u16,
+    pub flags: u16,
+    /// `bpf_ktime_get_coarse_ns` of the last packet.
+    pub last_seen_ns: u64,
+    /// Idle timeout now in force, seconds.
+    pub timeout_s: u32,
+    pub _pad: u32,
+}
+
+/// NAT state of a flow, looked up by the backend's reply 5-tuple
+/// (backend:port -> SNAT address:allocated port): how to send it back.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct NatRev {
+    pub client: [u32; 4],
+    pub vip: [u32; 4],
+    /// The client-side next hop (the original frame's source MAC) and our
+    /// MAC on that side (its destination MAC).
+    pub client_mac: [u8; 6],
+    pub lb_mac: [u8; 6],
+    pub client_port_be: u16,
+    pub vip_port_be: u16,
+    /// The interface the client's packets came in on.
+    pub ifindex: u32,
+    pub flags: u16,
+    pub _pad: u16,
+    pub last_seen_ns: u64,
+    pub timeout_s: u32,
+    pub _pad2: u32,
+}
+
+/// Datapath-wide settings, one value at index 0.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Globals {
+    /// Non-zero when some service is in NAT mode: only then do packets
+    /// that match no service pay a reverse NAT look-up.
+    pub nat_enabled: u32,
 }
 
 /// Packet and byte counters (per CPU in the maps; summed by userspace).
@@ -183,10 +254,18 @@ pub enum Reason {
     FlowRepick,
     /// The redirect to another interface failed: dropped.
     DropRedirect,
+    /// NAT: a new flow was translated (backend picked, port allocated).
+    NatNew,
+    /// NAT: a reply was translated back to the client.
+    NatReply,
+    /// NAT: no free source port or a full NAT table: new flow dropped.
+    DropNatFull,
+    /// NAT: an ICMP error about a translated flow was translated back.
+    NatIcmp,
 }
 
 /// Number of `Reason` counters.
-pub const REASON_COUNT: u32 = 13;
+pub const REASON_COUNT: u32 = 17;
 
 impl Reason {
     /// Every reason, in index order.
@@ -204,6 +283,10 @@ impl Reason {
         Reason::FlowHit,
         Reason::FlowRepick,
         Reason::DropRedirect,
+        Reason::NatNew,
+        Reason::NatReply,
+        Reason::DropNatFull,
+        Reason::NatIcmp,
     ];
 
     /// Stable name used by the CLI, logs and tests.
@@ -222,6 +305,10 @@ impl Reason {
             Reason::FlowHit => "flow_hit",
             Reason::FlowRepick => "flow_repick",
             Reason::DropRedirect => "drop_redirect",
+            Reason::NatNew => "nat_new",
+            Reason::NatReply => "nat_reply",
+            Reason::DropNatFull => "drop_nat_full",
+            Reason::NatIcmp => "nat_icmp",
         }
     }
 }
@@ -236,14 +323,20 @@ mod pod {
     unsafe impl aya::Pod for super::FlowKey {}
     unsafe impl aya::Pod for super::Flow {}
     unsafe impl aya::Pod for super::Counters {}
+    unsafe impl aya::Pod for super::NatFwd {}
+    unsafe impl aya::Pod for super::NatRev {}
+    unsafe impl aya::Pod for super::Globals {}
 }
 
 // No holes: each size is the sum of its fields.
 const _: () = {
     use core::mem::size_of;
     assert!(size_of::<ServiceKey>() == 16 + 2 + 1 + 1);
-    assert!(size_of::<Service>() == 16);
-    assert!(size_of::<Backend>() == 16 + 6 + 6 + 4 + 4 + 4 + 2 + 2);
+    assert!(size_of::<Service>() == 16 + 2 + 2 + 12);
+    assert!(size_of::<Backend>() == 16 + 6 + 6 + 4 + 4 + 16 + 4 + 2 + 2);
+    assert!(size_of::<NatFwd>() == 4 + 2 + 2 + 8 + 4 + 4);
+    assert!(size_of::<NatRev>() == 16 + 16 + 6 + 6 + 2 + 2 + 4 + 2 + 2 + 8 + 4 + 4);
+    assert!(size_of::<Globals>() == 4);
     assert!(size_of::<FlowKey>() == 16 + 16 + 2 + 2 + 1 + 3);
     assert!(size_of::<Flow>() == 8);
     assert!(size_of::<Counters>() == 16);

@@ -22,11 +22,18 @@ pub fn dsr(ctx: &XdpContext, backend: &Backend) -> Result<u32, Reason> {
         (*eth).dst_addr = backend.dst_mac;
         (*eth).src_addr = backend.src_mac;
     }
-    if backend.ifindex as usize == ctx.ingress_ifindex() {
+    send(ctx, backend.ifindex)
+}
+
+/// Sends the (rewritten) frame out of `ifindex`: XDP_TX when that is the
+/// interface it came in on, XDP_REDIRECT through the devmap otherwise.
+#[inline(always)]
+pub fn send(ctx: &XdpContext, ifindex: u32) -> Result<u32, Reason> {
+    if ifindex as usize == ctx.ingress_ifindex() {
         count(Reason::Tx);
         return Ok(xdp_action::XDP_TX);
     }
-    match TX_PORTS.redirect(backend.ifindex, 0) {
+    match TX_PORTS.redirect(ifindex, 0) {
         Ok(verdict) => {
             count(Reason::Redirect);
             Ok(verdict)

@@ -5,18 +5,20 @@
 #![no_main]
 
 mod conntrack;
+mod csum;
 mod forward;
 mod maglev;
 mod maps;
+mod nat;
 mod parse;
 mod stats;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
-use xdp_common::{Reason, ServiceKey};
+use xdp_common::{Reason, ServiceKey, SVC_F_NAT};
 
 use crate::{
     conntrack::Lookup,
-    maps::{BACKENDS, SERVICES},
+    maps::{BACKENDS, GLOBALS, SERVICES},
 };
 
 #[xdp]
@@ -49,7 +51,17 @@ fn balance(ctx: &XdpContext) -> Result<u32, Reason> {
     };
     // SAFETY: service values are replaced whole by the control plane, never
     // written in place, so a reader sees one version or the other.
-    let service = unsafe { SERVICES.get(&service_key) }.ok_or(Reason::PassNotService)?;
+    let Some(service) = (unsafe { SERVICES.get(&service_key) }) else {
+        // Not for a service: maybe a reply to a NAT flow (only looked up
+        // when NAT is in use, to keep other traffic's cost down).
+        if GLOBALS.get(0).is_some_and(|g| g.nat_enabled != 0) {
+            return nat::reverse(ctx, &packet);
+        }
+        return Err(Reason::PassNotService);
+    };
+    if service.flags & SVC_F_NAT != 0 {
+        return nat::forward(ctx, &packet, service);
+    }
 
     let (id, backend) = match conntrack::lookup(key) {
         Lookup::Hit(id, backend) => {

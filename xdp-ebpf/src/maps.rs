@@ -7,8 +7,8 @@ use aya_ebpf::{
     maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
 };
 use xdp_common::{
-    Backend, Counters, Flow, FlowKey, Service, ServiceKey, MAGLEV_SLOTS, MAX_BACKENDS, MAX_FLOWS,
-    MAX_SERVICES, MAX_TX_PORTS, REASON_COUNT,
+    Backend, Counters, Flow, FlowKey, Globals, NatFwd, NatRev, Service, ServiceKey, MAGLEV_SLOTS, MAX_BACKENDS,
+    MAX_FLOWS, MAX_NAT_FLOWS, MAX_SERVICES, MAX_TX_PORTS, REASON_COUNT,
 };
 
 /// BPF_F_NO_COMMON_LRU: one LRU list per CPU, so CPUs never contend on a
@@ -40,3 +40,14 @@ pub static BACKEND_STATS: PerCpuArray<Counters> = PerCpuArray::pinned(MAX_BACKEN
 
 #[map(name = "xdplb_txport_v1")]
 pub static TX_PORTS: DevMapHash = DevMapHash::pinned(MAX_TX_PORTS, 0);
+
+/// NAT tables: plain (preallocated) hash maps, so a live translation is
+/// never evicted; a full table refuses new flows instead.
+#[map(name = "xdplb_natf_v1")]
+pub static NAT_FWD: HashMap<FlowKey, NatFwd> = HashMap::pinned(MAX_NAT_FLOWS, 0);
+
+#[map(name = "xdplb_natr_v1")]
+pub static NAT_REV: HashMap<FlowKey, NatRev> = HashMap::pinned(MAX_NAT_FLOWS, 0);
+
+#[map(name = "xdplb_glob_v1")]
+pub static GLOBALS: Array<Globals> = Array::pinned(1, 0);

@@ -61,9 +61,21 @@ fn words<const N: usize>(bytes: &[u8; N], out: &mut [u32; 4], first: usize) {
 /// `::ffff:0:0/96`, the prefix of an IPv4-mapped address, as wire words.
 const V4_MAPPED_PREFIX: [u32; 3] = [0, 0, u32::from_be(0x0000_ffff)];
 
-/// A parsed TCP/UDP packet.
+pub const PROTO_ICMP: u8 = 1;
+pub const PROTO_ICMPV6: u8 = 58;
+const TCP_FIN: u8 = 0x01;
+const TCP_RST: u8 = 0x04;
+
+/// A parsed packet: TCP or UDP with its 5-tuple, or an ICMP/ICMPv6
+/// message (ports zero) that may be an error about a NAT flow.
 pub struct Packet {
     pub key: FlowKey,
+    /// Offsets of the IP and L4 headers.
+    pub l3: usize,
+    pub l4: usize,
+    pub ipv6: bool,
+    /// TCP segment with FIN or RST set.
+    pub fin_or_rst: bool,
 }
 
 /// Parses Ethernet (with at most one VLAN tag), IPv4 or IPv6, then the
@@ -89,7 +101,7 @@ pub fn parse(ctx: &XdpContext) -> Result<Packet, Reason> {
                 return Err(Reason::PassMalformed);
             }
             key.proto = ip.proto;
-            if key.proto != PROTO_TCP && key.proto != PROTO_UDP {
+            if key.proto != PROTO_TCP && key.proto != PROTO_UDP && key.proto != PROTO_ICMP {
                 return Err(Reason::PassNotService);
             }
             // Only the first fragment carries ports, so no fragment can be
@@ -107,7 +119,7 @@ pub fn parse(ctx: &XdpContext) -> Result<Packet, Reason> {
             let ip: *const Ipv6Hdr = ptr_at(ctx, l3).ok_or(Reason::PassMalformed)?;
             let ip = unsafe { &*ip };
             key.proto = ip.next_hdr;
-            if key.proto != PROTO_TCP && key.proto != PROTO_UDP {
+            if key.proto != PROTO_TCP && key.proto != PROTO_UDP && key.proto != PROTO_ICMPV6 {
                 return Err(if is_ipv6_ext(key.proto) {
                     Reason::PassIpv6Ext
                 } else {
@@ -121,15 +133,24 @@ pub fn parse(ctx: &XdpContext) -> Result<Packet, Reason> {
         _ => return Err(Reason::PassNotIp),
     };
 
+    let ipv6 = ether_type == ETH_P_IPV6;
+    let mut fin_or_rst = false;
     // Both headers start with the two ports; require the whole header so a
     // truncated segment is never forwarded.
-    let ports: *const [u16; 2] = if key.proto == PROTO_TCP {
-        ptr_at::<TcpHdr>(ctx, l4).ok_or(Reason::PassMalformed)?.cast()
-    } else {
-        ptr_at::<UdpHdr>(ctx, l4).ok_or(Reason::PassMalformed)?.cast()
+    let ports: *const [u16; 2] = match key.proto {
+        PROTO_TCP => {
+            let tcp: *const TcpHdr = ptr_at(ctx, l4).ok_or(Reason::PassMalformed)?;
+            // Flags are the low bits of byte 13.
+            let flags = unsafe { *(tcp as *const u8).add(13) };
+            fin_or_rst = flags & (TCP_FIN | TCP_RST) != 0;
+            tcp.cast()
+        }
+        PROTO_UDP => ptr_at::<UdpHdr>(ctx, l4).ok_or(Reason::PassMalformed)?.cast(),
+        // ICMP: no ports; the caller decides whether it is a NAT error.
+        _ => return Ok(Packet { key, l3, l4, ipv6, fin_or_rst }),
     };
     let ports = unsafe { core::ptr::read_unaligned(ports) };
     key.sport_be = ports[0];
     key.dport_be = ports[1];
-    Ok(Packet { key })
+    Ok(Packet { key, l3, l4, ipv6, fin_or_rst })
 }

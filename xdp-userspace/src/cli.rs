@@ -624,6 +624,12 @@ pub fn render_stats(stats: &StatsView, previous: Option<(&StatsView, Duration)>)
         out.push_str(&table(&header, &reasons));
     }
 
+    if let Some(nat) = &stats.nat {
+        out.push_str(&format!(
+            "\nNAT: {} flows, {} source ports in use, capacity {} per table\n",
+            nat.flows, nat.reverse, nat.capacity
+        ));
+    }
     if stats.services.is_empty() {
         return out;
     }
@@ -666,10 +672,14 @@ pub fn render_stats(stats: &StatsView, previous: Option<(&StatsView, Duration)>)
 pub fn render_flow(src: SocketAddr, dst: SocketAddr, protocol: &str, flow: &FlowView) -> String {
     let how = if flow.established { "established flow" } else { "new flow" };
     let slot = flow.slot.map_or_else(|| "-".to_owned(), |slot| slot.to_string());
-    format!(
+    let mut out = format!(
         "{src} -> {dst}/{protocol}: service {}, backend {} ({}; {how}, hash {:#010x}, slot {slot})\n",
         flow.service, flow.backend, flow.backend_state, flow.hash
-    )
+    );
+    if let Some(nat) = &flow.nat {
+        out.push_str(&format!("  NAT: {nat}\n"));
+    }
+    out
 }
 
 #[cfg(test)]
@@ -929,6 +939,7 @@ mod tests {
                 ("drop_no_backend".to_owned(), 0),
                 ("pass_not_vip".to_owned(), 10 * scale),
             ]),
+            nat: None,
             services: vec![ServiceStatsView {
                 name: "web".into(),
                 packets: 1000 * scale,
@@ -985,6 +996,7 @@ mod tests {
             established: false,
             hash: 0xabc,
             slot: Some(17),
+            nat: None,
         };
         assert_eq!(
             render_flow("[fd00::1]:40000".parse().unwrap(), "[fd00::100]:80".parse().unwrap(), "tcp", &flow),

@@ -103,9 +103,55 @@ pub struct ServiceConfig {
     #[serde(serialize_with = "serialize_duration")]
     pub drain_timeout: Duration,
     pub health_check: HealthCheck,
+    /// NAT settings (used when `mode` is `nat`).
+    #[serde(skip_serializing_if = "NatConfig::is_default")]
+    pub nat: NatConfig,
     /// In file order.
     #[serde(rename = "backend")]
     pub backends: Vec<BackendConfig>,
+}
+
+/// `[service.nat]`: how a NAT service translates.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct NatConfig {
+    /// The source address backends see; default: the load balancer's own
+    /// address on the route to each backend.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub snat_address: Option<IpAddr>,
+    /// Source ports allocated to translated flows, inclusive.
+    #[serde(serialize_with = "serialize_port_range")]
+    pub ports: (u16, u16),
+    /// Idle timeout of an established TCP flow.
+    #[serde(serialize_with = "serialize_duration")]
+    pub tcp_timeout: Duration,
+    /// Idle timeout of a TCP flow after FIN or RST.
+    #[serde(serialize_with = "serialize_duration")]
+    pub tcp_closing_timeout: Duration,
+    /// Idle timeout of a UDP flow.
+    #[serde(serialize_with = "serialize_duration")]
+    pub udp_timeout: Duration,
+}
+
+impl NatConfig {
+    fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
+impl Default for NatConfig {
+    fn default() -> Self {
+        Self {
+            snat_address: None,
+            ports: (20000, 59999),
+            tcp_timeout: Duration::from_secs(3600),
+            tcp_closing_timeout: Duration::from_secs(10),
+            udp_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+fn serialize_port_range<S: Serializer>(r: &(u16, u16), s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&format!("{}-{}", r.0, r.1))
 }
 
 impl ServiceConfig {
@@ -334,8 +380,19 @@ struct RawService {
     hash: Option<HashFields>,
     drain_timeout: Option<String>,
     health_check: Option<RawHealthCheck>,
+    nat: Option<RawNat>,
     #[serde(default)]
     backend: Vec<RawBackend>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNat {
+    snat_address: Option<String>,
+    ports: Option<String>,
+    tcp_timeout: Option<String>,
+    tcp_closing_timeout: Option<String>,
+    udp_timeout: Option<String>,
 }
 
 #[derive(Default, Deserialize)]
@@ -496,6 +553,10 @@ impl Validator<'_> {
             Some(s) => self.duration(&format!("{at} drain_timeout"), &s)?,
         };
         let health_check = self.health_check(&at, raw.health_check.unwrap_or_default())?;
+        if mode == Mode::Dsr && raw.nat.is_some() {
+            return self.fail(format!("{at} nat"), "NAT settings need mode = \"nat\"".to_owned());
+        }
+        let nat = self.nat(&at, raw.nat.unwrap_or_default(), vip)?;
 
         let mut backends: Vec<BackendConfig> = Vec::with_capacity(raw.backend.len());
         let mut seen: HashMap<(IpAddr, u16), usize> = HashMap::new();
@@ -529,7 +590,46 @@ impl Validator<'_> {
             hash: raw.hash.unwrap_or(HashFields::FiveTuple),
             drain_timeout,
             health_check,
+            nat,
             backends,
+        })
+    }
+
+    fn nat(&self, service: &str, raw: RawNat, vip: IpAddr) -> Checked<NatConfig> {
+        let at = |field: &str| format!("{service} nat.{field}");
+        let default = NatConfig::default();
+        let snat_address = match raw.snat_address {
+            None => None,
+            Some(a) => {
+                let addr = self.address(&at("snat_address"), &a)?;
+                if addr.is_ipv4() != vip.is_ipv4() {
+                    return self.fail(at("snat_address"), format!("{addr} is not of the VIP's address family"));
+                }
+                Some(addr)
+            }
+        };
+        let ports = match raw.ports {
+            None => default.ports,
+            Some(text) => {
+                let parsed = text.split_once('-').and_then(|(a, b)| Some((a.trim().parse::<u16>().ok()?, b.trim().parse::<u16>().ok()?)));
+                match parsed {
+                    Some((a, b)) if 1024 <= a && a <= b => (a, b),
+                    _ => return self.fail(at("ports"), format!("{text:?} is not a port range FIRST-LAST within 1024-65535")),
+                }
+            }
+        };
+        let dur = |field: &str, v: Option<String>, d: Duration| -> Checked<Duration> {
+            match v {
+                None => Ok(d),
+                Some(s) => self.duration(&at(field), &s),
+            }
+        };
+        Ok(NatConfig {
+            snat_address,
+            ports,
+            tcp_timeout: dur("tcp_timeout", raw.tcp_timeout, default.tcp_timeout)?,
+            tcp_closing_timeout: dur("tcp_closing_timeout", raw.tcp_closing_timeout, default.tcp_closing_timeout)?,
+            udp_timeout: dur("udp_timeout", raw.udp_timeout, default.udp_timeout)?,
         })
     }
 
@@ -1077,6 +1177,7 @@ state = "down"
                     fall: 7,
                     port: Some(8080),
                 },
+                nat: NatConfig::default(),
                 backends: vec![
                     BackendConfig {
                         address: "10.0.0.11".parse().unwrap(),
@@ -1477,6 +1578,51 @@ state = "down"
     fn duration_formatting_round_trips() {
         for text in ["1ms", "1500ms", "2s", "90s", "3m"] {
             assert_eq!(format_duration(parse_duration(text).unwrap()), text);
+        }
+    }
+}
+
+#[cfg(test)]
+mod nat_tests {
+    use super::*;
+
+    const NAT: &str = r#"
+[[service]]
+name = "web"
+vip = "10.0.0.100"
+port = 80
+protocol = "tcp"
+mode = "nat"
+[service.nat]
+snat_address = "10.1.0.2"
+ports = "30000-30999"
+tcp_timeout = "10m"
+[[service.backend]]
+address = "10.1.0.11"
+port = 8080
+"#;
+
+    #[test]
+    fn nat_settings_parse_with_defaults() {
+        let c = Config::parse(NAT, "nat.toml").unwrap();
+        let nat = &c.services[0].nat;
+        assert_eq!(nat.snat_address, Some("10.1.0.2".parse().unwrap()));
+        assert_eq!(nat.ports, (30000, 30999));
+        assert_eq!(nat.tcp_timeout, Duration::from_secs(600));
+        assert_eq!(nat.udp_timeout, NatConfig::default().udp_timeout);
+        assert_eq!(c.services[0].backends[0].port, 8080, "NAT maps VIP:80 to backend:8080");
+    }
+
+    #[test]
+    fn bad_nat_settings_are_refused() {
+        for (from, to, needle) in [
+            ("ports = \"30000-30999\"", "ports = \"30999-30000\"", "nat.ports"),
+            ("snat_address = \"10.1.0.2\"", "snat_address = \"fd00::2\"", "nat.snat_address"),
+            ("tcp_timeout = \"10m\"", "tcp_timeout = \"soon\"", "nat.tcp_timeout"),
+            ("mode = \"nat\"", "mode = \"dsr\"", "nat"),
+        ] {
+            let err = Config::parse(&NAT.replace(from, to), "nat.toml").unwrap_err();
+            assert!(err.field.ends_with(needle), "{err}");
         }
     }
 }

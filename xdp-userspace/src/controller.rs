@@ -23,13 +23,13 @@ use std::{
 use anyhow::{bail, Context as _, Result};
 use tracing::{error, info, warn};
 use xdp_common::{
-    Backend, Service, BACKEND_ACTIVE, BACKEND_DOWN, BACKEND_DRAINING, MAGLEV_SLOTS, MAX_BACKENDS,
-    MAX_SERVICES, SVC_F_HASH_SRC_ONLY, SVC_F_NO_BACKEND, SVC_F_SECOND_HALF,
+    Backend, Globals, Service, BACKEND_ACTIVE, BACKEND_DOWN, BACKEND_DRAINING, MAGLEV_SLOTS, MAX_BACKENDS,
+    MAX_SERVICES, SVC_F_HASH_SRC_ONLY, SVC_F_NAT, SVC_F_NO_BACKEND, SVC_F_SECOND_HALF,
 };
 
 use crate::{
     addr,
-    config::{AllDown, BackendConfig, Config, HashFields, InitialState, ServiceConfig},
+    config::{AllDown, BackendConfig, Config, HashFields, InitialState, Mode, ServiceConfig},
     dataplane::Maps,
     maglev::{self, MaglevBackend},
     neigh,
@@ -92,6 +92,8 @@ pub struct BackendState {
     pub mac: Option<[u8; 6]>,
     pub ifindex: u32,
     src_mac: [u8; 6],
+    /// NAT: the source address the backend sees.
+    pub snat: Option<IpAddr>,
     /// When the backend stopped taking new flows while keeping established
     /// ones (drain, weight 0); after the service's drain timeout those flows
     /// are moved too.
@@ -116,6 +118,7 @@ impl BackendState {
             src_mac: self.src_mac,
             ifindex: self.ifindex,
             state: self.state,
+            snat_addr: self.snat.map(addr::to_words).unwrap_or_default(),
             service,
             port_be: self.config.port.to_be(),
             _pad: [0; 2],
@@ -155,7 +158,23 @@ impl ServiceState {
         if self.active_half == 1 {
             flags |= SVC_F_SECOND_HALF;
         }
-        Service { id: self.id, flags, table_base: self.table_base(self.active_half), table_size: self.config.table_size }
+        let nat = &self.config.nat;
+        if self.config.mode == Mode::Nat {
+            flags |= SVC_F_NAT;
+        }
+        let secs = |d: Duration| u32::try_from(d.as_secs().max(1)).unwrap_or(u32::MAX);
+        Service {
+            id: self.id,
+            flags,
+            table_base: self.table_base(self.active_half),
+            table_size: self.config.table_size,
+            nat_port_base: nat.ports.0,
+            // The range is inclusive and may hold 64512 ports: saturate.
+            nat_port_count: u16::try_from(u32::from(nat.ports.1) - u32::from(nat.ports.0) + 1).unwrap_or(u16::MAX),
+            nat_tcp_timeout: secs(nat.tcp_timeout),
+            nat_closing_timeout: secs(nat.tcp_closing_timeout),
+            nat_udp_timeout: secs(nat.udp_timeout),
+        }
     }
 
     /// Backend by id.
@@ -325,7 +344,9 @@ impl Controller {
                 None => self.add_service(cfg)?,
             }
         }
-        self.finish_adoption()
+        self.finish_adoption()?;
+        let nat_enabled = u32::from(self.services.values().any(|s| s.config.mode == Mode::Nat));
+        self.maps.globals.set(0, Globals { nat_enabled }, 0).context("writing datapath globals")
     }
 
     /// Removes what an adopted datapath had that the configuration does not.
@@ -385,7 +406,7 @@ impl Controller {
             failing_open: false,
         };
         for b in &cfg.backends {
-            let state = self.new_backend(id, b)?;
+            let state = self.new_backend(id, cfg, b)?;
             svc.backends.insert((b.address, b.port), state);
         }
         info!(service = %cfg.name, vip = %cfg.vip, port = cfg.port, protocol = %cfg.protocol, backends = svc.backends.len(), adopted = adopted.is_some(), "service added");
@@ -414,7 +435,7 @@ impl Controller {
         }
         svc.config = cfg.clone();
         for b in &added {
-            let state = self.new_backend(service_id, b)?;
+            let state = self.new_backend(service_id, cfg, b)?;
             self.services.get_mut(&key).expect("present").backends.insert((b.address, b.port), state);
         }
         self.sync(key)?;
@@ -442,7 +463,7 @@ impl Controller {
         Ok(())
     }
 
-    fn new_backend(&mut self, service: u32, cfg: &BackendConfig) -> Result<BackendState> {
+    fn new_backend(&mut self, service: u32, svc: &ServiceConfig, cfg: &BackendConfig) -> Result<BackendState> {
         // An adopted backend keeps its id (flows are pinned to it) and the
         // health its datapath state implies.
         let adopted = self
@@ -467,9 +488,11 @@ impl Controller {
             mac: None,
             ifindex: 0,
             src_mac: [0; 6],
+            snat: None,
             draining_since: None,
         };
-        let hop = match neigh::resolve(cfg.address, RESOLVE_WAIT) {
+        let nat = svc.mode == Mode::Nat;
+        let hop = match neigh::resolve(cfg.address, RESOLVE_WAIT, nat) {
             Ok(hop) => hop,
             Err(err) => {
                 self.backend_ids.release(id, 1);
@@ -480,6 +503,13 @@ impl Controller {
             warn!(backend = %state.addr(), iface = %hop.ifname, "backend MAC unresolved: its packets go to the kernel until it answers ARP/ND");
         }
         (state.mac, state.ifindex, state.src_mac) = (hop.dst_mac, hop.ifindex, hop.src_mac);
+        if nat {
+            state.snat = svc.nat.snat_address.or(hop.src_addr);
+            if state.snat.is_none() {
+                self.backend_ids.release(id, 1);
+                bail!("backend {}: no source address on the route to it; set nat.snat_address", state.addr());
+            }
+        }
         self.maps
             .tx_ports
             .insert(hop.ifindex, hop.ifindex, None, 0)
@@ -580,9 +610,10 @@ impl Controller {
     /// seconds.
     pub fn refresh_neighbours(&mut self) -> Result<()> {
         for svc in self.services.values_mut() {
+            let via_router = svc.config.mode == Mode::Nat;
             for b in svc.backends.values_mut() {
                 let wait = if b.mac.is_none() { Duration::from_millis(100) } else { Duration::ZERO };
-                let Ok(hop) = neigh::resolve(b.config.address, wait) else { continue };
+                let Ok(hop) = neigh::resolve(b.config.address, wait, via_router) else { continue };
                 // Keep the last known MAC while the kernel re-verifies it.
                 let mac = hop.dst_mac.or(b.mac);
                 if (mac, hop.ifindex, hop.src_mac) != (b.mac, b.ifindex, b.src_mac) {

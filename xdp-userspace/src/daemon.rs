@@ -25,9 +25,9 @@ use tracing::{error, info, warn};
 
 use crate::{
     api::{self, ApiError, BackendRef, Done, Request},
-    config::{Config, ServiceConfig},
+    config::{Config, Mode, ServiceConfig},
     controller::{state_name, Admin, Controller, ServiceState},
-    dataplane::{proto_name, Maps},
+    dataplane::{monotonic_coarse_ns, proto_name, Maps, NatOccupancy},
     health::{CheckTarget, HealthChecker, HealthEvent},
     loader::{self, AttachMode, Datapath},
     state::Overlay,
@@ -67,6 +67,8 @@ struct Inner {
     /// `file` + `overlay`: what the datapath is programmed with.
     config: Config,
     health: HealthChecker,
+    /// NAT table use at the last sweep (when a NAT service exists).
+    nat: Option<NatOccupancy>,
 }
 
 impl Daemon {
@@ -127,6 +129,18 @@ impl Daemon {
         if let Err(e) = inner.controller.expire_drains(Instant::now()) {
             error!("expiring drains: {e:#}");
         }
+        let nat_in_use = inner.config.services.iter().any(|s| s.mode == Mode::Nat);
+        inner.nat = if nat_in_use {
+            match inner.controller.maps.sweep_nat(monotonic_coarse_ns()) {
+                Ok(o) => Some(o),
+                Err(e) => {
+                    error!("sweeping NAT tables: {e:#}");
+                    None
+                }
+            }
+        } else {
+            None
+        };
     }
 
     fn refresh(&self) {
@@ -266,6 +280,7 @@ impl api::Handler for Daemon {
                     established: route.established,
                     hash: route.hash,
                     slot: route.slot,
+                    nat: route.nat,
                 }))
             }
             Request::Stats => {
@@ -297,7 +312,8 @@ impl api::Handler for Daemon {
                         }
                     })
                     .collect();
-                Ok(json!(api::StatsView { reasons, services }))
+                let nat = inner.nat;
+                Ok(json!(api::StatsView { reasons, services, nat }))
             }
         }
     }
@@ -422,7 +438,7 @@ pub fn run(opts: Options) -> Result<()> {
         let targets = check_targets(&config, &controller);
         let health = HealthChecker::spawn(targets, MAX_CONCURRENT_CHECKS, events_tx);
         let daemon = Arc::new(Daemon {
-            inner: Mutex::new(Inner { controller, file, overlay, config, health }),
+            inner: Mutex::new(Inner { controller, file, overlay, config, health, nat: None }),
             config_path: opts.config.clone(),
             state_file,
             pin_dir: pin_dir.clone(),

@@ -22,6 +22,9 @@ pub struct Maps {
     pub service_stats: PerCpuArray<MapData, Counters>,
     pub backend_stats: PerCpuArray<MapData, Counters>,
     pub tx_ports: DevMapHash<MapData>,
+    pub nat_fwd: HashMap<MapData, FlowKey, NatFwd>,
+    pub nat_rev: HashMap<MapData, FlowKey, NatRev>,
+    pub globals: Array<MapData, Globals>,
 }
 
 /// A map by name, from a loaded program or from its pin.
@@ -60,6 +63,9 @@ impl Maps {
             service_stats: typed!(names::SERVICE_STATS),
             backend_stats: typed!(names::BACKEND_STATS),
             tx_ports: typed!(names::TX_PORTS),
+            nat_fwd: typed!(names::NAT_FWD),
+            nat_rev: typed!(names::NAT_REV),
+            globals: typed!(names::GLOBALS),
         })
     }
 
@@ -71,6 +77,45 @@ impl Maps {
     /// Opens the maps a running datapath pinned in `pin_dir`.
     pub fn open_pinned(pin_dir: &Path) -> Result<Self> {
         Self::from_source(pin_dir)
+    }
+
+    /// Deletes idle NAT entries (their ports become free) and returns the
+    /// tables' occupancy. An entry goes when it is past its idle timeout
+    /// and so is its partner in the other direction.
+    pub fn sweep_nat(&mut self, now_ns: u64) -> Result<NatOccupancy> {
+        let idle = |last: u64, timeout_s: u32| now_ns.saturating_sub(last) > u64::from(timeout_s) * 1_000_000_000;
+        let mut occupancy = NatOccupancy { capacity: MAX_NAT_FLOWS, ..Default::default() };
+        let fwd: Vec<(FlowKey, NatFwd)> = self.nat_fwd.iter().filter_map(Result::ok).collect();
+        let rev: Vec<(FlowKey, NatRev)> = self.nat_rev.iter().filter_map(Result::ok).collect();
+        let fwd_idle: std::collections::HashMap<FlowKey, bool> =
+            fwd.iter().map(|(k, f)| (*k, idle(f.last_seen_ns, f.timeout_s))).collect();
+        let mut rev_idle_by_client = std::collections::HashMap::new();
+        for (k, r) in &rev {
+            let client_key = FlowKey {
+                src: r.client,
+                dst: r.vip,
+                sport_be: r.client_port_be,
+                dport_be: r.vip_port_be,
+                proto: k.proto,
+                _pad: [0; 3],
+            };
+            let this_idle = idle(r.last_seen_ns, r.timeout_s);
+            rev_idle_by_client.insert(client_key, this_idle);
+            if this_idle && fwd_idle.get(&client_key).copied().unwrap_or(true) {
+                let _ = self.nat_rev.remove(k);
+                occupancy.reclaimed += 1;
+            } else {
+                occupancy.reverse += 1;
+            }
+        }
+        for (k, f) in &fwd {
+            if idle(f.last_seen_ns, f.timeout_s) && rev_idle_by_client.get(k).copied().unwrap_or(true) {
+                let _ = self.nat_fwd.remove(k);
+            } else {
+                occupancy.flows += 1;
+            }
+        }
+        Ok(occupancy)
     }
 
     /// Removes every service entry (a fresh start over adopted maps): the
@@ -161,7 +206,17 @@ impl Maps {
                 (id, self.backend(id)?, false)
             }
         };
+        let nat = (service.flags & SVC_F_NAT != 0)
+            .then(|| self.nat_fwd.get(&key, 0).ok())
+            .flatten()
+            .map(|f| {
+                let b = self.backend(f.backend).unwrap_or_default();
+                let snat = SocketAddr::new(addr::from_words(b.snat_addr), u16::from_be(f.nat_port_be));
+                let backend = SocketAddr::new(addr::from_words(b.addr), u16::from_be(b.port_be));
+                format!("{src} -> {dst} is translated to {snat} -> {backend}")
+            });
         Ok(Route {
+            nat,
             backend_id: id,
             backend: SocketAddr::new(addr::from_words(backend.addr), u16::from_be(backend.port_be)),
             established,
@@ -169,6 +224,28 @@ impl Maps {
             slot: (service.flags & SVC_F_NO_BACKEND == 0 && service.table_size != 0).then(|| hash % service.table_size),
         })
     }
+}
+
+/// NAT table use after a sweep.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct NatOccupancy {
+    /// Translated flows (client-side entries) still live.
+    pub flows: u32,
+    /// Reply entries, i.e. allocated source ports, still live.
+    pub reverse: u32,
+    /// Capacity of each table.
+    pub capacity: u32,
+    /// Entries removed by this sweep.
+    pub reclaimed: u32,
+}
+
+/// The kernel's CLOCK_MONOTONIC_COARSE, the clock of
+/// `bpf_ktime_get_coarse_ns` that stamps NAT entries.
+pub fn monotonic_coarse_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: valid out-pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 /// Where a flow goes, as `xdplb flow` reports it.
@@ -182,6 +259,8 @@ pub struct Route {
     pub hash: u32,
     /// The Maglev slot a new flow hashes to.
     pub slot: Option<u32>,
+    /// A NAT flow's live translation.
+    pub nat: Option<String>,
 }
 
 /// "tcp"/"udp" for messages.

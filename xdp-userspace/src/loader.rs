@@ -62,7 +62,7 @@ impl Attached {
 /// Expected kernel shape of every pinned map: (name, type, key size, value
 /// size, max entries). The same types define the maps in xdp-ebpf, so a
 /// pinned map that differs was made by an incompatible build.
-fn expected_maps() -> [(&'static str, MapType, usize, usize, u32); 8] {
+fn expected_maps() -> [(&'static str, MapType, usize, usize, u32); 11] {
     use std::mem::size_of;
     [
         (names::SERVICES, MapType::Hash, size_of::<ServiceKey>(), size_of::<Service>(), MAX_SERVICES),
@@ -73,6 +73,9 @@ fn expected_maps() -> [(&'static str, MapType, usize, usize, u32); 8] {
         (names::SERVICE_STATS, MapType::PerCpuArray, 4, size_of::<Counters>(), MAX_SERVICES),
         (names::BACKEND_STATS, MapType::PerCpuArray, 4, size_of::<Counters>(), MAX_BACKENDS),
         (names::TX_PORTS, MapType::DevMapHash, 4, 8, MAX_TX_PORTS),
+        (names::NAT_FWD, MapType::Hash, size_of::<FlowKey>(), size_of::<NatFwd>(), MAX_NAT_FLOWS),
+        (names::NAT_REV, MapType::Hash, size_of::<FlowKey>(), size_of::<NatRev>(), MAX_NAT_FLOWS),
+        (names::GLOBALS, MapType::Array, 4, size_of::<Globals>(), 1),
     ]
 }
 

@@ -23,8 +23,11 @@ pub struct NextHop {
     pub ifindex: u32,
     /// The egress interface's MAC: the rewritten frame's source.
     pub src_mac: [u8; 6],
-    /// The backend's MAC, or `None` while the kernel has not resolved it.
+    /// The next hop's MAC (the backend's, or its gateway's), or `None`
+    /// while the kernel has not resolved it.
     pub dst_mac: Option<[u8; 6]>,
+    /// This host's source address on the route (the default SNAT address).
+    pub src_addr: Option<IpAddr>,
 }
 
 #[derive(Deserialize)]
@@ -33,6 +36,7 @@ struct Route {
     kind: Option<String>,
     dev: Option<String>,
     gateway: Option<String>,
+    prefsrc: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -109,31 +113,36 @@ fn solicit(addr: IpAddr) {
     }
 }
 
-/// Resolves the next hop of a direct-server-return backend. The backend
-/// must be on a directly connected segment: frames keep the VIP as their
-/// destination IP, so a router on the way would route them back.
-/// With `wait`, an unresolved neighbour is solicited and polled for up to
-/// `wait`.
-pub fn resolve(addr: IpAddr, wait: Duration) -> Result<NextHop> {
+/// Resolves the next hop of a backend. A direct-server-return backend
+/// (`via_router` false) must be on a directly connected segment: frames keep
+/// the VIP as their destination IP, so a router on the way would route them
+/// back. A NAT backend may sit behind a router; the next hop is then the
+/// router. An unresolved neighbour is solicited and polled for up to `wait`.
+pub fn resolve(addr: IpAddr, wait: Duration, via_router: bool) -> Result<NextHop> {
     let target = addr.to_string();
     let routes: Vec<Route> = ip_json(&["route", "get", &target])?;
     let route = routes.into_iter().next().with_context(|| format!("no route to backend {addr}"))?;
     if let Some(kind) = route.kind.as_deref().filter(|k| *k != "unicast") {
         bail!("backend {addr} is a {kind} address on this host, not a remote server");
     }
-    if let Some(gw) = route.gateway {
-        bail!("backend {addr} is reached through router {gw}: direct server return needs backends on a directly connected segment");
-    }
+    let hop = match route.gateway {
+        Some(gw) if via_router => gw.parse().with_context(|| format!("gateway {gw:?} of backend {addr}"))?,
+        Some(gw) => bail!(
+            "backend {addr} is reached through router {gw}: direct server return needs backends on a directly connected segment (use mode = \"nat\")"
+        ),
+        None => addr,
+    };
     let ifname = route.dev.with_context(|| format!("no interface reaches backend {addr}"))?;
     let (ifindex, src_mac) = interface(&ifname)?;
     let deadline = Instant::now() + wait;
-    let mut dst_mac = neighbour_mac(addr, &ifname)?;
+    let mut dst_mac = neighbour_mac(hop, &ifname)?;
     while dst_mac.is_none() && Instant::now() < deadline {
         solicit(addr);
         std::thread::sleep(Duration::from_millis(20));
-        dst_mac = neighbour_mac(addr, &ifname)?;
+        dst_mac = neighbour_mac(hop, &ifname)?;
     }
-    Ok(NextHop { ifname, ifindex, src_mac, dst_mac })
+    let src_addr = route.prefsrc.and_then(|a| a.parse().ok());
+    Ok(NextHop { ifname, ifindex, src_mac, dst_mac, src_addr })
 }
 
 #[cfg(test)]
@@ -150,7 +159,7 @@ mod tests {
 
     #[test]
     fn loopback_backend_is_refused() {
-        let err = resolve("127.0.0.1".parse().unwrap(), Duration::ZERO).unwrap_err();
+        let err = resolve("127.0.0.1".parse().unwrap(), Duration::ZERO, false).unwrap_err();
         assert!(err.to_string().contains("local"), "{err:#}");
     }
 }

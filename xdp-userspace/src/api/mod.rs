@@ -154,6 +154,9 @@ pub struct StatsView {
     /// Per-reason datapath counters (see docs/datapath.md).
     pub reasons: BTreeMap<String, u64>,
     pub services: Vec<ServiceStatsView>,
+    /// NAT table occupancy, when a NAT service exists.
+    #[serde(default)]
+    pub nat: Option<crate::dataplane::NatOccupancy>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -184,6 +187,9 @@ pub struct FlowView {
     pub established: bool,
     pub hash: u32,
     pub slot: Option<u32>,
+    /// A NAT flow's live translation.
+    #[serde(default)]
+    pub nat: Option<String>,
 }
 
 /// Answer of the calls that change something.

@@ -1,0 +1,383 @@
+//! NAT mode: the client's packet gets the backend as destination and the
+//! load balancer's SNAT address (with an allocated port) as source; the
+//! backend's reply comes back here and is translated back. Both directions
+//! are tracked in hash maps (not LRU: a live flow is never evicted; a full
+//! table refuses new flows instead). Idle entries are reclaimed by the
+//! control plane's sweeper, and by this program when it needs the port.
+
+use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_coarse_ns, programs::XdpContext};
+use network_types::eth::EthHdr;
+use xdp_common::{
+    hash::flow_hash, Backend, FlowKey, NatFwd, NatRev, Reason, Service, BACKEND_ACTIVE, BACKEND_DRAINING,
+    NAT_F_CLOSING, NAT_PORT_TRIES, PROTO_TCP, PROTO_UDP,
+};
+
+use crate::{
+    csum::{self, Diff},
+    forward, maglev,
+    maps::{BACKENDS, NAT_FWD, NAT_REV},
+    parse::{ptr_at, Packet, PROTO_ICMP, PROTO_ICMPV6},
+    stats::{self, count},
+};
+
+const NS_PER_S: u64 = 1_000_000_000;
+
+#[inline(always)]
+fn expired(last_seen_ns: u64, timeout_s: u32, now: u64) -> bool {
+    now.saturating_sub(last_seen_ns) > u64::from(timeout_s) * NS_PER_S
+}
+
+#[inline(always)]
+fn timeout(service: &Service, proto: u8, closing: bool) -> u32 {
+    if proto == PROTO_UDP {
+        service.nat_udp_timeout
+    } else if closing {
+        service.nat_closing_timeout
+    } else {
+        service.nat_tcp_timeout
+    }
+}
+
+/// The key of the backend's replies to a flow translated to `port`.
+#[inline(always)]
+fn reply_key(backend: &Backend, port_be: u16, proto: u8) -> FlowKey {
+    FlowKey {
+        src: backend.addr,
+        dst: backend.snat_addr,
+        sport_be: backend.port_be,
+        dport_be: port_be,
+        proto,
+        _pad: [0; 3],
+    }
+}
+
+/// A packet of a NAT service, from a client.
+#[inline(always)]
+pub fn forward(ctx: &XdpContext, p: &Packet, service: &Service) -> Result<u32, Reason> {
+    let key = &p.key;
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let mut stale: Option<(u32, u16)> = None;
+    if let Some(f) = NAT_FWD.get_ptr_mut(key) {
+        // SAFETY: valid for this run; only this flow's packets write it.
+        let f = unsafe { &mut *f };
+        let live = BACKENDS.get(f.backend).filter(|b| b.state == BACKEND_ACTIVE || b.state == BACKEND_DRAINING);
+        match live {
+            Some(backend) if !expired(f.last_seen_ns, f.timeout_s, now) => {
+                f.last_seen_ns = now;
+                if p.fin_or_rst && f.flags & NAT_F_CLOSING == 0 {
+                    f.flags |= NAT_F_CLOSING;
+                    f.timeout_s = service.nat_closing_timeout;
+                }
+                count(Reason::FlowHit);
+                return send_forward(ctx, p, f.backend, service, backend, f.nat_port_be);
+            }
+            _ => stale = Some((f.backend, f.nat_port_be)),
+        }
+    }
+    let id = maglev::pick(service, key).ok_or(Reason::DropNoBackend)?;
+    let backend = BACKENDS.get(id).ok_or(Reason::DropNoBackend)?;
+    if backend.dst_mac == [0; 6] {
+        return Err(Reason::PassNoNeigh);
+    }
+    if let Some((old_id, old_port)) = stale {
+        release(key, old_id, old_port);
+    }
+    let port = allocate(ctx, p, service, backend, now)?;
+    let fwd = NatFwd {
+        backend: id,
+        nat_port_be: port,
+        flags: 0,
+        last_seen_ns: now,
+        timeout_s: timeout(service, key.proto, false),
+        _pad: 0,
+    };
+    if NAT_FWD.insert(key, &fwd, 0).is_err() {
+        let _ = NAT_REV.remove(&reply_key(backend, port, key.proto));
+        return Err(Reason::DropNatFull);
+    }
+    count(Reason::NatNew);
+    send_forward(ctx, p, id, service, backend, port)
+}
+
+/// Removes the reply entry of a flow's previous translation, if it is
+/// still this flow's (its port may have been reclaimed by another flow).
+#[inline(always)]
+fn release(key: &FlowKey, backend_id: u32, port_be: u16) {
+    let Some(backend) = BACKENDS.get(backend_id) else { return };
+    let rk = reply_key(backend, port_be, key.proto);
+    if let Some(r) = NAT_REV.get_ptr(&rk) {
+        // SAFETY: valid for this run.
+        let r = unsafe { &*r };
+        if r.client == key.src && r.client_port_be == key.sport_be && r.vip == key.dst && r.vip_port_be == key.dport_be {
+            let _ = NAT_REV.remove(&rk);
+        }
+    }
+}
+
+/// Picks a source port whose reply key is free (or idle past its
+/// timeout), and records the reply entry. A few tries, starting at a
+/// flow-hash-chosen port, so no per-CPU pool or lock is needed.
+#[inline(always)]
+fn allocate(ctx: &XdpContext, p: &Packet, service: &Service, backend: &Backend, now: u64) -> Result<u16, Reason> {
+    let key = &p.key;
+    let eth: *const EthHdr = ptr_at(ctx, 0).ok_or(Reason::PassMalformed)?;
+    // SAFETY: bounds checked.
+    let (client_mac, lb_mac) = unsafe { ((*eth).src_addr, (*eth).dst_addr) };
+    let rev = NatRev {
+        client: key.src,
+        vip: key.dst,
+        client_mac,
+        lb_mac,
+        client_port_be: key.sport_be,
+        vip_port_be: key.dport_be,
+        ifindex: ctx.ingress_ifindex() as u32,
+        flags: 0,
+        _pad: 0,
+        last_seen_ns: now,
+        timeout_s: timeout(service, key.proto, false),
+        _pad2: 0,
+    };
+    let count_ports = u32::from(service.nat_port_count);
+    if count_ports == 0 {
+        return Err(Reason::DropNatFull);
+    }
+    let start = flow_hash(key, false);
+    let mut i = 0;
+    while i < NAT_PORT_TRIES {
+        // Odd stride: successive tries land on different ports.
+        let port = service.nat_port_base.wrapping_add((start.wrapping_add(i * 7919) % count_ports) as u16).to_be();
+        let rk = reply_key(backend, port, key.proto);
+        if NAT_REV.insert(&rk, &rev, u64::from(BPF_NOEXIST)).is_ok() {
+            return Ok(port);
+        }
+        if let Some(old) = NAT_REV.get_ptr(&rk) {
+            // SAFETY: valid for this run.
+            let old = unsafe { &*old };
+            if expired(old.last_seen_ns, old.timeout_s, now) && NAT_REV.insert(&rk, &rev, 0).is_ok() {
+                return Ok(port);
+            }
+        }
+        i += 1;
+    }
+    Err(Reason::DropNatFull)
+}
+
+#[inline(always)]
+fn send_forward(ctx: &XdpContext, p: &Packet, id: u32, service: &Service, backend: &Backend, port_be: u16) -> Result<u32, Reason> {
+    rewrite(ctx, p, &backend.snat_addr, port_be, &backend.addr, backend.port_be)?;
+    let verdict = forward::dsr(ctx, backend)?;
+    stats::count_forwarded(service.id, id, (ctx.data_end() - ctx.data()) as u64);
+    Ok(verdict)
+}
+
+/// A packet that matched no service: a backend's reply to a NAT flow, an
+/// ICMP error about one, or none of our business (`Err(PassNotService)`).
+#[inline(always)]
+pub fn reverse(ctx: &XdpContext, p: &Packet) -> Result<u32, Reason> {
+    if p.key.proto == PROTO_ICMP || p.key.proto == PROTO_ICMPV6 {
+        return icmp_error(ctx, p);
+    }
+    let r = NAT_REV.get_ptr_mut(&p.key).ok_or(Reason::PassNotService)?;
+    // SAFETY: valid for this run.
+    let r = unsafe { &mut *r };
+    r.last_seen_ns = unsafe { bpf_ktime_get_coarse_ns() };
+    if p.fin_or_rst {
+        r.flags |= NAT_F_CLOSING;
+    }
+    let (vip, vip_port, client, client_port) = (r.vip, r.vip_port_be, r.client, r.client_port_be);
+    rewrite(ctx, p, &vip, vip_port, &client, client_port)?;
+    count(Reason::NatReply);
+    to_client(ctx, r)
+}
+
+/// Sends a translated reply towards the client, back the way its packets
+/// came.
+#[inline(always)]
+fn to_client(ctx: &XdpContext, r: &NatRev) -> Result<u32, Reason> {
+    let eth: *mut EthHdr = ptr_at(ctx, 0).ok_or(Reason::PassMalformed)?;
+    // SAFETY: bounds checked.
+    unsafe {
+        (*eth).dst_addr = r.client_mac;
+        (*eth).src_addr = r.lb_mac;
+    }
+    forward::send(ctx, r.ifindex)
+}
+
+/// Offsets of a packet's address fields and L4 checksum.
+#[inline(always)]
+fn addr_offsets(p: &Packet) -> (usize, usize) {
+    if p.ipv6 {
+        (p.l3 + 8, p.l3 + 24)
+    } else {
+        (p.l3 + 12, p.l3 + 16)
+    }
+}
+
+#[inline(always)]
+fn write_addr(ctx: &XdpContext, off: usize, addr: &[u32; 4], v6: bool) -> Result<(), Reason> {
+    if v6 {
+        let a: *mut [u32; 4] = ptr_at(ctx, off).ok_or(Reason::PassMalformed)?;
+        // SAFETY: bounds checked; unaligned write.
+        unsafe { core::ptr::write_unaligned(a, *addr) };
+    } else {
+        let a: *mut u32 = ptr_at(ctx, off).ok_or(Reason::PassMalformed)?;
+        unsafe { core::ptr::write_unaligned(a, addr[3]) };
+    }
+    Ok(())
+}
+
+#[inline(always)]
+fn read_u16(ctx: &XdpContext, off: usize) -> Result<u16, Reason> {
+    let p: *const u16 = ptr_at(ctx, off).ok_or(Reason::PassMalformed)?;
+    Ok(unsafe { core::ptr::read_unaligned(p) })
+}
+
+#[inline(always)]
+fn write_u16(ctx: &XdpContext, off: usize, v: u16) -> Result<(), Reason> {
+    let p: *mut u16 = ptr_at(ctx, off).ok_or(Reason::PassMalformed)?;
+    unsafe { core::ptr::write_unaligned(p, v) };
+    Ok(())
+}
+
+/// Rewrites addresses and ports of a TCP/UDP packet and updates the IPv4
+/// header checksum and the L4 checksum (pseudo-header included).
+#[inline(always)]
+fn rewrite(ctx: &XdpContext, p: &Packet, src: &[u32; 4], sport: u16, dst: &[u32; 4], dport: u16) -> Result<(), Reason> {
+    let k = &p.key;
+    let v6 = p.ipv6;
+    let mut addrs = Diff::default();
+    addrs.addr(&k.src, src, v6);
+    addrs.addr(&k.dst, dst, v6);
+    let mut l4 = addrs;
+    l4.u16(k.sport_be, sport);
+    l4.u16(k.dport_be, dport);
+
+    let (src_off, dst_off) = addr_offsets(p);
+    write_addr(ctx, src_off, src, v6)?;
+    write_addr(ctx, dst_off, dst, v6)?;
+    if !v6 {
+        let check = read_u16(ctx, p.l3 + 10)?;
+        write_u16(ctx, p.l3 + 10, addrs.apply(check))?;
+    }
+    write_u16(ctx, p.l4, sport)?;
+    write_u16(ctx, p.l4 + 2, dport)?;
+    if k.proto == PROTO_TCP {
+        let check = read_u16(ctx, p.l4 + 16)?;
+        write_u16(ctx, p.l4 + 16, l4.apply(check))?;
+    } else {
+        let check = read_u16(ctx, p.l4 + 6)?;
+        // IPv4 UDP may carry no checksum (0); IPv6 UDP always does.
+        if check != 0 || v6 {
+            write_u16(ctx, p.l4 + 6, csum::udp(l4.apply(check)))?;
+        }
+    }
+    Ok(())
+}
+
+/// ICMP "destination unreachable" (port unreachable, fragmentation
+/// needed...) and "time exceeded", and ICMPv6 "destination unreachable",
+/// "packet too big" and "time exceeded", sent to our SNAT address about a
+/// packet we translated: translated back to the client, the quoted packet
+/// included, so path MTU discovery works through the load balancer.
+#[inline(always)]
+fn icmp_error(ctx: &XdpContext, p: &Packet) -> Result<u32, Reason> {
+    let v6 = p.ipv6;
+    let icmp_type: *const u8 = ptr_at(ctx, p.l4).ok_or(Reason::PassMalformed)?;
+    let t = unsafe { *icmp_type };
+    let is_error = if v6 { t == 1 || t == 2 || t == 3 } else { t == 3 || t == 11 };
+    if !is_error {
+        return Err(Reason::PassNotService);
+    }
+    // The quoted packet: the one we sent to the backend.
+    let inner_l3 = p.l4 + 8;
+    let (inner_l4, inner_proto, inner_src_off, inner_dst_off) = if v6 {
+        let next: *const u8 = ptr_at(ctx, inner_l3 + 6).ok_or(Reason::PassNotService)?;
+        (inner_l3 + 40, unsafe { *next }, inner_l3 + 8, inner_l3 + 24)
+    } else {
+        let vihl: *const u8 = ptr_at(ctx, inner_l3).ok_or(Reason::PassNotService)?;
+        let ihl = usize::from(unsafe { *vihl } & 0x0f) * 4;
+        if ihl < 20 {
+            return Err(Reason::PassNotService);
+        }
+        let proto: *const u8 = ptr_at(ctx, inner_l3 + 9).ok_or(Reason::PassNotService)?;
+        (inner_l3 + ihl, unsafe { *proto }, inner_l3 + 12, inner_l3 + 16)
+    };
+    if inner_proto != PROTO_TCP && inner_proto != PROTO_UDP {
+        return Err(Reason::PassNotService);
+    }
+    let mut inner_src = [0u32; 4];
+    let mut inner_dst = [0u32; 4];
+    read_addr(ctx, inner_src_off, &mut inner_src, v6)?;
+    read_addr(ctx, inner_dst_off, &mut inner_dst, v6)?;
+    let ports: *const [u16; 2] = ptr_at(ctx, inner_l4).ok_or(Reason::PassNotService)?;
+    let [inner_sport, inner_dport] = unsafe { core::ptr::read_unaligned(ports) };
+    // The reply key: as the backend would answer the quoted packet.
+    let rk = FlowKey { src: inner_dst, dst: inner_src, sport_be: inner_dport, dport_be: inner_sport, proto: inner_proto, _pad: [0; 3] };
+    let r = NAT_REV.get_ptr(&rk).ok_or(Reason::PassNotService)?;
+    // SAFETY: valid for this run.
+    let r = unsafe { &*r };
+
+    // Inner packet: src -> client, dst -> VIP.
+    let mut inner_addrs = Diff::default();
+    inner_addrs.addr(&inner_src, &r.client, v6);
+    inner_addrs.addr(&inner_dst, &r.vip, v6);
+    let mut inner_l4_diff = inner_addrs;
+    inner_l4_diff.u16(inner_sport, r.client_port_be);
+    inner_l4_diff.u16(inner_dport, r.vip_port_be);
+    // What changes inside the ICMP message, for the ICMP checksum.
+    let mut icmp = inner_l4_diff;
+
+    write_addr(ctx, inner_src_off, &r.client, v6)?;
+    write_addr(ctx, inner_dst_off, &r.vip, v6)?;
+    write_u16(ctx, inner_l4, r.client_port_be)?;
+    write_u16(ctx, inner_l4 + 2, r.vip_port_be)?;
+    if !v6 {
+        let old = read_u16(ctx, inner_l3 + 10)?;
+        let new = inner_addrs.apply(old);
+        write_u16(ctx, inner_l3 + 10, new)?;
+        icmp.u16(old, new);
+    }
+    // The quoted L4 checksum, when the quote reaches it.
+    let check_off = if inner_proto == PROTO_TCP { inner_l4 + 16 } else { inner_l4 + 6 };
+    if let Ok(old) = read_u16(ctx, check_off) {
+        if old != 0 || v6 || inner_proto == PROTO_TCP {
+            let mut new = inner_l4_diff.apply(old);
+            if inner_proto == PROTO_UDP {
+                new = csum::udp(new);
+            }
+            write_u16(ctx, check_off, new)?;
+            icmp.u16(old, new);
+        }
+    }
+
+    // Outer header: from the VIP to the client.
+    let mut outer = Diff::default();
+    outer.addr(&p.key.src, &r.vip, v6);
+    outer.addr(&p.key.dst, &r.client, v6);
+    let (src_off, dst_off) = addr_offsets(p);
+    write_addr(ctx, src_off, &r.vip, v6)?;
+    write_addr(ctx, dst_off, &r.client, v6)?;
+    if v6 {
+        // ICMPv6's checksum covers a pseudo-header with the outer addresses.
+        icmp.add(outer);
+    } else {
+        let old = read_u16(ctx, p.l3 + 10)?;
+        write_u16(ctx, p.l3 + 10, outer.apply(old))?;
+    }
+    let old = read_u16(ctx, p.l4 + 2)?;
+    write_u16(ctx, p.l4 + 2, icmp.apply(old))?;
+    count(Reason::NatIcmp);
+    to_client(ctx, r)
+}
+
+#[inline(always)]
+fn read_addr(ctx: &XdpContext, off: usize, out: &mut [u32; 4], v6: bool) -> Result<(), Reason> {
+    if v6 {
+        let a: *const [u32; 4] = ptr_at(ctx, off).ok_or(Reason::PassNotService)?;
+        *out = unsafe { core::ptr::read_unaligned(a) };
+    } else {
+        let a: *const u32 = ptr_at(ctx, off).ok_or(Reason::PassNotService)?;
+        *out = [0, 0, u32::from_be(0x0000_ffff), unsafe { core::ptr::read_unaligned(a) }];
+    }
+    Ok(())
+}
