@@ -118,6 +118,9 @@ pub struct Section {
     pub figures: Vec<Figure>,
     pub references: Vec<Reference>,
     pub notes: Vec<String>,
+    /// Sanity checks that failed (orderings that must hold whatever the
+    /// machine); reported, and they make the run exit non-zero.
+    pub problems: Vec<String>,
 }
 
 /// Where and on what a run happened; recorded in every result file.

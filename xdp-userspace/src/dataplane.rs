@@ -194,7 +194,12 @@ impl Maps {
             .with_context(|| format!("no service at {dst}/{}", proto_name(proto)))?;
         let key = addr::flow_key(src, dst, proto);
         let hash = flow_hash(&key, service.flags & SVC_F_HASH_SRC_ONLY != 0);
-        let pinned = self.flows.get(&key, 0).ok().map(|f| f.backend);
+        // NAT flows are tracked in the NAT table, DSR flows in the flow table.
+        let pinned = if service.flags & SVC_F_NAT != 0 {
+            self.nat_fwd.get(&key, 0).ok().map(|f| f.backend)
+        } else {
+            self.flows.get(&key, 0).ok().map(|f| f.backend)
+        };
         let live = |id: u32| self.backend(id).ok().filter(|b| b.state != BACKEND_DOWN);
         let (id, backend, established) = match pinned.and_then(|id| live(id).map(|b| (id, b))) {
             Some((id, b)) => (id, b, true),
