@@ -1,0 +1,99 @@
+//! Control-plane figures (group "maglev"): how long `xdplb::maglev::build`
+//! takes, and how many slots move when one backend leaves.
+
+use std::{hint::black_box, time::Instant};
+
+use anyhow::Result;
+use xdplb::maglev::{build, MaglevBackend};
+
+use crate::harness::{Figure, Opts, Section};
+
+pub const GROUP: &str = "maglev";
+
+pub const DESCRIPTION: &str = "Control-plane cost of the Maglev tables. **Build time**: wall-clock time \
+of one `xdplb::maglev::build` call (the whole table: permutations and fill), for table sizes M = 65,537 \
+(the default) and 131,071 and 10 to 1,000 equal-weight backends; the cases alternate round-robin, one \
+build per case and repetition, after one untimed build of each. The ratio compares with the \
+10-backend build (and the 131,071-slot build with the 65,537-slot one). **Disruption**: the fraction of \
+the table's slots whose backend changes when one of N backends is removed and the table rebuilt; \
+the ideal is 1/N (only the removed backend's own slots move). Each sample removes a different backend.";
+
+const M: u32 = 65537;
+const BIG_M: u32 = 131_071;
+
+fn backends(n: usize) -> Vec<MaglevBackend> {
+    (0..n)
+        .map(|i| MaglevBackend { key: format!("10.0.{}.{}:80", i / 256, i % 256), id: i as u32, weight: 1 })
+        .collect()
+}
+
+fn build_case(n: usize, m: u32) -> String {
+    format!("build, M={m}, {n} backends")
+}
+
+pub fn run(opts: &Opts) -> Result<Section> {
+    let reps = if opts.quick { 5 } else { 15 };
+    let cases: Vec<(usize, u32)> = vec![(10, M), (100, M), (1000, M), (1000, BIG_M)];
+    let inputs: Vec<Vec<MaglevBackend>> = cases.iter().map(|&(n, _)| backends(n)).collect();
+    for (input, &(_, m)) in inputs.iter().zip(&cases) {
+        black_box(build(input, m)?);
+    }
+    let mut times = vec![Vec::new(); cases.len()];
+    for rep in 0..reps {
+        for k in 0..cases.len() {
+            let i = (k + rep) % cases.len();
+            let t = Instant::now();
+            black_box(build(black_box(&inputs[i]), cases[i].1)?);
+            times[i].push(t.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    let mut figures = Vec::new();
+    for (i, &(n, m)) in cases.iter().enumerate() {
+        let mut f = Figure::new(GROUP, &build_case(n, m), "ms", times[i].clone(), false);
+        if n == 1000 && m == M {
+            let met = f.median() <= 5.0;
+            f = f.target("<= 5 ms", met);
+        }
+        f = match (n, m) {
+            (10, M) => f,
+            (_, M) => f.baseline(&build_case(10, M)),
+            _ => f.baseline(&build_case(n, M)),
+        };
+        figures.push(f);
+    }
+
+    let removals = if opts.quick { 5 } else { 7 };
+    let mut problems = Vec::new();
+    for n in [10usize, 100, 1000] {
+        let all = backends(n);
+        let before = build(&all, M)?;
+        let mut moved = Vec::new();
+        let mut excess = Vec::new();
+        for k in 0..removals {
+            let gone = (k * n / removals + n / (2 * removals)) as u32;
+            let rest: Vec<MaglevBackend> = all.iter().filter(|b| b.id != gone).cloned().collect();
+            let after = build(&rest, M)?;
+            let changed = before.iter().zip(&after).filter(|(a, b)| a != b).count();
+            let others = before.iter().zip(&after).filter(|(a, b)| **a != gone && a != b).count();
+            moved.push(changed as f64 / f64::from(M));
+            excess.push(others as f64 / f64::from(M));
+        }
+        let ideal = 1.0 / n as f64;
+        let f = Figure::new(GROUP, &format!("disruption, remove 1 of {n}"), "fraction", moved, false);
+        let note = format!(
+            "ideal 1/N = {ideal:.5}; median {:.2}× ideal; of which slots of backends that stayed: median {:.5} of the table",
+            f.median() / ideal,
+            crate::harness::median(&excess)
+        );
+        if f.min() + 1e-9 < ideal * 0.5 || f.median() > ideal * 3.0 {
+            problems.push(format!("maglev disruption for N={n}: median {} far from 1/N = {ideal}", f.median()));
+        }
+        figures.push(f.note(note));
+    }
+    let b10 = figures[0].median();
+    let b1000 = figures[2].median();
+    if b1000 < b10 * 0.5 {
+        problems.push(format!("maglev build: 1,000 backends ({b1000:.3} ms) much faster than 10 ({b10:.3} ms)"));
+    }
+    Ok(Section { group: GROUP.into(), figures, problems, ..Default::default() })
+}
