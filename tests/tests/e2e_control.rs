@@ -327,3 +327,44 @@ fn the_api_socket_refuses_non_root_users() {
     let status = bed.lb.json(&["status"]).unwrap();
     assert_eq!(status["services"], 2, "{status}");
 }
+
+#[test]
+fn an_incompatible_pinned_map_is_reported_never_reused() {
+    require_root();
+    let xdplb = bin_path("xdplb").unwrap();
+    let ns = xdplb_tests::netns::Netns::new(&xdplb_tests::netns::unique_prefix("compat")).unwrap();
+    let pin_dir = PathBuf::from(format!("/sys/fs/bpf/xdplb-{}", ns.name()));
+    struct Cleanup(PathBuf);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let _cleanup = Cleanup(pin_dir.clone());
+    std::fs::create_dir_all(&pin_dir).unwrap();
+    // A services map as an older format might have made it: other value size.
+    let map = pin_dir.join("xdplb_svc_v1");
+    let out = Command::new("bpftool")
+        .args(["map", "create"])
+        .arg(&map)
+        .args(["type", "hash", "key", "20", "value", "16", "entries", "1024", "name", "xdplb_svc_v1"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "bpftool: {}", String::from_utf8_lossy(&out.stderr));
+    let config = std::env::temp_dir().join(format!("xdplb-{}.toml", ns.name()));
+    let _config_cleanup = Cleanup(config.clone());
+    std::fs::write(&config, "").unwrap();
+    let out = ns
+        .command(&xdplb)
+        .args(["run", "--iface", "lo", "--config"])
+        .arg(&config)
+        .arg("--pin-dir")
+        .arg(&pin_dir)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "started over an incompatible map");
+    assert!(err.contains("xdplb_svc_v1") && err.contains("incompatible") && err.contains("detach"), "message: {err}");
+    let entries: Vec<_> = std::fs::read_dir(&pin_dir).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(entries.len(), 1, "nothing else pinned: {entries:?}");
+}
