@@ -8,7 +8,7 @@
 use std::{path::Path, sync::OnceLock};
 
 use anyhow::{anyhow, bail, Result};
-use plotters::prelude::*;
+use plotters::{prelude::*, style::text_anchor};
 
 use crate::{harness::fmt_value, report::GroupFile};
 
@@ -165,7 +165,7 @@ where
                 ])
                 .map_err(err)?;
         }
-        let style = TextStyle::from((FONT, 13).into_font()).pos(Pos::new(HPos::Left, VPos::Center));
+        let style = TextStyle::from((FONT, 13).into_font()).pos(text_anchor::Pos::new(text_anchor::HPos::Left, text_anchor::VPos::Center));
         let x = b.max.max(b.median).max(0.0) + 0.01 * span;
         chart.draw_series(std::iter::once(Text::new(b.text.clone(), (x, y), style))).map_err(err)?;
     }

@@ -13,6 +13,7 @@ mod maglev;
 mod memory;
 mod perpacket;
 mod pps;
+mod profile;
 mod report;
 
 use std::{

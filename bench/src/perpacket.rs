@@ -67,10 +67,16 @@ enum Prog {
 enum Flows {
     /// The same frame every call.
     Same,
-    /// A new client endpoint (IPv4 source address and port) every call;
-    /// with `delete`, the flow entry is deleted after the call.
-    New { sources: Sources, dst: SocketAddr, delete: bool },
+    /// A new client endpoint (IPv4 source address and port) every call.
+    /// With `recycle`, calls run in batches of `BATCH`, and before each
+    /// batch (untimed) the flows the previous batch inserted are deleted,
+    /// so every insert finds a free entry; without it nothing is deleted
+    /// and, the table being full, every insert evicts.
+    New { sources: Sources, dst: SocketAddr, recycle: bool, inserted: Vec<FlowKey> },
 }
+
+/// Calls per batch of a recycling new-flow case.
+const BATCH: usize = 10_000;
 
 struct Case {
     name: &'static str,
@@ -103,10 +109,10 @@ impl Case {
         }
     }
 
-    fn new_flows(name: &'static str, net: u8, dst: SocketAddr, delete: bool) -> Self {
+    fn new_flows(name: &'static str, net: u8, dst: SocketAddr, recycle: bool) -> Self {
         let frame = frames::packet(CLIENT_MAC, LB_MAC, sa("10.0.0.1:1"), dst, PROTO_TCP);
         Self {
-            flows: Flows::New { sources: Sources::new(net), dst, delete },
+            flows: Flows::New { sources: Sources::new(net), dst, recycle, inserted: Vec::new() },
             ..Self::same(name, frame, XDP_TX, Reason::FlowNew)
         }
     }
@@ -137,6 +143,7 @@ pub const NON_SERVICE: &str = "packet for no service (XDP_PASS)";
 const PASS_FLOOR: &str = "floor: xdp_pass (raw)";
 const MAC_FLOOR: &str = "floor: xdp_mac_swap (raw)";
 const MAC_ABOVE: &str = "xdp_mac_swap, above xdp_pass";
+const EVICTION: &str = "new flow into a full flow table (LRU eviction)";
 
 /// Programs the services and backends, and returns the cases.
 fn setup(lb: &mut Loaded) -> Result<Vec<Case>> {
@@ -168,13 +175,14 @@ fn setup(lb: &mut Loaded) -> Result<Vec<Case>> {
         Case::same("established UDP flow", packet("10.0.0.1:40000", sa("10.0.100.1:53"), PROTO_UDP), XDP_TX, Reason::FlowHit),
         Case::same("established IPv6 TCP flow", packet("[fd00::1]:40000", sa("[fd00:100::1]:80"), PROTO_TCP), XDP_TX, Reason::FlowHit),
         Case::new_flows(NEW_FLOW, 1, v4, true).target(180.0).note(
-            "a different client (source address and port) every call, so no call reuses a flow; \
-             its flow entry is deleted after the call by a map syscall outside the timed region, \
-             so every insert finds a free entry (no eviction)",
+            "a different client (source address and port) every call, so no call reuses a flow. \
+             Calls run in batches of 10,000; before each batch (untimed, no syscall between timed \
+             calls) the previous batch's flows are deleted, so every insert finds a free entry \
+             (no eviction)",
         ),
         Case::new_flows("new flow, 1,000-backend service", 2, big, true)
             .note("as the new-flow case, against a service of 1,000 backends (65,537-slot table)"),
-        Case::new_flows("new flow into a full flow table (LRU eviction)", 3, v4, false).note(
+        Case::new_flows(EVICTION, 3, v4, false).note(
             "a different client every call and nothing deleted; the flow table was pre-filled so \
              this CPU's LRU list is full: every insert evicts (the steady state of a busy balancer)",
         ),
@@ -187,7 +195,7 @@ fn setup(lb: &mut Loaded) -> Result<Vec<Case>> {
 
 /// Fills this CPU's share of the flow table so LRU inserts evict.
 fn prefill_flows(maps: &mut Maps) -> Result<u64> {
-    let cpus = aya::util::possible_cpus().map_err(|(_, e)| e)?.len() as u64;
+    let cpus = aya::util::nr_cpus().map_err(|(_, e)| e)? as u64;
     let n = u64::from(MAX_FLOWS) / cpus.max(1) + 1024;
     let dst = sa("10.0.100.1:80");
     let mut sources = Sources::new(200);
@@ -199,39 +207,55 @@ fn prefill_flows(maps: &mut Maps) -> Result<u64> {
     Ok(n)
 }
 
-/// Mean kernel-reported ns per call over `calls` timed calls.
-fn measure(prog: &Xdp, maps: &mut Maps, case: &mut Case, calls: usize) -> Result<f64> {
+/// Mean kernel-reported ns per call over `calls` timed calls, after
+/// `warmup` untimed ones.
+fn measure(prog: &Xdp, maps: &mut Maps, case: &mut Case, warmup: usize, calls: usize) -> Result<f64> {
     let before = case.reason.map(|r| maps.reason_count(r)).transpose()?;
     let mut total: u128 = 0;
-    for i in 0..WARMUP + calls {
-        let key: Option<FlowKey> = match &mut case.flows {
-            Flows::Same => None,
-            Flows::New { sources, dst, .. } => {
-                let src: SocketAddrV4 = sources.next().expect("endless");
-                frames::set_ipv4_source(&mut case.frame, src);
-                Some(addr::flow_key(SocketAddr::V4(src), *dst, PROTO_TCP))
+    for i in 0..warmup + calls {
+        if let Flows::New { recycle: true, inserted, .. } = &mut case.flows {
+            if inserted.len() >= BATCH {
+                for key in inserted.drain(..) {
+                    // Already evicted is fine: the point is a free entry.
+                    let _ = maps.flows.remove(&key);
+                }
             }
-        };
+        }
+        if let Flows::New { sources, dst, inserted, .. } = &mut case.flows {
+            let src: SocketAddrV4 = sources.next().expect("endless");
+            frames::set_ipv4_source(&mut case.frame, src);
+            inserted.push(addr::flow_key(SocketAddr::V4(src), *dst, PROTO_TCP));
+        }
         let opts = TestRunOptions { data_in: Some(&case.frame), repeat: 1, ..Default::default() };
         let res = prog.test_run(opts).with_context(|| format!("BPF_PROG_TEST_RUN ({})", case.name))?;
         if res.return_value != case.verdict {
             bail!("{}: verdict {} instead of {}", case.name, res.return_value, case.verdict);
         }
-        if i >= WARMUP {
+        if i >= warmup {
             total += res.duration.as_nanos();
         }
-        if let (Some(key), Flows::New { delete: true, .. }) = (key, &case.flows) {
-            maps.flows.remove(&key).with_context(|| format!("{}: deleting the flow", case.name))?;
-        }
+    }
+    if let Flows::New { recycle: false, inserted, .. } = &mut case.flows {
+        inserted.clear();
     }
     if let (Some(reason), Some(before)) = (case.reason, before) {
         let delta = maps.reason_count(reason)? - before;
         // The warm-up's first call may pin an established flow anew.
-        if delta + 1 < (WARMUP + calls) as u64 {
-            bail!("{}: counter {} rose by {delta} over {} calls: not the path measured", case.name, reason.name(), WARMUP + calls);
+        if delta + 1 < (warmup + calls) as u64 {
+            bail!("{}: counter {} rose by {delta} over {} calls: not the path measured", case.name, reason.name(), warmup + calls);
         }
     }
     Ok(total as f64 / calls as f64)
+}
+
+/// The untimed calls before a case's timed ones: enough to warm caches and
+/// pin an established flow, and for a recycling new-flow case one whole
+/// batch, whose flows are deleted before the timed calls start.
+fn warmup(case: &Case) -> usize {
+    match case.flows {
+        Flows::New { recycle: true, .. } => BATCH,
+        _ => WARMUP,
+    }
 }
 
 /// Static facts of a loaded program: instruction count and JIT size.
@@ -280,7 +304,7 @@ fn measure_all(calls: usize, cpu: usize) -> Result<Section> {
     for rep in 0..REPETITIONS {
         let mut order: Vec<usize> = (0..cases.len()).collect();
         order.rotate_left(rep % cases.len());
-        let start = measure(pass, maps, &mut floor, calls)?;
+        let start = measure(pass, maps, &mut floor, WARMUP, calls)?;
         for &i in &order {
             let case = &mut cases[i];
             let prog = match case.prog {
@@ -288,12 +312,33 @@ fn measure_all(calls: usize, cpu: usize) -> Result<Section> {
                 Prog::MacSwap => mac,
                 Prog::Lb => lb_prog,
             };
-            let mean = measure(prog, maps, case, calls)?;
+            let mean = measure(prog, maps, case, warmup(case), calls)?;
             case.means.push(mean);
         }
-        let end = measure(pass, maps, &mut floor, calls)?;
+        let end = measure(pass, maps, &mut floor, WARMUP, calls)?;
         floors.push((start + end) / 2.0);
         println!("  per-packet: repetition {}/{REPETITIONS} done ({:.0?})", rep + 1, started.elapsed());
+    }
+
+    // Profiles of the new-flow and established cases: where the time of a
+    // whole call (syscall included) goes, per symbol, in ns per call.
+    let profile_calls = if calls < 1_000_000 { 100_000 } else { 2_000_000 };
+    let mut profiles = Vec::new();
+    for name in [NEW_FLOW, ESTABLISHED, EVICTION] {
+        let case = cases.iter_mut().find(|c| c.name == name).expect("case exists");
+        let w = warmup(case);
+        let res = crate::profile::hottest(cpu, 14, || {
+            let t = std::time::Instant::now();
+            measure(lb_prog, maps, case, w, profile_calls)?;
+            Ok(t.elapsed().as_nanos() as f64 / (w + profile_calls) as f64)
+        });
+        profiles.push(match res {
+            Ok((wall, rows)) => format!(
+                "- *{name}*: {wall:.0} ns of wall time per call (syscall included); top symbols, as ns per call: {}",
+                rows.iter().map(|(p, s)| format!("`{s}` {:.0}", p / 100.0 * wall)).collect::<Vec<_>>().join(", ")
+            ),
+            Err(e) => format!("- *{name}*: no profile ({e:#})"),
+        });
     }
 
     let mut figures = vec![
@@ -345,14 +390,18 @@ fn measure_all(calls: usize, cpu: usize) -> Result<Section> {
              established − no-service = {:.1} ns (flow look-up, backend look-up, MAC rewrite, three per-CPU counters); \
              new flow − established = {:.1} ns (Maglev slot read plus LRU insert, instead of a hit); \
              full-table insert − new flow = {:.1} ns (LRU eviction); xdp_mac_swap costs {:.1} ns above xdp_pass. \
-             Program sizes (static):\n\n- {}\n- {}\n- {}",
+             Program sizes (static):\n\n- {}\n- {}\n- {}\n\nSampling profiles (`perf record -e cpu-clock -C {cpu}` \
+             over {profile_calls} more calls of a case; no hardware PMU here, so samples taken with interrupts \
+             disabled are charged to the point where they are re-enabled, e.g. a spin-unlock; the JIT-compiled \
+             program is `bpf_prog_<tag>_xdplb`):\n\n{}",
             d(ESTABLISHED, NON_SERVICE),
             d(NEW_FLOW, ESTABLISHED),
-            d("new flow into a full flow table (LRU eviction)", NEW_FLOW),
+            d(EVICTION, NEW_FLOW),
             median_of(&figures, MAC_ABOVE),
             program_facts("xdplb", lb_prog),
             program_facts("xdp_pass", pass),
             program_facts("xdp_mac_swap", mac),
+            profiles.join("\n"),
         ),
     ];
     Ok(Section { group: GROUP.into(), figures, references, notes, problems })

@@ -61,17 +61,17 @@ impl Xdplb {
     pub fn start(binary: &Path, topo: &DsrTopology, config: &str) -> Result<Self> {
         let dir = std::env::temp_dir().join(format!("xdplb-{}", topo.prefix()));
         std::fs::create_dir_all(&dir)?;
-        let mut lb = Self {
-            proc: Proc::spawn(&mut Command::new("true"))?,
-            pin_dir: PathBuf::from(format!("/sys/fs/bpf/xdplb-{}", topo.prefix())),
+        std::fs::write(dir.join("xdplb.toml"), config)?;
+        let pin_dir = PathBuf::from(format!("/sys/fs/bpf/xdplb-{}", topo.prefix()));
+        let proc = spawn_daemon(binary, topo, &dir, &pin_dir)?;
+        Ok(Self {
+            proc,
+            pin_dir,
             dir,
             binary: binary.to_owned(),
             lb: topo.lb().name().to_owned(),
             iface: topo.lb_iface().to_owned(),
-        };
-        lb.write_config(config)?;
-        lb.proc = lb.spawn(topo)?;
-        Ok(lb)
+        })
     }
 
     /// The config file the daemon reads.
@@ -93,25 +93,8 @@ impl Xdplb {
     /// Starts another daemon with the same files (after the last one was
     /// stopped or killed): it adopts the running datapath.
     pub fn restart(&mut self, topo: &DsrTopology) -> Result<()> {
-        self.proc = self.spawn(topo)?;
+        self.proc = spawn_daemon(&self.binary, topo, &self.dir, &self.pin_dir)?;
         Ok(())
-    }
-
-    fn spawn(&self, topo: &DsrTopology) -> Result<Proc> {
-        let mut cmd = topo.lb().command(&self.binary);
-        cmd.args(["run", "--xdp-mode", "native", "--iface", topo.lb_iface(), "--config"])
-            .arg(self.config_path())
-            .arg("--pin-dir")
-            .arg(&self.pin_dir)
-            .arg("--api-socket")
-            .arg(self.socket())
-            .arg("--state-file")
-            .arg(self.dir.join("state.json"));
-        let mut proc = Proc::spawn_with(&mut cmd, "xdplb", false)?;
-        if let Err(err) = proc.wait_for_stdout_line("ready", Duration::from_secs(20)) {
-            bail!("xdplb did not become ready: {err:#}\n--- xdplb output ---\n{}", proc.output_text());
-        }
-        Ok(proc)
     }
 
     /// Runs `xdplb ARGS --socket S` (the operator CLI) and returns its
@@ -155,6 +138,25 @@ impl Xdplb {
             other => bail!("xdplb did not exit cleanly on SIGINT: {other:?}\n{}", self.proc.output_text()),
         }
     }
+}
+
+/// `binary run` in the lb namespace with the files in `dir`; waits until
+/// it is ready.
+fn spawn_daemon(binary: &Path, topo: &DsrTopology, dir: &Path, pin_dir: &Path) -> Result<Proc> {
+    let mut cmd = topo.lb().command(binary);
+    cmd.args(["run", "--xdp-mode", "native", "--iface", topo.lb_iface(), "--config"])
+        .arg(dir.join("xdplb.toml"))
+        .arg("--pin-dir")
+        .arg(pin_dir)
+        .arg("--api-socket")
+        .arg(dir.join("api.sock"))
+        .arg("--state-file")
+        .arg(dir.join("state.json"));
+    let mut proc = Proc::spawn_with(&mut cmd, "xdplb", false)?;
+    if let Err(err) = proc.wait_for_stdout_line("ready", Duration::from_secs(20)) {
+        bail!("xdplb did not become ready: {err:#}\n--- xdplb output ---\n{}", proc.output_text());
+    }
+    Ok(proc)
 }
 
 impl Drop for Xdplb {

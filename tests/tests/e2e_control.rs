@@ -368,3 +368,32 @@ fn an_incompatible_pinned_map_is_reported_never_reused() {
     let entries: Vec<_> = std::fs::read_dir(&pin_dir).unwrap().map(|e| e.unwrap().file_name()).collect();
     assert_eq!(entries.len(), 1, "nothing else pinned: {entries:?}");
 }
+
+#[test]
+fn run_time_changes_apply_at_once_and_survive_a_restart() {
+    let mut bed = Bed::new("rt", "tcp");
+    let b3 = bed.addr(3).to_string();
+    bed.lb.cli(&["backend", "remove", "web4", &b3]).unwrap();
+    let tally = requests(&bed.topo, bed.vip().ip(), 30000..30100);
+    assert!(tally.failed.is_empty(), "{:?}", tally.failed);
+    assert_eq!(tally.served.get("b3"), None, "removed backend gets nothing: {:?}", tally.served);
+    let vip = bed.topo.vip4().to_string();
+    bed.lb
+        .cli(&["service", "add", "--name", "extra", "--vip", &vip, "--port", "81", "--protocol", "tcp", "--check", "none", "--backend", "10.77.0.11"])
+        .unwrap();
+    // An invalid addition is refused and changes nothing.
+    let err = bed.lb.cli(&["backend", "add", "web4", "10.77.0.14", "--weight", "20000"]).unwrap_err();
+    assert!(format!("{err:#}").contains("weight"), "{err:#}");
+
+    bed.lb.proc.terminate().unwrap();
+    bed.lb.restart(&bed.topo).unwrap();
+    let services = bed.lb.json(&["service", "list"]).unwrap();
+    let names: Vec<&str> = services.as_array().unwrap().iter().map(|s| s["name"].as_str().unwrap()).collect();
+    assert_eq!(names.len(), 3, "{names:?}");
+    assert!(names.contains(&"extra"), "{names:?}");
+    assert!(bed.lb.backend("web4", bed.addr(3)).is_err(), "removed backend stays removed");
+
+    bed.lb.cli(&["backend", "add", "web4", &b3]).unwrap();
+    let tally = requests(&bed.topo, bed.vip().ip(), 31000..31150);
+    assert!(tally.served.get("b3").copied().unwrap_or(0) > 20, "re-added backend serves: {:?}", tally.served);
+}

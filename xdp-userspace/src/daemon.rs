@@ -9,7 +9,7 @@
 //! every pin, as `xdplb detach --all` does.
 
 use std::{
-    net::{IpAddr, SocketAddr},
+    net::SocketAddr,
     path::{Path, PathBuf},
     sync::{Arc, Mutex, MutexGuard},
     time::{Duration, Instant},
@@ -169,13 +169,18 @@ fn check_targets(config: &Config, controller: &Controller) -> Vec<CheckTarget> {
         .collect()
 }
 
-/// The configured backend `r` names, as `address:port`.
-fn backend_ref(config: &Config, r: &BackendRef) -> Result<SocketAddr, ApiError> {
-    let svc = config
+/// The configured service named `name`.
+fn service_config<'a>(config: &'a Config, name: &str) -> Result<&'a ServiceConfig, ApiError> {
+    config
         .services
         .iter()
-        .find(|s| s.name == r.service)
-        .ok_or_else(|| ApiError::not_found(format!("no service named {:?}", r.service)))?;
+        .find(|s| s.name == name)
+        .ok_or_else(|| ApiError::not_found(format!("no service named {name:?}")))
+}
+
+/// The configured backend `r` names, as `address:port`.
+fn backend_ref(config: &Config, r: &BackendRef) -> Result<SocketAddr, ApiError> {
+    let svc = service_config(config, &r.service)?;
     let addr = SocketAddr::new(r.address, r.port.unwrap_or(svc.port));
     if !svc.backends.iter().any(|b| SocketAddr::new(b.address, b.port) == addr) {
         return Err(ApiError::not_found(format!("service {:?} has no backend {addr}", r.service)));
@@ -204,56 +209,26 @@ impl api::Handler for Daemon {
                     .collect();
                 Ok(json!(views))
             }
-            Request::AddService(table) => self.change(false, |o, _| {
-                let name = table["name"].as_str().unwrap_or_default().to_owned();
-                o.removed_services.remove(&name);
-                o.added_services.retain(|s| s["name"] != table["name"]);
-                o.added_services.push(table);
-                Ok(format!("service {name} added"))
-            }),
+            Request::AddService(table) => {
+                self.change(false, |o, _| Ok(format!("service {} added", o.add_service(table))))
+            }
             Request::RemoveService { name } => self.change(false, |o, config| {
                 if !config.services.iter().any(|s| s.name == name) {
                     return Err(ApiError::not_found(format!("no service named {name:?}")));
                 }
-                o.added_services.retain(|s| s["name"].as_str() != Some(name.as_str()));
-                o.added_backends.remove(&name);
-                o.removed_backends.remove(&name);
-                o.admin.remove(&name);
-                o.removed_services.insert(name.clone());
+                o.remove_service(&name);
                 Ok(format!("service {name} removed"))
             }),
             Request::AddBackend { service, backend } => self.change(false, |o, config| {
-                let svc = config
-                    .services
-                    .iter()
-                    .find(|s| s.name == service)
-                    .ok_or_else(|| ApiError::not_found(format!("no service named {service:?}")))?;
-                let ip: IpAddr = backend["address"]
-                    .as_str()
-                    .and_then(|a| a.parse().ok())
+                let port = service_config(config, &service)?.port;
+                let addr = o
+                    .add_backend(&service, backend, port)
                     .ok_or_else(|| ApiError::bad_request("backend.address: missing or not an IP address"))?;
-                let port = backend["port"].as_u64().map_or(svc.port, |p| p as u16);
-                let addr = SocketAddr::new(ip, port);
-                if let Some(removed) = o.removed_backends.get_mut(&service) {
-                    removed.remove(&addr);
-                }
-                o.added_backends.entry(service.clone()).or_default().push(backend);
                 Ok(format!("backend {addr} added to service {service}"))
             }),
             Request::RemoveBackend(r) => self.change(false, |o, config| {
                 let addr = backend_ref(config, &r)?;
-                let added = o.added_backends.entry(r.service.clone()).or_default();
-                let before = added.len();
-                added.retain(|b| {
-                    b["address"].as_str().and_then(|a| a.parse::<IpAddr>().ok()) != Some(addr.ip())
-                        || b["port"].as_u64().is_some_and(|p| p as u16 != addr.port())
-                });
-                if added.len() == before {
-                    o.removed_backends.entry(r.service.clone()).or_default().insert(addr);
-                }
-                if let Some(admin) = o.admin.get_mut(&r.service) {
-                    admin.remove(&addr);
-                }
+                o.remove_backend(&r.service, addr, service_config(config, &r.service)?.port);
                 Ok(format!("backend {addr} removed from service {}", r.service))
             }),
             Request::Drain(r) => self.set_admin(&r, Admin::Drain),
@@ -324,7 +299,7 @@ impl Daemon {
         let verb = if admin == Admin::Drain { "drained" } else { "undrained" };
         self.change(false, |o, config| {
             let addr = backend_ref(config, r)?;
-            o.admin.entry(r.service.clone()).or_default().insert(addr, admin);
+            o.set_admin(&r.service, addr, admin);
             Ok(format!("backend {addr} of service {} {verb}", r.service))
         })
     }

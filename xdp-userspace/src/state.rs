@@ -76,6 +76,53 @@ impl Overlay {
         Ok(())
     }
 
+    /// Adds (or replaces) a run-time service: a `[[service]]` table.
+    pub fn add_service(&mut self, table: Value) -> String {
+        let name = table["name"].as_str().unwrap_or_default().to_owned();
+        self.removed_services.remove(&name);
+        self.added_services.retain(|s| s["name"] != table["name"]);
+        self.added_services.push(table);
+        name
+    }
+
+    /// Removes a service, whether it came from the file or the API.
+    pub fn remove_service(&mut self, name: &str) {
+        self.added_services.retain(|s| s["name"].as_str() != Some(name));
+        self.added_backends.remove(name);
+        self.removed_backends.remove(name);
+        self.admin.remove(name);
+        self.removed_services.insert(name.to_owned());
+    }
+
+    /// Adds a run-time backend (a `[[service.backend]]` table) to a service
+    /// listening on `service_port`; returns its address.
+    pub fn add_backend(&mut self, service: &str, table: Value, service_port: u16) -> Option<SocketAddr> {
+        let addr = backend_addr(&table, service_port)?;
+        if let Some(removed) = self.removed_backends.get_mut(service) {
+            removed.remove(&addr);
+        }
+        self.added_backends.entry(service.to_owned()).or_default().push(table);
+        Some(addr)
+    }
+
+    /// Removes a backend, whether it came from the file or the API.
+    pub fn remove_backend(&mut self, service: &str, addr: SocketAddr, service_port: u16) {
+        let added = self.added_backends.entry(service.to_owned()).or_default();
+        let before = added.len();
+        added.retain(|b| backend_addr(b, service_port) != Some(addr));
+        if added.len() == before {
+            self.removed_backends.entry(service.to_owned()).or_default().insert(addr);
+        }
+        if let Some(admin) = self.admin.get_mut(service) {
+            admin.remove(&addr);
+        }
+    }
+
+    /// Sets a backend's admin state.
+    pub fn set_admin(&mut self, service: &str, addr: SocketAddr, admin: Admin) {
+        self.admin.entry(service.to_owned()).or_default().insert(addr, admin);
+    }
+
     /// The file's configuration with this overlay applied, validated.
     /// Overlay entries that the file now supersedes are dropped from
     /// `self`.
@@ -91,7 +138,7 @@ impl Overlay {
 
         for service in services.iter_mut() {
             let name = service["name"].as_str().unwrap_or_default().to_owned();
-            let port = service["port"].clone();
+            let port = service["port"].as_u64().and_then(|p| u16::try_from(p).ok()).unwrap_or_default();
             let backends = service
                 .as_object_mut()
                 .expect("a service is a table")
@@ -99,11 +146,7 @@ impl Overlay {
                 .or_insert_with(|| json!([]))
                 .as_array_mut()
                 .expect("backend is an array");
-            let key = |b: &Value| -> Option<SocketAddr> {
-                let ip = b["address"].as_str()?.parse().ok()?;
-                let port = b.get("port").unwrap_or(&port).as_u64()?;
-                Some(SocketAddr::new(ip, u16::try_from(port).ok()?))
-            };
+            let key = |b: &Value| backend_addr(b, port);
             let present: BTreeSet<SocketAddr> = backends.iter().filter_map(key).collect();
             if let Some(added) = self.added_backends.get_mut(&name) {
                 added.retain(|b| key(b).is_some_and(|k| !present.contains(&k)));
@@ -123,6 +166,17 @@ impl Overlay {
         let text = toml::to_string(&doc).expect("JSON of a Config is TOML");
         Config::parse(&text, "configuration with run-time changes")
     }
+}
+
+/// A `[[service.backend]]` table's `address:port` (the port defaults to
+/// the service's).
+fn backend_addr(table: &Value, service_port: u16) -> Option<SocketAddr> {
+    let ip = table["address"].as_str()?.parse().ok()?;
+    let port = match table.get("port") {
+        Some(p) => u16::try_from(p.as_u64()?).ok()?,
+        None => service_port,
+    };
+    Some(SocketAddr::new(ip, port))
 }
 
 #[cfg(test)]
