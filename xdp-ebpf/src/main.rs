@@ -28,8 +28,8 @@ pub fn xdplb(ctx: XdpContext) -> u32 {
         // Whatever went wrong, the kernel gets the frame unchanged (or as
         // far as it was changed: only a failed MAC rewrite could, and that
         // cannot fail after the bounds check). Never XDP_ABORTED.
-        Err(Reason::DropNoBackend) => {
-            stats::count(Reason::DropNoBackend);
+        Err(reason @ (Reason::DropNoBackend | Reason::DropNatFull)) => {
+            stats::count(reason);
             xdp_action::XDP_DROP
         }
         Err(reason) => {

@@ -8,14 +8,14 @@
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_coarse_ns, programs::XdpContext};
 use network_types::eth::EthHdr;
 use xdp_common::{
-    hash::flow_hash, Backend, FlowKey, NatFwd, NatRev, Reason, Service, BACKEND_ACTIVE, BACKEND_DRAINING,
+    hash::flow_hash, Backend, FlowKey, NatFwd, NatRev, Reason, Service, ServiceKey, BACKEND_ACTIVE, BACKEND_DRAINING,
     NAT_F_CLOSING, NAT_PORT_TRIES, PROTO_TCP, PROTO_UDP,
 };
 
 use crate::{
     csum::{self, Diff},
     forward, maglev,
-    maps::{BACKENDS, NAT_FWD, NAT_REV},
+    maps::{BACKENDS, NAT_FWD, NAT_REV, SERVICES},
     parse::{ptr_at, Packet, PROTO_ICMP, PROTO_ICMPV6},
     stats::{self, count},
 };
@@ -67,6 +67,11 @@ pub fn forward(ctx: &XdpContext, p: &Packet, service: &Service) -> Result<u32, R
                 if p.fin_or_rst && f.flags & NAT_F_CLOSING == 0 {
                     f.flags |= NAT_F_CLOSING;
                     f.timeout_s = service.nat_closing_timeout;
+                    // Both directions close together (FIN/RST are rare: the
+                    // extra look-up is not on the common path).
+                    if let Some(r) = NAT_REV.get_ptr_mut(&reply_key(backend, f.nat_port_be, key.proto)) {
+                        close_rev(unsafe { &mut *r }, service.nat_closing_timeout);
+                    }
                 }
                 count(Reason::FlowHit);
                 return send_forward(ctx, p, f.backend, service, backend, f.nat_port_be);
@@ -99,6 +104,18 @@ pub fn forward(ctx: &XdpContext, p: &Packet, service: &Service) -> Result<u32, R
     send_forward(ctx, p, id, service, backend, port)
 }
 
+#[inline(always)]
+fn close_rev(r: &mut NatRev, timeout_s: u32) {
+    r.flags |= NAT_F_CLOSING;
+    r.timeout_s = timeout_s;
+}
+
+/// The client-side key of the flow a reply entry belongs to.
+#[inline(always)]
+fn client_key(r: &NatRev, proto: u8) -> FlowKey {
+    FlowKey { src: r.client, dst: r.vip, sport_be: r.client_port_be, dport_be: r.vip_port_be, proto, _pad: [0; 3] }
+}
+
 /// Removes the reply entry of a flow's previous translation, if it is
 /// still this flow's (its port may have been reclaimed by another flow).
 #[inline(always)]
@@ -108,7 +125,7 @@ fn release(key: &FlowKey, backend_id: u32, port_be: u16) {
     if let Some(r) = NAT_REV.get_ptr(&rk) {
         // SAFETY: valid for this run.
         let r = unsafe { &*r };
-        if r.client == key.src && r.client_port_be == key.sport_be && r.vip == key.dst && r.vip_port_be == key.dport_be {
+        if client_key(r, key.proto) == *key {
             let _ = NAT_REV.remove(&rk);
         }
     }
@@ -153,7 +170,12 @@ fn allocate(ctx: &XdpContext, p: &Packet, service: &Service, backend: &Backend, 
         if let Some(old) = NAT_REV.get_ptr(&rk) {
             // SAFETY: valid for this run.
             let old = unsafe { &*old };
-            if expired(old.last_seen_ns, old.timeout_s, now) && NAT_REV.insert(&rk, &rev, 0).is_ok() {
+            // Idle both ways: a one-way flow (the client sends, the backend
+            // never answers) keeps its port while the client keeps sending.
+            let partner_idle = NAT_FWD
+                .get_ptr(&client_key(old, key.proto))
+                .is_none_or(|f| unsafe { expired((*f).last_seen_ns, (*f).timeout_s, now) });
+            if expired(old.last_seen_ns, old.timeout_s, now) && partner_idle && NAT_REV.insert(&rk, &rev, 0).is_ok() {
                 return Ok(port);
             }
         }
@@ -181,13 +203,29 @@ pub fn reverse(ctx: &XdpContext, p: &Packet) -> Result<u32, Reason> {
     // SAFETY: valid for this run.
     let r = unsafe { &mut *r };
     r.last_seen_ns = unsafe { bpf_ktime_get_coarse_ns() };
-    if p.fin_or_rst {
-        r.flags |= NAT_F_CLOSING;
+    if p.fin_or_rst && r.flags & NAT_F_CLOSING == 0 {
+        close_both(r, p.key.proto);
     }
     let (vip, vip_port, client, client_port) = (r.vip, r.vip_port_be, r.client, r.client_port_be);
     rewrite(ctx, p, &vip, vip_port, &client, client_port)?;
     count(Reason::NatReply);
     to_client(ctx, r)
+}
+
+/// A FIN or RST from the backend: both directions of the flow get the
+/// service's closing timeout.
+#[inline(always)]
+fn close_both(r: &mut NatRev, proto: u8) {
+    let skey = ServiceKey { addr: r.vip, port_be: r.vip_port_be, proto, _pad: 0 };
+    // SAFETY: service values are replaced whole, never written in place.
+    let Some(service) = (unsafe { SERVICES.get(&skey) }) else { return };
+    close_rev(r, service.nat_closing_timeout);
+    if let Some(f) = NAT_FWD.get_ptr_mut(&client_key(r, proto)) {
+        // SAFETY: valid for this run.
+        let f = unsafe { &mut *f };
+        f.flags |= NAT_F_CLOSING;
+        f.timeout_s = service.nat_closing_timeout;
+    }
 }
 
 /// Sends a translated reply towards the client, back the way its packets
