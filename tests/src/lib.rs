@@ -11,6 +11,7 @@
 
 pub mod client;
 pub mod lb;
+pub mod nat_topology;
 pub mod netns;
 pub mod proc;
 pub mod topology;

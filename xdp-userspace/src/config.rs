@@ -142,7 +142,10 @@ impl Default for NatConfig {
     fn default() -> Self {
         Self {
             snat_address: None,
-            ports: (20000, 59999),
+            // Below Linux's default ephemeral range (32768-60999): the SNAT
+            // address is usually this host's own, and its own connections
+            // (health checks among them) must not use a translated port.
+            ports: (10000, 32767),
             tcp_timeout: Duration::from_secs(3600),
             tcp_closing_timeout: Duration::from_secs(10),
             udp_timeout: Duration::from_secs(60),
@@ -812,8 +815,10 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
         (d, 1000)
     } else if let Some(d) = text.strip_suffix('m') {
         (d, 60_000)
+    } else if let Some(d) = text.strip_suffix('h') {
+        (d, 3_600_000)
     } else {
-        return Err("is not a duration: write <n>ms, <n>s or <n>m, e.g. \"500ms\"".into());
+        return Err("is not a duration: write <n>ms, <n>s, <n>m or <n>h, e.g. \"500ms\"".into());
     };
     if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
         return Err("is not a duration: the number must be a whole number, e.g. \"1500ms\" for 1.5s".into());
@@ -829,7 +834,9 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
 /// unit that is exact.
 fn format_duration(d: Duration) -> String {
     let ms = d.as_millis();
-    if ms.is_multiple_of(60_000) {
+    if ms.is_multiple_of(3_600_000) {
+        format!("{}h", ms / 3_600_000)
+    } else if ms.is_multiple_of(60_000) {
         format!("{}m", ms / 60_000)
     } else if ms.is_multiple_of(1000) {
         format!("{}s", ms / 1000)
@@ -1516,7 +1523,7 @@ state = "down"
     fn invalid_durations() {
         let drain = |d: &str| service(&format!("drain_timeout = \"{d}\"\n"));
         rejects(&drain("0s"), "service \"web\" drain_timeout", "longer than zero");
-        rejects(&drain("1h"), "service \"web\" drain_timeout", "not a duration");
+        rejects(&drain("1d"), "service \"web\" drain_timeout", "not a duration");
         rejects(&drain("1.5s"), "service \"web\" drain_timeout", "whole number");
         rejects(&drain("s"), "service \"web\" drain_timeout", "whole number");
         rejects(&drain("99999999999999999999m"), "service \"web\" drain_timeout", "too long");

@@ -15,7 +15,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::Result;
+use anyhow::{Context as _, Result};
 use serde_json::{json, Value};
 use tokio::{
     signal::unix::{signal, SignalKind},
@@ -365,6 +365,21 @@ fn service_view(inner: &Inner, s: &ServiceState) -> api::ServiceView {
     }
 }
 
+/// Warns when a NAT service's source ports overlap the kernel's ephemeral
+/// range: this host's own connections could then collide with translated
+/// flows on the SNAT address.
+fn warn_port_overlap(config: &Config) {
+    let Ok(text) = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range") else { return };
+    let mut it = text.split_whitespace().filter_map(|n| n.parse::<u16>().ok());
+    let (Some(lo), Some(hi)) = (it.next(), it.next()) else { return };
+    for s in config.services.iter().filter(|s| s.mode == Mode::Nat) {
+        let (a, b) = s.nat.ports;
+        if a <= hi && lo <= b {
+            warn!(service = %s.name, "NAT ports {a}-{b} overlap this host's ephemeral ports {lo}-{hi} (net.ipv4.ip_local_port_range): set nat.ports outside it, or reserve them with net.ipv4.ip_local_reserved_ports");
+        }
+    }
+}
+
 /// Removes the pins when dropped, unless disarmed: a first start that fails
 /// half way leaves nothing behind (an adopted datapath is never removed).
 struct PinGuard<'a>(Option<&'a Path>);
@@ -399,8 +414,13 @@ pub fn run(opts: Options) -> Result<()> {
     let mut controller = Controller::new(maps)?;
     let adopted = controller.adopting();
     controller.apply(&config)?;
+    warn_port_overlap(&config);
     let mut interfaces = Vec::new();
     for iface in &opts.ifaces {
+        // Replies to NAT clients leave through the interface the client
+        // came in on, which may be any of ours: all are redirect targets.
+        let ifindex = loader::interface_index(iface)?;
+        controller.maps.tx_ports.insert(ifindex, ifindex, None, 0).with_context(|| format!("adding {iface} to the egress devmap"))?;
         let attached = datapath.attach_pinned(iface, opts.mode)?;
         info!(%iface, mode = attached.name(), "XDP program attached");
         interfaces.push(api::InterfaceView { name: iface.clone(), mode: attached.name().into() });

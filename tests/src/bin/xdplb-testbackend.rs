@@ -13,6 +13,12 @@
 //!   connection tests).
 //! * `GET /health` with `--flap N`: every Nth request answers `503` (a
 //!   backend that fails one health check in N).
+//! * `GET /bytes?n=N`: `N` bytes of the pseudo-random pattern stream of
+//!   `xdplb_tests::nat_topology::Pattern` (bulk download tests).
+//! * `POST /sha256`: reads the `Content-Length` bytes of the body and
+//!   answers their SHA-256, lower-case hex (bulk upload tests).
+//! * `GET /peer`: the address and port the connection came from, as this
+//!   backend sees it (the SNAT address and port under NAT).
 //! * UDP on `--udp-port`: every datagram is answered with `<name>\n`, sent
 //!   from the address it was sent to (the VIP, under DSR).
 //!
@@ -24,6 +30,8 @@ use std::mem;
 use std::net::{TcpListener, TcpStream};
 use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
 use std::sync::Arc;
+
+use xdplb_tests::nat_topology::{Pattern, Sha256};
 
 struct Config {
     name: String,
@@ -184,11 +192,16 @@ fn serve(stream: TcpStream, config: &Config) -> std::io::Result<()> {
                 }
             }
         }
-        // Discard any request body so the next request parses cleanly.
-        std::io::copy(
-            &mut (&mut reader).take(content_length as u64),
-            &mut std::io::sink(),
-        )?;
+        let mut upload_sha256 = None;
+        if method == "POST" && path == "/sha256" {
+            upload_sha256 = Some(hash_body(&mut reader, content_length as u64)?);
+        } else {
+            // Discard any request body so the next request parses cleanly.
+            std::io::copy(
+                &mut (&mut reader).take(content_length as u64),
+                &mut std::io::sink(),
+            )?;
+        }
         if config.verbose {
             eprintln!("{name}: {peer} {request_line}");
         }
@@ -202,8 +215,44 @@ fn serve(stream: TcpStream, config: &Config) -> std::io::Result<()> {
             "HTTP/1.0" => connection.contains("keep-alive"),
             _ => !connection.contains("close"),
         };
+        let conn_header = if keep_alive { "keep-alive" } else { "close" };
+        if let Some(hex) = upload_sha256 {
+            let body = format!("{hex}\n");
+            write!(out, "{version} 200 OK\r\nContent-Length: {}\r\nContent-Type: text/plain\r\nX-Backend: {name}\r\nConnection: {conn_header}\r\n\r\n{body}", body.len())?;
+            if !keep_alive {
+                return Ok(());
+            }
+            continue;
+        }
         if method != "GET" && method != "HEAD" {
             return respond_error(&mut out, "405 Method Not Allowed", name);
+        }
+
+        if let Some(n) = path.strip_prefix("/bytes?n=") {
+            let Ok(n) = n.parse::<u64>() else {
+                return respond_error(&mut out, "400 Bad Request", name);
+            };
+            write!(out, "{version} 200 OK\r\nContent-Length: {n}\r\nContent-Type: application/octet-stream\r\nX-Backend: {name}\r\nConnection: {conn_header}\r\n\r\n")?;
+            if method == "GET" {
+                Pattern::new().write(n, &mut out)?;
+            }
+            if !keep_alive {
+                return Ok(());
+            }
+            continue;
+        }
+
+        if path == "/peer" {
+            let seen = std::net::SocketAddr::new(peer.ip().to_canonical(), peer.port());
+            let body = format!("{seen}\n");
+            write!(out, "{version} 200 OK\r\nContent-Length: {}\r\nContent-Type: text/plain\r\nX-Backend: {name}\r\nConnection: {conn_header}\r\n\r\n", body.len())?;
+            if method == "GET" {
+                out.write_all(body.as_bytes())?;
+            }
+            if !keep_alive {
+                return Ok(());
+            }
+            continue;
         }
 
         if path == "/stream" {
@@ -226,7 +275,6 @@ fn serve(stream: TcpStream, config: &Config) -> std::io::Result<()> {
         }
 
         let body = format!("{name}\n");
-        let conn_header = if keep_alive { "keep-alive" } else { "close" };
         let mut response = format!(
             "{version} 200 OK\r\nContent-Length: {}\r\nContent-Type: text/plain\r\nX-Backend: {name}\r\nConnection: {conn_header}\r\n\r\n",
             body.len()
@@ -240,6 +288,25 @@ fn serve(stream: TcpStream, config: &Config) -> std::io::Result<()> {
             return Ok(());
         }
     }
+}
+
+/// SHA-256 of the next `len` bytes of the request (hashed by an optimised
+/// program in a child process: this binary is built in the debug profile).
+fn hash_body(reader: &mut BufReader<TcpStream>, len: u64) -> std::io::Result<String> {
+    let mut sha = Sha256::new().map_err(|e| std::io::Error::other(format!("{e:#}")))?;
+    // Reads larger than the BufReader's buffer bypass it once it is empty.
+    let mut buf = vec![0u8; 1 << 20];
+    let mut left = len;
+    while left > 0 {
+        let want = left.min(buf.len() as u64) as usize;
+        let n = reader.read(&mut buf[..want])?;
+        if n == 0 {
+            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, format!("body ended {left} bytes early")));
+        }
+        sha.write_all(&buf[..n])?;
+        left -= n as u64;
+    }
+    sha.finish().map_err(|e| std::io::Error::other(format!("{e:#}")))
 }
 
 fn respond_error(out: &mut TcpStream, status: &str, name: &str) -> std::io::Result<()> {
