@@ -234,9 +234,15 @@ pub struct Load {
 }
 
 impl Load {
-    /// Starts the load against `vip` from source ports `first_port..`.
+    /// Starts the load from the topology's client against `vip`, from
+    /// source ports `first_port..`.
     pub fn start(topo: &DsrTopology, vip: SocketAddr, every: Duration, first_port: u16) -> Result<Self> {
-        let ns = std::fs::File::open(topo.client().path())?;
+        Self::start_in(topo.client(), vip, every, first_port)
+    }
+
+    /// Starts the load from namespace `client`.
+    pub fn start_in(client: &crate::netns::Netns, vip: SocketAddr, every: Duration, first_port: u16) -> Result<Self> {
+        let ns = std::fs::File::open(client.path())?;
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
         let handle = std::thread::spawn(move || {

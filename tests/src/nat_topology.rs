@@ -49,17 +49,14 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::AsRawFd as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::{
-    atomic::{AtomicBool, Ordering},
-    Arc, Mutex, OnceLock,
-};
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context as _, Result};
 
 use crate::{
     client,
-    lb::{Sample, Tally},
+    lb::Tally,
     netns::{unique_prefix, Netns},
     proc::Proc,
 };
@@ -723,47 +720,6 @@ pub fn peer(client: &Netns, addr: SocketAddr) -> Result<(String, SocketAddr)> {
         let seen: SocketAddr = body.trim().parse().with_context(|| format!("GET /peer answered {body:?}"))?;
         Ok((head.backend.unwrap_or_default(), seen))
     })
-}
-
-/// Steady load from the client: one HTTP GET (new connection, next source
-/// port) every `every`, until stopped.
-pub struct Load {
-    stop: Arc<AtomicBool>,
-    handle: std::thread::JoinHandle<Vec<Sample>>,
-}
-
-impl Load {
-    pub fn start(client: &Netns, addr: SocketAddr, every: Duration, first_port: u16) -> Result<Load> {
-        let ns = std::fs::File::open(client.path())?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
-        let handle = std::thread::spawn(move || {
-            // SAFETY: setns on a valid fd; affects only this thread.
-            if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                panic!("setns: {}", std::io::Error::last_os_error());
-            }
-            let mut samples = Vec::new();
-            let mut port = first_port;
-            let mut next = Instant::now();
-            while !flag.load(Ordering::Relaxed) {
-                let start = Instant::now();
-                let result = client::get(addr, Some(port), Duration::from_secs(2)).map_err(|e| format!("{e:#}"));
-                samples.push(Sample { start, port, result });
-                port = if port == u16::MAX { first_port } else { port + 1 };
-                next += every;
-                if let Some(wait) = next.checked_duration_since(Instant::now()) {
-                    std::thread::sleep(wait);
-                }
-            }
-            samples
-        });
-        Ok(Load { stop, handle })
-    }
-
-    pub fn stop(self) -> Vec<Sample> {
-        self.stop.store(true, Ordering::Relaxed);
-        self.handle.join().expect("load thread panicked")
-    }
 }
 
 // ------------------------------------------------- bulk data and SHA-256

@@ -21,10 +21,11 @@ use std::{
 use xdp_common::Reason;
 use xdplb::dataplane::Maps;
 use xdplb_tests::{
+    lb::Load,
     bin_path,
     lb::{Sample, Tally},
     nat_topology::{
-        download, nat_config, pattern_sha256, peer, requests, start_backend, start_backends, udp_queries, upload, Load,
+        download, nat_config, pattern_sha256, peer, requests, start_backend, start_backends, udp_queries, upload,
         NatLb, NatTopology, Shape, Transfer, BACKEND_PORT,
     },
     proc::Proc,
@@ -293,7 +294,7 @@ fn failover_in_nat_mode_under_load() {
     let b1: IpAddr = bed.topo.backend_addr(1, false);
     let health = |bed: &Bed| bed.lb().backend("web4", b1).unwrap()["health"].as_str().unwrap().to_owned();
     assert_eq!(health(&bed), "up");
-    let load = Load::start(bed.topo.client(), vip, Duration::from_millis(5), 20000).unwrap();
+    let load = Load::start_in(bed.topo.client(), vip, Duration::from_millis(5), 20000).unwrap();
     std::thread::sleep(Duration::from_millis(300));
 
     // Kill b1's server: its host stays up and answers SYNs with RST.
