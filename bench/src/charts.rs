@@ -26,7 +26,8 @@ fn font() -> Result<()> {
     DONE.get_or_init(|| {
         let bytes = std::fs::read(FONT_FILE).map_err(|e| format!("reading {FONT_FILE}: {e}"))?;
         let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
-        plotters::style::register_font(FONT, FontStyle::Normal, bytes).map_err(|_| format!("{FONT_FILE}: not a usable font"))
+        plotters::style::register_font(FONT, FontStyle::Normal, bytes)
+            .map_err(|_| format!("{FONT_FILE}: not a usable font"))
     })
     .clone()
     .map_err(|e| anyhow!(e))
@@ -86,14 +87,22 @@ fn bars(file: &GroupFile, unit: &str) -> Vec<Bar> {
 /// Draws `file`'s chart into `path` (PNG).
 pub fn draw_group(path: &Path, file: &GroupFile) -> Result<()> {
     font()?;
-    let panels: Vec<(String, Vec<Bar>)> =
-        file.by_unit().into_iter().map(|(unit, _)| (unit.clone(), bars(file, &unit))).collect();
+    let panels: Vec<(String, Vec<Bar>)> = file
+        .by_unit()
+        .into_iter()
+        .map(|(unit, _)| (unit.clone(), bars(file, &unit)))
+        .collect();
     if panels.is_empty() {
         bail!("no figures");
     }
     let heights: Vec<u32> = panels.iter().map(|(_, b)| PANEL_EXTRA + ROW * b.len() as u32).collect();
     let total: u32 = heights.iter().sum::<u32>() + 40;
-    let longest = panels.iter().flat_map(|(_, b)| b).map(|b| b.label.chars().count()).max().unwrap_or(10);
+    let longest = panels
+        .iter()
+        .flat_map(|(_, b)| b)
+        .map(|b| b.label.chars().count())
+        .max()
+        .unwrap_or(10);
     let label_width = (longest as u32 * 8 + 20).clamp(120, 560);
 
     let root = BitMapBackend::new(path, (WIDTH, total)).into_drawing_area();
@@ -111,7 +120,12 @@ pub fn draw_group(path: &Path, file: &GroupFile) -> Result<()> {
     Ok(())
 }
 
-fn draw_panel<DB: DrawingBackend>(area: &DrawingArea<DB, plotters::coord::Shift>, unit: &str, bars: &[Bar], label_width: u32) -> Result<()>
+fn draw_panel<DB: DrawingBackend>(
+    area: &DrawingArea<DB, plotters::coord::Shift>,
+    unit: &str,
+    bars: &[Bar],
+    label_width: u32,
+) -> Result<()>
 where
     DB::ErrorType: 'static,
 {
@@ -153,7 +167,10 @@ where
     for (k, b) in bars.iter().enumerate() {
         let y = (n - 1 - k) as f64;
         chart
-            .draw_series(std::iter::once(Rectangle::new([(0.0, y - 0.32), (b.median, y + 0.32)], b.colour.filled())))
+            .draw_series(std::iter::once(Rectangle::new(
+                [(0.0, y - 0.32), (b.median, y + 0.32)],
+                b.colour.filled(),
+            )))
             .map_err(err)?;
         if b.max > b.min {
             let whisker = BLACK.stroke_width(2);
@@ -165,9 +182,14 @@ where
                 ])
                 .map_err(err)?;
         }
-        let style = TextStyle::from((FONT, 13).into_font()).pos(text_anchor::Pos::new(text_anchor::HPos::Left, text_anchor::VPos::Center));
+        let style = TextStyle::from((FONT, 13).into_font()).pos(text_anchor::Pos::new(
+            text_anchor::HPos::Left,
+            text_anchor::VPos::Center,
+        ));
         let x = b.max.max(b.median).max(0.0) + 0.01 * span;
-        chart.draw_series(std::iter::once(Text::new(b.text.clone(), (x, y), style))).map_err(err)?;
+        chart
+            .draw_series(std::iter::once(Text::new(b.text.clone(), (x, y), style)))
+            .map_err(err)?;
     }
     Ok(())
 }
@@ -199,7 +221,12 @@ mod tests {
             machine: Machine::probe(Path::new(".")),
             description: None,
             notes: vec![],
-            references: vec![Reference { case: "other".into(), unit: "ns".into(), value: 60.0, source: "s".into() }],
+            references: vec![Reference {
+                case: "other".into(),
+                unit: "ns".into(),
+                value: 60.0,
+                source: "s".into(),
+            }],
             figures: records(&figs),
             error: None,
         };

@@ -1,7 +1,275 @@
-//! placeholder
+//! Failover: a backend's server is killed (SIGKILL) under steady load;
+//! how long until no new flow reaches it (the balancer reports it down),
+//! and how many requests fail meanwhile, split by the backend they went
+//! to. xdplb's health check against HAProxy's with the same settings (TCP
+//! connect every 1 s, 500 ms timeout, rise 2, fall 3: xdplb's defaults),
+//! on the same topology with `xdplb-testbackend` servers.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context as _, Result};
+use xdplb_tests::{
+    lb::{dsr_config, start_backend, start_backends, Load, Sample, Xdplb},
+    proc::Proc,
+    topology::DsrTopology,
+};
+
+use crate::e2e::{haproxy, tools};
 use crate::harness::{Figure, Opts};
 
-pub fn run(opts: &Opts) -> anyhow::Result<Vec<Figure>> {
-    let _ = opts;
-    Ok(vec![])
+pub const GROUP: &str = "failover";
+
+/// The method, for the report.
+pub const DESCRIPTION: &str = "The DSR topology with `xdplb-testbackend` on three backends. Per trial: \
+every server runs and the balancer reports all three up; 4 client loops each open a new connection (one \
+HTTP/1.0 GET) every 20 ms; after 0.5 s plus a delay that steps through the check interval from trial to \
+trial, one backend's server (b1, b2, b3 in turn) is killed with SIGKILL (its host stays up and answers RST); the balancer's state is polled every 5 ms until it reports the \
+backend down (xdplb: `backend list`, the moment its Maglev slots are swapped out; HAProxy: `show stat` on \
+its stats socket): `*-detection` is the time from the kill to then. The load goes on for 0.5 s, the \
+server is restarted and must rejoin. Failed requests are split by the backend they went to (xdplb: the \
+flow table's pin, read with `xdplb flow` once the backend is back; HAProxy: its connection log). Both \
+check alike: TCP connect every 1 s, 500 ms timeout, rise 2, fall 3 (xdplb's defaults). HAProxy keeps \
+its defaults otherwise (retries 3, 500 ms apart, no `option redispatch`): a request sent to the dead \
+server fails only after ~1.5 s and stalls its loop meanwhile, so it makes fewer requests and fewer \
+failures than xdplb's, where the dead host's RST fails a request at once.";
+
+/// Both balancers' check interval; the daemon's documented bound on
+/// detection is interval × fall + interval.
+const CHECK_INTERVAL: Duration = Duration::from_secs(1);
+const BOUND_MS: f64 = 4000.0;
+/// Parallel request loops, each a new connection every `LOAD_EVERY`.
+const LOADS: usize = 4;
+const LOAD_EVERY: Duration = Duration::from_millis(20);
+
+#[derive(PartialEq)]
+enum Health {
+    Up,
+    Down,
+    Between,
+}
+
+/// A load balancer under test, as the trials see it.
+trait Balancer {
+    fn name(&self) -> &'static str;
+    /// Where the load goes.
+    fn target(&self) -> SocketAddr;
+    /// Backend `i`'s state as the balancer reports it.
+    fn health(&self, i: usize) -> Result<Health>;
+    /// The backend (1-based) each failed source port went to, if known.
+    /// Called once the killed backend is back up.
+    fn backends_of(&self, ports: &[u16]) -> Result<Vec<Option<usize>>>;
+}
+
+/// One trial's outcome.
+struct Trial {
+    detection_ms: f64,
+    requests: usize,
+    failed_dead: usize,
+    /// Every other failure, including `failed_unknown`.
+    failed_healthy: usize,
+    /// Failures whose backend is unknown (not proven to be the dead one).
+    failed_unknown: usize,
+}
+
+pub fn run(opts: &Opts) -> Result<Vec<Figure>> {
+    tools::ensure_packages(&[("haproxy", "failover: the health checker compared")])?;
+    let trials = if opts.quick { 2 } else { 20 };
+    let dir = tools::TempDir::new("failover")?;
+    let mut topo = DsrTopology::with_tag("bfo", 3)?;
+    let prefix = topo.prefix().to_owned();
+    topo.enable_xdp_tx(&opts.xdplb)?;
+    let mut servers = start_backends(&topo, &opts.testbackend)?;
+    topo.wait_reachable()?;
+
+    let xdplb = {
+        let lb = Xdplb::start(&opts.xdplb, &topo, &dsr_config(&topo))?;
+        let bal = XdplbBalancer { lb, topo: &topo };
+        run_trials(&bal, &topo, &mut servers, &opts.testbackend, trials)?
+    };
+    let haproxy = {
+        let config = haproxy::Config {
+            bind: SocketAddr::new(topo.lb_addr4().into(), 80),
+            servers: (1..=topo.backend_count()).map(|i| (topo.backend_name(i), SocketAddr::new(topo.backend_addr4(i).into(), 80))).collect(),
+            log: true,
+        };
+        let h = haproxy::Haproxy::start(topo.lb(), dir.path(), &config)?;
+        let bal = HaproxyBalancer { h, target: config.bind };
+        run_trials(&bal, &topo, &mut servers, &opts.testbackend, trials)?
+    };
+    drop(servers);
+    drop(topo);
+    let left: Vec<String> = xdplb_tests::netns::list()?.into_iter().filter(|n| n.starts_with(&prefix)).collect();
+    ensure!(left.is_empty(), "namespaces left behind: {left:?}");
+    Ok(figures(&xdplb, &haproxy))
+}
+
+fn run_trials(bal: &dyn Balancer, topo: &DsrTopology, servers: &mut [Proc], testbackend: &Path, n: usize) -> Result<Vec<Trial>> {
+    (0..n)
+        .map(|t| {
+            let victim = t % servers.len() + 1;
+            let trial = run_trial(bal, topo, servers, testbackend, t, victim)
+                .with_context(|| format!("failover: {} trial {} (killing b{victim})", bal.name(), t + 1))?;
+            eprintln!(
+                "failover: {:<7} trial {:>2}: b{victim} down after {:>6.0} ms; {} requests, failed {} to it, {} to healthy backends",
+                bal.name(),
+                t + 1,
+                trial.detection_ms,
+                trial.requests,
+                trial.failed_dead,
+                trial.failed_healthy
+            );
+            Ok(trial)
+        })
+        .collect()
+}
+
+/// Every server runs and is up; load; kill `victim`; wait for the
+/// balancer to call it down; load a little longer; restart it and wait
+/// until it rejoins; classify the failures.
+fn run_trial(bal: &dyn Balancer, topo: &DsrTopology, servers: &mut [Proc], testbackend: &Path, t: usize, victim: usize) -> Result<Trial> {
+    for i in 1..=servers.len() {
+        wait_for(bal, i, Health::Up, Duration::from_secs(10))?;
+    }
+    let loads = (0..LOADS)
+        .map(|l| Load::start(topo, bal.target(), LOAD_EVERY, 10_000 + ((t * LOADS + l) * 600) as u16))
+        .collect::<Result<Vec<_>>>()?;
+    // A kill at an even spread of phases of the check schedule over the
+    // trials (golden-ratio steps), not always the same one.
+    let phase = (t as f64 * 0.618_033_988_7).fract();
+    std::thread::sleep(Duration::from_millis(500) + CHECK_INTERVAL.mul_f64(phase));
+    let killed = Instant::now();
+    servers[victim - 1].kill(libc::SIGKILL)?;
+    let down = wait_for(bal, victim, Health::Down, Duration::from_secs(10));
+    std::thread::sleep(Duration::from_millis(500));
+    let samples: Vec<_> = loads.into_iter().flat_map(Load::stop).collect();
+    let down = down?;
+    servers[victim - 1] = start_backend(topo, testbackend, victim, &[])?;
+    wait_for(bal, victim, Health::Up, Duration::from_secs(10))?;
+    std::thread::sleep(Duration::from_millis(200)); // HAProxy logs a session when it ends
+    let failed: Vec<&Sample> = samples.iter().filter(|s| s.result.is_err()).collect();
+    let to = bal.backends_of(&failed.iter().map(|s| s.port).collect::<Vec<_>>())?;
+    let failed_dead = to.iter().filter(|b| **b == Some(victim)).count();
+    for (s, b) in failed.iter().zip(&to).filter(|(_, b)| **b != Some(victim)) {
+        let when = s.start.saturating_duration_since(killed).as_millis();
+        let to = b.map_or("an unknown backend".into(), |b| format!("b{b}"));
+        eprintln!("failover: {}: a request to {to}, {when} ms after the kill, failed: {:?}", bal.name(), s.result);
+    }
+    Ok(Trial {
+        detection_ms: (down - killed).as_secs_f64() * 1000.0,
+        requests: samples.len(),
+        failed_dead,
+        failed_healthy: failed.len() - failed_dead,
+        failed_unknown: to.iter().filter(|b| b.is_none()).count(),
+    })
+}
+
+/// Polls backend `i` until the balancer reports `want`; returns when.
+fn wait_for(bal: &dyn Balancer, i: usize, want: Health, limit: Duration) -> Result<Instant> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if bal.health(i)? == want {
+            return Ok(Instant::now());
+        }
+        if Instant::now() > deadline {
+            bail!("b{i} not {} within {limit:?}", if want == Health::Up { "up" } else { "down" });
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+struct XdplbBalancer<'a> {
+    lb: Xdplb,
+    topo: &'a DsrTopology,
+}
+
+impl Balancer for XdplbBalancer<'_> {
+    fn name(&self) -> &'static str {
+        "xdplb"
+    }
+    fn target(&self) -> SocketAddr {
+        SocketAddr::new(self.topo.vip4().into(), 80)
+    }
+    fn health(&self, i: usize) -> Result<Health> {
+        let b = self.lb.backend("web4", self.topo.backend_addr4(i).into())?;
+        Ok(match (b["health"].as_str(), b["state"].as_str()) {
+            (Some("up"), Some("active")) => Health::Up,
+            (Some("down"), _) => Health::Down,
+            _ => Health::Between,
+        })
+    }
+    /// The flow table pins every flow to the backend its first packet went
+    /// to; once that backend is active again, `xdplb flow` names it.
+    fn backends_of(&self, ports: &[u16]) -> Result<Vec<Option<usize>>> {
+        let by_addr: BTreeMap<String, usize> = (1..=self.topo.backend_count()).map(|i| (format!("{}:80", self.topo.backend_addr4(i)), i)).collect();
+        ports
+            .iter()
+            .map(|&p| {
+                let src = SocketAddr::new(self.topo.client_addr4().into(), p);
+                let f = self.lb.flow(src, self.target())?;
+                Ok(f["established"].as_bool().filter(|e| *e).and_then(|_| by_addr.get(f["backend"].as_str()?).copied()))
+            })
+            .collect()
+    }
+}
+
+struct HaproxyBalancer {
+    h: haproxy::Haproxy,
+    target: SocketAddr,
+}
+
+impl Balancer for HaproxyBalancer {
+    fn name(&self) -> &'static str {
+        "haproxy"
+    }
+    fn target(&self) -> SocketAddr {
+        self.target
+    }
+    fn health(&self, i: usize) -> Result<Health> {
+        let status = self.h.status()?;
+        let s = status.get(&format!("b{i}")).map_or("", String::as_str);
+        Ok(if s == "UP" {
+            Health::Up
+        } else if s.starts_with("DOWN") {
+            Health::Down
+        } else {
+            Health::Between
+        })
+    }
+    /// From HAProxy's connection log (client port → server).
+    fn backends_of(&self, ports: &[u16]) -> Result<Vec<Option<usize>>> {
+        let log = self.h.servers_by_port();
+        Ok(ports.iter().map(|p| log.get(p).and_then(|s| s.strip_prefix('b')?.parse().ok())).collect())
+    }
+}
+
+fn figures(xdplb: &[Trial], haproxy: &[Trial]) -> Vec<Figure> {
+    let fig = |case: &str, unit: &str, trials: &[Trial], f: fn(&Trial) -> f64| {
+        Figure::new(GROUP, case, unit, trials.iter().map(f).collect(), false)
+    };
+    let unknown = |v: &[Trial], why: &str| {
+        let n: usize = v.iter().map(|t| t.failed_unknown).sum();
+        format!("every failure not proven to have gone to the killed backend; {n} in all of unknown backend ({why})")
+    };
+    let requests = |v: &[Trial]| v.iter().map(|t| t.requests).sum::<usize>();
+    let worst = |v: &[Trial], f: fn(&Trial) -> f64| v.iter().map(f).fold(0.0, f64::max);
+    let detection: fn(&Trial) -> f64 = |t| t.detection_ms;
+    let dead: fn(&Trial) -> f64 = |t| t.failed_dead as f64;
+    let healthy: fn(&Trial) -> f64 = |t| t.failed_healthy as f64;
+    vec![
+        fig("xdplb-detection", "ms", xdplb, detection)
+            .baseline("haproxy-detection")
+            .target("every trial <= 4000 ms (interval x fall + interval)", worst(xdplb, detection) <= BOUND_MS),
+        fig("xdplb-failed-dead", "requests", xdplb, dead)
+            .note(format!("of {} requests in all; the flow table pins each to the killed backend", requests(xdplb))),
+        fig("xdplb-failed-healthy", "requests", xdplb, healthy)
+            .target("0 in every trial", worst(xdplb, healthy) == 0.0)
+            .note(unknown(xdplb, "with no flow pinned")),
+        fig("haproxy-detection", "ms", haproxy, detection),
+        fig("haproxy-failed-dead", "requests", haproxy, dead)
+            .note(format!("of {} requests in all; HAProxy's connection log names the killed server", requests(haproxy))),
+        fig("haproxy-failed-healthy", "requests", haproxy, healthy).note(unknown(haproxy, "missing from HAProxy's log")),
+    ]
 }

@@ -15,7 +15,10 @@ const IPV4_SRC: usize = 14 + 12;
 const IPV4_L4: usize = 14 + 20;
 
 fn checksum(bytes: &[u8]) -> u16 {
-    let mut sum: u32 = bytes.chunks(2).map(|c| u32::from(c[0]) << 8 | u32::from(*c.get(1).unwrap_or(&0))).sum();
+    let mut sum: u32 = bytes
+        .chunks(2)
+        .map(|c| u32::from(c[0]) << 8 | u32::from(*c.get(1).unwrap_or(&0)))
+        .sum();
     while sum > 0xffff {
         sum = (sum & 0xffff) + (sum >> 16);
     }
@@ -114,8 +117,20 @@ mod tests {
 
     #[test]
     fn rewritten_source_keeps_a_valid_checksum() {
-        let mut f = packet([2; 6], [4; 6], "10.0.0.1:1000".parse().unwrap(), "10.0.100.1:80".parse().unwrap(), PROTO_TCP);
-        let want = packet([2; 6], [4; 6], "10.9.8.7:4321".parse().unwrap(), "10.0.100.1:80".parse().unwrap(), PROTO_TCP);
+        let mut f = packet(
+            [2; 6],
+            [4; 6],
+            "10.0.0.1:1000".parse().unwrap(),
+            "10.0.100.1:80".parse().unwrap(),
+            PROTO_TCP,
+        );
+        let want = packet(
+            [2; 6],
+            [4; 6],
+            "10.9.8.7:4321".parse().unwrap(),
+            "10.0.100.1:80".parse().unwrap(),
+            PROTO_TCP,
+        );
         set_ipv4_source(&mut f, "10.9.8.7:4321".parse().unwrap());
         assert_eq!(f, want);
         assert_eq!(checksum(&f[14..34]), 0);

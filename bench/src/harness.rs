@@ -4,7 +4,7 @@
 use std::{
     path::{Path, PathBuf},
     process::Command,
-    sync::atomic::{AtomicU32, Ordering},
+    sync::atomic::{AtomicBool, AtomicU32, Ordering},
 };
 
 use anyhow::{bail, Context as _, Result};
@@ -158,13 +158,78 @@ impl Machine {
             kernel: out(Command::new("uname").arg("-r")),
             cpu,
             cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
-            commit: out(Command::new("git").args(["rev-parse", "--short", "HEAD"]).current_dir(root)),
+            commit: out(Command::new("git")
+                .args(["rev-parse", "--short", "HEAD"])
+                .current_dir(root)),
             started: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),
-            loadavg: std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim().to_owned(),
+            loadavg: std::fs::read_to_string("/proc/loadavg")
+                .unwrap_or_default()
+                .trim()
+                .to_owned(),
         }
     }
+}
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    INTERRUPTED.store(true, Ordering::Relaxed);
+}
+
+/// Makes SIGINT and SIGTERM set a flag that [`interrupted`] turns into an
+/// error, so a benchmark stops at its next check and its guards remove
+/// what it created (instead of the process dying with namespaces and pins
+/// left behind).
+pub fn catch_interrupts() {
+    // SAFETY: the handler only stores to an atomic (async-signal-safe).
+    unsafe {
+        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
+    }
+}
+
+/// Fails once SIGINT or SIGTERM arrived; call it in long loops.
+pub fn interrupted() -> Result<()> {
+    if INTERRUPTED.load(Ordering::Relaxed) {
+        bail!("interrupted");
+    }
+    Ok(())
+}
+
+/// Aggregate CPU time counters from /proc/stat: (total, steal, idle), in ticks.
+pub fn cpu_times() -> (u64, u64, u64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let Some(line) = stat.lines().find(|l| l.starts_with("cpu ")) else {
+        return (0, 0, 0);
+    };
+    let v: Vec<u64> = line.split_whitespace().skip(1).filter_map(|x| x.parse().ok()).collect();
+    // user nice system idle iowait irq softirq steal guest guest_nice;
+    // guest time is already counted in user.
+    let total = v.iter().take(8).sum();
+    (
+        total,
+        v.get(7).copied().unwrap_or(0),
+        v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0),
+    )
+}
+
+/// A line on how busy the machine was between two `cpu_times` readings.
+pub fn busy_note(before: (u64, u64, u64), after: (u64, u64, u64)) -> String {
+    let total = after.0.saturating_sub(before.0).max(1) as f64;
+    let steal = after.1.saturating_sub(before.1) as f64 / total * 100.0;
+    let busy = 100.0 - after.2.saturating_sub(before.2) as f64 / total * 100.0;
+    format!(
+        "While this group ran, the machine's CPUs were {busy:.0} % busy (this benchmark included) and the hypervisor \
+         stole {steal:.1} % of their time; load average at the end: {}.",
+        std::fs::read_to_string("/proc/loadavg")
+            .unwrap_or_default()
+            .split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" ")
+    )
 }
 
 /// Runs `f` on a fresh thread pinned to `cpu` (sched_setaffinity), so the

@@ -23,7 +23,11 @@ const BIG_M: u32 = 131_071;
 
 fn backends(n: usize) -> Vec<MaglevBackend> {
     (0..n)
-        .map(|i| MaglevBackend { key: format!("10.0.{}.{}:80", i / 256, i % 256), id: i as u32, weight: 1 })
+        .map(|i| MaglevBackend {
+            key: format!("10.0.{}.{}:80", i / 256, i % 256),
+            id: i as u32,
+            weight: 1,
+        })
         .collect()
 }
 
@@ -64,36 +68,66 @@ pub fn run(opts: &Opts) -> Result<Section> {
 
     let removals = if opts.quick { 5 } else { 7 };
     let mut problems = Vec::new();
-    for n in [10usize, 100, 1000] {
+    let mut excess_notes = Vec::new();
+    for (n, m) in [(10usize, M), (100, M), (1000, M), (1000, BIG_M)] {
         let all = backends(n);
-        let before = build(&all, M)?;
+        let before = build(&all, m)?;
         let mut moved = Vec::new();
         let mut excess = Vec::new();
         for k in 0..removals {
             let gone = (k * n / removals + n / (2 * removals)) as u32;
             let rest: Vec<MaglevBackend> = all.iter().filter(|b| b.id != gone).cloned().collect();
-            let after = build(&rest, M)?;
+            let after = build(&rest, m)?;
             let changed = before.iter().zip(&after).filter(|(a, b)| a != b).count();
             let others = before.iter().zip(&after).filter(|(a, b)| **a != gone && a != b).count();
-            moved.push(changed as f64 / f64::from(M));
-            excess.push(others as f64 / f64::from(M));
+            moved.push(changed as f64 / f64::from(m));
+            excess.push(others as f64 / f64::from(m));
         }
         let ideal = 1.0 / n as f64;
-        let f = Figure::new(GROUP, &format!("disruption, remove 1 of {n}"), "fraction", moved, false);
+        excess_notes.push(format!(
+            "{:.2} % of the table for M = {m}, N = {n}",
+            100.0 * crate::harness::median(&excess)
+        ));
+        let f = Figure::new(
+            GROUP,
+            &format!("disruption, M={m}, remove 1 of {n}"),
+            "fraction",
+            moved,
+            false,
+        );
         let note = format!(
             "ideal 1/N = {ideal:.5}; median {:.2}× ideal; of which slots of backends that stayed: median {:.5} of the table",
             f.median() / ideal,
             crate::harness::median(&excess)
         );
-        if f.min() + 1e-9 < ideal * 0.5 || f.median() > ideal * 3.0 {
-            problems.push(format!("maglev disruption for N={n}: median {} far from 1/N = {ideal}", f.median()));
+        // The removed backend's own slots always move: less than that
+        // means the measurement is wrong (more is Maglev's real disruption).
+        if f.min() < ideal * 0.9 || f.max() > 1.0 {
+            problems.push(format!(
+                "maglev disruption for M={m}, N={n}: {:?} outside [~1/N, 1]",
+                f.samples
+            ));
         }
         figures.push(f.note(note));
     }
     let b10 = figures[0].median();
     let b1000 = figures[2].median();
     if b1000 < b10 * 0.5 {
-        problems.push(format!("maglev build: 1,000 backends ({b1000:.3} ms) much faster than 10 ({b10:.3} ms)"));
+        problems.push(format!(
+            "maglev build: 1,000 backends ({b1000:.3} ms) much faster than 10 ({b10:.3} ms)"
+        ));
     }
-    Ok(Section { group: GROUP.into(), figures, problems, ..Default::default() })
+    let notes = vec![format!(
+        "Beyond the removed backend's own slots, a rebuild also moves a share of the slots of backends \
+         that stayed (Maglev trades it for even shares): {}. That share hardly depends on M or N, so \
+         relative to the ideal 1/N it weighs more the more backends there are.",
+        excess_notes.join("; ")
+    )];
+    Ok(Section {
+        group: GROUP.into(),
+        figures,
+        problems,
+        notes,
+        ..Default::default()
+    })
 }

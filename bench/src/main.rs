@@ -66,6 +66,8 @@ fn description(group: &str) -> Option<&'static str> {
         pps::GROUP => Some(pps::DESCRIPTION),
         maglev::GROUP => Some(maglev::DESCRIPTION),
         memory::GROUP => Some(memory::DESCRIPTION),
+        failover::GROUP => Some(failover::DESCRIPTION),
+        g if g.starts_with("e2e") => Some(e2e::DESCRIPTION),
         _ => None,
     }
 }
@@ -166,6 +168,7 @@ fn real_main() -> Result<bool> {
     if unsafe { libc::geteuid() } != 0 {
         bail!("the benchmarks need root (BPF, network namespaces); run `sudo -E cargo xtask bench`");
     }
+    harness::catch_interrupts();
     let root = root();
     if let Err(e) = harness::ensure_apt(&[
         ("fonts-dejavu-core", "text in the charts"),
@@ -199,17 +202,23 @@ fn real_main() -> Result<bool> {
         if args.only.as_ref().is_some_and(|o| !o.iter().any(|n| n == bench.name)) {
             continue;
         }
+        if harness::interrupted().is_err() {
+            bail!("interrupted; results of the benchmarks that finished are in bench/results/");
+        }
         println!("\n### {}", bench.name);
         let t = Instant::now();
+        let cpu_before = harness::cpu_times();
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| (bench.run)(&opts)))
             .unwrap_or_else(|p| {
                 let msg = p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()));
                 Err(anyhow::anyhow!("panicked: {}", msg.unwrap_or_default()))
             });
         timings.insert(bench.name, t.elapsed());
+        let busy = harness::busy_note(cpu_before, harness::cpu_times());
         match result {
             Ok(sections) => {
-                for s in sections {
+                for mut s in sections {
+                    s.notes.push(busy.clone());
                     let file = report.write_group(&s, description(&s.group), None)?;
                     report::print_group(&file);
                     for p in s.problems.iter().chain(&report::sanity(&file)) {
@@ -221,8 +230,10 @@ fn real_main() -> Result<bool> {
             Err(e) => {
                 eprintln!("  FAILED: {e:#}");
                 ok = false;
-                let failed = Section { group: bench.name.into(), ..Default::default() };
-                report.write_group(&failed, description(bench.name), Some(format!("{e:#}")))?;
+                if harness::interrupted().is_err() {
+                    bail!("interrupted; results of the benchmarks that finished are in bench/results/");
+                }
+                report.record_failure(bench.name, description(bench.name), &format!("{e:#}"))?;
             }
         }
     }

@@ -11,7 +11,7 @@
 //! reported as its cost above that repetition's XDP_PASS floor.
 //!
 //! To add a case (e.g. NAT forward/reverse): program what it needs in
-//! `setup` and push one `Case` there.
+//! `program_services` and push one `Case` in `cases`.
 
 use std::net::{SocketAddr, SocketAddrV4};
 
@@ -41,9 +41,9 @@ per case and repetition), averaging the duration the kernel reports per call, on
 would measure its own output.) Two floors are measured the same way in the same run: `xdp_pass` \
 (returns XDP_PASS: the cost of the test-run machinery itself) and `xdp_mac_swap` (swaps MACs, \
 returns XDP_TX: the least any forwarding program can do). Every xdplb case is reported as its mean \
-**minus that repetition's XDP_PASS floor** (the mean of the floor measured at the start and end of \
-the repetition); the floors are reported raw. Cases run round-robin, 5 repetitions, the order \
-rotated every repetition. Frames are 64–86 bytes; maps are populated directly (no daemon); \
+**minus that repetition's XDP_PASS floor**; the floors are reported raw. 5 repetitions; within \
+one, every case and the floor run round-robin in chunks of 10,000 calls, the order rotated every \
+round, so noise from the shared machine hits all of them alike. Frames: 58-byte IPv4 TCP, 46-byte IPv4 UDP, 78-byte IPv6 TCP (no padding to 60); maps are populated directly (no daemon); \
 services use 65,537-slot Maglev tables built by `xdplb::maglev::build`.";
 
 const LB_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
@@ -56,27 +56,41 @@ const TABLE: u32 = 65537;
 /// an established case).
 const WARMUP: usize = 1000;
 const REPETITIONS: usize = 5;
+/// Calls per profiled case (fewer than the free entries of the first
+/// instance's table: the profile inserts without deleting).
+const PROFILE_CALLS: usize = 100_000;
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Prog {
     Pass,
     MacSwap,
     Lb,
+    /// The second datapath instance, with a full flow table.
+    LbFull,
 }
 
 enum Flows {
     /// The same frame every call.
     Same,
     /// A new client endpoint (IPv4 source address and port) every call.
-    /// With `recycle`, calls run in batches of `BATCH`, and before each
-    /// batch (untimed) the flows the previous batch inserted are deleted,
-    /// so every insert finds a free entry; without it nothing is deleted
-    /// and, the table being full, every insert evicts.
-    New { sources: Sources, dst: SocketAddr, recycle: bool, inserted: Vec<FlowKey> },
+    /// With `recycle`, the flows a chunk of calls inserted are deleted
+    /// (untimed) before the next chunk, so the table stays small and every
+    /// insert finds a free entry; without it nothing is deleted (on the
+    /// full-table instance every insert then evicts).
+    New {
+        sources: Sources,
+        dst: SocketAddr,
+        recycle: bool,
+        inserted: Vec<FlowKey>,
+    },
 }
 
-/// Calls per batch of a recycling new-flow case.
-const BATCH: usize = 10_000;
+/// Timed calls per chunk: a repetition runs every case (and the floor)
+/// round-robin in chunks of this many calls, so noise from the shared
+/// machine hits every case alike.
+const CHUNK: usize = 10_000;
+/// Untimed calls before each chunk (the previous chunk ran another case).
+const CHUNK_WARMUP: usize = 100;
 
 struct Case {
     name: &'static str,
@@ -112,14 +126,23 @@ impl Case {
     fn new_flows(name: &'static str, net: u8, dst: SocketAddr, recycle: bool) -> Self {
         let frame = frames::packet(CLIENT_MAC, LB_MAC, sa("10.0.0.1:1"), dst, PROTO_TCP);
         Self {
-            flows: Flows::New { sources: Sources::new(net), dst, recycle, inserted: Vec::new() },
+            flows: Flows::New {
+                sources: Sources::new(net),
+                dst,
+                recycle,
+                inserted: Vec::new(),
+            },
             ..Self::same(name, frame, XDP_TX, Reason::FlowNew)
         }
     }
 
     fn floor(name: &'static str, prog: Prog, verdict: u32) -> Self {
         let frame = frames::packet(CLIENT_MAC, LB_MAC, sa("10.0.0.1:40000"), sa("10.0.100.1:80"), PROTO_TCP);
-        Self { prog, reason: None, ..Self::same(name, frame, verdict, Reason::Tx) }
+        Self {
+            prog,
+            reason: None,
+            ..Self::same(name, frame, verdict, Reason::Tx)
+        }
     }
 
     fn target(mut self, ns: f64) -> Self {
@@ -142,55 +165,98 @@ pub const ESTABLISHED: &str = "established flow (DSR, flow-table hit)";
 pub const NON_SERVICE: &str = "packet for no service (XDP_PASS)";
 const PASS_FLOOR: &str = "floor: xdp_pass (raw)";
 const MAC_FLOOR: &str = "floor: xdp_mac_swap (raw)";
-const MAC_ABOVE: &str = "xdp_mac_swap, above xdp_pass";
+/// The MAC-swap floor runs among the cases; reported raw (MAC_FLOOR).
+const MAC_CASE: &str = "xdp_mac_swap";
 const EVICTION: &str = "new flow into a full flow table (LRU eviction)";
 
-/// Programs the services and backends, and returns the cases.
-fn setup(lb: &mut Loaded) -> Result<Vec<Case>> {
-    let v4 = sa("10.0.100.1:80");
-    let big = sa("10.0.100.2:80");
-    let repick = sa("10.0.100.3:80");
+/// Programs the services and backends the cases use.
+fn program_services(lb: &mut Loaded) -> Result<()> {
     // Three backends behind TCP and UDP services on an IPv4 VIP and a TCP
     // service on an IPv6 VIP; 1,000 behind another VIP.
     let table = backends_with_table(lb, 0, 3, 20, TABLE, LB_MAC, LO_IFINDEX)?;
-    lb.service(v4, PROTO_TCP, 0, 0, &table)?;
+    lb.service(VIP, PROTO_TCP, 0, 0, &table)?;
     lb.service(sa("10.0.100.1:53"), PROTO_UDP, 1, 2 * TABLE, &table)?;
     lb.service(sa("[fd00:100::1]:80"), PROTO_TCP, 2, 4 * TABLE, &table)?;
     let table = backends_with_table(lb, 100, 1000, 21, TABLE, LB_MAC, LO_IFINDEX)?;
-    lb.service(big, PROTO_TCP, 3, 6 * TABLE, &table)?;
+    lb.service(BIG_VIP, PROTO_TCP, 3, 6 * TABLE, &table)?;
     // A service whose table names a backend marked down: a flow pinned to
     // it is re-picked on every packet, onto the same backend (the frame is
     // still forwarded: the datapath trusts the table).
-    lb.backend(50, "10.22.0.1".parse()?, [0x02, 0xbe, 0, 22, 0, 1], LB_MAC, LO_IFINDEX, BACKEND_DOWN)?;
-    lb.service(repick, PROTO_TCP, 4, 8 * TABLE, &vec![50; TABLE as usize])?;
+    lb.backend(
+        50,
+        "10.22.0.1".parse()?,
+        [0x02, 0xbe, 0, 22, 0, 1],
+        LB_MAC,
+        LO_IFINDEX,
+        BACKEND_DOWN,
+    )?;
+    lb.service(REPICK_VIP, PROTO_TCP, 4, 8 * TABLE, &vec![50; TABLE as usize])?;
+    Ok(())
+}
 
+/// NAT service of the second instance: VIP:80 -> backend 0 at :8080, seen
+/// from the SNAT address. Returns the reply frame of the NAT cases' flow
+/// (after translating its first packet, which allocates the port).
+fn program_nat(lb: &mut Loaded) -> Result<Vec<u8>> {
+    let snat: std::net::IpAddr = "10.0.200.2".parse()?;
+    lb.nat_service(NAT_VIP, PROTO_TCP, 5, 10 * TABLE, 0, 8080, snat)?;
+    let first = frames::packet(CLIENT_MAC, LB_MAC, sa("10.0.0.1:40000"), NAT_VIP, PROTO_TCP);
+    let (prog, maps) = lb.parts();
+    let res = prog.test_run(TestRunOptions { data_in: Some(&first), repeat: 1, ..Default::default() })?;
+    if res.return_value != XDP_TX {
+        bail!("NAT: the first packet was not translated (verdict {})", res.return_value);
+    }
+    let key = addr::flow_key(sa("10.0.0.1:40000"), NAT_VIP, PROTO_TCP);
+    let fwd = maps.nat_fwd.get(&key, 0).context("NAT: no flow after the first packet")?;
+    let backend = maps.backend(fwd.backend)?;
+    let from = SocketAddr::new(addr::from_words(backend.addr), 8080);
+    Ok(frames::packet(backend.dst_mac, LB_MAC, from, SocketAddr::new(snat, u16::from_be(fwd.nat_port_be)), PROTO_TCP))
+}
+
+const VIP: SocketAddr = SocketAddr::V4(SocketAddrV4::new(std::net::Ipv4Addr::new(10, 0, 100, 1), 80));
+const BIG_VIP: SocketAddr = SocketAddr::V4(SocketAddrV4::new(std::net::Ipv4Addr::new(10, 0, 100, 2), 80));
+const NAT_VIP: SocketAddr = SocketAddr::V4(SocketAddrV4::new(std::net::Ipv4Addr::new(10, 0, 100, 4), 80));
+const NAT_FORWARD: &str = "NAT established flow, forward (client to backend)";
+const NAT_REVERSE: &str = "NAT established flow, reverse (backend to client)";
+const REPICK_VIP: SocketAddr = SocketAddr::V4(SocketAddrV4::new(std::net::Ipv4Addr::new(10, 0, 100, 3), 80));
+
+/// The cases, in the order they are reported.
+fn cases() -> Vec<Case> {
     let packet = |src: &str, dst: SocketAddr, proto| frames::packet(CLIENT_MAC, LB_MAC, sa(src), dst, proto);
-    Ok(vec![
+    vec![
         Case::same(NON_SERVICE, packet("10.0.0.1:40000", sa("10.0.0.2:22"), PROTO_TCP), XDP_PASS, Reason::PassNotService)
             .target(25.0)
             .note("TCP to an address that is no VIP: parse, one service look-up (miss), one counter"),
-        Case::same(ESTABLISHED, packet("10.0.0.1:40000", v4, PROTO_TCP), XDP_TX, Reason::FlowHit)
+        Case::same(ESTABLISHED, packet("10.0.0.1:40000", VIP, PROTO_TCP), XDP_TX, Reason::FlowHit)
             .target(75.0)
             .note("the same TCP frame every call; its flow was pinned by the untimed warm-up"),
         Case::same("established UDP flow", packet("10.0.0.1:40000", sa("10.0.100.1:53"), PROTO_UDP), XDP_TX, Reason::FlowHit),
         Case::same("established IPv6 TCP flow", packet("[fd00::1]:40000", sa("[fd00:100::1]:80"), PROTO_TCP), XDP_TX, Reason::FlowHit),
-        Case::new_flows(NEW_FLOW, 1, v4, true).target(180.0).note(
+        Case::new_flows(NEW_FLOW, 1, VIP, true).target(180.0).note(
             "a different client (source address and port) every call, so no call reuses a flow. \
-             Calls run in batches of 10,000; before each batch (untimed, no syscall between timed \
-             calls) the previous batch's flows are deleted, so every insert finds a free entry \
-             (no eviction)",
+             Before each chunk of calls (untimed, so no syscall runs between timed calls) the flows \
+             the previous chunk inserted are deleted: every insert finds a free entry, in a table \
+             holding at most ~20,000 flows",
         ),
-        Case::new_flows("new flow, 1,000-backend service", 2, big, true)
+        Case::new_flows("new flow, 1,000-backend service", 2, BIG_VIP, true)
             .note("as the new-flow case, against a service of 1,000 backends (65,537-slot table)"),
-        Case::new_flows(EVICTION, 3, v4, false).note(
-            "a different client every call and nothing deleted; the flow table was pre-filled so \
-             this CPU's LRU list is full: every insert evicts (the steady state of a busy balancer)",
+        Case { prog: Prog::LbFull, ..Case::new_flows(EVICTION, 3, VIP, false) }.note(
+            "a different client every call and nothing deleted, on a second, identical datapath \
+             whose flow table was pre-filled so this CPU's LRU list is full: every insert evicts \
+             (the steady state of a busy balancer)",
         ),
-        Case::same("re-pick path (proxy for new flows in pps)", packet("10.0.0.9:40000", repick, PROTO_TCP), XDP_TX, Reason::FlowRepick)
+        Case::same("re-pick path (proxy for new flows in pps)", packet("10.0.0.9:40000", REPICK_VIP, PROTO_TCP), XDP_TX, Reason::FlowRepick)
             .note("a flow pinned to a backend that is down: flow hit, Maglev pick, flow re-insert on every packet; the pps benchmark's new-flow proxy, measured here to compare with the real new-flow case"),
-        // NAT forward / reverse cases go here once NAT exists.
-        Case::floor(MAC_ABOVE, Prog::MacSwap, XDP_TX),
-    ])
+        Case { prog: Prog::LbFull, ..Case::same(NAT_FORWARD, packet("10.0.0.1:40000", NAT_VIP, PROTO_TCP), XDP_TX, Reason::FlowHit) }
+            .target(120.0)
+            .note("NAT service, established flow, client to backend: NAT-table hit, DNAT+SNAT rewrite, incremental checksums (on the second instance, where NAT is enabled)"),
+        // The reply frame names the port the forward warm-up allocated:
+        // `measure_all` fills it in.
+        Case { prog: Prog::LbFull, ..Case::same(NAT_REVERSE, Vec::new(), XDP_TX, Reason::NatReply) }
+            .target(120.0)
+            .note("NAT service, established flow, backend to client: service miss, reply-table hit, rewrite back"),
+        Case::floor(MAC_CASE, Prog::MacSwap, XDP_TX),
+    ]
 }
 
 /// Fills this CPU's share of the flow table so LRU inserts evict.
@@ -202,59 +268,92 @@ fn prefill_flows(maps: &mut Maps) -> Result<u64> {
     for _ in 0..n {
         let src = SocketAddr::V4(sources.next().expect("endless"));
         let key = addr::flow_key(src, dst, PROTO_TCP);
-        maps.flows.insert(key, Flow { backend: 0, ..Default::default() }, 0)?;
+        maps.flows.insert(
+            key,
+            Flow {
+                backend: 0,
+                ..Default::default()
+            },
+            0,
+        )?;
     }
     Ok(n)
 }
 
-/// Mean kernel-reported ns per call over `calls` timed calls, after
-/// `warmup` untimed ones.
-fn measure(prog: &Xdp, maps: &mut Maps, case: &mut Case, warmup: usize, calls: usize) -> Result<f64> {
+/// Total kernel-reported ns of `calls` timed calls, after `warmup`
+/// untimed ones.
+fn measure(prog: &Xdp, maps: &mut Maps, case: &mut Case, warmup: usize, calls: usize) -> Result<u128> {
+    if let Flows::New {
+        recycle: true,
+        inserted,
+        ..
+    } = &mut case.flows
+    {
+        for key in inserted.drain(..) {
+            maps.flows
+                .remove(&key)
+                .with_context(|| format!("{}: deleting a flow", case.name))?;
+        }
+    }
     let before = case.reason.map(|r| maps.reason_count(r)).transpose()?;
     let mut total: u128 = 0;
     for i in 0..warmup + calls {
-        if let Flows::New { recycle: true, inserted, .. } = &mut case.flows {
-            if inserted.len() >= BATCH {
-                for key in inserted.drain(..) {
-                    // Already evicted is fine: the point is a free entry.
-                    let _ = maps.flows.remove(&key);
-                }
-            }
-        }
-        if let Flows::New { sources, dst, inserted, .. } = &mut case.flows {
+        if let Flows::New {
+            sources,
+            dst,
+            recycle,
+            inserted,
+        } = &mut case.flows
+        {
             let src: SocketAddrV4 = sources.next().expect("endless");
             frames::set_ipv4_source(&mut case.frame, src);
-            inserted.push(addr::flow_key(SocketAddr::V4(src), *dst, PROTO_TCP));
+            if *recycle {
+                inserted.push(addr::flow_key(SocketAddr::V4(src), *dst, PROTO_TCP));
+            }
         }
-        let opts = TestRunOptions { data_in: Some(&case.frame), repeat: 1, ..Default::default() };
-        let res = prog.test_run(opts).with_context(|| format!("BPF_PROG_TEST_RUN ({})", case.name))?;
+        let opts = TestRunOptions {
+            data_in: Some(&case.frame),
+            repeat: 1,
+            ..Default::default()
+        };
+        let res = prog
+            .test_run(opts)
+            .with_context(|| format!("BPF_PROG_TEST_RUN ({})", case.name))?;
         if res.return_value != case.verdict {
-            bail!("{}: verdict {} instead of {}", case.name, res.return_value, case.verdict);
+            bail!(
+                "{}: verdict {} instead of {}",
+                case.name,
+                res.return_value,
+                case.verdict
+            );
         }
         if i >= warmup {
             total += res.duration.as_nanos();
         }
     }
-    if let Flows::New { recycle: false, inserted, .. } = &mut case.flows {
-        inserted.clear();
-    }
     if let (Some(reason), Some(before)) = (case.reason, before) {
         let delta = maps.reason_count(reason)? - before;
-        // The warm-up's first call may pin an established flow anew.
+        // The first call may pin an established flow anew.
         if delta + 1 < (warmup + calls) as u64 {
-            bail!("{}: counter {} rose by {delta} over {} calls: not the path measured", case.name, reason.name(), warmup + calls);
+            bail!(
+                "{}: counter {} rose by {delta} over {} calls: not the path measured",
+                case.name,
+                reason.name(),
+                warmup + calls
+            );
         }
     }
-    Ok(total as f64 / calls as f64)
+    Ok(total)
 }
 
-/// The untimed calls before a case's timed ones: enough to warm caches and
-/// pin an established flow, and for a recycling new-flow case one whole
-/// batch, whose flows are deleted before the timed calls start.
-fn warmup(case: &Case) -> usize {
-    match case.flows {
-        Flows::New { recycle: true, .. } => BATCH,
-        _ => WARMUP,
+/// The program a case runs and the maps it checks: `progs` are xdp_pass,
+/// xdp_mac_swap, the first and the second xdplb instance.
+fn select<'a>(prog: Prog, progs: [&'a Xdp; 4], main: &'a mut Maps, full: &'a mut Maps) -> (&'a Xdp, &'a mut Maps) {
+    match prog {
+        Prog::Pass => (progs[0], main),
+        Prog::MacSwap => (progs[1], main),
+        Prog::Lb => (progs[2], main),
+        Prog::LbFull => (progs[3], full),
     }
 }
 
@@ -268,8 +367,19 @@ fn program_facts(name: &str, prog: &Xdp) -> String {
     let dump = crate::harness::run("bpftool", &["prog", "dump", "xlated", "id", &id.to_string()]);
     let lines = match &dump {
         Ok(text) => {
-            let insns = text.lines().filter(|l| l.trim_start().split(':').next().is_some_and(|n| n.parse::<u32>().is_ok())).count();
-            format!("{} lines of `bpftool prog dump xlated id {id}` ({insns} instructions, the rest source-line comments)", text.lines().count())
+            let insns = text
+                .lines()
+                .filter(|l| {
+                    l.trim_start()
+                        .split(':')
+                        .next()
+                        .is_some_and(|n| n.parse::<u32>().is_ok())
+                })
+                .count();
+            format!(
+                "{} lines of `bpftool prog dump xlated id {id}` ({insns} instructions, the rest source-line comments)",
+                text.lines().count()
+            )
         }
         Err(e) => format!("bpftool failed: {e:#}"),
     };
@@ -284,68 +394,126 @@ fn program_facts(name: &str, prog: &Xdp) -> String {
 pub fn run(opts: &Opts) -> Result<Section> {
     let calls = if opts.quick { 20_000 } else { 1_000_000 };
     // The second CPU if there is one: CPU 0 takes more interrupts.
-    let cpu = if std::thread::available_parallelism().map_or(1, |n| n.get()) > 1 { 1 } else { 0 };
+    let cpu = if std::thread::available_parallelism().map_or(1, |n| n.get()) > 1 {
+        1
+    } else {
+        0
+    };
     on_cpu(cpu, || measure_all(calls, cpu))
 }
 
 fn measure_all(calls: usize, cpu: usize) -> Result<Section> {
-    let mut lb = Loaded::new("pp")?;
-    let mut cases = setup(&mut lb)?;
+    let mut main = Loaded::new("pp")?;
+    let mut full = Loaded::new("ppfull")?;
+    program_services(&mut main)?;
+    program_services(&mut full)?;
+    let reply = program_nat(&mut full)?;
+    let mut cases = cases();
+    for case in cases.iter_mut().filter(|c| c.name == NAT_REVERSE) {
+        case.frame = reply.clone();
+    }
     let (pass_ebpf, pass_name) = load_passthrough(PASS_PROGRAM)?;
     let (mac_ebpf, mac_name) = load_passthrough(MAC_SWAP_PROGRAM)?;
     let pass: &Xdp = pass_ebpf.program(&pass_name).context("xdp_pass")?.try_into()?;
     let mac: &Xdp = mac_ebpf.program(&mac_name).context("xdp_mac_swap")?.try_into()?;
-    let (lb_prog, maps) = lb.parts();
-    let prefilled = prefill_flows(maps)?;
+    let (main_prog, main_maps) = main.parts();
+    let (full_prog, full_maps) = full.parts();
+    let prefilled = prefill_flows(full_maps)?;
 
     let mut floor = Case::floor(PASS_FLOOR, Prog::Pass, XDP_PASS);
     let mut floors = Vec::new();
     let started = std::time::Instant::now();
+    // Index `cases.len()` stands for the floor.
+    let n = cases.len() + 1;
+    for i in 0..n {
+        // Pins established flows, warms everything once.
+        let case = if i == cases.len() { &mut floor } else { &mut cases[i] };
+        let (prog, maps) = select(
+            case.prog,
+            [pass, mac, main_prog, full_prog],
+            &mut *main_maps,
+            &mut *full_maps,
+        );
+        measure(prog, maps, case, WARMUP, 0)?;
+    }
+    let chunks = calls.div_ceil(CHUNK);
     for rep in 0..REPETITIONS {
-        let mut order: Vec<usize> = (0..cases.len()).collect();
-        order.rotate_left(rep % cases.len());
-        let start = measure(pass, maps, &mut floor, WARMUP, calls)?;
-        for &i in &order {
-            let case = &mut cases[i];
-            let prog = match case.prog {
-                Prog::Pass => pass,
-                Prog::MacSwap => mac,
-                Prog::Lb => lb_prog,
-            };
-            let mean = measure(prog, maps, case, warmup(case), calls)?;
-            case.means.push(mean);
+        let mut totals = vec![0u128; n];
+        for round in 0..chunks {
+            crate::harness::interrupted()?;
+            for k in 0..n {
+                let i = (k + round + rep) % n;
+                let case = if i == cases.len() { &mut floor } else { &mut cases[i] };
+                let (prog, maps) = select(
+                    case.prog,
+                    [pass, mac, main_prog, full_prog],
+                    &mut *main_maps,
+                    &mut *full_maps,
+                );
+                totals[i] += measure(prog, maps, case, CHUNK_WARMUP, CHUNK)?;
+            }
         }
-        let end = measure(pass, maps, &mut floor, WARMUP, calls)?;
-        floors.push((start + end) / 2.0);
-        println!("  per-packet: repetition {}/{REPETITIONS} done ({:.0?})", rep + 1, started.elapsed());
+        let timed = (chunks * CHUNK) as f64;
+        for (i, case) in cases.iter_mut().enumerate() {
+            case.means.push(totals[i] as f64 / timed);
+        }
+        floors.push(totals[n - 1] as f64 / timed);
+        println!(
+            "  per-packet: repetition {}/{REPETITIONS} done ({:.0?})",
+            rep + 1,
+            started.elapsed()
+        );
     }
 
-    // Profiles of the new-flow and established cases: where the time of a
-    // whole call (syscall included) goes, per symbol, in ns per call.
-    let profile_calls = if calls < 1_000_000 { 100_000 } else { 2_000_000 };
+    // Profiles: where the time of a whole call (syscall included) goes,
+    // per symbol, in ns per call. The new-flow profile inserts without
+    // deleting (no delete syscalls in the profile): into the first
+    // instance's table, which has room for all of them.
     let mut profiles = Vec::new();
-    for name in [NEW_FLOW, ESTABLISHED, EVICTION] {
-        let case = cases.iter_mut().find(|c| c.name == name).expect("case exists");
-        let w = warmup(case);
-        let res = crate::profile::hottest(cpu, 14, || {
+    let mut fresh = Case::new_flows(NEW_FLOW, 9, VIP, false);
+    let established = cases.iter().position(|c| c.name == ESTABLISHED).expect("case exists");
+    let eviction = cases.iter().position(|c| c.name == EVICTION).expect("case exists");
+    for job in 0..3 {
+        let case = match job {
+            0 => &mut fresh,
+            1 => &mut cases[established],
+            _ => &mut cases[eviction],
+        };
+        let (prog, maps) = select(
+            case.prog,
+            [pass, mac, main_prog, full_prog],
+            &mut *main_maps,
+            &mut *full_maps,
+        );
+        let name = case.name;
+        let res = crate::profile::hottest(14, || {
             let t = std::time::Instant::now();
-            measure(lb_prog, maps, case, w, profile_calls)?;
-            Ok(t.elapsed().as_nanos() as f64 / (w + profile_calls) as f64)
+            measure(prog, maps, case, 0, PROFILE_CALLS)?;
+            Ok(t.elapsed().as_nanos() as f64 / PROFILE_CALLS as f64)
         });
         profiles.push(match res {
             Ok((wall, rows)) => format!(
-                "- *{name}*: {wall:.0} ns of wall time per call (syscall included); top symbols, as ns per call: {}",
-                rows.iter().map(|(p, s)| format!("`{s}` {:.0}", p / 100.0 * wall)).collect::<Vec<_>>().join(", ")
+                "- *{name}*: {wall:.0} ns of wall time per call while profiled (syscall included); hottest symbols, \
+                 share of samples (≈ ns per call): {}",
+                rows.iter()
+                    .map(|(p, s)| format!("`{s}` {p:.1} % ({:.0})", p / 100.0 * wall))
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ),
             Err(e) => format!("- *{name}*: no profile ({e:#})"),
         });
     }
 
-    let mut figures = vec![
-        Figure::new(GROUP, PASS_FLOOR, "ns", floors.clone(), false).note("mean of the floor measured at the start and at the end of each repetition"),
-    ];
-    let mut mac_raw = None;
+    let mut figures = vec![Figure::new(GROUP, PASS_FLOOR, "ns", floors.clone(), false)
+        .note("run as one more case, interleaved with the others")];
     for c in &cases {
+        if c.prog == Prog::MacSwap {
+            // Raw, compared with the XDP_PASS floor by ratio: its cost above
+            // that floor is a few ns, within the noise of a difference.
+            let fig = Figure::new(GROUP, MAC_FLOOR, "ns", c.means.clone(), false).baseline(PASS_FLOOR);
+            figures.insert(1, fig);
+            continue;
+        }
         let above: Vec<f64> = c.means.iter().zip(&floors).map(|(m, f)| m - f).collect();
         let mut fig = Figure::new(GROUP, c.name, "ns", above, false);
         if let Some(t) = c.target {
@@ -355,33 +523,45 @@ fn measure_all(calls: usize, cpu: usize) -> Result<Section> {
         if let Some(n) = &c.note {
             fig = fig.note(n.clone());
         }
-        if c.prog == Prog::MacSwap {
-            mac_raw = Some(c.means.clone());
-        }
         figures.push(fig);
-    }
-    if let Some(raw) = mac_raw {
-        figures.insert(1, Figure::new(GROUP, MAC_FLOOR, "ns", raw, false));
     }
 
     let mut problems = Vec::new();
-    let (new, est, non) = (median_of(&figures, NEW_FLOW), median_of(&figures, ESTABLISHED), median_of(&figures, NON_SERVICE));
+    let (new, est, non) = (
+        median_of(&figures, NEW_FLOW),
+        median_of(&figures, ESTABLISHED),
+        median_of(&figures, NON_SERVICE),
+    );
     if !(new > est && est > non) {
-        problems.push(format!("per-packet ordering: expected new flow ({new:.1}) > established ({est:.1}) > non-service ({non:.1})"));
+        problems.push(format!(
+            "per-packet ordering: expected new flow ({new:.1}) > established ({est:.1}) > non-service ({non:.1})"
+        ));
     }
 
-    let source = "the issue's measurements of Katran (katran_tester -perf_testing, same method) on a machine of this type";
-    let references = [("Katran, new flow", 365.0), ("Katran, established flow", 150.0), ("Katran, packet for no service", 57.0)]
-        .into_iter()
-        .map(|(case, value)| Reference { case: case.into(), unit: "ns".into(), value, source: source.into() })
-        .collect();
+    let source =
+        "the issue's measurements of Katran (katran_tester -perf_testing, same method) on a machine of this type";
+    let references = [
+        ("Katran, new flow", 365.0),
+        ("Katran, established flow", 150.0),
+        ("Katran, packet for no service", 57.0),
+    ]
+    .into_iter()
+    .map(|(case, value)| Reference {
+        case: case.into(),
+        unit: "ns".into(),
+        value,
+        source: source.into(),
+    })
+    .collect();
 
     let d = |a: &str, b: &str| median_of(&figures, a) - median_of(&figures, b);
     let notes = vec![
         format!(
-            "Setup: {calls} timed calls per case and repetition after {WARMUP} untimed ones, on CPU {cpu}. \
-             The flow table was pre-filled with {prefilled} flows (this CPU's share of its {MAX_FLOWS} entries, \
-             plus some) so the eviction case evicts; the other cases run against that table. Each case \
+            "Setup: {calls} timed calls per case and repetition, on CPU {cpu}, in chunks of {CHUNK}: a repetition \
+             runs every case and the floor round-robin, one chunk each, until each has its calls, the order \
+             rotated every round; every chunk starts with {CHUNK_WARMUP} untimed calls. The eviction case runs on a second, identical datapath whose flow \
+             table was pre-filled with {prefilled} flows (this CPU's share of its {MAX_FLOWS} entries, plus some); \
+             every other case runs on the first, whose table holds only the flows the cases insert. Each case \
              checks on every call that the verdict is the expected one, and afterwards that the datapath \
              counter of the path it claims (flow_new, flow_hit, flow_repick, pass_not_service) rose once per call."
         ),
@@ -389,20 +569,26 @@ fn measure_all(calls: usize, cpu: usize) -> Result<Section> {
             "Profiling evidence. Where the time goes (differences of medians above the floor): \
              established − no-service = {:.1} ns (flow look-up, backend look-up, MAC rewrite, three per-CPU counters); \
              new flow − established = {:.1} ns (Maglev slot read plus LRU insert, instead of a hit); \
-             full-table insert − new flow = {:.1} ns (LRU eviction); xdp_mac_swap costs {:.1} ns above xdp_pass. \
-             Program sizes (static):\n\n- {}\n- {}\n- {}\n\nSampling profiles (`perf record -e cpu-clock -C {cpu}` \
-             over {profile_calls} more calls of a case; no hardware PMU here, so samples taken with interrupts \
+             full-table insert − new flow = {:.1} ns (LRU eviction); xdp_mac_swap costs {:.1} ns more than xdp_pass. \
+             Program sizes (static):\n\n- {}\n- {}\n- {}\n\nSampling profiles (`perf record -e cpu-clock -t <the benchmark thread>` \
+             over {PROFILE_CALLS} more calls of a case, after the measurements; no hardware PMU here, so samples taken with interrupts \
              disabled are charged to the point where they are re-enabled, e.g. a spin-unlock; the JIT-compiled \
              program is `bpf_prog_<tag>_xdplb`):\n\n{}",
             d(ESTABLISHED, NON_SERVICE),
             d(NEW_FLOW, ESTABLISHED),
             d(EVICTION, NEW_FLOW),
-            median_of(&figures, MAC_ABOVE),
-            program_facts("xdplb", lb_prog),
+            d(MAC_FLOOR, PASS_FLOOR),
+            program_facts("xdplb", main_prog),
             program_facts("xdp_pass", pass),
             program_facts("xdp_mac_swap", mac),
             profiles.join("\n"),
         ),
     ];
-    Ok(Section { group: GROUP.into(), figures, references, notes, problems })
+    Ok(Section {
+        group: GROUP.into(),
+        figures,
+        references,
+        notes,
+        problems,
+    })
 }

@@ -9,16 +9,29 @@ use std::{path::PathBuf, process::Command, time::Duration};
 use anyhow::{bail, Context as _, Result};
 use xdplb_tests::proc::Proc;
 
-/// The hottest symbols while `f` ran on `cpu`: (percent of samples, symbol).
-pub fn hottest<T>(cpu: usize, limit: usize, f: impl FnOnce() -> Result<T>) -> Result<(T, Vec<(f64, String)>)> {
+/// The hottest symbols of the calling thread (user and kernel) while `f`
+/// ran on it: (percent of samples, symbol).
+pub fn hottest<T>(limit: usize, f: impl FnOnce() -> Result<T>) -> Result<(T, Vec<(f64, String)>)> {
     if !xdplb_tests::which("perf") {
         bail!("perf not installed (Debian package linux-perf)");
     }
-    let data = PathBuf::from(format!("/tmp/xdplb-bench-perf-{}-{cpu}.data", std::process::id()));
+    // SAFETY: gettid has no preconditions.
+    let tid = unsafe { libc::gettid() };
+    let data = PathBuf::from(format!("/tmp/xdplb-bench-perf-{}-{tid}.data", std::process::id()));
     let _cleanup = Remove(data.clone());
     let mut perf = Proc::spawn(
         Command::new("perf")
-            .args(["record", "-q", "-e", "cpu-clock", "-F", "20000", "-C", &cpu.to_string(), "-o"])
+            .args([
+                "record",
+                "-q",
+                "-e",
+                "cpu-clock",
+                "-F",
+                "20000",
+                "-t",
+                &tid.to_string(),
+                "-o",
+            ])
             .arg(&data),
     )?;
     // perf prints nothing when it starts; give it time to open its events.
@@ -41,8 +54,12 @@ pub fn hottest<T>(cpu: usize, limit: usize, f: impl FnOnce() -> Result<T>) -> Re
     for line in String::from_utf8_lossy(&report.stdout).lines() {
         // "    12.34%  [k] htab_lru_map_update_elem"
         let mut words = line.split_whitespace();
-        let (Some(pct), Some(_kind)) = (words.next(), words.next()) else { continue };
-        let Ok(pct) = pct.trim_end_matches('%').parse::<f64>() else { continue };
+        let (Some(pct), Some(_kind)) = (words.next(), words.next()) else {
+            continue;
+        };
+        let Ok(pct) = pct.trim_end_matches('%').parse::<f64>() else {
+            continue;
+        };
         let sym: String = words.collect::<Vec<_>>().join(" ");
         rows.push((pct, sym));
         if rows.len() == limit {
@@ -50,11 +67,6 @@ pub fn hottest<T>(cpu: usize, limit: usize, f: impl FnOnce() -> Result<T>) -> Re
         }
     }
     Ok((value, rows))
-}
-
-/// `rows` as one line: "12.3% htab_lru_map_update_elem, 8.1% ...".
-pub fn summary(rows: &[(f64, String)]) -> String {
-    rows.iter().map(|(p, s)| format!("{p:.1}% `{s}`")).collect::<Vec<_>>().join(", ")
 }
 
 struct Remove(PathBuf);

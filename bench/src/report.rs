@@ -21,7 +21,18 @@ use crate::{
 };
 
 /// Known groups, in document order; others follow alphabetically.
-const ORDER: &[&str] = &["per-packet", "pps", "e2e-keepalive", "e2e-newconn", "failover", "maglev", "memory"];
+const ORDER: &[&str] = &[
+    "per-packet",
+    "pps",
+    "e2e-keepalive",
+    "e2e-newconn",
+    "e2e-p50",
+    "e2e-p99",
+    "e2e-cpu",
+    "failover",
+    "maglev",
+    "memory",
+];
 
 /// A figure as stored: the measured samples and what is derived from them.
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
@@ -114,9 +125,13 @@ pub fn sanity(file: &GroupFile) -> Vec<String> {
         if f.samples.iter().any(|v| !v.is_finite()) {
             problems.push(format!("{name}: non-finite sample in {:?}", f.samples));
         }
-        // Costs above a floor may dip below zero in one sample; their median
-        // must not. A fraction may be 0 legitimately.
-        if f.unit != "fraction" && f.median <= 0.0 {
+        // Times, rates and sizes must be positive (a cost above a floor may
+        // dip below zero in one sample, not in its median); counts and
+        // fractions may be 0 legitimately (e.g. failed requests).
+        const POSITIVE: &[&str] = &[
+            "ns", "us", "µs", "ms", "s", "Mpps", "pps", "req/s", "conn/s", "Gbit/s", "MiB", "KiB", "B",
+        ];
+        if POSITIVE.contains(&f.unit.as_str()) && f.median <= 0.0 {
             problems.push(format!("{name}: median {} {} is not positive", f.median, f.unit));
         }
         if let Some(b) = &f.baseline {
@@ -138,7 +153,11 @@ pub struct Report {
 impl Report {
     /// `root` is the workspace root (bench/results and docs/ below it).
     pub fn new(root: &Path, quick: bool, machine: Machine) -> Self {
-        Self { root: root.to_owned(), quick, machine }
+        Self {
+            root: root.to_owned(),
+            quick,
+            machine,
+        }
     }
 
     fn results_dir(&self) -> PathBuf {
@@ -146,7 +165,12 @@ impl Report {
     }
 
     /// Writes one group's result file; returns it (with derived numbers).
-    pub fn write_group(&self, section: &Section, description: Option<&str>, error: Option<String>) -> Result<GroupFile> {
+    pub fn write_group(
+        &self,
+        section: &Section,
+        description: Option<&str>,
+        error: Option<String>,
+    ) -> Result<GroupFile> {
         let file = GroupFile {
             group: section.group.clone(),
             quick: self.quick,
@@ -159,11 +183,42 @@ impl Report {
         };
         let dir = self.results_dir();
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        let name = if self.quick { format!("quick-{}.json", section.group) } else { format!("{}.json", section.group) };
-        let path = dir.join(name);
+        let path = self.path(&section.group);
         let text = serde_json::to_string_pretty(&file)?;
         std::fs::write(&path, text + "\n").with_context(|| format!("writing {}", path.display()))?;
         Ok(file)
+    }
+
+    fn path(&self, group: &str) -> PathBuf {
+        let name = if self.quick {
+            format!("quick-{group}.json")
+        } else {
+            format!("{group}.json")
+        };
+        self.results_dir().join(name)
+    }
+
+    /// Records that benchmark `name` failed: in its earlier result file if
+    /// there is one (keeping those figures, marked as from an earlier run),
+    /// else in a new file without figures.
+    pub fn record_failure(&self, name: &str, description: Option<&str>, error: &str) -> Result<()> {
+        let path = self.path(name);
+        let message = format!("the run at commit {} failed: {error}", self.machine.commit);
+        if let Ok(text) = std::fs::read_to_string(&path) {
+            if let Ok(mut old) = serde_json::from_str::<GroupFile>(&text) {
+                old.error = Some(format!(
+                    "{message}; the figures are from the earlier run described below"
+                ));
+                std::fs::write(&path, serde_json::to_string_pretty(&old)? + "\n")?;
+                return Ok(());
+            }
+        }
+        let empty = Section {
+            group: name.into(),
+            ..Default::default()
+        };
+        self.write_group(&empty, description, Some(message))?;
+        Ok(())
     }
 
     /// Every full-run result file, in document order.
@@ -262,7 +317,11 @@ pub fn render_markdown(files: &[GroupFile], charts: &BTreeMap<String, bool>) -> 
     }
 
     // Targets first: the short answer.
-    let targeted: Vec<&FigureRecord> = files.iter().flat_map(|f| &f.figures).filter(|f| f.target.is_some()).collect();
+    let targeted: Vec<&FigureRecord> = files
+        .iter()
+        .flat_map(|f| &f.figures)
+        .filter(|f| f.target.is_some())
+        .collect();
     if !targeted.is_empty() {
         md += "## Targets\n\n| group | case | median | target | met |\n|---|---|---|---|---|\n";
         for f in targeted {
@@ -283,7 +342,7 @@ pub fn render_markdown(files: &[GroupFile], charts: &BTreeMap<String, bool>) -> 
     for f in files {
         let _ = writeln!(md, "## {}\n", f.group);
         if let Some(e) = &f.error {
-            let _ = writeln!(md, "**This group failed in its last full run:** `{e}`\n");
+            let _ = writeln!(md, "**This group's last full run failed:** {e}\n");
         }
         if let Some(d) = &f.description {
             let _ = writeln!(md, "{}\n", d.trim());
@@ -317,10 +376,16 @@ pub fn render_markdown(files: &[GroupFile], charts: &BTreeMap<String, bool>) -> 
         if !f.references.is_empty() {
             let mut sources: Vec<&str> = f.references.iter().map(|r| r.source.as_str()).collect();
             sources.dedup();
-            let _ = writeln!(md, "Reference rows (not measured by this run): {}\n", sources.join("; "));
+            let _ = writeln!(
+                md,
+                "Reference rows (not measured by this run): {}\n",
+                sources.join("; ")
+            );
         }
-        let samples = f.figures.iter().map(|r| r.samples.len()).max().unwrap_or(0);
-        let _ = writeln!(md, "Repetitions per figure: {samples} (samples are in `bench/results/{}.json`).\n", f.group);
+        let counts = f.figures.iter().map(|r| r.samples.len());
+        let (lo, hi) = (counts.clone().min().unwrap_or(0), counts.max().unwrap_or(0));
+        let range = if lo == hi { lo.to_string() } else { format!("{lo}–{hi}") };
+        let _ = writeln!(md, "Samples per figure: {range} (all of them are in `bench/results/{}.json`).\n", f.group);
         if charts.get(&f.group).copied().unwrap_or(false) {
             let _ = writeln!(
                 md,
@@ -350,7 +415,13 @@ pub fn render_markdown(files: &[GroupFile], charts: &BTreeMap<String, bool>) -> 
 /// Prints one group's table to stdout.
 pub fn print_group(file: &GroupFile) {
     println!("\n== {} ==", file.group);
-    let width = file.figures.iter().map(|f| f.case.chars().count()).max().unwrap_or(4).max(4);
+    let width = file
+        .figures
+        .iter()
+        .map(|f| f.case.chars().count())
+        .max()
+        .unwrap_or(4)
+        .max(4);
     for f in &file.figures {
         let ratio = ratio_cell(f);
         let target = match (&f.target, f.target_met) {
@@ -369,13 +440,22 @@ pub fn print_group(file: &GroupFile) {
         );
     }
     for r in &file.references {
-        println!("  {:<width$}  reference {} {} ({})", r.case, fmt_value(r.value), r.unit, r.source);
+        println!(
+            "  {:<width$}  reference {} {} ({})",
+            r.case,
+            fmt_value(r.value),
+            r.unit,
+            r.source
+        );
     }
 }
 
 /// The median of a figure found by case name in `figures` (NaN if absent).
 pub fn median_of(figures: &[Figure], case: &str) -> f64 {
-    figures.iter().find(|f| f.case == case).map_or(f64::NAN, |f| median(&f.samples))
+    figures
+        .iter()
+        .find(|f| f.case == case)
+        .map_or(f64::NAN, |f| median(&f.samples))
 }
 
 #[cfg(test)]
@@ -397,7 +477,9 @@ mod tests {
     fn ratios_and_markdown() {
         let figs = vec![
             Figure::new("g", "floor", "Mpps", vec![10.0, 12.0, 11.0], true),
-            Figure::new("g", "lb", "Mpps", vec![9.0, 8.0, 8.5], true).baseline("floor").target(">= 0.8x floor", true),
+            Figure::new("g", "lb", "Mpps", vec![9.0, 8.0, 8.5], true)
+                .baseline("floor")
+                .target(">= 0.8x floor", true),
         ];
         let recs = records(&figs);
         assert!((recs[1].ratio.unwrap() - 8.5 / 11.0).abs() < 1e-9);
@@ -413,6 +495,9 @@ mod tests {
         };
         assert!(sanity(&file).is_empty());
         let md = render_markdown(&[file], &BTreeMap::new());
-        assert!(md.contains("| lb | 8.000 | 8.500 | 9.000 | Mpps | 0.77× floor | >= 0.8x floor | yes |"), "{md}");
+        assert!(
+            md.contains("| lb | 8.000 | 8.500 | 9.000 | Mpps | 0.77× floor | >= 0.8x floor | yes |"),
+            "{md}"
+        );
     }
 }
