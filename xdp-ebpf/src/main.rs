@@ -25,9 +25,9 @@ use crate::{
 pub fn xdplb(ctx: XdpContext) -> u32 {
     match balance(&ctx) {
         Ok(verdict) => verdict,
-        // Whatever went wrong, the kernel gets the frame unchanged (or as
-        // far as it was changed: only a failed MAC rewrite could, and that
-        // cannot fail after the bounds check). Never XDP_ABORTED.
+        // Whatever went wrong, the kernel gets the frame unchanged: every
+        // check that can fail comes before the first write (headers were
+        // bounds-checked by the parser). Never XDP_ABORTED.
         Err(reason @ (Reason::DropNoBackend | Reason::DropNatFull)) => {
             stats::count(reason);
             xdp_action::XDP_DROP

@@ -186,6 +186,11 @@ fn allocate(ctx: &XdpContext, p: &Packet, service: &Service, backend: &Backend, 
 
 #[inline(always)]
 fn send_forward(ctx: &XdpContext, p: &Packet, id: u32, service: &Service, backend: &Backend, port_be: u16) -> Result<u32, Reason> {
+    // Checked before anything is rewritten: an unresolved next hop hands
+    // the untouched packet to the kernel.
+    if backend.dst_mac == [0; 6] {
+        return Err(Reason::PassNoNeigh);
+    }
     rewrite(ctx, p, &backend.snat_addr, port_be, &backend.addr, backend.port_be)?;
     let verdict = forward::dsr(ctx, backend)?;
     stats::count_forwarded(service.id, id, (ctx.data_end() - ctx.data()) as u64);
