@@ -308,7 +308,21 @@ fn the_api_socket_refuses_non_root_users() {
     let bed = Bed::new("perm", "none");
     let mode = std::fs::metadata(bed.lb.socket()).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600, "socket mode");
-    let mut cmd = Command::new(&bed.xdplb);
+    // A copy the unprivileged user can execute whatever the permissions
+    // of the build directory (a fresh clone may sit in a 0700 directory).
+    let public = std::env::temp_dir().join(format!("xdplb-perm-{}", bed.topo.prefix()));
+    std::fs::create_dir_all(&public).unwrap();
+    std::fs::set_permissions(&public, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let binary = public.join("xdplb");
+    std::fs::copy(&bed.xdplb, &binary).unwrap();
+    struct RemoveDir(PathBuf);
+    impl Drop for RemoveDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let _public = RemoveDir(public);
+    let mut cmd = Command::new(&binary);
     cmd.args(["status", "--socket"]).arg(bed.lb.socket());
     // SAFETY: only async-signal-safe calls between fork and exec.
     unsafe {
@@ -337,7 +351,7 @@ fn an_incompatible_pinned_map_is_reported_never_reused() {
     struct Cleanup(PathBuf);
     impl Drop for Cleanup {
         fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
+            let _ = std::fs::remove_dir_all(&self.0).or_else(|_| std::fs::remove_file(&self.0));
         }
     }
     let _cleanup = Cleanup(pin_dir.clone());
