@@ -444,9 +444,10 @@ pub fn run(opts: Options) -> Result<()> {
         let handler: Arc<dyn api::Handler> = daemon.clone();
         let socket = api_socket.clone();
         let mut api = tokio::spawn(async move { api::server::serve(&socket, handler).await });
-        // "ready" means the API answers: wait for its socket (or its error).
+        // "ready" means the API answers: wait until it accepts connections
+        // (a stale socket left by a killed daemon refuses them), or fails.
         let deadline = Instant::now() + Duration::from_secs(5);
-        while !api_socket.exists() && !api.is_finished() && Instant::now() < deadline {
+        while std::os::unix::net::UnixStream::connect(&api_socket).is_err() && !api.is_finished() && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         println!("ready");
