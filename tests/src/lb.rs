@@ -15,7 +15,7 @@ use std::{
 
 use anyhow::{bail, Context as _, Result};
 
-use crate::{client, proc::Proc, topology::DsrTopology};
+use crate::{client, netns::Netns, proc::Proc, topology::DsrTopology};
 
 /// A TOML configuration with one TCP service on port 80 of each VIP
 /// (IPv4 and IPv6), every backend of the topology serving both, with the
@@ -41,10 +41,10 @@ pub fn dsr_config_with(topo: &DsrTopology, health_check: &str) -> String {
     text
 }
 
-/// The `xdplb` daemon running in the lb namespace, with its own pin
-/// directory, API socket, state file and config file. Dropping it stops
-/// the daemon and removes whatever it leaves: the XDP attachment, pins,
-/// files.
+/// The `xdplb` daemon running in a load-balancer namespace, with its own
+/// pin directory, API socket, state file and config file. Dropping it
+/// stops the daemon and removes whatever it leaves: the XDP attachments,
+/// pins, files.
 pub struct Xdplb {
     pub proc: Proc,
     pub pin_dir: PathBuf,
@@ -52,26 +52,26 @@ pub struct Xdplb {
     pub dir: PathBuf,
     binary: PathBuf,
     lb: String,
-    iface: String,
+    ifaces: Vec<String>,
 }
 
 impl Xdplb {
     /// Writes `config` and starts `binary run` on the topology's lb
     /// interface in native XDP mode; returns once the daemon is ready.
     pub fn start(binary: &Path, topo: &DsrTopology, config: &str) -> Result<Self> {
-        let dir = std::env::temp_dir().join(format!("xdplb-{}", topo.prefix()));
+        Self::start_in(binary, topo.lb(), &[topo.lb_iface()], topo.prefix(), config)
+    }
+
+    /// Starts `binary run` in namespace `lb` on `ifaces`, with files named
+    /// after the unique `prefix`.
+    pub fn start_in(binary: &Path, lb: &Netns, ifaces: &[&str], prefix: &str, config: &str) -> Result<Self> {
+        let dir = std::env::temp_dir().join(format!("xdplb-{prefix}"));
         std::fs::create_dir_all(&dir)?;
         std::fs::write(dir.join("xdplb.toml"), config)?;
-        let pin_dir = PathBuf::from(format!("/sys/fs/bpf/xdplb-{}", topo.prefix()));
-        let proc = spawn_daemon(binary, topo, &dir, &pin_dir)?;
-        Ok(Self {
-            proc,
-            pin_dir,
-            dir,
-            binary: binary.to_owned(),
-            lb: topo.lb().name().to_owned(),
-            iface: topo.lb_iface().to_owned(),
-        })
+        let pin_dir = PathBuf::from(format!("/sys/fs/bpf/xdplb-{prefix}"));
+        let ifaces: Vec<String> = ifaces.iter().map(|i| i.to_string()).collect();
+        let proc = spawn_daemon(binary, lb, &ifaces, &dir, &pin_dir)?;
+        Ok(Self { proc, pin_dir, dir, binary: binary.to_owned(), lb: lb.name().to_owned(), ifaces })
     }
 
     /// The config file the daemon reads.
@@ -93,7 +93,7 @@ impl Xdplb {
     /// Starts another daemon with the same files (after the last one was
     /// stopped or killed): it adopts the running datapath.
     pub fn restart(&mut self, topo: &DsrTopology) -> Result<()> {
-        self.proc = spawn_daemon(&self.binary, topo, &self.dir, &self.pin_dir)?;
+        self.proc = spawn_daemon(&self.binary, topo.lb(), &self.ifaces, &self.dir, &self.pin_dir)?;
         Ok(())
     }
 
@@ -129,6 +129,11 @@ impl Xdplb {
             .with_context(|| format!("backend {address} not listed: {list}"))
     }
 
+    /// `xdplb stats` as text (for failure messages).
+    pub fn stats_text(&self) -> String {
+        self.cli(&["stats"]).unwrap_or_else(|e| format!("(xdplb stats failed: {e:#})"))
+    }
+
     /// Stops the daemon the way Ctrl-C does (SIGINT: detach, remove pins)
     /// and waits for it.
     pub fn interrupt(&mut self) -> Result<()> {
@@ -140,11 +145,15 @@ impl Xdplb {
     }
 }
 
-/// `binary run` in the lb namespace with the files in `dir`; waits until
-/// it is ready.
-fn spawn_daemon(binary: &Path, topo: &DsrTopology, dir: &Path, pin_dir: &Path) -> Result<Proc> {
-    let mut cmd = topo.lb().command(binary);
-    cmd.args(["run", "--xdp-mode", "native", "--iface", topo.lb_iface(), "--config"])
+/// `binary run` in namespace `lb` on `ifaces` with the files in `dir`;
+/// waits until it is ready.
+fn spawn_daemon(binary: &Path, lb: &Netns, ifaces: &[String], dir: &Path, pin_dir: &Path) -> Result<Proc> {
+    let mut cmd = lb.command(binary);
+    cmd.args(["run", "--xdp-mode", "native"]);
+    for iface in ifaces {
+        cmd.args(["--iface", iface]);
+    }
+    cmd.arg("--config")
         .arg(dir.join("xdplb.toml"))
         .arg("--pin-dir")
         .arg(pin_dir)
@@ -164,7 +173,9 @@ impl Drop for Xdplb {
         let _ = self.proc.terminate();
         let _ = Command::new(&self.binary).args(["detach", "--all", "--pin-dir"]).arg(&self.pin_dir).output();
         // Belt and braces for a datapath whose pins are already gone.
-        let _ = Command::new("ip").args(["-n", &self.lb, "link", "set", "dev", &self.iface, "xdp", "off"]).status();
+        for iface in &self.ifaces {
+            let _ = Command::new("ip").args(["-n", &self.lb, "link", "set", "dev", iface, "xdp", "off"]).status();
+        }
         let _ = std::fs::remove_dir_all(&self.pin_dir);
         let _ = std::fs::remove_dir_all(&self.dir);
     }

@@ -47,7 +47,7 @@ use std::collections::HashMap;
 use std::io::{BufReader, Read as _, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::AsRawFd as _;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
@@ -56,7 +56,7 @@ use anyhow::{bail, ensure, Context as _, Result};
 
 use crate::{
     client,
-    lb::Tally,
+    lb::{Tally, Xdplb},
     netns::{unique_prefix, Netns},
     proc::Proc,
 };
@@ -546,106 +546,9 @@ pub fn nat_config(topo: &NatTopology, health_check: &str) -> String {
 
 // ---------------------------------------------------------------- daemon
 
-/// The `xdplb` daemon in the topology's lb namespace, attached to every lb
-/// interface, with its own pin directory, API socket, state and config
-/// files. Dropping it stops the daemon and removes the attachments, pins
-/// and files.
-pub struct NatLb {
-    pub proc: Proc,
-    pub pin_dir: PathBuf,
-    /// Holds the config, the API socket and the state file.
-    pub dir: PathBuf,
-    binary: PathBuf,
-    lb: String,
-    ifaces: Vec<String>,
-}
-
-impl NatLb {
-    /// Writes `config` and starts `binary run --iface ...` (every lb
-    /// interface) in native XDP mode; returns once the daemon is ready.
-    pub fn start(binary: &Path, topo: &NatTopology, config: &str) -> Result<NatLb> {
-        let dir = std::env::temp_dir().join(format!("xdplb-{}", topo.prefix()));
-        std::fs::create_dir_all(&dir)?;
-        let mut lb = NatLb {
-            proc: Proc::spawn(&mut Command::new("true"))?,
-            pin_dir: PathBuf::from(format!("/sys/fs/bpf/xdplb-{}", topo.prefix())),
-            dir,
-            binary: binary.to_owned(),
-            lb: topo.lb().name().to_owned(),
-            ifaces: topo.lb_ifaces().iter().map(|s| s.to_string()).collect(),
-        };
-        std::fs::write(lb.config_path(), config)?;
-        let mut cmd = topo.lb().command(&lb.binary);
-        cmd.args(["run", "--xdp-mode", "native"]);
-        for iface in &lb.ifaces {
-            cmd.args(["--iface", iface]);
-        }
-        cmd.arg("--config")
-            .arg(lb.config_path())
-            .arg("--pin-dir")
-            .arg(&lb.pin_dir)
-            .arg("--api-socket")
-            .arg(lb.socket())
-            .arg("--state-file")
-            .arg(lb.dir.join("state.json"));
-        let mut proc = Proc::spawn_with(&mut cmd, "xdplb", false)?;
-        if let Err(err) = proc.wait_for_stdout_line("ready", Duration::from_secs(20)) {
-            bail!("xdplb did not become ready: {err:#}\n--- xdplb output ---\n{}", proc.output_text());
-        }
-        lb.proc = proc;
-        Ok(lb)
-    }
-
-    pub fn config_path(&self) -> PathBuf {
-        self.dir.join("xdplb.toml")
-    }
-
-    pub fn socket(&self) -> PathBuf {
-        self.dir.join("api.sock")
-    }
-
-    /// `xdplb ARGS --socket S`: stdout, or an error with stderr.
-    pub fn cli(&self, args: &[&str]) -> Result<String> {
-        let out = Command::new(&self.binary).args(args).arg("--socket").arg(self.socket()).output()?;
-        if !out.status.success() {
-            bail!("xdplb {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    }
-
-    /// [`NatLb::cli`] with `--json`, parsed.
-    pub fn json(&self, args: &[&str]) -> Result<serde_json::Value> {
-        let mut args = args.to_vec();
-        args.push("--json");
-        let text = self.cli(&args)?;
-        serde_json::from_str(&text).with_context(|| format!("parsing the output of xdplb {}: {text}", args.join(" ")))
-    }
-
-    /// Backend `address` of service `service`, as the API lists it.
-    pub fn backend(&self, service: &str, address: IpAddr) -> Result<serde_json::Value> {
-        let list = self.json(&["backend", "list", service])?;
-        list.as_array()
-            .and_then(|l| l.iter().find(|b| b["address"].as_str() == Some(&address.to_string())))
-            .cloned()
-            .with_context(|| format!("backend {address} not listed: {list}"))
-    }
-
-    /// `xdplb stats` as text (for messages).
-    pub fn stats_text(&self) -> String {
-        self.cli(&["stats"]).unwrap_or_else(|e| format!("(xdplb stats failed: {e:#})"))
-    }
-}
-
-impl Drop for NatLb {
-    fn drop(&mut self) {
-        let _ = self.proc.terminate();
-        let _ = Command::new(&self.binary).args(["detach", "--all", "--pin-dir"]).arg(&self.pin_dir).output();
-        for iface in &self.ifaces {
-            let _ = Command::new("ip").args(["-n", &self.lb, "link", "set", "dev", iface, "xdp", "off"]).status();
-        }
-        let _ = std::fs::remove_dir_all(&self.pin_dir);
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
+/// Starts the daemon on every lb interface of `topo` (native XDP).
+pub fn start_xdplb(binary: &Path, topo: &NatTopology, config: &str) -> Result<Xdplb> {
+    Xdplb::start_in(binary, topo.lb(), &topo.lb_ifaces(), topo.prefix(), config)
 }
 
 /// Starts `xdplb-testbackend` in every backend namespace: HTTP on

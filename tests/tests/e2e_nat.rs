@@ -21,12 +21,12 @@ use std::{
 use xdp_common::Reason;
 use xdplb::dataplane::Maps;
 use xdplb_tests::{
-    lb::Load,
+    lb::{Load, Xdplb},
     bin_path,
     lb::{Sample, Tally},
     nat_topology::{
         download, nat_config, pattern_sha256, peer, requests, start_backend, start_backends, udp_queries, upload,
-        NatLb, NatTopology, Shape, Transfer, BACKEND_PORT,
+        start_xdplb, NatTopology, Shape, Transfer, BACKEND_PORT,
     },
     proc::Proc,
     require_root,
@@ -48,7 +48,7 @@ fn take_turn() -> MutexGuard<'static, ()> {
 /// A testbed with backends serving, and (once started) the daemon.
 /// Fields drop in order: daemon, backends, topology.
 struct Bed {
-    lb: Option<NatLb>,
+    lb: Option<Xdplb>,
     backends: Vec<Proc>,
     topo: NatTopology,
     xdplb: PathBuf,
@@ -66,10 +66,10 @@ impl Bed {
 
     fn start_lb(&mut self, health_check: &str) {
         let config = nat_config(&self.topo, health_check);
-        self.lb = Some(NatLb::start(&self.xdplb, &self.topo, &config).expect("starting xdplb"));
+        self.lb = Some(start_xdplb(&self.xdplb, &self.topo, &config).expect("starting xdplb"));
     }
 
-    fn lb(&self) -> &NatLb {
+    fn lb(&self) -> &Xdplb {
         self.lb.as_ref().expect("daemon started")
     }
 
@@ -85,14 +85,14 @@ impl Bed {
         self.topo
             .client()
             .run(|| download(addr, n, STALL))
-            .unwrap_or_else(|e| panic!("{e:#}\n{}", self.lb.as_ref().map(NatLb::stats_text).unwrap_or_default()))
+            .unwrap_or_else(|e| panic!("{e:#}\n{}", self.lb.as_ref().map(Xdplb::stats_text).unwrap_or_default()))
     }
 
     fn upload(&self, addr: SocketAddr, n: u64) -> Transfer {
         self.topo
             .client()
             .run(|| upload(addr, n, STALL))
-            .unwrap_or_else(|e| panic!("{e:#}\n{}", self.lb.as_ref().map(NatLb::stats_text).unwrap_or_default()))
+            .unwrap_or_else(|e| panic!("{e:#}\n{}", self.lb.as_ref().map(Xdplb::stats_text).unwrap_or_default()))
     }
 }
 
