@@ -13,7 +13,8 @@ const DEFAULT_TOOLCHAIN: &str = "debian-bpf";
 
 fn main() -> anyhow::Result<()> {
     println!("cargo:rerun-if-env-changed=XDPLB_EBPF_TOOLCHAIN");
-    let toolchain = std::env::var("XDPLB_EBPF_TOOLCHAIN").unwrap_or_else(|_| DEFAULT_TOOLCHAIN.into());
+    let toolchain =
+        std::env::var("XDPLB_EBPF_TOOLCHAIN").unwrap_or_else(|_| DEFAULT_TOOLCHAIN.into());
     let metadata = cargo_metadata::MetadataCommand::new()
         .no_deps()
         .exec()

@@ -73,14 +73,19 @@ fn bars(file: &GroupFile, unit: &str) -> Vec<Bar> {
             }
         })
         .collect();
-    out.extend(file.references.iter().filter(|r| r.unit == unit).map(|r| Bar {
-        label: format!("reference: {}", r.case),
-        min: r.value,
-        median: r.value,
-        max: r.value,
-        colour: GREY_BAR,
-        text: format!("{} {} (reference)", fmt_value(r.value), r.unit),
-    }));
+    out.extend(
+        file.references
+            .iter()
+            .filter(|r| r.unit == unit)
+            .map(|r| Bar {
+                label: format!("reference: {}", r.case),
+                min: r.value,
+                median: r.value,
+                max: r.value,
+                colour: GREY_BAR,
+                text: format!("{} {} (reference)", fmt_value(r.value), r.unit),
+            }),
+    );
     out
 }
 
@@ -95,7 +100,10 @@ pub fn draw_group(path: &Path, file: &GroupFile) -> Result<()> {
     if panels.is_empty() {
         bail!("no figures");
     }
-    let heights: Vec<u32> = panels.iter().map(|(_, b)| PANEL_EXTRA + ROW * b.len() as u32).collect();
+    let heights: Vec<u32> = panels
+        .iter()
+        .map(|(_, b)| PANEL_EXTRA + ROW * b.len() as u32)
+        .collect();
     let total: u32 = heights.iter().sum::<u32>() + 40;
     let longest = panels
         .iter()
@@ -109,7 +117,10 @@ pub fn draw_group(path: &Path, file: &GroupFile) -> Result<()> {
     root.fill(&WHITE).map_err(|e| anyhow!("{e:?}"))?;
     let (title, mut rest) = root.split_vertically(40);
     title
-        .titled(&format!("{}: median, whiskers min–max", file.group), (FONT, 22))
+        .titled(
+            &format!("{}: median, whiskers min–max", file.group),
+            (FONT, 22),
+        )
         .map_err(|e| anyhow!("{e:?}"))?;
     for ((unit, bars), h) in panels.iter().zip(&heights) {
         let (panel, below) = rest.split_vertically(*h);
@@ -211,7 +222,8 @@ mod tests {
         }
         let figs = vec![
             Figure::new("g", "floor", "ns", vec![20.0, 22.0, 21.0], false),
-            Figure::new("g", "case a", "ns", vec![40.0, 45.0, 41.0], false).target("<= 50 ns", true),
+            Figure::new("g", "case a", "ns", vec![40.0, 45.0, 41.0], false)
+                .target("<= 50 ns", true),
             Figure::new("g", "case b", "ns", vec![-2.0, 5.0, 3.0], false).baseline("floor"),
             Figure::new("g", "size", "MiB", vec![3.0, 3.0, 3.0], false),
         ];
@@ -230,7 +242,8 @@ mod tests {
             figures: records(&figs),
             error: None,
         };
-        let path = std::env::temp_dir().join(format!("xdplb-bench-chart-{}.png", std::process::id()));
+        let path =
+            std::env::temp_dir().join(format!("xdplb-bench-chart-{}.png", std::process::id()));
         draw_group(&path, &file).unwrap();
         let bytes = std::fs::read(&path).unwrap();
         std::fs::remove_file(&path).unwrap();

@@ -11,14 +11,13 @@ pub mod systems;
 pub mod tools;
 pub mod wrk;
 
-use std::collections::BTreeMap;
-use std::time::Duration;
+use std::{collections::BTreeMap, time::Duration};
 
 use anyhow::{ensure, Context as _, Result};
+use systems::{Bed, Cpu, System, CEILING};
 use xdplb_tests::{lb::requests, topology::DsrTopology};
 
 use crate::harness::{median, Figure, Opts};
-use systems::{Bed, Cpu, System, CEILING};
 
 /// wrk connections (one thread).
 const CONNECTIONS: u32 = 32;
@@ -69,7 +68,11 @@ pub fn run(opts: &Opts) -> Result<Vec<Figure>> {
     let _stats = tools::Sysctl::set("kernel.bpf_stats_enabled", "1")?;
     // With two CPUs or more: the servers on the first, wrk on the last.
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let (server_cpu, wrk_cpu) = if cpus > 1 { (Some(0), Some(cpus - 1)) } else { (None, None) };
+    let (server_cpu, wrk_cpu) = if cpus > 1 {
+        (Some(0), Some(cpus - 1))
+    } else {
+        (None, None)
+    };
     let bed = Bed::new(&opts.xdplb, dir.path(), server_cpu)?;
     let prefix = bed.topo.prefix().to_owned();
     let systems = systems::all();
@@ -78,8 +81,14 @@ pub fn run(opts: &Opts) -> Result<Vec<Figure>> {
         for k in 0..systems.len() {
             let system = &systems[(k + rep) % systems.len()];
             let first_port = 61000 + ((rep * systems.len() + k) * 40) as u16;
-            let s = measure(&bed, system.as_ref(), Duration::from_secs(secs), wrk_cpu, first_port)
-                .with_context(|| format!("e2e: {} (repetition {})", system.name(), rep + 1))?;
+            let s = measure(
+                &bed,
+                system.as_ref(),
+                Duration::from_secs(secs),
+                wrk_cpu,
+                first_port,
+            )
+            .with_context(|| format!("e2e: {} (repetition {})", system.name(), rep + 1))?;
             eprintln!(
                 "e2e: {:<14} rep {}: {:>6.0} req/s keep-alive, {:>6.0} conn/s, p50 {:.3} ms, p99 {:.3} ms",
                 system.name(),
@@ -93,20 +102,38 @@ pub fn run(opts: &Opts) -> Result<Vec<Figure>> {
         }
     }
     drop(bed);
-    let left: Vec<String> = xdplb_tests::netns::list()?.into_iter().filter(|n| n.starts_with(&prefix)).collect();
+    let left: Vec<String> = xdplb_tests::netns::list()?
+        .into_iter()
+        .filter(|n| n.starts_with(&prefix))
+        .collect();
     ensure!(left.is_empty(), "namespaces left behind: {left:?}");
     Ok(figures(&systems, &samples))
 }
 
 /// Sets `system` up, checks it spreads requests as expected, measures,
 /// tears it down.
-fn measure(bed: &Bed, system: &dyn System, duration: Duration, wrk_cpu: Option<usize>, first_port: u16) -> Result<Sample> {
+fn measure(
+    bed: &Bed,
+    system: &dyn System,
+    duration: Duration,
+    wrk_cpu: Option<usize>,
+    first_port: u16,
+) -> Result<Sample> {
     forget_time_wait(&bed.topo);
     let running = system.setup(bed)?;
     let tally = requests(&bed.topo, running.target, first_port..first_port + 30);
-    ensure!(tally.failed.is_empty(), "requests failed: {:?}", tally.failed);
+    ensure!(
+        tally.failed.is_empty(),
+        "requests failed: {:?}",
+        tally.failed
+    );
     let served: Vec<&String> = tally.served.keys().collect();
-    ensure!(served == running.backends.iter().collect::<Vec<_>>(), "served by {:?}, expected {:?}", tally.served, running.backends);
+    ensure!(
+        served == running.backends.iter().collect::<Vec<_>>(),
+        "served by {:?}, expected {:?}",
+        tally.served,
+        running.backends
+    );
     let wrk = |close, duration| wrk::Run {
         client: bed.topo.client(),
         url: format!("http://{}/", running.target),
@@ -154,13 +181,33 @@ type Values<'a> = &'a dyn Fn(&str) -> Vec<f64>;
 /// The figures of every group; targets for xdplb's systems.
 fn figures(systems: &[Box<dyn System>], samples: &BTreeMap<&str, Vec<Sample>>) -> Vec<Figure> {
     let ceiling = &samples[CEILING];
-    let softirq_over_ceiling = |n: &str| -> Vec<f64> { samples[n].iter().zip(ceiling).map(|(s, c)| s.softirq - c.softirq).collect() };
-    let cpu = |n: &str| -> Vec<f64> { samples[n].iter().zip(softirq_over_ceiling(n)).map(|(s, over)| s.own_cpu.unwrap_or(over)).collect() };
+    let softirq_over_ceiling = |n: &str| -> Vec<f64> {
+        samples[n]
+            .iter()
+            .zip(ceiling)
+            .map(|(s, c)| s.softirq - c.softirq)
+            .collect()
+    };
+    let cpu = |n: &str| -> Vec<f64> {
+        samples[n]
+            .iter()
+            .zip(softirq_over_ceiling(n))
+            .map(|(s, over)| s.own_cpu.unwrap_or(over))
+            .collect()
+    };
     let groups: [(&str, &str, bool, Values); 5] = [
-        ("e2e-keepalive", "req/s", true, &|n| samples[n].iter().map(|s| s.keepalive.per_sec).collect()),
-        ("e2e-newconn", "conn/s", true, &|n| samples[n].iter().map(|s| s.newconn.per_sec).collect()),
-        ("e2e-p50", "ms", false, &|n| samples[n].iter().map(|s| s.keepalive.p50_ms).collect()),
-        ("e2e-p99", "ms", false, &|n| samples[n].iter().map(|s| s.keepalive.p99_ms).collect()),
+        ("e2e-keepalive", "req/s", true, &|n| {
+            samples[n].iter().map(|s| s.keepalive.per_sec).collect()
+        }),
+        ("e2e-newconn", "conn/s", true, &|n| {
+            samples[n].iter().map(|s| s.newconn.per_sec).collect()
+        }),
+        ("e2e-p50", "ms", false, &|n| {
+            samples[n].iter().map(|s| s.keepalive.p50_ms).collect()
+        }),
+        ("e2e-p99", "ms", false, &|n| {
+            samples[n].iter().map(|s| s.keepalive.p99_ms).collect()
+        }),
         ("e2e-cpu", "ms/1000 req", false, &cpu),
     ];
     let mut out = Vec::new();
@@ -177,19 +224,35 @@ fn figures(systems: &[Box<dyn System>], samples: &BTreeMap<&str, Vec<Sample>>) -
             }
             if name.starts_with("xdplb") {
                 let x = med(name);
-                let ahead = RIVALS.iter().all(|r| if higher { x > med(r) } else { x < med(r) });
+                let ahead = RIVALS
+                    .iter()
+                    .all(|r| if higher { x > med(r) } else { x < med(r) });
                 let (target, vs_ceiling) = match group {
-                    "e2e-keepalive" | "e2e-newconn" => (">= 0.9x ceiling, above haproxy and iptables-dnat", x >= 0.9 * med(CEILING)),
-                    "e2e-p99" => ("<= 1.1x ceiling, below haproxy and iptables-dnat", x <= 1.1 * med(CEILING)),
+                    "e2e-keepalive" | "e2e-newconn" => (
+                        ">= 0.9x ceiling, above haproxy and iptables-dnat",
+                        x >= 0.9 * med(CEILING),
+                    ),
+                    "e2e-p99" => (
+                        "<= 1.1x ceiling, below haproxy and iptables-dnat",
+                        x <= 1.1 * med(CEILING),
+                    ),
                     _ => ("below haproxy and iptables-dnat", true),
                 };
                 f = f.target(target, ahead && vs_ceiling);
             }
-            let errors: u64 = samples[name].iter().map(|s| s.keepalive.errors + s.newconn.errors).sum();
+            let errors: u64 = samples[name]
+                .iter()
+                .map(|s| s.keepalive.errors + s.newconn.errors)
+                .sum();
             if is_cpu {
-                f = f.note(cpu_note(samples[name][0].cpu, median(&softirq_over_ceiling(name))));
+                f = f.note(cpu_note(
+                    samples[name][0].cpu,
+                    median(&softirq_over_ceiling(name)),
+                ));
             } else if errors > 0 {
-                f = f.note(format!("wrk reported {errors} socket errors or non-2xx answers over all runs"));
+                f = f.note(format!(
+                    "wrk reported {errors} socket errors or non-2xx answers over all runs"
+                ));
             }
             out.push(f);
         }

@@ -5,10 +5,12 @@
 //! connect every 1 s, 500 ms timeout, rise 2, fall 3: xdplb's defaults),
 //! on the same topology with `xdplb-testbackend` servers.
 
-use std::collections::BTreeMap;
-use std::net::SocketAddr;
-use std::path::Path;
-use std::time::{Duration, Instant};
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    path::Path,
+    time::{Duration, Instant},
+};
 
 use anyhow::{bail, ensure, Context as _, Result};
 use xdplb_tests::{
@@ -17,8 +19,10 @@ use xdplb_tests::{
     topology::DsrTopology,
 };
 
-use crate::e2e::{haproxy, tools};
-use crate::harness::{Figure, Opts};
+use crate::{
+    e2e::{haproxy, tools},
+    harness::{Figure, Opts},
+};
 
 pub const GROUP: &str = "failover";
 
@@ -92,21 +96,40 @@ pub fn run(opts: &Opts) -> Result<Vec<Figure>> {
     let haproxy = {
         let config = haproxy::Config {
             bind: SocketAddr::new(topo.lb_addr4().into(), 80),
-            servers: (1..=topo.backend_count()).map(|i| (topo.backend_name(i), SocketAddr::new(topo.backend_addr4(i).into(), 80))).collect(),
+            servers: (1..=topo.backend_count())
+                .map(|i| {
+                    (
+                        topo.backend_name(i),
+                        SocketAddr::new(topo.backend_addr4(i).into(), 80),
+                    )
+                })
+                .collect(),
             log: true,
         };
         let h = haproxy::Haproxy::start(topo.lb(), dir.path(), &config)?;
-        let bal = HaproxyBalancer { h, target: config.bind };
+        let bal = HaproxyBalancer {
+            h,
+            target: config.bind,
+        };
         run_trials(&bal, &topo, &mut servers, &opts.testbackend, trials)?
     };
     drop(servers);
     drop(topo);
-    let left: Vec<String> = xdplb_tests::netns::list()?.into_iter().filter(|n| n.starts_with(&prefix)).collect();
+    let left: Vec<String> = xdplb_tests::netns::list()?
+        .into_iter()
+        .filter(|n| n.starts_with(&prefix))
+        .collect();
     ensure!(left.is_empty(), "namespaces left behind: {left:?}");
     Ok(figures(&xdplb, &haproxy))
 }
 
-fn run_trials(bal: &dyn Balancer, topo: &DsrTopology, servers: &mut [Proc], testbackend: &Path, n: usize) -> Result<Vec<Trial>> {
+fn run_trials(
+    bal: &dyn Balancer,
+    topo: &DsrTopology,
+    servers: &mut [Proc],
+    testbackend: &Path,
+    n: usize,
+) -> Result<Vec<Trial>> {
     (0..n)
         .map(|t| {
             let victim = t % servers.len() + 1;
@@ -129,12 +152,26 @@ fn run_trials(bal: &dyn Balancer, topo: &DsrTopology, servers: &mut [Proc], test
 /// Every server runs and is up; load; kill `victim`; wait for the
 /// balancer to call it down; load a little longer; restart it and wait
 /// until it rejoins; classify the failures.
-fn run_trial(bal: &dyn Balancer, topo: &DsrTopology, servers: &mut [Proc], testbackend: &Path, t: usize, victim: usize) -> Result<Trial> {
+fn run_trial(
+    bal: &dyn Balancer,
+    topo: &DsrTopology,
+    servers: &mut [Proc],
+    testbackend: &Path,
+    t: usize,
+    victim: usize,
+) -> Result<Trial> {
     for i in 1..=servers.len() {
         wait_for(bal, i, Health::Up, Duration::from_secs(10))?;
     }
     let loads = (0..LOADS)
-        .map(|l| Load::start(topo, bal.target(), LOAD_EVERY, 10_000 + ((t * LOADS + l) * 600) as u16))
+        .map(|l| {
+            Load::start(
+                topo,
+                bal.target(),
+                LOAD_EVERY,
+                10_000 + ((t * LOADS + l) * 600) as u16,
+            )
+        })
         .collect::<Result<Vec<_>>>()?;
     // A kill at an even spread of phases of the check schedule over the
     // trials (golden-ratio steps), not always the same one.
@@ -155,7 +192,11 @@ fn run_trial(bal: &dyn Balancer, topo: &DsrTopology, servers: &mut [Proc], testb
     for (s, b) in failed.iter().zip(&to).filter(|(_, b)| **b != Some(victim)) {
         let when = s.start.saturating_duration_since(killed).as_millis();
         let to = b.map_or("an unknown backend".into(), |b| format!("b{b}"));
-        eprintln!("failover: {}: a request to {to}, {when} ms after the kill, failed: {:?}", bal.name(), s.result);
+        eprintln!(
+            "failover: {}: a request to {to}, {when} ms after the kill, failed: {:?}",
+            bal.name(),
+            s.result
+        );
     }
     Ok(Trial {
         detection_ms: (down - killed).as_secs_f64() * 1000.0,
@@ -174,7 +215,10 @@ fn wait_for(bal: &dyn Balancer, i: usize, want: Health, limit: Duration) -> Resu
             return Ok(Instant::now());
         }
         if Instant::now() > deadline {
-            bail!("b{i} not {} within {limit:?}", if want == Health::Up { "up" } else { "down" });
+            bail!(
+                "b{i} not {} within {limit:?}",
+                if want == Health::Up { "up" } else { "down" }
+            );
         }
         std::thread::sleep(Duration::from_millis(5));
     }
@@ -203,13 +247,18 @@ impl Balancer for XdplbBalancer<'_> {
     /// The flow table pins every flow to the backend its first packet went
     /// to; once that backend is active again, `xdplb flow` names it.
     fn backends_of(&self, ports: &[u16]) -> Result<Vec<Option<usize>>> {
-        let by_addr: BTreeMap<String, usize> = (1..=self.topo.backend_count()).map(|i| (format!("{}:80", self.topo.backend_addr4(i)), i)).collect();
+        let by_addr: BTreeMap<String, usize> = (1..=self.topo.backend_count())
+            .map(|i| (format!("{}:80", self.topo.backend_addr4(i)), i))
+            .collect();
         ports
             .iter()
             .map(|&p| {
                 let src = SocketAddr::new(self.topo.client_addr4().into(), p);
                 let f = self.lb.flow(src, self.target())?;
-                Ok(f["established"].as_bool().filter(|e| *e).and_then(|_| by_addr.get(f["backend"].as_str()?).copied()))
+                Ok(f["established"]
+                    .as_bool()
+                    .filter(|e| *e)
+                    .and_then(|_| by_addr.get(f["backend"].as_str()?).copied()))
             })
             .collect()
     }
@@ -241,7 +290,10 @@ impl Balancer for HaproxyBalancer {
     /// From HAProxy's connection log (client port → server).
     fn backends_of(&self, ports: &[u16]) -> Result<Vec<Option<usize>>> {
         let log = self.h.servers_by_port();
-        Ok(ports.iter().map(|p| log.get(p).and_then(|s| s.strip_prefix('b')?.parse().ok())).collect())
+        Ok(ports
+            .iter()
+            .map(|p| log.get(p).and_then(|s| s.strip_prefix('b')?.parse().ok()))
+            .collect())
     }
 }
 
@@ -261,15 +313,23 @@ fn figures(xdplb: &[Trial], haproxy: &[Trial]) -> Vec<Figure> {
     vec![
         fig("xdplb-detection", "ms", xdplb, detection)
             .baseline("haproxy-detection")
-            .target("every trial <= 4000 ms (interval x fall + interval)", worst(xdplb, detection) <= BOUND_MS),
-        fig("xdplb-failed-dead", "requests", xdplb, dead)
-            .note(format!("of {} requests in all; the flow table pins each to the killed backend", requests(xdplb))),
+            .target(
+                "every trial <= 4000 ms (interval x fall + interval)",
+                worst(xdplb, detection) <= BOUND_MS,
+            ),
+        fig("xdplb-failed-dead", "requests", xdplb, dead).note(format!(
+            "of {} requests in all; the flow table pins each to the killed backend",
+            requests(xdplb)
+        )),
         fig("xdplb-failed-healthy", "requests", xdplb, healthy)
             .target("0 in every trial", worst(xdplb, healthy) == 0.0)
             .note(unknown(xdplb, "with no flow pinned")),
         fig("haproxy-detection", "ms", haproxy, detection),
-        fig("haproxy-failed-dead", "requests", haproxy, dead)
-            .note(format!("of {} requests in all; HAProxy's connection log names the killed server", requests(haproxy))),
-        fig("haproxy-failed-healthy", "requests", haproxy, healthy).note(unknown(haproxy, "missing from HAProxy's log")),
+        fig("haproxy-failed-dead", "requests", haproxy, dead).note(format!(
+            "of {} requests in all; HAProxy's connection log names the killed server",
+            requests(haproxy)
+        )),
+        fig("haproxy-failed-healthy", "requests", haproxy, healthy)
+            .note(unknown(haproxy, "missing from HAProxy's log")),
     ]
 }

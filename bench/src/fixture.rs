@@ -30,7 +30,8 @@ pub struct Loaded {
 impl Loaded {
     pub fn new(tag: &str) -> Result<Self> {
         let pins = PinDir::new(tag);
-        let mut datapath = Datapath::load(pins.path()).context("loading the xdplb program (needs root)")?;
+        let mut datapath =
+            Datapath::load(pins.path()).context("loading the xdplb program (needs root)")?;
         let maps = Maps::take(&mut datapath.ebpf)?;
         Ok(Self {
             datapath,
@@ -74,7 +75,14 @@ impl Loaded {
     /// Writes `table` at `base` of the Maglev array and points the service
     /// at `vip` over `proto` at it.
     #[allow(clippy::needless_update)] // Service grows fields (NAT) that default to zero.
-    pub fn service(&mut self, vip: SocketAddr, proto: u8, id: u32, base: u32, table: &[u32]) -> Result<()> {
+    pub fn service(
+        &mut self,
+        vip: SocketAddr,
+        proto: u8,
+        id: u32,
+        base: u32,
+        table: &[u32],
+    ) -> Result<()> {
         self.maps.write_table(base, table)?;
         let svc = Service {
             id,
@@ -93,7 +101,17 @@ impl Loaded {
 impl Loaded {
     /// A NAT service at `vip` whose table names `backend` only, which
     /// listens on `backend_port` and sees `snat` as source; NAT enabled.
-    pub fn nat_service(&mut self, vip: SocketAddr, proto: u8, id: u32, base: u32, backend: u32, backend_port: u16, snat: IpAddr) -> Result<()> {
+    #[expect(clippy::too_many_arguments, reason = "one fixture row, spelled out")]
+    pub fn nat_service(
+        &mut self,
+        vip: SocketAddr,
+        proto: u8,
+        id: u32,
+        base: u32,
+        backend: u32,
+        backend_port: u16,
+        snat: IpAddr,
+    ) -> Result<()> {
         let mut b = self.maps.backend(backend)?;
         b.snat_addr = addr::to_words(snat);
         b.port_be = backend_port.to_be();
@@ -110,7 +128,9 @@ impl Loaded {
             nat_closing_timeout: 10,
             nat_udp_timeout: 60,
         };
-        self.maps.services.insert(addr::service_key(vip.ip(), vip.port(), proto), svc, 0)?;
+        self.maps
+            .services
+            .insert(addr::service_key(vip.ip(), vip.port(), proto), svc, 0)?;
         self.maps.globals.set(0, Globals { nat_enabled: 1 }, 0)?;
         Ok(())
     }

@@ -43,7 +43,13 @@ fn l4(proto: u8, sport: u16, dport: u16) -> Vec<u8> {
 
 /// A frame from `src` to `dst` over `proto` (TCP SYN or UDP), Ethernet
 /// `src_mac` -> `dst_mac`.
-pub fn packet(src_mac: [u8; 6], dst_mac: [u8; 6], src: SocketAddr, dst: SocketAddr, proto: u8) -> Vec<u8> {
+pub fn packet(
+    src_mac: [u8; 6],
+    dst_mac: [u8; 6],
+    src: SocketAddr,
+    dst: SocketAddr,
+    proto: u8,
+) -> Vec<u8> {
     let payload = l4(proto, src.port(), dst.port());
     let mut f = Vec::with_capacity(14 + 40 + payload.len());
     f.extend_from_slice(&dst_mac);

@@ -41,7 +41,13 @@ pub struct Figure {
 
 impl Figure {
     /// A figure with no baseline, target or note.
-    pub fn new(group: &str, case: &str, unit: &str, samples: Vec<f64>, higher_is_better: bool) -> Self {
+    pub fn new(
+        group: &str,
+        case: &str,
+        unit: &str,
+        samples: Vec<f64>,
+        higher_is_better: bool,
+    ) -> Self {
         Self {
             group: group.into(),
             case: case.into(),
@@ -81,7 +87,10 @@ impl Figure {
     }
 
     pub fn max(&self) -> f64 {
-        self.samples.iter().copied().fold(f64::NEG_INFINITY, f64::max)
+        self.samples
+            .iter()
+            .copied()
+            .fold(f64::NEG_INFINITY, f64::max)
     }
 }
 
@@ -204,7 +213,11 @@ pub fn cpu_times() -> (u64, u64, u64) {
     let Some(line) = stat.lines().find(|l| l.starts_with("cpu ")) else {
         return (0, 0, 0);
     };
-    let v: Vec<u64> = line.split_whitespace().skip(1).filter_map(|x| x.parse().ok()).collect();
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
     // user nice system idle iowait irq softirq steal guest guest_nice;
     // guest time is already counted in user.
     let total = v.iter().take(8).sum();
@@ -254,7 +267,10 @@ pub fn pin_current_thread(cpu: usize) -> Result<()> {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
         libc::CPU_SET(cpu, &mut set);
         if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
-            bail!("sched_setaffinity(cpu {cpu}): {}", std::io::Error::last_os_error());
+            bail!(
+                "sched_setaffinity(cpu {cpu}): {}",
+                std::io::Error::last_os_error()
+            );
         }
     }
     Ok(())
@@ -317,7 +333,11 @@ pub fn ensure_apt(packages: &[(&str, &str)]) -> Result<()> {
             .output()
             .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
     };
-    let missing: Vec<&str> = packages.iter().map(|(p, _)| *p).filter(|p| !installed(p)).collect();
+    let missing: Vec<&str> = packages
+        .iter()
+        .map(|(p, _)| *p)
+        .filter(|p| !installed(p))
+        .collect();
     if missing.is_empty() {
         return Ok(());
     }
@@ -326,7 +346,10 @@ pub fn ensure_apt(packages: &[(&str, &str)]) -> Result<()> {
     }
     // SAFETY: geteuid has no preconditions.
     if !Path::new("/etc/debian_version").exists() || unsafe { libc::geteuid() } != 0 {
-        bail!("missing packages (install them, as root): {}", missing.join(" "));
+        bail!(
+            "missing packages (install them, as root): {}",
+            missing.join(" ")
+        );
     }
     let apt = |args: &[&str]| -> Result<()> {
         let status = Command::new("apt-get")

@@ -79,7 +79,11 @@ pub fn run(opts: &Opts) -> Result<Section> {
             let rest: Vec<MaglevBackend> = all.iter().filter(|b| b.id != gone).cloned().collect();
             let after = build(&rest, m)?;
             let changed = before.iter().zip(&after).filter(|(a, b)| a != b).count();
-            let others = before.iter().zip(&after).filter(|(a, b)| **a != gone && a != b).count();
+            let others = before
+                .iter()
+                .zip(&after)
+                .filter(|(a, b)| **a != gone && a != b)
+                .count();
             moved.push(changed as f64 / f64::from(m));
             excess.push(others as f64 / f64::from(m));
         }

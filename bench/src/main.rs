@@ -24,7 +24,6 @@ use std::{
 };
 
 use anyhow::{bail, Context as _, Result};
-
 use harness::{Figure, Machine, Opts, Section};
 use report::Report;
 
@@ -44,19 +43,41 @@ fn sections(figures: Result<Vec<Figure>>) -> Result<Vec<Section>> {
     for f in figures? {
         match groups.iter_mut().find(|s| s.group == f.group) {
             Some(s) => s.figures.push(f),
-            None => groups.push(Section { group: f.group.clone(), figures: vec![f], ..Default::default() }),
+            None => groups.push(Section {
+                group: f.group.clone(),
+                figures: vec![f],
+                ..Default::default()
+            }),
         }
     }
     Ok(groups)
 }
 
 const BENCHES: &[Bench] = &[
-    Bench { name: "per-packet", run: |o| one(perpacket::run(o)) },
-    Bench { name: "pps", run: |o| one(pps::run(o)) },
-    Bench { name: "maglev", run: |o| one(maglev::run(o)) },
-    Bench { name: "memory", run: |o| one(memory::run(o)) },
-    Bench { name: "e2e", run: |o| sections(e2e::run(o)) },
-    Bench { name: "failover", run: |o| sections(failover::run(o)) },
+    Bench {
+        name: "per-packet",
+        run: |o| one(perpacket::run(o)),
+    },
+    Bench {
+        name: "pps",
+        run: |o| one(pps::run(o)),
+    },
+    Bench {
+        name: "maglev",
+        run: |o| one(maglev::run(o)),
+    },
+    Bench {
+        name: "memory",
+        run: |o| one(memory::run(o)),
+    },
+    Bench {
+        name: "e2e",
+        run: |o| sections(e2e::run(o)),
+    },
+    Bench {
+        name: "failover",
+        run: |o| sections(failover::run(o)),
+    },
 ];
 
 /// The method text of the groups this crate measures itself.
@@ -82,13 +103,21 @@ fn usage() -> ! {
     eprintln!(
         "usage: xdplb-bench [--quick] [--only NAME[,NAME...]] [--no-build]\n\
          benchmarks: {}",
-        BENCHES.iter().map(|b| b.name).collect::<Vec<_>>().join(", ")
+        BENCHES
+            .iter()
+            .map(|b| b.name)
+            .collect::<Vec<_>>()
+            .join(", ")
     );
     std::process::exit(2)
 }
 
 fn parse_args() -> Args {
-    let mut args = Args { quick: false, only: None, build: true };
+    let mut args = Args {
+        quick: false,
+        only: None,
+        build: true,
+    };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
         match a.as_str() {
@@ -97,7 +126,10 @@ fn parse_args() -> Args {
             "--only" => {
                 let list = it.next().unwrap_or_else(|| usage());
                 let names: Vec<String> = list.split(',').map(str::to_owned).collect();
-                if let Some(bad) = names.iter().find(|n| !BENCHES.iter().any(|b| b.name == n.as_str())) {
+                if let Some(bad) = names
+                    .iter()
+                    .find(|n| !BENCHES.iter().any(|b| b.name == n.as_str()))
+                {
                     eprintln!("unknown benchmark {bad:?}");
                     usage();
                 }
@@ -111,7 +143,10 @@ fn parse_args() -> Args {
 
 /// The workspace root (bench/results and docs/ live below it).
 fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("bench/ is inside the workspace").to_owned()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("bench/ is inside the workspace")
+        .to_owned()
 }
 
 /// Builds the binaries the end-to-end and memory benchmarks run, in the
@@ -120,7 +155,8 @@ fn root() -> PathBuf {
 fn build_binaries(root: &Path, profile_dir: &Path) -> Result<()> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut cmd = Command::new(cargo);
-    cmd.current_dir(root).args(["build", "--bin", "xdplb", "--bin", "xdplb-testbackend"]);
+    cmd.current_dir(root)
+        .args(["build", "--bin", "xdplb", "--bin", "xdplb-testbackend"]);
     if profile_dir.file_name().is_some_and(|n| n == "release") {
         cmd.arg("--release");
     }
@@ -137,7 +173,11 @@ fn leftovers() -> Vec<String> {
     let pid = std::process::id().to_string();
     let mut left = Vec::new();
     if let Ok(list) = xdplb_tests::netns::list() {
-        left.extend(list.into_iter().filter(|n| n.contains(&pid)).map(|n| format!("network namespace {n}")));
+        left.extend(
+            list.into_iter()
+                .filter(|n| n.contains(&pid))
+                .map(|n| format!("network namespace {n}")),
+        );
     }
     if let Ok(dir) = std::fs::read_dir("/sys/fs/bpf") {
         for e in dir.flatten() {
@@ -166,7 +206,9 @@ fn real_main() -> Result<bool> {
     let started = Instant::now();
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        bail!("the benchmarks need root (BPF, network namespaces); run `sudo -E cargo xtask bench`");
+        bail!(
+            "the benchmarks need root (BPF, network namespaces); run `sudo -E cargo xtask bench`"
+        );
     }
     harness::catch_interrupts();
     let root = root();
@@ -179,11 +221,18 @@ fn real_main() -> Result<bool> {
         eprintln!("warning: bench setup: {e:#}");
     }
     let exe = std::env::current_exe()?;
-    let profile_dir = exe.parent().context("executable has no directory")?.to_owned();
+    let profile_dir = exe
+        .parent()
+        .context("executable has no directory")?
+        .to_owned();
     if args.build {
         build_binaries(&root, &profile_dir)?;
     }
-    let opts = Opts { quick: args.quick, xdplb: profile_dir.join("xdplb"), testbackend: profile_dir.join("xdplb-testbackend") };
+    let opts = Opts {
+        quick: args.quick,
+        xdplb: profile_dir.join("xdplb"),
+        testbackend: profile_dir.join("xdplb-testbackend"),
+    };
     let machine = Machine::probe(&root);
     println!(
         "xdplb-bench{}: kernel {}, {} ({} CPUs), commit {}, load {}",
@@ -199,7 +248,11 @@ fn real_main() -> Result<bool> {
     let mut ok = true;
     let mut timings = BTreeMap::new();
     for bench in BENCHES {
-        if args.only.as_ref().is_some_and(|o| !o.iter().any(|n| n == bench.name)) {
+        if args
+            .only
+            .as_ref()
+            .is_some_and(|o| !o.iter().any(|n| n == bench.name))
+        {
             continue;
         }
         if harness::interrupted().is_err() {
@@ -210,7 +263,10 @@ fn real_main() -> Result<bool> {
         let cpu_before = harness::cpu_times();
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| (bench.run)(&opts)))
             .unwrap_or_else(|p| {
-                let msg = p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()));
+                let msg = p
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()));
                 Err(anyhow::anyhow!("panicked: {}", msg.unwrap_or_default()))
             });
         timings.insert(bench.name, t.elapsed());
@@ -249,9 +305,17 @@ fn real_main() -> Result<bool> {
     }
     println!(
         "\nxdplb-bench: {} in {:.0?} ({})",
-        if ok { "done" } else { "done, WITH PROBLEMS (see above)" },
+        if ok {
+            "done"
+        } else {
+            "done, WITH PROBLEMS (see above)"
+        },
         started.elapsed(),
-        timings.iter().map(|(n, d)| format!("{n} {d:.0?}")).collect::<Vec<_>>().join(", ")
+        timings
+            .iter()
+            .map(|(n, d)| format!("{n} {d:.0?}"))
+            .collect::<Vec<_>>()
+            .join(", ")
     );
     Ok(ok)
 }

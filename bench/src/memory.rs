@@ -47,7 +47,11 @@ fn config(topo: &DsrTopology, ports: std::ops::Range<u16>, table_size: Option<u3
         }
         text += "\n[service.health_check]\ntype = \"none\"\n\n";
         for i in 1..=topo.backend_count() {
-            let _ = writeln!(text, "[[service.backend]]\naddress = \"{}\"\n", topo.backend_addr4(i));
+            let _ = writeln!(
+                text,
+                "[[service.backend]]\naddress = \"{}\"\n",
+                topo.backend_addr4(i)
+            );
         }
     }
     text
@@ -84,7 +88,10 @@ fn map_memory(pin_dir: &std::path::Path) -> Result<Vec<MapMem>> {
             continue; // links/
         }
         let path = entry.path();
-        let out = crate::harness::run("bpftool", &["map", "show", "pinned", &path.to_string_lossy(), "-j"])?;
+        let out = crate::harness::run(
+            "bpftool",
+            &["map", "show", "pinned", &path.to_string_lossy(), "-j"],
+        )?;
         let v: serde_json::Value =
             serde_json::from_str(&out).with_context(|| format!("parsing bpftool output {out}"))?;
         maps.push(MapMem {
@@ -135,8 +142,8 @@ pub fn run(opts: &Opts) -> Result<Section> {
         for k in 0..n {
             crate::harness::interrupted()?;
             let c = &mut configs[(k + rep) % n];
-            let lb =
-                Xdplb::start(&opts.xdplb, &topo, &c.text).with_context(|| format!("starting xdplb for {}", c.case))?;
+            let lb = Xdplb::start(&opts.xdplb, &topo, &c.text)
+                .with_context(|| format!("starting xdplb for {}", c.case))?;
             std::thread::sleep(SETTLE);
             let programmed = Maps::open_pinned(&lb.pin_dir)?.services.keys().count();
             if programmed != c.services {
@@ -209,7 +216,11 @@ pub fn run(opts: &Opts) -> Result<Section> {
     }
     let mut notes = vec![table];
     let total: u64 = maps.iter().map(|m| m.memlock).sum();
-    let nat: u64 = maps.iter().filter(|m| m.name.contains("_nat")).map(|m| m.memlock).sum();
+    let nat: u64 = maps
+        .iter()
+        .filter(|m| m.name.contains("_nat"))
+        .map(|m| m.memlock)
+        .sum();
     if nat > 0 {
         notes.push(format!(
             "Every map is preallocated at its full size whatever the configuration: the NAT tables take {:.1} of the {:.1} MiB \

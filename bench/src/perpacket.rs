@@ -137,7 +137,13 @@ impl Case {
     }
 
     fn floor(name: &'static str, prog: Prog, verdict: u32) -> Self {
-        let frame = frames::packet(CLIENT_MAC, LB_MAC, sa("10.0.0.1:40000"), sa("10.0.100.1:80"), PROTO_TCP);
+        let frame = frames::packet(
+            CLIENT_MAC,
+            LB_MAC,
+            sa("10.0.0.1:40000"),
+            sa("10.0.100.1:80"),
+            PROTO_TCP,
+        );
         Self {
             prog,
             reason: None,
@@ -190,7 +196,13 @@ fn program_services(lb: &mut Loaded) -> Result<()> {
         LO_IFINDEX,
         BACKEND_DOWN,
     )?;
-    lb.service(REPICK_VIP, PROTO_TCP, 4, 8 * TABLE, &vec![50; TABLE as usize])?;
+    lb.service(
+        REPICK_VIP,
+        PROTO_TCP,
+        4,
+        8 * TABLE,
+        &vec![50; TABLE as usize],
+    )?;
     Ok(())
 }
 
@@ -202,27 +214,56 @@ fn program_nat(lb: &mut Loaded) -> Result<Vec<u8>> {
     lb.nat_service(NAT_VIP, PROTO_TCP, 5, 10 * TABLE, 0, 8080, snat)?;
     let first = frames::packet(CLIENT_MAC, LB_MAC, sa("10.0.0.1:40000"), NAT_VIP, PROTO_TCP);
     let (prog, maps) = lb.parts();
-    let res = prog.test_run(TestRunOptions { data_in: Some(&first), repeat: 1, ..Default::default() })?;
+    let res = prog.test_run(TestRunOptions {
+        data_in: Some(&first),
+        repeat: 1,
+        ..Default::default()
+    })?;
     if res.return_value != XDP_TX {
-        bail!("NAT: the first packet was not translated (verdict {})", res.return_value);
+        bail!(
+            "NAT: the first packet was not translated (verdict {})",
+            res.return_value
+        );
     }
     let key = addr::flow_key(sa("10.0.0.1:40000"), NAT_VIP, PROTO_TCP);
-    let fwd = maps.nat_fwd.get(&key, 0).context("NAT: no flow after the first packet")?;
+    let fwd = maps
+        .nat_fwd
+        .get(&key, 0)
+        .context("NAT: no flow after the first packet")?;
     let backend = maps.backend(fwd.backend)?;
     let from = SocketAddr::new(addr::from_words(backend.addr), 8080);
-    Ok(frames::packet(backend.dst_mac, LB_MAC, from, SocketAddr::new(snat, u16::from_be(fwd.nat_port_be)), PROTO_TCP))
+    Ok(frames::packet(
+        backend.dst_mac,
+        LB_MAC,
+        from,
+        SocketAddr::new(snat, u16::from_be(fwd.nat_port_be)),
+        PROTO_TCP,
+    ))
 }
 
-const VIP: SocketAddr = SocketAddr::V4(SocketAddrV4::new(std::net::Ipv4Addr::new(10, 0, 100, 1), 80));
-const BIG_VIP: SocketAddr = SocketAddr::V4(SocketAddrV4::new(std::net::Ipv4Addr::new(10, 0, 100, 2), 80));
-const NAT_VIP: SocketAddr = SocketAddr::V4(SocketAddrV4::new(std::net::Ipv4Addr::new(10, 0, 100, 4), 80));
+const VIP: SocketAddr = SocketAddr::V4(SocketAddrV4::new(
+    std::net::Ipv4Addr::new(10, 0, 100, 1),
+    80,
+));
+const BIG_VIP: SocketAddr = SocketAddr::V4(SocketAddrV4::new(
+    std::net::Ipv4Addr::new(10, 0, 100, 2),
+    80,
+));
+const NAT_VIP: SocketAddr = SocketAddr::V4(SocketAddrV4::new(
+    std::net::Ipv4Addr::new(10, 0, 100, 4),
+    80,
+));
 const NAT_FORWARD: &str = "NAT established flow, forward (client to backend)";
 const NAT_REVERSE: &str = "NAT established flow, reverse (backend to client)";
-const REPICK_VIP: SocketAddr = SocketAddr::V4(SocketAddrV4::new(std::net::Ipv4Addr::new(10, 0, 100, 3), 80));
+const REPICK_VIP: SocketAddr = SocketAddr::V4(SocketAddrV4::new(
+    std::net::Ipv4Addr::new(10, 0, 100, 3),
+    80,
+));
 
 /// The cases, in the order they are reported.
 fn cases() -> Vec<Case> {
-    let packet = |src: &str, dst: SocketAddr, proto| frames::packet(CLIENT_MAC, LB_MAC, sa(src), dst, proto);
+    let packet =
+        |src: &str, dst: SocketAddr, proto| frames::packet(CLIENT_MAC, LB_MAC, sa(src), dst, proto);
     vec![
         Case::same(NON_SERVICE, packet("10.0.0.1:40000", sa("10.0.0.2:22"), PROTO_TCP), XDP_PASS, Reason::PassNotService)
             .target(25.0)
@@ -282,7 +323,13 @@ fn prefill_flows(maps: &mut Maps) -> Result<u64> {
 
 /// Total kernel-reported ns of `calls` timed calls, after `warmup`
 /// untimed ones.
-fn measure(prog: &Xdp, maps: &mut Maps, case: &mut Case, warmup: usize, calls: usize) -> Result<u128> {
+fn measure(
+    prog: &Xdp,
+    maps: &mut Maps,
+    case: &mut Case,
+    warmup: usize,
+    calls: usize,
+) -> Result<u128> {
     if let Flows::New {
         recycle: true,
         inserted,
@@ -348,7 +395,12 @@ fn measure(prog: &Xdp, maps: &mut Maps, case: &mut Case, warmup: usize, calls: u
 
 /// The program a case runs and the maps it checks: `progs` are xdp_pass,
 /// xdp_mac_swap, the first and the second xdplb instance.
-fn select<'a>(prog: Prog, progs: [&'a Xdp; 4], main: &'a mut Maps, full: &'a mut Maps) -> (&'a Xdp, &'a mut Maps) {
+fn select<'a>(
+    prog: Prog,
+    progs: [&'a Xdp; 4],
+    main: &'a mut Maps,
+    full: &'a mut Maps,
+) -> (&'a Xdp, &'a mut Maps) {
     match prog {
         Prog::Pass => (progs[0], main),
         Prog::MacSwap => (progs[1], main),
@@ -364,7 +416,10 @@ fn program_facts(name: &str, prog: &Xdp) -> String {
         Err(e) => return format!("{name}: no program info ({e})"),
     };
     let id = info.id();
-    let dump = crate::harness::run("bpftool", &["prog", "dump", "xlated", "id", &id.to_string()]);
+    let dump = crate::harness::run(
+        "bpftool",
+        &["prog", "dump", "xlated", "id", &id.to_string()],
+    );
     let lines = match &dump {
         Ok(text) => {
             let insns = text
@@ -414,8 +469,14 @@ fn measure_all(calls: usize, cpu: usize) -> Result<Section> {
     }
     let (pass_ebpf, pass_name) = load_passthrough(PASS_PROGRAM)?;
     let (mac_ebpf, mac_name) = load_passthrough(MAC_SWAP_PROGRAM)?;
-    let pass: &Xdp = pass_ebpf.program(&pass_name).context("xdp_pass")?.try_into()?;
-    let mac: &Xdp = mac_ebpf.program(&mac_name).context("xdp_mac_swap")?.try_into()?;
+    let pass: &Xdp = pass_ebpf
+        .program(&pass_name)
+        .context("xdp_pass")?
+        .try_into()?;
+    let mac: &Xdp = mac_ebpf
+        .program(&mac_name)
+        .context("xdp_mac_swap")?
+        .try_into()?;
     let (main_prog, main_maps) = main.parts();
     let (full_prog, full_maps) = full.parts();
     let prefilled = prefill_flows(full_maps)?;
@@ -427,7 +488,11 @@ fn measure_all(calls: usize, cpu: usize) -> Result<Section> {
     let n = cases.len() + 1;
     for i in 0..n {
         // Pins established flows, warms everything once.
-        let case = if i == cases.len() { &mut floor } else { &mut cases[i] };
+        let case = if i == cases.len() {
+            &mut floor
+        } else {
+            &mut cases[i]
+        };
         let (prog, maps) = select(
             case.prog,
             [pass, mac, main_prog, full_prog],
@@ -443,7 +508,11 @@ fn measure_all(calls: usize, cpu: usize) -> Result<Section> {
             crate::harness::interrupted()?;
             for k in 0..n {
                 let i = (k + round + rep) % n;
-                let case = if i == cases.len() { &mut floor } else { &mut cases[i] };
+                let case = if i == cases.len() {
+                    &mut floor
+                } else {
+                    &mut cases[i]
+                };
                 let (prog, maps) = select(
                     case.prog,
                     [pass, mac, main_prog, full_prog],
@@ -471,8 +540,14 @@ fn measure_all(calls: usize, cpu: usize) -> Result<Section> {
     // instance's table, which has room for all of them.
     let mut profiles = Vec::new();
     let mut fresh = Case::new_flows(NEW_FLOW, 9, VIP, false);
-    let established = cases.iter().position(|c| c.name == ESTABLISHED).expect("case exists");
-    let eviction = cases.iter().position(|c| c.name == EVICTION).expect("case exists");
+    let established = cases
+        .iter()
+        .position(|c| c.name == ESTABLISHED)
+        .expect("case exists");
+    let eviction = cases
+        .iter()
+        .position(|c| c.name == EVICTION)
+        .expect("case exists");
     for job in 0..3 {
         let case = match job {
             0 => &mut fresh,
@@ -510,7 +585,8 @@ fn measure_all(calls: usize, cpu: usize) -> Result<Section> {
         if c.prog == Prog::MacSwap {
             // Raw, compared with the XDP_PASS floor by ratio: its cost above
             // that floor is a few ns, within the noise of a difference.
-            let fig = Figure::new(GROUP, MAC_FLOOR, "ns", c.means.clone(), false).baseline(PASS_FLOOR);
+            let fig =
+                Figure::new(GROUP, MAC_FLOOR, "ns", c.means.clone(), false).baseline(PASS_FLOOR);
             figures.insert(1, fig);
             continue;
         }

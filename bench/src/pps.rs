@@ -77,7 +77,10 @@ fn rx_packets(iface: &str) -> Result<u64> {
         if let Some((name, rest)) = line.split_once(':') {
             if name.trim() == iface {
                 // receive: bytes packets ...
-                let packets = rest.split_whitespace().nth(1).context("short /proc/net/dev line")?;
+                let packets = rest
+                    .split_whitespace()
+                    .nth(1)
+                    .context("short /proc/net/dev line")?;
                 return Ok(packets.parse()?);
             }
         }
@@ -110,9 +113,13 @@ struct System {
 /// Nanoseconds task `path` (a /proc/PID or /proc/thread-self directory)
 /// has spent on a CPU (the first field of its schedstat).
 fn runtime(path: &str) -> Result<u64> {
-    let text =
-        std::fs::read_to_string(format!("{path}/schedstat")).with_context(|| format!("reading {path}/schedstat"))?;
-    Ok(text.split_whitespace().next().context("empty schedstat")?.parse()?)
+    let text = std::fs::read_to_string(format!("{path}/schedstat"))
+        .with_context(|| format!("reading {path}/schedstat"))?;
+    Ok(text
+        .split_whitespace()
+        .next()
+        .context("empty schedstat")?
+        .parse()?)
 }
 
 /// /proc/PID of the softirq thread of `cpu`.
@@ -141,7 +148,14 @@ struct Run {
 }
 
 /// One live run of `frames` frames.
-fn live(prog: &Xdp, maps: &Maps, sys: &System, ifindex: u32, frames: u32, softirqd: &str) -> Result<Run> {
+fn live(
+    prog: &Xdp,
+    maps: &Maps,
+    sys: &System,
+    ifindex: u32,
+    frames: u32,
+    softirqd: &str,
+) -> Result<Run> {
     let ctx = xdp_md(sys.frame.len(), ifindex);
     let before_rx = settled_rx(PEER_IF)?;
     let before = sys.reason.map(|r| maps.reason_count(r)).transpose()?;
@@ -183,9 +197,15 @@ fn live(prog: &Xdp, maps: &Maps, sys: &System, ifindex: u32, frames: u32, softir
 }
 
 pub fn run(opts: &Opts) -> Result<Section> {
-    let (frames, reps): (u32, usize) = if opts.quick { (300_000, 5) } else { (3_000_000, 10) };
+    let (frames, reps): (u32, usize) = if opts.quick {
+        (300_000, 5)
+    } else {
+        (3_000_000, 10)
+    };
     let ns = Netns::new(&unique_prefix("xbpps"))?;
-    ns.exec(&["ip", "link", "add", LB_IF, "type", "veth", "peer", "name", PEER_IF])?;
+    ns.exec(&[
+        "ip", "link", "add", LB_IF, "type", "veth", "peer", "name", PEER_IF,
+    ])?;
     for i in [LB_IF, PEER_IF] {
         ns.exec(&["ip", "link", "set", i, "up"])?;
     }
@@ -210,9 +230,18 @@ pub fn run(opts: &Opts) -> Result<Section> {
         ifindex,
         BACKEND_DOWN,
     )?;
-    lb.service(repick_vip, PROTO_TCP, 1, 2 * TABLE, &vec![50; TABLE as usize])?;
+    lb.service(
+        repick_vip,
+        PROTO_TCP,
+        1,
+        2 * TABLE,
+        &vec![50; TABLE as usize],
+    )?;
     let (mac_ebpf, mac_name) = load_passthrough(MAC_SWAP_PROGRAM)?;
-    let mac: &Xdp = mac_ebpf.program(&mac_name).context("xdp_mac_swap")?.try_into()?;
+    let mac: &Xdp = mac_ebpf
+        .program(&mac_name)
+        .context("xdp_mac_swap")?
+        .try_into()?;
 
     let packet = |dst| {
         frames::packet(

@@ -17,7 +17,10 @@ pub fn hottest<T>(limit: usize, f: impl FnOnce() -> Result<T>) -> Result<(T, Vec
     }
     // SAFETY: gettid has no preconditions.
     let tid = unsafe { libc::gettid() };
-    let data = PathBuf::from(format!("/tmp/xdplb-bench-perf-{}-{tid}.data", std::process::id()));
+    let data = PathBuf::from(format!(
+        "/tmp/xdplb-bench-perf-{}-{tid}.data",
+        std::process::id()
+    ));
     let _cleanup = Remove(data.clone());
     let mut perf = Proc::spawn(
         Command::new("perf")
@@ -43,12 +46,23 @@ pub fn hottest<T>(limit: usize, f: impl FnOnce() -> Result<T>) -> Result<(T, Vec
     }
     let value = result?;
     let report = Command::new("perf")
-        .args(["report", "--stdio", "--no-children", "--sort", "sym", "-q", "-i"])
+        .args([
+            "report",
+            "--stdio",
+            "--no-children",
+            "--sort",
+            "sym",
+            "-q",
+            "-i",
+        ])
         .arg(&data)
         .output()
         .context("running perf report")?;
     if !report.status.success() {
-        bail!("perf report failed: {}", String::from_utf8_lossy(&report.stderr).trim());
+        bail!(
+            "perf report failed: {}",
+            String::from_utf8_lossy(&report.stderr).trim()
+        );
     }
     let mut rows = Vec::new();
     for line in String::from_utf8_lossy(&report.stdout).lines() {

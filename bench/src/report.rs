@@ -129,10 +129,14 @@ pub fn sanity(file: &GroupFile) -> Vec<String> {
         // dip below zero in one sample, not in its median); counts and
         // fractions may be 0 legitimately (e.g. failed requests).
         const POSITIVE: &[&str] = &[
-            "ns", "us", "µs", "ms", "s", "Mpps", "pps", "req/s", "conn/s", "Gbit/s", "MiB", "KiB", "B",
+            "ns", "us", "µs", "ms", "s", "Mpps", "pps", "req/s", "conn/s", "Gbit/s", "MiB", "KiB",
+            "B",
         ];
         if POSITIVE.contains(&f.unit.as_str()) && f.median <= 0.0 {
-            problems.push(format!("{name}: median {} {} is not positive", f.median, f.unit));
+            problems.push(format!(
+                "{name}: median {} {} is not positive",
+                f.median, f.unit
+            ));
         }
         if let Some(b) = &f.baseline {
             if f.ratio.is_none() {
@@ -185,7 +189,8 @@ impl Report {
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let path = self.path(&section.group);
         let text = serde_json::to_string_pretty(&file)?;
-        std::fs::write(&path, text + "\n").with_context(|| format!("writing {}", path.display()))?;
+        std::fs::write(&path, text + "\n")
+            .with_context(|| format!("writing {}", path.display()))?;
         Ok(file)
     }
 
@@ -225,9 +230,15 @@ impl Report {
     fn full_results(&self) -> Result<Vec<GroupFile>> {
         let mut files = Vec::new();
         let dir = self.results_dir();
-        for entry in std::fs::read_dir(&dir).with_context(|| format!("listing {}", dir.display()))? {
+        for entry in
+            std::fs::read_dir(&dir).with_context(|| format!("listing {}", dir.display()))?
+        {
             let path = entry?.path();
-            let name = path.file_name().unwrap_or_default().to_string_lossy().into_owned();
+            let name = path
+                .file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .into_owned();
             if !name.ends_with(".json") || name.starts_with("quick-") {
                 continue;
             }
@@ -384,8 +395,16 @@ pub fn render_markdown(files: &[GroupFile], charts: &BTreeMap<String, bool>) -> 
         }
         let counts = f.figures.iter().map(|r| r.samples.len());
         let (lo, hi) = (counts.clone().min().unwrap_or(0), counts.max().unwrap_or(0));
-        let range = if lo == hi { lo.to_string() } else { format!("{lo}–{hi}") };
-        let _ = writeln!(md, "Samples per figure: {range} (all of them are in `bench/results/{}.json`).\n", f.group);
+        let range = if lo == hi {
+            lo.to_string()
+        } else {
+            format!("{lo}–{hi}")
+        };
+        let _ = writeln!(
+            md,
+            "Samples per figure: {range} (all of them are in `bench/results/{}.json`).\n",
+            f.group
+        );
         if charts.get(&f.group).copied().unwrap_or(false) {
             let _ = writeln!(
                 md,
@@ -496,7 +515,9 @@ mod tests {
         assert!(sanity(&file).is_empty());
         let md = render_markdown(&[file], &BTreeMap::new());
         assert!(
-            md.contains("| lb | 8.000 | 8.500 | 9.000 | Mpps | 0.77× floor | >= 0.8x floor | yes |"),
+            md.contains(
+                "| lb | 8.000 | 8.500 | 9.000 | Mpps | 0.77× floor | >= 0.8x floor | yes |"
+            ),
             "{md}"
         );
     }

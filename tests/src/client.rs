@@ -3,11 +3,13 @@
 //! [`crate::netns::Netns::run`] on the client namespace; the returned
 //! connections may then be used from any thread.
 
-use std::io::{BufRead as _, BufReader, Read as _, Write as _};
-use std::mem;
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream, UdpSocket};
-use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd, RawFd};
-use std::time::Duration;
+use std::{
+    io::{BufRead as _, BufReader, Read as _, Write as _},
+    mem,
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream, UdpSocket},
+    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd, RawFd},
+    time::Duration,
+};
 
 use anyhow::{bail, ensure, Context as _};
 

@@ -28,13 +28,22 @@ pub fn dsr_config(topo: &DsrTopology) -> String {
 /// `[service.health_check]` table.
 pub fn dsr_config_with(topo: &DsrTopology, health_check: &str) -> String {
     let mut text = String::new();
-    for (name, vip) in [("web4", topo.vip4().to_string()), ("web6", topo.vip6().to_string())] {
-        text += &format!("[[service]]\nname = \"{name}\"\nvip = \"{vip}\"\nport = 80\nprotocol = \"tcp\"\n\n");
+    for (name, vip) in [
+        ("web4", topo.vip4().to_string()),
+        ("web6", topo.vip6().to_string()),
+    ] {
+        text += &format!(
+            "[[service]]\nname = \"{name}\"\nvip = \"{vip}\"\nport = 80\nprotocol = \"tcp\"\n\n"
+        );
         if !health_check.is_empty() {
             text += &format!("[service.health_check]\n{health_check}\n\n");
         }
         for i in 1..=topo.backend_count() {
-            let addr = if name == "web4" { topo.backend_addr4(i).to_string() } else { topo.backend_addr6(i).to_string() };
+            let addr = if name == "web4" {
+                topo.backend_addr4(i).to_string()
+            } else {
+                topo.backend_addr6(i).to_string()
+            };
             text += &format!("[[service.backend]]\naddress = \"{addr}\"\n\n");
         }
     }
@@ -64,14 +73,27 @@ impl Xdplb {
 
     /// Starts `binary run` in namespace `lb` on `ifaces`, with files named
     /// after the unique `prefix`.
-    pub fn start_in(binary: &Path, lb: &Netns, ifaces: &[&str], prefix: &str, config: &str) -> Result<Self> {
+    pub fn start_in(
+        binary: &Path,
+        lb: &Netns,
+        ifaces: &[&str],
+        prefix: &str,
+        config: &str,
+    ) -> Result<Self> {
         let dir = std::env::temp_dir().join(format!("xdplb-{prefix}"));
         std::fs::create_dir_all(&dir)?;
         std::fs::write(dir.join("xdplb.toml"), config)?;
         let pin_dir = PathBuf::from(format!("/sys/fs/bpf/xdplb-{prefix}"));
         let ifaces: Vec<String> = ifaces.iter().map(|i| i.to_string()).collect();
         let proc = spawn_daemon(binary, lb, &ifaces, &dir, &pin_dir)?;
-        Ok(Self { proc, pin_dir, dir, binary: binary.to_owned(), lb: lb.name().to_owned(), ifaces })
+        Ok(Self {
+            proc,
+            pin_dir,
+            dir,
+            binary: binary.to_owned(),
+            lb: lb.name().to_owned(),
+            ifaces,
+        })
     }
 
     /// The config file the daemon reads.
@@ -93,16 +115,30 @@ impl Xdplb {
     /// Starts another daemon with the same files (after the last one was
     /// stopped or killed): it adopts the running datapath.
     pub fn restart(&mut self, topo: &DsrTopology) -> Result<()> {
-        self.proc = spawn_daemon(&self.binary, topo.lb(), &self.ifaces, &self.dir, &self.pin_dir)?;
+        self.proc = spawn_daemon(
+            &self.binary,
+            topo.lb(),
+            &self.ifaces,
+            &self.dir,
+            &self.pin_dir,
+        )?;
         Ok(())
     }
 
     /// Runs `xdplb ARGS --socket S` (the operator CLI) and returns its
     /// stdout, or an error with its stderr.
     pub fn cli(&self, args: &[&str]) -> Result<String> {
-        let out = Command::new(&self.binary).args(args).arg("--socket").arg(self.socket()).output()?;
+        let out = Command::new(&self.binary)
+            .args(args)
+            .arg("--socket")
+            .arg(self.socket())
+            .output()?;
         if !out.status.success() {
-            bail!("xdplb {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+            bail!(
+                "xdplb {} failed: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
@@ -112,7 +148,8 @@ impl Xdplb {
         let mut args = args.to_vec();
         args.push("--json");
         let text = self.cli(&args)?;
-        serde_json::from_str(&text).with_context(|| format!("parsing the output of xdplb {}: {text}", args.join(" ")))
+        serde_json::from_str(&text)
+            .with_context(|| format!("parsing the output of xdplb {}: {text}", args.join(" ")))
     }
 
     /// `xdplb flow SRC DST tcp --json`: the daemon's answer.
@@ -124,14 +161,18 @@ impl Xdplb {
     pub fn backend(&self, service: &str, address: IpAddr) -> Result<serde_json::Value> {
         let list = self.json(&["backend", "list", service])?;
         list.as_array()
-            .and_then(|l| l.iter().find(|b| b["address"].as_str() == Some(&address.to_string())))
+            .and_then(|l| {
+                l.iter()
+                    .find(|b| b["address"].as_str() == Some(&address.to_string()))
+            })
             .cloned()
             .with_context(|| format!("backend {address} not listed: {list}"))
     }
 
     /// `xdplb stats` as text (for failure messages).
     pub fn stats_text(&self) -> String {
-        self.cli(&["stats"]).unwrap_or_else(|e| format!("(xdplb stats failed: {e:#})"))
+        self.cli(&["stats"])
+            .unwrap_or_else(|e| format!("(xdplb stats failed: {e:#})"))
     }
 
     /// Stops the daemon the way Ctrl-C does (SIGINT: detach, remove pins)
@@ -140,14 +181,23 @@ impl Xdplb {
         self.proc.kill(libc::SIGINT)?;
         match self.proc.wait_timeout(Duration::from_secs(10))? {
             Some(status) if status.success() => Ok(()),
-            other => bail!("xdplb did not exit cleanly on SIGINT: {other:?}\n{}", self.proc.output_text()),
+            other => bail!(
+                "xdplb did not exit cleanly on SIGINT: {other:?}\n{}",
+                self.proc.output_text()
+            ),
         }
     }
 }
 
 /// `binary run` in namespace `lb` on `ifaces` with the files in `dir`;
 /// waits until it is ready.
-fn spawn_daemon(binary: &Path, lb: &Netns, ifaces: &[String], dir: &Path, pin_dir: &Path) -> Result<Proc> {
+fn spawn_daemon(
+    binary: &Path,
+    lb: &Netns,
+    ifaces: &[String],
+    dir: &Path,
+    pin_dir: &Path,
+) -> Result<Proc> {
     let mut cmd = lb.command(binary);
     cmd.args(["run", "--xdp-mode", "native"]);
     for iface in ifaces {
@@ -163,7 +213,10 @@ fn spawn_daemon(binary: &Path, lb: &Netns, ifaces: &[String], dir: &Path, pin_di
         .arg(dir.join("state.json"));
     let mut proc = Proc::spawn_with(&mut cmd, "xdplb", false)?;
     if let Err(err) = proc.wait_for_stdout_line("ready", Duration::from_secs(20)) {
-        bail!("xdplb did not become ready: {err:#}\n--- xdplb output ---\n{}", proc.output_text());
+        bail!(
+            "xdplb did not become ready: {err:#}\n--- xdplb output ---\n{}",
+            proc.output_text()
+        );
     }
     Ok(proc)
 }
@@ -171,10 +224,15 @@ fn spawn_daemon(binary: &Path, lb: &Netns, ifaces: &[String], dir: &Path, pin_di
 impl Drop for Xdplb {
     fn drop(&mut self) {
         let _ = self.proc.terminate();
-        let _ = Command::new(&self.binary).args(["detach", "--all", "--pin-dir"]).arg(&self.pin_dir).output();
+        let _ = Command::new(&self.binary)
+            .args(["detach", "--all", "--pin-dir"])
+            .arg(&self.pin_dir)
+            .output();
         // Belt and braces for a datapath whose pins are already gone.
         for iface in &self.ifaces {
-            let _ = Command::new("ip").args(["-n", &self.lb, "link", "set", "dev", iface, "xdp", "off"]).status();
+            let _ = Command::new("ip")
+                .args(["-n", &self.lb, "link", "set", "dev", iface, "xdp", "off"])
+                .status();
         }
         let _ = std::fs::remove_dir_all(&self.pin_dir);
         let _ = std::fs::remove_dir_all(&self.dir);
@@ -215,7 +273,9 @@ pub fn requests(topo: &DsrTopology, vip: IpAddr, ports: impl Iterator<Item = u16
 /// Starts `xdplb-testbackend` (at `binary`) in every backend namespace,
 /// named after it (`b1`, `b2`, ...), and waits until each listens.
 pub fn start_backends(topo: &DsrTopology, binary: &Path) -> Result<Vec<Proc>> {
-    (1..=topo.backend_count()).map(|i| start_backend(topo, binary, i, &[])).collect()
+    (1..=topo.backend_count())
+        .map(|i| start_backend(topo, binary, i, &[]))
+        .collect()
 }
 
 /// Starts backend `i`'s server with `extra` arguments.
@@ -247,18 +307,29 @@ pub struct Load {
 impl Load {
     /// Starts the load from the topology's client against `vip`, from
     /// source ports `first_port..`.
-    pub fn start(topo: &DsrTopology, vip: SocketAddr, every: Duration, first_port: u16) -> Result<Self> {
+    pub fn start(
+        topo: &DsrTopology,
+        vip: SocketAddr,
+        every: Duration,
+        first_port: u16,
+    ) -> Result<Self> {
         Self::start_in(topo.client(), vip, every, first_port)
     }
 
     /// Starts the load from namespace `client`.
-    pub fn start_in(client: &crate::netns::Netns, vip: SocketAddr, every: Duration, first_port: u16) -> Result<Self> {
+    pub fn start_in(
+        client: &crate::netns::Netns,
+        vip: SocketAddr,
+        every: Duration,
+        first_port: u16,
+    ) -> Result<Self> {
         let ns = std::fs::File::open(client.path())?;
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
         let handle = std::thread::spawn(move || {
             // SAFETY: setns on a valid fd; affects only this thread.
-            if unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&ns), libc::CLONE_NEWNET) } != 0 {
+            if unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&ns), libc::CLONE_NEWNET) } != 0
+            {
                 panic!("setns: {}", std::io::Error::last_os_error());
             }
             let mut samples = Vec::new();
@@ -266,9 +337,18 @@ impl Load {
             let mut next = Instant::now();
             while !flag.load(Ordering::Relaxed) {
                 let start = Instant::now();
-                let result = client::get(vip, Some(port), Duration::from_secs(2)).map_err(|e| format!("{e:#}"));
-                samples.push(Sample { start, port, result });
-                port = if port == u16::MAX { first_port } else { port + 1 };
+                let result = client::get(vip, Some(port), Duration::from_secs(2))
+                    .map_err(|e| format!("{e:#}"));
+                samples.push(Sample {
+                    start,
+                    port,
+                    result,
+                });
+                port = if port == u16::MAX {
+                    first_port
+                } else {
+                    port + 1
+                };
                 next += every;
                 if let Some(wait) = next.checked_duration_since(Instant::now()) {
                     std::thread::sleep(wait);
@@ -312,7 +392,11 @@ impl LongLived {
     /// `except`; returns the failures (backend, error).
     pub fn exchange(&mut self, except: &[&str], round: usize) -> Vec<(String, String)> {
         let mut failures = Vec::new();
-        for (name, c) in self.conns.iter_mut().filter(|(n, _)| !except.contains(&n.as_str())) {
+        for (name, c) in self
+            .conns
+            .iter_mut()
+            .filter(|(n, _)| !except.contains(&n.as_str()))
+        {
             let line = format!("round {round}");
             match c.send_line(&line) {
                 Ok(reply) if reply == format!("{name}: {line}") => {}

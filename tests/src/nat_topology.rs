@@ -43,14 +43,16 @@
 //! cannot see; the frame it then sends on as raw bytes would arrive with a
 //! bad checksum (a real NIC's traffic always carries full checksums).
 
-use std::collections::HashMap;
-use std::io::{BufReader, Read as _, Write};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::os::fd::AsRawFd as _;
-use std::path::Path;
-use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::{Mutex, OnceLock};
-use std::time::{Duration, Instant};
+use std::{
+    collections::HashMap,
+    io::{BufReader, Read as _, Write},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    os::fd::AsRawFd as _,
+    path::Path,
+    process::{Child, ChildStdin, Command, Stdio},
+    sync::{Mutex, OnceLock},
+    time::{Duration, Instant},
+};
 
 use anyhow::{bail, ensure, Context as _, Result};
 
@@ -133,9 +135,15 @@ impl Plan {
     }
 
     fn backend(&self, i: usize) -> (Ipv4Addr, Ipv6Addr) {
-        assert!((1..=MAX_BACKENDS).contains(&i), "backend index {i} out of range");
+        assert!(
+            (1..=MAX_BACKENDS).contains(&i),
+            "backend index {i} out of range"
+        );
         let [a, b, c] = self.backend_net.0;
-        (Ipv4Addr::new(a, b, c, 10 + i as u8), v6(&format!("{}{}", self.backend_net.1, 10 + i)))
+        (
+            Ipv4Addr::new(a, b, c, 10 + i as u8),
+            v6(&format!("{}{}", self.backend_net.1, 10 + i)),
+        )
     }
 }
 
@@ -164,9 +172,15 @@ impl NatTopology {
     /// peer of an lb interface. If any step fails, everything made so far
     /// is removed again.
     pub fn new(shape: Shape, tag: &str, backends: usize, xdplb: &Path) -> Result<NatTopology> {
-        ensure!((1..=MAX_BACKENDS).contains(&backends), "backend count {backends} out of range 1..={MAX_BACKENDS}");
+        ensure!(
+            (1..=MAX_BACKENDS).contains(&backends),
+            "backend count {backends} out of range 1..={MAX_BACKENDS}"
+        );
         for tool in ["ip", "sysctl", "ethtool", "ping"] {
-            ensure!(crate::which(tool), "`{tool}` is needed to build the NAT test topology but was not found in PATH");
+            ensure!(
+                crate::which(tool),
+                "`{tool}` is needed to build the NAT test topology but was not found in PATH"
+            );
         }
         let prefix = unique_prefix(tag);
         let plan = Plan::of(shape);
@@ -175,7 +189,18 @@ impl NatTopology {
         // No STP delay; no multicast snooping (IPv6 ND uses multicast and
         // there is no querier).
         switch.exec(&[
-            "ip", "link", "set", BRIDGE, "type", "bridge", "stp_state", "0", "forward_delay", "0", "mcast_snooping", "0",
+            "ip",
+            "link",
+            "set",
+            BRIDGE,
+            "type",
+            "bridge",
+            "stp_state",
+            "0",
+            "forward_delay",
+            "0",
+            "mcast_snooping",
+            "0",
         ])?;
         switch.exec(&["ip", "link", "set", BRIDGE, "up"])?;
         let client = host(&format!("{prefix}-client"))?;
@@ -200,44 +225,124 @@ impl NatTopology {
         match shape {
             Shape::TwoArm | Shape::Mtu => {
                 veth(&topo.client, "eth0", &topo.lb, "eth0")?;
-                configure(&topo.client, "eth0", &[format!("{c4}/24"), format!("{c6}/64")], 1500)?;
-                configure(&topo.lb, "eth0", &[format!("{f4}/24"), format!("{f6}/64")], 1500)?;
+                configure(
+                    &topo.client,
+                    "eth0",
+                    &[format!("{c4}/24"), format!("{c6}/64")],
+                    1500,
+                )?;
+                configure(
+                    &topo.lb,
+                    "eth0",
+                    &[format!("{f4}/24"), format!("{f6}/64")],
+                    1500,
+                )?;
             }
             Shape::OneArm => {
                 bridge_port(&topo.switch, &topo.client, "v-client", "eth0")?;
                 bridge_port(&topo.switch, &topo.lb, "v-lb", "eth0")?;
-                configure(&topo.client, "eth0", &[format!("{c4}/24"), format!("{c6}/64")], 1500)?;
-                configure(&topo.lb, "eth0", &[format!("{f4}/24"), format!("{f6}/64")], 1500)?;
+                configure(
+                    &topo.client,
+                    "eth0",
+                    &[format!("{c4}/24"), format!("{c6}/64")],
+                    1500,
+                )?;
+                configure(
+                    &topo.lb,
+                    "eth0",
+                    &[format!("{f4}/24"), format!("{f6}/64")],
+                    1500,
+                )?;
             }
         }
         tx_checksum_off(&topo.client, "eth0")?;
-        topo.client.exec(&["ip", "route", "add", &format!("{vip4}/32"), "via", &f4.to_string()])?;
-        topo.client.exec(&["ip", "-6", "route", "add", &format!("{vip6}/128"), "via", &f6.to_string()])?;
+        topo.client.exec(&[
+            "ip",
+            "route",
+            "add",
+            &format!("{vip4}/32"),
+            "via",
+            &f4.to_string(),
+        ])?;
+        topo.client.exec(&[
+            "ip",
+            "-6",
+            "route",
+            "add",
+            &format!("{vip6}/128"),
+            "via",
+            &f6.to_string(),
+        ])?;
         topo.set_lb_forwarding(false)?;
 
         // The backend side.
         match shape {
             Shape::TwoArm => {
                 bridge_port(&topo.switch, &topo.lb, "v-lb", "eth1")?;
-                configure(&topo.lb, "eth1", &[format!("{s4}/24"), format!("{s6}/64")], 1500)?;
+                configure(
+                    &topo.lb,
+                    "eth1",
+                    &[format!("{s4}/24"), format!("{s6}/64")],
+                    1500,
+                )?;
                 // For the baseline (client straight to a backend, routed by
                 // the lb's kernel while forwarding is on).
                 let [a, b, c] = plan.backend_net.0;
-                topo.client.exec(&["ip", "route", "add", &format!("{a}.{b}.{c}.0/24"), "via", &f4.to_string()])?;
-                topo.client.exec(&["ip", "-6", "route", "add", &format!("{}/64", plan.backend_net.1), "via", &f6.to_string()])?;
+                topo.client.exec(&[
+                    "ip",
+                    "route",
+                    "add",
+                    &format!("{a}.{b}.{c}.0/24"),
+                    "via",
+                    &f4.to_string(),
+                ])?;
+                topo.client.exec(&[
+                    "ip",
+                    "-6",
+                    "route",
+                    "add",
+                    &format!("{}/64", plan.backend_net.1),
+                    "via",
+                    &f6.to_string(),
+                ])?;
             }
             Shape::OneArm => {}
             Shape::Mtu => {
                 let r1 = host(&format!("{prefix}-r1"))?;
                 let r2 = host(&format!("{prefix}-r2"))?;
                 veth(&topo.lb, "eth1", &r1, "eth0")?;
-                configure(&topo.lb, "eth1", &[format!("{s4}/24"), format!("{s6}/64")], 1500)?;
-                configure(&r1, "eth0", &["10.80.1.2/24".into(), "fd80:1::2/64".into()], 1500)?;
+                configure(
+                    &topo.lb,
+                    "eth1",
+                    &[format!("{s4}/24"), format!("{s6}/64")],
+                    1500,
+                )?;
+                configure(
+                    &r1,
+                    "eth0",
+                    &["10.80.1.2/24".into(), "fd80:1::2/64".into()],
+                    1500,
+                )?;
                 veth(&r1, "eth1", &r2, "eth0")?;
-                configure(&r1, "eth1", &["10.80.2.1/24".into(), "fd80:2::1/64".into()], NARROW_MTU)?;
-                configure(&r2, "eth0", &["10.80.2.2/24".into(), "fd80:2::2/64".into()], NARROW_MTU)?;
+                configure(
+                    &r1,
+                    "eth1",
+                    &["10.80.2.1/24".into(), "fd80:2::1/64".into()],
+                    NARROW_MTU,
+                )?;
+                configure(
+                    &r2,
+                    "eth0",
+                    &["10.80.2.2/24".into(), "fd80:2::2/64".into()],
+                    NARROW_MTU,
+                )?;
                 bridge_port(&topo.switch, &r2, "v-r2", "eth1")?;
-                configure(&r2, "eth1", &["10.80.3.1/24".into(), "fd80:3::1/64".into()], 1500)?;
+                configure(
+                    &r2,
+                    "eth1",
+                    &["10.80.3.1/24".into(), "fd80:3::1/64".into()],
+                    1500,
+                )?;
                 for r in [&r1, &r2] {
                     r.sysctl("net.ipv4.ip_forward", "1")?;
                     r.sysctl("net.ipv6.conf.all.forwarding", "1")?;
@@ -245,10 +350,27 @@ impl NatTopology {
                         tx_checksum_off(r, iface)?;
                     }
                 }
-                topo.lb.exec(&["ip", "route", "add", "10.80.3.0/24", "via", "10.80.1.2"])?;
-                topo.lb.exec(&["ip", "-6", "route", "add", "fd80:3::/64", "via", "fd80:1::2"])?;
+                topo.lb
+                    .exec(&["ip", "route", "add", "10.80.3.0/24", "via", "10.80.1.2"])?;
+                topo.lb.exec(&[
+                    "ip",
+                    "-6",
+                    "route",
+                    "add",
+                    "fd80:3::/64",
+                    "via",
+                    "fd80:1::2",
+                ])?;
                 r1.exec(&["ip", "route", "add", "10.80.3.0/24", "via", "10.80.2.2"])?;
-                r1.exec(&["ip", "-6", "route", "add", "fd80:3::/64", "via", "fd80:2::2"])?;
+                r1.exec(&[
+                    "ip",
+                    "-6",
+                    "route",
+                    "add",
+                    "fd80:3::/64",
+                    "via",
+                    "fd80:2::2",
+                ])?;
                 r1.exec(&["ip", "route", "add", "10.80.0.0/24", "via", "10.80.1.1"])?;
                 r1.exec(&["ip", "-6", "route", "add", "fd80::/64", "via", "fd80:1::1"])?;
                 r2.exec(&["ip", "route", "add", "default", "via", "10.80.2.1"])?;
@@ -265,7 +387,15 @@ impl NatTopology {
             tx_checksum_off(&ns, "eth0")?;
             let (g4, g6) = plan.gateway;
             ns.exec(&["ip", "route", "add", "default", "via", &g4.to_string()])?;
-            ns.exec(&["ip", "-6", "route", "add", "default", "via", &g6.to_string()])?;
+            ns.exec(&[
+                "ip",
+                "-6",
+                "route",
+                "add",
+                "default",
+                "via",
+                &g6.to_string(),
+            ])?;
             topo.backends.push(ns);
         }
 
@@ -280,9 +410,18 @@ impl NatTopology {
         for (ns, iface) in peers {
             let mut cmd = ns.command(xdplb);
             cmd.args(["pass-through", "--iface", iface]);
-            let mut p = Proc::spawn_with(&mut cmd, &format!("pass-through {iface}@{}", ns.name()), false)?;
+            let mut p = Proc::spawn_with(
+                &mut cmd,
+                &format!("pass-through {iface}@{}", ns.name()),
+                false,
+            )?;
             p.wait_for_stdout_line("ready", Duration::from_secs(10))
-                .with_context(|| format!("attaching the pass-through program to {iface} in {}", ns.name()))?;
+                .with_context(|| {
+                    format!(
+                        "attaching the pass-through program to {iface} in {}",
+                        ns.name()
+                    )
+                })?;
             passthrough.push(p);
         }
         topo.passthrough = passthrough;
@@ -317,7 +456,11 @@ impl NatTopology {
 
     /// Backend `i` (1-based).
     pub fn backend(&self, i: usize) -> &Netns {
-        assert!((1..=self.backends.len()).contains(&i), "backend index {i} out of range 1..={}", self.backends.len());
+        assert!(
+            (1..=self.backends.len()).contains(&i),
+            "backend index {i} out of range 1..={}",
+            self.backends.len()
+        );
         &self.backends[i - 1]
     }
 
@@ -457,14 +600,38 @@ fn host(name: &str) -> Result<Netns> {
 
 /// A veth pair: `a_if` in `a`, `b_if` in `b`.
 fn veth(a: &Netns, a_if: &str, b: &Netns, b_if: &str) -> Result<()> {
-    a.exec(&["ip", "link", "add", a_if, "type", "veth", "peer", "name", b_if, "netns", b.name()])?;
+    a.exec(&[
+        "ip",
+        "link",
+        "add",
+        a_if,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        b_if,
+        "netns",
+        b.name(),
+    ])?;
     Ok(())
 }
 
 /// A veth pair: `port` in the switch namespace on the bridge, `host_if`
 /// in `host`.
 fn bridge_port(switch: &Netns, host: &Netns, port: &str, host_if: &str) -> Result<()> {
-    switch.exec(&["ip", "link", "add", port, "type", "veth", "peer", "name", host_if, "netns", host.name()])?;
+    switch.exec(&[
+        "ip",
+        "link",
+        "add",
+        port,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        host_if,
+        "netns",
+        host.name(),
+    ])?;
     switch.exec(&["ip", "link", "set", port, "master", BRIDGE, "up"])?;
     Ok(())
 }
@@ -505,7 +672,9 @@ fn ping(from: &Netns, addr: IpAddr, timeout: Duration) -> Result<()> {
         match from.exec(&["ping", "-n", "-q", "-c1", "-W1", &addr_s]) {
             Ok(_) => return Ok(()),
             Err(e) if Instant::now() >= deadline => {
-                return Err(e).with_context(|| format!("{addr} unreachable from {} after {timeout:?}", from.name()))
+                return Err(e).with_context(|| {
+                    format!("{addr} unreachable from {} after {timeout:?}", from.name())
+                })
             }
             Err(_) => std::thread::sleep(Duration::from_millis(200)),
         }
@@ -533,12 +702,18 @@ pub fn nat_config(topo: &NatTopology, health_check: &str) -> String {
         // parser today (e2e_nat's documented-settings test covers that).
         text += "[service.nat]\nports = \"20000-59999\"\ntcp_timeout = \"60m\"\ntcp_closing_timeout = \"10s\"\nudp_timeout = \"60s\"\n\n";
         for i in 1..=topo.backend_count() {
-            text += &format!("[[service.backend]]\naddress = \"{}\"\nport = {BACKEND_PORT}\n\n", topo.backend_addr(i, v6));
+            text += &format!(
+                "[[service.backend]]\naddress = \"{}\"\nport = {BACKEND_PORT}\n\n",
+                topo.backend_addr(i, v6)
+            );
         }
         text += &format!("[[service]]\nname = \"dns{fam}\"\nvip = \"{vip}\"\nport = 53\nprotocol = \"udp\"\nmode = \"nat\"\n\n");
         text += "[service.health_check]\ntype = \"none\"\n\n";
         for i in 1..=topo.backend_count() {
-            text += &format!("[[service.backend]]\naddress = \"{}\"\nport = {BACKEND_UDP_PORT}\n\n", topo.backend_addr(i, v6));
+            text += &format!(
+                "[[service.backend]]\naddress = \"{}\"\nport = {BACKEND_UDP_PORT}\n\n",
+                topo.backend_addr(i, v6)
+            );
         }
     }
     text
@@ -554,14 +729,23 @@ pub fn start_xdplb(binary: &Path, topo: &NatTopology, config: &str) -> Result<Xd
 /// Starts `xdplb-testbackend` in every backend namespace: HTTP on
 /// [`BACKEND_PORT`], UDP on [`BACKEND_UDP_PORT`], named `b<i>`.
 pub fn start_backends(topo: &NatTopology, binary: &Path) -> Result<Vec<Proc>> {
-    (1..=topo.backend_count()).map(|i| start_backend(topo, binary, i)).collect()
+    (1..=topo.backend_count())
+        .map(|i| start_backend(topo, binary, i))
+        .collect()
 }
 
 /// Starts backend `i`'s server.
 pub fn start_backend(topo: &NatTopology, binary: &Path, i: usize) -> Result<Proc> {
     let name = topo.backend_name(i);
     let mut cmd = topo.backend(i).command(binary);
-    cmd.args(["--name", &name, "--port", &BACKEND_PORT.to_string(), "--udp-port", &BACKEND_UDP_PORT.to_string()]);
+    cmd.args([
+        "--name",
+        &name,
+        "--port",
+        &BACKEND_PORT.to_string(),
+        "--udp-port",
+        &BACKEND_UDP_PORT.to_string(),
+    ]);
     let mut p = Proc::spawn_with(&mut cmd, &name, false)?;
     p.wait_for_stdout_line("listening", Duration::from_secs(10))?;
     Ok(p)
@@ -575,7 +759,11 @@ const GIVE_UP_AFTER: usize = 3;
 
 /// One HTTP GET of `/` to `addr` from each of `ports`, inside `client`.
 /// Stops early after a few failures.
-pub fn requests(client: &Netns, addr: SocketAddr, ports: impl Iterator<Item = u16> + Send) -> Tally {
+pub fn requests(
+    client: &Netns,
+    addr: SocketAddr,
+    ports: impl Iterator<Item = u16> + Send,
+) -> Tally {
     client.run(move || {
         let mut tally = Tally::default();
         for port in ports {
@@ -593,7 +781,11 @@ pub fn requests(client: &Netns, addr: SocketAddr, ports: impl Iterator<Item = u1
 
 /// One UDP query to `addr` from each of `ports`, inside `client`; the reply
 /// must come from `addr` itself. Stops early after a few failures.
-pub fn udp_queries(client: &Netns, addr: SocketAddr, ports: impl Iterator<Item = u16> + Send) -> Tally {
+pub fn udp_queries(
+    client: &Netns,
+    addr: SocketAddr,
+    ports: impl Iterator<Item = u16> + Send,
+) -> Tally {
     client.run(move || {
         let mut tally = Tally::default();
         for port in ports {
@@ -620,7 +812,10 @@ pub fn peer(client: &Netns, addr: SocketAddr) -> Result<(String, SocketAddr)> {
         ensure!(head.status == 200, "GET /peer: status {}", head.status);
         let mut body = String::new();
         reader.read_to_string(&mut body)?;
-        let seen: SocketAddr = body.trim().parse().with_context(|| format!("GET /peer answered {body:?}"))?;
+        let seen: SocketAddr = body
+            .trim()
+            .parse()
+            .with_context(|| format!("GET /peer answered {body:?}"))?;
         Ok((head.backend.unwrap_or_default(), seen))
     })
 }
@@ -662,7 +857,8 @@ impl Pattern {
     pub fn block(&self, index: u64, out: &mut Vec<u8>) {
         out.clear();
         out.extend_from_slice(&self.base);
-        let stamp = index.wrapping_add(1).wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ u64::from_le_bytes(self.base[..8].try_into().unwrap());
+        let stamp = index.wrapping_add(1).wrapping_mul(0x9e37_79b9_7f4a_7c15)
+            ^ u64::from_le_bytes(self.base[..8].try_into().unwrap());
         out[..8].copy_from_slice(&stamp.to_le_bytes());
     }
 
@@ -712,22 +908,40 @@ impl Sha256 {
         // A larger pipe: fewer context switches per MiB.
         // SAFETY: fcntl on a valid fd; failure is harmless.
         unsafe { libc::fcntl(stdin.as_raw_fd(), libc::F_SETPIPE_SZ, 1 << 20) };
-        Ok(Sha256 { child, stdin: Some(stdin) })
+        Ok(Sha256 {
+            child,
+            stdin: Some(stdin),
+        })
     }
 
     pub fn update(&mut self, data: &[u8]) -> Result<()> {
-        self.stdin.as_mut().expect("not finished").write_all(data).context("feeding the SHA-256 program")
+        self.stdin
+            .as_mut()
+            .expect("not finished")
+            .write_all(data)
+            .context("feeding the SHA-256 program")
     }
 
     /// The digest, lower-case hex.
     pub fn finish(mut self) -> Result<String> {
         drop(self.stdin.take());
         let mut out = String::new();
-        self.child.stdout.take().expect("piped").read_to_string(&mut out)?;
+        self.child
+            .stdout
+            .take()
+            .expect("piped")
+            .read_to_string(&mut out)?;
         let status = self.child.wait()?;
         ensure!(status.success(), "SHA-256 program failed ({status})");
-        let hex = out.split_whitespace().next().unwrap_or_default().to_ascii_lowercase();
-        ensure!(hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit()), "unexpected SHA-256 output {out:?}");
+        let hex = out
+            .split_whitespace()
+            .next()
+            .unwrap_or_default()
+            .to_ascii_lowercase();
+        ensure!(
+            hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit()),
+            "unexpected SHA-256 output {out:?}"
+        );
         Ok(hex)
     }
 }
@@ -792,23 +1006,37 @@ struct Head {
 
 fn read_head(reader: &mut impl std::io::BufRead) -> Result<Head> {
     let mut line = String::new();
-    ensure!(reader.read_line(&mut line)? > 0, "connection closed before a response");
+    ensure!(
+        reader.read_line(&mut line)? > 0,
+        "connection closed before a response"
+    );
     let status = line
         .split_whitespace()
         .nth(1)
         .and_then(|s| s.parse().ok())
         .with_context(|| format!("bad status line {line:?}"))?;
-    let mut head = Head { status, content_length: None, backend: None };
+    let mut head = Head {
+        status,
+        content_length: None,
+        backend: None,
+    };
     loop {
         line.clear();
-        ensure!(reader.read_line(&mut line)? > 0, "connection closed in headers");
+        ensure!(
+            reader.read_line(&mut line)? > 0,
+            "connection closed in headers"
+        );
         let l = line.trim_end();
         if l.is_empty() {
             return Ok(head);
         }
         if let Some((k, v)) = l.split_once(':') {
             if k.trim().eq_ignore_ascii_case("content-length") {
-                head.content_length = Some(v.trim().parse().with_context(|| format!("bad header {l:?}"))?);
+                head.content_length = Some(
+                    v.trim()
+                        .parse()
+                        .with_context(|| format!("bad header {l:?}"))?,
+                );
             } else if k.trim().eq_ignore_ascii_case("x-backend") {
                 head.backend = Some(v.trim().to_owned());
             }
@@ -824,23 +1052,39 @@ pub fn download(addr: SocketAddr, n: u64, timeout: Duration) -> Result<Transfer>
     let mut sha = Sha256::new()?;
     let start = Instant::now();
     let mut stream = client::connect(addr, None, timeout).with_context(ctx)?;
-    write!(stream, "GET /bytes?n={n} HTTP/1.1\r\nHost: xdplb\r\nConnection: close\r\n\r\n").with_context(ctx)?;
+    write!(
+        stream,
+        "GET /bytes?n={n} HTTP/1.1\r\nHost: xdplb\r\nConnection: close\r\n\r\n"
+    )
+    .with_context(ctx)?;
     let mut reader = BufReader::with_capacity(64 << 10, stream);
     let head = read_head(&mut reader).with_context(ctx)?;
     ensure!(head.status == 200, "{}: status {}", ctx(), head.status);
-    ensure!(head.content_length == Some(n), "{}: Content-Length {:?}", ctx(), head.content_length);
+    ensure!(
+        head.content_length == Some(n),
+        "{}: Content-Length {:?}",
+        ctx(),
+        head.content_length
+    );
     // Reads larger than the BufReader's buffer bypass it once it is empty.
     let mut buf = vec![0u8; 1 << 20];
     let mut got = 0u64;
     while got < n {
         let want = (n - got).min(buf.len() as u64) as usize;
-        let k = reader.read(&mut buf[..want]).with_context(|| format!("{} after {got} bytes", ctx()))?;
+        let k = reader
+            .read(&mut buf[..want])
+            .with_context(|| format!("{} after {got} bytes", ctx()))?;
         ensure!(k > 0, "{}: connection closed after {got} bytes", ctx());
         sha.update(&buf[..k])?;
         got += k as u64;
     }
     let elapsed = start.elapsed();
-    Ok(Transfer { bytes: n, elapsed, sha256: sha.finish()?, backend: head.backend.unwrap_or_default() })
+    Ok(Transfer {
+        bytes: n,
+        elapsed,
+        sha256: sha.finish()?,
+        backend: head.backend.unwrap_or_default(),
+    })
 }
 
 /// Uploads `n` bytes of the pattern stream to `xdplb-testbackend` at
@@ -851,13 +1095,28 @@ pub fn upload(addr: SocketAddr, n: u64, timeout: Duration) -> Result<Transfer> {
     let pattern = Pattern::new();
     let start = Instant::now();
     let mut stream = client::connect(addr, None, timeout).with_context(ctx)?;
-    write!(stream, "POST /sha256 HTTP/1.1\r\nHost: xdplb\r\nContent-Length: {n}\r\nConnection: close\r\n\r\n").with_context(ctx)?;
+    write!(
+        stream,
+        "POST /sha256 HTTP/1.1\r\nHost: xdplb\r\nContent-Length: {n}\r\nConnection: close\r\n\r\n"
+    )
+    .with_context(ctx)?;
     pattern.write(n, &mut stream).with_context(ctx)?;
     let mut reader = BufReader::new(stream);
     let head = read_head(&mut reader).with_context(ctx)?;
     let mut body = String::new();
     reader.read_to_string(&mut body).with_context(ctx)?;
     let elapsed = start.elapsed();
-    ensure!(head.status == 200, "{}: status {}: {}", ctx(), head.status, body.trim());
-    Ok(Transfer { bytes: n, elapsed, sha256: body.trim().to_owned(), backend: head.backend.unwrap_or_default() })
+    ensure!(
+        head.status == 200,
+        "{}: status {}: {}",
+        ctx(),
+        head.status,
+        body.trim()
+    );
+    Ok(Transfer {
+        bytes: n,
+        elapsed,
+        sha256: body.trim().to_owned(),
+        backend: head.backend.unwrap_or_default(),
+    })
 }

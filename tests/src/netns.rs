@@ -5,13 +5,14 @@
 //! also unshares the mount namespace and remounts /sys, which hides the real
 //! bpffs at /sys/fs/bpf where the load balancer pins its maps.
 
-use std::ffi::OsStr;
-use std::fs::File;
-use std::os::fd::AsRawFd as _;
-use std::os::unix::process::CommandExt as _;
-use std::path::PathBuf;
-use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::{
+    ffi::OsStr,
+    fs::File,
+    os::{fd::AsRawFd as _, unix::process::CommandExt as _},
+    path::PathBuf,
+    process::{Command, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+};
 
 use anyhow::{bail, Context as _};
 

@@ -17,9 +17,11 @@
 //! ARP source, so the load balancer only has to rewrite MAC addresses (direct
 //! server return): replies go from the backend straight to the client.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-use std::path::Path;
-use std::time::{Duration, Instant};
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    path::Path,
+    time::{Duration, Instant},
+};
 
 use anyhow::{ensure, Context as _};
 
@@ -453,10 +455,10 @@ fn ping(from: &Netns, addr: IpAddr, timeout: Duration) -> anyhow::Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
-    use crate::client;
-    use crate::proc::Proc;
     use std::net::SocketAddr;
+
+    use super::*;
+    use crate::{client, proc::Proc};
 
     /// Builds the topology, runs a test backend in each backend namespace
     /// and talks to each directly (no load balancer), then checks teardown

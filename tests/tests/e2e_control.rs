@@ -16,7 +16,9 @@ use std::{
 
 use xdplb_tests::{
     bin_path,
-    lb::{dsr_config_with, requests, start_backend, start_backends, Load, LongLived, Sample, Xdplb},
+    lb::{
+        dsr_config_with, requests, start_backend, start_backends, Load, LongLived, Sample, Xdplb,
+    },
     proc::Proc,
     require_root,
     topology::DsrTopology,
@@ -28,7 +30,11 @@ const FALL: u32 = 3;
 const RISE: u32 = 2;
 
 fn health_check(kind: &str) -> String {
-    let extra = if kind == "http" { "path = \"/health\"\n" } else { "" };
+    let extra = if kind == "http" {
+        "path = \"/health\"\n"
+    } else {
+        ""
+    };
     format!(
         "type = \"{kind}\"\ninterval = \"{}ms\"\ntimeout = \"100ms\"\nrise = {RISE}\nfall = {FALL}\n{extra}",
         INTERVAL.as_millis()
@@ -48,11 +54,18 @@ impl Bed {
         require_root();
         let xdplb = bin_path("xdplb").expect("xdplb binary (cargo build --bins)");
         let mut topo = DsrTopology::with_tag(tag, 3).expect("topology");
-        topo.enable_xdp_tx(&xdplb).expect("pass-through on the lb's peer");
+        topo.enable_xdp_tx(&xdplb)
+            .expect("pass-through on the lb's peer");
         let backends = start_backends(&topo, Path::new(TESTBACKEND)).expect("backends");
         topo.wait_reachable().expect("segment reachable");
-        let lb = Xdplb::start(&xdplb, &topo, &dsr_config_with(&topo, &health_check(kind))).expect("xdplb");
-        Self { lb, backends, topo, xdplb }
+        let lb = Xdplb::start(&xdplb, &topo, &dsr_config_with(&topo, &health_check(kind)))
+            .expect("xdplb");
+        Self {
+            lb,
+            backends,
+            topo,
+            xdplb,
+        }
     }
 
     fn vip(&self) -> SocketAddr {
@@ -75,21 +88,32 @@ impl Bed {
             if self.health(i) == want {
                 return Instant::now();
             }
-            assert!(Instant::now() < deadline, "b{i} not {want} within {limit:?}: {}", self.lb.backend("web4", self.addr(i)).unwrap());
+            assert!(
+                Instant::now() < deadline,
+                "b{i} not {want} within {limit:?}: {}",
+                self.lb.backend("web4", self.addr(i)).unwrap()
+            );
             std::thread::sleep(Duration::from_millis(5));
         }
     }
 }
 
-fn failures<'a>(samples: &'a [Sample], from: Instant, to: Instant) -> Vec<&'a Sample> {
-    samples.iter().filter(|s| s.start >= from && s.start < to && s.result.is_err()).collect()
+fn failures(samples: &[Sample], from: Instant, to: Instant) -> Vec<&Sample> {
+    samples
+        .iter()
+        .filter(|s| s.start >= from && s.start < to && s.result.is_err())
+        .collect()
 }
 
 #[test]
 fn failover_and_recovery_under_load() {
     let mut bed = Bed::new("fo", "tcp");
     let mut long = LongLived::open(&bed.topo, bed.vip(), 50000, 12).unwrap();
-    assert!(long.backends().len() == 3, "long-lived connections reach every backend: {:?}", long.backends());
+    assert!(
+        long.backends().len() == 3,
+        "long-lived connections reach every backend: {:?}",
+        long.backends()
+    );
     let load = Load::start(&bed.topo, bed.vip(), Duration::from_millis(5), 20000).unwrap();
     std::thread::sleep(Duration::from_millis(300));
 
@@ -100,38 +124,71 @@ fn failover_and_recovery_under_load() {
     let down = loop {
         round += 1;
         let broken = long.exchange(&["b1"], round);
-        assert!(broken.is_empty(), "long-lived connections to healthy backends broke: {broken:?}");
+        assert!(
+            broken.is_empty(),
+            "long-lived connections to healthy backends broke: {broken:?}"
+        );
         if bed.health(1) == "down" {
             break Instant::now();
         }
-        assert!(killed.elapsed() < Duration::from_secs(3), "b1 never went down");
+        assert!(
+            killed.elapsed() < Duration::from_secs(3),
+            "b1 never went down"
+        );
         std::thread::sleep(Duration::from_millis(5));
     };
     let detection = down - killed;
     let bound = INTERVAL * FALL + INTERVAL;
     eprintln!("failover: detection {detection:?} (bound {bound:?})");
-    assert!(detection <= bound, "detected after {detection:?}, bound {bound:?}");
+    assert!(
+        detection <= bound,
+        "detected after {detection:?}, bound {bound:?}"
+    );
 
     // Load goes on for a second after the swap.
     let settle = Instant::now() + Duration::from_secs(1);
     while Instant::now() < settle {
         round += 1;
         let broken = long.exchange(&["b1"], round);
-        assert!(broken.is_empty(), "long-lived connections to healthy backends broke: {broken:?}");
+        assert!(
+            broken.is_empty(),
+            "long-lived connections to healthy backends broke: {broken:?}"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     let samples = load.stop();
     // A request still in flight at the kill dies with its server: only
     // those that started well before it must have succeeded.
-    let before_kill = failures(&samples, samples[0].start, killed - Duration::from_millis(50));
+    let before_kill = failures(
+        &samples,
+        samples[0].start,
+        killed - Duration::from_millis(50),
+    );
     let during = failures(&samples, killed, down);
     let after_swap = failures(&samples, down, Instant::now());
     let total = samples.len();
-    eprintln!("failover: {total} requests, {} failed before the swap (to the dead backend), {} after", during.len(), after_swap.len());
-    assert!(before_kill.is_empty(), "failures before the kill: {before_kill:?}");
-    assert!(after_swap.is_empty(), "new connections failed after the swap: {after_swap:?}");
-    let served_after: Vec<&str> = samples.iter().filter(|s| s.start > down).filter_map(|s| s.result.as_deref().ok()).collect();
-    assert!(!served_after.is_empty() && !served_after.contains(&"b1"), "nothing reaches the dead backend after the swap");
+    eprintln!(
+        "failover: {total} requests, {} failed before the swap (to the dead backend), {} after",
+        during.len(),
+        after_swap.len()
+    );
+    assert!(
+        before_kill.is_empty(),
+        "failures before the kill: {before_kill:?}"
+    );
+    assert!(
+        after_swap.is_empty(),
+        "new connections failed after the swap: {after_swap:?}"
+    );
+    let served_after: Vec<&str> = samples
+        .iter()
+        .filter(|s| s.start > down)
+        .filter_map(|s| s.result.as_deref().ok())
+        .collect();
+    assert!(
+        !served_after.is_empty() && !served_after.contains(&"b1"),
+        "nothing reaches the dead backend after the swap"
+    );
 
     // Recovery: the server comes back and rejoins after `rise` checks.
     let restarted = Instant::now();
@@ -139,12 +196,22 @@ fn failover_and_recovery_under_load() {
     let up = bed.wait_health(1, "up", Duration::from_secs(3));
     let rejoin = up - restarted;
     eprintln!("recovery: rejoined after {rejoin:?}");
-    assert!(rejoin <= INTERVAL * (RISE + 1) + INTERVAL, "rejoined after {rejoin:?}");
+    assert!(
+        rejoin <= INTERVAL * (RISE + 1) + INTERVAL,
+        "rejoined after {rejoin:?}"
+    );
     let tally = requests(&bed.topo, bed.vip().ip(), 30000..30150);
     assert!(tally.failed.is_empty(), "{:?}", tally.failed);
-    assert!(tally.served.get("b1").copied().unwrap_or(0) > 20, "b1 gets new connections again: {:?}", tally.served);
+    assert!(
+        tally.served.get("b1").copied().unwrap_or(0) > 20,
+        "b1 gets new connections again: {:?}",
+        tally.served
+    );
     let broken = long.exchange(&["b1"], round + 1);
-    assert!(broken.is_empty(), "established flows stayed where they were: {broken:?}");
+    assert!(
+        broken.is_empty(),
+        "established flows stayed where they were: {broken:?}"
+    );
 }
 
 #[test]
@@ -154,7 +221,8 @@ fn a_backend_failing_one_check_in_three_never_goes_down() {
     // the checks really run and can fail).
     for (i, every) in [(1, "3"), (2, "1")] {
         bed.backends[i - 1].terminate().unwrap();
-        bed.backends[i - 1] = start_backend(&bed.topo, Path::new(TESTBACKEND), i, &["--flap", every]).unwrap();
+        bed.backends[i - 1] =
+            start_backend(&bed.topo, Path::new(TESTBACKEND), i, &["--flap", every]).unwrap();
     }
     bed.wait_health(2, "down", INTERVAL * (FALL + 2));
     let watch_until = Instant::now() + INTERVAL * 15;
@@ -175,17 +243,32 @@ fn drain_keeps_established_flows_and_takes_no_new_ones() {
     let b2 = bed.addr(2).to_string();
     let out = bed.lb.cli(&["backend", "drain", "web4", &b2]).unwrap();
     eprintln!("drain: {}", out.trim());
-    assert_eq!(bed.lb.backend("web4", bed.addr(2)).unwrap()["state"], "draining");
+    assert_eq!(
+        bed.lb.backend("web4", bed.addr(2)).unwrap()["state"],
+        "draining"
+    );
 
     let tally = requests(&bed.topo, bed.vip().ip(), 30000..30150);
     assert!(tally.failed.is_empty(), "{:?}", tally.failed);
-    assert_eq!(tally.served.get("b2"), None, "a drained backend takes no new connection: {:?}", tally.served);
+    assert_eq!(
+        tally.served.get("b2"),
+        None,
+        "a drained backend takes no new connection: {:?}",
+        tally.served
+    );
     let broken = long.exchange(&[], 1);
-    assert!(broken.is_empty(), "established connections (b2's included) keep working: {broken:?}");
+    assert!(
+        broken.is_empty(),
+        "established connections (b2's included) keep working: {broken:?}"
+    );
 
     bed.lb.cli(&["backend", "undrain", "web4", &b2]).unwrap();
     let tally = requests(&bed.topo, bed.vip().ip(), 31000..31150);
-    assert!(tally.served.get("b2").copied().unwrap_or(0) > 20, "undrained backend takes new connections: {:?}", tally.served);
+    assert!(
+        tally.served.get("b2").copied().unwrap_or(0) > 20,
+        "undrained backend takes new connections: {:?}",
+        tally.served
+    );
 }
 
 #[test]
@@ -202,29 +285,65 @@ fn hot_restart_keeps_forwarding_and_adopts_the_datapath() {
     let _ = bed.lb.proc.wait_timeout(Duration::from_secs(5));
     std::thread::sleep(Duration::from_secs(1));
     let broken = long.exchange(&[], 1);
-    assert!(broken.is_empty(), "connections while the daemon is gone: {broken:?}");
+    assert!(
+        broken.is_empty(),
+        "connections while the daemon is gone: {broken:?}"
+    );
 
     bed.lb.restart(&bed.topo).unwrap();
     let status = bed.lb.json(&["status"]).unwrap();
     assert_eq!(status["adopted"], true, "{status}");
-    assert_eq!(bed.lb.backend("web4", bed.addr(3)).unwrap()["admin"], "drain", "run-time drain survived the restart");
+    assert_eq!(
+        bed.lb.backend("web4", bed.addr(3)).unwrap()["admin"],
+        "drain",
+        "run-time drain survived the restart"
+    );
     std::thread::sleep(Duration::from_millis(500));
     let samples = load.stop();
     let failed: Vec<&Sample> = samples.iter().filter(|s| s.result.is_err()).collect();
-    eprintln!("hot restart: {} requests across the kill and restart, {} failed", samples.len(), failed.len());
-    assert!(failed.is_empty(), "requests failed across the restart: {failed:?}");
-    assert!(samples.iter().all(|s| s.result.as_deref() != Ok("b3")), "drained b3 got a new connection");
+    eprintln!(
+        "hot restart: {} requests across the kill and restart, {} failed",
+        samples.len(),
+        failed.len()
+    );
+    assert!(
+        failed.is_empty(),
+        "requests failed across the restart: {failed:?}"
+    );
+    assert!(
+        samples.iter().all(|s| s.result.as_deref() != Ok("b3")),
+        "drained b3 got a new connection"
+    );
     let broken = long.exchange(&[], 2);
-    assert!(broken.is_empty(), "the new daemon reset connections: {broken:?}");
+    assert!(
+        broken.is_empty(),
+        "the new daemon reset connections: {broken:?}"
+    );
 
     // SIGTERM: the datapath goes on forwarding without a daemon...
     bed.lb.proc.terminate().unwrap();
     let tally = requests(&bed.topo, bed.vip().ip(), 31000..31030);
-    assert!(tally.failed.is_empty(), "forwarding after SIGTERM: {:?}", tally.failed);
+    assert!(
+        tally.failed.is_empty(),
+        "forwarding after SIGTERM: {:?}",
+        tally.failed
+    );
     // ...until `detach` removes it all.
-    let out = Command::new(&bed.xdplb).args(["detach", "--all", "--pin-dir"]).arg(&bed.lb.pin_dir).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let link = bed.topo.lb().exec(&["ip", "link", "show", "dev", "eth0"]).unwrap();
+    let out = Command::new(&bed.xdplb)
+        .args(["detach", "--all", "--pin-dir"])
+        .arg(&bed.lb.pin_dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let link = bed
+        .topo
+        .lb()
+        .exec(&["ip", "link", "show", "dev", "eth0"])
+        .unwrap();
     assert!(!link.contains("xdp"), "program detached: {link}");
     assert!(!bed.lb.pin_dir.exists(), "pins (maps and links) removed");
 }
@@ -236,7 +355,16 @@ fn shape(list: &serde_json::Value) -> Vec<String> {
         .iter()
         .flat_map(|s| {
             s["backends"].as_array().unwrap().iter().map(move |b| {
-                format!("{} {} {}:{} {} {} w{}", s["name"], s["vip"], b["address"], b["port"], b["admin"], b["state"], b["weight"])
+                format!(
+                    "{} {} {}:{} {} {} w{}",
+                    s["name"],
+                    s["vip"],
+                    b["address"],
+                    b["port"],
+                    b["admin"],
+                    b["state"],
+                    b["weight"]
+                )
             })
         })
         .collect()
@@ -276,7 +404,10 @@ fn bad_input_is_refused_and_changes_nothing() {
             .unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{what}: accepted");
-        assert!(err.contains(needle) && err.contains("bad.toml"), "{what}: message {err:?} should name {needle:?} and the file");
+        assert!(
+            err.contains(needle) && err.contains("bad.toml"),
+            "{what}: message {err:?} should name {needle:?} and the file"
+        );
         assert!(!Path::new(&pin_dir).exists(), "{what}: pins created");
 
         // The running daemon refuses a reload with it and keeps its state.
@@ -284,23 +415,44 @@ fn bad_input_is_refused_and_changes_nothing() {
         let reload = bed.lb.cli(&["reload"]);
         let msg = format!("{:#}", reload.expect_err(what));
         assert!(msg.contains(needle), "{what}: reload error {msg:?}");
-        assert_eq!(shape(&bed.lb.json(&["service", "list"]).unwrap()), before, "{what}: state changed");
+        assert_eq!(
+            shape(&bed.lb.json(&["service", "list"]).unwrap()),
+            before,
+            "{what}: state changed"
+        );
     }
     bed.lb.write_config(&good).unwrap();
-    let out = bed.topo.lb().command(&bed.xdplb).args(["run", "--iface", "nosuch0", "--config"]).arg(bed.lb.config_path()).output().unwrap();
+    let out = bed
+        .topo
+        .lb()
+        .command(&bed.xdplb)
+        .args(["run", "--iface", "nosuch0", "--config"])
+        .arg(bed.lb.config_path())
+        .output()
+        .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && err.contains("nosuch0"), "unknown interface: {err}");
+    assert!(
+        !out.status.success() && err.contains("nosuch0"),
+        "unknown interface: {err}"
+    );
 
     // SIGHUP with a bad file: still running, still forwarding.
     bed.lb.write_config(&cases[0].1).unwrap();
     let mut lb = bed.lb;
     lb.proc.kill(libc::SIGHUP).unwrap();
     std::thread::sleep(Duration::from_millis(300));
-    assert!(lb.proc.try_wait().unwrap().is_none(), "daemon died on a bad reload");
+    assert!(
+        lb.proc.try_wait().unwrap().is_none(),
+        "daemon died on a bad reload"
+    );
     let tally = requests(&bed.topo, bed.topo.vip4().into(), 30000..30050);
     assert!(tally.failed.is_empty(), "{:?}", tally.failed);
     assert_eq!(shape(&lb.json(&["service", "list"]).unwrap()), before);
-    let link = bed.topo.lb().exec(&["ip", "link", "show", "dev", "eth0"]).unwrap();
+    let link = bed
+        .topo
+        .lb()
+        .exec(&["ip", "link", "show", "dev", "eth0"])
+        .unwrap();
     assert!(link.contains("xdp"), "still attached");
     drop(lb);
 }
@@ -308,7 +460,11 @@ fn bad_input_is_refused_and_changes_nothing() {
 #[test]
 fn the_api_socket_refuses_non_root_users() {
     let bed = Bed::new("perm", "none");
-    let mode = std::fs::metadata(bed.lb.socket()).unwrap().permissions().mode() & 0o777;
+    let mode = std::fs::metadata(bed.lb.socket())
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
     assert_eq!(mode, 0o600, "socket mode");
     // A copy the unprivileged user can execute whatever the permissions
     // of the build directory (a fresh clone may sit in a 0700 directory).
@@ -337,8 +493,15 @@ fn the_api_socket_refuses_non_root_users() {
     }
     let out = cmd.output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "a non-root user got an answer: {}", String::from_utf8_lossy(&out.stdout));
-    assert!(err.contains("ermission denied") && err.contains("root"), "message: {err}");
+    assert!(
+        !out.status.success(),
+        "a non-root user got an answer: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(
+        err.contains("ermission denied") && err.contains("root"),
+        "message: {err}"
+    );
     // Root gets one.
     let status = bed.lb.json(&["status"]).unwrap();
     assert_eq!(status["services"], 2, "{status}");
@@ -363,10 +526,25 @@ fn an_incompatible_pinned_map_is_reported_never_reused() {
     let out = Command::new("bpftool")
         .args(["map", "create"])
         .arg(&map)
-        .args(["type", "hash", "key", "20", "value", "16", "entries", "1024", "name", "xdplb_svc_v1"])
+        .args([
+            "type",
+            "hash",
+            "key",
+            "20",
+            "value",
+            "16",
+            "entries",
+            "1024",
+            "name",
+            "xdplb_svc_v1",
+        ])
         .output()
         .unwrap();
-    assert!(out.status.success(), "bpftool: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "bpftool: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let config = std::env::temp_dir().join(format!("xdplb-{}.toml", ns.name()));
     let _config_cleanup = Cleanup(config.clone());
     std::fs::write(&config, "").unwrap();
@@ -380,8 +558,14 @@ fn an_incompatible_pinned_map_is_reported_never_reused() {
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "started over an incompatible map");
-    assert!(err.contains("xdplb_svc_v1") && err.contains("incompatible") && err.contains("detach"), "message: {err}");
-    let entries: Vec<_> = std::fs::read_dir(&pin_dir).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert!(
+        err.contains("xdplb_svc_v1") && err.contains("incompatible") && err.contains("detach"),
+        "message: {err}"
+    );
+    let entries: Vec<_> = std::fs::read_dir(&pin_dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
     assert_eq!(entries.len(), 1, "nothing else pinned: {entries:?}");
 }
 
@@ -392,24 +576,59 @@ fn run_time_changes_apply_at_once_and_survive_a_restart() {
     bed.lb.cli(&["backend", "remove", "web4", &b3]).unwrap();
     let tally = requests(&bed.topo, bed.vip().ip(), 30000..30100);
     assert!(tally.failed.is_empty(), "{:?}", tally.failed);
-    assert_eq!(tally.served.get("b3"), None, "removed backend gets nothing: {:?}", tally.served);
+    assert_eq!(
+        tally.served.get("b3"),
+        None,
+        "removed backend gets nothing: {:?}",
+        tally.served
+    );
     let vip = bed.topo.vip4().to_string();
     bed.lb
-        .cli(&["service", "add", "--name", "extra", "--vip", &vip, "--port", "81", "--protocol", "tcp", "--check", "none", "--backend", "10.77.0.11"])
+        .cli(&[
+            "service",
+            "add",
+            "--name",
+            "extra",
+            "--vip",
+            &vip,
+            "--port",
+            "81",
+            "--protocol",
+            "tcp",
+            "--check",
+            "none",
+            "--backend",
+            "10.77.0.11",
+        ])
         .unwrap();
     // An invalid addition is refused and changes nothing.
-    let err = bed.lb.cli(&["backend", "add", "web4", "10.77.0.14", "--weight", "20000"]).unwrap_err();
+    let err = bed
+        .lb
+        .cli(&["backend", "add", "web4", "10.77.0.14", "--weight", "20000"])
+        .unwrap_err();
     assert!(format!("{err:#}").contains("weight"), "{err:#}");
 
     bed.lb.proc.terminate().unwrap();
     bed.lb.restart(&bed.topo).unwrap();
     let services = bed.lb.json(&["service", "list"]).unwrap();
-    let names: Vec<&str> = services.as_array().unwrap().iter().map(|s| s["name"].as_str().unwrap()).collect();
+    let names: Vec<&str> = services
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap())
+        .collect();
     assert_eq!(names.len(), 3, "{names:?}");
     assert!(names.contains(&"extra"), "{names:?}");
-    assert!(bed.lb.backend("web4", bed.addr(3)).is_err(), "removed backend stays removed");
+    assert!(
+        bed.lb.backend("web4", bed.addr(3)).is_err(),
+        "removed backend stays removed"
+    );
 
     bed.lb.cli(&["backend", "add", "web4", &b3]).unwrap();
     let tally = requests(&bed.topo, bed.vip().ip(), 31000..31150);
-    assert!(tally.served.get("b3").copied().unwrap_or(0) > 20, "re-added backend serves: {:?}", tally.served);
+    assert!(
+        tally.served.get("b3").copied().unwrap_or(0) > 20,
+        "re-added backend serves: {:?}",
+        tally.served
+    );
 }

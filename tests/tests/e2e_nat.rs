@@ -21,12 +21,11 @@ use std::{
 use xdp_common::Reason;
 use xdplb::dataplane::Maps;
 use xdplb_tests::{
-    lb::{Load, Xdplb},
     bin_path,
-    lb::{Sample, Tally},
+    lb::{Load, Sample, Tally, Xdplb},
     nat_topology::{
-        download, nat_config, pattern_sha256, peer, requests, start_backend, start_backends, udp_queries, upload,
-        start_xdplb, NatTopology, Shape, Transfer, BACKEND_PORT,
+        download, nat_config, pattern_sha256, peer, requests, start_backend, start_backends,
+        start_xdplb, udp_queries, upload, NatTopology, Shape, Transfer, BACKEND_PORT,
     },
     proc::Proc,
     require_root,
@@ -58,10 +57,16 @@ impl Bed {
     fn new(shape: Shape, tag: &str, backends: usize) -> Bed {
         require_root();
         let xdplb = bin_path("xdplb").expect("xdplb binary (cargo build --bins)");
-        let topo = NatTopology::new(shape, tag, backends, &xdplb).expect("building the NAT topology");
+        let topo =
+            NatTopology::new(shape, tag, backends, &xdplb).expect("building the NAT topology");
         let backends = start_backends(&topo, Path::new(TESTBACKEND)).expect("starting backends");
         topo.wait_reachable().expect("testbed reachable");
-        Bed { lb: None, backends, topo, xdplb }
+        Bed {
+            lb: None,
+            backends,
+            topo,
+            xdplb,
+        }
     }
 
     fn start_lb(&mut self, health_check: &str) {
@@ -74,7 +79,10 @@ impl Bed {
     }
 
     fn reason(&self, r: Reason) -> u64 {
-        Maps::open_pinned(&self.lb().pin_dir).unwrap().reason_count(r).unwrap()
+        Maps::open_pinned(&self.lb().pin_dir)
+            .unwrap()
+            .reason_count(r)
+            .unwrap()
     }
 
     fn vip(&self, v6: bool, port: u16) -> SocketAddr {
@@ -85,14 +93,24 @@ impl Bed {
         self.topo
             .client()
             .run(|| download(addr, n, STALL))
-            .unwrap_or_else(|e| panic!("{e:#}\n{}", self.lb.as_ref().map(Xdplb::stats_text).unwrap_or_default()))
+            .unwrap_or_else(|e| {
+                panic!(
+                    "{e:#}\n{}",
+                    self.lb.as_ref().map(Xdplb::stats_text).unwrap_or_default()
+                )
+            })
     }
 
     fn upload(&self, addr: SocketAddr, n: u64) -> Transfer {
         self.topo
             .client()
             .run(|| upload(addr, n, STALL))
-            .unwrap_or_else(|e| panic!("{e:#}\n{}", self.lb.as_ref().map(Xdplb::stats_text).unwrap_or_default()))
+            .unwrap_or_else(|e| {
+                panic!(
+                    "{e:#}\n{}",
+                    self.lb.as_ref().map(Xdplb::stats_text).unwrap_or_default()
+                )
+            })
     }
 }
 
@@ -132,9 +150,15 @@ fn print_rows(title: &str, rows: &[Row]) {
 fn both_ways(bed: &Bed, addr: SocketAddr, n: u64, path: String) -> Row {
     let want = pattern_sha256(n).unwrap();
     let down = bed.download(addr, n);
-    assert_eq!(down.sha256, want, "{path}: downloaded {n} bytes differ (SHA-256)");
+    assert_eq!(
+        down.sha256, want,
+        "{path}: downloaded {n} bytes differ (SHA-256)"
+    );
     let up = bed.upload(addr, n);
-    assert_eq!(up.sha256, want, "{path}: the backend received different bytes than were uploaded (SHA-256)");
+    assert_eq!(
+        up.sha256, want,
+        "{path}: the backend received different bytes than were uploaded (SHA-256)"
+    );
     Row { path, down, up }
 }
 
@@ -146,18 +170,41 @@ fn check_services(bed: &Bed) {
         let fam = family(v6);
         let base = if v6 { 31000 } else { 30000 };
         let tally = requests(topo.client(), bed.vip(v6, 80), base..base + 150);
-        assert!(tally.failed.is_empty(), "{fam}: failed HTTP requests through the VIP: {:?}\n{}", tally.failed, bed.lb().stats_text());
+        assert!(
+            tally.failed.is_empty(),
+            "{fam}: failed HTTP requests through the VIP: {:?}\n{}",
+            tally.failed,
+            bed.lb().stats_text()
+        );
         assert_eq!(tally.ok(), 150);
         assert_shares(&tally, n, 150, &format!("{fam} HTTP"));
 
         // The backend sees the SNAT address and a port of the range.
         let (_, seen) = peer(topo.client(), bed.vip(v6, 80)).unwrap();
-        assert_eq!(seen.ip(), topo.snat_addr(v6), "{fam}: the backend sees the connection come from the SNAT address");
-        assert!((20000..=59999).contains(&seen.port()), "{fam}: SNAT port {} outside 20000-59999", seen.port());
+        assert_eq!(
+            seen.ip(),
+            topo.snat_addr(v6),
+            "{fam}: the backend sees the connection come from the SNAT address"
+        );
+        assert!(
+            (20000..=59999).contains(&seen.port()),
+            "{fam}: SNAT port {} outside 20000-59999",
+            seen.port()
+        );
 
         let udp = udp_queries(topo.client(), bed.vip(v6, 53), base + 500..base + 560);
-        assert!(udp.failed.is_empty(), "{fam}: failed UDP queries through the VIP: {:?}\n{}", udp.failed, bed.lb().stats_text());
-        assert_eq!(udp.served.len(), n, "{fam}: every backend answers UDP: {:?}", udp.served);
+        assert!(
+            udp.failed.is_empty(),
+            "{fam}: failed UDP queries through the VIP: {:?}\n{}",
+            udp.failed,
+            bed.lb().stats_text()
+        );
+        assert_eq!(
+            udp.served.len(),
+            n,
+            "{fam}: every backend answers UDP: {:?}",
+            udp.served
+        );
     }
 }
 
@@ -166,18 +213,37 @@ fn assert_shares(tally: &Tally, backends: usize, total: usize, what: &str) {
         let got = tally.served.get(&format!("b{i}")).copied().unwrap_or(0);
         let share = got as f64 / total as f64;
         let even = 1.0 / backends as f64;
-        assert!(share > even * 0.6 && share < even * 1.4, "{what}: b{i} served {got}/{total}: {:?}", tally.served);
+        assert!(
+            share > even * 0.6 && share < even * 1.4,
+            "{what}: b{i} served {got}/{total}: {:?}",
+            tally.served
+        );
     }
 }
 
 fn assert_counters_sane(bed: &Bed) {
     let maps = Maps::open_pinned(&bed.lb().pin_dir).unwrap();
     let counts: Vec<(Reason, u64)> = maps.reason_counts().unwrap();
-    let get = |r: Reason| counts.iter().find(|(x, _)| *x == r).map(|(_, n)| *n).unwrap_or(0);
-    let text = counts.iter().map(|(r, n)| format!("{}={n}", r.name())).collect::<Vec<_>>().join(" ");
+    let get = |r: Reason| {
+        counts
+            .iter()
+            .find(|(x, _)| *x == r)
+            .map(|(_, n)| *n)
+            .unwrap_or(0)
+    };
+    let text = counts
+        .iter()
+        .map(|(r, n)| format!("{}={n}", r.name()))
+        .collect::<Vec<_>>()
+        .join(" ");
     assert!(get(Reason::NatNew) >= 2 * 150 + 2 * 60, "nat_new: {text}");
     assert!(get(Reason::NatReply) > 0, "nat_reply: {text}");
-    for r in [Reason::DropNatFull, Reason::DropRedirect, Reason::PassNoNeigh, Reason::DropNoBackend] {
+    for r in [
+        Reason::DropNatFull,
+        Reason::DropRedirect,
+        Reason::PassNoNeigh,
+        Reason::DropNoBackend,
+    ] {
         assert_eq!(get(r), 0, "{}: {text}", r.name());
     }
 }
@@ -195,17 +261,30 @@ fn two_arm_nat_serves_http_udp_and_gigabytes_both_ways() {
     let mut baseline = Vec::new();
     for v6 in [false, true] {
         let addr = SocketAddr::new(bed.topo.backend_addr(1, v6), BACKEND_PORT);
-        baseline.push(both_ways(&bed, addr, GIB, format!("{} client -> b1, lb kernel forwarding", family(v6))));
+        baseline.push(both_ways(
+            &bed,
+            addr,
+            GIB,
+            format!("{} client -> b1, lb kernel forwarding", family(v6)),
+        ));
     }
     bed.topo.set_lb_forwarding(false).unwrap();
-    print_rows("Baseline, two-arm testbed without the load balancer, 1 GiB each way, SHA-256 checked:", &baseline);
+    print_rows(
+        "Baseline, two-arm testbed without the load balancer, 1 GiB each way, SHA-256 checked:",
+        &baseline,
+    );
 
     bed.start_lb("");
     check_services(&bed);
     let mut via_lb = Vec::new();
     for v6 in [false, true] {
         let vip = bed.vip(v6, 80);
-        via_lb.push(both_ways(&bed, vip, GIB, format!("{} client -> VIP:80 -> xdplb NAT -> :8080", family(v6))));
+        via_lb.push(both_ways(
+            &bed,
+            vip,
+            GIB,
+            format!("{} client -> VIP:80 -> xdplb NAT -> :8080", family(v6)),
+        ));
     }
     let mut rows = via_lb;
     rows.extend(baseline);
@@ -213,8 +292,15 @@ fn two_arm_nat_serves_http_udp_and_gigabytes_both_ways() {
 
     assert_counters_sane(&bed);
     let redirects = bed.reason(Reason::Redirect);
-    assert!(redirects > 2 * (GIB / 1500), "the GiB transfers went through XDP_REDIRECT: redirect={redirects}");
-    assert_eq!(bed.reason(Reason::Tx), 0, "two-arm: nothing goes back out of the interface it came in on");
+    assert!(
+        redirects > 2 * (GIB / 1500),
+        "the GiB transfers went through XDP_REDIRECT: redirect={redirects}"
+    );
+    assert_eq!(
+        bed.reason(Reason::Tx),
+        0,
+        "two-arm: nothing goes back out of the interface it came in on"
+    );
 }
 
 #[test]
@@ -225,19 +311,35 @@ fn one_arm_nat_serves_http_udp_and_bulk_transfers_both_ways() {
     let mut baseline = Vec::new();
     for v6 in [false, true] {
         let addr = SocketAddr::new(bed.topo.backend_addr(1, v6), BACKEND_PORT);
-        baseline.push(both_ways(&bed, addr, 64 * MIB, format!("{} client -> b1 directly (same segment)", family(v6))));
+        baseline.push(both_ways(
+            &bed,
+            addr,
+            64 * MIB,
+            format!("{} client -> b1 directly (same segment)", family(v6)),
+        ));
     }
     bed.start_lb("");
     check_services(&bed);
     let mut rows = Vec::new();
     for v6 in [false, true] {
-        rows.push(both_ways(&bed, bed.vip(v6, 80), 64 * MIB, format!("{} client -> VIP:80 -> xdplb NAT -> :8080", family(v6))));
+        rows.push(both_ways(
+            &bed,
+            bed.vip(v6, 80),
+            64 * MIB,
+            format!("{} client -> VIP:80 -> xdplb NAT -> :8080", family(v6)),
+        ));
     }
     rows.extend(baseline);
-    print_rows("NAT, one-arm (XDP_TX), 64 MiB each way, SHA-256 checked:", &rows);
+    print_rows(
+        "NAT, one-arm (XDP_TX), 64 MiB each way, SHA-256 checked:",
+        &rows,
+    );
 
     assert_counters_sane(&bed);
-    assert!(bed.reason(Reason::Tx) > 4 * (64 * MIB / 1500), "one-arm: XDP_TX both ways");
+    assert!(
+        bed.reason(Reason::Tx) > 4 * (64 * MIB / 1500),
+        "one-arm: XDP_TX both ways"
+    );
     assert_eq!(bed.reason(Reason::Redirect), 0, "one-arm: no redirect");
 }
 
@@ -255,11 +357,19 @@ fn path_mtu_discovery_works_through_translated_icmp_errors() {
         let fam = family(v6);
         let vip = bed.vip(v6, 80);
         let first = requests(bed.topo.client(), vip, 45000..45001);
-        assert!(first.failed.is_empty(), "{fam}: the VIP does not answer at all: {:?}\n{}", first.failed, bed.lb().stats_text());
+        assert!(
+            first.failed.is_empty(),
+            "{fam}: the VIP does not answer at all: {:?}\n{}",
+            first.failed,
+            bed.lb().stats_text()
+        );
         // Client -> backend: full-sized segments meet the 1400-byte link
         // at r1, which tells the SNAT address; the lb must pass it on.
         let up = bed.upload(vip, n);
-        assert_eq!(up.sha256, want, "{fam}: upload through the narrow link arrived changed");
+        assert_eq!(
+            up.sha256, want,
+            "{fam}: upload through the narrow link arrived changed"
+        );
         let icmp = bed.reason(Reason::NatIcmp);
         assert!(
             icmp > icmp_before,
@@ -268,12 +378,26 @@ fn path_mtu_discovery_works_through_translated_icmp_errors() {
             bed.lb().stats_text()
         );
         icmp_before = icmp;
-        let route = bed.topo.client().exec(&["ip", "route", "get", &vip.ip().to_string()]).unwrap();
-        assert!(route.contains("mtu 1400"), "{fam}: the client learned the path MTU to the VIP: {route}");
+        let route = bed
+            .topo
+            .client()
+            .exec(&["ip", "route", "get", &vip.ip().to_string()])
+            .unwrap();
+        assert!(
+            route.contains("mtu 1400"),
+            "{fam}: the client learned the path MTU to the VIP: {route}"
+        );
         // Backend -> client: the backend learns its path MTU from r2 itself.
         let down = bed.download(vip, n);
-        assert_eq!(down.sha256, want, "{fam}: download through the narrow link arrived changed");
-        rows.push(Row { path: format!("{fam} VIP:80 through a 1400-byte link"), down, up });
+        assert_eq!(
+            down.sha256, want,
+            "{fam}: download through the narrow link arrived changed"
+        );
+        rows.push(Row {
+            path: format!("{fam} VIP:80 through a 1400-byte link"),
+            down,
+            up,
+        });
     }
     print_rows("NAT, path MTU 1400 behind the lb, 16 MiB each way:", &rows);
 }
@@ -290,9 +414,19 @@ fn failover_in_nat_mode_under_load() {
     ));
     let vip = bed.vip(false, 80);
     let first = requests(bed.topo.client(), vip, 45000..45003);
-    assert!(first.failed.is_empty(), "the VIP does not answer before the test starts: {:?}\n{}", first.failed, bed.lb().stats_text());
+    assert!(
+        first.failed.is_empty(),
+        "the VIP does not answer before the test starts: {:?}\n{}",
+        first.failed,
+        bed.lb().stats_text()
+    );
     let b1: IpAddr = bed.topo.backend_addr(1, false);
-    let health = |bed: &Bed| bed.lb().backend("web4", b1).unwrap()["health"].as_str().unwrap().to_owned();
+    let health = |bed: &Bed| {
+        bed.lb().backend("web4", b1).unwrap()["health"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
     assert_eq!(health(&bed), "up");
     let load = Load::start_in(bed.topo.client(), vip, Duration::from_millis(5), 20000).unwrap();
     std::thread::sleep(Duration::from_millis(300));
@@ -304,18 +438,27 @@ fn failover_in_nat_mode_under_load() {
         if health(&bed) == "down" {
             break Instant::now();
         }
-        assert!(killed.elapsed() < Duration::from_secs(3), "b1 never went down");
+        assert!(
+            killed.elapsed() < Duration::from_secs(3),
+            "b1 never went down"
+        );
         std::thread::sleep(Duration::from_millis(5));
     };
     let detection = down - killed;
     let bound = interval * fall + interval;
     eprintln!("NAT failover: detection {detection:?} (bound {bound:?})");
-    assert!(detection <= bound, "detected after {detection:?}, bound {bound:?}");
+    assert!(
+        detection <= bound,
+        "detected after {detection:?}, bound {bound:?}"
+    );
 
     std::thread::sleep(Duration::from_secs(1));
     let samples = load.stop();
     let failed = |from: Instant, to: Instant| -> Vec<&Sample> {
-        samples.iter().filter(|s| s.start >= from && s.start < to && s.result.is_err()).collect()
+        samples
+            .iter()
+            .filter(|s| s.start >= from && s.start < to && s.result.is_err())
+            .collect()
     };
     // A request still in flight at the kill dies with its server: only
     // those that started well before it must have succeeded.
@@ -327,11 +470,29 @@ fn failover_in_nat_mode_under_load() {
         failed(killed, down).len(),
         after.len()
     );
-    assert!(before.is_empty(), "failures of requests started before the kill: {before:?}");
-    assert!(after.is_empty(), "new connections failed after the swap: {after:?}\n{}", bed.lb().stats_text());
-    let served_after: Vec<&str> = samples.iter().filter(|s| s.start > down).filter_map(|s| s.result.as_deref().ok()).collect();
-    assert!(served_after.len() > 50, "load went on after the swap: {}", served_after.len());
-    assert!(!served_after.contains(&"b1"), "nothing reaches the dead backend after the swap");
+    assert!(
+        before.is_empty(),
+        "failures of requests started before the kill: {before:?}"
+    );
+    assert!(
+        after.is_empty(),
+        "new connections failed after the swap: {after:?}\n{}",
+        bed.lb().stats_text()
+    );
+    let served_after: Vec<&str> = samples
+        .iter()
+        .filter(|s| s.start > down)
+        .filter_map(|s| s.result.as_deref().ok())
+        .collect();
+    assert!(
+        served_after.len() > 50,
+        "load went on after the swap: {}",
+        served_after.len()
+    );
+    assert!(
+        !served_after.contains(&"b1"),
+        "nothing reaches the dead backend after the swap"
+    );
 
     // b1 comes back and takes new connections again.
     bed.backends[0] = start_backend(&bed.topo, Path::new(TESTBACKEND), 1).unwrap();
@@ -342,7 +503,11 @@ fn failover_in_nat_mode_under_load() {
     }
     let tally = requests(bed.topo.client(), vip, 40000..40150);
     assert!(tally.failed.is_empty(), "{:?}", tally.failed);
-    assert!(tally.served.get("b1").copied().unwrap_or(0) > 20, "b1 gets new connections again: {:?}", tally.served);
+    assert!(
+        tally.served.get("b1").copied().unwrap_or(0) > 20,
+        "b1 gets new connections again: {:?}",
+        tally.served
+    );
 }
 
 /// The `[service.nat]` table as the design documents it (defaults spelled
@@ -360,7 +525,15 @@ fn the_documented_nat_settings_are_accepted() {
          [[service.backend]]\naddress = \"10.0.1.11\"\nport = 8080\n",
     )
     .unwrap();
-    let out = std::process::Command::new(&xdplb).args(["check", "--config"]).arg(&path).output().unwrap();
+    let out = std::process::Command::new(&xdplb)
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
     let _ = std::fs::remove_dir_all(&dir);
-    assert!(out.status.success(), "xdplb check refused the documented NAT settings: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "xdplb check refused the documented NAT settings: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

@@ -22,7 +22,11 @@ const XDP_TX: u32 = 3;
 
 const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
 const LB_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
-const BACKEND_MACS: [[u8; 6]; 3] = [[0x02, 0, 0, 0, 0, 0x11], [0x02, 0, 0, 0, 0, 0x12], [0x02, 0, 0, 0, 0, 0x13]];
+const BACKEND_MACS: [[u8; 6]; 3] = [
+    [0x02, 0, 0, 0, 0, 0x11],
+    [0x02, 0, 0, 0, 0, 0x12],
+    [0x02, 0, 0, 0, 0, 0x13],
+];
 /// BPF_PROG_TEST_RUN runs the program as if received on loopback.
 const LO_IFINDEX: u32 = 1;
 const TABLE_SIZE: u32 = 251;
@@ -47,7 +51,10 @@ mod frame {
     }
 
     fn checksum(bytes: &[u8]) -> u16 {
-        let mut sum: u32 = bytes.chunks(2).map(|c| u32::from(c[0]) << 8 | u32::from(*c.get(1).unwrap_or(&0))).sum();
+        let mut sum: u32 = bytes
+            .chunks(2)
+            .map(|c| u32::from(c[0]) << 8 | u32::from(*c.get(1).unwrap_or(&0)))
+            .sum();
         while sum > 0xffff {
             sum = (sum & 0xffff) + (sum >> 16);
         }
@@ -55,7 +62,14 @@ mod frame {
     }
 
     /// An IPv4 header (with `options` appended, a multiple of 4 bytes).
-    pub fn ipv4(src: [u8; 4], dst: [u8; 4], proto: u8, payload_len: usize, frags: u16, options: &[u8]) -> Vec<u8> {
+    pub fn ipv4(
+        src: [u8; 4],
+        dst: [u8; 4],
+        proto: u8,
+        payload_len: usize,
+        frags: u16,
+        options: &[u8],
+    ) -> Vec<u8> {
         let ihl = (20 + options.len()) / 4;
         let mut h = vec![0x40 | ihl as u8, 0];
         h.extend_from_slice(&((ihl * 4 + payload_len) as u16).to_be_bytes());
@@ -103,7 +117,11 @@ mod frame {
 
 /// A frame from `src` to `dst` over `proto`, optionally VLAN-tagged.
 fn packet(src: SocketAddr, dst: SocketAddr, proto: u8, vlan: Option<u16>) -> Vec<u8> {
-    let l4 = if proto == PROTO_TCP { frame::tcp(src.port(), dst.port()) } else { frame::udp(src.port(), dst.port()) };
+    let l4 = if proto == PROTO_TCP {
+        frame::tcp(src.port(), dst.port())
+    } else {
+        frame::udp(src.port(), dst.port())
+    };
     let mut f;
     match (src.ip(), dst.ip()) {
         (IpAddr::V4(s), IpAddr::V4(d)) => {
@@ -162,7 +180,11 @@ impl Harness {
             panic!("loading the XDP program (tests need root): {e:#}")
         });
         let maps = Maps::take(&mut datapath.ebpf).unwrap();
-        Self { datapath, maps, pin_dir }
+        Self {
+            datapath,
+            maps,
+            pin_dir,
+        }
     }
 
     fn set_backend(&mut self, id: u32, ip: &str, state: u32) {
@@ -182,14 +204,34 @@ impl Harness {
 
     /// Programs a service whose table holds `table` (repeated to fill it)
     /// at `base`.
-    fn set_service(&mut self, vip: &str, port: u16, proto: u8, id: u32, base: u32, members: &[u32]) {
+    fn set_service(
+        &mut self,
+        vip: &str,
+        port: u16,
+        proto: u8,
+        id: u32,
+        base: u32,
+        members: &[u32],
+    ) {
         if !members.is_empty() {
-            let table: Vec<u32> = (0..TABLE_SIZE as usize).map(|i| members[i % members.len()]).collect();
+            let table: Vec<u32> = (0..TABLE_SIZE as usize)
+                .map(|i| members[i % members.len()])
+                .collect();
             self.maps.write_table(base, &table).unwrap();
         }
         let key = addr::service_key(vip.parse().unwrap(), port, proto);
-        let flags = if members.is_empty() { SVC_F_NO_BACKEND } else { 0 };
-        let svc = Service { id, flags, table_base: base, table_size: TABLE_SIZE, ..Default::default() };
+        let flags = if members.is_empty() {
+            SVC_F_NO_BACKEND
+        } else {
+            0
+        };
+        let svc = Service {
+            id,
+            flags,
+            table_base: base,
+            table_size: TABLE_SIZE,
+            ..Default::default()
+        };
         self.maps.services.insert(key, svc, 0).unwrap();
     }
 
@@ -213,10 +255,16 @@ impl Harness {
     /// Runs the program on `input`: (verdict, output frame).
     fn run(&mut self, input: &[u8]) -> (u32, Vec<u8>) {
         let mut out = vec![0u8; input.len() + 256];
-        let mut opts = TestRunOptions::default();
-        opts.data_in = Some(input);
-        opts.data_out = Some(&mut out);
-        let res = self.datapath.program().test_run(opts).expect("BPF_PROG_TEST_RUN");
+        let opts = TestRunOptions {
+            data_in: Some(input),
+            data_out: Some(&mut out),
+            ..Default::default()
+        };
+        let res = self
+            .datapath
+            .program()
+            .test_run(opts)
+            .expect("BPF_PROG_TEST_RUN");
         out.truncate(res.data_size_out as usize);
         (res.return_value, out)
     }
@@ -245,11 +293,21 @@ fn check(h: &mut Harness, cases: Vec<Case>) {
 
 fn forwarded(what: &'static str, input: Vec<u8>, backend: usize) -> Case {
     let output = with_macs(&input, BACKEND_MACS[backend], LB_MAC);
-    Case { what, input, verdict: XDP_TX, output }
+    Case {
+        what,
+        input,
+        verdict: XDP_TX,
+        output,
+    }
 }
 
 fn untouched(what: &'static str, input: Vec<u8>) -> Case {
-    Case { what, output: input.clone(), input, verdict: XDP_PASS }
+    Case {
+        what,
+        output: input.clone(),
+        input,
+        verdict: XDP_PASS,
+    }
 }
 
 #[test]
@@ -259,19 +317,70 @@ fn service_traffic_is_forwarded_with_only_macs_rewritten() {
         let l4 = frame::tcp(40002, 80);
         let mut f = frame::eth(LB_MAC, CLIENT_MAC, frame::ETH_IP, None);
         // IHL 6: a 4-byte option (NOP NOP NOP EOL) before TCP.
-        f.extend(frame::ipv4([10, 0, 0, 1], [10, 0, 100, 1], PROTO_TCP, l4.len(), 0, &[1, 1, 1, 0]));
+        f.extend(frame::ipv4(
+            [10, 0, 0, 1],
+            [10, 0, 100, 1],
+            PROTO_TCP,
+            l4.len(),
+            0,
+            &[1, 1, 1, 0],
+        ));
         f.extend(l4);
         f
     };
     check(
         &mut h,
         vec![
-            forwarded("TCP to IPv4 VIP", packet(sa("10.0.0.1:40000"), sa("10.0.100.1:80"), PROTO_TCP, None), 0),
-            forwarded("UDP to IPv4 VIP", packet(sa("10.0.0.1:40000"), sa("10.0.100.1:53"), PROTO_UDP, None), 0),
-            forwarded("TCP to IPv6 VIP", packet(sa("[fd00::1]:40000"), sa("[fd00:100::1]:80"), PROTO_TCP, None), 0),
-            forwarded("UDP to IPv6 VIP", packet(sa("[fd00::1]:40000"), sa("[fd00:100::1]:53"), PROTO_UDP, None), 0),
-            forwarded("802.1Q-tagged TCP to IPv4 VIP", packet(sa("10.0.0.1:40001"), sa("10.0.100.1:80"), PROTO_TCP, Some(42)), 0),
-            forwarded("802.1Q-tagged UDP to IPv6 VIP", packet(sa("[fd00::1]:40001"), sa("[fd00:100::1]:53"), PROTO_UDP, Some(7)), 0),
+            forwarded(
+                "TCP to IPv4 VIP",
+                packet(sa("10.0.0.1:40000"), sa("10.0.100.1:80"), PROTO_TCP, None),
+                0,
+            ),
+            forwarded(
+                "UDP to IPv4 VIP",
+                packet(sa("10.0.0.1:40000"), sa("10.0.100.1:53"), PROTO_UDP, None),
+                0,
+            ),
+            forwarded(
+                "TCP to IPv6 VIP",
+                packet(
+                    sa("[fd00::1]:40000"),
+                    sa("[fd00:100::1]:80"),
+                    PROTO_TCP,
+                    None,
+                ),
+                0,
+            ),
+            forwarded(
+                "UDP to IPv6 VIP",
+                packet(
+                    sa("[fd00::1]:40000"),
+                    sa("[fd00:100::1]:53"),
+                    PROTO_UDP,
+                    None,
+                ),
+                0,
+            ),
+            forwarded(
+                "802.1Q-tagged TCP to IPv4 VIP",
+                packet(
+                    sa("10.0.0.1:40001"),
+                    sa("10.0.100.1:80"),
+                    PROTO_TCP,
+                    Some(42),
+                ),
+                0,
+            ),
+            forwarded(
+                "802.1Q-tagged UDP to IPv6 VIP",
+                packet(
+                    sa("[fd00::1]:40001"),
+                    sa("[fd00:100::1]:53"),
+                    PROTO_UDP,
+                    Some(7),
+                ),
+                0,
+            ),
             forwarded("IPv4 with options (IHL honoured)", ipv4_options, 0),
         ],
     );
@@ -297,11 +406,31 @@ fn traffic_not_for_a_service_passes_unchanged() {
     check(
         &mut h,
         vec![
-            untouched("TCP to another address (the host's own SSH)", packet(sa("10.0.0.1:40000"), sa("10.0.0.2:22"), PROTO_TCP, None)),
-            untouched("TCP to the VIP on a port without service", packet(sa("10.0.0.1:40000"), sa("10.0.100.1:443"), PROTO_TCP, None)),
-            untouched("UDP to a TCP service's VIP:port", packet(sa("10.0.0.1:40000"), sa("10.0.100.1:80"), PROTO_UDP, None)),
-            untouched("TCP to a UDP service's VIP:port", packet(sa("[fd00::1]:40000"), sa("[fd00:100::1]:53"), PROTO_TCP, None)),
-            untouched("IPv6 to another address", packet(sa("[fd00::1]:40000"), sa("[fd00::2]:80"), PROTO_TCP, None)),
+            untouched(
+                "TCP to another address (the host's own SSH)",
+                packet(sa("10.0.0.1:40000"), sa("10.0.0.2:22"), PROTO_TCP, None),
+            ),
+            untouched(
+                "TCP to the VIP on a port without service",
+                packet(sa("10.0.0.1:40000"), sa("10.0.100.1:443"), PROTO_TCP, None),
+            ),
+            untouched(
+                "UDP to a TCP service's VIP:port",
+                packet(sa("10.0.0.1:40000"), sa("10.0.100.1:80"), PROTO_UDP, None),
+            ),
+            untouched(
+                "TCP to a UDP service's VIP:port",
+                packet(
+                    sa("[fd00::1]:40000"),
+                    sa("[fd00:100::1]:53"),
+                    PROTO_TCP,
+                    None,
+                ),
+            ),
+            untouched(
+                "IPv6 to another address",
+                packet(sa("[fd00::1]:40000"), sa("[fd00::2]:80"), PROTO_TCP, None),
+            ),
             untouched("ICMP echo to the VIP", icmp_to_vip),
             untouched("ARP", arp),
         ],
@@ -316,9 +445,24 @@ fn truncated_frames_pass_at_every_length_never_aborted() {
     let mut h = Harness::standard();
     let frames = [
         packet(sa("10.0.0.1:40000"), sa("10.0.100.1:80"), PROTO_TCP, None),
-        packet(sa("10.0.0.1:40000"), sa("10.0.100.1:53"), PROTO_UDP, Some(5)),
-        packet(sa("[fd00::1]:40000"), sa("[fd00:100::1]:80"), PROTO_TCP, None),
-        packet(sa("[fd00::1]:40000"), sa("[fd00:100::1]:53"), PROTO_UDP, None),
+        packet(
+            sa("10.0.0.1:40000"),
+            sa("10.0.100.1:53"),
+            PROTO_UDP,
+            Some(5),
+        ),
+        packet(
+            sa("[fd00::1]:40000"),
+            sa("[fd00:100::1]:80"),
+            PROTO_TCP,
+            None,
+        ),
+        packet(
+            sa("[fd00::1]:40000"),
+            sa("[fd00:100::1]:53"),
+            PROTO_UDP,
+            None,
+        ),
     ];
     let mut runs = 0;
     for full in &frames {
@@ -328,7 +472,12 @@ fn truncated_frames_pass_at_every_length_never_aborted() {
         for len in 14..full.len() - 4 {
             let input = &full[..len];
             let (verdict, out) = h.run(input);
-            assert_eq!(verdict, XDP_PASS, "frame cut to {len} of {} bytes", full.len());
+            assert_eq!(
+                verdict,
+                XDP_PASS,
+                "frame cut to {len} of {} bytes",
+                full.len()
+            );
             assert_eq!(out, input, "frame cut to {len} bytes must pass unchanged");
             runs += 1;
         }
@@ -345,7 +494,14 @@ fn fragments_and_ipv6_extension_headers_go_to_the_kernel() {
     let fragment = |frags: u16| {
         let l4 = frame::tcp(40000, 80);
         let mut f = frame::eth(LB_MAC, CLIENT_MAC, frame::ETH_IP, None);
-        f.extend(frame::ipv4([10, 0, 0, 1], [10, 0, 100, 1], PROTO_TCP, l4.len(), frags, &[]));
+        f.extend(frame::ipv4(
+            [10, 0, 0, 1],
+            [10, 0, 100, 1],
+            PROTO_TCP,
+            l4.len(),
+            frags,
+            &[],
+        ));
         f.extend(l4);
         f
     };
@@ -380,7 +536,10 @@ fn established_flows_keep_their_backend_when_the_table_changes() {
     let mut h = Harness::standard();
     let vip = sa("10.0.100.1:80");
     let flow = packet(sa("10.0.0.1:41000"), vip, PROTO_TCP, None);
-    check(&mut h, vec![forwarded("new flow picks backend 0", flow.clone(), 0)]);
+    check(
+        &mut h,
+        vec![forwarded("new flow picks backend 0", flow.clone(), 0)],
+    );
 
     // Swap in a table that only names backend 1 (the other half of the
     // region, as the control plane does).
@@ -388,21 +547,46 @@ fn established_flows_keep_their_backend_when_the_table_changes() {
     check(
         &mut h,
         vec![
-            forwarded("established flow keeps backend 0 after the swap", flow.clone(), 0),
-            forwarded("a new flow uses the new table", packet(sa("10.0.0.1:41001"), vip, PROTO_TCP, None), 1),
+            forwarded(
+                "established flow keeps backend 0 after the swap",
+                flow.clone(),
+                0,
+            ),
+            forwarded(
+                "a new flow uses the new table",
+                packet(sa("10.0.0.1:41001"), vip, PROTO_TCP, None),
+                1,
+            ),
         ],
     );
     assert_eq!(h.reason(Reason::FlowHit), 1);
 
     // Draining keeps the established flow.
     h.set_backend(0, "10.0.0.11", BACKEND_DRAINING);
-    check(&mut h, vec![forwarded("draining backend keeps its flow", flow.clone(), 0)]);
+    check(
+        &mut h,
+        vec![forwarded(
+            "draining backend keeps its flow",
+            flow.clone(),
+            0,
+        )],
+    );
 
     // Down (or removed): the flow is re-picked from the current table.
     h.set_backend(0, "10.0.0.11", BACKEND_DOWN);
-    check(&mut h, vec![forwarded("flow of a down backend is re-picked", flow.clone(), 1)]);
+    check(
+        &mut h,
+        vec![forwarded(
+            "flow of a down backend is re-picked",
+            flow.clone(),
+            1,
+        )],
+    );
     assert_eq!(h.reason(Reason::FlowRepick), 1);
-    check(&mut h, vec![forwarded("and then stays on its new backend", flow, 1)]);
+    check(
+        &mut h,
+        vec![forwarded("and then stays on its new backend", flow, 1)],
+    );
     assert_eq!(h.reason(Reason::FlowHit), 3);
 }
 
@@ -419,11 +603,21 @@ fn kernel_and_userspace_pick_the_same_backend() {
         let (verdict, out) = h.run(&input);
         assert_eq!(verdict, XDP_TX);
         let id = expected.backend_id as usize;
-        assert_eq!(out, with_macs(&input, BACKEND_MACS[id], LB_MAC), "source port {port}");
-        assert!(h.maps.route(src, vip, PROTO_TCP).unwrap().established, "flow now in the flow table");
+        assert_eq!(
+            out,
+            with_macs(&input, BACKEND_MACS[id], LB_MAC),
+            "source port {port}"
+        );
+        assert!(
+            h.maps.route(src, vip, PROTO_TCP).unwrap().established,
+            "flow now in the flow table"
+        );
         used[id] += 1;
     }
-    assert!(used.iter().all(|&n| n > 50), "300 flows spread over 3 backends: {used:?}");
+    assert!(
+        used.iter().all(|&n| n > 50),
+        "300 flows spread over 3 backends: {used:?}"
+    );
 }
 
 #[test]
@@ -439,7 +633,10 @@ fn no_backend_drops_and_unresolved_next_hop_passes() {
     unresolved.dst_mac = [0; 6];
     h.maps.backends.set(0, unresolved, 0).unwrap();
     let input = packet(sa("10.0.0.1:40000"), sa("10.0.100.1:53"), PROTO_UDP, None);
-    check(&mut h, vec![untouched("backend MAC unresolved: kernel gets it", input)]);
+    check(
+        &mut h,
+        vec![untouched("backend MAC unresolved: kernel gets it", input)],
+    );
     assert_eq!(h.reason(Reason::PassNoNeigh), 1);
 }
 
@@ -447,7 +644,12 @@ fn no_backend_drops_and_unresolved_next_hop_passes() {
 fn counters_count_packets_and_bytes_per_service_and_backend() {
     let mut h = Harness::standard();
     let a = packet(sa("10.0.0.1:40000"), sa("10.0.100.1:80"), PROTO_TCP, None);
-    let b = packet(sa("[fd00::1]:40000"), sa("[fd00:100::1]:53"), PROTO_UDP, None);
+    let b = packet(
+        sa("[fd00::1]:40000"),
+        sa("[fd00:100::1]:53"),
+        PROTO_UDP,
+        None,
+    );
     for _ in 0..3 {
         h.run(&a);
     }
@@ -457,7 +659,10 @@ fn counters_count_packets_and_bytes_per_service_and_backend() {
     let svc3 = h.maps.service_counters(3).unwrap();
     assert_eq!((svc3.packets, svc3.bytes), (1, b.len() as u64));
     let be0 = h.maps.backend_counters(0).unwrap();
-    assert_eq!((be0.packets, be0.bytes), (4, 3 * a.len() as u64 + b.len() as u64));
+    assert_eq!(
+        (be0.packets, be0.bytes),
+        (4, 3 * a.len() as u64 + b.len() as u64)
+    );
     assert_eq!(h.maps.backend_counters(1).unwrap().packets, 0);
     assert_eq!(h.reason(Reason::FlowNew), 2);
     assert_eq!(h.reason(Reason::FlowHit), 2);

@@ -26,8 +26,8 @@ use aya::{
     programs::{TestRun, TestRunOptions},
 };
 use xdp_common::{
-    map_names, Backend, FlowKey, Globals, NatFwd, NatRev, Reason, Service, BACKEND_ACTIVE, NAT_F_CLOSING, PROTO_TCP,
-    PROTO_UDP, SVC_F_NAT,
+    map_names, Backend, FlowKey, Globals, NatFwd, NatRev, Reason, Service, BACKEND_ACTIVE,
+    NAT_F_CLOSING, PROTO_TCP, PROTO_UDP, SVC_F_NAT,
 };
 use xdplb::{addr, dataplane::Maps, loader::Datapath};
 
@@ -94,7 +94,10 @@ mod wire {
     /// Sum of the big-endian 16-bit words of `bytes` (an odd last byte is
     /// padded with zero), not folded.
     pub fn sum(bytes: &[u8]) -> u64 {
-        bytes.chunks(2).map(|c| u64::from(c[0]) << 8 | u64::from(*c.get(1).unwrap_or(&0))).sum()
+        bytes
+            .chunks(2)
+            .map(|c| u64::from(c[0]) << 8 | u64::from(*c.get(1).unwrap_or(&0)))
+            .sum()
     }
 
     /// Folds a sum into 16 bits with end-around carry.
@@ -147,7 +150,14 @@ mod wire {
     }
 
     /// An IP packet (IPv4 with DF, or IPv6) around `payload`.
-    pub fn ip_packet(src: IpAddr, dst: IpAddr, proto: u8, ttl: u8, id: u16, payload: &[u8]) -> Vec<u8> {
+    pub fn ip_packet(
+        src: IpAddr,
+        dst: IpAddr,
+        proto: u8,
+        ttl: u8,
+        id: u16,
+        payload: &[u8],
+    ) -> Vec<u8> {
         let mut h = Vec::with_capacity(40 + payload.len());
         match (src, dst) {
             (IpAddr::V4(s), IpAddr::V4(d)) => {
@@ -192,17 +202,41 @@ mod wire {
 
     impl Seg {
         pub fn tcp(src: SocketAddr, dst: SocketAddr, flags: u8, payload: &[u8]) -> Seg {
-            Seg { src, dst, proto: TCP, flags, seq: 0x1234_5678, payload: payload.to_vec(), no_udp_checksum: false, ttl: 64, id: 0x2a2a }
+            Seg {
+                src,
+                dst,
+                proto: TCP,
+                flags,
+                seq: 0x1234_5678,
+                payload: payload.to_vec(),
+                no_udp_checksum: false,
+                ttl: 64,
+                id: 0x2a2a,
+            }
         }
 
         pub fn udp(src: SocketAddr, dst: SocketAddr, payload: &[u8]) -> Seg {
-            Seg { src, dst, proto: UDP, flags: 0, seq: 0, payload: payload.to_vec(), no_udp_checksum: false, ttl: 64, id: 0x2b2b }
+            Seg {
+                src,
+                dst,
+                proto: UDP,
+                flags: 0,
+                seq: 0,
+                payload: payload.to_vec(),
+                no_udp_checksum: false,
+                ttl: 64,
+                id: 0x2b2b,
+            }
         }
 
         /// The same segment between other endpoints (what translation must
         /// turn it into): payload, flags, TTL and id unchanged.
         pub fn between(&self, src: SocketAddr, dst: SocketAddr) -> Seg {
-            Seg { src, dst, ..self.clone() }
+            Seg {
+                src,
+                dst,
+                ..self.clone()
+            }
         }
 
         /// The L4 header and payload, checksum computed from scratch.
@@ -234,11 +268,22 @@ mod wire {
         }
 
         pub fn ip(&self) -> Vec<u8> {
-            ip_packet(self.src.ip(), self.dst.ip(), self.proto, self.ttl, self.id, &self.l4())
+            ip_packet(
+                self.src.ip(),
+                self.dst.ip(),
+                self.proto,
+                self.ttl,
+                self.id,
+                &self.l4(),
+            )
         }
 
         pub fn frame(&self, dst_mac: [u8; 6], src_mac: [u8; 6]) -> Vec<u8> {
-            let mut f = eth(dst_mac, src_mac, if self.src.is_ipv4() { ETH_IP } else { ETH_IPV6 });
+            let mut f = eth(
+                dst_mac,
+                src_mac,
+                if self.src.is_ipv4() { ETH_IP } else { ETH_IPV6 },
+            );
             f.extend(self.ip());
             f
         }
@@ -267,7 +312,14 @@ mod wire {
     /// An ICMP (IPv4) or ICMPv6 error message from `src` to `dst` with
     /// `rest` (the 4 bytes after the checksum) and the quoted packet, as an
     /// IP packet; checksums from scratch.
-    pub fn icmp_error(src: IpAddr, dst: IpAddr, icmp_type: u8, code: u8, rest: [u8; 4], quote: &[u8]) -> Vec<u8> {
+    pub fn icmp_error(
+        src: IpAddr,
+        dst: IpAddr,
+        icmp_type: u8,
+        code: u8,
+        rest: [u8; 4],
+        quote: &[u8],
+    ) -> Vec<u8> {
         let mut m = vec![icmp_type, code, 0, 0];
         m.extend_from_slice(&rest);
         m.extend_from_slice(quote);
@@ -281,13 +333,30 @@ mod wire {
     }
 
     pub fn frame(dst_mac: [u8; 6], src_mac: [u8; 6], ip_packet: &[u8]) -> Vec<u8> {
-        let mut f = eth(dst_mac, src_mac, if ip_packet[0] >> 4 == 4 { ETH_IP } else { ETH_IPV6 });
+        let mut f = eth(
+            dst_mac,
+            src_mac,
+            if ip_packet[0] >> 4 == 4 {
+                ETH_IP
+            } else {
+                ETH_IPV6
+            },
+        );
         f.extend_from_slice(ip_packet);
         f
     }
 
     pub fn hex(bytes: &[u8]) -> String {
-        bytes.chunks(16).map(|c| c.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(" ")).collect::<Vec<_>>().join("\n")
+        bytes
+            .chunks(16)
+            .map(|c| {
+                c.iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
     }
 }
 
@@ -299,9 +368,16 @@ use wire::Seg;
 /// Panics naming the bad checksum; returns the checks it made, in order, so
 /// a test can also assert that nothing was skipped.
 fn verify(what: &str, frame: &[u8]) -> Vec<String> {
-    let mut v = Verifier { what, frame, done: Vec::new() };
+    let mut v = Verifier {
+        what,
+        frame,
+        done: Vec::new(),
+    };
     let ether_type = u16::from_be_bytes([frame[12], frame[13]]);
-    assert!(ether_type == wire::ETH_IP || ether_type == wire::ETH_IPV6, "{what}: not IP");
+    assert!(
+        ether_type == wire::ETH_IP || ether_type == wire::ETH_IPV6,
+        "{what}: not IP"
+    );
     let (src, dst, proto, message, _) = v.ip(&frame[14..], false, "");
     match proto {
         wire::TCP | wire::UDP => v.l4(src, dst, proto, message, ""),
@@ -336,14 +412,23 @@ struct Verifier<'a> {
 impl Verifier<'_> {
     fn sums_to_ffff(&self, covered: &[u8], check: &str) {
         if wire::fold(wire::sum(covered)) != 0xffff {
-            panic!("{}: bad {check} in output frame:\n{}", self.what, wire::hex(self.frame));
+            panic!(
+                "{}: bad {check} in output frame:\n{}",
+                self.what,
+                wire::hex(self.frame)
+            );
         }
     }
 
     /// (src, dst, proto, L4 message, whole message present) of an IP
     /// packet, after verifying an IPv4 header checksum. `quoted`: the
     /// packet may be cut short (inside an ICMP error).
-    fn ip<'p>(&mut self, p: &'p [u8], quoted: bool, prefix: &str) -> (IpAddr, IpAddr, u8, &'p [u8], bool) {
+    fn ip<'p>(
+        &mut self,
+        p: &'p [u8],
+        quoted: bool,
+        prefix: &str,
+    ) -> (IpAddr, IpAddr, u8, &'p [u8], bool) {
         if p[0] >> 4 == 4 {
             let ihl = usize::from(p[0] & 0x0f) * 4;
             self.sums_to_ffff(&p[..ihl], &format!("{prefix}IPv4 header checksum"));
@@ -354,16 +439,33 @@ impl Verifier<'_> {
             }
             let src = IpAddr::from(<[u8; 4]>::try_from(&p[12..16]).unwrap());
             let dst = IpAddr::from(<[u8; 4]>::try_from(&p[16..20]).unwrap());
-            (src, dst, p[9], &p[ihl..total.min(p.len())], total <= p.len())
+            (
+                src,
+                dst,
+                p[9],
+                &p[ihl..total.min(p.len())],
+                total <= p.len(),
+            )
         } else {
             assert_eq!(p[0] >> 4, 6, "{}: {prefix}IP version", self.what);
             let len = usize::from(u16::from_be_bytes([p[4], p[5]]));
             if !quoted {
-                assert_eq!(40 + len, p.len(), "{}: IPv6 payload length vs frame", self.what);
+                assert_eq!(
+                    40 + len,
+                    p.len(),
+                    "{}: IPv6 payload length vs frame",
+                    self.what
+                );
             }
             let src = IpAddr::from(<[u8; 16]>::try_from(&p[8..24]).unwrap());
             let dst = IpAddr::from(<[u8; 16]>::try_from(&p[24..40]).unwrap());
-            (src, dst, p[6], &p[40..(40 + len).min(p.len())], 40 + len <= p.len())
+            (
+                src,
+                dst,
+                p[6],
+                &p[40..(40 + len).min(p.len())],
+                40 + len <= p.len(),
+            )
         }
     }
 
@@ -408,7 +510,8 @@ impl Drop for Harness {
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
 fn pinned(dir: &Path, name: &str) -> Map {
-    let data = MapData::from_pin(dir.join(name)).unwrap_or_else(|e| panic!("opening pinned map {name}: {e}"));
+    let data = MapData::from_pin(dir.join(name))
+        .unwrap_or_else(|e| panic!("opening pinned map {name}: {e}"));
     Map::from_map_data(data).unwrap()
 }
 
@@ -420,7 +523,11 @@ struct Timeouts {
     udp: u32,
 }
 
-const DEFAULT_TIMEOUTS: Timeouts = Timeouts { tcp: TCP_TIMEOUT, closing: CLOSING_TIMEOUT, udp: UDP_TIMEOUT };
+const DEFAULT_TIMEOUTS: Timeouts = Timeouts {
+    tcp: TCP_TIMEOUT,
+    closing: CLOSING_TIMEOUT,
+    udp: UDP_TIMEOUT,
+};
 
 impl Harness {
     fn new() -> Self {
@@ -434,16 +541,37 @@ impl Harness {
             panic!("loading the XDP program (tests need root): {e:#}")
         });
         let maps = Maps::take(&mut datapath.ebpf).unwrap();
-        let nat_fwd = pinned(&pin_dir, map_names::NAT_FWD).try_into().expect("NAT_FWD is a hash map of FlowKey -> NatFwd");
-        let nat_rev = pinned(&pin_dir, map_names::NAT_REV).try_into().expect("NAT_REV is a hash map of FlowKey -> NatRev");
-        let globals = pinned(&pin_dir, map_names::GLOBALS).try_into().expect("GLOBALS is an array of Globals");
-        let mut h = Self { datapath, maps, nat_fwd, nat_rev, globals, pin_dir };
+        let nat_fwd = pinned(&pin_dir, map_names::NAT_FWD)
+            .try_into()
+            .expect("NAT_FWD is a hash map of FlowKey -> NatFwd");
+        let nat_rev = pinned(&pin_dir, map_names::NAT_REV)
+            .try_into()
+            .expect("NAT_REV is a hash map of FlowKey -> NatRev");
+        let globals = pinned(&pin_dir, map_names::GLOBALS)
+            .try_into()
+            .expect("GLOBALS is an array of Globals");
+        let mut h = Self {
+            datapath,
+            maps,
+            nat_fwd,
+            nat_rev,
+            globals,
+            pin_dir,
+        };
         h.set_nat_enabled(true);
         h
     }
 
     fn set_nat_enabled(&mut self, on: bool) {
-        self.globals.set(0, Globals { nat_enabled: u32::from(on) }, 0).unwrap();
+        self.globals
+            .set(
+                0,
+                Globals {
+                    nat_enabled: u32::from(on),
+                },
+                0,
+            )
+            .unwrap();
     }
 
     /// Backend `id` at `addr:port`, seen from the load balancer's `snat`
@@ -467,9 +595,20 @@ impl Harness {
     /// (repeated to fill it), translating to source ports
     /// `ports.0 .. ports.0 + ports.1`.
     #[allow(clippy::too_many_arguments)]
-    fn set_service(&mut self, id: u32, vip: &str, port: u16, proto: u8, members: &[u32], ports: (u16, u16), t: Timeouts) {
+    fn set_service(
+        &mut self,
+        id: u32,
+        vip: &str,
+        port: u16,
+        proto: u8,
+        members: &[u32],
+        ports: (u16, u16),
+        t: Timeouts,
+    ) {
         let base = id * 2 * TABLE_SIZE;
-        let table: Vec<u32> = (0..TABLE_SIZE as usize).map(|i| members[i % members.len()]).collect();
+        let table: Vec<u32> = (0..TABLE_SIZE as usize)
+            .map(|i| members[i % members.len()])
+            .collect();
         self.maps.write_table(base, &table).unwrap();
         let svc = Service {
             id,
@@ -482,7 +621,10 @@ impl Harness {
             nat_closing_timeout: t.closing,
             nat_udp_timeout: t.udp,
         };
-        self.maps.services.insert(addr::service_key(ip(vip), port, proto), svc, 0).unwrap();
+        self.maps
+            .services
+            .insert(addr::service_key(ip(vip), port, proto), svc, 0)
+            .unwrap();
     }
 
     /// The standard setup: NAT services on port 80 (TCP) and 53 (UDP) of
@@ -494,18 +636,58 @@ impl Harness {
         h.set_backend(1, 1, BACKEND4, 5353, SNAT4);
         h.set_backend(2, 2, BACKEND6, 8080, SNAT6);
         h.set_backend(3, 3, BACKEND6, 5353, SNAT6);
-        h.set_service(0, VIP4, 80, PROTO_TCP, &[0], (20000, 40000), DEFAULT_TIMEOUTS);
-        h.set_service(1, VIP4, 53, PROTO_UDP, &[1], (20000, 40000), DEFAULT_TIMEOUTS);
-        h.set_service(2, VIP6, 80, PROTO_TCP, &[2], (20000, 40000), DEFAULT_TIMEOUTS);
-        h.set_service(3, VIP6, 53, PROTO_UDP, &[3], (20000, 40000), DEFAULT_TIMEOUTS);
+        h.set_service(
+            0,
+            VIP4,
+            80,
+            PROTO_TCP,
+            &[0],
+            (20000, 40000),
+            DEFAULT_TIMEOUTS,
+        );
+        h.set_service(
+            1,
+            VIP4,
+            53,
+            PROTO_UDP,
+            &[1],
+            (20000, 40000),
+            DEFAULT_TIMEOUTS,
+        );
+        h.set_service(
+            2,
+            VIP6,
+            80,
+            PROTO_TCP,
+            &[2],
+            (20000, 40000),
+            DEFAULT_TIMEOUTS,
+        );
+        h.set_service(
+            3,
+            VIP6,
+            53,
+            PROTO_UDP,
+            &[3],
+            (20000, 40000),
+            DEFAULT_TIMEOUTS,
+        );
         h
     }
 
     /// Runs the program on `input`: (verdict, output frame).
     fn run(&mut self, input: &[u8]) -> (u32, Vec<u8>) {
         let mut out = vec![0u8; input.len() + 256];
-        let opts = TestRunOptions { data_in: Some(input), data_out: Some(&mut out), ..Default::default() };
-        let res = self.datapath.program().test_run(opts).expect("BPF_PROG_TEST_RUN");
+        let opts = TestRunOptions {
+            data_in: Some(input),
+            data_out: Some(&mut out),
+            ..Default::default()
+        };
+        let res = self
+            .datapath
+            .program()
+            .test_run(opts)
+            .expect("BPF_PROG_TEST_RUN");
         out.truncate(res.data_size_out as usize);
         (res.return_value, out)
     }
@@ -516,28 +698,62 @@ impl Harness {
 
     /// NAT_FWD entry of the client's flow.
     fn fwd(&self, client: SocketAddr, vip: SocketAddr, proto: u8) -> Option<NatFwd> {
-        self.nat_fwd.get(&addr::flow_key(client, vip, proto), 0).ok()
+        self.nat_fwd
+            .get(&addr::flow_key(client, vip, proto), 0)
+            .ok()
     }
 
     /// NAT_REV entry of the backend's replies to `snat`.
     fn rev(&self, backend: SocketAddr, snat: SocketAddr, proto: u8) -> Option<NatRev> {
-        self.nat_rev.get(&addr::flow_key(backend, snat, proto), 0).ok()
+        self.nat_rev
+            .get(&addr::flow_key(backend, snat, proto), 0)
+            .ok()
     }
 
     /// Sends the client's `seg` through; it must be translated to `backend`
     /// (id `id`) from the SNAT address `snat`: returns the allocated port,
     /// after checking the output byte for byte and its checksums.
-    fn forward(&mut self, what: &str, seg: &Seg, id: u32, backend: SocketAddr, snat: IpAddr) -> u16 {
+    fn forward(
+        &mut self,
+        what: &str,
+        seg: &Seg,
+        id: u32,
+        backend: SocketAddr,
+        snat: IpAddr,
+    ) -> u16 {
         let (verdict, out) = self.run(&seg.frame(LB_MAC_A, CLIENT_MAC));
-        assert_eq!(verdict, XDP_TX, "{what}: verdict (output:\n{})", wire::hex(&out));
-        let f = self.fwd(seg.src, seg.dst, seg.proto).unwrap_or_else(|| panic!("{what}: no NAT_FWD entry"));
+        assert_eq!(
+            verdict,
+            XDP_TX,
+            "{what}: verdict (output:\n{})",
+            wire::hex(&out)
+        );
+        let f = self
+            .fwd(seg.src, seg.dst, seg.proto)
+            .unwrap_or_else(|| panic!("{what}: no NAT_FWD entry"));
         assert_eq!(f.backend, id, "{what}: NAT_FWD backend");
         let port = u16::from_be(f.nat_port_be);
-        let expected = seg.between(SocketAddr::new(snat, port), backend).frame(backend_mac(id), LB_MAC_B);
-        assert_eq!(wire::hex(&out), wire::hex(&expected), "{what}: output frame (translated to port {port})");
+        let expected = seg
+            .between(SocketAddr::new(snat, port), backend)
+            .frame(backend_mac(id), LB_MAC_B);
+        assert_eq!(
+            wire::hex(&out),
+            wire::hex(&expected),
+            "{what}: output frame (translated to port {port})"
+        );
         let checks = verify(what, &out);
-        let l4 = if seg.proto == PROTO_TCP { "TCP" } else if seg.no_udp_checksum { "UDP without checksum" } else { "UDP" };
-        let expect_checks: Vec<&str> = if seg.src.is_ipv4() { vec!["IPv4 header", l4] } else { vec![l4] };
+        let l4 = if seg.proto == PROTO_TCP {
+            "TCP"
+        } else if seg.no_udp_checksum {
+            "UDP without checksum"
+        } else {
+            "UDP"
+        };
+        let expect_checks: Vec<&str> = if seg.src.is_ipv4() {
+            vec!["IPv4 header", l4]
+        } else {
+            vec![l4]
+        };
         assert_eq!(checks, expect_checks, "{what}: checksums verified");
         port
     }
@@ -546,11 +762,23 @@ impl Harness {
     /// reach the client as `vip -> client`, checked byte for byte.
     fn reverse(&mut self, what: &str, seg: &Seg, id: u32, vip: SocketAddr, client: SocketAddr) {
         let (verdict, out) = self.run(&seg.frame(LB_MAC_B, backend_mac(id)));
-        assert_eq!(verdict, XDP_TX, "{what}: verdict (output:\n{})", wire::hex(&out));
+        assert_eq!(
+            verdict,
+            XDP_TX,
+            "{what}: verdict (output:\n{})",
+            wire::hex(&out)
+        );
         let expected = seg.between(vip, client).frame(CLIENT_MAC, LB_MAC_A);
-        assert_eq!(wire::hex(&out), wire::hex(&expected), "{what}: output frame");
+        assert_eq!(
+            wire::hex(&out),
+            wire::hex(&expected),
+            "{what}: output frame"
+        );
         let checks = verify(what, &out);
-        assert!(!checks.is_empty() && checks.iter().all(|c| c != "inner L4 cut short"), "{what}: {checks:?}");
+        assert!(
+            !checks.is_empty() && checks.iter().all(|c| c != "inner L4 cut short"),
+            "{what}: {checks:?}"
+        );
     }
 }
 
@@ -568,10 +796,42 @@ struct Flow {
 
 fn standard_flows() -> Vec<Flow> {
     vec![
-        Flow { what: "TCP over IPv4", client: sa("10.0.0.1:40000"), vip: sa("10.0.100.1:80"), backend: sa("10.0.1.11:8080"), id: 0, snat: ip(SNAT4), proto: PROTO_TCP },
-        Flow { what: "UDP over IPv4", client: sa("10.0.0.1:40001"), vip: sa("10.0.100.1:53"), backend: sa("10.0.1.11:5353"), id: 1, snat: ip(SNAT4), proto: PROTO_UDP },
-        Flow { what: "TCP over IPv6", client: sa("[fd00::1]:40002"), vip: sa("[fd00:100::1]:80"), backend: sa("[fd00:1::11]:8080"), id: 2, snat: ip(SNAT6), proto: PROTO_TCP },
-        Flow { what: "UDP over IPv6", client: sa("[fd00::1]:40003"), vip: sa("[fd00:100::1]:53"), backend: sa("[fd00:1::11]:5353"), id: 3, snat: ip(SNAT6), proto: PROTO_UDP },
+        Flow {
+            what: "TCP over IPv4",
+            client: sa("10.0.0.1:40000"),
+            vip: sa("10.0.100.1:80"),
+            backend: sa("10.0.1.11:8080"),
+            id: 0,
+            snat: ip(SNAT4),
+            proto: PROTO_TCP,
+        },
+        Flow {
+            what: "UDP over IPv4",
+            client: sa("10.0.0.1:40001"),
+            vip: sa("10.0.100.1:53"),
+            backend: sa("10.0.1.11:5353"),
+            id: 1,
+            snat: ip(SNAT4),
+            proto: PROTO_UDP,
+        },
+        Flow {
+            what: "TCP over IPv6",
+            client: sa("[fd00::1]:40002"),
+            vip: sa("[fd00:100::1]:80"),
+            backend: sa("[fd00:1::11]:8080"),
+            id: 2,
+            snat: ip(SNAT6),
+            proto: PROTO_TCP,
+        },
+        Flow {
+            what: "UDP over IPv6",
+            client: sa("[fd00::1]:40003"),
+            vip: sa("[fd00:100::1]:53"),
+            backend: sa("[fd00:1::11]:5353"),
+            id: 3,
+            snat: ip(SNAT6),
+            proto: PROTO_UDP,
+        },
     ]
 }
 
@@ -599,23 +859,51 @@ fn tcp_and_udp_are_translated_both_ways_over_ipv4_and_ipv6() {
         // The client's first packet: a new translation, VIP:80 -> backend:8080.
         let syn = client_seg(&f, wire::SYN, b"hello");
         let port = h.forward(f.what, &syn, f.id, f.backend, f.snat);
-        assert!((20000..60000).contains(&port), "{}: port {port} outside 20000-59999", f.what);
+        assert!(
+            (20000..60000).contains(&port),
+            "{}: port {port} outside 20000-59999",
+            f.what
+        );
 
         // Both table entries, field by field.
         let fwd = h.fwd(f.client, f.vip, f.proto).unwrap();
-        let timeout = if f.proto == PROTO_TCP { TCP_TIMEOUT } else { UDP_TIMEOUT };
-        assert_eq!((fwd.flags, fwd.timeout_s), (0, timeout), "{}: {fwd:?}", f.what);
+        let timeout = if f.proto == PROTO_TCP {
+            TCP_TIMEOUT
+        } else {
+            UDP_TIMEOUT
+        };
+        assert_eq!(
+            (fwd.flags, fwd.timeout_s),
+            (0, timeout),
+            "{}: {fwd:?}",
+            f.what
+        );
         assert!(fwd.last_seen_ns > 0, "{}: {fwd:?}", f.what);
         let rev = h
             .rev(f.backend, SocketAddr::new(f.snat, port), f.proto)
             .unwrap_or_else(|| panic!("{}: no NAT_REV entry for the reply key", f.what));
         assert_eq!(addr::from_words(rev.client), f.client.ip(), "{}", f.what);
         assert_eq!(addr::from_words(rev.vip), f.vip.ip(), "{}", f.what);
-        assert_eq!(u16::from_be(rev.client_port_be), f.client.port(), "{}", f.what);
+        assert_eq!(
+            u16::from_be(rev.client_port_be),
+            f.client.port(),
+            "{}",
+            f.what
+        );
         assert_eq!(u16::from_be(rev.vip_port_be), f.vip.port(), "{}", f.what);
-        assert_eq!((rev.client_mac, rev.lb_mac), (CLIENT_MAC, LB_MAC_A), "{}: MACs of the client side", f.what);
+        assert_eq!(
+            (rev.client_mac, rev.lb_mac),
+            (CLIENT_MAC, LB_MAC_A),
+            "{}: MACs of the client side",
+            f.what
+        );
         assert_eq!(rev.ifindex, LO_IFINDEX, "{}: ingress interface", f.what);
-        assert_eq!((rev.flags, rev.timeout_s), (0, timeout), "{}: {rev:?}", f.what);
+        assert_eq!(
+            (rev.flags, rev.timeout_s),
+            (0, timeout),
+            "{}: {rev:?}",
+            f.what
+        );
 
         // The backend's reply to the allocated port goes back to the client.
         let reply = backend_seg(&f, port, wire::SYN | wire::ACK, b"world!");
@@ -623,7 +911,12 @@ fn tcp_and_udp_are_translated_both_ways_over_ipv4_and_ipv6() {
 
         // The next client packet hits the same translation.
         let data = client_seg(&f, wire::ACK | wire::PSH, b"GET / HTTP/1.0\r\n\r\n");
-        assert_eq!(h.forward(f.what, &data, f.id, f.backend, f.snat), port, "{}: same port for the same flow", f.what);
+        assert_eq!(
+            h.forward(f.what, &data, f.id, f.backend, f.snat),
+            port,
+            "{}: same port for the same flow",
+            f.what
+        );
     }
     assert_eq!(h.reason(Reason::NatNew), 4);
     assert_eq!(h.reason(Reason::NatReply), 4);
@@ -632,8 +925,16 @@ fn tcp_and_udp_are_translated_both_ways_over_ipv4_and_ipv6() {
     assert_eq!(h.reason(Reason::DropNatFull), 0);
     // Per-service and per-backend counters count the forwarded packets.
     for id in 0..4 {
-        assert_eq!(h.maps.backend_counters(id).unwrap().packets, 2, "backend {id}");
-        assert_eq!(h.maps.service_counters(id).unwrap().packets, 2, "service {id}");
+        assert_eq!(
+            h.maps.backend_counters(id).unwrap().packets,
+            2,
+            "backend {id}"
+        );
+        assert_eq!(
+            h.maps.service_counters(id).unwrap().packets,
+            2,
+            "service {id}"
+        );
     }
 }
 
@@ -650,7 +951,11 @@ fn udp_over_ipv4_without_checksum_keeps_none() {
     // The reply's output frame was compared byte for byte with a frame
     // whose UDP checksum is 0; say so explicitly too.
     let (_, out) = h.run(&answer.frame(LB_MAC_B, backend_mac(f.id)));
-    assert_eq!(&out[14 + 20 + 6..14 + 20 + 8], &[0, 0], "UDP checksum stays 0");
+    assert_eq!(
+        &out[14 + 20 + 6..14 + 20 + 8],
+        &[0, 0],
+        "UDP checksum stays 0"
+    );
     assert_eq!(h.reason(Reason::NatReply), 2);
 }
 
@@ -685,13 +990,25 @@ fn a_udp_checksum_that_becomes_zero_is_sent_as_ffff() {
         // Forward: the translated datagram's checksum computes to 0.
         let payload = payload_for_zero_checksum(snat, f.backend, b"to-backend");
         let seg = client_seg(f, 0, &payload);
-        assert_ne!(&seg.l4()[6..8], &[0xff, 0xff], "the client's own datagram has an ordinary checksum");
-        assert_eq!(&seg.between(snat, f.backend).l4()[6..8], &[0xff, 0xff], "test premise");
+        assert_ne!(
+            &seg.l4()[6..8],
+            &[0xff, 0xff],
+            "the client's own datagram has an ordinary checksum"
+        );
+        assert_eq!(
+            &seg.between(snat, f.backend).l4()[6..8],
+            &[0xff, 0xff],
+            "test premise"
+        );
         h.forward(f.what, &seg, f.id, f.backend, f.snat);
         // Reverse: the datagram translated back to the client's computes to 0.
         let payload = payload_for_zero_checksum(f.vip, f.client, b"to-the-client!");
         let reply = backend_seg(f, port, 0, &payload);
-        assert_eq!(&reply.between(f.vip, f.client).l4()[6..8], &[0xff, 0xff], "test premise");
+        assert_eq!(
+            &reply.between(f.vip, f.client).l4()[6..8],
+            &[0xff, 0xff],
+            "test premise"
+        );
         h.reverse(f.what, &reply, f.id, f.vip, f.client);
     }
 }
@@ -701,33 +1018,69 @@ fn replies_matching_no_flow_pass_untouched() {
     let mut h = Harness::standard();
     let flows = standard_flows();
     let f = &flows[0];
-    let port = h.forward("setup", &client_seg(f, wire::SYN, b"x"), f.id, f.backend, f.snat);
+    let port = h.forward(
+        "setup",
+        &client_seg(f, wire::SYN, b"x"),
+        f.id,
+        f.backend,
+        f.snat,
+    );
     let other_port = if port == 20000 { 20001 } else { port - 1 };
     let echo = {
         let mut m = vec![8, 0, 0, 0, 0, 1, 0, 1];
         let c = wire::checksum(&m);
         m[2..4].copy_from_slice(&c.to_be_bytes());
-        wire::frame(LB_MAC_B, backend_mac(0), &wire::ip_packet(ip(BACKEND4), ip(SNAT4), 1, 64, 1, &m))
+        wire::frame(
+            LB_MAC_B,
+            backend_mac(0),
+            &wire::ip_packet(ip(BACKEND4), ip(SNAT4), 1, 64, 1, &m),
+        )
     };
     let cases: Vec<(&str, Vec<u8>)> = vec![
-        ("reply to a port with no translation", backend_seg(f, other_port, wire::ACK, b"x").frame(LB_MAC_B, backend_mac(0))),
+        (
+            "reply to a port with no translation",
+            backend_seg(f, other_port, wire::ACK, b"x").frame(LB_MAC_B, backend_mac(0)),
+        ),
         (
             "reply from another backend port",
-            Seg::tcp(sa("10.0.1.11:8081"), SocketAddr::new(f.snat, port), wire::ACK, b"x").frame(LB_MAC_B, backend_mac(0)),
+            Seg::tcp(
+                sa("10.0.1.11:8081"),
+                SocketAddr::new(f.snat, port),
+                wire::ACK,
+                b"x",
+            )
+            .frame(LB_MAC_B, backend_mac(0)),
         ),
         (
             "reply from another host to the translated port",
-            Seg::tcp(sa("10.0.1.99:8080"), SocketAddr::new(f.snat, port), wire::ACK, b"x").frame(LB_MAC_B, backend_mac(0)),
+            Seg::tcp(
+                sa("10.0.1.99:8080"),
+                SocketAddr::new(f.snat, port),
+                wire::ACK,
+                b"x",
+            )
+            .frame(LB_MAC_B, backend_mac(0)),
         ),
         (
             "UDP to a port translated for TCP",
-            Seg::udp(f.backend, SocketAddr::new(f.snat, port), b"x").frame(LB_MAC_B, backend_mac(0)),
+            Seg::udp(f.backend, SocketAddr::new(f.snat, port), b"x")
+                .frame(LB_MAC_B, backend_mac(0)),
         ),
-        ("the host's own traffic (SSH to the SNAT address)", Seg::tcp(sa("10.0.1.11:50000"), sa("10.0.1.1:22"), wire::SYN, b"").frame(LB_MAC_B, backend_mac(0))),
+        (
+            "the host's own traffic (SSH to the SNAT address)",
+            Seg::tcp(sa("10.0.1.11:50000"), sa("10.0.1.1:22"), wire::SYN, b"")
+                .frame(LB_MAC_B, backend_mac(0)),
+        ),
         ("ICMP echo request to the SNAT address", echo),
         (
             "IPv6 reply to a port with no translation",
-            Seg::tcp(sa("[fd00:1::11]:8080"), sa("[fd00:1::1]:20000"), wire::ACK, b"x").frame(LB_MAC_B, backend_mac(2)),
+            Seg::tcp(
+                sa("[fd00:1::11]:8080"),
+                sa("[fd00:1::1]:20000"),
+                wire::ACK,
+                b"x",
+            )
+            .frame(LB_MAC_B, backend_mac(2)),
         ),
     ];
     for (what, input) in &cases {
@@ -742,7 +1095,11 @@ fn replies_matching_no_flow_pass_untouched() {
     h.set_nat_enabled(false);
     let reply = backend_seg(f, port, wire::ACK, b"x").frame(LB_MAC_B, backend_mac(0));
     let (verdict, out) = h.run(&reply);
-    assert_eq!((verdict, &out), (XDP_PASS, &reply), "NAT disabled: reply passes untouched");
+    assert_eq!(
+        (verdict, &out),
+        (XDP_PASS, &reply),
+        "NAT disabled: reply passes untouched"
+    );
     assert_eq!(h.reason(Reason::NatReply), 0);
 }
 
@@ -752,27 +1109,93 @@ fn fin_and_rst_mark_flows_closing() {
     let flows = standard_flows();
     for f in [&flows[0], &flows[2]] {
         // Client closes: FIN forward.
-        let port = h.forward(f.what, &client_seg(f, wire::SYN, b""), f.id, f.backend, f.snat);
-        assert_eq!(h.fwd(f.client, f.vip, f.proto).unwrap().flags & NAT_F_CLOSING, 0);
-        h.forward(f.what, &client_seg(f, wire::FIN | wire::ACK, b""), f.id, f.backend, f.snat);
+        let port = h.forward(
+            f.what,
+            &client_seg(f, wire::SYN, b""),
+            f.id,
+            f.backend,
+            f.snat,
+        );
+        assert_eq!(
+            h.fwd(f.client, f.vip, f.proto).unwrap().flags & NAT_F_CLOSING,
+            0
+        );
+        h.forward(
+            f.what,
+            &client_seg(f, wire::FIN | wire::ACK, b""),
+            f.id,
+            f.backend,
+            f.snat,
+        );
         let fwd = h.fwd(f.client, f.vip, f.proto).unwrap();
-        assert_eq!(fwd.flags & NAT_F_CLOSING, NAT_F_CLOSING, "{}: client FIN sets NAT_F_CLOSING on NAT_FWD: {fwd:?}", f.what);
-        assert_eq!(fwd.timeout_s, CLOSING_TIMEOUT, "{}: client FIN: NAT_FWD timeout becomes the closing timeout", f.what);
+        assert_eq!(
+            fwd.flags & NAT_F_CLOSING,
+            NAT_F_CLOSING,
+            "{}: client FIN sets NAT_F_CLOSING on NAT_FWD: {fwd:?}",
+            f.what
+        );
+        assert_eq!(
+            fwd.timeout_s, CLOSING_TIMEOUT,
+            "{}: client FIN: NAT_FWD timeout becomes the closing timeout",
+            f.what
+        );
         assert_eq!(u16::from_be(fwd.nat_port_be), port);
 
         // Backend resets another flow: RST reverse.
-        let g = Flow { client: SocketAddr::new(f.client.ip(), f.client.port() + 100), ..*f };
-        let port = h.forward(g.what, &client_seg(&g, wire::SYN, b""), g.id, g.backend, g.snat);
-        h.reverse(g.what, &backend_seg(&g, port, wire::RST | wire::ACK, b""), g.id, g.vip, g.client);
-        let rev = h.rev(g.backend, SocketAddr::new(g.snat, port), g.proto).unwrap();
-        assert_eq!(rev.flags & NAT_F_CLOSING, NAT_F_CLOSING, "{}: backend RST sets NAT_F_CLOSING on NAT_REV: {rev:?}", g.what);
+        let g = Flow {
+            client: SocketAddr::new(f.client.ip(), f.client.port() + 100),
+            ..*f
+        };
+        let port = h.forward(
+            g.what,
+            &client_seg(&g, wire::SYN, b""),
+            g.id,
+            g.backend,
+            g.snat,
+        );
+        h.reverse(
+            g.what,
+            &backend_seg(&g, port, wire::RST | wire::ACK, b""),
+            g.id,
+            g.vip,
+            g.client,
+        );
+        let rev = h
+            .rev(g.backend, SocketAddr::new(g.snat, port), g.proto)
+            .unwrap();
+        assert_eq!(
+            rev.flags & NAT_F_CLOSING,
+            NAT_F_CLOSING,
+            "{}: backend RST sets NAT_F_CLOSING on NAT_REV: {rev:?}",
+            g.what
+        );
 
         // Client RST on a third flow.
-        let k = Flow { client: SocketAddr::new(f.client.ip(), f.client.port() + 200), ..*f };
-        h.forward(k.what, &client_seg(&k, wire::SYN, b""), k.id, k.backend, k.snat);
-        h.forward(k.what, &client_seg(&k, wire::RST, b""), k.id, k.backend, k.snat);
+        let k = Flow {
+            client: SocketAddr::new(f.client.ip(), f.client.port() + 200),
+            ..*f
+        };
+        h.forward(
+            k.what,
+            &client_seg(&k, wire::SYN, b""),
+            k.id,
+            k.backend,
+            k.snat,
+        );
+        h.forward(
+            k.what,
+            &client_seg(&k, wire::RST, b""),
+            k.id,
+            k.backend,
+            k.snat,
+        );
         let fwd = h.fwd(k.client, k.vip, k.proto).unwrap();
-        assert_eq!((fwd.flags & NAT_F_CLOSING, fwd.timeout_s), (NAT_F_CLOSING, CLOSING_TIMEOUT), "{}: client RST: {fwd:?}", k.what);
+        assert_eq!(
+            (fwd.flags & NAT_F_CLOSING, fwd.timeout_s),
+            (NAT_F_CLOSING, CLOSING_TIMEOUT),
+            "{}: client RST: {fwd:?}",
+            k.what
+        );
     }
 }
 
@@ -784,21 +1207,69 @@ fn fin_and_rst_mark_flows_closing() {
 fn a_closed_flows_port_is_reused_after_the_closing_timeout() {
     let mut h = Harness::new();
     h.set_backend(0, 0, BACKEND4, 8080, SNAT4);
-    h.set_service(0, VIP4, 80, PROTO_TCP, &[0], (31000, 1), Timeouts { tcp: 3600, closing: 1, udp: 60 });
+    h.set_service(
+        0,
+        VIP4,
+        80,
+        PROTO_TCP,
+        &[0],
+        (31000, 1),
+        Timeouts {
+            tcp: 3600,
+            closing: 1,
+            udp: 60,
+        },
+    );
     let be = sa("10.0.1.11:8080");
     let vip = sa("10.0.100.1:80");
     let a = sa("10.0.0.1:40000");
     let b = sa("10.0.0.2:40000");
-    assert_eq!(h.forward("first client", &Seg::tcp(a, vip, wire::SYN, b""), 0, be, ip(SNAT4)), 31000);
-    h.reverse("first client", &Seg::tcp(be, sa("10.0.1.1:31000"), wire::SYN | wire::ACK, b""), 0, vip, a);
+    assert_eq!(
+        h.forward(
+            "first client",
+            &Seg::tcp(a, vip, wire::SYN, b""),
+            0,
+            be,
+            ip(SNAT4)
+        ),
+        31000
+    );
+    h.reverse(
+        "first client",
+        &Seg::tcp(be, sa("10.0.1.1:31000"), wire::SYN | wire::ACK, b""),
+        0,
+        vip,
+        a,
+    );
     // Both sides close.
-    h.forward("first client", &Seg::tcp(a, vip, wire::FIN | wire::ACK, b""), 0, be, ip(SNAT4));
-    h.reverse("first client", &Seg::tcp(be, sa("10.0.1.1:31000"), wire::FIN | wire::ACK, b""), 0, vip, a);
-    h.forward("first client", &Seg::tcp(a, vip, wire::ACK, b""), 0, be, ip(SNAT4));
+    h.forward(
+        "first client",
+        &Seg::tcp(a, vip, wire::FIN | wire::ACK, b""),
+        0,
+        be,
+        ip(SNAT4),
+    );
+    h.reverse(
+        "first client",
+        &Seg::tcp(be, sa("10.0.1.1:31000"), wire::FIN | wire::ACK, b""),
+        0,
+        vip,
+        a,
+    );
+    h.forward(
+        "first client",
+        &Seg::tcp(a, vip, wire::ACK, b""),
+        0,
+        be,
+        ip(SNAT4),
+    );
 
     // While the closed flow is within its closing timeout, the port is taken.
     let (verdict, _) = h.run(&Seg::tcp(b, vip, wire::SYN, b"").frame(LB_MAC_A, CLIENT_MAC));
-    assert_eq!(verdict, XDP_DROP, "the only port is still held by the closing flow");
+    assert_eq!(
+        verdict, XDP_DROP,
+        "the only port is still held by the closing flow"
+    );
     assert_eq!(h.reason(Reason::DropNatFull), 1);
 
     std::thread::sleep(Duration::from_millis(1500));
@@ -812,8 +1283,23 @@ fn a_closed_flows_port_is_reused_after_the_closing_timeout() {
         h.fwd(a, vip, PROTO_TCP),
         wire::hex(&out)
     );
-    assert_eq!(h.forward("second client", &Seg::tcp(b, vip, wire::ACK, b""), 0, be, ip(SNAT4)), 31000);
-    h.reverse("reply now goes to the second client", &Seg::tcp(be, sa("10.0.1.1:31000"), wire::ACK, b""), 0, vip, b);
+    assert_eq!(
+        h.forward(
+            "second client",
+            &Seg::tcp(b, vip, wire::ACK, b""),
+            0,
+            be,
+            ip(SNAT4)
+        ),
+        31000
+    );
+    h.reverse(
+        "reply now goes to the second client",
+        &Seg::tcp(be, sa("10.0.1.1:31000"), wire::ACK, b""),
+        0,
+        vip,
+        b,
+    );
 }
 
 /// An idle UDP flow's port is reclaimed for a new flow after the UDP
@@ -822,20 +1308,59 @@ fn a_closed_flows_port_is_reused_after_the_closing_timeout() {
 fn an_idle_udp_flows_port_is_reclaimed() {
     let mut h = Harness::new();
     h.set_backend(0, 0, BACKEND4, 5353, SNAT4);
-    h.set_service(0, VIP4, 53, PROTO_UDP, &[0], (32000, 1), Timeouts { tcp: 3600, closing: 10, udp: 1 });
+    h.set_service(
+        0,
+        VIP4,
+        53,
+        PROTO_UDP,
+        &[0],
+        (32000, 1),
+        Timeouts {
+            tcp: 3600,
+            closing: 10,
+            udp: 1,
+        },
+    );
     let be = sa("10.0.1.11:5353");
     let vip = sa("10.0.100.1:53");
     let a = sa("10.0.0.1:5000");
     let b = sa("10.0.0.2:5000");
-    assert_eq!(h.forward("first client", &Seg::udp(a, vip, b"q"), 0, be, ip(SNAT4)), 32000);
+    assert_eq!(
+        h.forward("first client", &Seg::udp(a, vip, b"q"), 0, be, ip(SNAT4)),
+        32000
+    );
     let (verdict, _) = h.run(&Seg::udp(b, vip, b"q").frame(LB_MAC_A, CLIENT_MAC));
     assert_eq!(verdict, XDP_DROP, "port held by a live flow");
     std::thread::sleep(Duration::from_millis(1500));
-    assert_eq!(h.forward("second client after the timeout", &Seg::udp(b, vip, b"q"), 0, be, ip(SNAT4)), 32000);
-    h.reverse("reply goes to the second client", &Seg::udp(be, sa("10.0.1.1:32000"), b"a"), 0, vip, b);
+    assert_eq!(
+        h.forward(
+            "second client after the timeout",
+            &Seg::udp(b, vip, b"q"),
+            0,
+            be,
+            ip(SNAT4)
+        ),
+        32000
+    );
+    h.reverse(
+        "reply goes to the second client",
+        &Seg::udp(be, sa("10.0.1.1:32000"), b"a"),
+        0,
+        vip,
+        b,
+    );
     let (verdict, _) = h.run(&Seg::udp(a, vip, b"q").frame(LB_MAC_A, CLIENT_MAC));
-    assert_eq!(verdict, XDP_DROP, "the expired first flow cannot take the port back while the second uses it");
-    h.reverse("reply still goes to the second client", &Seg::udp(be, sa("10.0.1.1:32000"), b"a"), 0, vip, b);
+    assert_eq!(
+        verdict, XDP_DROP,
+        "the expired first flow cannot take the port back while the second uses it"
+    );
+    h.reverse(
+        "reply still goes to the second client",
+        &Seg::udp(be, sa("10.0.1.1:32000"), b"a"),
+        0,
+        vip,
+        b,
+    );
     assert_eq!(h.reason(Reason::DropNatFull), 2);
 }
 
@@ -847,14 +1372,38 @@ fn an_idle_udp_flows_port_is_reclaimed() {
 fn a_one_way_udp_flow_that_keeps_sending_keeps_its_port() {
     let mut h = Harness::new();
     h.set_backend(0, 0, BACKEND4, 5353, SNAT4);
-    h.set_service(0, VIP4, 53, PROTO_UDP, &[0], (32000, 1), Timeouts { tcp: 3600, closing: 10, udp: 1 });
+    h.set_service(
+        0,
+        VIP4,
+        53,
+        PROTO_UDP,
+        &[0],
+        (32000, 1),
+        Timeouts {
+            tcp: 3600,
+            closing: 10,
+            udp: 1,
+        },
+    );
     let be = sa("10.0.1.11:5353");
     let vip = sa("10.0.100.1:53");
     let a = sa("10.0.0.1:5000");
     let b = sa("10.0.0.2:5000");
-    assert_eq!(h.forward("one-way client", &Seg::udp(a, vip, b"m1"), 0, be, ip(SNAT4)), 32000);
+    assert_eq!(
+        h.forward("one-way client", &Seg::udp(a, vip, b"m1"), 0, be, ip(SNAT4)),
+        32000
+    );
     std::thread::sleep(Duration::from_millis(600));
-    assert_eq!(h.forward("one-way client, 0.6 s later", &Seg::udp(a, vip, b"m2"), 0, be, ip(SNAT4)), 32000);
+    assert_eq!(
+        h.forward(
+            "one-way client, 0.6 s later",
+            &Seg::udp(a, vip, b"m2"),
+            0,
+            be,
+            ip(SNAT4)
+        ),
+        32000
+    );
     std::thread::sleep(Duration::from_millis(600));
     // 1.2 s after the reply entry was written, 0.6 s after the flow's last packet.
     let (verdict, out) = h.run(&Seg::udp(b, vip, b"q").frame(LB_MAC_A, CLIENT_MAC));
@@ -866,36 +1415,96 @@ fn a_one_way_udp_flow_that_keeps_sending_keeps_its_port() {
         h.rev(be, sa("10.0.1.1:32000"), PROTO_UDP),
         wire::hex(&out)
     );
-    assert_eq!(h.forward("one-way client goes on", &Seg::udp(a, vip, b"m3"), 0, be, ip(SNAT4)), 32000);
-    h.reverse("a late answer reaches the one-way client", &Seg::udp(be, sa("10.0.1.1:32000"), b"a"), 0, vip, a);
+    assert_eq!(
+        h.forward(
+            "one-way client goes on",
+            &Seg::udp(a, vip, b"m3"),
+            0,
+            be,
+            ip(SNAT4)
+        ),
+        32000
+    );
+    h.reverse(
+        "a late answer reaches the one-way client",
+        &Seg::udp(be, sa("10.0.1.1:32000"), b"a"),
+        0,
+        vip,
+        a,
+    );
 }
 
 #[test]
 fn a_full_port_range_drops_new_flows_and_keeps_old_ones() {
     let mut h = Harness::new();
     h.set_backend(0, 0, "10.0.1.12", 8080, SNAT4);
-    h.set_service(0, "10.0.100.2", 80, PROTO_TCP, &[0], (30000, 2), DEFAULT_TIMEOUTS);
+    h.set_service(
+        0,
+        "10.0.100.2",
+        80,
+        PROTO_TCP,
+        &[0],
+        (30000, 2),
+        DEFAULT_TIMEOUTS,
+    );
     let be = sa("10.0.1.12:8080");
     let vip = sa("10.0.100.2:80");
-    let clients = [sa("10.0.0.1:40000"), sa("10.0.0.2:40000"), sa("10.0.0.3:40000")];
-    let p1 = h.forward("client 1", &Seg::tcp(clients[0], vip, wire::SYN, b""), 0, be, ip(SNAT4));
-    let p2 = h.forward("client 2", &Seg::tcp(clients[1], vip, wire::SYN, b""), 0, be, ip(SNAT4));
+    let clients = [
+        sa("10.0.0.1:40000"),
+        sa("10.0.0.2:40000"),
+        sa("10.0.0.3:40000"),
+    ];
+    let p1 = h.forward(
+        "client 1",
+        &Seg::tcp(clients[0], vip, wire::SYN, b""),
+        0,
+        be,
+        ip(SNAT4),
+    );
+    let p2 = h.forward(
+        "client 2",
+        &Seg::tcp(clients[1], vip, wire::SYN, b""),
+        0,
+        be,
+        ip(SNAT4),
+    );
     let mut ports = [p1, p2];
     ports.sort();
     assert_eq!(ports, [30000, 30001], "two flows, two ports of the range");
 
     let input = Seg::tcp(clients[2], vip, wire::SYN, b"").frame(LB_MAC_A, CLIENT_MAC);
     let (verdict, _) = h.run(&input);
-    assert_eq!(verdict, XDP_DROP, "third client: no free port, the packet is dropped (not passed to the kernel)");
+    assert_eq!(
+        verdict, XDP_DROP,
+        "third client: no free port, the packet is dropped (not passed to the kernel)"
+    );
     assert_eq!(h.reason(Reason::DropNatFull), 1, "drop_nat_full");
-    assert!(h.fwd(clients[2], vip, PROTO_TCP).is_none(), "no NAT_FWD entry for the refused flow");
+    assert!(
+        h.fwd(clients[2], vip, PROTO_TCP).is_none(),
+        "no NAT_FWD entry for the refused flow"
+    );
     let rev_entries = h.nat_rev.keys().filter_map(Result::ok).count();
     assert_eq!(rev_entries, 2, "NAT_REV holds the two flows only");
 
     // The first two still translate, both ways, on their ports.
     for (client, port) in clients[..2].iter().zip([p1, p2]) {
-        assert_eq!(h.forward("established", &Seg::tcp(*client, vip, wire::ACK, b"more"), 0, be, ip(SNAT4)), port);
-        h.reverse("established reply", &Seg::tcp(be, SocketAddr::new(ip(SNAT4), port), wire::ACK, b"ok"), 0, vip, *client);
+        assert_eq!(
+            h.forward(
+                "established",
+                &Seg::tcp(*client, vip, wire::ACK, b"more"),
+                0,
+                be,
+                ip(SNAT4)
+            ),
+            port
+        );
+        h.reverse(
+            "established reply",
+            &Seg::tcp(be, SocketAddr::new(ip(SNAT4), port), wire::ACK, b"ok"),
+            0,
+            vip,
+            *client,
+        );
     }
     assert_eq!(h.reason(Reason::NatNew), 2);
     assert_eq!(h.reason(Reason::DropNatFull), 1);
@@ -1028,21 +1637,49 @@ fn icmp_errors_about_translated_flows_are_translated_back() {
         // of the forward run (already checked byte for byte).
         let (_, sent) = h.run(&seg.frame(LB_MAC_A, CLIENT_MAC));
         let sent_ip = &sent[14..];
-        let router = if f.snat.is_ipv4() { ip(ROUTER4) } else { ip(ROUTER6) };
+        let router = if f.snat.is_ipv4() {
+            ip(ROUTER4)
+        } else {
+            ip(ROUTER6)
+        };
         let (t, code, rest) = c.icmp;
-        let error = wire::icmp_error(router, f.snat, t, code, rest, &wire::quote(sent_ip, c.quote_max, c.decrement));
+        let error = wire::icmp_error(
+            router,
+            f.snat,
+            t,
+            code,
+            rest,
+            &wire::quote(sent_ip, c.quote_max, c.decrement),
+        );
         let input = wire::frame(LB_MAC_B, ROUTER_MAC, &error);
 
         let (verdict, out) = h.run(&input);
-        assert_eq!(verdict, XDP_TX, "{}: verdict (output:\n{})", c.what, wire::hex(&out));
+        assert_eq!(
+            verdict,
+            XDP_TX,
+            "{}: verdict (output:\n{})",
+            c.what,
+            wire::hex(&out)
+        );
         // Expected: from the VIP to the client, quoting the client's own
         // packet (as the router would have quoted it had there been no NAT).
         let original = seg.ip();
-        let expected_ip =
-            wire::icmp_error(f.vip.ip(), client.ip(), t, code, rest, &wire::quote(&original, c.quote_max, c.decrement));
+        let expected_ip = wire::icmp_error(
+            f.vip.ip(),
+            client.ip(),
+            t,
+            code,
+            rest,
+            &wire::quote(&original, c.quote_max, c.decrement),
+        );
         // The router's TTL and IP id are kept on the outer header.
         let expected = wire::frame(CLIENT_MAC, LB_MAC_A, &expected_ip);
-        assert_eq!(wire::hex(&out), wire::hex(&expected), "{}: output frame (translated port {port})", c.what);
+        assert_eq!(
+            wire::hex(&out),
+            wire::hex(&expected),
+            "{}: output frame (translated port {port})",
+            c.what
+        );
         let checks = verify(c.what, &out);
         assert_eq!(checks, c.checks, "{}: checksums verified", c.what);
     }
@@ -1056,7 +1693,12 @@ fn icmp_not_about_a_translated_flow_passes_untouched() {
     let f = &flows[0];
     let seg = client_seg(f, wire::ACK, b"x");
     let port = h.forward("setup", &seg, f.id, f.backend, f.snat);
-    let unknown = Seg::tcp(SocketAddr::new(f.snat, if port == 20000 { 20001 } else { port - 1 }), f.backend, wire::ACK, b"x");
+    let unknown = Seg::tcp(
+        SocketAddr::new(f.snat, if port == 20000 { 20001 } else { port - 1 }),
+        f.backend,
+        wire::ACK,
+        b"x",
+    );
     let cases = vec![
         (
             "frag needed about a port with no translation",
@@ -1064,11 +1706,31 @@ fn icmp_not_about_a_translated_flow_passes_untouched() {
         ),
         (
             "frag needed about the lb's own traffic to another host",
-            wire::icmp_error(ip(ROUTER4), ip(SNAT4), 3, 4, [0, 0, 5, 0x78], &Seg::tcp(sa("10.0.1.1:33000"), sa("10.0.9.9:443"), wire::ACK, b"x").ip()),
+            wire::icmp_error(
+                ip(ROUTER4),
+                ip(SNAT4),
+                3,
+                4,
+                [0, 0, 5, 0x78],
+                &Seg::tcp(sa("10.0.1.1:33000"), sa("10.0.9.9:443"), wire::ACK, b"x").ip(),
+            ),
         ),
         (
             "ICMPv6 packet too big about a port with no translation",
-            wire::icmp_error(ip(ROUTER6), ip(SNAT6), 2, 0, [0, 0, 5, 0], &Seg::tcp(sa("[fd00:1::1]:20000"), sa("[fd00:1::11]:8080"), wire::ACK, b"x").ip()),
+            wire::icmp_error(
+                ip(ROUTER6),
+                ip(SNAT6),
+                2,
+                0,
+                [0, 0, 5, 0],
+                &Seg::tcp(
+                    sa("[fd00:1::1]:20000"),
+                    sa("[fd00:1::11]:8080"),
+                    wire::ACK,
+                    b"x",
+                )
+                .ip(),
+            ),
         ),
         ("ICMPv6 echo request (not an error)", {
             let mut m = vec![128, 0, 0, 0, 0, 1, 0, 1];
@@ -1093,7 +1755,15 @@ fn nat_flows_go_to_the_backend_userspace_predicts() {
     for (i, b) in backends.iter().enumerate() {
         h.set_backend(i as u32, 0, b, 8080, SNAT4);
     }
-    h.set_service(0, VIP4, 80, PROTO_TCP, &[0, 1, 2], (20000, 40000), DEFAULT_TIMEOUTS);
+    h.set_service(
+        0,
+        VIP4,
+        80,
+        PROTO_TCP,
+        &[0, 1, 2],
+        (20000, 40000),
+        DEFAULT_TIMEOUTS,
+    );
     let vip = sa("10.0.100.1:80");
     let mut used = [0u32; 3];
     for port in 20000..20090u16 {
@@ -1102,10 +1772,19 @@ fn nat_flows_go_to_the_backend_userspace_predicts() {
         let id = expected.backend_id;
         let be = SocketAddr::new(ip(backends[id as usize]), 8080);
         assert_eq!(expected.backend, be);
-        h.forward("Maglev pick", &Seg::tcp(client, vip, wire::SYN, b""), id, be, ip(SNAT4));
+        h.forward(
+            "Maglev pick",
+            &Seg::tcp(client, vip, wire::SYN, b""),
+            id,
+            be,
+            ip(SNAT4),
+        );
         used[id as usize] += 1;
     }
-    assert!(used.iter().all(|&n| n > 15), "90 flows over 3 backends: {used:?}");
+    assert!(
+        used.iter().all(|&n| n > 15),
+        "90 flows over 3 backends: {used:?}"
+    );
     // Ports are distinct per backend (reply keys are unique).
     let rev: Vec<(FlowKey, NatRev)> = h.nat_rev.iter().filter_map(Result::ok).collect();
     assert_eq!(rev.len(), 90);
@@ -1127,5 +1806,8 @@ fn verify_rejects_a_bad_checksum() {
     assert_eq!(verify("udp6", &udp6), ["UDP"]);
     let mut bad = udp6.clone();
     bad[14 + 8] ^= 0x80; // source address
-    assert!(std::panic::catch_unwind(|| verify("udp6", &bad)).is_err(), "pseudo-header not covered");
+    assert!(
+        std::panic::catch_unwind(|| verify("udp6", &bad)).is_err(),
+        "pseudo-header not covered"
+    );
 }

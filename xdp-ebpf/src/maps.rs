@@ -7,8 +7,8 @@ use aya_ebpf::{
     maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
 };
 use xdp_common::{
-    Backend, Counters, Flow, FlowKey, Globals, NatFwd, NatRev, Service, ServiceKey, MAGLEV_SLOTS, MAX_BACKENDS,
-    MAX_FLOWS, MAX_NAT_FLOWS, MAX_SERVICES, MAX_TX_PORTS, REASON_COUNT,
+    Backend, Counters, Flow, FlowKey, Globals, NatFwd, NatRev, Service, ServiceKey, MAGLEV_SLOTS,
+    MAX_BACKENDS, MAX_FLOWS, MAX_NAT_FLOWS, MAX_SERVICES, MAX_TX_PORTS, REASON_COUNT,
 };
 
 /// BPF_F_NO_COMMON_LRU: one LRU list per CPU, so CPUs never contend on a

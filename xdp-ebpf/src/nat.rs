@@ -8,8 +8,8 @@
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_coarse_ns, programs::XdpContext};
 use network_types::eth::EthHdr;
 use xdp_common::{
-    hash::flow_hash, Backend, FlowKey, NatFwd, NatRev, Reason, Service, ServiceKey, BACKEND_ACTIVE, BACKEND_DRAINING,
-    NAT_F_CLOSING, NAT_PORT_TRIES, PROTO_TCP, PROTO_UDP,
+    hash::flow_hash, Backend, FlowKey, NatFwd, NatRev, Reason, Service, ServiceKey, BACKEND_ACTIVE,
+    BACKEND_DRAINING, NAT_F_CLOSING, NAT_PORT_TRIES, PROTO_TCP, PROTO_UDP,
 };
 
 use crate::{
@@ -60,7 +60,9 @@ pub fn forward(ctx: &XdpContext, p: &Packet, service: &Service) -> Result<u32, R
     if let Some(f) = NAT_FWD.get_ptr_mut(key) {
         // SAFETY: valid for this run; only this flow's packets write it.
         let f = unsafe { &mut *f };
-        let live = BACKENDS.get(f.backend).filter(|b| b.state == BACKEND_ACTIVE || b.state == BACKEND_DRAINING);
+        let live = BACKENDS
+            .get(f.backend)
+            .filter(|b| b.state == BACKEND_ACTIVE || b.state == BACKEND_DRAINING);
         match live {
             Some(backend) if !expired(f.last_seen_ns, f.timeout_s, now) => {
                 f.last_seen_ns = now;
@@ -69,7 +71,9 @@ pub fn forward(ctx: &XdpContext, p: &Packet, service: &Service) -> Result<u32, R
                     f.timeout_s = service.nat_closing_timeout;
                     // Both directions close together (FIN/RST are rare: the
                     // extra look-up is not on the common path).
-                    if let Some(r) = NAT_REV.get_ptr_mut(&reply_key(backend, f.nat_port_be, key.proto)) {
+                    if let Some(r) =
+                        NAT_REV.get_ptr_mut(&reply_key(backend, f.nat_port_be, key.proto))
+                    {
                         close_rev(unsafe { &mut *r }, service.nat_closing_timeout);
                     }
                 }
@@ -113,14 +117,23 @@ fn close_rev(r: &mut NatRev, timeout_s: u32) {
 /// The client-side key of the flow a reply entry belongs to.
 #[inline(always)]
 fn client_key(r: &NatRev, proto: u8) -> FlowKey {
-    FlowKey { src: r.client, dst: r.vip, sport_be: r.client_port_be, dport_be: r.vip_port_be, proto, _pad: [0; 3] }
+    FlowKey {
+        src: r.client,
+        dst: r.vip,
+        sport_be: r.client_port_be,
+        dport_be: r.vip_port_be,
+        proto,
+        _pad: [0; 3],
+    }
 }
 
 /// Removes the reply entry of a flow's previous translation, if it is
 /// still this flow's (its port may have been reclaimed by another flow).
 #[inline(always)]
 fn release(key: &FlowKey, backend_id: u32, port_be: u16) {
-    let Some(backend) = BACKENDS.get(backend_id) else { return };
+    let Some(backend) = BACKENDS.get(backend_id) else {
+        return;
+    };
     let rk = reply_key(backend, port_be, key.proto);
     if let Some(r) = NAT_REV.get_ptr(&rk) {
         // SAFETY: valid for this run.
@@ -135,7 +148,13 @@ fn release(key: &FlowKey, backend_id: u32, port_be: u16) {
 /// timeout), and records the reply entry. A few tries, starting at a
 /// flow-hash-chosen port, so no per-CPU pool or lock is needed.
 #[inline(always)]
-fn allocate(ctx: &XdpContext, p: &Packet, service: &Service, backend: &Backend, now: u64) -> Result<u16, Reason> {
+fn allocate(
+    ctx: &XdpContext,
+    p: &Packet,
+    service: &Service,
+    backend: &Backend,
+    now: u64,
+) -> Result<u16, Reason> {
     let key = &p.key;
     let eth: *const EthHdr = ptr_at(ctx, 0).ok_or(Reason::PassMalformed)?;
     // SAFETY: bounds checked.
@@ -162,7 +181,10 @@ fn allocate(ctx: &XdpContext, p: &Packet, service: &Service, backend: &Backend, 
     let mut i = 0;
     while i < NAT_PORT_TRIES {
         // Odd stride: successive tries land on different ports.
-        let port = service.nat_port_base.wrapping_add((start.wrapping_add(i * 7919) % count_ports) as u16).to_be();
+        let port = service
+            .nat_port_base
+            .wrapping_add((start.wrapping_add(i * 7919) % count_ports) as u16)
+            .to_be();
         let rk = reply_key(backend, port, key.proto);
         if NAT_REV.insert(&rk, &rev, u64::from(BPF_NOEXIST)).is_ok() {
             return Ok(port);
@@ -175,7 +197,10 @@ fn allocate(ctx: &XdpContext, p: &Packet, service: &Service, backend: &Backend, 
             let partner_idle = NAT_FWD
                 .get_ptr(&client_key(old, key.proto))
                 .is_none_or(|f| unsafe { expired((*f).last_seen_ns, (*f).timeout_s, now) });
-            if expired(old.last_seen_ns, old.timeout_s, now) && partner_idle && NAT_REV.insert(&rk, &rev, 0).is_ok() {
+            if expired(old.last_seen_ns, old.timeout_s, now)
+                && partner_idle
+                && NAT_REV.insert(&rk, &rev, 0).is_ok()
+            {
                 return Ok(port);
             }
         }
@@ -185,13 +210,27 @@ fn allocate(ctx: &XdpContext, p: &Packet, service: &Service, backend: &Backend, 
 }
 
 #[inline(always)]
-fn send_forward(ctx: &XdpContext, p: &Packet, id: u32, service: &Service, backend: &Backend, port_be: u16) -> Result<u32, Reason> {
+fn send_forward(
+    ctx: &XdpContext,
+    p: &Packet,
+    id: u32,
+    service: &Service,
+    backend: &Backend,
+    port_be: u16,
+) -> Result<u32, Reason> {
     // Checked before anything is rewritten: an unresolved next hop hands
     // the untouched packet to the kernel.
     if backend.dst_mac == [0; 6] {
         return Err(Reason::PassNoNeigh);
     }
-    rewrite(ctx, p, &backend.snat_addr, port_be, &backend.addr, backend.port_be)?;
+    rewrite(
+        ctx,
+        p,
+        &backend.snat_addr,
+        port_be,
+        &backend.addr,
+        backend.port_be,
+    )?;
     let verdict = forward::dsr(ctx, backend)?;
     stats::count_forwarded(service.id, id, (ctx.data_end() - ctx.data()) as u64);
     Ok(verdict)
@@ -221,9 +260,16 @@ pub fn reverse(ctx: &XdpContext, p: &Packet) -> Result<u32, Reason> {
 /// service's closing timeout.
 #[inline(always)]
 fn close_both(r: &mut NatRev, proto: u8) {
-    let skey = ServiceKey { addr: r.vip, port_be: r.vip_port_be, proto, _pad: 0 };
+    let skey = ServiceKey {
+        addr: r.vip,
+        port_be: r.vip_port_be,
+        proto,
+        _pad: 0,
+    };
     // SAFETY: service values are replaced whole, never written in place.
-    let Some(service) = (unsafe { SERVICES.get(&skey) }) else { return };
+    let Some(service) = (unsafe { SERVICES.get(&skey) }) else {
+        return;
+    };
     close_rev(r, service.nat_closing_timeout);
     if let Some(f) = NAT_FWD.get_ptr_mut(&client_key(r, proto)) {
         // SAFETY: valid for this run.
@@ -285,7 +331,14 @@ fn write_u16(ctx: &XdpContext, off: usize, v: u16) -> Result<(), Reason> {
 /// Rewrites addresses and ports of a TCP/UDP packet and updates the IPv4
 /// header checksum and the L4 checksum (pseudo-header included).
 #[inline(always)]
-fn rewrite(ctx: &XdpContext, p: &Packet, src: &[u32; 4], sport: u16, dst: &[u32; 4], dport: u16) -> Result<(), Reason> {
+fn rewrite(
+    ctx: &XdpContext,
+    p: &Packet,
+    src: &[u32; 4],
+    sport: u16,
+    dst: &[u32; 4],
+    dport: u16,
+) -> Result<(), Reason> {
     let k = &p.key;
     let v6 = p.ipv6;
     let mut addrs = Diff::default();
@@ -327,7 +380,11 @@ fn icmp_error(ctx: &XdpContext, p: &Packet) -> Result<u32, Reason> {
     let v6 = p.ipv6;
     let icmp_type: *const u8 = ptr_at(ctx, p.l4).ok_or(Reason::PassMalformed)?;
     let t = unsafe { *icmp_type };
-    let is_error = if v6 { t == 1 || t == 2 || t == 3 } else { t == 3 || t == 11 };
+    let is_error = if v6 {
+        t == 1 || t == 2 || t == 3
+    } else {
+        t == 3 || t == 11
+    };
     if !is_error {
         return Err(Reason::PassNotService);
     }
@@ -343,7 +400,12 @@ fn icmp_error(ctx: &XdpContext, p: &Packet) -> Result<u32, Reason> {
             return Err(Reason::PassNotService);
         }
         let proto: *const u8 = ptr_at(ctx, inner_l3 + 9).ok_or(Reason::PassNotService)?;
-        (inner_l3 + ihl, unsafe { *proto }, inner_l3 + 12, inner_l3 + 16)
+        (
+            inner_l3 + ihl,
+            unsafe { *proto },
+            inner_l3 + 12,
+            inner_l3 + 16,
+        )
     };
     if inner_proto != PROTO_TCP && inner_proto != PROTO_UDP {
         return Err(Reason::PassNotService);
@@ -355,7 +417,14 @@ fn icmp_error(ctx: &XdpContext, p: &Packet) -> Result<u32, Reason> {
     let ports: *const [u16; 2] = ptr_at(ctx, inner_l4).ok_or(Reason::PassNotService)?;
     let [inner_sport, inner_dport] = unsafe { core::ptr::read_unaligned(ports) };
     // The reply key: as the backend would answer the quoted packet.
-    let rk = FlowKey { src: inner_dst, dst: inner_src, sport_be: inner_dport, dport_be: inner_sport, proto: inner_proto, _pad: [0; 3] };
+    let rk = FlowKey {
+        src: inner_dst,
+        dst: inner_src,
+        sport_be: inner_dport,
+        dport_be: inner_sport,
+        proto: inner_proto,
+        _pad: [0; 3],
+    };
     let r = NAT_REV.get_ptr(&rk).ok_or(Reason::PassNotService)?;
     // SAFETY: valid for this run.
     let r = unsafe { &*r };
@@ -381,7 +450,11 @@ fn icmp_error(ctx: &XdpContext, p: &Packet) -> Result<u32, Reason> {
         icmp.u16(old, new);
     }
     // The quoted L4 checksum, when the quote reaches it.
-    let check_off = if inner_proto == PROTO_TCP { inner_l4 + 16 } else { inner_l4 + 6 };
+    let check_off = if inner_proto == PROTO_TCP {
+        inner_l4 + 16
+    } else {
+        inner_l4 + 6
+    };
     if let Ok(old) = read_u16(ctx, check_off) {
         if old != 0 || v6 || inner_proto == PROTO_TCP {
             let mut new = inner_l4_diff.apply(old);
@@ -420,7 +493,9 @@ fn read_addr(ctx: &XdpContext, off: usize, out: &mut [u32; 4], v6: bool) -> Resu
         *out = unsafe { core::ptr::read_unaligned(a) };
     } else {
         let a: *const u32 = ptr_at(ctx, off).ok_or(Reason::PassNotService)?;
-        *out = [0, 0, u32::from_be(0x0000_ffff), unsafe { core::ptr::read_unaligned(a) }];
+        *out = [0, 0, u32::from_be(0x0000_ffff), unsafe {
+            core::ptr::read_unaligned(a)
+        }];
     }
     Ok(())
 }

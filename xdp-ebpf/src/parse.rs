@@ -28,7 +28,10 @@ const IP_OFFSET: u16 = 0x1fff;
 /// options, mobility, HIP, shim6 and the two experimental values.
 #[inline(always)]
 fn is_ipv6_ext(next: u8) -> bool {
-    matches!(next, 0 | 43 | 44 | 50 | 51 | 60 | 135 | 139 | 140 | 253 | 254)
+    matches!(
+        next,
+        0 | 43 | 44 | 50 | 51 | 60 | 135 | 139 | 140 | 253 | 254
+    )
 }
 
 /// Returns a pointer to a `T` at `offset` into the frame, or `None` when the
@@ -145,12 +148,28 @@ pub fn parse(ctx: &XdpContext) -> Result<Packet, Reason> {
             fin_or_rst = flags & (TCP_FIN | TCP_RST) != 0;
             tcp.cast()
         }
-        PROTO_UDP => ptr_at::<UdpHdr>(ctx, l4).ok_or(Reason::PassMalformed)?.cast(),
+        PROTO_UDP => ptr_at::<UdpHdr>(ctx, l4)
+            .ok_or(Reason::PassMalformed)?
+            .cast(),
         // ICMP: no ports; the caller decides whether it is a NAT error.
-        _ => return Ok(Packet { key, l3, l4, ipv6, fin_or_rst }),
+        _ => {
+            return Ok(Packet {
+                key,
+                l3,
+                l4,
+                ipv6,
+                fin_or_rst,
+            })
+        }
     };
     let ports = unsafe { core::ptr::read_unaligned(ports) };
     key.sport_be = ports[0];
     key.dport_be = ports[1];
-    Ok(Packet { key, l3, l4, ipv6, fin_or_rst })
+    Ok(Packet {
+        key,
+        l3,
+        l4,
+        ipv6,
+        fin_or_rst,
+    })
 }

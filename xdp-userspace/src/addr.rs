@@ -12,7 +12,9 @@ pub fn to_words(addr: IpAddr) -> [u32; 4] {
         IpAddr::V6(v6) => v6,
     };
     let b = v6.octets();
-    core::array::from_fn(|i| u32::from_ne_bytes([b[4 * i], b[4 * i + 1], b[4 * i + 2], b[4 * i + 3]]))
+    core::array::from_fn(|i| {
+        u32::from_ne_bytes([b[4 * i], b[4 * i + 1], b[4 * i + 2], b[4 * i + 3]])
+    })
 }
 
 /// The inverse of [`to_words`]; IPv4-mapped addresses come back as IPv4.
@@ -30,7 +32,12 @@ pub fn from_words(words: [u32; 4]) -> IpAddr {
 
 /// The map key of the service at `vip:port` over `proto`.
 pub fn service_key(vip: IpAddr, port: u16, proto: u8) -> ServiceKey {
-    ServiceKey { addr: to_words(vip), port_be: port.to_be(), proto, _pad: 0 }
+    ServiceKey {
+        addr: to_words(vip),
+        port_be: port.to_be(),
+        proto,
+        _pad: 0,
+    }
 }
 
 /// The flow-table key of a packet from `src` to `dst` over `proto`.

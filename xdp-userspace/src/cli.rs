@@ -23,7 +23,10 @@ use serde::{de::DeserializeOwned, Serialize};
 use serde_json::{Map, Value};
 
 use crate::{
-    api::{client, BackendRef, BackendView, Done, FlowView, Request, ServiceView, StatsView, StatusView},
+    api::{
+        client, BackendRef, BackendView, Done, FlowView, Request, ServiceView, StatsView,
+        StatusView,
+    },
     config::DEFAULT_API_SOCKET,
 };
 
@@ -80,8 +83,10 @@ pub enum CliCommand {
 #[derive(Subcommand, Clone, Debug, PartialEq)]
 pub enum ServiceCmd {
     /// Add a service: see [`ServiceAddArgs`].
-    #[command(about = "Add a service. The flags are the configuration file's [[service]] keys; \
-                       those not given take the file's defaults")]
+    #[command(
+        about = "Add a service. The flags are the configuration file's [[service]] keys; \
+                       those not given take the file's defaults"
+    )]
     Add(Box<ServiceAddArgs>),
     /// Remove a service and its backends.
     Remove {
@@ -206,7 +211,11 @@ pub struct BackendArgs {
 
 impl From<BackendArgs> for BackendRef {
     fn from(args: BackendArgs) -> Self {
-        Self { service: args.service, address: args.address, port: args.port }
+        Self {
+            service: args.service,
+            address: args.address,
+            port: args.port,
+        }
     }
 }
 
@@ -227,7 +236,9 @@ impl FromStr for BackendSpec {
         // The weight goes last, after an `@` that no address contains.
         let (address, weight) = match text.rsplit_once('@') {
             Some((address, weight)) => {
-                let weight = weight.parse().map_err(|_| format!("weight {weight:?} is not a whole number"))?;
+                let weight = weight
+                    .parse()
+                    .map_err(|_| format!("weight {weight:?} is not a whole number"))?;
                 (address, Some(weight))
             }
             None => (text, None),
@@ -235,7 +246,11 @@ impl FromStr for BackendSpec {
         // An IPv6 address with a port needs brackets; without brackets,
         // `fd00::1:80` is the address fd00::1:80, not port 80.
         if let Ok(socket) = address.parse::<SocketAddr>() {
-            return Ok(Self { address: socket.ip(), port: Some(socket.port()), weight });
+            return Ok(Self {
+                address: socket.ip(),
+                port: Some(socket.port()),
+                weight,
+            });
         }
         let bare = address.strip_prefix('[').and_then(|a| a.strip_suffix(']'));
         let ip = match bare {
@@ -243,8 +258,14 @@ impl FromStr for BackendSpec {
             None => address.parse::<IpAddr>().ok(),
         };
         match ip {
-            Some(address) => Ok(Self { address, port: None, weight }),
-            None => Err(format!("{address:?} is not ADDR or ADDR:PORT (IPv6 with a port as [ADDR]:PORT)")),
+            Some(address) => Ok(Self {
+                address,
+                port: None,
+                weight,
+            }),
+            None => Err(format!(
+                "{address:?} is not ADDR or ADDR:PORT (IPv6 with a port as [ADDR]:PORT)"
+            )),
         }
     }
 }
@@ -257,7 +278,12 @@ impl BackendSpec {
 }
 
 /// A `[[service.backend]]` table as JSON, with only the keys given.
-fn backend_json(address: IpAddr, port: Option<u16>, weight: Option<u32>, state: Option<&str>) -> Value {
+fn backend_json(
+    address: IpAddr,
+    port: Option<u16>,
+    weight: Option<u32>,
+    state: Option<&str>,
+) -> Value {
     let mut backend = Map::new();
     backend.insert("address".into(), address.to_string().into());
     put(&mut backend, "port", port);
@@ -270,7 +296,10 @@ fn backend_json(address: IpAddr, port: Option<u16>, weight: Option<u32>, state: 
 /// configuration's defaults, which the daemon applies.
 fn put<T: Serialize>(map: &mut Map<String, Value>, key: &str, value: Option<T>) {
     if let Some(value) = value {
-        map.insert(key.into(), serde_json::to_value(value).expect("plain values serialize"));
+        map.insert(
+            key.into(),
+            serde_json::to_value(value).expect("plain values serialize"),
+        );
     }
 }
 
@@ -287,7 +316,11 @@ impl ServiceAddArgs {
         put(&mut check, "port", self.check_port);
         put(&mut check, "method", self.check_method.as_deref());
         put(&mut check, "path", self.check_path.as_deref());
-        put(&mut check, "expect_status", Some(&self.expect_status).filter(|s| !s.is_empty()));
+        put(
+            &mut check,
+            "expect_status",
+            Some(&self.expect_status).filter(|s| !s.is_empty()),
+        );
         put(&mut check, "host", self.check_host.as_deref());
 
         let mut service = Map::new();
@@ -299,9 +332,17 @@ impl ServiceAddArgs {
         put(&mut service, "table_size", self.table_size);
         put(&mut service, "hash", self.hash.as_deref());
         put(&mut service, "drain_timeout", self.drain_timeout.as_deref());
-        put(&mut service, "health_check", Some(check).filter(|c| !c.is_empty()));
+        put(
+            &mut service,
+            "health_check",
+            Some(check).filter(|c| !c.is_empty()),
+        );
         let backends: Vec<Value> = self.backend.iter().map(BackendSpec::to_json).collect();
-        put(&mut service, "backend", Some(backends).filter(|b| !b.is_empty()));
+        put(
+            &mut service,
+            "backend",
+            Some(backends).filter(|b| !b.is_empty()),
+        );
         Value::Object(service)
     }
 }
@@ -314,9 +355,16 @@ pub fn request_of(command: &CliCommand) -> Request {
         CliCommand::Service(ServiceCmd::Add(args)) => Request::AddService(args.to_json()),
         CliCommand::Service(ServiceCmd::Remove { name }) => Request::RemoveService { name },
         CliCommand::Service(ServiceCmd::List) => Request::ListServices,
-        CliCommand::Backend(BackendCmd::Add { service, address, port, weight, state }) => {
-            Request::AddBackend { service, backend: backend_json(address, port, weight, state.as_deref()) }
-        }
+        CliCommand::Backend(BackendCmd::Add {
+            service,
+            address,
+            port,
+            weight,
+            state,
+        }) => Request::AddBackend {
+            service,
+            backend: backend_json(address, port, weight, state.as_deref()),
+        },
         CliCommand::Backend(BackendCmd::Remove(backend)) => Request::RemoveBackend(backend.into()),
         CliCommand::Backend(BackendCmd::Drain(backend)) => Request::Drain(backend.into()),
         CliCommand::Backend(BackendCmd::Undrain(backend)) => Request::Undrain(backend.into()),
@@ -330,7 +378,10 @@ pub fn request_of(command: &CliCommand) -> Request {
 /// Runs `command` against the daemon at `opts.socket` and prints the
 /// answer: a table, or with `--json` the JSON the API returned.
 pub fn execute(command: CliCommand, opts: &ClientOpts) -> anyhow::Result<()> {
-    if let CliCommand::Stats { watch: Some(seconds) } = command {
+    if let CliCommand::Stats {
+        watch: Some(seconds),
+    } = command
+    {
         return watch_stats(opts, Duration::from_secs(seconds));
     }
     let answer = client::call(&opts.socket, &request_of(&command))?;
@@ -340,13 +391,16 @@ pub fn execute(command: CliCommand, opts: &ClientOpts) -> anyhow::Result<()> {
     }
     let text = match &command {
         CliCommand::Status => {
-            let services: Vec<ServiceView> = view(client::call(&opts.socket, &Request::ListServices)?)?;
+            let services: Vec<ServiceView> =
+                view(client::call(&opts.socket, &Request::ListServices)?)?;
             render_status(&view(answer)?, &services)
         }
         CliCommand::Service(ServiceCmd::List) => render_services(&view::<Vec<_>>(answer)?),
         CliCommand::Backend(BackendCmd::List { .. }) => render_backends(&view::<Vec<_>>(answer)?),
         CliCommand::Stats { .. } => render_stats(&view(answer)?, None),
-        CliCommand::Flow { src, dst, protocol } => render_flow(*src, *dst, protocol, &view(answer)?),
+        CliCommand::Flow { src, dst, protocol } => {
+            render_flow(*src, *dst, protocol, &view(answer)?)
+        }
         // Everything else changes something and answers `Done`.
         _ => {
             let done: Done = view(answer)?;
@@ -359,7 +413,8 @@ pub fn execute(command: CliCommand, opts: &ClientOpts) -> anyhow::Result<()> {
 
 /// Reads an API answer as the view it should be.
 fn view<T: DeserializeOwned>(answer: Value) -> anyhow::Result<T> {
-    serde_json::from_value(answer).context("unexpected answer from the daemon (is it another version of xdplb?)")
+    serde_json::from_value(answer)
+        .context("unexpected answer from the daemon (is it another version of xdplb?)")
 }
 
 /// `stats --watch`: samples, redraws and sleeps until the process is
@@ -465,11 +520,18 @@ pub fn render_status(status: &StatusView, services: &[ServiceView]) -> String {
     let interfaces = if status.interfaces.is_empty() {
         "none".to_owned()
     } else {
-        let names: Vec<String> = status.interfaces.iter().map(|i| format!("{} ({})", i.name, i.mode)).collect();
+        let names: Vec<String> = status
+            .interfaces
+            .iter()
+            .map(|i| format!("{} ({})", i.name, i.mode))
+            .collect();
         names.join(", ")
     };
-    let datapath =
-        if status.adopted { "adopted from the previous daemon (hot restart)" } else { "loaded by this daemon" };
+    let datapath = if status.adopted {
+        "adopted from the previous daemon (hot restart)"
+    } else {
+        "loaded by this daemon"
+    };
     let mut out = format!(
         "xdplb {} (pid {}), up {}\n\
          config:      {}\n\
@@ -503,7 +565,14 @@ pub fn render_status(status: &StatusView, services: &[ServiceView]) -> String {
             .collect();
         out.push('\n');
         out.push_str(&table(
-            &[("SERVICE", Left), ("VIP", Left), ("PORT", Right), ("PROTO", Left), ("MODE", Left), ("BACKENDS", Right)],
+            &[
+                ("SERVICE", Left),
+                ("VIP", Left),
+                ("PORT", Right),
+                ("PROTO", Left),
+                ("MODE", Left),
+                ("BACKENDS", Right),
+            ],
             &rows,
         ));
     }
@@ -591,11 +660,15 @@ pub fn render_backends(backends: &[BackendView]) -> String {
 /// `xdplb stats`. With `previous` (an earlier sample and the time since),
 /// adds per-second rates.
 pub fn render_stats(stats: &StatsView, previous: Option<(&StatsView, Duration)>) -> String {
-    let seconds = previous.map(|(_, elapsed)| elapsed.as_secs_f64()).filter(|s| *s > 0.0);
+    let seconds = previous
+        .map(|(_, elapsed)| elapsed.as_secs_f64())
+        .filter(|s| *s > 0.0);
     // A counter that went down (the daemon restarted, the backend was
     // re-added) has no meaningful rate.
     let rate = |now: u64, before: Option<u64>| match (before, seconds) {
-        (Some(before), Some(seconds)) if now >= before => format!("{:.1}", (now - before) as f64 / seconds),
+        (Some(before), Some(seconds)) if now >= before => {
+            format!("{:.1}", (now - before) as f64 / seconds)
+        }
         _ => "-".to_owned(),
     };
     let with_rates = previous.is_some();
@@ -639,13 +712,21 @@ pub fn render_stats(stats: &StatsView, previous: Option<(&StatsView, Duration)>)
         before.insert((&service.name, None), (service.packets, service.bytes));
         for backend in &service.backends {
             let address = SocketAddr::new(backend.address, backend.port);
-            before.insert((&service.name, Some(address)), (backend.packets, backend.bytes));
+            before.insert(
+                (&service.name, Some(address)),
+                (backend.packets, backend.bytes),
+            );
         }
     }
     let mut rows = Vec::new();
     let mut push = |service: &str, backend: Option<SocketAddr>, packets: u64, bytes: u64| {
         let label = backend.map_or_else(|| "(all)".to_owned(), |b| b.to_string());
-        let mut row = vec![service.to_owned(), label, packets.to_string(), bytes.to_string()];
+        let mut row = vec![
+            service.to_owned(),
+            label,
+            packets.to_string(),
+            bytes.to_string(),
+        ];
         if with_rates {
             let earlier = before.get(&(service, backend));
             row.push(rate(packets, earlier.map(|e| e.0)));
@@ -656,10 +737,20 @@ pub fn render_stats(stats: &StatsView, previous: Option<(&StatsView, Duration)>)
     for service in &stats.services {
         push(&service.name, None, service.packets, service.bytes);
         for backend in &service.backends {
-            push(&service.name, Some(SocketAddr::new(backend.address, backend.port)), backend.packets, backend.bytes);
+            push(
+                &service.name,
+                Some(SocketAddr::new(backend.address, backend.port)),
+                backend.packets,
+                backend.bytes,
+            );
         }
     }
-    let mut header = vec![("SERVICE", Left), ("BACKEND", Left), ("PACKETS", Right), ("BYTES", Right)];
+    let mut header = vec![
+        ("SERVICE", Left),
+        ("BACKEND", Left),
+        ("PACKETS", Right),
+        ("BYTES", Right),
+    ];
     if with_rates {
         header.extend([("PKT/S", Right), ("BYTES/S", Right)]);
     }
@@ -670,8 +761,14 @@ pub fn render_stats(stats: &StatsView, previous: Option<(&StatsView, Duration)>)
 
 /// `xdplb flow`.
 pub fn render_flow(src: SocketAddr, dst: SocketAddr, protocol: &str, flow: &FlowView) -> String {
-    let how = if flow.established { "established flow" } else { "new flow" };
-    let slot = flow.slot.map_or_else(|| "-".to_owned(), |slot| slot.to_string());
+    let how = if flow.established {
+        "established flow"
+    } else {
+        "new flow"
+    };
+    let slot = flow
+        .slot
+        .map_or_else(|| "-".to_owned(), |slot| slot.to_string());
     let mut out = format!(
         "{src} -> {dst}/{protocol}: service {}, backend {} ({}; {how}, hash {:#010x}, slot {slot})\n",
         flow.service, flow.backend, flow.backend_state, flow.hash
@@ -703,7 +800,8 @@ mod tests {
     }
 
     fn parse(line: &str) -> TestCli {
-        TestCli::try_parse_from(line.split_whitespace()).unwrap_or_else(|err| panic!("{line}: {err}"))
+        TestCli::try_parse_from(line.split_whitespace())
+            .unwrap_or_else(|err| panic!("{line}: {err}"))
     }
 
     fn backend(service: &str, address: &str, state: &str) -> BackendView {
@@ -713,7 +811,11 @@ mod tests {
             port: 80,
             weight: 100,
             admin: "up".into(),
-            health: if state == "down" { "down".into() } else { "up".into() },
+            health: if state == "down" {
+                "down".into()
+            } else {
+                "up".into()
+            },
             state: state.into(),
             mac: None,
             packets: 1234,
@@ -747,14 +849,22 @@ mod tests {
         clap_complete::generate(Shell::Bash, &mut TestCli::command(), "xdplb", &mut script);
         assert!(String::from_utf8(script).unwrap().contains("undrain"));
         let mut page = Vec::new();
-        clap_mangen::Man::new(TestCli::command()).render(&mut page).unwrap();
+        clap_mangen::Man::new(TestCli::command())
+            .render(&mut page)
+            .unwrap();
         assert!(String::from_utf8(page).unwrap().contains("XDPLB_SOCKET"));
     }
 
     #[test]
     fn parses_commands_and_global_options() {
         let cli = parse("xdplb backend drain web 10.0.0.1 --port 8080 --socket /tmp/x.sock --json");
-        assert_eq!(cli.opts, ClientOpts { socket: "/tmp/x.sock".into(), json: true });
+        assert_eq!(
+            cli.opts,
+            ClientOpts {
+                socket: "/tmp/x.sock".into(),
+                json: true
+            }
+        );
         assert_eq!(
             request_of(&cli.command),
             Request::Drain(BackendRef {
@@ -763,9 +873,18 @@ mod tests {
                 port: Some(8080)
             })
         );
-        assert_eq!(parse("xdplb stats").command, CliCommand::Stats { watch: None });
-        assert_eq!(parse("xdplb stats --watch").command, CliCommand::Stats { watch: Some(2) });
-        assert_eq!(parse("xdplb stats --watch 5").command, CliCommand::Stats { watch: Some(5) });
+        assert_eq!(
+            parse("xdplb stats").command,
+            CliCommand::Stats { watch: None }
+        );
+        assert_eq!(
+            parse("xdplb stats --watch").command,
+            CliCommand::Stats { watch: Some(2) }
+        );
+        assert_eq!(
+            parse("xdplb stats --watch 5").command,
+            CliCommand::Stats { watch: Some(5) }
+        );
         assert!(TestCli::try_parse_from(["xdplb", "stats", "--watch", "0"]).is_err());
         assert_eq!(
             request_of(&parse("xdplb flow [fd00::1]:40000 [fd00::100]:80 udp").command),
@@ -775,11 +894,18 @@ mod tests {
                 protocol: "udp".into()
             }
         );
-        assert!(TestCli::try_parse_from(["xdplb", "flow", "1.1.1.1:1", "2.2.2.2:2", "icmp"]).is_err());
-        assert_eq!(request_of(&parse("xdplb backend list").command), Request::ListBackends { service: None });
+        assert!(
+            TestCli::try_parse_from(["xdplb", "flow", "1.1.1.1:1", "2.2.2.2:2", "icmp"]).is_err()
+        );
+        assert_eq!(
+            request_of(&parse("xdplb backend list").command),
+            Request::ListBackends { service: None }
+        );
         assert_eq!(
             request_of(&parse("xdplb backend list web").command),
-            Request::ListBackends { service: Some("web".into()) }
+            Request::ListBackends {
+                service: Some("web".into())
+            }
         );
         assert_eq!(
             request_of(&parse("xdplb service remove web").command),
@@ -802,7 +928,10 @@ mod tests {
         let cli = parse("xdplb backend add web fd00::1 --port 8080");
         assert_eq!(
             request_of(&cli.command),
-            Request::AddBackend { service: "web".into(), backend: json!({"address": "fd00::1", "port": 8080}) }
+            Request::AddBackend {
+                service: "web".into(),
+                backend: json!({"address": "fd00::1", "port": 8080})
+            }
         );
     }
 
@@ -826,11 +955,17 @@ mod tests {
 
     #[test]
     fn service_add_leaves_out_what_was_not_given() {
-        let cli = parse("xdplb service add --name dns6 --vip 2001:db8::53 --port 53 --protocol udp");
-        let expected = json!({"name": "dns6", "vip": "2001:db8::53", "port": 53, "protocol": "udp"});
+        let cli =
+            parse("xdplb service add --name dns6 --vip 2001:db8::53 --port 53 --protocol udp");
+        let expected =
+            json!({"name": "dns6", "vip": "2001:db8::53", "port": 53, "protocol": "udp"});
         assert_eq!(request_of(&cli.command), Request::AddService(expected));
-        let cli = parse("xdplb service add --name web --vip 10.0.0.1 --port 80 --protocol tcp --check none");
-        let CliCommand::Service(ServiceCmd::Add(args)) = cli.command else { panic!() };
+        let cli = parse(
+            "xdplb service add --name web --vip 10.0.0.1 --port 80 --protocol tcp --check none",
+        );
+        let CliCommand::Service(ServiceCmd::Add(args)) = cli.command else {
+            panic!()
+        };
         assert_eq!(args.to_json()["health_check"], json!({"type": "none"}));
         assert!(TestCli::try_parse_from(
             "xdplb service add --name w --vip 10.0.0.1 --port 80 --protocol sctp".split(' ')
@@ -844,38 +979,117 @@ mod tests {
         let ip = |text: &str| text.parse::<IpAddr>().unwrap();
         assert_eq!(
             spec("10.0.0.1:8080@50"),
-            Ok(BackendSpec { address: ip("10.0.0.1"), port: Some(8080), weight: Some(50) })
+            Ok(BackendSpec {
+                address: ip("10.0.0.1"),
+                port: Some(8080),
+                weight: Some(50)
+            })
         );
-        assert_eq!(spec("[fd00::1]:80@5"), Ok(BackendSpec { address: ip("fd00::1"), port: Some(80), weight: Some(5) }));
-        assert_eq!(spec("10.0.0.1"), Ok(BackendSpec { address: ip("10.0.0.1"), port: None, weight: None }));
-        assert_eq!(spec("10.0.0.1@0"), Ok(BackendSpec { address: ip("10.0.0.1"), port: None, weight: Some(0) }));
-        assert_eq!(spec("fd00::1"), Ok(BackendSpec { address: ip("fd00::1"), port: None, weight: None }));
-        assert_eq!(spec("[fd00::1]@7"), Ok(BackendSpec { address: ip("fd00::1"), port: None, weight: Some(7) }));
+        assert_eq!(
+            spec("[fd00::1]:80@5"),
+            Ok(BackendSpec {
+                address: ip("fd00::1"),
+                port: Some(80),
+                weight: Some(5)
+            })
+        );
+        assert_eq!(
+            spec("10.0.0.1"),
+            Ok(BackendSpec {
+                address: ip("10.0.0.1"),
+                port: None,
+                weight: None
+            })
+        );
+        assert_eq!(
+            spec("10.0.0.1@0"),
+            Ok(BackendSpec {
+                address: ip("10.0.0.1"),
+                port: None,
+                weight: Some(0)
+            })
+        );
+        assert_eq!(
+            spec("fd00::1"),
+            Ok(BackendSpec {
+                address: ip("fd00::1"),
+                port: None,
+                weight: None
+            })
+        );
+        assert_eq!(
+            spec("[fd00::1]@7"),
+            Ok(BackendSpec {
+                address: ip("fd00::1"),
+                port: None,
+                weight: Some(7)
+            })
+        );
         // Without brackets the last group belongs to the address.
-        assert_eq!(spec("fd00::1:80"), Ok(BackendSpec { address: ip("fd00::1:80"), port: None, weight: None }));
+        assert_eq!(
+            spec("fd00::1:80"),
+            Ok(BackendSpec {
+                address: ip("fd00::1:80"),
+                port: None,
+                weight: None
+            })
+        );
         assert!(spec("10.0.0.1:x").is_err());
         assert!(spec("10.0.0.1:70000").is_err());
         assert!(spec("[10.0.0.1]").is_err());
         assert!(spec("10.0.0.1@").unwrap_err().contains("weight"));
         assert!(spec("web1:80").unwrap_err().contains("[ADDR]:PORT"));
-        assert_eq!(spec("[fd00::1]:80@5").unwrap().to_json(), json!({"address": "fd00::1", "port": 80, "weight": 5}));
+        assert_eq!(
+            spec("[fd00::1]:80@5").unwrap().to_json(),
+            json!({"address": "fd00::1", "port": 80, "weight": 5})
+        );
     }
 
     #[test]
     fn renders_backends_as_a_table() {
-        let text = render_backends(&[backend("web", "10.0.0.11", "active"), backend("web", "fd00::12", "down")]);
+        let text = render_backends(&[
+            backend("web", "10.0.0.11", "active"),
+            backend("web", "fd00::12", "down"),
+        ]);
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines.len(), 3, "{text}");
         let header: Vec<&str> = lines[0].split_whitespace().collect();
         assert_eq!(
             header,
-            ["SERVICE", "ADDRESS", "PORT", "WEIGHT", "ADMIN", "HEALTH", "STATE", "PACKETS", "BYTES", "LAST-CHECK"]
+            [
+                "SERVICE",
+                "ADDRESS",
+                "PORT",
+                "WEIGHT",
+                "ADMIN",
+                "HEALTH",
+                "STATE",
+                "PACKETS",
+                "BYTES",
+                "LAST-CHECK"
+            ]
         );
         assert_eq!(
             lines[1].split_whitespace().collect::<Vec<_>>(),
-            ["web", "10.0.0.11", "80", "100", "up", "up", "active", "1234", "567890", "ok", "in", "2ms"]
+            [
+                "web",
+                "10.0.0.11",
+                "80",
+                "100",
+                "up",
+                "up",
+                "active",
+                "1234",
+                "567890",
+                "ok",
+                "in",
+                "2ms"
+            ]
         );
-        assert!(lines[2].contains("fd00::12") && lines[2].contains("down"), "{text}");
+        assert!(
+            lines[2].contains("fd00::12") && lines[2].contains("down"),
+            "{text}"
+        );
         // Aligned: every row's STATE column starts where the header's does.
         let column = lines[0].find("STATE").unwrap();
         assert_eq!(&lines[1][column..column + 6], "active");
@@ -892,7 +1106,10 @@ mod tests {
             config: "/etc/xdplb.toml".into(),
             pin_dir: "/sys/fs/bpf/xdplb".into(),
             adopted: true,
-            interfaces: vec![InterfaceView { name: "eth0".into(), mode: "native".into() }],
+            interfaces: vec![InterfaceView {
+                name: "eth0".into(),
+                mode: "native".into(),
+            }],
             services: 1,
             backends: 2,
             backends_active: 1,
@@ -900,15 +1117,24 @@ mod tests {
         let services = [service(
             "web",
             "10.0.0.100",
-            vec![backend("web", "10.0.0.11", "active"), backend("web", "10.0.0.12", "down")],
+            vec![
+                backend("web", "10.0.0.11", "active"),
+                backend("web", "10.0.0.12", "down"),
+            ],
         )];
         let text = render_status(&status, &services);
-        assert!(text.starts_with("xdplb 0.1.0 (pid 4242), up 1d 2h 3m 4s\n"), "{text}");
+        assert!(
+            text.starts_with("xdplb 0.1.0 (pid 4242), up 1d 2h 3m 4s\n"),
+            "{text}"
+        );
         assert!(text.contains("interfaces:  eth0 (native)\n"), "{text}");
         assert!(text.contains("hot restart"), "{text}");
         assert!(text.contains("backends:    2 (1 active)\n"), "{text}");
-        let table: Vec<Vec<&str>> =
-            text.lines().skip_while(|l| !l.starts_with("SERVICE")).map(|l| l.split_whitespace().collect()).collect();
+        let table: Vec<Vec<&str>> = text
+            .lines()
+            .skip_while(|l| !l.starts_with("SERVICE"))
+            .map(|l| l.split_whitespace().collect())
+            .collect();
         assert_eq!(
             table,
             [
@@ -920,13 +1146,42 @@ mod tests {
 
     #[test]
     fn renders_services() {
-        let text = render_services(&[service("web", "10.0.0.100", vec![backend("web", "10.0.0.11", "active")])]);
-        let rows: Vec<Vec<&str>> = text.lines().map(|l| l.split_whitespace().collect()).collect();
+        let text = render_services(&[service(
+            "web",
+            "10.0.0.100",
+            vec![backend("web", "10.0.0.11", "active")],
+        )]);
+        let rows: Vec<Vec<&str>> = text
+            .lines()
+            .map(|l| l.split_whitespace().collect())
+            .collect();
         assert_eq!(
             rows,
             [
-                vec!["SERVICE", "VIP", "PORT", "PROTO", "MODE", "HASH", "TABLE-SIZE", "BACKENDS", "PACKETS", "BYTES"],
-                vec!["web", "10.0.0.100", "80", "tcp", "dsr", "5-tuple", "65537", "1/1", "99", "9900"],
+                vec![
+                    "SERVICE",
+                    "VIP",
+                    "PORT",
+                    "PROTO",
+                    "MODE",
+                    "HASH",
+                    "TABLE-SIZE",
+                    "BACKENDS",
+                    "PACKETS",
+                    "BYTES"
+                ],
+                vec![
+                    "web",
+                    "10.0.0.100",
+                    "80",
+                    "tcp",
+                    "dsr",
+                    "5-tuple",
+                    "65537",
+                    "1/1",
+                    "99",
+                    "9900"
+                ],
             ]
         );
         assert_eq!(render_services(&[]), "no services\n");
@@ -958,7 +1213,10 @@ mod tests {
     fn renders_stats_without_zero_reasons() {
         let text = render_stats(&stats(1), None);
         assert!(!text.contains("drop_no_backend"), "{text}");
-        let rows: Vec<Vec<&str>> = text.lines().map(|l| l.split_whitespace().collect()).collect();
+        let rows: Vec<Vec<&str>> = text
+            .lines()
+            .map(|l| l.split_whitespace().collect())
+            .collect();
         assert_eq!(
             rows,
             [
@@ -977,11 +1235,27 @@ mod tests {
     fn renders_stats_with_rates() {
         let (before, now) = (stats(1), stats(3));
         let text = render_stats(&now, Some((&before, Duration::from_secs(2))));
-        let rows: Vec<Vec<&str>> = text.lines().map(|l| l.split_whitespace().collect()).collect();
+        let rows: Vec<Vec<&str>> = text
+            .lines()
+            .map(|l| l.split_whitespace().collect())
+            .collect();
         assert_eq!(rows[0], ["REASON", "PACKETS", "PKT/S"]);
         assert_eq!(rows[2], ["tx_dsr", "3000", "1000.0"]);
-        assert_eq!(rows[4], ["SERVICE", "BACKEND", "PACKETS", "BYTES", "PKT/S", "BYTES/S"]);
-        assert_eq!(rows[6], ["web", "[fd00::11]:80", "3000", "192000", "1000.0", "64000.0"]);
+        assert_eq!(
+            rows[4],
+            ["SERVICE", "BACKEND", "PACKETS", "BYTES", "PKT/S", "BYTES/S"]
+        );
+        assert_eq!(
+            rows[6],
+            [
+                "web",
+                "[fd00::11]:80",
+                "3000",
+                "192000",
+                "1000.0",
+                "64000.0"
+            ]
+        );
         // Counters that went backwards (a restart) have no rate.
         let text = render_stats(&before, Some((&now, Duration::from_secs(2))));
         assert!(text.lines().nth(2).unwrap().ends_with(" -"), "{text}");
@@ -1017,7 +1291,13 @@ mod tests {
 
     impl crate::api::Handler for SampleDaemon {
         fn handle(&self, request: Request) -> Result<Value, crate::api::ApiError> {
-            let web = || service("web", "10.0.0.100", vec![backend("web", "10.0.0.11", "active")]);
+            let web = || {
+                service(
+                    "web",
+                    "10.0.0.100",
+                    vec![backend("web", "10.0.0.11", "active")],
+                )
+            };
             let value = match request {
                 Request::Status => json!({
                     "version": "0.1.0", "pid": 1, "uptime_s": 5, "config": "/etc/xdplb.toml",
@@ -1031,9 +1311,14 @@ mod tests {
                     "service": "web", "backend": "10.0.0.11:80", "backend_state": "active",
                     "established": true, "hash": 7, "slot": null,
                 }),
-                Request::Drain(backend) if backend.service == "web" => json!({"message": "drained"}),
+                Request::Drain(backend) if backend.service == "web" => {
+                    json!({"message": "drained"})
+                }
                 Request::Drain(backend) => {
-                    return Err(crate::api::ApiError::not_found(format!("no service named {:?}", backend.service)))
+                    return Err(crate::api::ApiError::not_found(format!(
+                        "no service named {:?}",
+                        backend.service
+                    )))
                 }
                 other => panic!("unexpected {other:?}"),
             };
@@ -1047,7 +1332,9 @@ mod tests {
         let socket = dir.join("xdplb.sock");
         let runtime = tokio::runtime::Runtime::new().unwrap();
         let path = socket.clone();
-        runtime.spawn(async move { crate::api::server::serve(&path, std::sync::Arc::new(SampleDaemon)).await });
+        runtime.spawn(async move {
+            crate::api::server::serve(&path, std::sync::Arc::new(SampleDaemon)).await
+        });
         let deadline = Instant::now() + Duration::from_secs(10);
         while std::os::unix::net::UnixStream::connect(&socket).is_err() {
             assert!(Instant::now() < deadline, "the server did not start");
@@ -1055,7 +1342,10 @@ mod tests {
         }
 
         for json in [false, true] {
-            let opts = ClientOpts { socket: socket.clone(), json };
+            let opts = ClientOpts {
+                socket: socket.clone(),
+                json,
+            };
             for line in [
                 "xdplb status",
                 "xdplb service list",
@@ -1066,14 +1356,21 @@ mod tests {
             ] {
                 execute(parse(line).command, &opts).unwrap_or_else(|err| panic!("{line}: {err:#}"));
             }
-            let err = execute(parse("xdplb backend drain nope 10.0.0.11").command, &opts).unwrap_err();
+            let err =
+                execute(parse("xdplb backend drain nope 10.0.0.11").command, &opts).unwrap_err();
             assert_eq!(format!("{err:#}"), "no service named \"nope\"");
         }
         drop(runtime);
         let _ = std::fs::remove_dir_all(&dir);
 
-        let opts = ClientOpts { socket: socket.clone(), json: false };
+        let opts = ClientOpts {
+            socket: socket.clone(),
+            json: false,
+        };
         let err = execute(CliCommand::Status, &opts).unwrap_err();
-        assert!(format!("{err:#}").starts_with("the xdplb daemon is not running"), "{err:#}");
+        assert!(
+            format!("{err:#}").starts_with("the xdplb daemon is not running"),
+            "{err:#}"
+        );
     }
 }

@@ -442,7 +442,11 @@ type Checked<T> = Result<T, ConfigError>;
 
 impl Validator<'_> {
     fn fail<T>(&self, field: impl Into<String>, problem: impl Into<String>) -> Checked<T> {
-        Err(ConfigError { file: self.origin.to_owned(), field: field.into(), problem: problem.into() })
+        Err(ConfigError {
+            file: self.origin.to_owned(),
+            field: field.into(),
+            problem: problem.into(),
+        })
     }
 
     fn config(&self, raw: RawConfig) -> Checked<Config> {
@@ -450,7 +454,10 @@ impl Validator<'_> {
         if raw.service.len() > MAX_SERVICES as usize {
             return self.fail(
                 "service",
-                format!("{} services configured; the datapath holds at most {MAX_SERVICES}", raw.service.len()),
+                format!(
+                    "{} services configured; the datapath holds at most {MAX_SERVICES}",
+                    raw.service.len()
+                ),
             );
         }
         let mut services: Vec<ServiceConfig> = Vec::with_capacity(raw.service.len());
@@ -461,7 +468,10 @@ impl Validator<'_> {
             if let Some(first) = by_name.get(&raw.name) {
                 return self.fail(
                     format!("service[{i}].name"),
-                    format!("duplicate service name {:?} (service[{first}] has it too)", raw.name),
+                    format!(
+                        "duplicate service name {:?} (service[{first}] has it too)",
+                        raw.name
+                    ),
                 );
             }
             let svc = self.service(i, raw)?;
@@ -525,7 +535,10 @@ impl Validator<'_> {
         match path {
             None => Ok(default),
             Some(p) if p.is_absolute() => Ok(p),
-            Some(p) => self.fail(field, format!("{:?} is not an absolute path", p.display().to_string())),
+            Some(p) => self.fail(
+                field,
+                format!("{:?} is not an absolute path", p.display().to_string()),
+            ),
         }
     }
 
@@ -533,7 +546,10 @@ impl Validator<'_> {
         if !valid_name(&raw.name) {
             return self.fail(
                 format!("service[{index}].name"),
-                format!("{:?} is not a valid name: use 1 to 64 of a-z A-Z 0-9 _ . -", raw.name),
+                format!(
+                    "{:?} is not a valid name: use 1 to 64 of a-z A-Z 0-9 _ . -",
+                    raw.name
+                ),
             );
         }
         let at = format!("service {:?}", raw.name);
@@ -544,9 +560,16 @@ impl Validator<'_> {
             None => DEFAULT_TABLE_SIZE,
             Some(n) => {
                 let field = format!("{at} table_size");
-                let n: u32 = self.int(&field, n, i64::from(MIN_TABLE_SIZE)..=i64::from(MAX_TABLE_SIZE))?;
+                let n: u32 = self.int(
+                    &field,
+                    n,
+                    i64::from(MIN_TABLE_SIZE)..=i64::from(MAX_TABLE_SIZE),
+                )?;
                 if !is_prime(n) {
-                    return self.fail(field, format!("{n} is not a prime (Maglev needs a prime table size)"));
+                    return self.fail(
+                        field,
+                        format!("{n} is not a prime (Maglev needs a prime table size)"),
+                    );
                 }
                 n
             }
@@ -557,7 +580,10 @@ impl Validator<'_> {
         };
         let health_check = self.health_check(&at, raw.health_check.unwrap_or_default())?;
         if mode == Mode::Dsr && raw.nat.is_some() {
-            return self.fail(format!("{at} nat"), "NAT settings need mode = \"nat\"".to_owned());
+            return self.fail(
+                format!("{at} nat"),
+                "NAT settings need mode = \"nat\"".to_owned(),
+            );
         }
         let nat = self.nat(&at, raw.nat.unwrap_or_default(), vip)?;
 
@@ -569,7 +595,10 @@ impl Validator<'_> {
             if let Some(first) = seen.insert((b.address, b.port), i) {
                 return self.fail(
                     at,
-                    format!("duplicate backend {} (same as backend[{first}])", SocketAddr::new(b.address, b.port)),
+                    format!(
+                        "duplicate backend {} (same as backend[{first}])",
+                        SocketAddr::new(b.address, b.port)
+                    ),
                 );
             }
             backends.push(b);
@@ -580,7 +609,10 @@ impl Validator<'_> {
         if backends.len() > table_size as usize {
             return self.fail(
                 format!("{at} table_size"),
-                format!("{table_size} is smaller than the number of backends ({})", backends.len()),
+                format!(
+                    "{table_size} is smaller than the number of backends ({})",
+                    backends.len()
+                ),
             );
         }
         Ok(ServiceConfig {
@@ -606,7 +638,10 @@ impl Validator<'_> {
             Some(a) => {
                 let addr = self.address(&at("snat_address"), &a)?;
                 if addr.is_ipv4() != vip.is_ipv4() {
-                    return self.fail(at("snat_address"), format!("{addr} is not of the VIP's address family"));
+                    return self.fail(
+                        at("snat_address"),
+                        format!("{addr} is not of the VIP's address family"),
+                    );
                 }
                 Some(addr)
             }
@@ -614,10 +649,17 @@ impl Validator<'_> {
         let ports = match raw.ports {
             None => default.ports,
             Some(text) => {
-                let parsed = text.split_once('-').and_then(|(a, b)| Some((a.trim().parse::<u16>().ok()?, b.trim().parse::<u16>().ok()?)));
+                let parsed = text.split_once('-').and_then(|(a, b)| {
+                    Some((a.trim().parse::<u16>().ok()?, b.trim().parse::<u16>().ok()?))
+                });
                 match parsed {
                     Some((a, b)) if 1024 <= a && a <= b => (a, b),
-                    _ => return self.fail(at("ports"), format!("{text:?} is not a port range FIRST-LAST within 1024-65535")),
+                    _ => {
+                        return self.fail(
+                            at("ports"),
+                            format!("{text:?} is not a port range FIRST-LAST within 1024-65535"),
+                        )
+                    }
                 }
             }
         };
@@ -631,7 +673,11 @@ impl Validator<'_> {
             snat_address,
             ports,
             tcp_timeout: dur("tcp_timeout", raw.tcp_timeout, default.tcp_timeout)?,
-            tcp_closing_timeout: dur("tcp_closing_timeout", raw.tcp_closing_timeout, default.tcp_closing_timeout)?,
+            tcp_closing_timeout: dur(
+                "tcp_closing_timeout",
+                raw.tcp_closing_timeout,
+                default.tcp_closing_timeout,
+            )?,
             udp_timeout: dur("udp_timeout", raw.udp_timeout, default.udp_timeout)?,
         })
     }
@@ -660,9 +706,16 @@ impl Validator<'_> {
                 ),
             );
         }
-        let rise = raw.rise.map_or(Ok(default.rise), |n| self.int(&at("rise"), n, 1..=100))?;
-        let fall = raw.fall.map_or(Ok(default.fall), |n| self.int(&at("fall"), n, 1..=100))?;
-        let port = raw.port.map(|n| self.int(&at("port"), n, 1..=65535)).transpose()?;
+        let rise = raw
+            .rise
+            .map_or(Ok(default.rise), |n| self.int(&at("rise"), n, 1..=100))?;
+        let fall = raw
+            .fall
+            .map_or(Ok(default.fall), |n| self.int(&at("fall"), n, 1..=100))?;
+        let port = raw
+            .port
+            .map(|n| self.int(&at("port"), n, 1..=65535))
+            .transpose()?;
 
         let kind = match kind {
             RawCheckType::Http => CheckKind::Http {
@@ -690,11 +743,20 @@ impl Validator<'_> {
                 }
             }
         };
-        Ok(HealthCheck { kind, interval, timeout, rise, fall, port })
+        Ok(HealthCheck {
+            kind,
+            interval,
+            timeout,
+            rise,
+            fall,
+            port,
+        })
     }
 
     fn http_method(&self, field: &str, method: Option<String>) -> Checked<String> {
-        let Some(method) = method else { return Ok("GET".into()) };
+        let Some(method) = method else {
+            return Ok("GET".into());
+        };
         // An RFC 9110 token: anything else would corrupt the request line.
         let tchar = |c: char| c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c);
         if method.is_empty() || !method.chars().all(tchar) {
@@ -704,22 +766,33 @@ impl Validator<'_> {
     }
 
     fn http_path(&self, field: &str, path: Option<String>) -> Checked<String> {
-        let Some(path) = path else { return Ok("/".into()) };
+        let Some(path) = path else {
+            return Ok("/".into());
+        };
         if !path.starts_with('/') {
             return self.fail(field, format!("{path:?} must start with \"/\""));
         }
         if path.chars().any(|c| c.is_whitespace() || c.is_control()) {
-            return self.fail(field, format!("{path:?} contains whitespace or control characters"));
+            return self.fail(
+                field,
+                format!("{path:?} contains whitespace or control characters"),
+            );
         }
         Ok(path)
     }
 
     fn statuses(&self, field: &str, statuses: Option<Vec<i64>>) -> Checked<Vec<u16>> {
-        let Some(statuses) = statuses else { return Ok(vec![200]) };
+        let Some(statuses) = statuses else {
+            return Ok(vec![200]);
+        };
         if statuses.is_empty() {
             return self.fail(field, "is empty: list at least one status");
         }
-        statuses.iter().enumerate().map(|(i, &s)| self.int(&format!("{field}[{i}]"), s, 100..=599)).collect()
+        statuses
+            .iter()
+            .enumerate()
+            .map(|(i, &s)| self.int(&format!("{field}[{i}]"), s, 100..=599))
+            .collect()
     }
 
     fn host(&self, field: &str, host: String) -> Checked<String> {
@@ -729,12 +802,23 @@ impl Validator<'_> {
         Ok(host)
     }
 
-    fn backend(&self, at: &str, raw: RawBackend, vip: IpAddr, service_port: u16, mode: Mode) -> Checked<BackendConfig> {
+    fn backend(
+        &self,
+        at: &str,
+        raw: RawBackend,
+        vip: IpAddr,
+        service_port: u16,
+        mode: Mode,
+    ) -> Checked<BackendConfig> {
         let address = self.address(&format!("{at}.address"), &raw.address)?;
         if address.is_ipv4() != vip.is_ipv4() {
             return self.fail(
                 format!("{at}.address"),
-                format!("{address} is {} but the VIP {vip} is {}", family(address), family(vip)),
+                format!(
+                    "{address} is {} but the VIP {vip} is {}",
+                    family(address),
+                    family(vip)
+                ),
             );
         }
         let port = match raw.port {
@@ -752,8 +836,15 @@ impl Validator<'_> {
                 ),
             );
         }
-        let weight = raw.weight.map_or(Ok(100), |n| self.int(&format!("{at}.weight"), n, 0..=10000))?;
-        Ok(BackendConfig { address, port, weight, state: raw.state.unwrap_or(InitialState::Up) })
+        let weight = raw
+            .weight
+            .map_or(Ok(100), |n| self.int(&format!("{at}.weight"), n, 0..=10000))?;
+        Ok(BackendConfig {
+            address,
+            port,
+            weight,
+            state: raw.state.unwrap_or(InitialState::Up),
+        })
     }
 
     /// A unicast address as the datapath can key it.
@@ -781,7 +872,10 @@ impl Validator<'_> {
     fn int<T: TryFrom<i64>>(&self, field: &str, n: i64, range: RangeInclusive<i64>) -> Checked<T> {
         match T::try_from(n) {
             Ok(v) if range.contains(&n) => Ok(v),
-            _ => self.fail(field, format!("{n} is out of range {}..={}", range.start(), range.end())),
+            _ => self.fail(
+                field,
+                format!("{n} is out of range {}..={}", range.start(), range.end()),
+            ),
         }
     }
 
@@ -795,7 +889,10 @@ impl Validator<'_> {
 }
 
 fn valid_name(name: &str) -> bool {
-    (1..=64).contains(&name.len()) && name.chars().all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c))
+    (1..=64).contains(&name.len())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c))
 }
 
 fn family(addr: IpAddr) -> &'static str {
@@ -821,9 +918,15 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
         return Err("is not a duration: write <n>ms, <n>s, <n>m or <n>h, e.g. \"500ms\"".into());
     };
     if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
-        return Err("is not a duration: the number must be a whole number, e.g. \"1500ms\" for 1.5s".into());
+        return Err(
+            "is not a duration: the number must be a whole number, e.g. \"1500ms\" for 1.5s".into(),
+        );
     }
-    let ms = digits.parse::<u64>().ok().and_then(|n| n.checked_mul(unit_ms)).ok_or("is too long")?;
+    let ms = digits
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(unit_ms))
+        .ok_or("is too long")?;
     if ms == 0 {
         return Err("must be longer than zero".into());
     }
@@ -857,9 +960,17 @@ fn serialize_duration<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Err
 fn toml_error(text: &str, origin: &str, err: &toml::de::Error) -> ConfigError {
     // One line, like every other error; and the raw structs read numbers
     // as i64 only to range-check them later, which users need not know.
-    let message = err.message().trim_end().replace('\n', "; ").replace("expected i64", "expected an integer");
+    let message = err
+        .message()
+        .trim_end()
+        .replace('\n', "; ")
+        .replace("expected i64", "expected an integer");
     let Some(span) = err.span() else {
-        return ConfigError { file: origin.to_owned(), field: String::new(), problem: message };
+        return ConfigError {
+            file: origin.to_owned(),
+            field: String::new(),
+            problem: message,
+        };
     };
     let offset = span.start.min(text.len());
     let line = text[..offset].matches('\n').count() + 1;
@@ -867,10 +978,17 @@ fn toml_error(text: &str, origin: &str, err: &toml::de::Error) -> ConfigError {
     let column = text[line_start..offset].chars().count() + 1;
     let location = format!("line {line}, column {column}");
     let (field, problem) = match statement_path(text, offset) {
-        Some(path) if !path.is_empty() => (render_path(&path, &service_names(text)), format!("{message} ({location})")),
+        Some(path) if !path.is_empty() => (
+            render_path(&path, &service_names(text)),
+            format!("{message} ({location})"),
+        ),
         _ => (location, message),
     };
-    ConfigError { file: origin.to_owned(), field, problem }
+    ConfigError {
+        file: origin.to_owned(),
+        field,
+        problem,
+    }
 }
 
 /// One key of a path; `index` is set for array-of-tables elements.
@@ -883,11 +1001,20 @@ struct Segment {
 /// The names of the services, where the document parses as TOML, so that
 /// paths can name services as validation errors do.
 fn service_names(text: &str) -> Vec<Option<String>> {
-    let Ok(doc) = text.parse::<toml::Table>() else { return Vec::new() };
-    let Some(toml::Value::Array(services)) = doc.get("service") else { return Vec::new() };
+    let Ok(doc) = text.parse::<toml::Table>() else {
+        return Vec::new();
+    };
+    let Some(toml::Value::Array(services)) = doc.get("service") else {
+        return Vec::new();
+    };
     services
         .iter()
-        .map(|s| s.get("name").and_then(|n| n.as_str()).filter(|n| valid_name(n)).map(str::to_owned))
+        .map(|s| {
+            s.get("name")
+                .and_then(|n| n.as_str())
+                .filter(|n| valid_name(n))
+                .map(str::to_owned)
+        })
         .collect()
 }
 
@@ -899,10 +1026,18 @@ fn render_path(path: &[Segment], names: &[Option<String>]) -> String {
         None => s.key.clone(),
     };
     let rest = |from: usize| path[from..].iter().map(seg).collect::<Vec<_>>().join(".");
-    if let Some(Segment { key, index: Some(i) }) = path.first() {
+    if let Some(Segment {
+        key,
+        index: Some(i),
+    }) = path.first()
+    {
         if let (true, Some(Some(name))) = (key == "service", names.get(*i)) {
             let rest = rest(1);
-            return if rest.is_empty() { format!("service {name:?}") } else { format!("service {name:?} {rest}") };
+            return if rest.is_empty() {
+                format!("service {name:?}")
+            } else {
+                format!("service {name:?} {rest}")
+            };
         }
     }
     rest(0)
@@ -951,7 +1086,11 @@ fn statement_path(text: &str, offset: usize) -> Option<Vec<Segment>> {
             _ => {
                 let eq = key_end(b, i);
                 let mut path = table.clone();
-                path.extend(split_key(&text[i..eq]).into_iter().map(|key| Segment { key, index: None }));
+                path.extend(
+                    split_key(&text[i..eq])
+                        .into_iter()
+                        .map(|key| Segment { key, index: None }),
+                );
                 found = Some(path);
                 i = value_end(b, eq + 1);
             }
@@ -960,7 +1099,10 @@ fn statement_path(text: &str, offset: usize) -> Option<Vec<Segment>> {
 }
 
 fn line_end(b: &[u8], from: usize) -> usize {
-    b[from..].iter().position(|&c| c == b'\n').map_or(b.len(), |p| from + p)
+    b[from..]
+        .iter()
+        .position(|&c| c == b'\n')
+        .map_or(b.len(), |p| from + p)
 }
 
 /// Index of the `=` after a key (or of the line end if there is none).
@@ -1054,8 +1196,9 @@ fn split_key(key: &str) -> Vec<String> {
         .into_iter()
         .map(|p| {
             let p = p.trim();
-            let quoted =
-                p.len() >= 2 && (p.starts_with('"') && p.ends_with('"') || p.starts_with('\'') && p.ends_with('\''));
+            let quoted = p.len() >= 2
+                && (p.starts_with('"') && p.ends_with('"')
+                    || p.starts_with('\'') && p.ends_with('\''));
             if quoted {
                 p[1..p.len() - 1].to_owned()
             } else {
@@ -1142,7 +1285,10 @@ state = "down"
     fn rejects(text: &str, field: &str, needle: &str) -> ConfigError {
         let err = parse(text).expect_err("config should be rejected");
         assert_eq!(err.field, field, "{err}");
-        assert!(err.problem.contains(needle), "problem lacks {needle:?}: {err}");
+        assert!(
+            err.problem.contains(needle),
+            "problem lacks {needle:?}: {err}"
+        );
         assert_eq!(err.file, FILE);
         err
     }
@@ -1202,7 +1348,10 @@ state = "down"
             }
         );
         let dns = &c.services[1];
-        assert_eq!(dns.key(), ("2001:db8::53".parse().unwrap(), 53, Protocol::Udp));
+        assert_eq!(
+            dns.key(),
+            ("2001:db8::53".parse().unwrap(), 53, Protocol::Udp)
+        );
         assert_eq!(dns.mode, Mode::Nat);
         assert_eq!(dns.health_check.kind, CheckKind::None);
         assert_eq!(
@@ -1230,7 +1379,12 @@ state = "down"
         assert_eq!(s.health_check.kind, CheckKind::Tcp);
         assert_eq!(
             s.backends,
-            [BackendConfig { address: "10.0.0.11".parse().unwrap(), port: 80, weight: 100, state: InitialState::Up }]
+            [BackendConfig {
+                address: "10.0.0.11".parse().unwrap(),
+                port: 80,
+                weight: 100,
+                state: InitialState::Up
+            }]
         );
     }
 
@@ -1239,7 +1393,12 @@ state = "down"
         let c = parse(&service("[service.health_check]\ntype = \"http\"\n")).unwrap();
         assert_eq!(
             c.services[0].health_check.kind,
-            CheckKind::Http { method: "GET".into(), path: "/".into(), expect_status: vec![200], host: None }
+            CheckKind::Http {
+                method: "GET".into(),
+                path: "/".into(),
+                expect_status: vec![200],
+                host: None
+            }
         );
     }
 
@@ -1252,7 +1411,10 @@ state = "down"
     #[test]
     fn default_timeout_shrinks_to_a_short_interval() {
         let c = parse(&service("[service.health_check]\ninterval = \"200ms\"\n")).unwrap();
-        assert_eq!(c.services[0].health_check.timeout, Duration::from_millis(200));
+        assert_eq!(
+            c.services[0].health_check.timeout,
+            Duration::from_millis(200)
+        );
     }
 
     #[test]
@@ -1265,8 +1427,11 @@ state = "down"
     #[test]
     fn documented_examples_parse() {
         let doc = include_str!("../../docs/configuration.md");
-        let examples: Vec<&str> =
-            doc.split("```toml\n").skip(1).map(|block| block.split("```").next().unwrap()).collect();
+        let examples: Vec<&str> = doc
+            .split("```toml\n")
+            .skip(1)
+            .map(|block| block.split("```").next().unwrap())
+            .collect();
         assert_eq!(examples.len(), 2);
         for example in examples {
             parse(example).unwrap_or_else(|e| panic!("{e}\n{example}"));
@@ -1295,17 +1460,28 @@ state = "down"
 
     #[test]
     fn load_reads_the_file_and_names_it_in_errors() {
-        let path = std::env::temp_dir().join(format!("xdplb-config-test-{}.toml", std::process::id()));
+        let path =
+            std::env::temp_dir().join(format!("xdplb-config-test-{}.toml", std::process::id()));
         std::fs::write(&path, service("").replace("port = 80", "port = 0")).unwrap();
         let err = Config::load(&path).unwrap_err();
         std::fs::remove_file(&path).unwrap();
         assert_eq!(err.file, path.display().to_string());
-        assert!(err.to_string().starts_with(&format!("config {}: service \"web\" port: ", path.display())), "{err}");
+        assert!(
+            err.to_string().starts_with(&format!(
+                "config {}: service \"web\" port: ",
+                path.display()
+            )),
+            "{err}"
+        );
         assert!(err.problem.contains("out of range"), "{err}");
 
         let err = Config::load(Path::new("/nonexistent/xdplb.toml")).unwrap_err();
         assert_eq!(err.field, "");
-        assert!(err.to_string().starts_with("config /nonexistent/xdplb.toml: cannot read it: "), "{err}");
+        assert!(
+            err.to_string()
+                .starts_with("config /nonexistent/xdplb.toml: cannot read it: "),
+            "{err}"
+        );
     }
 
     // --- parse-stage errors: path, line and column recovered from the span
@@ -1313,21 +1489,36 @@ state = "down"
     #[test]
     fn unknown_field_in_backend() {
         let text = service("[[service.backend]]\naddress = \"10.0.0.11\"\nwieght = 5\n");
-        let err = rejects(&text, "service \"web\" backend[0].wieght", "unknown field `wieght`");
+        let err = rejects(
+            &text,
+            "service \"web\" backend[0].wieght",
+            "unknown field `wieght`",
+        );
         assert!(err.problem.contains("(line 8, column 1)"), "{err}");
-        assert!(err.problem.contains("`weight`"), "lists the expected fields: {err}");
+        assert!(
+            err.problem.contains("`weight`"),
+            "lists the expected fields: {err}"
+        );
     }
 
     #[test]
     fn unknown_fields_elsewhere() {
         rejects("colour = 1\n", "colour", "unknown field `colour`");
-        rejects("[daemon]\napi_sock = \"/x\"\n", "daemon.api_sock", "unknown field `api_sock`");
+        rejects(
+            "[daemon]\napi_sock = \"/x\"\n",
+            "daemon.api_sock",
+            "unknown field `api_sock`",
+        );
         rejects(
             &service("[service.health_check]\nkind = \"tcp\"\n"),
             "service \"web\" health_check.kind",
             "unknown field `kind`",
         );
-        rejects(&service("vips = []\n"), "service \"web\" vips", "unknown field");
+        rejects(
+            &service("vips = []\n"),
+            "service \"web\" vips",
+            "unknown field",
+        );
     }
 
     #[test]
@@ -1335,7 +1526,9 @@ state = "down"
         let text = format!(
             "{}\n{}",
             service(""),
-            service("").replace("web", "api").replace("port = 80", "port = 80\nmode = \"tunnel\"")
+            service("")
+                .replace("web", "api")
+                .replace("port = 80", "port = 80\nmode = \"tunnel\"")
         );
         rejects(&text, "service \"api\" mode", "unknown variant `tunnel`");
     }
@@ -1348,20 +1541,44 @@ state = "down"
             "missing field `vip`",
         );
         assert!(err.problem.contains("line 1, column 1"), "{err}");
-        rejects(&service("[[service.backend]]\nport = 80\n"), "service \"web\" backend[0]", "missing field `address`");
+        rejects(
+            &service("[[service.backend]]\nport = 80\n"),
+            "service \"web\" backend[0]",
+            "missing field `address`",
+        );
     }
 
     #[test]
     fn wrong_type_and_bad_enum() {
-        rejects(&service("table_size = \"big\"\n"), "service \"web\" table_size", "invalid type");
-        rejects(&service("").replace("\"tcp\"", "\"sctp\""), "service \"web\" protocol", "unknown variant `sctp`");
-        rejects("[daemon]\nall_down = \"maybe\"\n", "daemon.all_down", "expected `fail-open` or `drop`");
+        rejects(
+            &service("table_size = \"big\"\n"),
+            "service \"web\" table_size",
+            "invalid type",
+        );
+        rejects(
+            &service("").replace("\"tcp\"", "\"sctp\""),
+            "service \"web\" protocol",
+            "unknown variant `sctp`",
+        );
+        rejects(
+            "[daemon]\nall_down = \"maybe\"\n",
+            "daemon.all_down",
+            "expected `fail-open` or `drop`",
+        );
     }
 
     #[test]
     fn syntax_error_reports_line_and_column() {
-        let err = rejects("[[service]]\nname = \"web\nport = 80\n", "service[0].name", "line 2, column");
-        assert!(err.to_string().starts_with("config /etc/xdplb.toml: service[0].name: "), "{err}");
+        let err = rejects(
+            "[[service]]\nname = \"web\nport = 80\n",
+            "service[0].name",
+            "line 2, column",
+        );
+        assert!(
+            err.to_string()
+                .starts_with("config /etc/xdplb.toml: service[0].name: "),
+            "{err}"
+        );
     }
 
     #[test]
@@ -1369,24 +1586,54 @@ state = "down"
         let text = "# [not] a header\n[[service]]\nname = \"a # ]\" # c\nx = [\n  1,\n  [2],\n]\n\
                     [[service.backend]]\n[[service]]\n[[service.backend]]\n[[service.backend]]\n\"a.b\".c = '''\n[x]\n'''\nport = 1\n";
         let at = |needle: &str| statement_path(text, text.find(needle).unwrap()).unwrap();
-        let seg = |key: &str, index| Segment { key: key.into(), index };
+        let seg = |key: &str, index| Segment {
+            key: key.into(),
+            index,
+        };
         assert_eq!(at("  [2]"), [seg("service", Some(0)), seg("x", None)]);
-        assert_eq!(at("[x]"), [seg("service", Some(1)), seg("backend", Some(1)), seg("a.b", None), seg("c", None)]);
-        assert_eq!(at("port = 1"), [seg("service", Some(1)), seg("backend", Some(1)), seg("port", None)]);
+        assert_eq!(
+            at("[x]"),
+            [
+                seg("service", Some(1)),
+                seg("backend", Some(1)),
+                seg("a.b", None),
+                seg("c", None)
+            ]
+        );
+        assert_eq!(
+            at("port = 1"),
+            [
+                seg("service", Some(1)),
+                seg("backend", Some(1)),
+                seg("port", None)
+            ]
+        );
     }
 
     // --- validation rules
 
     #[test]
     fn invalid_service_name() {
-        rejects(&service("").replace("\"web\"", "\"my web\""), "service[0].name", "not a valid name");
+        rejects(
+            &service("").replace("\"web\"", "\"my web\""),
+            "service[0].name",
+            "not a valid name",
+        );
         let long = "a".repeat(65);
-        rejects(&service("").replace("web", &long), "service[0].name", "not a valid name");
+        rejects(
+            &service("").replace("web", &long),
+            "service[0].name",
+            "not a valid name",
+        );
     }
 
     #[test]
     fn duplicate_service_name() {
-        let text = format!("{}{}", service(""), service("").replace("port = 80", "port = 81"));
+        let text = format!(
+            "{}{}",
+            service(""),
+            service("").replace("port = 80", "port = 81")
+        );
         rejects(&text, "service[1].name", "duplicate service name \"web\"");
     }
 
@@ -1394,18 +1641,41 @@ state = "down"
     fn duplicate_service_key_names_both_services() {
         let text = format!("{}{}", service(""), service("").replace("web", "web2"));
         let err = rejects(&text, "service \"web2\"", "duplicate service");
-        assert!(err.problem.contains("10.0.0.100:80/tcp") && err.problem.contains("\"web\""), "{err}");
+        assert!(
+            err.problem.contains("10.0.0.100:80/tcp") && err.problem.contains("\"web\""),
+            "{err}"
+        );
         // Another protocol on the same address and port is another service.
-        let text = format!("{}{}", service(""), service("").replace("web", "web2").replace("tcp", "udp"));
+        let text = format!(
+            "{}{}",
+            service(""),
+            service("").replace("web", "web2").replace("tcp", "udp")
+        );
         assert_eq!(parse(&text).unwrap().services.len(), 2);
     }
 
     #[test]
     fn invalid_addresses() {
-        rejects(&service("").replace("10.0.0.100", "10.0.0.300"), "service \"web\" vip", "not an IPv4 or IPv6 address");
-        rejects(&service("").replace("10.0.0.100", "0.0.0.0"), "service \"web\" vip", "not a unicast address");
-        rejects(&service("").replace("10.0.0.100", "ff02::1"), "service \"web\" vip", "not a unicast address");
-        rejects(&service("").replace("10.0.0.100", "::ffff:10.0.0.100"), "service \"web\" vip", "IPv4-mapped");
+        rejects(
+            &service("").replace("10.0.0.100", "10.0.0.300"),
+            "service \"web\" vip",
+            "not an IPv4 or IPv6 address",
+        );
+        rejects(
+            &service("").replace("10.0.0.100", "0.0.0.0"),
+            "service \"web\" vip",
+            "not a unicast address",
+        );
+        rejects(
+            &service("").replace("10.0.0.100", "ff02::1"),
+            "service \"web\" vip",
+            "not a unicast address",
+        );
+        rejects(
+            &service("").replace("10.0.0.100", "::ffff:10.0.0.100"),
+            "service \"web\" vip",
+            "IPv4-mapped",
+        );
         rejects(
             &service("[[service.backend]]\naddress = \"backend1\"\n"),
             "service \"web\" backend[0].address",
@@ -1415,8 +1685,16 @@ state = "down"
 
     #[test]
     fn port_out_of_range() {
-        rejects(&service("").replace("port = 80", "port = 0"), "service \"web\" port", "0 is out of range 1..=65535");
-        rejects(&service("").replace("port = 80", "port = 65536"), "service \"web\" port", "out of range");
+        rejects(
+            &service("").replace("port = 80", "port = 0"),
+            "service \"web\" port",
+            "0 is out of range 1..=65535",
+        );
+        rejects(
+            &service("").replace("port = 80", "port = 65536"),
+            "service \"web\" port",
+            "out of range",
+        );
         rejects(
             &service("[[service.backend]]\naddress = \"10.0.0.1\"\nport = 0\n"),
             "service \"web\" backend[0].port",
@@ -1431,16 +1709,38 @@ state = "down"
 
     #[test]
     fn table_size_must_be_a_prime_in_range() {
-        rejects(&service("table_size = 65536\n"), "service \"web\" table_size", "65536 is not a prime");
-        rejects(&service("table_size = 241\n"), "service \"web\" table_size", "out of range 251..=1048573");
-        rejects(&service("table_size = 1048583\n"), "service \"web\" table_size", "out of range");
-        assert_eq!(parse(&service("table_size = 1048573\n")).unwrap().services[0].table_size, MAX_TABLE_SIZE);
+        rejects(
+            &service("table_size = 65536\n"),
+            "service \"web\" table_size",
+            "65536 is not a prime",
+        );
+        rejects(
+            &service("table_size = 241\n"),
+            "service \"web\" table_size",
+            "out of range 251..=1048573",
+        );
+        rejects(
+            &service("table_size = 1048583\n"),
+            "service \"web\" table_size",
+            "out of range",
+        );
+        assert_eq!(
+            parse(&service("table_size = 1048573\n")).unwrap().services[0].table_size,
+            MAX_TABLE_SIZE
+        );
     }
 
     #[test]
     fn table_size_must_hold_every_backend() {
-        let backends: String =
-            (1..=252).map(|i| format!("[[service.backend]]\naddress = \"10.1.{}.{}\"\n", i / 200, i % 200)).collect();
+        let backends: String = (1..=252)
+            .map(|i| {
+                format!(
+                    "[[service.backend]]\naddress = \"10.1.{}.{}\"\n",
+                    i / 200,
+                    i % 200
+                )
+            })
+            .collect();
         rejects(
             &service(&format!("table_size = 251\n{backends}")),
             "service \"web\" table_size",
@@ -1452,10 +1752,18 @@ state = "down"
     fn maglev_capacity_is_checked() {
         // 32 services of the default size fill the flat table exactly.
         let many: String = (0..33)
-            .map(|i| service("").replace("web", &format!("s{i}")).replace("port = 80", &format!("port = {}", i + 1)))
+            .map(|i| {
+                service("")
+                    .replace("web", &format!("s{i}"))
+                    .replace("port = 80", &format!("port = {}", i + 1))
+            })
             .collect();
         rejects(&many, "service \"s32\" table_size", "need 4325442 slots");
-        let fits: String = many.split("[[service]]").take(33).collect::<Vec<_>>().join("[[service]]");
+        let fits: String = many
+            .split("[[service]]")
+            .take(33)
+            .collect::<Vec<_>>()
+            .join("[[service]]");
         assert_eq!(parse(&fits).unwrap().services.len(), 32);
     }
 
@@ -1471,7 +1779,11 @@ state = "down"
     #[test]
     fn duplicate_backend() {
         let b = "[[service.backend]]\naddress = \"10.0.0.11\"\n";
-        let err = rejects(&service(&format!("{b}{b}")), "service \"web\" backend[1]", "duplicate backend 10.0.0.11:80");
+        let err = rejects(
+            &service(&format!("{b}{b}")),
+            "service \"web\" backend[1]",
+            "duplicate backend 10.0.0.11:80",
+        );
         assert!(err.problem.contains("backend[0]"), "{err}");
     }
 
@@ -1492,8 +1804,19 @@ state = "down"
     #[test]
     fn dsr_backend_port_must_be_the_service_port() {
         let b = "[[service.backend]]\naddress = \"10.0.0.1\"\nport = 8080\n";
-        rejects(&service(b), "service \"web\" backend[0].port", "differs from the service port 80");
-        assert_eq!(parse(&service(&format!("mode = \"nat\"\n{b}"))).unwrap().services[0].backends[0].port, 8080);
+        rejects(
+            &service(b),
+            "service \"web\" backend[0].port",
+            "differs from the service port 80",
+        );
+        assert_eq!(
+            parse(&service(&format!("mode = \"nat\"\n{b}")))
+                .unwrap()
+                .services[0]
+                .backends[0]
+                .port,
+            8080
+        );
     }
 
     #[test]
@@ -1522,11 +1845,27 @@ state = "down"
     #[test]
     fn invalid_durations() {
         let drain = |d: &str| service(&format!("drain_timeout = \"{d}\"\n"));
-        rejects(&drain("0s"), "service \"web\" drain_timeout", "longer than zero");
-        rejects(&drain("1d"), "service \"web\" drain_timeout", "not a duration");
-        rejects(&drain("1.5s"), "service \"web\" drain_timeout", "whole number");
+        rejects(
+            &drain("0s"),
+            "service \"web\" drain_timeout",
+            "longer than zero",
+        );
+        rejects(
+            &drain("1d"),
+            "service \"web\" drain_timeout",
+            "not a duration",
+        );
+        rejects(
+            &drain("1.5s"),
+            "service \"web\" drain_timeout",
+            "whole number",
+        );
         rejects(&drain("s"), "service \"web\" drain_timeout", "whole number");
-        rejects(&drain("99999999999999999999m"), "service \"web\" drain_timeout", "too long");
+        rejects(
+            &drain("99999999999999999999m"),
+            "service \"web\" drain_timeout",
+            "too long",
+        );
         rejects(
             &service("[service.health_check]\ninterval = \"1 s\"\n"),
             "service \"web\" health_check.interval",
@@ -1542,7 +1881,11 @@ state = "down"
             "service \"web\" health_check.path",
             "must start with \"/\"",
         );
-        rejects(&service(&format!("{hc}path = \"/a b\"\n")), "service \"web\" health_check.path", "whitespace");
+        rejects(
+            &service(&format!("{hc}path = \"/a b\"\n")),
+            "service \"web\" health_check.path",
+            "whitespace",
+        );
     }
 
     #[test]
@@ -1553,7 +1896,11 @@ state = "down"
             "service \"web\" health_check.expect_status[1]",
             "600 is out of range 100..=599",
         );
-        rejects(&service(&format!("{hc}expect_status = []\n")), "service \"web\" health_check.expect_status", "empty");
+        rejects(
+            &service(&format!("{hc}expect_status = []\n")),
+            "service \"web\" health_check.expect_status",
+            "empty",
+        );
     }
 
     #[test]
@@ -1564,7 +1911,11 @@ state = "down"
             "service \"web\" health_check.method",
             "not a valid HTTP method",
         );
-        rejects(&service(&format!("{hc}host = \"\"\n")), "service \"web\" health_check.host", "not a valid Host");
+        rejects(
+            &service(&format!("{hc}host = \"\"\n")),
+            "service \"web\" health_check.host",
+            "not a valid Host",
+        );
     }
 
     #[test]
@@ -1578,7 +1929,11 @@ state = "down"
 
     #[test]
     fn daemon_paths_must_be_absolute() {
-        rejects("[daemon]\nstate_file = \"state.json\"\n", "daemon.state_file", "not an absolute path");
+        rejects(
+            "[daemon]\nstate_file = \"state.json\"\n",
+            "daemon.state_file",
+            "not an absolute path",
+        );
     }
 
     #[test]
@@ -1617,15 +1972,30 @@ port = 8080
         assert_eq!(nat.ports, (30000, 30999));
         assert_eq!(nat.tcp_timeout, Duration::from_secs(600));
         assert_eq!(nat.udp_timeout, NatConfig::default().udp_timeout);
-        assert_eq!(c.services[0].backends[0].port, 8080, "NAT maps VIP:80 to backend:8080");
+        assert_eq!(
+            c.services[0].backends[0].port, 8080,
+            "NAT maps VIP:80 to backend:8080"
+        );
     }
 
     #[test]
     fn bad_nat_settings_are_refused() {
         for (from, to, needle) in [
-            ("ports = \"30000-30999\"", "ports = \"30999-30000\"", "nat.ports"),
-            ("snat_address = \"10.1.0.2\"", "snat_address = \"fd00::2\"", "nat.snat_address"),
-            ("tcp_timeout = \"10m\"", "tcp_timeout = \"soon\"", "nat.tcp_timeout"),
+            (
+                "ports = \"30000-30999\"",
+                "ports = \"30999-30000\"",
+                "nat.ports",
+            ),
+            (
+                "snat_address = \"10.1.0.2\"",
+                "snat_address = \"fd00::2\"",
+                "nat.snat_address",
+            ),
+            (
+                "tcp_timeout = \"10m\"",
+                "tcp_timeout = \"soon\"",
+                "nat.tcp_timeout",
+            ),
             ("mode = \"nat\"", "mode = \"dsr\"", "nat"),
         ] {
             let err = Config::parse(&NAT.replace(from, to), "nat.toml").unwrap_err();

@@ -23,8 +23,9 @@ use std::{
 use anyhow::{bail, Context as _, Result};
 use tracing::{error, info, warn};
 use xdp_common::{
-    Backend, Globals, Service, BACKEND_ACTIVE, BACKEND_DOWN, BACKEND_DRAINING, MAGLEV_SLOTS, MAX_BACKENDS,
-    MAX_SERVICES, SVC_F_HASH_SRC_ONLY, SVC_F_NAT, SVC_F_NO_BACKEND, SVC_F_SECOND_HALF,
+    Backend, Globals, Service, BACKEND_ACTIVE, BACKEND_DOWN, BACKEND_DRAINING, MAGLEV_SLOTS,
+    MAX_BACKENDS, MAX_SERVICES, SVC_F_HASH_SRC_ONLY, SVC_F_NAT, SVC_F_NO_BACKEND,
+    SVC_F_SECOND_HALF,
 };
 
 use crate::{
@@ -170,7 +171,8 @@ impl ServiceState {
             table_size: self.config.table_size,
             nat_port_base: nat.ports.0,
             // The range is inclusive and may hold 64512 ports: saturate.
-            nat_port_count: u16::try_from(u32::from(nat.ports.1) - u32::from(nat.ports.0) + 1).unwrap_or(u16::MAX),
+            nat_port_count: u16::try_from(u32::from(nat.ports.1) - u32::from(nat.ports.0) + 1)
+                .unwrap_or(u16::MAX),
             nat_tcp_timeout: secs(nat.tcp_timeout),
             nat_closing_timeout: secs(nat.tcp_closing_timeout),
             nat_udp_timeout: secs(nat.udp_timeout),
@@ -184,7 +186,10 @@ impl ServiceState {
 
     /// Number of backends taking new flows.
     pub fn active(&self) -> usize {
-        self.backends.values().filter(|b| b.state == BACKEND_ACTIVE).count()
+        self.backends
+            .values()
+            .filter(|b| b.state == BACKEND_ACTIVE)
+            .count()
     }
 }
 
@@ -196,7 +201,9 @@ struct Ranges {
 
 impl Ranges {
     fn new(len: u32) -> Self {
-        Self { free: BTreeMap::from([(0, len)]) }
+        Self {
+            free: BTreeMap::from([(0, len)]),
+        }
     }
 
     fn alloc(&mut self, len: u32) -> Option<u32> {
@@ -206,7 +213,9 @@ impl Ranges {
 
     /// Allocates exactly `start..start + len`, if free.
     fn take(&mut self, start: u32, len: u32) -> bool {
-        let Some((&s, &l)) = self.free.range(..=start).next_back() else { return false };
+        let Some((&s, &l)) = self.free.range(..=start).next_back() else {
+            return false;
+        };
         if s + l < start + len {
             return false;
         }
@@ -276,7 +285,11 @@ impl Controller {
         let mut adoptable = Adoptable::default();
         for entry in maps.services.iter() {
             let (key, svc) = entry.context("reading pinned services")?;
-            let id = (addr::from_words(key.addr), u16::from_be(key.port_be), key.proto);
+            let id = (
+                addr::from_words(key.addr),
+                u16::from_be(key.port_be),
+                key.proto,
+            );
             adoptable.services.insert(id, svc);
         }
         if !adoptable.services.is_empty() {
@@ -287,7 +300,11 @@ impl Controller {
                     adoptable.backends.insert(key, (id, b.state));
                 }
             }
-            info!(services = adoptable.services.len(), backends = adoptable.backends.len(), "adopting a running datapath");
+            info!(
+                services = adoptable.services.len(),
+                backends = adoptable.backends.len(),
+                "adopting a running datapath"
+            );
         }
         Ok(Self {
             maps,
@@ -324,7 +341,12 @@ impl Controller {
         self.all_down = config.daemon.all_down;
         let wanted: BTreeMap<ServiceId, &ServiceConfig> =
             config.services.iter().map(|s| (service_id(s), s)).collect();
-        let gone: Vec<ServiceId> = self.services.keys().filter(|k| !wanted.contains_key(k)).copied().collect();
+        let gone: Vec<ServiceId> = self
+            .services
+            .keys()
+            .filter(|k| !wanted.contains_key(k))
+            .copied()
+            .collect();
         for key in gone {
             self.remove_service(key)?;
         }
@@ -346,7 +368,10 @@ impl Controller {
         }
         self.finish_adoption()?;
         let nat_enabled = u32::from(self.services.values().any(|s| s.config.mode == Mode::Nat));
-        self.maps.globals.set(0, Globals { nat_enabled }, 0).context("writing datapath globals")
+        self.maps
+            .globals
+            .set(0, Globals { nat_enabled }, 0)
+            .context("writing datapath globals")
     }
 
     /// Removes what an adopted datapath had that the configuration does not.
@@ -355,12 +380,19 @@ impl Controller {
         for key in adoptable.services.keys() {
             if !self.services.contains_key(key) {
                 let skey = addr::service_key(key.0, key.1, key.2);
-                self.maps.services.remove(&skey).context("removing a service the configuration dropped")?;
+                self.maps
+                    .services
+                    .remove(&skey)
+                    .context("removing a service the configuration dropped")?;
                 info!(vip = %key.0, port = key.1, "service of the adopted datapath is no longer configured: removed");
             }
         }
         for (id, _) in adoptable.backends.values() {
-            if !self.services.values().any(|s| s.backends.values().any(|b| b.id == *id)) {
+            if !self
+                .services
+                .values()
+                .any(|s| s.backends.values().any(|b| b.id == *id))
+            {
                 self.maps.backends.set(*id, Backend::default(), 0)?;
             }
         }
@@ -417,10 +449,21 @@ impl Controller {
     fn update_service(&mut self, key: ServiceId, cfg: &ServiceConfig) -> Result<()> {
         let svc = self.services.get_mut(&key).expect("caller checked");
         let service_id = svc.id;
-        let wanted: BTreeMap<BackendAddr, &BackendConfig> =
-            cfg.backends.iter().map(|b| ((b.address, b.port), b)).collect();
-        let removed: Vec<BackendAddr> = svc.backends.keys().filter(|k| !wanted.contains_key(k)).copied().collect();
-        let leaving: Vec<BackendState> = removed.iter().filter_map(|k| svc.backends.remove(k)).collect();
+        let wanted: BTreeMap<BackendAddr, &BackendConfig> = cfg
+            .backends
+            .iter()
+            .map(|b| ((b.address, b.port), b))
+            .collect();
+        let removed: Vec<BackendAddr> = svc
+            .backends
+            .keys()
+            .filter(|k| !wanted.contains_key(k))
+            .copied()
+            .collect();
+        let leaving: Vec<BackendState> = removed
+            .iter()
+            .filter_map(|k| svc.backends.remove(k))
+            .collect();
         let mut added = Vec::new();
         for (k, b) in &wanted {
             match svc.backends.get_mut(k) {
@@ -436,7 +479,11 @@ impl Controller {
         svc.config = cfg.clone();
         for b in &added {
             let state = self.new_backend(service_id, cfg, b)?;
-            self.services.get_mut(&key).expect("present").backends.insert((b.address, b.port), state);
+            self.services
+                .get_mut(&key)
+                .expect("present")
+                .backends
+                .insert((b.address, b.port), state);
         }
         self.sync(key)?;
         // Removed backends leave only after the new table is live.
@@ -452,7 +499,10 @@ impl Controller {
     fn remove_service(&mut self, key: ServiceId) -> Result<()> {
         let svc = self.services.remove(&key).expect("caller checked");
         let skey = addr::service_key(key.0, key.1, key.2);
-        self.maps.services.remove(&skey).with_context(|| format!("removing service {}", svc.config.name))?;
+        self.maps
+            .services
+            .remove(&skey)
+            .with_context(|| format!("removing service {}", svc.config.name))?;
         for b in svc.backends.values() {
             self.maps.backends.set(b.id, Backend::default(), 0)?;
             self.backend_ids.release(b.id, 1);
@@ -463,7 +513,12 @@ impl Controller {
         Ok(())
     }
 
-    fn new_backend(&mut self, service: u32, svc: &ServiceConfig, cfg: &BackendConfig) -> Result<BackendState> {
+    fn new_backend(
+        &mut self,
+        service: u32,
+        svc: &ServiceConfig,
+        cfg: &BackendConfig,
+    ) -> Result<BackendState> {
         // An adopted backend keeps its id (flows are pinned to it) and the
         // health its datapath state implies.
         let adopted = self
@@ -507,7 +562,10 @@ impl Controller {
             state.snat = svc.nat.snat_address.or(hop.src_addr);
             if state.snat.is_none() {
                 self.backend_ids.release(id, 1);
-                bail!("backend {}: no source address on the route to it; set nat.snat_address", state.addr());
+                bail!(
+                    "backend {}: no source address on the route to it; set nat.snat_address",
+                    state.addr()
+                );
             }
         }
         self.maps
@@ -522,7 +580,11 @@ impl Controller {
     fn sync(&mut self, key: ServiceId) -> Result<()> {
         let all_down = self.all_down;
         let svc = self.services.get_mut(&key).expect("caller checked");
-        let mut members: Vec<&BackendState> = svc.backends.values().filter(|b| b.eligible() && b.healthy).collect();
+        let mut members: Vec<&BackendState> = svc
+            .backends
+            .values()
+            .filter(|b| b.eligible() && b.healthy)
+            .collect();
         let eligible = svc.backends.values().filter(|b| b.eligible()).count();
         let failing_open = members.is_empty() && eligible > 0 && all_down == AllDown::FailOpen;
         if failing_open {
@@ -536,8 +598,14 @@ impl Controller {
         }
         svc.failing_open = failing_open;
         let member_ids: BTreeSet<u32> = members.iter().map(|b| b.id).collect();
-        let keyed: Vec<MaglevBackend> =
-            members.iter().map(|b| MaglevBackend { key: b.addr().to_string(), id: b.id, weight: b.config.weight }).collect();
+        let keyed: Vec<MaglevBackend> = members
+            .iter()
+            .map(|b| MaglevBackend {
+                key: b.addr().to_string(),
+                id: b.id,
+                weight: b.config.weight,
+            })
+            .collect();
         let table = maglev::build(&keyed, svc.config.table_size)
             .with_context(|| format!("building the Maglev table of service {}", svc.config.name))?;
 
@@ -564,11 +632,18 @@ impl Controller {
         let skey = addr::service_key(key.0, key.1, key.2);
         let exists = self.maps.services.get(&skey, 0).is_ok();
         if table != svc.table || !exists {
-            let next = if exists { 1 - svc.active_half } else { svc.active_half };
+            let next = if exists {
+                1 - svc.active_half
+            } else {
+                svc.active_half
+            };
             self.maps.write_table(svc.table_base(next), &table)?;
             svc.active_half = next;
             svc.table = table;
-            self.maps.services.insert(skey, svc.entry(), 0).context("swapping in the new table")?;
+            self.maps
+                .services
+                .insert(skey, svc.entry(), 0)
+                .context("swapping in the new table")?;
             info!(service = %svc.config.name, members = member_ids.len(), "Maglev table swapped in");
         }
         // 4. Leavers stop only now.
@@ -593,7 +668,9 @@ impl Controller {
         for svc in self.services.values_mut() {
             let timeout = svc.config.drain_timeout;
             for b in svc.backends.values_mut() {
-                if b.draining_since.is_some_and(|t| now.duration_since(t) >= timeout) {
+                if b.draining_since
+                    .is_some_and(|t| now.duration_since(t) >= timeout)
+                {
                     b.draining_since = None;
                     b.state = BACKEND_DOWN;
                     self.maps.backends.set(b.id, b.entry(svc.id), 0)?;
@@ -612,37 +689,56 @@ impl Controller {
         for svc in self.services.values_mut() {
             let via_router = svc.config.mode == Mode::Nat;
             for b in svc.backends.values_mut() {
-                let wait = if b.mac.is_none() { Duration::from_millis(100) } else { Duration::ZERO };
-                let Ok(hop) = neigh::resolve(b.config.address, wait, via_router) else { continue };
+                let wait = if b.mac.is_none() {
+                    Duration::from_millis(100)
+                } else {
+                    Duration::ZERO
+                };
+                let Ok(hop) = neigh::resolve(b.config.address, wait, via_router) else {
+                    continue;
+                };
                 // Keep the last known MAC while the kernel re-verifies it.
                 let mac = hop.dst_mac.or(b.mac);
                 if (mac, hop.ifindex, hop.src_mac) != (b.mac, b.ifindex, b.src_mac) {
                     info!(backend = %b.addr(), mac = ?mac, "backend next hop updated");
                     (b.mac, b.ifindex, b.src_mac) = (mac, hop.ifindex, hop.src_mac);
                     self.maps.backends.set(b.id, b.entry(svc.id), 0)?;
-                    self.maps.tx_ports.insert(hop.ifindex, hop.ifindex, None, 0)?;
+                    self.maps
+                        .tx_ports
+                        .insert(hop.ifindex, hop.ifindex, None, 0)?;
                 }
             }
         }
         Ok(())
     }
 
-    fn backend_mut(&mut self, service: &str, backend: BackendAddr) -> Result<(ServiceId, &mut BackendState)> {
+    fn backend_mut(
+        &mut self,
+        service: &str,
+        backend: BackendAddr,
+    ) -> Result<(ServiceId, &mut BackendState)> {
         let (key, svc) = self
             .services
             .iter_mut()
             .find(|(_, s)| s.config.name == service)
             .with_context(|| format!("no service named {service:?}"))?;
-        let b = svc
-            .backends
-            .get_mut(&backend)
-            .with_context(|| format!("service {service:?} has no backend {}", SocketAddr::new(backend.0, backend.1)))?;
+        let b = svc.backends.get_mut(&backend).with_context(|| {
+            format!(
+                "service {service:?} has no backend {}",
+                SocketAddr::new(backend.0, backend.1)
+            )
+        })?;
         Ok((*key, b))
     }
 
     /// Records a health-check verdict; rebuilds the table if it changed
     /// anything. Returns whether it did.
-    pub fn set_health(&mut self, service: &str, backend: BackendAddr, healthy: bool) -> Result<bool> {
+    pub fn set_health(
+        &mut self,
+        service: &str,
+        backend: BackendAddr,
+        healthy: bool,
+    ) -> Result<bool> {
         let (key, b) = self.backend_mut(service, backend)?;
         if b.healthy == healthy {
             return Ok(false);
@@ -667,13 +763,20 @@ impl Controller {
 
 fn check_capacity(config: &Config) -> Result<()> {
     if config.services.len() > MAX_SERVICES as usize {
-        bail!("{} services configured; the datapath holds at most {MAX_SERVICES}", config.services.len());
+        bail!(
+            "{} services configured; the datapath holds at most {MAX_SERVICES}",
+            config.services.len()
+        );
     }
     let backends: usize = config.services.iter().map(|s| s.backends.len()).sum();
     if backends > MAX_BACKENDS as usize {
         bail!("{backends} backends configured; the datapath holds at most {MAX_BACKENDS}");
     }
-    let slots: u64 = config.services.iter().map(|s| 2 * u64::from(s.table_size)).sum();
+    let slots: u64 = config
+        .services
+        .iter()
+        .map(|s| 2 * u64::from(s.table_size))
+        .sum();
     if slots > u64::from(MAGLEV_SLOTS) {
         bail!(
             "the services' Maglev tables need {slots} slots (two per table entry, for atomic swaps); \

@@ -93,12 +93,16 @@ impl Daemon {
         };
         let mut overlay = inner.overlay.clone();
         let message = edit(&mut overlay, &inner.config)?;
-        let merged = overlay.merge(&file).map_err(|e| ApiError::bad_request(e.to_string()))?;
+        let merged = overlay
+            .merge(&file)
+            .map_err(|e| ApiError::bad_request(e.to_string()))?;
         inner
             .controller
             .apply(&merged)
             .map_err(|e| ApiError::internal(format!("{e:#}")))?;
-        overlay.save(&self.state_file).map_err(|e| ApiError::internal(format!("{e:#}")))?;
+        overlay
+            .save(&self.state_file)
+            .map_err(|e| ApiError::internal(format!("{e:#}")))?;
         let targets = check_targets(&merged, &inner.controller);
         inner.health.update(targets);
         (inner.file, inner.overlay, inner.config) = (file, overlay, merged);
@@ -110,7 +114,10 @@ impl Daemon {
         let mut inner = self.lock();
         let (ip, port) = event.backend;
         let verdict = if event.healthy { "UP" } else { "DOWN" };
-        match inner.controller.set_health(&event.service, event.backend, event.healthy) {
+        match inner
+            .controller
+            .set_health(&event.service, event.backend, event.healthy)
+        {
             Ok(_) => {
                 let took = event.at.elapsed();
                 if event.healthy {
@@ -182,8 +189,15 @@ fn service_config<'a>(config: &'a Config, name: &str) -> Result<&'a ServiceConfi
 fn backend_ref(config: &Config, r: &BackendRef) -> Result<SocketAddr, ApiError> {
     let svc = service_config(config, &r.service)?;
     let addr = SocketAddr::new(r.address, r.port.unwrap_or(svc.port));
-    if !svc.backends.iter().any(|b| SocketAddr::new(b.address, b.port) == addr) {
-        return Err(ApiError::not_found(format!("service {:?} has no backend {addr}", r.service)));
+    if !svc
+        .backends
+        .iter()
+        .any(|b| SocketAddr::new(b.address, b.port) == addr)
+    {
+        return Err(ApiError::not_found(format!(
+            "service {:?} has no backend {addr}",
+            r.service
+        )));
     }
     Ok(addr)
 }
@@ -194,12 +208,19 @@ impl api::Handler for Daemon {
             Request::Status => Ok(json!(self.status())),
             Request::ListServices => {
                 let inner = self.lock();
-                Ok(json!(inner.controller.services().map(|s| service_view(&inner, s)).collect::<Vec<_>>()))
+                Ok(json!(inner
+                    .controller
+                    .services()
+                    .map(|s| service_view(&inner, s))
+                    .collect::<Vec<_>>()))
             }
             Request::ListBackends { service } => {
                 let inner = self.lock();
                 if let Some(name) = &service {
-                    inner.controller.service_by_name(name).ok_or_else(|| ApiError::not_found(format!("no service named {name:?}")))?;
+                    inner
+                        .controller
+                        .service_by_name(name)
+                        .ok_or_else(|| ApiError::not_found(format!("no service named {name:?}")))?;
                 }
                 let views: Vec<_> = inner
                     .controller
@@ -209,9 +230,9 @@ impl api::Handler for Daemon {
                     .collect();
                 Ok(json!(views))
             }
-            Request::AddService(table) => {
-                self.change(false, |o, _| Ok(format!("service {} added", o.add_service(table))))
-            }
+            Request::AddService(table) => self.change(false, |o, _| {
+                Ok(format!("service {} added", o.add_service(table)))
+            }),
             Request::RemoveService { name } => self.change(false, |o, config| {
                 if !config.services.iter().any(|s| s.name == name) {
                     return Err(ApiError::not_found(format!("no service named {name:?}")));
@@ -221,9 +242,9 @@ impl api::Handler for Daemon {
             }),
             Request::AddBackend { service, backend } => self.change(false, |o, config| {
                 let port = service_config(config, &service)?.port;
-                let addr = o
-                    .add_backend(&service, backend, port)
-                    .ok_or_else(|| ApiError::bad_request("backend.address: missing or not an IP address"))?;
+                let addr = o.add_backend(&service, backend, port).ok_or_else(|| {
+                    ApiError::bad_request("backend.address: missing or not an IP address")
+                })?;
                 Ok(format!("backend {addr} added to service {service}"))
             }),
             Request::RemoveBackend(r) => self.change(false, |o, config| {
@@ -233,21 +254,39 @@ impl api::Handler for Daemon {
             }),
             Request::Drain(r) => self.set_admin(&r, Admin::Drain),
             Request::Undrain(r) => self.set_admin(&r, Admin::Up),
-            Request::Reload => self.change(true, |_, _| Ok(format!("reloaded {}", self.config_path.display()))),
+            Request::Reload => self.change(true, |_, _| {
+                Ok(format!("reloaded {}", self.config_path.display()))
+            }),
             Request::Flow { src, dst, protocol } => {
                 let proto = match protocol.as_str() {
                     "tcp" => xdp_common::PROTO_TCP,
                     "udp" => xdp_common::PROTO_UDP,
-                    p => return Err(ApiError::bad_request(format!("unknown protocol {p:?} (expected tcp or udp)"))),
+                    p => {
+                        return Err(ApiError::bad_request(format!(
+                            "unknown protocol {p:?} (expected tcp or udp)"
+                        )))
+                    }
                 };
                 let inner = self.lock();
-                let route = inner.controller.maps.route(src, dst, proto).map_err(|e| ApiError::not_found(format!("{e:#}")))?;
+                let route = inner
+                    .controller
+                    .maps
+                    .route(src, dst, proto)
+                    .map_err(|e| ApiError::not_found(format!("{e:#}")))?;
                 let svc = inner
                     .controller
                     .services()
-                    .find(|s| s.config.vip == dst.ip() && s.config.port == dst.port() && s.config.protocol.number() == proto)
-                    .ok_or_else(|| ApiError::not_found(format!("no service at {dst}/{}", proto_name(proto))))?;
-                let backend_state = svc.backend_by_id(route.backend_id).map_or("down", |b| state_name(b.state));
+                    .find(|s| {
+                        s.config.vip == dst.ip()
+                            && s.config.port == dst.port()
+                            && s.config.protocol.number() == proto
+                    })
+                    .ok_or_else(|| {
+                        ApiError::not_found(format!("no service at {dst}/{}", proto_name(proto)))
+                    })?;
+                let backend_state = svc
+                    .backend_by_id(route.backend_id)
+                    .map_or("down", |b| state_name(b.state));
                 Ok(json!(api::FlowView {
                     service: svc.config.name.clone(),
                     backend: route.backend,
@@ -281,14 +320,23 @@ impl api::Handler for Daemon {
                                 .values()
                                 .map(|b| {
                                     let c = maps.backend_counters(b.id).unwrap_or_default();
-                                    api::BackendStatsView { address: b.config.address, port: b.config.port, packets: c.packets, bytes: c.bytes }
+                                    api::BackendStatsView {
+                                        address: b.config.address,
+                                        port: b.config.port,
+                                        packets: c.packets,
+                                        bytes: c.bytes,
+                                    }
                                 })
                                 .collect(),
                         }
                     })
                     .collect();
                 let nat = inner.nat;
-                Ok(json!(api::StatsView { reasons, services, nat }))
+                Ok(json!(api::StatsView {
+                    reasons,
+                    services,
+                    nat
+                }))
             }
         }
     }
@@ -296,7 +344,11 @@ impl api::Handler for Daemon {
 
 impl Daemon {
     fn set_admin(&self, r: &BackendRef, admin: Admin) -> Result<Value, ApiError> {
-        let verb = if admin == Admin::Drain { "drained" } else { "undrained" };
+        let verb = if admin == Admin::Drain {
+            "drained"
+        } else {
+            "undrained"
+        };
         self.change(false, |o, config| {
             let addr = backend_ref(config, r)?;
             o.set_admin(&r.service, addr, admin);
@@ -342,7 +394,9 @@ fn service_view(inner: &Inner, s: &ServiceState) -> api::ServiceView {
             .values()
             .map(|b| {
                 let c = maps.backend_counters(b.id).unwrap_or_default();
-                let check = health.iter().find(|t| t.service == cfg.name && t.backend == (b.config.address, b.config.port));
+                let check = health.iter().find(|t| {
+                    t.service == cfg.name && t.backend == (b.config.address, b.config.port)
+                });
                 api::BackendView {
                     service: cfg.name.clone(),
                     address: b.config.address,
@@ -351,7 +405,12 @@ fn service_view(inner: &Inner, s: &ServiceState) -> api::ServiceView {
                     admin: b.admin.name().into(),
                     health: if b.healthy { "up" } else { "down" }.into(),
                     state: state_name(b.state).into(),
-                    mac: b.mac.map(|m| m.iter().map(|x| format!("{x:02x}")).collect::<Vec<_>>().join(":")),
+                    mac: b.mac.map(|m| {
+                        m.iter()
+                            .map(|x| format!("{x:02x}"))
+                            .collect::<Vec<_>>()
+                            .join(":")
+                    }),
                     packets: c.packets,
                     bytes: c.bytes,
                     last_check: check.and_then(|t| t.last_result.clone()).map(|r| match r {
@@ -369,9 +428,15 @@ fn service_view(inner: &Inner, s: &ServiceState) -> api::ServiceView {
 /// range: this host's own connections could then collide with translated
 /// flows on the SNAT address.
 fn warn_port_overlap(config: &Config) {
-    let Ok(text) = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range") else { return };
-    let mut it = text.split_whitespace().filter_map(|n| n.parse::<u16>().ok());
-    let (Some(lo), Some(hi)) = (it.next(), it.next()) else { return };
+    let Ok(text) = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range") else {
+        return;
+    };
+    let mut it = text
+        .split_whitespace()
+        .filter_map(|n| n.parse::<u16>().ok());
+    let (Some(lo), Some(hi)) = (it.next(), it.next()) else {
+        return;
+    };
     for s in config.services.iter().filter(|s| s.mode == Mode::Nat) {
         let (a, b) = s.nat.ports;
         if a <= hi && lo <= b {
@@ -402,8 +467,12 @@ pub fn run(opts: Options) -> Result<()> {
         loader::interface_index(iface)?;
     }
     let pin_dir = opts.pin_dir.unwrap_or_else(|| file.daemon.pin_dir.clone());
-    let api_socket = opts.api_socket.unwrap_or_else(|| file.daemon.api_socket.clone());
-    let state_file = opts.state_file.unwrap_or_else(|| file.daemon.state_file.clone());
+    let api_socket = opts
+        .api_socket
+        .unwrap_or_else(|| file.daemon.api_socket.clone());
+    let state_file = opts
+        .state_file
+        .unwrap_or_else(|| file.daemon.state_file.clone());
     let mut overlay = Overlay::load(&state_file)?;
     let config = overlay.merge(&file)?;
 
@@ -420,14 +489,24 @@ pub fn run(opts: Options) -> Result<()> {
         // Replies to NAT clients leave through the interface the client
         // came in on, which may be any of ours: all are redirect targets.
         let ifindex = loader::interface_index(iface)?;
-        controller.maps.tx_ports.insert(ifindex, ifindex, None, 0).with_context(|| format!("adding {iface} to the egress devmap"))?;
+        controller
+            .maps
+            .tx_ports
+            .insert(ifindex, ifindex, None, 0)
+            .with_context(|| format!("adding {iface} to the egress devmap"))?;
         let attached = datapath.attach_pinned(iface, opts.mode)?;
         info!(%iface, mode = attached.name(), "XDP program attached");
-        interfaces.push(api::InterfaceView { name: iface.clone(), mode: attached.name().into() });
+        interfaces.push(api::InterfaceView {
+            name: iface.clone(),
+            mode: attached.name().into(),
+        });
     }
     guard.0 = None;
 
-    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
     let result = runtime.block_on(async {
         let (events_tx, mut events) = mpsc::unbounded_channel();
         let targets = check_targets(&config, &controller);
@@ -479,7 +558,7 @@ pub fn run(opts: Options) -> Result<()> {
                     let d = daemon.clone();
                     tokio::task::spawn_blocking(move || {
                         d.tick();
-                        if ticks % 5 == 0 {
+                        if ticks.is_multiple_of(5) {
                             d.refresh();
                         }
                     }).await?;

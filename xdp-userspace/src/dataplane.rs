@@ -34,15 +34,17 @@ trait Source {
 
 impl Source for &mut Ebpf {
     fn map(&mut self, name: &str) -> Result<Map> {
-        self.take_map(name).with_context(|| format!("map {name} missing from the XDP object"))
+        self.take_map(name)
+            .with_context(|| format!("map {name} missing from the XDP object"))
     }
 }
 
 impl Source for &Path {
     fn map(&mut self, name: &str) -> Result<Map> {
         let path = self.join(name);
-        let data = MapData::from_pin(&path)
-            .with_context(|| format!("opening pinned map {} (is xdplb running?)", path.display()))?;
+        let data = MapData::from_pin(&path).with_context(|| {
+            format!("opening pinned map {} (is xdplb running?)", path.display())
+        })?;
         Ok(Map::from_map_data(data)?)
     }
 }
@@ -51,7 +53,9 @@ impl Maps {
     fn from_source(mut src: impl Source) -> Result<Self> {
         macro_rules! typed {
             ($name:expr) => {
-                src.map($name)?.try_into().with_context(|| format!("map {} has an unexpected type", $name))?
+                src.map($name)?
+                    .try_into()
+                    .with_context(|| format!("map {} has an unexpected type", $name))?
             };
         }
         Ok(Self {
@@ -83,12 +87,19 @@ impl Maps {
     /// tables' occupancy. An entry goes when it is past its idle timeout
     /// and so is its partner in the other direction.
     pub fn sweep_nat(&mut self, now_ns: u64) -> Result<NatOccupancy> {
-        let idle = |last: u64, timeout_s: u32| now_ns.saturating_sub(last) > u64::from(timeout_s) * 1_000_000_000;
-        let mut occupancy = NatOccupancy { capacity: MAX_NAT_FLOWS, ..Default::default() };
+        let idle = |last: u64, timeout_s: u32| {
+            now_ns.saturating_sub(last) > u64::from(timeout_s) * 1_000_000_000
+        };
+        let mut occupancy = NatOccupancy {
+            capacity: MAX_NAT_FLOWS,
+            ..Default::default()
+        };
         let fwd: Vec<(FlowKey, NatFwd)> = self.nat_fwd.iter().filter_map(Result::ok).collect();
         let rev: Vec<(FlowKey, NatRev)> = self.nat_rev.iter().filter_map(Result::ok).collect();
-        let fwd_idle: std::collections::HashMap<FlowKey, bool> =
-            fwd.iter().map(|(k, f)| (*k, idle(f.last_seen_ns, f.timeout_s))).collect();
+        let fwd_idle: std::collections::HashMap<FlowKey, bool> = fwd
+            .iter()
+            .map(|(k, f)| (*k, idle(f.last_seen_ns, f.timeout_s)))
+            .collect();
         let mut rev_idle_by_client = std::collections::HashMap::new();
         for (k, r) in &rev {
             let client_key = FlowKey {
@@ -109,7 +120,9 @@ impl Maps {
             }
         }
         for (k, f) in &fwd {
-            if idle(f.last_seen_ns, f.timeout_s) && rev_idle_by_client.get(k).copied().unwrap_or(true) {
+            if idle(f.last_seen_ns, f.timeout_s)
+                && rev_idle_by_client.get(k).copied().unwrap_or(true)
+            {
                 let _ = self.nat_fwd.remove(k);
             } else {
                 occupancy.flows += 1;
@@ -131,7 +144,9 @@ impl Maps {
     /// Writes Maglev table `table` at `base` in the flat array.
     pub fn write_table(&mut self, base: u32, table: &[u32]) -> Result<()> {
         for (i, id) in table.iter().enumerate() {
-            self.maglev.set(base + i as u32, id, 0).context("writing a Maglev table")?;
+            self.maglev
+                .set(base + i as u32, id, 0)
+                .context("writing a Maglev table")?;
         }
         Ok(())
     }
@@ -155,10 +170,13 @@ impl Maps {
     }
 
     fn sum(map: &PerCpuArray<MapData, Counters>, id: u32) -> Result<Counters> {
-        Ok(map.get(&id, 0)?.iter().fold(Counters::default(), |a, c| Counters {
-            packets: a.packets + c.packets,
-            bytes: a.bytes + c.bytes,
-        }))
+        Ok(map
+            .get(&id, 0)?
+            .iter()
+            .fold(Counters::default(), |a, c| Counters {
+                packets: a.packets + c.packets,
+                bytes: a.bytes + c.bytes,
+            }))
     }
 
     /// A service's counters, summed over CPUs.
@@ -173,7 +191,13 @@ impl Maps {
 
     /// Zeroes a service's or backend's counters (when its id is reused).
     pub fn reset_counters(&mut self, service: Option<u32>, backend: Option<u32>) -> Result<()> {
-        let zero = || aya::maps::PerCpuValues::try_from(vec![Counters::default(); aya::util::nr_cpus().map_err(|(_, e)| e)?]).map_err(anyhow::Error::from);
+        let zero = || {
+            aya::maps::PerCpuValues::try_from(vec![
+                Counters::default();
+                aya::util::nr_cpus().map_err(|(_, e)| e)?
+            ])
+            .map_err(anyhow::Error::from)
+        };
         if let Some(id) = service {
             self.service_stats.set(id, zero()?, 0)?;
         }
@@ -207,7 +231,9 @@ impl Maps {
                 if service.flags & SVC_F_NO_BACKEND != 0 || service.table_size == 0 {
                     bail!("service at {dst} has no backend taking new flows");
                 }
-                let id = self.maglev.get(&(service.table_base + hash % service.table_size), 0)?;
+                let id = self
+                    .maglev
+                    .get(&(service.table_base + hash % service.table_size), 0)?;
                 (id, self.backend(id)?, false)
             }
         };
@@ -216,17 +242,22 @@ impl Maps {
             .flatten()
             .map(|f| {
                 let b = self.backend(f.backend).unwrap_or_default();
-                let snat = SocketAddr::new(addr::from_words(b.snat_addr), u16::from_be(f.nat_port_be));
+                let snat =
+                    SocketAddr::new(addr::from_words(b.snat_addr), u16::from_be(f.nat_port_be));
                 let backend = SocketAddr::new(addr::from_words(b.addr), u16::from_be(b.port_be));
                 format!("{src} -> {dst} is translated to {snat} -> {backend}")
             });
         Ok(Route {
             nat,
             backend_id: id,
-            backend: SocketAddr::new(addr::from_words(backend.addr), u16::from_be(backend.port_be)),
+            backend: SocketAddr::new(
+                addr::from_words(backend.addr),
+                u16::from_be(backend.port_be),
+            ),
             established,
             hash,
-            slot: (service.flags & SVC_F_NO_BACKEND == 0 && service.table_size != 0).then(|| hash % service.table_size),
+            slot: (service.flags & SVC_F_NO_BACKEND == 0 && service.table_size != 0)
+                .then(|| hash % service.table_size),
         })
     }
 }
@@ -247,7 +278,10 @@ pub struct NatOccupancy {
 /// The kernel's CLOCK_MONOTONIC_COARSE, the clock of
 /// `bpf_ktime_get_coarse_ns` that stamps NAT entries.
 pub fn monotonic_coarse_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: valid out-pointer.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64

@@ -57,7 +57,13 @@ impl Hysteresis {
     /// counts as 1 (the configuration never has one).
     #[must_use]
     pub fn new(rise: u32, fall: u32, initially_healthy: bool) -> Self {
-        Self { rise: rise.max(1), fall: fall.max(1), healthy: initially_healthy, ok_streak: 0, fail_streak: 0 }
+        Self {
+            rise: rise.max(1),
+            fall: fall.max(1),
+            healthy: initially_healthy,
+            ok_streak: 0,
+            fail_streak: 0,
+        }
     }
 
     /// Records one probe result. Returns the new verdict if it changed: a
@@ -116,18 +122,30 @@ const MAX_STATUS_LINE: u64 = 256;
 /// `read HTTP status line: timed out after 500ms`,
 /// `HTTP status 503, expected [200]`.
 pub async fn probe(kind: &CheckKind, target: SocketAddr, timeout: Duration) -> Result<(), String> {
-    let deadline = Deadline { at: time::Instant::now() + timeout, timeout };
+    let deadline = Deadline {
+        at: time::Instant::now() + timeout,
+        timeout,
+    };
     match kind {
         CheckKind::None => Ok(()),
         CheckKind::Tcp => connect(target, deadline).await.map(drop),
-        CheckKind::Http { method, path, expect_status, host } => {
+        CheckKind::Http {
+            method,
+            path,
+            expect_status,
+            host,
+        } => {
             let host = host.clone().unwrap_or_else(|| host_header(target.ip()));
             let request = format!(
                 "{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\nUser-Agent: xdplb-health\r\n\r\n"
             );
             let mut stream = connect(target, deadline).await?;
-            deadline.run("send HTTP request", stream.write_all(request.as_bytes())).await?;
-            let line = deadline.run("read HTTP status line", read_status_line(&mut stream)).await?;
+            deadline
+                .run("send HTTP request", stream.write_all(request.as_bytes()))
+                .await?;
+            let line = deadline
+                .run("read HTTP status line", read_status_line(&mut stream))
+                .await?;
             check_status(&line, expect_status)
         }
     }
@@ -144,7 +162,11 @@ struct Deadline {
 
 impl Deadline {
     /// Runs one step of a probe; errors are prefixed with the step.
-    async fn run<T>(self, step: &str, op: impl Future<Output = io::Result<T>>) -> Result<T, String> {
+    async fn run<T>(
+        self,
+        step: &str,
+        op: impl Future<Output = io::Result<T>>,
+    ) -> Result<T, String> {
         match time::timeout_at(self.at, op).await {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(e)) => Err(format!("{step}: {}", io_reason(&e))),
@@ -154,7 +176,9 @@ impl Deadline {
 }
 
 async fn connect(target: SocketAddr, deadline: Deadline) -> Result<TcpStream, String> {
-    deadline.run(&format!("connect {target}"), TcpStream::connect(target)).await
+    deadline
+        .run(&format!("connect {target}"), TcpStream::connect(target))
+        .await
 }
 
 /// An I/O error as part of a sentence: `Connection refused (os error 111)`
@@ -164,7 +188,10 @@ fn io_reason(e: &io::Error) -> String {
     let full = e.to_string();
     let text = full.split(" (os error ").next().unwrap_or_default();
     let mut chars = text.chars();
-    chars.next().map(|first| first.to_lowercase().chain(chars).collect()).unwrap_or_default()
+    chars
+        .next()
+        .map(|first| first.to_lowercase().chain(chars).collect())
+        .unwrap_or_default()
 }
 
 /// The `Host` header naming an address: IPv6 literals go in brackets
@@ -180,7 +207,10 @@ fn host_header(ip: IpAddr) -> String {
 /// the backend closed the connection without answering.
 async fn read_status_line(stream: &mut TcpStream) -> io::Result<Vec<u8>> {
     let mut line = Vec::new();
-    BufReader::new(stream).take(MAX_STATUS_LINE).read_until(b'\n', &mut line).await?;
+    BufReader::new(stream)
+        .take(MAX_STATUS_LINE)
+        .read_until(b'\n', &mut line)
+        .await?;
     Ok(line)
 }
 
@@ -203,7 +233,8 @@ fn parse_status_line(line: &[u8]) -> Result<u16, String> {
     let mut fields = text.split(' ');
     let version = fields.next().unwrap_or_default();
     let code = fields.next().unwrap_or_default();
-    let well_formed = version.starts_with("HTTP/") && code.len() == 3 && code.bytes().all(|b| b.is_ascii_digit());
+    let well_formed =
+        version.starts_with("HTTP/") && code.len() == 3 && code.bytes().all(|b| b.is_ascii_digit());
     match code.parse() {
         Ok(status) if well_formed => Ok(status),
         _ => Err(format!("malformed HTTP status line {text:?}")),
@@ -284,7 +315,13 @@ impl TargetStatus {
     fn transition(&mut self, healthy: bool, detail: String, at: Instant) -> HealthEvent {
         self.healthy = healthy;
         self.transitions += 1;
-        HealthEvent { service: self.service.clone(), backend: self.backend, healthy, detail, at }
+        HealthEvent {
+            service: self.service.clone(),
+            backend: self.backend,
+            healthy,
+            detail,
+            at,
+        }
     }
 }
 
@@ -367,7 +404,9 @@ impl HealthChecker {
 
     /// The status of one target, if it is checked.
     pub fn status_of(&self, service: &str, backend: (IpAddr, u16)) -> Option<TargetStatus> {
-        self.targets.get(&(service.to_owned(), backend)).map(Running::status)
+        self.targets
+            .get(&(service.to_owned(), backend))
+            .map(Running::status)
     }
 
     /// Stops every check: no event is sent after this returns.
@@ -386,9 +425,16 @@ impl HealthChecker {
             self.send(event);
         }
         let hysteresis = Hysteresis::new(target.check.rise, target.check.fall, status.healthy);
-        let shared = Arc::new(Mutex::new(Shared { status, retired: false }));
+        let shared = Arc::new(Mutex::new(Shared {
+            status,
+            retired: false,
+        }));
         let task = probed.then(|| self.spawn_worker(&target, hysteresis, &shared));
-        Running { check: target.check, shared, task }
+        Running {
+            check: target.check,
+            shared,
+            task,
+        }
     }
 
     fn spawn_worker(
@@ -405,7 +451,10 @@ impl HealthChecker {
             probe_slots: Arc::clone(&self.probe_slots),
             events: self.events.clone(),
         };
-        let first_probe_in = jitter(target.check.interval, &mut XorShift64::new(seed(&target.key())));
+        let first_probe_in = jitter(
+            target.check.interval,
+            &mut XorShift64::new(seed(&target.key())),
+        );
         self.runtime.spawn(worker.run(first_probe_in))
     }
 
@@ -479,11 +528,14 @@ impl Worker {
         // Fixed rate, not a fixed pause between probes: that is what bounds
         // detection time. `Delay` keeps a late probe (one that waited for a
         // slot) from being followed by a burst of catch-up probes.
-        let mut ticks = time::interval_at(time::Instant::now() + first_probe_in, self.check.interval);
+        let mut ticks =
+            time::interval_at(time::Instant::now() + first_probe_in, self.check.interval);
         ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
         loop {
             ticks.tick().await;
-            let Some(result) = self.probe_once().await else { return };
+            let Some(result) = self.probe_once().await else {
+                return;
+            };
             if !self.record(result) {
                 return;
             }
@@ -562,7 +614,11 @@ impl XorShift64 {
 fn seed(key: &TargetKey) -> u64 {
     let mut hasher = DefaultHasher::new();
     key.hash(&mut hasher);
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or_default().hash(&mut hasher);
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or_default()
+        .hash(&mut hasher);
     hasher.finish()
 }
 
@@ -570,7 +626,9 @@ fn seed(key: &TargetKey) -> u64 {
 /// backends (and, with several balancers, each backend) in bursts instead of
 /// evenly.
 fn jitter(interval: Duration, rng: &mut XorShift64) -> Duration {
-    let range = u64::try_from(interval.as_nanos()).unwrap_or(u64::MAX).max(1);
+    let range = u64::try_from(interval.as_nanos())
+        .unwrap_or(u64::MAX)
+        .max(1);
     Duration::from_nanos(rng.next_u64() % range)
 }
 
@@ -623,7 +681,11 @@ mod tests {
         let mut down = Hysteresis::new(2, 3, false);
         assert_eq!(down.record(true), None);
         assert_eq!(down.record(false), None);
-        assert_eq!(down.record(true), None, "the failure reset the success streak");
+        assert_eq!(
+            down.record(true),
+            None,
+            "the failure reset the success streak"
+        );
         assert_eq!(down.record(true), Some(true));
 
         let mut up = Hysteresis::new(2, 3, true);
@@ -652,7 +714,10 @@ mod tests {
     /// A loopback port nothing listens on (barring a race with another
     /// process taking it).
     fn free_port() -> SocketAddr {
-        std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
     }
 
     /// A loopback server. Each connection's request head is recorded, then
@@ -677,7 +742,12 @@ mod tests {
                     tokio::spawn(serve(stream, reply, Arc::clone(&log)));
                 }
             });
-            Server { addr, accepted, requests, task }
+            Server {
+                addr,
+                accepted,
+                requests,
+                task,
+            }
         }
 
         /// Closes the listening socket: connects are refused from the
@@ -697,7 +767,9 @@ mod tests {
                 Ok(n) => head.extend_from_slice(&buf[..n]),
             }
         }
-        log.lock().unwrap().push(String::from_utf8_lossy(&head).into_owned());
+        log.lock()
+            .unwrap()
+            .push(String::from_utf8_lossy(&head).into_owned());
         match reply {
             Some(reply) => {
                 let _ = stream.write_all(reply.as_bytes()).await;
@@ -715,18 +787,27 @@ mod tests {
     #[tokio::test]
     async fn tcp_probe_reports_a_refused_connect() {
         let addr = free_port();
-        assert_eq!(probe(&CheckKind::Tcp, addr, TIMEOUT).await, Err(format!("connect {addr}: connection refused")));
+        assert_eq!(
+            probe(&CheckKind::Tcp, addr, TIMEOUT).await,
+            Err(format!("connect {addr}: connection refused"))
+        );
     }
 
     #[tokio::test]
     async fn http_probe_sends_the_request_and_accepts_an_expected_status() {
         let server = Server::start(free_port(), Some(OK)).await;
-        assert_eq!(probe(&http(&[200, 204], None), server.addr, TIMEOUT).await, Ok(()));
+        assert_eq!(
+            probe(&http(&[200, 204], None), server.addr, TIMEOUT).await,
+            Ok(())
+        );
         assert_eq!(
             server.requests.lock().unwrap().as_slice(),
             ["GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nUser-Agent: xdplb-health\r\n\r\n"]
         );
-        assert_eq!(probe(&http(&[200], Some("www.example.com")), server.addr, TIMEOUT).await, Ok(()));
+        assert_eq!(
+            probe(&http(&[200], Some("www.example.com")), server.addr, TIMEOUT).await,
+            Ok(())
+        );
         assert!(server.requests.lock().unwrap()[1].contains("\r\nHost: www.example.com\r\n"));
     }
 
@@ -747,14 +828,21 @@ mod tests {
             probe(&http(&[200], None), server.addr, TIMEOUT).await,
             Err("read HTTP status line: timed out after 50ms".to_owned())
         );
-        assert!(started.elapsed() < TIMEOUT * 4, "took {:?}", started.elapsed());
+        assert!(
+            started.elapsed() < TIMEOUT * 4,
+            "took {:?}",
+            started.elapsed()
+        );
     }
 
     #[test]
     fn status_lines() {
         assert_eq!(parse_status_line(b"HTTP/1.1 204 No Content\r\n"), Ok(204));
         assert_eq!(parse_status_line(b"HTTP/1.0 200\r\n"), Ok(200));
-        assert_eq!(parse_status_line(b""), Err("connection closed before the HTTP status line".to_owned()));
+        assert_eq!(
+            parse_status_line(b""),
+            Err("connection closed before the HTTP status line".to_owned())
+        );
         assert_eq!(
             parse_status_line(b"SSH-2.0-OpenSSH\r\n"),
             Err("malformed HTTP status line \"SSH-2.0-OpenSSH\"".to_owned())
@@ -776,7 +864,10 @@ mod tests {
         let draws: Vec<Duration> = (0..1000).map(|_| jitter(interval, &mut rng)).collect();
         assert!(draws.iter().all(|d| *d < interval));
         // Spread over the interval, not bunched at one end.
-        assert!(draws.iter().any(|d| *d < interval / 10) && draws.iter().any(|d| *d > interval * 9 / 10));
+        assert!(
+            draws.iter().any(|d| *d < interval / 10)
+                && draws.iter().any(|d| *d > interval * 9 / 10)
+        );
     }
 
     // -- Scheduler ----------------------------------------------------------
@@ -788,26 +879,57 @@ mod tests {
     const SLACK: Duration = Duration::from_millis(50);
 
     fn tcp_check() -> HealthCheck {
-        HealthCheck { kind: CheckKind::Tcp, interval: INTERVAL, timeout: TIMEOUT, rise: RISE, fall: FALL, port: None }
+        HealthCheck {
+            kind: CheckKind::Tcp,
+            interval: INTERVAL,
+            timeout: TIMEOUT,
+            rise: RISE,
+            fall: FALL,
+            port: None,
+        }
     }
 
-    fn target(service: &str, addr: SocketAddr, check: HealthCheck, initially_healthy: bool) -> CheckTarget {
-        CheckTarget { service: service.to_owned(), backend: (addr.ip(), addr.port()), check, initially_healthy }
+    fn target(
+        service: &str,
+        addr: SocketAddr,
+        check: HealthCheck,
+        initially_healthy: bool,
+    ) -> CheckTarget {
+        CheckTarget {
+            service: service.to_owned(),
+            backend: (addr.ip(), addr.port()),
+            check,
+            initially_healthy,
+        }
     }
 
     fn backend(addr: SocketAddr) -> (IpAddr, u16) {
         (addr.ip(), addr.port())
     }
 
-    async fn next_event(events: &mut UnboundedReceiver<HealthEvent>, within: Duration) -> Option<HealthEvent> {
+    async fn next_event(
+        events: &mut UnboundedReceiver<HealthEvent>,
+        within: Duration,
+    ) -> Option<HealthEvent> {
         time::timeout(within, events.recv()).await.ok().flatten()
     }
 
     /// Waits until `ready` holds for the status of `service`/`addr`.
-    async fn wait_for(checker: &HealthChecker, service: &str, addr: SocketAddr, ready: impl Fn(&TargetStatus) -> bool) {
+    async fn wait_for(
+        checker: &HealthChecker,
+        service: &str,
+        addr: SocketAddr,
+        ready: impl Fn(&TargetStatus) -> bool,
+    ) {
         let deadline = Instant::now() + Duration::from_secs(2);
-        while !checker.status_of(service, backend(addr)).is_some_and(|s| ready(&s)) {
-            assert!(Instant::now() < deadline, "timed out waiting for {service} {addr}");
+        while !checker
+            .status_of(service, backend(addr))
+            .is_some_and(|s| ready(&s))
+        {
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {service} {addr}"
+            );
             time::sleep(Duration::from_millis(10)).await;
         }
     }
@@ -816,7 +938,8 @@ mod tests {
     async fn a_healthy_backend_stays_healthy_without_events() {
         let server = Server::start(free_port(), None).await;
         let (tx, mut events) = unbounded_channel();
-        let checker = HealthChecker::spawn(vec![target("web", server.addr, tcp_check(), true)], 8, tx);
+        let checker =
+            HealthChecker::spawn(vec![target("web", server.addr, tcp_check(), true)], 8, tx);
         wait_for(&checker, "web", server.addr, |s| s.checks >= 4).await;
         let status = checker.status_of("web", backend(server.addr)).unwrap();
         assert!(status.healthy);
@@ -837,7 +960,10 @@ mod tests {
         }
         let addrs: Vec<SocketAddr> = servers.iter().map(|s| s.addr).collect();
         let (tx, mut events) = unbounded_channel();
-        let targets = addrs.iter().map(|&a| target("web", a, tcp_check(), true)).collect();
+        let targets = addrs
+            .iter()
+            .map(|&a| target("web", a, tcp_check(), true))
+            .collect();
         let checker = HealthChecker::spawn(targets, 8, tx);
         for &addr in &addrs {
             wait_for(&checker, "web", addr, |s| s.checks >= 2).await;
@@ -850,13 +976,21 @@ mod tests {
         let down_bound = INTERVAL * (FALL + 1) + SLACK;
         let mut down_latencies = Vec::new();
         for _ in 0..BACKENDS {
-            let event = next_event(&mut events, down_bound).await.expect("a down event");
+            let event = next_event(&mut events, down_bound)
+                .await
+                .expect("a down event");
             assert!(!event.healthy);
             let prefix = format!("3 consecutive failures: connect {}:", event.backend.0);
-            assert!(event.detail.starts_with(&prefix) && event.detail.ends_with("connection refused"), "{event:?}");
+            assert!(
+                event.detail.starts_with(&prefix) && event.detail.ends_with("connection refused"),
+                "{event:?}"
+            );
             down_latencies.push(event.at - killed);
         }
-        assert!(next_event(&mut events, INTERVAL * 3).await.is_none(), "one down event per backend");
+        assert!(
+            next_event(&mut events, INTERVAL * 3).await.is_none(),
+            "one down event per backend"
+        );
         for &addr in &addrs {
             let status = checker.status_of("web", backend(addr)).unwrap();
             assert!(!status.healthy && status.transitions == 1, "{status:?}");
@@ -870,7 +1004,9 @@ mod tests {
         let up_bound = INTERVAL * (RISE + 1) + SLACK;
         let mut up_latencies = Vec::new();
         for _ in 0..BACKENDS {
-            let event = next_event(&mut events, up_bound).await.expect("an up event");
+            let event = next_event(&mut events, up_bound)
+                .await
+                .expect("an up event");
             assert!(event.healthy);
             assert_eq!(event.detail, "2 consecutive successes");
             up_latencies.push(event.at - restarted);
@@ -890,7 +1026,9 @@ mod tests {
         let kept = target("web", dead, tcp_check(), true);
         let checker_targets = vec![kept.clone(), target("web", removed.addr, tcp_check(), true)];
         let mut checker = HealthChecker::spawn(checker_targets, 8, tx);
-        let down = next_event(&mut events, INTERVAL * (FALL + 1) + SLACK).await.expect("a down event");
+        let down = next_event(&mut events, INTERVAL * (FALL + 1) + SLACK)
+            .await
+            .expect("a down event");
         assert_eq!(down.backend, backend(dead));
 
         // `initially_healthy` says up, but a running target keeps its own
@@ -901,17 +1039,29 @@ mod tests {
         assert!(checker.status_of("web", backend(removed.addr)).is_none());
         let probes_of_removed = removed.accepted.load(Ordering::SeqCst);
         time::sleep(INTERVAL * 3).await;
-        assert_eq!(removed.accepted.load(Ordering::SeqCst), probes_of_removed, "the removed target is still probed");
+        assert_eq!(
+            removed.accepted.load(Ordering::SeqCst),
+            probes_of_removed,
+            "the removed target is still probed"
+        );
         let after = checker.status_of("web", backend(dead)).unwrap();
         assert!(!after.healthy && after.transitions == 1);
         assert!(after.checks > before.checks, "the kept target stopped");
         assert!(events.try_recv().is_err());
 
         // A changed check restarts the target from its current verdict.
-        let changed = CheckTarget { check: HealthCheck { interval: INTERVAL * 2, ..tcp_check() }, ..kept };
+        let changed = CheckTarget {
+            check: HealthCheck {
+                interval: INTERVAL * 2,
+                ..tcp_check()
+            },
+            ..kept
+        };
         checker.update(vec![changed]);
         let restarted = checker.status_of("web", backend(dead)).unwrap();
-        assert!(!restarted.healthy && restarted.transitions == 1 && restarted.checks >= after.checks);
+        assert!(
+            !restarted.healthy && restarted.transitions == 1 && restarted.checks >= after.checks
+        );
         time::sleep(INTERVAL * 2).await;
         assert!(events.try_recv().is_err());
         checker.shutdown();
@@ -920,7 +1070,10 @@ mod tests {
     #[tokio::test]
     async fn unchecked_targets_are_healthy_without_probes() {
         let addr = free_port();
-        let off = HealthCheck { kind: CheckKind::None, ..tcp_check() };
+        let off = HealthCheck {
+            kind: CheckKind::None,
+            ..tcp_check()
+        };
         let (tx, mut events) = unbounded_channel();
         let checker = HealthChecker::spawn(vec![target("dns", addr, off.clone(), false)], 8, tx);
         let event = events.try_recv().expect("held down, so told it is up");

@@ -65,16 +65,58 @@ impl Attached {
 fn expected_maps() -> [(&'static str, MapType, usize, usize, u32); 11] {
     use std::mem::size_of;
     [
-        (names::SERVICES, MapType::Hash, size_of::<ServiceKey>(), size_of::<Service>(), MAX_SERVICES),
-        (names::BACKENDS, MapType::Array, 4, size_of::<Backend>(), MAX_BACKENDS),
+        (
+            names::SERVICES,
+            MapType::Hash,
+            size_of::<ServiceKey>(),
+            size_of::<Service>(),
+            MAX_SERVICES,
+        ),
+        (
+            names::BACKENDS,
+            MapType::Array,
+            4,
+            size_of::<Backend>(),
+            MAX_BACKENDS,
+        ),
         (names::MAGLEV, MapType::Array, 4, 4, MAGLEV_SLOTS),
-        (names::FLOWS, MapType::LruHash, size_of::<FlowKey>(), size_of::<Flow>(), MAX_FLOWS),
+        (
+            names::FLOWS,
+            MapType::LruHash,
+            size_of::<FlowKey>(),
+            size_of::<Flow>(),
+            MAX_FLOWS,
+        ),
         (names::REASONS, MapType::PerCpuArray, 4, 8, REASON_COUNT),
-        (names::SERVICE_STATS, MapType::PerCpuArray, 4, size_of::<Counters>(), MAX_SERVICES),
-        (names::BACKEND_STATS, MapType::PerCpuArray, 4, size_of::<Counters>(), MAX_BACKENDS),
+        (
+            names::SERVICE_STATS,
+            MapType::PerCpuArray,
+            4,
+            size_of::<Counters>(),
+            MAX_SERVICES,
+        ),
+        (
+            names::BACKEND_STATS,
+            MapType::PerCpuArray,
+            4,
+            size_of::<Counters>(),
+            MAX_BACKENDS,
+        ),
         (names::TX_PORTS, MapType::DevMapHash, 4, 8, MAX_TX_PORTS),
-        (names::NAT_FWD, MapType::Hash, size_of::<FlowKey>(), size_of::<NatFwd>(), MAX_NAT_FLOWS),
-        (names::NAT_REV, MapType::Hash, size_of::<FlowKey>(), size_of::<NatRev>(), MAX_NAT_FLOWS),
+        (
+            names::NAT_FWD,
+            MapType::Hash,
+            size_of::<FlowKey>(),
+            size_of::<NatFwd>(),
+            MAX_NAT_FLOWS,
+        ),
+        (
+            names::NAT_REV,
+            MapType::Hash,
+            size_of::<FlowKey>(),
+            size_of::<NatRev>(),
+            MAX_NAT_FLOWS,
+        ),
         (names::GLOBALS, MapType::Array, 4, size_of::<Globals>(), 1),
     ]
 }
@@ -82,12 +124,17 @@ fn expected_maps() -> [(&'static str, MapType, usize, usize, u32); 11] {
 /// Mounts bpffs on /sys/fs/bpf unless `dir` already lies on a bpffs.
 pub fn ensure_bpffs(dir: &Path) -> Result<()> {
     let on_bpffs = |p: &Path| -> bool {
-        let Ok(c) = CString::new(p.as_os_str().as_encoded_bytes()) else { return false };
+        let Ok(c) = CString::new(p.as_os_str().as_encoded_bytes()) else {
+            return false;
+        };
         let mut st: libc::statfs = unsafe { std::mem::zeroed() };
         // SAFETY: valid C string and out-pointer.
         unsafe { libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == BPF_FS_MAGIC }
     };
-    let probe = dir.ancestors().find(|p| p.exists()).unwrap_or(Path::new("/"));
+    let probe = dir
+        .ancestors()
+        .find(|p| p.exists())
+        .unwrap_or(Path::new("/"));
     if on_bpffs(probe) {
         return Ok(());
     }
@@ -97,9 +144,20 @@ pub fn ensure_bpffs(dir: &Path) -> Result<()> {
     fs::create_dir_all(BPFFS).with_context(|| format!("creating {BPFFS}"))?;
     let (src, target, fstype) = (c"bpf", CString::new(BPFFS)?, c"bpf");
     // SAFETY: valid C strings; no data argument.
-    let rc = unsafe { libc::mount(src.as_ptr(), target.as_ptr(), fstype.as_ptr(), 0, std::ptr::null()) };
+    let rc = unsafe {
+        libc::mount(
+            src.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
     if rc != 0 {
-        bail!("mounting bpffs on {BPFFS}: {}", std::io::Error::last_os_error());
+        bail!(
+            "mounting bpffs on {BPFFS}: {}",
+            std::io::Error::last_os_error()
+        );
     }
     Ok(())
 }
@@ -112,8 +170,14 @@ fn check_pinned_maps(pin_dir: &Path) -> Result<()> {
         if !path.exists() {
             continue;
         }
-        let info = MapInfo::from_pin(&path).with_context(|| format!("opening pinned map {}", path.display()))?;
-        let found = (info.map_type().ok(), info.key_size() as usize, info.value_size() as usize, info.max_entries());
+        let info = MapInfo::from_pin(&path)
+            .with_context(|| format!("opening pinned map {}", path.display()))?;
+        let found = (
+            info.map_type().ok(),
+            info.key_size() as usize,
+            info.value_size() as usize,
+            info.max_entries(),
+        );
         if found != (Some(kind), key, value, max) {
             bail!(
                 "pinned map {} was made by an incompatible xdplb build (type/key/value/entries {:?}/{}/{}/{}, expected {:?}/{}/{}/{}); \
@@ -137,7 +201,8 @@ impl Datapath {
     /// all, after a format check.
     pub fn load(pin_dir: &Path) -> Result<Self> {
         ensure_bpffs(pin_dir)?;
-        fs::create_dir_all(pin_dir).with_context(|| format!("creating pin directory {}", pin_dir.display()))?;
+        fs::create_dir_all(pin_dir)
+            .with_context(|| format!("creating pin directory {}", pin_dir.display()))?;
         check_pinned_maps(pin_dir)?;
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(pin_dir)
@@ -148,7 +213,10 @@ impl Datapath {
             .context("XDP program missing from the object")?
             .try_into()?;
         program.load().context("verifying the XDP program")?;
-        Ok(Self { ebpf, pin_dir: pin_dir.to_owned() })
+        Ok(Self {
+            ebpf,
+            pin_dir: pin_dir.to_owned(),
+        })
     }
 
     /// The XDP program.
@@ -175,7 +243,8 @@ impl Datapath {
                 .with_context(|| format!("opening pinned link {}", path.display()))?
                 .unpin()
                 .with_context(|| format!("unpinning {}", path.display()))?;
-            let old = XdpLink::try_from(old).with_context(|| format!("{} is not an XDP link", path.display()))?;
+            let old = XdpLink::try_from(old)
+                .with_context(|| format!("{} is not an XDP link", path.display()))?;
             let id = self
                 .program()
                 .attach_to_link(old)
@@ -184,14 +253,13 @@ impl Datapath {
         } else {
             self.attach(iface, mode)?
         };
-        let link: FdLink = self
-            .program()
-            .take_link(id)?
-            .try_into()
-            .context("the kernel attached XDP without a bpf_link; hot restart needs Linux >= 5.9")?;
+        let link: FdLink = self.program().take_link(id)?.try_into().context(
+            "the kernel attached XDP without a bpf_link; hot restart needs Linux >= 5.9",
+        )?;
         // Pinned and then closed here: the pin is the link's only reference,
         // so `detach` (unpin) really detaches.
-        link.pin(&path).with_context(|| format!("pinning the XDP link at {}", path.display()))?;
+        link.pin(&path)
+            .with_context(|| format!("pinning the XDP link at {}", path.display()))?;
         Ok(attached)
     }
 
@@ -199,13 +267,18 @@ impl Datapath {
     /// `Auto` mode. The attachment lives as long as `self` owns the link.
     fn attach(&mut self, iface: &str, mode: AttachMode) -> Result<(Attached, XdpLinkId)> {
         match mode {
-            AttachMode::Native => attach_one(self.program(), iface, XdpMode::Driver).map(|id| (Attached::Native, id)),
-            AttachMode::Generic => attach_one(self.program(), iface, XdpMode::Skb).map(|id| (Attached::Generic, id)),
+            AttachMode::Native => {
+                attach_one(self.program(), iface, XdpMode::Driver).map(|id| (Attached::Native, id))
+            }
+            AttachMode::Generic => {
+                attach_one(self.program(), iface, XdpMode::Skb).map(|id| (Attached::Generic, id))
+            }
             AttachMode::Auto => match attach_one(self.program(), iface, XdpMode::Driver) {
                 Ok(id) => Ok((Attached::Native, id)),
                 Err(err) => {
                     warn!("native XDP on {iface} failed ({err:#}); falling back to generic mode, which is slower");
-                    attach_one(self.program(), iface, XdpMode::Skb).map(|id| (Attached::Generic, id))
+                    attach_one(self.program(), iface, XdpMode::Skb)
+                        .map(|id| (Attached::Generic, id))
                 }
             },
         }
@@ -232,8 +305,13 @@ fn attach_one(program: &mut Xdp, iface: &str, mode: XdpMode) -> Result<XdpLinkId
 /// Loads one of the map-less programs of `PASSTHROUGH_OBJECT` (by name).
 pub fn load_passthrough(name: &str) -> Result<(Ebpf, String)> {
     let mut ebpf = Ebpf::load(PASSTHROUGH_OBJECT).context("loading the pass-through object")?;
-    let program: &mut Xdp = ebpf.program_mut(name).with_context(|| format!("no program {name}"))?.try_into()?;
-    program.load().with_context(|| format!("verifying {name}"))?;
+    let program: &mut Xdp = ebpf
+        .program_mut(name)
+        .with_context(|| format!("no program {name}"))?
+        .try_into()?;
+    program
+        .load()
+        .with_context(|| format!("verifying {name}"))?;
     Ok((ebpf, name.to_owned()))
 }
 
@@ -253,9 +331,13 @@ pub fn detach(pin_dir: &Path, iface: &str) -> Result<bool> {
     if !path.exists() {
         return Ok(false);
     }
-    let link = PinnedLink::from_pin(&path).with_context(|| format!("opening pinned link {}", path.display()))?;
+    let link = PinnedLink::from_pin(&path)
+        .with_context(|| format!("opening pinned link {}", path.display()))?;
     // Unpinning drops the last reference: the kernel detaches the program.
-    drop(link.unpin().with_context(|| format!("removing {}", path.display()))?);
+    drop(
+        link.unpin()
+            .with_context(|| format!("removing {}", path.display()))?,
+    );
     Ok(true)
 }
 

@@ -172,8 +172,9 @@ fn hash64(bytes: &[u8], seed: u64) -> u64 {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
     use std::collections::HashMap;
+
+    use super::*;
 
     const M: u32 = 65537;
 

@@ -14,7 +14,11 @@ use xdplb::{
 };
 
 #[derive(Parser)]
-#[command(name = "xdplb", version, about = "XDP layer-4 load balancer with Maglev hashing")]
+#[command(
+    name = "xdplb",
+    version,
+    about = "XDP layer-4 load balancer with Maglev hashing"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -102,7 +106,14 @@ fn main() -> std::process::ExitCode {
 
 fn dispatch(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Run { config, iface, xdp_mode, pin_dir, api_socket, state_file } => daemon::run(daemon::Options {
+        Command::Run {
+            config,
+            iface,
+            xdp_mode,
+            pin_dir,
+            api_socket,
+            state_file,
+        } => daemon::run(daemon::Options {
             config,
             ifaces: iface,
             mode: xdp_mode,
@@ -110,15 +121,22 @@ fn dispatch(cli: Cli) -> Result<()> {
             api_socket,
             state_file,
         }),
-        Command::Detach { iface, all, pin_dir } => detach(&pin_dir, iface, all),
+        Command::Detach {
+            iface,
+            all,
+            pin_dir,
+        } => detach(&pin_dir, iface, all),
         Command::PassThrough { iface } => {
             let _attached = loader::attach_passthrough(&iface)?;
             info!(%iface, "pass-through XDP program attached");
             println!("ready");
             std::io::stdout().flush()?;
-            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
             runtime.block_on(async {
-                let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+                let mut term =
+                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
                 tokio::select! {
                     _ = tokio::signal::ctrl_c() => {}
                     _ = term.recv() => {}
@@ -134,19 +152,30 @@ fn dispatch(cli: Cli) -> Result<()> {
         Command::Man => Ok(cli::man_page(Cli::command())?),
         Command::Check { config } => {
             let cfg = Config::load(&config)?;
-            println!("{}: {} service(s), configuration is valid", config.display(), cfg.services.len());
+            println!(
+                "{}: {} service(s), configuration is valid",
+                config.display(),
+                cfg.services.len()
+            );
             Ok(())
         }
     }
 }
 
 fn detach(pin_dir: &std::path::Path, ifaces: Vec<String>, all: bool) -> Result<()> {
-    let ifaces = if all { loader::pinned_interfaces(pin_dir)? } else { ifaces };
+    let ifaces = if all {
+        loader::pinned_interfaces(pin_dir)?
+    } else {
+        ifaces
+    };
     for iface in &ifaces {
         if loader::detach(pin_dir, iface)? {
             println!("detached from {iface}");
         } else if !all {
-            bail!("no xdplb datapath is attached to {iface} (no link pinned in {})", pin_dir.display());
+            bail!(
+                "no xdplb datapath is attached to {iface} (no link pinned in {})",
+                pin_dir.display()
+            );
         }
     }
     // The maps go with the last attachment.

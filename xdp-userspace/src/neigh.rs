@@ -57,15 +57,25 @@ fn ip_json<T: for<'de> Deserialize<'de>>(args: &[&str]) -> Result<Vec<T>> {
         .arg("-j")
         .args(args)
         .output()
-        .with_context(|| format!("running `ip -j {}` (is iproute2 installed?)", args.join(" ")))?;
+        .with_context(|| {
+            format!(
+                "running `ip -j {}` (is iproute2 installed?)",
+                args.join(" ")
+            )
+        })?;
     if !out.status.success() {
-        bail!("`ip -j {}` failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "`ip -j {}` failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     let text = String::from_utf8_lossy(&out.stdout);
     if text.trim().is_empty() {
         return Ok(Vec::new());
     }
-    serde_json::from_str(&text).with_context(|| format!("parsing `ip -j {}` output", args.join(" ")))
+    serde_json::from_str(&text)
+        .with_context(|| format!("parsing `ip -j {}` output", args.join(" ")))
 }
 
 /// Parses `aa:bb:cc:dd:ee:ff`.
@@ -82,7 +92,10 @@ pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
 pub fn interface(ifname: &str) -> Result<(u32, [u8; 6])> {
     let links: Vec<Link> = ip_json(&["link", "show", "dev", ifname])
         .with_context(|| format!("unknown interface {ifname:?}"))?;
-    let link = links.into_iter().next().with_context(|| format!("unknown interface {ifname:?}"))?;
+    let link = links
+        .into_iter()
+        .next()
+        .with_context(|| format!("unknown interface {ifname:?}"))?;
     let mac = link
         .address
         .as_deref()
@@ -121,7 +134,10 @@ fn solicit(addr: IpAddr) {
 pub fn resolve(addr: IpAddr, wait: Duration, via_router: bool) -> Result<NextHop> {
     let target = addr.to_string();
     let routes: Vec<Route> = ip_json(&["route", "get", &target])?;
-    let route = routes.into_iter().next().with_context(|| format!("no route to backend {addr}"))?;
+    let route = routes
+        .into_iter()
+        .next()
+        .with_context(|| format!("no route to backend {addr}"))?;
     if let Some(kind) = route.kind.as_deref().filter(|k| *k != "unicast") {
         bail!("backend {addr} is a {kind} address on this host, not a remote server");
     }
@@ -132,7 +148,9 @@ pub fn resolve(addr: IpAddr, wait: Duration, via_router: bool) -> Result<NextHop
         ),
         None => addr,
     };
-    let ifname = route.dev.with_context(|| format!("no interface reaches backend {addr}"))?;
+    let ifname = route
+        .dev
+        .with_context(|| format!("no interface reaches backend {addr}"))?;
     let (ifindex, src_mac) = interface(&ifname)?;
     let deadline = Instant::now() + wait;
     let mut dst_mac = neighbour_mac(hop, &ifname)?;
@@ -142,7 +160,13 @@ pub fn resolve(addr: IpAddr, wait: Duration, via_router: bool) -> Result<NextHop
         dst_mac = neighbour_mac(hop, &ifname)?;
     }
     let src_addr = route.prefsrc.and_then(|a| a.parse().ok());
-    Ok(NextHop { ifname, ifindex, src_mac, dst_mac, src_addr })
+    Ok(NextHop {
+        ifname,
+        ifindex,
+        src_mac,
+        dst_mac,
+        src_addr,
+    })
 }
 
 #[cfg(test)]

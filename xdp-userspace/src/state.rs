@@ -11,6 +11,7 @@
 //! - services and backends removed through the API are removed from it;
 //! - drain/undrain set a backend's admin state, overriding its `state` in
 //!   the file.
+//!
 //! The merged result is validated exactly like a file; the overlay is
 //! written atomically (temporary file, fsync, rename) after each change.
 
@@ -56,8 +57,12 @@ impl Overlay {
     /// Reads the overlay; a missing file is an empty overlay.
     pub fn load(path: &Path) -> Result<Self> {
         match fs::read(path) {
-            Ok(bytes) => serde_json::from_slice(&bytes)
-                .with_context(|| format!("state file {} is corrupt; move it away to start from the configuration alone", path.display())),
+            Ok(bytes) => serde_json::from_slice(&bytes).with_context(|| {
+                format!(
+                    "state file {} is corrupt; move it away to start from the configuration alone",
+                    path.display()
+                )
+            }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Self::default()),
             Err(e) => Err(e).with_context(|| format!("reading state file {}", path.display())),
         }
@@ -72,7 +77,8 @@ impl Overlay {
         let mut f = fs::File::create(&tmp).with_context(|| format!("writing {}", tmp.display()))?;
         f.write_all(&serde_json::to_vec_pretty(self)?)?;
         f.sync_all()?;
-        fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
+        fs::rename(&tmp, path)
+            .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
         Ok(())
     }
 
@@ -87,7 +93,8 @@ impl Overlay {
 
     /// Removes a service, whether it came from the file or the API.
     pub fn remove_service(&mut self, name: &str) {
-        self.added_services.retain(|s| s["name"].as_str() != Some(name));
+        self.added_services
+            .retain(|s| s["name"].as_str() != Some(name));
         self.added_backends.remove(name);
         self.removed_backends.remove(name);
         self.admin.remove(name);
@@ -96,12 +103,20 @@ impl Overlay {
 
     /// Adds a run-time backend (a `[[service.backend]]` table) to a service
     /// listening on `service_port`; returns its address.
-    pub fn add_backend(&mut self, service: &str, table: Value, service_port: u16) -> Option<SocketAddr> {
+    pub fn add_backend(
+        &mut self,
+        service: &str,
+        table: Value,
+        service_port: u16,
+    ) -> Option<SocketAddr> {
         let addr = backend_addr(&table, service_port)?;
         if let Some(removed) = self.removed_backends.get_mut(service) {
             removed.remove(&addr);
         }
-        self.added_backends.entry(service.to_owned()).or_default().push(table);
+        self.added_backends
+            .entry(service.to_owned())
+            .or_default()
+            .push(table);
         Some(addr)
     }
 
@@ -111,7 +126,10 @@ impl Overlay {
         let before = added.len();
         added.retain(|b| backend_addr(b, service_port) != Some(addr));
         if added.len() == before {
-            self.removed_backends.entry(service.to_owned()).or_default().insert(addr);
+            self.removed_backends
+                .entry(service.to_owned())
+                .or_default()
+                .insert(addr);
         }
         if let Some(admin) = self.admin.get_mut(service) {
             admin.remove(&addr);
@@ -120,7 +138,10 @@ impl Overlay {
 
     /// Sets a backend's admin state.
     pub fn set_admin(&mut self, service: &str, addr: SocketAddr, admin: Admin) {
-        self.admin.entry(service.to_owned()).or_default().insert(addr, admin);
+        self.admin
+            .entry(service.to_owned())
+            .or_default()
+            .insert(addr, admin);
     }
 
     /// The file's configuration with this overlay applied, validated.
@@ -131,14 +152,22 @@ impl Overlay {
         let services = doc["service"].as_array_mut().expect("service is an array");
         let file_names: BTreeSet<String> = file.services.iter().map(|s| s.name.clone()).collect();
 
-        services.retain(|s| !self.removed_services.contains(s["name"].as_str().unwrap_or_default()));
+        services.retain(|s| {
+            !self
+                .removed_services
+                .contains(s["name"].as_str().unwrap_or_default())
+        });
         self.removed_services.retain(|n| file_names.contains(n));
-        self.added_services.retain(|s| !file_names.contains(s["name"].as_str().unwrap_or_default()));
+        self.added_services
+            .retain(|s| !file_names.contains(s["name"].as_str().unwrap_or_default()));
         services.extend(self.added_services.iter().cloned());
 
         for service in services.iter_mut() {
             let name = service["name"].as_str().unwrap_or_default().to_owned();
-            let port = service["port"].as_u64().and_then(|p| u16::try_from(p).ok()).unwrap_or_default();
+            let port = service["port"]
+                .as_u64()
+                .and_then(|p| u16::try_from(p).ok())
+                .unwrap_or_default();
             let backends = service
                 .as_object_mut()
                 .expect("a service is a table")
@@ -207,13 +236,27 @@ address = "10.0.0.12"
     #[test]
     fn added_removed_and_drained() {
         let mut o = Overlay::default();
-        o.added_backends.insert("web".into(), vec![json!({"address": "10.0.0.13", "weight": 50})]);
-        o.removed_backends.insert("web".into(), BTreeSet::from(["10.0.0.11:80".parse().unwrap()]));
-        o.admin.insert("web".into(), BTreeMap::from([("10.0.0.12:80".parse().unwrap(), Admin::Drain)]));
-        o.added_services.push(json!({"name": "dns", "vip": "10.0.0.53", "port": 53, "protocol": "udp"}));
+        o.added_backends.insert(
+            "web".into(),
+            vec![json!({"address": "10.0.0.13", "weight": 50})],
+        );
+        o.removed_backends.insert(
+            "web".into(),
+            BTreeSet::from(["10.0.0.11:80".parse().unwrap()]),
+        );
+        o.admin.insert(
+            "web".into(),
+            BTreeMap::from([("10.0.0.12:80".parse().unwrap(), Admin::Drain)]),
+        );
+        o.added_services
+            .push(json!({"name": "dns", "vip": "10.0.0.53", "port": 53, "protocol": "udp"}));
         let merged = o.merge(&file()).unwrap();
         let web = &merged.services[0];
-        let addrs: Vec<String> = web.backends.iter().map(|b| format!("{}/{}/{:?}", b.address, b.weight, b.state)).collect();
+        let addrs: Vec<String> = web
+            .backends
+            .iter()
+            .map(|b| format!("{}/{}/{:?}", b.address, b.weight, b.state))
+            .collect();
         assert_eq!(addrs, ["10.0.0.12/100/Drain", "10.0.0.13/50/Up"]);
         assert_eq!(merged.services[1].name, "dns");
     }
@@ -221,8 +264,12 @@ address = "10.0.0.12"
     #[test]
     fn the_file_wins_over_stale_overlay_entries() {
         let mut o = Overlay::default();
-        o.added_backends.insert("web".into(), vec![json!({"address": "10.0.0.11", "weight": 7})]);
-        o.added_services.push(json!({"name": "web", "vip": "10.0.0.1", "port": 81, "protocol": "tcp"}));
+        o.added_backends.insert(
+            "web".into(),
+            vec![json!({"address": "10.0.0.11", "weight": 7})],
+        );
+        o.added_services
+            .push(json!({"name": "web", "vip": "10.0.0.1", "port": 81, "protocol": "tcp"}));
         let merged = o.merge(&file()).unwrap();
         assert_eq!(merged, file());
         assert!(o.added_services.is_empty() && o.added_backends["web"].is_empty());
@@ -231,7 +278,10 @@ address = "10.0.0.12"
     #[test]
     fn an_invalid_addition_is_refused_by_validation() {
         let mut o = Overlay::default();
-        o.added_backends.insert("web".into(), vec![json!({"address": "10.0.0.13", "weight": 20000})]);
+        o.added_backends.insert(
+            "web".into(),
+            vec![json!({"address": "10.0.0.13", "weight": 20000})],
+        );
         let err = o.merge(&file()).unwrap_err();
         assert!(err.to_string().contains("weight"), "{err}");
     }

@@ -11,7 +11,11 @@ use anyhow::{bail, Context as _, Result};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "xtask", bin_name = "cargo xtask", about = "xdplb development tasks")]
+#[command(
+    name = "xtask",
+    bin_name = "cargo xtask",
+    about = "xdplb development tasks"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -70,7 +74,19 @@ fn run(cmd: Cmd) -> Result<()> {
             header(2, 3, "build");
             cargo_step(&["build"], &[HOST_PACKAGES, &["--bins"]], &[])?;
             header(3, 3, "demo");
-            cargo_step(&["run", "-q", "-p", "xdplb-tests", "--bin", "xdplb-demo", "--"], &[], &args)
+            cargo_step(
+                &[
+                    "run",
+                    "-q",
+                    "-p",
+                    "xdplb-tests",
+                    "--bin",
+                    "xdplb-demo",
+                    "--",
+                ],
+                &[],
+                &args,
+            )
         }
         Cmd::Bench { quick } => {
             if !has_package("xdplb-bench")? {
@@ -80,7 +96,11 @@ fn run(cmd: Cmd) -> Result<()> {
             setup::run()?;
             header(2, 2, "bench");
             let quick: &[&str] = if quick { &["--quick"] } else { &[] };
-            cargo_step(&["run", "--release", "-p", "xdplb-bench", "--"], &[quick], &[])
+            cargo_step(
+                &["run", "--release", "-p", "xdplb-bench", "--"],
+                &[quick],
+                &[],
+            )
         }
     }
 }
@@ -113,7 +133,9 @@ fn cargo_step(first: &[&str], groups: &[&[&str]], extra: &[String]) -> Result<()
     cmd.args(extra);
     let line = setup::cmdline(&cmd);
     println!("+ {line}");
-    let status = cmd.status().with_context(|| format!("cannot run `{line}`"))?;
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot run `{line}`"))?;
     if status.success() {
         return Ok(());
     }
@@ -131,7 +153,10 @@ fn cargo_step(first: &[&str], groups: &[&[&str]], extra: &[String]) -> Result<()
 fn cargo_test(extra: &[String]) -> Result<()> {
     use std::io::{BufRead as _, BufReader};
     let mut cmd = cargo_cmd();
-    cmd.arg("test").args(HOST_PACKAGES).args(["--", "--test-threads=1"]).args(extra);
+    cmd.arg("test")
+        .args(HOST_PACKAGES)
+        .args(["--", "--test-threads=1"])
+        .args(extra);
     let line = setup::cmdline(&cmd);
     println!("+ {line}");
     let mut child = cmd
@@ -146,8 +171,15 @@ fn cargo_test(extra: &[String]) -> Result<()> {
             // "ok. 8 passed; 0 failed; 1 ignored; ..."
             for part in rest.split(';') {
                 let mut words = part.split_whitespace().rev();
-                let (Some(what), Some(n)) = (words.next(), words.next()) else { continue };
-                let n: u64 = n.trim_start_matches("ok.").trim_start_matches("FAILED.").trim().parse().unwrap_or(0);
+                let (Some(what), Some(n)) = (words.next(), words.next()) else {
+                    continue;
+                };
+                let n: u64 = n
+                    .trim_start_matches("ok.")
+                    .trim_start_matches("FAILED.")
+                    .trim()
+                    .parse()
+                    .unwrap_or(0);
                 match what {
                     "passed" => passed += n,
                     "failed" => failed += n,

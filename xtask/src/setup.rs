@@ -30,7 +30,10 @@ const BPFFS: &str = "/sys/fs/bpf";
 const PACKAGES: &[(&str, &str)] = &[
     ("rustc-web", "rustc 1.96 for the debian-bpf toolchain"),
     ("cargo-web", "cargo 1.96 for the debian-bpf toolchain"),
-    ("libstd-rust-web-dev-bpf", "prebuilt core for bpfel-unknown-none"),
+    (
+        "libstd-rust-web-dev-bpf",
+        "prebuilt core for bpfel-unknown-none",
+    ),
     ("llvm-22-dev", "building bpf-linker"),
     ("libpolly-22-dev", "building bpf-linker"),
     ("libzstd-dev", "building bpf-linker"),
@@ -109,7 +112,9 @@ fn debian() -> Result<()> {
         println!("xtask setup: installing {}", missing.join(" "));
         step(
             "apt-get update",
-            Command::new("apt-get").arg("update").env("DEBIAN_FRONTEND", "noninteractive"),
+            Command::new("apt-get")
+                .arg("update")
+                .env("DEBIAN_FRONTEND", "noninteractive"),
         )?;
         step(
             "apt-get install",
@@ -121,7 +126,10 @@ fn debian() -> Result<()> {
     }
     let core = Path::new("/usr/lib/rustlib/bpfel-unknown-none");
     if !core.is_dir() {
-        bail!("{} is missing although libstd-rust-web-dev-bpf is installed", core.display());
+        bail!(
+            "{} is missing although libstd-rust-web-dev-bpf is installed",
+            core.display()
+        );
     }
 
     if need_link {
@@ -157,7 +165,9 @@ fn install_bpf_linker() -> Result<()> {
             .current_dir(std::env::temp_dir());
         cmd
     };
-    println!("xtask setup: building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (about a minute)");
+    println!(
+        "xtask setup: building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (about a minute)"
+    );
     if let Err(e) = step("cargo install bpf-linker (--locked)", &mut install(true)) {
         println!("xtask setup: {e:#}; retrying without --locked");
         step("cargo install bpf-linker", &mut install(false))?;
@@ -242,7 +252,10 @@ pub fn cmdline(cmd: &Command) -> String {
         .filter_map(|(k, v)| Some(format!("{}={}", k.to_string_lossy(), v?.to_string_lossy())))
         .collect();
     parts.push(cmd.get_program().to_string_lossy().into_owned());
-    parts.extend(cmd.get_args().map(|a: &OsStr| a.to_string_lossy().into_owned()));
+    parts.extend(
+        cmd.get_args()
+            .map(|a: &OsStr| a.to_string_lossy().into_owned()),
+    );
     parts.join(" ")
 }
 
@@ -251,8 +264,9 @@ fn dpkg_installed(pkg: &str) -> bool {
 }
 
 fn rustup_toolchains() -> Result<Vec<String>> {
-    let out = query("rustup", &["toolchain", "list"])
-        .context("step `check rustup toolchains` failed: `rustup toolchain list` (is rustup installed?)")?;
+    let out = query("rustup", &["toolchain", "list"]).context(
+        "step `check rustup toolchains` failed: `rustup toolchain list` (is rustup installed?)",
+    )?;
     Ok(out
         .lines()
         .filter_map(|l| l.split_whitespace().next())

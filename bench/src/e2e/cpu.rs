@@ -15,7 +15,11 @@ pub fn softirq_ns() -> Result<u64> {
     let stat = std::fs::read_to_string("/proc/stat")?;
     let cpu = stat.lines().next().context("empty /proc/stat")?;
     // "cpu  user nice system idle iowait irq softirq steal ..."
-    let ticks: u64 = cpu.split_whitespace().nth(7).context("no softirq field")?.parse()?;
+    let ticks: u64 = cpu
+        .split_whitespace()
+        .nth(7)
+        .context("no softirq field")?
+        .parse()?;
     Ok(ticks * tick_ns())
 }
 
@@ -32,7 +36,13 @@ pub fn process_ns(pid: u32) -> Result<u64> {
 /// (run_time_ns, run_cnt) of BPF program `id` (needs
 /// `kernel.bpf_stats_enabled=1` while it runs).
 pub fn bpf_prog_ns(id: u32) -> Result<(u64, u64)> {
-    let out = std::process::Command::new("bpftool").args(["prog", "show", "id", &id.to_string(), "--json"]).output()?;
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("bpftool prog show --json")?;
-    Ok((v["run_time_ns"].as_u64().unwrap_or(0), v["run_cnt"].as_u64().unwrap_or(0)))
+    let out = std::process::Command::new("bpftool")
+        .args(["prog", "show", "id", &id.to_string(), "--json"])
+        .output()?;
+    let v: serde_json::Value =
+        serde_json::from_slice(&out.stdout).context("bpftool prog show --json")?;
+    Ok((
+        v["run_time_ns"].as_u64().unwrap_or(0),
+        v["run_cnt"].as_u64().unwrap_or(0),
+    ))
 }

@@ -3,12 +3,14 @@
 //! Health checks: TCP connect, `inter 1s rise 2 fall 3`, 500 ms timeout
 //! (xdplb's defaults).
 
-use std::collections::BTreeMap;
-use std::io::{Read as _, Write as _};
-use std::net::SocketAddr;
-use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::{
+    collections::BTreeMap,
+    io::{Read as _, Write as _},
+    net::SocketAddr,
+    os::unix::net::UnixStream,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
 
 use anyhow::{bail, Context as _, Result};
 use xdplb_tests::{netns::Netns, proc::Proc};
@@ -63,8 +65,18 @@ impl Haproxy {
     pub fn status(&self) -> Result<BTreeMap<String, String>> {
         let text = self.command("show stat")?;
         let mut lines = text.lines();
-        let header: Vec<&str> = lines.next().context("empty show stat")?.trim_start_matches("# ").split(',').collect();
-        let col = |name: &str| header.iter().position(|h| *h == name).with_context(|| format!("no {name} column"));
+        let header: Vec<&str> = lines
+            .next()
+            .context("empty show stat")?
+            .trim_start_matches("# ")
+            .split(',')
+            .collect();
+        let col = |name: &str| {
+            header
+                .iter()
+                .position(|h| *h == name)
+                .with_context(|| format!("no {name} column"))
+        };
         let (px, sv, st) = (col("pxname")?, col("svname")?, col("status")?);
         let mut out = BTreeMap::new();
         for l in lines {
@@ -93,7 +105,8 @@ impl Haproxy {
 
     /// One command on the stats socket; its answer.
     fn command(&self, cmd: &str) -> Result<String> {
-        let mut s = UnixStream::connect(&self.socket).with_context(|| format!("connecting {}", self.socket.display()))?;
+        let mut s = UnixStream::connect(&self.socket)
+            .with_context(|| format!("connecting {}", self.socket.display()))?;
         s.set_read_timeout(Some(Duration::from_secs(2)))?;
         s.write_all(format!("{cmd}\n").as_bytes())?;
         let mut text = String::new();
@@ -104,7 +117,10 @@ impl Haproxy {
 
 fn render(c: &Config, socket: &Path) -> String {
     let (log_global, log_defaults) = if c.log {
-        ("    log stdout format raw local0\n", "    log global\n    option tcplog\n")
+        (
+            "    log stdout format raw local0\n",
+            "    log global\n    option tcplog\n",
+        )
     } else {
         ("", "")
     };

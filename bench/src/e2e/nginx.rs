@@ -3,9 +3,11 @@
 //! directory. Each serves a 100-byte `index.html` whose trimmed text is
 //! the backend's name, so `xdplb_tests::client::get` tells who answered.
 
-use std::net::SocketAddr;
-use std::path::Path;
-use std::time::{Duration, Instant};
+use std::{
+    net::SocketAddr,
+    path::Path,
+    time::{Duration, Instant},
+};
 
 use anyhow::{bail, Context as _, Result};
 use xdplb_tests::{client, proc::Proc, topology::DsrTopology};
@@ -35,8 +37,13 @@ impl Nginx {
             std::fs::write(home.join("www/index.html"), body)?;
             std::fs::write(home.join("nginx.conf"), config(&home, cpu))?;
             let mut cmd = topo.backend(i).command("nginx");
-            cmd.arg("-p").arg(&home).arg("-e").arg(home.join("error.log"));
-            cmd.arg("-c").arg(home.join("nginx.conf")).args(["-g", "daemon off;"]);
+            cmd.arg("-p")
+                .arg(&home)
+                .arg("-e")
+                .arg(home.join("error.log"));
+            cmd.arg("-c")
+                .arg(home.join("nginx.conf"))
+                .args(["-g", "daemon off;"]);
             procs.push(Proc::spawn_with(&mut cmd, &format!("nginx-{name}"), false)?);
         }
         for (i, p) in procs.iter_mut().enumerate() {
@@ -50,7 +57,9 @@ impl Nginx {
 fn config(home: &Path, cpu: Option<usize>) -> String {
     let h = home.display();
     // worker_cpu_affinity takes a bit mask, CPU 0 rightmost.
-    let affinity = cpu.map(|c| format!("worker_cpu_affinity 1{};\n", "0".repeat(c))).unwrap_or_default();
+    let affinity = cpu
+        .map(|c| format!("worker_cpu_affinity 1{};\n", "0".repeat(c)))
+        .unwrap_or_default();
     format!(
         "worker_processes 1;
 {affinity}pid {h}/nginx.pid;
@@ -78,12 +87,16 @@ http {{
 fn wait_serving(topo: &DsrTopology, addr: SocketAddr, name: &str, proc: &mut Proc) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let got = topo.client().run(|| client::get(addr, None, Duration::from_millis(500)));
+        let got = topo
+            .client()
+            .run(|| client::get(addr, None, Duration::from_millis(500)));
         match got {
             Ok(body) if body == name => return Ok(()),
             Ok(body) => bail!("{addr} answered {body:?}, expected {name:?}"),
             Err(e) if Instant::now() > deadline || proc.try_wait()?.is_some() => {
-                return Err(e).with_context(|| format!("nginx on {addr} not serving:\n{}", proc.output_text()))
+                return Err(e).with_context(|| {
+                    format!("nginx on {addr} not serving:\n{}", proc.output_text())
+                })
             }
             Err(_) => std::thread::sleep(Duration::from_millis(50)),
         }

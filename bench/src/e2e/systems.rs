@@ -2,9 +2,11 @@
 //! torn down (by dropping its [`Running`]) before the next one. Adding one
 //! is a unit struct implementing [`System`] and a line in [`all`].
 
-use std::net::{IpAddr, SocketAddr};
-use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::{
+    net::{IpAddr, SocketAddr},
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
 
 use anyhow::{bail, Context as _, Result};
 use xdplb_tests::{
@@ -37,10 +39,16 @@ impl Bed {
         // offloaded (partial) checksum would arrive unfinished. Off for
         // every system alike, as the client's is.
         for i in 1..=topo.backend_count() {
-            topo.backend(i).exec(&["ethtool", "-K", "eth0", "tx", "off"])?;
+            topo.backend(i)
+                .exec(&["ethtool", "-K", "eth0", "tx", "off"])?;
         }
         topo.wait_reachable()?;
-        Ok(Self { _nginx: Nginx::start(&topo, dir, server_cpu)?, topo, xdplb: xdplb.to_owned(), dir: dir.to_owned() })
+        Ok(Self {
+            _nginx: Nginx::start(&topo, dir, server_cpu)?,
+            topo,
+            xdplb: xdplb.to_owned(),
+            dir: dir.to_owned(),
+        })
     }
 }
 
@@ -82,11 +90,19 @@ pub const CEILING: &str = "ceiling";
 
 /// Every system, the ceiling first.
 pub fn all() -> Vec<Box<dyn System>> {
-    vec![Box::new(Ceiling), Box::new(XdplbDsr), Box::new(XdplbNat), Box::new(HaproxyTcp), Box::new(IptablesDnat)]
+    vec![
+        Box::new(Ceiling),
+        Box::new(XdplbDsr),
+        Box::new(XdplbNat),
+        Box::new(HaproxyTcp),
+        Box::new(IptablesDnat),
+    ]
 }
 
 fn all_backends(topo: &DsrTopology) -> Vec<String> {
-    (1..=topo.backend_count()).map(|i| topo.backend_name(i)).collect()
+    (1..=topo.backend_count())
+        .map(|i| topo.backend_name(i))
+        .collect()
 }
 
 /// The client straight to backend 1's own address: no load balancer.
@@ -141,12 +157,20 @@ impl System for XdplbNat {
             topo.vip4()
         );
         for i in 1..=topo.backend_count() {
-            config += &format!("[[service.backend]]\naddress = \"{}\"\n", topo.backend_addr4(i));
+            config += &format!(
+                "[[service.backend]]\naddress = \"{}\"\n",
+                topo.backend_addr4(i)
+            );
         }
         let lb = Xdplb::start(&bed.xdplb, topo, &config)?;
         wait_xdplb_ready(&lb, topo)?;
         let prog = xdp_prog_id(topo.lb(), topo.lb_iface())?;
-        Ok(Running { target: topo.vip4().into(), cpu: Cpu::XdpProgram(prog), backends: all_backends(topo), _teardown: Box::new(lb) })
+        Ok(Running {
+            target: topo.vip4().into(),
+            cpu: Cpu::XdpProgram(prog),
+            backends: all_backends(topo),
+            _teardown: Box::new(lb),
+        })
     }
 }
 
@@ -157,7 +181,8 @@ fn wait_xdplb_ready(lb: &Xdplb, topo: &DsrTopology) -> Result<()> {
         let list = lb.json(&["backend", "list", "web4"])?;
         let ready = list.as_array().is_some_and(|l| {
             l.len() == topo.backend_count()
-                && l.iter().all(|b| b["health"] == "up" && b["state"] == "active" && b["mac"].is_string())
+                && l.iter()
+                    .all(|b| b["health"] == "up" && b["state"] == "active" && b["mac"].is_string())
         });
         if ready {
             return Ok(());
@@ -196,7 +221,12 @@ impl System for HaproxyTcp {
         let config = haproxy::Config {
             bind: SocketAddr::new(topo.lb_addr4().into(), 80),
             servers: (1..=topo.backend_count())
-                .map(|i| (topo.backend_name(i), SocketAddr::new(topo.backend_addr4(i).into(), 80)))
+                .map(|i| {
+                    (
+                        topo.backend_name(i),
+                        SocketAddr::new(topo.backend_addr4(i).into(), 80),
+                    )
+                })
                 .collect(),
             log: false,
         };
@@ -232,18 +262,32 @@ impl System for IptablesDnat {
         ipt("-N BENCH-SVC")?;
         for i in 1..=n {
             ipt(&format!("-N BENCH-SEP-{i}"))?;
-            ipt(&format!("-A BENCH-SEP-{i} -p tcp -j DNAT --to-destination {}:80", topo.backend_addr4(i)))?;
+            ipt(&format!(
+                "-A BENCH-SEP-{i} -p tcp -j DNAT --to-destination {}:80",
+                topo.backend_addr4(i)
+            ))?;
             // kube-proxy: rule i of n matches with probability 1/(n-i+1);
             // the last one always.
-            let pick = if i < n { format!("-m statistic --mode random --probability {:.11}", 1.0 / (n - i + 1) as f64) } else { String::new() };
+            let pick = if i < n {
+                format!(
+                    "-m statistic --mode random --probability {:.11}",
+                    1.0 / (n - i + 1) as f64
+                )
+            } else {
+                String::new()
+            };
             ipt(&format!("-A BENCH-SVC {pick} -j BENCH-SEP-{i}"))?;
         }
-        ipt(&format!("-A PREROUTING -d {}/32 -p tcp --dport 80 -j BENCH-SVC", topo.vip4()))?;
+        ipt(&format!(
+            "-A PREROUTING -d {}/32 -p tcp --dport 80 -j BENCH-SVC",
+            topo.vip4()
+        ))?;
         ipt("-A POSTROUTING -m conntrack --ctstate DNAT -j MASQUERADE")?;
         // Forwarding out of the interface it came in on: no ICMP redirects
         // (they would send the client straight to a backend).
         for scope in ["all", topo.lb_iface()] {
-            topo.lb().sysctl(&format!("net.ipv4.conf.{scope}.send_redirects"), "0")?;
+            topo.lb()
+                .sysctl(&format!("net.ipv4.conf.{scope}.send_redirects"), "0")?;
         }
         topo.lb().sysctl("net.ipv4.ip_forward", "1")?;
         Ok(Running {

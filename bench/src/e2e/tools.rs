@@ -35,7 +35,10 @@ impl DenyServiceStarts {
             return Ok(Self(None));
         }
         std::fs::write(POLICY_RC_D, "#!/bin/sh\nexit 101\n")?;
-        std::fs::set_permissions(POLICY_RC_D, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+        std::fs::set_permissions(
+            POLICY_RC_D,
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )?;
         Ok(Self(Some(POLICY_RC_D.into())))
     }
 }
@@ -82,9 +85,13 @@ pub struct Sysctl {
 impl Sysctl {
     pub fn set(key: &str, value: &str) -> Result<Self> {
         let path = PathBuf::from("/proc/sys").join(key.replace('.', "/"));
-        let old = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+        let old = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
         std::fs::write(&path, value).with_context(|| format!("setting {key}={value}"))?;
-        Ok(Self { path, old: old.trim().to_owned() })
+        Ok(Self {
+            path,
+            old: old.trim().to_owned(),
+        })
     }
 }
 

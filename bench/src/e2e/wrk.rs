@@ -48,7 +48,11 @@ impl Run<'_> {
         let out = cmd.output().context("running wrk")?;
         let text = String::from_utf8_lossy(&out.stdout);
         if !out.status.success() {
-            bail!("wrk failed ({}): {text}{}", out.status, String::from_utf8_lossy(&out.stderr));
+            bail!(
+                "wrk failed ({}): {text}{}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         parse(&text).with_context(|| format!("reading wrk's report:\n{text}"))
     }
@@ -64,7 +68,10 @@ fn parse(text: &str) -> Result<Report> {
             ["50%", v] => r.p50_ms = millis(v)?,
             ["99%", v] => r.p99_ms = millis(v)?,
             ["Socket", "errors:", rest @ ..] => {
-                r.errors += rest.iter().filter_map(|s| s.trim_end_matches(',').parse::<u64>().ok()).sum::<u64>()
+                r.errors += rest
+                    .iter()
+                    .filter_map(|s| s.trim_end_matches(',').parse::<u64>().ok())
+                    .sum::<u64>()
             }
             ["Non-2xx", "or", "3xx", "responses:", n] => r.errors += n.parse::<u64>()?,
             _ => {}
@@ -78,7 +85,9 @@ fn parse(text: &str) -> Result<Report> {
 
 /// "812.00us", "1.23ms", "2.01s" → milliseconds.
 fn millis(v: &str) -> Result<f64> {
-    let split = v.find(|c: char| c.is_ascii_alphabetic()).context("no unit")?;
+    let split = v
+        .find(|c: char| c.is_ascii_alphabetic())
+        .context("no unit")?;
     let (n, unit) = v.split_at(split);
     let n: f64 = n.parse()?;
     Ok(match unit {

@@ -21,7 +21,8 @@ use xdplb_tests::{
 };
 
 /// The demo's health check: fast enough to watch.
-const HEALTH_CHECK: &str = "type = \"tcp\"\ninterval = \"500ms\"\ntimeout = \"250ms\"\nrise = 2\nfall = 3";
+const HEALTH_CHECK: &str =
+    "type = \"tcp\"\ninterval = \"500ms\"\ntimeout = \"250ms\"\nrise = 2\nfall = 3";
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
@@ -55,10 +56,17 @@ fn main() -> ExitCode {
 }
 
 fn print_tally(label: &str, tally: &Tally, total: usize) {
-    println!("  {label}: {} of {total} connections answered, {} failed", tally.ok(), tally.failed.len());
+    println!(
+        "  {label}: {} of {total} connections answered, {} failed",
+        tally.ok(),
+        tally.failed.len()
+    );
     for (name, n) in &tally.served {
         let share = 100.0 * *n as f64 / total as f64;
-        println!("    {name}  {n:>4}  {share:5.1}%  {}", "#".repeat((share / 2.0).round() as usize));
+        println!(
+            "    {name}  {n:>4}  {share:5.1}%  {}",
+            "#".repeat((share / 2.0).round() as usize)
+        );
     }
     for (port, err) in tally.failed.iter().take(5) {
         println!("    failed from port {port}: {err}");
@@ -69,7 +77,9 @@ fn demo() -> Result<()> {
     let xdplb = bin_path("xdplb")?;
     let testbackend = bin_path("xdplb-testbackend")?;
 
-    println!("xdplb demo: client -> XDP load balancer (Maglev, direct server return) -> 3 HTTP backends");
+    println!(
+        "xdplb demo: client -> XDP load balancer (Maglev, direct server return) -> 3 HTTP backends"
+    );
     let mut topo = DsrTopology::with_tag("demo", 3).context("building the veth topology")?;
     println!(
         "  topology {}: client {} / {}, load balancer {} / {}, backends {}..{}, one L2 segment",
@@ -84,16 +94,28 @@ fn demo() -> Result<()> {
     topo.enable_xdp_tx(&xdplb)?;
     let mut backends = start_backends(&topo, &testbackend)?;
     topo.wait_reachable()?;
-    println!("  backends b1 b2 b3 serve HTTP on :80 with VIPs {} and {} on loopback", topo.vip4(), topo.vip6());
+    println!(
+        "  backends b1 b2 b3 serve HTTP on :80 with VIPs {} and {} on loopback",
+        topo.vip4(),
+        topo.vip6()
+    );
     check_interrupt()?;
 
     let lb = Xdplb::start(&xdplb, &topo, &dsr_config_with(&topo, HEALTH_CHECK))?;
-    println!("  xdplb attached to {}/{} in native XDP mode; maps pinned in {}", topo.lb().name(), topo.lb_iface(), lb.pin_dir.display());
+    println!(
+        "  xdplb attached to {}/{} in native XDP mode; maps pinned in {}",
+        topo.lb().name(),
+        topo.lb_iface(),
+        lb.pin_dir.display()
+    );
     check_interrupt()?;
 
     let vip4: IpAddr = topo.vip4().into();
     let (first, count) = (40000u16, 300u16);
-    println!("\n  {count} TCP connections to http://{vip4}:80/ from source ports {first}..{}", first + count - 1);
+    println!(
+        "\n  {count} TCP connections to http://{vip4}:80/ from source ports {first}..{}",
+        first + count - 1
+    );
     let tally = requests(&topo, vip4, first..first + count);
     print_tally("IPv4", &tally, count.into());
     check_interrupt()?;
@@ -108,10 +130,16 @@ fn demo() -> Result<()> {
     let again = requests(&topo, vip4, first..first + 1);
     println!("\n  sample flow: {src} -> {vip4}:80");
     println!("    $ xdplb flow {src} {vip4}:80 tcp");
-    for line in lb.cli(&["flow", &src.to_string(), &format!("{vip4}:80"), "tcp"])?.lines() {
+    for line in lb
+        .cli(&["flow", &src.to_string(), &format!("{vip4}:80"), "tcp"])?
+        .lines()
+    {
         println!("    {line}");
     }
-    println!("    the same source port again was served by: {}", again.served.keys().next().map_or("nobody", |s| s.as_str()));
+    println!(
+        "    the same source port again was served by: {}",
+        again.served.keys().next().map_or("nobody", |s| s.as_str())
+    );
 
     println!("\n  $ xdplb stats");
     for line in lb.cli(&["stats"])?.lines() {
@@ -134,7 +162,12 @@ fn demo() -> Result<()> {
 
 /// Kills a backend's server under load and shows the failover, then brings
 /// it back.
-fn failover(topo: &DsrTopology, lb: &Xdplb, backends: &mut [xdplb_tests::proc::Proc], testbackend: &std::path::Path) -> Result<()> {
+fn failover(
+    topo: &DsrTopology,
+    lb: &Xdplb,
+    backends: &mut [xdplb_tests::proc::Proc],
+    testbackend: &std::path::Path,
+) -> Result<()> {
     println!("\n  failover (health check: tcp every 500ms, fall 3, rise 2)");
     println!("    $ xdplb status");
     for line in lb.cli(&["status"])?.lines() {
@@ -142,7 +175,8 @@ fn failover(topo: &DsrTopology, lb: &Xdplb, backends: &mut [xdplb_tests::proc::P
     }
     let vip = SocketAddr::new(topo.vip4().into(), 80);
     let victim = topo.backend_addr4(2);
-    let health = |want: &str| -> Result<bool> { Ok(lb.backend("web4", victim.into())?["health"] == want) };
+    let health =
+        |want: &str| -> Result<bool> { Ok(lb.backend("web4", victim.into())?["health"] == want) };
 
     let load = Load::start(topo, vip, std::time::Duration::from_millis(10), 20000)?;
     std::thread::sleep(std::time::Duration::from_millis(500));
@@ -157,10 +191,22 @@ fn failover(topo: &DsrTopology, lb: &Xdplb, backends: &mut [xdplb_tests::proc::P
     std::thread::sleep(std::time::Duration::from_millis(1000));
     let samples = load.stop();
     let swap = killed + moved;
-    let failed_before = samples.iter().filter(|s| s.result.is_err() && s.start < swap).count();
-    let failed_after = samples.iter().filter(|s| s.result.is_err() && s.start >= swap).count();
-    let others_failed = samples.iter().filter(|s| s.start < killed && s.result.is_err()).count();
-    println!("    b2 marked down and its traffic moved {} ms after the kill", moved.as_millis());
+    let failed_before = samples
+        .iter()
+        .filter(|s| s.result.is_err() && s.start < swap)
+        .count();
+    let failed_after = samples
+        .iter()
+        .filter(|s| s.result.is_err() && s.start >= swap)
+        .count();
+    let others_failed = samples
+        .iter()
+        .filter(|s| s.start < killed && s.result.is_err())
+        .count();
+    println!(
+        "    b2 marked down and its traffic moved {} ms after the kill",
+        moved.as_millis()
+    );
     println!(
         "    {} requests: {failed_before} failed before the swap (flows hashed to the dead b2), {failed_after} after it, {others_failed} before the kill",
         samples.len()
@@ -176,7 +222,10 @@ fn failover(topo: &DsrTopology, lb: &Xdplb, backends: &mut [xdplb_tests::proc::P
         check_interrupt()?;
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
-    println!("\n    b2's server restarted: back in the table {} ms later", restarted.elapsed().as_millis());
+    println!(
+        "\n    b2's server restarted: back in the table {} ms later",
+        restarted.elapsed().as_millis()
+    );
     let tally = requests(topo, vip.ip(), 45000..45150);
     print_tally("after recovery", &tally, 150);
     if failed_after > 0 || others_failed > 0 {

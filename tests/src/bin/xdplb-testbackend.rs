@@ -25,11 +25,13 @@
 //! Sockets listen on `[::]` with IPV6_V6ONLY off, so both the IPv4 and the
 //! IPv6 VIP are served. Prints `listening ...` on stdout once bound.
 
-use std::io::{BufRead as _, BufReader, Read as _, Write as _};
-use std::mem;
-use std::net::{TcpListener, TcpStream};
-use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
-use std::sync::Arc;
+use std::{
+    io::{BufRead as _, BufReader, Read as _, Write as _},
+    mem,
+    net::{TcpListener, TcpStream},
+    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+    sync::Arc,
+};
 
 use xdplb_tests::nat_topology::{Pattern, Sha256};
 
@@ -69,7 +71,13 @@ fn parse_args() -> Result<Config, String> {
                         .map_err(|e| format!("--udp-port: {e}"))?,
                 )
             }
-            "--flap" => flap = Some(value("--flap")?.parse().map_err(|e| format!("--flap: {e}"))?),
+            "--flap" => {
+                flap = Some(
+                    value("--flap")?
+                        .parse()
+                        .map_err(|e| format!("--flap: {e}"))?,
+                )
+            }
             "--verbose" | "-v" => verbose = true,
             "--help" | "-h" => {
                 println!("{USAGE}");
@@ -268,8 +276,11 @@ fn serve(stream: TcpStream, config: &Config) -> std::io::Result<()> {
         }
 
         if path == "/health" {
-            let n = config.health_requests.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
-            if config.flap.is_some_and(|every| n % every == 0) {
+            let n = config
+                .health_requests
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                + 1;
+            if config.flap.is_some_and(|every| n.is_multiple_of(every)) {
                 return respond_error(&mut out, "503 Service Unavailable", name);
             }
         }
@@ -301,12 +312,16 @@ fn hash_body(reader: &mut BufReader<TcpStream>, len: u64) -> std::io::Result<Str
         let want = left.min(buf.len() as u64) as usize;
         let n = reader.read(&mut buf[..want])?;
         if n == 0 {
-            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, format!("body ended {left} bytes early")));
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                format!("body ended {left} bytes early"),
+            ));
         }
         sha.write_all(&buf[..n])?;
         left -= n as u64;
     }
-    sha.finish().map_err(|e| std::io::Error::other(format!("{e:#}")))
+    sha.finish()
+        .map_err(|e| std::io::Error::other(format!("{e:#}")))
 }
 
 fn respond_error(out: &mut TcpStream, status: &str, name: &str) -> std::io::Result<()> {

@@ -71,8 +71,14 @@ pub fn call(socket: &Path, request: &Request) -> Result<serde_json::Value, Clien
     }
 
     let mut answer = Vec::new();
-    stream.take(MAX_ANSWER).read_to_end(&mut answer).map_err(io_error)?;
-    parse_answer(&answer).map_err(|detail| ClientError::Protocol { socket: socket.to_owned(), detail })?
+    stream
+        .take(MAX_ANSWER)
+        .read_to_end(&mut answer)
+        .map_err(io_error)?;
+    parse_answer(&answer).map_err(|detail| ClientError::Protocol {
+        socket: socket.to_owned(),
+        detail,
+    })?
 }
 
 /// Maps the errors an operator can act on to messages that say what to do.
@@ -96,36 +102,51 @@ fn parse_answer(answer: &[u8]) -> Result<Result<serde_json::Value, ClientError>,
             "no end of the HTTP head".to_owned()
         });
     };
-    let head = std::str::from_utf8(&answer[..head_len]).map_err(|_| "HTTP head is not UTF-8".to_owned())?;
+    let head = std::str::from_utf8(&answer[..head_len])
+        .map_err(|_| "HTTP head is not UTF-8".to_owned())?;
     let mut body = &answer[head_len + 4..];
     let mut lines = head.split("\r\n");
     let status_line = lines.next().unwrap_or_default();
     let status: u16 = match status_line.split(' ').collect::<Vec<_>>()[..] {
-        [version, status, ..] if version.starts_with("HTTP/1.") => {
-            status.parse().map_err(|_| format!("bad status line {status_line:?}"))?
-        }
+        [version, status, ..] if version.starts_with("HTTP/1.") => status
+            .parse()
+            .map_err(|_| format!("bad status line {status_line:?}"))?,
         _ => return Err(format!("bad status line {status_line:?}")),
     };
     for line in lines {
         if let Some((name, value)) = line.split_once(':') {
             if name.eq_ignore_ascii_case("content-length") {
-                let length: usize =
-                    value.trim().parse().map_err(|_| format!("bad Content-Length {:?}", value.trim()))?;
-                body = body
-                    .get(..length)
-                    .ok_or_else(|| format!("the answer was cut short ({} of {length} body bytes)", body.len()))?;
+                let length: usize = value
+                    .trim()
+                    .parse()
+                    .map_err(|_| format!("bad Content-Length {:?}", value.trim()))?;
+                body = body.get(..length).ok_or_else(|| {
+                    format!(
+                        "the answer was cut short ({} of {length} body bytes)",
+                        body.len()
+                    )
+                })?;
             }
         }
     }
     let value: Result<serde_json::Value, _> = serde_json::from_slice(body);
     if status == 200 {
-        return value.map(Ok).map_err(|err| format!("the body is not JSON: {err}"));
+        return value
+            .map(Ok)
+            .map_err(|err| format!("the body is not JSON: {err}"));
     }
     // An error answer should carry {"error": message}; fall back to the
     // status and raw body so nothing is lost if it does not.
-    let message = match value.as_ref().ok().and_then(|value| value.get("error")?.as_str()) {
+    let message = match value
+        .as_ref()
+        .ok()
+        .and_then(|value| value.get("error")?.as_str())
+    {
         Some(message) => message.to_owned(),
-        None => format!("HTTP status {status}: {}", String::from_utf8_lossy(body).trim()),
+        None => format!(
+            "HTTP status {status}: {}",
+            String::from_utf8_lossy(body).trim()
+        ),
     };
     Ok(Err(ClientError::Api(ApiError { status, message })))
 }
@@ -141,7 +162,8 @@ mod tests {
         let ok = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 12\r\n\r\n{\"a\":[1,2]}\n";
         assert_eq!(parse_answer(ok).unwrap().unwrap(), json!({"a": [1, 2]}));
 
-        let not_found = b"HTTP/1.1 404 Not Found\r\nContent-Length: 22\r\n\r\n{\"error\":\"no such x\"}\n";
+        let not_found =
+            b"HTTP/1.1 404 Not Found\r\nContent-Length: 22\r\n\r\n{\"error\":\"no such x\"}\n";
         match parse_answer(not_found).unwrap() {
             Err(ClientError::Api(err)) => assert_eq!(err, ApiError::not_found("no such x")),
             other => panic!("{other:?}"),
@@ -154,9 +176,17 @@ mod tests {
         }
 
         assert!(parse_answer(b"").unwrap_err().contains("without an answer"));
-        assert!(parse_answer(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n{}").unwrap_err().contains("cut short"));
-        assert!(parse_answer(b"SSH-2.0\r\n\r\n").unwrap_err().contains("status line"));
-        assert!(parse_answer(b"HTTP/1.1 200 OK\r\n\r\nnope").unwrap_err().contains("not JSON"));
+        assert!(
+            parse_answer(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n{}")
+                .unwrap_err()
+                .contains("cut short")
+        );
+        assert!(parse_answer(b"SSH-2.0\r\n\r\n")
+            .unwrap_err()
+            .contains("status line"));
+        assert!(parse_answer(b"HTTP/1.1 200 OK\r\n\r\nnope")
+            .unwrap_err()
+            .contains("not JSON"));
     }
 
     #[test]
@@ -173,14 +203,18 @@ mod tests {
         );
         assert!(message(libc::EPERM).contains("root-only"));
         assert!(message(libc::EAGAIN).contains("did not answer within 30s"));
-        assert!(message(libc::EIO).starts_with("talking to the xdplb daemon at /run/xdplb/xdplb.sock: "));
-        let api = ClientError::Api(ApiError::bad_request("service \"web\": port: 0 is out of range"));
+        assert!(message(libc::EIO)
+            .starts_with("talking to the xdplb daemon at /run/xdplb/xdplb.sock: "));
+        let api = ClientError::Api(ApiError::bad_request(
+            "service \"web\": port: 0 is out of range",
+        ));
         assert_eq!(api.to_string(), "service \"web\": port: 0 is out of range");
     }
 
     #[test]
     fn missing_socket_means_not_running() {
-        let socket = std::env::temp_dir().join(format!("xdplb-client-{}-missing.sock", std::process::id()));
+        let socket =
+            std::env::temp_dir().join(format!("xdplb-client-{}-missing.sock", std::process::id()));
         let err = call(&socket, &Request::Status).unwrap_err();
         assert!(matches!(err, ClientError::NotRunning { .. }), "{err:?}");
     }

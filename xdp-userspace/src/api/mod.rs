@@ -36,14 +36,25 @@ pub enum Request {
     Status,
     ListServices,
     AddService(serde_json::Value),
-    RemoveService { name: String },
-    ListBackends { service: Option<String> },
-    AddBackend { service: String, backend: serde_json::Value },
+    RemoveService {
+        name: String,
+    },
+    ListBackends {
+        service: Option<String>,
+    },
+    AddBackend {
+        service: String,
+        backend: serde_json::Value,
+    },
     RemoveBackend(BackendRef),
     Drain(BackendRef),
     Undrain(BackendRef),
     Reload,
-    Flow { src: SocketAddr, dst: SocketAddr, protocol: String },
+    Flow {
+        src: SocketAddr,
+        dst: SocketAddr,
+        protocol: String,
+    },
     Stats,
 }
 
@@ -67,15 +78,24 @@ pub struct ApiError {
 impl ApiError {
     /// 400: the request is wrong (bad config, unknown backend, ...).
     pub fn bad_request(message: impl Into<String>) -> Self {
-        Self { status: 400, message: message.into() }
+        Self {
+            status: 400,
+            message: message.into(),
+        }
     }
     /// 404: no such service/backend.
     pub fn not_found(message: impl Into<String>) -> Self {
-        Self { status: 404, message: message.into() }
+        Self {
+            status: 404,
+            message: message.into(),
+        }
     }
     /// 500: the daemon failed to do something it should be able to.
     pub fn internal(message: impl Into<String>) -> Self {
-        Self { status: 500, message: message.into() }
+        Self {
+            status: 500,
+            message: message.into(),
+        }
     }
 }
 

@@ -99,29 +99,46 @@ fn bind(socket: &Path) -> anyhow::Result<(UnixListener, SocketFile)> {
             // A socket file outlives its daemon when the daemon is killed.
             // Only connecting tells a stale one from a live one.
             match std::os::unix::net::UnixStream::connect(socket) {
-                Ok(_) => bail!("another xdplb daemon is already serving {}", socket.display()),
+                Ok(_) => bail!(
+                    "another xdplb daemon is already serving {}",
+                    socket.display()
+                ),
                 Err(err) => {
                     debug!("removing the stale API socket {} ({err})", socket.display());
-                    fs::remove_file(socket)
-                        .with_context(|| format!("removing the stale API socket {}", socket.display()))?;
+                    fs::remove_file(socket).with_context(|| {
+                        format!("removing the stale API socket {}", socket.display())
+                    })?;
                 }
             }
         }
         // Never delete something that is not a socket: the path is probably
         // wrong, and the file may matter to someone.
-        Ok(_) => bail!("{} exists and is not a socket; refusing to replace it", socket.display()),
+        Ok(_) => bail!(
+            "{} exists and is not a socket; refusing to replace it",
+            socket.display()
+        ),
         Err(err) if err.kind() == io::ErrorKind::NotFound => {}
-        Err(err) => return Err(err).with_context(|| format!("inspecting the API socket {}", socket.display())),
+        Err(err) => {
+            return Err(err)
+                .with_context(|| format!("inspecting the API socket {}", socket.display()))
+        }
     }
-    let listener =
-        UnixListener::bind(socket).with_context(|| format!("binding the API socket {}", socket.display()))?;
+    let listener = UnixListener::bind(socket)
+        .with_context(|| format!("binding the API socket {}", socket.display()))?;
     // Between bind and chmod the socket has the umask's mode; the peer
     // credential check covers that window.
     fs::set_permissions(socket, fs::Permissions::from_mode(0o600))
         .with_context(|| format!("making the API socket {} mode 0600", socket.display()))?;
-    let meta =
-        fs::symlink_metadata(socket).with_context(|| format!("inspecting the API socket {}", socket.display()))?;
-    Ok((listener, SocketFile { path: socket.to_owned(), dev: meta.dev(), ino: meta.ino() }))
+    let meta = fs::symlink_metadata(socket)
+        .with_context(|| format!("inspecting the API socket {}", socket.display()))?;
+    Ok((
+        listener,
+        SocketFile {
+            path: socket.to_owned(),
+            dev: meta.dev(),
+            ino: meta.ino(),
+        },
+    ))
 }
 
 /// Accepts connections forever, one task each. `allowed` decides on the
@@ -206,7 +223,9 @@ async fn answer(stream: &mut UnixStream, handler: Arc<dyn Handler>) -> Option<Re
     let api_request = match route(&request.method, &request.target, &request.body) {
         Ok(api_request) => api_request,
         Err(err) => {
-            let allow = (err.status == 405).then(|| allowed_method(&request.target)).flatten();
+            let allow = (err.status == 405)
+                .then(|| allowed_method(&request.target))
+                .flatten();
             return Some(Response::error(err.status, err.message, allow));
         }
     };
@@ -215,11 +234,19 @@ async fn answer(stream: &mut UnixStream, handler: Arc<dyn Handler>) -> Option<Re
     // the async workers.
     let result = tokio::task::spawn_blocking(move || handler.handle(api_request)).await;
     Some(match result {
-        Ok(Ok(value)) => Response { status: 200, body: value, allow: None },
+        Ok(Ok(value)) => Response {
+            status: 200,
+            body: value,
+            allow: None,
+        },
         Ok(Err(err)) => {
             // A handler answering an error with a non-error status is a bug;
             // the client must still see a failure.
-            let status = if (400..=599).contains(&err.status) { err.status } else { 500 };
+            let status = if (400..=599).contains(&err.status) {
+                err.status
+            } else {
+                500
+            };
             Response::error(status, err.message, None)
         }
         Err(err) => {
@@ -245,7 +272,10 @@ async fn read_request(stream: &mut UnixStream) -> Result<HttpRequest, Option<Api
             break end;
         }
         if buf.len() > MAX_HEAD {
-            return Err(Some(error(431, format!("request head larger than {MAX_HEAD} bytes"))));
+            return Err(Some(error(
+                431,
+                format!("request head larger than {MAX_HEAD} bytes"),
+            )));
         }
         let mut chunk = [0u8; 4096];
         match stream.read(&mut chunk).await {
@@ -254,15 +284,25 @@ async fn read_request(stream: &mut UnixStream) -> Result<HttpRequest, Option<Api
         }
     };
     if head_end > MAX_HEAD {
-        return Err(Some(error(431, format!("request head larger than {MAX_HEAD} bytes"))));
+        return Err(Some(error(
+            431,
+            format!("request head larger than {MAX_HEAD} bytes"),
+        )));
     }
     let head = parse_head(&buf[..head_end]).map_err(Some)?;
     if head.content_length > MAX_BODY {
-        return Err(Some(error(413, format!("request body larger than {MAX_BODY} bytes"))));
+        return Err(Some(error(
+            413,
+            format!("request body larger than {MAX_BODY} bytes"),
+        )));
     }
     if head.expect_continue {
         // curl waits for this before sending a body over 1 KiB.
-        if stream.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await.is_err() {
+        if stream
+            .write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
+            .await
+            .is_err()
+        {
             return Err(None);
         }
     }
@@ -277,17 +317,23 @@ async fn read_request(stream: &mut UnixStream) -> Result<HttpRequest, Option<Api
     // Anything past the body would be a pipelined second request, which
     // `Connection: close` rules out.
     body.truncate(head.content_length);
-    Ok(HttpRequest { method: head.method, target: head.target, body })
+    Ok(HttpRequest {
+        method: head.method,
+        target: head.target,
+        body,
+    })
 }
 
 /// The end of the head (just past its empty line), if it is all in `buf`.
 /// Bare LF line ends are accepted too (RFC 9112 allows it).
 fn head_end(buf: &[u8]) -> Option<usize> {
-    (0..buf.len()).filter(|&i| buf[i] == b'\n').find_map(|i| match &buf[i + 1..] {
-        [b'\n', ..] => Some(i + 2),
-        [b'\r', b'\n', ..] => Some(i + 3),
-        _ => None,
-    })
+    (0..buf.len())
+        .filter(|&i| buf[i] == b'\n')
+        .find_map(|i| match &buf[i + 1..] {
+            [b'\n', ..] => Some(i + 2),
+            [b'\r', b'\n', ..] => Some(i + 3),
+            _ => None,
+        })
 }
 
 struct Head {
@@ -299,14 +345,22 @@ struct Head {
 
 fn parse_head(head: &[u8]) -> Result<Head, ApiError> {
     let head = std::str::from_utf8(head).map_err(|_| error(400, "request head is not UTF-8"))?;
-    let mut lines = head.split('\n').map(|line| line.strip_suffix('\r').unwrap_or(line));
+    let mut lines = head
+        .split('\n')
+        .map(|line| line.strip_suffix('\r').unwrap_or(line));
     let request_line = lines.next().unwrap_or_default();
     let parts: Vec<&str> = request_line.split(' ').collect();
     let [method, target, version] = parts[..] else {
-        return Err(error(400, format!("malformed request line {request_line:?}")));
+        return Err(error(
+            400,
+            format!("malformed request line {request_line:?}"),
+        ));
     };
     if version != "HTTP/1.1" && version != "HTTP/1.0" {
-        return Err(error(505, format!("unsupported HTTP version {version:?} (HTTP/1.1 only)")));
+        return Err(error(
+            505,
+            format!("unsupported HTTP version {version:?} (HTTP/1.1 only)"),
+        ));
     }
     let mut content_length = None;
     let mut expect_continue = false;
@@ -316,14 +370,19 @@ fn parse_head(head: &[u8]) -> Result<Head, ApiError> {
         };
         let value = value.trim();
         if name.eq_ignore_ascii_case("content-length") {
-            let length: usize = value.parse().map_err(|_| error(400, format!("bad Content-Length {value:?}")))?;
+            let length: usize = value
+                .parse()
+                .map_err(|_| error(400, format!("bad Content-Length {value:?}")))?;
             // Conflicting lengths are how request smuggling starts.
             if content_length.is_some_and(|previous| previous != length) {
                 return Err(error(400, "conflicting Content-Length headers"));
             }
             content_length = Some(length);
         } else if name.eq_ignore_ascii_case("transfer-encoding") {
-            return Err(error(501, "Transfer-Encoding is not supported: send a Content-Length"));
+            return Err(error(
+                501,
+                "Transfer-Encoding is not supported: send a Content-Length",
+            ));
         } else if name.eq_ignore_ascii_case("expect") {
             expect_continue = value.eq_ignore_ascii_case("100-continue");
         }
@@ -337,7 +396,10 @@ fn parse_head(head: &[u8]) -> Result<Head, ApiError> {
 }
 
 fn error(status: u16, message: impl Into<String>) -> ApiError {
-    ApiError { status, message: message.into() }
+    ApiError {
+        status,
+        message: message.into(),
+    }
 }
 
 /// An answer to send.
@@ -350,7 +412,11 @@ struct Response {
 
 impl Response {
     fn error(status: u16, message: impl Into<String>, allow: Option<&'static str>) -> Self {
-        Self { status, body: serde_json::json!({ "error": message.into() }), allow }
+        Self {
+            status,
+            body: serde_json::json!({ "error": message.into() }),
+            allow,
+        }
     }
 
     fn to_bytes(&self) -> Vec<u8> {
@@ -460,7 +526,10 @@ pub fn route(method: &str, target: &str, body: &[u8]) -> Result<Request, ApiErro
         return Err(error(404, format!("no such API endpoint: {path}")));
     };
     if method != expected_method {
-        return Err(error(405, format!("{path} takes {expected_method}, not {method}")));
+        return Err(error(
+            405,
+            format!("{path} takes {expected_method}, not {method}"),
+        ));
     }
     let mut query = Query::parse(query)?;
     let request = match endpoint {
@@ -469,7 +538,10 @@ pub fn route(method: &str, target: &str, body: &[u8]) -> Result<Request, ApiErro
         Endpoint::AddService => {
             let service: serde_json::Value = json_body(body)?;
             if !service.is_object() {
-                return Err(error(400, "the body must be a JSON object: a [[service]] table"));
+                return Err(error(
+                    400,
+                    "the body must be a JSON object: a [[service]] table",
+                ));
             }
             Request::AddService(service)
         }
@@ -477,7 +549,9 @@ pub fn route(method: &str, target: &str, body: &[u8]) -> Result<Request, ApiErro
             let RemoveServiceBody { name } = json_body(body)?;
             Request::RemoveService { name }
         }
-        Endpoint::ListBackends => Request::ListBackends { service: query.take("service") },
+        Endpoint::ListBackends => Request::ListBackends {
+            service: query.take("service"),
+        },
         Endpoint::AddBackend => {
             let AddBackendBody { service, backend } = json_body(body)?;
             Request::AddBackend { service, backend }
@@ -508,27 +582,39 @@ pub fn path_of(request: &Request) -> (&'static str, String, Option<Vec<u8>>) {
         Request::Status => (Endpoint::Status, None),
         Request::ListServices => (Endpoint::ListServices, None),
         Request::AddService(service) => (Endpoint::AddService, to_json(service)),
-        Request::RemoveService { name } => {
-            (Endpoint::RemoveService, to_json(&RemoveServiceBody { name: name.clone() }))
-        }
+        Request::RemoveService { name } => (
+            Endpoint::RemoveService,
+            to_json(&RemoveServiceBody { name: name.clone() }),
+        ),
         Request::ListBackends { service } => {
             query.extend(service.iter().map(|name| ("service", name.clone())));
             (Endpoint::ListBackends, None)
         }
-        Request::AddBackend { service, backend } => {
-            (Endpoint::AddBackend, to_json(&AddBackendBody { service: service.clone(), backend: backend.clone() }))
-        }
+        Request::AddBackend { service, backend } => (
+            Endpoint::AddBackend,
+            to_json(&AddBackendBody {
+                service: service.clone(),
+                backend: backend.clone(),
+            }),
+        ),
         Request::RemoveBackend(backend) => (Endpoint::RemoveBackend, to_json(backend)),
         Request::Drain(backend) => (Endpoint::Drain, to_json(backend)),
         Request::Undrain(backend) => (Endpoint::Undrain, to_json(backend)),
         Request::Reload => (Endpoint::Reload, None),
         Request::Flow { src, dst, protocol } => {
-            query.extend([("src", src.to_string()), ("dst", dst.to_string()), ("protocol", protocol.clone())]);
+            query.extend([
+                ("src", src.to_string()),
+                ("dst", dst.to_string()),
+                ("protocol", protocol.clone()),
+            ]);
             (Endpoint::Flow, None)
         }
         Request::Stats => (Endpoint::Stats, None),
     };
-    let &(_, method, path) = ROUTES.iter().find(|(e, _, _)| *e == endpoint).expect("every endpoint is in ROUTES");
+    let &(_, method, path) = ROUTES
+        .iter()
+        .find(|(e, _, _)| *e == endpoint)
+        .expect("every endpoint is in ROUTES");
     let mut target = path.to_owned();
     for (i, (name, value)) in query.iter().enumerate() {
         target.push(if i == 0 { '?' } else { '&' });
@@ -542,7 +628,10 @@ pub fn path_of(request: &Request) -> (&'static str, String, Option<Vec<u8>>) {
 /// The method a known path takes, for the `Allow` header of a 405.
 fn allowed_method(target: &str) -> Option<&'static str> {
     let path = target.split_once('?').map_or(target, |(path, _)| path);
-    ROUTES.iter().find(|(_, _, p)| *p == path).map(|(_, method, _)| *method)
+    ROUTES
+        .iter()
+        .find(|(_, _, p)| *p == path)
+        .map(|(_, method, _)| *method)
 }
 
 fn json_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
@@ -577,14 +666,18 @@ impl Query {
     }
 
     fn require(&mut self, name: &str) -> Result<String, ApiError> {
-        self.take(name).ok_or_else(|| error(400, format!("missing query parameter {name:?}")))
+        self.take(name)
+            .ok_or_else(|| error(400, format!("missing query parameter {name:?}")))
     }
 
     fn address(&mut self, name: &str) -> Result<std::net::SocketAddr, ApiError> {
         let value = self.require(name)?;
-        value
-            .parse()
-            .map_err(|_| error(400, format!("query parameter {name}: {value:?} is not IP:PORT (IPv6 as [IP]:PORT)")))
+        value.parse().map_err(|_| {
+            error(
+                400,
+                format!("query parameter {name}: {value:?} is not IP:PORT (IPv6 as [IP]:PORT)"),
+            )
+        })
     }
 
     fn finish(self) -> Result<(), ApiError> {
@@ -617,9 +710,14 @@ fn percent_decode(value: &str) -> Result<String, ApiError> {
     let mut i = 0;
     while i < bytes.len() {
         if bytes[i] == b'%' {
-            let hex = bytes.get(i + 1..i + 3).and_then(|hex| std::str::from_utf8(hex).ok());
+            let hex = bytes
+                .get(i + 1..i + 3)
+                .and_then(|hex| std::str::from_utf8(hex).ok());
             let Some(byte) = hex.and_then(|hex| u8::from_str_radix(hex, 16).ok()) else {
-                return Err(error(400, format!("bad percent-encoding in query {value:?}")));
+                return Err(error(
+                    400,
+                    format!("bad percent-encoding in query {value:?}"),
+                ));
             };
             out.push(byte);
             i += 3;
@@ -628,7 +726,8 @@ fn percent_decode(value: &str) -> Result<String, ApiError> {
             i += 1;
         }
     }
-    String::from_utf8(out).map_err(|_| error(400, format!("query {value:?} is not UTF-8 once decoded")))
+    String::from_utf8(out)
+        .map_err(|_| error(400, format!("query {value:?} is not UTF-8 once decoded")))
 }
 
 #[cfg(test)]
@@ -645,7 +744,11 @@ mod tests {
     use crate::api::{client, client::ClientError, BackendRef, Done};
 
     fn backend_ref(port: Option<u16>) -> BackendRef {
-        BackendRef { service: "web".into(), address: "10.0.0.1".parse().unwrap(), port }
+        BackendRef {
+            service: "web".into(),
+            address: "10.0.0.1".parse().unwrap(),
+            port,
+        }
     }
 
     /// One of each variant, with the awkward values: IPv6 addresses, names
@@ -654,12 +757,19 @@ mod tests {
         vec![
             Request::Status,
             Request::ListServices,
-            Request::AddService(json!({"name": "web", "vip": "10.0.0.100", "port": 80, "protocol": "tcp",
-                "backend": [{"address": "10.0.0.1", "weight": 5}]})),
+            Request::AddService(
+                json!({"name": "web", "vip": "10.0.0.100", "port": 80, "protocol": "tcp",
+                "backend": [{"address": "10.0.0.1", "weight": 5}]}),
+            ),
             Request::RemoveService { name: "web".into() },
             Request::ListBackends { service: None },
-            Request::ListBackends { service: Some("web & dns/6 ?=%".into()) },
-            Request::AddBackend { service: "web".into(), backend: json!({"address": "10.0.0.1", "state": "drain"}) },
+            Request::ListBackends {
+                service: Some("web & dns/6 ?=%".into()),
+            },
+            Request::AddBackend {
+                service: "web".into(),
+                backend: json!({"address": "10.0.0.1", "state": "drain"}),
+            },
             Request::RemoveBackend(backend_ref(None)),
             Request::Drain(backend_ref(Some(8080))),
             Request::Undrain(BackendRef {
@@ -694,7 +804,12 @@ mod tests {
     #[test]
     fn every_endpoint_has_exactly_one_route() {
         for (i, (endpoint, _, path)) in ROUTES.iter().enumerate() {
-            assert!(ROUTES[i + 1..].iter().all(|(e, _, p)| e != endpoint && p != path), "{path}");
+            assert!(
+                ROUTES[i + 1..]
+                    .iter()
+                    .all(|(e, _, p)| e != endpoint && p != path),
+                "{path}"
+            );
         }
     }
 
@@ -703,15 +818,40 @@ mod tests {
         let cases: &[(&str, &str, &str, Request)] = &[
             ("GET", "/v1/status", "", Request::Status),
             ("GET", "/v1/services", "", Request::ListServices),
-            ("POST", "/v1/services/add", r#"{"name":"web"}"#, Request::AddService(json!({"name": "web"}))),
-            ("POST", "/v1/services/remove", r#"{"name":"web"}"#, Request::RemoveService { name: "web".into() }),
-            ("GET", "/v1/backends", "", Request::ListBackends { service: None }),
-            ("GET", "/v1/backends?service=web", "", Request::ListBackends { service: Some("web".into()) }),
+            (
+                "POST",
+                "/v1/services/add",
+                r#"{"name":"web"}"#,
+                Request::AddService(json!({"name": "web"})),
+            ),
+            (
+                "POST",
+                "/v1/services/remove",
+                r#"{"name":"web"}"#,
+                Request::RemoveService { name: "web".into() },
+            ),
+            (
+                "GET",
+                "/v1/backends",
+                "",
+                Request::ListBackends { service: None },
+            ),
+            (
+                "GET",
+                "/v1/backends?service=web",
+                "",
+                Request::ListBackends {
+                    service: Some("web".into()),
+                },
+            ),
             (
                 "POST",
                 "/v1/backends/add",
                 r#"{"service":"web","backend":{"address":"10.0.0.1"}}"#,
-                Request::AddBackend { service: "web".into(), backend: json!({"address": "10.0.0.1"}) },
+                Request::AddBackend {
+                    service: "web".into(),
+                    backend: json!({"address": "10.0.0.1"}),
+                },
             ),
             (
                 "POST",
@@ -755,7 +895,11 @@ mod tests {
             ("GET", "/v1/stats", "", Request::Stats),
         ];
         for (method, target, body, expected) in cases {
-            assert_eq!(route(method, target, body.as_bytes()).as_ref(), Ok(expected), "{method} {target}");
+            assert_eq!(
+                route(method, target, body.as_bytes()).as_ref(),
+                Ok(expected),
+                "{method} {target}"
+            );
         }
     }
 
@@ -767,14 +911,18 @@ mod tests {
             protocol: "tcp".into(),
         });
         assert_eq!(method, "GET");
-        assert_eq!(target, "/v1/flow?src=%5Bfd00%3A%3A1%5D%3A40000&dst=%5Bfd00%3A%3A100%5D%3A80&protocol=tcp");
+        assert_eq!(
+            target,
+            "/v1/flow?src=%5Bfd00%3A%3A1%5D%3A40000&dst=%5Bfd00%3A%3A100%5D%3A80&protocol=tcp"
+        );
         assert_eq!(body, None);
     }
 
     #[test]
     fn route_rejects_bad_requests() {
-        let status =
-            |method: &str, target: &str, body: &str| route(method, target, body.as_bytes()).unwrap_err().status;
+        let status = |method: &str, target: &str, body: &str| {
+            route(method, target, body.as_bytes()).unwrap_err().status
+        };
         assert_eq!(status("GET", "/v1/nope", ""), 404);
         assert_eq!(status("GET", "/v1/status/", ""), 404);
         assert_eq!(status("GET", "/", ""), 404);
@@ -783,12 +931,39 @@ mod tests {
         assert_eq!(status("DELETE", "/v1/services/remove", ""), 405);
         assert_eq!(status("POST", "/v1/services/remove", ""), 400);
         assert_eq!(status("POST", "/v1/services/remove", "{"), 400);
-        assert_eq!(status("POST", "/v1/services/remove", r#"{"name":"web","x":1}"#), 400);
+        assert_eq!(
+            status("POST", "/v1/services/remove", r#"{"name":"web","x":1}"#),
+            400
+        );
         assert_eq!(status("POST", "/v1/services/add", "[]"), 400);
-        assert_eq!(status("POST", "/v1/backends/drain", r#"{"service":"web","address":"nope"}"#), 400);
-        assert_eq!(status("GET", "/v1/flow?src=10.0.0.1:1&dst=10.0.0.2:2", ""), 400);
-        assert_eq!(status("GET", "/v1/flow?src=10.0.0.1&dst=10.0.0.2:2&protocol=tcp", ""), 400);
-        assert_eq!(status("GET", "/v1/flow?src=fd00::1:1&dst=10.0.0.2:2&protocol=tcp", ""), 400);
+        assert_eq!(
+            status(
+                "POST",
+                "/v1/backends/drain",
+                r#"{"service":"web","address":"nope"}"#
+            ),
+            400
+        );
+        assert_eq!(
+            status("GET", "/v1/flow?src=10.0.0.1:1&dst=10.0.0.2:2", ""),
+            400
+        );
+        assert_eq!(
+            status(
+                "GET",
+                "/v1/flow?src=10.0.0.1&dst=10.0.0.2:2&protocol=tcp",
+                ""
+            ),
+            400
+        );
+        assert_eq!(
+            status(
+                "GET",
+                "/v1/flow?src=fd00::1:1&dst=10.0.0.2:2&protocol=tcp",
+                ""
+            ),
+            400
+        );
         assert_eq!(status("GET", "/v1/backends?service=a&service=b", ""), 400);
         assert_eq!(status("GET", "/v1/backends?servce=web", ""), 400);
         assert_eq!(status("GET", "/v1/status?verbose=1", ""), 400);
@@ -802,7 +977,10 @@ mod tests {
         assert_eq!(percent_decode("%5b%5D").unwrap(), "[]");
         assert!(percent_decode("%").is_err());
         assert!(percent_decode("%4").is_err());
-        assert_eq!(percent_encode("[fd00::1]:80 a/b"), "%5Bfd00%3A%3A1%5D%3A80%20a%2Fb");
+        assert_eq!(
+            percent_encode("[fd00::1]:80 a/b"),
+            "%5Bfd00%3A%3A1%5D%3A80%20a%2Fb"
+        );
     }
 
     #[test]
@@ -810,7 +988,10 @@ mod tests {
         let head = b"POST /v1/reload HTTP/1.1\r\nHost: x\r\ncontent-length: 12\r\nExpect: 100-continue\r\n\r\n";
         assert_eq!(head_end(head), Some(head.len()));
         let parsed = parse_head(head).unwrap();
-        assert_eq!((parsed.method.as_str(), parsed.target.as_str()), ("POST", "/v1/reload"));
+        assert_eq!(
+            (parsed.method.as_str(), parsed.target.as_str()),
+            ("POST", "/v1/reload")
+        );
         assert_eq!(parsed.content_length, 12);
         assert!(parsed.expect_continue);
         assert_eq!(head_end(b"GET / HTTP/1.1\nHost: x\n\nbody"), Some(24));
@@ -819,9 +1000,18 @@ mod tests {
         assert_eq!(status("GET /v1/status HTTP/1.1\r\n\r\n"), None);
         assert_eq!(status("GET /v1/status\r\n\r\n"), Some(400));
         assert_eq!(status("GET /v1/status HTTP/2\r\n\r\n"), Some(505));
-        assert_eq!(status("GET / HTTP/1.1\r\nContent-Length: x\r\n\r\n"), Some(400));
-        assert_eq!(status("GET / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n"), Some(400));
-        assert_eq!(status("GET / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"), Some(501));
+        assert_eq!(
+            status("GET / HTTP/1.1\r\nContent-Length: x\r\n\r\n"),
+            Some(400)
+        );
+        assert_eq!(
+            status("GET / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n"),
+            Some(400)
+        );
+        assert_eq!(
+            status("GET / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"),
+            Some(501)
+        );
         assert_eq!(status("GET / HTTP/1.1\r\nno colon\r\n\r\n"), Some(400));
     }
 
@@ -835,11 +1025,18 @@ mod tests {
             match request {
                 Request::Status => Ok(json!({"version": "test"})),
                 Request::RemoveService { name } if name == "web" => {
-                    Ok(serde_json::to_value(Done { message: "service web removed".into() }).unwrap())
+                    Ok(serde_json::to_value(Done {
+                        message: "service web removed".into(),
+                    })
+                    .unwrap())
                 }
-                Request::RemoveService { name } => Err(ApiError::not_found(format!("no service named {name:?}"))),
+                Request::RemoveService { name } => {
+                    Err(ApiError::not_found(format!("no service named {name:?}")))
+                }
                 Request::AddService(service) => Ok(service),
-                Request::Flow { src, dst, protocol } => Ok(json!({"src": src, "dst": dst, "protocol": protocol})),
+                Request::Flow { src, dst, protocol } => {
+                    Ok(json!({"src": src, "dst": dst, "protocol": protocol}))
+                }
                 Request::Stats => panic!("the dummy handler panics on stats"),
                 other => Err(ApiError::internal(format!("not in the dummy: {other:?}"))),
             }
@@ -870,7 +1067,11 @@ mod tests {
         socket: &Path,
         future: impl std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
     ) -> tokio::runtime::Runtime {
-        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
         runtime.spawn(async move {
             if let Err(err) = future.await {
                 panic!("server failed: {err:#}");
@@ -880,7 +1081,11 @@ mod tests {
         // socket file may be there before the server binds.
         let deadline = Instant::now() + Duration::from_secs(10);
         while StdUnixStream::connect(socket).is_err() {
-            assert!(Instant::now() < deadline, "the server did not bind {}", socket.display());
+            assert!(
+                Instant::now() < deadline,
+                "the server did not bind {}",
+                socket.display()
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
         runtime
@@ -894,7 +1099,9 @@ mod tests {
     /// Sends raw bytes, returns the raw answer.
     fn raw(socket: &Path, request: &[u8]) -> String {
         let mut stream = StdUnixStream::connect(socket).unwrap();
-        stream.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
         // The server may answer (and close) before all is written.
         let _ = stream.write_all(request);
         let mut answer = String::new();
@@ -913,11 +1120,17 @@ mod tests {
         assert_eq!(mode(&socket), 0o600);
         assert_eq!(mode(&dir.0.join("run")), 0o700);
 
-        assert_eq!(client::call(&socket, &Request::Status).unwrap(), json!({"version": "test"}));
+        assert_eq!(
+            client::call(&socket, &Request::Status).unwrap(),
+            json!({"version": "test"})
+        );
         let done = client::call(&socket, &Request::RemoveService { name: "web".into() }).unwrap();
         assert_eq!(done, json!({"message": "service web removed"}));
         let service = json!({"name": "big", "padding": "x".repeat(100_000)});
-        assert_eq!(client::call(&socket, &Request::AddService(service.clone())).unwrap(), service);
+        assert_eq!(
+            client::call(&socket, &Request::AddService(service.clone())).unwrap(),
+            service
+        );
         let flow = Request::Flow {
             src: "[fd00::1]:40000".parse().unwrap(),
             dst: "[fd00::100]:80".parse().unwrap(),
@@ -929,7 +1142,12 @@ mod tests {
         );
 
         // Errors from the handler keep their status and message.
-        match client::call(&socket, &Request::RemoveService { name: "nope".into() }) {
+        match client::call(
+            &socket,
+            &Request::RemoveService {
+                name: "nope".into(),
+            },
+        ) {
             Err(ClientError::Api(err)) => {
                 assert_eq!(err, ApiError::not_found("no service named \"nope\""));
             }
@@ -944,8 +1162,13 @@ mod tests {
 
         // A second daemon on the same socket is refused.
         let second = tokio::runtime::Runtime::new().unwrap();
-        let err = second.block_on(serve(&socket, Arc::new(Dummy))).unwrap_err();
-        assert!(format!("{err:#}").contains("another xdplb daemon is already serving"), "{err:#}");
+        let err = second
+            .block_on(serve(&socket, Arc::new(Dummy)))
+            .unwrap_err();
+        assert!(
+            format!("{err:#}").contains("another xdplb daemon is already serving"),
+            "{err:#}"
+        );
 
         // Dropping the server removes its socket.
         drop(runtime);
@@ -953,7 +1176,10 @@ mod tests {
         match client::call(&socket, &Request::Status) {
             Err(err @ ClientError::NotRunning { .. }) => {
                 assert!(err.to_string().contains("daemon is not running"), "{err}");
-                assert!(err.to_string().contains(&socket.display().to_string()), "{err}");
+                assert!(
+                    err.to_string().contains(&socket.display().to_string()),
+                    "{err}"
+                );
             }
             other => panic!("expected not running, got {other:?}"),
         }
@@ -967,23 +1193,41 @@ mod tests {
 
         let answer = raw(&socket, b"GET /v1/status HTTP/1.1\r\nHost: x\r\n\r\n");
         assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
-        assert!(answer.contains("\r\nContent-Type: application/json\r\n"), "{answer}");
+        assert!(
+            answer.contains("\r\nContent-Type: application/json\r\n"),
+            "{answer}"
+        );
         assert!(answer.contains("\r\nConnection: close\r\n"), "{answer}");
         assert!(answer.contains("\r\nContent-Length: 19\r\n"), "{answer}");
-        assert!(answer.ends_with("\r\n\r\n{\"version\":\"test\"}\n"), "{answer}");
+        assert!(
+            answer.ends_with("\r\n\r\n{\"version\":\"test\"}\n"),
+            "{answer}"
+        );
 
         let answer = raw(&socket, b"GET /v1/nothing HTTP/1.1\r\n\r\n");
         assert!(answer.starts_with("HTTP/1.1 404 Not Found\r\n"), "{answer}");
-        assert!(answer.ends_with("{\"error\":\"no such API endpoint: /v1/nothing\"}\n"), "{answer}");
+        assert!(
+            answer.ends_with("{\"error\":\"no such API endpoint: /v1/nothing\"}\n"),
+            "{answer}"
+        );
 
         let answer = raw(&socket, b"GET /v1/reload HTTP/1.1\r\n\r\n");
-        assert!(answer.starts_with("HTTP/1.1 405 Method Not Allowed\r\n"), "{answer}");
+        assert!(
+            answer.starts_with("HTTP/1.1 405 Method Not Allowed\r\n"),
+            "{answer}"
+        );
         assert!(answer.contains("\r\nAllow: POST\r\n"), "{answer}");
 
         let body = br#"{"name": "#;
-        let request = format!("POST /v1/services/remove HTTP/1.1\r\nContent-Length: {}\r\n\r\n", body.len());
+        let request = format!(
+            "POST /v1/services/remove HTTP/1.1\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        );
         let answer = raw(&socket, &[request.as_bytes(), body].concat());
-        assert!(answer.starts_with("HTTP/1.1 400 Bad Request\r\n"), "{answer}");
+        assert!(
+            answer.starts_with("HTTP/1.1 400 Bad Request\r\n"),
+            "{answer}"
+        );
         assert!(answer.contains("invalid JSON body"), "{answer}");
 
         // curl's Expect: 100-continue gets its interim answer.
@@ -999,13 +1243,20 @@ mod tests {
         stream.read_to_string(&mut answer).unwrap();
         assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
 
-        let huge_head = format!("GET /v1/status HTTP/1.1\r\nX: {}\r\n\r\n", "a".repeat(MAX_HEAD));
+        let huge_head = format!(
+            "GET /v1/status HTTP/1.1\r\nX: {}\r\n\r\n",
+            "a".repeat(MAX_HEAD)
+        );
         let answer = raw(&socket, huge_head.as_bytes());
         assert!(answer.starts_with("HTTP/1.1 431 "), "{answer}");
 
         let answer = raw(
             &socket,
-            format!("POST /v1/services/add HTTP/1.1\r\nContent-Length: {}\r\n\r\n", MAX_BODY + 1).as_bytes(),
+            format!(
+                "POST /v1/services/add HTTP/1.1\r\nContent-Length: {}\r\n\r\n",
+                MAX_BODY + 1
+            )
+            .as_bytes(),
         );
         assert!(answer.starts_with("HTTP/1.1 413 "), "{answer}");
     }
@@ -1021,7 +1272,13 @@ mod tests {
         });
         match client::call(&socket, &Request::Status) {
             Err(ClientError::Api(err)) => {
-                assert_eq!(err, ApiError { status: 403, message: "the xdplb API is root-only".into() })
+                assert_eq!(
+                    err,
+                    ApiError {
+                        status: 403,
+                        message: "the xdplb API is root-only".into()
+                    }
+                )
             }
             other => panic!("expected a 403, got {other:?}"),
         }
