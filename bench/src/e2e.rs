@@ -25,24 +25,27 @@ const CONNECTIONS: u32 = 32;
 const RIVALS: [&str; 2] = ["haproxy", "iptables-dnat"];
 
 /// The method, for the report (every `e2e-*` group).
-pub const DESCRIPTION: &str = "One veth topology on this host: client, load balancer and three backends \
-(nginx, one worker each, all pinned to the first CPU, serving a 100-byte file) on one bridge. wrk (one \
-thread, 32 connections, pinned to the last CPU) runs keep-alive requests (e2e-keepalive, and the latency \
-figures e2e-p50/e2e-p99 from the same run: a closed loop at saturation), then one request per connection \
-with `Connection: close` (e2e-newconn). Systems: `ceiling` (the client straight to one backend, the \
-baseline of every ratio), `xdplb-dsr` (the real `xdplb run`, VIP on the backends' loopback), `xdplb-nat` (the same in NAT mode, one-arm: backends answer the lb's address), `haproxy` \
-(`mode tcp`, `balance roundrobin`, on the lb's address), `iptables-dnat` (kube-proxy's method: a `-m \
-statistic --mode random` DNAT chain on PREROUTING plus MASQUERADE, IP forwarding on for it alone). Every \
-system runs with what XDP forwarding on veth needs: the client's tx checksum offload off, and xdplb's \
-pass-through XDP program on the lb's veth peer; kernel.bpf_stats_enabled=1 throughout. Each system is set \
-up, checked to spread requests over the expected backends, warmed up for 1 s, measured and torn down, in \
-an order rotated every repetition; TIME_WAIT sockets are dropped between systems. e2e-cpu is each load \
-balancer's own CPU during the keep-alive run per 1000 requests, measured differently per system (see each \
-figure's note); IPv4 only. On this single host every load balancer's work (its veth and bridge hops \
+pub const DESCRIPTION: &str = "One veth topology on this host: client, load balancer and three \
+backends (nginx, one worker each, all pinned to the first CPU, serving a 100-byte file) on one \
+bridge. wrk (one thread, 32 connections, pinned to the last CPU) runs keep-alive requests \
+(e2e-keepalive, and the latency figures e2e-p50/e2e-p99 from the same run: a closed loop at \
+saturation), then one request per connection with `Connection: close` (e2e-newconn). Systems: \
+`ceiling` (the client straight to one backend, the baseline of every ratio), `xdplb-dsr` (the real \
+`xdplb run`, VIP on the backends' loopback), `xdplb-nat` (the same in NAT mode, one-arm: backends \
+answer the lb's address), `haproxy` (`mode tcp`, `balance roundrobin`, on the lb's address), \
+`iptables-dnat` (kube-proxy's method: a `-m statistic --mode random` DNAT chain on PREROUTING plus \
+MASQUERADE, IP forwarding on for it alone). Every system runs with what XDP forwarding on veth \
+needs: the client's tx checksum offload off, and xdplb's pass-through XDP program on the lb's veth \
+peer; kernel.bpf_stats_enabled=1 throughout. Each system is set up, checked to spread requests \
+over the expected backends, warmed up for 1 s, measured and torn down, in an order rotated every \
+repetition; TIME_WAIT sockets are dropped between systems. e2e-cpu is each load balancer's own CPU \
+during the keep-alive run per 1000 requests, measured differently per system (see each figure's \
+note); IPv4 only. On this single host every load balancer's work (its veth and bridge hops \
 included) runs on the same CPUs as the client and the servers, so it comes straight out of the \
-ceiling's throughput, most visibly per new connection. Behind a load balancer the three nginx workers \
-share the servers' CPU where the ceiling's one has it alone: at saturation their time slices add a tail \
-of several ms to p99 (a check with xdplb and one backend gave the ceiling's p99).";
+ceiling's throughput, most visibly per new connection. Behind a load balancer the three nginx \
+workers share the servers' CPU where the ceiling's one has it alone: at saturation their time \
+slices add a tail of several ms to p99 (a check with xdplb and one backend gave the ceiling's \
+p99).";
 
 /// One system's numbers from one repetition.
 struct Sample {
@@ -90,7 +93,8 @@ pub fn run(opts: &Opts) -> Result<Vec<Figure>> {
             )
             .with_context(|| format!("e2e: {} (repetition {})", system.name(), rep + 1))?;
             eprintln!(
-                "e2e: {:<14} rep {}: {:>6.0} req/s keep-alive, {:>6.0} conn/s, p50 {:.3} ms, p99 {:.3} ms",
+                "e2e: {:<14} rep {}: {:>6.0} req/s keep-alive, {:>6.0} conn/s, p50 {:.3} ms, p99 \
+                    {:.3} ms",
                 system.name(),
                 rep + 1,
                 s.keepalive.per_sec,
@@ -264,10 +268,23 @@ fn figures(systems: &[Box<dyn System>], samples: &BTreeMap<&str, Vec<Sample>>) -
 /// the ceiling's (median, ms per 1000 requests), comparable across systems.
 fn cpu_note(cpu: Cpu, softirq: f64) -> String {
     let what = match cpu {
-        Cpu::Process(_) => "the process's utime+stime (/proc/PID/stat, all threads); the kernel's softirq work for its sockets is not in it",
-        Cpu::XdpProgram(_) => "the XDP program's own run time (bpf run_time_ns); the veth and bridge hops and XDP_TX are not in it",
-        Cpu::SoftirqOverCeiling => "approximate: the whole machine's softirq time (/proc/stat) per 1000 requests minus the ceiling run's in the same repetition; includes the extra veth and bridge hops",
+        Cpu::Process(_) => {
+            "the process's utime+stime (/proc/PID/stat, all threads); the kernel's \
+            softirq work for its sockets is not in it"
+        }
+        Cpu::XdpProgram(_) => {
+            "the XDP program's own run time (bpf run_time_ns); the veth and \
+            bridge hops and XDP_TX are not in it"
+        }
+        Cpu::SoftirqOverCeiling => {
+            "approximate: the whole machine's softirq time (/proc/stat) \
+            per 1000 requests minus the ceiling run's in the same repetition; includes the extra \
+            veth and bridge hops"
+        }
         Cpu::None => "",
     };
-    format!("{what}; for comparison, the machine's softirq time above the ceiling's: {softirq:.2} ms/1000 req")
+    format!(
+        "{what}; for comparison, the machine's softirq time above the ceiling's: {softirq:.2} \
+        ms/1000 req"
+    )
 }

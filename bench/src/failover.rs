@@ -27,18 +27,20 @@ use crate::{
 pub const GROUP: &str = "failover";
 
 /// The method, for the report.
-pub const DESCRIPTION: &str = "The DSR topology with `xdplb-testbackend` on three backends. Per trial: \
-every server runs and the balancer reports all three up; 4 client loops each open a new connection (one \
-HTTP/1.0 GET) every 20 ms; after 0.5 s plus a delay that steps through the check interval from trial to \
-trial, one backend's server (b1, b2, b3 in turn) is killed with SIGKILL (its host stays up and answers RST); the balancer's state is polled every 5 ms until it reports the \
-backend down (xdplb: `backend list`, the moment its Maglev slots are swapped out; HAProxy: `show stat` on \
-its stats socket): `*-detection` is the time from the kill to then. The load goes on for 0.5 s, the \
-server is restarted and must rejoin. Failed requests are split by the backend they went to (xdplb: the \
-flow table's pin, read with `xdplb flow` once the backend is back; HAProxy: its connection log). Both \
-check alike: TCP connect every 1 s, 500 ms timeout, rise 2, fall 3 (xdplb's defaults). HAProxy keeps \
-its defaults otherwise (retries 3, 500 ms apart, no `option redispatch`): a request sent to the dead \
-server fails only after ~1.5 s and stalls its loop meanwhile, so it makes fewer requests and fewer \
-failures than xdplb's, where the dead host's RST fails a request at once.";
+pub const DESCRIPTION: &str = "The DSR topology with `xdplb-testbackend` on three backends. Per \
+trial: every server runs and the balancer reports all three up; 4 client loops each open a new \
+connection (one HTTP/1.0 GET) every 20 ms; after 0.5 s plus a delay that steps through the check \
+interval from trial to trial, one backend's server (b1, b2, b3 in turn) is killed with SIGKILL \
+(its host stays up and answers RST); the balancer's state is polled every 5 ms until it reports \
+the backend down (xdplb: `backend list`, the moment its Maglev slots are swapped out; HAProxy: \
+`show stat` on its stats socket): `*-detection` is the time from the kill to then. The load goes \
+on for 0.5 s, the server is restarted and must rejoin. Failed requests are split by the backend \
+they went to (xdplb: the flow table's pin, read with `xdplb flow` once the backend is back; \
+HAProxy: its connection log). Both check alike: TCP connect every 1 s, 500 ms timeout, rise 2, \
+fall 3 (xdplb's defaults). HAProxy keeps its defaults otherwise (retries 3, 500 ms apart, no \
+`option redispatch`): a request sent to the dead server fails only after ~1.5 s and stalls its \
+loop meanwhile, so it makes fewer requests and fewer failures than xdplb's, where the dead host's \
+RST fails a request at once.";
 
 /// Both balancers' check interval; the daemon's documented bound on
 /// detection is interval × fall + interval.
@@ -133,10 +135,18 @@ fn run_trials(
     (0..n)
         .map(|t| {
             let victim = t % servers.len() + 1;
-            let trial = run_trial(bal, topo, servers, testbackend, t, victim)
-                .with_context(|| format!("failover: {} trial {} (killing b{victim})", bal.name(), t + 1))?;
+            let trial =
+                run_trial(bal, topo, servers, testbackend, t, victim).with_context(|| {
+                    format!(
+                        "failover: {} trial {} (killing \
+                    b{victim})",
+                        bal.name(),
+                        t + 1
+                    )
+                })?;
             eprintln!(
-                "failover: {:<7} trial {:>2}: b{victim} down after {:>6.0} ms; {} requests, failed {} to it, {} to healthy backends",
+                "failover: {:<7} trial {:>2}: b{victim} down after {:>6.0} ms; {} requests, \
+                    failed {} to it, {} to healthy backends",
                 bal.name(),
                 t + 1,
                 trial.detection_ms,
@@ -303,7 +313,10 @@ fn figures(xdplb: &[Trial], haproxy: &[Trial]) -> Vec<Figure> {
     };
     let unknown = |v: &[Trial], why: &str| {
         let n: usize = v.iter().map(|t| t.failed_unknown).sum();
-        format!("every failure not proven to have gone to the killed backend; {n} in all of unknown backend ({why})")
+        format!(
+            "every failure not proven to have gone to the killed backend; {n} in all of \
+            unknown backend ({why})"
+        )
     };
     let requests = |v: &[Trial]| v.iter().map(|t| t.requests).sum::<usize>();
     let worst = |v: &[Trial], f: fn(&Trial) -> f64| v.iter().map(f).fold(0.0, f64::max);

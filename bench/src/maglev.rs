@@ -10,13 +10,15 @@ use crate::harness::{Figure, Opts, Section};
 
 pub const GROUP: &str = "maglev";
 
-pub const DESCRIPTION: &str = "Control-plane cost of the Maglev tables. **Build time**: wall-clock time \
-of one `xdplb::maglev::build` call (the whole table: permutations and fill), for table sizes M = 65,537 \
-(the default) and 131,071 and 10 to 1,000 equal-weight backends; the cases alternate round-robin, one \
-build per case and repetition, after one untimed build of each. The ratio compares with the \
-10-backend build (and the 131,071-slot build with the 65,537-slot one). **Disruption**: the fraction of \
-the table's slots whose backend changes when one of N backends is removed and the table rebuilt; \
-the ideal is 1/N (only the removed backend's own slots move). Each sample removes a different backend.";
+pub const DESCRIPTION: &str =
+    "Control-plane cost of the Maglev tables. **Build time**: wall-clock \
+time of one `xdplb::maglev::build` call (the whole table: permutations and fill), for table sizes \
+M = 65,537 (the default) and 131,071 and 10 to 1,000 equal-weight backends; the cases alternate \
+round-robin, one build per case and repetition, after one untimed build of each. The ratio \
+compares with the 10-backend build (and the 131,071-slot build with the 65,537-slot one). \
+**Disruption**: the fraction of the table's slots whose backend changes when one of N backends is \
+removed and the table rebuilt; the ideal is 1/N (only the removed backend's own slots move). Each \
+sample removes a different backend.";
 
 const M: u32 = 65537;
 const BIG_M: u32 = 131_071;
@@ -100,7 +102,8 @@ pub fn run(opts: &Opts) -> Result<Section> {
             false,
         );
         let note = format!(
-            "ideal 1/N = {ideal:.5}; median {:.2}× ideal; of which slots of backends that stayed: median {:.5} of the table",
+            "ideal 1/N = {ideal:.5}; median {:.2}× ideal; of which slots of backends that stayed: \
+                median {:.5} of the table",
             f.median() / ideal,
             crate::harness::median(&excess)
         );
@@ -122,9 +125,9 @@ pub fn run(opts: &Opts) -> Result<Section> {
         ));
     }
     let notes = vec![format!(
-        "Beyond the removed backend's own slots, a rebuild also moves a share of the slots of backends \
-         that stayed (Maglev trades it for even shares): {}. That share hardly depends on M or N, so \
-         relative to the ideal 1/N it weighs more the more backends there are.",
+        "Beyond the removed backend's own slots, a rebuild also moves a share of the slots of \
+         backends that stayed (Maglev trades it for even shares): {}. That share hardly depends on \
+         M or N, so relative to the ideal 1/N it weighs more the more backends there are.",
         excess_notes.join("; ")
     )];
     Ok(Section {

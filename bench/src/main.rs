@@ -287,7 +287,10 @@ fn real_main() -> Result<bool> {
                 eprintln!("  FAILED: {e:#}");
                 ok = false;
                 if harness::interrupted().is_err() {
-                    bail!("interrupted; results of the benchmarks that finished are in bench/results/");
+                    bail!(
+                        "interrupted; results of the benchmarks that finished are in \
+                        bench/results/"
+                    );
                 }
                 report.record_failure(bench.name, description(bench.name), &format!("{e:#}"))?;
             }

@@ -185,24 +185,46 @@ pub fn run(opts: &Opts) -> Result<Section> {
     let per_flow = flows.memlock as f64 / flows.entries as f64;
     let per_slot = maglev.memlock as f64 / f64::from(MAGLEV_SLOTS);
     figures.push(
-        Figure::new(GROUP, "kernel: flow table, per entry", "B", vec![per_flow], false).note(format!(
-            "{} bytes_memlock / {MAX_FLOWS} entries (40-byte key, 8-byte value, plus the hash element and LRU node)",
+        Figure::new(
+            GROUP,
+            "kernel: flow table, per \
+            entry",
+            "B",
+            vec![per_flow],
+            false,
+        )
+        .note(format!(
+            "{} bytes_memlock / {MAX_FLOWS} entries (40-byte key, 8-byte value, plus the hash \
+                element and LRU node)",
             flows.memlock
         )),
     );
     for size in [65537u32, 251] {
         figures.push(
-            Figure::new(GROUP, &format!("kernel: Maglev tables of one service, table_size {size}"), "KiB", vec![2.0 * f64::from(size) * per_slot / 1024.0], false)
-                .note(format!(
-                    "2 × {size} slots (double buffering) × {per_slot:.2} bytes per slot of the shared array ({} bytes_memlock / {MAGLEV_SLOTS} slots); \
-                     4-byte slots would make it {:.1} KiB",
-                    maglev.memlock,
-                    2.0 * f64::from(size) * 4.0 / 1024.0
-                )),
+            Figure::new(
+                GROUP,
+                &format!(
+                    "kernel: Maglev tables of one service, table_size \
+                {size}"
+                ),
+                "KiB",
+                vec![2.0 * f64::from(size) * per_slot / 1024.0],
+                false,
+            )
+            .note(format!(
+                "2 × {size} slots (double buffering) × {per_slot:.2} bytes per slot of the \
+                     shared array ({} bytes_memlock / {MAGLEV_SLOTS} slots); 4-byte slots would \
+                     make it {:.1} KiB",
+                maglev.memlock,
+                2.0 * f64::from(size) * 4.0 / 1024.0
+            )),
         );
     }
 
-    let mut table = String::from("Kernel memory per map (bytes_memlock), largest first:\n\n| map | type | max entries | bytes_memlock | bytes per entry |\n|---|---|---:|---:|---:|\n");
+    let mut table = String::from(
+        "Kernel memory per map (bytes_memlock), largest first:\n\n| map \
+        | type | max entries | bytes_memlock | bytes per entry |\n|---|---|---:|---:|---:|\n",
+    );
     for m in &maps {
         let _ = writeln!(
             table,
@@ -223,8 +245,9 @@ pub fn run(opts: &Opts) -> Result<Section> {
         .sum();
     if nat > 0 {
         notes.push(format!(
-            "Every map is preallocated at its full size whatever the configuration: the NAT tables take {:.1} of the {:.1} MiB \
-             although none of the configurations measured has a NAT service.",
+            "Every map is preallocated at its full size whatever the configuration: the NAT tables \
+             take {:.1} of the {:.1} MiB although none of the configurations measured has a NAT \
+             service.",
             nat as f64 / 1048576.0,
             total as f64 / 1048576.0
         ));
@@ -232,8 +255,8 @@ pub fn run(opts: &Opts) -> Result<Section> {
     let mut problems = Vec::new();
     if per_slot > 4.5 {
         notes.push(format!(
-            "The Maglev array costs {per_slot:.1} bytes per 4-byte slot: the kernel rounds array elements up to 8 bytes, \
-             so half of its {:.1} MiB holds padding.",
+            "The Maglev array costs {per_slot:.1} bytes per 4-byte slot: the kernel rounds array \
+             elements up to 8 bytes, so half of its {:.1} MiB holds padding.",
             maglev.memlock as f64 / 1048576.0
         ));
     }

@@ -175,7 +175,8 @@ fn install_bpf_linker() -> Result<()> {
     match bpf_linker_version() {
         Some(v) if is_wanted_linker(&v) => Ok(()),
         v => bail!(
-            "bpf-linker {BPF_LINKER_VERSION} was installed in {}, but `bpf-linker --version` on PATH gives {:?}: \
+            "bpf-linker {BPF_LINKER_VERSION} was installed in {}, but `bpf-linker --version` on \
+                PATH gives {:?}: \
              put that directory first on PATH",
             cargo_bin().display(),
             v

@@ -153,7 +153,8 @@ impl System for XdplbNat {
     fn setup<'a>(&self, bed: &'a Bed) -> Result<Running<'a>> {
         let topo = &bed.topo;
         let mut config = format!(
-            "[[service]]\nname = \"web4\"\nvip = \"{}\"\nport = 80\nprotocol = \"tcp\"\nmode = \"nat\"\n",
+            "[[service]]\nname = \"web4\"\nvip = \"{}\"\nport = 80\nprotocol = \"tcp\"\nmode = \
+                \"nat\"\n",
             topo.vip4()
         );
         for i in 1..=topo.backend_count() {
