@@ -37,8 +37,8 @@ use crate::{
 pub struct ClientOpts {
     /// The daemon's API socket.
     // A high display order lists these after each subcommand's own options.
-    #[arg(long, global = true, value_name = "PATH", env = "XDPLB_SOCKET", default_value = DEFAULT_API_SOCKET,
-          display_order = 100)]
+    #[arg(long, global = true, value_name = "PATH", env = "XDPLB_SOCKET",
+          default_value = DEFAULT_API_SOCKET, display_order = 100)]
     pub socket: PathBuf,
     /// Print the API's JSON answer instead of tables.
     #[arg(long, global = true, display_order = 101)]
@@ -858,17 +858,20 @@ mod tests {
     #[test]
     fn service_add_builds_the_config_table() {
         let cli = parse(
-            "xdplb service add --name web --vip 10.0.0.100 --port 80 --protocol tcp --mode dsr --table-size 251 \
-             --hash source --drain-timeout 10s --check http --check-interval 2s --check-timeout 1s --rise 1 --fall 5 \
-             --check-port 8080 --check-method HEAD --check-path /healthz --expect-status 200,204 --check-host x.example \
-             --backend 10.0.0.1:80@50 --backend 10.0.0.2",
+            "xdplb service add --name web --vip 10.0.0.100 --port 80 --protocol tcp --mode dsr \
+             --table-size 251 --hash source --drain-timeout 10s --check http \
+             --check-interval 2s --check-timeout 1s --rise 1 --fall 5 --check-port 8080 \
+             --check-method HEAD --check-path /healthz --expect-status 200,204 \
+             --check-host x.example --backend 10.0.0.1:80@50 --backend 10.0.0.2",
         );
         let expected = json!({
-            "name": "web", "vip": "10.0.0.100", "port": 80, "protocol": "tcp", "mode": "dsr", "table_size": 251,
-            "hash": "source", "drain_timeout": "10s",
-            "health_check": {"type": "http", "interval": "2s", "timeout": "1s", "rise": 1, "fall": 5, "port": 8080,
-                "method": "HEAD", "path": "/healthz", "expect_status": [200, 204], "host": "x.example"},
-            "backend": [{"address": "10.0.0.1", "port": 80, "weight": 50}, {"address": "10.0.0.2"}],
+            "name": "web", "vip": "10.0.0.100", "port": 80, "protocol": "tcp", "mode": "dsr",
+            "table_size": 251, "hash": "source", "drain_timeout": "10s",
+            "health_check": {"type": "http", "interval": "2s", "timeout": "1s", "rise": 1,
+                "fall": 5, "port": 8080, "method": "HEAD", "path": "/healthz",
+                "expect_status": [200, 204], "host": "x.example"},
+            "backend": [{"address": "10.0.0.1", "port": 80, "weight": 50},
+                {"address": "10.0.0.2"}],
         });
         assert_eq!(
             request_of(&cli.command),
@@ -1206,8 +1209,14 @@ mod tests {
             nat: None,
         };
         assert_eq!(
-            render_flow("[fd00::1]:40000".parse().unwrap(), "[fd00::100]:80".parse().unwrap(), Protocol::Tcp, &flow),
-            "[fd00::1]:40000 -> [fd00::100]:80/tcp: service web, backend [fd00::11]:80 (active; new flow, hash 0x00000abc, slot 17)\n"
+            render_flow(
+                "[fd00::1]:40000".parse().unwrap(),
+                "[fd00::100]:80".parse().unwrap(),
+                Protocol::Tcp,
+                &flow
+            ),
+            "[fd00::1]:40000 -> [fd00::100]:80/tcp: service web, backend [fd00::11]:80 \
+             (active; new flow, hash 0x00000abc, slot 17)\n"
         );
     }
 

@@ -1363,7 +1363,10 @@ state = "down"
 
     /// A one-service config with `extra` appended (e.g. a backend table).
     fn service(extra: &str) -> String {
-        format!("[[service]]\nname = \"web\"\nvip = \"10.0.0.100\"\nport = 80\nprotocol = \"tcp\"\n{extra}")
+        format!(
+            "[[service]]\nname = \"web\"\nvip = \"10.0.0.100\"\nport = 80\n\
+             protocol = \"tcp\"\n{extra}"
+        )
     }
 
     /// Asserts the config fails on `field` with a problem containing `needle`.
@@ -1539,13 +1542,15 @@ state = "down"
     #[test]
     fn display_names_file_field_and_problem() {
         let err = parse(&service(
-            "[[service.backend]]\naddress = \"10.0.0.1\"\n[[service.backend]]\naddress = \"10.0.0.2\"\n\
+            "[[service.backend]]\naddress = \"10.0.0.1\"\n\
+             [[service.backend]]\naddress = \"10.0.0.2\"\n\
              [[service.backend]]\naddress = \"10.0.0.3\"\nweight = 20000\n",
         ))
         .unwrap_err();
         assert_eq!(
             err.to_string(),
-            "config /etc/xdplb.toml: service \"web\" backend[2].weight: 20000 is out of range 0..=10000"
+            "config /etc/xdplb.toml: service \"web\" backend[2].weight: \
+             20000 is out of range 0..=10000"
         );
     }
 

@@ -134,11 +134,17 @@ impl Daemon {
             .set_health(&event.service, event.backend, event.healthy)
         {
             Ok(_) => {
-                let took = event.at.elapsed();
+                let took = event.at.elapsed().as_millis() as u64;
+                let backend = SocketAddr::new(ip, port);
+                let (service, detail) = (&event.service, &event.detail);
                 if event.healthy {
-                    info!(service = %event.service, backend = %SocketAddr::new(ip, port), detail = %event.detail, "backend is {verdict}");
+                    info!(%service, %backend, %detail, "backend is {verdict}");
                 } else {
-                    warn!(service = %event.service, backend = %SocketAddr::new(ip, port), detail = %event.detail, table_swap_ms = took.as_millis() as u64, "backend is {verdict}: new flows avoid it, its established flows move on their next packet");
+                    warn!(
+                        %service, %backend, %detail, table_swap_ms = took,
+                        "backend is {verdict}: new flows avoid it, its established flows move \
+                         on their next packet"
+                    );
                 }
             }
             // The backend was removed meanwhile.

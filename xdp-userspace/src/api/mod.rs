@@ -32,7 +32,7 @@ pub use crate::config::{Admin, BackendSpec, HashFields, Mode, Protocol, ServiceS
 /// | `RemoveBackend` | `POST /v1/backends/remove`, body [`BackendRef`] |
 /// | `Drain` / `Undrain` | `POST /v1/backends/drain` / `.../undrain`, body [`BackendRef`] |
 /// | `Reload` | `POST /v1/reload` |
-/// | `Flow` | `GET /v1/flow?src=IP:PORT&dst=IP:PORT&protocol=tcp` (IPv6 as `[addr]:port`, percent-encoded) |
+/// | `Flow` | `GET /v1/flow?src=IP:PORT&dst=IP:PORT&protocol=tcp` (IPv6 `[addr]:port`, encoded) |
 /// | `Stats` | `GET /v1/stats` |
 ///
 /// Bodies are read into typed structs that refuse unknown and repeated
