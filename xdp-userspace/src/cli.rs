@@ -258,7 +258,7 @@ fn parse_backend(text: &str) -> Result<BackendSpec, String> {
 
 impl ServiceAddArgs {
     /// The service these flags describe.
-    pub fn spec(&self) -> ServiceSpec {
+    fn spec(&self) -> ServiceSpec {
         let check = HealthCheckSpec {
             kind: self.check,
             interval: self.check_interval.clone(),
@@ -289,7 +289,7 @@ impl ServiceAddArgs {
 
 /// The API request a command makes (`status` makes a second one,
 /// [`Request::ListServices`], for its table).
-pub fn request_of(command: &CliCommand) -> Request {
+fn request_of(command: &CliCommand) -> Request {
     match command.clone() {
         CliCommand::Status => Request::Status,
         CliCommand::Service(ServiceCmd::Add(args)) => Request::AddService(Box::new(args.spec())),
@@ -464,7 +464,7 @@ fn active_of(backends: &[BackendView]) -> String {
 }
 
 /// `xdplb status`: the daemon's summary, then its services.
-pub fn render_status(status: &StatusView, services: &[ServiceView]) -> String {
+fn render_status(status: &StatusView, services: &[ServiceView]) -> String {
     let interfaces = if status.interfaces.is_empty() {
         "none".to_owned()
     } else {
@@ -555,7 +555,7 @@ const BACKEND_COLUMNS: [Column<BackendView>; 10] = [
 ];
 
 /// `xdplb service list`.
-pub fn render_services(services: &[ServiceView]) -> String {
+fn render_services(services: &[ServiceView]) -> String {
     if services.is_empty() {
         return "no services\n".to_owned();
     }
@@ -563,7 +563,7 @@ pub fn render_services(services: &[ServiceView]) -> String {
 }
 
 /// `xdplb backend list`.
-pub fn render_backends(backends: &[BackendView]) -> String {
+fn render_backends(backends: &[BackendView]) -> String {
     if backends.is_empty() {
         return "no backends\n".to_owned();
     }
@@ -572,7 +572,7 @@ pub fn render_backends(backends: &[BackendView]) -> String {
 
 /// `xdplb stats`. With `previous` (an earlier sample and the time since),
 /// adds per-second rates.
-pub fn render_stats(stats: &StatsView, previous: Option<(&StatsView, Duration)>) -> String {
+fn render_stats(stats: &StatsView, previous: Option<(&StatsView, Duration)>) -> String {
     let seconds = previous
         .map(|(_, elapsed)| elapsed.as_secs_f64())
         .filter(|s| *s > 0.0);
@@ -673,12 +673,7 @@ pub fn render_stats(stats: &StatsView, previous: Option<(&StatsView, Duration)>)
 }
 
 /// `xdplb flow`.
-pub fn render_flow(
-    src: SocketAddr,
-    dst: SocketAddr,
-    protocol: Protocol,
-    flow: &FlowView,
-) -> String {
+fn render_flow(src: SocketAddr, dst: SocketAddr, protocol: Protocol, flow: &FlowView) -> String {
     let how = if flow.established {
         "established flow"
     } else {

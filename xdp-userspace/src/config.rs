@@ -93,7 +93,8 @@ pub enum AllDown {
 /// One `[[service]]`, validated, with every default applied.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ServiceConfig {
-    /// Unique among services; see [`valid_name`].
+    /// Unique among services; 1 to 64 of `a-z A-Z 0-9 _ . -`, the first a
+    /// letter, a digit or `_`.
     pub name: String,
     /// The address clients connect to.
     pub vip: IpAddr,
@@ -183,7 +184,7 @@ impl ServiceConfig {
 
     /// The spec that describes this service exactly, every default spelt
     /// out: validating it gives this service back.
-    pub fn spec(&self) -> ServiceSpec {
+    pub(crate) fn spec(&self) -> ServiceSpec {
         let hc = &self.health_check;
         let mut check = HealthCheckSpec {
             kind: Some(CheckType::Tcp),
@@ -357,7 +358,7 @@ pub struct BackendConfig {
 
 impl BackendConfig {
     /// The spec that describes this backend exactly.
-    pub fn spec(&self) -> BackendSpec {
+    pub(crate) fn spec(&self) -> BackendSpec {
         BackendSpec {
             address: self.address,
             port: Some(self.port),
@@ -462,7 +463,7 @@ pub struct BackendSpec {
 impl BackendSpec {
     /// The backend's `address:port` in a service listening on
     /// `service_port`: its identity within the service.
-    pub fn addr(&self, service_port: u16) -> SocketAddr {
+    pub(crate) fn addr(&self, service_port: u16) -> SocketAddr {
         SocketAddr::new(self.address, self.port.unwrap_or(service_port))
     }
 }
@@ -611,7 +612,7 @@ impl Config {
 
     /// A configuration of `daemon` and the services `specs` describe,
     /// validated exactly as a file's; `origin` names it in messages.
-    pub fn from_specs(
+    pub(crate) fn from_specs(
         daemon: DaemonConfig,
         specs: Vec<ServiceSpec>,
         origin: &str,
@@ -1092,7 +1093,7 @@ impl Validator<'_> {
 /// a digit or `_`. Names appear in paths, URLs, log fields and command
 /// lines: so no `/`, no control characters, no `.` or `..`, and nothing an
 /// argument parser would take for an option.
-pub fn valid_name(name: &str) -> bool {
+fn valid_name(name: &str) -> bool {
     (1..=64).contains(&name.len())
         && name.starts_with(|c: char| c.is_ascii_alphanumeric() || c == '_')
         && name

@@ -140,11 +140,6 @@ impl Overlay {
         )
     }
 
-    /// Writes the overlay atomically: [`Overlay::stage`], then commit.
-    pub fn save(&self, path: &Path) -> Result<()> {
-        self.stage(path)?.commit()
-    }
-
     /// Writes the overlay next to `path` and flushes it to disk, without
     /// replacing `path` yet.
     pub fn stage(&self, path: &Path) -> Result<Staged> {
@@ -366,7 +361,7 @@ mod tests {
         let mut o = Overlay::default();
         o.remove_service("web");
         o.add_backend("api", backend("10.0.0.13", 5), 80);
-        o.save(&path).unwrap();
+        o.stage(&path).unwrap().commit().unwrap();
         let loaded = Overlay::load(&path).unwrap();
         assert_eq!(
             loaded.written_by.as_deref(),
@@ -388,7 +383,7 @@ mod tests {
     fn a_staged_change_not_committed_leaves_the_file_as_it_was() {
         let dir = Scratch::new("staged");
         let path = dir.0.join("state.json");
-        Overlay::default().save(&path).unwrap();
+        Overlay::default().stage(&path).unwrap().commit().unwrap();
         let mut o = Overlay::default();
         o.remove_service("web");
         let staged = o.stage(&path).unwrap();
