@@ -1940,48 +1940,27 @@ state = "down"
     }
 
     #[test]
-    fn http_path_must_start_with_slash() {
-        let hc = "[service.health_check]\ntype = \"http\"\n";
-        rejects(
-            &service(&format!("{hc}path = \"health\"\n")),
-            "service \"web\" health_check.path",
-            "must start with \"/\"",
-        );
-        rejects(
-            &service(&format!("{hc}path = \"/a b\"\n")),
-            "service \"web\" health_check.path",
-            "whitespace",
-        );
-    }
-
-    #[test]
-    fn http_status_out_of_range() {
-        let hc = "[service.health_check]\ntype = \"http\"\n";
-        rejects(
-            &service(&format!("{hc}expect_status = [200, 600]\n")),
-            "service \"web\" health_check.expect_status[1]",
-            "600 is out of range 100..=599",
-        );
-        rejects(
-            &service(&format!("{hc}expect_status = []\n")),
-            "service \"web\" health_check.expect_status",
-            "empty",
-        );
-    }
-
-    #[test]
-    fn http_method_and_host_are_checked() {
-        let hc = "[service.health_check]\ntype = \"http\"\n";
-        rejects(
-            &service(&format!("{hc}method = \"GET /\"\n")),
-            "service \"web\" health_check.method",
-            "not a valid HTTP method",
-        );
-        rejects(
-            &service(&format!("{hc}host = \"\"\n")),
-            "service \"web\" health_check.host",
-            "not a valid Host",
-        );
+    fn http_settings_are_checked() {
+        for (setting, field, needle) in [
+            ("path = \"health\"", "path", "must start with \"/\""),
+            ("path = \"/a b\"", "path", "whitespace"),
+            (
+                "expect_status = [200, 600]",
+                "expect_status[1]",
+                "600 is out of range 100..=599",
+            ),
+            ("expect_status = []", "expect_status", "empty"),
+            ("method = \"GET /\"", "method", "not a valid HTTP method"),
+            ("host = \"\"", "host", "not a valid Host"),
+        ] {
+            rejects(
+                &service(&format!(
+                    "[service.health_check]\ntype = \"http\"\n{setting}\n"
+                )),
+                &format!("service \"web\" health_check.{field}"),
+                needle,
+            );
+        }
     }
 
     #[test]
