@@ -12,22 +12,24 @@ use std::{
     io::{self, IsTerminal as _, Write as _},
     net::{IpAddr, Ipv6Addr, SocketAddr},
     path::PathBuf,
-    str::FromStr,
     time::{Duration, Instant},
 };
 
 use anyhow::Context as _;
 use clap::{Args, Subcommand};
 pub use clap_complete::Shell;
-use serde::{de::DeserializeOwned, Serialize};
-use serde_json::{Map, Value};
+use serde::de::DeserializeOwned;
+use serde_json::Value;
 
 use crate::{
     api::{
-        client, BackendRef, BackendView, Done, FlowView, Request, ServiceView, StatsView,
-        StatusView,
+        client, BackendRef, BackendView, DatapathState, Done, FlowView, Request, ServiceView,
+        StatsView, StatusView,
     },
-    config::DEFAULT_API_SOCKET,
+    config::{
+        Admin, BackendSpec, CheckType, HashFields, HealthCheckSpec, Mode, Protocol, ServiceSpec,
+        DEFAULT_API_SOCKET,
+    },
 };
 
 /// Options of every API subcommand.
@@ -35,8 +37,8 @@ use crate::{
 pub struct ClientOpts {
     /// The daemon's API socket.
     // A high display order lists these after each subcommand's own options.
-    #[arg(long, global = true, value_name = "PATH", env = "XDPLB_SOCKET", default_value = DEFAULT_API_SOCKET,
-          display_order = 100)]
+    #[arg(long, global = true, value_name = "PATH", env = "XDPLB_SOCKET",
+          default_value = DEFAULT_API_SOCKET, display_order = 100)]
     pub socket: PathBuf,
     /// Print the API's JSON answer instead of tables.
     #[arg(long, global = true, display_order = 101)]
@@ -72,8 +74,7 @@ pub enum CliCommand {
         /// Service address (VIP) and port.
         dst: SocketAddr,
         /// The flow's protocol.
-        #[arg(value_parser = ["tcp", "udp"])]
-        protocol: String,
+        protocol: Protocol,
     },
     /// Re-read the configuration file and apply the changes.
     Reload,
@@ -111,23 +112,23 @@ pub struct ServiceAddArgs {
     #[arg(long)]
     pub port: u16,
     /// The service's protocol.
-    #[arg(long, value_parser = ["tcp", "udp"])]
-    pub protocol: String,
+    #[arg(long)]
+    pub protocol: Protocol,
     /// How packets reach backends [default: dsr].
-    #[arg(long, value_parser = ["dsr", "nat"])]
-    pub mode: Option<String>,
+    #[arg(long)]
+    pub mode: Option<Mode>,
     /// Maglev table size, a prime [default: 65537].
     #[arg(long)]
     pub table_size: Option<u32>,
     /// Which fields pick a new flow's backend [default: 5-tuple].
-    #[arg(long, value_parser = ["5-tuple", "source"])]
-    pub hash: Option<String>,
+    #[arg(long)]
+    pub hash: Option<HashFields>,
     /// How long a drained backend keeps its flows, e.g. 30s [default: 30s].
     #[arg(long, value_name = "DURATION")]
     pub drain_timeout: Option<String>,
     /// Health check type [default: tcp].
-    #[arg(long, value_parser = ["tcp", "http", "none"])]
-    pub check: Option<String>,
+    #[arg(long)]
+    pub check: Option<CheckType>,
     /// Time between probes, e.g. 1s or 500ms [default: 1s].
     #[arg(long, value_name = "DURATION")]
     pub check_interval: Option<String>,
@@ -159,7 +160,9 @@ pub struct ServiceAddArgs {
     #[arg(
         long,
         value_name = "ADDR[:PORT][@WEIGHT]",
-        help = "A backend, as ADDR[:PORT][@WEIGHT] (IPv6 with a port as [ADDR]:PORT); repeat for more"
+        value_parser = parse_backend,
+        help = "A backend, as ADDR[:PORT][@WEIGHT] (IPv6 with a port as [ADDR]:PORT); \
+                repeat for more"
     )]
     pub backend: Vec<BackendSpec>,
 }
@@ -180,8 +183,8 @@ pub enum BackendCmd {
         #[arg(long)]
         weight: Option<u32>,
         /// The state it starts in [default: up].
-        #[arg(long, value_parser = ["up", "down", "drain"])]
-        state: Option<String>,
+        #[arg(long)]
+        state: Option<Admin>,
     },
     /// Remove a backend from a service.
     Remove(BackendArgs),
@@ -219,140 +222,77 @@ impl From<BackendArgs> for BackendRef {
     }
 }
 
-/// A `--backend ADDR[:PORT][@WEIGHT]` of `service add`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct BackendSpec {
-    pub address: IpAddr,
-    /// `None`: the service's port.
-    pub port: Option<u16>,
-    /// `None`: the configuration's default weight.
-    pub weight: Option<u32>,
-}
-
-impl FromStr for BackendSpec {
-    type Err = String;
-
-    fn from_str(text: &str) -> Result<Self, String> {
-        // The weight goes last, after an `@` that no address contains.
-        let (address, weight) = match text.rsplit_once('@') {
-            Some((address, weight)) => {
-                let weight = weight
-                    .parse()
-                    .map_err(|_| format!("weight {weight:?} is not a whole number"))?;
-                (address, Some(weight))
-            }
-            None => (text, None),
-        };
-        // An IPv6 address with a port needs brackets; without brackets,
-        // `fd00::1:80` is the address fd00::1:80, not port 80.
-        if let Ok(socket) = address.parse::<SocketAddr>() {
-            return Ok(Self {
-                address: socket.ip(),
-                port: Some(socket.port()),
-                weight,
-            });
+/// A `--backend ADDR[:PORT][@WEIGHT]` of `service add`; what is left out
+/// takes the configuration's defaults.
+fn parse_backend(text: &str) -> Result<BackendSpec, String> {
+    // The weight goes last, after an `@` that no address contains.
+    let (address, weight) = match text.rsplit_once('@') {
+        Some((address, weight)) => {
+            let weight = weight
+                .parse()
+                .map_err(|_| format!("weight {weight:?} is not a whole number"))?;
+            (address, Some(weight))
         }
-        let bare = address.strip_prefix('[').and_then(|a| a.strip_suffix(']'));
-        let ip = match bare {
-            Some(v6) => v6.parse::<Ipv6Addr>().map(IpAddr::V6).ok(),
-            None => address.parse::<IpAddr>().ok(),
-        };
-        match ip {
-            Some(address) => Ok(Self {
-                address,
-                port: None,
-                weight,
-            }),
-            None => Err(format!(
-                "{address:?} is not ADDR or ADDR:PORT (IPv6 with a port as [ADDR]:PORT)"
-            )),
-        }
+        None => (text, None),
+    };
+    let spec = |address, port| BackendSpec {
+        address,
+        port,
+        weight,
+        state: None,
+    };
+    // An IPv6 address with a port needs brackets; without brackets,
+    // `fd00::1:80` is the address fd00::1:80, not port 80.
+    if let Ok(socket) = address.parse::<SocketAddr>() {
+        return Ok(spec(socket.ip(), Some(socket.port())));
     }
-}
-
-impl BackendSpec {
-    /// The `[[service.backend]]` table, as JSON.
-    fn to_json(&self) -> Value {
-        backend_json(self.address, self.port, self.weight, None)
-    }
-}
-
-/// A `[[service.backend]]` table as JSON, with only the keys given.
-fn backend_json(
-    address: IpAddr,
-    port: Option<u16>,
-    weight: Option<u32>,
-    state: Option<&str>,
-) -> Value {
-    let mut backend = Map::new();
-    backend.insert("address".into(), address.to_string().into());
-    put(&mut backend, "port", port);
-    put(&mut backend, "weight", weight);
-    put(&mut backend, "state", state);
-    Value::Object(backend)
-}
-
-/// Inserts `key` only when there is a value: keys left out take the
-/// configuration's defaults, which the daemon applies.
-fn put<T: Serialize>(map: &mut Map<String, Value>, key: &str, value: Option<T>) {
-    if let Some(value) = value {
-        map.insert(
-            key.into(),
-            serde_json::to_value(value).expect("plain values serialize"),
-        );
-    }
+    let bare = address.strip_prefix('[').and_then(|a| a.strip_suffix(']'));
+    let ip = match bare {
+        Some(v6) => v6.parse::<Ipv6Addr>().map(IpAddr::V6).ok(),
+        None => address.parse::<IpAddr>().ok(),
+    };
+    ip.map(|ip| spec(ip, None)).ok_or_else(|| {
+        format!("{address:?} is not ADDR or ADDR:PORT (IPv6 with a port as [ADDR]:PORT)")
+    })
 }
 
 impl ServiceAddArgs {
-    /// The `[[service]]` table these flags describe, as JSON with the
-    /// configuration file's key names.
-    pub fn to_json(&self) -> Value {
-        let mut check = Map::new();
-        put(&mut check, "type", self.check.as_deref());
-        put(&mut check, "interval", self.check_interval.as_deref());
-        put(&mut check, "timeout", self.check_timeout.as_deref());
-        put(&mut check, "rise", self.rise);
-        put(&mut check, "fall", self.fall);
-        put(&mut check, "port", self.check_port);
-        put(&mut check, "method", self.check_method.as_deref());
-        put(&mut check, "path", self.check_path.as_deref());
-        put(
-            &mut check,
-            "expect_status",
-            Some(&self.expect_status).filter(|s| !s.is_empty()),
-        );
-        put(&mut check, "host", self.check_host.as_deref());
-
-        let mut service = Map::new();
-        service.insert("name".into(), self.name.clone().into());
-        service.insert("vip".into(), self.vip.to_string().into());
-        service.insert("port".into(), self.port.into());
-        service.insert("protocol".into(), self.protocol.clone().into());
-        put(&mut service, "mode", self.mode.as_deref());
-        put(&mut service, "table_size", self.table_size);
-        put(&mut service, "hash", self.hash.as_deref());
-        put(&mut service, "drain_timeout", self.drain_timeout.as_deref());
-        put(
-            &mut service,
-            "health_check",
-            Some(check).filter(|c| !c.is_empty()),
-        );
-        let backends: Vec<Value> = self.backend.iter().map(BackendSpec::to_json).collect();
-        put(
-            &mut service,
-            "backend",
-            Some(backends).filter(|b| !b.is_empty()),
-        );
-        Value::Object(service)
+    /// The service these flags describe.
+    fn spec(&self) -> ServiceSpec {
+        let check = HealthCheckSpec {
+            kind: self.check,
+            interval: self.check_interval.clone(),
+            timeout: self.check_timeout.clone(),
+            rise: self.rise,
+            fall: self.fall,
+            port: self.check_port,
+            method: self.check_method.clone(),
+            path: self.check_path.clone(),
+            expect_status: Some(self.expect_status.clone()).filter(|s| !s.is_empty()),
+            host: self.check_host.clone(),
+        };
+        ServiceSpec {
+            name: self.name.clone(),
+            vip: self.vip,
+            port: self.port,
+            protocol: self.protocol,
+            mode: self.mode,
+            table_size: self.table_size,
+            hash: self.hash,
+            drain_timeout: self.drain_timeout.clone(),
+            health_check: Some(check).filter(|c| *c != HealthCheckSpec::default()),
+            nat: None,
+            backends: self.backend.clone(),
+        }
     }
 }
 
 /// The API request a command makes (`status` makes a second one,
 /// [`Request::ListServices`], for its table).
-pub fn request_of(command: &CliCommand) -> Request {
+fn request_of(command: &CliCommand) -> Request {
     match command.clone() {
         CliCommand::Status => Request::Status,
-        CliCommand::Service(ServiceCmd::Add(args)) => Request::AddService(args.to_json()),
+        CliCommand::Service(ServiceCmd::Add(args)) => Request::AddService(Box::new(args.spec())),
         CliCommand::Service(ServiceCmd::Remove { name }) => Request::RemoveService { name },
         CliCommand::Service(ServiceCmd::List) => Request::ListServices,
         CliCommand::Backend(BackendCmd::Add {
@@ -363,7 +303,12 @@ pub fn request_of(command: &CliCommand) -> Request {
             state,
         }) => Request::AddBackend {
             service,
-            backend: backend_json(address, port, weight, state.as_deref()),
+            backend: BackendSpec {
+                address,
+                port,
+                weight,
+                state,
+            },
         },
         CliCommand::Backend(BackendCmd::Remove(backend)) => Request::RemoveBackend(backend.into()),
         CliCommand::Backend(BackendCmd::Drain(backend)) => Request::Drain(backend.into()),
@@ -399,7 +344,7 @@ pub fn execute(command: CliCommand, opts: &ClientOpts) -> anyhow::Result<()> {
         CliCommand::Backend(BackendCmd::List { .. }) => render_backends(&view::<Vec<_>>(answer)?),
         CliCommand::Stats { .. } => render_stats(&view(answer)?, None),
         CliCommand::Flow { src, dst, protocol } => {
-            render_flow(*src, *dst, protocol, &view(answer)?)
+            render_flow(*src, *dst, *protocol, &view(answer)?)
         }
         // Everything else changes something and answers `Done`.
         _ => {
@@ -511,12 +456,15 @@ fn format_uptime(seconds: u64) -> String {
 }
 
 fn active_of(backends: &[BackendView]) -> String {
-    let active = backends.iter().filter(|b| b.state == "active").count();
+    let active = backends
+        .iter()
+        .filter(|b| b.state == DatapathState::Active)
+        .count();
     format!("{active}/{}", backends.len())
 }
 
 /// `xdplb status`: the daemon's summary, then its services.
-pub fn render_status(status: &StatusView, services: &[ServiceView]) -> String {
+fn render_status(status: &StatusView, services: &[ServiceView]) -> String {
     let interfaces = if status.interfaces.is_empty() {
         "none".to_owned()
     } else {
@@ -550,116 +498,81 @@ pub fn render_status(status: &StatusView, services: &[ServiceView]) -> String {
         status.backends_active,
     );
     if !services.is_empty() {
-        let rows: Vec<Vec<String>> = services
-            .iter()
-            .map(|s| {
-                vec![
-                    s.name.clone(),
-                    s.vip.to_string(),
-                    s.port.to_string(),
-                    s.protocol.clone(),
-                    s.mode.clone(),
-                    active_of(&s.backends),
-                ]
-            })
-            .collect();
         out.push('\n');
-        out.push_str(&table(
-            &[
-                ("SERVICE", Left),
-                ("VIP", Left),
-                ("PORT", Right),
-                ("PROTO", Left),
-                ("MODE", Left),
-                ("BACKENDS", Right),
-            ],
-            &rows,
-        ));
+        // Name, address, protocol, mode and active backends.
+        let summary: Vec<Column<ServiceView>> = SERVICE_COLUMNS[..5]
+            .iter()
+            .chain(&SERVICE_COLUMNS[7..8])
+            .copied()
+            .collect();
+        out.push_str(&columns(services, &summary));
     }
     out
 }
 
+/// One column of a table of `T`s: header, alignment, cell.
+type Column<T> = (&'static str, Align, fn(&T) -> String);
+
+/// Lays `items` out as a table of `columns`.
+fn columns<T>(items: &[T], columns: &[Column<T>]) -> String {
+    let header: Vec<(&str, Align)> = columns
+        .iter()
+        .map(|&(name, align, _)| (name, align))
+        .collect();
+    let rows: Vec<Vec<String>> = items
+        .iter()
+        .map(|item| columns.iter().map(|(_, _, cell)| cell(item)).collect())
+        .collect();
+    table(&header, &rows)
+}
+
+const SERVICE_COLUMNS: [Column<ServiceView>; 10] = [
+    ("SERVICE", Left, |s| s.name.clone()),
+    ("VIP", Left, |s| s.vip.to_string()),
+    ("PORT", Right, |s| s.port.to_string()),
+    ("PROTO", Left, |s| s.protocol.to_string()),
+    ("MODE", Left, |s| s.mode.to_string()),
+    ("HASH", Left, |s| s.hash.to_string()),
+    ("TABLE-SIZE", Right, |s| s.table_size.to_string()),
+    ("BACKENDS", Right, |s| active_of(&s.backends)),
+    ("PACKETS", Right, |s| s.packets.to_string()),
+    ("BYTES", Right, |s| s.bytes.to_string()),
+];
+
+const BACKEND_COLUMNS: [Column<BackendView>; 10] = [
+    ("SERVICE", Left, |b| b.service.clone()),
+    ("ADDRESS", Left, |b| b.address.to_string()),
+    ("PORT", Right, |b| b.port.to_string()),
+    ("WEIGHT", Right, |b| b.weight.to_string()),
+    ("ADMIN", Left, |b| b.admin.to_string()),
+    ("HEALTH", Left, |b| b.health.to_string()),
+    ("STATE", Left, |b| b.state.to_string()),
+    ("PACKETS", Right, |b| b.packets.to_string()),
+    ("BYTES", Right, |b| b.bytes.to_string()),
+    ("LAST-CHECK", Left, |b| {
+        b.last_check.clone().unwrap_or_else(|| "-".into())
+    }),
+];
+
 /// `xdplb service list`.
-pub fn render_services(services: &[ServiceView]) -> String {
+fn render_services(services: &[ServiceView]) -> String {
     if services.is_empty() {
         return "no services\n".to_owned();
     }
-    let rows: Vec<Vec<String>> = services
-        .iter()
-        .map(|s| {
-            vec![
-                s.name.clone(),
-                s.vip.to_string(),
-                s.port.to_string(),
-                s.protocol.clone(),
-                s.mode.clone(),
-                s.hash.clone(),
-                s.table_size.to_string(),
-                active_of(&s.backends),
-                s.packets.to_string(),
-                s.bytes.to_string(),
-            ]
-        })
-        .collect();
-    table(
-        &[
-            ("SERVICE", Left),
-            ("VIP", Left),
-            ("PORT", Right),
-            ("PROTO", Left),
-            ("MODE", Left),
-            ("HASH", Left),
-            ("TABLE-SIZE", Right),
-            ("BACKENDS", Right),
-            ("PACKETS", Right),
-            ("BYTES", Right),
-        ],
-        &rows,
-    )
+    columns(services, &SERVICE_COLUMNS)
 }
 
 /// `xdplb backend list`.
-pub fn render_backends(backends: &[BackendView]) -> String {
+fn render_backends(backends: &[BackendView]) -> String {
     if backends.is_empty() {
         return "no backends\n".to_owned();
     }
-    let rows: Vec<Vec<String>> = backends
-        .iter()
-        .map(|b| {
-            vec![
-                b.service.clone(),
-                b.address.to_string(),
-                b.port.to_string(),
-                b.weight.to_string(),
-                b.admin.clone(),
-                b.health.clone(),
-                b.state.clone(),
-                b.packets.to_string(),
-                b.bytes.to_string(),
-                b.last_check.clone().unwrap_or_else(|| "-".into()),
-            ]
-        })
-        .collect();
-    table(
-        &[
-            ("SERVICE", Left),
-            ("ADDRESS", Left),
-            ("PORT", Right),
-            ("WEIGHT", Right),
-            ("ADMIN", Left),
-            ("HEALTH", Left),
-            ("STATE", Left),
-            ("PACKETS", Right),
-            ("BYTES", Right),
-            ("LAST-CHECK", Left),
-        ],
-        &rows,
-    )
+    columns(backends, &BACKEND_COLUMNS)
 }
 
 /// `xdplb stats`. With `previous` (an earlier sample and the time since),
 /// adds per-second rates.
-pub fn render_stats(stats: &StatsView, previous: Option<(&StatsView, Duration)>) -> String {
+fn render_stats(stats: &StatsView, previous: Option<(&StatsView, Duration)>) -> String {
     let seconds = previous
         .map(|(_, elapsed)| elapsed.as_secs_f64())
         .filter(|s| *s > 0.0);
@@ -760,7 +673,7 @@ pub fn render_stats(stats: &StatsView, previous: Option<(&StatsView, Duration)>)
 }
 
 /// `xdplb flow`.
-pub fn render_flow(src: SocketAddr, dst: SocketAddr, protocol: &str, flow: &FlowView) -> String {
+fn render_flow(src: SocketAddr, dst: SocketAddr, protocol: Protocol, flow: &FlowView) -> String {
     let how = if flow.established {
         "established flow"
     } else {
@@ -770,7 +683,8 @@ pub fn render_flow(src: SocketAddr, dst: SocketAddr, protocol: &str, flow: &Flow
         .slot
         .map_or_else(|| "-".to_owned(), |slot| slot.to_string());
     let mut out = format!(
-        "{src} -> {dst}/{protocol}: service {}, backend {} ({}; {how}, hash {:#010x}, slot {slot})\n",
+        "{src} -> {dst}/{protocol}: service {}, backend {} ({}; {how}, hash {:#010x}, \
+         slot {slot})\n",
         flow.service, flow.backend, flow.backend_state, flow.hash
     );
     if let Some(nat) = &flow.nat {
@@ -788,6 +702,11 @@ mod tests {
 
     use super::*;
     use crate::api::{BackendStatsView, InterfaceView, ServiceStatsView};
+
+    /// A spec from its JSON form, as the API reads it.
+    fn spec<T: DeserializeOwned>(json: Value) -> T {
+        serde_json::from_value(json).unwrap()
+    }
 
     /// The shape main.rs gives the CLI.
     #[derive(Parser, Debug)]
@@ -810,13 +729,9 @@ mod tests {
             address: address.parse().unwrap(),
             port: 80,
             weight: 100,
-            admin: "up".into(),
-            health: if state == "down" {
-                "down".into()
-            } else {
-                "up".into()
-            },
-            state: state.into(),
+            admin: Admin::Up,
+            health: (state != "down").into(),
+            state: serde_json::from_value(json!(state)).unwrap(),
             mac: None,
             packets: 1234,
             bytes: 567_890,
@@ -830,10 +745,10 @@ mod tests {
             name: name.into(),
             vip: vip.parse().unwrap(),
             port: 80,
-            protocol: "tcp".into(),
-            mode: "dsr".into(),
+            protocol: Protocol::Tcp,
+            mode: Mode::Dsr,
             table_size: 65537,
-            hash: "5-tuple".into(),
+            hash: HashFields::FiveTuple,
             packets: 99,
             bytes: 9900,
             backends,
@@ -891,7 +806,7 @@ mod tests {
             Request::Flow {
                 src: "[fd00::1]:40000".parse().unwrap(),
                 dst: "[fd00::100]:80".parse().unwrap(),
-                protocol: "udp".into()
+                protocol: Protocol::Udp
             }
         );
         assert!(
@@ -922,7 +837,7 @@ mod tests {
             request_of(&cli.command),
             Request::AddBackend {
                 service: "web".into(),
-                backend: json!({"address": "10.0.0.1", "weight": 50, "state": "drain"})
+                backend: spec(json!({"address": "10.0.0.1", "weight": 50, "state": "drain"}))
             }
         );
         let cli = parse("xdplb backend add web fd00::1 --port 8080");
@@ -930,7 +845,7 @@ mod tests {
             request_of(&cli.command),
             Request::AddBackend {
                 service: "web".into(),
-                backend: json!({"address": "fd00::1", "port": 8080})
+                backend: spec(json!({"address": "fd00::1", "port": 8080}))
             }
         );
     }
@@ -938,19 +853,25 @@ mod tests {
     #[test]
     fn service_add_builds_the_config_table() {
         let cli = parse(
-            "xdplb service add --name web --vip 10.0.0.100 --port 80 --protocol tcp --mode dsr --table-size 251 \
-             --hash source --drain-timeout 10s --check http --check-interval 2s --check-timeout 1s --rise 1 --fall 5 \
-             --check-port 8080 --check-method HEAD --check-path /healthz --expect-status 200,204 --check-host x.example \
-             --backend 10.0.0.1:80@50 --backend 10.0.0.2",
+            "xdplb service add --name web --vip 10.0.0.100 --port 80 --protocol tcp --mode dsr \
+             --table-size 251 --hash source --drain-timeout 10s --check http \
+             --check-interval 2s --check-timeout 1s --rise 1 --fall 5 --check-port 8080 \
+             --check-method HEAD --check-path /healthz --expect-status 200,204 \
+             --check-host x.example --backend 10.0.0.1:80@50 --backend 10.0.0.2",
         );
         let expected = json!({
-            "name": "web", "vip": "10.0.0.100", "port": 80, "protocol": "tcp", "mode": "dsr", "table_size": 251,
-            "hash": "source", "drain_timeout": "10s",
-            "health_check": {"type": "http", "interval": "2s", "timeout": "1s", "rise": 1, "fall": 5, "port": 8080,
-                "method": "HEAD", "path": "/healthz", "expect_status": [200, 204], "host": "x.example"},
-            "backend": [{"address": "10.0.0.1", "port": 80, "weight": 50}, {"address": "10.0.0.2"}],
+            "name": "web", "vip": "10.0.0.100", "port": 80, "protocol": "tcp", "mode": "dsr",
+            "table_size": 251, "hash": "source", "drain_timeout": "10s",
+            "health_check": {"type": "http", "interval": "2s", "timeout": "1s", "rise": 1,
+                "fall": 5, "port": 8080, "method": "HEAD", "path": "/healthz",
+                "expect_status": [200, 204], "host": "x.example"},
+            "backend": [{"address": "10.0.0.1", "port": 80, "weight": 50},
+                {"address": "10.0.0.2"}],
         });
-        assert_eq!(request_of(&cli.command), Request::AddService(expected));
+        assert_eq!(
+            request_of(&cli.command),
+            Request::AddService(spec(expected))
+        );
     }
 
     #[test]
@@ -959,14 +880,17 @@ mod tests {
             parse("xdplb service add --name dns6 --vip 2001:db8::53 --port 53 --protocol udp");
         let expected =
             json!({"name": "dns6", "vip": "2001:db8::53", "port": 53, "protocol": "udp"});
-        assert_eq!(request_of(&cli.command), Request::AddService(expected));
+        assert_eq!(
+            request_of(&cli.command),
+            Request::AddService(spec(expected))
+        );
         let cli = parse(
             "xdplb service add --name web --vip 10.0.0.1 --port 80 --protocol tcp --check none",
         );
         let CliCommand::Service(ServiceCmd::Add(args)) = cli.command else {
             panic!()
         };
-        assert_eq!(args.to_json()["health_check"], json!({"type": "none"}));
+        assert_eq!(json!(args.spec())["health_check"], json!({"type": "none"}));
         assert!(TestCli::try_parse_from(
             "xdplb service add --name w --vip 10.0.0.1 --port 80 --protocol sctp".split(' ')
         )
@@ -975,14 +899,15 @@ mod tests {
 
     #[test]
     fn parses_backend_specs() {
-        let spec = |text: &str| text.parse::<BackendSpec>();
+        let spec = parse_backend;
         let ip = |text: &str| text.parse::<IpAddr>().unwrap();
         assert_eq!(
             spec("10.0.0.1:8080@50"),
             Ok(BackendSpec {
                 address: ip("10.0.0.1"),
                 port: Some(8080),
-                weight: Some(50)
+                weight: Some(50),
+                state: None
             })
         );
         assert_eq!(
@@ -990,7 +915,8 @@ mod tests {
             Ok(BackendSpec {
                 address: ip("fd00::1"),
                 port: Some(80),
-                weight: Some(5)
+                weight: Some(5),
+                state: None
             })
         );
         assert_eq!(
@@ -998,7 +924,8 @@ mod tests {
             Ok(BackendSpec {
                 address: ip("10.0.0.1"),
                 port: None,
-                weight: None
+                weight: None,
+                state: None
             })
         );
         assert_eq!(
@@ -1006,7 +933,8 @@ mod tests {
             Ok(BackendSpec {
                 address: ip("10.0.0.1"),
                 port: None,
-                weight: Some(0)
+                weight: Some(0),
+                state: None
             })
         );
         assert_eq!(
@@ -1014,7 +942,8 @@ mod tests {
             Ok(BackendSpec {
                 address: ip("fd00::1"),
                 port: None,
-                weight: None
+                weight: None,
+                state: None
             })
         );
         assert_eq!(
@@ -1022,7 +951,8 @@ mod tests {
             Ok(BackendSpec {
                 address: ip("fd00::1"),
                 port: None,
-                weight: Some(7)
+                weight: Some(7),
+                state: None
             })
         );
         // Without brackets the last group belongs to the address.
@@ -1031,7 +961,8 @@ mod tests {
             Ok(BackendSpec {
                 address: ip("fd00::1:80"),
                 port: None,
-                weight: None
+                weight: None,
+                state: None
             })
         );
         assert!(spec("10.0.0.1:x").is_err());
@@ -1040,7 +971,7 @@ mod tests {
         assert!(spec("10.0.0.1@").unwrap_err().contains("weight"));
         assert!(spec("web1:80").unwrap_err().contains("[ADDR]:PORT"));
         assert_eq!(
-            spec("[fd00::1]:80@5").unwrap().to_json(),
+            json!(spec("[fd00::1]:80@5").unwrap()),
             json!({"address": "fd00::1", "port": 80, "weight": 5})
         );
     }
@@ -1266,15 +1197,21 @@ mod tests {
         let flow = FlowView {
             service: "web".into(),
             backend: "[fd00::11]:80".parse().unwrap(),
-            backend_state: "active".into(),
+            backend_state: DatapathState::Active,
             established: false,
             hash: 0xabc,
             slot: Some(17),
             nat: None,
         };
         assert_eq!(
-            render_flow("[fd00::1]:40000".parse().unwrap(), "[fd00::100]:80".parse().unwrap(), "tcp", &flow),
-            "[fd00::1]:40000 -> [fd00::100]:80/tcp: service web, backend [fd00::11]:80 (active; new flow, hash 0x00000abc, slot 17)\n"
+            render_flow(
+                "[fd00::1]:40000".parse().unwrap(),
+                "[fd00::100]:80".parse().unwrap(),
+                Protocol::Tcp,
+                &flow
+            ),
+            "[fd00::1]:40000 -> [fd00::100]:80/tcp: service web, backend [fd00::11]:80 \
+             (active; new flow, hash 0x00000abc, slot 17)\n"
         );
     }
 

@@ -30,7 +30,7 @@ use xdp_common::{
 
 use crate::{
     addr,
-    config::{AllDown, BackendConfig, Config, HashFields, InitialState, Mode, ServiceConfig},
+    config::{Admin, AllDown, BackendConfig, Config, HashFields, Mode, ServiceConfig},
     dataplane::Maps,
     maglev::{self, MaglevBackend},
     neigh,
@@ -40,45 +40,6 @@ use crate::{
 pub type ServiceId = (IpAddr, u16, u8);
 /// Identity of a backend within a service.
 pub type BackendAddr = (IpAddr, u16);
-
-/// Whether an operator lets a backend take traffic.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Admin {
-    Up,
-    Drain,
-    Down,
-}
-
-impl From<InitialState> for Admin {
-    fn from(s: InitialState) -> Self {
-        match s {
-            InitialState::Up => Admin::Up,
-            InitialState::Drain => Admin::Drain,
-            InitialState::Down => Admin::Down,
-        }
-    }
-}
-
-impl Admin {
-    /// "up", "drain", "down".
-    pub fn name(self) -> &'static str {
-        match self {
-            Admin::Up => "up",
-            Admin::Drain => "drain",
-            Admin::Down => "down",
-        }
-    }
-}
-
-/// Name of a `BACKEND_*` datapath state.
-pub fn state_name(state: u32) -> &'static str {
-    match state {
-        BACKEND_ACTIVE => "active",
-        BACKEND_DRAINING => "draining",
-        _ => "down",
-    }
-}
 
 /// One backend of one service.
 #[derive(Clone, Debug)]
@@ -469,7 +430,7 @@ impl Controller {
             match svc.backends.get_mut(k) {
                 Some(state) => {
                     if state.config.state != b.state {
-                        state.admin = b.state.into();
+                        state.admin = b.state;
                     }
                     state.config = **b;
                 }
@@ -527,7 +488,7 @@ impl Controller {
             .remove(&(service, cfg.address, cfg.port))
             .filter(|(id, _)| self.backend_ids.take(*id, 1));
         let (id, healthy) = match adopted {
-            Some((id, state)) => (id, state != BACKEND_DOWN || cfg.state == InitialState::Down),
+            Some((id, state)) => (id, state != BACKEND_DOWN || cfg.state == Admin::Down),
             None => {
                 let id = self.backend_ids.alloc(1).context("no free backend id")?;
                 self.maps.reset_counters(None, Some(id))?;
@@ -537,7 +498,7 @@ impl Controller {
         let mut state = BackendState {
             id,
             config: *cfg,
-            admin: cfg.state.into(),
+            admin: cfg.state,
             healthy,
             state: BACKEND_DOWN,
             mac: None,

@@ -24,10 +24,10 @@ use tokio::{
 use tracing::{error, info, warn};
 
 use crate::{
-    api::{self, ApiError, BackendRef, Done, Request},
-    config::{Config, Mode, ServiceConfig},
-    controller::{state_name, Admin, Controller, ServiceState},
-    dataplane::{monotonic_coarse_ns, proto_name, Maps, NatOccupancy},
+    api::{self, ApiError, BackendRef, DatapathState, Done, Request},
+    config::{Admin, Config, Mode, ServiceConfig, ServiceKey},
+    controller::{Controller, ServiceState},
+    dataplane::{monotonic_coarse_ns, Maps, NatOccupancy},
     health::{CheckTarget, HealthChecker, HealthEvent},
     loader::{self, AttachMode, Datapath},
     state::Overlay,
@@ -79,7 +79,9 @@ impl Daemon {
     }
 
     /// Applies a change of the overlay and/or the file: merge, validate,
-    /// program, persist. A change that does not validate changes nothing.
+    /// persist, program. The change is all or nothing: one that does not
+    /// validate, cannot be persisted or cannot be programmed leaves both the
+    /// maps and the state file as they were.
     fn change(
         &self,
         reload_file: bool,
@@ -96,13 +98,26 @@ impl Daemon {
         let merged = overlay
             .merge(&file)
             .map_err(|e| ApiError::bad_request(e.to_string()))?;
-        inner
+        // Written and flushed first, put in place last: a change that could
+        // not be persisted would be lost at the next start.
+        let staged = overlay.stage(&self.state_file).map_err(|e| {
+            ApiError::internal(format!("not changed: cannot persist the change: {e:#}"))
+        })?;
+        let applied = inner
             .controller
             .apply(&merged)
-            .map_err(|e| ApiError::internal(format!("{e:#}")))?;
-        overlay
-            .save(&self.state_file)
-            .map_err(|e| ApiError::internal(format!("{e:#}")))?;
+            .context("cannot program the datapath")
+            .and_then(|()| staged.commit().context("cannot persist the change"));
+        if let Err(e) = applied {
+            // Back to the configuration the state file still describes.
+            let Inner {
+                controller, config, ..
+            } = &mut *inner;
+            if let Err(undo) = controller.apply(config) {
+                error!("restoring the previous configuration after a failed change: {undo:#}");
+            }
+            return Err(ApiError::internal(format!("not changed: {e:#}")));
+        }
         let targets = check_targets(&merged, &inner.controller);
         inner.health.update(targets);
         (inner.file, inner.overlay, inner.config) = (file, overlay, merged);
@@ -119,11 +134,17 @@ impl Daemon {
             .set_health(&event.service, event.backend, event.healthy)
         {
             Ok(_) => {
-                let took = event.at.elapsed();
+                let took = event.at.elapsed().as_millis() as u64;
+                let backend = SocketAddr::new(ip, port);
+                let (service, detail) = (&event.service, &event.detail);
                 if event.healthy {
-                    info!(service = %event.service, backend = %SocketAddr::new(ip, port), detail = %event.detail, "backend is {verdict}");
+                    info!(%service, %backend, %detail, "backend is {verdict}");
                 } else {
-                    warn!(service = %event.service, backend = %SocketAddr::new(ip, port), detail = %event.detail, table_swap_ms = took.as_millis() as u64, "backend is {verdict}: new flows avoid it, its established flows move on their next packet");
+                    warn!(
+                        %service, %backend, %detail, table_swap_ms = took,
+                        "backend is {verdict}: new flows avoid it, its established flows move \
+                         on their next packet"
+                    );
                 }
             }
             // The backend was removed meanwhile.
@@ -230,8 +251,8 @@ impl api::Handler for Daemon {
                     .collect();
                 Ok(json!(views))
             }
-            Request::AddService(table) => self.change(false, |o, _| {
-                Ok(format!("service {} added", o.add_service(table)))
+            Request::AddService(spec) => self.change(false, |o, _| {
+                Ok(format!("service {} added", o.add_service(*spec)))
             }),
             Request::RemoveService { name } => self.change(false, |o, config| {
                 if !config.services.iter().any(|s| s.name == name) {
@@ -242,9 +263,7 @@ impl api::Handler for Daemon {
             }),
             Request::AddBackend { service, backend } => self.change(false, |o, config| {
                 let port = service_config(config, &service)?.port;
-                let addr = o.add_backend(&service, backend, port).ok_or_else(|| {
-                    ApiError::bad_request("backend.address: missing or not an IP address")
-                })?;
+                let addr = o.add_backend(&service, backend, port);
                 Ok(format!("backend {addr} added to service {service}"))
             }),
             Request::RemoveBackend(r) => self.change(false, |o, config| {
@@ -258,39 +277,30 @@ impl api::Handler for Daemon {
                 Ok(format!("reloaded {}", self.config_path.display()))
             }),
             Request::Flow { src, dst, protocol } => {
-                let proto = match protocol.as_str() {
-                    "tcp" => xdp_common::PROTO_TCP,
-                    "udp" => xdp_common::PROTO_UDP,
-                    p => {
-                        return Err(ApiError::bad_request(format!(
-                            "unknown protocol {p:?} (expected tcp or udp)"
-                        )))
-                    }
+                api::check_flow(src, dst)?;
+                let key = ServiceKey {
+                    vip: dst.ip(),
+                    port: dst.port(),
+                    protocol,
                 };
                 let inner = self.lock();
-                let route = inner
-                    .controller
-                    .maps
-                    .route(src, dst, proto)
-                    .map_err(|e| ApiError::not_found(format!("{e:#}")))?;
                 let svc = inner
                     .controller
                     .services()
-                    .find(|s| {
-                        s.config.vip == dst.ip()
-                            && s.config.port == dst.port()
-                            && s.config.protocol.number() == proto
-                    })
-                    .ok_or_else(|| {
-                        ApiError::not_found(format!("no service at {dst}/{}", proto_name(proto)))
-                    })?;
+                    .find(|s| s.config.key() == key)
+                    .ok_or_else(|| ApiError::not_found(format!("no service at {key}")))?;
+                let route = inner
+                    .controller
+                    .maps
+                    .route(src, dst, protocol.number())
+                    .map_err(|e| ApiError::not_found(format!("{e:#}")))?;
                 let backend_state = svc
                     .backend_by_id(route.backend_id)
-                    .map_or("down", |b| state_name(b.state));
+                    .map_or(DatapathState::Down, |b| DatapathState::of(b.state));
                 Ok(json!(api::FlowView {
                     service: svc.config.name.clone(),
                     backend: route.backend,
-                    backend_state: backend_state.into(),
+                    backend_state,
                     established: route.established,
                     hash: route.hash,
                     slot: route.slot,
@@ -383,10 +393,10 @@ fn service_view(inner: &Inner, s: &ServiceState) -> api::ServiceView {
         name: cfg.name.clone(),
         vip: cfg.vip,
         port: cfg.port,
-        protocol: cfg.protocol.to_string(),
-        mode: cfg.mode.to_string(),
+        protocol: cfg.protocol,
+        mode: cfg.mode,
         table_size: cfg.table_size,
-        hash: cfg.hash.to_string(),
+        hash: cfg.hash,
         packets: c.packets,
         bytes: c.bytes,
         backends: s
@@ -402,9 +412,9 @@ fn service_view(inner: &Inner, s: &ServiceState) -> api::ServiceView {
                     address: b.config.address,
                     port: b.config.port,
                     weight: b.config.weight,
-                    admin: b.admin.name().into(),
-                    health: if b.healthy { "up" } else { "down" }.into(),
-                    state: state_name(b.state).into(),
+                    admin: b.admin,
+                    health: b.healthy.into(),
+                    state: DatapathState::of(b.state),
                     mac: b.mac.map(|m| {
                         m.iter()
                             .map(|x| format!("{x:02x}"))

@@ -11,4 +11,4 @@ pub mod loader;
 pub mod maglev;
 pub mod neigh;
 pub mod program;
-pub mod state;
+mod state;

@@ -13,6 +13,9 @@ use std::{
 };
 
 use serde::{Deserialize, Serialize};
+use xdp_common::{BACKEND_ACTIVE, BACKEND_DRAINING};
+
+pub use crate::config::{Admin, BackendSpec, HashFields, Mode, Protocol, ServiceSpec};
 
 /// One API call. HTTP mapping (all paths under `/v1`; bodies and answers
 /// are JSON; answers are 200 with the value, or 4xx/5xx with
@@ -22,20 +25,23 @@ use serde::{Deserialize, Serialize};
 /// |---|---|
 /// | `Status` | `GET /v1/status` |
 /// | `ListServices` | `GET /v1/services` |
-/// | `AddService` | `POST /v1/services/add`, body: a `[[service]]` table of the config file, as JSON |
+/// | `AddService` | `POST /v1/services/add`, body: a [`ServiceSpec`] (a `[[service]]` table) |
 /// | `RemoveService` | `POST /v1/services/remove`, body `{"name": ...}` |
 /// | `ListBackends` | `GET /v1/backends` or `GET /v1/backends?service=NAME` |
-/// | `AddBackend` | `POST /v1/backends/add`, body `{"service": ..., "backend": {a [[service.backend]] table as JSON}}` |
+/// | `AddBackend` | `POST /v1/backends/add`, body `{"service": ..., "backend": BackendSpec}` |
 /// | `RemoveBackend` | `POST /v1/backends/remove`, body [`BackendRef`] |
 /// | `Drain` / `Undrain` | `POST /v1/backends/drain` / `.../undrain`, body [`BackendRef`] |
 /// | `Reload` | `POST /v1/reload` |
-/// | `Flow` | `GET /v1/flow?src=IP:PORT&dst=IP:PORT&protocol=tcp` (IPv6 as `[addr]:port`, percent-encoded) |
+/// | `Flow` | `GET /v1/flow?src=IP:PORT&dst=IP:PORT&protocol=tcp` (IPv6 `[addr]:port`, encoded) |
 /// | `Stats` | `GET /v1/stats` |
+///
+/// Bodies are read into typed structs that refuse unknown and repeated
+/// keys: `{"port": 80, "port": 81}` is an error, not the last one winning.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum Request {
     Status,
     ListServices,
-    AddService(serde_json::Value),
+    AddService(Box<ServiceSpec>),
     RemoveService {
         name: String,
     },
@@ -44,7 +50,7 @@ pub enum Request {
     },
     AddBackend {
         service: String,
-        backend: serde_json::Value,
+        backend: BackendSpec,
     },
     RemoveBackend(BackendRef),
     Drain(BackendRef),
@@ -53,13 +59,14 @@ pub enum Request {
     Flow {
         src: SocketAddr,
         dst: SocketAddr,
-        protocol: String,
+        protocol: Protocol,
     },
     Stats,
 }
 
 /// Names one backend of one service; `port` defaults to the service's.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct BackendRef {
     pub service: String,
     pub address: IpAddr,
@@ -125,7 +132,8 @@ pub struct StatusView {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InterfaceView {
     pub name: String,
-    /// "native" or "generic".
+    /// How the program is attached: "native", "generic", or "adopted"
+    /// (the link an earlier daemon pinned, its mode unchanged).
     pub mode: String,
 }
 
@@ -135,10 +143,10 @@ pub struct ServiceView {
     pub name: String,
     pub vip: IpAddr,
     pub port: u16,
-    pub protocol: String,
-    pub mode: String,
+    pub protocol: Protocol,
+    pub mode: Mode,
     pub table_size: u32,
-    pub hash: String,
+    pub hash: HashFields,
     pub packets: u64,
     pub bytes: u64,
     pub backends: Vec<BackendView>,
@@ -151,13 +159,12 @@ pub struct BackendView {
     pub address: IpAddr,
     pub port: u16,
     pub weight: u32,
-    /// Operator state: "up", "drain" or "down".
-    pub admin: String,
-    /// Health-check verdict: "up" or "down" ("up" when checks are off).
-    pub health: String,
-    /// What the datapath does: "active" (takes new flows), "draining"
-    /// (keeps established flows only) or "down" (flows are re-picked).
-    pub state: String,
+    /// Operator state.
+    pub admin: Admin,
+    /// Health-check verdict (`up` when checks are off).
+    pub health: Health,
+    /// What the datapath does with the backend.
+    pub state: DatapathState,
     /// Next-hop MAC, once resolved.
     pub mac: Option<String>,
     pub packets: u64,
@@ -200,8 +207,8 @@ pub struct BackendStatsView {
 pub struct FlowView {
     pub service: String,
     pub backend: SocketAddr,
-    /// The backend's datapath state ("active", "draining", "down").
-    pub backend_state: String,
+    /// The backend's datapath state.
+    pub backend_state: DatapathState,
     /// True when the flow table already pins the flow; false when it is
     /// answered from the Maglev table (a new flow would go there).
     pub established: bool,
@@ -217,4 +224,140 @@ pub struct FlowView {
 pub struct Done {
     /// What happened, for humans ("backend 10.0.0.1:80 of web drained").
     pub message: String,
+}
+
+/// Refuses a flow no packet can have: a source and a destination of two
+/// address families, or an IPv4-mapped IPv6 address (the datapath keys IPv4
+/// as IPv4-mapped IPv6, so `::ffff:a.b.c.d` would alias the IPv4 address).
+pub fn check_flow(src: SocketAddr, dst: SocketAddr) -> Result<(), ApiError> {
+    for addr in [src.ip(), dst.ip()] {
+        if let IpAddr::V6(v6) = addr {
+            if let Some(v4) = v6.to_ipv4_mapped() {
+                return Err(ApiError::bad_request(format!(
+                    "{addr} is IPv4-mapped: write it as {v4}"
+                )));
+            }
+        }
+    }
+    if src.is_ipv4() != dst.is_ipv4() {
+        return Err(ApiError::bad_request(format!(
+            "source {src} and destination {dst} are of different address families"
+        )));
+    }
+    Ok(())
+}
+
+/// A backend's health-check verdict.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Health {
+    /// Passing (or not checked).
+    Up,
+    /// Failing.
+    Down,
+}
+
+impl From<bool> for Health {
+    fn from(healthy: bool) -> Self {
+        if healthy {
+            Health::Up
+        } else {
+            Health::Down
+        }
+    }
+}
+
+/// What the datapath does with a backend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DatapathState {
+    /// Takes new flows.
+    Active,
+    /// Keeps its established flows, takes no new ones.
+    Draining,
+    /// Takes nothing: its flows are re-picked on their next packet.
+    Down,
+}
+
+impl DatapathState {
+    /// The state a `BACKEND_*` value of the datapath's backend entry means.
+    pub fn of(state: u32) -> Self {
+        match state {
+            BACKEND_ACTIVE => Self::Active,
+            BACKEND_DRAINING => Self::Draining,
+            _ => Self::Down,
+        }
+    }
+}
+
+macro_rules! display_as_json {
+    ($($ty:ident)+) => {$(
+        impl std::fmt::Display for $ty {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                let json = serde_json::to_value(self).map_err(|_| std::fmt::Error)?;
+                f.write_str(json.as_str().unwrap_or_default())
+            }
+        }
+    )+};
+}
+
+display_as_json!(Health DatapathState);
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn repeated_keys_in_bodies_are_refused() {
+        let service = r#"{"name": "web", "vip": "10.0.0.100", "port": 80, "port": 81,
+                          "protocol": "tcp"}"#;
+        let err = serde_json::from_str::<ServiceSpec>(service).unwrap_err();
+        assert!(err.to_string().contains("duplicate field `port`"), "{err}");
+        let backend = r#"{"address": "10.0.0.1", "weight": 1, "weight": 100}"#;
+        assert!(serde_json::from_str::<BackendSpec>(backend).is_err());
+        let r = r#"{"service": "web", "address": "10.0.0.1", "service": "db"}"#;
+        assert!(serde_json::from_str::<BackendRef>(r).is_err());
+    }
+
+    #[test]
+    fn flows_across_address_families_are_refused() {
+        let check = |src: &str, dst: &str| check_flow(src.parse().unwrap(), dst.parse().unwrap());
+        assert!(check("10.0.0.1:1", "10.0.0.2:80").is_ok());
+        assert!(check("[fd00::1]:1", "[fd00::2]:80").is_ok());
+        for (src, dst) in [
+            ("10.0.0.1:1", "[fd00::2]:80"),
+            ("[fd00::1]:1", "10.0.0.2:80"),
+            ("[::ffff:10.0.0.1]:1", "[fd00::2]:80"),
+        ] {
+            let err = check(src, dst).unwrap_err();
+            assert_eq!(err.status, 400, "{src} {dst}");
+        }
+    }
+
+    #[test]
+    fn views_use_the_lowercase_names() {
+        let b = BackendView {
+            service: "web".into(),
+            address: "10.0.0.1".parse().unwrap(),
+            port: 80,
+            weight: 1,
+            admin: Admin::Drain,
+            health: Health::Down,
+            state: DatapathState::Draining,
+            mac: None,
+            packets: 0,
+            bytes: 0,
+            last_check: None,
+            transitions: 0,
+        };
+        let v = serde_json::to_value(&b).unwrap();
+        assert_eq!(
+            (&v["admin"], &v["health"], &v["state"]),
+            (&json!("drain"), &json!("down"), &json!("draining"))
+        );
+        assert_eq!(DatapathState::of(BACKEND_ACTIVE).to_string(), "active");
+        assert_eq!(Health::Up.to_string(), "up");
+    }
 }

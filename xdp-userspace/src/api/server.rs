@@ -514,7 +514,7 @@ struct RemoveServiceBody {
 #[serde(deny_unknown_fields)]
 struct AddBackendBody {
     service: String,
-    backend: serde_json::Value,
+    backend: super::BackendSpec,
 }
 
 /// Turns an HTTP request into the API [`Request`] it stands for: 404 for an
@@ -535,16 +535,7 @@ pub fn route(method: &str, target: &str, body: &[u8]) -> Result<Request, ApiErro
     let request = match endpoint {
         Endpoint::Status => Request::Status,
         Endpoint::ListServices => Request::ListServices,
-        Endpoint::AddService => {
-            let service: serde_json::Value = json_body(body)?;
-            if !service.is_object() {
-                return Err(error(
-                    400,
-                    "the body must be a JSON object: a [[service]] table",
-                ));
-            }
-            Request::AddService(service)
-        }
+        Endpoint::AddService => Request::AddService(json_body(body)?),
         Endpoint::RemoveService => {
             let RemoveServiceBody { name } = json_body(body)?;
             Request::RemoveService { name }
@@ -563,7 +554,15 @@ pub fn route(method: &str, target: &str, body: &[u8]) -> Result<Request, ApiErro
         Endpoint::Flow => Request::Flow {
             src: query.address("src")?,
             dst: query.address("dst")?,
-            protocol: query.require("protocol")?,
+            protocol: {
+                let value = query.require("protocol")?;
+                serde_json::from_value(serde_json::Value::String(value.clone())).map_err(|_| {
+                    error(
+                        400,
+                        format!("query parameter protocol: {value:?} is not tcp or udp"),
+                    )
+                })?
+            },
         },
         Endpoint::Stats => Request::Stats,
     };
@@ -605,7 +604,7 @@ pub fn path_of(request: &Request) -> (&'static str, String, Option<Vec<u8>>) {
             query.extend([
                 ("src", src.to_string()),
                 ("dst", dst.to_string()),
-                ("protocol", protocol.clone()),
+                ("protocol", protocol.to_string()),
             ]);
             (Endpoint::Flow, None)
         }
@@ -741,7 +740,7 @@ mod tests {
     use serde_json::json;
 
     use super::*;
-    use crate::api::{client, client::ClientError, BackendRef, Done};
+    use crate::api::{client, client::ClientError, BackendRef, Done, Protocol, ServiceSpec};
 
     fn backend_ref(port: Option<u16>) -> BackendRef {
         BackendRef {
@@ -758,8 +757,11 @@ mod tests {
             Request::Status,
             Request::ListServices,
             Request::AddService(
-                json!({"name": "web", "vip": "10.0.0.100", "port": 80, "protocol": "tcp",
-                "backend": [{"address": "10.0.0.1", "weight": 5}]}),
+                serde_json::from_value(
+                    json!({"name": "web", "vip": "10.0.0.100", "port": 80, "protocol": "tcp",
+                    "backend": [{"address": "10.0.0.1", "weight": 5}]}),
+                )
+                .unwrap(),
             ),
             Request::RemoveService { name: "web".into() },
             Request::ListBackends { service: None },
@@ -768,7 +770,8 @@ mod tests {
             },
             Request::AddBackend {
                 service: "web".into(),
-                backend: json!({"address": "10.0.0.1", "state": "drain"}),
+                backend: serde_json::from_value(json!({"address": "10.0.0.1", "state": "drain"}))
+                    .unwrap(),
             },
             Request::RemoveBackend(backend_ref(None)),
             Request::Drain(backend_ref(Some(8080))),
@@ -781,12 +784,12 @@ mod tests {
             Request::Flow {
                 src: "10.1.1.1:40000".parse().unwrap(),
                 dst: "10.0.0.100:80".parse().unwrap(),
-                protocol: "tcp".into(),
+                protocol: Protocol::Tcp,
             },
             Request::Flow {
                 src: "[fd00::1]:40000".parse().unwrap(),
                 dst: "[2001:db8::53]:53".parse().unwrap(),
-                protocol: "udp".into(),
+                protocol: Protocol::Udp,
             },
             Request::Stats,
         ]
@@ -821,8 +824,13 @@ mod tests {
             (
                 "POST",
                 "/v1/services/add",
-                r#"{"name":"web"}"#,
-                Request::AddService(json!({"name": "web"})),
+                r#"{"name":"web","vip":"10.0.0.100","port":80,"protocol":"tcp"}"#,
+                Request::AddService(
+                    serde_json::from_str(
+                        r#"{"name":"web","vip":"10.0.0.100","port":80,"protocol":"tcp"}"#,
+                    )
+                    .unwrap(),
+                ),
             ),
             (
                 "POST",
@@ -850,7 +858,7 @@ mod tests {
                 r#"{"service":"web","backend":{"address":"10.0.0.1"}}"#,
                 Request::AddBackend {
                     service: "web".into(),
-                    backend: json!({"address": "10.0.0.1"}),
+                    backend: serde_json::from_value(json!({"address": "10.0.0.1"})).unwrap(),
                 },
             ),
             (
@@ -879,7 +887,7 @@ mod tests {
                 Request::Flow {
                     src: "10.1.1.1:40000".parse().unwrap(),
                     dst: "10.0.0.100:80".parse().unwrap(),
-                    protocol: "tcp".into(),
+                    protocol: Protocol::Tcp,
                 },
             ),
             (
@@ -889,7 +897,7 @@ mod tests {
                 Request::Flow {
                     src: "[fd00::1]:40000".parse().unwrap(),
                     dst: "[fd00::100]:80".parse().unwrap(),
-                    protocol: "udp".into(),
+                    protocol: Protocol::Udp,
                 },
             ),
             ("GET", "/v1/stats", "", Request::Stats),
@@ -908,7 +916,7 @@ mod tests {
         let (method, target, body) = path_of(&Request::Flow {
             src: "[fd00::1]:40000".parse().unwrap(),
             dst: "[fd00::100]:80".parse().unwrap(),
-            protocol: "tcp".into(),
+            protocol: Protocol::Tcp,
         });
         assert_eq!(method, "GET");
         assert_eq!(
@@ -1033,7 +1041,7 @@ mod tests {
                 Request::RemoveService { name } => {
                     Err(ApiError::not_found(format!("no service named {name:?}")))
                 }
-                Request::AddService(service) => Ok(service),
+                Request::AddService(service) => Ok(json!(service)),
                 Request::Flow { src, dst, protocol } => {
                     Ok(json!({"src": src, "dst": dst, "protocol": protocol}))
                 }
@@ -1126,15 +1134,18 @@ mod tests {
         );
         let done = client::call(&socket, &Request::RemoveService { name: "web".into() }).unwrap();
         assert_eq!(done, json!({"message": "service web removed"}));
-        let service = json!({"name": "big", "padding": "x".repeat(100_000)});
+        let service: ServiceSpec = serde_json::from_value(json!({"name": "big",
+            "vip": "10.0.0.1", "port": 1, "protocol": "tcp",
+            "health_check": {"path": "x".repeat(100_000)}}))
+        .unwrap();
         assert_eq!(
-            client::call(&socket, &Request::AddService(service.clone())).unwrap(),
-            service
+            client::call(&socket, &Request::AddService(Box::new(service.clone()))).unwrap(),
+            json!(service)
         );
         let flow = Request::Flow {
             src: "[fd00::1]:40000".parse().unwrap(),
             dst: "[fd00::100]:80".parse().unwrap(),
-            protocol: "tcp".into(),
+            protocol: Protocol::Tcp,
         };
         assert_eq!(
             client::call(&socket, &flow).unwrap(),

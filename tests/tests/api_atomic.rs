@@ -1,0 +1,205 @@
+//! API changes are all or nothing, and API input the daemon cannot mean is
+//! refused: the real daemon in veth namespaces, driven through its CLI and
+//! raw HTTP on its socket. Needs root.
+//!
+//! The state file is made unwritable by putting a non-empty directory where
+//! the daemon writes: root ignores permission bits, not that.
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{IpAddr, SocketAddr},
+    os::unix::net::UnixStream,
+    path::{Path, PathBuf},
+};
+
+use xdplb_tests::{
+    bin_path,
+    lb::{dsr_config, start_backends, Xdplb},
+    proc::Proc,
+    require_root,
+    topology::DsrTopology,
+};
+
+const TESTBACKEND: &str = env!("CARGO_BIN_EXE_xdplb-testbackend");
+
+struct Bed {
+    lb: Xdplb,
+    // Kept alive (and killed on drop) for the health checks.
+    _backends: Vec<Proc>,
+    topo: DsrTopology,
+}
+
+impl Bed {
+    fn new(tag: &str) -> Self {
+        require_root();
+        let xdplb = bin_path("xdplb").expect("xdplb binary (cargo build --bins)");
+        let mut topo = DsrTopology::with_tag(tag, 2).expect("topology");
+        topo.enable_xdp_tx(&xdplb)
+            .expect("pass-through on the lb's peer");
+        let backends = start_backends(&topo, Path::new(TESTBACKEND)).expect("backends");
+        topo.wait_reachable().expect("segment reachable");
+        let lb = Xdplb::start(&xdplb, &topo, &dsr_config(&topo)).expect("xdplb");
+        Self {
+            lb,
+            _backends: backends,
+            topo,
+        }
+    }
+
+    fn state_file(&self) -> PathBuf {
+        self.lb.dir.join("state.json")
+    }
+
+    /// Every backend of web4 as (address, admin, datapath state).
+    fn backends(&self) -> Vec<(String, String, String)> {
+        let list = self.lb.json(&["backend", "list", "web4"]).unwrap();
+        list.as_array()
+            .unwrap()
+            .iter()
+            .map(|b| {
+                let field = |k: &str| b[k].as_str().unwrap().to_owned();
+                (field("address"), field("admin"), field("state"))
+            })
+            .collect()
+    }
+
+    /// Where the datapath sends 32 sample flows, with the backend's state.
+    fn routes(&self) -> Vec<(String, String)> {
+        let vip = SocketAddr::new(self.topo.vip4().into(), 80);
+        (0..32)
+            .map(|i| {
+                let src = SocketAddr::new(self.topo.client_addr4().into(), 40000 + i);
+                let flow = self.lb.flow(src, vip).unwrap();
+                (
+                    flow["backend"].as_str().unwrap().to_owned(),
+                    flow["backend_state"].as_str().unwrap().to_owned(),
+                )
+            })
+            .collect()
+    }
+}
+
+/// Puts a non-empty directory at `path`: neither a file can be created
+/// there nor another renamed onto it, even by root.
+fn obstruct(path: &Path) {
+    std::fs::create_dir_all(path.join("obstacle")).unwrap();
+}
+
+#[test]
+fn a_change_that_cannot_be_persisted_is_not_applied() {
+    let bed = Bed::new("atom");
+    let b1: IpAddr = bed.topo.backend_addr4(1).into();
+    let drain = ["backend", "drain", "web4", &b1.to_string()];
+    let (backends, routes) = (bed.backends(), bed.routes());
+    assert!(
+        routes
+            .iter()
+            .any(|(b, s)| b.starts_with(&b1.to_string()) && s == "active"),
+        "some sample flow goes to b1: {routes:?}"
+    );
+
+    // The new state cannot even be written (its temporary file is
+    // blocked), then cannot be put in place (the state file is blocked).
+    let state = bed.state_file();
+    for blocked in [state.with_extension("json.tmp"), state.clone()] {
+        obstruct(&blocked);
+        let err = bed.lb.cli(&drain).unwrap_err().to_string();
+        assert!(err.contains("not changed"), "{}: {err}", blocked.display());
+        assert_eq!(bed.backends(), backends, "{}", blocked.display());
+        assert_eq!(
+            bed.routes(),
+            routes,
+            "the datapath changed: {}",
+            blocked.display()
+        );
+        std::fs::remove_dir_all(&blocked).unwrap();
+    }
+    assert!(!state.exists());
+
+    // Unblocked, the same change is applied and persisted.
+    bed.lb.cli(&drain).unwrap();
+    let drained = bed.backends();
+    assert!(
+        drained
+            .iter()
+            .any(|(a, admin, _)| *a == b1.to_string() && admin == "drain"),
+        "{drained:?}"
+    );
+    let text = std::fs::read_to_string(&state).unwrap();
+    assert!(text.contains("\"drain\""), "{text}");
+}
+
+/// The status line and body of a raw HTTP request on the API socket.
+fn http(socket: &Path, method: &str, path: &str, body: &str) -> (u16, String) {
+    let mut stream = UnixStream::connect(socket).unwrap();
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: xdplb\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).unwrap();
+    let status = answer
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP answer: {answer}"));
+    (status, answer)
+}
+
+#[test]
+fn input_the_daemon_cannot_mean_is_refused() {
+    let bed = Bed::new("inp");
+    let before = bed.lb.json(&["service", "list"]).unwrap();
+    let b1 = bed.topo.backend_addr4(1);
+    // Not a backend of this two-backend topology.
+    let b3 = xdplb_tests::topology::backend_addr4(3);
+
+    // Repeated keys: which one would win is a guess, so none does.
+    let socket = bed.lb.socket();
+    let body = format!(
+        r#"{{"service": "web4", "backend": {{"address": "{b3}", "weight": 0, "weight": 100}}}}"#
+    );
+    let (status, answer) = http(&socket, "POST", "/v1/backends/add", &body);
+    assert_eq!(status, 400, "{answer}");
+    assert!(answer.contains("duplicate field `weight`"), "{answer}");
+    let body = format!(r#"{{"service": "web4", "service": "web6", "address": "{b1}"}}"#);
+    let (status, answer) = http(&socket, "POST", "/v1/backends/drain", &body);
+    assert_eq!(status, 400, "{answer}");
+
+    // A flow whose source and destination are of two address families.
+    let vip6 = SocketAddr::new(bed.topo.vip6().into(), 80);
+    let err = bed
+        .lb
+        .cli(&["flow", "10.77.0.200:40000", &vip6.to_string(), "tcp"])
+        .unwrap_err();
+    assert!(format!("{err:#}").contains("address families"), "{err:#}");
+
+    // A backend that is the VIP itself.
+    let vip4 = bed.topo.vip4().to_string();
+    let err = bed.lb.cli(&["backend", "add", "web4", &vip4]).unwrap_err();
+    assert!(format!("{err:#}").contains("VIP itself"), "{err:#}");
+
+    // Names that are paths or options.
+    for name in ["..", ".", "a/b", "-x"] {
+        let err = bed
+            .lb
+            .cli(&[
+                "service",
+                "add",
+                &format!("--name={name}"),
+                "--vip=10.77.0.250",
+                "--port=81",
+                "--protocol=tcp",
+            ])
+            .unwrap_err();
+        assert!(
+            format!("{err:#}").contains("not a valid name"),
+            "{name}: {err:#}"
+        );
+    }
+
+    assert_eq!(bed.lb.json(&["service", "list"]).unwrap(), before);
+}
