@@ -61,6 +61,9 @@ pub struct DaemonConfig {
     /// bpffs directory the maps are pinned in.
     pub pin_dir: PathBuf,
     pub all_down: AllDown,
+    /// TCP address of the metrics and status page listener; off if unset.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 impl Default for DaemonConfig {
@@ -70,6 +73,7 @@ impl Default for DaemonConfig {
             state_file: DEFAULT_STATE_FILE.into(),
             pin_dir: DEFAULT_PIN_DIR.into(),
             all_down: AllDown::FailOpen,
+            metrics_listen: None,
         }
     }
 }
@@ -369,6 +373,7 @@ struct RawDaemon {
     state_file: Option<PathBuf>,
     pin_dir: Option<PathBuf>,
     all_down: Option<AllDown>,
+    metrics_listen: Option<std::net::SocketAddr>,
 }
 
 #[derive(Deserialize)]
@@ -526,6 +531,7 @@ impl Validator<'_> {
             state_file: self.absolute("daemon.state_file", raw.state_file, default.state_file)?,
             pin_dir: self.absolute("daemon.pin_dir", raw.pin_dir, default.pin_dir)?,
             all_down: raw.all_down.unwrap_or(default.all_down),
+            metrics_listen: raw.metrics_listen,
         })
     }
 
@@ -1219,6 +1225,7 @@ mod tests {
     const FULL: &str = r#"
 [daemon]
 api_socket = "/run/lb/api.sock"
+metrics_listen = "127.0.0.1:9650"
 state_file = "/var/lib/lb/state.json"
 pin_dir = "/sys/fs/bpf/lb"
 all_down = "drop"
@@ -1303,6 +1310,7 @@ state = "down"
                 state_file: "/var/lib/lb/state.json".into(),
                 pin_dir: "/sys/fs/bpf/lb".into(),
                 all_down: AllDown::Drop,
+                metrics_listen: Some("127.0.0.1:9650".parse().unwrap()),
             }
         );
         let web = &c.services[0];

@@ -1,0 +1,171 @@
+//! The observability listener on `[daemon] metrics_listen` (TCP): Prometheus
+//! metrics at `/metrics`, a live status page at `/` and the JSON it polls at
+//! `/api/status`. Everything here is read-only.
+//!
+//! There is one source of truth: every answer is built from the control
+//! API's own views (`Status`, `ListServices`, `Stats`, asked of the same
+//! [`Handler`]), plus the health checker's per-probe figures that the API
+//! does not show (check counts and latency).
+
+pub mod metrics;
+
+use std::{net::SocketAddr, sync::Arc};
+
+use anyhow::Context as _;
+use axum::{
+    extract::State,
+    http::{header, HeaderMap, StatusCode},
+    response::{IntoResponse, Response},
+    routing::get,
+    Json, Router,
+};
+use serde::Serialize;
+use serde_json::Value;
+use tokio::net::TcpListener;
+
+use crate::{
+    api::{ApiError, Handler, Request},
+    health::TargetStatus,
+};
+
+/// The status page: one self-contained file (inline CSS and JS).
+const STATUS_PAGE: &str = include_str!("status.html");
+
+/// The health checker's current figures, one per checked backend.
+pub type HealthSource = Arc<dyn Fn() -> Vec<TargetStatus> + Send + Sync>;
+
+/// What the routes read from.
+#[derive(Clone)]
+pub struct Sources {
+    /// The API's handler: the views come from it.
+    pub handler: Arc<dyn Handler>,
+    pub health: HealthSource,
+}
+
+/// Binds `addr` (before the daemon loads anything, so a taken address is
+/// a start-up error that changes nothing).
+pub fn bind(addr: SocketAddr) -> anyhow::Result<std::net::TcpListener> {
+    let listener = std::net::TcpListener::bind(addr)
+        .with_context(|| format!("binding the metrics listener {addr} (daemon.metrics_listen)"))?;
+    listener
+        .set_nonblocking(true)
+        .context("making the metrics listener non-blocking")?;
+    Ok(listener)
+}
+
+/// Serves on `listener` (from [`bind`]) until the future is dropped.
+pub async fn serve(listener: std::net::TcpListener, sources: Sources) -> anyhow::Result<()> {
+    let listener = TcpListener::from_std(listener).context("registering the metrics listener")?;
+    let addr = listener
+        .local_addr()
+        .context("reading the metrics address")?;
+    tracing::info!(%addr, "serving metrics and the status page");
+    axum::serve(listener, router(sources))
+        .await
+        .with_context(|| format!("serving metrics on {addr}"))
+}
+
+/// The routes, separate from the listener so tests can drive them.
+pub fn router(sources: Sources) -> Router {
+    Router::new()
+        .route("/", get(page))
+        .route("/metrics", get(metrics_text))
+        .route("/api/status", get(status_json))
+        .with_state(sources)
+}
+
+/// One consistent read of the API's views.
+#[derive(Clone, Debug, Serialize)]
+pub struct Snapshot {
+    /// `GET /v1/status`.
+    pub status: Value,
+    /// `GET /v1/services`: services with their backends.
+    pub services: Value,
+    /// `GET /v1/stats`: datapath reasons, NAT occupancy.
+    pub stats: Value,
+    /// Per checked backend: probes run, failed, and the last one's latency.
+    pub checks: Vec<CheckFigures>,
+}
+
+/// The health checker's figures for one backend.
+#[derive(Clone, Debug, Serialize)]
+pub struct CheckFigures {
+    pub service: String,
+    /// `IP:PORT` (IPv6 as `[IP]:PORT`), as in the metrics' labels.
+    pub backend: String,
+    pub checks: u64,
+    pub failures: u64,
+    pub last_duration_s: Option<f64>,
+}
+
+impl Snapshot {
+    /// Asks the handler for its views. Blocking (BPF map reads).
+    pub fn take(sources: &Sources) -> Result<Self, ApiError> {
+        let handler = &sources.handler;
+        let checks = (sources.health)()
+            .into_iter()
+            .map(|t| CheckFigures {
+                backend: SocketAddr::new(t.backend.0, t.backend.1).to_string(),
+                service: t.service,
+                checks: t.checks,
+                failures: t.failures,
+                last_duration_s: t.last_duration.map(|d| d.as_secs_f64()),
+            })
+            .collect();
+        Ok(Self {
+            status: handler.handle(Request::Status)?,
+            services: handler.handle(Request::ListServices)?,
+            stats: handler.handle(Request::Stats)?,
+            checks,
+        })
+    }
+}
+
+/// Takes a snapshot off the async workers.
+async fn snapshot(sources: Sources) -> Result<Snapshot, Response> {
+    let taken = tokio::task::spawn_blocking(move || Snapshot::take(&sources)).await;
+    match taken {
+        Ok(Ok(snapshot)) => Ok(snapshot),
+        Ok(Err(err)) => Err((StatusCode::INTERNAL_SERVER_ERROR, err.message).into_response()),
+        Err(err) => Err((StatusCode::INTERNAL_SERVER_ERROR, err.to_string()).into_response()),
+    }
+}
+
+async fn page() -> impl IntoResponse {
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-store"),
+        ],
+        STATUS_PAGE,
+    )
+}
+
+/// OpenMetrics for scrapers that ask for it (Prometheus does), the classic
+/// text format otherwise.
+async fn metrics_text(State(sources): State<Sources>, headers: HeaderMap) -> Response {
+    let openmetrics = headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .any(|value| value.contains("application/openmetrics-text"));
+    match snapshot(sources).await {
+        Ok(snapshot) => {
+            let text = metrics::encode(&snapshot);
+            if openmetrics {
+                ([(header::CONTENT_TYPE, metrics::OPENMETRICS)], text).into_response()
+            } else {
+                let classic = metrics::to_classic(&text);
+                ([(header::CONTENT_TYPE, metrics::CLASSIC)], classic).into_response()
+            }
+        }
+        Err(response) => response,
+    }
+}
+
+async fn status_json(State(sources): State<Sources>) -> Response {
+    match snapshot(sources).await {
+        Ok(snapshot) => ([(header::CACHE_CONTROL, "no-store")], Json(snapshot)).into_response(),
+        Err(response) => response,
+    }
+}
