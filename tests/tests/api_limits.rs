@@ -6,6 +6,7 @@
 use std::{
     io::{ErrorKind, Write as _},
     os::unix::net::UnixStream,
+    process::Command,
     time::{Duration, Instant},
 };
 
@@ -42,7 +43,19 @@ fn connections_announcing_big_bodies_do_not_grow_the_daemon_nor_block_status() {
     );
     let lb = Xdplb::start(&xdplb, &topo, &config).expect("xdplb");
     let pid = lb.proc.pid();
+    let start = Instant::now();
     lb.json(&["status"]).expect("status before");
+    let unloaded = start.elapsed();
+    // Plain curl speaks to the socket too.
+    let curl = Command::new("curl")
+        .args(["-sS", "--max-time", "10", "--unix-socket"])
+        .arg(lb.socket())
+        .arg("http://localhost/v1/status")
+        .output()
+        .expect("running curl");
+    let answer: serde_json::Value = serde_json::from_slice(&curl.stdout)
+        .unwrap_or_else(|e| panic!("curl: {e}: {}", String::from_utf8_lossy(&curl.stderr)));
+    assert_eq!(answer["services"], 1, "{answer}");
     let before = rss_kib(pid);
 
     // Each connection announces 1 MiB and sends 4 KiB of it, then stalls.
@@ -81,7 +94,7 @@ fn connections_announcing_big_bodies_do_not_grow_the_daemon_nor_block_status() {
     let during = rss_kib(pid);
     eprintln!(
         "daemon RSS: {before} KiB before, {during} KiB with {CONNECTIONS} stalled connections \
-         announcing {ANNOUNCED} bytes each; status answered in {took:?}"
+         announcing {ANNOUNCED} bytes each; status answered in {took:?} ({unloaded:?} before)"
     );
     assert!(
         during.saturating_sub(before) < RSS_GROWTH_LIMIT_KIB,

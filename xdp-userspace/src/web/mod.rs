@@ -9,7 +9,7 @@
 
 pub mod metrics;
 
-use std::{net::SocketAddr, sync::Arc};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use axum::{
@@ -19,9 +19,14 @@ use axum::{
     routing::get,
     Json, Router,
 };
+use hyper::server::conn::http1;
+use hyper_util::{
+    rt::{TokioIo, TokioTimer},
+    service::TowerToHyperService,
+};
 use serde::Serialize;
 use serde_json::Value;
-use tokio::net::TcpListener;
+use tokio::{net::TcpListener, sync::Semaphore};
 
 use crate::{
     api::{ApiError, Handler, Request},
@@ -53,16 +58,52 @@ pub fn bind(addr: SocketAddr) -> anyhow::Result<std::net::TcpListener> {
     Ok(listener)
 }
 
-/// Serves on `listener` (from [`bind`]) until the future is dropped.
+/// Connections served at once; more wait in the listen backlog. The page
+/// and a scraper or two need a handful.
+const MAX_CONNECTIONS: usize = 64;
+/// How long a client may take to send a request head: a stalled client
+/// frees its connection slot after this.
+const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Serves on `listener` (from [`bind`]) until the future is dropped: the
+/// router over hyper's HTTP/1.1, with a head timeout and a connection cap
+/// (`axum::serve` has neither).
 pub async fn serve(listener: std::net::TcpListener, sources: Sources) -> anyhow::Result<()> {
     let listener = TcpListener::from_std(listener).context("registering the metrics listener")?;
     let addr = listener
         .local_addr()
         .context("reading the metrics address")?;
     tracing::info!(%addr, "serving metrics and the status page");
-    axum::serve(listener, router(sources))
-        .await
-        .with_context(|| format!("serving metrics on {addr}"))
+    let service = TowerToHyperService::new(router(sources));
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let slot = Arc::clone(&slots)
+            .acquire_owned()
+            .await
+            .expect("the semaphore is never closed");
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(err) => {
+                // Typically EMFILE: transient. The pause keeps a persistent
+                // error from spinning.
+                tracing::warn!("accepting a metrics connection: {err}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let service = service.clone();
+        tokio::spawn(async move {
+            let served = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEAD_TIMEOUT)
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+            if let Err(err) = served {
+                tracing::debug!("metrics connection: {err}");
+            }
+            drop(slot);
+        });
+    }
 }
 
 /// The routes, separate from the listener so tests can drive them.
