@@ -25,7 +25,7 @@ use std::{
     },
     path::{Path, PathBuf},
     sync::{
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicU8, Ordering},
         Arc, Mutex,
     },
     time::Duration,
@@ -195,16 +195,26 @@ async fn accept_loop(
 struct Slots {
     permits: Arc<Semaphore>,
     /// Connections still reading their request, oldest first.
-    reading: Mutex<VecDeque<(u64, Arc<Notify>)>>,
-    next_id: AtomicU64,
+    reading: Mutex<VecDeque<Arc<Eviction>>>,
 }
 
-/// One connection's slot: its permit, and its place in the eviction queue
-/// until [`Slot::request_read`].
+/// Where a connection stands, for eviction. Both the evictor and the
+/// connection move it out of `READING` with a compare-and-swap, so exactly
+/// one wins: an evicted connection never runs its handler, and a
+/// connection whose handler runs is never cut.
+struct Eviction {
+    state: AtomicU8,
+    notify: Notify,
+}
+
+const READING: u8 = 0;
+const READ: u8 = 1;
+const EVICTED: u8 = 2;
+
+/// One connection's slot: its permit, and its place in the eviction queue.
 struct Slot {
     slots: Arc<Slots>,
-    id: u64,
-    evicted: Arc<Notify>,
+    eviction: Arc<Eviction>,
     _permit: OwnedSemaphorePermit,
 }
 
@@ -213,12 +223,30 @@ impl Slots {
         Self {
             permits: Arc::new(Semaphore::new(max)),
             reading: Mutex::new(VecDeque::new()),
-            next_id: AtomicU64::new(0),
         }
     }
 
-    fn reading(&self) -> std::sync::MutexGuard<'_, VecDeque<(u64, Arc<Notify>)>> {
+    fn reading(&self) -> std::sync::MutexGuard<'_, VecDeque<Arc<Eviction>>> {
         self.reading.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Closes the connection that has been reading its request the
+    /// longest, if any.
+    fn evict_oldest_reader(&self) {
+        let mut reading = self.reading();
+        while let Some(oldest) = reading.pop_front() {
+            let swapped = oldest.state.compare_exchange(
+                READING,
+                EVICTED,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            );
+            if swapped.is_ok() {
+                debug!("API connection cap reached: closing the oldest still reading");
+                oldest.notify.notify_one();
+                return;
+            }
+        }
     }
 
     /// A slot for a new connection, evicting the oldest reader if all are
@@ -227,26 +255,21 @@ impl Slots {
         let permit = match Arc::clone(&slots.permits).try_acquire_owned() {
             Ok(permit) => permit,
             Err(_) => {
-                if let Some((id, evicted)) = slots.reading().pop_front() {
-                    debug!(
-                        connection = id,
-                        "API connection cap reached: closing the oldest"
-                    );
-                    evicted.notify_one();
-                }
+                slots.evict_oldest_reader();
                 Arc::clone(&slots.permits)
                     .acquire_owned()
                     .await
                     .expect("the semaphore is never closed")
             }
         };
-        let id = slots.next_id.fetch_add(1, Ordering::Relaxed);
-        let evicted = Arc::new(Notify::new());
-        slots.reading().push_back((id, Arc::clone(&evicted)));
+        let eviction = Arc::new(Eviction {
+            state: AtomicU8::new(READING),
+            notify: Notify::new(),
+        });
+        slots.reading().push_back(Arc::clone(&eviction));
         Slot {
             slots: Arc::clone(slots),
-            id,
-            evicted,
+            eviction,
             _permit: permit,
         }
     }
@@ -254,8 +277,18 @@ impl Slots {
 
 impl Slot {
     /// The request is read: from now on the connection is not evicted.
-    fn request_read(&self) {
-        self.slots.reading().retain(|(id, _)| *id != self.id);
+    /// False if it was evicted first (its answer would go nowhere).
+    fn request_read(&self) -> bool {
+        let swapped = self.eviction.state.compare_exchange(
+            READING,
+            READ,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        );
+        self.slots
+            .reading()
+            .retain(|e| !Arc::ptr_eq(e, &self.eviction));
+        swapped.is_ok() || swapped == Err(READ)
     }
 }
 
@@ -289,7 +322,7 @@ async fn connection(
     // it, whether it ended well or not (see `linger`).
     let kept = stream.as_fd().try_clone_to_owned().ok();
     let slot = Arc::new(slot);
-    let evicted = Arc::clone(&slot.evicted);
+    let eviction = Arc::clone(&slot.eviction);
     let service = service_fn(move |request| {
         let (handler, slot) = (Arc::clone(&handler), Arc::clone(&slot));
         async move {
@@ -317,7 +350,7 @@ async fn connection(
                 debug!("API connection: {err}");
             }
         }
-        () = evicted.notified() => {
+        () = eviction.notify.notified() => {
             debug!("closed an API connection to make room");
             return;
         }
@@ -390,7 +423,9 @@ async fn answer(
         }
         Err(_) => return Response::error(408, "timed out reading the request", None),
     };
-    slot.request_read();
+    if !slot.request_read() {
+        return Response::error(503, "closed to make room for other API connections", None);
+    }
     let api_request = match route(&method, &target, &body) {
         Ok(api_request) => api_request,
         Err(err) => {
