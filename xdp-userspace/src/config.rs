@@ -64,6 +64,8 @@ pub struct DaemonConfig {
     pub pin_dir: PathBuf,
     /// What a service whose backends all failed their checks does.
     pub all_down: AllDown,
+    /// TCP address of the metrics and status page listener; off if unset.
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 impl Default for DaemonConfig {
@@ -73,6 +75,7 @@ impl Default for DaemonConfig {
             state_file: DEFAULT_STATE_FILE.into(),
             pin_dir: DEFAULT_PIN_DIR.into(),
             all_down: AllDown::FailOpen,
+            metrics_listen: None,
         }
     }
 }
@@ -553,6 +556,7 @@ struct DaemonSpec {
     state_file: Option<PathBuf>,
     pin_dir: Option<PathBuf>,
     all_down: Option<AllDown>,
+    metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// Why a configuration was rejected: which file, which field, what is wrong.
@@ -730,6 +734,7 @@ impl Validator<'_> {
             state_file: path("state_file", spec.state_file, default.state_file)?,
             pin_dir: path("pin_dir", spec.pin_dir, default.pin_dir)?,
             all_down: spec.all_down.unwrap_or(default.all_down),
+            metrics_listen: spec.metrics_listen,
         })
     }
 
@@ -1306,6 +1311,7 @@ mod tests {
     const FULL: &str = r#"
 [daemon]
 api_socket = "/run/lb/api.sock"
+metrics_listen = "127.0.0.1:9650"
 state_file = "/var/lib/lb/state.json"
 pin_dir = "/sys/fs/bpf/lb"
 all_down = "drop"
@@ -1393,6 +1399,7 @@ state = "down"
                 state_file: "/var/lib/lb/state.json".into(),
                 pin_dir: "/sys/fs/bpf/lb".into(),
                 all_down: AllDown::Drop,
+                metrics_listen: Some("127.0.0.1:9650".parse().unwrap()),
             }
         );
         let web = &c.services[0];

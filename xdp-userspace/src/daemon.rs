@@ -483,6 +483,11 @@ pub fn run(opts: Options) -> Result<()> {
     let state_file = opts
         .state_file
         .unwrap_or_else(|| file.daemon.state_file.clone());
+    let metrics_listener = file
+        .daemon
+        .metrics_listen
+        .map(crate::web::bind)
+        .transpose()?;
     let mut overlay = Overlay::load(&state_file)?;
     let config = overlay.merge(&file)?;
 
@@ -533,6 +538,16 @@ pub fn run(opts: Options) -> Result<()> {
         let handler: Arc<dyn api::Handler> = daemon.clone();
         let socket = api_socket.clone();
         let mut api = tokio::spawn(async move { api::server::serve(&socket, handler).await });
+        if let Some(listener) = metrics_listener {
+            let d = daemon.clone();
+            let health: crate::web::HealthSource = Arc::new(move || d.lock().health.status());
+            let sources = crate::web::Sources { handler: daemon.clone(), health };
+            tokio::spawn(async move {
+                if let Err(e) = crate::web::serve(listener, sources).await {
+                    error!("metrics listener stopped: {e:#}");
+                }
+            });
+        }
         // "ready" means the API answers: wait until it accepts connections
         // (a stale socket left by a killed daemon refuses them), or fails.
         let deadline = Instant::now() + Duration::from_secs(5);

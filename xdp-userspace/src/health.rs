@@ -296,6 +296,10 @@ pub struct TargetStatus {
     pub transitions: u64,
     /// Probes run since the checker first saw the backend.
     pub checks: u64,
+    /// Of those, the probes that failed.
+    pub failures: u64,
+    /// How long the latest probe took.
+    pub last_duration: Option<Duration>,
 }
 
 impl TargetStatus {
@@ -308,6 +312,8 @@ impl TargetStatus {
             last_at: None,
             transitions: 0,
             checks: 0,
+            failures: 0,
+            last_duration: None,
         }
     }
 
@@ -548,7 +554,10 @@ impl Worker {
     async fn probe_once(&self) -> Option<Result<(), String>> {
         // The semaphore is never closed, but if it were, nothing could probe.
         let _slot = self.probe_slots.acquire().await.ok()?;
-        Some(probe(&self.check.kind, self.probe_addr, self.check.timeout).await)
+        let start = Instant::now();
+        let result = probe(&self.check.kind, self.probe_addr, self.check.timeout).await;
+        lock(&self.shared).status.last_duration = Some(start.elapsed());
+        Some(result)
     }
 
     /// Feeds a result to the hysteresis and the shared status, and sends an
@@ -562,6 +571,7 @@ impl Worker {
         }
         let status = &mut shared.status;
         status.checks += 1;
+        status.failures += u64::from(result.is_err());
         status.last_at = Some(at);
         if let Some(healthy) = change {
             let event = status.transition(healthy, self.detail(&result), at);

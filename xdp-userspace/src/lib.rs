@@ -12,3 +12,4 @@ pub mod maglev;
 pub mod neigh;
 pub mod program;
 mod state;
+pub mod web;

@@ -42,6 +42,8 @@ const PACKAGES: &[(&str, &str)] = &[
     ("ethtool", "tests: veth offloads"),
     ("iputils-ping", "tests: ping"),
     ("bpftool", "inspecting programs and maps"),
+    ("prometheus", "tests: promtool checks the metrics scrape"),
+    ("chromium", "tests: the status page in headless Chromium"),
 ];
 
 pub fn run() -> Result<()> {

@@ -1,15 +1,20 @@
-//! Calls the control API: a blocking client for the CLI.
+//! Calls the control API: a blocking client for the CLI, hyper's HTTP/1.1
+//! client over the Unix socket.
 //!
 //! One request per connection, as the server expects ([`super::server`]);
 //! the HTTP form of each request comes from [`server::path_of`], so client
 //! and server cannot disagree on paths.
 
 use std::{
-    io::{self, Read as _, Write as _},
-    os::unix::net::UnixStream,
+    io,
     path::{Path, PathBuf},
     time::Duration,
 };
+
+use http_body_util::{BodyExt as _, Full, Limited};
+use hyper::body::Bytes;
+use hyper_util::rt::TokioIo;
+use tokio::net::UnixStream;
 
 use super::{server, ApiError, Request};
 
@@ -17,7 +22,7 @@ use super::{server, ApiError, Request};
 /// takes seconds, not tens of seconds.
 const TIMEOUT: Duration = Duration::from_secs(30);
 /// Largest answer read: far above any real one, but bounded.
-const MAX_ANSWER: u64 = 256 * 1024 * 1024;
+const MAX_ANSWER: usize = 256 * 1024 * 1024;
 
 /// Why a call failed.
 #[derive(Debug, thiserror::Error)]
@@ -49,36 +54,74 @@ pub enum ClientError {
 /// Sends `request` to the daemon listening on `socket` and returns the JSON
 /// value it answered with.
 pub fn call(socket: &Path, request: &Request) -> Result<serde_json::Value, ClientError> {
-    let io_error = |source: io::Error| classify(socket, source);
-    let mut stream = UnixStream::connect(socket).map_err(io_error)?;
-    stream.set_read_timeout(Some(TIMEOUT)).map_err(io_error)?;
-    stream.set_write_timeout(Some(TIMEOUT)).map_err(io_error)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|source| ClientError::Io {
+            socket: socket.to_owned(),
+            source,
+        })?;
+    runtime.block_on(async {
+        tokio::time::timeout(TIMEOUT, exchange(socket, request))
+            .await
+            .unwrap_or_else(|_| {
+                Err(ClientError::Timeout {
+                    socket: socket.to_owned(),
+                })
+            })
+    })
+}
 
-    let (method, target, body) = server::path_of(request);
-    let body = body.unwrap_or_default();
-    let mut message = format!(
-        "{method} {target} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
-        body.len()
-    )
-    .into_bytes();
-    message.extend_from_slice(&body);
-    match stream.write_all(&message) {
-        Ok(()) => {}
-        // The daemon may refuse (403) and close before reading the request;
-        // its answer is still there to read.
-        Err(err) if err.kind() == io::ErrorKind::BrokenPipe => {}
-        Err(err) => return Err(io_error(err)),
-    }
-
-    let mut answer = Vec::new();
-    stream
-        .take(MAX_ANSWER)
-        .read_to_end(&mut answer)
-        .map_err(io_error)?;
-    parse_answer(&answer).map_err(|detail| ClientError::Protocol {
+/// One request and its answer on a fresh connection.
+async fn exchange(socket: &Path, request: &Request) -> Result<serde_json::Value, ClientError> {
+    let protocol = |detail: String| ClientError::Protocol {
         socket: socket.to_owned(),
         detail,
-    })?
+    };
+    let stream = UnixStream::connect(socket)
+        .await
+        .map_err(|err| classify(socket, err))?;
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|err| protocol(format!("starting HTTP: {err}")))?;
+    // Drives the connection; ends when the answer is read (or on error,
+    // which `send_request` reports).
+    tokio::spawn(connection);
+
+    let (method, target, body) = server::path_of(request);
+    let http_request = http::Request::builder()
+        .method(method)
+        .uri(target)
+        .header(http::header::HOST, "localhost")
+        .header(http::header::CONTENT_TYPE, "application/json")
+        .body(Full::new(Bytes::from(body.unwrap_or_default())))
+        .map_err(|err| protocol(format!("building the request: {err}")))?;
+    let answer = sender
+        .send_request(http_request)
+        .await
+        .map_err(|err| match io_cause(&err) {
+            Some(kind) => classify(socket, io::Error::new(kind, err)),
+            None => protocol(format!("{err}")),
+        })?;
+    let status = answer.status().as_u16();
+    let body = Limited::new(answer.into_body(), MAX_ANSWER)
+        .collect()
+        .await
+        .map_err(|err| protocol(format!("reading the answer: {err}")))?
+        .to_bytes();
+    interpret(status, &body).map_err(protocol)?
+}
+
+/// The I/O error under a hyper error, if any.
+fn io_cause(err: &hyper::Error) -> Option<io::ErrorKind> {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(err);
+    while let Some(cause) = source {
+        if let Some(io) = cause.downcast_ref::<io::Error>() {
+            return Some(io.kind());
+        }
+        source = cause.source();
+    }
+    None
 }
 
 /// Maps the errors an operator can act on to messages that say what to do.
@@ -92,43 +135,9 @@ fn classify(socket: &Path, source: io::Error) -> ClientError {
     }
 }
 
-/// Splits an HTTP answer into status and JSON body. The outer error is a
-/// malformed answer; the inner result is the API's own verdict.
-fn parse_answer(answer: &[u8]) -> Result<Result<serde_json::Value, ClientError>, String> {
-    let Some(head_len) = answer.windows(4).position(|w| w == b"\r\n\r\n") else {
-        return Err(if answer.is_empty() {
-            "the connection closed without an answer".to_owned()
-        } else {
-            "no end of the HTTP head".to_owned()
-        });
-    };
-    let head = std::str::from_utf8(&answer[..head_len])
-        .map_err(|_| "HTTP head is not UTF-8".to_owned())?;
-    let mut body = &answer[head_len + 4..];
-    let mut lines = head.split("\r\n");
-    let status_line = lines.next().unwrap_or_default();
-    let status: u16 = match status_line.split(' ').collect::<Vec<_>>()[..] {
-        [version, status, ..] if version.starts_with("HTTP/1.") => status
-            .parse()
-            .map_err(|_| format!("bad status line {status_line:?}"))?,
-        _ => return Err(format!("bad status line {status_line:?}")),
-    };
-    for line in lines {
-        if let Some((name, value)) = line.split_once(':') {
-            if name.eq_ignore_ascii_case("content-length") {
-                let length: usize = value
-                    .trim()
-                    .parse()
-                    .map_err(|_| format!("bad Content-Length {:?}", value.trim()))?;
-                body = body.get(..length).ok_or_else(|| {
-                    format!(
-                        "the answer was cut short ({} of {length} body bytes)",
-                        body.len()
-                    )
-                })?;
-            }
-        }
-    }
+/// Reads an answer's status and JSON body. The outer error is a malformed
+/// answer; the inner result is the API's own verdict.
+fn interpret(status: u16, body: &[u8]) -> Result<Result<serde_json::Value, ClientError>, String> {
     let value: Result<serde_json::Value, _> = serde_json::from_slice(body);
     if status == 200 {
         return value
@@ -158,35 +167,20 @@ mod tests {
     use super::*;
 
     #[test]
-    fn parses_answers() {
-        let ok = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 12\r\n\r\n{\"a\":[1,2]}\n";
-        assert_eq!(parse_answer(ok).unwrap().unwrap(), json!({"a": [1, 2]}));
-
-        let not_found =
-            b"HTTP/1.1 404 Not Found\r\nContent-Length: 22\r\n\r\n{\"error\":\"no such x\"}\n";
-        match parse_answer(not_found).unwrap() {
+    fn interprets_answers() {
+        assert_eq!(
+            interpret(200, b"{\"a\":[1,2]}\n").unwrap().unwrap(),
+            json!({"a": [1, 2]})
+        );
+        match interpret(404, b"{\"error\":\"no such x\"}\n").unwrap() {
             Err(ClientError::Api(err)) => assert_eq!(err, ApiError::not_found("no such x")),
             other => panic!("{other:?}"),
         }
-
-        let not_json = b"HTTP/1.1 502 Bad Gateway\r\n\r\noops";
-        match parse_answer(not_json).unwrap() {
+        match interpret(502, b"oops").unwrap() {
             Err(ClientError::Api(err)) => assert_eq!(err.message, "HTTP status 502: oops"),
             other => panic!("{other:?}"),
         }
-
-        assert!(parse_answer(b"").unwrap_err().contains("without an answer"));
-        assert!(
-            parse_answer(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n{}")
-                .unwrap_err()
-                .contains("cut short")
-        );
-        assert!(parse_answer(b"SSH-2.0\r\n\r\n")
-            .unwrap_err()
-            .contains("status line"));
-        assert!(parse_answer(b"HTTP/1.1 200 OK\r\n\r\nnope")
-            .unwrap_err()
-            .contains("not JSON"));
+        assert!(interpret(200, b"nope").unwrap_err().contains("not JSON"));
     }
 
     #[test]

@@ -1,30 +1,49 @@
-//! Serves the control API: a small HTTP/1.1 server on a root-only Unix
-//! socket.
+//! Serves the control API: HTTP/1.1 (hyper) on a root-only Unix socket.
 //!
-//! Only the subset of HTTP/1.1 the API needs is implemented, by hand, to keep
-//! the daemon's dependencies few: one request per connection (every answer
-//! says `Connection: close`), bodies framed by `Content-Length` only, JSON in
-//! and out. `curl --unix-socket /run/xdplb/xdplb.sock http://x/v1/status`
+//! One request per connection (every answer closes it), JSON in and out.
+//! `curl --unix-socket /run/xdplb/api.sock http://localhost/v1/status`
 //! works, and so does the CLI ([`super::client`]).
+//!
+//! Limits, so that no client can exhaust the daemon: a request head of at
+//! most [`MAX_HEAD`] bytes read within [`IO_TIMEOUT`], a body read as it
+//! arrives up to [`MAX_BODY`] bytes (never allocated from what
+//! `Content-Length` announces), and at most [`MAX_CONNECTIONS`] connections
+//! at once.
 //!
 //! The mapping between HTTP and [`Request`] is defined once: the `ROUTES`
 //! table plus the per-endpoint encoding in [`route`] and [`path_of`], which
 //! are inverses of each other (tested below).
 
 use std::{
+    collections::VecDeque,
+    convert::Infallible,
     fs::{self, DirBuilder},
     io,
-    os::unix::fs::{DirBuilderExt as _, FileTypeExt as _, MetadataExt as _, PermissionsExt as _},
+    os::{
+        fd::AsFd as _,
+        unix::fs::{DirBuilderExt as _, FileTypeExt as _, MetadataExt as _, PermissionsExt as _},
+    },
     path::{Path, PathBuf},
-    sync::Arc,
+    sync::{
+        atomic::{AtomicU8, Ordering},
+        Arc, Mutex,
+    },
     time::Duration,
 };
 
 use anyhow::{bail, Context as _};
+use http_body_util::{BodyExt as _, Full, LengthLimitError, Limited};
+use hyper::{
+    body::{Bytes, Incoming},
+    server::conn::http1,
+    service::service_fn,
+};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
     net::{UnixListener, UnixStream},
+    sync::{Notify, OwnedSemaphorePermit, Semaphore},
 };
 use tracing::{debug, warn};
 
@@ -34,9 +53,11 @@ use super::{ApiError, Handler, Request};
 const MAX_HEAD: usize = 16 * 1024;
 /// Largest request body accepted; a whole configuration is far smaller.
 const MAX_BODY: usize = 1024 * 1024;
-/// How long a client may take to send its request, and the daemon to send
-/// the answer: a stuck client must not hold a connection forever.
+/// How long a client may take to send its request head, and then its
+/// body: a stuck client must not hold a connection forever.
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
+/// API connections served at once; more wait in the listen backlog.
+pub const MAX_CONNECTIONS: usize = 64;
 
 /// Serves the API on `socket` until the returned future is dropped (or
 /// fails to bind), answering each request with `handler`.
@@ -141,17 +162,20 @@ fn bind(socket: &Path) -> anyhow::Result<(UnixListener, SocketFile)> {
     ))
 }
 
-/// Accepts connections forever, one task each. `allowed` decides on the
-/// peer's uid (a parameter so tests can exercise the refusal).
+/// Accepts connections forever, one task each, at most [`MAX_CONNECTIONS`]
+/// at once. `allowed` decides on the peer's uid (a parameter so tests can
+/// exercise the refusal).
 async fn accept_loop(
     listener: UnixListener,
     handler: Arc<dyn Handler>,
     allowed: fn(u32) -> bool,
 ) -> anyhow::Result<()> {
+    let slots = Arc::new(Slots::new(MAX_CONNECTIONS));
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
-                tokio::spawn(connection(stream, Arc::clone(&handler), allowed));
+                let slot = Slots::take(&slots).await;
+                tokio::spawn(connection(stream, Arc::clone(&handler), allowed, slot));
             }
             Err(err) => {
                 // Typically EMFILE: transient, and no reason to stop serving.
@@ -163,43 +187,190 @@ async fn accept_loop(
     }
 }
 
-/// Answers the one request of a connection.
-async fn connection(mut stream: UnixStream, handler: Arc<dyn Handler>, allowed: fn(u32) -> bool) {
-    let response = match stream.peer_cred() {
-        Ok(cred) if allowed(cred.uid()) => answer(&mut stream, handler).await,
-        Ok(cred) => {
-            // The socket's mode 0600 should make this unreachable.
-            warn!(uid = cred.uid(), pid = ?cred.pid(), "refused an API connection from a non-root peer");
-            Some(Response::error(403, "the xdplb API is root-only", None))
+/// The connection cap. When every slot is taken, the connection that has
+/// been reading its request the longest is closed to make room: clients
+/// that open connections and send nothing (or a body they never finish)
+/// must not lock the operator out until their timeouts expire. A
+/// connection whose request is read (its handler runs) is never evicted.
+struct Slots {
+    permits: Arc<Semaphore>,
+    /// Connections still reading their request, oldest first.
+    reading: Mutex<VecDeque<Arc<Eviction>>>,
+}
+
+/// Where a connection stands, for eviction. Both the evictor and the
+/// connection move it out of `READING` with a compare-and-swap, so exactly
+/// one wins: an evicted connection never runs its handler, and a
+/// connection whose handler runs is never cut.
+struct Eviction {
+    state: AtomicU8,
+    notify: Notify,
+}
+
+const READING: u8 = 0;
+const READ: u8 = 1;
+const EVICTED: u8 = 2;
+
+/// One connection's slot: its permit, and its place in the eviction queue.
+struct Slot {
+    slots: Arc<Slots>,
+    eviction: Arc<Eviction>,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Slots {
+    fn new(max: usize) -> Self {
+        Self {
+            permits: Arc::new(Semaphore::new(max)),
+            reading: Mutex::new(VecDeque::new()),
         }
-        Err(err) => {
-            warn!("reading an API peer's credentials: {err}");
-            Some(Response::error(403, "the xdplb API is root-only", None))
+    }
+
+    fn reading(&self) -> std::sync::MutexGuard<'_, VecDeque<Arc<Eviction>>> {
+        self.reading.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Closes the connection that has been reading its request the
+    /// longest, if any.
+    fn evict_oldest_reader(&self) {
+        let mut reading = self.reading();
+        while let Some(oldest) = reading.pop_front() {
+            let swapped = oldest.state.compare_exchange(
+                READING,
+                EVICTED,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            );
+            if swapped.is_ok() {
+                debug!("API connection cap reached: closing the oldest still reading");
+                oldest.notify.notify_one();
+                return;
+            }
         }
-    };
-    let Some(response) = response else { return };
-    let bytes = response.to_bytes();
-    let sent = tokio::time::timeout(IO_TIMEOUT, async {
-        stream.write_all(&bytes).await?;
-        stream.shutdown().await
-    })
-    .await;
-    match sent {
-        Ok(Ok(())) => linger(&mut stream).await,
-        // The client went away; nobody is left to tell.
-        Ok(Err(err)) => debug!("sending an API answer: {err}"),
-        Err(_) => debug!("sending an API answer timed out"),
+    }
+
+    /// A slot for a new connection, evicting the oldest reader if all are
+    /// taken; waits if every connection is past reading (handlers running).
+    async fn take(slots: &Arc<Self>) -> Slot {
+        let permit = match Arc::clone(&slots.permits).try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(_) => {
+                slots.evict_oldest_reader();
+                Arc::clone(&slots.permits)
+                    .acquire_owned()
+                    .await
+                    .expect("the semaphore is never closed")
+            }
+        };
+        let eviction = Arc::new(Eviction {
+            state: AtomicU8::new(READING),
+            notify: Notify::new(),
+        });
+        slots.reading().push_back(Arc::clone(&eviction));
+        Slot {
+            slots: Arc::clone(slots),
+            eviction,
+            _permit: permit,
+        }
     }
 }
 
-/// Reads and drops what the client still sends, until it closes (it does
-/// once it has read the answer) or for at most a second and a few MiB.
+impl Slot {
+    /// The request is read: from now on the connection is not evicted.
+    /// False if it was evicted first (its answer would go nowhere).
+    fn request_read(&self) -> bool {
+        let swapped = self.eviction.state.compare_exchange(
+            READING,
+            READ,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        );
+        self.slots
+            .reading()
+            .retain(|e| !Arc::ptr_eq(e, &self.eviction));
+        swapped.is_ok() || swapped == Err(READ)
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.request_read();
+    }
+}
+
+/// Serves the one request of a connection (HTTP/1.1 by hyper, no
+/// keep-alive).
+async fn connection(
+    stream: UnixStream,
+    handler: Arc<dyn Handler>,
+    allowed: fn(u32) -> bool,
+    slot: Slot,
+) {
+    let permitted = match stream.peer_cred() {
+        Ok(cred) if allowed(cred.uid()) => true,
+        Ok(cred) => {
+            // The socket's mode 0600 should make this unreachable.
+            warn!(uid = cred.uid(), pid = ?cred.pid(), "refused an API connection from a non-root peer");
+            false
+        }
+        Err(err) => {
+            warn!("reading an API peer's credentials: {err}");
+            false
+        }
+    };
+    // A second handle on the socket, to linger on once hyper is done with
+    // it, whether it ended well or not (see `linger`).
+    let kept = stream.as_fd().try_clone_to_owned().ok();
+    let slot = Arc::new(slot);
+    let eviction = Arc::clone(&slot.eviction);
+    let service = service_fn(move |request| {
+        let (handler, slot) = (Arc::clone(&handler), Arc::clone(&slot));
+        async move {
+            let response = if permitted {
+                answer(request, handler, &slot).await
+            } else {
+                slot.request_read();
+                Response::error(403, "the xdplb API is root-only", None)
+            };
+            Ok::<_, Infallible>(response.into_http())
+        }
+    });
+    let serving = http1::Builder::new()
+        .timer(TokioTimer::new())
+        // A client that never finishes its head is dropped after this.
+        .header_read_timeout(IO_TIMEOUT)
+        .max_buf_size(MAX_HEAD)
+        .keep_alive(false)
+        .serve_connection(TokioIo::new(stream), service);
+    tokio::select! {
+        result = serving => {
+            if let Err(err) = result {
+                // Mostly clients that went away, were too slow or sent too
+                // much (hyper has answered those it could).
+                debug!("API connection: {err}");
+            }
+        }
+        () = eviction.notify.notified() => {
+            debug!("closed an API connection to make room");
+            return;
+        }
+    }
+    if let Some(stream) = kept.and_then(|fd| UnixStream::from_std(fd.into()).ok()) {
+        linger(stream).await;
+    }
+}
+
+/// Closes the sending side, then reads and drops what the client still
+/// sends until it closes (it does once it has read the answer), for at
+/// most a second and a few MiB.
 ///
-/// An answer can go out before the request was read whole (403, 413,
-/// 431), and closing a Unix socket with unread data in it makes the
-/// client's next read fail with ECONNRESET, losing the answer.
-async fn linger(stream: &mut UnixStream) {
+/// An answer can go out before the request was read whole (403, 413), and
+/// closing a Unix socket with unread data in it makes the client's next
+/// read fail with ECONNRESET, losing the answer.
+async fn linger(mut stream: UnixStream) {
     let drain = async {
+        // hyper may have shut it down already; a second time is harmless.
+        let _ = stream.shutdown().await;
         let mut sink = [0u8; 16 * 1024];
         let mut left = 4 * MAX_BODY;
         while left > 0 {
@@ -212,28 +383,63 @@ async fn linger(stream: &mut UnixStream) {
     let _ = tokio::time::timeout(Duration::from_secs(1), drain).await;
 }
 
-/// Reads, routes and handles one request. `None`: the client closed the
-/// connection before sending a whole request, so there is nobody to answer.
-async fn answer(stream: &mut UnixStream, handler: Arc<dyn Handler>) -> Option<Response> {
-    let request = match tokio::time::timeout(IO_TIMEOUT, read_request(stream)).await {
-        Ok(Ok(request)) => request,
-        Ok(Err(err)) => return err.map(Response::from),
-        Err(_) => return Some(Response::error(408, "timed out reading the request", None)),
+/// Reads (with limits), routes and handles one request.
+async fn answer(
+    request: http::Request<Incoming>,
+    handler: Arc<dyn Handler>,
+    slot: &Slot,
+) -> Response {
+    let method = request.method().as_str().to_owned();
+    let target = request.uri().path_and_query().map_or_else(
+        || request.uri().path().to_owned(),
+        |pq| pq.as_str().to_owned(),
+    );
+    // A body announced too large is refused before a byte of it is read.
+    let announced = request
+        .headers()
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|value| value.to_str().ok()?.parse::<u64>().ok());
+    if announced.is_some_and(|length| length > MAX_BODY as u64) {
+        return Response::error(
+            413,
+            format!("request body larger than {MAX_BODY} bytes"),
+            None,
+        );
+    }
+    // The body is read as it arrives, never allocated from Content-Length,
+    // and never past MAX_BODY whatever the client announced (or chunked).
+    let limited = Limited::new(request.into_body(), MAX_BODY);
+    let body = match tokio::time::timeout(IO_TIMEOUT, limited.collect()).await {
+        Ok(Ok(body)) => body.to_bytes(),
+        Ok(Err(err)) if err.is::<LengthLimitError>() => {
+            return Response::error(
+                413,
+                format!("request body larger than {MAX_BODY} bytes"),
+                None,
+            )
+        }
+        Ok(Err(err)) => {
+            return Response::error(400, format!("reading the request body: {err}"), None)
+        }
+        Err(_) => return Response::error(408, "timed out reading the request", None),
     };
-    let api_request = match route(&request.method, &request.target, &request.body) {
+    if !slot.request_read() {
+        return Response::error(503, "closed to make room for other API connections", None);
+    }
+    let api_request = match route(&method, &target, &body) {
         Ok(api_request) => api_request,
         Err(err) => {
             let allow = (err.status == 405)
-                .then(|| allowed_method(&request.target))
+                .then(|| allowed_method(&target))
                 .flatten();
-            return Some(Response::error(err.status, err.message, allow));
+            return Response::error(err.status, err.message, allow);
         }
     };
-    debug!(method = %request.method, target = %request.target, "API request");
+    debug!(%method, %target, "API request");
     // The handler does BPF syscalls and may take tens of milliseconds: off
     // the async workers.
     let result = tokio::task::spawn_blocking(move || handler.handle(api_request)).await;
-    Some(match result {
+    match result {
         Ok(Ok(value)) => Response {
             status: 200,
             body: value,
@@ -253,146 +459,7 @@ async fn answer(stream: &mut UnixStream, handler: Arc<dyn Handler>) -> Option<Re
             warn!("the API handler failed: {err}");
             Response::error(500, "internal error: the request handler failed", None)
         }
-    })
-}
-
-/// A request as read off the socket.
-struct HttpRequest {
-    method: String,
-    target: String,
-    body: Vec<u8>,
-}
-
-/// Reads one request. `Err(Some(_))`: answer with that error; `Err(None)`:
-/// the client is gone.
-async fn read_request(stream: &mut UnixStream) -> Result<HttpRequest, Option<ApiError>> {
-    let mut buf = Vec::with_capacity(1024);
-    let head_end = loop {
-        if let Some(end) = head_end(&buf) {
-            break end;
-        }
-        if buf.len() > MAX_HEAD {
-            return Err(Some(error(
-                431,
-                format!("request head larger than {MAX_HEAD} bytes"),
-            )));
-        }
-        let mut chunk = [0u8; 4096];
-        match stream.read(&mut chunk).await {
-            Ok(0) | Err(_) => return Err(None),
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-        }
-    };
-    if head_end > MAX_HEAD {
-        return Err(Some(error(
-            431,
-            format!("request head larger than {MAX_HEAD} bytes"),
-        )));
     }
-    let head = parse_head(&buf[..head_end]).map_err(Some)?;
-    if head.content_length > MAX_BODY {
-        return Err(Some(error(
-            413,
-            format!("request body larger than {MAX_BODY} bytes"),
-        )));
-    }
-    if head.expect_continue {
-        // curl waits for this before sending a body over 1 KiB.
-        if stream
-            .write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
-            .await
-            .is_err()
-        {
-            return Err(None);
-        }
-    }
-    let mut body = buf.split_off(head_end);
-    if body.len() < head.content_length {
-        let start = body.len();
-        body.resize(head.content_length, 0);
-        if stream.read_exact(&mut body[start..]).await.is_err() {
-            return Err(None);
-        }
-    }
-    // Anything past the body would be a pipelined second request, which
-    // `Connection: close` rules out.
-    body.truncate(head.content_length);
-    Ok(HttpRequest {
-        method: head.method,
-        target: head.target,
-        body,
-    })
-}
-
-/// The end of the head (just past its empty line), if it is all in `buf`.
-/// Bare LF line ends are accepted too (RFC 9112 allows it).
-fn head_end(buf: &[u8]) -> Option<usize> {
-    (0..buf.len())
-        .filter(|&i| buf[i] == b'\n')
-        .find_map(|i| match &buf[i + 1..] {
-            [b'\n', ..] => Some(i + 2),
-            [b'\r', b'\n', ..] => Some(i + 3),
-            _ => None,
-        })
-}
-
-struct Head {
-    method: String,
-    target: String,
-    content_length: usize,
-    expect_continue: bool,
-}
-
-fn parse_head(head: &[u8]) -> Result<Head, ApiError> {
-    let head = std::str::from_utf8(head).map_err(|_| error(400, "request head is not UTF-8"))?;
-    let mut lines = head
-        .split('\n')
-        .map(|line| line.strip_suffix('\r').unwrap_or(line));
-    let request_line = lines.next().unwrap_or_default();
-    let parts: Vec<&str> = request_line.split(' ').collect();
-    let [method, target, version] = parts[..] else {
-        return Err(error(
-            400,
-            format!("malformed request line {request_line:?}"),
-        ));
-    };
-    if version != "HTTP/1.1" && version != "HTTP/1.0" {
-        return Err(error(
-            505,
-            format!("unsupported HTTP version {version:?} (HTTP/1.1 only)"),
-        ));
-    }
-    let mut content_length = None;
-    let mut expect_continue = false;
-    for line in lines.take_while(|line| !line.is_empty()) {
-        let Some((name, value)) = line.split_once(':') else {
-            return Err(error(400, format!("malformed header line {line:?}")));
-        };
-        let value = value.trim();
-        if name.eq_ignore_ascii_case("content-length") {
-            let length: usize = value
-                .parse()
-                .map_err(|_| error(400, format!("bad Content-Length {value:?}")))?;
-            // Conflicting lengths are how request smuggling starts.
-            if content_length.is_some_and(|previous| previous != length) {
-                return Err(error(400, "conflicting Content-Length headers"));
-            }
-            content_length = Some(length);
-        } else if name.eq_ignore_ascii_case("transfer-encoding") {
-            return Err(error(
-                501,
-                "Transfer-Encoding is not supported: send a Content-Length",
-            ));
-        } else if name.eq_ignore_ascii_case("expect") {
-            expect_continue = value.eq_ignore_ascii_case("100-continue");
-        }
-    }
-    Ok(Head {
-        method: method.to_owned(),
-        target: target.to_owned(),
-        content_length: content_length.unwrap_or(0),
-        expect_continue,
-    })
 }
 
 fn error(status: u16, message: impl Into<String>) -> ApiError {
@@ -419,49 +486,19 @@ impl Response {
         }
     }
 
-    fn to_bytes(&self) -> Vec<u8> {
+    fn into_http(self) -> http::Response<Full<Bytes>> {
         let mut body = serde_json::to_vec(&self.body).expect("a JSON value always serializes");
         // For people reading answers with curl.
         body.push(b'\n');
-        let mut out = format!(
-            "HTTP/1.1 {} {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n",
-            self.status,
-            reason_phrase(self.status),
-            body.len()
-        );
+        let mut response = http::Response::builder()
+            .status(self.status)
+            .header(http::header::CONTENT_TYPE, "application/json");
         if let Some(allow) = self.allow {
-            out.push_str(&format!("Allow: {allow}\r\n"));
+            response = response.header(http::header::ALLOW, allow);
         }
-        out.push_str("\r\n");
-        let mut out = out.into_bytes();
-        out.extend_from_slice(&body);
-        out
-    }
-}
-
-impl From<ApiError> for Response {
-    fn from(err: ApiError) -> Self {
-        Self::error(err.status, err.message, None)
-    }
-}
-
-fn reason_phrase(status: u16) -> &'static str {
-    match status {
-        200 => "OK",
-        400 => "Bad Request",
-        403 => "Forbidden",
-        404 => "Not Found",
-        405 => "Method Not Allowed",
-        408 => "Request Timeout",
-        409 => "Conflict",
-        413 => "Content Too Large",
-        431 => "Request Header Fields Too Large",
-        500 => "Internal Server Error",
-        501 => "Not Implemented",
-        503 => "Service Unavailable",
-        505 => "HTTP Version Not Supported",
-        _ if status < 500 => "Client Error",
-        _ => "Server Error",
+        response
+            .body(Full::new(Bytes::from(body)))
+            .expect("status and headers are valid")
     }
 }
 
@@ -991,38 +1028,6 @@ mod tests {
         );
     }
 
-    #[test]
-    fn head_parsing() {
-        let head = b"POST /v1/reload HTTP/1.1\r\nHost: x\r\ncontent-length: 12\r\nExpect: 100-continue\r\n\r\n";
-        assert_eq!(head_end(head), Some(head.len()));
-        let parsed = parse_head(head).unwrap();
-        assert_eq!(
-            (parsed.method.as_str(), parsed.target.as_str()),
-            ("POST", "/v1/reload")
-        );
-        assert_eq!(parsed.content_length, 12);
-        assert!(parsed.expect_continue);
-        assert_eq!(head_end(b"GET / HTTP/1.1\nHost: x\n\nbody"), Some(24));
-        assert_eq!(head_end(b"GET / HTTP/1.1\r\nHost: x\r\n"), None);
-        let status = |head: &str| parse_head(head.as_bytes()).err().map(|err| err.status);
-        assert_eq!(status("GET /v1/status HTTP/1.1\r\n\r\n"), None);
-        assert_eq!(status("GET /v1/status\r\n\r\n"), Some(400));
-        assert_eq!(status("GET /v1/status HTTP/2\r\n\r\n"), Some(505));
-        assert_eq!(
-            status("GET / HTTP/1.1\r\nContent-Length: x\r\n\r\n"),
-            Some(400)
-        );
-        assert_eq!(
-            status("GET / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n"),
-            Some(400)
-        );
-        assert_eq!(
-            status("GET / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"),
-            Some(501)
-        );
-        assert_eq!(status("GET / HTTP/1.1\r\nno colon\r\n\r\n"), Some(400));
-    }
-
     // --- Over a real socket ---------------------------------------------------
 
     /// A handler with one service, "web".
@@ -1202,14 +1207,16 @@ mod tests {
         let socket = dir.0.join("xdplb.sock");
         let _runtime = serve_dummy(&socket);
 
+        // Header names are compared without case: hyper writes them lower.
         let answer = raw(&socket, b"GET /v1/status HTTP/1.1\r\nHost: x\r\n\r\n");
+        let lower = answer.to_ascii_lowercase();
         assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
         assert!(
-            answer.contains("\r\nContent-Type: application/json\r\n"),
+            lower.contains("\r\ncontent-type: application/json\r\n"),
             "{answer}"
         );
-        assert!(answer.contains("\r\nConnection: close\r\n"), "{answer}");
-        assert!(answer.contains("\r\nContent-Length: 19\r\n"), "{answer}");
+        assert!(lower.contains("\r\nconnection: close\r\n"), "{answer}");
+        assert!(lower.contains("\r\ncontent-length: 19\r\n"), "{answer}");
         assert!(
             answer.ends_with("\r\n\r\n{\"version\":\"test\"}\n"),
             "{answer}"
@@ -1227,7 +1234,10 @@ mod tests {
             answer.starts_with("HTTP/1.1 405 Method Not Allowed\r\n"),
             "{answer}"
         );
-        assert!(answer.contains("\r\nAllow: POST\r\n"), "{answer}");
+        assert!(
+            answer.to_ascii_lowercase().contains("\r\nallow: post\r\n"),
+            "{answer}"
+        );
 
         let body = br#"{"name": "#;
         let request = format!(
@@ -1244,7 +1254,10 @@ mod tests {
         // curl's Expect: 100-continue gets its interim answer.
         let mut stream = StdUnixStream::connect(&socket).unwrap();
         stream
-            .write_all(b"POST /v1/services/remove HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 14\r\n\r\n")
+            .write_all(
+                b"POST /v1/services/remove HTTP/1.1\r\nExpect: 100-continue\r\n\
+                  Content-Length: 14\r\n\r\n",
+            )
             .unwrap();
         let mut interim = [0u8; 25];
         stream.read_exact(&mut interim).unwrap();
@@ -1254,6 +1267,14 @@ mod tests {
         stream.read_to_string(&mut answer).unwrap();
         assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
 
+        // A chunked body is read too, within the same limit.
+        let answer = raw(
+            &socket,
+            b"POST /v1/services/remove HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n\
+              e\r\n{\"name\":\"web\"}\r\n0\r\n\r\n",
+        );
+        assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
+
         let huge_head = format!(
             "GET /v1/status HTTP/1.1\r\nX: {}\r\n\r\n",
             "a".repeat(MAX_HEAD)
@@ -1261,6 +1282,7 @@ mod tests {
         let answer = raw(&socket, huge_head.as_bytes());
         assert!(answer.starts_with("HTTP/1.1 431 "), "{answer}");
 
+        // Announced too large: refused before the body is sent.
         let answer = raw(
             &socket,
             format!(
@@ -1270,6 +1292,50 @@ mod tests {
             .as_bytes(),
         );
         assert!(answer.starts_with("HTTP/1.1 413 "), "{answer}");
+
+        // Sent too large without announcing it: cut at the limit.
+        let chunk = format!("{:x}\r\n{}\r\n", MAX_BODY + 1, "x".repeat(MAX_BODY + 1));
+        let request = format!(
+            "POST /v1/services/add HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n{chunk}0\r\n\r\n"
+        );
+        let answer = raw(&socket, request.as_bytes());
+        assert!(answer.starts_with("HTTP/1.1 413 "), "{answer}");
+    }
+
+    #[test]
+    fn caps_connections_and_evicts_the_oldest_idle_one() {
+        let dir = TempDir::new("cap");
+        let socket = dir.0.join("xdplb.sock");
+        let _runtime = serve_dummy(&socket);
+        // Twice the cap, each announcing a body it never sends.
+        let idle: Vec<StdUnixStream> = (0..2 * MAX_CONNECTIONS)
+            .map(|_| {
+                let mut stream = StdUnixStream::connect(&socket).unwrap();
+                stream
+                    .write_all(b"POST /v1/services/add HTTP/1.1\r\nContent-Length: 1000\r\n\r\n")
+                    .unwrap();
+                stream
+            })
+            .collect();
+        let start = Instant::now();
+        assert_eq!(
+            client::call(&socket, &Request::Status).unwrap(),
+            json!({"version": "test"})
+        );
+        // Far below IO_TIMEOUT: the idle connections were evicted, not
+        // waited out.
+        assert!(
+            start.elapsed() < Duration::from_secs(3),
+            "{:?}",
+            start.elapsed()
+        );
+        // The first ones were closed to make room.
+        let mut first = &idle[0];
+        first
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let mut rest = Vec::new();
+        assert_eq!(first.read_to_end(&mut rest).unwrap_or(0), 0);
     }
 
     #[test]

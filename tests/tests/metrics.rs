@@ -1,0 +1,566 @@
+//! The metrics listener end to end: the real daemon in veth namespaces with
+//! real HTTP backends and traffic. Its Prometheus scrape passes `promtool
+//! check metrics` and its counters move with traffic; its status page,
+//! loaded once in headless Chromium, shows a backend going down within 2 s
+//! of the daemon's own transition, without a reload. Needs root.
+
+use std::{
+    collections::BTreeMap,
+    io::{Read as _, Write as _},
+    net::{IpAddr, SocketAddr, TcpStream},
+    os::{
+        fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+        unix::process::CommandExt as _,
+    },
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use serde_json::{json, Value};
+use xdplb_tests::{
+    bin_path, find_executable,
+    lb::{dsr_config_with, requests, start_backends, Load, Xdplb},
+    proc::Proc,
+    require_root,
+    topology::DsrTopology,
+};
+
+const TESTBACKEND: &str = env!("CARGO_BIN_EXE_xdplb-testbackend");
+/// Inside the load balancer's namespace (its own loopback), so a fixed
+/// port does not collide with parallel tests.
+const METRICS: &str = "127.0.0.1:9650";
+const HEALTH: &str = "type = \"http\"\npath = \"/health\"\ninterval = \"200ms\"\n\
+                      timeout = \"100ms\"\nrise = 2\nfall = 3\n";
+
+/// Three HTTP backends, and the daemon with its metrics listener on.
+struct Bed {
+    lb: Xdplb,
+    backends: Vec<Proc>,
+    topo: DsrTopology,
+}
+
+impl Bed {
+    fn new(tag: &str) -> Self {
+        require_root();
+        let xdplb = bin_path("xdplb").expect("xdplb binary (cargo build --bins)");
+        let mut topo = DsrTopology::with_tag(tag, 3).expect("topology");
+        topo.enable_xdp_tx(&xdplb)
+            .expect("pass-through on the lb's peer");
+        let backends = start_backends(&topo, Path::new(TESTBACKEND)).expect("backends");
+        topo.wait_reachable().expect("segment reachable");
+        let config = format!(
+            "[daemon]\nmetrics_listen = \"{METRICS}\"\n\n{}",
+            dsr_config_with(&topo, HEALTH)
+        );
+        let lb = Xdplb::start(&xdplb, &topo, &config).expect("xdplb");
+        Self { lb, backends, topo }
+    }
+
+    fn vip(&self) -> SocketAddr {
+        SocketAddr::new(self.topo.vip4().into(), 80)
+    }
+
+    fn addr(&self, i: usize) -> IpAddr {
+        self.topo.backend_addr4(i).into()
+    }
+
+    /// `GET path` on the metrics listener, from the daemon's namespace:
+    /// status code and body.
+    fn get(&self, path: &str) -> (u16, String) {
+        self.topo.lb().run(|| http_get(METRICS, path))
+    }
+
+    fn scrape(&self) -> String {
+        let (status, body) = self.get("/metrics");
+        assert_eq!(status, 200, "{body}");
+        body
+    }
+
+    /// Waits until every backend of web4 passed a health check.
+    fn wait_checked(&self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        for i in 1..=3 {
+            while self.lb.backend("web4", self.addr(i)).unwrap()["last_check"] != json!("ok") {
+                assert!(Instant::now() < deadline, "b{i} never passed a check");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+}
+
+/// A minimal HTTP/1.1 GET (one request, `Connection: close`).
+fn http_get(addr: &str, path: &str) -> (u16, String) {
+    let mut stream = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connecting {addr}: {e}"));
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).unwrap();
+    let (head, body) = answer.split_once("\r\n\r\n").expect("an HTTP answer");
+    let status = head.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap();
+    assert!(
+        !head
+            .to_ascii_lowercase()
+            .contains("transfer-encoding: chunked"),
+        "the test client reads only Content-Length bodies: {head}"
+    );
+    (status, body.to_owned())
+}
+
+/// The samples of an exposition: series (name and labels) -> value.
+fn samples(text: &str) -> BTreeMap<String, f64> {
+    text.lines()
+        .filter(|line| !line.starts_with('#') && !line.is_empty())
+        .map(|line| {
+            let (series, value) = line.rsplit_once(' ').expect("series value");
+            (series.to_owned(), value.parse().expect("a number"))
+        })
+        .collect()
+}
+
+fn value(samples: &BTreeMap<String, f64>, series: &str) -> f64 {
+    *samples
+        .get(series)
+        .unwrap_or_else(|| panic!("no series {series} in the scrape"))
+}
+
+/// Runs `promtool check metrics` on `scrape`; `None` (with the reason
+/// printed) when promtool is not installed.
+fn promtool(scrape: &str) -> Option<(bool, String)> {
+    let Some(promtool) = find_executable("promtool") else {
+        eprintln!(
+            "SKIPPED the promtool check: promtool is not installed \
+             (apt-get install -y prometheus; `cargo xtask setup` installs it)"
+        );
+        return None;
+    };
+    let mut child = Command::new(promtool)
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("running promtool");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(scrape.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    Some((out.status.success(), text))
+}
+
+/// Where test artifacts go: the workspace's target directory.
+fn artifact(name: &str) -> PathBuf {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/test-artifacts");
+    std::fs::create_dir_all(&dir).unwrap();
+    dir.join(name)
+}
+
+#[test]
+fn scrape_passes_promtool_and_counters_move_with_traffic() {
+    let bed = Bed::new("met");
+    bed.wait_checked();
+    let before = bed.scrape();
+    if let Some((ok, report)) = promtool(&before) {
+        assert!(
+            ok,
+            "promtool check metrics failed:\n{report}\n--- scrape ---\n{before}"
+        );
+    }
+    let before = samples(&before);
+    assert_eq!(value(&before, "xdplb_backends"), 6.0);
+    assert_eq!(value(&before, "xdplb_adopted"), 0.0);
+    let version = format!(
+        "xdplb_build_info{{version=\"{}\"}}",
+        env!("CARGO_PKG_VERSION")
+    );
+    assert_eq!(value(&before, &version), 1.0);
+
+    let tally = requests(&bed.topo, bed.vip().ip(), 40000..40060);
+    assert_eq!(tally.ok(), 60, "requests failed: {:?}", tally.failed);
+    let text = bed.scrape();
+    std::fs::write(artifact("metrics-scrape.txt"), &text).unwrap();
+    if let Some((ok, report)) = promtool(&text) {
+        assert!(
+            ok,
+            "promtool check metrics failed:\n{report}\n--- scrape ---\n{text}"
+        );
+    }
+    let after = samples(&text);
+
+    let grew = |series: &str| value(&after, series) - value(&before, series);
+    // Each request is a new flow of several packets (SYN, request, ACKs,
+    // FIN) to the VIP; only the client's packets cross the datapath.
+    assert!(grew("xdplb_datapath_packets_total{reason=\"flow_new\"}") >= 60.0);
+    assert!(grew("xdplb_service_packets_total{service=\"web4\"}") >= 4.0 * 60.0);
+    assert!(grew("xdplb_service_bytes_total{service=\"web4\"}") >= 60.0 * 60.0 * 4.0);
+    for i in 1..=3 {
+        let name = bed.topo.backend_name(i);
+        let served = tally.served.get(&name).copied().unwrap_or(0) as f64;
+        let labels = format!("{{service=\"web4\",backend=\"{}:80\"}}", bed.addr(i));
+        let packets = grew(&format!("xdplb_backend_packets_total{labels}"));
+        let bytes = grew(&format!("xdplb_backend_bytes_total{labels}"));
+        assert!(
+            packets >= 4.0 * served && bytes >= 60.0 * packets,
+            "{name} served {served} requests: packets +{packets}, bytes +{bytes}"
+        );
+        assert_eq!(
+            value(&after, &format!("xdplb_backend_healthy{labels}")),
+            1.0
+        );
+        // The default weight.
+        assert_eq!(
+            value(&after, &format!("xdplb_backend_weight{labels}")),
+            100.0
+        );
+        let state = format!(
+            "xdplb_backend_state{{service=\"web4\",backend=\"{}:80\",state=\"active\"}}",
+            bed.addr(i)
+        );
+        assert_eq!(value(&after, &state), 1.0);
+        let checks = format!(
+            "xdplb_backend_health_checks_total{{service=\"web4\",backend=\"{}:80\",\
+             result=\"success\"}}",
+            bed.addr(i)
+        );
+        assert!(
+            grew(&checks) >= 1.0,
+            "health checks ran between the scrapes"
+        );
+        let latency = value(
+            &after,
+            &format!("xdplb_backend_health_check_duration_seconds{labels}"),
+        );
+        assert!(latency > 0.0 && latency < 0.1, "check latency {latency}");
+    }
+    assert!(
+        tally.served.len() >= 2,
+        "traffic spread: {:?}",
+        tally.served
+    );
+
+    // The page and its JSON are there too, and nothing else is.
+    let (status, page) = bed.get("/");
+    assert_eq!(status, 200);
+    assert!(page.contains("<title>xdplb status</title>"));
+    assert!(!page.contains("http://") && !page.contains("https://") || page.contains("w3.org"));
+    let (status, json) = bed.get("/api/status");
+    assert_eq!(status, 200);
+    let json: Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(json["services"].as_array().unwrap().len(), 2);
+    assert_eq!(
+        bed.get("/v1/status").0,
+        404,
+        "the control API is not on this listener"
+    );
+}
+
+// --- Chromium, driven over the DevTools protocol on a pipe -------------------
+
+/// Headless Chromium with `--remote-debugging-pipe`: commands go to its fd
+/// 3, answers come from its fd 4, each message a JSON text ended by NUL.
+struct Chromium {
+    proc: Proc,
+    to: std::fs::File,
+    from: std::fs::File,
+    pending: Vec<u8>,
+    next_id: u64,
+    session: String,
+    _profile: TempDir,
+}
+
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A pipe whose ends are O_CLOEXEC and numbered above 10, so `dup2` onto
+/// 3 and 4 in the child cannot clobber the other end.
+fn pipe() -> (OwnedFd, OwnedFd) {
+    let mut fds = [0; 2];
+    // SAFETY: fds is a valid array of two ints.
+    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+    let high = |fd: i32| {
+        // SAFETY: fd is open; F_DUPFD_CLOEXEC returns a new fd >= 10.
+        let new = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 10) };
+        assert!(new >= 10);
+        // SAFETY: both fds are open and owned here.
+        unsafe {
+            libc::close(fd);
+            OwnedFd::from_raw_fd(new)
+        }
+    };
+    (high(fds[0]), high(fds[1]))
+}
+
+impl Chromium {
+    /// Opens `url` in Chromium inside `topo`'s load-balancer namespace.
+    fn open(topo: &DsrTopology, url: &str) -> Option<Self> {
+        let Some(binary) = find_executable("chromium") else {
+            eprintln!(
+                "SKIPPED the status page test: chromium is not installed \
+                 (apt-get install -y chromium; `cargo xtask setup` installs it)"
+            );
+            return None;
+        };
+        let profile = TempDir(std::env::temp_dir().join(format!(
+            "xdplb-chromium-{}-{}",
+            std::process::id(),
+            topo.prefix()
+        )));
+        let (commands_read, commands_write) = pipe();
+        let (answers_read, answers_write) = pipe();
+        let (child_in, child_out) = (commands_read.as_raw_fd(), answers_write.as_raw_fd());
+        let mut cmd = topo.lb().command(binary);
+        cmd.args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--hide-scrollbars",
+            "--window-size=1200,900",
+            "--remote-debugging-pipe",
+        ])
+        .arg(format!("--user-data-dir={}", profile.0.display()))
+        .arg(url);
+        // SAFETY: dup2 is async-signal-safe; the fds stay open in the parent
+        // until spawn returns.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::dup2(child_in, 3) < 0 || libc::dup2(child_out, 4) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let proc = Proc::spawn_with(&mut cmd, "chromium", false).expect("starting chromium");
+        drop((commands_read, answers_write));
+        let mut chromium = Chromium {
+            proc,
+            to: commands_write.into(),
+            from: answers_read.into(),
+            pending: Vec::new(),
+            next_id: 0,
+            session: String::new(),
+            _profile: profile,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let target = loop {
+            let targets = chromium.call("Target.getTargets", json!({}), false);
+            let page = targets["targetInfos"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|t| t["type"] == "page" && t["url"].as_str() == Some(url));
+            if let Some(page) = page {
+                break page["targetId"].clone();
+            }
+            assert!(Instant::now() < deadline, "no page target: {targets}");
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        let attached = chromium.call(
+            "Target.attachToTarget",
+            json!({"targetId": target, "flatten": true}),
+            false,
+        );
+        chromium.session = attached["sessionId"].as_str().unwrap().to_owned();
+        Some(chromium)
+    }
+
+    /// Sends one command and waits for its answer (events are skipped).
+    fn call(&mut self, method: &str, params: Value, in_page: bool) -> Value {
+        self.next_id += 1;
+        let id = self.next_id;
+        let mut message = json!({"id": id, "method": method, "params": params});
+        if in_page {
+            message["sessionId"] = json!(self.session);
+        }
+        let mut bytes = serde_json::to_vec(&message).unwrap();
+        bytes.push(0);
+        self.to.write_all(&bytes).expect("writing to chromium");
+        loop {
+            if let Some(end) = self.pending.iter().position(|&b| b == 0) {
+                let raw: Vec<u8> = self.pending.drain(..=end).collect();
+                let answer: Value = serde_json::from_slice(&raw[..end]).unwrap();
+                if answer["id"] == json!(id) {
+                    assert!(
+                        answer.get("error").is_none(),
+                        "{method} failed: {answer}\n{}",
+                        self.proc.output_text()
+                    );
+                    return answer["result"].clone();
+                }
+                continue;
+            }
+            let mut chunk = [0u8; 65536];
+            let n = self.from.read(&mut chunk).expect("reading from chromium");
+            assert!(
+                n > 0,
+                "chromium closed its pipe:\n{}",
+                self.proc.output_text()
+            );
+            self.pending.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    /// Evaluates `expression` in the page; its value.
+    fn eval(&mut self, expression: &str) -> Value {
+        let result = self.call(
+            "Runtime.evaluate",
+            json!({"expression": expression, "returnByValue": true}),
+            true,
+        );
+        result["result"]["value"].clone()
+    }
+
+    /// The page's backend rows: key -> health.
+    fn backends(&mut self) -> BTreeMap<String, String> {
+        let rows = self.eval(
+            "[...document.querySelectorAll('tr[data-backend]')]\
+             .map(r => [r.dataset.backend, r.dataset.health])",
+        );
+        rows.as_array()
+            .into_iter()
+            .flatten()
+            .map(|r| {
+                (
+                    r[0].as_str().unwrap().to_owned(),
+                    r[1].as_str().unwrap().to_owned(),
+                )
+            })
+            .collect()
+    }
+
+    fn screenshot(&mut self, path: &Path) {
+        let shot = self.call("Page.captureScreenshot", json!({"format": "png"}), true);
+        let png = base64_decode(shot["data"].as_str().unwrap());
+        std::fs::write(path, png).unwrap();
+    }
+}
+
+/// Standard base64 (the screenshot's encoding in the DevTools protocol).
+fn base64_decode(text: &str) -> Vec<u8> {
+    let value = |c: u8| match c {
+        b'A'..=b'Z' => c - b'A',
+        b'a'..=b'z' => c - b'a' + 26,
+        b'0'..=b'9' => c - b'0' + 52,
+        b'+' => 62,
+        b'/' => 63,
+        _ => panic!("not base64: {c}"),
+    };
+    let digits: Vec<u8> = text.bytes().filter(|&c| c != b'=').map(value).collect();
+    digits
+        .chunks(4)
+        .flat_map(|group| {
+            let n = group
+                .iter()
+                .enumerate()
+                .fold(0u32, |n, (i, &d)| n | u32::from(d) << (18 - 6 * i));
+            let bytes = n.to_be_bytes();
+            bytes[1..group.len()].to_vec()
+        })
+        .collect()
+}
+
+#[test]
+fn status_page_shows_a_backend_going_down_without_a_reload() {
+    let mut bed = Bed::new("page");
+    bed.wait_checked();
+    let url = format!("http://{METRICS}/");
+    let Some(mut chromium) = Chromium::open(&bed.topo, &url) else {
+        return;
+    };
+    let load = Load::start(&bed.topo, bed.vip(), Duration::from_millis(10), 30000).unwrap();
+
+    // Every backend of both services is listed, all up.
+    let keys: Vec<String> = (1..=3)
+        .flat_map(|i| {
+            [
+                format!("web4/{}:80", bed.topo.backend_addr4(i)),
+                format!("web6/[{}]:80", bed.topo.backend_addr6(i)),
+            ]
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let shown = chromium.backends();
+        if keys
+            .iter()
+            .all(|k| shown.get(k).map(String::as_str) == Some("up"))
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "page shows {shown:?}, want {keys:?} up"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let loaded_at = chromium.eval("document.body.dataset.loadedAt");
+    // Some traffic history for the chart before the screenshot.
+    std::thread::sleep(Duration::from_secs(6));
+
+    // Kill b1's server; note when the daemon itself says it is down.
+    bed.backends[0].kill(libc::SIGKILL).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while bed.lb.backend("web4", bed.addr(1)).unwrap()["health"] != json!("down") {
+        assert!(Instant::now() < deadline, "the daemon never marked b1 down");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let down_at = Instant::now();
+    let key = &keys[0];
+    let shown_at = loop {
+        if chromium.backends().get(key).map(String::as_str) == Some("down") {
+            break Instant::now();
+        }
+        assert!(
+            down_at.elapsed() < Duration::from_secs(5),
+            "the page never showed {key} down"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let lag = shown_at - down_at;
+    eprintln!("the page showed {key} down {lag:?} after the daemon's transition");
+    assert!(lag < Duration::from_secs(2), "page lag {lag:?} (bound 2 s)");
+
+    // The same page load all along, and it logged the change itself.
+    assert_eq!(chromium.eval("document.body.dataset.loadedAt"), loaded_at);
+    let events = chromium.eval("document.getElementById('events').innerText");
+    assert!(
+        events
+            .as_str()
+            .unwrap()
+            .contains(&format!("{key} up/active/up → down/down/up")),
+        "{events}"
+    );
+    let polls = chromium.eval("Number(document.body.dataset.polls)");
+    assert!(polls.as_f64().unwrap() >= 10.0, "polls {polls}");
+
+    std::thread::sleep(Duration::from_secs(2));
+    let shot = artifact("status-page.png");
+    chromium.screenshot(&shot);
+    let png = std::fs::read(&shot).unwrap();
+    assert!(png.starts_with(b"\x89PNG") && png.len() > 10_000);
+    if std::env::var_os("XDPLB_UPDATE_SCREENSHOT").is_some() {
+        let docs = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/status-page.png");
+        std::fs::copy(&shot, docs).unwrap();
+    }
+    load.stop();
+}

@@ -1,0 +1,212 @@
+//! The observability listener on `[daemon] metrics_listen` (TCP): Prometheus
+//! metrics at `/metrics`, a live status page at `/` and the JSON it polls at
+//! `/api/status`. Everything here is read-only.
+//!
+//! There is one source of truth: every answer is built from the control
+//! API's own views (`Status`, `ListServices`, `Stats`, asked of the same
+//! [`Handler`]), plus the health checker's per-probe figures that the API
+//! does not show (check counts and latency).
+
+pub mod metrics;
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use anyhow::Context as _;
+use axum::{
+    extract::State,
+    http::{header, HeaderMap, StatusCode},
+    response::{IntoResponse, Response},
+    routing::get,
+    Json, Router,
+};
+use hyper::server::conn::http1;
+use hyper_util::{
+    rt::{TokioIo, TokioTimer},
+    service::TowerToHyperService,
+};
+use serde::Serialize;
+use serde_json::Value;
+use tokio::{net::TcpListener, sync::Semaphore};
+
+use crate::{
+    api::{ApiError, Handler, Request},
+    health::TargetStatus,
+};
+
+/// The status page: one self-contained file (inline CSS and JS).
+const STATUS_PAGE: &str = include_str!("status.html");
+
+/// The health checker's current figures, one per checked backend.
+pub type HealthSource = Arc<dyn Fn() -> Vec<TargetStatus> + Send + Sync>;
+
+/// What the routes read from.
+#[derive(Clone)]
+pub struct Sources {
+    /// The API's handler: the views come from it.
+    pub handler: Arc<dyn Handler>,
+    pub health: HealthSource,
+}
+
+/// Binds `addr` (before the daemon loads anything, so a taken address is
+/// a start-up error that changes nothing).
+pub fn bind(addr: SocketAddr) -> anyhow::Result<std::net::TcpListener> {
+    let listener = std::net::TcpListener::bind(addr)
+        .with_context(|| format!("binding the metrics listener {addr} (daemon.metrics_listen)"))?;
+    listener
+        .set_nonblocking(true)
+        .context("making the metrics listener non-blocking")?;
+    Ok(listener)
+}
+
+/// Connections served at once; more wait in the listen backlog. The page
+/// and a scraper or two need a handful.
+const MAX_CONNECTIONS: usize = 64;
+/// How long a client may take to send a request head: a stalled client
+/// frees its connection slot after this.
+const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Serves on `listener` (from [`bind`]) until the future is dropped: the
+/// router over hyper's HTTP/1.1, with a head timeout and a connection cap
+/// (`axum::serve` has neither).
+pub async fn serve(listener: std::net::TcpListener, sources: Sources) -> anyhow::Result<()> {
+    let listener = TcpListener::from_std(listener).context("registering the metrics listener")?;
+    let addr = listener
+        .local_addr()
+        .context("reading the metrics address")?;
+    tracing::info!(%addr, "serving metrics and the status page");
+    let service = TowerToHyperService::new(router(sources));
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let slot = Arc::clone(&slots)
+            .acquire_owned()
+            .await
+            .expect("the semaphore is never closed");
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(err) => {
+                // Typically EMFILE: transient. The pause keeps a persistent
+                // error from spinning.
+                tracing::warn!("accepting a metrics connection: {err}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let service = service.clone();
+        tokio::spawn(async move {
+            let served = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEAD_TIMEOUT)
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+            if let Err(err) = served {
+                tracing::debug!("metrics connection: {err}");
+            }
+            drop(slot);
+        });
+    }
+}
+
+/// The routes, separate from the listener so tests can drive them.
+pub fn router(sources: Sources) -> Router {
+    Router::new()
+        .route("/", get(page))
+        .route("/metrics", get(metrics_text))
+        .route("/api/status", get(status_json))
+        .with_state(sources)
+}
+
+/// One consistent read of the API's views.
+#[derive(Clone, Debug, Serialize)]
+pub struct Snapshot {
+    /// `GET /v1/status`.
+    pub status: Value,
+    /// `GET /v1/services`: services with their backends.
+    pub services: Value,
+    /// `GET /v1/stats`: datapath reasons, NAT occupancy.
+    pub stats: Value,
+    /// Per checked backend: probes run, failed, and the last one's latency.
+    pub checks: Vec<CheckFigures>,
+}
+
+/// The health checker's figures for one backend.
+#[derive(Clone, Debug, Serialize)]
+pub struct CheckFigures {
+    pub service: String,
+    /// `IP:PORT` (IPv6 as `[IP]:PORT`), as in the metrics' labels.
+    pub backend: String,
+    pub checks: u64,
+    pub failures: u64,
+    pub last_duration_s: Option<f64>,
+}
+
+impl Snapshot {
+    /// Asks the handler for its views. Blocking (BPF map reads).
+    pub fn take(sources: &Sources) -> Result<Self, ApiError> {
+        let handler = &sources.handler;
+        let checks = (sources.health)()
+            .into_iter()
+            .map(|t| CheckFigures {
+                backend: SocketAddr::new(t.backend.0, t.backend.1).to_string(),
+                service: t.service,
+                checks: t.checks,
+                failures: t.failures,
+                last_duration_s: t.last_duration.map(|d| d.as_secs_f64()),
+            })
+            .collect();
+        Ok(Self {
+            status: handler.handle(Request::Status)?,
+            services: handler.handle(Request::ListServices)?,
+            stats: handler.handle(Request::Stats)?,
+            checks,
+        })
+    }
+}
+
+/// Takes a snapshot off the async workers.
+async fn snapshot(sources: Sources) -> Result<Snapshot, Response> {
+    let taken = tokio::task::spawn_blocking(move || Snapshot::take(&sources)).await;
+    match taken {
+        Ok(Ok(snapshot)) => Ok(snapshot),
+        Ok(Err(err)) => Err((StatusCode::INTERNAL_SERVER_ERROR, err.message).into_response()),
+        Err(err) => Err((StatusCode::INTERNAL_SERVER_ERROR, err.to_string()).into_response()),
+    }
+}
+
+async fn page() -> impl IntoResponse {
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-store"),
+        ],
+        STATUS_PAGE,
+    )
+}
+
+/// OpenMetrics for scrapers that ask for it (Prometheus does), the classic
+/// text format otherwise.
+async fn metrics_text(State(sources): State<Sources>, headers: HeaderMap) -> Response {
+    let openmetrics = headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .any(|value| value.contains("application/openmetrics-text"));
+    match snapshot(sources).await {
+        Ok(snapshot) => {
+            let text = metrics::encode(&snapshot);
+            if openmetrics {
+                ([(header::CONTENT_TYPE, metrics::OPENMETRICS)], text).into_response()
+            } else {
+                let classic = metrics::to_classic(&text);
+                ([(header::CONTENT_TYPE, metrics::CLASSIC)], classic).into_response()
+            }
+        }
+        Err(response) => response,
+    }
+}
+
+async fn status_json(State(sources): State<Sources>) -> Response {
+    match snapshot(sources).await {
+        Ok(snapshot) => ([(header::CACHE_CONTROL, "no-store")], Json(snapshot)).into_response(),
+        Err(response) => response,
+    }
+}
