@@ -9,6 +9,6 @@ pub mod dataplane;
 pub mod health;
 pub mod loader;
 pub mod maglev;
-pub mod neigh;
+pub(crate) mod neigh;
 pub mod program;
 pub mod state;
