@@ -2,7 +2,8 @@
 //! exist, their ids and table regions, and the Maglev tables programmed for
 //! them. `apply` takes a configuration to the datapath touching only what
 //! changed; health and admin changes go through `set_health` and `set_admin`.
-//! The controller owns the maps: it is their only writer.
+//! The controller owns the maps: it is their only writer, but for the NAT
+//! sweeper it hands out, which only deletes idle NAT entries.
 //!
 //! Every change is planned, then written. Planning works on a copy of the
 //! model and produces the complete new state as a list of map writes (ids,
@@ -41,7 +42,7 @@ use xdp_common::{
 use crate::{
     addr,
     config::{AllDown, BackendConfig, Config, HashFields, InitialState, Mode, ServiceConfig},
-    dataplane::{Maps, NatOccupancy, Write},
+    dataplane::{Maps, NatSweeper, Write},
     maglev::{self, MaglevBackend},
     neigh::{Resolved, Resolver, Target},
 };
@@ -386,10 +387,11 @@ impl Controller {
         self.maps.write(&[Write::TxPort(ifindex)])
     }
 
-    /// Deletes idle NAT entries and returns the tables' occupancy (see
-    /// `Maps::sweep_nat`).
-    pub fn sweep_nat(&mut self, now_ns: u64) -> Result<NatOccupancy> {
-        self.maps.sweep_nat(now_ns)
+    /// The NAT sweeper: the one other writer of the maps, which only
+    /// deletes idle NAT entries (tables the controller never writes), so it
+    /// runs without the controller.
+    pub fn nat_sweeper(&self) -> Result<NatSweeper> {
+        self.maps.nat_sweeper()
     }
 
     /// Moves the flows of backends that have been draining longer than

@@ -27,7 +27,7 @@ use crate::{
     api::{self, ApiError, BackendRef, Done, Request},
     config::{Config, Mode, ServiceConfig},
     controller::{state_name, Admin, Controller, ServiceState},
-    dataplane::{monotonic_coarse_ns, proto_name, Maps, NatOccupancy},
+    dataplane::{monotonic_coarse_ns, proto_name, Maps, NatOccupancy, NatSweeper},
     health::{CheckTarget, HealthChecker, HealthEvent},
     loader::{self, AttachMode, Datapath},
     neigh::Resolver,
@@ -57,6 +57,8 @@ struct Daemon {
     changing: Mutex<()>,
     /// The controller's next-hop resolver, used without `inner`.
     resolver: Arc<Resolver>,
+    /// The controller's NAT sweeper, used without `inner`.
+    sweeper: Mutex<NatSweeper>,
     config_path: PathBuf,
     state_file: PathBuf,
     pin_dir: PathBuf,
@@ -150,13 +152,17 @@ impl Daemon {
     }
 
     fn tick(&self) {
-        let mut inner = self.lock();
-        if let Err(e) = inner.controller.expire_drains(Instant::now()) {
-            error!("expiring drains: {e:#}");
-        }
-        let nat_in_use = inner.config.services.iter().any(|s| s.mode == Mode::Nat);
-        inner.nat = if nat_in_use {
-            match inner.controller.sweep_nat(monotonic_coarse_ns()) {
+        let nat_in_use = {
+            let mut inner = self.lock();
+            if let Err(e) = inner.controller.expire_drains(Instant::now()) {
+                error!("expiring drains: {e:#}");
+            }
+            inner.config.services.iter().any(|s| s.mode == Mode::Nat)
+        };
+        // Reading the NAT tables is slow when they are full: without the lock.
+        let nat = if nat_in_use {
+            let mut sweeper = self.sweeper.lock().unwrap_or_else(|p| p.into_inner());
+            match sweeper.sweep(monotonic_coarse_ns()) {
                 Ok(o) => Some(o),
                 Err(e) => {
                     error!("sweeping NAT tables: {e:#}");
@@ -166,6 +172,7 @@ impl Daemon {
         } else {
             None
         };
+        self.lock().nat = nat;
     }
 
     /// Re-resolves backends' next hops without the lock, then writes the
@@ -505,6 +512,7 @@ pub fn run(opts: Options) -> Result<()> {
     let mut controller = Controller::new(maps)?;
     let adopted = controller.adopting();
     let resolver = controller.resolver();
+    let sweeper = controller.nat_sweeper()?;
     resolver.prepare(&config);
     controller.apply(&config)?;
     warn_port_overlap(&config);
@@ -537,6 +545,7 @@ pub fn run(opts: Options) -> Result<()> {
             inner: Mutex::new(Inner { controller, file, overlay, config, health, nat: None }),
             changing: Mutex::new(()),
             resolver,
+            sweeper: Mutex::new(sweeper),
             config_path: opts.config.clone(),
             state_file,
             pin_dir: pin_dir.clone(),
