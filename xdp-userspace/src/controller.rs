@@ -390,7 +390,7 @@ impl Controller {
     /// The NAT sweeper: the one other writer of the maps, which only
     /// deletes idle NAT entries (tables the controller never writes), so it
     /// runs without the controller.
-    pub fn nat_sweeper(&self) -> Result<NatSweeper> {
+    pub(crate) fn nat_sweeper(&self) -> Result<NatSweeper> {
         self.maps.nat_sweeper()
     }
 

@@ -283,7 +283,7 @@ impl Maps {
 /// Reclaims idle NAT entries. The controller never writes the NAT tables
 /// (the datapath does); this only deletes, so it needs no lock shared with
 /// the controller, and the daemon runs it without its own.
-pub struct NatSweeper {
+pub(crate) struct NatSweeper {
     fwd: HashMap<MapData, FlowKey, NatFwd>,
     rev: HashMap<MapData, FlowKey, NatRev>,
 }
