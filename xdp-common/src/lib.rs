@@ -119,6 +119,10 @@ pub const BACKEND_ACTIVE: u32 = 1;
 /// Out of the Maglev table, but established flows keep using it.
 pub const BACKEND_DRAINING: u32 = 2;
 
+/// The next-hop MAC of a backend whose neighbour is not resolved yet: its
+/// packets go to the kernel (`Reason::PassNoNeigh`).
+pub const UNRESOLVED_MAC: [u8; 6] = [0; 6];
+
 /// A backend as the datapath sees it: where to send its frames.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -145,6 +149,26 @@ pub struct Backend {
     pub _pad: [u8; 2],
 }
 
+impl Backend {
+    /// Whether flows pinned to this backend stay on it: active, or
+    /// draining (draining keeps established flows). Anything else
+    /// (removed, down) makes its flows re-pick.
+    #[inline(always)]
+    pub const fn is_live(&self) -> bool {
+        self.state == BACKEND_ACTIVE || self.state == BACKEND_DRAINING
+    }
+
+    /// Whether the next hop's MAC is known, so frames can be sent to it.
+    #[inline(always)]
+    pub fn next_hop_resolved(&self) -> bool {
+        self.dst_mac != UNRESOLVED_MAC
+    }
+}
+
+/// The first three words of an IPv4 address as the maps store it
+/// (`::ffff:a.b.c.d`, wire bytes read as native-endian words).
+pub const V4_MAPPED_PREFIX: [u32; 3] = [0, 0, u32::from_be(0x0000_ffff)];
+
 /// Connection-tracking key: the packet's 5-tuple as received.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
@@ -169,6 +193,14 @@ pub struct Flow {
 /// `NatFwd::flags` / `NatRev::flags`: the flow saw a FIN or RST; it
 /// expires after the short closing timeout.
 pub const NAT_F_CLOSING: u16 = 1;
+
+/// Whether a NAT entry last seen at `last_seen_ns` is past its idle
+/// timeout at `now_ns` (both `bpf_ktime_get_coarse_ns`): the datapath may
+/// then reuse its port, and the control plane's sweeper may delete it.
+#[inline(always)]
+pub const fn nat_expired(last_seen_ns: u64, timeout_s: u32, now_ns: u64) -> bool {
+    now_ns.saturating_sub(last_seen_ns) > timeout_s as u64 * 1_000_000_000
+}
 
 /// NAT state of a flow, looked up by the client's 5-tuple.
 #[repr(C)]
@@ -205,6 +237,36 @@ pub struct NatRev {
     pub last_seen_ns: u64,
     pub timeout_s: u32,
     pub _pad2: u32,
+}
+
+impl NatFwd {
+    /// Past its idle timeout at `now_ns` (see [`nat_expired`]).
+    #[inline(always)]
+    pub const fn expired(&self, now_ns: u64) -> bool {
+        nat_expired(self.last_seen_ns, self.timeout_s, now_ns)
+    }
+}
+
+impl NatRev {
+    /// Past its idle timeout at `now_ns` (see [`nat_expired`]).
+    #[inline(always)]
+    pub const fn expired(&self, now_ns: u64) -> bool {
+        nat_expired(self.last_seen_ns, self.timeout_s, now_ns)
+    }
+
+    /// The client-side key (the `NatFwd` entry's) of the flow this reply
+    /// entry belongs to.
+    #[inline(always)]
+    pub const fn client_key(&self, proto: u8) -> FlowKey {
+        FlowKey {
+            src: self.client,
+            dst: self.vip,
+            sport_be: self.client_port_be,
+            dport_be: self.vip_port_be,
+            proto,
+            _pad: [0; 3],
+        }
+    }
 }
 
 /// Datapath-wide settings, one value at index 0.

@@ -1,7 +1,7 @@
 //! Connection tracking: remembers each flow's backend so that established
 //! flows keep it when the Maglev table changes.
 
-use xdp_common::{Backend, Flow, FlowKey, BACKEND_ACTIVE, BACKEND_DRAINING};
+use xdp_common::{Backend, Flow, FlowKey};
 
 use crate::maps::{BACKENDS, FLOWS};
 
@@ -24,7 +24,7 @@ pub fn lookup(key: &FlowKey) -> Lookup {
     // SAFETY: the value pointer stays valid for this program run (RCU).
     let id = unsafe { (*flow).backend };
     match BACKENDS.get(id) {
-        Some(b) if b.state == BACKEND_ACTIVE || b.state == BACKEND_DRAINING => Lookup::Hit(id, b),
+        Some(b) if b.is_live() => Lookup::Hit(id, b),
         _ => Lookup::Stale,
     }
 }

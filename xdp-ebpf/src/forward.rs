@@ -1,7 +1,8 @@
-//! L2 direct server return: rewrite the Ethernet addresses to the backend's
-//! next hop and send the frame on; IP and L4 are left untouched, so the
-//! backend (which holds the VIP on a loopback address) replies directly to
-//! the client.
+//! The last step towards a backend: rewrite the Ethernet addresses to the
+//! backend's next hop and send the frame on. DSR services send the frame
+//! with IP and L4 untouched (the backend holds the VIP on a loopback
+//! address and replies directly to the client); NAT services rewrite IP
+//! and L4 first, then send the same way.
 
 use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
 use network_types::eth::EthHdr;
@@ -9,11 +10,12 @@ use xdp_common::{Backend, Reason};
 
 use crate::{maps::TX_PORTS, parse::ptr_at, stats::count};
 
-/// Rewrites the MACs and returns the verdict, or `Err` with the reason the
-/// frame goes to the kernel instead.
+/// Rewrites the MACs to `backend`'s next hop and sends the frame there;
+/// returns the verdict, or `Err` with the reason the frame goes to the
+/// kernel instead (checked before anything is written).
 #[inline(always)]
-pub fn dsr(ctx: &XdpContext, backend: &Backend) -> Result<u32, Reason> {
-    if backend.dst_mac == [0; 6] {
+pub fn send_to(ctx: &XdpContext, backend: &Backend) -> Result<u32, Reason> {
+    if !backend.next_hop_resolved() {
         return Err(Reason::PassNoNeigh);
     }
     let eth: *mut EthHdr = ptr_at(ctx, 0).ok_or(Reason::PassMalformed)?;

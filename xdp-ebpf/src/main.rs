@@ -79,7 +79,7 @@ fn balance(ctx: &XdpContext) -> Result<u32, Reason> {
             (id, backend)
         }
     };
-    let verdict = forward::dsr(ctx, backend)?;
+    let verdict = forward::send_to(ctx, backend)?;
     stats::count_forwarded(service.id, id, (ctx.data_end() - ctx.data()) as u64);
     Ok(verdict)
 }

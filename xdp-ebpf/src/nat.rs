@@ -8,8 +8,8 @@
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_coarse_ns, programs::XdpContext};
 use network_types::eth::EthHdr;
 use xdp_common::{
-    hash::flow_hash, Backend, FlowKey, NatFwd, NatRev, Reason, Service, ServiceKey, BACKEND_ACTIVE,
-    BACKEND_DRAINING, NAT_F_CLOSING, NAT_PORT_TRIES, PROTO_TCP, PROTO_UDP,
+    hash::flow_hash, Backend, FlowKey, NatFwd, NatRev, Reason, Service, ServiceKey, NAT_F_CLOSING,
+    NAT_PORT_TRIES, PROTO_TCP, PROTO_UDP, V4_MAPPED_PREFIX,
 };
 
 use crate::{
@@ -19,13 +19,6 @@ use crate::{
     parse::{ptr_at, Packet, PROTO_ICMP, PROTO_ICMPV6},
     stats::{self, count},
 };
-
-const NS_PER_S: u64 = 1_000_000_000;
-
-#[inline(always)]
-fn expired(last_seen_ns: u64, timeout_s: u32, now: u64) -> bool {
-    now.saturating_sub(last_seen_ns) > u64::from(timeout_s) * NS_PER_S
-}
 
 #[inline(always)]
 fn timeout(service: &Service, proto: u8, closing: bool) -> u32 {
@@ -60,11 +53,8 @@ pub fn forward(ctx: &XdpContext, p: &Packet, service: &Service) -> Result<u32, R
     if let Some(f) = NAT_FWD.get_ptr_mut(key) {
         // SAFETY: valid for this run; only this flow's packets write it.
         let f = unsafe { &mut *f };
-        let live = BACKENDS
-            .get(f.backend)
-            .filter(|b| b.state == BACKEND_ACTIVE || b.state == BACKEND_DRAINING);
-        match live {
-            Some(backend) if !expired(f.last_seen_ns, f.timeout_s, now) => {
+        match BACKENDS.get(f.backend).filter(|b| b.is_live()) {
+            Some(backend) if !f.expired(now) => {
                 f.last_seen_ns = now;
                 if p.fin_or_rst && f.flags & NAT_F_CLOSING == 0 {
                     f.flags |= NAT_F_CLOSING;
@@ -85,7 +75,7 @@ pub fn forward(ctx: &XdpContext, p: &Packet, service: &Service) -> Result<u32, R
     }
     let id = maglev::pick(service, key).ok_or(Reason::DropNoBackend)?;
     let backend = BACKENDS.get(id).ok_or(Reason::DropNoBackend)?;
-    if backend.dst_mac == [0; 6] {
+    if !backend.next_hop_resolved() {
         return Err(Reason::PassNoNeigh);
     }
     if let Some((old_id, old_port)) = stale {
@@ -114,19 +104,6 @@ fn close_rev(r: &mut NatRev, timeout_s: u32) {
     r.timeout_s = timeout_s;
 }
 
-/// The client-side key of the flow a reply entry belongs to.
-#[inline(always)]
-fn client_key(r: &NatRev, proto: u8) -> FlowKey {
-    FlowKey {
-        src: r.client,
-        dst: r.vip,
-        sport_be: r.client_port_be,
-        dport_be: r.vip_port_be,
-        proto,
-        _pad: [0; 3],
-    }
-}
-
 /// Removes the reply entry of a flow's previous translation, if it is
 /// still this flow's (its port may have been reclaimed by another flow).
 #[inline(always)]
@@ -138,7 +115,7 @@ fn release(key: &FlowKey, backend_id: u32, port_be: u16) {
     if let Some(r) = NAT_REV.get_ptr(&rk) {
         // SAFETY: valid for this run.
         let r = unsafe { &*r };
-        if client_key(r, key.proto) == *key {
+        if r.client_key(key.proto) == *key {
             let _ = NAT_REV.remove(&rk);
         }
     }
@@ -195,12 +172,9 @@ fn allocate(
             // Idle both ways: a one-way flow (the client sends, the backend
             // never answers) keeps its port while the client keeps sending.
             let partner_idle = NAT_FWD
-                .get_ptr(&client_key(old, key.proto))
-                .is_none_or(|f| unsafe { expired((*f).last_seen_ns, (*f).timeout_s, now) });
-            if expired(old.last_seen_ns, old.timeout_s, now)
-                && partner_idle
-                && NAT_REV.insert(&rk, &rev, 0).is_ok()
-            {
+                .get_ptr(&old.client_key(key.proto))
+                .is_none_or(|f| unsafe { (*f).expired(now) });
+            if old.expired(now) && partner_idle && NAT_REV.insert(&rk, &rev, 0).is_ok() {
                 return Ok(port);
             }
         }
@@ -220,7 +194,7 @@ fn send_forward(
 ) -> Result<u32, Reason> {
     // Checked before anything is rewritten: an unresolved next hop hands
     // the untouched packet to the kernel.
-    if backend.dst_mac == [0; 6] {
+    if !backend.next_hop_resolved() {
         return Err(Reason::PassNoNeigh);
     }
     rewrite(
@@ -231,7 +205,7 @@ fn send_forward(
         &backend.addr,
         backend.port_be,
     )?;
-    let verdict = forward::dsr(ctx, backend)?;
+    let verdict = forward::send_to(ctx, backend)?;
     stats::count_forwarded(service.id, id, (ctx.data_end() - ctx.data()) as u64);
     Ok(verdict)
 }
@@ -271,7 +245,7 @@ fn close_both(r: &mut NatRev, proto: u8) {
         return;
     };
     close_rev(r, service.nat_closing_timeout);
-    if let Some(f) = NAT_FWD.get_ptr_mut(&client_key(r, proto)) {
+    if let Some(f) = NAT_FWD.get_ptr_mut(&r.client_key(proto)) {
         // SAFETY: valid for this run.
         let f = unsafe { &mut *f };
         f.flags |= NAT_F_CLOSING;
@@ -493,9 +467,8 @@ fn read_addr(ctx: &XdpContext, off: usize, out: &mut [u32; 4], v6: bool) -> Resu
         *out = unsafe { core::ptr::read_unaligned(a) };
     } else {
         let a: *const u32 = ptr_at(ctx, off).ok_or(Reason::PassNotService)?;
-        *out = [0, 0, u32::from_be(0x0000_ffff), unsafe {
-            core::ptr::read_unaligned(a)
-        }];
+        let [a0, a1, a2] = V4_MAPPED_PREFIX;
+        *out = [a0, a1, a2, unsafe { core::ptr::read_unaligned(a) }];
     }
     Ok(())
 }

@@ -11,7 +11,7 @@ use network_types::{
     udp::UdpHdr,
     vlan::VlanHdr,
 };
-use xdp_common::{FlowKey, Reason, PROTO_TCP, PROTO_UDP};
+use xdp_common::{FlowKey, Reason, PROTO_TCP, PROTO_UDP, V4_MAPPED_PREFIX};
 
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
@@ -60,9 +60,6 @@ fn words<const N: usize>(bytes: &[u8; N], out: &mut [u32; 4], first: usize) {
         i += 1;
     }
 }
-
-/// `::ffff:0:0/96`, the prefix of an IPv4-mapped address, as wire words.
-const V4_MAPPED_PREFIX: [u32; 3] = [0, 0, u32::from_be(0x0000_ffff)];
 
 pub const PROTO_ICMP: u8 = 1;
 pub const PROTO_ICMPV6: u8 = 58;

@@ -2,7 +2,7 @@
 
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 
-use xdp_common::{hash::flow_hash, FlowKey, ServiceKey};
+use xdp_common::{FlowKey, ServiceKey};
 
 /// An address as the datapath stores it: the 16 wire bytes of the IPv6
 /// address, IPv4 as `::ffff:a.b.c.d`, read as four native-endian words.
@@ -52,11 +52,6 @@ pub fn flow_key(src: SocketAddr, dst: SocketAddr, proto: u8) -> FlowKey {
     }
 }
 
-/// The flow's hash, exactly as the datapath computes it.
-pub fn hash(src: SocketAddr, dst: SocketAddr, proto: u8, src_only: bool) -> u32 {
-    flow_hash(&flow_key(src, dst, proto), src_only)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -75,5 +70,10 @@ mod tests {
         let w = to_words("10.1.2.3".parse().unwrap());
         assert_eq!(w[3].to_ne_bytes(), [10, 1, 2, 3]);
         assert_eq!(w[2].to_ne_bytes(), [0, 0, 0xff, 0xff]);
+        assert_eq!(
+            w[..3],
+            xdp_common::V4_MAPPED_PREFIX,
+            "the datapath's prefix"
+        );
     }
 }

@@ -2,6 +2,16 @@
 //! exist, their ids and table regions, and the Maglev tables programmed for
 //! them. `apply` takes a configuration to the datapath touching only what
 //! changed; health and admin changes go through `set_health` and `set_admin`.
+//! The controller owns the maps: it is their only writer, but for the NAT
+//! sweeper it hands out, which only deletes idle NAT entries.
+//!
+//! Every change is planned, then written. Planning works on a copy of the
+//! model and produces the complete new state as a list of map writes (ids,
+//! table regions, Maglev tables, backend entries with their next hops,
+//! which come resolved from `neigh::Resolver`) without touching the kernel;
+//! if anything fails there (no route to a backend, no free id, no room
+//! for a table) nothing is written and the model is unchanged. Only then
+//! are the writes made, and the copy becomes the model.
 //!
 //! Order of writes, so that no packet ever sees a half-made state:
 //! 1. backend entries (a backend is complete before any table names it);
@@ -17,6 +27,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     net::{IpAddr, SocketAddr},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -25,15 +36,15 @@ use tracing::{error, info, warn};
 use xdp_common::{
     Backend, Globals, Service, BACKEND_ACTIVE, BACKEND_DOWN, BACKEND_DRAINING, MAGLEV_SLOTS,
     MAX_BACKENDS, MAX_SERVICES, SVC_F_HASH_SRC_ONLY, SVC_F_NAT, SVC_F_NO_BACKEND,
-    SVC_F_SECOND_HALF,
+    SVC_F_SECOND_HALF, UNRESOLVED_MAC,
 };
 
 use crate::{
     addr,
     config::{Admin, AllDown, BackendConfig, Config, HashFields, Mode, ServiceConfig},
-    dataplane::Maps,
+    dataplane::{Maps, NatSweeper, Write},
     maglev::{self, MaglevBackend},
-    neigh,
+    neigh::{Resolved, Resolver, Target},
 };
 
 /// Identity of a service: VIP, port, protocol number.
@@ -76,7 +87,7 @@ impl BackendState {
     fn entry(&self, service: u32) -> Backend {
         Backend {
             addr: addr::to_words(self.config.address),
-            dst_mac: self.mac.unwrap_or_default(),
+            dst_mac: self.mac.unwrap_or(UNRESOLVED_MAC),
             src_mac: self.src_mac,
             ifindex: self.ifindex,
             state: self.state,
@@ -99,7 +110,9 @@ pub struct ServiceState {
     /// Which half the datapath reads (0 or 1).
     active_half: u32,
     /// The table the datapath reads, as backend ids (empty: none).
-    table: Vec<u32>,
+    table: Arc<Vec<u32>>,
+    /// Whether the service's entry is in the map (its table is live).
+    programmed: bool,
     /// Whether the service is failing open (every backend unhealthy).
     pub failing_open: bool,
 }
@@ -155,7 +168,7 @@ impl ServiceState {
 }
 
 /// First-fit allocator of id or slot ranges.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 struct Ranges {
     free: BTreeMap<u32, u32>, // start -> len
 }
@@ -208,7 +221,7 @@ impl Ranges {
 
 /// What an earlier daemon left in pinned maps, waiting to be matched
 /// against the configuration.
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 struct Adoptable {
     /// Service key -> its entry.
     services: HashMap<ServiceId, Service>,
@@ -216,15 +229,17 @@ struct Adoptable {
     backends: HashMap<(u32, IpAddr, u16), (u32, u32)>,
 }
 
-/// How long to wait for a new backend's MAC before programming it
-/// unresolved (the datapath then hands its packets to the kernel and
-/// counts them until a refresh resolves it).
-const RESOLVE_WAIT: Duration = Duration::from_secs(1);
-
 /// The control plane's view of the datapath, and the only writer of its
 /// maps.
 pub struct Controller {
-    pub maps: Maps,
+    maps: Maps,
+    model: Model,
+    resolver: Arc<Resolver>,
+}
+
+/// What the datapath holds (or, while a change is planned, will hold).
+#[derive(Clone, Debug)]
+struct Model {
     services: BTreeMap<ServiceId, ServiceState>,
     service_ids: Ranges,
     backend_ids: Ranges,
@@ -269,34 +284,193 @@ impl Controller {
         }
         Ok(Self {
             maps,
-            services: BTreeMap::new(),
-            service_ids: Ranges::new(MAX_SERVICES),
-            backend_ids: Ranges::new(MAX_BACKENDS),
-            slots: Ranges::new(MAGLEV_SLOTS),
-            all_down: AllDown::FailOpen,
-            adoptable,
+            model: Model {
+                services: BTreeMap::new(),
+                service_ids: Ranges::new(MAX_SERVICES),
+                backend_ids: Ranges::new(MAX_BACKENDS),
+                slots: Ranges::new(MAGLEV_SLOTS),
+                all_down: AllDown::FailOpen,
+                adoptable,
+            },
+            resolver: Arc::default(),
         })
     }
 
     /// Whether this controller found a running datapath to adopt.
     pub fn adopting(&self) -> bool {
-        !self.adoptable.services.is_empty()
+        !self.model.adoptable.services.is_empty()
     }
 
     /// The services, in key order.
     pub fn services(&self) -> impl Iterator<Item = &ServiceState> {
-        self.services.values()
+        self.model.services.values()
     }
 
     /// A service by its name.
     pub fn service_by_name(&self, name: &str) -> Option<&ServiceState> {
-        self.services.values().find(|s| s.config.name == name)
+        self.model.services.values().find(|s| s.config.name == name)
+    }
+
+    /// The maps, to read (counters, `xdplb flow`); only the controller
+    /// writes them.
+    pub fn maps(&self) -> &Maps {
+        &self.maps
+    }
+
+    /// The next-hop resolver `apply` reads. Resolve with it before
+    /// `apply` (`Resolver::prepare`) without holding locks, and `apply`
+    /// will not wait on the kernel.
+    pub(crate) fn resolver(&self) -> Arc<Resolver> {
+        self.resolver.clone()
+    }
+
+    /// Makes a planned change: writes it, then adopts the planned model.
+    fn commit(&mut self, next: Model, writes: &[Write]) -> Result<()> {
+        self.maps.write(writes)?;
+        self.model = next;
+        Ok(())
     }
 
     /// Takes the datapath to `config`: adds, changes and removes services
     /// and backends, rebuilding only the tables whose members changed.
-    /// Capacity is checked before anything is written.
+    /// The whole change is planned first (capacity, ids, regions, tables,
+    /// next hops); if any of it fails, nothing is written.
     pub fn apply(&mut self, config: &Config) -> Result<()> {
+        let mut next = self.model.clone();
+        let mut writes = Vec::new();
+        next.apply(config, &self.resolver, &mut writes)?;
+        self.commit(next, &writes)
+    }
+
+    /// Adds an interface the datapath may redirect frames to (where NAT
+    /// replies to clients leave).
+    pub fn add_egress(&mut self, ifindex: u32) -> Result<()> {
+        self.maps.write(&[Write::TxPort(ifindex)])
+    }
+
+    /// The NAT sweeper: the one other writer of the maps, which only
+    /// deletes idle NAT entries (tables the controller never writes), so it
+    /// runs without the controller.
+    pub(crate) fn nat_sweeper(&self) -> Result<NatSweeper> {
+        self.maps.nat_sweeper()
+    }
+
+    /// Moves the flows of backends that have been draining longer than
+    /// their service's drain timeout: the datapath re-picks them. Returns
+    /// the backends it expired.
+    pub fn expire_drains(&mut self, now: Instant) -> Result<Vec<(String, SocketAddr)>> {
+        let mut next = self.model.clone();
+        let mut writes = Vec::new();
+        let mut expired = Vec::new();
+        for svc in next.services.values_mut() {
+            let timeout = svc.config.drain_timeout;
+            for b in svc.backends.values_mut() {
+                if b.draining_since
+                    .is_some_and(|t| now.duration_since(t) >= timeout)
+                {
+                    b.draining_since = None;
+                    b.state = BACKEND_DOWN;
+                    writes.push(Write::Backend(b.id, b.entry(svc.id)));
+                    expired.push((svc.config.name.clone(), b.addr()));
+                }
+            }
+        }
+        if expired.is_empty() {
+            return Ok(expired);
+        }
+        self.commit(next, &writes)?;
+        for (service, backend) in &expired {
+            info!(
+                %service,
+                %backend,
+                "drain timeout passed: remaining flows move to other backends"
+            );
+        }
+        Ok(expired)
+    }
+
+    /// The backends' next-hop targets, for `Resolver::refresh`.
+    pub(crate) fn next_hop_targets(&self) -> Vec<Target> {
+        let mut targets: Vec<Target> = self
+            .model
+            .services
+            .values()
+            .flat_map(|s| {
+                let nat = s.config.mode == Mode::Nat;
+                s.backends.values().map(move |b| (b.config.address, nat))
+            })
+            .collect();
+        targets.sort();
+        targets.dedup();
+        targets
+    }
+
+    /// Rewrites the backends whose next hop changed in `hops` (a MAC
+    /// resolved late or changed). Fast: resolve first, without locks.
+    pub(crate) fn update_next_hops(&mut self, hops: &HashMap<Target, Resolved>) -> Result<()> {
+        let mut next = self.model.clone();
+        let mut writes = Vec::new();
+        for svc in next.services.values_mut() {
+            let via_router = svc.config.mode == Mode::Nat;
+            for b in svc.backends.values_mut() {
+                let Some(Ok(hop)) = hops.get(&(b.config.address, via_router)) else {
+                    continue;
+                };
+                // Keep the last known MAC while the kernel re-verifies it.
+                let mac = hop.dst_mac.or(b.mac);
+                if (mac, hop.ifindex, hop.src_mac) != (b.mac, b.ifindex, b.src_mac) {
+                    info!(backend = %b.addr(), mac = ?mac, "backend next hop updated");
+                    (b.mac, b.ifindex, b.src_mac) = (mac, hop.ifindex, hop.src_mac);
+                    writes.push(Write::TxPort(hop.ifindex));
+                    writes.push(Write::Backend(b.id, b.entry(svc.id)));
+                }
+            }
+        }
+        if writes.is_empty() {
+            return Ok(());
+        }
+        self.commit(next, &writes)
+    }
+
+    /// Records a health-check verdict; rebuilds the table if it changed
+    /// anything. Returns whether it did.
+    pub fn set_health(
+        &mut self,
+        service: &str,
+        backend: BackendAddr,
+        healthy: bool,
+    ) -> Result<bool> {
+        let mut next = self.model.clone();
+        let (key, b) = next.backend_mut(service, backend)?;
+        if b.healthy == healthy {
+            return Ok(false);
+        }
+        b.healthy = healthy;
+        let mut writes = Vec::new();
+        next.sync(key, &mut writes)?;
+        self.commit(next, &writes)?;
+        Ok(true)
+    }
+
+    /// Sets a backend's admin state (drain/undrain/down); rebuilds the
+    /// table if it changed. Returns whether it did.
+    pub fn set_admin(&mut self, service: &str, backend: BackendAddr, admin: Admin) -> Result<bool> {
+        let mut next = self.model.clone();
+        let (key, b) = next.backend_mut(service, backend)?;
+        if b.admin == admin {
+            return Ok(false);
+        }
+        b.admin = admin;
+        let mut writes = Vec::new();
+        next.sync(key, &mut writes)?;
+        self.commit(next, &writes)?;
+        Ok(true)
+    }
+}
+
+impl Model {
+    /// Plans the change to `config` into `writes`.
+    fn apply(&mut self, config: &Config, hops: &Resolver, writes: &mut Vec<Write>) -> Result<()> {
         check_capacity(config)?;
         let all_down_changed = self.all_down != config.daemon.all_down;
         self.all_down = config.daemon.all_down;
@@ -309,42 +483,36 @@ impl Controller {
             .copied()
             .collect();
         for key in gone {
-            self.remove_service(key)?;
+            self.remove_service(key, writes);
         }
         for (key, cfg) in wanted {
             match self.services.get(&key) {
                 Some(s) if s.config == *cfg => {
                     if all_down_changed {
-                        self.sync(key)?;
+                        self.sync(key, writes)?;
                     }
                 }
                 Some(s) if s.config.table_size != cfg.table_size => {
                     // A new table size needs a new region: re-create.
-                    self.remove_service(key)?;
-                    self.add_service(cfg)?;
+                    self.remove_service(key, writes);
+                    self.add_service(cfg, hops, writes)?;
                 }
-                Some(_) => self.update_service(key, cfg)?,
-                None => self.add_service(cfg)?,
+                Some(_) => self.update_service(key, cfg, hops, writes)?,
+                None => self.add_service(cfg, hops, writes)?,
             }
         }
-        self.finish_adoption()?;
+        self.finish_adoption(writes);
         let nat_enabled = u32::from(self.services.values().any(|s| s.config.mode == Mode::Nat));
-        self.maps
-            .globals
-            .set(0, Globals { nat_enabled }, 0)
-            .context("writing datapath globals")
+        writes.push(Write::Globals(Globals { nat_enabled }));
+        Ok(())
     }
 
     /// Removes what an adopted datapath had that the configuration does not.
-    fn finish_adoption(&mut self) -> Result<()> {
+    fn finish_adoption(&mut self, writes: &mut Vec<Write>) {
         let adoptable = std::mem::take(&mut self.adoptable);
         for key in adoptable.services.keys() {
             if !self.services.contains_key(key) {
-                let skey = addr::service_key(key.0, key.1, key.2);
-                self.maps
-                    .services
-                    .remove(&skey)
-                    .context("removing a service the configuration dropped")?;
+                writes.push(Write::RemoveService(addr::service_key(key.0, key.1, key.2)));
                 info!(vip = %key.0, port = key.1, "service of the adopted datapath is no longer configured: removed");
             }
         }
@@ -354,13 +522,17 @@ impl Controller {
                 .values()
                 .any(|s| s.backends.values().any(|b| b.id == *id))
             {
-                self.maps.backends.set(*id, Backend::default(), 0)?;
+                writes.push(Write::Backend(*id, Backend::default()));
             }
         }
-        Ok(())
     }
 
-    fn add_service(&mut self, cfg: &ServiceConfig) -> Result<()> {
+    fn add_service(
+        &mut self,
+        cfg: &ServiceConfig,
+        hops: &Resolver,
+        writes: &mut Vec<Write>,
+    ) -> Result<()> {
         let key = service_id(cfg);
         let size = cfg.table_size;
         // An adopted service keeps its id and region: the datapath reads it.
@@ -381,11 +553,17 @@ impl Controller {
             }
             None => {
                 let id = self.service_ids.alloc(1).context("no free service id")?;
-                let Some(region) = self.slots.alloc(2 * size) else {
-                    self.service_ids.release(id, 1);
-                    bail!("no room for service {}'s Maglev table (fragmented); restart the daemon to compact", cfg.name);
-                };
-                self.maps.reset_counters(Some(id), None)?;
+                let region = self.slots.alloc(2 * size).with_context(|| {
+                    format!(
+                        "no room for service {}'s Maglev table (fragmented); restart the \
+                         daemon to compact",
+                        cfg.name
+                    )
+                })?;
+                writes.push(Write::ResetCounters {
+                    service: Some(id),
+                    backend: None,
+                });
                 (id, region, 0)
             }
         };
@@ -395,19 +573,26 @@ impl Controller {
             backends: BTreeMap::new(),
             region,
             active_half,
-            table: Vec::new(),
+            table: Arc::default(),
+            programmed: adopted.is_some(),
             failing_open: false,
         };
         for b in &cfg.backends {
-            let state = self.new_backend(id, cfg, b)?;
+            let state = self.new_backend(id, cfg, b, hops, writes)?;
             svc.backends.insert((b.address, b.port), state);
         }
         info!(service = %cfg.name, vip = %cfg.vip, port = cfg.port, protocol = %cfg.protocol, backends = svc.backends.len(), adopted = adopted.is_some(), "service added");
         self.services.insert(key, svc);
-        self.sync(key)
+        self.sync(key, writes)
     }
 
-    fn update_service(&mut self, key: ServiceId, cfg: &ServiceConfig) -> Result<()> {
+    fn update_service(
+        &mut self,
+        key: ServiceId,
+        cfg: &ServiceConfig,
+        hops: &Resolver,
+        writes: &mut Vec<Write>,
+    ) -> Result<()> {
         let svc = self.services.get_mut(&key).expect("caller checked");
         let service_id = svc.id;
         let wanted: BTreeMap<BackendAddr, &BackendConfig> = cfg
@@ -439,39 +624,34 @@ impl Controller {
         }
         svc.config = cfg.clone();
         for b in &added {
-            let state = self.new_backend(service_id, cfg, b)?;
+            let state = self.new_backend(service_id, cfg, b, hops, writes)?;
             self.services
                 .get_mut(&key)
                 .expect("present")
                 .backends
                 .insert((b.address, b.port), state);
         }
-        self.sync(key)?;
+        self.sync(key, writes)?;
         // Removed backends leave only after the new table is live.
         for mut b in leaving {
             b.state = BACKEND_DOWN;
-            self.maps.backends.set(b.id, b.entry(service_id), 0)?;
+            writes.push(Write::Backend(b.id, b.entry(service_id)));
             self.backend_ids.release(b.id, 1);
             info!(service = %cfg.name, backend = %b.addr(), "backend removed");
         }
         Ok(())
     }
 
-    fn remove_service(&mut self, key: ServiceId) -> Result<()> {
+    fn remove_service(&mut self, key: ServiceId, writes: &mut Vec<Write>) {
         let svc = self.services.remove(&key).expect("caller checked");
-        let skey = addr::service_key(key.0, key.1, key.2);
-        self.maps
-            .services
-            .remove(&skey)
-            .with_context(|| format!("removing service {}", svc.config.name))?;
+        writes.push(Write::RemoveService(addr::service_key(key.0, key.1, key.2)));
         for b in svc.backends.values() {
-            self.maps.backends.set(b.id, Backend::default(), 0)?;
+            writes.push(Write::Backend(b.id, Backend::default()));
             self.backend_ids.release(b.id, 1);
         }
         self.slots.release(svc.region, 2 * svc.config.table_size);
         self.service_ids.release(svc.id, 1);
         info!(service = %svc.config.name, "service removed");
-        Ok(())
     }
 
     fn new_backend(
@@ -479,7 +659,23 @@ impl Controller {
         service: u32,
         svc: &ServiceConfig,
         cfg: &BackendConfig,
+        hops: &Resolver,
+        writes: &mut Vec<Write>,
     ) -> Result<BackendState> {
+        let addr = SocketAddr::new(cfg.address, cfg.port);
+        let nat = svc.mode == Mode::Nat;
+        let hop = hops
+            .hop((cfg.address, nat))
+            .map_err(|e| anyhow::anyhow!("backend {addr}: {e}"))?;
+        let snat = if nat {
+            let snat = svc.nat.snat_address.or(hop.src_addr);
+            if snat.is_none() {
+                bail!("backend {addr}: no source address on the route to it; set nat.snat_address");
+            }
+            snat
+        } else {
+            None
+        };
         // An adopted backend keeps its id (flows are pinned to it) and the
         // health its datapath state implies.
         let adopted = self
@@ -491,54 +687,38 @@ impl Controller {
             Some((id, state)) => (id, state != BACKEND_DOWN || cfg.state == Admin::Down),
             None => {
                 let id = self.backend_ids.alloc(1).context("no free backend id")?;
-                self.maps.reset_counters(None, Some(id))?;
+                writes.push(Write::ResetCounters {
+                    service: None,
+                    backend: Some(id),
+                });
                 (id, true)
             }
         };
-        let mut state = BackendState {
+        if hop.dst_mac.is_none() {
+            warn!(
+                backend = %addr,
+                iface = %hop.ifname,
+                "backend MAC unresolved: its packets go to the kernel until it answers ARP/ND"
+            );
+        }
+        writes.push(Write::TxPort(hop.ifindex));
+        Ok(BackendState {
             id,
             config: *cfg,
             admin: cfg.state,
             healthy,
             state: BACKEND_DOWN,
-            mac: None,
-            ifindex: 0,
-            src_mac: [0; 6],
-            snat: None,
+            mac: hop.dst_mac,
+            ifindex: hop.ifindex,
+            src_mac: hop.src_mac,
+            snat,
             draining_since: None,
-        };
-        let nat = svc.mode == Mode::Nat;
-        let hop = match neigh::resolve(cfg.address, RESOLVE_WAIT, nat) {
-            Ok(hop) => hop,
-            Err(err) => {
-                self.backend_ids.release(id, 1);
-                return Err(err.context(format!("backend {}", state.addr())));
-            }
-        };
-        if hop.dst_mac.is_none() {
-            warn!(backend = %state.addr(), iface = %hop.ifname, "backend MAC unresolved: its packets go to the kernel until it answers ARP/ND");
-        }
-        (state.mac, state.ifindex, state.src_mac) = (hop.dst_mac, hop.ifindex, hop.src_mac);
-        if nat {
-            state.snat = svc.nat.snat_address.or(hop.src_addr);
-            if state.snat.is_none() {
-                self.backend_ids.release(id, 1);
-                bail!(
-                    "backend {}: no source address on the route to it; set nat.snat_address",
-                    state.addr()
-                );
-            }
-        }
-        self.maps
-            .tx_ports
-            .insert(hop.ifindex, hop.ifindex, None, 0)
-            .with_context(|| format!("adding {} to the egress devmap", hop.ifname))?;
-        Ok(state)
+        })
     }
 
-    /// Writes a service's backends, rebuilds its table if its members
+    /// Plans a service's backends, rebuilds its table if its members
     /// changed, swaps it in, and retires leavers.
-    fn sync(&mut self, key: ServiceId) -> Result<()> {
+    fn sync(&mut self, key: ServiceId, writes: &mut Vec<Write>) -> Result<()> {
         let all_down = self.all_down;
         let svc = self.services.get_mut(&key).expect("caller checked");
         let mut members: Vec<&BackendState> = svc
@@ -586,25 +766,29 @@ impl Controller {
             if state == BACKEND_ACTIVE && b.state != BACKEND_ACTIVE {
                 b.state = state;
                 b.draining_since = None;
-                self.maps.backends.set(b.id, b.entry(svc.id), 0)?;
+                writes.push(Write::Backend(b.id, b.entry(svc.id)));
             }
         }
         // 2.+3. New table into the idle half, then the swap.
-        let skey = addr::service_key(key.0, key.1, key.2);
-        let exists = self.maps.services.get(&skey, 0).is_ok();
-        if table != svc.table || !exists {
+        let exists = svc.programmed;
+        if *table != *svc.table || !exists {
             let next = if exists {
                 1 - svc.active_half
             } else {
                 svc.active_half
             };
-            self.maps.write_table(svc.table_base(next), &table)?;
+            let table = Arc::new(table);
+            writes.push(Write::Table {
+                base: svc.table_base(next),
+                table: table.clone(),
+            });
             svc.active_half = next;
             svc.table = table;
-            self.maps
-                .services
-                .insert(skey, svc.entry(), 0)
-                .context("swapping in the new table")?;
+            svc.programmed = true;
+            writes.push(Write::Service(
+                addr::service_key(key.0, key.1, key.2),
+                svc.entry(),
+            ));
             info!(service = %svc.config.name, members = member_ids.len(), "Maglev table swapped in");
         }
         // 4. Leavers stop only now.
@@ -613,61 +797,9 @@ impl Controller {
             if state != b.state {
                 b.draining_since = (state == BACKEND_DRAINING).then_some(now);
                 b.state = state;
-                self.maps.backends.set(b.id, b.entry(svc.id), 0)?;
+                writes.push(Write::Backend(b.id, b.entry(svc.id)));
             } else if !exists {
-                self.maps.backends.set(b.id, b.entry(svc.id), 0)?;
-            }
-        }
-        Ok(())
-    }
-
-    /// Moves the flows of backends that have been draining longer than
-    /// their service's drain timeout: the datapath re-picks them. Returns
-    /// the backends it expired.
-    pub fn expire_drains(&mut self, now: Instant) -> Result<Vec<(String, SocketAddr)>> {
-        let mut expired = Vec::new();
-        for svc in self.services.values_mut() {
-            let timeout = svc.config.drain_timeout;
-            for b in svc.backends.values_mut() {
-                if b.draining_since
-                    .is_some_and(|t| now.duration_since(t) >= timeout)
-                {
-                    b.draining_since = None;
-                    b.state = BACKEND_DOWN;
-                    self.maps.backends.set(b.id, b.entry(svc.id), 0)?;
-                    info!(service = %svc.config.name, backend = %b.addr(), "drain timeout passed: remaining flows move to other backends");
-                    expired.push((svc.config.name.clone(), b.addr()));
-                }
-            }
-        }
-        Ok(expired)
-    }
-
-    /// Re-reads backends' next hops and rewrites those that changed (a
-    /// backend's MAC resolved late or changed). Cheap; call every few
-    /// seconds.
-    pub fn refresh_neighbours(&mut self) -> Result<()> {
-        for svc in self.services.values_mut() {
-            let via_router = svc.config.mode == Mode::Nat;
-            for b in svc.backends.values_mut() {
-                let wait = if b.mac.is_none() {
-                    Duration::from_millis(100)
-                } else {
-                    Duration::ZERO
-                };
-                let Ok(hop) = neigh::resolve(b.config.address, wait, via_router) else {
-                    continue;
-                };
-                // Keep the last known MAC while the kernel re-verifies it.
-                let mac = hop.dst_mac.or(b.mac);
-                if (mac, hop.ifindex, hop.src_mac) != (b.mac, b.ifindex, b.src_mac) {
-                    info!(backend = %b.addr(), mac = ?mac, "backend next hop updated");
-                    (b.mac, b.ifindex, b.src_mac) = (mac, hop.ifindex, hop.src_mac);
-                    self.maps.backends.set(b.id, b.entry(svc.id), 0)?;
-                    self.maps
-                        .tx_ports
-                        .insert(hop.ifindex, hop.ifindex, None, 0)?;
-                }
+                writes.push(Write::Backend(b.id, b.entry(svc.id)));
             }
         }
         Ok(())
@@ -690,35 +822,6 @@ impl Controller {
             )
         })?;
         Ok((*key, b))
-    }
-
-    /// Records a health-check verdict; rebuilds the table if it changed
-    /// anything. Returns whether it did.
-    pub fn set_health(
-        &mut self,
-        service: &str,
-        backend: BackendAddr,
-        healthy: bool,
-    ) -> Result<bool> {
-        let (key, b) = self.backend_mut(service, backend)?;
-        if b.healthy == healthy {
-            return Ok(false);
-        }
-        b.healthy = healthy;
-        self.sync(key)?;
-        Ok(true)
-    }
-
-    /// Sets a backend's admin state (drain/undrain/down); rebuilds the
-    /// table if it changed. Returns whether it did.
-    pub fn set_admin(&mut self, service: &str, backend: BackendAddr, admin: Admin) -> Result<bool> {
-        let (key, b) = self.backend_mut(service, backend)?;
-        if b.admin == admin {
-            return Ok(false);
-        }
-        b.admin = admin;
-        self.sync(key)?;
-        Ok(true)
     }
 }
 

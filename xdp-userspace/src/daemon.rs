@@ -27,9 +27,10 @@ use crate::{
     api::{self, ApiError, BackendRef, DatapathState, Done, Request},
     config::{Admin, Config, Mode, ServiceConfig, ServiceKey},
     controller::{Controller, ServiceState},
-    dataplane::{monotonic_coarse_ns, Maps, NatOccupancy},
+    dataplane::{monotonic_coarse_ns, Maps, NatOccupancy, NatSweeper},
     health::{CheckTarget, HealthChecker, HealthEvent},
     loader::{self, AttachMode, Datapath},
+    neigh::Resolver,
     state::Overlay,
 };
 
@@ -50,6 +51,14 @@ const MAX_CONCURRENT_CHECKS: usize = 64;
 /// Everything the API, the health checker and the signal handlers share.
 struct Daemon {
     inner: Mutex<Inner>,
+    /// Held through a whole change, so that the slow part (resolving new
+    /// backends' next hops) runs without `inner`: health events and reads
+    /// never wait behind it.
+    changing: Mutex<()>,
+    /// The controller's next-hop resolver, used without `inner`.
+    resolver: Arc<Resolver>,
+    /// The controller's NAT sweeper, used without `inner`.
+    sweeper: Mutex<NatSweeper>,
     config_path: PathBuf,
     state_file: PathBuf,
     pin_dir: PathBuf,
@@ -87,22 +96,33 @@ impl Daemon {
         reload_file: bool,
         edit: impl FnOnce(&mut Overlay, &Config) -> Result<String, ApiError>,
     ) -> Result<Value, ApiError> {
-        let mut inner = self.lock();
+        let _changing = self.changing.lock().unwrap_or_else(|p| p.into_inner());
+        let (file, mut overlay, config) = {
+            let inner = self.lock();
+            (
+                inner.file.clone(),
+                inner.overlay.clone(),
+                inner.config.clone(),
+            )
+        };
         let file = if reload_file {
             Config::load(&self.config_path).map_err(|e| ApiError::bad_request(e.to_string()))?
         } else {
-            inner.file.clone()
+            file
         };
-        let mut overlay = inner.overlay.clone();
-        let message = edit(&mut overlay, &inner.config)?;
+        let message = edit(&mut overlay, &config)?;
         let merged = overlay
             .merge(&file)
             .map_err(|e| ApiError::bad_request(e.to_string()))?;
+        // Slow (next hops of new backends), so without the lock; `apply`
+        // then finds them resolved.
+        self.resolver.prepare(&merged);
         // Written and flushed first, put in place last: a change that could
         // not be persisted would be lost at the next start.
         let staged = overlay.stage(&self.state_file).map_err(|e| {
             ApiError::internal(format!("not changed: cannot persist the change: {e:#}"))
         })?;
+        let mut inner = self.lock();
         let applied = inner
             .controller
             .apply(&merged)
@@ -153,13 +173,17 @@ impl Daemon {
     }
 
     fn tick(&self) {
-        let mut inner = self.lock();
-        if let Err(e) = inner.controller.expire_drains(Instant::now()) {
-            error!("expiring drains: {e:#}");
-        }
-        let nat_in_use = inner.config.services.iter().any(|s| s.mode == Mode::Nat);
-        inner.nat = if nat_in_use {
-            match inner.controller.maps.sweep_nat(monotonic_coarse_ns()) {
+        let nat_in_use = {
+            let mut inner = self.lock();
+            if let Err(e) = inner.controller.expire_drains(Instant::now()) {
+                error!("expiring drains: {e:#}");
+            }
+            inner.config.services.iter().any(|s| s.mode == Mode::Nat)
+        };
+        // Reading the NAT tables is slow when they are full: without the lock.
+        let nat = if nat_in_use {
+            let mut sweeper = self.sweeper.lock().unwrap_or_else(|p| p.into_inner());
+            match sweeper.sweep(monotonic_coarse_ns()) {
                 Ok(o) => Some(o),
                 Err(e) => {
                     error!("sweeping NAT tables: {e:#}");
@@ -169,10 +193,15 @@ impl Daemon {
         } else {
             None
         };
+        self.lock().nat = nat;
     }
 
+    /// Re-resolves backends' next hops without the lock, then writes the
+    /// ones that changed.
     fn refresh(&self) {
-        if let Err(e) = self.lock().controller.refresh_neighbours() {
+        let targets = self.lock().controller.next_hop_targets();
+        let hops = self.resolver.refresh(&targets);
+        if let Err(e) = self.lock().controller.update_next_hops(&hops) {
             warn!("refreshing backend next hops: {e:#}");
         }
     }
@@ -291,7 +320,7 @@ impl api::Handler for Daemon {
                     .ok_or_else(|| ApiError::not_found(format!("no service at {key}")))?;
                 let route = inner
                     .controller
-                    .maps
+                    .maps()
                     .route(src, dst, protocol.number())
                     .map_err(|e| ApiError::not_found(format!("{e:#}")))?;
                 let backend_state = svc
@@ -309,7 +338,7 @@ impl api::Handler for Daemon {
             }
             Request::Stats => {
                 let inner = self.lock();
-                let maps = &inner.controller.maps;
+                let maps = inner.controller.maps();
                 let reasons = maps
                     .reason_counts()
                     .map_err(|e| ApiError::internal(format!("{e:#}")))?
@@ -385,7 +414,7 @@ impl Daemon {
 }
 
 fn service_view(inner: &Inner, s: &ServiceState) -> api::ServiceView {
-    let maps = &inner.controller.maps;
+    let maps = inner.controller.maps();
     let health = inner.health.status();
     let c = maps.service_counters(s.id).unwrap_or_default();
     let cfg: &ServiceConfig = &s.config;
@@ -497,6 +526,9 @@ pub fn run(opts: Options) -> Result<()> {
     let maps = Maps::take(&mut datapath.ebpf)?;
     let mut controller = Controller::new(maps)?;
     let adopted = controller.adopting();
+    let resolver = controller.resolver();
+    let sweeper = controller.nat_sweeper()?;
+    resolver.prepare(&config);
     controller.apply(&config)?;
     warn_port_overlap(&config);
     let mut interfaces = Vec::new();
@@ -505,9 +537,7 @@ pub fn run(opts: Options) -> Result<()> {
         // came in on, which may be any of ours: all are redirect targets.
         let ifindex = loader::interface_index(iface)?;
         controller
-            .maps
-            .tx_ports
-            .insert(ifindex, ifindex, None, 0)
+            .add_egress(ifindex)
             .with_context(|| format!("adding {iface} to the egress devmap"))?;
         let attached = datapath.attach_pinned(iface, opts.mode)?;
         info!(%iface, mode = attached.name(), "XDP program attached");
@@ -528,6 +558,9 @@ pub fn run(opts: Options) -> Result<()> {
         let health = HealthChecker::spawn(targets, MAX_CONCURRENT_CHECKS, events_tx);
         let daemon = Arc::new(Daemon {
             inner: Mutex::new(Inner { controller, file, overlay, config, health, nat: None }),
+            changing: Mutex::new(()),
+            resolver,
+            sweeper: Mutex::new(sweeper),
             config_path: opts.config.clone(),
             state_file,
             pin_dir: pin_dir.clone(),

@@ -1,7 +1,12 @@
 //! Typed handles on the datapath's maps, and the writes and reads the
 //! control plane makes through them.
 
-use std::{net::SocketAddr, path::Path};
+use std::{
+    net::SocketAddr,
+    os::fd::{AsFd as _, OwnedFd},
+    path::Path,
+    sync::Arc,
+};
 
 use anyhow::{bail, Context as _, Result};
 use aya::{
@@ -25,6 +30,8 @@ pub struct Maps {
     pub nat_fwd: HashMap<MapData, FlowKey, NatFwd>,
     pub nat_rev: HashMap<MapData, FlowKey, NatRev>,
     pub globals: Array<MapData, Globals>,
+    /// Second descriptors of the NAT tables, for [`Maps::nat_sweeper`].
+    nat_fds: [OwnedFd; 2],
 }
 
 /// A map by name, from a loaded program or from its pin.
@@ -58,6 +65,16 @@ impl Maps {
                     .with_context(|| format!("map {} has an unexpected type", $name))?
             };
         }
+        let mut nat_map = |name: &str| -> Result<(Map, OwnedFd)> {
+            let map = src.map(name)?;
+            let Map::HashMap(data) = &map else {
+                bail!("map {name} has an unexpected type");
+            };
+            let fd = data.fd().as_fd().try_clone_to_owned()?;
+            Ok((map, fd))
+        };
+        let (nat_fwd, fwd_fd) = nat_map(names::NAT_FWD)?;
+        let (nat_rev, rev_fd) = nat_map(names::NAT_REV)?;
         Ok(Self {
             services: typed!(names::SERVICES),
             backends: typed!(names::BACKENDS),
@@ -67,9 +84,10 @@ impl Maps {
             service_stats: typed!(names::SERVICE_STATS),
             backend_stats: typed!(names::BACKEND_STATS),
             tx_ports: typed!(names::TX_PORTS),
-            nat_fwd: typed!(names::NAT_FWD),
-            nat_rev: typed!(names::NAT_REV),
+            nat_fwd: nat_fwd.try_into()?,
+            nat_rev: nat_rev.try_into()?,
             globals: typed!(names::GLOBALS),
+            nat_fds: [fwd_fd, rev_fd],
         })
     }
 
@@ -83,60 +101,56 @@ impl Maps {
         Self::from_source(pin_dir)
     }
 
-    /// Deletes idle NAT entries (their ports become free) and returns the
-    /// tables' occupancy. An entry goes when it is past its idle timeout
-    /// and so is its partner in the other direction.
-    pub fn sweep_nat(&mut self, now_ns: u64) -> Result<NatOccupancy> {
-        let idle = |last: u64, timeout_s: u32| {
-            now_ns.saturating_sub(last) > u64::from(timeout_s) * 1_000_000_000
-        };
-        let mut occupancy = NatOccupancy {
-            capacity: MAX_NAT_FLOWS,
-            ..Default::default()
-        };
-        let fwd: Vec<(FlowKey, NatFwd)> = self.nat_fwd.iter().filter_map(Result::ok).collect();
-        let rev: Vec<(FlowKey, NatRev)> = self.nat_rev.iter().filter_map(Result::ok).collect();
-        let fwd_idle: std::collections::HashMap<FlowKey, bool> = fwd
-            .iter()
-            .map(|(k, f)| (*k, idle(f.last_seen_ns, f.timeout_s)))
-            .collect();
-        let mut rev_idle_by_client = std::collections::HashMap::new();
-        for (k, r) in &rev {
-            let client_key = FlowKey {
-                src: r.client,
-                dst: r.vip,
-                sport_be: r.client_port_be,
-                dport_be: r.vip_port_be,
-                proto: k.proto,
-                _pad: [0; 3],
-            };
-            let this_idle = idle(r.last_seen_ns, r.timeout_s);
-            rev_idle_by_client.insert(client_key, this_idle);
-            if this_idle && fwd_idle.get(&client_key).copied().unwrap_or(true) {
-                let _ = self.nat_rev.remove(k);
-                occupancy.reclaimed += 1;
-            } else {
-                occupancy.reverse += 1;
-            }
-        }
-        for (k, f) in &fwd {
-            if idle(f.last_seen_ns, f.timeout_s)
-                && rev_idle_by_client.get(k).copied().unwrap_or(true)
-            {
-                let _ = self.nat_fwd.remove(k);
-            } else {
-                occupancy.flows += 1;
-            }
-        }
-        Ok(occupancy)
+    /// Deletes idle NAT entries (see [`NatSweeper`]); tests use this to put
+    /// packets between the scan and the deletions (`after_scan`).
+    #[doc(hidden)]
+    pub fn sweep_nat_with(
+        &mut self,
+        now_ns: u64,
+        after_scan: impl FnOnce(),
+    ) -> Result<NatOccupancy> {
+        sweep(&mut self.nat_fwd, &mut self.nat_rev, now_ns, after_scan)
     }
 
-    /// Removes every service entry (a fresh start over adopted maps): the
-    /// datapath then passes all traffic until services are programmed.
-    pub fn clear_services(&mut self) -> Result<()> {
-        let keys: Vec<ServiceKey> = self.services.keys().collect::<Result<_, _>>()?;
-        for key in keys {
-            self.services.remove(&key)?;
+    /// A sweeper with handles of its own on the NAT tables, so that it runs
+    /// beside whoever holds these maps.
+    pub(crate) fn nat_sweeper(&self) -> Result<NatSweeper> {
+        let open =
+            |fd: &OwnedFd| -> Result<Map> { Ok(Map::HashMap(MapData::from_fd(fd.try_clone()?)?)) };
+        Ok(NatSweeper {
+            fwd: open(&self.nat_fds[0])?.try_into()?,
+            rev: open(&self.nat_fds[1])?.try_into()?,
+        })
+    }
+
+    /// Makes the control plane's writes, in order.
+    pub(crate) fn write(&mut self, writes: &[Write]) -> Result<()> {
+        for w in writes {
+            match w {
+                Write::Backend(id, b) => self
+                    .backends
+                    .set(*id, *b, 0)
+                    .with_context(|| format!("writing backend {id}"))?,
+                Write::Table { base, table } => self.write_table(*base, table)?,
+                Write::Service(key, svc) => self
+                    .services
+                    .insert(key, svc, 0)
+                    .context("swapping in a service's new table")?,
+                Write::RemoveService(key) => {
+                    self.services.remove(key).context("removing a service")?
+                }
+                Write::ResetCounters { service, backend } => {
+                    self.reset_counters(*service, *backend)?
+                }
+                Write::TxPort(ifindex) => self
+                    .tx_ports
+                    .insert(*ifindex, *ifindex, None, 0)
+                    .with_context(|| format!("adding ifindex {ifindex} to the egress devmap"))?,
+                Write::Globals(g) => self
+                    .globals
+                    .set(0, g, 0)
+                    .context("writing datapath globals")?,
+            }
         }
         Ok(())
     }
@@ -190,7 +204,11 @@ impl Maps {
     }
 
     /// Zeroes a service's or backend's counters (when its id is reused).
-    pub fn reset_counters(&mut self, service: Option<u32>, backend: Option<u32>) -> Result<()> {
+    pub(crate) fn reset_counters(
+        &mut self,
+        service: Option<u32>,
+        backend: Option<u32>,
+    ) -> Result<()> {
         let zero = || {
             aya::maps::PerCpuValues::try_from(vec![
                 Counters::default();
@@ -224,7 +242,7 @@ impl Maps {
         } else {
             self.flows.get(&key, 0).ok().map(|f| f.backend)
         };
-        let live = |id: u32| self.backend(id).ok().filter(|b| b.state != BACKEND_DOWN);
+        let live = |id: u32| self.backend(id).ok().filter(Backend::is_live);
         let (id, backend, established) = match pinned.and_then(|id| live(id).map(|b| (id, b))) {
             Some((id, b)) => (id, b, true),
             None => {
@@ -260,6 +278,97 @@ impl Maps {
                 .then(|| hash % service.table_size),
         })
     }
+}
+
+/// Reclaims idle NAT entries. The controller never writes the NAT tables
+/// (the datapath does); this only deletes, so it needs no lock shared with
+/// the controller, and the daemon runs it without its own.
+pub(crate) struct NatSweeper {
+    fwd: HashMap<MapData, FlowKey, NatFwd>,
+    rev: HashMap<MapData, FlowKey, NatRev>,
+}
+
+impl NatSweeper {
+    /// Deletes idle NAT entries (their ports become free) and returns the
+    /// tables' occupancy. An entry goes when it is past its idle timeout
+    /// and so is its partner in the other direction.
+    ///
+    /// The datapath writes these entries while the sweep runs: a packet may
+    /// refresh or replace an entry after it was read as idle. So each
+    /// deletion re-reads the entry first and deletes it only if it is still
+    /// the value judged idle. (The window left is the one between that
+    /// read and the delete, two system calls apart; the datapath also
+    /// reclaims an idle port itself when a new flow needs it.)
+    pub fn sweep(&mut self, now_ns: u64) -> Result<NatOccupancy> {
+        sweep(&mut self.fwd, &mut self.rev, now_ns, || ())
+    }
+}
+
+fn sweep(
+    nat_fwd: &mut HashMap<MapData, FlowKey, NatFwd>,
+    nat_rev: &mut HashMap<MapData, FlowKey, NatRev>,
+    now_ns: u64,
+    after_scan: impl FnOnce(),
+) -> Result<NatOccupancy> {
+    let mut occupancy = NatOccupancy {
+        capacity: MAX_NAT_FLOWS,
+        ..Default::default()
+    };
+    let fwd: Vec<(FlowKey, NatFwd)> = nat_fwd.iter().filter_map(Result::ok).collect();
+    let rev: Vec<(FlowKey, NatRev)> = nat_rev.iter().filter_map(Result::ok).collect();
+    let fwd_idle: std::collections::HashMap<FlowKey, bool> =
+        fwd.iter().map(|(k, f)| (*k, f.expired(now_ns))).collect();
+    after_scan();
+    let mut rev_idle_by_client = std::collections::HashMap::new();
+    for (k, r) in &rev {
+        let client_key = r.client_key(k.proto);
+        let idle = r.expired(now_ns)
+            && fwd_idle.get(&client_key).copied().unwrap_or(true)
+            && nat_rev.get(k, 0).is_ok_and(|now| now == *r);
+        // A reply entry refreshed since the scan keeps its partner too.
+        rev_idle_by_client.insert(client_key, idle);
+        if idle {
+            let _ = nat_rev.remove(k);
+            occupancy.reclaimed += 1;
+        } else {
+            occupancy.reverse += 1;
+        }
+    }
+    for (k, f) in &fwd {
+        if f.expired(now_ns)
+            && rev_idle_by_client.get(k).copied().unwrap_or(true)
+            && nat_fwd.get(k, 0).is_ok_and(|now| now == *f)
+        {
+            let _ = nat_fwd.remove(k);
+        } else {
+            occupancy.flows += 1;
+        }
+    }
+    Ok(occupancy)
+}
+
+/// One write of the control plane to the maps. The controller plans a
+/// change as a list of these (nothing touched), then makes them in order.
+#[derive(Clone, Debug)]
+pub(crate) enum Write {
+    /// Backend id -> its entry.
+    Backend(u32, Backend),
+    /// A Maglev table at `base` in the flat array.
+    Table {
+        base: u32,
+        table: Arc<Vec<u32>>,
+    },
+    /// A service's entry: the swap to its new table.
+    Service(ServiceKey, Service),
+    RemoveService(ServiceKey),
+    /// Zeroes the counters of a reused service or backend id.
+    ResetCounters {
+        service: Option<u32>,
+        backend: Option<u32>,
+    },
+    /// An egress interface the datapath may redirect to.
+    TxPort(u32),
+    Globals(Globals),
 }
 
 /// NAT table use after a sweep.

@@ -9,7 +9,7 @@ pub mod dataplane;
 pub mod health;
 pub mod loader;
 pub mod maglev;
-pub mod neigh;
+pub(crate) mod neigh;
 pub mod program;
 mod state;
 pub mod web;

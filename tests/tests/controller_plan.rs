@@ -1,0 +1,130 @@
+//! The controller plans a change completely before it writes: a change that
+//! fails while planning (here: a backend with no route, listed after a
+//! service whose table the same change rebuilds) leaves every map
+//! byte-identical. Real maps of the loaded program, real next hops from
+//! rtnetlink in a veth namespace. Needs root (BPF, namespaces).
+
+use std::path::PathBuf;
+
+use xdp_common::{Backend, Globals, Service, ServiceKey, BACKEND_ACTIVE, MAX_BACKENDS};
+use xdplb::{config::Config, controller::Controller, dataplane::Maps, loader::Datapath};
+use xdplb_tests::netns::{unique_prefix, Netns};
+
+const TABLE_SIZE: u32 = 251;
+
+/// Everything the controller may write, read back from the kernel.
+#[derive(Debug, PartialEq)]
+struct Snapshot {
+    services: Vec<(ServiceKey, Service)>,
+    backends: Vec<Backend>,
+    /// The slots every service of these tests can use.
+    maglev: Vec<u32>,
+    tx_ports: Vec<u32>,
+    globals: Globals,
+}
+
+fn snapshot(maps: &Maps) -> Snapshot {
+    let mut services: Vec<(ServiceKey, Service)> =
+        maps.services.iter().map(Result::unwrap).collect();
+    services.sort_by_key(|(k, _)| (k.addr, k.port_be, k.proto));
+    let mut tx_ports: Vec<u32> = maps.tx_ports.keys().map(Result::unwrap).collect();
+    tx_ports.sort();
+    Snapshot {
+        services,
+        backends: (0..MAX_BACKENDS)
+            .map(|i| maps.backend(i).unwrap())
+            .collect(),
+        maglev: (0..8 * TABLE_SIZE)
+            .map(|i| maps.maglev.get(&i, 0).unwrap())
+            .collect(),
+        tx_ports,
+        globals: maps.globals.get(&0, 0).unwrap(),
+    }
+}
+
+fn config(services: &[(&str, &str, &[&str])]) -> Config {
+    let mut text = String::new();
+    for (name, vip, backends) in services {
+        text += &format!(
+            "[[service]]\nname = \"{name}\"\nvip = \"{vip}\"\nport = 80\nprotocol = \"tcp\"\n\
+             table_size = {TABLE_SIZE}\n"
+        );
+        for b in *backends {
+            text += &format!("[[service.backend]]\naddress = \"{b}\"\n");
+        }
+    }
+    Config::parse(&text, "test").unwrap()
+}
+
+/// Loaded program with its maps pinned in a directory of its own, removed
+/// when dropped.
+struct Pinned(PathBuf);
+
+impl Drop for Pinned {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[test]
+fn a_change_that_fails_while_planning_writes_nothing() {
+    let ns = Netns::new(&unique_prefix("plan")).unwrap();
+    for cmd in [
+        "ip link add v0 type veth peer name v1",
+        "ip link set v0 up",
+        "ip link set v1 up",
+        "ip addr add 10.1.0.1/24 dev v0",
+        "ip neigh replace 10.1.0.11 lladdr 02:00:00:00:00:11 dev v0 nud permanent",
+        "ip neigh replace 10.1.0.12 lladdr 02:00:00:00:00:12 dev v0 nud permanent",
+    ] {
+        ns.exec(&cmd.split(' ').collect::<Vec<_>>()).unwrap();
+    }
+    let pins = Pinned(PathBuf::from(format!(
+        "/sys/fs/bpf/{}",
+        unique_prefix("xdplb-plan")
+    )));
+    let mut datapath = Datapath::load(&pins.0).unwrap();
+    let maps = Maps::take(&mut datapath.ebpf).unwrap();
+
+    ns.run(move || {
+        let mut controller = Controller::new(maps).unwrap();
+        controller
+            .apply(&config(&[("a", "10.0.0.1", &["10.1.0.11"])]))
+            .unwrap();
+        let before = snapshot(controller.maps());
+
+        // "a" changes (its table is rebuilt) and comes first in key order;
+        // "b"'s backend has no route: the change fails while planning.
+        let failing = config(&[
+            ("a", "10.0.0.1", &["10.1.0.11", "10.1.0.12"]),
+            ("b", "10.0.0.2", &["192.0.2.1"]),
+        ]);
+        let err = controller.apply(&failing).unwrap_err();
+        assert!(format!("{err:#}").contains("no route"), "{err:#}");
+        assert_eq!(
+            snapshot(controller.maps()),
+            before,
+            "a change refused while planning wrote to the maps"
+        );
+        let a = controller.service_by_name("a").unwrap();
+        assert_eq!(a.backends.len(), 1, "the model is unchanged too");
+        assert!(controller.service_by_name("b").is_none());
+
+        // The same change without the bad service goes through: the
+        // snapshot above does see writes.
+        controller
+            .apply(&config(&[("a", "10.0.0.1", &["10.1.0.11", "10.1.0.12"])]))
+            .unwrap();
+        let after = snapshot(controller.maps());
+        assert_ne!(after, before);
+        let a = controller.service_by_name("a").unwrap();
+        assert_eq!(a.active(), 2);
+        for b in a.backends.values() {
+            let entry = controller.maps().backend(b.id).unwrap();
+            assert_eq!(entry.state, BACKEND_ACTIVE);
+            assert!(entry.next_hop_resolved(), "{entry:?}");
+        }
+    });
+    drop(datapath);
+    drop(pins);
+}
