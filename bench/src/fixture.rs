@@ -1,54 +1,60 @@
-//! The real xdplb program, loaded with its maps pinned in a directory of
-//! the bench's own, and populated directly (as tests/tests/fixtures.rs
-//! does): no daemon involved.
+//! The benchmarks' services and backends, written into the test kit's
+//! datapath harness (`xdplb_tests::datapath`, shared with the packet
+//! fixtures): the real program, populated directly, no daemon involved.
 
 use std::net::{IpAddr, SocketAddr};
 
 use anyhow::{Context as _, Result};
-use aya::programs::Xdp;
-use xdp_common::{Backend, Globals, Service, BACKEND_ACTIVE, SVC_F_NAT};
+use xdp_common::{Backend, BACKEND_ACTIVE};
 use xdplb::{
     addr,
-    dataplane::Maps,
-    loader::Datapath,
     maglev::{self, MaglevBackend},
 };
+use xdplb_tests::datapath::{dsr_service, nat_service, DEFAULT_TIMEOUTS};
+pub use xdplb_tests::datapath::{TestDatapath as Loaded, XDP_PASS, XDP_TX};
 
-use crate::harness::PinDir;
-
-pub const XDP_PASS: u32 = 2;
-pub const XDP_TX: u32 = 3;
-
-/// The loaded program and its maps; the pins are removed on drop (after
-/// the program and maps are closed: fields drop in order).
-pub struct Loaded {
-    pub datapath: Datapath,
-    pub maps: Maps,
-    _pins: PinDir,
-}
-
-impl Loaded {
-    pub fn new(tag: &str) -> Result<Self> {
-        let pins = PinDir::new(tag);
-        let mut datapath =
-            Datapath::load(pins.path()).context("loading the xdplb program (needs root)")?;
-        let maps = Maps::take(&mut datapath.ebpf)?;
-        Ok(Self {
-            datapath,
-            maps,
-            _pins: pins,
-        })
-    }
-
-    /// The program and the maps, borrowed separately.
-    pub fn parts(&mut self) -> (&Xdp, &mut Maps) {
-        let prog: &Xdp = self.datapath.program();
-        (prog, &mut self.maps)
-    }
-
+/// The rows a benchmark writes, on top of the shared harness.
+pub trait Rows {
     /// Writes backend `id`: frames to it leave through `ifindex` with
     /// these MACs.
-    pub fn backend(
+    fn backend(
+        &mut self,
+        id: u32,
+        ip: IpAddr,
+        dst_mac: [u8; 6],
+        src_mac: [u8; 6],
+        ifindex: u32,
+        state: u32,
+    ) -> Result<()>;
+
+    /// Writes `table` at `base` of the Maglev array and points the
+    /// service at `vip` over `proto` at it.
+    fn service(
+        &mut self,
+        vip: SocketAddr,
+        proto: u8,
+        id: u32,
+        base: u32,
+        table: &[u32],
+    ) -> Result<()>;
+
+    /// A NAT service at `vip` whose table names `backend` only, which
+    /// listens on `backend_port` and sees `snat` as source; NAT enabled.
+    #[expect(clippy::too_many_arguments, reason = "one fixture row, spelled out")]
+    fn nat_service(
+        &mut self,
+        vip: SocketAddr,
+        proto: u8,
+        id: u32,
+        base: u32,
+        backend: u32,
+        backend_port: u16,
+        snat: IpAddr,
+    ) -> Result<()>;
+}
+
+impl Rows for Loaded {
+    fn backend(
         &mut self,
         id: u32,
         ip: IpAddr,
@@ -66,16 +72,10 @@ impl Loaded {
             port_be: 80u16.to_be(),
             ..Default::default()
         };
-        self.maps
-            .backends
-            .set(id, b, 0)
-            .with_context(|| format!("writing backend {id}"))
+        self.set_backend(id, b)
     }
 
-    /// Writes `table` at `base` of the Maglev array and points the service
-    /// at `vip` over `proto` at it.
-    #[allow(clippy::needless_update)] // Service grows fields (NAT) that default to zero.
-    pub fn service(
+    fn service(
         &mut self,
         vip: SocketAddr,
         proto: u8,
@@ -83,26 +83,10 @@ impl Loaded {
         base: u32,
         table: &[u32],
     ) -> Result<()> {
-        self.maps.write_table(base, table)?;
-        let svc = Service {
-            id,
-            flags: 0,
-            table_base: base,
-            table_size: table.len() as u32,
-            ..Default::default()
-        };
-        self.maps
-            .services
-            .insert(addr::service_key(vip.ip(), vip.port(), proto), svc, 0)
-            .with_context(|| format!("writing service {vip}"))
+        self.set_service(vip, proto, dsr_service(id, base, table.len() as u32), table)
     }
-}
 
-impl Loaded {
-    /// A NAT service at `vip` whose table names `backend` only, which
-    /// listens on `backend_port` and sees `snat` as source; NAT enabled.
-    #[expect(clippy::too_many_arguments, reason = "one fixture row, spelled out")]
-    pub fn nat_service(
+    fn nat_service(
         &mut self,
         vip: SocketAddr,
         proto: u8,
@@ -115,24 +99,11 @@ impl Loaded {
         let mut b = self.maps.backend(backend)?;
         b.snat_addr = addr::to_words(snat);
         b.port_be = backend_port.to_be();
-        self.maps.backends.set(backend, b, 0)?;
-        self.maps.write_table(base, &vec![backend; 251])?;
-        let svc = Service {
-            id,
-            flags: SVC_F_NAT,
-            table_base: base,
-            table_size: 251,
-            nat_port_base: 10000,
-            nat_port_count: 22768,
-            nat_tcp_timeout: 3600,
-            nat_closing_timeout: 10,
-            nat_udp_timeout: 60,
-        };
-        self.maps
-            .services
-            .insert(addr::service_key(vip.ip(), vip.port(), proto), svc, 0)?;
-        self.maps.globals.set(0, Globals { nat_enabled: 1 }, 0)?;
-        Ok(())
+        self.set_backend(backend, b)?;
+        let svc = nat_service(id, base, 251, (10000, 22768), DEFAULT_TIMEOUTS);
+        self.set_service(vip, proto, svc, &[backend])
+            .context("writing the NAT service")?;
+        self.set_nat_enabled(true)
     }
 }
 

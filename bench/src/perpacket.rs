@@ -26,8 +26,8 @@ use xdplb::{
 };
 
 use crate::{
-    fixture::{backends_with_table, Loaded, XDP_PASS, XDP_TX},
-    frames::{self, Sources},
+    fixture::{backends_with_table, Loaded, Rows as _, XDP_PASS, XDP_TX},
+    frames::{self, NewFlows, Sources},
     harness::{on_cpu, Figure, Opts, Reference, Section},
     report::median_of,
 };
@@ -79,6 +79,8 @@ enum Flows {
     /// full-table instance every insert then evicts).
     New {
         sources: Sources,
+        /// Boxed: a frame template is large next to `Same`.
+        frames: Box<NewFlows>,
         dst: SocketAddr,
         recycle: bool,
         inserted: Vec<FlowKey>,
@@ -128,6 +130,7 @@ impl Case {
         Self {
             flows: Flows::New {
                 sources: Sources::new(net),
+                frames: Box::new(NewFlows::new(CLIENT_MAC, LB_MAC, dst, PROTO_TCP)),
                 dst,
                 recycle,
                 inserted: Vec::new(),
@@ -347,13 +350,14 @@ fn measure(
     for i in 0..warmup + calls {
         if let Flows::New {
             sources,
+            frames,
             dst,
             recycle,
             inserted,
         } = &mut case.flows
         {
             let src: SocketAddrV4 = sources.next().expect("endless");
-            frames::set_ipv4_source(&mut case.frame, src);
+            frames.write(src, &mut case.frame);
             if *recycle {
                 inserted.push(addr::flow_key(SocketAddr::V4(src), *dst, PROTO_TCP));
             }
@@ -458,8 +462,8 @@ pub fn run(opts: &Opts) -> Result<Section> {
 }
 
 fn measure_all(calls: usize, cpu: usize) -> Result<Section> {
-    let mut main = Loaded::new("pp")?;
-    let mut full = Loaded::new("ppfull")?;
+    let mut main = Loaded::load("pp")?;
+    let mut full = Loaded::load("ppfull")?;
     program_services(&mut main)?;
     program_services(&mut full)?;
     let reply = program_nat(&mut full)?;

@@ -31,7 +31,7 @@ use xdplb::{
 use xdplb_tests::netns::{unique_prefix, Netns};
 
 use crate::{
-    fixture::{backends_with_table, Loaded},
+    fixture::{backends_with_table, Loaded, Rows as _},
     frames,
     harness::{median, pin_current_thread, Figure, Opts, Section},
 };
@@ -216,7 +216,7 @@ pub fn run(opts: &Opts) -> Result<Section> {
         .run(|| attach_passthrough(PEER_IF))
         .context("attaching xdp_pass to the veth peer")?;
 
-    let mut lb = Loaded::new("pps")?;
+    let mut lb = Loaded::load("pps")?;
     let ifindex = ns.run(|| xdplb::loader::interface_index(LB_IF))?;
     let vip = "10.0.100.1:80".parse()?;
     let repick_vip = "10.0.100.3:80".parse()?;

@@ -1,15 +1,16 @@
-//! Veth-namespace testbed shared by the integration tests and `cargo xtask demo`.
+//! The test kit shared by the integration tests, the benchmarks and
+//! `cargo xtask demo`.
 //!
-//! Everything here deliberately depends only on std, anyhow and libc: xtask
-//! links this crate before the eBPF toolchain exists, so nothing eBPF-related
-//! may be pulled in.
-//!
+//! * [`datapath`]: the real program loaded with pinned maps, run on frames.
+//! * [`frame`]: the one frame builder (and checksum verifier) for fixtures and benchmarks.
 //! * [`netns`]: RAII network namespaces and ways to run code inside them.
 //! * [`proc`]: RAII child processes with captured output.
 //! * [`topology`]: the DSR demo/test topology (client, lb, backends on one L2 segment).
 //! * [`client`]: small HTTP/UDP client helpers to call from inside a namespace.
 
 pub mod client;
+pub mod datapath;
+pub mod frame;
 pub mod lb;
 pub mod nat_topology;
 pub mod netns;
