@@ -147,6 +147,25 @@ impl Harness {
         self.dp.reason(r).unwrap()
     }
 
+    /// Makes the flow `client -> vip` look `by` older in both NAT tables,
+    /// as if its last packets had passed that much earlier: the tests age
+    /// entries through the maps instead of sleeping past a timeout.
+    fn age(&mut self, client: SocketAddr, vip: SocketAddr, proto: u8, by: Duration) {
+        let by = u64::try_from(by.as_nanos()).unwrap();
+        let maps = &mut self.dp.maps;
+        let key = addr::flow_key(client, vip, proto);
+        let mut fwd = maps.nat_fwd.get(&key, 0).expect("a NAT_FWD entry to age");
+        fwd.last_seen_ns -= by;
+        maps.nat_fwd.insert(key, fwd, 0).unwrap();
+        let b = maps.backend(fwd.backend).unwrap();
+        let backend = SocketAddr::new(addr::from_words(b.addr), u16::from_be(b.port_be));
+        let snat = SocketAddr::new(addr::from_words(b.snat_addr), u16::from_be(fwd.nat_port_be));
+        let key = addr::flow_key(backend, snat, proto);
+        let mut rev = maps.nat_rev.get(&key, 0).expect("a NAT_REV entry to age");
+        rev.last_seen_ns -= by;
+        maps.nat_rev.insert(key, rev, 0).unwrap();
+    }
+
     /// NAT_FWD entry of the client's flow.
     fn fwd(&self, client: SocketAddr, vip: SocketAddr, proto: u8) -> Option<NatFwd> {
         self.dp
@@ -715,7 +734,7 @@ fn a_closed_flows_port_is_reused_after_the_closing_timeout() {
     );
     assert_eq!(h.reason(Reason::DropNatFull), 1);
 
-    std::thread::sleep(Duration::from_millis(1500));
+    h.age(a, vip, PROTO_TCP, Duration::from_millis(1500));
     let rev = h.rev(be, sa("10.0.1.1:31000"), PROTO_TCP).unwrap();
     let (verdict, out) = h.run(&Seg::tcp(b, vip, frame::SYN, b"").frame(LB_MAC_A, CLIENT_MAC));
     assert_eq!(
@@ -774,7 +793,7 @@ fn an_idle_udp_flows_port_is_reclaimed() {
     );
     let (verdict, _) = h.run(&Seg::udp(b, vip, b"q").frame(LB_MAC_A, CLIENT_MAC));
     assert_eq!(verdict, XDP_DROP, "port held by a live flow");
-    std::thread::sleep(Duration::from_millis(1500));
+    h.age(a, vip, PROTO_UDP, Duration::from_millis(1500));
     assert_eq!(
         h.forward(
             "second client after the timeout",
@@ -836,7 +855,7 @@ fn a_one_way_udp_flow_that_keeps_sending_keeps_its_port() {
         h.forward("one-way client", &Seg::udp(a, vip, b"m1"), 0, be, ip(SNAT4)),
         32000
     );
-    std::thread::sleep(Duration::from_millis(600));
+    h.age(a, vip, PROTO_UDP, Duration::from_millis(600));
     assert_eq!(
         h.forward(
             "one-way client, 0.6 s later",
@@ -847,7 +866,7 @@ fn a_one_way_udp_flow_that_keeps_sending_keeps_its_port() {
         ),
         32000
     );
-    std::thread::sleep(Duration::from_millis(600));
+    h.age(a, vip, PROTO_UDP, Duration::from_millis(600));
     // 1.2 s after the reply entry was written, 0.6 s after the flow's last packet.
     let (verdict, out) = h.run(&Seg::udp(b, vip, b"q").frame(LB_MAC_A, CLIENT_MAC));
     assert_eq!(
