@@ -458,15 +458,12 @@ impl Verifier<'_> {
         let (name, found, computed) = match proto {
             TCP => {
                 let (h, payload) = TcpHeader::from_slice(m).expect("a TCP header");
-                let computed = match (src, dst) {
-                    (IpAddr::V4(s), IpAddr::V4(d)) => {
-                        h.calc_checksum_ipv4_raw(s.octets(), d.octets(), payload)
-                    }
-                    (IpAddr::V6(s), IpAddr::V6(d)) => {
-                        h.calc_checksum_ipv6_raw(s.octets(), d.octets(), payload)
-                    }
-                    _ => panic!("{}: mixed address families", self.what),
-                };
+                let computed = by_family(
+                    src,
+                    dst,
+                    |s, d| h.calc_checksum_ipv4_raw(s, d, payload),
+                    |s, d| h.calc_checksum_ipv6_raw(s, d, payload),
+                );
                 ("TCP", h.checksum, computed.expect("TCP length"))
             }
             UDP => {
@@ -475,21 +472,32 @@ impl Verifier<'_> {
                     self.done.push(format!("{prefix}UDP without checksum"));
                     return;
                 }
-                let computed = match (src, dst) {
-                    (IpAddr::V4(s), IpAddr::V4(d)) => {
-                        h.calc_checksum_ipv4_raw(s.octets(), d.octets(), payload)
-                    }
-                    (IpAddr::V6(s), IpAddr::V6(d)) => {
-                        h.calc_checksum_ipv6_raw(s.octets(), d.octets(), payload)
-                    }
-                    _ => panic!("{}: mixed address families", self.what),
-                };
+                let computed = by_family(
+                    src,
+                    dst,
+                    |s, d| h.calc_checksum_ipv4_raw(s, d, payload),
+                    |s, d| h.calc_checksum_ipv6_raw(s, d, payload),
+                );
                 ("UDP", h.checksum, computed.expect("UDP length"))
             }
             _ => panic!("{}: unexpected protocol {proto}", self.what),
         };
         self.check(found, computed, &format!("{prefix}{name} checksum"));
         self.done.push(format!("{prefix}{name}"));
+    }
+}
+
+/// `v4` or `v6` applied to the addresses' octets, by address family.
+fn by_family<T>(
+    src: IpAddr,
+    dst: IpAddr,
+    v4: impl FnOnce([u8; 4], [u8; 4]) -> T,
+    v6: impl FnOnce([u8; 16], [u8; 16]) -> T,
+) -> T {
+    match (src, dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => v4(s.octets(), d.octets()),
+        (IpAddr::V6(s), IpAddr::V6(d)) => v6(s.octets(), d.octets()),
+        _ => panic!("mixed address families: {src} -> {dst}"),
     }
 }
 

@@ -138,6 +138,19 @@ impl Harness {
         h
     }
 
+    /// One UDP NAT service, VIP4:53 to BACKEND4:5353, with a single source
+    /// port (32000) and a 1 s UDP timeout.
+    fn one_udp_port() -> Self {
+        let mut h = Self::new();
+        h.set_backend(0, 0, BACKEND4, 5353, SNAT4);
+        let t = Timeouts {
+            udp: 1,
+            ..DEFAULT_TIMEOUTS
+        };
+        h.set_service(0, VIP4, 53, PROTO_UDP, &[0], (32000, 1), t);
+        h
+    }
+
     /// Runs the program on `input`: (verdict, output frame).
     fn run(&mut self, input: &[u8]) -> (u32, Vec<u8>) {
         self.dp.run(input).unwrap()
@@ -740,7 +753,8 @@ fn a_closed_flows_port_is_reused_after_the_closing_timeout() {
     assert_eq!(
         verdict,
         XDP_TX,
-        "a flow closed (FIN both ways) and idle 1.5 s, past its 1 s closing timeout, still holds its port: \
+        "a flow closed (FIN both ways) and idle 1.5 s, past its 1 s closing timeout, \
+         still holds its port: \
          NAT_FWD {:?}, NAT_REV {rev:?} (output {})",
         h.fwd(a, vip, PROTO_TCP),
         frame::hex(&out)
@@ -768,23 +782,8 @@ fn a_closed_flows_port_is_reused_after_the_closing_timeout() {
 /// timeout; the old flow, if it comes back, does not steal it back.
 #[test]
 fn an_idle_udp_flows_port_is_reclaimed() {
-    let mut h = Harness::new();
-    h.set_backend(0, 0, BACKEND4, 5353, SNAT4);
-    h.set_service(
-        0,
-        VIP4,
-        53,
-        PROTO_UDP,
-        &[0],
-        (32000, 1),
-        Timeouts {
-            tcp: 3600,
-            closing: 10,
-            udp: 1,
-        },
-    );
-    let be = sa("10.0.1.11:5353");
-    let vip = sa("10.0.100.1:53");
+    let mut h = Harness::one_udp_port();
+    let (be, vip) = (sa("10.0.1.11:5353"), sa("10.0.100.1:53"));
     let a = sa("10.0.0.1:5000");
     let b = sa("10.0.0.2:5000");
     assert_eq!(
@@ -832,23 +831,8 @@ fn an_idle_udp_flows_port_is_reclaimed() {
 /// new flow took it, both would share one reply key.
 #[test]
 fn a_one_way_udp_flow_that_keeps_sending_keeps_its_port() {
-    let mut h = Harness::new();
-    h.set_backend(0, 0, BACKEND4, 5353, SNAT4);
-    h.set_service(
-        0,
-        VIP4,
-        53,
-        PROTO_UDP,
-        &[0],
-        (32000, 1),
-        Timeouts {
-            tcp: 3600,
-            closing: 10,
-            udp: 1,
-        },
-    );
-    let be = sa("10.0.1.11:5353");
-    let vip = sa("10.0.100.1:53");
+    let mut h = Harness::one_udp_port();
+    let (be, vip) = (sa("10.0.1.11:5353"), sa("10.0.100.1:53"));
     let a = sa("10.0.0.1:5000");
     let b = sa("10.0.0.2:5000");
     assert_eq!(
@@ -872,7 +856,8 @@ fn a_one_way_udp_flow_that_keeps_sending_keeps_its_port() {
     assert_eq!(
         verdict,
         XDP_DROP,
-        "a new flow took the only port from a flow that sent 0.6 s ago (UDP timeout 1 s): NAT_FWD {:?}, NAT_REV {:?}, output {}",
+        "a new flow took the only port from a flow that sent 0.6 s ago (UDP timeout 1 s): \
+         NAT_FWD {:?}, NAT_REV {:?}, output {}",
         h.fwd(a, vip, PROTO_UDP),
         h.rev(be, sa("10.0.1.1:32000"), PROTO_UDP),
         frame::hex(&out)
@@ -1009,24 +994,36 @@ fn icmp_errors_about_translated_flows_are_translated_back() {
             checks: &["IPv4 header", "ICMP", "inner IPv4 header", "inner TCP"],
         },
         IcmpCase {
-            what: "IPv4 fragmentation needed, 548 of 1040 bytes quoted (as Linux routers do), TTL decremented",
+            what: "IPv4 fragmentation needed, 548 of 1040 bytes quoted (as Linux routers do), \
+                   TTL decremented",
             flow: 0,
             client_port: 41001,
             payload: big.clone(),
             icmp: frag_needed,
             quote_max: 548,
             decrement: true,
-            checks: &["IPv4 header", "ICMP", "inner IPv4 header", "inner L4 cut short"],
+            checks: &[
+                "IPv4 header",
+                "ICMP",
+                "inner IPv4 header",
+                "inner L4 cut short",
+            ],
         },
         IcmpCase {
-            what: "IPv4 fragmentation needed, header + 8 bytes quoted (RFC 792 minimum: no TCP checksum in the quote)",
+            what: "IPv4 fragmentation needed, header + 8 bytes quoted \
+                   (RFC 792 minimum: no TCP checksum in the quote)",
             flow: 0,
             client_port: 41002,
             payload: big.clone(),
             icmp: frag_needed,
             quote_max: 28,
             decrement: false,
-            checks: &["IPv4 header", "ICMP", "inner IPv4 header", "inner L4 cut short"],
+            checks: &[
+                "IPv4 header",
+                "ICMP",
+                "inner IPv4 header",
+                "inner L4 cut short",
+            ],
         },
         IcmpCase {
             what: "IPv4 time exceeded",
