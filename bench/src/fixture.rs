@@ -10,101 +10,61 @@ use xdplb::{
     addr,
     maglev::{self, MaglevBackend},
 };
-use xdplb_tests::datapath::{dsr_service, nat_service, DEFAULT_TIMEOUTS};
+use xdplb_tests::datapath::{dsr_service, nat_service as nat_service_row, DEFAULT_TIMEOUTS};
 pub use xdplb_tests::datapath::{TestDatapath as Loaded, XDP_PASS, XDP_TX};
 
-/// The rows a benchmark writes, on top of the shared harness.
-pub trait Rows {
-    /// Writes backend `id`: frames to it leave through `ifindex` with
-    /// these MACs.
-    fn backend(
-        &mut self,
-        id: u32,
-        ip: IpAddr,
-        dst_mac: [u8; 6],
-        src_mac: [u8; 6],
-        ifindex: u32,
-        state: u32,
-    ) -> Result<()>;
-
-    /// Writes `table` at `base` of the Maglev array and points the
-    /// service at `vip` over `proto` at it.
-    fn service(
-        &mut self,
-        vip: SocketAddr,
-        proto: u8,
-        id: u32,
-        base: u32,
-        table: &[u32],
-    ) -> Result<()>;
-
-    /// A NAT service at `vip` whose table names `backend` only, which
-    /// listens on `backend_port` and sees `snat` as source; NAT enabled.
-    #[expect(clippy::too_many_arguments, reason = "one fixture row, spelled out")]
-    fn nat_service(
-        &mut self,
-        vip: SocketAddr,
-        proto: u8,
-        id: u32,
-        base: u32,
-        backend: u32,
-        backend_port: u16,
-        snat: IpAddr,
-    ) -> Result<()>;
+/// Writes backend `id` of `lb`: frames to it leave through `ifindex` with
+/// these MACs.
+pub fn backend(
+    lb: &mut Loaded,
+    id: u32,
+    ip: IpAddr,
+    macs: ([u8; 6], [u8; 6]),
+    ifindex: u32,
+    state: u32,
+) -> Result<()> {
+    let (dst_mac, src_mac) = macs;
+    let b = Backend {
+        addr: addr::to_words(ip),
+        dst_mac,
+        src_mac,
+        ifindex,
+        state,
+        port_be: 80u16.to_be(),
+        ..Default::default()
+    };
+    lb.set_backend(id, b)
 }
 
-impl Rows for Loaded {
-    fn backend(
-        &mut self,
-        id: u32,
-        ip: IpAddr,
-        dst_mac: [u8; 6],
-        src_mac: [u8; 6],
-        ifindex: u32,
-        state: u32,
-    ) -> Result<()> {
-        let b = Backend {
-            addr: addr::to_words(ip),
-            dst_mac,
-            src_mac,
-            ifindex,
-            state,
-            port_be: 80u16.to_be(),
-            ..Default::default()
-        };
-        self.set_backend(id, b)
-    }
+/// Writes `table` at `base` of the Maglev array and points the service at
+/// `vip` over `proto` at it.
+pub fn service(
+    lb: &mut Loaded,
+    (vip, proto): (SocketAddr, u8),
+    id: u32,
+    base: u32,
+    table: &[u32],
+) -> Result<()> {
+    lb.set_service(vip, proto, dsr_service(id, base, table.len() as u32), table)
+}
 
-    fn service(
-        &mut self,
-        vip: SocketAddr,
-        proto: u8,
-        id: u32,
-        base: u32,
-        table: &[u32],
-    ) -> Result<()> {
-        self.set_service(vip, proto, dsr_service(id, base, table.len() as u32), table)
-    }
-
-    fn nat_service(
-        &mut self,
-        vip: SocketAddr,
-        proto: u8,
-        id: u32,
-        base: u32,
-        backend: u32,
-        backend_port: u16,
-        snat: IpAddr,
-    ) -> Result<()> {
-        let mut b = self.maps.backend(backend)?;
-        b.snat_addr = addr::to_words(snat);
-        b.port_be = backend_port.to_be();
-        self.set_backend(backend, b)?;
-        let svc = nat_service(id, base, 251, (10000, 22768), DEFAULT_TIMEOUTS);
-        self.set_service(vip, proto, svc, &[backend])
-            .context("writing the NAT service")?;
-        self.set_nat_enabled(true)
-    }
+/// A NAT service at `vip` whose table names `backend` only, which listens
+/// on `backend_port` and sees `snat` as source; NAT enabled.
+pub fn nat_service(
+    lb: &mut Loaded,
+    (vip, proto): (SocketAddr, u8),
+    (id, base): (u32, u32),
+    (backend, backend_port): (u32, u16),
+    snat: IpAddr,
+) -> Result<()> {
+    let mut b = lb.maps.backend(backend)?;
+    b.snat_addr = addr::to_words(snat);
+    b.port_be = backend_port.to_be();
+    lb.set_backend(backend, b)?;
+    let svc = nat_service_row(id, base, 251, (10000, 22768), DEFAULT_TIMEOUTS);
+    lb.set_service(vip, proto, svc, &[backend])
+        .context("writing the NAT service")?;
+    lb.set_nat_enabled(true)
 }
 
 /// `n` active backends, ids `first..first + n`, at 10.`net`.x.y, with
@@ -122,7 +82,14 @@ pub fn backends_with_table(
     for i in 0..n {
         let ip = IpAddr::from([10, net, (i >> 8) as u8, i as u8 + 1]);
         let mac = [0x02, 0xbe, 0, net, (i >> 8) as u8, i as u8];
-        loaded.backend(first + i, ip, mac, lb_mac, ifindex, BACKEND_ACTIVE)?;
+        backend(
+            loaded,
+            first + i,
+            ip,
+            (mac, lb_mac),
+            ifindex,
+            BACKEND_ACTIVE,
+        )?;
         members.push(MaglevBackend {
             key: format!("{ip}:80"),
             id: first + i,

@@ -234,8 +234,8 @@ pub fn busy_note(before: (u64, u64, u64), after: (u64, u64, u64)) -> String {
     let steal = after.1.saturating_sub(before.1) as f64 / total * 100.0;
     let busy = 100.0 - after.2.saturating_sub(before.2) as f64 / total * 100.0;
     format!(
-        "While this group ran, the machine's CPUs were {busy:.0} % busy (this benchmark included) and the hypervisor \
-         stole {steal:.1} % of their time; load average at the end: {}.",
+        "While this group ran, the machine's CPUs were {busy:.0} % busy (this benchmark included) \
+         and the hypervisor stole {steal:.1} % of their time; load average at the end: {}.",
         std::fs::read_to_string("/proc/loadavg")
             .unwrap_or_default()
             .split_whitespace()
