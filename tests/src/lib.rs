@@ -37,6 +37,16 @@ use std::{
 /// stays visible.
 pub const SCHEDULING_MARGIN: Duration = Duration::from_secs(1);
 
+/// Prints `what` took `measured` next to the `promised` bound, and panics
+/// unless it stayed within the promise plus [`SCHEDULING_MARGIN`].
+pub fn assert_within(what: &str, measured: Duration, promised: Duration) {
+    eprintln!("{what}: {measured:?} (promised {promised:?})");
+    assert!(
+        measured <= promised + SCHEDULING_MARGIN,
+        "{what}: {measured:?}, promised {promised:?} + {SCHEDULING_MARGIN:?} margin"
+    );
+}
+
 /// Panics with a clear message unless the process runs as root: the testbed
 /// creates network namespaces, veths and bridges, which needs CAP_NET_ADMIN
 /// and CAP_SYS_ADMIN (for `setns`).
