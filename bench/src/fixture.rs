@@ -1,139 +1,70 @@
-//! The real xdplb program, loaded with its maps pinned in a directory of
-//! the bench's own, and populated directly (as tests/tests/fixtures.rs
-//! does): no daemon involved.
+//! The benchmarks' services and backends, written into the test kit's
+//! datapath harness (`xdplb_tests::datapath`, shared with the packet
+//! fixtures): the real program, populated directly, no daemon involved.
 
 use std::net::{IpAddr, SocketAddr};
 
 use anyhow::{Context as _, Result};
-use aya::programs::Xdp;
-use xdp_common::{Backend, Globals, Service, BACKEND_ACTIVE, SVC_F_NAT};
+use xdp_common::{Backend, BACKEND_ACTIVE};
 use xdplb::{
     addr,
-    dataplane::Maps,
-    loader::Datapath,
     maglev::{self, MaglevBackend},
 };
+use xdplb_tests::datapath::{dsr_service, nat_service as nat_service_row, DEFAULT_TIMEOUTS};
+pub use xdplb_tests::datapath::{TestDatapath as Loaded, XDP_PASS, XDP_TX};
 
-use crate::harness::PinDir;
-
-pub const XDP_PASS: u32 = 2;
-pub const XDP_TX: u32 = 3;
-
-/// The loaded program and its maps; the pins are removed on drop (after
-/// the program and maps are closed: fields drop in order).
-pub struct Loaded {
-    pub datapath: Datapath,
-    pub maps: Maps,
-    _pins: PinDir,
+/// Writes backend `id` of `lb`: frames to it leave through `ifindex` with
+/// these MACs.
+pub fn backend(
+    lb: &mut Loaded,
+    id: u32,
+    ip: IpAddr,
+    macs: ([u8; 6], [u8; 6]),
+    ifindex: u32,
+    state: u32,
+) -> Result<()> {
+    let (dst_mac, src_mac) = macs;
+    let b = Backend {
+        addr: addr::to_words(ip),
+        dst_mac,
+        src_mac,
+        ifindex,
+        state,
+        port_be: 80u16.to_be(),
+        ..Default::default()
+    };
+    lb.set_backend(id, b)
 }
 
-impl Loaded {
-    pub fn new(tag: &str) -> Result<Self> {
-        let pins = PinDir::new(tag);
-        let mut datapath =
-            Datapath::load(pins.path()).context("loading the xdplb program (needs root)")?;
-        let maps = Maps::take(&mut datapath.ebpf)?;
-        Ok(Self {
-            datapath,
-            maps,
-            _pins: pins,
-        })
-    }
-
-    /// The program and the maps, borrowed separately.
-    pub fn parts(&mut self) -> (&Xdp, &mut Maps) {
-        let prog: &Xdp = self.datapath.program();
-        (prog, &mut self.maps)
-    }
-
-    /// Writes backend `id`: frames to it leave through `ifindex` with
-    /// these MACs.
-    pub fn backend(
-        &mut self,
-        id: u32,
-        ip: IpAddr,
-        dst_mac: [u8; 6],
-        src_mac: [u8; 6],
-        ifindex: u32,
-        state: u32,
-    ) -> Result<()> {
-        let b = Backend {
-            addr: addr::to_words(ip),
-            dst_mac,
-            src_mac,
-            ifindex,
-            state,
-            port_be: 80u16.to_be(),
-            ..Default::default()
-        };
-        self.maps
-            .backends
-            .set(id, b, 0)
-            .with_context(|| format!("writing backend {id}"))
-    }
-
-    /// Writes `table` at `base` of the Maglev array and points the service
-    /// at `vip` over `proto` at it.
-    #[allow(clippy::needless_update)] // Service grows fields (NAT) that default to zero.
-    pub fn service(
-        &mut self,
-        vip: SocketAddr,
-        proto: u8,
-        id: u32,
-        base: u32,
-        table: &[u32],
-    ) -> Result<()> {
-        self.maps.write_table(base, table)?;
-        let svc = Service {
-            id,
-            flags: 0,
-            table_base: base,
-            table_size: table.len() as u32,
-            ..Default::default()
-        };
-        self.maps
-            .services
-            .insert(addr::service_key(vip.ip(), vip.port(), proto), svc, 0)
-            .with_context(|| format!("writing service {vip}"))
-    }
+/// Writes `table` at `base` of the Maglev array and points the service at
+/// `vip` over `proto` at it.
+pub fn service(
+    lb: &mut Loaded,
+    (vip, proto): (SocketAddr, u8),
+    id: u32,
+    base: u32,
+    table: &[u32],
+) -> Result<()> {
+    lb.set_service(vip, proto, dsr_service(id, base, table.len() as u32), table)
 }
 
-impl Loaded {
-    /// A NAT service at `vip` whose table names `backend` only, which
-    /// listens on `backend_port` and sees `snat` as source; NAT enabled.
-    #[expect(clippy::too_many_arguments, reason = "one fixture row, spelled out")]
-    pub fn nat_service(
-        &mut self,
-        vip: SocketAddr,
-        proto: u8,
-        id: u32,
-        base: u32,
-        backend: u32,
-        backend_port: u16,
-        snat: IpAddr,
-    ) -> Result<()> {
-        let mut b = self.maps.backend(backend)?;
-        b.snat_addr = addr::to_words(snat);
-        b.port_be = backend_port.to_be();
-        self.maps.backends.set(backend, b, 0)?;
-        self.maps.write_table(base, &vec![backend; 251])?;
-        let svc = Service {
-            id,
-            flags: SVC_F_NAT,
-            table_base: base,
-            table_size: 251,
-            nat_port_base: 10000,
-            nat_port_count: 22768,
-            nat_tcp_timeout: 3600,
-            nat_closing_timeout: 10,
-            nat_udp_timeout: 60,
-        };
-        self.maps
-            .services
-            .insert(addr::service_key(vip.ip(), vip.port(), proto), svc, 0)?;
-        self.maps.globals.set(0, Globals { nat_enabled: 1 }, 0)?;
-        Ok(())
-    }
+/// A NAT service at `vip` whose table names `backend` only, which listens
+/// on `backend_port` and sees `snat` as source; NAT enabled.
+pub fn nat_service(
+    lb: &mut Loaded,
+    (vip, proto): (SocketAddr, u8),
+    (id, base): (u32, u32),
+    (backend, backend_port): (u32, u16),
+    snat: IpAddr,
+) -> Result<()> {
+    let mut b = lb.maps.backend(backend)?;
+    b.snat_addr = addr::to_words(snat);
+    b.port_be = backend_port.to_be();
+    lb.set_backend(backend, b)?;
+    let svc = nat_service_row(id, base, 251, (10000, 22768), DEFAULT_TIMEOUTS);
+    lb.set_service(vip, proto, svc, &[backend])
+        .context("writing the NAT service")?;
+    lb.set_nat_enabled(true)
 }
 
 /// `n` active backends, ids `first..first + n`, at 10.`net`.x.y, with
@@ -149,9 +80,17 @@ pub fn backends_with_table(
 ) -> Result<Vec<u32>> {
     let mut members = Vec::new();
     for i in 0..n {
-        let ip = IpAddr::from([10, net, (i >> 8) as u8, i as u8 + 1]);
+        // Wrapping, as release builds always did: .0 hosts are fine on a test run.
+        let ip = IpAddr::from([10, net, (i >> 8) as u8, (i as u8).wrapping_add(1)]);
         let mac = [0x02, 0xbe, 0, net, (i >> 8) as u8, i as u8];
-        loaded.backend(first + i, ip, mac, lb_mac, ifindex, BACKEND_ACTIVE)?;
+        backend(
+            loaded,
+            first + i,
+            ip,
+            (mac, lb_mac),
+            ifindex,
+            BACKEND_ACTIVE,
+        )?;
         members.push(MaglevBackend {
             key: format!("{ip}:80"),
             id: first + i,

@@ -1,45 +1,10 @@
-//! Test frames, built byte by byte (the same shapes as the fixture tests'
-//! frames: Ethernet, IPv4 or IPv6, a TCP SYN or a UDP datagram with a
-//! 4-byte payload).
+//! The benchmarks' test frames, built by the test kit's frame builder
+//! (`xdplb_tests::frame`, shared with the packet fixtures): Ethernet, IPv4
+//! or IPv6, a TCP SYN or a UDP datagram with a 4-byte payload.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::{SocketAddr, SocketAddrV4};
 
-use xdp_common::PROTO_TCP;
-
-pub const ETH_IP: u16 = 0x0800;
-pub const ETH_IPV6: u16 = 0x86dd;
-
-/// Offsets into an untagged IPv4 frame.
-const IPV4_CSUM: usize = 14 + 10;
-const IPV4_SRC: usize = 14 + 12;
-const IPV4_L4: usize = 14 + 20;
-
-fn checksum(bytes: &[u8]) -> u16 {
-    let mut sum: u32 = bytes
-        .chunks(2)
-        .map(|c| u32::from(c[0]) << 8 | u32::from(*c.get(1).unwrap_or(&0)))
-        .sum();
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
-}
-
-fn l4(proto: u8, sport: u16, dport: u16) -> Vec<u8> {
-    let mut h = Vec::with_capacity(24);
-    h.extend_from_slice(&sport.to_be_bytes());
-    h.extend_from_slice(&dport.to_be_bytes());
-    if proto == PROTO_TCP {
-        // seq 1, ack 0, data offset 5, SYN, window 0xffff, checksum and
-        // urgent pointer 0 (nothing on the path checks L4 checksums).
-        h.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x02, 0xff, 0xff, 0, 0, 0, 0]);
-    } else {
-        h.extend_from_slice(&12u16.to_be_bytes());
-        h.extend_from_slice(&[0, 0]);
-    }
-    h.extend_from_slice(b"data");
-    h
-}
+use xdplb_tests::frame::Seg;
 
 /// A frame from `src` to `dst` over `proto` (TCP SYN or UDP), Ethernet
 /// `src_mac` -> `dst_mac`.
@@ -50,45 +15,33 @@ pub fn packet(
     dst: SocketAddr,
     proto: u8,
 ) -> Vec<u8> {
-    let payload = l4(proto, src.port(), dst.port());
-    let mut f = Vec::with_capacity(14 + 40 + payload.len());
-    f.extend_from_slice(&dst_mac);
-    f.extend_from_slice(&src_mac);
-    match (src.ip(), dst.ip()) {
-        (IpAddr::V4(s), IpAddr::V4(d)) => {
-            f.extend_from_slice(&ETH_IP.to_be_bytes());
-            let mut h = vec![0x45, 0];
-            h.extend_from_slice(&((20 + payload.len()) as u16).to_be_bytes());
-            h.extend_from_slice(&[0x12, 0x34, 0x40, 0, 64, proto, 0, 0]); // DF
-            h.extend_from_slice(&s.octets());
-            h.extend_from_slice(&d.octets());
-            let c = checksum(&h);
-            h[10..12].copy_from_slice(&c.to_be_bytes());
-            f.extend(h);
-        }
-        (IpAddr::V6(s), IpAddr::V6(d)) => {
-            f.extend_from_slice(&ETH_IPV6.to_be_bytes());
-            f.extend_from_slice(&[0x60, 0, 0, 0]);
-            f.extend_from_slice(&(payload.len() as u16).to_be_bytes());
-            f.extend_from_slice(&[proto, 64]);
-            f.extend_from_slice(&s.octets());
-            f.extend_from_slice(&d.octets());
-        }
-        _ => panic!("mixed address families: {src} -> {dst}"),
-    }
-    f.extend(payload);
-    f
+    Seg::probe(src, dst, proto).frame(dst_mac, src_mac)
 }
 
-/// Rewrites the IPv4 source address and port of an untagged IPv4 frame
-/// built by [`packet`] (fixing the header checksum): a new flow without a
-/// new allocation.
-pub fn set_ipv4_source(frame: &mut [u8], src: std::net::SocketAddrV4) {
-    frame[IPV4_SRC..IPV4_SRC + 4].copy_from_slice(&src.ip().octets());
-    frame[IPV4_L4..IPV4_L4 + 2].copy_from_slice(&src.port().to_be_bytes());
-    frame[IPV4_CSUM..IPV4_CSUM + 2].fill(0);
-    let c = checksum(&frame[14..14 + 20]);
-    frame[IPV4_CSUM..IPV4_CSUM + 2].copy_from_slice(&c.to_be_bytes());
+/// A new flow's frame every call without a new allocation: the frame of
+/// [`packet`] for a changing IPv4 source, rewritten in place.
+pub struct NewFlows {
+    seg: Seg,
+    src_mac: [u8; 6],
+    dst_mac: [u8; 6],
+}
+
+impl NewFlows {
+    /// Frames to `dst` over `proto`, Ethernet `src_mac` -> `dst_mac`.
+    pub fn new(src_mac: [u8; 6], dst_mac: [u8; 6], dst: SocketAddr, proto: u8) -> Self {
+        let seg = Seg::probe(SocketAddr::from(([0, 0, 0, 0], 0)), dst, proto);
+        Self {
+            seg,
+            src_mac,
+            dst_mac,
+        }
+    }
+
+    /// Rewrites `frame` as the frame from `src` (all checksums valid).
+    pub fn write(&mut self, src: SocketAddrV4, frame: &mut Vec<u8>) {
+        self.seg.src = SocketAddr::V4(src);
+        self.seg.write_frame(self.dst_mac, self.src_mac, frame);
+    }
 }
 
 /// An endless supply of distinct IPv4 client endpoints: ports 1024..=65535
@@ -119,27 +72,34 @@ impl Iterator for Sources {
 
 #[cfg(test)]
 mod tests {
+    use xdp_common::PROTO_TCP;
+    use xdplb_tests::frame::verify;
+
     use super::*;
 
     #[test]
-    fn rewritten_source_keeps_a_valid_checksum() {
+    fn rewritten_source_keeps_valid_checksums() {
+        let dst = "10.0.100.1:80".parse().unwrap();
         let mut f = packet(
             [2; 6],
             [4; 6],
             "10.0.0.1:1000".parse().unwrap(),
-            "10.0.100.1:80".parse().unwrap(),
+            dst,
             PROTO_TCP,
         );
+        let capacity = f.capacity();
         let want = packet(
             [2; 6],
             [4; 6],
             "10.9.8.7:4321".parse().unwrap(),
-            "10.0.100.1:80".parse().unwrap(),
+            dst,
             PROTO_TCP,
         );
-        set_ipv4_source(&mut f, "10.9.8.7:4321".parse().unwrap());
+        NewFlows::new([2; 6], [4; 6], dst, PROTO_TCP)
+            .write("10.9.8.7:4321".parse().unwrap(), &mut f);
         assert_eq!(f, want);
-        assert_eq!(checksum(&f[14..34]), 0);
+        assert_eq!(f.capacity(), capacity, "rewritten in place");
+        assert_eq!(verify("rewritten", &f), ["IPv4 header", "TCP"]);
         let mut s = Sources::new(3);
         assert_eq!(s.next().unwrap().to_string(), "10.3.0.1:1024");
         assert_eq!(s.nth(64511).unwrap().to_string(), "10.3.0.2:1024");

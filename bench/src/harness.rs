@@ -4,7 +4,7 @@
 use std::{
     path::{Path, PathBuf},
     process::Command,
-    sync::atomic::{AtomicBool, AtomicU32, Ordering},
+    sync::atomic::{AtomicBool, Ordering},
 };
 
 use anyhow::{bail, Context as _, Result};
@@ -234,8 +234,8 @@ pub fn busy_note(before: (u64, u64, u64), after: (u64, u64, u64)) -> String {
     let steal = after.1.saturating_sub(before.1) as f64 / total * 100.0;
     let busy = 100.0 - after.2.saturating_sub(before.2) as f64 / total * 100.0;
     format!(
-        "While this group ran, the machine's CPUs were {busy:.0} % busy (this benchmark included) and the hypervisor \
-         stole {steal:.1} % of their time; load average at the end: {}.",
+        "While this group ran, the machine's CPUs were {busy:.0} % busy (this benchmark included) \
+         and the hypervisor stole {steal:.1} % of their time; load average at the end: {}.",
         std::fs::read_to_string("/proc/loadavg")
             .unwrap_or_default()
             .split_whitespace()
@@ -274,35 +274,6 @@ pub fn pin_current_thread(cpu: usize) -> Result<()> {
         }
     }
     Ok(())
-}
-
-/// A bpffs directory of this process's own (e.g. for the maps a benchmark
-/// loads), removed with everything in it when dropped, also on panic.
-pub struct PinDir(PathBuf);
-
-impl PinDir {
-    pub fn new(tag: &str) -> Self {
-        static NEXT: AtomicU32 = AtomicU32::new(0);
-        Self(PathBuf::from(format!(
-            "/sys/fs/bpf/xdplb-bench-{tag}-{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        )))
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for PinDir {
-    fn drop(&mut self) {
-        if let Err(e) = std::fs::remove_dir_all(&self.0) {
-            if e.kind() != std::io::ErrorKind::NotFound {
-                eprintln!("warning: removing {}: {e}", self.0.display());
-            }
-        }
-    }
 }
 
 /// Runs a command to completion and returns its stdout, or an error with

@@ -26,8 +26,8 @@ use xdplb::{
 };
 
 use crate::{
-    fixture::{backends_with_table, Loaded, XDP_PASS, XDP_TX},
-    frames::{self, Sources},
+    fixture::{self, backends_with_table, Loaded, XDP_PASS, XDP_TX},
+    frames::{self, NewFlows, Sources},
     harness::{on_cpu, Figure, Opts, Reference, Section},
     report::median_of,
 };
@@ -35,16 +35,17 @@ use crate::{
 pub const GROUP: &str = "per-packet";
 
 pub const DESCRIPTION: &str = "Cost of one packet through the XDP program, measured as Katran's \
-`katran_tester -perf_testing` does: separate `BPF_PROG_TEST_RUN` calls with `repeat = 1` (1,000,000 \
-per case and repetition), averaging the duration the kernel reports per call, on one pinned CPU. \
-(With `repeat > 1` the kernel does not reset the frame between iterations, so a rewriting program \
-would measure its own output.) Two floors are measured the same way in the same run: `xdp_pass` \
-(returns XDP_PASS: the cost of the test-run machinery itself) and `xdp_mac_swap` (swaps MACs, \
-returns XDP_TX: the least any forwarding program can do). Every xdplb case is reported as its mean \
-**minus that repetition's XDP_PASS floor**; the floors are reported raw. 5 repetitions; within \
-one, every case and the floor run round-robin in chunks of 10,000 calls, the order rotated every \
-round, so noise from the shared machine hits all of them alike. Frames: 58-byte IPv4 TCP, 46-byte IPv4 UDP, 78-byte IPv6 TCP (no padding to 60); maps are populated directly (no daemon); \
-services use 65,537-slot Maglev tables built by `xdplb::maglev::build`.";
+`katran_tester -perf_testing` does: separate `BPF_PROG_TEST_RUN` calls with `repeat = 1` \
+(1,000,000 per case and repetition), averaging the duration the kernel reports per call, on one \
+pinned CPU. (With `repeat > 1` the kernel does not reset the frame between iterations, so a \
+rewriting program would measure its own output.) Two floors are measured the same way in the same \
+run: `xdp_pass` (returns XDP_PASS: the cost of the test-run machinery itself) and `xdp_mac_swap` \
+(swaps MACs, returns XDP_TX: the least any forwarding program can do). Every xdplb case is \
+reported as its mean **minus that repetition's XDP_PASS floor**; the floors are reported raw. 5 \
+repetitions; within one, every case and the floor run round-robin in chunks of 10,000 calls, the \
+order rotated every round, so noise from the shared machine hits all of them alike. Frames: \
+58-byte IPv4 TCP, 46-byte IPv4 UDP, 78-byte IPv6 TCP (no padding to 60); maps are populated \
+directly (no daemon); services use 65,537-slot Maglev tables built by `xdplb::maglev::build`.";
 
 const LB_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
 const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
@@ -79,6 +80,8 @@ enum Flows {
     /// full-table instance every insert then evicts).
     New {
         sources: Sources,
+        /// Boxed: a frame template is large next to `Same`.
+        frames: Box<NewFlows>,
         dst: SocketAddr,
         recycle: bool,
         inserted: Vec<FlowKey>,
@@ -128,6 +131,7 @@ impl Case {
         Self {
             flows: Flows::New {
                 sources: Sources::new(net),
+                frames: Box::new(NewFlows::new(CLIENT_MAC, LB_MAC, dst, PROTO_TCP)),
                 dst,
                 recycle,
                 inserted: Vec::new(),
@@ -180,25 +184,31 @@ fn program_services(lb: &mut Loaded) -> Result<()> {
     // Three backends behind TCP and UDP services on an IPv4 VIP and a TCP
     // service on an IPv6 VIP; 1,000 behind another VIP.
     let table = backends_with_table(lb, 0, 3, 20, TABLE, LB_MAC, LO_IFINDEX)?;
-    lb.service(VIP, PROTO_TCP, 0, 0, &table)?;
-    lb.service(sa("10.0.100.1:53"), PROTO_UDP, 1, 2 * TABLE, &table)?;
-    lb.service(sa("[fd00:100::1]:80"), PROTO_TCP, 2, 4 * TABLE, &table)?;
+    fixture::service(lb, (VIP, PROTO_TCP), 0, 0, &table)?;
+    fixture::service(lb, (sa("10.0.100.1:53"), PROTO_UDP), 1, 2 * TABLE, &table)?;
+    fixture::service(
+        lb,
+        (sa("[fd00:100::1]:80"), PROTO_TCP),
+        2,
+        4 * TABLE,
+        &table,
+    )?;
     let table = backends_with_table(lb, 100, 1000, 21, TABLE, LB_MAC, LO_IFINDEX)?;
-    lb.service(BIG_VIP, PROTO_TCP, 3, 6 * TABLE, &table)?;
+    fixture::service(lb, (BIG_VIP, PROTO_TCP), 3, 6 * TABLE, &table)?;
     // A service whose table names a backend marked down: a flow pinned to
     // it is re-picked on every packet, onto the same backend (the frame is
     // still forwarded: the datapath trusts the table).
-    lb.backend(
+    fixture::backend(
+        lb,
         50,
         "10.22.0.1".parse()?,
-        [0x02, 0xbe, 0, 22, 0, 1],
-        LB_MAC,
+        ([0x02, 0xbe, 0, 22, 0, 1], LB_MAC),
         LO_IFINDEX,
         BACKEND_DOWN,
     )?;
-    lb.service(
-        REPICK_VIP,
-        PROTO_TCP,
+    fixture::service(
+        lb,
+        (REPICK_VIP, PROTO_TCP),
         4,
         8 * TABLE,
         &vec![50; TABLE as usize],
@@ -211,7 +221,7 @@ fn program_services(lb: &mut Loaded) -> Result<()> {
 /// (after translating its first packet, which allocates the port).
 fn program_nat(lb: &mut Loaded) -> Result<Vec<u8>> {
     let snat: std::net::IpAddr = "10.0.200.2".parse()?;
-    lb.nat_service(NAT_VIP, PROTO_TCP, 5, 10 * TABLE, 0, 8080, snat)?;
+    fixture::nat_service(lb, (NAT_VIP, PROTO_TCP), (5, 10 * TABLE), (0, 8080), snat)?;
     let first = frames::packet(CLIENT_MAC, LB_MAC, sa("10.0.0.1:40000"), NAT_VIP, PROTO_TCP);
     let (prog, maps) = lb.parts();
     let res = prog.test_run(TestRunOptions {
@@ -265,37 +275,87 @@ fn cases() -> Vec<Case> {
     let packet =
         |src: &str, dst: SocketAddr, proto| frames::packet(CLIENT_MAC, LB_MAC, sa(src), dst, proto);
     vec![
-        Case::same(NON_SERVICE, packet("10.0.0.1:40000", sa("10.0.0.2:22"), PROTO_TCP), XDP_PASS, Reason::PassNotService)
-            .target(25.0)
-            .note("TCP to an address that is no VIP: parse, one service look-up (miss), one counter"),
-        Case::same(ESTABLISHED, packet("10.0.0.1:40000", VIP, PROTO_TCP), XDP_TX, Reason::FlowHit)
-            .target(75.0)
-            .note("the same TCP frame every call; its flow was pinned by the untimed warm-up"),
-        Case::same("established UDP flow", packet("10.0.0.1:40000", sa("10.0.100.1:53"), PROTO_UDP), XDP_TX, Reason::FlowHit),
-        Case::same("established IPv6 TCP flow", packet("[fd00::1]:40000", sa("[fd00:100::1]:80"), PROTO_TCP), XDP_TX, Reason::FlowHit),
+        Case::same(
+            NON_SERVICE,
+            packet("10.0.0.1:40000", sa("10.0.0.2:22"), PROTO_TCP),
+            XDP_PASS,
+            Reason::PassNotService,
+        )
+        .target(25.0)
+        .note("TCP to an address that is no VIP: parse, one service look-up (miss), one counter"),
+        Case::same(
+            ESTABLISHED,
+            packet("10.0.0.1:40000", VIP, PROTO_TCP),
+            XDP_TX,
+            Reason::FlowHit,
+        )
+        .target(75.0)
+        .note("the same TCP frame every call; its flow was pinned by the untimed warm-up"),
+        Case::same(
+            "established UDP flow",
+            packet("10.0.0.1:40000", sa("10.0.100.1:53"), PROTO_UDP),
+            XDP_TX,
+            Reason::FlowHit,
+        ),
+        Case::same(
+            "established IPv6 TCP flow",
+            packet("[fd00::1]:40000", sa("[fd00:100::1]:80"), PROTO_TCP),
+            XDP_TX,
+            Reason::FlowHit,
+        ),
         Case::new_flows(NEW_FLOW, 1, VIP, true).target(180.0).note(
             "a different client (source address and port) every call, so no call reuses a flow. \
-             Before each chunk of calls (untimed, so no syscall runs between timed calls) the flows \
-             the previous chunk inserted are deleted: every insert finds a free entry, in a table \
-             holding at most ~20,000 flows",
+             Before each chunk of calls (untimed, so no syscall runs between timed calls) the \
+             flows the previous chunk inserted are deleted: every insert finds a free entry, in a \
+             table holding at most ~20,000 flows",
         ),
         Case::new_flows("new flow, 1,000-backend service", 2, BIG_VIP, true)
             .note("as the new-flow case, against a service of 1,000 backends (65,537-slot table)"),
-        Case { prog: Prog::LbFull, ..Case::new_flows(EVICTION, 3, VIP, false) }.note(
+        Case {
+            prog: Prog::LbFull,
+            ..Case::new_flows(EVICTION, 3, VIP, false)
+        }
+        .note(
             "a different client every call and nothing deleted, on a second, identical datapath \
              whose flow table was pre-filled so this CPU's LRU list is full: every insert evicts \
              (the steady state of a busy balancer)",
         ),
-        Case::same("re-pick path (proxy for new flows in pps)", packet("10.0.0.9:40000", REPICK_VIP, PROTO_TCP), XDP_TX, Reason::FlowRepick)
-            .note("a flow pinned to a backend that is down: flow hit, Maglev pick, flow re-insert on every packet; the pps benchmark's new-flow proxy, measured here to compare with the real new-flow case"),
-        Case { prog: Prog::LbFull, ..Case::same(NAT_FORWARD, packet("10.0.0.1:40000", NAT_VIP, PROTO_TCP), XDP_TX, Reason::FlowHit) }
-            .target(120.0)
-            .note("NAT service, established flow, client to backend: NAT-table hit, DNAT+SNAT rewrite, incremental checksums (on the second instance, where NAT is enabled)"),
+        Case::same(
+            "re-pick path (proxy for new flows in pps)",
+            packet("10.0.0.9:40000", REPICK_VIP, PROTO_TCP),
+            XDP_TX,
+            Reason::FlowRepick,
+        )
+        .note(
+            "a flow pinned to a backend that is down: flow hit, Maglev pick, flow re-insert on \
+                every packet; the pps benchmark's new-flow proxy, measured here to compare with \
+                the real new-flow case",
+        ),
+        Case {
+            prog: Prog::LbFull,
+            ..Case::same(
+                NAT_FORWARD,
+                packet("10.0.0.1:40000", NAT_VIP, PROTO_TCP),
+                XDP_TX,
+                Reason::FlowHit,
+            )
+        }
+        .target(120.0)
+        .note(
+            "NAT service, established flow, client to backend: NAT-table hit, DNAT+SNAT rewrite, \
+                incremental checksums (on the second instance, where NAT is enabled)",
+        ),
         // The reply frame names the port the forward warm-up allocated:
         // `measure_all` fills it in.
-        Case { prog: Prog::LbFull, ..Case::same(NAT_REVERSE, Vec::new(), XDP_TX, Reason::NatReply) }
-            .target(120.0)
-            .note("NAT service, established flow, backend to client: service miss, reply-table hit, rewrite back"),
+        Case {
+            prog: Prog::LbFull,
+            ..Case::same(NAT_REVERSE, Vec::new(), XDP_TX, Reason::NatReply)
+        }
+        .target(120.0)
+        .note(
+            "NAT service, established flow, backend to client: service miss, reply-table hit, \
+                rewrite back",
+        ),
         Case::floor(MAC_CASE, Prog::MacSwap, XDP_TX),
     ]
 }
@@ -347,13 +407,14 @@ fn measure(
     for i in 0..warmup + calls {
         if let Flows::New {
             sources,
+            frames,
             dst,
             recycle,
             inserted,
         } = &mut case.flows
         {
             let src: SocketAddrV4 = sources.next().expect("endless");
-            frames::set_ipv4_source(&mut case.frame, src);
+            frames.write(src, &mut case.frame);
             if *recycle {
                 inserted.push(addr::flow_key(SocketAddr::V4(src), *dst, PROTO_TCP));
             }
@@ -432,17 +493,20 @@ fn program_facts(name: &str, prog: &Xdp) -> String {
                 })
                 .count();
             format!(
-                "{} lines of `bpftool prog dump xlated id {id}` ({insns} instructions, the rest source-line comments)",
+                "{} lines of `bpftool prog dump xlated id {id}` ({insns} instructions, the rest \
+                    source-line comments)",
                 text.lines().count()
             )
         }
         Err(e) => format!("bpftool failed: {e:#}"),
     };
     format!(
-        "`{name}`: {lines}; {} bytes translated, {} bytes JIT-compiled, {} instructions processed by the verifier",
+        "`{name}`: {lines}; {} bytes translated, {} bytes JIT-compiled, {} instructions processed \
+            by the verifier",
         info.size_translated().map_or("?".into(), |s| s.to_string()),
         info.size_jitted(),
-        info.verified_instruction_count().map_or("?".into(), |s| s.to_string()),
+        info.verified_instruction_count()
+            .map_or("?".into(), |s| s.to_string()),
     )
 }
 
@@ -458,8 +522,8 @@ pub fn run(opts: &Opts) -> Result<Section> {
 }
 
 fn measure_all(calls: usize, cpu: usize) -> Result<Section> {
-    let mut main = Loaded::new("pp")?;
-    let mut full = Loaded::new("ppfull")?;
+    let mut main = Loaded::load("pp")?;
+    let mut full = Loaded::load("ppfull")?;
     program_services(&mut main)?;
     program_services(&mut full)?;
     let reply = program_nat(&mut full)?;
@@ -568,8 +632,8 @@ fn measure_all(calls: usize, cpu: usize) -> Result<Section> {
         });
         profiles.push(match res {
             Ok((wall, rows)) => format!(
-                "- *{name}*: {wall:.0} ns of wall time per call while profiled (syscall included); hottest symbols, \
-                 share of samples (≈ ns per call): {}",
+                "- *{name}*: {wall:.0} ns of wall time per call while profiled (syscall included); \
+                 hottest symbols, share of samples (≈ ns per call): {}",
                 rows.iter()
                     .map(|(p, s)| format!("`{s}` {p:.1} % ({:.0})", p / 100.0 * wall))
                     .collect::<Vec<_>>()
@@ -610,12 +674,14 @@ fn measure_all(calls: usize, cpu: usize) -> Result<Section> {
     );
     if !(new > est && est > non) {
         problems.push(format!(
-            "per-packet ordering: expected new flow ({new:.1}) > established ({est:.1}) > non-service ({non:.1})"
+            "per-packet ordering: expected new flow ({new:.1}) > established ({est:.1}) > \
+                non-service ({non:.1})"
         ));
     }
 
     let source =
-        "the issue's measurements of Katran (katran_tester -perf_testing, same method) on a machine of this type";
+        "the issue's measurements of Katran (katran_tester -perf_testing, same method) on a \
+            machine of this type";
     let references = [
         ("Katran, new flow", 365.0),
         ("Katran, established flow", 150.0),
@@ -633,23 +699,27 @@ fn measure_all(calls: usize, cpu: usize) -> Result<Section> {
     let d = |a: &str, b: &str| median_of(&figures, a) - median_of(&figures, b);
     let notes = vec![
         format!(
-            "Setup: {calls} timed calls per case and repetition, on CPU {cpu}, in chunks of {CHUNK}: a repetition \
-             runs every case and the floor round-robin, one chunk each, until each has its calls, the order \
-             rotated every round; every chunk starts with {CHUNK_WARMUP} untimed calls. The eviction case runs on a second, identical datapath whose flow \
-             table was pre-filled with {prefilled} flows (this CPU's share of its {MAX_FLOWS} entries, plus some); \
-             every other case runs on the first, whose table holds only the flows the cases insert. Each case \
-             checks on every call that the verdict is the expected one, and afterwards that the datapath \
-             counter of the path it claims (flow_new, flow_hit, flow_repick, pass_not_service) rose once per call."
+            "Setup: {calls} timed calls per case and repetition, on CPU {cpu}, in chunks of \
+             {CHUNK}: a repetition runs every case and the floor round-robin, one chunk each, \
+             until each has its calls, the order rotated every round; every chunk starts with \
+             {CHUNK_WARMUP} untimed calls. The eviction case runs on a second, identical datapath \
+             whose flow table was pre-filled with {prefilled} flows (this CPU's share of its \
+             {MAX_FLOWS} entries, plus some); every other case runs on the first, whose table \
+             holds only the flows the cases insert. Each case checks on every call that the \
+             verdict is the expected one, and afterwards that the datapath counter of the path it \
+             claims (flow_new, flow_hit, flow_repick, pass_not_service) rose once per call."
         ),
         format!(
             "Profiling evidence. Where the time goes (differences of medians above the floor): \
-             established − no-service = {:.1} ns (flow look-up, backend look-up, MAC rewrite, three per-CPU counters); \
-             new flow − established = {:.1} ns (Maglev slot read plus LRU insert, instead of a hit); \
-             full-table insert − new flow = {:.1} ns (LRU eviction); xdp_mac_swap costs {:.1} ns more than xdp_pass. \
-             Program sizes (static):\n\n- {}\n- {}\n- {}\n\nSampling profiles (`perf record -e cpu-clock -t <the benchmark thread>` \
-             over {PROFILE_CALLS} more calls of a case, after the measurements; no hardware PMU here, so samples taken with interrupts \
-             disabled are charged to the point where they are re-enabled, e.g. a spin-unlock; the JIT-compiled \
-             program is `bpf_prog_<tag>_xdplb`):\n\n{}",
+             established − no-service = {:.1} ns (flow look-up, backend look-up, MAC rewrite, \
+             three per-CPU counters); new flow − established = {:.1} ns (Maglev slot read plus LRU \
+             insert, instead of a hit); full-table insert − new flow = {:.1} ns (LRU eviction); \
+             xdp_mac_swap costs {:.1} ns more than xdp_pass. Program sizes (static):\n\n- {}\n- \
+             {}\n- {}\n\nSampling profiles (`perf record -e cpu-clock -t <the benchmark thread>` \
+             over {PROFILE_CALLS} more calls of a case, after the measurements; no hardware PMU \
+             here, so samples taken with interrupts disabled are charged to the point where they \
+             are re-enabled, e.g. a spin-unlock; the JIT-compiled program is \
+             `bpf_prog_<tag>_xdplb`):\n\n{}",
             d(ESTABLISHED, NON_SERVICE),
             d(NEW_FLOW, ESTABLISHED),
             d(EVICTION, NEW_FLOW),

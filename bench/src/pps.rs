@@ -31,7 +31,7 @@ use xdplb::{
 use xdplb_tests::netns::{unique_prefix, Netns};
 
 use crate::{
-    fixture::{backends_with_table, Loaded},
+    fixture::{self, backends_with_table, Loaded},
     frames,
     harness::{median, pin_current_thread, Figure, Opts, Section},
 };
@@ -66,7 +66,8 @@ const REPICK: &str = "xdplb, re-pick path (new-flow proxy)";
 
 /// `struct xdp_md` as BPF_PROG_TEST_RUN takes it for context input.
 fn xdp_md(frame_len: usize, ifindex: u32) -> Vec<u8> {
-    let fields: [u32; 6] = [0, frame_len as u32, 0, ifindex, 0, 0]; // data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex
+    // data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex
+    let fields: [u32; 6] = [0, frame_len as u32, 0, ifindex, 0, 0];
     fields.iter().flat_map(|f| f.to_ne_bytes()).collect()
 }
 
@@ -216,23 +217,23 @@ pub fn run(opts: &Opts) -> Result<Section> {
         .run(|| attach_passthrough(PEER_IF))
         .context("attaching xdp_pass to the veth peer")?;
 
-    let mut lb = Loaded::new("pps")?;
+    let mut lb = Loaded::load("pps")?;
     let ifindex = ns.run(|| xdplb::loader::interface_index(LB_IF))?;
     let vip = "10.0.100.1:80".parse()?;
     let repick_vip = "10.0.100.3:80".parse()?;
     let table = backends_with_table(&mut lb, 0, 3, 30, TABLE, lb_mac, ifindex)?;
-    lb.service(vip, PROTO_TCP, 0, 0, &table)?;
-    lb.backend(
+    fixture::service(&mut lb, (vip, PROTO_TCP), 0, 0, &table)?;
+    fixture::backend(
+        &mut lb,
         50,
         "10.31.0.1".parse()?,
-        [0x02, 0xbe, 0, 31, 0, 1],
-        lb_mac,
+        ([0x02, 0xbe, 0, 31, 0, 1], lb_mac),
         ifindex,
         BACKEND_DOWN,
     )?;
-    lb.service(
-        repick_vip,
-        PROTO_TCP,
+    fixture::service(
+        &mut lb,
+        (repick_vip, PROTO_TCP),
         1,
         2 * TABLE,
         &vec![50; TABLE as usize],
@@ -302,8 +303,9 @@ pub fn run(opts: &Opts) -> Result<Section> {
         let mut f = Figure::new(GROUP, s.name, "Mpps", of(s, |r| r.mpps), true);
         let delivered = median(&of(s, |r| r.delivered));
         let note = format!(
-            "medians by other clocks: {:.3} Mpps by the time the kernel reports for the run, {:.3} Mpps by \
-             wall clock around the syscall; fraction of frames the peer received: {delivered:.4}",
+            "medians by other clocks: {:.3} Mpps by the time the kernel reports for the run, {:.3} \
+             Mpps by wall clock around the syscall; fraction of frames the peer received: \
+             {delivered:.4}",
             median(&of(s, |r| r.kernel_mpps)),
             median(&of(s, |r| r.wall_mpps)),
         );
@@ -330,16 +332,18 @@ pub fn run(opts: &Opts) -> Result<Section> {
     }
     let len = systems[0].frame.len();
     let notes = vec![format!(
-        "Setup: {frames} frames per system and repetition, {reps} repetitions ({len}-byte TCP frames), after 10,000 untimed ones. \
-         The re-pick row is the new-flow proxy: live mode replays one frame, hence one 5-tuple, so \
-         after its first frame a genuinely new flow cannot be produced; instead the frame's flow is pinned \
-         to a backend marked down, so every frame does the flow look-up (a hit), a Maglev pick and an LRU \
-         re-insert: the new-flow work plus one successful look-up (see the per-packet group, which measures \
-         this path and the real new-flow path side by side). Every xdplb frame is checked against the \
-         datapath counter of its path (flow_hit, flow_repick). There is no NAT row: live mode \
-         re-initialises a frame page's data only when the page is first used, so after its first pass a \
-         NAT frame comes back already translated and no longer matches its flow (flow_hit rose for 63 of \
-         10,000 frames when tried); NAT's per-frame cost is measured in the per-packet group."
+        "Setup: {frames} frames per system and repetition, {reps} repetitions ({len}-byte TCP \
+         frames), after 10,000 untimed ones. The re-pick row is the new-flow proxy: live mode \
+         replays one frame, hence one 5-tuple, so after its first frame a genuinely new flow \
+         cannot be produced; instead the frame's flow is pinned to a backend marked down, so every \
+         frame does the flow look-up (a hit), a Maglev pick and an LRU re-insert: the new-flow \
+         work plus one successful look-up (see the per-packet group, which measures this path and \
+         the real new-flow path side by side). Every xdplb frame is checked against the datapath \
+         counter of its path (flow_hit, flow_repick). There is no NAT row: live mode \
+         re-initialises a frame page's data only when the page is first used, so after its first \
+         pass a NAT frame comes back already translated and no longer matches its flow (flow_hit \
+         rose for 63 of 10,000 frames when tried); NAT's per-frame cost is measured in the \
+         per-packet group."
     )];
     Ok(Section {
         group: GROUP.into(),

@@ -4,7 +4,7 @@
 //! connections may then be used from any thread.
 
 use std::{
-    io::{BufRead as _, BufReader, Read as _, Write as _},
+    io::{BufRead, BufReader, Read as _, Write as _},
     mem,
     net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream, UdpSocket},
     os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd, RawFd},
@@ -91,18 +91,24 @@ pub fn get(addr: SocketAddr, src_port: Option<u16>, timeout: Duration) -> anyhow
     stream
         .write_all(b"GET / HTTP/1.0\r\nHost: xdplb\r\n\r\n")
         .with_context(ctx)?;
+    let (_, body) = read_response(stream).with_context(ctx)?;
+    Ok(body)
+}
+
+/// Reads a whole response ended by the connection's close: its head and
+/// its body trimmed. Fails unless the status is 200.
+pub(crate) fn read_response(stream: TcpStream) -> anyhow::Result<(Head, String)> {
     let mut reader = BufReader::new(stream);
-    let head = read_head(&mut reader).with_context(ctx)?;
+    let head = read_head(&mut reader)?;
     let mut body = String::new();
-    reader.read_to_string(&mut body).with_context(ctx)?;
+    reader.read_to_string(&mut body)?;
     ensure!(
         head.status == 200,
-        "{}: status {}: {}",
-        ctx(),
+        "status {}: {}",
         head.status,
         body.trim()
     );
-    Ok(body.trim().to_owned())
+    Ok((head, body.trim().to_owned()))
 }
 
 /// Sends one UDP datagram to `addr` (from `src_port` if given) and returns
@@ -169,7 +175,7 @@ impl Conn {
         let len = head
             .content_length
             .with_context(|| format!("{}: no Content-Length", ctx()))?;
-        let mut body = vec![0; len];
+        let mut body = vec![0; usize::try_from(len)?];
         self.reader.read_exact(&mut body).with_context(ctx)?;
         let body = String::from_utf8_lossy(&body).trim().to_owned();
         ensure!(
@@ -228,13 +234,16 @@ impl StreamConn {
     }
 }
 
-/// Status line and the headers we care about.
-struct Head {
-    status: u16,
-    content_length: Option<usize>,
+/// Status line and the headers the clients care about.
+pub(crate) struct Head {
+    pub status: u16,
+    pub content_length: Option<u64>,
+    /// `X-Backend`: the name of the backend that answered.
+    pub backend: Option<String>,
 }
 
-fn read_head(reader: &mut BufReader<TcpStream>) -> anyhow::Result<Head> {
+/// Reads an HTTP response's status line and headers.
+pub(crate) fn read_head(reader: &mut impl BufRead) -> anyhow::Result<Head> {
     let mut line = String::new();
     ensure!(
         reader.read_line(&mut line)? > 0,
@@ -246,7 +255,11 @@ fn read_head(reader: &mut BufReader<TcpStream>) -> anyhow::Result<Head> {
         .nth(1)
         .and_then(|s| s.parse().ok())
         .with_context(|| format!("bad status line {line:?}"))?;
-    let mut content_length = None;
+    let mut head = Head {
+        status,
+        content_length: None,
+        backend: None,
+    };
     loop {
         line.clear();
         ensure!(
@@ -259,18 +272,17 @@ fn read_head(reader: &mut BufReader<TcpStream>) -> anyhow::Result<Head> {
         }
         if let Some((k, v)) = l.split_once(':') {
             if k.trim().eq_ignore_ascii_case("content-length") {
-                content_length = Some(
+                head.content_length = Some(
                     v.trim()
                         .parse()
                         .with_context(|| format!("bad header {l:?}"))?,
                 );
+            } else if k.trim().eq_ignore_ascii_case("x-backend") {
+                head.backend = Some(v.trim().to_owned());
             }
         }
     }
-    Ok(Head {
-        status,
-        content_length,
-    })
+    Ok(head)
 }
 
 fn from_port(src_port: Option<u16>) -> String {

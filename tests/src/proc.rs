@@ -118,7 +118,8 @@ impl Proc {
                 Ok(line) if line.contains(needle) => return Ok(line),
                 Ok(_) => {}
                 Err(RecvTimeoutError::Timeout) => bail!(
-                    "timed out after {timeout:?} waiting for {:?} on stdout of {}; output so far:\n{}",
+                    "timed out after {timeout:?} waiting for {:?} on stdout of {}; \
+                     output so far:\n{}",
                     needle,
                     self.label,
                     self.output_text()
@@ -128,7 +129,8 @@ impl Proc {
                     // so the message says why it stopped.
                     let status = self.wait_timeout(Duration::from_millis(500)).ok().flatten();
                     self.drain_output(Duration::from_millis(500));
-                    let status = status.map_or_else(|| "still running".to_owned(), |s| s.to_string());
+                    let status =
+                        status.map_or_else(|| "still running".to_owned(), |s| s.to_string());
                     bail!(
                         "{} closed stdout ({status}) before printing {:?}; output:\n{}",
                         self.label,

@@ -4,7 +4,8 @@
 //!
 //! Health checks run every 200 ms here (fall 3, rise 2) so that each test
 //! takes seconds; the bounds asserted are the ones the daemon promises for
-//! any interval: detection within interval x fall + interval.
+//! any interval (detection within interval x fall + interval), plus the
+//! stated `SCHEDULING_MARGIN` for a loaded machine.
 
 use std::{
     net::{IpAddr, SocketAddr},
@@ -15,13 +16,14 @@ use std::{
 };
 
 use xdplb_tests::{
-    bin_path,
+    assert_within, bin_path,
     lb::{
         dsr_config_with, requests, start_backend, start_backends, Load, LongLived, Sample, Xdplb,
     },
     proc::Proc,
     require_root,
     topology::DsrTopology,
+    SCHEDULING_MARGIN,
 };
 
 const TESTBACKEND: &str = env!("CARGO_BIN_EXE_xdplb-testbackend");
@@ -36,7 +38,8 @@ fn health_check(kind: &str) -> String {
         ""
     };
     format!(
-        "type = \"{kind}\"\ninterval = \"{}ms\"\ntimeout = \"100ms\"\nrise = {RISE}\nfall = {FALL}\n{extra}",
+        "type = \"{kind}\"\ninterval = \"{}ms\"\ntimeout = \"100ms\"\n\
+         rise = {RISE}\nfall = {FALL}\n{extra}",
         INTERVAL.as_millis()
     )
 }
@@ -131,18 +134,17 @@ fn failover_and_recovery_under_load() {
         if bed.health(1) == "down" {
             break Instant::now();
         }
+        // A give-up limit, far above bound + margin (asserted below).
         assert!(
             killed.elapsed() < Duration::from_secs(3),
             "b1 never went down"
         );
         std::thread::sleep(Duration::from_millis(5));
     };
-    let detection = down - killed;
-    let bound = INTERVAL * FALL + INTERVAL;
-    eprintln!("failover: detection {detection:?} (bound {bound:?})");
-    assert!(
-        detection <= bound,
-        "detected after {detection:?}, bound {bound:?}"
+    assert_within(
+        "failover: detection",
+        down - killed,
+        INTERVAL * FALL + INTERVAL,
     );
 
     // Load goes on for a second after the swap.
@@ -193,13 +195,12 @@ fn failover_and_recovery_under_load() {
     // Recovery: the server comes back and rejoins after `rise` checks.
     let restarted = Instant::now();
     bed.backends[0] = start_backend(&bed.topo, Path::new(TESTBACKEND), 1, &[]).unwrap();
+    // A give-up limit only; the bound is asserted below.
     let up = bed.wait_health(1, "up", Duration::from_secs(3));
-    let rejoin = up - restarted;
-    eprintln!("recovery: rejoined after {rejoin:?}");
-    assert!(
-        rejoin <= INTERVAL * (RISE + 1) + INTERVAL,
-        "rejoined after {rejoin:?}"
-    );
+    // rise checks, one more interval for the first check to come round,
+    // one for the server to start listening.
+    let bound = INTERVAL * (RISE + 1) + INTERVAL;
+    assert_within("recovery: rejoined after", up - restarted, bound);
     let tally = requests(&bed.topo, bed.vip().ip(), 30000..30150);
     assert!(tally.failed.is_empty(), "{:?}", tally.failed);
     assert!(
@@ -224,7 +225,8 @@ fn a_backend_failing_one_check_in_three_never_goes_down() {
         bed.backends[i - 1] =
             start_backend(&bed.topo, Path::new(TESTBACKEND), i, &["--flap", every]).unwrap();
     }
-    bed.wait_health(2, "down", INTERVAL * (FALL + 2));
+    // Detection bound (fall + 1 intervals) + one interval for the restart.
+    bed.wait_health(2, "down", INTERVAL * (FALL + 2) + SCHEDULING_MARGIN);
     let watch_until = Instant::now() + INTERVAL * 15;
     while Instant::now() < watch_until {
         assert_eq!(bed.health(1), "up", "flapping backend went down");
@@ -375,15 +377,27 @@ fn bad_input_is_refused_and_changes_nothing() {
     let bed = Bed::new("bad", "tcp");
     let good = std::fs::read_to_string(bed.lb.config_path()).unwrap();
     let vip = bed.topo.vip4().to_string();
+    // The good file with `line` added after the first `after`.
+    let add = |after: &str, line: &str| good.replacen(after, &format!("{after}\n{line}"), 1);
+    let bad_vip = good.replacen(&format!("vip = \"{vip}\""), "vip = \"10.77.300.1\"", 1);
+    let again = format!("name = \"again\"\nvip = \"{vip}\"\nport = 80\nprotocol = \"tcp\"\n");
     let cases: Vec<(&str, String, &str)> = vec![
-        ("unknown field", good.replacen("protocol = \"tcp\"", "protocol = \"tcp\"\nprotocl = \"udp\"", 1), "protocl"),
+        (
+            "unknown field",
+            add("protocol = \"tcp\"", "protocl = \"udp\""),
+            "protocl",
+        ),
         (
             "duplicate service",
-            format!("{good}\n[[service]]\nname = \"again\"\nvip = \"{vip}\"\nport = 80\nprotocol = \"tcp\"\n"),
+            format!("{good}\n[[service]]\n{again}"),
             "duplicate",
         ),
-        ("invalid address", good.replacen(&format!("vip = \"{vip}\""), "vip = \"10.77.300.1\"", 1), "10.77.300.1"),
-        ("weight out of range", good.replacen("address = \"10.77.0.11\"", "address = \"10.77.0.11\"\nweight = 20000", 1), "weight"),
+        ("invalid address", bad_vip, "10.77.300.1"),
+        (
+            "weight out of range",
+            add("address = \"10.77.0.11\"", "weight = 20000"),
+            "weight",
+        ),
     ];
     let before = shape(&bed.lb.json(&["service", "list"]).unwrap());
     assert_eq!(before.len(), 6, "{before:?}");

@@ -21,14 +21,15 @@ use std::{
 use xdp_common::Reason;
 use xdplb::dataplane::Maps;
 use xdplb_tests::{
-    bin_path,
+    assert_within, bin_path,
     lb::{Load, Sample, Tally, Xdplb},
     nat_topology::{
-        download, nat_config, pattern_sha256, peer, requests, start_backend, start_backends,
-        start_xdplb, udp_queries, upload, NatTopology, Shape, Transfer, BACKEND_PORT,
+        nat_config, start_backend, start_backends, start_xdplb, NatTopology, Shape, BACKEND_PORT,
     },
     proc::Proc,
     require_root,
+    traffic::{download, pattern_sha256, peer, requests, udp_queries, upload, Transfer},
+    SCHEDULING_MARGIN,
 };
 
 const TESTBACKEND: &str = env!("CARGO_BIN_EXE_xdplb-testbackend");
@@ -133,7 +134,8 @@ fn print_rows(title: &str, rows: &[Row]) {
     let mut text = format!("\n{title}\n");
     for r in rows {
         text += &format!(
-            "  {:<44} download {:>7.1} MiB/s ({:>5.2} s, {})   upload {:>7.1} MiB/s ({:>5.2} s, {})\n",
+            "  {:<44} download {:>7.1} MiB/s ({:>5.2} s, {})   \
+             upload {:>7.1} MiB/s ({:>5.2} s, {})\n",
             r.path,
             r.down.mib_per_s(),
             r.down.elapsed.as_secs_f64(),
@@ -288,7 +290,11 @@ fn two_arm_nat_serves_http_udp_and_gigabytes_both_ways() {
     }
     let mut rows = via_lb;
     rows.extend(baseline);
-    print_rows("NAT, two-arm (XDP_REDIRECT eth0 <-> eth1), 1 GiB each way, SHA-256 checked, and the baseline:", &rows);
+    print_rows(
+        "NAT, two-arm (XDP_REDIRECT eth0 <-> eth1), 1 GiB each way, SHA-256 checked, \
+         and the baseline:",
+        &rows,
+    );
 
     assert_counters_sane(&bed);
     let redirects = bed.reason(Reason::Redirect);
@@ -373,8 +379,8 @@ fn path_mtu_discovery_works_through_translated_icmp_errors() {
         let icmp = bed.reason(Reason::NatIcmp);
         assert!(
             icmp > icmp_before,
-            "{fam}: no ICMP error was translated (nat_icmp {icmp_before} -> {icmp}), yet the upload completed: \
-             did the path MTU really shrink?\n{}",
+            "{fam}: no ICMP error was translated (nat_icmp {icmp_before} -> {icmp}), \
+             yet the upload completed: did the path MTU really shrink?\n{}",
             bed.lb().stats_text()
         );
         icmp_before = icmp;
@@ -438,18 +444,17 @@ fn failover_in_nat_mode_under_load() {
         if health(&bed) == "down" {
             break Instant::now();
         }
+        // A give-up limit, far above bound + margin (asserted below).
         assert!(
             killed.elapsed() < Duration::from_secs(3),
             "b1 never went down"
         );
         std::thread::sleep(Duration::from_millis(5));
     };
-    let detection = down - killed;
-    let bound = interval * fall + interval;
-    eprintln!("NAT failover: detection {detection:?} (bound {bound:?})");
-    assert!(
-        detection <= bound,
-        "detected after {detection:?}, bound {bound:?}"
+    assert_within(
+        "NAT failover: detection",
+        down - killed,
+        interval * fall + interval,
     );
 
     std::thread::sleep(Duration::from_secs(1));
@@ -496,7 +501,9 @@ fn failover_in_nat_mode_under_load() {
 
     // b1 comes back and takes new connections again.
     bed.backends[0] = start_backend(&bed.topo, Path::new(TESTBACKEND), 1).unwrap();
-    let deadline = Instant::now() + interval * (rise + 2);
+    // rise checks, one interval for the first to come round, one spare,
+    // plus the stated margin for a loaded machine.
+    let deadline = Instant::now() + interval * (rise + 2) + SCHEDULING_MARGIN;
     while health(&bed) != "up" {
         assert!(Instant::now() < deadline, "b1 did not come back up");
         std::thread::sleep(Duration::from_millis(10));
@@ -520,8 +527,10 @@ fn the_documented_nat_settings_are_accepted() {
     let path = dir.join("nat.toml");
     std::fs::write(
         &path,
-        "[[service]]\nname = \"web\"\nvip = \"10.0.0.100\"\nport = 80\nprotocol = \"tcp\"\nmode = \"nat\"\n\n\
-         [service.nat]\nports = \"20000-59999\"\ntcp_timeout = \"1h\"\ntcp_closing_timeout = \"10s\"\nudp_timeout = \"60s\"\n\n\
+        "[[service]]\nname = \"web\"\nvip = \"10.0.0.100\"\nport = 80\nprotocol = \"tcp\"\n\
+         mode = \"nat\"\n\n\
+         [service.nat]\nports = \"20000-59999\"\ntcp_timeout = \"1h\"\n\
+         tcp_closing_timeout = \"10s\"\nudp_timeout = \"60s\"\n\n\
          [[service.backend]]\naddress = \"10.0.1.11\"\nport = 8080\n",
     )
     .unwrap();

@@ -3,22 +3,17 @@
 //! description, an input frame, the expected verdict and the expected output
 //! frame. Maps are populated by the test itself. Needs root (BPF).
 
-use std::{
-    net::{IpAddr, SocketAddr},
-    path::PathBuf,
-    sync::atomic::{AtomicU32, Ordering},
-};
+use std::net::SocketAddr;
 
-use aya::programs::{TestRun, TestRunOptions};
 use xdp_common::{
-    Backend, Reason, Service, BACKEND_ACTIVE, BACKEND_DOWN, BACKEND_DRAINING, PROTO_TCP, PROTO_UDP,
+    Backend, Reason, BACKEND_ACTIVE, BACKEND_DOWN, BACKEND_DRAINING, PROTO_TCP, PROTO_UDP,
     SVC_F_NO_BACKEND,
 };
-use xdplb::{addr, dataplane::Maps, loader::Datapath};
-
-const XDP_DROP: u32 = 1;
-const XDP_PASS: u32 = 2;
-const XDP_TX: u32 = 3;
+use xdplb::addr;
+use xdplb_tests::{
+    datapath::{dsr_service, TestDatapath, LO_IFINDEX, TABLE_SIZE, XDP_DROP, XDP_PASS, XDP_TX},
+    frame::{self, with_macs, Seg},
+};
 
 const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
 const LB_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
@@ -27,123 +22,17 @@ const BACKEND_MACS: [[u8; 6]; 3] = [
     [0x02, 0, 0, 0, 0, 0x12],
     [0x02, 0, 0, 0, 0, 0x13],
 ];
-/// BPF_PROG_TEST_RUN runs the program as if received on loopback.
-const LO_IFINDEX: u32 = 1;
-const TABLE_SIZE: u32 = 251;
 
-// ---------------------------------------------------------------- frames
-
-/// Builds test frames byte by byte, independently of the datapath's code.
-mod frame {
-    pub const ETH_IP: u16 = 0x0800;
-    pub const ETH_IPV6: u16 = 0x86dd;
-
-    pub fn eth(dst: [u8; 6], src: [u8; 6], ether_type: u16, vlan: Option<u16>) -> Vec<u8> {
-        let mut f = Vec::new();
-        f.extend_from_slice(&dst);
-        f.extend_from_slice(&src);
-        if let Some(vid) = vlan {
-            f.extend_from_slice(&0x8100u16.to_be_bytes());
-            f.extend_from_slice(&vid.to_be_bytes());
-        }
-        f.extend_from_slice(&ether_type.to_be_bytes());
-        f
-    }
-
-    fn checksum(bytes: &[u8]) -> u16 {
-        let mut sum: u32 = bytes
-            .chunks(2)
-            .map(|c| u32::from(c[0]) << 8 | u32::from(*c.get(1).unwrap_or(&0)))
-            .sum();
-        while sum > 0xffff {
-            sum = (sum & 0xffff) + (sum >> 16);
-        }
-        !(sum as u16)
-    }
-
-    /// An IPv4 header (with `options` appended, a multiple of 4 bytes).
-    pub fn ipv4(
-        src: [u8; 4],
-        dst: [u8; 4],
-        proto: u8,
-        payload_len: usize,
-        frags: u16,
-        options: &[u8],
-    ) -> Vec<u8> {
-        let ihl = (20 + options.len()) / 4;
-        let mut h = vec![0x40 | ihl as u8, 0];
-        h.extend_from_slice(&((ihl * 4 + payload_len) as u16).to_be_bytes());
-        h.extend_from_slice(&[0x12, 0x34]);
-        h.extend_from_slice(&frags.to_be_bytes());
-        h.extend_from_slice(&[64, proto, 0, 0]);
-        h.extend_from_slice(&src);
-        h.extend_from_slice(&dst);
-        h.extend_from_slice(options);
-        let c = checksum(&h);
-        h[10..12].copy_from_slice(&c.to_be_bytes());
-        h
-    }
-
-    pub fn ipv6(src: [u8; 16], dst: [u8; 16], next: u8, payload_len: usize) -> Vec<u8> {
-        let mut h = vec![0x60, 0, 0, 0];
-        h.extend_from_slice(&(payload_len as u16).to_be_bytes());
-        h.extend_from_slice(&[next, 64]);
-        h.extend_from_slice(&src);
-        h.extend_from_slice(&dst);
-        h
-    }
-
-    /// A TCP SYN with a 4-byte payload (checksum left zero: DSR never
-    /// touches L4, and the test compares bytes).
-    pub fn tcp(sport: u16, dport: u16) -> Vec<u8> {
-        let mut h = Vec::new();
-        h.extend_from_slice(&sport.to_be_bytes());
-        h.extend_from_slice(&dport.to_be_bytes());
-        h.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x02, 0xff, 0xff, 0, 0, 0, 0]);
-        h.extend_from_slice(b"data");
-        h
-    }
-
-    pub fn udp(sport: u16, dport: u16) -> Vec<u8> {
-        let mut h = Vec::new();
-        h.extend_from_slice(&sport.to_be_bytes());
-        h.extend_from_slice(&dport.to_be_bytes());
-        h.extend_from_slice(&12u16.to_be_bytes());
-        h.extend_from_slice(&[0, 0]);
-        h.extend_from_slice(b"data");
-        h
-    }
-}
-
-/// A frame from `src` to `dst` over `proto`, optionally VLAN-tagged.
+/// A TCP SYN or UDP datagram with a 4-byte payload from `src` to `dst`,
+/// client to load balancer, optionally VLAN-tagged.
 fn packet(src: SocketAddr, dst: SocketAddr, proto: u8, vlan: Option<u16>) -> Vec<u8> {
-    let l4 = if proto == PROTO_TCP {
-        frame::tcp(src.port(), dst.port())
-    } else {
-        frame::udp(src.port(), dst.port())
-    };
-    let mut f;
-    match (src.ip(), dst.ip()) {
-        (IpAddr::V4(s), IpAddr::V4(d)) => {
-            f = frame::eth(LB_MAC, CLIENT_MAC, frame::ETH_IP, vlan);
-            f.extend(frame::ipv4(s.octets(), d.octets(), proto, l4.len(), 0, &[]));
-        }
-        (IpAddr::V6(s), IpAddr::V6(d)) => {
-            f = frame::eth(LB_MAC, CLIENT_MAC, frame::ETH_IPV6, vlan);
-            f.extend(frame::ipv6(s.octets(), d.octets(), proto, l4.len()));
-        }
-        _ => unreachable!("mixed families"),
-    }
-    f.extend(l4);
-    f
+    probe(src, dst, proto)
+        .tagged(vlan)
+        .frame(LB_MAC, CLIENT_MAC)
 }
 
-/// `input` with its Ethernet addresses replaced: what DSR must output.
-fn with_macs(input: &[u8], dst: [u8; 6], src: [u8; 6]) -> Vec<u8> {
-    let mut out = input.to_vec();
-    out[..6].copy_from_slice(&dst);
-    out[6..12].copy_from_slice(&src);
-    out
+fn probe(src: SocketAddr, dst: SocketAddr, proto: u8) -> Seg {
+    Seg::probe(src, dst, proto)
 }
 
 fn sa(s: &str) -> SocketAddr {
@@ -152,41 +41,10 @@ fn sa(s: &str) -> SocketAddr {
 
 // ---------------------------------------------------------------- harness
 
-/// The real program, loaded with its maps pinned in a directory of its
-/// own that is removed when the harness drops (also on panic).
-struct Harness {
-    datapath: Datapath,
-    maps: Maps,
-    pin_dir: PathBuf,
-}
-
-impl Drop for Harness {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.pin_dir);
-    }
-}
-
-static NEXT: AtomicU32 = AtomicU32::new(0);
+/// The shared datapath harness with this file's backends and services.
+struct Harness(TestDatapath);
 
 impl Harness {
-    fn new() -> Self {
-        let pin_dir = PathBuf::from(format!(
-            "/sys/fs/bpf/xdplb-fixture-{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        ));
-        let mut datapath = Datapath::load(&pin_dir).unwrap_or_else(|e| {
-            let _ = std::fs::remove_dir_all(&pin_dir);
-            panic!("loading the XDP program (tests need root): {e:#}")
-        });
-        let maps = Maps::take(&mut datapath.ebpf).unwrap();
-        Self {
-            datapath,
-            maps,
-            pin_dir,
-        }
-    }
-
     fn set_backend(&mut self, id: u32, ip: &str, state: u32) {
         let b = Backend {
             addr: addr::to_words(ip.parse().unwrap()),
@@ -194,45 +52,20 @@ impl Harness {
             src_mac: LB_MAC,
             ifindex: LO_IFINDEX,
             state,
-            service: 0,
-            snat_addr: [0; 4],
             port_be: 80u16.to_be(),
-            _pad: [0; 2],
-        };
-        self.maps.backends.set(id, b, 0).unwrap();
-    }
-
-    /// Programs a service whose table holds `table` (repeated to fill it)
-    /// at `base`.
-    fn set_service(
-        &mut self,
-        vip: &str,
-        port: u16,
-        proto: u8,
-        id: u32,
-        base: u32,
-        members: &[u32],
-    ) {
-        if !members.is_empty() {
-            let table: Vec<u32> = (0..TABLE_SIZE as usize)
-                .map(|i| members[i % members.len()])
-                .collect();
-            self.maps.write_table(base, &table).unwrap();
-        }
-        let key = addr::service_key(vip.parse().unwrap(), port, proto);
-        let flags = if members.is_empty() {
-            SVC_F_NO_BACKEND
-        } else {
-            0
-        };
-        let svc = Service {
-            id,
-            flags,
-            table_base: base,
-            table_size: TABLE_SIZE,
             ..Default::default()
         };
-        self.maps.services.insert(key, svc, 0).unwrap();
+        self.0.set_backend(id, b).unwrap();
+    }
+
+    /// Programs a service whose table holds `members` (repeated to fill
+    /// it) at `base`; no members: a service without backends.
+    fn set_service(&mut self, vip: &str, proto: u8, id: u32, base: u32, members: &[u32]) {
+        let mut svc = dsr_service(id, base, TABLE_SIZE);
+        if members.is_empty() {
+            svc.flags = SVC_F_NO_BACKEND;
+        }
+        self.0.set_service(sa(vip), proto, svc, members).unwrap();
     }
 
     /// One standard setup: backends 0..3 active; TCP and UDP services on
@@ -240,37 +73,29 @@ impl Harness {
     /// expected output is known without hashing), plus a three-backend
     /// service on port 8080.
     fn standard() -> Self {
-        let mut h = Self::new();
+        let mut h = Self(TestDatapath::load("fixture").expect("loading the XDP program"));
         for (id, ip) in ["10.0.0.11", "10.0.0.12", "10.0.0.13"].iter().enumerate() {
             h.set_backend(id as u32, ip, BACKEND_ACTIVE);
         }
-        h.set_service("10.0.100.1", 80, PROTO_TCP, 0, 0, &[0]);
-        h.set_service("10.0.100.1", 53, PROTO_UDP, 1, 2 * TABLE_SIZE, &[0]);
-        h.set_service("fd00:100::1", 80, PROTO_TCP, 2, 4 * TABLE_SIZE, &[0]);
-        h.set_service("fd00:100::1", 53, PROTO_UDP, 3, 6 * TABLE_SIZE, &[0]);
-        h.set_service("10.0.100.1", 8080, PROTO_TCP, 4, 8 * TABLE_SIZE, &[0, 1, 2]);
+        for (vip, proto, id, members) in [
+            ("10.0.100.1:80", PROTO_TCP, 0, &[0][..]),
+            ("10.0.100.1:53", PROTO_UDP, 1, &[0]),
+            ("[fd00:100::1]:80", PROTO_TCP, 2, &[0]),
+            ("[fd00:100::1]:53", PROTO_UDP, 3, &[0]),
+            ("10.0.100.1:8080", PROTO_TCP, 4, &[0, 1, 2]),
+        ] {
+            h.set_service(vip, proto, id, 2 * id * TABLE_SIZE, members);
+        }
         h
     }
 
     /// Runs the program on `input`: (verdict, output frame).
     fn run(&mut self, input: &[u8]) -> (u32, Vec<u8>) {
-        let mut out = vec![0u8; input.len() + 256];
-        let opts = TestRunOptions {
-            data_in: Some(input),
-            data_out: Some(&mut out),
-            ..Default::default()
-        };
-        let res = self
-            .datapath
-            .program()
-            .test_run(opts)
-            .expect("BPF_PROG_TEST_RUN");
-        out.truncate(res.data_size_out as usize);
-        (res.return_value, out)
+        self.0.run(input).unwrap()
     }
 
     fn reason(&self, r: Reason) -> u64 {
-        self.maps.reason_count(r).unwrap()
+        self.0.reason(r).unwrap()
     }
 }
 
@@ -314,19 +139,10 @@ fn untouched(what: &'static str, input: Vec<u8>) -> Case {
 fn service_traffic_is_forwarded_with_only_macs_rewritten() {
     let mut h = Harness::standard();
     let ipv4_options = {
-        let l4 = frame::tcp(40002, 80);
-        let mut f = frame::eth(LB_MAC, CLIENT_MAC, frame::ETH_IP, None);
+        let mut seg = probe(sa("10.0.0.1:40002"), sa("10.0.100.1:80"), PROTO_TCP);
         // IHL 6: a 4-byte option (NOP NOP NOP EOL) before TCP.
-        f.extend(frame::ipv4(
-            [10, 0, 0, 1],
-            [10, 0, 100, 1],
-            PROTO_TCP,
-            l4.len(),
-            0,
-            &[1, 1, 1, 0],
-        ));
-        f.extend(l4);
-        f
+        seg.ipv4_options = vec![1, 1, 1, 0];
+        seg.frame(LB_MAC, CLIENT_MAC)
     };
     check(
         &mut h,
@@ -392,16 +208,21 @@ fn service_traffic_is_forwarded_with_only_macs_rewritten() {
 fn traffic_not_for_a_service_passes_unchanged() {
     let mut h = Harness::standard();
     let arp = {
-        let mut f = frame::eth([0xff; 6], CLIENT_MAC, 0x0806, None);
-        f.extend_from_slice(&[0, 1, 8, 0, 6, 4, 0, 1]);
-        f.extend_from_slice(&[0; 20]);
-        f
+        let mut request = vec![0, 1, 8, 0, 6, 4, 0, 1];
+        request.extend_from_slice(&[0; 20]);
+        frame::ethernet([0xff; 6], CLIENT_MAC, 0x0806, &request)
     };
     let icmp_to_vip = {
-        let mut f = frame::eth(LB_MAC, CLIENT_MAC, frame::ETH_IP, None);
-        f.extend(frame::ipv4([10, 0, 0, 1], [10, 0, 100, 1], 1, 8, 0, &[]));
-        f.extend_from_slice(&[8, 0, 0, 0, 0, 1, 0, 1]);
-        f
+        // An echo request, id 1, sequence 1.
+        let ip = frame::icmp_message(
+            "10.0.0.1".parse().unwrap(),
+            "10.0.100.1".parse().unwrap(),
+            8,
+            0,
+            [0, 1, 0, 1],
+            &[],
+        );
+        frame::frame(LB_MAC, CLIENT_MAC, &ip)
     };
     check(
         &mut h,
@@ -492,28 +313,19 @@ fn truncated_frames_pass_at_every_length_never_aborted() {
 fn fragments_and_ipv6_extension_headers_go_to_the_kernel() {
     let mut h = Harness::standard();
     let fragment = |frags: u16| {
-        let l4 = frame::tcp(40000, 80);
-        let mut f = frame::eth(LB_MAC, CLIENT_MAC, frame::ETH_IP, None);
-        f.extend(frame::ipv4(
-            [10, 0, 0, 1],
-            [10, 0, 100, 1],
-            PROTO_TCP,
-            l4.len(),
-            frags,
-            &[],
-        ));
-        f.extend(l4);
-        f
+        let mut seg = probe(sa("10.0.0.1:40000"), sa("10.0.100.1:80"), PROTO_TCP);
+        seg.frag = frags;
+        seg.frame(LB_MAC, CLIENT_MAC)
     };
     let hop_by_hop = {
-        let l4 = frame::tcp(40000, 80);
-        let mut f = frame::eth(LB_MAC, CLIENT_MAC, frame::ETH_IPV6, None);
-        let src: std::net::Ipv6Addr = "fd00::1".parse().unwrap();
-        let dst: std::net::Ipv6Addr = "fd00:100::1".parse().unwrap();
-        f.extend(frame::ipv6(src.octets(), dst.octets(), 0, 8 + l4.len()));
-        f.extend_from_slice(&[PROTO_TCP, 0, 1, 4, 0, 0, 0, 0]); // next=TCP, PadN
-        f.extend(l4);
-        f
+        let (src, dst) = (sa("[fd00::1]:40000"), sa("[fd00:100::1]:80"));
+        let mut payload = vec![PROTO_TCP, 0, 1, 4, 0, 0, 0, 0]; // next=TCP, PadN
+        payload.extend(probe(src, dst, PROTO_TCP).l4());
+        frame::frame(
+            LB_MAC,
+            CLIENT_MAC,
+            &frame::ip_packet(src.ip(), dst.ip(), 0, 64, 0, &payload),
+        )
     };
     check(
         &mut h,
@@ -543,7 +355,7 @@ fn established_flows_keep_their_backend_when_the_table_changes() {
 
     // Swap in a table that only names backend 1 (the other half of the
     // region, as the control plane does).
-    h.set_service("10.0.100.1", 80, PROTO_TCP, 0, TABLE_SIZE, &[1]);
+    h.set_service("10.0.100.1:80", PROTO_TCP, 0, TABLE_SIZE, &[1]);
     check(
         &mut h,
         vec![
@@ -597,7 +409,7 @@ fn kernel_and_userspace_pick_the_same_backend() {
     let mut used = [0u32; 3];
     for port in 20000..20300u16 {
         let src = SocketAddr::new("10.0.0.1".parse().unwrap(), port);
-        let expected = h.maps.route(src, vip, PROTO_TCP).unwrap();
+        let expected = h.0.maps.route(src, vip, PROTO_TCP).unwrap();
         assert!(!expected.established);
         let input = packet(src, vip, PROTO_TCP, None);
         let (verdict, out) = h.run(&input);
@@ -609,7 +421,7 @@ fn kernel_and_userspace_pick_the_same_backend() {
             "source port {port}"
         );
         assert!(
-            h.maps.route(src, vip, PROTO_TCP).unwrap().established,
+            h.0.maps.route(src, vip, PROTO_TCP).unwrap().established,
             "flow now in the flow table"
         );
         used[id] += 1;
@@ -623,15 +435,15 @@ fn kernel_and_userspace_pick_the_same_backend() {
 #[test]
 fn no_backend_drops_and_unresolved_next_hop_passes() {
     let mut h = Harness::standard();
-    h.set_service("10.0.100.1", 80, PROTO_TCP, 0, 0, &[]);
+    h.set_service("10.0.100.1:80", PROTO_TCP, 0, 0, &[]);
     let input = packet(sa("10.0.0.1:40000"), sa("10.0.100.1:80"), PROTO_TCP, None);
     let (verdict, _) = h.run(&input);
     assert_eq!(verdict, XDP_DROP, "service without backends");
     assert_eq!(h.reason(Reason::DropNoBackend), 1);
 
-    let mut unresolved = h.maps.backend(0).unwrap();
+    let mut unresolved = h.0.maps.backend(0).unwrap();
     unresolved.dst_mac = [0; 6];
-    h.maps.backends.set(0, unresolved, 0).unwrap();
+    h.0.maps.backends.set(0, unresolved, 0).unwrap();
     let input = packet(sa("10.0.0.1:40000"), sa("10.0.100.1:53"), PROTO_UDP, None);
     check(
         &mut h,
@@ -654,16 +466,16 @@ fn counters_count_packets_and_bytes_per_service_and_backend() {
         h.run(&a);
     }
     h.run(&b);
-    let svc0 = h.maps.service_counters(0).unwrap();
+    let svc0 = h.0.maps.service_counters(0).unwrap();
     assert_eq!((svc0.packets, svc0.bytes), (3, 3 * a.len() as u64));
-    let svc3 = h.maps.service_counters(3).unwrap();
+    let svc3 = h.0.maps.service_counters(3).unwrap();
     assert_eq!((svc3.packets, svc3.bytes), (1, b.len() as u64));
-    let be0 = h.maps.backend_counters(0).unwrap();
+    let be0 = h.0.maps.backend_counters(0).unwrap();
     assert_eq!(
         (be0.packets, be0.bytes),
         (4, 3 * a.len() as u64 + b.len() as u64)
     );
-    assert_eq!(h.maps.backend_counters(1).unwrap().packets, 0);
+    assert_eq!(h.0.maps.backend_counters(1).unwrap().packets, 0);
     assert_eq!(h.reason(Reason::FlowNew), 2);
     assert_eq!(h.reason(Reason::FlowHit), 2);
 }

@@ -208,7 +208,8 @@ fn failover(
         moved.as_millis()
     );
     println!(
-        "    {} requests: {failed_before} failed before the swap (flows hashed to the dead b2), {failed_after} after it, {others_failed} before the kill",
+        "    {} requests: {failed_before} failed before the swap (flows hashed to the dead \
+         b2), {failed_after} after it, {others_failed} before the kill",
         samples.len()
     );
     println!("    $ xdplb backend list web4");

@@ -14,7 +14,7 @@
 //! * `GET /health` with `--flap N`: every Nth request answers `503` (a
 //!   backend that fails one health check in N).
 //! * `GET /bytes?n=N`: `N` bytes of the pseudo-random pattern stream of
-//!   `xdplb_tests::nat_topology::Pattern` (bulk download tests).
+//!   `xdplb_tests::traffic::Pattern` (bulk download tests).
 //! * `POST /sha256`: reads the `Content-Length` bytes of the body and
 //!   answers their SHA-256, lower-case hex (bulk upload tests).
 //! * `GET /peer`: the address and port the connection came from, as this
@@ -33,7 +33,29 @@ use std::{
     sync::Arc,
 };
 
-use xdplb_tests::nat_topology::{Pattern, Sha256};
+use sha2::{Digest as _, Sha256};
+use xdplb_tests::traffic::{hex, Pattern};
+
+/// A tiny HTTP (and optional UDP) server that identifies itself by name.
+#[derive(clap::Parser)]
+#[command(name = "xdplb-testbackend")]
+struct Args {
+    /// The name this backend answers with.
+    #[arg(long)]
+    name: String,
+    /// TCP port of the HTTP server.
+    #[arg(long, default_value_t = 80)]
+    port: u16,
+    /// UDP port of the name service, if any.
+    #[arg(long)]
+    udp_port: Option<u16>,
+    /// Every Nth `/health` request answers 503.
+    #[arg(long, value_name = "N")]
+    flap: Option<u64>,
+    /// Log every connection on standard error.
+    #[arg(short, long)]
+    verbose: bool,
+}
 
 struct Config {
     name: String,
@@ -45,66 +67,16 @@ struct Config {
     verbose: bool,
 }
 
-const USAGE: &str =
-    "usage: xdplb-testbackend --name NAME [--port PORT] [--udp-port PORT] [--flap N] [--verbose]";
-
-fn parse_args() -> Result<Config, String> {
-    let mut name = None;
-    let mut port = 80;
-    let mut udp_port = None;
-    let mut verbose = false;
-    let mut flap = None;
-    let mut args = std::env::args().skip(1);
-    while let Some(arg) = args.next() {
-        let mut value = |what: &str| args.next().ok_or_else(|| format!("{what} needs a value"));
-        match arg.as_str() {
-            "--name" => name = Some(value("--name")?),
-            "--port" => {
-                port = value("--port")?
-                    .parse()
-                    .map_err(|e| format!("--port: {e}"))?
-            }
-            "--udp-port" => {
-                udp_port = Some(
-                    value("--udp-port")?
-                        .parse()
-                        .map_err(|e| format!("--udp-port: {e}"))?,
-                )
-            }
-            "--flap" => {
-                flap = Some(
-                    value("--flap")?
-                        .parse()
-                        .map_err(|e| format!("--flap: {e}"))?,
-                )
-            }
-            "--verbose" | "-v" => verbose = true,
-            "--help" | "-h" => {
-                println!("{USAGE}");
-                std::process::exit(0);
-            }
-            other => return Err(format!("unknown argument {other:?}")),
-        }
-    }
-    let name = name.ok_or("--name is required")?;
-    Ok(Config {
-        name,
-        port,
-        udp_port,
-        flap,
-        health_requests: Default::default(),
-        verbose,
-    })
-}
-
 fn main() {
-    let config = match parse_args() {
-        Ok(c) => Arc::new(c),
-        Err(e) => {
-            eprintln!("xdplb-testbackend: {e}\n{USAGE}");
-            std::process::exit(2);
-        }
-    };
+    let args = <Args as clap::Parser>::parse();
+    let config = Arc::new(Config {
+        name: args.name,
+        port: args.port,
+        udp_port: args.udp_port,
+        flap: args.flap,
+        health_requests: Default::default(),
+        verbose: args.verbose,
+    });
     let listener = match dual_stack_socket(libc::SOCK_STREAM, config.port) {
         Ok(fd) => TcpListener::from(fd),
         Err(e) => fail(&format!("TCP [::]:{}: {e}", config.port)),
@@ -226,7 +198,12 @@ fn serve(stream: TcpStream, config: &Config) -> std::io::Result<()> {
         let conn_header = if keep_alive { "keep-alive" } else { "close" };
         if let Some(hex) = upload_sha256 {
             let body = format!("{hex}\n");
-            write!(out, "{version} 200 OK\r\nContent-Length: {}\r\nContent-Type: text/plain\r\nX-Backend: {name}\r\nConnection: {conn_header}\r\n\r\n{body}", body.len())?;
+            let len = Some(body.len() as u64);
+            write!(
+                out,
+                "{}{body}",
+                ok_head(version, name, conn_header, TEXT, len)
+            )?;
             if !keep_alive {
                 return Ok(());
             }
@@ -240,7 +217,8 @@ fn serve(stream: TcpStream, config: &Config) -> std::io::Result<()> {
             let Ok(n) = n.parse::<u64>() else {
                 return respond_error(&mut out, "400 Bad Request", name);
             };
-            write!(out, "{version} 200 OK\r\nContent-Length: {n}\r\nContent-Type: application/octet-stream\r\nX-Backend: {name}\r\nConnection: {conn_header}\r\n\r\n")?;
+            let bytes = "application/octet-stream";
+            out.write_all(ok_head(version, name, conn_header, bytes, Some(n)).as_bytes())?;
             if method == "GET" {
                 Pattern::new().write(n, &mut out)?;
             }
@@ -253,7 +231,8 @@ fn serve(stream: TcpStream, config: &Config) -> std::io::Result<()> {
         if path == "/peer" {
             let seen = std::net::SocketAddr::new(peer.ip().to_canonical(), peer.port());
             let body = format!("{seen}\n");
-            write!(out, "{version} 200 OK\r\nContent-Length: {}\r\nContent-Type: text/plain\r\nX-Backend: {name}\r\nConnection: {conn_header}\r\n\r\n", body.len())?;
+            let len = Some(body.len() as u64);
+            out.write_all(ok_head(version, name, conn_header, TEXT, len).as_bytes())?;
             if method == "GET" {
                 out.write_all(body.as_bytes())?;
             }
@@ -265,7 +244,7 @@ fn serve(stream: TcpStream, config: &Config) -> std::io::Result<()> {
 
         if path == "/stream" {
             // No Content-Length: the body is the echo stream, ended by close.
-            write!(out, "{version} 200 OK\r\nX-Backend: {name}\r\nContent-Type: text/plain\r\nConnection: close\r\n\r\n")?;
+            out.write_all(ok_head(version, name, "close", TEXT, None).as_bytes())?;
             loop {
                 line.clear();
                 if reader.read_line(&mut line)? == 0 {
@@ -286,10 +265,7 @@ fn serve(stream: TcpStream, config: &Config) -> std::io::Result<()> {
         }
 
         let body = format!("{name}\n");
-        let mut response = format!(
-            "{version} 200 OK\r\nContent-Length: {}\r\nContent-Type: text/plain\r\nX-Backend: {name}\r\nConnection: {conn_header}\r\n\r\n",
-            body.len()
-        );
+        let mut response = ok_head(version, name, conn_header, TEXT, Some(body.len() as u64));
         if method == "GET" {
             response.push_str(&body);
         }
@@ -301,10 +277,10 @@ fn serve(stream: TcpStream, config: &Config) -> std::io::Result<()> {
     }
 }
 
-/// SHA-256 of the next `len` bytes of the request (hashed by an optimised
-/// program in a child process: this binary is built in the debug profile).
+/// SHA-256 of the next `len` bytes of the request (`sha2` is optimised
+/// even in the dev profile: see the workspace's Cargo.toml).
 fn hash_body(reader: &mut BufReader<TcpStream>, len: u64) -> std::io::Result<String> {
-    let mut sha = Sha256::new().map_err(|e| std::io::Error::other(format!("{e:#}")))?;
+    let mut sha = Sha256::new();
     // Reads larger than the BufReader's buffer bypass it once it is empty.
     let mut buf = vec![0u8; 1 << 20];
     let mut left = len;
@@ -317,19 +293,39 @@ fn hash_body(reader: &mut BufReader<TcpStream>, len: u64) -> std::io::Result<Str
                 format!("body ended {left} bytes early"),
             ));
         }
-        sha.write_all(&buf[..n])?;
+        sha.update(&buf[..n]);
         left -= n as u64;
     }
-    sha.finish()
-        .map_err(|e| std::io::Error::other(format!("{e:#}")))
+    Ok(hex(&sha.finalize()))
 }
 
 fn respond_error(out: &mut TcpStream, status: &str, name: &str) -> std::io::Result<()> {
     let body = format!("{status}\n");
     write!(
         out,
-        "HTTP/1.1 {status}\r\nContent-Length: {}\r\nX-Backend: {name}\r\nConnection: close\r\n\r\n{body}",
+        "HTTP/1.1 {status}\r\nContent-Length: {}\r\nX-Backend: {name}\r\n\
+         Connection: close\r\n\r\n{body}",
         body.len()
+    )
+}
+
+const TEXT: &str = "text/plain";
+
+/// The status line and headers of a `200 OK` from backend `name`; without
+/// `len`, no Content-Length (a body the connection's close ends).
+fn ok_head(
+    version: &str,
+    name: &str,
+    connection: &str,
+    content_type: &str,
+    len: Option<u64>,
+) -> String {
+    let length = len
+        .map(|n| format!("Content-Length: {n}\r\n"))
+        .unwrap_or_default();
+    format!(
+        "{version} 200 OK\r\n{length}Content-Type: {content_type}\r\nX-Backend: {name}\r\n\
+         Connection: {connection}\r\n\r\n"
     )
 }
 

@@ -1,0 +1,250 @@
+//! The veth testbeds themselves, without a load balancer: namespaces are
+//! entered and removed, and the DSR topology carries traffic between the
+//! client and the test backends directly. Needs root.
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    time::Duration,
+};
+
+use xdplb_tests::{
+    client,
+    netns::{unique_prefix, Netns},
+    proc::Proc,
+    topology::{backend_addr4, backend_addr6, lb_addr4, lb_addr6, DsrTopology, VIP4, VIP6},
+};
+/// Builds the topology, runs a test backend in each backend namespace
+/// and talks to each directly (no load balancer), then checks teardown
+/// leaves no namespace behind.
+#[test]
+fn topology_smoke() {
+    xdplb_tests::require_root();
+    let backend_bin = std::path::PathBuf::from(env!("CARGO_BIN_EXE_xdplb-testbackend"));
+    let names: Vec<String>;
+    {
+        let topo = DsrTopology::with_tag("smoke", 3).unwrap();
+        names = topo
+            .namespaces()
+            .iter()
+            .map(|n| n.name().to_owned())
+            .collect();
+        let listed = xdplb_tests::netns::list().unwrap();
+        for n in &names {
+            assert!(
+                listed.contains(n),
+                "{n} missing from ip netns list: {listed:?}"
+            );
+        }
+
+        let mut procs = Vec::new();
+        for i in 1..=topo.backend_count() {
+            let name = topo.backend_name(i);
+            let mut p = Proc::spawn_with(
+                topo.backend(i).command(&backend_bin).args([
+                    "--name",
+                    &name,
+                    "--port",
+                    "80",
+                    "--udp-port",
+                    "53",
+                ]),
+                &name,
+                false,
+            )
+            .unwrap();
+            p.wait_for_stdout_line("listening", Duration::from_secs(5))
+                .unwrap();
+            procs.push(p);
+        }
+
+        topo.wait_reachable().unwrap();
+        // The lb must have learned the backends' MACs from the pings.
+        let neigh = topo
+            .lb()
+            .exec(&["ip", "neigh", "show", "dev", "eth0"])
+            .unwrap();
+        for i in 1..=topo.backend_count() {
+            let mac = topo.backend_mac(i).unwrap();
+            assert!(
+                neigh.contains(&mac),
+                "lb neighbour table lacks b{i} ({mac}):\n{neigh}"
+            );
+        }
+        assert_eq!(
+            topo.lb()
+                .exec(&["sysctl", "-n", "net.ipv4.ip_forward"])
+                .unwrap()
+                .trim(),
+            "0"
+        );
+
+        let timeout = Duration::from_secs(5);
+        for i in 1..=topo.backend_count() {
+            let want = topo.backend_name(i);
+            let addrs: [IpAddr; 2] = [backend_addr4(i).into(), backend_addr6(i).into()];
+            for addr in addrs {
+                let got = topo
+                    .client()
+                    .run(|| client::get(SocketAddr::new(addr, 80), None, timeout))
+                    .unwrap();
+                assert_eq!(got, want, "GET http://{addr}/");
+                // Same source port twice in a row: the RST close must
+                // leave no TIME_WAIT blocking the 4-tuple.
+                for _ in 0..2 {
+                    let got = topo
+                        .client()
+                        .run(|| {
+                            client::get(SocketAddr::new(addr, 80), Some(40000 + i as u16), timeout)
+                        })
+                        .unwrap();
+                    assert_eq!(got, want, "GET http://{addr}/ from fixed port");
+                }
+                let got = topo
+                    .client()
+                    .run(|| client::udp_query(SocketAddr::new(addr, 53), None, timeout))
+                    .unwrap();
+                assert_eq!(got, want, "UDP {addr}:53");
+            }
+            // Keep-alive and the /stream echo on one connection each.
+            let addr = SocketAddr::new(backend_addr6(i).into(), 80);
+            let mut conn = topo
+                .client()
+                .run(|| client::Conn::connect(addr, None, timeout))
+                .unwrap();
+            for _ in 0..3 {
+                assert_eq!(conn.get("/").unwrap(), want);
+            }
+            let mut stream = topo
+                .client()
+                .run(|| client::StreamConn::open(addr, None, timeout))
+                .unwrap();
+            for n in 0..3 {
+                assert_eq!(
+                    stream.send_line(&format!("hello {n}")).unwrap(),
+                    format!("{want}: hello {n}")
+                );
+            }
+        }
+
+        // Without a load balancer the VIP leads nowhere: the lb does not
+        // forward, and backends must not answer ARP for it.
+        let vip = SocketAddr::new(VIP4.into(), 80);
+        let res = topo
+            .client()
+            .run(|| client::get(vip, None, Duration::from_millis(500)));
+        assert!(
+            res.is_err(),
+            "VIP answered without a load balancer: {res:?}"
+        );
+        let arp = topo
+            .client()
+            .exec(&["ip", "neigh", "show", &VIP4.to_string()])
+            .unwrap();
+        assert!(
+            arp.trim().is_empty(),
+            "client resolved the VIP itself: {arp}"
+        );
+
+        // Emulate the load balancer's job without XDP: route the VIPs
+        // from the client straight to one backend's address, so frames
+        // for the VIP reach that backend's MAC unchanged, as DSR
+        // delivers them. The backend must accept them (VIP on lo) and
+        // answer from the VIP, for TCP and UDP.
+        for i in [1, topo.backend_count()] {
+            let want = topo.backend_name(i);
+            topo.client()
+                .exec(&[
+                    "ip",
+                    "route",
+                    "replace",
+                    &format!("{VIP4}/32"),
+                    "via",
+                    &backend_addr4(i).to_string(),
+                ])
+                .unwrap();
+            topo.client()
+                .exec(&[
+                    "ip",
+                    "-6",
+                    "route",
+                    "replace",
+                    &format!("{VIP6}/128"),
+                    "via",
+                    &backend_addr6(i).to_string(),
+                ])
+                .unwrap();
+            for vip in topo.vips() {
+                let got = topo
+                    .client()
+                    .run(|| client::get(SocketAddr::new(vip, 80), None, timeout))
+                    .unwrap();
+                assert_eq!(got, want, "GET http://{vip}/ routed to b{i}");
+                let got = topo
+                    .client()
+                    .run(|| client::udp_query(SocketAddr::new(vip, 53), None, timeout))
+                    .unwrap();
+                assert_eq!(got, want, "UDP {vip}:53 routed to b{i}");
+            }
+        }
+        topo.client()
+            .exec(&[
+                "ip",
+                "route",
+                "replace",
+                &format!("{VIP4}/32"),
+                "via",
+                &lb_addr4().to_string(),
+            ])
+            .unwrap();
+        topo.client()
+            .exec(&[
+                "ip",
+                "-6",
+                "route",
+                "replace",
+                &format!("{VIP6}/128"),
+                "via",
+                &lb_addr6().to_string(),
+            ])
+            .unwrap();
+
+        drop(procs);
+    }
+    let listed = xdplb_tests::netns::list().unwrap();
+    for n in &names {
+        assert!(!listed.contains(n), "{n} left behind: {listed:?}");
+    }
+}
+
+#[test]
+fn run_enters_namespace_and_propagates_panics() {
+    xdplb_tests::require_root();
+    let ns = Netns::new(&unique_prefix("run")).unwrap();
+    // A fresh namespace has only lo. (/proc/thread-self, not
+    // /proc/self: the latter shows the main thread's namespace.)
+    let links = ns.run(|| std::fs::read_to_string("/proc/thread-self/net/dev").unwrap());
+    assert!(!links.contains("eth0") && links.contains("lo:"), "{links}");
+    // Programs started via command() are in the namespace but keep the
+    // host's mounts, so the real bpffs stays visible.
+    let links = ns.exec(&["ip", "-o", "link"]).unwrap();
+    assert_eq!(links.lines().count(), 1, "{links}");
+    let fs_type = |cmd: &mut std::process::Command| {
+        let out = cmd
+            .args(["-f", "-c", "%T", "/sys/fs/bpf"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    let host = fs_type(&mut std::process::Command::new("stat"));
+    if host == "bpf_fs" {
+        assert_eq!(fs_type(&mut ns.command("stat")), "bpf_fs");
+    }
+    let caught =
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| ns.run(|| panic!("boom"))));
+    assert!(caught.is_err());
+    let err = ns.exec(&["ip", "link", "show", "nope0"]).unwrap_err();
+    assert!(format!("{err:#}").contains("ip link show nope0"), "{err:#}");
+    let name = ns.name().to_owned();
+    drop(ns);
+    assert!(!xdplb_tests::netns::list().unwrap().contains(&name));
+}
