@@ -1192,6 +1192,19 @@ fn icmp_not_about_a_translated_flow_passes_untouched() {
             ),
         ),
         (
+            // Found by the fuzzer: the quote matches a live translation,
+            // but the error is addressed to another host.
+            "frag needed quoting a live translation, addressed elsewhere",
+            frame::icmp_message(
+                ip(ROUTER4),
+                ip("10.0.1.99"),
+                3,
+                4,
+                [0, 0, 5, 0x78],
+                &Seg::tcp(SocketAddr::new(f.snat, port), f.backend, frame::ACK, b"x").ip(),
+            ),
+        ),
+        (
             "ICMPv6 echo request (not an error)",
             frame::icmp_message(ip(ROUTER6), ip(SNAT6), 128, 0, [0, 1, 0, 1], &[]),
         ),

@@ -388,6 +388,12 @@ fn icmp_error(ctx: &XdpContext, p: &Packet) -> Result<u32, Reason> {
     let mut inner_dst = [0u32; 4];
     read_addr(ctx, inner_src_off, &mut inner_src, v6)?;
     read_addr(ctx, inner_dst_off, &mut inner_dst, v6)?;
+    // Only an error sent to the address the quoted packet came from (our
+    // SNAT address) is about a packet we sent; one addressed elsewhere is
+    // someone else's, whatever it quotes.
+    if p.key.dst != inner_src {
+        return Err(Reason::PassNotService);
+    }
     let ports: *const [u16; 2] = ptr_at(ctx, inner_l4).ok_or(Reason::PassNotService)?;
     let [inner_sport, inner_dport] = unsafe { core::ptr::read_unaligned(ports) };
     // The reply key: as the backend would answer the quoted packet.

@@ -118,6 +118,11 @@ pub fn parse(ctx: &XdpContext) -> Result<Packet, Reason> {
         ETH_P_IPV6 => {
             let ip: *const Ipv6Hdr = ptr_at(ctx, l3).ok_or(Reason::PassMalformed)?;
             let ip = unsafe { &*ip };
+            // The kernel drops an IPv6 header of another version; rewriting
+            // one would forward what no host accepts.
+            if ip.vcf[0] >> 4 != 6 {
+                return Err(Reason::PassMalformed);
+            }
             key.proto = ip.next_hdr;
             if key.proto != PROTO_TCP && key.proto != PROTO_UDP && key.proto != PROTO_ICMPV6 {
                 return Err(if is_ipv6_ext(key.proto) {

@@ -1,4 +1,4 @@
-//! Development tasks for xdplb: `cargo xtask <setup|test|demo|bench>`.
+//! Development tasks for xdplb: `cargo xtask <setup|test|demo|fuzz|bench>`.
 
 mod setup;
 
@@ -34,6 +34,15 @@ enum Cmd {
     Demo {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
+    },
+    /// setup, then run the packet fuzzer (tests/tests/fuzz.rs) for longer.
+    Fuzz {
+        /// Frames to send through the program.
+        #[arg(long, default_value_t = 10_000_000)]
+        frames: u64,
+        /// Seed to replay (default: a fresh one, printed).
+        #[arg(long)]
+        seed: Option<String>,
     },
     /// setup, then run the benchmarks (package xdplb-bench) in release mode.
     Bench {
@@ -87,6 +96,30 @@ fn run(cmd: Cmd) -> Result<()> {
                 &[],
                 &args,
             )
+        }
+        Cmd::Fuzz { frames, seed } => {
+            header(1, 2, "setup");
+            setup::run()?;
+            header(2, 2, "fuzz");
+            let mut cmd = cargo_cmd();
+            cmd.args([
+                "test",
+                "-p",
+                "xdplb-tests",
+                "--test",
+                "fuzz",
+                "--",
+                "--nocapture",
+            ])
+            .env("XDPLB_FUZZ_FRAMES", frames.to_string());
+            if let Some(seed) = seed {
+                cmd.env("XDPLB_FUZZ_SEED", seed);
+            }
+            let status = cmd.status().context("running the fuzzer")?;
+            if !status.success() {
+                bail!("the fuzzer failed: {status}");
+            }
+            Ok(())
         }
         Cmd::Bench { quick } => {
             if !has_package("xdplb-bench")? {
