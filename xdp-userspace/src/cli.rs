@@ -549,6 +549,10 @@ pub fn render_status(status: &StatusView, services: &[ServiceView]) -> String {
         status.backends,
         status.backends_active,
     );
+    if let Some(problem) = &status.datapath_problem {
+        let n = status.datapath_repairs;
+        out.push_str(&format!("repairs:     {n} (last: {problem})\n"));
+    }
     if !services.is_empty() {
         let rows: Vec<Vec<String>> = services
             .iter()
@@ -1113,6 +1117,8 @@ mod tests {
             services: 1,
             backends: 2,
             backends_active: 1,
+            datapath_repairs: 0,
+            datapath_problem: None,
         };
         let services = [service(
             "web",

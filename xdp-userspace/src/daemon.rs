@@ -30,7 +30,9 @@ use crate::{
     dataplane::{monotonic_coarse_ns, proto_name, Maps, NatOccupancy},
     health::{CheckTarget, HealthChecker, HealthEvent},
     loader::{self, AttachMode, Datapath},
+    lock::PinDirLock,
     state::Overlay,
+    systemd,
 };
 
 /// What `xdplb run` was asked to do.
@@ -42,6 +44,9 @@ pub struct Options {
     pub pin_dir: Option<PathBuf>,
     pub api_socket: Option<PathBuf>,
     pub state_file: Option<PathBuf>,
+    /// Run even when the pin directory's bpffs is private to this mount
+    /// namespace (the pins then vanish with the daemon).
+    pub allow_private_bpffs: bool,
 }
 
 /// Health probes running at once, at most.
@@ -56,6 +61,9 @@ struct Daemon {
     started: Instant,
     adopted: bool,
     interfaces: Vec<api::InterfaceView>,
+    /// Times the datapath was found detached and attached again, and why
+    /// it was last.
+    repairs: Mutex<(u64, Option<String>)>,
 }
 
 struct Inner {
@@ -72,6 +80,10 @@ struct Inner {
 }
 
 impl Daemon {
+    fn repairs_lock(&self) -> MutexGuard<'_, (u64, Option<String>)> {
+        self.repairs.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     fn lock(&self) -> MutexGuard<'_, Inner> {
         // A panic while holding the lock leaves the datapath as it was;
         // keep serving rather than poisoning every later call.
@@ -357,6 +369,7 @@ impl Daemon {
     }
 
     fn status(&self) -> api::StatusView {
+        let (datapath_repairs, datapath_problem) = self.repairs_lock().clone();
         let inner = self.lock();
         let services: Vec<&ServiceState> = inner.controller.services().collect();
         api::StatusView {
@@ -370,6 +383,8 @@ impl Daemon {
             services: services.len(),
             backends: services.iter().map(|s| s.backends.len()).sum(),
             backends_active: services.iter().map(|s| s.active()).sum(),
+            datapath_repairs,
+            datapath_problem,
         }
     }
 }
@@ -473,6 +488,14 @@ pub fn run(opts: Options) -> Result<()> {
     let state_file = opts
         .state_file
         .unwrap_or_else(|| file.daemon.state_file.clone());
+    // One daemon per datapath: the pin directory is locked before anything
+    // in it is adopted, replaced or removed, and held until exit.
+    refuse_live_socket(&api_socket)?;
+    loader::ensure_bpffs(&pin_dir)?;
+    if !opts.allow_private_bpffs {
+        loader::check_bpffs_visible_from_host(&pin_dir)?;
+    }
+    let _lock = PinDirLock::acquire(&pin_dir)?;
     let mut overlay = Overlay::load(&state_file)?;
     let config = overlay.merge(&file)?;
 
@@ -519,6 +542,7 @@ pub fn run(opts: Options) -> Result<()> {
             started: Instant::now(),
             adopted,
             interfaces,
+            repairs: Mutex::new((0, None)),
         });
         let handler: Arc<dyn api::Handler> = daemon.clone();
         let socket = api_socket.clone();
@@ -529,9 +553,16 @@ pub fn run(opts: Options) -> Result<()> {
         while std::os::unix::net::UnixStream::connect(&api_socket).is_err() && !api.is_finished() && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
+        if api.is_finished() {
+            let res = (&mut api).await?;
+            return Err(res.err().unwrap_or_else(|| anyhow::anyhow!("exited")))
+                .context("the API server stopped before the daemon was ready");
+        }
         println!("ready");
         use std::io::Write as _;
         std::io::stdout().flush()?;
+        systemd::notify("READY=1");
+        let mut watchdog = systemd::watchdog_period().map(tokio::time::interval);
 
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
@@ -541,13 +572,17 @@ pub fn run(opts: Options) -> Result<()> {
         let detach = loop {
             tokio::select! {
                 _ = term.recv() => break false,
+                _ = async { watchdog.as_mut().expect("checked").tick().await },
+                    if watchdog.is_some() => systemd::notify("WATCHDOG=1"),
                 _ = int.recv() => break true,
                 _ = hup.recv() => {
+                    systemd::notify("RELOADING=1");
                     let d = daemon.clone();
                     match tokio::task::spawn_blocking(move || api::Handler::handle(&*d, Request::Reload)).await? {
                         Ok(_) => {}
                         Err(e) => error!("reload refused, running state unchanged: {e}"),
                     }
+                    systemd::notify("READY=1");
                 }
                 Some(event) = events.recv() => {
                     let d = daemon.clone();
@@ -562,6 +597,7 @@ pub fn run(opts: Options) -> Result<()> {
                             d.refresh();
                         }
                     }).await?;
+                    repair_attachments(&mut datapath, &opts.ifaces, opts.mode, &daemon);
                 }
                 res = &mut api => {
                     // The API server only returns on error: a daemon that
@@ -572,9 +608,12 @@ pub fn run(opts: Options) -> Result<()> {
             }
         };
         api.abort();
+        systemd::notify("STOPPING=1");
         anyhow::Ok(detach)
     });
-    let _ = std::fs::remove_file(&api_socket);
+    // Dropping the runtime drops the API server, which removes its socket
+    // (and only its own: a socket it failed to bind is another daemon's).
+    drop(runtime);
     let detach = result?;
     if detach {
         info!("interrupted: detaching and removing pins");
@@ -587,4 +626,48 @@ pub fn run(opts: Options) -> Result<()> {
         info!("terminated: the datapath keeps forwarding; `xdplb run` adopts it, `xdplb detach --all` removes it");
     }
     Ok(())
+}
+
+/// Refuses to start when another daemon answers on `socket`: starting
+/// would take its API away (the server would fail to bind after the
+/// datapath was already touched).
+fn refuse_live_socket(socket: &Path) -> Result<()> {
+    if std::os::unix::net::UnixStream::connect(socket).is_ok() {
+        anyhow::bail!(
+            "another xdplb daemon is already serving {}; stop it or choose another --api-socket",
+            socket.display()
+        );
+    }
+    Ok(())
+}
+
+/// Checks, once per tick, that the datapath is still attached to each
+/// interface as this daemon left it; when it is not (its link pin was
+/// removed, e.g. by `xdplb detach --force`, or the link was detached),
+/// says so and attaches it again.
+fn repair_attachments(datapath: &mut Datapath, ifaces: &[String], mode: AttachMode, d: &Daemon) {
+    for iface in ifaces {
+        let problem = match datapath.attachment_problem(iface) {
+            Ok(Some(problem)) => problem,
+            Ok(None) => continue,
+            Err(err) => {
+                warn!("checking the XDP attachment on {iface}: {err:#}");
+                continue;
+            }
+        };
+        error!(%iface, "the datapath was detached under the daemon: {problem}; attaching again");
+        let outcome = match datapath.reattach(iface, mode) {
+            Ok(attached) => {
+                info!(%iface, mode = attached.name(), "XDP program attached again");
+                format!("{iface}: {problem}; attached again")
+            }
+            Err(err) => {
+                error!(%iface, "attaching again failed: {err:#}");
+                format!("{iface}: {problem}; attaching again failed: {err:#}")
+            }
+        };
+        let mut repairs = d.repairs_lock();
+        repairs.0 += 1;
+        repairs.1 = Some(outcome);
+    }
 }
