@@ -333,7 +333,7 @@ impl Datapath {
             AttachMode::Auto => match attach_one(self.program(), iface, XdpMode::Driver) {
                 Ok(id) => Ok((Attached::Native, id)),
                 Err(native) => {
-                    warn!("native XDP on {iface} failed ({native:#}); trying generic mode (slower)");
+                    warn!("native XDP on {iface} failed ({native:#}); trying generic mode");
                     // Both errors: the native one usually says why.
                     attach_one(self.program(), iface, XdpMode::Skb)
                         .map(|id| (Attached::Generic, id))
