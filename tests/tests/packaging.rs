@@ -80,6 +80,7 @@ fn the_package_installs_a_working_binary_unit_config_and_docs() {
         return;
     }
     let scratch = Scratch::new("deb");
+    let started = std::time::Instant::now();
     // The debug binary the tests already built: packaging only.
     let out = Command::new(env!("CARGO"))
         .current_dir(workspace_root())
@@ -89,6 +90,7 @@ fn the_package_installs_a_working_binary_unit_config_and_docs() {
             "--profile",
             "dev",
             "--no-build",
+            "--fast",
             "--output",
         ])
         .arg(&scratch.0)
@@ -100,6 +102,7 @@ fn the_package_installs_a_working_binary_unit_config_and_docs() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+    eprintln!("cargo xtask package took {:?}", started.elapsed());
     let deb = std::fs::read_dir(&scratch.0)
         .unwrap()
         .map(|e| e.unwrap().path())

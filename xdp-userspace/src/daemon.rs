@@ -525,6 +525,7 @@ pub fn run(opts: Options) -> Result<()> {
         });
     }
     guard.0 = None;
+    let datapath = Arc::new(Mutex::new(datapath));
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -563,6 +564,13 @@ pub fn run(opts: Options) -> Result<()> {
         std::io::stdout().flush()?;
         systemd::notify("READY=1");
         let mut watchdog = systemd::watchdog_period().map(tokio::time::interval);
+        // Off the main loop, so that spawning `ip` never delays a health event.
+        let watcher = tokio::spawn(watch_attachments(
+            datapath.clone(),
+            opts.ifaces.clone(),
+            opts.mode,
+            daemon.clone(),
+        ));
 
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
@@ -597,7 +605,6 @@ pub fn run(opts: Options) -> Result<()> {
                             d.refresh();
                         }
                     }).await?;
-                    repair_attachments(&mut datapath, &opts.ifaces, opts.mode, &daemon);
                 }
                 res = &mut api => {
                     // The API server only returns on error: a daemon that
@@ -608,6 +615,7 @@ pub fn run(opts: Options) -> Result<()> {
             }
         };
         api.abort();
+        watcher.abort();
         systemd::notify("STOPPING=1");
         anyhow::Ok(detach)
     });
@@ -641,7 +649,29 @@ fn refuse_live_socket(socket: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Checks, once per tick, that the datapath is still attached to each
+/// Once a second, [`repair_attachments`] on a blocking thread.
+async fn watch_attachments(
+    datapath: Arc<Mutex<Datapath>>,
+    ifaces: Vec<String>,
+    mode: AttachMode,
+    daemon: Arc<Daemon>,
+) {
+    let ifaces = Arc::new(ifaces);
+    let mut every = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        every.tick().await;
+        let (datapath, ifaces, daemon) = (datapath.clone(), ifaces.clone(), daemon.clone());
+        let check = tokio::task::spawn_blocking(move || {
+            let mut datapath = datapath.lock().unwrap_or_else(|p| p.into_inner());
+            repair_attachments(&mut datapath, &ifaces, mode, &daemon);
+        });
+        if let Err(err) = check.await {
+            error!("checking the XDP attachments: {err}");
+        }
+    }
+}
+
+/// Checks that the datapath is still attached to each
 /// interface as this daemon left it; when it is not (its link pin was
 /// removed, e.g. by `xdplb detach --force`, or the link was detached),
 /// says so and attaches it again.

@@ -55,6 +55,9 @@ enum Cmd {
         /// Directory for the .deb.
         #[arg(long)]
         output: Option<PathBuf>,
+        /// Faster, weaker compression.
+        #[arg(long)]
+        fast: bool,
     },
 }
 
@@ -107,10 +110,12 @@ fn run(cmd: Cmd) -> Result<()> {
             profile,
             no_build,
             output,
+            fast,
         } => package::run(&package::Options {
             profile,
             no_build,
             output,
+            fast,
         })
         .map(drop),
         Cmd::Bench { quick } => {

@@ -27,6 +27,8 @@ pub struct Options {
     pub no_build: bool,
     /// Directory for the .deb (default: target/debian).
     pub output: Option<PathBuf>,
+    /// Faster, weaker compression (for tests).
+    pub fast: bool,
 }
 
 /// Builds the package; returns the path of the .deb.
@@ -59,10 +61,14 @@ pub fn run(opts: &Options) -> Result<PathBuf> {
         .unwrap_or_else(|| root.join("target/debian"));
     fs::create_dir_all(&output).with_context(|| format!("creating {}", output.display()))?;
     let mut cmd = cargo_cmd();
-    cmd.args(["deb", "-p", "xdp-userspace", "--no-build", "--no-strip"])
+    // Stripped: a debug build's symbols are most of its size.
+    cmd.args(["deb", "-p", "xdp-userspace", "--no-build", "--strip"])
         .args(["--profile", &opts.profile])
         .arg("--output")
         .arg(&output);
+    if opts.fast {
+        cmd.arg("--fast");
+    }
     let out = cmd.output().context("running cargo deb")?;
     if !out.status.success() {
         bail!(
