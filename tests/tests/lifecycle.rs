@@ -382,3 +382,57 @@ fn auto_mode_names_both_modes_it_tried() {
     assert!(!err.contains("Skb"), "{err}");
     holder.terminate().unwrap();
 }
+
+#[test]
+fn the_datapath_logs_drops_without_a_backend_at_most_once_a_second_per_cpu() {
+    let (topo, xdplb) = topology("alog");
+    topo.wait_reachable().expect("segment reachable");
+    // A service with no backend: the datapath drops its new flows.
+    let config = format!(
+        "[[service]]\nname = \"web\"\nvip = \"{}\"\nport = 80\nprotocol = \"tcp\"\n",
+        topo.vip4()
+    );
+    let lb = Xdplb::start(&xdplb, &topo, &config).expect("xdplb");
+    let vip = std::net::SocketAddr::new(topo.vip4().into(), 80);
+    let started = Instant::now();
+    let attempts = 100;
+    topo.client().run(|| {
+        for _ in 0..attempts {
+            // Each attempt sends one SYN, which is dropped.
+            let _ = std::net::TcpStream::connect_timeout(&vip, Duration::from_millis(20));
+        }
+    });
+    let elapsed = started.elapsed();
+    // The record of the last second's drop arrives within the poll.
+    std::thread::sleep(Duration::from_millis(500));
+    let stats = lb.json(&["stats"]).unwrap();
+    let drops = stats["reasons"]["drop_no_backend"].as_u64().unwrap_or(0);
+    assert!(drops >= attempts, "{stats}");
+    let records = lb
+        .proc
+        .output()
+        .iter()
+        .filter(|l| l.contains("no usable backend"))
+        .count();
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    // At most one per CPU per started second (plus the second begun at 0).
+    let bound = cpus * (elapsed.as_secs() as usize + 2);
+    eprintln!("{drops} drops in {elapsed:?}: {records} log records (bound {bound})");
+    assert!(
+        records >= 1,
+        "no record of the drops:\n{}",
+        lb.proc.output_text()
+    );
+    assert!(
+        records <= bound,
+        "{records} records for {drops} drops in {elapsed:?}:\n{}",
+        lb.proc.output_text()
+    );
+    let line = lb
+        .proc
+        .output()
+        .into_iter()
+        .find(|l| l.contains("no usable backend"))
+        .unwrap();
+    assert!(line.contains("WARN"), "{line}");
+}

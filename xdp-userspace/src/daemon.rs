@@ -525,6 +525,7 @@ pub fn run(opts: Options) -> Result<()> {
         });
     }
     guard.0 = None;
+    let logger = datapath.logger.take();
     let datapath = Arc::new(Mutex::new(datapath));
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -564,6 +565,9 @@ pub fn run(opts: Options) -> Result<()> {
         std::io::stdout().flush()?;
         systemd::notify("READY=1");
         let mut watchdog = systemd::watchdog_period().map(tokio::time::interval);
+        if let Some(logger) = logger {
+            tokio::spawn(forward_datapath_logs(logger));
+        }
         // Off the main loop, so that spawning `ip` never delays a health event.
         let watcher = tokio::spawn(watch_attachments(
             datapath.clone(),
@@ -647,6 +651,29 @@ fn refuse_live_socket(socket: &Path) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Logs the datapath's records (rare drops, rate-limited in the program)
+/// as they arrive in its ring buffer.
+async fn forward_datapath_logs(logger: loader::DatapathLogger) {
+    use tokio::io::{unix::AsyncFd, Interest};
+    // SAFETY: the logger owns the ring buffer's descriptor, and the AsyncFd
+    // owns the logger: the descriptor stays open while it is registered.
+    let registered = unsafe { AsyncFd::register_with_interest(logger, Interest::READABLE) };
+    let mut logger = match registered {
+        Ok(fd) => fd,
+        Err(err) => {
+            warn!("polling the datapath's log: {err}");
+            return;
+        }
+    };
+    loop {
+        let Ok(mut ready) = logger.readable_mut().await else {
+            return;
+        };
+        ready.get_inner_mut().flush();
+        ready.clear_ready();
+    }
 }
 
 /// Once a second, [`repair_attachments`] on a blocking thread.

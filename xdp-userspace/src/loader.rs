@@ -246,10 +246,16 @@ fn check_pinned_maps(pin_dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Reads the datapath's log records (aya-log) into the daemon's log.
+pub type DatapathLogger = aya_log::EbpfLogger<&'static dyn log::Log>;
+
 /// The loaded program and its maps.
 pub struct Datapath {
     pub ebpf: Ebpf,
     pub pin_dir: PathBuf,
+    /// Taken by the daemon, which polls it; it must live as long as the
+    /// program may log (dropping it closes the log ring buffer).
+    pub logger: Option<DatapathLogger>,
 }
 
 impl Datapath {
@@ -265,6 +271,15 @@ impl Datapath {
             .default_map_pin_directory(pin_dir)
             .load(OBJECT)
             .context("loading the XDP program")?;
+        // Before the program is verified: the logger sets the log level
+        // the program reads.
+        let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
+            Ok(logger) => Some(logger),
+            Err(err) => {
+                warn!("the datapath's log records are not available: {err}");
+                None
+            }
+        };
         let program: &mut Xdp = ebpf
             .program_mut(PROGRAM_NAME)
             .context("XDP program missing from the object")?
@@ -273,6 +288,7 @@ impl Datapath {
         Ok(Self {
             ebpf,
             pin_dir: pin_dir.to_owned(),
+            logger,
         })
     }
 
