@@ -21,6 +21,16 @@ use xdplb_tests::{
 
 const TESTBACKEND: &str = env!("CARGO_BIN_EXE_xdplb-testbackend");
 
+/// Removes a directory (or pin directory) when dropped, even if the test
+/// failed.
+struct Cleanup(PathBuf);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// A topology (one backend) and the path of the xdplb binary.
 fn topology(tag: &str) -> (DsrTopology, PathBuf) {
     require_root();
@@ -99,6 +109,7 @@ fn one_daemon_per_pin_dir_and_a_killed_daemons_successor_starts() {
     // Another pin directory but the live daemon's socket: refused before
     // anything is made, and the live socket is never removed.
     let other_pins = PathBuf::from(format!("{}-other", lb.pin_dir.display()));
+    let _other_pins = Cleanup(other_pins.clone());
     let (ok, text) = run_to_end(&mut run_cmd(&xdplb, &topo, &lb, &other_pins, &lb.socket()));
     let _ = std::fs::remove_dir_all(&other_pins);
     assert!(!ok, "a second daemon started on a live socket:\n{text}");
@@ -189,10 +200,12 @@ fn ip_netns_exec_is_refused_with_the_way_out() {
     let (topo, xdplb) = topology("nsx");
     let prefix = unique_prefix("nsx");
     let dir = std::env::temp_dir().join(format!("xdplb-{prefix}"));
+    let _dir = Cleanup(dir.clone());
     std::fs::create_dir_all(&dir).unwrap();
     let config = dir.join("xdplb.toml");
     std::fs::write(&config, "").unwrap();
     let pin_dir = PathBuf::from(format!("/sys/fs/bpf/xdplb-{prefix}"));
+    let _pins = Cleanup(pin_dir.clone());
     let mut cmd = Command::new("ip");
     cmd.args(["netns", "exec", topo.lb().name()])
         .arg(&xdplb)
@@ -282,6 +295,7 @@ fn the_open_files_limit_is_raised_and_health_checks_work() {
 fn systemd_hears_ready_after_the_api_answers_then_watchdog_pings() {
     let (topo, xdplb) = topology("notify");
     let dir = std::env::temp_dir().join(format!("xdplb-notify-{}", topo.prefix()));
+    let _dir = Cleanup(dir.clone());
     std::fs::create_dir_all(&dir).unwrap();
     let notify_path = dir.join("notify.sock");
     let notify = UnixDatagram::bind(&notify_path).unwrap();
@@ -357,9 +371,11 @@ fn auto_mode_names_both_modes_it_tried() {
         .unwrap();
     let prefix = unique_prefix("auto");
     let dir = std::env::temp_dir().join(format!("xdplb-{prefix}"));
+    let _dir = Cleanup(dir.clone());
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("xdplb.toml"), "").unwrap();
     let pin_dir = PathBuf::from(format!("/sys/fs/bpf/xdplb-{prefix}"));
+    let _pins = Cleanup(pin_dir.clone());
     let mut cmd = topo.lb().command(&xdplb);
     cmd.args(["run", "--xdp-mode", "auto", "--iface", topo.lb_iface()])
         .arg("--config")
