@@ -6,6 +6,7 @@
 
 mod conntrack;
 mod csum;
+mod events;
 mod forward;
 mod maglev;
 mod maps;
@@ -30,6 +31,7 @@ pub fn xdplb(ctx: XdpContext) -> u32 {
         // bounds-checked by the parser). Never XDP_ABORTED.
         Err(reason @ (Reason::DropNoBackend | Reason::DropNatFull)) => {
             stats::count(reason);
+            events::dropped(&ctx, reason);
             xdp_action::XDP_DROP
         }
         Err(reason) => {

@@ -497,6 +497,10 @@ fn render_status(status: &StatusView, services: &[ServiceView]) -> String {
         status.backends,
         status.backends_active,
     );
+    if let Some(problem) = &status.datapath_problem {
+        let n = status.datapath_repairs;
+        out.push_str(&format!("repairs:     {n} (last: {problem})\n"));
+    }
     if !services.is_empty() {
         out.push('\n');
         // Name, address, protocol, mode and active backends.
@@ -1044,6 +1048,8 @@ mod tests {
             services: 1,
             backends: 2,
             backends_active: 1,
+            datapath_repairs: 0,
+            datapath_problem: None,
         };
         let services = [service(
             "web",

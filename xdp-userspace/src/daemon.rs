@@ -30,8 +30,10 @@ use crate::{
     dataplane::{monotonic_coarse_ns, Maps, NatOccupancy, NatSweeper},
     health::{CheckTarget, HealthChecker, HealthEvent},
     loader::{self, AttachMode, Datapath},
+    lock::PinDirLock,
     neigh::Resolver,
     state::Overlay,
+    systemd,
 };
 
 /// What `xdplb run` was asked to do.
@@ -43,6 +45,9 @@ pub struct Options {
     pub pin_dir: Option<PathBuf>,
     pub api_socket: Option<PathBuf>,
     pub state_file: Option<PathBuf>,
+    /// Run even when the pin directory's bpffs is private to this mount
+    /// namespace (the pins then vanish with the daemon).
+    pub allow_private_bpffs: bool,
 }
 
 /// Health probes running at once, at most.
@@ -65,6 +70,9 @@ struct Daemon {
     started: Instant,
     adopted: bool,
     interfaces: Vec<api::InterfaceView>,
+    /// Times the datapath was found detached and attached again, and why
+    /// it was last.
+    repairs: Mutex<(u64, Option<String>)>,
 }
 
 struct Inner {
@@ -81,6 +89,10 @@ struct Inner {
 }
 
 impl Daemon {
+    fn repairs_lock(&self) -> MutexGuard<'_, (u64, Option<String>)> {
+        self.repairs.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     fn lock(&self) -> MutexGuard<'_, Inner> {
         // A panic while holding the lock leaves the datapath as it was;
         // keep serving rather than poisoning every later call.
@@ -396,6 +408,7 @@ impl Daemon {
     }
 
     fn status(&self) -> api::StatusView {
+        let (datapath_repairs, datapath_problem) = self.repairs_lock().clone();
         let inner = self.lock();
         let services: Vec<&ServiceState> = inner.controller.services().collect();
         api::StatusView {
@@ -409,6 +422,8 @@ impl Daemon {
             services: services.len(),
             backends: services.iter().map(|s| s.backends.len()).sum(),
             backends_active: services.iter().map(|s| s.active()).sum(),
+            datapath_repairs,
+            datapath_problem,
         }
     }
 }
@@ -512,6 +527,14 @@ pub fn run(opts: Options) -> Result<()> {
     let state_file = opts
         .state_file
         .unwrap_or_else(|| file.daemon.state_file.clone());
+    // One daemon per datapath: the pin directory is locked before anything
+    // in it is adopted, replaced or removed, and held until exit.
+    refuse_live_socket(&api_socket)?;
+    loader::ensure_bpffs(&pin_dir)?;
+    if !opts.allow_private_bpffs {
+        loader::check_bpffs_visible_from_host(&pin_dir)?;
+    }
+    let _lock = PinDirLock::acquire(&pin_dir)?;
     let metrics_listener = file
         .daemon
         .metrics_listen
@@ -547,6 +570,8 @@ pub fn run(opts: Options) -> Result<()> {
         });
     }
     guard.0 = None;
+    let logger = datapath.logger.take();
+    let datapath = Arc::new(Mutex::new(datapath));
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -567,6 +592,7 @@ pub fn run(opts: Options) -> Result<()> {
             started: Instant::now(),
             adopted,
             interfaces,
+            repairs: Mutex::new((0, None)),
         });
         let handler: Arc<dyn api::Handler> = daemon.clone();
         let socket = api_socket.clone();
@@ -587,9 +613,26 @@ pub fn run(opts: Options) -> Result<()> {
         while std::os::unix::net::UnixStream::connect(&api_socket).is_err() && !api.is_finished() && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
+        if api.is_finished() {
+            let res = (&mut api).await?;
+            return Err(res.err().unwrap_or_else(|| anyhow::anyhow!("exited")))
+                .context("the API server stopped before the daemon was ready");
+        }
         println!("ready");
         use std::io::Write as _;
         std::io::stdout().flush()?;
+        systemd::notify("READY=1");
+        let mut watchdog = systemd::watchdog_period().map(tokio::time::interval);
+        if let Some(logger) = logger {
+            tokio::spawn(forward_datapath_logs(logger));
+        }
+        // Off the main loop, so that spawning `ip` never delays a health event.
+        let watcher = tokio::spawn(watch_attachments(
+            datapath.clone(),
+            opts.ifaces.clone(),
+            opts.mode,
+            daemon.clone(),
+        ));
 
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
@@ -599,13 +642,17 @@ pub fn run(opts: Options) -> Result<()> {
         let detach = loop {
             tokio::select! {
                 _ = term.recv() => break false,
+                _ = async { watchdog.as_mut().expect("checked").tick().await },
+                    if watchdog.is_some() => systemd::notify("WATCHDOG=1"),
                 _ = int.recv() => break true,
                 _ = hup.recv() => {
+                    systemd::notify("RELOADING=1");
                     let d = daemon.clone();
                     match tokio::task::spawn_blocking(move || api::Handler::handle(&*d, Request::Reload)).await? {
                         Ok(_) => {}
                         Err(e) => error!("reload refused, running state unchanged: {e}"),
                     }
+                    systemd::notify("READY=1");
                 }
                 Some(event) = events.recv() => {
                     let d = daemon.clone();
@@ -630,9 +677,13 @@ pub fn run(opts: Options) -> Result<()> {
             }
         };
         api.abort();
+        watcher.abort();
+        systemd::notify("STOPPING=1");
         anyhow::Ok(detach)
     });
-    let _ = std::fs::remove_file(&api_socket);
+    // Dropping the runtime drops the API server, which removes its socket
+    // (and only its own: a socket it failed to bind is another daemon's).
+    drop(runtime);
     let detach = result?;
     if detach {
         info!("interrupted: detaching and removing pins");
@@ -645,4 +696,93 @@ pub fn run(opts: Options) -> Result<()> {
         info!("terminated: the datapath keeps forwarding; `xdplb run` adopts it, `xdplb detach --all` removes it");
     }
     Ok(())
+}
+
+/// Refuses to start when another daemon answers on `socket`: starting
+/// would take its API away (the server would fail to bind after the
+/// datapath was already touched).
+fn refuse_live_socket(socket: &Path) -> Result<()> {
+    if std::os::unix::net::UnixStream::connect(socket).is_ok() {
+        anyhow::bail!(
+            "another xdplb daemon is already serving {}; stop it or choose another --api-socket",
+            socket.display()
+        );
+    }
+    Ok(())
+}
+
+/// Logs the datapath's records (rare drops, rate-limited in the program)
+/// as they arrive in its ring buffer.
+async fn forward_datapath_logs(logger: loader::DatapathLogger) {
+    use tokio::io::{unix::AsyncFd, Interest};
+    // SAFETY: the logger owns the ring buffer's descriptor, and the AsyncFd
+    // owns the logger: the descriptor stays open while it is registered.
+    let registered = unsafe { AsyncFd::register_with_interest(logger, Interest::READABLE) };
+    let mut logger = match registered {
+        Ok(fd) => fd,
+        Err(err) => {
+            warn!("polling the datapath's log: {err}");
+            return;
+        }
+    };
+    loop {
+        let Ok(mut ready) = logger.readable_mut().await else {
+            return;
+        };
+        ready.get_inner_mut().flush();
+        ready.clear_ready();
+    }
+}
+
+/// Once a second, [`repair_attachments`] on a blocking thread.
+async fn watch_attachments(
+    datapath: Arc<Mutex<Datapath>>,
+    ifaces: Vec<String>,
+    mode: AttachMode,
+    daemon: Arc<Daemon>,
+) {
+    let ifaces = Arc::new(ifaces);
+    let mut every = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        every.tick().await;
+        let (datapath, ifaces, daemon) = (datapath.clone(), ifaces.clone(), daemon.clone());
+        let check = tokio::task::spawn_blocking(move || {
+            let mut datapath = datapath.lock().unwrap_or_else(|p| p.into_inner());
+            repair_attachments(&mut datapath, &ifaces, mode, &daemon);
+        });
+        if let Err(err) = check.await {
+            error!("checking the XDP attachments: {err}");
+        }
+    }
+}
+
+/// Checks that the datapath is still attached to each
+/// interface as this daemon left it; when it is not (its link pin was
+/// removed, e.g. by `xdplb detach --force`, or the link was detached),
+/// says so and attaches it again.
+fn repair_attachments(datapath: &mut Datapath, ifaces: &[String], mode: AttachMode, d: &Daemon) {
+    for iface in ifaces {
+        let problem = match datapath.attachment_problem(iface) {
+            Ok(Some(problem)) => problem,
+            Ok(None) => continue,
+            Err(err) => {
+                warn!("checking the XDP attachment on {iface}: {err:#}");
+                continue;
+            }
+        };
+        error!(%iface, "the datapath was detached under the daemon: {problem}; attaching again");
+        let outcome = match datapath.reattach(iface, mode) {
+            Ok(attached) => {
+                info!(%iface, mode = attached.name(), "XDP program attached again");
+                format!("{iface}: {problem}; attached again")
+            }
+            Err(err) => {
+                error!(%iface, "attaching again failed: {err:#}");
+                format!("{iface}: {problem}; attaching again failed: {err:#}")
+            }
+        };
+        let mut repairs = d.repairs_lock();
+        repairs.0 += 1;
+        repairs.1 = Some(outcome);
+    }
 }

@@ -4,6 +4,7 @@
 use std::{
     ffi::CString,
     fs,
+    os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
 };
 
@@ -122,7 +123,8 @@ fn expected_maps() -> [(&'static str, MapType, usize, usize, u32); 11] {
 }
 
 /// Mounts bpffs on /sys/fs/bpf unless `dir` already lies on a bpffs.
-pub fn ensure_bpffs(dir: &Path) -> Result<()> {
+/// Returns whether it mounted one.
+pub fn ensure_bpffs(dir: &Path) -> Result<bool> {
     let on_bpffs = |p: &Path| -> bool {
         let Ok(c) = CString::new(p.as_os_str().as_encoded_bytes()) else {
             return false;
@@ -136,7 +138,7 @@ pub fn ensure_bpffs(dir: &Path) -> Result<()> {
         .find(|p| p.exists())
         .unwrap_or(Path::new("/"));
     if on_bpffs(probe) {
-        return Ok(());
+        return Ok(false);
     }
     if !dir.starts_with(BPFFS) {
         bail!("pin directory {} is not on a bpf filesystem", dir.display());
@@ -159,7 +161,62 @@ pub fn ensure_bpffs(dir: &Path) -> Result<()> {
             std::io::Error::last_os_error()
         );
     }
-    Ok(())
+    Ok(true)
+}
+
+/// Refuses a pin directory on a bpffs that the host cannot see. Under
+/// `ip netns exec` the daemon runs in a private mount namespace, and a
+/// bpffs seen (or mounted) there vanishes with the daemon: its pins, and so
+/// the datapath, would not survive a restart or a SIGKILL, and no successor
+/// could adopt it. The host is PID 1's mount namespace, or, where PID 1 may
+/// not be inspected (some sandboxes), the parent process's.
+pub fn check_bpffs_visible_from_host(dir: &Path) -> Result<()> {
+    let Ok(ours) = fs::read_link("/proc/self/ns/mnt") else {
+        return Ok(()); // No /proc: cannot tell.
+    };
+    // SAFETY: getppid cannot fail.
+    let parent = unsafe { libc::getppid() };
+    let Some((host, theirs)) = ["1".to_owned(), parent.to_string()]
+        .into_iter()
+        .find_map(|pid| Some((fs::read_link(format!("/proc/{pid}/ns/mnt")).ok()?, pid)))
+    else {
+        return Ok(());
+    };
+    if ours == host {
+        return Ok(());
+    }
+    let probe = dir
+        .ancestors()
+        .find(|p| p.exists())
+        .unwrap_or(Path::new("/"));
+    let here = fs::metadata(probe).with_context(|| format!("inspecting {}", probe.display()))?;
+    let relative = probe.strip_prefix("/").unwrap_or(probe);
+    let there = fs::metadata(Path::new("/proc").join(theirs).join("root").join(relative));
+    if there.is_ok_and(|m| m.dev() == here.dev()) {
+        return Ok(());
+    }
+    bail!(
+        "the bpf filesystem at {} is private to this mount namespace (as under `ip netns exec`): \
+         the datapath's pins would vanish with this daemon and no restart could adopt them. \
+         Run `nsenter --net=/run/netns/{} xdplb run ...` instead (it keeps the host's mounts), \
+         or mount bpffs on the host first and make it visible here, \
+         or pass --allow-private-bpffs if losing the pins is intended",
+        probe.display(),
+        own_netns_name().unwrap_or_else(|| "NS".into())
+    );
+}
+
+/// The name under /run/netns of this process's network namespace, if any.
+fn own_netns_name() -> Option<String> {
+    let ours = fs::metadata("/proc/self/ns/net").ok()?;
+    fs::read_dir("/run/netns")
+        .ok()?
+        .flatten()
+        .find_map(|entry| {
+            let meta = fs::metadata(entry.path()).ok()?;
+            (meta.dev() == ours.dev() && meta.ino() == ours.ino())
+                .then(|| entry.file_name().to_string_lossy().into_owned())
+        })
 }
 
 /// Refuses pinned maps whose format differs from this build's, naming the
@@ -189,10 +246,16 @@ fn check_pinned_maps(pin_dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Reads the datapath's log records (aya-log) into the daemon's log.
+pub type DatapathLogger = aya_log::EbpfLogger<&'static dyn log::Log>;
+
 /// The loaded program and its maps.
 pub struct Datapath {
     pub ebpf: Ebpf,
     pub pin_dir: PathBuf,
+    /// Taken by the daemon, which polls it; it must live as long as the
+    /// program may log (dropping it closes the log ring buffer).
+    pub logger: Option<DatapathLogger>,
 }
 
 impl Datapath {
@@ -208,6 +271,15 @@ impl Datapath {
             .default_map_pin_directory(pin_dir)
             .load(OBJECT)
             .context("loading the XDP program")?;
+        // Before the program is verified: the logger sets the log level
+        // the program reads.
+        let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
+            Ok(logger) => Some(logger),
+            Err(err) => {
+                warn!("the datapath's log records are not available: {err}");
+                None
+            }
+        };
         let program: &mut Xdp = ebpf
             .program_mut(PROGRAM_NAME)
             .context("XDP program missing from the object")?
@@ -216,6 +288,7 @@ impl Datapath {
         Ok(Self {
             ebpf,
             pin_dir: pin_dir.to_owned(),
+            logger,
         })
     }
 
@@ -275,10 +348,17 @@ impl Datapath {
             }
             AttachMode::Auto => match attach_one(self.program(), iface, XdpMode::Driver) {
                 Ok(id) => Ok((Attached::Native, id)),
-                Err(err) => {
-                    warn!("native XDP on {iface} failed ({err:#}); falling back to generic mode, which is slower");
+                Err(native) => {
+                    warn!("native XDP on {iface} failed ({native:#}); trying generic mode");
+                    // Both errors: the native one usually says why.
                     attach_one(self.program(), iface, XdpMode::Skb)
                         .map(|id| (Attached::Generic, id))
+                        .map_err(|generic| {
+                            anyhow::anyhow!(
+                                "attaching XDP to {iface}: native mode failed ({native:#}), \
+                                 then generic mode failed ({generic:#})"
+                            )
+                        })
                 }
             },
         }
@@ -299,7 +379,17 @@ fn attach_one(program: &mut Xdp, iface: &str, mode: XdpMode) -> Result<XdpLinkId
     interface_index(iface)?;
     program
         .attach(iface, mode)
-        .with_context(|| format!("attaching XDP to {iface} in {mode:?} mode"))
+        .with_context(|| format!("attaching XDP to {iface} in {} mode", mode_name(mode)))
+}
+
+/// The CLI's name for an XDP mode ("native", "generic").
+fn mode_name(mode: XdpMode) -> &'static str {
+    match mode {
+        XdpMode::Driver => "native",
+        XdpMode::Skb => "generic",
+        XdpMode::Hardware => "offload",
+        XdpMode::Default => "default",
+    }
 }
 
 /// Loads one of the map-less programs of `PASSTHROUGH_OBJECT` (by name).
@@ -361,5 +451,99 @@ pub fn remove_pins(pin_dir: &Path) -> Result<()> {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(e).with_context(|| format!("removing {}", pin_dir.display())),
+    }
+}
+
+/// The ids of the XDP programs attached to `iface` (in any mode), as
+/// iproute2 reports them (`ip -j link show`).
+pub fn attached_program_ids(iface: &str) -> Result<Vec<u32>> {
+    let out = std::process::Command::new("ip")
+        .args(["-j", "link", "show", "dev", iface])
+        .output()
+        .context("running `ip -j link show`")?;
+    if !out.status.success() {
+        bail!(
+            "ip link show dev {iface}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let links: serde_json::Value =
+        serde_json::from_slice(&out.stdout).context("parsing `ip -j link show`")?;
+    Ok(xdp_program_ids(&links))
+}
+
+/// The `xdp.prog.id` (one mode) or `xdp.attached[].prog.id` (several) of
+/// every link in iproute2's JSON.
+fn xdp_program_ids(links: &serde_json::Value) -> Vec<u32> {
+    let prog_id = |v: &serde_json::Value| v["prog"]["id"].as_u64().map(|id| id as u32);
+    let mut ids = Vec::new();
+    for link in links.as_array().into_iter().flatten() {
+        let xdp = &link["xdp"];
+        ids.extend(prog_id(xdp));
+        for one in xdp["attached"].as_array().into_iter().flatten() {
+            ids.extend(prog_id(one));
+        }
+    }
+    ids
+}
+
+impl Datapath {
+    /// The kernel's id of the loaded XDP program.
+    pub fn program_id(&mut self) -> Result<u32> {
+        Ok(self
+            .program()
+            .info()
+            .context("reading the XDP program's info")?
+            .id())
+    }
+
+    /// Why this datapath is no longer attached to `iface` as it should be
+    /// (its link pin removed, or another program in its place), if it is
+    /// not; `None` when all is well.
+    pub fn attachment_problem(&mut self, iface: &str) -> Result<Option<String>> {
+        let pin = self.pin_dir.join("links").join(iface);
+        if !pin.exists() {
+            return Ok(Some(format!("its link pin {} was removed", pin.display())));
+        }
+        let ours = self.program_id()?;
+        let ids = attached_program_ids(iface)?;
+        if !ids.contains(&ours) {
+            return Ok(Some(format!(
+                "the program attached to {iface} is {ids:?}, not ours ({ours})"
+            )));
+        }
+        Ok(None)
+    }
+
+    /// Attaches again to `iface` after [`Self::attachment_problem`]
+    /// found it detached; a pin left on a dead link is replaced.
+    pub fn reattach(&mut self, iface: &str, mode: AttachMode) -> Result<Attached> {
+        let pin = self.pin_dir.join("links").join(iface);
+        if pin.exists() {
+            fs::remove_file(&pin).with_context(|| format!("removing {}", pin.display()))?;
+        }
+        self.attach_pinned(iface, mode)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_xdp_program_ids_from_iproute2_json() {
+        let one: serde_json::Value = serde_json::from_str(
+            r#"[{"ifname":"a","xdp":{"mode":1,"prog":{"id":42,"name":"x","jited":1}}}]"#,
+        )
+        .unwrap();
+        assert_eq!(xdp_program_ids(&one), vec![42]);
+        let several: serde_json::Value = serde_json::from_str(
+            r#"[{"xdp":{"mode":4,"attached":[{"mode":1,"prog":{"id":7}},
+                {"mode":2,"prog":{"id":8}}]}}]"#,
+        )
+        .unwrap();
+        assert_eq!(xdp_program_ids(&several), vec![7, 8]);
+        let none: serde_json::Value = serde_json::from_str(r#"[{"ifname":"a"}]"#).unwrap();
+        assert!(xdp_program_ids(&none).is_empty());
     }
 }

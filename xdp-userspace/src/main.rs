@@ -1,16 +1,20 @@
 //! The `xdplb` command: the daemon (`run`), datapath housekeeping, and the
 //! operator CLI that talks to a running daemon through its API.
 
-use std::{io::Write as _, path::PathBuf};
+use std::{
+    io::{IsTerminal as _, Write as _},
+    path::PathBuf,
+};
 
 use anyhow::{bail, Result};
 use clap::{CommandFactory as _, Parser, Subcommand};
-use tracing::info;
+use tracing::{info, warn};
 use xdplb::{
     cli::{self, CliCommand, ClientOpts},
     config::{Config, DEFAULT_PIN_DIR},
     daemon,
     loader::{self, AttachMode},
+    lock::PinDirLock,
 };
 
 #[derive(Parser)]
@@ -51,8 +55,14 @@ enum Command {
         /// Run-time state file (default: the config's `daemon.state_file`).
         #[arg(long)]
         state_file: Option<PathBuf>,
+        /// Run even if the pin directory's bpffs is private to this mount
+        /// namespace (as under `ip netns exec`): the datapath's pins then
+        /// vanish with the daemon and no restart can adopt them.
+        #[arg(long)]
+        allow_private_bpffs: bool,
     },
-    /// Detach the datapath and remove its pins (after the daemon stopped).
+    /// Detach the datapath and remove its pins (after the daemon stopped:
+    /// refused while a daemon holds the pin directory, unless --force).
     Detach {
         /// Interface to detach from (repeatable).
         #[arg(long, short, required_unless_present = "all", conflicts_with = "all")]
@@ -63,6 +73,10 @@ enum Command {
         /// bpffs directory of the datapath.
         #[arg(long, default_value = DEFAULT_PIN_DIR)]
         pin_dir: PathBuf,
+        /// Detach even though a running daemon drives this datapath (it
+        /// notices within a second and attaches again).
+        #[arg(long)]
+        force: bool,
     },
     /// Attach a pass-through XDP program to a veth and keep it attached until
     /// SIGINT/SIGTERM. A veth only receives the frames its peer sends with
@@ -91,6 +105,8 @@ enum Command {
 fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        // No colour codes in a journal, a pipe or a file.
+        .with_ansi(std::io::stderr().is_terminal())
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
@@ -113,19 +129,40 @@ fn dispatch(cli: Cli) -> Result<()> {
             pin_dir,
             api_socket,
             state_file,
-        } => daemon::run(daemon::Options {
-            config,
-            ifaces: iface,
-            mode: xdp_mode,
-            pin_dir,
-            api_socket,
-            state_file,
-        }),
+            allow_private_bpffs,
+        } => {
+            raise_open_files_limit();
+            daemon::run(daemon::Options {
+                config,
+                ifaces: iface,
+                mode: xdp_mode,
+                pin_dir,
+                api_socket,
+                state_file,
+                allow_private_bpffs,
+            })
+        }
         Command::Detach {
             iface,
             all,
             pin_dir,
-        } => detach(&pin_dir, iface, all),
+            force,
+        } => {
+            if let Some(holder) = PinDirLock::holder(&pin_dir)? {
+                if !force {
+                    bail!(
+                        "a running xdplb daemon ({holder}) drives the datapath in {}: \
+                         stop it first (SIGINT detaches and removes the pins), \
+                         or pass --force",
+                        pin_dir.display()
+                    );
+                }
+                warn!(%holder, "detaching under a running daemon (--force)");
+                // Its maps stay pinned for its successor, unless --all.
+                return detach(&pin_dir, iface, all, all);
+            }
+            detach(&pin_dir, iface, all, true)
+        }
         Command::PassThrough { iface } => {
             let _attached = loader::attach_passthrough(&iface)?;
             info!(%iface, "pass-through XDP program attached");
@@ -162,7 +199,14 @@ fn dispatch(cli: Cli) -> Result<()> {
     }
 }
 
-fn detach(pin_dir: &std::path::Path, ifaces: Vec<String>, all: bool) -> Result<()> {
+/// Detaches from `ifaces` (or every pinned interface); with `remove_maps`,
+/// removes the maps too once no interface is left.
+fn detach(
+    pin_dir: &std::path::Path,
+    ifaces: Vec<String>,
+    all: bool,
+    remove_maps: bool,
+) -> Result<()> {
     let ifaces = if all {
         loader::pinned_interfaces(pin_dir)?
     } else {
@@ -179,9 +223,39 @@ fn detach(pin_dir: &std::path::Path, ifaces: Vec<String>, all: bool) -> Result<(
         }
     }
     // The maps go with the last attachment.
-    if all || loader::pinned_interfaces(pin_dir)?.is_empty() {
+    if remove_maps && (all || loader::pinned_interfaces(pin_dir)?.is_empty()) {
         loader::remove_pins(pin_dir)?;
         println!("removed {}", pin_dir.display());
     }
     Ok(())
+}
+
+/// Raises the soft limit on open files to the hard limit: every health
+/// check holds a socket, every API client one more, and the default soft
+/// limit (often 1024, or less under a service manager) is not the
+/// administrator's intent the hard limit is.
+fn raise_open_files_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: valid out-pointer; plain syscalls.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return;
+        }
+        if limit.rlim_cur < limit.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: limit.rlim_max,
+                ..limit
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) != 0 {
+                warn!(
+                    "raising the open-files limit to {}: {}",
+                    limit.rlim_max,
+                    std::io::Error::last_os_error()
+                );
+            }
+        }
+    }
 }

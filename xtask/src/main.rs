@@ -1,5 +1,6 @@
-//! Development tasks for xdplb: `cargo xtask <setup|test|demo|fuzz|bench>`.
+//! Development tasks for xdplb: `cargo xtask <setup|test|demo|fuzz|bench|package>`.
 
+mod package;
 mod setup;
 
 use std::{
@@ -49,6 +50,23 @@ enum Cmd {
         /// A short run.
         #[arg(long)]
         quick: bool,
+    },
+    /// Build the Debian package (cargo-deb, installed if missing) into
+    /// target/debian: binary, systemd unit, example config, man page,
+    /// shell completions.
+    Package {
+        /// Cargo profile of the packaged binary.
+        #[arg(long, default_value = "release")]
+        profile: String,
+        /// Package the binary already built (target/<profile>/xdplb).
+        #[arg(long)]
+        no_build: bool,
+        /// Directory for the .deb.
+        #[arg(long)]
+        output: Option<PathBuf>,
+        /// Faster, weaker compression.
+        #[arg(long)]
+        fast: bool,
     },
 }
 
@@ -121,6 +139,18 @@ fn run(cmd: Cmd) -> Result<()> {
             }
             Ok(())
         }
+        Cmd::Package {
+            profile,
+            no_build,
+            output,
+            fast,
+        } => package::run(&package::Options {
+            profile,
+            no_build,
+            output,
+            fast,
+        })
+        .map(drop),
         Cmd::Bench { quick } => {
             if !has_package("xdplb-bench")? {
                 bail!("bench package not found: no package `xdplb-bench` in the workspace");

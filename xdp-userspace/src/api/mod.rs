@@ -127,6 +127,12 @@ pub struct StatusView {
     pub backends: usize,
     /// Backends taking new flows.
     pub backends_active: usize,
+    /// Times the daemon found its program detached and attached it again.
+    #[serde(default)]
+    pub datapath_repairs: u64,
+    /// The last such problem, and what came of the repair.
+    #[serde(default)]
+    pub datapath_problem: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
