@@ -40,6 +40,12 @@ impl Loaded {
         })
     }
 
+    /// Lets the program balance frames to `mac` arriving on `ifindex` (it
+    /// passes every other frame untouched).
+    pub fn accept_mac(&mut self, ifindex: u32, mac: [u8; 6]) -> Result<()> {
+        xdplb::cluster::macs::IfMacs::take(&mut self.datapath.ebpf)?.sync(&[(ifindex, mac)], &[])
+    }
+
     /// The program and the maps, borrowed separately.
     pub fn parts(&mut self) -> (&Xdp, &mut Maps) {
         let prog: &Xdp = self.datapath.program();

@@ -541,6 +541,12 @@ impl Harness {
             panic!("loading the XDP program (tests need root): {e:#}")
         });
         let maps = Maps::take(&mut datapath.ebpf).unwrap();
+        // BPF_PROG_TEST_RUN runs the program as if on loopback (ifindex 1):
+        // both of the load balancer's MACs are "for us" there.
+        xdplb::cluster::macs::IfMacs::take(&mut datapath.ebpf)
+            .unwrap()
+            .sync(&[(1, LB_MAC_A)], &[LB_MAC_B])
+            .unwrap();
         let nat_fwd = pinned(&pin_dir, map_names::NAT_FWD)
             .try_into()
             .expect("NAT_FWD is a hash map of FlowKey -> NatFwd");

@@ -46,6 +46,9 @@ const MIN_TABLE_SIZE: u32 = 251;
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct Config {
     pub daemon: DaemonConfig,
+    /// `[cluster]` (optional; see docs/cluster.md).
+    #[serde(skip_serializing_if = "crate::cluster::ClusterConfig::is_default")]
+    pub cluster: crate::cluster::ClusterConfig,
     /// In file order.
     #[serde(rename = "service")]
     pub services: Vec<ServiceConfig>,
@@ -358,6 +361,7 @@ impl Config {
 #[serde(deny_unknown_fields)]
 struct RawConfig {
     daemon: Option<RawDaemon>,
+    cluster: Option<crate::cluster::RawCluster>,
     #[serde(default)]
     service: Vec<RawService>,
 }
@@ -451,6 +455,10 @@ impl Validator<'_> {
 
     fn config(&self, raw: RawConfig) -> Checked<Config> {
         let daemon = self.daemon(raw.daemon)?;
+        let cluster = match raw.cluster.unwrap_or_default().validate() {
+            Ok(c) => c,
+            Err((field, problem)) => return self.fail(field, problem),
+        };
         if raw.service.len() > MAX_SERVICES as usize {
             return self.fail(
                 "service",
@@ -516,7 +524,11 @@ impl Validator<'_> {
             by_key.insert(svc.key(), i);
             services.push(svc);
         }
-        Ok(Config { daemon, services })
+        Ok(Config {
+            daemon,
+            cluster,
+            services,
+        })
     }
 
     fn daemon(&self, raw: Option<RawDaemon>) -> Checked<DaemonConfig> {

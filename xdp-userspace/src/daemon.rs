@@ -480,6 +480,7 @@ pub fn run(opts: Options) -> Result<()> {
     let mut datapath = Datapath::load(&pin_dir)?;
     let mut guard = PinGuard(fresh.then_some(pin_dir.as_path()));
     let maps = Maps::take(&mut datapath.ebpf)?;
+    let mut if_macs = crate::cluster::macs::IfMacs::take(&mut datapath.ebpf)?;
     let mut controller = Controller::new(maps)?;
     let adopted = controller.adopting();
     controller.apply(&config)?;
@@ -494,6 +495,10 @@ pub fn run(opts: Options) -> Result<()> {
             .tx_ports
             .insert(ifindex, ifindex, None, 0)
             .with_context(|| format!("adding {iface} to the egress devmap"))?;
+        // Frames to this interface's MAC only, written before the program
+        // is attached so it never balances (or drops) one it should pass.
+        let mac = crate::cluster::macs::interface_mac(iface)?;
+        if_macs.sync(&[(ifindex, mac)], &config.cluster.extra_macs)?;
         let attached = datapath.attach_pinned(iface, opts.mode)?;
         info!(%iface, mode = attached.name(), "XDP program attached");
         interfaces.push(api::InterfaceView {

@@ -62,7 +62,7 @@ impl Attached {
 /// Expected kernel shape of every pinned map: (name, type, key size, value
 /// size, max entries). The same types define the maps in xdp-ebpf, so a
 /// pinned map that differs was made by an incompatible build.
-fn expected_maps() -> [(&'static str, MapType, usize, usize, u32); 11] {
+fn expected_maps() -> [(&'static str, MapType, usize, usize, u32); 12] {
     use std::mem::size_of;
     [
         (
@@ -118,6 +118,13 @@ fn expected_maps() -> [(&'static str, MapType, usize, usize, u32); 11] {
             MAX_NAT_FLOWS,
         ),
         (names::GLOBALS, MapType::Array, 4, size_of::<Globals>(), 1),
+        (
+            xdp_common::ifmac::MAP_NAME,
+            MapType::Hash,
+            size_of::<xdp_common::ifmac::IfMacKey>(),
+            4,
+            xdp_common::ifmac::MAX_IF_MACS,
+        ),
     ]
 }
 
