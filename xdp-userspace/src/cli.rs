@@ -560,6 +560,7 @@ pub fn render_status(status: &StatusView, services: &[ServiceView]) -> String {
                     s.protocol.clone(),
                     s.mode.clone(),
                     active_of(&s.backends),
+                    s.fingerprint.clone(),
                 ]
             })
             .collect();
@@ -572,6 +573,7 @@ pub fn render_status(status: &StatusView, services: &[ServiceView]) -> String {
                 ("PROTO", Left),
                 ("MODE", Left),
                 ("BACKENDS", Right),
+                ("TABLE", Left),
             ],
             &rows,
         ));
@@ -834,6 +836,7 @@ mod tests {
             mode: "dsr".into(),
             table_size: 65537,
             hash: "5-tuple".into(),
+            fingerprint: "1a2b3c4d".into(),
             packets: 99,
             bytes: 9900,
             backends,
@@ -1113,6 +1116,7 @@ mod tests {
             services: 1,
             backends: 2,
             backends_active: 1,
+            fingerprints: Default::default(),
         };
         let services = [service(
             "web",
@@ -1138,8 +1142,8 @@ mod tests {
         assert_eq!(
             table,
             [
-                vec!["SERVICE", "VIP", "PORT", "PROTO", "MODE", "BACKENDS"],
-                vec!["web", "10.0.0.100", "80", "tcp", "dsr", "1/2"]
+                vec!["SERVICE", "VIP", "PORT", "PROTO", "MODE", "BACKENDS", "TABLE"],
+                vec!["web", "10.0.0.100", "80", "tcp", "dsr", "1/2", "1a2b3c4d"]
             ]
         );
     }

@@ -184,6 +184,11 @@ impl ServiceState {
         self.backends.values().find(|b| b.id == id)
     }
 
+    /// The table the datapath reads (slot -> backend id; empty: none).
+    pub fn table(&self) -> &[u32] {
+        &self.table
+    }
+
     /// Number of backends taking new flows.
     pub fn active(&self) -> usize {
         self.backends

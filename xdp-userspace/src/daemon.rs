@@ -370,6 +370,15 @@ impl Daemon {
             services: services.len(),
             backends: services.iter().map(|s| s.backends.len()).sum(),
             backends_active: services.iter().map(|s| s.active()).sum(),
+            fingerprints: services
+                .iter()
+                .map(|s| {
+                    (
+                        s.config.name.clone(),
+                        crate::cluster::service_fingerprint(s),
+                    )
+                })
+                .collect(),
         }
     }
 }
@@ -387,6 +396,7 @@ fn service_view(inner: &Inner, s: &ServiceState) -> api::ServiceView {
         mode: cfg.mode.to_string(),
         table_size: cfg.table_size,
         hash: cfg.hash.to_string(),
+        fingerprint: crate::cluster::service_fingerprint(s),
         packets: c.packets,
         bytes: c.bytes,
         backends: s

@@ -120,6 +120,9 @@ pub struct StatusView {
     pub backends: usize,
     /// Backends taking new flows.
     pub backends_active: usize,
+    /// Service name -> Maglev table fingerprint (docs/cluster.md).
+    #[serde(default)]
+    pub fingerprints: BTreeMap<String, String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -139,6 +142,9 @@ pub struct ServiceView {
     pub mode: String,
     pub table_size: u32,
     pub hash: String,
+    /// Fingerprint of the Maglev table (equal on nodes that agree).
+    #[serde(default)]
+    pub fingerprint: String,
     pub packets: u64,
     pub bytes: u64,
     pub backends: Vec<BackendView>,
