@@ -77,6 +77,9 @@ pub enum CliCommand {
     },
     /// Re-read the configuration file and apply the changes.
     Reload,
+    /// Leave or rejoin the routers' ECMP groups (docs/cluster.md).
+    #[command(subcommand)]
+    Cluster(crate::cluster::cli::ClusterCmd),
 }
 
 /// `xdplb service ...`.
@@ -372,6 +375,7 @@ pub fn request_of(command: &CliCommand) -> Request {
         CliCommand::Stats { .. } => Request::Stats,
         CliCommand::Flow { src, dst, protocol } => Request::Flow { src, dst, protocol },
         CliCommand::Reload => Request::Reload,
+        CliCommand::Cluster(cmd) => cmd.request(),
     }
 }
 
@@ -383,6 +387,9 @@ pub fn execute(command: CliCommand, opts: &ClientOpts) -> anyhow::Result<()> {
     } = command
     {
         return watch_stats(opts, Duration::from_secs(seconds));
+    }
+    if let CliCommand::Cluster(cmd) = &command {
+        return crate::cluster::cli::execute(cmd, opts);
     }
     let answer = client::call(&opts.socket, &request_of(&command))?;
     if opts.json {
@@ -539,7 +546,8 @@ pub fn render_status(status: &StatusView, services: &[ServiceView]) -> String {
          datapath:    {datapath}\n\
          interfaces:  {interfaces}\n\
          services:    {}\n\
-         backends:    {} ({} active)\n",
+         backends:    {} ({} active)\n\
+         cluster:     {}\n",
         status.version,
         status.pid,
         format_uptime(status.uptime_s),
@@ -548,6 +556,7 @@ pub fn render_status(status: &StatusView, services: &[ServiceView]) -> String {
         status.services,
         status.backends,
         status.backends_active,
+        crate::cluster::describe(status.cluster.as_ref()),
     );
     if !services.is_empty() {
         let rows: Vec<Vec<String>> = services
@@ -1117,6 +1126,7 @@ mod tests {
             backends: 2,
             backends_active: 1,
             fingerprints: Default::default(),
+            cluster: None,
         };
         let services = [service(
             "web",

@@ -69,6 +69,18 @@ struct Inner {
     health: HealthChecker,
     /// NAT table use at the last sweep (when a NAT service exists).
     nat: Option<NatOccupancy>,
+    /// Accepted MACs and announced VIPs (docs/cluster.md).
+    cluster: crate::cluster::Node,
+}
+
+impl Inner {
+    /// Re-derives accepted MACs and announced routes; a failure is logged
+    /// and retried on the next tick, never undoes the change that led here.
+    fn sync_cluster(&mut self) {
+        if let Err(e) = self.cluster.sync(&self.config, &self.controller) {
+            error!("cluster: {e:#}");
+        }
+    }
 }
 
 impl Daemon {
@@ -106,6 +118,7 @@ impl Daemon {
         let targets = check_targets(&merged, &inner.controller);
         inner.health.update(targets);
         (inner.file, inner.overlay, inner.config) = (file, overlay, merged);
+        inner.sync_cluster();
         info!("{message}");
         Ok(json!(Done { message }))
     }
@@ -119,6 +132,7 @@ impl Daemon {
             .set_health(&event.service, event.backend, event.healthy)
         {
             Ok(_) => {
+                inner.sync_cluster();
                 let took = event.at.elapsed();
                 if event.healthy {
                     info!(service = %event.service, backend = %SocketAddr::new(ip, port), detail = %event.detail, "backend is {verdict}");
@@ -136,6 +150,7 @@ impl Daemon {
         if let Err(e) = inner.controller.expire_drains(Instant::now()) {
             error!("expiring drains: {e:#}");
         }
+        inner.sync_cluster();
         let nat_in_use = inner.config.services.iter().any(|s| s.mode == Mode::Nat);
         inner.nat = if nat_in_use {
             match inner.controller.maps.sweep_nat(monotonic_coarse_ns()) {
@@ -297,6 +312,24 @@ impl api::Handler for Daemon {
                     nat: route.nat,
                 }))
             }
+            Request::ClusterLeave | Request::ClusterJoin => {
+                let mut inner = self.lock();
+                if inner.config.cluster.route_table.is_none() {
+                    return Err(ApiError::bad_request(
+                        "no [cluster] route_table configured: this node announces nothing",
+                    ));
+                }
+                let (result, message) = if request == Request::ClusterLeave {
+                    (inner.cluster.leave(), "left: every VIP route withdrawn")
+                } else {
+                    (inner.cluster.join(), "joined: servable VIPs announced")
+                };
+                result.map_err(|e| ApiError::internal(format!("{e:#}")))?;
+                info!("cluster: {message}");
+                Ok(json!(Done {
+                    message: message.into()
+                }))
+            }
             Request::Stats => {
                 let inner = self.lock();
                 let maps = &inner.controller.maps;
@@ -379,6 +412,7 @@ impl Daemon {
                     )
                 })
                 .collect(),
+            cluster: inner.cluster.view(),
         }
     }
 }
@@ -490,7 +524,8 @@ pub fn run(opts: Options) -> Result<()> {
     let mut datapath = Datapath::load(&pin_dir)?;
     let mut guard = PinGuard(fresh.then_some(pin_dir.as_path()));
     let maps = Maps::take(&mut datapath.ebpf)?;
-    let mut if_macs = crate::cluster::macs::IfMacs::take(&mut datapath.ebpf)?;
+    let if_macs = crate::cluster::macs::IfMacs::take(&mut datapath.ebpf)?;
+    let mut node = crate::cluster::Node::new(if_macs, &state_file);
     let mut controller = Controller::new(maps)?;
     let adopted = controller.adopting();
     controller.apply(&config)?;
@@ -508,7 +543,7 @@ pub fn run(opts: Options) -> Result<()> {
         // Frames to this interface's MAC only, written before the program
         // is attached so it never balances (or drops) one it should pass.
         let mac = crate::cluster::macs::interface_mac(iface)?;
-        if_macs.sync(&[(ifindex, mac)], &config.cluster.extra_macs)?;
+        node.add_interface(ifindex, mac, &config)?;
         let attached = datapath.attach_pinned(iface, opts.mode)?;
         info!(%iface, mode = attached.name(), "XDP program attached");
         interfaces.push(api::InterfaceView {
@@ -517,6 +552,10 @@ pub fn run(opts: Options) -> Result<()> {
         });
     }
     guard.0 = None;
+    // Attached: the VIPs this node can serve may be announced.
+    if let Err(e) = node.sync(&config, &controller) {
+        error!("cluster: {e:#}");
+    }
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -527,7 +566,9 @@ pub fn run(opts: Options) -> Result<()> {
         let targets = check_targets(&config, &controller);
         let health = HealthChecker::spawn(targets, MAX_CONCURRENT_CHECKS, events_tx);
         let daemon = Arc::new(Daemon {
-            inner: Mutex::new(Inner { controller, file, overlay, config, health, nat: None }),
+            inner: Mutex::new(Inner {
+                controller, file, overlay, config, health, nat: None, cluster: node,
+            }),
             config_path: opts.config.clone(),
             state_file,
             pin_dir: pin_dir.clone(),
@@ -587,6 +628,12 @@ pub fn run(opts: Options) -> Result<()> {
             }
         };
         api.abort();
+        if detach {
+            // The datapath is about to go: stop attracting traffic first.
+            if let Err(e) = daemon.lock().cluster.withdraw_all() {
+                error!("cluster: withdrawing routes: {e:#}");
+            }
+        }
         anyhow::Ok(detach)
     });
     let _ = std::fs::remove_file(&api_socket);

@@ -31,6 +31,7 @@ use serde::{Deserialize, Serialize};
 /// | `Reload` | `POST /v1/reload` |
 /// | `Flow` | `GET /v1/flow?src=IP:PORT&dst=IP:PORT&protocol=tcp` (IPv6 as `[addr]:port`, percent-encoded) |
 /// | `Stats` | `GET /v1/stats` |
+/// | `ClusterLeave` / `ClusterJoin` | `POST /v1/cluster/leave` / `.../join` |
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum Request {
     Status,
@@ -56,6 +57,10 @@ pub enum Request {
         protocol: String,
     },
     Stats,
+    /// Withdraw every VIP route (docs/cluster.md).
+    ClusterLeave,
+    /// Announce again.
+    ClusterJoin,
 }
 
 /// Names one backend of one service; `port` defaults to the service's.
@@ -123,6 +128,9 @@ pub struct StatusView {
     /// Service name -> Maglev table fingerprint (docs/cluster.md).
     #[serde(default)]
     pub fingerprints: BTreeMap<String, String>,
+    /// Announcement state, when `[cluster] route_table` is set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<crate::cluster::ClusterView>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -483,6 +483,8 @@ enum Endpoint {
     Reload,
     Flow,
     Stats,
+    ClusterLeave,
+    ClusterJoin,
 }
 
 /// The routing table: the one place paths and methods are written down.
@@ -500,6 +502,8 @@ const ROUTES: &[(Endpoint, &str, &str)] = &[
     (Endpoint::Reload, "POST", "/v1/reload"),
     (Endpoint::Flow, "GET", "/v1/flow"),
     (Endpoint::Stats, "GET", "/v1/stats"),
+    (Endpoint::ClusterLeave, "POST", "/v1/cluster/leave"),
+    (Endpoint::ClusterJoin, "POST", "/v1/cluster/join"),
 ];
 
 /// Body of `POST /v1/services/remove`.
@@ -566,6 +570,8 @@ pub fn route(method: &str, target: &str, body: &[u8]) -> Result<Request, ApiErro
             protocol: query.require("protocol")?,
         },
         Endpoint::Stats => Request::Stats,
+        Endpoint::ClusterLeave => Request::ClusterLeave,
+        Endpoint::ClusterJoin => Request::ClusterJoin,
     };
     query.finish()?;
     Ok(request)
@@ -610,6 +616,8 @@ pub fn path_of(request: &Request) -> (&'static str, String, Option<Vec<u8>>) {
             (Endpoint::Flow, None)
         }
         Request::Stats => (Endpoint::Stats, None),
+        Request::ClusterLeave => (Endpoint::ClusterLeave, None),
+        Request::ClusterJoin => (Endpoint::ClusterJoin, None),
     };
     let &(_, method, path) = ROUTES
         .iter()
@@ -756,6 +764,8 @@ mod tests {
     fn every_request() -> Vec<Request> {
         vec![
             Request::Status,
+            Request::ClusterLeave,
+            Request::ClusterJoin,
             Request::ListServices,
             Request::AddService(
                 json!({"name": "web", "vip": "10.0.0.100", "port": 80, "protocol": "tcp",
