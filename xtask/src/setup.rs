@@ -42,6 +42,7 @@ const PACKAGES: &[(&str, &str)] = &[
     ("ethtool", "tests: veth offloads"),
     ("iputils-ping", "tests: ping"),
     ("bpftool", "inspecting programs and maps"),
+    ("bird2", "tests: the cluster topology's BGP+BFD routers"),
 ];
 
 pub fn run() -> Result<()> {
