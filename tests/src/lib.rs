@@ -9,6 +9,7 @@
 //! * [`topology`]: the DSR demo/test topology (client, lb, backends on one L2 segment).
 //! * [`client`]: small HTTP/UDP client helpers to call from inside a namespace.
 
+pub mod bird;
 pub mod client;
 pub mod lb;
 pub mod nat_topology;
