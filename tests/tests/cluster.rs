@@ -563,4 +563,13 @@ fn three_nodes_behind_ecmp_spread_leave_and_survive_a_node_loss() {
         "new connections failed outside the withdrawal window: {outside:?}"
     );
     drop(daemon);
+
+    // Ctrl-C detaches the datapath: the route goes first.
+    c.daemons[0].as_mut().unwrap().interrupt().unwrap();
+    assert!(
+        !c.table(1).contains(&VIP.to_string()),
+        "route withdrawn on SIGINT"
+    );
+    c.wait_next_hops(1, Duration::from_secs(5));
+    assert_eq!(c.next_hops(), [node_addr(3)]);
 }
