@@ -91,3 +91,50 @@ impl RawCluster {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::config::Config;
+
+    fn parse(cluster: &str) -> Result<Config, String> {
+        Config::parse(&format!("[cluster]\n{cluster}\n"), "test.toml").map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn the_section_is_optional_and_parses_back_from_its_serialization() {
+        let none = Config::parse("", "test.toml").unwrap();
+        assert_eq!(none.cluster.route_table, None);
+        let c = parse("route_table = 200\nextra_macs = [\"00:00:5E:00:01:01\"]").unwrap();
+        assert_eq!(c.cluster.route_table, Some(200));
+        assert_eq!(c.cluster.extra_macs, [[0, 0, 0x5e, 0, 1, 1]]);
+        let text = toml::to_string(&c).unwrap();
+        assert_eq!(Config::parse(&text, "again").unwrap(), c, "{text}");
+    }
+
+    #[test]
+    fn bad_values_are_refused_with_the_field_named() {
+        for (text, needle) in [
+            (
+                "route_table = 254",
+                "cluster.route_table: 254 is a table the kernel reserves",
+            ),
+            ("route_table = 0", "cluster.route_table: 0 is a table"),
+            (
+                "route_table = -1",
+                "cluster.route_table: -1 is out of range",
+            ),
+            (
+                "extra_macs = [\"01:00:5e:00:00:01\"]",
+                "cluster.extra_macs[0]: 01:00:5e",
+            ),
+            (
+                "extra_macs = [\"nonsense\"]",
+                "cluster.extra_macs[0]: \"nonsense\" is not a MAC",
+            ),
+            ("peers = 3", "unknown field"),
+        ] {
+            let err = parse(text).unwrap_err();
+            assert!(err.contains(needle), "{text}: {err}");
+        }
+    }
+}
