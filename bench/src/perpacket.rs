@@ -181,6 +181,8 @@ const EVICTION: &str = "new flow into a full flow table (LRU eviction)";
 
 /// Programs the services and backends the cases use.
 fn program_services(lb: &mut Loaded) -> Result<()> {
+    // BPF_PROG_TEST_RUN runs the program as if on loopback.
+    lb.accept_macs(&[(LO_IFINDEX, LB_MAC)], &[])?;
     // Three backends behind TCP and UDP services on an IPv4 VIP and a TCP
     // service on an IPv6 VIP; 1,000 behind another VIP.
     let table = backends_with_table(lb, 0, 3, 20, TABLE, LB_MAC, LO_IFINDEX)?;

@@ -219,6 +219,7 @@ pub fn run(opts: &Opts) -> Result<Section> {
 
     let mut lb = Loaded::load("pps")?;
     let ifindex = ns.run(|| xdplb::loader::interface_index(LB_IF))?;
+    lb.accept_macs(&[(ifindex, lb_mac)], &[])?;
     let vip = "10.0.100.1:80".parse()?;
     let repick_vip = "10.0.100.3:80".parse()?;
     let table = backends_with_table(&mut lb, 0, 3, 30, TABLE, lb_mac, ifindex)?;

@@ -106,6 +106,20 @@ pub fn nat_service(id: u32, base: u32, size: u32, ports: (u16, u16), t: Timeouts
     }
 }
 
+/// Runs `prog` once on `input`: (verdict, output frame). For a caller
+/// that holds the maps borrowed too (see [`TestDatapath::parts`]).
+pub fn run(prog: &Xdp, input: &[u8]) -> Result<(u32, Vec<u8>)> {
+    let mut out = vec![0u8; input.len() + 256];
+    let opts = TestRunOptions {
+        data_in: Some(input),
+        data_out: Some(&mut out),
+        ..Default::default()
+    };
+    let res = prog.test_run(opts).context("BPF_PROG_TEST_RUN")?;
+    out.truncate(res.data_size_out as usize);
+    Ok((res.return_value, out))
+}
+
 /// The loaded program and its maps; the pins are removed on drop (after
 /// the program and maps are closed: fields drop in order).
 pub struct TestDatapath {
@@ -131,6 +145,19 @@ impl TestDatapath {
         })
     }
 
+    /// Lets the program balance frames to `macs` (`(ifindex, MAC)` pairs)
+    /// and to `anywhere` on any interface: it passes every other frame
+    /// untouched. BPF_PROG_TEST_RUN runs the program as if on loopback
+    /// ([`LO_IFINDEX`]). Once per datapath (it takes the map).
+    pub fn accept_macs(&mut self, macs: &[(u32, [u8; 6])], anywhere: &[[u8; 6]]) -> Result<()> {
+        xdplb::cluster::macs::IfMacs::take(&mut self.datapath.ebpf)?.sync(macs, anywhere)
+    }
+
+    /// The bpffs directory the maps are pinned in.
+    pub fn pin_dir(&self) -> &Path {
+        self._pins.path()
+    }
+
     /// The program and the maps, borrowed separately.
     pub fn parts(&mut self) -> (&Xdp, &mut Maps) {
         let prog: &Xdp = self.datapath.program();
@@ -139,19 +166,7 @@ impl TestDatapath {
 
     /// Runs the program once on `input`: (verdict, output frame).
     pub fn run(&mut self, input: &[u8]) -> Result<(u32, Vec<u8>)> {
-        let mut out = vec![0u8; input.len() + 256];
-        let opts = TestRunOptions {
-            data_in: Some(input),
-            data_out: Some(&mut out),
-            ..Default::default()
-        };
-        let res = self
-            .datapath
-            .program()
-            .test_run(opts)
-            .context("BPF_PROG_TEST_RUN")?;
-        out.truncate(res.data_size_out as usize);
-        Ok((res.return_value, out))
+        run(self.datapath.program(), input)
     }
 
     /// How often the program counted `reason` so far.

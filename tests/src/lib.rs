@@ -11,6 +11,7 @@
 //! * [`client`]: small HTTP/UDP client helpers to call from inside a namespace.
 //! * [`traffic`]: batches of requests, bulk transfers and their SHA-256.
 
+pub mod bird;
 pub mod client;
 pub mod datapath;
 pub mod frame;

@@ -74,6 +74,7 @@ impl Harness {
     /// service on port 8080.
     fn standard() -> Self {
         let mut h = Self(TestDatapath::load("fixture").expect("loading the XDP program"));
+        h.0.accept_macs(&[(LO_IFINDEX, LB_MAC)], &[]).unwrap();
         for (id, ip) in ["10.0.0.11", "10.0.0.12", "10.0.0.13"].iter().enumerate() {
             h.set_backend(id as u32, ip, BACKEND_ACTIVE);
         }
@@ -478,4 +479,58 @@ fn counters_count_packets_and_bytes_per_service_and_backend() {
     assert_eq!(h.0.maps.backend_counters(1).unwrap().packets, 0);
     assert_eq!(h.reason(Reason::FlowNew), 2);
     assert_eq!(h.reason(Reason::FlowHit), 2);
+}
+
+#[test]
+fn frames_to_another_mac_pass_untouched_unless_the_mac_is_configured() {
+    let mut h = Harness::standard();
+    const OTHER_NODE: [u8; 6] = [0x02, 0, 0, 0, 0, 0x99];
+    const VRRP_MAC: [u8; 6] = [0x00, 0x00, 0x5e, 0x00, 0x01, 0x01];
+    let to = |mac: [u8; 6], src: &str, dst: &str, proto: u8| {
+        with_macs(&packet(sa(src), sa(dst), proto, None), mac, CLIENT_MAC)
+    };
+    let foreign = [
+        to(OTHER_NODE, "10.0.0.1:40000", "10.0.100.1:80", PROTO_TCP),
+        to(OTHER_NODE, "[fd00::1]:40000", "[fd00:100::1]:53", PROTO_UDP),
+        to([0xff; 6], "10.0.0.1:40001", "10.0.100.1:53", PROTO_UDP),
+        to(
+            [0x33, 0x33, 0, 0, 0, 1],
+            "[fd00::1]:40001",
+            "[fd00:100::1]:80",
+            PROTO_TCP,
+        ),
+        to(VRRP_MAC, "10.0.0.1:40002", "10.0.100.1:8080", PROTO_TCP),
+    ];
+    check(
+        &mut h,
+        foreign
+            .iter()
+            .map(|f| untouched("frame for another MAC", f.clone()))
+            .collect(),
+    );
+    assert_eq!(h.reason(Reason::PassNotForUs), foreign.len() as u64);
+    assert_eq!(
+        h.reason(Reason::FlowNew),
+        0,
+        "no flow pinned for a frame not ours"
+    );
+    assert_eq!(h.reason(Reason::PassNotService), 0);
+
+    // A configured extra MAC (a VRRP virtual MAC, say) is balanced...
+    let mut macs = xdplb::cluster::macs::IfMacs::open_pinned(h.0.pin_dir()).unwrap();
+    macs.sync(&[(LO_IFINDEX, LB_MAC)], &[VRRP_MAC]).unwrap();
+    let input = to(VRRP_MAC, "10.0.0.1:40003", "10.0.100.1:80", PROTO_TCP);
+    let (verdict, out) = h.run(&input);
+    assert_eq!(verdict, XDP_TX, "frame to a configured extra MAC");
+    assert_eq!(out, with_macs(&input, BACKEND_MACS[0], LB_MAC));
+    // ...until the configuration drops it again.
+    macs.sync(&[(LO_IFINDEX, LB_MAC)], &[]).unwrap();
+    check(&mut h, vec![untouched("extra MAC removed", input)]);
+    assert_eq!(h.reason(Reason::PassNotForUs), foreign.len() as u64 + 1);
+    // The interface's own MAC still is.
+    let own = packet(sa("10.0.0.1:40004"), sa("10.0.100.1:80"), PROTO_TCP, None);
+    check(
+        &mut h,
+        vec![forwarded("frame to the interface's MAC", own, 0)],
+    );
 }

@@ -141,6 +141,7 @@ struct Counts {
 impl Fuzzer {
     fn new(seed: u64) -> Self {
         let mut dp = TestDatapath::load("fuzz").expect("loading the XDP program (needs root)");
+        dp.accept_macs(&[(LO_IFINDEX, LB_MAC)], &[]).unwrap();
         dp.set_nat_enabled(true).unwrap();
         for id in 0..3u32 {
             let backend = Backend {

@@ -75,6 +75,9 @@ struct Harness {
 impl Harness {
     fn new() -> Self {
         let mut dp = TestDatapath::load("natfix").expect("loading the XDP program");
+        // Both of the load balancer's MACs are "for us" on loopback.
+        dp.accept_macs(&[(LO_IFINDEX, LB_MAC_A)], &[LB_MAC_B])
+            .unwrap();
         dp.set_nat_enabled(true).unwrap();
         Self { dp }
     }

@@ -8,27 +8,21 @@
 //! by writing their timestamps through the maps, not by sleeping. Needs
 //! root (BPF).
 
-use std::{
-    net::Ipv4Addr,
-    path::PathBuf,
-    sync::atomic::{AtomicU32, Ordering},
-};
+use std::net::{Ipv4Addr, SocketAddr};
 
-use aya::programs::{TestRun, TestRunOptions};
-use xdp_common::{Backend, FlowKey, Globals, Service, BACKEND_ACTIVE, PROTO_UDP, SVC_F_NAT};
+use xdp_common::{Backend, FlowKey, BACKEND_ACTIVE, PROTO_UDP};
 use xdplb::{
     addr,
     dataplane::{monotonic_coarse_ns, Maps},
-    loader::Datapath,
+};
+use xdplb_tests::{
+    datapath::{self, nat_service, TestDatapath, LO_IFINDEX, TABLE_SIZE, XDP_TX},
+    frame::Seg,
 };
 
-const XDP_TX: u32 = 3;
 const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
 const LB_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
 const BACKEND_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x11];
-/// BPF_PROG_TEST_RUN runs the program as if received on loopback.
-const LO_IFINDEX: u32 = 1;
-const TABLE_SIZE: u32 = 251;
 const ROUNDS: usize = 2_000;
 
 const CLIENT: (Ipv4Addr, u16) = (Ipv4Addr::new(10, 0, 0, 1), 5000);
@@ -36,118 +30,41 @@ const VIP: (Ipv4Addr, u16) = (Ipv4Addr::new(10, 0, 0, 100), 53);
 const BACKEND: (Ipv4Addr, u16) = (Ipv4Addr::new(10, 1, 0, 11), 53);
 const SNAT: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 1);
 
-/// An Ethernet + IPv4 + UDP frame (UDP checksum 0: none, as IPv4 allows).
+/// A UDP datagram from `src` to `dst`, framed `macs[1]` -> `macs[0]`.
 fn udp_frame(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), macs: [[u8; 6]; 2]) -> Vec<u8> {
-    let payload = b"ping";
-    let mut f = Vec::new();
-    f.extend_from_slice(&macs[0]);
-    f.extend_from_slice(&macs[1]);
-    f.extend_from_slice(&0x0800u16.to_be_bytes());
-    let mut ip = vec![0x45, 0];
-    ip.extend_from_slice(&((20 + 8 + payload.len()) as u16).to_be_bytes());
-    ip.extend_from_slice(&[0, 1, 0x40, 0, 64, PROTO_UDP, 0, 0]);
-    ip.extend_from_slice(&src.0.octets());
-    ip.extend_from_slice(&dst.0.octets());
-    let sum: u32 = ip
-        .chunks(2)
-        .map(|c| u32::from(u16::from_be_bytes([c[0], c[1]])))
-        .sum();
-    let sum = (sum & 0xffff) + (sum >> 16);
-    let check = !((sum & 0xffff) + (sum >> 16)) as u16;
-    ip[10..12].copy_from_slice(&check.to_be_bytes());
-    f.extend_from_slice(&ip);
-    f.extend_from_slice(&src.1.to_be_bytes());
-    f.extend_from_slice(&dst.1.to_be_bytes());
-    f.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
-    f.extend_from_slice(&[0, 0]);
-    f.extend_from_slice(payload);
-    f
+    Seg::udp(SocketAddr::from(src), SocketAddr::from(dst), b"ping").frame(macs[0], macs[1])
 }
 
-/// The loaded program and its maps, pinned in a directory of their own
-/// that is removed when dropped (also on panic).
-struct Harness {
-    datapath: Datapath,
-    maps: Maps,
-    pin_dir: PathBuf,
-}
-
-impl Drop for Harness {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.pin_dir);
-    }
-}
-
-fn run(datapath: &mut Datapath, frame: &[u8]) -> u32 {
-    let mut out = vec![0u8; frame.len() + 256];
-    let opts = TestRunOptions {
-        data_in: Some(frame),
-        data_out: Some(&mut out),
-        ..Default::default()
+/// One NAT service at VIP (UDP) with one backend, NAT on.
+fn harness() -> TestDatapath {
+    let mut h = TestDatapath::load("sweep").expect("loading the XDP program (needs root)");
+    h.accept_macs(&[(LO_IFINDEX, LB_MAC)], &[]).unwrap();
+    let backend = Backend {
+        addr: addr::to_words(BACKEND.0.into()),
+        dst_mac: BACKEND_MAC,
+        src_mac: LB_MAC,
+        ifindex: LO_IFINDEX,
+        state: BACKEND_ACTIVE,
+        snat_addr: addr::to_words(SNAT.into()),
+        service: 0,
+        port_be: BACKEND.1.to_be(),
+        _pad: [0; 2],
     };
-    datapath
-        .program()
-        .test_run(opts)
-        .expect("BPF_PROG_TEST_RUN")
-        .return_value
-}
-
-fn harness() -> Harness {
-    static NEXT: AtomicU32 = AtomicU32::new(0);
-    let pin_dir = PathBuf::from(format!(
-        "/sys/fs/bpf/xdplb-sweep-{}-{}",
-        std::process::id(),
-        NEXT.fetch_add(1, Ordering::Relaxed)
-    ));
-    let mut datapath = Datapath::load(&pin_dir).unwrap_or_else(|e| {
-        let _ = std::fs::remove_dir_all(&pin_dir);
-        panic!("loading the XDP program (tests need root): {e:#}")
-    });
-    let maps = Maps::take(&mut datapath.ebpf).unwrap();
-    let mut h = Harness {
-        datapath,
-        maps,
-        pin_dir,
+    h.set_backend(0, backend).unwrap();
+    let timeouts = datapath::Timeouts {
+        tcp: 60,
+        closing: 10,
+        udp: 60,
     };
-    let m = &mut h.maps;
-    m.backends
-        .set(
-            0,
-            Backend {
-                addr: addr::to_words(BACKEND.0.into()),
-                dst_mac: BACKEND_MAC,
-                src_mac: LB_MAC,
-                ifindex: LO_IFINDEX,
-                state: BACKEND_ACTIVE,
-                snat_addr: addr::to_words(SNAT.into()),
-                service: 0,
-                port_be: BACKEND.1.to_be(),
-                _pad: [0; 2],
-            },
-            0,
-        )
+    let service = nat_service(0, 0, TABLE_SIZE, (40000, 1000), timeouts);
+    h.set_service(SocketAddr::from(VIP), PROTO_UDP, service, &[0])
         .unwrap();
-    m.write_table(0, &[0; TABLE_SIZE as usize]).unwrap();
-    let service = Service {
-        id: 0,
-        flags: SVC_F_NAT,
-        table_base: 0,
-        table_size: TABLE_SIZE,
-        nat_port_base: 40000,
-        nat_port_count: 1000,
-        nat_tcp_timeout: 60,
-        nat_closing_timeout: 10,
-        nat_udp_timeout: 60,
-    };
-    m.services
-        .insert(
-            addr::service_key(VIP.0.into(), VIP.1, PROTO_UDP),
-            service,
-            0,
-        )
-        .unwrap();
-    m.globals.set(0, Globals { nat_enabled: 1 }, 0).unwrap();
+    h.set_nat_enabled(true).unwrap();
     h
+}
+
+fn run(h: &mut TestDatapath, frame: &[u8]) -> u32 {
+    h.run(frame).expect("BPF_PROG_TEST_RUN").0
 }
 
 /// The flow's two entries: (client-side key, reply key).
@@ -171,7 +88,7 @@ fn entries(maps: &Maps) -> (FlowKey, Option<FlowKey>) {
 fn the_sweeper_never_deletes_a_flow_a_packet_refreshed_after_its_scan() {
     let mut h = harness();
     let to_vip = udp_frame(CLIENT, VIP, [LB_MAC, CLIENT_MAC]);
-    assert_eq!(run(&mut h.datapath, &to_vip), XDP_TX, "first packet");
+    assert_eq!(run(&mut h, &to_vip), XDP_TX, "first packet");
     let (fwd_key, rev_key) = entries(&h.maps);
     let rev_key = rev_key.expect("the flow is translated");
     let port = u16::from_be(rev_key.dport_be);
@@ -187,11 +104,11 @@ fn the_sweeper_never_deletes_a_flow_a_packet_refreshed_after_its_scan() {
         h.maps.nat_rev.insert(rev_key, rev, 0).unwrap();
 
         let packet = if round % 2 == 0 { &to_vip } else { &reply };
-        let datapath = &mut h.datapath;
-        let occupancy = h
-            .maps
+        let (prog, maps) = h.parts();
+        let occupancy = maps
             .sweep_nat_with(monotonic_coarse_ns(), || {
-                assert_eq!(run(datapath, packet), XDP_TX, "round {round}: packet");
+                let (verdict, _) = datapath::run(prog, packet).expect("BPF_PROG_TEST_RUN");
+                assert_eq!(verdict, XDP_TX, "round {round}: packet");
             })
             .unwrap();
 

@@ -10,6 +10,7 @@
 #![no_std]
 
 pub mod hash;
+pub mod ifmac;
 
 /// Names of the pinned/bpffs-visible maps. The `_v1` suffix is the format
 /// version: a change to a key or value layout gets a new name, so a daemon
@@ -24,8 +25,8 @@ pub mod map_names {
     pub const MAGLEV: &str = "xdplb_maglev_v1";
     /// `FlowKey` -> `Flow`, the connection-tracking table (LRU).
     pub const FLOWS: &str = "xdplb_flow_v1";
-    /// Per-CPU counter per `Reason`.
-    pub const REASONS: &str = "xdplb_stats_v1";
+    /// Per-CPU counter per `Reason` (v2: 18 reasons, `pass_not_for_us` added).
+    pub const REASONS: &str = "xdplb_stats_v2";
     /// Per-CPU `Counters` per service id.
     pub const SERVICE_STATS: &str = "xdplb_svcst_v1";
     /// Per-CPU `Counters` per backend id.
@@ -324,10 +325,13 @@ pub enum Reason {
     DropNatFull,
     /// NAT: an ICMP error about a translated flow was translated back.
     NatIcmp,
+    /// Destination MAC is not the receiving interface's (nor a configured
+    /// extra MAC): passed untouched, never balanced.
+    PassNotForUs,
 }
 
 /// Number of `Reason` counters.
-pub const REASON_COUNT: u32 = 17;
+pub const REASON_COUNT: u32 = 18;
 
 impl Reason {
     /// Every reason, in index order.
@@ -349,6 +353,7 @@ impl Reason {
         Reason::NatReply,
         Reason::DropNatFull,
         Reason::NatIcmp,
+        Reason::PassNotForUs,
     ];
 
     /// Stable name used by the CLI, logs and tests.
@@ -371,6 +376,7 @@ impl Reason {
             Reason::NatReply => "nat_reply",
             Reason::DropNatFull => "drop_nat_full",
             Reason::NatIcmp => "nat_icmp",
+            Reason::PassNotForUs => "pass_not_for_us",
         }
     }
 }

@@ -8,6 +8,7 @@ mod conntrack;
 mod csum;
 mod events;
 mod forward;
+mod ifmac;
 mod maglev;
 mod maps;
 mod nat;
@@ -44,6 +45,11 @@ pub fn xdplb(ctx: XdpContext) -> u32 {
 #[inline(always)]
 fn balance(ctx: &XdpContext) -> Result<u32, Reason> {
     let packet = parse::parse(ctx)?;
+    // Before any balancing decision (NAT replies included): a frame another
+    // host was meant to receive is that host's to forward, not ours.
+    if !ifmac::for_us(ctx) {
+        return Err(Reason::PassNotForUs);
+    }
     let key = &packet.key;
     let service_key = ServiceKey {
         addr: key.dst,

@@ -78,6 +78,9 @@ pub enum CliCommand {
     },
     /// Re-read the configuration file and apply the changes.
     Reload,
+    /// Leave or rejoin the routers' ECMP groups (docs/cluster.md).
+    #[command(subcommand)]
+    Cluster(crate::cluster::cli::ClusterCmd),
 }
 
 /// `xdplb service ...`.
@@ -317,6 +320,7 @@ fn request_of(command: &CliCommand) -> Request {
         CliCommand::Stats { .. } => Request::Stats,
         CliCommand::Flow { src, dst, protocol } => Request::Flow { src, dst, protocol },
         CliCommand::Reload => Request::Reload,
+        CliCommand::Cluster(cmd) => cmd.request(),
     }
 }
 
@@ -328,6 +332,9 @@ pub fn execute(command: CliCommand, opts: &ClientOpts) -> anyhow::Result<()> {
     } = command
     {
         return watch_stats(opts, Duration::from_secs(seconds));
+    }
+    if let CliCommand::Cluster(cmd) = &command {
+        return crate::cluster::cli::execute(cmd, opts);
     }
     let answer = client::call(&opts.socket, &request_of(&command))?;
     if opts.json {
@@ -487,7 +494,8 @@ fn render_status(status: &StatusView, services: &[ServiceView]) -> String {
          datapath:    {datapath}\n\
          interfaces:  {interfaces}\n\
          services:    {}\n\
-         backends:    {} ({} active)\n",
+         backends:    {} ({} active)\n\
+         cluster:     {}\n",
         status.version,
         status.pid,
         format_uptime(status.uptime_s),
@@ -496,6 +504,7 @@ fn render_status(status: &StatusView, services: &[ServiceView]) -> String {
         status.services,
         status.backends,
         status.backends_active,
+        crate::cluster::describe(status.cluster.as_ref()),
     );
     if let Some(problem) = &status.datapath_problem {
         let n = status.datapath_repairs;
@@ -507,6 +516,7 @@ fn render_status(status: &StatusView, services: &[ServiceView]) -> String {
         let summary: Vec<Column<ServiceView>> = SERVICE_COLUMNS[..5]
             .iter()
             .chain(&SERVICE_COLUMNS[7..8])
+            .chain(&SERVICE_COLUMNS[10..11])
             .copied()
             .collect();
         out.push_str(&columns(services, &summary));
@@ -530,7 +540,7 @@ fn columns<T>(items: &[T], columns: &[Column<T>]) -> String {
     table(&header, &rows)
 }
 
-const SERVICE_COLUMNS: [Column<ServiceView>; 10] = [
+const SERVICE_COLUMNS: [Column<ServiceView>; 11] = [
     ("SERVICE", Left, |s| s.name.clone()),
     ("VIP", Left, |s| s.vip.to_string()),
     ("PORT", Right, |s| s.port.to_string()),
@@ -541,6 +551,7 @@ const SERVICE_COLUMNS: [Column<ServiceView>; 10] = [
     ("BACKENDS", Right, |s| active_of(&s.backends)),
     ("PACKETS", Right, |s| s.packets.to_string()),
     ("BYTES", Right, |s| s.bytes.to_string()),
+    ("TABLE", Left, |s| s.fingerprint.clone()),
 ];
 
 const BACKEND_COLUMNS: [Column<BackendView>; 10] = [
@@ -753,6 +764,7 @@ mod tests {
             mode: Mode::Dsr,
             table_size: 65537,
             hash: HashFields::FiveTuple,
+            fingerprint: "1a2b3c4d".into(),
             packets: 99,
             bytes: 9900,
             backends,
@@ -1050,6 +1062,8 @@ mod tests {
             backends_active: 1,
             datapath_repairs: 0,
             datapath_problem: None,
+            fingerprints: Default::default(),
+            cluster: None,
         };
         let services = [service(
             "web",
@@ -1075,8 +1089,8 @@ mod tests {
         assert_eq!(
             table,
             [
-                vec!["SERVICE", "VIP", "PORT", "PROTO", "MODE", "BACKENDS"],
-                vec!["web", "10.0.0.100", "80", "tcp", "dsr", "1/2"]
+                vec!["SERVICE", "VIP", "PORT", "PROTO", "MODE", "BACKENDS", "TABLE"],
+                vec!["web", "10.0.0.100", "80", "tcp", "dsr", "1/2", "1a2b3c4d"]
             ]
         );
     }

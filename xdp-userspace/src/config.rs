@@ -49,6 +49,8 @@ const MAX_QUOTED: usize = 120;
 pub struct Config {
     /// The `[daemon]` section.
     pub daemon: DaemonConfig,
+    /// `[cluster]` (optional; see docs/cluster.md).
+    pub cluster: crate::cluster::ClusterConfig,
     /// In file order.
     pub services: Vec<ServiceConfig>,
 }
@@ -545,6 +547,7 @@ pub struct NatSpec {
 #[serde(deny_unknown_fields)]
 struct FileSpec {
     daemon: Option<DaemonSpec>,
+    cluster: Option<crate::cluster::RawCluster>,
     #[serde(default)]
     service: Vec<ServiceSpec>,
 }
@@ -608,8 +611,13 @@ impl Config {
             serde_path_to_error::deserialize(de).map_err(|e| toml_error(text, origin, &e))?;
         let v = Validator { origin };
         let daemon = v.daemon(file.daemon)?;
+        let cluster = match file.cluster.unwrap_or_default().validate() {
+            Ok(c) => c,
+            Err((field, problem)) => return v.fail(field, problem),
+        };
         Ok(Config {
             daemon,
+            cluster,
             services: v.services(file.service)?,
         })
     }
@@ -618,11 +626,13 @@ impl Config {
     /// validated exactly as a file's; `origin` names it in messages.
     pub(crate) fn from_specs(
         daemon: DaemonConfig,
+        cluster: crate::cluster::ClusterConfig,
         specs: Vec<ServiceSpec>,
         origin: &str,
     ) -> Result<Config, ConfigError> {
         Ok(Config {
             daemon,
+            cluster,
             services: Validator { origin }.services(specs)?,
         })
     }
@@ -1515,7 +1525,8 @@ state = "down"
     fn specs_describe_their_services_exactly() {
         let c = parse(FULL).unwrap();
         let specs: Vec<ServiceSpec> = c.services.iter().map(ServiceConfig::spec).collect();
-        let again = Config::from_specs(c.daemon.clone(), specs.clone(), FILE).unwrap();
+        let again =
+            Config::from_specs(c.daemon.clone(), c.cluster.clone(), specs.clone(), FILE).unwrap();
         assert_eq!(again, c);
         // A spec written as a `[[service]]` table is that service in a file.
         #[derive(Serialize)]

@@ -158,6 +158,11 @@ impl ServiceState {
         self.backends.values().find(|b| b.id == id)
     }
 
+    /// The table the datapath reads (slot -> backend id; empty: none).
+    pub fn table(&self) -> &[u32] {
+        &self.table
+    }
+
     /// Number of backends taking new flows.
     pub fn active(&self) -> usize {
         self.backends
@@ -513,7 +518,8 @@ impl Model {
         for key in adoptable.services.keys() {
             if !self.services.contains_key(key) {
                 writes.push(Write::RemoveService(addr::service_key(key.0, key.1, key.2)));
-                info!(vip = %key.0, port = key.1, "service of the adopted datapath is no longer configured: removed");
+                info!(vip = %key.0, port = key.1, "service of the adopted datapath is no longer \
+                    configured: removed");
             }
         }
         for (id, _) in adoptable.backends.values() {
@@ -581,7 +587,10 @@ impl Model {
             let state = self.new_backend(id, cfg, b, hops, writes)?;
             svc.backends.insert((b.address, b.port), state);
         }
-        info!(service = %cfg.name, vip = %cfg.vip, port = cfg.port, protocol = %cfg.protocol, backends = svc.backends.len(), adopted = adopted.is_some(), "service added");
+        info!(
+            service = %cfg.name, vip = %cfg.vip, port = cfg.port, protocol = %cfg.protocol,
+            backends = svc.backends.len(), adopted = adopted.is_some(), "service added"
+        );
         self.services.insert(key, svc);
         self.sync(key, writes)
     }
@@ -732,10 +741,12 @@ impl Model {
             members = svc.backends.values().filter(|b| b.eligible()).collect();
         }
         if members.is_empty() && eligible > 0 && !svc.table.is_empty() {
-            error!(service = %svc.config.name, "every backend is down: dropping new flows (all_down = \"drop\")");
+            error!(service = %svc.config.name, "every backend is down: dropping new flows \
+                (all_down = \"drop\")");
         }
         if failing_open && !svc.failing_open {
-            error!(service = %svc.config.name, "every backend is down: failing open, new flows go to all of them regardless of health");
+            error!(service = %svc.config.name, "every backend is down: failing open, new flows go \
+                to all of them regardless of health");
         }
         svc.failing_open = failing_open;
         let member_ids: BTreeSet<u32> = members.iter().map(|b| b.id).collect();
@@ -789,7 +800,8 @@ impl Model {
                 addr::service_key(key.0, key.1, key.2),
                 svc.entry(),
             ));
-            info!(service = %svc.config.name, members = member_ids.len(), "Maglev table swapped in");
+            info!(service = %svc.config.name, members = member_ids.len(), "Maglev table swapped \
+                in");
         }
         // 4. Leavers stop only now.
         for b in svc.backends.values_mut() {
@@ -843,8 +855,8 @@ fn check_capacity(config: &Config) -> Result<()> {
         .sum();
     if slots > u64::from(MAGLEV_SLOTS) {
         bail!(
-            "the services' Maglev tables need {slots} slots (two per table entry, for atomic swaps); \
-             the datapath holds {MAGLEV_SLOTS}: use fewer services or smaller table_size"
+            "the services' Maglev tables need {slots} slots (two per table entry, for atomic \
+             swaps); the datapath holds {MAGLEV_SLOTS}: use fewer services or smaller table_size"
         );
     }
     Ok(())

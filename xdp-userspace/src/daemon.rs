@@ -86,6 +86,18 @@ struct Inner {
     health: HealthChecker,
     /// NAT table use at the last sweep (when a NAT service exists).
     nat: Option<NatOccupancy>,
+    /// Accepted MACs and announced VIPs (docs/cluster.md).
+    cluster: crate::cluster::Node,
+}
+
+impl Inner {
+    /// Re-derives accepted MACs and announced routes; a failure is logged
+    /// and retried on the next tick, never undoes the change that led here.
+    fn sync_cluster(&mut self) {
+        if let Err(e) = self.cluster.sync(&self.config, &self.controller) {
+            error!("cluster: {e:#}");
+        }
+    }
 }
 
 impl Daemon {
@@ -153,6 +165,7 @@ impl Daemon {
         let targets = check_targets(&merged, &inner.controller);
         inner.health.update(targets);
         (inner.file, inner.overlay, inner.config) = (file, overlay, merged);
+        inner.sync_cluster();
         info!("{message}");
         Ok(json!(Done { message }))
     }
@@ -166,6 +179,7 @@ impl Daemon {
             .set_health(&event.service, event.backend, event.healthy)
         {
             Ok(_) => {
+                inner.sync_cluster();
                 let took = event.at.elapsed().as_millis() as u64;
                 let backend = SocketAddr::new(ip, port);
                 let (service, detail) = (&event.service, &event.detail);
@@ -190,6 +204,7 @@ impl Daemon {
             if let Err(e) = inner.controller.expire_drains(Instant::now()) {
                 error!("expiring drains: {e:#}");
             }
+            inner.sync_cluster();
             inner.config.services.iter().any(|s| s.mode == Mode::Nat)
         };
         // Reading the NAT tables is slow when they are full: without the lock.
@@ -348,6 +363,24 @@ impl api::Handler for Daemon {
                     nat: route.nat,
                 }))
             }
+            Request::ClusterLeave | Request::ClusterJoin => {
+                let mut inner = self.lock();
+                if inner.config.cluster.route_table.is_none() {
+                    return Err(ApiError::bad_request(
+                        "no [cluster] route_table configured: this node announces nothing",
+                    ));
+                }
+                let (result, message) = if request == Request::ClusterLeave {
+                    (inner.cluster.leave(), "left: every VIP route withdrawn")
+                } else {
+                    (inner.cluster.join(), "joined: servable VIPs announced")
+                };
+                result.map_err(|e| ApiError::internal(format!("{e:#}")))?;
+                info!("cluster: {message}");
+                Ok(json!(Done {
+                    message: message.into()
+                }))
+            }
             Request::Stats => {
                 let inner = self.lock();
                 let maps = inner.controller.maps();
@@ -424,6 +457,16 @@ impl Daemon {
             backends_active: services.iter().map(|s| s.active()).sum(),
             datapath_repairs,
             datapath_problem,
+            fingerprints: services
+                .iter()
+                .map(|s| {
+                    (
+                        s.config.name.clone(),
+                        crate::cluster::service_fingerprint(s),
+                    )
+                })
+                .collect(),
+            cluster: inner.cluster.view(),
         }
     }
 }
@@ -441,6 +484,7 @@ fn service_view(inner: &Inner, s: &ServiceState) -> api::ServiceView {
         mode: cfg.mode,
         table_size: cfg.table_size,
         hash: cfg.hash,
+        fingerprint: crate::cluster::service_fingerprint(s),
         packets: c.packets,
         bytes: c.bytes,
         backends: s
@@ -494,7 +538,12 @@ fn warn_port_overlap(config: &Config) {
     for s in config.services.iter().filter(|s| s.mode == Mode::Nat) {
         let (a, b) = s.nat.ports;
         if a <= hi && lo <= b {
-            warn!(service = %s.name, "NAT ports {a}-{b} overlap this host's ephemeral ports {lo}-{hi} (net.ipv4.ip_local_port_range): set nat.ports outside it, or reserve them with net.ipv4.ip_local_reserved_ports");
+            warn!(
+                service = %s.name,
+                "NAT ports {a}-{b} overlap this host's ephemeral ports {lo}-{hi} \
+                 (net.ipv4.ip_local_port_range): set nat.ports outside it, or reserve them \
+                 with net.ipv4.ip_local_reserved_ports"
+            );
         }
     }
 }
@@ -547,6 +596,8 @@ pub fn run(opts: Options) -> Result<()> {
     let mut datapath = Datapath::load(&pin_dir)?;
     let mut guard = PinGuard(fresh.then_some(pin_dir.as_path()));
     let maps = Maps::take(&mut datapath.ebpf)?;
+    let if_macs = crate::cluster::macs::IfMacs::take(&mut datapath.ebpf)?;
+    let mut node = crate::cluster::Node::new(if_macs, &state_file);
     let mut controller = Controller::new(maps)?;
     let adopted = controller.adopting();
     let resolver = controller.resolver();
@@ -562,6 +613,10 @@ pub fn run(opts: Options) -> Result<()> {
         controller
             .add_egress(ifindex)
             .with_context(|| format!("adding {iface} to the egress devmap"))?;
+        // Frames to this interface's MAC only, written before the program
+        // is attached so it never balances (or drops) one it should pass.
+        let mac = crate::cluster::macs::interface_mac(iface)?;
+        node.add_interface(ifindex, mac, &config)?;
         let attached = datapath.attach_pinned(iface, opts.mode)?;
         info!(%iface, mode = attached.name(), "XDP program attached");
         interfaces.push(api::InterfaceView {
@@ -570,6 +625,10 @@ pub fn run(opts: Options) -> Result<()> {
         });
     }
     guard.0 = None;
+    // Attached: the VIPs this node can serve may be announced.
+    if let Err(e) = node.sync(&config, &controller) {
+        error!("cluster: {e:#}");
+    }
     let logger = datapath.logger.take();
     let datapath = Arc::new(Mutex::new(datapath));
 
@@ -582,7 +641,15 @@ pub fn run(opts: Options) -> Result<()> {
         let targets = check_targets(&config, &controller);
         let health = HealthChecker::spawn(targets, MAX_CONCURRENT_CHECKS, events_tx);
         let daemon = Arc::new(Daemon {
-            inner: Mutex::new(Inner { controller, file, overlay, config, health, nat: None }),
+            inner: Mutex::new(Inner {
+                controller,
+                file,
+                overlay,
+                config,
+                health,
+                nat: None,
+                cluster: node,
+            }),
             changing: Mutex::new(()),
             resolver,
             sweeper: Mutex::new(sweeper),
@@ -600,7 +667,10 @@ pub fn run(opts: Options) -> Result<()> {
         if let Some(listener) = metrics_listener {
             let d = daemon.clone();
             let health: crate::web::HealthSource = Arc::new(move || d.lock().health.status());
-            let sources = crate::web::Sources { handler: daemon.clone(), health };
+            let sources = crate::web::Sources {
+                handler: daemon.clone(),
+                health,
+            };
             tokio::spawn(async move {
                 if let Err(e) = crate::web::serve(listener, sources).await {
                     error!("metrics listener stopped: {e:#}");
@@ -610,7 +680,10 @@ pub fn run(opts: Options) -> Result<()> {
         // "ready" means the API answers: wait until it accepts connections
         // (a stale socket left by a killed daemon refuses them), or fails.
         let deadline = Instant::now() + Duration::from_secs(5);
-        while std::os::unix::net::UnixStream::connect(&api_socket).is_err() && !api.is_finished() && Instant::now() < deadline {
+        while std::os::unix::net::UnixStream::connect(&api_socket).is_err()
+            && !api.is_finished()
+            && Instant::now() < deadline
+        {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         if api.is_finished() {
@@ -648,7 +721,8 @@ pub fn run(opts: Options) -> Result<()> {
                 _ = hup.recv() => {
                     systemd::notify("RELOADING=1");
                     let d = daemon.clone();
-                    match tokio::task::spawn_blocking(move || api::Handler::handle(&*d, Request::Reload)).await? {
+                    let reload = move || api::Handler::handle(&*d, Request::Reload);
+                    match tokio::task::spawn_blocking(reload).await? {
                         Ok(_) => {}
                         Err(e) => error!("reload refused, running state unchanged: {e}"),
                     }
@@ -671,12 +745,23 @@ pub fn run(opts: Options) -> Result<()> {
                 res = &mut api => {
                     // The API server only returns on error: a daemon that
                     // cannot be controlled must say so, not run blind.
-                    error!("API server stopped: {:#}", res.map_err(anyhow::Error::from).and_then(|r| r).err().unwrap_or_else(|| anyhow::anyhow!("exited")));
+                    let why = res
+                        .map_err(anyhow::Error::from)
+                        .and_then(|r| r)
+                        .err()
+                        .unwrap_or_else(|| anyhow::anyhow!("exited"));
+                    error!("API server stopped: {why:#}");
                     break false;
                 }
             }
         };
         api.abort();
+        if detach {
+            // The datapath is about to go: stop attracting traffic first.
+            if let Err(e) = daemon.lock().cluster.withdraw_all() {
+                error!("cluster: withdrawing routes: {e:#}");
+            }
+        }
         watcher.abort();
         systemd::notify("STOPPING=1");
         anyhow::Ok(detach)
@@ -693,7 +778,10 @@ pub fn run(opts: Options) -> Result<()> {
         drop(datapath);
         loader::remove_pins(&pin_dir)?;
     } else {
-        info!("terminated: the datapath keeps forwarding; `xdplb run` adopts it, `xdplb detach --all` removes it");
+        info!(
+            "terminated: the datapath keeps forwarding; `xdplb run` adopts it, `xdplb detach \
+            --all` removes it"
+        );
     }
     Ok(())
 }

@@ -137,7 +137,8 @@ pub async fn probe(kind: &CheckKind, target: SocketAddr, timeout: Duration) -> R
         } => {
             let host = host.clone().unwrap_or_else(|| host_header(target.ip()));
             let request = format!(
-                "{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\nUser-Agent: xdplb-health\r\n\r\n"
+                "{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\nUser-Agent: \
+                    xdplb-health\r\n\r\n"
             );
             let mut stream = connect(target, deadline).await?;
             deadline
@@ -812,7 +813,10 @@ mod tests {
         );
         assert_eq!(
             server.requests.lock().unwrap().as_slice(),
-            ["GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nUser-Agent: xdplb-health\r\n\r\n"]
+            [
+                "GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nUser-Agent: \
+                xdplb-health\r\n\r\n"
+            ]
         );
         assert_eq!(
             probe(&http(&[200], Some("www.example.com")), server.addr, TIMEOUT).await,
@@ -1022,7 +1026,8 @@ mod tests {
             up_latencies.push(event.at - restarted);
         }
         eprintln!(
-            "down after {down_latencies:?} (bound {down_bound:?}); up after {up_latencies:?} (bound {up_bound:?})"
+            "down after {down_latencies:?} (bound {down_bound:?}); up after {up_latencies:?} \
+                (bound {up_bound:?})"
         );
         assert!(down_latencies.iter().all(|d| *d <= down_bound));
         assert!(up_latencies.iter().all(|d| *d <= up_bound));

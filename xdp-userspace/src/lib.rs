@@ -2,6 +2,7 @@
 pub mod addr;
 pub mod api;
 pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod controller;
 pub mod daemon;

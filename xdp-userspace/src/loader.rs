@@ -63,7 +63,7 @@ impl Attached {
 /// Expected kernel shape of every pinned map: (name, type, key size, value
 /// size, max entries). The same types define the maps in xdp-ebpf, so a
 /// pinned map that differs was made by an incompatible build.
-fn expected_maps() -> [(&'static str, MapType, usize, usize, u32); 11] {
+fn expected_maps() -> [(&'static str, MapType, usize, usize, u32); 12] {
     use std::mem::size_of;
     [
         (
@@ -119,6 +119,13 @@ fn expected_maps() -> [(&'static str, MapType, usize, usize, u32); 11] {
             MAX_NAT_FLOWS,
         ),
         (names::GLOBALS, MapType::Array, 4, size_of::<Globals>(), 1),
+        (
+            xdp_common::ifmac::MAP_NAME,
+            MapType::Hash,
+            size_of::<xdp_common::ifmac::IfMacKey>(),
+            4,
+            xdp_common::ifmac::MAX_IF_MACS,
+        ),
     ]
 }
 
@@ -237,9 +244,18 @@ fn check_pinned_maps(pin_dir: &Path) -> Result<()> {
         );
         if found != (Some(kind), key, value, max) {
             bail!(
-                "pinned map {} was made by an incompatible xdplb build (type/key/value/entries {:?}/{}/{}/{}, expected {:?}/{}/{}/{}); \
-                 run `xdplb detach --all` to remove the old datapath (this drops its flow table) and start again",
-                path.display(), found.0, found.1, found.2, found.3, kind, key, value, max
+                "pinned map {} was made by an incompatible xdplb build (type/key/value/entries \
+                 {:?}/{}/{}/{}, expected {:?}/{}/{}/{}); run `xdplb detach --all` to remove the \
+                 old datapath (this drops its flow table) and start again",
+                path.display(),
+                found.0,
+                found.1,
+                found.2,
+                found.3,
+                kind,
+                key,
+                value,
+                max
             );
         }
     }

@@ -261,6 +261,7 @@ impl Overlay {
         }
         Config::from_specs(
             file.daemon.clone(),
+            file.cluster.clone(),
             specs,
             "configuration with run-time changes",
         )

@@ -44,6 +44,7 @@ const PACKAGES: &[(&str, &str)] = &[
     ("bpftool", "inspecting programs and maps"),
     ("prometheus", "tests: promtool checks the metrics scrape"),
     ("chromium", "tests: the status page in headless Chromium"),
+    ("bird2", "tests: the cluster topology's BGP+BFD routers"),
 ];
 
 pub fn run() -> Result<()> {

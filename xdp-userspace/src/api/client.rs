@@ -28,13 +28,15 @@ const MAX_ANSWER: usize = 256 * 1024 * 1024;
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     /// No socket, or nobody listening on it.
-    #[error("the xdplb daemon is not running (no API socket at {}; start it with `xdplb run`)", socket.display())]
+    #[error("the xdplb daemon is not running (no API socket at {}; start it with `xdplb \
+        run`)", socket.display())]
     NotRunning { socket: PathBuf },
     /// The socket (or its directory) is root-only.
     #[error("permission denied on {}: the xdplb API is root-only (try sudo)", socket.display())]
     PermissionDenied { socket: PathBuf },
     /// The daemon took longer than the timeout.
-    #[error("the xdplb daemon at {} did not answer within {}s", socket.display(), TIMEOUT.as_secs())]
+    #[error("the xdplb daemon at {} did not answer within \
+        {}s", socket.display(), TIMEOUT.as_secs())]
     Timeout { socket: PathBuf },
     /// Any other I/O failure on the socket.
     #[error("talking to the xdplb daemon at {}: {source}", socket.display())]
@@ -188,7 +190,8 @@ mod tests {
         let socket = Path::new("/run/xdplb/xdplb.sock");
         let message = |errno| classify(socket, io::Error::from_raw_os_error(errno)).to_string();
         let not_running =
-            "the xdplb daemon is not running (no API socket at /run/xdplb/xdplb.sock; start it with `xdplb run`)";
+            "the xdplb daemon is not running (no API socket at /run/xdplb/xdplb.sock; start it \
+                with `xdplb run`)";
         assert_eq!(message(libc::ENOENT), not_running);
         assert_eq!(message(libc::ECONNREFUSED), not_running);
         assert_eq!(

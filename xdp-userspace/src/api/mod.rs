@@ -34,6 +34,7 @@ pub use crate::config::{Admin, BackendSpec, HashFields, Mode, Protocol, ServiceS
 /// | `Reload` | `POST /v1/reload` |
 /// | `Flow` | `GET /v1/flow?src=IP:PORT&dst=IP:PORT&protocol=tcp` (IPv6 `[addr]:port`, encoded) |
 /// | `Stats` | `GET /v1/stats` |
+/// | `ClusterLeave` / `ClusterJoin` | `POST /v1/cluster/leave` / `.../join` |
 ///
 /// Bodies are read into typed structs that refuse unknown and repeated
 /// keys: `{"port": 80, "port": 81}` is an error, not the last one winning.
@@ -62,6 +63,10 @@ pub enum Request {
         protocol: Protocol,
     },
     Stats,
+    /// Withdraw every VIP route (docs/cluster.md).
+    ClusterLeave,
+    /// Announce again.
+    ClusterJoin,
 }
 
 /// Names one backend of one service; `port` defaults to the service's.
@@ -133,6 +138,12 @@ pub struct StatusView {
     /// The last such problem, and what came of the repair.
     #[serde(default)]
     pub datapath_problem: Option<String>,
+    /// Service name -> Maglev table fingerprint (docs/cluster.md).
+    #[serde(default)]
+    pub fingerprints: BTreeMap<String, String>,
+    /// Announcement state, when `[cluster] route_table` is set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<crate::cluster::ClusterView>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -153,6 +164,9 @@ pub struct ServiceView {
     pub mode: Mode,
     pub table_size: u32,
     pub hash: HashFields,
+    /// Fingerprint of the Maglev table (equal on nodes that agree).
+    #[serde(default)]
+    pub fingerprint: String,
     pub packets: u64,
     pub bytes: u64,
     pub backends: Vec<BackendView>,

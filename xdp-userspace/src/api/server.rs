@@ -310,7 +310,8 @@ async fn connection(
         Ok(cred) if allowed(cred.uid()) => true,
         Ok(cred) => {
             // The socket's mode 0600 should make this unreachable.
-            warn!(uid = cred.uid(), pid = ?cred.pid(), "refused an API connection from a non-root peer");
+            warn!(uid = cred.uid(), pid = ?cred.pid(), "refused an API connection from a non-root \
+                peer");
             false
         }
         Err(err) => {
@@ -520,6 +521,8 @@ enum Endpoint {
     Reload,
     Flow,
     Stats,
+    ClusterLeave,
+    ClusterJoin,
 }
 
 /// The routing table: the one place paths and methods are written down.
@@ -537,6 +540,8 @@ const ROUTES: &[(Endpoint, &str, &str)] = &[
     (Endpoint::Reload, "POST", "/v1/reload"),
     (Endpoint::Flow, "GET", "/v1/flow"),
     (Endpoint::Stats, "GET", "/v1/stats"),
+    (Endpoint::ClusterLeave, "POST", "/v1/cluster/leave"),
+    (Endpoint::ClusterJoin, "POST", "/v1/cluster/join"),
 ];
 
 /// Body of `POST /v1/services/remove`.
@@ -602,6 +607,8 @@ pub fn route(method: &str, target: &str, body: &[u8]) -> Result<Request, ApiErro
             },
         },
         Endpoint::Stats => Request::Stats,
+        Endpoint::ClusterLeave => Request::ClusterLeave,
+        Endpoint::ClusterJoin => Request::ClusterJoin,
     };
     query.finish()?;
     Ok(request)
@@ -646,6 +653,8 @@ pub fn path_of(request: &Request) -> (&'static str, String, Option<Vec<u8>>) {
             (Endpoint::Flow, None)
         }
         Request::Stats => (Endpoint::Stats, None),
+        Request::ClusterLeave => (Endpoint::ClusterLeave, None),
+        Request::ClusterJoin => (Endpoint::ClusterJoin, None),
     };
     let &(_, method, path) = ROUTES
         .iter()
@@ -792,6 +801,8 @@ mod tests {
     fn every_request() -> Vec<Request> {
         vec![
             Request::Status,
+            Request::ClusterLeave,
+            Request::ClusterJoin,
             Request::ListServices,
             Request::AddService(
                 serde_json::from_value(

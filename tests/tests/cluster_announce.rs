@@ -1,0 +1,110 @@
+//! Announcement rules on one node (no BIRD needed): the daemon keeps a
+//! servable VIP's host route in `[cluster] route_table`, withdraws it when
+//! no backend can take new flows (with `all_down = "drop"`), brings it back
+//! on recovery, follows a reload that changes or drops the table, and keeps
+//! its "left" state across a restart. The DSR testbed, the real daemon and
+//! real health checks; needs root.
+
+use std::{
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use xdplb_tests::{
+    bin_path,
+    lb::{dsr_config_with, start_backends, Xdplb},
+    require_root,
+    topology::DsrTopology,
+};
+
+const TESTBACKEND: &str = env!("CARGO_BIN_EXE_xdplb-testbackend");
+
+/// Polls `table` in the lb namespace until `want(routes)` holds.
+fn wait_table(topo: &DsrTopology, table: &str, what: &str, want: impl Fn(&str) -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let routes = topo
+            .lb()
+            .exec(&["ip", "route", "show", "table", table])
+            .unwrap_or_default();
+        let routes6 = topo
+            .lb()
+            .exec(&["ip", "-6", "route", "show", "table", table])
+            .unwrap_or_default();
+        let all = format!("{routes}{routes6}");
+        if want(&all) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: table {table} holds {all:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_vip_is_announced_exactly_while_the_node_can_serve_it() {
+    require_root();
+    let xdplb = bin_path("xdplb").expect("xdplb binary (cargo build --bins)");
+    let topo = DsrTopology::with_tag("ann", 1).unwrap();
+    let mut backends = start_backends(&topo, Path::new(TESTBACKEND)).unwrap();
+    topo.wait_reachable().unwrap();
+    let services = dsr_config_with(
+        &topo,
+        "interval = \"200ms\"\ntimeout = \"100ms\"\nrise = 1\nfall = 2",
+    );
+    let config = |table: Option<u32>| {
+        let cluster = table.map_or(String::new(), |t| format!("[cluster]\nroute_table = {t}\n"));
+        format!("[daemon]\nall_down = \"drop\"\n{cluster}\n{services}")
+    };
+    let (vip4, vip6) = (topo.vip4().to_string(), topo.vip6().to_string());
+    let both = |r: &str| r.contains(&vip4) && r.contains(&vip6);
+    let none = |r: &str| !r.contains(&vip4) && !r.contains(&vip6);
+    let mut lb = Xdplb::start(&xdplb, &topo, &config(Some(201))).unwrap();
+    wait_table(&topo, "201", "announced at start", both);
+    let routes = topo
+        .lb()
+        .exec(&["ip", "route", "show", "table", "201"])
+        .unwrap();
+    assert!(
+        routes.contains(&format!("{vip4} dev lo proto static")),
+        "{routes}"
+    );
+
+    // Its only backend dies: nothing can serve the VIPs (all_down = drop).
+    backends[0].kill(libc::SIGKILL).unwrap();
+    wait_table(&topo, "201", "withdrawn when every backend is down", none);
+    backends[0] = xdplb_tests::lb::start_backend(&topo, Path::new(TESTBACKEND), 1, &[]).unwrap();
+    wait_table(&topo, "201", "announced again on recovery", both);
+
+    // A reload moves the routes to another table, then drops announcement.
+    lb.write_config(&config(Some(202))).unwrap();
+    lb.cli(&["reload"]).unwrap();
+    wait_table(&topo, "202", "moved to the new table", both);
+    wait_table(&topo, "201", "gone from the old table", none);
+    lb.write_config(&config(None)).unwrap();
+    lb.cli(&["reload"]).unwrap();
+    wait_table(&topo, "202", "withdrawn when route_table is unset", none);
+    let err = lb.cli(&["cluster", "join"]).unwrap_err();
+    assert!(
+        format!("{err:#}").contains("no [cluster] route_table"),
+        "{err:#}"
+    );
+
+    // Left survives a restart of the daemon.
+    lb.write_config(&config(Some(201))).unwrap();
+    lb.cli(&["reload"]).unwrap();
+    wait_table(&topo, "201", "announced again", both);
+    lb.cli(&["cluster", "leave", "--no-wait"]).unwrap();
+    wait_table(&topo, "201", "withdrawn on leave", none);
+    lb.proc.kill(libc::SIGKILL).unwrap();
+    let _ = lb.proc.wait_timeout(Duration::from_secs(5));
+    lb.restart(&topo).unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    wait_table(&topo, "201", "still withdrawn after a restart", none);
+    let status = lb.json(&["status"]).unwrap();
+    assert_eq!(status["cluster"]["state"], "left", "{status}");
+    lb.cli(&["cluster", "join"]).unwrap();
+    wait_table(&topo, "201", "announced on join", both);
+}

@@ -1,0 +1,187 @@
+//! The datapath's "is this frame for us?" table (`xdp_common::ifmac`): for
+//! every attached interface, its own MAC plus the configured extra MACs
+//! (`[cluster] extra_macs`, e.g. a VRRP virtual MAC). Frames to any other
+//! destination MAC are passed untouched and counted as `pass_not_for_us`.
+
+use std::{
+    collections::BTreeSet,
+    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+    path::Path,
+};
+
+use anyhow::{bail, Context as _, Result};
+use aya::{
+    maps::{HashMap, Map, MapData},
+    Ebpf,
+};
+use xdp_common::ifmac::{IfMacKey, MAP_NAME};
+
+/// A MAC address as on the wire.
+pub type Mac = [u8; 6];
+
+/// Handle on the pinned MAC table.
+pub struct IfMacs {
+    map: HashMap<MapData, IfMacKey, u32>,
+}
+
+impl IfMacs {
+    /// Takes the table out of a freshly loaded program.
+    pub fn take(ebpf: &mut Ebpf) -> Result<Self> {
+        let map = ebpf
+            .take_map(MAP_NAME)
+            .with_context(|| format!("map {MAP_NAME} missing from the XDP object"))?;
+        Self::from_map(map)
+    }
+
+    /// Opens the table a running datapath pinned in `pin_dir`.
+    pub fn open_pinned(pin_dir: &Path) -> Result<Self> {
+        let path = pin_dir.join(MAP_NAME);
+        let data = MapData::from_pin(&path)
+            .with_context(|| format!("opening pinned map {}", path.display()))?;
+        Self::from_map(Map::from_map_data(data)?)
+    }
+
+    fn from_map(map: Map) -> Result<Self> {
+        let map = map
+            .try_into()
+            .with_context(|| format!("map {MAP_NAME} has an unexpected type"))?;
+        Ok(Self { map })
+    }
+
+    /// Makes the table hold exactly, for each `(ifindex, own MAC)` of
+    /// `interfaces`, that MAC and every one of `extra`. Entries of other
+    /// interfaces (attached by another daemon sharing the pins? none today)
+    /// are left alone; stale MACs of these interfaces are removed. Inserts
+    /// come before removals, so a MAC that stays is never missing.
+    pub fn sync(&mut self, interfaces: &[(u32, Mac)], extra: &[Mac]) -> Result<()> {
+        let wanted: BTreeSet<(u32, Mac)> = interfaces
+            .iter()
+            .flat_map(|&(ifindex, own)| {
+                std::iter::once(own)
+                    .chain(extra.iter().copied())
+                    .map(move |mac| (ifindex, mac))
+            })
+            .collect();
+        for &(ifindex, mac) in &wanted {
+            self.map
+                .insert(key(ifindex, mac), 1, 0)
+                .with_context(|| format!("accepting MAC {} on ifindex {ifindex}", show(&mac)))?;
+        }
+        let ours: BTreeSet<u32> = interfaces.iter().map(|&(i, _)| i).collect();
+        let stale: Vec<IfMacKey> = self
+            .map
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| ours.contains(&k.ifindex) && !wanted.contains(&(k.ifindex, k.mac)))
+            .collect();
+        for k in stale {
+            self.map.remove(&k).with_context(|| {
+                format!("removing MAC {} of ifindex {}", show(&k.mac), k.ifindex)
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Every accepted (ifindex, MAC) pair.
+    pub fn entries(&self) -> Vec<(u32, Mac)> {
+        self.map
+            .keys()
+            .filter_map(Result::ok)
+            .map(|k| (k.ifindex, k.mac))
+            .collect()
+    }
+}
+
+fn key(ifindex: u32, mac: Mac) -> IfMacKey {
+    IfMacKey {
+        ifindex,
+        mac,
+        _pad: 0,
+    }
+}
+
+/// The Ethernet address of `iface` in the calling thread's network
+/// namespace (SIOCGIFHWADDR; sysfs would show the namespace it was
+/// mounted in, which is not ours when the daemon was started by setns).
+pub fn interface_mac(iface: &str) -> Result<Mac> {
+    if iface.len() >= libc::IFNAMSIZ || iface.contains('\0') {
+        bail!("{iface:?} is not an interface name");
+    }
+    // SAFETY: plain socket(2); the fd is owned right below.
+    let raw = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if raw < 0 {
+        return Err(std::io::Error::last_os_error()).context("socket() for SIOCGIFHWADDR");
+    }
+    // SAFETY: `raw` is a fresh fd nobody else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    // SAFETY: ifreq is plain data; all-zero is a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in req.ifr_name.iter_mut().zip(iface.bytes()) {
+        *dst = src as libc::c_char;
+    }
+    // SAFETY: SIOCGIFHWADDR reads the NUL-terminated name and writes the
+    // hardware address into `req`, which outlives the call.
+    if unsafe { libc::ioctl(fd.as_raw_fd(), libc::SIOCGIFHWADDR, &mut req) } < 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("reading the MAC address of interface {iface:?}"));
+    }
+    // SAFETY: the ioctl filled the hwaddr member of the union.
+    let hw = unsafe { req.ifr_ifru.ifru_hwaddr };
+    if hw.sa_family != libc::ARPHRD_ETHER {
+        bail!(
+            "interface {iface:?} is not an Ethernet interface (hardware type {})",
+            hw.sa_family
+        );
+    }
+    Ok(std::array::from_fn(|i| hw.sa_data[i] as u8))
+}
+
+/// Parses `aa:bb:cc:dd:ee:ff` (case-insensitive).
+pub fn parse_mac(text: &str) -> Result<Mac, String> {
+    let parts: Vec<&str> = text.split(':').collect();
+    let mut mac = [0u8; 6];
+    if parts.len() != 6 {
+        return Err(format!(
+            "{text:?} is not a MAC address (expected aa:bb:cc:dd:ee:ff)"
+        ));
+    }
+    for (byte, part) in mac.iter_mut().zip(parts) {
+        if part.len() != 2 {
+            return Err(format!(
+                "{text:?} is not a MAC address (expected aa:bb:cc:dd:ee:ff)"
+            ));
+        }
+        *byte = u8::from_str_radix(part, 16)
+            .map_err(|_| format!("{text:?} is not a MAC address (expected aa:bb:cc:dd:ee:ff)"))?;
+    }
+    Ok(mac)
+}
+
+/// `aa:bb:cc:dd:ee:ff`.
+pub fn show(mac: &Mac) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_and_shows_macs() {
+        let mac = parse_mac("02:00:5E:00:01:0a").unwrap();
+        assert_eq!(mac, [2, 0, 0x5e, 0, 1, 10]);
+        assert_eq!(show(&mac), "02:00:5e:00:01:0a");
+        for bad in [
+            "",
+            "02:00:5e:00:01",
+            "02:00:5e:00:01:0a:00",
+            "0g:00:00:00:00:00",
+            "2:0:0:0:0:0",
+        ] {
+            assert!(parse_mac(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+}
