@@ -588,3 +588,151 @@ fn fuzzed_frames_never_abort_and_rewrite_only_what_they_may() {
         );
     }
 }
+
+/// Mutations of `base` (byte flips, deletions, duplications, splices of
+/// tokens the grammar knows), `n` of them from `rng`.
+fn mutated_texts(base: &str, tokens: &[&str], n: usize, rng: &mut Rng) -> Vec<Vec<u8>> {
+    let base = base.as_bytes();
+    (0..n)
+        .map(|_| {
+            let mut t = base.to_vec();
+            for _ in 0..1 + rng.below(6) {
+                let at = rng.below(t.len() + 1);
+                match rng.below(5) {
+                    0 if at < t.len() => t[at] ^= 1 << rng.below(8),
+                    1 if at < t.len() => {
+                        let end = (at + 1 + rng.below(40)).min(t.len());
+                        t.drain(at..end);
+                    }
+                    2 => {
+                        let len = rng.below(200).min(t.len() - at.min(t.len()));
+                        let piece = t[at..at + len].to_vec();
+                        let times = 1 + rng.below(50);
+                        for _ in 0..times {
+                            t.splice(at..at, piece.iter().copied());
+                        }
+                    }
+                    3 => {
+                        let tok = rng.pick(tokens).as_bytes().to_vec();
+                        t.splice(at..at, tok);
+                    }
+                    _ => t.insert(at, rng.next() as u8),
+                }
+            }
+            t
+        })
+        .collect()
+}
+
+/// The configuration parser on mutated example configurations: never a
+/// panic, every answer within a second, every error one line.
+#[test]
+fn fuzzed_configurations_are_refused_quickly_on_one_line() {
+    let seed = env_u64("XDPLB_FUZZ_SEED").unwrap_or(0x5eed_c0f1);
+    println!("config fuzz: seed {seed:#x}");
+    let mut rng = Rng(seed | 1);
+    let example = include_str!("../../examples/xdplb.toml");
+    let tokens = [
+        "[[service]]",
+        "[[service.backend]]",
+        "[daemon]",
+        "[cluster]",
+        "= ",
+        "\"",
+        "'''",
+        "\n",
+        "[",
+        "]",
+        "{",
+        "}",
+        ",",
+        ".",
+        "a.b.c.d.e.f",
+        "port = 99999",
+        "weight = -1",
+        "vip = \"::\"",
+        "mode = \"nat\"",
+        "[service.nat]",
+        "ports = \"1-0\"",
+        "1e999",
+        "\u{0}",
+        "\u{202e}",
+        "table_size = 4",
+    ];
+    for (i, text) in mutated_texts(example, &tokens, 5_000, &mut rng)
+        .iter()
+        .enumerate()
+    {
+        let text = String::from_utf8_lossy(text);
+        let started = Instant::now();
+        let result = xdplb::config::Config::parse(&text, "fuzz.toml");
+        let took = started.elapsed();
+        assert!(
+            took.as_secs_f64() < 1.0,
+            "config {i} of seed {seed:#x} took {took:?}:\n{text}"
+        );
+        if let Err(e) = result {
+            let message = e.to_string();
+            assert!(
+                !message.contains('\n') && message.len() < 1_000,
+                "config {i} of seed {seed:#x}: error not one short line: {message:?}"
+            );
+        }
+    }
+}
+
+/// The API's request router on mutated requests: never a panic, and
+/// everything it accepts is a request that maps back to the same route.
+#[test]
+fn fuzzed_api_requests_are_refused_or_understood() {
+    use xdplb::api::server::{path_of, route};
+    let seed = env_u64("XDPLB_FUZZ_SEED").unwrap_or(0x5eed_a910);
+    println!("API fuzz: seed {seed:#x}");
+    let mut rng = Rng(seed | 1);
+    let bodies = [
+        concat!(
+            r#"{"name":"web","vip":"10.0.0.1","port":80,"protocol":"tcp","#,
+            r#""backend":[{"address":"10.0.0.2"}]}"#
+        ),
+        r#"{"service":"web","backend":{"address":"10.0.0.3","port":8080,"weight":5}}"#,
+        r#"{"service":"web","address":"10.0.0.2","port":80}"#,
+        r#"{"name":"web"}"#,
+    ];
+    let targets = [
+        ("POST", "/v1/services/add"),
+        ("POST", "/v1/backends/add"),
+        ("POST", "/v1/backends/drain"),
+        ("POST", "/v1/services/remove"),
+        (
+            "GET",
+            "/v1/flow?src=10.0.0.9%3A4000&dst=10.0.0.1%3A80&protocol=tcp",
+        ),
+        ("GET", "/v1/backends?service=web"),
+    ];
+    let tokens = [
+        "\"", "{", "}", "[", ",", ":", "%", "%zz", "?", "&", "=", "\\u0000", "1e400",
+    ];
+    let (mut accepted, mut refused) = (0u32, 0u32);
+    for _ in 0..2_000 {
+        let (method, target) = *rng.pick(&targets);
+        let body = *rng.pick(&bodies);
+        let target = &mutated_texts(target, &tokens, 1, &mut rng)[0];
+        let body = &mutated_texts(body, &tokens, 1, &mut rng)[0];
+        let target = String::from_utf8_lossy(target);
+        match route(method, &target, body) {
+            Ok(request) => {
+                accepted += 1;
+                let (m, path, again) = path_of(&request);
+                let back = route(m, &path, again.as_deref().unwrap_or_default())
+                    .unwrap_or_else(|e| panic!("{request:?} does not route back: {e:?}"));
+                assert_eq!(back, request, "round trip of {method} {target}");
+            }
+            Err(_) => refused += 1,
+        }
+    }
+    println!("API fuzz: {accepted} accepted, {refused} refused");
+    assert!(
+        refused > 0 && accepted > 0,
+        "the mutations reached both outcomes"
+    );
+}

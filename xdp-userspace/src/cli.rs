@@ -1119,7 +1119,8 @@ mod tests {
                     "TABLE-SIZE",
                     "BACKENDS",
                     "PACKETS",
-                    "BYTES"
+                    "BYTES",
+                    "TABLE"
                 ],
                 vec![
                     "web",
@@ -1131,7 +1132,8 @@ mod tests {
                     "65537",
                     "1/1",
                     "99",
-                    "9900"
+                    "9900",
+                    "1a2b3c4d"
                 ],
             ]
         );
