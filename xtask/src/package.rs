@@ -88,8 +88,9 @@ pub fn run(opts: &Options) -> Result<PathBuf> {
     Ok(deb)
 }
 
-/// Installs cargo-deb unless `cargo deb` already runs.
-fn ensure_cargo_deb() -> Result<()> {
+/// Installs cargo-deb unless `cargo deb` already runs (setup calls it too,
+/// so the packaging test finds it).
+pub(crate) fn ensure_cargo_deb() -> Result<()> {
     let present = Command::new(setup::cargo())
         .args(["deb", "--version"])
         .output()

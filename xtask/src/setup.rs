@@ -45,6 +45,7 @@ const PACKAGES: &[(&str, &str)] = &[
     ("prometheus", "tests: promtool checks the metrics scrape"),
     ("chromium", "tests: the status page in headless Chromium"),
     ("bird2", "tests: the cluster topology's BGP+BFD routers"),
+    ("systemd", "tests: systemd-analyze verify checks the unit"),
 ];
 
 pub fn run() -> Result<()> {
@@ -52,6 +53,7 @@ pub fn run() -> Result<()> {
     add_cargo_bin_to_path();
     if Path::new("/etc/debian_version").exists() {
         debian()?;
+        crate::package::ensure_cargo_deb()?;
     } else {
         other()?;
     }
