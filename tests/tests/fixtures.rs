@@ -454,7 +454,7 @@ fn no_backend_drops_and_unresolved_next_hop_passes() {
 }
 
 #[test]
-fn counters_count_packets_and_bytes_per_service_and_backend() {
+fn counters_count_packets_bytes_and_new_flows_per_service_and_backend() {
     let mut h = Harness::standard();
     let a = packet(sa("10.0.0.1:40000"), sa("10.0.100.1:80"), PROTO_TCP, None);
     let b = packet(
@@ -463,20 +463,35 @@ fn counters_count_packets_and_bytes_per_service_and_backend() {
         PROTO_UDP,
         None,
     );
-    for _ in 0..3 {
+    // A flow's first packet counts one new flow; its further packets none.
+    h.run(&a);
+    let new_flows = |h: &Harness| {
+        let svc0 = h.0.maps.service_counters(0).unwrap().new_flows;
+        (svc0, h.0.maps.backend_counters(0).unwrap().new_flows)
+    };
+    assert_eq!(new_flows(&h), (1, 1), "first packet of a flow");
+    for _ in 0..2 {
         h.run(&a);
     }
+    assert_eq!(new_flows(&h), (1, 1), "further packets of the flow");
     h.run(&b);
     let svc0 = h.0.maps.service_counters(0).unwrap();
-    assert_eq!((svc0.packets, svc0.bytes), (3, 3 * a.len() as u64));
+    assert_eq!(
+        (svc0.packets, svc0.bytes, svc0.new_flows),
+        (3, 3 * a.len() as u64, 1)
+    );
     let svc3 = h.0.maps.service_counters(3).unwrap();
-    assert_eq!((svc3.packets, svc3.bytes), (1, b.len() as u64));
+    assert_eq!(
+        (svc3.packets, svc3.bytes, svc3.new_flows),
+        (1, b.len() as u64, 1)
+    );
     let be0 = h.0.maps.backend_counters(0).unwrap();
     assert_eq!(
-        (be0.packets, be0.bytes),
-        (4, 3 * a.len() as u64 + b.len() as u64)
+        (be0.packets, be0.bytes, be0.new_flows),
+        (4, 3 * a.len() as u64 + b.len() as u64, 2)
     );
-    assert_eq!(h.0.maps.backend_counters(1).unwrap().packets, 0);
+    let be1 = h.0.maps.backend_counters(1).unwrap();
+    assert_eq!((be1.packets, be1.new_flows), (0, 0));
     assert_eq!(h.reason(Reason::FlowNew), 2);
     assert_eq!(h.reason(Reason::FlowHit), 2);
 }

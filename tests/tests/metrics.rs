@@ -204,12 +204,22 @@ fn scrape_passes_promtool_and_counters_move_with_traffic() {
     assert!(grew("xdplb_datapath_packets_total{reason=\"flow_new\"}") >= 60.0);
     assert!(grew("xdplb_service_packets_total{service=\"web4\"}") >= 4.0 * 60.0);
     assert!(grew("xdplb_service_bytes_total{service=\"web4\"}") >= 60.0 * 60.0 * 4.0);
+    // One new flow per request (each from its own client port), on the
+    // service and on the backend that served it; health checks go to the
+    // backends directly, not through the datapath.
+    assert_eq!(
+        grew("xdplb_service_new_flows_total{service=\"web4\"}"),
+        60.0
+    );
+    assert_eq!(value(&after, "xdplb_flow_table_capacity"), 262_144.0);
     for i in 1..=3 {
         let name = bed.topo.backend_name(i);
         let served = tally.served.get(&name).copied().unwrap_or(0) as f64;
         let labels = format!("{{service=\"web4\",backend=\"{}:80\"}}", bed.addr(i));
         let packets = grew(&format!("xdplb_backend_packets_total{labels}"));
         let bytes = grew(&format!("xdplb_backend_bytes_total{labels}"));
+        let new_flows = grew(&format!("xdplb_backend_new_flows_total{labels}"));
+        assert_eq!(new_flows, served, "{name}: new flows = requests served");
         assert!(
             packets >= 4.0 * served && bytes >= 60.0 * packets,
             "{name} served {served} requests: packets +{packets}, bytes +{bytes}"

@@ -413,18 +413,13 @@ fn tcp_and_udp_are_translated_both_ways_over_ipv4_and_ipv6() {
     assert_eq!(h.reason(Reason::FlowHit), 4);
     assert_eq!(h.reason(Reason::Tx), 12);
     assert_eq!(h.reason(Reason::DropNatFull), 0);
-    // Per-service and per-backend counters count the forwarded packets.
+    // Per-service and per-backend counters count the forwarded packets,
+    // and one new flow (the translation) for the two packets of each flow.
     for id in 0..4 {
-        assert_eq!(
-            h.dp.maps.backend_counters(id).unwrap().packets,
-            2,
-            "backend {id}"
-        );
-        assert_eq!(
-            h.dp.maps.service_counters(id).unwrap().packets,
-            2,
-            "service {id}"
-        );
+        let backend = h.dp.maps.backend_counters(id).unwrap();
+        assert_eq!((backend.packets, backend.new_flows), (2, 1), "backend {id}");
+        let service = h.dp.maps.service_counters(id).unwrap();
+        assert_eq!((service.packets, service.new_flows), (2, 1), "service {id}");
     }
 }
 

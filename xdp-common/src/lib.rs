@@ -12,7 +12,7 @@
 pub mod hash;
 pub mod ifmac;
 
-/// Names of the pinned/bpffs-visible maps. The `_v1` suffix is the format
+/// Names of the pinned/bpffs-visible maps. The `_vN` suffix is the format
 /// version: a change to a key or value layout gets a new name, so a daemon
 /// never adopts a map whose format it does not understand. Kernel object
 /// names are limited to 15 bytes, hence the abbreviations.
@@ -27,10 +27,10 @@ pub mod map_names {
     pub const FLOWS: &str = "xdplb_flow_v1";
     /// Per-CPU counter per `Reason` (v2: 18 reasons, `pass_not_for_us` added).
     pub const REASONS: &str = "xdplb_stats_v2";
-    /// Per-CPU `Counters` per service id.
-    pub const SERVICE_STATS: &str = "xdplb_svcst_v1";
-    /// Per-CPU `Counters` per backend id.
-    pub const BACKEND_STATS: &str = "xdplb_best_v1";
+    /// Per-CPU `Counters` per service id (v2: `new_flows` added).
+    pub const SERVICE_STATS: &str = "xdplb_svcst_v2";
+    /// Per-CPU `Counters` per backend id (v2: `new_flows` added).
+    pub const BACKEND_STATS: &str = "xdplb_best_v2";
     /// NAT, client side: the client's `FlowKey` -> `NatFwd`.
     pub const NAT_FWD: &str = "xdplb_natf_v1";
     /// NAT, backend side: the backend's reply `FlowKey` -> `NatRev`.
@@ -279,12 +279,18 @@ pub struct Globals {
     pub nat_enabled: u32,
 }
 
-/// Packet and byte counters (per CPU in the maps; summed by userspace).
+/// Packet, byte and new-flow counters (per CPU in the maps; summed by
+/// userspace).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct Counters {
+    /// Packets forwarded.
     pub packets: u64,
+    /// Bytes forwarded (whole frames, as received).
     pub bytes: u64,
+    /// Flows whose first packet was forwarded: DSR flows pinned in the flow
+    /// table (`flow_new`) and NAT translations made (`nat_new`).
+    pub new_flows: u64,
 }
 
 /// Why the datapath did what it did with a packet: one per-CPU counter each.
@@ -407,6 +413,6 @@ const _: () = {
     assert!(size_of::<Globals>() == 4);
     assert!(size_of::<FlowKey>() == 16 + 16 + 2 + 2 + 1 + 3);
     assert!(size_of::<Flow>() == 8);
-    assert!(size_of::<Counters>() == 16);
+    assert!(size_of::<Counters>() == 8 + 8 + 8);
     assert!(Reason::ALL.len() == REASON_COUNT as usize);
 };

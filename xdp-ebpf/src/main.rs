@@ -16,7 +16,7 @@ mod parse;
 mod stats;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
-use xdp_common::{Reason, ServiceKey, SVC_F_NAT};
+use xdp_common::{Backend, FlowKey, Reason, Service, ServiceKey, SVC_F_NAT};
 
 use crate::{
     conntrack::Lookup,
@@ -71,24 +71,50 @@ fn balance(ctx: &XdpContext) -> Result<u32, Reason> {
         return nat::forward(ctx, &packet, service);
     }
 
-    let (id, backend) = match conntrack::lookup(key) {
+    // Three arms, each with its own `deliver`: the new-flow flag is a
+    // constant in each, so an established flow's packet pays nothing for it.
+    match conntrack::lookup(key) {
         Lookup::Hit(id, backend) => {
             stats::count(Reason::FlowHit);
-            (id, backend)
+            deliver(ctx, service, id, backend, false)
         }
-        miss_or_stale => {
-            let id = maglev::pick(service, key).ok_or(Reason::DropNoBackend)?;
-            let backend = BACKENDS.get(id).ok_or(Reason::DropNoBackend)?;
-            conntrack::pin(key, id);
-            stats::count(match miss_or_stale {
-                Lookup::Stale => Reason::FlowRepick,
-                _ => Reason::FlowNew,
-            });
-            (id, backend)
+        // The flow's backend went away: re-pinned, counted in flow_repick,
+        // not as a new flow (the client did not open one).
+        Lookup::Stale => {
+            let (id, backend) = pick_and_pin(service, key)?;
+            stats::count(Reason::FlowRepick);
+            deliver(ctx, service, id, backend, false)
         }
-    };
+        Lookup::Miss => {
+            let (id, backend) = pick_and_pin(service, key)?;
+            stats::count(Reason::FlowNew);
+            deliver(ctx, service, id, backend, true)
+        }
+    }
+}
+
+/// Picks a backend for a flow from the service's Maglev table and pins the
+/// flow to it.
+#[inline(always)]
+fn pick_and_pin(service: &Service, key: &FlowKey) -> Result<(u32, &'static Backend), Reason> {
+    let id = maglev::pick(service, key).ok_or(Reason::DropNoBackend)?;
+    let backend = BACKENDS.get(id).ok_or(Reason::DropNoBackend)?;
+    conntrack::pin(key, id);
+    Ok((id, backend))
+}
+
+/// Sends the packet to its backend and counts it (and its flow, if new).
+#[inline(always)]
+fn deliver(
+    ctx: &XdpContext,
+    service: &Service,
+    id: u32,
+    backend: &Backend,
+    new_flow: bool,
+) -> Result<u32, Reason> {
     let verdict = forward::send_to(ctx, backend)?;
-    stats::count_forwarded(service.id, id, (ctx.data_end() - ctx.data()) as u64);
+    let bytes = (ctx.data_end() - ctx.data()) as u64;
+    stats::count_forwarded(service.id, id, bytes, new_flow);
     Ok(verdict)
 }
 

@@ -32,10 +32,10 @@ pub static FLOWS: LruHashMap<FlowKey, Flow> = LruHashMap::pinned(MAX_FLOWS, BPF_
 #[map(name = "xdplb_stats_v2")]
 pub static REASONS: PerCpuArray<u64> = PerCpuArray::pinned(REASON_COUNT, 0);
 
-#[map(name = "xdplb_svcst_v1")]
+#[map(name = "xdplb_svcst_v2")]
 pub static SERVICE_STATS: PerCpuArray<Counters> = PerCpuArray::pinned(MAX_SERVICES, 0);
 
-#[map(name = "xdplb_best_v1")]
+#[map(name = "xdplb_best_v2")]
 pub static BACKEND_STATS: PerCpuArray<Counters> = PerCpuArray::pinned(MAX_BACKENDS, 0);
 
 #[map(name = "xdplb_txport_v1")]

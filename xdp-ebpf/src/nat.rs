@@ -68,7 +68,7 @@ pub fn forward(ctx: &XdpContext, p: &Packet, service: &Service) -> Result<u32, R
                     }
                 }
                 count(Reason::FlowHit);
-                return send_forward(ctx, p, f.backend, service, backend, f.nat_port_be);
+                return send_forward(ctx, p, f.backend, service, backend, f.nat_port_be, false);
             }
             _ => stale = Some((f.backend, f.nat_port_be)),
         }
@@ -95,7 +95,7 @@ pub fn forward(ctx: &XdpContext, p: &Packet, service: &Service) -> Result<u32, R
         return Err(Reason::DropNatFull);
     }
     count(Reason::NatNew);
-    send_forward(ctx, p, id, service, backend, port)
+    send_forward(ctx, p, id, service, backend, port, true)
 }
 
 #[inline(always)]
@@ -191,6 +191,8 @@ fn send_forward(
     service: &Service,
     backend: &Backend,
     port_be: u16,
+    // A constant at each call: the established path pays nothing for it.
+    new_flow: bool,
 ) -> Result<u32, Reason> {
     // Checked before anything is rewritten: an unresolved next hop hands
     // the untouched packet to the kernel.
@@ -206,7 +208,8 @@ fn send_forward(
         backend.port_be,
     )?;
     let verdict = forward::send_to(ctx, backend)?;
-    stats::count_forwarded(service.id, id, (ctx.data_end() - ctx.data()) as u64);
+    let bytes = (ctx.data_end() - ctx.data()) as u64;
+    stats::count_forwarded(service.id, id, bytes, new_flow);
     Ok(verdict)
 }
 

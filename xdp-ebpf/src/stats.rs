@@ -13,19 +13,25 @@ pub fn count(reason: Reason) {
 }
 
 #[inline(always)]
-fn add(counters: Option<*mut Counters>, bytes: u64) {
+fn add(counters: Option<*mut Counters>, bytes: u64, new_flow: bool) {
     if let Some(c) = counters {
         // SAFETY: as above, a per-CPU slot.
         unsafe {
             (*c).packets += 1;
             (*c).bytes += bytes;
+            if new_flow {
+                (*c).new_flows += 1;
+            }
         }
     }
 }
 
-/// Counts a forwarded packet against its service and backend.
+/// Counts a forwarded packet against its service and backend, and, when it
+/// is a new flow's first, the new flow. Callers pass `new_flow` as a
+/// constant so that, once inlined, an established flow's packet pays
+/// nothing for it (no test, no add).
 #[inline(always)]
-pub fn count_forwarded(service: u32, backend: u32, bytes: u64) {
-    add(SERVICE_STATS.get_ptr_mut(service), bytes);
-    add(BACKEND_STATS.get_ptr_mut(backend), bytes);
+pub fn count_forwarded(service: u32, backend: u32, bytes: u64, new_flow: bool) {
+    add(SERVICE_STATS.get_ptr_mut(service), bytes, new_flow);
+    add(BACKEND_STATS.get_ptr_mut(backend), bytes, new_flow);
 }

@@ -512,11 +512,15 @@ fn render_status(status: &StatusView, services: &[ServiceView]) -> String {
     }
     if !services.is_empty() {
         out.push('\n');
-        // Name, address, protocol, mode and active backends.
-        let summary: Vec<Column<ServiceView>> = SERVICE_COLUMNS[..5]
+        // Name, address, protocol, mode, active backends and table.
+        let summary: Vec<Column<ServiceView>> = SERVICE_COLUMNS
             .iter()
-            .chain(&SERVICE_COLUMNS[7..8])
-            .chain(&SERVICE_COLUMNS[10..11])
+            .filter(|(name, ..)| {
+                [
+                    "SERVICE", "VIP", "PORT", "PROTO", "MODE", "BACKENDS", "TABLE",
+                ]
+                .contains(name)
+            })
             .copied()
             .collect();
         out.push_str(&columns(services, &summary));
@@ -540,7 +544,7 @@ fn columns<T>(items: &[T], columns: &[Column<T>]) -> String {
     table(&header, &rows)
 }
 
-const SERVICE_COLUMNS: [Column<ServiceView>; 11] = [
+const SERVICE_COLUMNS: [Column<ServiceView>; 12] = [
     ("SERVICE", Left, |s| s.name.clone()),
     ("VIP", Left, |s| s.vip.to_string()),
     ("PORT", Right, |s| s.port.to_string()),
@@ -551,10 +555,11 @@ const SERVICE_COLUMNS: [Column<ServiceView>; 11] = [
     ("BACKENDS", Right, |s| active_of(&s.backends)),
     ("PACKETS", Right, |s| s.packets.to_string()),
     ("BYTES", Right, |s| s.bytes.to_string()),
+    ("NEW-FLOWS", Right, |s| s.new_flows.to_string()),
     ("TABLE", Left, |s| s.fingerprint.clone()),
 ];
 
-const BACKEND_COLUMNS: [Column<BackendView>; 10] = [
+const BACKEND_COLUMNS: [Column<BackendView>; 11] = [
     ("SERVICE", Left, |b| b.service.clone()),
     ("ADDRESS", Left, |b| b.address.to_string()),
     ("PORT", Right, |b| b.port.to_string()),
@@ -564,6 +569,7 @@ const BACKEND_COLUMNS: [Column<BackendView>; 10] = [
     ("STATE", Left, |b| b.state.to_string()),
     ("PACKETS", Right, |b| b.packets.to_string()),
     ("BYTES", Right, |b| b.bytes.to_string()),
+    ("NEW-FLOWS", Right, |b| b.new_flows.to_string()),
     ("LAST-CHECK", Left, |b| {
         b.last_check.clone().unwrap_or_else(|| "-".into())
     }),
@@ -634,42 +640,44 @@ fn render_stats(stats: &StatsView, previous: Option<(&StatsView, Duration)>) -> 
     if stats.services.is_empty() {
         return out;
     }
-    // Earlier counters by (service, backend); None is the service total.
-    let mut before: HashMap<(&str, Option<SocketAddr>), (u64, u64)> = HashMap::new();
+    // Earlier counters [packets, bytes, new flows] by (service, backend);
+    // None is the service total.
+    let mut before: HashMap<(&str, Option<SocketAddr>), [u64; 3]> = HashMap::new();
     for service in previous.iter().flat_map(|(p, _)| &p.services) {
-        before.insert((&service.name, None), (service.packets, service.bytes));
+        before.insert(
+            (&service.name, None),
+            [service.packets, service.bytes, service.new_flows],
+        );
         for backend in &service.backends {
             let address = SocketAddr::new(backend.address, backend.port);
             before.insert(
                 (&service.name, Some(address)),
-                (backend.packets, backend.bytes),
+                [backend.packets, backend.bytes, backend.new_flows],
             );
         }
     }
     let mut rows = Vec::new();
-    let mut push = |service: &str, backend: Option<SocketAddr>, packets: u64, bytes: u64| {
+    let mut push = |service: &str, backend: Option<SocketAddr>, now: [u64; 3]| {
         let label = backend.map_or_else(|| "(all)".to_owned(), |b| b.to_string());
-        let mut row = vec![
-            service.to_owned(),
-            label,
-            packets.to_string(),
-            bytes.to_string(),
-        ];
+        let mut row = vec![service.to_owned(), label];
+        row.extend(now.iter().map(u64::to_string));
         if with_rates {
             let earlier = before.get(&(service, backend));
-            row.push(rate(packets, earlier.map(|e| e.0)));
-            row.push(rate(bytes, earlier.map(|e| e.1)));
+            row.extend((0..3).map(|i| rate(now[i], earlier.map(|e| e[i]))));
         }
         rows.push(row);
     };
     for service in &stats.services {
-        push(&service.name, None, service.packets, service.bytes);
+        push(
+            &service.name,
+            None,
+            [service.packets, service.bytes, service.new_flows],
+        );
         for backend in &service.backends {
             push(
                 &service.name,
                 Some(SocketAddr::new(backend.address, backend.port)),
-                backend.packets,
-                backend.bytes,
+                [backend.packets, backend.bytes, backend.new_flows],
             );
         }
     }
@@ -678,9 +686,10 @@ fn render_stats(stats: &StatsView, previous: Option<(&StatsView, Duration)>) -> 
         ("BACKEND", Left),
         ("PACKETS", Right),
         ("BYTES", Right),
+        ("NEW-FLOWS", Right),
     ];
     if with_rates {
-        header.extend([("PKT/S", Right), ("BYTES/S", Right)]);
+        header.extend([("PKT/S", Right), ("BYTES/S", Right), ("FLOWS/S", Right)]);
     }
     out.push('\n');
     out.push_str(&table(&header, &rows));
@@ -750,6 +759,7 @@ mod tests {
             mac: None,
             packets: 1234,
             bytes: 567_890,
+            new_flows: 56,
             last_check: Some("ok in 2ms".into()),
             transitions: 0,
         }
@@ -767,6 +777,7 @@ mod tests {
             fingerprint: "1a2b3c4d".into(),
             packets: 99,
             bytes: 9900,
+            new_flows: 7,
             backends,
         }
     }
@@ -1013,6 +1024,7 @@ mod tests {
                 "STATE",
                 "PACKETS",
                 "BYTES",
+                "NEW-FLOWS",
                 "LAST-CHECK"
             ]
         );
@@ -1028,6 +1040,7 @@ mod tests {
                 "active",
                 "1234",
                 "567890",
+                "56",
                 "ok",
                 "in",
                 "2ms"
@@ -1120,6 +1133,7 @@ mod tests {
                     "BACKENDS",
                     "PACKETS",
                     "BYTES",
+                    "NEW-FLOWS",
                     "TABLE"
                 ],
                 vec![
@@ -1133,6 +1147,7 @@ mod tests {
                     "1/1",
                     "99",
                     "9900",
+                    "7",
                     "1a2b3c4d"
                 ],
             ]
@@ -1152,11 +1167,13 @@ mod tests {
                 name: "web".into(),
                 packets: 1000 * scale,
                 bytes: 64_000 * scale,
+                new_flows: 10 * scale,
                 backends: vec![BackendStatsView {
                     address: "fd00::11".parse().unwrap(),
                     port: 80,
                     packets: 1000 * scale,
                     bytes: 64_000 * scale,
+                    new_flows: 10 * scale,
                 }],
             }],
         }
@@ -1177,9 +1194,9 @@ mod tests {
                 vec!["pass_not_vip", "10"],
                 vec!["tx_dsr", "1000"],
                 vec![],
-                vec!["SERVICE", "BACKEND", "PACKETS", "BYTES"],
-                vec!["web", "(all)", "1000", "64000"],
-                vec!["web", "[fd00::11]:80", "1000", "64000"],
+                vec!["SERVICE", "BACKEND", "PACKETS", "BYTES", "NEW-FLOWS"],
+                vec!["web", "(all)", "1000", "64000", "10"],
+                vec!["web", "[fd00::11]:80", "1000", "64000", "10"],
             ]
         );
     }
@@ -1196,7 +1213,16 @@ mod tests {
         assert_eq!(rows[2], ["tx_dsr", "3000", "1000.0"]);
         assert_eq!(
             rows[4],
-            ["SERVICE", "BACKEND", "PACKETS", "BYTES", "PKT/S", "BYTES/S"]
+            [
+                "SERVICE",
+                "BACKEND",
+                "PACKETS",
+                "BYTES",
+                "NEW-FLOWS",
+                "PKT/S",
+                "BYTES/S",
+                "FLOWS/S"
+            ]
         );
         assert_eq!(
             rows[6],
@@ -1205,8 +1231,10 @@ mod tests {
                 "[fd00::11]:80",
                 "3000",
                 "192000",
+                "30",
                 "1000.0",
-                "64000.0"
+                "64000.0",
+                "10.0"
             ]
         );
         // Counters that went backwards (a restart) have no rate.

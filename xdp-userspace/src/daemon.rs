@@ -399,6 +399,7 @@ impl api::Handler for Daemon {
                             name: s.config.name.clone(),
                             packets: c.packets,
                             bytes: c.bytes,
+                            new_flows: c.new_flows,
                             backends: s
                                 .backends
                                 .values()
@@ -409,6 +410,7 @@ impl api::Handler for Daemon {
                                         port: b.config.port,
                                         packets: c.packets,
                                         bytes: c.bytes,
+                                        new_flows: c.new_flows,
                                     }
                                 })
                                 .collect(),
@@ -487,6 +489,7 @@ fn service_view(inner: &Inner, s: &ServiceState) -> api::ServiceView {
         fingerprint: crate::cluster::service_fingerprint(s),
         packets: c.packets,
         bytes: c.bytes,
+        new_flows: c.new_flows,
         backends: s
             .backends
             .values()
@@ -511,6 +514,7 @@ fn service_view(inner: &Inner, s: &ServiceState) -> api::ServiceView {
                     }),
                     packets: c.packets,
                     bytes: c.bytes,
+                    new_flows: c.new_flows,
                     last_check: check.and_then(|t| t.last_result.clone()).map(|r| match r {
                         Ok(()) => "ok".to_owned(),
                         Err(e) => e,

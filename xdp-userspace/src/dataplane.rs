@@ -190,6 +190,7 @@ impl Maps {
             .fold(Counters::default(), |a, c| Counters {
                 packets: a.packets + c.packets,
                 bytes: a.bytes + c.bytes,
+                new_flows: a.new_flows + c.new_flows,
             }))
     }
 

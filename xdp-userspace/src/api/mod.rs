@@ -169,6 +169,10 @@ pub struct ServiceView {
     pub fingerprint: String,
     pub packets: u64,
     pub bytes: u64,
+    /// Flows whose first packet the datapath forwarded (absent from older
+    /// daemons' answers).
+    #[serde(default)]
+    pub new_flows: u64,
     pub backends: Vec<BackendView>,
 }
 
@@ -189,6 +193,10 @@ pub struct BackendView {
     pub mac: Option<String>,
     pub packets: u64,
     pub bytes: u64,
+    /// Flows whose first packet the datapath forwarded (absent from older
+    /// daemons' answers).
+    #[serde(default)]
+    pub new_flows: u64,
     /// The last health check's result, if any ran.
     pub last_check: Option<String>,
     /// Health state changes since the daemon started.
@@ -211,6 +219,10 @@ pub struct ServiceStatsView {
     pub name: String,
     pub packets: u64,
     pub bytes: u64,
+    /// Flows whose first packet the datapath forwarded (absent from older
+    /// daemons' answers).
+    #[serde(default)]
+    pub new_flows: u64,
     pub backends: Vec<BackendStatsView>,
 }
 
@@ -220,6 +232,10 @@ pub struct BackendStatsView {
     pub port: u16,
     pub packets: u64,
     pub bytes: u64,
+    /// Flows whose first packet the datapath forwarded (absent from older
+    /// daemons' answers).
+    #[serde(default)]
+    pub new_flows: u64,
 }
 
 /// `GET /v1/flow`.
@@ -369,6 +385,7 @@ mod tests {
             mac: None,
             packets: 0,
             bytes: 0,
+            new_flows: 0,
             last_check: None,
             transitions: 0,
         };

@@ -144,8 +144,10 @@ struct Metrics {
     backends_active: Gauge,
     service_packets: Counters<ServiceLabels>,
     service_bytes: Counters<ServiceLabels>,
+    service_new_flows: Counters<ServiceLabels>,
     backend_packets: Counters<BackendLabels>,
     backend_bytes: Counters<BackendLabels>,
+    backend_new_flows: Counters<BackendLabels>,
     backend_weight: Gauges<BackendLabels>,
     backend_healthy: Gauges<BackendLabels>,
     backend_state: Gauges<BackendStateLabels>,
@@ -158,6 +160,7 @@ struct Metrics {
     nat_flows: Gauge,
     nat_ports: Gauge,
     nat_capacity: Gauge,
+    flow_capacity: Gauge,
 }
 
 impl Metrics {
@@ -171,8 +174,10 @@ impl Metrics {
             backends_active: Gauge::default(),
             service_packets: Counters::default(),
             service_bytes: Counters::default(),
+            service_new_flows: Counters::default(),
             backend_packets: Counters::default(),
             backend_bytes: Counters::default(),
+            backend_new_flows: Counters::default(),
             backend_weight: Gauges::default(),
             backend_healthy: Gauges::default(),
             backend_state: Gauges::default(),
@@ -185,6 +190,7 @@ impl Metrics {
             nat_flows: Gauge::default(),
             nat_ports: Gauge::default(),
             nat_capacity: Gauge::default(),
+            flow_capacity: Gauge::default(),
         };
         // Registered clones share their values with the ones kept here.
         let m = &metrics;
@@ -225,6 +231,11 @@ impl Metrics {
             m.service_bytes.clone(),
         );
         registry.register(
+            "xdplb_service_new_flows",
+            "New flows to the service's VIP (DSR flows pinned, NAT translations made)",
+            m.service_new_flows.clone(),
+        );
+        registry.register(
             "xdplb_backend_packets",
             "Packets forwarded to the backend",
             m.backend_packets.clone(),
@@ -233,6 +244,11 @@ impl Metrics {
             "xdplb_backend_bytes",
             "Bytes forwarded to the backend",
             m.backend_bytes.clone(),
+        );
+        registry.register(
+            "xdplb_backend_new_flows",
+            "New flows sent to the backend",
+            m.backend_new_flows.clone(),
         );
         registry.register(
             "xdplb_backend_weight",
@@ -294,6 +310,14 @@ impl Metrics {
             "NAT: capacity of each NAT table",
             m.nat_capacity.clone(),
         );
+        // Capacity only, no entry count: counting the LRU flow table's
+        // entries means one system call per entry (about 0.3 s of CPU for a
+        // full table, see docs/operations.md), too much for every scrape.
+        registry.register(
+            "xdplb_flow_table_capacity",
+            "Capacity of the DSR flow table (LRU: a full table evicts its oldest flows)",
+            m.flow_capacity.clone(),
+        );
         metrics
     }
 
@@ -322,6 +346,9 @@ impl Metrics {
             self.service_bytes
                 .get_or_create(&labels)
                 .inc_by(u64_of(&service["bytes"]));
+            self.service_new_flows
+                .get_or_create(&labels)
+                .inc_by(u64_of(&service["new_flows"]));
             for backend in service["backends"].as_array().into_iter().flatten() {
                 self.fill_backend(snapshot, &name, backend);
             }
@@ -334,6 +361,7 @@ impl Metrics {
                 })
                 .inc_by(u64_of(count));
         }
+        self.flow_capacity.set(i64::from(xdp_common::MAX_FLOWS));
         let nat = &snapshot.stats["nat"];
         if nat.is_object() {
             self.nat_flows.set(i64_of(&nat["flows"]));
@@ -358,6 +386,9 @@ impl Metrics {
         self.backend_bytes
             .get_or_create(&labels)
             .inc_by(u64_of(&backend["bytes"]));
+        self.backend_new_flows
+            .get_or_create(&labels)
+            .inc_by(u64_of(&backend["new_flows"]));
         self.backend_weight
             .get_or_create(&labels)
             .set(i64_of(&backend["weight"]));
@@ -418,12 +449,14 @@ mod tests {
         let backend = |address: &str, health: &str, state: &str| {
             json!({"service": "web", "address": address, "port": 80, "weight": 2,
                    "admin": "up", "health": health, "state": state, "mac": null,
-                   "packets": 10, "bytes": 1000, "last_check": "ok", "transitions": 1})
+                   "packets": 10, "bytes": 1000, "new_flows": 3, "last_check": "ok",
+                   "transitions": 1})
         };
         Snapshot {
             status: json!({"version": "9.9.9", "pid": 1, "uptime_s": 42, "adopted": true,
                            "services": 1, "backends": 2, "backends_active": 1}),
-            services: json!([{"name": "web", "packets": 20, "bytes": 2000, "backends": [
+            services: json!([{"name": "web", "packets": 20, "bytes": 2000, "new_flows": 6,
+                              "backends": [
                 backend("10.0.0.1", "up", "active"), backend("fd00::2", "down", "down")]}]),
             stats: json!({"reasons": {"flow_new": 3, "pass_not_ip": 7},
                           "nat": {"flows": 4, "reverse": 5, "capacity": 65536, "reclaimed": 0}}),
@@ -446,6 +479,8 @@ mod tests {
             "xdplb_uptime_seconds 42",
             "xdplb_service_packets_total{service=\"web\"} 20",
             "xdplb_backend_bytes_total{service=\"web\",backend=\"10.0.0.1:80\"} 1000",
+            "xdplb_service_new_flows_total{service=\"web\"} 6",
+            "xdplb_backend_new_flows_total{service=\"web\",backend=\"10.0.0.1:80\"} 3",
             "xdplb_backend_healthy{service=\"web\",backend=\"[fd00::2]:80\"} 0",
             "xdplb_backend_state{service=\"web\",backend=\"[fd00::2]:80\",state=\"down\"} 1",
             "xdplb_backend_state{service=\"web\",backend=\"[fd00::2]:80\",state=\"active\"} 0",
@@ -457,6 +492,7 @@ mod tests {
              backend=\"[fd00::2]:80\"} 0.25",
             "xdplb_datapath_packets_total{reason=\"flow_new\"} 3",
             "xdplb_nat_ports_in_use 5",
+            "xdplb_flow_table_capacity 262144",
         ] {
             assert!(
                 text.lines().any(|l| l == line),
