@@ -219,7 +219,14 @@ pub fn run(opts: &Opts) -> Result<Section> {
 
     let mut lb = Loaded::load("pps")?;
     let ifindex = ns.run(|| xdplb::loader::interface_index(LB_IF))?;
-    lb.accept_macs(&[(ifindex, lb_mac)], &[])?;
+    // Live frames re-use their page as the program left it: after the first
+    // pass a frame is addressed to the backend's MAC, which must still count
+    // as ours for the same frame to be balanced again (the MAC rule).
+    let rewritten: Vec<[u8; 6]> = (0..3)
+        .map(|i| [0x02, 0xbe, 0, 30, 0, i])
+        .chain([[0x02, 0xbe, 0, 31, 0, 1]])
+        .collect();
+    lb.accept_macs(&[(ifindex, lb_mac)], &rewritten)?;
     let vip = "10.0.100.1:80".parse()?;
     let repick_vip = "10.0.100.3:80".parse()?;
     let table = backends_with_table(&mut lb, 0, 3, 30, TABLE, lb_mac, ifindex)?;
