@@ -45,11 +45,6 @@ pub fn xdplb(ctx: XdpContext) -> u32 {
 #[inline(always)]
 fn balance(ctx: &XdpContext) -> Result<u32, Reason> {
     let packet = parse::parse(ctx)?;
-    // Before any balancing decision (NAT replies included): a frame another
-    // host was meant to receive is that host's to forward, not ours.
-    if !ifmac::for_us(ctx) {
-        return Err(Reason::PassNotForUs);
-    }
     let key = &packet.key;
     let service_key = ServiceKey {
         addr: key.dst,
@@ -63,10 +58,12 @@ fn balance(ctx: &XdpContext) -> Result<u32, Reason> {
         // Not for a service: maybe a reply to a NAT flow (only looked up
         // when NAT is in use, to keep other traffic's cost down).
         if GLOBALS.get(0).is_some_and(|g| g.nat_enabled != 0) {
+            for_us(ctx)?;
             return nat::reverse(ctx, &packet);
         }
         return Err(Reason::PassNotService);
     };
+    for_us(ctx)?;
     if service.flags & SVC_F_NAT != 0 {
         return nat::forward(ctx, &packet, service);
     }
@@ -90,6 +87,19 @@ fn balance(ctx: &XdpContext) -> Result<u32, Reason> {
             stats::count(Reason::FlowNew);
             deliver(ctx, service, id, backend, true)
         }
+    }
+}
+
+/// Before any balancing decision (NAT replies included): a frame another
+/// host was meant to receive is that host's to forward, not ours. Checked
+/// only once the frame is known to be a service's (or a possible NAT
+/// reply's), so other traffic does not pay for the look-up.
+#[inline(always)]
+fn for_us(ctx: &XdpContext) -> Result<(), Reason> {
+    if ifmac::for_us(ctx) {
+        Ok(())
+    } else {
+        Err(Reason::PassNotForUs)
     }
 }
 
