@@ -19,6 +19,7 @@ pub mod lb;
 pub mod nat_topology;
 pub mod netns;
 pub mod proc;
+pub mod switch;
 pub mod topology;
 pub mod traffic;
 

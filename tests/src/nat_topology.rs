@@ -55,10 +55,9 @@ use crate::{
     lb::Xdplb,
     netns::{unique_prefix, Netns},
     proc::Proc,
+    switch,
 };
 
-/// Name of the bridge in the switch namespace.
-const BRIDGE: &str = "br0";
 /// The largest number of backends (their addresses end in 10 + i).
 pub const MAX_BACKENDS: usize = 89;
 /// The port backends serve HTTP on (the VIP's port is 80).
@@ -178,25 +177,7 @@ impl NatTopology {
         }
         let prefix = unique_prefix(tag);
         let plan = Plan::of(shape);
-        let switch = Netns::new(&format!("{prefix}-sw"))?;
-        switch.exec(&["ip", "link", "add", BRIDGE, "type", "bridge"])?;
-        // No STP delay; no multicast snooping (IPv6 ND uses multicast and
-        // there is no querier).
-        switch.exec(&[
-            "ip",
-            "link",
-            "set",
-            BRIDGE,
-            "type",
-            "bridge",
-            "stp_state",
-            "0",
-            "forward_delay",
-            "0",
-            "mcast_snooping",
-            "0",
-        ])?;
-        switch.exec(&["ip", "link", "set", BRIDGE, "up"])?;
+        let switch = switch::new(&format!("{prefix}-sw"))?;
         let client = host(&format!("{prefix}-client"))?;
         let lb = host(&format!("{prefix}-lb"))?;
         let mut topo = NatTopology {
@@ -233,8 +214,8 @@ impl NatTopology {
                 )?;
             }
             Shape::OneArm => {
-                bridge_port(&topo.switch, &topo.client, "v-client", "eth0")?;
-                bridge_port(&topo.switch, &topo.lb, "v-lb", "eth0")?;
+                switch::plug(&topo.switch, &topo.client, "v-client", "eth0")?;
+                switch::plug(&topo.switch, &topo.lb, "v-lb", "eth0")?;
                 configure(
                     &topo.client,
                     "eth0",
@@ -272,7 +253,7 @@ impl NatTopology {
         // The backend side.
         match shape {
             Shape::TwoArm => {
-                bridge_port(&topo.switch, &topo.lb, "v-lb", "eth1")?;
+                switch::plug(&topo.switch, &topo.lb, "v-lb", "eth1")?;
                 configure(
                     &topo.lb,
                     "eth1",
@@ -330,7 +311,7 @@ impl NatTopology {
                     &["10.80.2.2/24".into(), "fd80:2::2/64".into()],
                     NARROW_MTU,
                 )?;
-                bridge_port(&topo.switch, &r2, "v-r2", "eth1")?;
+                switch::plug(&topo.switch, &r2, "v-r2", "eth1")?;
                 configure(
                     &r2,
                     "eth1",
@@ -375,7 +356,7 @@ impl NatTopology {
 
         for i in 1..=backends {
             let ns = host(&format!("{prefix}-b{i}"))?;
-            bridge_port(&topo.switch, &ns, &format!("v-b{i}"), "eth0")?;
+            switch::plug(&topo.switch, &ns, &format!("v-b{i}"), "eth0")?;
             let (b4, b6) = plan.backend(i);
             configure(&ns, "eth0", &[format!("{b4}/24"), format!("{b6}/64")], 1500)?;
             tx_checksum_off(&ns, "eth0")?;
@@ -607,26 +588,6 @@ fn veth(a: &Netns, a_if: &str, b: &Netns, b_if: &str) -> Result<()> {
         "netns",
         b.name(),
     ])?;
-    Ok(())
-}
-
-/// A veth pair: `port` in the switch namespace on the bridge, `host_if`
-/// in `host`.
-fn bridge_port(switch: &Netns, host: &Netns, port: &str, host_if: &str) -> Result<()> {
-    switch.exec(&[
-        "ip",
-        "link",
-        "add",
-        port,
-        "type",
-        "veth",
-        "peer",
-        "name",
-        host_if,
-        "netns",
-        host.name(),
-    ])?;
-    switch.exec(&["ip", "link", "set", port, "master", BRIDGE, "up"])?;
     Ok(())
 }
 

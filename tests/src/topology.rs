@@ -28,6 +28,7 @@ use anyhow::{ensure, Context as _};
 use crate::{
     netns::{unique_prefix, Netns},
     proc::Proc,
+    switch,
 };
 
 /// The IPv4 virtual IP served by the load balancer.
@@ -40,8 +41,6 @@ pub const PREFIX4: u8 = 24;
 pub const PREFIX6: u8 = 64;
 /// Interface name of every host's veth end inside its own namespace.
 pub const HOST_IFACE: &str = "eth0";
-/// Name of the bridge in the switch namespace.
-pub const BRIDGE: &str = "br0";
 /// The largest supported number of backends: backend i gets 10.77.0.(10+i)
 /// and fd77::(10+i) written in decimal digits, which stays two digits.
 pub const MAX_BACKENDS: usize = 89;
@@ -101,29 +100,10 @@ impl DsrTopology {
 
         // Each Netns is owned as soon as it exists, so returning early with
         // `?` drops (deletes) everything made so far.
-        let switch = Netns::new(&format!("{prefix}-sw"))?;
-        switch.exec(&["ip", "link", "add", BRIDGE, "type", "bridge"])?;
-        // No STP/forward delay: ports forward as soon as they are up. No
-        // multicast snooping: IPv6 neighbour discovery uses multicast and
-        // there is no querier on this segment.
-        switch.exec(&[
-            "ip",
-            "link",
-            "set",
-            BRIDGE,
-            "type",
-            "bridge",
-            "stp_state",
-            "0",
-            "forward_delay",
-            "0",
-            "mcast_snooping",
-            "0",
-        ])?;
-        switch.exec(&["ip", "link", "set", BRIDGE, "up"])?;
+        let switch = switch::new(&format!("{prefix}-sw"))?;
 
         let client = Netns::new(&format!("{prefix}-client"))?;
-        attach(&switch, &client, "v-client")?;
+        switch::plug(&switch, &client, "v-client", HOST_IFACE)?;
         configure_host(&client, client_addr4(), client_addr6())?;
         client.exec(&[
             "ip",
@@ -144,7 +124,7 @@ impl DsrTopology {
         ])?;
 
         let lb = Netns::new(&format!("{prefix}-lb"))?;
-        attach(&switch, &lb, "v-lb")?;
+        switch::plug(&switch, &lb, "v-lb", HOST_IFACE)?;
         configure_host(&lb, lb_addr4(), lb_addr6())?;
         // Never route: the VIP must be served by XDP or not at all.
         lb.sysctl("net.ipv4.ip_forward", "0")?;
@@ -158,7 +138,7 @@ impl DsrTopology {
         let mut backend_ns = Vec::with_capacity(backends);
         for i in 1..=backends {
             let ns = Netns::new(&format!("{prefix}-b{i}"))?;
-            attach(&switch, &ns, &format!("v-b{i}"))?;
+            switch::plug(&switch, &ns, &format!("v-b{i}"), HOST_IFACE)?;
             // ARP flux control, as for any DSR real server: answer ARP only
             // for addresses on the asking interface (not the VIP on lo), and
             // never use the VIP as ARP source address.
@@ -384,26 +364,6 @@ pub fn backend_addr6(i: usize) -> Ipv6Addr {
     format!("fd77::{}", 10 + i)
         .parse()
         .expect("valid IPv6 address")
-}
-
-/// Creates a veth pair: `port` in the switch namespace, enslaved to the
-/// bridge, and `eth0` in `host`.
-fn attach(switch: &Netns, host: &Netns, port: &str) -> anyhow::Result<()> {
-    switch.exec(&[
-        "ip",
-        "link",
-        "add",
-        port,
-        "type",
-        "veth",
-        "peer",
-        "name",
-        HOST_IFACE,
-        "netns",
-        host.name(),
-    ])?;
-    switch.exec(&["ip", "link", "set", port, "master", BRIDGE, "up"])?;
-    Ok(())
 }
 
 /// Common host setup: no DAD (addresses usable at once), no reverse-path

@@ -30,7 +30,7 @@ use xdplb_tests::{
     lb::{Load, Xdplb},
     netns::{unique_prefix, Netns},
     proc::Proc,
-    require_root,
+    require_root, switch,
 };
 
 const TESTBACKEND: &str = env!("CARGO_BIN_EXE_xdplb-testbackend");
@@ -115,24 +115,7 @@ struct Cluster {
 
 /// Creates a veth `port` (in `switch`, on the bridge) <-> `eth0` in `host`.
 fn plug(switch: &Netns, host: &Netns, port: &str) {
-    switch
-        .exec(&[
-            "ip",
-            "link",
-            "add",
-            port,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            host.name(),
-        ])
-        .unwrap();
-    switch
-        .exec(&["ip", "link", "set", port, "master", "br0", "up"])
-        .unwrap();
+    switch::plug(switch, host, port, "eth0").unwrap();
 }
 
 fn host_setup(ns: &Netns, addr: &str) {
@@ -164,27 +147,7 @@ impl Cluster {
     fn build() -> Self {
         let xdplb = bin_path("xdplb").expect("xdplb binary (cargo build --bins)");
         let prefix = unique_prefix("cl");
-        let switch = Netns::new(&format!("{prefix}-sw")).unwrap();
-        switch
-            .exec(&["ip", "link", "add", "br0", "type", "bridge"])
-            .unwrap();
-        switch
-            .exec(&[
-                "ip",
-                "link",
-                "set",
-                "br0",
-                "type",
-                "bridge",
-                "stp_state",
-                "0",
-                "forward_delay",
-                "0",
-                "mcast_snooping",
-                "0",
-            ])
-            .unwrap();
-        switch.exec(&["ip", "link", "set", "br0", "up"]).unwrap();
+        let switch = switch::new(&format!("{prefix}-sw")).unwrap();
 
         let router = Netns::new(&format!("{prefix}-r")).unwrap();
         plug(&switch, &router, "v-r");

@@ -18,6 +18,9 @@ pub struct Node {
     macs: IfMacs,
     /// (ifindex, own MAC) of every interface the datapath is attached to.
     interfaces: Vec<(u32, Mac)>,
+    /// The extra MACs the table was last synced with: it changes only with
+    /// them or with `interfaces`, so it is not rewritten on every tick.
+    extra: Vec<Mac>,
     announcer: Announcer,
 }
 
@@ -27,6 +30,7 @@ impl Node {
         Self {
             macs,
             interfaces: Vec::new(),
+            extra: Vec::new(),
             announcer: Announcer::new(state_file),
         }
     }
@@ -35,15 +39,21 @@ impl Node {
     /// `ifindex`: call before attaching the program there.
     pub fn add_interface(&mut self, ifindex: u32, mac: Mac, config: &Config) -> Result<()> {
         self.interfaces.push((ifindex, mac));
-        self.macs.sync(&self.interfaces, &config.cluster.extra_macs)
+        self.macs
+            .sync(&self.interfaces, &config.cluster.extra_macs)?;
+        self.extra.clone_from(&config.cluster.extra_macs);
+        Ok(())
     }
 
     /// Brings the MAC table and the announced routes in line with `config`
     /// and the controller's backend states. Call only while the datapath is
     /// attached: a VIP is announced only when this node forwards it.
     pub fn sync(&mut self, config: &Config, controller: &Controller) -> Result<()> {
-        self.macs
-            .sync(&self.interfaces, &config.cluster.extra_macs)?;
+        if self.extra != config.cluster.extra_macs {
+            self.macs
+                .sync(&self.interfaces, &config.cluster.extra_macs)?;
+            self.extra.clone_from(&config.cluster.extra_macs);
+        }
         self.announcer
             .sync(config.cluster.route_table, servable(controller))
     }
