@@ -206,9 +206,17 @@ impl TestDatapath {
 
     /// Turns NAT on or off (the globals' switch).
     pub fn set_nat_enabled(&mut self, on: bool) -> Result<()> {
-        let g = Globals {
-            nat_enabled: u32::from(on),
-        };
+        self.set_globals(|g| g.nat_enabled = u32::from(on))
+    }
+
+    /// Turns the reporting of pinned flows for replication on or off.
+    pub fn set_replicate(&mut self, on: bool) -> Result<()> {
+        self.set_globals(|g| g.replicate = u32::from(on))
+    }
+
+    fn set_globals(&mut self, change: impl FnOnce(&mut Globals)) -> Result<()> {
+        let mut g = self.maps.globals.get(&0, 0)?;
+        change(&mut g);
         Ok(self.maps.globals.set(0, g, 0)?)
     }
 }

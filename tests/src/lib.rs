@@ -8,11 +8,13 @@
 //! * [`topology`]: the DSR demo/test topology (client, lb, backends on one L2 segment).
 //! * [`nat_topology`]: the NAT testbeds (one-arm, two-arm, the narrow-MTU path).
 //! * [`lb`]: the daemon on a testbed, test backends, steady load.
+//! * [`cluster`]: three xdplb nodes behind a BIRD router (ECMP, BGP+BFD).
 //! * [`client`]: small HTTP/UDP client helpers to call from inside a namespace.
 //! * [`traffic`]: batches of requests, bulk transfers and their SHA-256.
 
 pub mod bird;
 pub mod client;
+pub mod cluster;
 pub mod datapath;
 pub mod frame;
 pub mod lb;

@@ -11,6 +11,7 @@
 
 pub mod hash;
 pub mod ifmac;
+pub mod replication;
 
 /// Names of the pinned/bpffs-visible maps. The `_vN` suffix is the format
 /// version: a change to a key or value layout gets a new name, so a daemon
@@ -35,8 +36,8 @@ pub mod map_names {
     pub const NAT_FWD: &str = "xdplb_natf_v1";
     /// NAT, backend side: the backend's reply `FlowKey` -> `NatRev`.
     pub const NAT_REV: &str = "xdplb_natr_v1";
-    /// One `Globals` value.
-    pub const GLOBALS: &str = "xdplb_glob_v1";
+    /// One `Globals` value (v2: `replicate` added).
+    pub const GLOBALS: &str = "xdplb_glob_v2";
     /// DEVMAP_HASH of egress interfaces for XDP_REDIRECT, keyed by ifindex.
     pub const TX_PORTS: &str = "xdplb_txport_v1";
 }
@@ -182,13 +183,18 @@ pub struct FlowKey {
     pub _pad: [u8; 3],
 }
 
+/// `Flow::flags`: the pin was made by a peer and replicated here; this
+/// node has not carried the flow itself (yet).
+pub const FLOW_F_REPLICATED: u32 = 1;
+
 /// Connection-tracking value.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct Flow {
     /// The backend this flow is pinned to.
     pub backend: u32,
-    pub _pad: u32,
+    /// `FLOW_F_*` bits (zero in tables written before they existed).
+    pub flags: u32,
 }
 
 /// `NatFwd::flags` / `NatRev::flags`: the flow saw a FIN or RST; it
@@ -277,6 +283,9 @@ pub struct Globals {
     /// Non-zero when some service is in NAT mode: only then do packets
     /// that match no service pay a reverse NAT look-up.
     pub nat_enabled: u32,
+    /// Non-zero when flows are replicated to cluster peers: only then is
+    /// a pinned flow reported (`replication`).
+    pub replicate: u32,
 }
 
 /// Packet, byte and new-flow counters (per CPU in the maps; summed by
@@ -410,7 +419,7 @@ const _: () = {
     assert!(size_of::<Backend>() == 16 + 6 + 6 + 4 + 4 + 16 + 4 + 2 + 2);
     assert!(size_of::<NatFwd>() == 4 + 2 + 2 + 8 + 4 + 4);
     assert!(size_of::<NatRev>() == 16 + 16 + 6 + 6 + 2 + 2 + 4 + 2 + 2 + 8 + 4 + 4);
-    assert!(size_of::<Globals>() == 4);
+    assert!(size_of::<Globals>() == 4 + 4);
     assert!(size_of::<FlowKey>() == 16 + 16 + 2 + 2 + 1 + 3);
     assert!(size_of::<Flow>() == 8);
     assert!(size_of::<Counters>() == 8 + 8 + 8);

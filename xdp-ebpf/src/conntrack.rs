@@ -35,5 +35,5 @@ pub fn lookup(key: &FlowKey) -> Lookup {
 /// unless the table changed meanwhile.
 #[inline(always)]
 pub fn pin(key: &FlowKey, backend: u32) {
-    let _ = FLOWS.insert(key, &Flow { backend, _pad: 0 }, 0);
+    let _ = FLOWS.insert(key, &Flow { backend, flags: 0 }, 0);
 }

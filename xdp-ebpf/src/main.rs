@@ -13,6 +13,7 @@ mod maglev;
 mod maps;
 mod nat;
 mod parse;
+mod replicate;
 mod stats;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
@@ -103,13 +104,14 @@ fn for_us(ctx: &XdpContext) -> Result<(), Reason> {
     }
 }
 
-/// Picks a backend for a flow from the service's Maglev table and pins the
-/// flow to it.
+/// Picks a backend for a flow from the service's Maglev table, pins the
+/// flow to it and reports the pin to the cluster's other nodes.
 #[inline(always)]
 fn pick_and_pin(service: &Service, key: &FlowKey) -> Result<(u32, &'static Backend), Reason> {
     let id = maglev::pick(service, key).ok_or(Reason::DropNoBackend)?;
     let backend = BACKENDS.get(id).ok_or(Reason::DropNoBackend)?;
     conntrack::pin(key, id);
+    replicate::pinned(key, id);
     Ok((id, backend))
 }
 

@@ -49,5 +49,5 @@ pub static NAT_FWD: HashMap<FlowKey, NatFwd> = HashMap::pinned(MAX_NAT_FLOWS, 0)
 #[map(name = "xdplb_natr_v1")]
 pub static NAT_REV: HashMap<FlowKey, NatRev> = HashMap::pinned(MAX_NAT_FLOWS, 0);
 
-#[map(name = "xdplb_glob_v1")]
+#[map(name = "xdplb_glob_v2")]
 pub static GLOBALS: Array<Globals> = Array::pinned(1, 0);

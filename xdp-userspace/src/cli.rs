@@ -510,6 +510,9 @@ fn render_status(status: &StatusView, services: &[ServiceView]) -> String {
         let n = status.datapath_repairs;
         out.push_str(&format!("repairs:     {n} (last: {problem})\n"));
     }
+    if let Some(replication) = &status.replication {
+        out.push_str(&crate::cluster::replication::describe(replication));
+    }
     if !services.is_empty() {
         out.push('\n');
         // Name, address, protocol, mode, active backends and table.
@@ -637,6 +640,10 @@ fn render_stats(stats: &StatsView, previous: Option<(&StatsView, Duration)>) -> 
             nat.flows, nat.reverse, nat.capacity
         ));
     }
+    if let Some(replication) = &stats.replication {
+        out.push('\n');
+        out.push_str(&crate::cluster::replication::describe(replication));
+    }
     if stats.services.is_empty() {
         return out;
     }
@@ -698,10 +705,10 @@ fn render_stats(stats: &StatsView, previous: Option<(&StatsView, Duration)>) -> 
 
 /// `xdplb flow`.
 fn render_flow(src: SocketAddr, dst: SocketAddr, protocol: Protocol, flow: &FlowView) -> String {
-    let how = if flow.established {
-        "established flow"
-    } else {
-        "new flow"
+    let how = match (flow.established, flow.replicated) {
+        (true, true) => "established flow, replicated from a peer",
+        (true, false) => "established flow",
+        (false, _) => "new flow",
     };
     let slot = flow
         .slot
@@ -711,6 +718,9 @@ fn render_flow(src: SocketAddr, dst: SocketAddr, protocol: Protocol, flow: &Flow
          slot {slot})\n",
         flow.service, flow.backend, flow.backend_state, flow.hash
     );
+    if let Some(pick) = flow.new_flow_backend.filter(|b| *b != flow.backend) {
+        out.push_str(&format!("  pinned; a new flow would go to {pick}\n"));
+    }
     if let Some(nat) = &flow.nat {
         out.push_str(&format!("  NAT: {nat}\n"));
     }
@@ -1077,6 +1087,7 @@ mod tests {
             datapath_problem: None,
             fingerprints: Default::default(),
             cluster: None,
+            replication: None,
         };
         let services = [service(
             "web",
@@ -1163,6 +1174,7 @@ mod tests {
                 ("pass_not_vip".to_owned(), 10 * scale),
             ]),
             nat: None,
+            replication: None,
             services: vec![ServiceStatsView {
                 name: "web".into(),
                 packets: 1000 * scale,
@@ -1249,6 +1261,8 @@ mod tests {
             backend: "[fd00::11]:80".parse().unwrap(),
             backend_state: DatapathState::Active,
             established: false,
+            replicated: false,
+            new_flow_backend: None,
             hash: 0xabc,
             slot: Some(17),
             nat: None,

@@ -27,7 +27,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     net::{IpAddr, SocketAddr},
-    sync::Arc,
+    sync::{Arc, RwLock},
     time::{Duration, Instant},
 };
 
@@ -240,7 +240,44 @@ pub struct Controller {
     maps: Maps,
     model: Model,
     resolver: Arc<Resolver>,
+    /// Backend ids and addresses as of the last change, for replication.
+    directory: Arc<RwLock<Arc<Directory>>>,
 }
+
+/// Which backend an id is, and which id a backend is: flow pins travel
+/// between nodes by address, as ids are each node's own.
+#[derive(Debug, Default)]
+pub struct Directory {
+    by_id: HashMap<u32, (ServiceId, SocketAddr)>,
+    by_addr: HashMap<(ServiceId, SocketAddr), u32>,
+}
+
+impl Directory {
+    fn of(model: &Model) -> Self {
+        let mut d = Directory::default();
+        for (key, s) in &model.services {
+            for b in s.backends.values() {
+                d.by_id.insert(b.id, (*key, b.addr()));
+                d.by_addr.insert((*key, b.addr()), b.id);
+            }
+        }
+        d
+    }
+
+    /// The service and address of backend `id`.
+    pub fn backend(&self, id: u32) -> Option<(ServiceId, SocketAddr)> {
+        self.by_id.get(&id).copied()
+    }
+
+    /// The id of `backend` of `service`.
+    pub fn id(&self, service: ServiceId, backend: SocketAddr) -> Option<u32> {
+        self.by_addr.get(&(service, backend)).copied()
+    }
+}
+
+/// The controller's directory as it changes: read it with
+/// `read().clone()` and drop the guard at once.
+pub type SharedDirectory = Arc<RwLock<Arc<Directory>>>;
 
 /// What the datapath holds (or, while a change is planned, will hold).
 #[derive(Clone, Debug)]
@@ -298,6 +335,7 @@ impl Controller {
                 adoptable,
             },
             resolver: Arc::default(),
+            directory: Arc::default(),
         })
     }
 
@@ -333,7 +371,19 @@ impl Controller {
     fn commit(&mut self, next: Model, writes: &[Write]) -> Result<()> {
         self.maps.write(writes)?;
         self.model = next;
+        let directory = Arc::new(Directory::of(&self.model));
+        *self.directory.write().unwrap_or_else(|p| p.into_inner()) = directory;
         Ok(())
+    }
+
+    /// Backend ids and addresses, kept current by every change.
+    pub(crate) fn directory(&self) -> SharedDirectory {
+        self.directory.clone()
+    }
+
+    /// The flow table, for replication (see `FlowTable`).
+    pub(crate) fn flow_table(&self) -> Result<crate::dataplane::FlowTable> {
+        self.maps.flow_table()
     }
 
     /// Takes the datapath to `config`: adds, changes and removes services
@@ -508,7 +558,11 @@ impl Model {
         }
         self.finish_adoption(writes);
         let nat_enabled = u32::from(self.services.values().any(|s| s.config.mode == Mode::Nat));
-        writes.push(Write::Globals(Globals { nat_enabled }));
+        let replicate = u32::from(config.cluster.replicating().is_some());
+        writes.push(Write::Globals(Globals {
+            nat_enabled,
+            replicate,
+        }));
         Ok(())
     }
 

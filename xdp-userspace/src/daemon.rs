@@ -25,6 +25,7 @@ use tracing::{error, info, warn};
 
 use crate::{
     api::{self, ApiError, BackendRef, DatapathState, Done, Request},
+    cluster::replication::{self, Replicator},
     config::{Admin, Config, Mode, ServiceConfig, ServiceKey},
     controller::{Controller, ServiceState},
     dataplane::{monotonic_coarse_ns, Maps, NatOccupancy, NatSweeper},
@@ -73,6 +74,8 @@ struct Daemon {
     /// Times the datapath was found detached and attached again, and why
     /// it was last.
     repairs: Mutex<(u64, Option<String>)>,
+    /// Flow-state replication to cluster peers, when configured.
+    replicator: Option<Replicator>,
 }
 
 struct Inner {
@@ -130,7 +133,16 @@ impl Daemon {
             )
         };
         let file = if reload_file {
-            Config::load(&self.config_path).map_err(|e| ApiError::bad_request(e.to_string()))?
+            let new = Config::load(&self.config_path)
+                .map_err(|e| ApiError::bad_request(e.to_string()))?;
+            if new.cluster.replication != file.cluster.replication {
+                return Err(ApiError::bad_request(
+                    "not changed: [cluster] replication settings (replication_listen, \
+                     replication_key, replicate, peers) take effect at the next start; restart \
+                     the daemon to change them",
+                ));
+            }
+            new
         } else {
             file
         };
@@ -358,6 +370,8 @@ impl api::Handler for Daemon {
                     backend: route.backend,
                     backend_state,
                     established: route.established,
+                    replicated: route.replicated,
+                    new_flow_backend: route.new_flow_backend,
                     hash: route.hash,
                     slot: route.slot,
                     nat: route.nat,
@@ -418,10 +432,12 @@ impl api::Handler for Daemon {
                     })
                     .collect();
                 let nat = inner.nat;
+                drop(inner);
                 Ok(json!(api::StatsView {
                     reasons,
                     services,
-                    nat
+                    nat,
+                    replication: self.replicator.as_ref().map(Replicator::view),
                 }))
             }
         }
@@ -469,6 +485,7 @@ impl Daemon {
                 })
                 .collect(),
             cluster: inner.cluster.view(),
+            replication: self.replicator.as_ref().map(Replicator::view),
         }
     }
 }
@@ -593,6 +610,11 @@ pub fn run(opts: Options) -> Result<()> {
         .metrics_listen
         .map(crate::web::bind)
         .transpose()?;
+    let replication_sockets = file
+        .cluster
+        .replicating()
+        .map(replication::Sockets::bind)
+        .transpose()?;
     let mut overlay = Overlay::load(&state_file)?;
     let config = overlay.merge(&file)?;
 
@@ -608,6 +630,13 @@ pub fn run(opts: Options) -> Result<()> {
     let sweeper = controller.nat_sweeper()?;
     resolver.prepare(&config);
     controller.apply(&config)?;
+    let replication = match (config.cluster.replicating(), replication_sockets) {
+        (Some(cfg), Some(sockets)) => {
+            let (replicator, ring) = Replicator::new(cfg, &mut datapath.ebpf, &controller)?;
+            Some((replicator, ring, sockets))
+        }
+        _ => None,
+    };
     warn_port_overlap(&config);
     let mut interfaces = Vec::new();
     for iface in &opts.ifaces {
@@ -629,6 +658,11 @@ pub fn run(opts: Options) -> Result<()> {
         });
     }
     guard.0 = None;
+    // A node that joins learns the cluster's flows before it announces
+    // anything: ECMP may send it any of them the moment it does.
+    if let Some((replicator, ..)) = &replication {
+        replicator.pull_initial();
+    }
     // Attached: the VIPs this node can serve may be announced.
     if let Err(e) = node.sync(&config, &controller) {
         error!("cluster: {e:#}");
@@ -641,6 +675,13 @@ pub fn run(opts: Options) -> Result<()> {
         .enable_all()
         .build()?;
     let result = runtime.block_on(async {
+        let replicator = match replication {
+            Some((replicator, ring, sockets)) => {
+                replicator.spawn(ring, sockets)?;
+                Some(replicator)
+            }
+            None => None,
+        };
         let (events_tx, mut events) = mpsc::unbounded_channel();
         let targets = check_targets(&config, &controller);
         let health = HealthChecker::spawn(targets, MAX_CONCURRENT_CHECKS, events_tx);
@@ -664,6 +705,7 @@ pub fn run(opts: Options) -> Result<()> {
             adopted,
             interfaces,
             repairs: Mutex::new((0, None)),
+            replicator,
         });
         let handler: Arc<dyn api::Handler> = daemon.clone();
         let socket = api_socket.clone();

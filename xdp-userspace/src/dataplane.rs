@@ -32,6 +32,8 @@ pub struct Maps {
     pub globals: Array<MapData, Globals>,
     /// Second descriptors of the NAT tables, for [`Maps::nat_sweeper`].
     nat_fds: [OwnedFd; 2],
+    /// A second descriptor of the flow table, for [`Maps::flow_table`].
+    flows_fd: OwnedFd,
 }
 
 /// A map by name, from a loaded program or from its pin.
@@ -65,21 +67,23 @@ impl Maps {
                     .with_context(|| format!("map {} has an unexpected type", $name))?
             };
         }
-        let mut nat_map = |name: &str| -> Result<(Map, OwnedFd)> {
+        // A hash map and a second descriptor of it.
+        let mut shared = |name: &str| -> Result<(Map, OwnedFd)> {
             let map = src.map(name)?;
-            let Map::HashMap(data) = &map else {
+            let (Map::HashMap(data) | Map::LruHashMap(data)) = &map else {
                 bail!("map {name} has an unexpected type");
             };
             let fd = data.fd().as_fd().try_clone_to_owned()?;
             Ok((map, fd))
         };
-        let (nat_fwd, fwd_fd) = nat_map(names::NAT_FWD)?;
-        let (nat_rev, rev_fd) = nat_map(names::NAT_REV)?;
+        let (nat_fwd, fwd_fd) = shared(names::NAT_FWD)?;
+        let (nat_rev, rev_fd) = shared(names::NAT_REV)?;
+        let (flows, flows_fd) = shared(names::FLOWS)?;
         Ok(Self {
             services: typed!(names::SERVICES),
             backends: typed!(names::BACKENDS),
             maglev: typed!(names::MAGLEV),
-            flows: typed!(names::FLOWS),
+            flows: flows.try_into()?,
             reasons: typed!(names::REASONS),
             service_stats: typed!(names::SERVICE_STATS),
             backend_stats: typed!(names::BACKEND_STATS),
@@ -88,6 +92,7 @@ impl Maps {
             nat_rev: nat_rev.try_into()?,
             globals: typed!(names::GLOBALS),
             nat_fds: [fwd_fd, rev_fd],
+            flows_fd,
         })
     }
 
@@ -114,6 +119,13 @@ impl Maps {
 
     /// A sweeper with handles of its own on the NAT tables, so that it runs
     /// beside whoever holds these maps.
+    pub(crate) fn flow_table(&self) -> Result<FlowTable> {
+        let data = MapData::from_fd(self.flows_fd.try_clone()?)?;
+        Ok(FlowTable {
+            flows: Map::LruHashMap(data).try_into()?,
+        })
+    }
+
     pub(crate) fn nat_sweeper(&self) -> Result<NatSweeper> {
         let open =
             |fd: &OwnedFd| -> Result<Map> { Ok(Map::HashMap(MapData::from_fd(fd.try_clone()?)?)) };
@@ -239,21 +251,28 @@ impl Maps {
         let hash = flow_hash(&key, service.flags & SVC_F_HASH_SRC_ONLY != 0);
         // NAT flows are tracked in the NAT table, DSR flows in the flow table.
         let pinned = if service.flags & SVC_F_NAT != 0 {
-            self.nat_fwd.get(&key, 0).ok().map(|f| f.backend)
+            self.nat_fwd.get(&key, 0).ok().map(|f| (f.backend, 0))
         } else {
-            self.flows.get(&key, 0).ok().map(|f| f.backend)
+            self.flows.get(&key, 0).ok().map(|f| (f.backend, f.flags))
         };
         let live = |id: u32| self.backend(id).ok().filter(Backend::is_live);
+        let replicated = pinned.is_some_and(|(_, f)| f & FLOW_F_REPLICATED != 0);
+        let pinned = pinned.map(|(id, _)| id);
+        let has_table = service.flags & SVC_F_NO_BACKEND == 0 && service.table_size != 0;
+        let slot = has_table.then(|| hash % service.table_size);
+        let pick = slot
+            .map(|slot| -> Result<(u32, Backend)> {
+                let id = self.maglev.get(&(service.table_base + slot), 0)?;
+                Ok((id, self.backend(id)?))
+            })
+            .transpose()?;
         let (id, backend, established) = match pinned.and_then(|id| live(id).map(|b| (id, b))) {
             Some((id, b)) => (id, b, true),
             None => {
-                if service.flags & SVC_F_NO_BACKEND != 0 || service.table_size == 0 {
+                let Some((id, b)) = pick else {
                     bail!("service at {dst} has no backend taking new flows");
-                }
-                let id = self
-                    .maglev
-                    .get(&(service.table_base + hash % service.table_size), 0)?;
-                (id, self.backend(id)?, false)
+                };
+                (id, b, false)
             }
         };
         let nat = (service.flags & SVC_F_NAT != 0)
@@ -269,15 +288,52 @@ impl Maps {
         Ok(Route {
             nat,
             backend_id: id,
-            backend: SocketAddr::new(
-                addr::from_words(backend.addr),
-                u16::from_be(backend.port_be),
-            ),
+            backend: socket_addr(&backend),
             established,
+            replicated: established && replicated,
+            new_flow_backend: pick.map(|(_, b)| socket_addr(&b)),
             hash,
-            slot: (service.flags & SVC_F_NO_BACKEND == 0 && service.table_size != 0)
-                .then(|| hash % service.table_size),
+            slot,
         })
+    }
+}
+
+/// The flow table as replication uses it: every pin read for a peer's
+/// full copy, peers' pins installed. It writes nothing but pins, which
+/// the datapath writes too, so it needs no lock shared with the
+/// controller.
+pub(crate) struct FlowTable {
+    flows: HashMap<MapData, FlowKey, Flow>,
+}
+
+/// `BPF_NOEXIST`: insert only if the key is absent.
+const BPF_NOEXIST: u64 = 1;
+
+impl FlowTable {
+    /// Installs a peer's pin of `key` to backend `id`, marked replicated.
+    /// With `overwrite` false a pin already here is kept (a full copy may
+    /// be older than what this node learnt since). Returns whether it was
+    /// written.
+    pub fn install(&mut self, key: &FlowKey, id: u32, overwrite: bool) -> Result<bool> {
+        let flow = Flow {
+            backend: id,
+            flags: FLOW_F_REPLICATED,
+        };
+        let flags = if overwrite { 0 } else { BPF_NOEXIST };
+        match self.flows.insert(key, flow, flags) {
+            Ok(()) => Ok(true),
+            Err(aya::maps::MapError::SyscallError(e))
+                if e.io_error.raw_os_error() == Some(libc::EEXIST) =>
+            {
+                Ok(false)
+            }
+            Err(e) => Err(e).context("installing a replicated flow"),
+        }
+    }
+
+    /// Every pin in the table.
+    pub fn pins(&self) -> impl Iterator<Item = (FlowKey, Flow)> + '_ {
+        self.flows.iter().filter_map(Result::ok)
     }
 }
 
@@ -405,11 +461,21 @@ pub struct Route {
     /// True when the flow table already pins the flow; false when the
     /// answer comes from the Maglev table (the flow is new).
     pub established: bool,
+    /// The pin was replicated from a cluster peer (docs/cluster.md).
+    pub replicated: bool,
+    /// Where the Maglev table sends a new flow with this 5-tuple (differs
+    /// from `backend` when the flow's pin predates a table change).
+    pub new_flow_backend: Option<SocketAddr>,
     pub hash: u32,
     /// The Maglev slot a new flow hashes to.
     pub slot: Option<u32>,
     /// A NAT flow's live translation.
     pub nat: Option<String>,
+}
+
+/// A backend's `address:port`.
+fn socket_addr(b: &Backend) -> SocketAddr {
+    SocketAddr::new(addr::from_words(b.addr), u16::from_be(b.port_be))
 }
 
 /// "tcp"/"udp" for messages.

@@ -45,6 +45,10 @@ const PACKAGES: &[(&str, &str)] = &[
     ("prometheus", "tests: promtool checks the metrics scrape"),
     ("chromium", "tests: the status page in headless Chromium"),
     ("bird2", "tests: the cluster topology's BGP+BFD routers"),
+    (
+        "iptables",
+        "tests: partitioning the cluster's replication link",
+    ),
     ("systemd", "tests: systemd-analyze verify checks the unit"),
 ];
 

@@ -144,6 +144,9 @@ pub struct StatusView {
     /// Announcement state, when `[cluster] route_table` is set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cluster: Option<crate::cluster::ClusterView>,
+    /// Flow-state replication, when peers are configured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replication: Option<crate::cluster::replication::ReplicationView>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -212,6 +215,9 @@ pub struct StatsView {
     /// NAT table occupancy, when a NAT service exists.
     #[serde(default)]
     pub nat: Option<crate::dataplane::NatOccupancy>,
+    /// Flow-state replication, when peers are configured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replication: Option<crate::cluster::replication::ReplicationView>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -248,6 +254,12 @@ pub struct FlowView {
     /// True when the flow table already pins the flow; false when it is
     /// answered from the Maglev table (a new flow would go there).
     pub established: bool,
+    /// The pin came from a cluster peer (absent from older daemons).
+    #[serde(default)]
+    pub replicated: bool,
+    /// Where the Maglev table would send a new flow with this 5-tuple.
+    #[serde(default)]
+    pub new_flow_backend: Option<SocketAddr>,
     pub hash: u32,
     pub slot: Option<u32>,
     /// A NAT flow's live translation.

@@ -4,10 +4,18 @@
 //! [cluster]
 //! route_table = 200                      # announce VIPs in this kernel table
 //! extra_macs = ["00:00:5e:00:01:01"]     # also balance frames to these MACs
+//! replication_listen = "10.0.0.21:4700"  # flow replication (UDP + TCP)
+//! replication_key = "a shared secret of 16 characters or more"
+//!
+//! [[cluster.peer]]
+//! address = "10.0.0.22:4700"
 //! ```
 //!
 //! Without it (or without `route_table`) nothing is announced; a node is
-//! then a stand-alone load balancer, as before.
+//! then a stand-alone load balancer, as before. Without peers nothing is
+//! replicated.
+
+use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize, Serializer};
 
@@ -31,9 +39,37 @@ pub struct ClusterConfig {
         serialize_with = "serialize_macs"
     )]
     pub extra_macs: Vec<Mac>,
+    /// Flow-state replication to the peers (`None`: no peers).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub replication: Option<Replication>,
 }
 
+/// Where and with whom this node exchanges flow state.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Replication {
+    /// This node's replication address: UDP for flow updates, TCP for
+    /// full copies.
+    pub listen: SocketAddr,
+    /// The cluster's shared key: every message carries an HMAC-SHA256 of
+    /// it. Never shown.
+    #[serde(skip)]
+    pub key: String,
+    /// The other nodes' replication addresses.
+    pub peers: Vec<SocketAddr>,
+    /// `replicate = false`: neither send nor pull flow state (the peers
+    /// are still listed). For measuring what replication buys.
+    pub enabled: bool,
+}
+
+/// Shortest shared key accepted: 16 bytes, 128 bits if random.
+const MIN_KEY_LEN: usize = 16;
+
 impl ClusterConfig {
+    /// The replication settings when flows are replicated.
+    pub fn replicating(&self) -> Option<&Replication> {
+        self.replication.as_ref().filter(|r| r.enabled)
+    }
+
     /// Whether the section changes nothing (so it is not serialized).
     pub fn is_default(&self) -> bool {
         *self == Self::default()
@@ -51,6 +87,18 @@ pub struct RawCluster {
     route_table: Option<i64>,
     #[serde(default)]
     extra_macs: Vec<String>,
+    replication_listen: Option<SocketAddr>,
+    replication_key: Option<String>,
+    replicate: Option<bool>,
+    #[serde(default)]
+    peer: Vec<RawPeer>,
+}
+
+/// `[[cluster.peer]]` as written.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPeer {
+    address: SocketAddr,
 }
 
 impl RawCluster {
@@ -85,10 +133,70 @@ impl RawCluster {
                 extra_macs.push(mac);
             }
         }
+        let replication = self.replication()?;
         Ok(ClusterConfig {
             route_table,
             extra_macs,
+            replication,
         })
+    }
+
+    fn replication(&self) -> Result<Option<Replication>, (String, String)> {
+        let fail = |field: &str, problem: String| Err((format!("cluster.{field}"), problem));
+        if self.peer.is_empty() {
+            if self.replication_listen.is_some() || self.replication_key.is_some() {
+                return fail(
+                    "peer",
+                    "replication_listen/replication_key are set but no [[cluster.peer]] is \
+                    listed"
+                        .into(),
+                );
+            }
+            return Ok(None);
+        }
+        let Some(listen) = self.replication_listen else {
+            return fail(
+                "replication_listen",
+                "peers are listed: this node's replication address is required".into(),
+            );
+        };
+        let Some(key) = self.replication_key.clone() else {
+            return fail(
+                "replication_key",
+                "peers are listed: the cluster's shared key is required".into(),
+            );
+        };
+        if key.len() < MIN_KEY_LEN {
+            return fail(
+                "replication_key",
+                format!(
+                    "{} bytes is too short; use at least {MIN_KEY_LEN}",
+                    key.len()
+                ),
+            );
+        }
+        if listen.ip().is_unspecified() {
+            return fail(
+                "replication_listen",
+                format!("{listen}: give this node's own address, which its peers send to"),
+            );
+        }
+        let mut peers = Vec::with_capacity(self.peer.len());
+        for (i, p) in self.peer.iter().enumerate() {
+            if p.address == listen || peers.contains(&p.address) {
+                return fail(
+                    &format!("peer[{i}].address"),
+                    format!("{} is listed twice (or is this node's own)", p.address),
+                );
+            }
+            peers.push(p.address);
+        }
+        Ok(Some(Replication {
+            listen,
+            key,
+            peers,
+            enabled: self.replicate.unwrap_or(true),
+        }))
     }
 }
 
@@ -107,6 +215,15 @@ mod tests {
         let c = parse("route_table = 200\nextra_macs = [\"00:00:5E:00:01:01\"]").unwrap();
         assert_eq!(c.cluster.route_table, Some(200));
         assert_eq!(c.cluster.extra_macs, [[0, 0, 0x5e, 0, 1, 1]]);
+        assert_eq!(c.cluster.replication, None);
+        let c = parse(
+            "replication_listen = \"10.0.0.1:4700\"\nreplication_key = \"0123456789abcdef\"\n\
+             [[cluster.peer]]\naddress = \"10.0.0.2:4700\"",
+        )
+        .unwrap();
+        let r = c.cluster.replicating().unwrap();
+        assert_eq!(r.peers, ["10.0.0.2:4700".parse().unwrap()]);
+        assert_eq!(r.key, "0123456789abcdef");
     }
 
     #[test]
@@ -130,6 +247,24 @@ mod tests {
                 "cluster.extra_macs[0]: \"nonsense\" is not a MAC",
             ),
             ("peers = 3", "unknown field"),
+            (
+                "replication_key = \"0123456789abcdef\"",
+                "cluster.peer: replication_listen/replication_key are set",
+            ),
+            (
+                "[[cluster.peer]]\naddress = \"10.0.0.2:1\"",
+                "cluster.replication_listen: peers are listed",
+            ),
+            (
+                "replication_listen = \"10.0.0.1:1\"\nreplication_key = \"short\"\n\
+                 [[cluster.peer]]\naddress = \"10.0.0.2:1\"",
+                "cluster.replication_key: 5 bytes is too short",
+            ),
+            (
+                "replication_listen = \"10.0.0.1:1\"\nreplication_key = \"0123456789abcdef\"\n\
+                 [[cluster.peer]]\naddress = \"10.0.0.1:1\"",
+                "cluster.peer[0].address: 10.0.0.1:1 is listed twice",
+            ),
         ] {
             let err = parse(text).unwrap_err();
             assert!(err.contains(needle), "{text}: {err}");

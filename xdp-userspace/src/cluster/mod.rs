@@ -8,6 +8,7 @@ pub mod config;
 pub mod fingerprint;
 pub mod macs;
 pub mod node;
+pub mod replication;
 
 pub use announce::ClusterView;
 pub use config::{ClusterConfig, RawCluster};

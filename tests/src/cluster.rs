@@ -1,0 +1,550 @@
+//! The cluster testbed: three xdplb nodes behind a BIRD router doing ECMP
+//! over BGP with BFD, in network namespaces, with real BIRD, the real
+//! `xdplb` binary attached in native XDP mode (DSR) and real TCP backends:
+//!
+//! ```text
+//!   client 10.88.1.2 ── router 10.88.1.1 / 10.88.0.1 (BIRD: BGP+BFD, ECMP)
+//!                                │
+//!        ───────────── bridge (switch namespace) 10.88.0.0/24 ─────────────
+//!         │             │             │           │        │        │
+//!      n1 .21        n2 .22        n3 .23      b1 .11   b2 .12   b3 .13
+//!   xdplb + BIRD  xdplb + BIRD  xdplb + BIRD   (VIP 10.88.100.1 on lo, DSR)
+//! ```
+//!
+//! Each node's BIRD runs `examples/bird.conf` with this topology's
+//! addresses substituted: the tests prove the shipped example works.
+//! Nodes replicate flow state to each other on port 4700 when
+//! [`Replication`] says so. Needs root and BIRD 2 (`cargo xtask setup`
+//! installs `bird2`).
+
+use std::{
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    path::{Path, PathBuf},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
+    },
+    time::{Duration, Instant},
+};
+
+use crate::{
+    bin_path,
+    bird::Bird,
+    client::StreamConn,
+    lb::Xdplb,
+    netns::{unique_prefix, Netns},
+    proc::Proc,
+    switch,
+};
+
+/// The service's VIP and port.
+pub const VIP: Ipv4Addr = Ipv4Addr::new(10, 88, 100, 1);
+pub const ROUTER: &str = "10.88.0.1";
+pub const NODES: usize = 3;
+pub const BACKENDS: usize = 3;
+pub const ROUTE_TABLE: u32 = 200;
+/// The nodes' replication port.
+pub const REPLICATION_PORT: u16 = 4700;
+/// The cluster's shared replication key.
+pub const KEY: &str = "cluster test key, 32 bytes long!";
+
+/// The VIP as a socket address.
+pub fn vip() -> SocketAddr {
+    SocketAddr::new(IpAddr::V4(VIP), 80)
+}
+
+/// Node `i`'s address (1-based).
+pub fn node_addr(i: usize) -> String {
+    format!("10.88.0.{}", 20 + i)
+}
+
+/// Backend `i`'s address (1-based).
+pub fn backend_addr(i: usize) -> String {
+    format!("10.88.0.{}", 10 + i)
+}
+
+/// Node `i`'s replication address.
+pub fn replication_addr(i: usize) -> SocketAddr {
+    SocketAddr::new(node_addr(i).parse().unwrap(), REPLICATION_PORT)
+}
+
+/// Whether and how the nodes replicate flow state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Replication {
+    /// No peers configured.
+    None,
+    /// Peers configured, replication on.
+    On,
+    /// Peers configured but `replicate = false`: what replication buys.
+    Off,
+}
+
+/// The router's BIRD: one BGP+BFD session per node, routes merged into one
+/// multipath kernel route.
+fn router_bird_conf() -> String {
+    let mut c = format!(
+        "router id {ROUTER};\n\
+         protocol device {{ }}\n\
+         protocol kernel {{ merge paths on; ipv4 {{ import none; export all; }}; }}\n\
+         protocol bfd {{ interface \"*\" {{ min rx interval 100 ms; min tx interval 100 ms; \
+         multiplier 3; }}; }}\n\
+         template bgp xdplb_node {{ local {ROUTER} as 65000; bfd on; connect retry time 1; \
+         error wait time 1, 2; ipv4 {{ import all; export none; }}; }}\n"
+    );
+    for i in 1..=NODES {
+        c += &format!(
+            "protocol bgp n{i} from xdplb_node {{ neighbor {} as 65001; }}\n",
+            node_addr(i)
+        );
+    }
+    c
+}
+
+/// examples/bird.conf with node `i`'s addresses.
+fn node_bird_conf(i: usize) -> String {
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/bird.conf");
+    let text = std::fs::read_to_string(&example).expect("reading examples/bird.conf");
+    assert!(
+        text.contains("kernel table 200;"),
+        "example announces table 200"
+    );
+    text.replace("192.0.2.11", &node_addr(i))
+        .replace("192.0.2.1", ROUTER)
+}
+
+/// Node `i`'s xdplb configuration: the same services and backends on
+/// every node, but listed in a different order on each (rotated by `i`),
+/// which must not change the tables.
+pub fn xdplb_conf(i: usize, replication: Replication) -> String {
+    let mut c = format!("[cluster]\nroute_table = {ROUTE_TABLE}\n");
+    if replication != Replication::None {
+        c += &format!(
+            "replication_listen = \"{}\"\nreplication_key = \"{KEY}\"\nreplicate = {}\n",
+            replication_addr(i),
+            replication == Replication::On
+        );
+        for peer in (1..=NODES).filter(|&p| p != i) {
+            c += &format!(
+                "[[cluster.peer]]\naddress = \"{}\"\n",
+                replication_addr(peer)
+            );
+        }
+    }
+    c += &format!(
+        "\n[[service]]\nname = \"web\"\nvip = \"{VIP}\"\nport = 80\nprotocol = \"tcp\"\n\n\
+         [service.health_check]\ninterval = \"500ms\"\n\n"
+    );
+    for k in 0..BACKENDS {
+        let b = (k + i) % BACKENDS + 1;
+        c += &format!("[[service.backend]]\naddress = \"{}\"\n\n", backend_addr(b));
+    }
+    c
+}
+
+/// Everything the testbed starts; fields drop in order, processes before
+/// the namespaces they run in.
+pub struct Cluster {
+    prefix: String,
+    xdplb: PathBuf,
+    replication: Replication,
+    pub daemons: Vec<Option<Xdplb>>,
+    pub node_birds: Vec<Option<Bird>>,
+    router_bird: Option<Bird>,
+    _passthrough: Vec<Proc>,
+    _backend_procs: Vec<Proc>,
+    pub client: Netns,
+    pub router: Netns,
+    pub nodes: Vec<Netns>,
+    _backends: Vec<Netns>,
+    pub switch: Netns,
+}
+
+/// Creates a veth `port` (in `switch`, on the bridge) <-> `eth0` in `host`.
+fn plug(switch: &Netns, host: &Netns, port: &str) {
+    switch::plug(switch, host, port, "eth0").unwrap();
+}
+
+fn host_setup(ns: &Netns, addr: &str) {
+    for scope in ["all", "default"] {
+        ns.sysctl(&format!("net.ipv4.conf.{scope}.rp_filter"), "0")
+            .unwrap();
+    }
+    ns.exec(&["ip", "addr", "add", &format!("{addr}/24"), "dev", "eth0"])
+        .unwrap();
+    ns.exec(&["ip", "link", "set", "eth0", "up"]).unwrap();
+    ns.sysctl("net.ipv4.conf.eth0.rp_filter", "0").unwrap();
+}
+
+fn ping(from: &Netns, addr: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while from
+        .exec(&["ping", "-n", "-q", "-c1", "-W1", addr])
+        .is_err()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "{addr} unreachable from {}",
+            from.name()
+        );
+    }
+}
+
+impl Cluster {
+    /// Builds the testbed and starts everything; returns once the router
+    /// has a BGP session with every node.
+    pub fn build(replication: Replication) -> Self {
+        let xdplb = bin_path("xdplb").expect("xdplb binary (cargo build --bins)");
+        let testbackend = bin_path("xdplb-testbackend").expect("xdplb-testbackend binary");
+        let prefix = unique_prefix("cl");
+        let switch = switch::new(&format!("{prefix}-sw")).unwrap();
+
+        let router = Netns::new(&format!("{prefix}-r")).unwrap();
+        plug(&switch, &router, "v-r");
+        host_setup(&router, ROUTER);
+        let client = Netns::new(&format!("{prefix}-c")).unwrap();
+        router
+            .exec(&[
+                "ip",
+                "link",
+                "add",
+                "eth1",
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "netns",
+                client.name(),
+            ])
+            .unwrap();
+        router
+            .exec(&["ip", "addr", "add", "10.88.1.1/24", "dev", "eth1"])
+            .unwrap();
+        router.exec(&["ip", "link", "set", "eth1", "up"]).unwrap();
+        router.sysctl("net.ipv4.ip_forward", "1").unwrap();
+        // Spread flows over the next hops by 5-tuple, not address pair.
+        router
+            .sysctl("net.ipv4.fib_multipath_hash_policy", "1")
+            .unwrap();
+        host_setup(&client, "10.88.1.2");
+        client
+            .exec(&["ip", "route", "add", "default", "via", "10.88.1.1"])
+            .unwrap();
+        // XDP bounces the client's frames as they are: no checksum left to
+        // offload (a real NIC's frames always carry full checksums).
+        for (ns, dev) in [(&client, "eth0"), (&router, "eth0"), (&router, "eth1")] {
+            ns.exec(&["ethtool", "-K", dev, "tx", "off"]).unwrap();
+        }
+
+        let mut nodes = Vec::new();
+        for i in 1..=NODES {
+            let ns = Netns::new(&format!("{prefix}-n{i}")).unwrap();
+            plug(&switch, &ns, &format!("v-n{i}"));
+            host_setup(&ns, &node_addr(i));
+            ns.sysctl("net.ipv4.ip_forward", "0").unwrap();
+            nodes.push(ns);
+        }
+        let mut backends = Vec::new();
+        let mut backend_procs = Vec::new();
+        for i in 1..=BACKENDS {
+            let ns = Netns::new(&format!("{prefix}-b{i}")).unwrap();
+            plug(&switch, &ns, &format!("v-b{i}"));
+            for scope in ["all", "eth0"] {
+                ns.sysctl(&format!("net.ipv4.conf.{scope}.arp_ignore"), "1")
+                    .unwrap();
+                ns.sysctl(&format!("net.ipv4.conf.{scope}.arp_announce"), "2")
+                    .unwrap();
+            }
+            host_setup(&ns, &backend_addr(i));
+            ns.exec(&["ip", "addr", "add", &format!("{VIP}/32"), "dev", "lo"])
+                .unwrap();
+            ns.exec(&["ip", "route", "add", "default", "via", ROUTER])
+                .unwrap();
+            let name = format!("b{i}");
+            let mut cmd = ns.command(&testbackend);
+            cmd.args(["--name", &name, "--port", "80"]);
+            let mut p = Proc::spawn_with(&mut cmd, &name, false).unwrap();
+            p.wait_for_stdout_line("listening", Duration::from_secs(10))
+                .unwrap();
+            backend_procs.push(p);
+            backends.push(ns);
+        }
+        let mut passthrough = Vec::new();
+        for (i, ns) in nodes.iter().enumerate() {
+            // XDP_TX on a veth needs an XDP program on its peer.
+            let mut cmd = switch.command(&xdplb);
+            cmd.args(["pass-through", "--iface", &format!("v-n{}", i + 1)]);
+            let mut p = Proc::spawn_with(&mut cmd, "pass-through", false).unwrap();
+            p.wait_for_stdout_line("ready", Duration::from_secs(10))
+                .unwrap();
+            passthrough.push(p);
+            for b in 1..=BACKENDS {
+                ping(ns, &backend_addr(b));
+            }
+        }
+        ping(&client, ROUTER);
+        let router_bird =
+            Bird::start(&router, &format!("{prefix}-r"), &router_bird_conf()).unwrap();
+        let mut cluster = Cluster {
+            prefix,
+            xdplb,
+            replication,
+            daemons: Vec::new(),
+            node_birds: Vec::new(),
+            router_bird: Some(router_bird),
+            _passthrough: passthrough,
+            _backend_procs: backend_procs,
+            client,
+            router,
+            nodes,
+            _backends: backends,
+            switch,
+        };
+        for i in 1..=NODES {
+            let (daemon, bird) = cluster.start_node(i, "");
+            cluster.daemons.push(Some(daemon));
+            cluster.node_birds.push(Some(bird));
+        }
+        for i in 1..=NODES {
+            cluster.wait_established(i);
+        }
+        cluster
+    }
+
+    /// Starts node `i`'s daemon, then its BIRD; `run` tells files of a
+    /// restarted node apart.
+    fn start_node(&self, i: usize, run: &str) -> (Xdplb, Bird) {
+        let ns = &self.nodes[i - 1];
+        let tag = format!("{}-n{i}{run}", self.prefix);
+        let conf = xdplb_conf(i, self.replication);
+        let daemon =
+            Xdplb::start_in(&self.xdplb, ns, &["eth0"], &tag, &conf).expect("starting xdplb");
+        let bird = Bird::start(ns, &tag, &node_bird_conf(i)).unwrap();
+        (daemon, bird)
+    }
+
+    fn wait_established(&self, i: usize) {
+        self.router_bird
+            .as_ref()
+            .unwrap()
+            .wait_established(&format!("n{i}"), Duration::from_secs(20))
+            .unwrap();
+    }
+
+    /// Node `i`'s daemon.
+    pub fn daemon(&self, i: usize) -> &Xdplb {
+        self.daemons[i - 1].as_ref().expect("node is alive")
+    }
+
+    /// The router's next hops for the VIP.
+    pub fn next_hops(&self) -> Vec<String> {
+        let out = self
+            .router
+            .exec(&["ip", "-j", "route", "show", &format!("{VIP}/32")])
+            .unwrap();
+        let routes: serde_json::Value = serde_json::from_str(out.trim()).unwrap_or_default();
+        let Some(route) = routes.as_array().and_then(|r| r.first()) else {
+            return Vec::new();
+        };
+        match route["nexthops"].as_array() {
+            Some(hops) => hops
+                .iter()
+                .filter_map(|h| h["gateway"].as_str().map(str::to_owned))
+                .collect(),
+            None => route["gateway"]
+                .as_str()
+                .map(|g| vec![g.to_owned()])
+                .unwrap_or_default(),
+        }
+    }
+
+    /// Polls the router's route every 5 ms until it has `n` next hops;
+    /// returns how long that took.
+    pub fn wait_next_hops(&self, n: usize, timeout: Duration) -> Duration {
+        let start = Instant::now();
+        loop {
+            let hops = self.next_hops();
+            if hops.len() == n {
+                return start.elapsed();
+            }
+            assert!(
+                start.elapsed() < timeout,
+                "router has next hops {hops:?} after {timeout:?}, expected {n}"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Node `i`'s count of new flows (DSR picks).
+    pub fn new_flows(&self, i: usize) -> u64 {
+        let stats = self.daemon(i).json(&["stats"]).unwrap();
+        stats["reasons"]["flow_new"].as_u64().unwrap()
+    }
+
+    /// Routes in node `i`'s table 200.
+    pub fn table(&self, i: usize) -> String {
+        self.nodes[i - 1]
+            .exec(&["ip", "route", "show", "table", &ROUTE_TABLE.to_string()])
+            .unwrap()
+    }
+
+    /// Node `i` vanishes as if its host died: its daemon is SIGKILLed, its
+    /// link cut, then its BIRD killed (a killed BIRD's kernel would
+    /// otherwise close the BGP session, which the router notices at once:
+    /// that would not measure BFD). Returns the daemon (dead, still owning
+    /// its pins) and the time from the cut until the router withdrew the
+    /// node.
+    pub fn kill_node(&mut self, i: usize) -> (Xdplb, Duration) {
+        let mut daemon = self.daemons[i - 1].take().expect("node is alive");
+        daemon.proc.kill(libc::SIGKILL).unwrap();
+        let _ = daemon.proc.wait_timeout(Duration::from_secs(5));
+        self.switch
+            .exec(&["ip", "link", "set", &format!("v-n{i}"), "down"])
+            .unwrap();
+        self.node_birds[i - 1].as_mut().unwrap().kill().unwrap();
+        let withdrawn = self.wait_next_hops(NODES - 1, Duration::from_secs(5));
+        (daemon, withdrawn)
+    }
+
+    /// Node `i`, killed by [`Cluster::kill_node`], boots again: its old
+    /// datapath and routes are gone (`dead` is dropped, which detaches
+    /// and unpins it), its link comes up, and a new daemon and BIRD start.
+    /// Returns once the router uses it again.
+    pub fn reboot_node(&mut self, i: usize, dead: Xdplb) {
+        drop(dead);
+        self.node_birds[i - 1] = None;
+        let ns = &self.nodes[i - 1];
+        ns.exec(&["ip", "route", "flush", "table", &ROUTE_TABLE.to_string()])
+            .unwrap();
+        self.switch
+            .exec(&["ip", "link", "set", &format!("v-n{i}"), "up"])
+            .unwrap();
+        for b in 1..=BACKENDS {
+            ping(ns, &backend_addr(b));
+        }
+        let (daemon, bird) = self.start_node(i, "-again");
+        self.daemons[i - 1] = Some(daemon);
+        self.node_birds[i - 1] = Some(bird);
+        self.wait_established(i);
+        self.wait_next_hops(NODES, Duration::from_secs(10));
+    }
+
+    /// Runs `xdplb ARGS` on every live node.
+    pub fn on_every_node(&self, args: &[&str]) {
+        for d in self.daemons.iter().flatten() {
+            d.cli(args).unwrap();
+        }
+    }
+
+    /// What node `i` knows of the flow from `client` to the VIP.
+    pub fn flow(&self, i: usize, client: SocketAddr) -> serde_json::Value {
+        self.daemon(i).flow(client, vip()).unwrap()
+    }
+}
+
+/// Long-lived connections exchanging a line every 50 ms, each on a
+/// thread of its own (a stalled one holds up no other).
+pub struct Chatter {
+    stop: Arc<AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+    reports: Vec<Arc<Mutex<ChatReport>>>,
+    /// The backend each connection reached ("b1"...), in opening order.
+    pub backends: Vec<String>,
+}
+
+/// How one [`Chatter`] connection fares.
+#[derive(Clone, Debug)]
+pub struct ChatReport {
+    pub client: SocketAddr,
+    pub exchanges: u64,
+    /// The longest time between two successful exchanges.
+    pub longest_gap: Duration,
+    /// The error that ended it, if any.
+    pub error: Option<String>,
+}
+
+impl Chatter {
+    /// Opens `n` `/stream` connections from the client, source ports
+    /// `first_port..`, and starts chatting on them.
+    pub fn start(cluster: &Cluster, first_port: u16, n: u16) -> Self {
+        let conns: Vec<StreamConn> = cluster.client.run(|| {
+            (first_port..first_port + n)
+                .map(|port| StreamConn::open(vip(), Some(port), Duration::from_secs(5)).unwrap())
+                .collect()
+        });
+        let stop = Arc::new(AtomicBool::new(false));
+        let (mut threads, mut reports, mut backends) = (Vec::new(), Vec::new(), Vec::new());
+        for mut conn in conns {
+            let hello = conn.send_line("hello").unwrap();
+            backends.push(hello.split(':').next().unwrap_or_default().to_owned());
+            let report = Arc::new(Mutex::new(ChatReport {
+                client: conn.local_addr().unwrap(),
+                exchanges: 0,
+                longest_gap: Duration::ZERO,
+                error: None,
+            }));
+            reports.push(report.clone());
+            let stop = stop.clone();
+            threads.push(std::thread::spawn(move || {
+                let mut last = Instant::now();
+                while !stop.load(Ordering::Relaxed) {
+                    let result = conn.send_line("ping");
+                    let mut r = report.lock().unwrap();
+                    match result {
+                        Ok(reply) if reply.ends_with(": ping") => {
+                            r.exchanges += 1;
+                            r.longest_gap = r.longest_gap.max(last.elapsed());
+                            last = Instant::now();
+                        }
+                        Ok(reply) => {
+                            r.error = Some(format!("unexpected reply {reply:?}"));
+                            return;
+                        }
+                        Err(e) => {
+                            r.error = Some(format!("{e:#}"));
+                            return;
+                        }
+                    }
+                    drop(r);
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }));
+        }
+        Self {
+            stop,
+            threads,
+            reports,
+            backends,
+        }
+    }
+
+    /// How every connection has fared so far, in opening order.
+    pub fn reports(&self) -> Vec<ChatReport> {
+        self.reports
+            .iter()
+            .map(|r| r.lock().unwrap().clone())
+            .collect()
+    }
+
+    /// The connections that failed, and the longest gap of the others.
+    pub fn summary(&self) -> (Vec<ChatReport>, Duration) {
+        let reports = self.reports();
+        let longest = reports
+            .iter()
+            .filter(|r| r.error.is_none())
+            .map(|r| r.longest_gap)
+            .max()
+            .unwrap_or_default();
+        let failed = reports.into_iter().filter(|r| r.error.is_some()).collect();
+        (failed, longest)
+    }
+}
+
+impl Drop for Chatter {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}

@@ -1,0 +1,325 @@
+//! Flow-state replication in the cluster testbed (`xdplb_tests::cluster`):
+//! three nodes behind a BIRD router doing ECMP over BGP+BFD, DSR.
+//!
+//! The hard case: long-lived connections are opened while one backend is
+//! out of the tables, then it comes back, so the Maglev table now picks it
+//! for some of them; they stay pinned to their first backend on the node
+//! carrying them. When that node dies, ECMP moves them to the survivors
+//! (and, as Linux's multipath hashing is not resilient, moves others
+//! between the survivors too). With replication every node holds every
+//! pin and no connection notices; without it (`replicate = false`, the
+//! second test) exactly the moved pins are reset.
+//!
+//! Run with `--nocapture` to see the measured figures.
+
+use std::{
+    collections::BTreeSet,
+    net::{SocketAddr, UdpSocket},
+    time::{Duration, Instant},
+};
+
+use xdplb::cluster::replication::wire::{self, FlowRecord, Header, Key, Kind};
+use xdplb_tests::{
+    assert_within,
+    cluster::{
+        backend_addr, node_addr, replication_addr, vip, Chatter, Cluster, Replication, NODES,
+    },
+    require_root,
+};
+
+/// Long-lived connections in the hard case.
+const LONG_LIVED: u16 = 60;
+
+fn require_bird() {
+    require_root();
+    assert!(
+        xdplb_tests::which("bird") && xdplb_tests::which("birdc"),
+        "BIRD 2 is needed (apt-get install bird2, or cargo xtask setup)"
+    );
+}
+
+/// Polls `check` every 50 ms until it holds; panics after `timeout`.
+fn wait_until(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) -> Duration {
+    let start = Instant::now();
+    while !check() {
+        assert!(start.elapsed() < timeout, "{what}: not after {timeout:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    start.elapsed()
+}
+
+/// Sets up the hard case: b3 leaves every node's tables, long-lived
+/// connections open (all on b1 and b2), b3 comes back. Returns the
+/// chatting connections, the node carrying the most connections whose
+/// pin now differs from the Maglev pick, and those connections' clients.
+fn hard_case(c: &Cluster) -> (Chatter, usize, Vec<SocketAddr>) {
+    let b3 = backend_addr(3);
+    c.on_every_node(&["backend", "remove", "web", &b3]);
+    let chatter = Chatter::start(c, 40000, LONG_LIVED);
+    let reached: BTreeSet<&str> = chatter.backends.iter().map(String::as_str).collect();
+    assert_eq!(
+        reached,
+        BTreeSet::from(["b1", "b2"]),
+        "b3 is out of the tables"
+    );
+    c.on_every_node(&["backend", "add", "web", &b3]);
+    wait_until("b3 active on every node", Duration::from_secs(10), || {
+        (1..=NODES).all(|i| c.daemon(i).json(&["status"]).unwrap()["backends_active"] == 3)
+    });
+    // Per node, the connections it carries (a local pin) whose pin is not
+    // what the Maglev table would pick now.
+    let moved: Vec<Vec<SocketAddr>> = (1..=NODES)
+        .map(|i| {
+            chatter
+                .reports()
+                .iter()
+                .map(|r| r.client)
+                .filter(|&client| {
+                    let f = c.flow(i, client);
+                    f["established"] == true
+                        && f["replicated"] == false
+                        && f["new_flow_backend"] != f["backend"]
+                })
+                .collect()
+        })
+        .collect();
+    let counts: Vec<usize> = moved.iter().map(Vec::len).collect();
+    println!("hard case: connections whose pin differs from the Maglev pick, per node: {counts:?}");
+    let victim = (1..=NODES).max_by_key(|&i| counts[i - 1]).unwrap();
+    assert!(
+        counts[victim - 1] > 0,
+        "no node carries a moved pin ({counts:?}): the hard case did not happen"
+    );
+    (chatter, victim, moved[victim - 1].clone())
+}
+
+fn replication(c: &Cluster, i: usize) -> serde_json::Value {
+    c.daemon(i).json(&["status"]).unwrap()["replication"].clone()
+}
+
+/// Node `i`'s view of peer `peer`.
+fn peer(c: &Cluster, i: usize, peer: usize) -> serde_json::Value {
+    let r = replication(c, i);
+    let addr = replication_addr(peer).to_string();
+    r["peers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["address"] == addr.as_str())
+        .cloned()
+        .unwrap_or_else(|| panic!("n{i} has no peer {addr}: {r}"))
+}
+
+#[test]
+fn replicated_pins_survive_node_loss_rejoin_and_partition() {
+    require_bird();
+    let mut c = Cluster::build(Replication::On);
+    c.wait_next_hops(NODES, Duration::from_secs(20));
+    wait_until("every peer heard", Duration::from_secs(10), || {
+        (1..=NODES).all(|i| {
+            replication(&c, i)["peers"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|p| p["state"] == "up")
+        })
+    });
+
+    // The hard case, with replication: every node knows every connection.
+    let (chatter, victim, moved) = hard_case(&c);
+    let clients: Vec<SocketAddr> = chatter.reports().iter().map(|r| r.client).collect();
+    for i in 1..=NODES {
+        let unknown: Vec<&SocketAddr> = clients
+            .iter()
+            .filter(|&&client| c.flow(i, client)["established"] != true)
+            .collect();
+        assert!(unknown.is_empty(), "n{i} does not know {unknown:?}");
+    }
+    let status = replication(&c, victim);
+    println!("n{victim} replication before it dies: {status}");
+    assert!(status["sent_flows"].as_u64().unwrap() > 0, "{status}");
+    assert_eq!(status["ring_lost"], 0, "{status}");
+
+    let (dead, withdrawn) = c.kill_node(victim);
+    println!(
+        "node loss: BFD withdrew n{victim} after {} ms; it carried {} moved pins",
+        withdrawn.as_millis(),
+        moved.len()
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let (failed, longest) = chatter.summary();
+    println!(
+        "node loss: {} of {LONG_LIVED} long-lived connections failed; longest stall {longest:?}",
+        failed.len()
+    );
+    assert!(withdrawn < Duration::from_secs(1), "BFD took {withdrawn:?}");
+    assert!(failed.is_empty(), "connections failed: {failed:?}");
+    assert_within(
+        "longest stall of a connection",
+        longest,
+        Duration::from_secs(1),
+    );
+
+    // Rejoin: the rebooted node pulls every pin before it announces, so
+    // the connections ECMP moves back to it keep their backends.
+    c.reboot_node(victim, dead);
+    let pull = replication(&c, victim)["last_pull"].clone();
+    println!("rejoin: n{victim} pulled {pull}");
+    assert!(
+        pull["flows"].as_u64().unwrap() >= u64::from(LONG_LIVED),
+        "{pull}"
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let (failed, longest) = chatter.summary();
+    println!(
+        "rejoin: {} long-lived connections failed; longest stall {longest:?}",
+        failed.len()
+    );
+    assert!(
+        failed.is_empty(),
+        "connections failed at rejoin: {failed:?}"
+    );
+    drop(chatter);
+
+    partition(&c);
+    wrong_key(&c);
+}
+
+/// The replication link between n1 and n3 is cut both ways while both
+/// keep serving; when it returns, each sees the gap and pulls what it
+/// missed.
+fn partition(c: &Cluster) {
+    let n3 = &c.nodes[2];
+    let rules = |op: &str| {
+        for proto in ["udp", "tcp"] {
+            for (chain, dir) in [("INPUT", "-s"), ("OUTPUT", "-d")] {
+                n3.exec(&[
+                    "iptables",
+                    op,
+                    chain,
+                    dir,
+                    &node_addr(1),
+                    "-p",
+                    proto,
+                    "--dport",
+                    "4700",
+                    "-j",
+                    "DROP",
+                ])
+                .unwrap();
+            }
+        }
+    };
+    rules("-A");
+    wait_until("n3 sees n1 silent", Duration::from_secs(10), || {
+        peer(c, 3, 1)["state"] == "silent"
+    });
+    // New connections during the partition: all served.
+    let during = Chatter::start(c, 50000, 40);
+    let carried_by_n1: Vec<SocketAddr> = during
+        .reports()
+        .iter()
+        .map(|r| r.client)
+        .filter(|&client| {
+            let f = c.flow(1, client);
+            f["established"] == true && f["replicated"] == false
+        })
+        .collect();
+    assert!(!carried_by_n1.is_empty(), "n1 carries none of 40 flows");
+    for &client in &carried_by_n1 {
+        assert_eq!(
+            c.flow(3, client)["established"],
+            false,
+            "n3 learnt {client} through the partition"
+        );
+    }
+    rules("-D");
+    let healed = wait_until(
+        "n3 pulls what it missed from n1",
+        Duration::from_secs(10),
+        || peer(c, 3, 1)["resyncs"].as_u64().unwrap() >= 1,
+    );
+    let view = peer(c, 3, 1);
+    println!("partition: n3 caught up {healed:?} after the link returned; its view of n1: {view}");
+    assert!(view["missed"].as_u64().unwrap() > 0, "{view}");
+    for &client in &carried_by_n1 {
+        assert_eq!(
+            c.flow(3, client)["established"],
+            true,
+            "n3 still lacks {client}"
+        );
+    }
+    let (failed, _) = during.summary();
+    assert!(
+        failed.is_empty(),
+        "connections failed in the partition: {failed:?}"
+    );
+}
+
+/// A message under another key, and one under the right key from a host
+/// that is not a peer: both ignored, counted and logged.
+fn wrong_key(c: &Cluster) {
+    let before = replication(c, 1);
+    let record = FlowRecord {
+        service: (vip().ip(), 80, 6),
+        client: "10.88.1.2:60000".parse().unwrap(),
+        backend: SocketAddr::new(backend_addr(1).parse().unwrap(), 80),
+    };
+    let header = Header {
+        kind: Kind::Flows,
+        sender: 7,
+        seq: 1,
+        sent_ms: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64,
+    };
+    let forged = wire::encode(&Key::new(b"not the cluster's key"), &header, &[record]);
+    let stranger = wire::encode(
+        &Key::new(xdplb_tests::cluster::KEY.as_bytes()),
+        &header,
+        &[record],
+    );
+    c.client.run(|| {
+        let s = UdpSocket::bind("0.0.0.0:0").unwrap();
+        s.send_to(&forged, replication_addr(1)).unwrap();
+        s.send_to(&stranger, replication_addr(1)).unwrap();
+    });
+    wait_until("n1 counts both", Duration::from_secs(5), || {
+        let now = replication(c, 1);
+        now["bad_tag"].as_u64() > before["bad_tag"].as_u64()
+            && now["unknown_sender"].as_u64() > before["unknown_sender"].as_u64()
+    });
+    assert_eq!(
+        c.flow(1, record.client)["established"],
+        false,
+        "a refused message installed a pin"
+    );
+    let log = c.daemon(1).proc.output_text();
+    assert!(log.contains("replication: refused a message"), "{log}");
+}
+
+#[test]
+fn without_replication_the_moved_pins_are_reset() {
+    require_bird();
+    let mut c = Cluster::build(Replication::Off);
+    c.wait_next_hops(NODES, Duration::from_secs(20));
+    let (chatter, victim, moved) = hard_case(&c);
+    let (_dead, withdrawn) = c.kill_node(victim);
+    std::thread::sleep(Duration::from_secs(2));
+    let (failed, _) = chatter.summary();
+    let failed: BTreeSet<SocketAddr> = failed.iter().map(|r| r.client).collect();
+    println!(
+        "without replication: n{victim} withdrawn after {} ms; {} of its {} moved pins and {} \
+         connections in all reset",
+        withdrawn.as_millis(),
+        moved.iter().filter(|m| failed.contains(m)).count(),
+        moved.len(),
+        failed.len()
+    );
+    let survived: Vec<&SocketAddr> = moved.iter().filter(|m| !failed.contains(m)).collect();
+    assert!(
+        survived.is_empty(),
+        "moved pins survived without replication: {survived:?}"
+    );
+}

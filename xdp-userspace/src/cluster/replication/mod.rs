@@ -1,0 +1,816 @@
+//! Flow-state replication (docs/cluster.md): every node tells its peers
+//! which backend each of its flows is pinned to, so that whichever node
+//! ECMP sends a flow to next keeps it on that backend.
+//!
+//! - The datapath reports each pin it makes through a ring buffer
+//!   (`xdp_common::replication`); [`Replicator::spawn`] drains it, turns
+//!   backend ids into addresses ([`Directory`]) and sends the pins to
+//!   every peer as UDP datagrams ([`wire`]), signed with the shared key.
+//! - Peers' datagrams are checked (tag, sender, sequence, age) and their
+//!   pins installed in the flow table marked replicated, where they age
+//!   (LRU) like local ones.
+//! - Every second each node sends a heartbeat carrying its last sequence
+//!   number: a peer that missed messages (a partition, a full socket
+//!   buffer) sees the gap, counts it, and pulls a full copy over TCP.
+//! - A starting node pulls a full copy before it announces any VIP
+//!   ([`Replicator::pull_initial`]).
+
+pub mod wire;
+
+use std::{
+    io::Read as _,
+    net::{SocketAddr, TcpStream},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex, MutexGuard,
+    },
+    time::{Duration, Instant, SystemTime},
+};
+
+use anyhow::{bail, Context as _, Result};
+use aya::{
+    maps::{MapData, PerCpuArray, RingBuf},
+    Ebpf,
+};
+use serde::{Deserialize, Serialize};
+use tokio::{
+    io::{unix::AsyncFd, AsyncReadExt as _, AsyncWriteExt as _, Interest},
+    net::UdpSocket,
+    sync::mpsc,
+};
+use tracing::{info, warn};
+use wire::{FlowRecord, Header, Key, Kind, WireError};
+use xdp_common::{
+    replication::{FlowEvent, COUNTS_MAP, COUNT_LOST, COUNT_WRITTEN, EVENTS_MAP},
+    FlowKey,
+};
+
+use super::config::Replication;
+use crate::{
+    addr,
+    controller::{Controller, Directory, SharedDirectory},
+    dataplane::FlowTable,
+};
+
+/// A message older (or newer) than this by the receiver's clock is
+/// refused: a captured message replayed later must not re-install pins.
+/// Nodes' clocks must agree to within it (NTP).
+const MAX_AGE: Duration = Duration::from_secs(30);
+/// A peer not heard from for this long is shown as silent.
+const SILENT_AFTER: Duration = Duration::from_secs(3);
+/// How often heartbeats go out.
+const HEARTBEAT: Duration = Duration::from_secs(1);
+/// Least time between two full copies pulled from one peer.
+const RESYNC_INTERVAL: Duration = Duration::from_secs(2);
+/// A full copy that takes longer than this is abandoned.
+const PULL_TIMEOUT: Duration = Duration::from_secs(10);
+/// Least time between two log lines about refused messages.
+const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(10);
+
+/// The replication sockets, bound before anything else starts so that an
+/// address in use stops the daemon with a clear error.
+pub struct Sockets {
+    udp: std::net::UdpSocket,
+    tcp: std::net::TcpListener,
+}
+
+impl Sockets {
+    pub fn bind(cfg: &Replication) -> Result<Self> {
+        let why = || format!("[cluster] replication_listen {}", cfg.listen);
+        let udp = std::net::UdpSocket::bind(cfg.listen).with_context(why)?;
+        let tcp = std::net::TcpListener::bind(cfg.listen).with_context(why)?;
+        udp.set_nonblocking(true)?;
+        tcp.set_nonblocking(true)?;
+        Ok(Self { udp, tcp })
+    }
+}
+
+/// The datapath's side: its ring of pinned flows and their counters.
+pub struct Ring {
+    events: RingBuf<MapData>,
+}
+
+/// One peer as this node sees it.
+#[derive(Debug)]
+struct Peer {
+    addr: SocketAddr,
+    /// The peer's current run and the last sequence number seen in it.
+    run: Option<(u64, u64)>,
+    heard: Option<Instant>,
+    received: u64,
+    /// Flow messages the sequence numbers show were lost.
+    missed: u64,
+    /// Full copies pulled from it after a gap.
+    resyncs: u64,
+    last_resync: Option<Instant>,
+    lag_ms: u64,
+    max_lag_ms: u64,
+    send_errors: u64,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    sent_flows: u64,
+    sent_messages: u64,
+    /// Pins that could not be named (their backend id was unknown).
+    unsent: u64,
+    received: u64,
+    installed: u64,
+    /// Received pins of a service or backend this node does not have.
+    unmatched: u64,
+    bad_tag: u64,
+    unknown_sender: u64,
+    malformed: u64,
+    /// Replayed, duplicated or too old.
+    stale: u64,
+    last_refusal_log: Option<Instant>,
+    last_pull: Option<PullReport>,
+}
+
+/// What a full copy brought.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PullReport {
+    pub from: SocketAddr,
+    pub flows: u64,
+    pub installed: u64,
+    pub ms: u64,
+}
+
+/// Everything the replication tasks share.
+struct Shared {
+    listen: SocketAddr,
+    key: Key,
+    /// This run's id (see `wire::Header::sender`).
+    run: u64,
+    /// The last flow message's sequence number.
+    seq: AtomicU64,
+    directory: SharedDirectory,
+    table: Mutex<FlowTable>,
+    counts: PerCpuArray<MapData, u64>,
+    peers: Mutex<Vec<Peer>>,
+    counters: Mutex<Counters>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Milliseconds since the epoch.
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// This node's replication: see the module documentation.
+#[derive(Clone)]
+pub struct Replicator {
+    shared: Arc<Shared>,
+}
+
+impl Replicator {
+    /// Takes the datapath's ring and counters out of `ebpf`; the
+    /// controller provides the flow table and backend directory.
+    pub fn new(
+        cfg: &Replication,
+        ebpf: &mut Ebpf,
+        controller: &Controller,
+    ) -> Result<(Self, Ring)> {
+        let mut take = |name: &str| {
+            ebpf.take_map(name)
+                .with_context(|| format!("map {name} missing from the XDP object"))
+        };
+        let events = RingBuf::try_from(take(EVENTS_MAP)?)?;
+        let counts = PerCpuArray::try_from(take(COUNTS_MAP)?)?;
+        let run = (u64::from(std::process::id()) << 32) ^ now_ms().rotate_left(17) ^ random();
+        let peers = cfg
+            .peers
+            .iter()
+            .map(|&addr| Peer {
+                addr,
+                run: None,
+                heard: None,
+                received: 0,
+                missed: 0,
+                resyncs: 0,
+                last_resync: None,
+                lag_ms: 0,
+                max_lag_ms: 0,
+                send_errors: 0,
+            })
+            .collect();
+        let shared = Shared {
+            listen: cfg.listen,
+            key: Key::new(cfg.key.as_bytes()),
+            run,
+            seq: AtomicU64::new(0),
+            directory: controller.directory(),
+            table: Mutex::new(controller.flow_table()?),
+            counts,
+            peers: Mutex::new(peers),
+            counters: Mutex::default(),
+        };
+        Ok((
+            Self {
+                shared: Arc::new(shared),
+            },
+            Ring { events },
+        ))
+    }
+
+    /// Pulls a full copy of the flow table from the first peer that gives
+    /// one; blocking. A node calls this before it announces anything, so
+    /// that it never carries a flow it does not know. When no peer
+    /// answers (the first node of a cluster) it says so and goes on.
+    pub fn pull_initial(&self) {
+        let peers: Vec<SocketAddr> = lock(&self.shared.peers).iter().map(|p| p.addr).collect();
+        for peer in peers {
+            match self.pull(peer) {
+                Ok(report) => {
+                    info!(
+                        %peer,
+                        flows = report.flows,
+                        installed = report.installed,
+                        ms = report.ms,
+                        "replication: pulled the cluster's flows before announcing"
+                    );
+                    return;
+                }
+                Err(e) => warn!(%peer, "replication: no full copy: {e:#}"),
+            }
+        }
+        warn!("replication: no peer gave a full copy; starting with this node's flows only");
+    }
+
+    /// Pulls a full copy from `peer` and installs the pins this node does
+    /// not have yet.
+    fn pull(&self, peer: SocketAddr) -> Result<PullReport> {
+        let started = Instant::now();
+        let mut stream = TcpStream::connect_timeout(&peer, Duration::from_secs(1))?;
+        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+        stream.set_write_timeout(Some(Duration::from_secs(5)))?;
+        let request = self.header(Kind::SyncRequest, 0);
+        write_frame(&mut stream, &wire::encode(&self.shared.key, &request, &[]))?;
+        let (mut flows, mut installed) = (0u64, 0u64);
+        loop {
+            if started.elapsed() > PULL_TIMEOUT {
+                bail!("took longer than {PULL_TIMEOUT:?}");
+            }
+            let frame = read_frame(&mut stream)?;
+            let (header, records) = wire::decode(&self.shared.key, &frame)?;
+            match header.kind {
+                Kind::Flows => {
+                    flows += records.len() as u64;
+                    installed += self.install(&records, false);
+                }
+                Kind::SyncEnd if header.seq == flows => break,
+                Kind::SyncEnd => bail!("the copy ended after {flows} of {} flows", header.seq),
+                kind => bail!("unexpected {kind:?} message in a full copy"),
+            }
+        }
+        let report = PullReport {
+            from: peer,
+            flows,
+            installed,
+            ms: started.elapsed().as_millis() as u64,
+        };
+        lock(&self.shared.counters).last_pull = Some(report.clone());
+        Ok(report)
+    }
+
+    fn header(&self, kind: Kind, seq: u64) -> Header {
+        Header {
+            kind,
+            sender: self.shared.run,
+            seq,
+            sent_ms: now_ms(),
+        }
+    }
+
+    /// Installs peers' pins; returns how many were written.
+    fn install(&self, records: &[FlowRecord], overwrite: bool) -> u64 {
+        let directory = self.directory();
+        let mut table = lock(&self.shared.table);
+        let (mut installed, mut unmatched) = (0, 0);
+        for r in records {
+            let Some(id) = directory.id(r.service, r.backend) else {
+                unmatched += 1;
+                continue;
+            };
+            let (vip, port, proto) = r.service;
+            let key = addr::flow_key(r.client, SocketAddr::new(vip, port), proto);
+            match table.install(&key, id, overwrite) {
+                Ok(true) => installed += 1,
+                Ok(false) => {}
+                Err(e) => warn!("replication: {e:#}"),
+            }
+        }
+        drop(table);
+        let mut c = lock(&self.shared.counters);
+        c.received += records.len() as u64;
+        c.installed += installed;
+        c.unmatched += unmatched;
+        installed
+    }
+
+    fn directory(&self) -> Arc<Directory> {
+        self.shared
+            .directory
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Starts the tasks: the ring reader, the receiver, the heartbeat and
+    /// the full-copy server. Call inside the daemon's runtime.
+    pub fn spawn(&self, ring: Ring, sockets: Sockets) -> Result<()> {
+        let udp = Arc::new(tokio::net::UdpSocket::from_std(sockets.udp)?);
+        let tcp = tokio::net::TcpListener::from_std(sockets.tcp)?;
+        // SAFETY: the ring owns its descriptor and the AsyncFd owns the
+        // ring, so the descriptor stays open while it is registered.
+        let ring = unsafe { AsyncFd::register_with_interest(ring.events, Interest::READABLE) }
+            .map_err(|e| anyhow::anyhow!("registering the ring: {e}"))?;
+        let (resync_tx, resync_rx) = mpsc::unbounded_channel();
+        tokio::spawn(self.clone().send_pins(ring, udp.clone()));
+        tokio::spawn(self.clone().receive(udp.clone(), resync_tx));
+        tokio::spawn(self.clone().heartbeat(udp));
+        tokio::spawn(self.clone().resync(resync_rx));
+        tokio::spawn(self.clone().serve_copies(tcp));
+        info!(listen = %self.shared.listen, "replication: running");
+        Ok(())
+    }
+
+    /// Drains the datapath's ring and sends its pins to every peer.
+    async fn send_pins(self, mut ring: AsyncFd<RingBuf<MapData>>, udp: Arc<UdpSocket>) {
+        loop {
+            match ring.readable_mut().await {
+                // Readiness is cleared before draining: a pin submitted
+                // meanwhile wakes the next wait instead of being missed.
+                Ok(mut guard) => guard.clear_ready(),
+                Err(e) => {
+                    warn!("replication: the datapath's ring failed, no more pins sent: {e}");
+                    return;
+                }
+            }
+            let mut events = Vec::new();
+            while let Some(item) = ring.get_mut().next() {
+                if item.len() >= std::mem::size_of::<FlowEvent>() {
+                    // SAFETY: the datapath writes whole FlowEvents (Pod);
+                    // the length is checked and the read is unaligned.
+                    events.push(unsafe { (item.as_ptr() as *const FlowEvent).read_unaligned() });
+                }
+            }
+            if !events.is_empty() {
+                let records = self.name(&events);
+                self.send(&udp, &records).await;
+            }
+        }
+    }
+
+    /// The pins as they travel: backends by address.
+    fn name(&self, events: &[FlowEvent]) -> Vec<FlowRecord> {
+        let directory = self.directory();
+        let records: Vec<FlowRecord> = events
+            .iter()
+            .filter_map(|e| record(&directory, &e.key, e.backend))
+            .collect();
+        lock(&self.shared.counters).unsent += (events.len() - records.len()) as u64;
+        records
+    }
+
+    /// Sends pins to every peer, as many datagrams as they need.
+    async fn send(&self, udp: &UdpSocket, records: &[FlowRecord]) {
+        let peers: Vec<SocketAddr> = lock(&self.shared.peers).iter().map(|p| p.addr).collect();
+        for chunk in records.chunks(wire::RECORDS_PER_DATAGRAM) {
+            let seq = self.shared.seq.fetch_add(1, Ordering::Relaxed) + 1;
+            let msg = wire::encode(&self.shared.key, &self.header(Kind::Flows, seq), chunk);
+            self.send_to_all(udp, &peers, &msg).await;
+            let mut c = lock(&self.shared.counters);
+            c.sent_flows += chunk.len() as u64;
+            c.sent_messages += 1;
+        }
+    }
+
+    async fn send_to_all(&self, udp: &UdpSocket, peers: &[SocketAddr], msg: &[u8]) {
+        for &peer in peers {
+            if udp.send_to(msg, peer).await.is_err() {
+                // Unreachable for now (a partition): the heartbeat that
+                // gets through later shows the gap, and the peer pulls.
+                if let Some(p) = lock(&self.shared.peers).iter_mut().find(|p| p.addr == peer) {
+                    p.send_errors += 1;
+                }
+            }
+        }
+    }
+
+    /// Sends a heartbeat to every peer each second.
+    async fn heartbeat(self, udp: Arc<UdpSocket>) {
+        let peers: Vec<SocketAddr> = lock(&self.shared.peers).iter().map(|p| p.addr).collect();
+        let mut tick = tokio::time::interval(HEARTBEAT);
+        loop {
+            tick.tick().await;
+            let seq = self.shared.seq.load(Ordering::Relaxed);
+            let msg = wire::encode(&self.shared.key, &self.header(Kind::Heartbeat, seq), &[]);
+            self.send_to_all(&udp, &peers, &msg).await;
+        }
+    }
+
+    /// Receives peers' datagrams.
+    async fn receive(self, udp: Arc<UdpSocket>, resync: mpsc::UnboundedSender<SocketAddr>) {
+        let mut buf = vec![0u8; 2048];
+        loop {
+            match udp.recv_from(&mut buf).await {
+                Ok((n, from)) => self.receive_one(&buf[..n], from, &resync),
+                Err(e) => warn!("replication: receiving: {e}"),
+            }
+        }
+    }
+
+    fn receive_one(
+        &self,
+        msg: &[u8],
+        from: SocketAddr,
+        resync: &mpsc::UnboundedSender<SocketAddr>,
+    ) {
+        let (header, records) = match wire::decode(&self.shared.key, msg) {
+            Ok(m) => m,
+            Err(e) => return self.refused(from, Refusal::Wire(e)),
+        };
+        let now = now_ms();
+        if now.abs_diff(header.sent_ms) > MAX_AGE.as_millis() as u64 {
+            return self.refused(from, Refusal::Stale);
+        }
+        let mut peers = lock(&self.shared.peers);
+        let Some(peer) = peers.iter_mut().find(|p| p.addr == from) else {
+            drop(peers);
+            return self.refused(from, Refusal::UnknownSender);
+        };
+        peer.heard = Some(Instant::now());
+        let last = peer
+            .run
+            .filter(|(run, _)| *run == header.sender)
+            .map(|(_, seq)| seq);
+        match header.kind {
+            Kind::Flows => {
+                if last.is_some_and(|last| header.seq <= last) {
+                    drop(peers);
+                    return self.refused(from, Refusal::Stale);
+                }
+                if let Some(last) = last.filter(|last| header.seq > last + 1) {
+                    peer.missed += header.seq - last - 1;
+                    let _ = resync.send(from);
+                }
+                peer.run = Some((header.sender, header.seq));
+                peer.received += records.len() as u64;
+                peer.lag_ms = now.saturating_sub(header.sent_ms);
+                peer.max_lag_ms = peer.max_lag_ms.max(peer.lag_ms);
+                drop(peers);
+                self.install(&records, true);
+            }
+            Kind::Heartbeat => {
+                if let Some(last) = last.filter(|last| header.seq > *last) {
+                    peer.missed += header.seq - last;
+                    let _ = resync.send(from);
+                }
+                if last.is_none_or(|last| header.seq > last) {
+                    peer.run = Some((header.sender, header.seq));
+                }
+            }
+            Kind::SyncRequest | Kind::SyncEnd => {
+                drop(peers);
+                self.refused(from, Refusal::Wire(WireError::Malformed("TCP-only kind")));
+            }
+        }
+    }
+
+    /// Counts a refused message and logs it (at most every 10 s).
+    fn refused(&self, from: SocketAddr, why: Refusal) {
+        let mut c = lock(&self.shared.counters);
+        match &why {
+            Refusal::Wire(WireError::BadTag) => c.bad_tag += 1,
+            Refusal::Wire(WireError::Malformed(_)) => c.malformed += 1,
+            Refusal::UnknownSender => c.unknown_sender += 1,
+            Refusal::Stale => c.stale += 1,
+        }
+        let now = Instant::now();
+        if c.last_refusal_log
+            .is_none_or(|t| now.duration_since(t) >= REFUSAL_LOG_INTERVAL)
+        {
+            c.last_refusal_log = Some(now);
+            warn!(
+                %from,
+                bad_tag = c.bad_tag,
+                unknown_sender = c.unknown_sender,
+                malformed = c.malformed,
+                stale = c.stale,
+                "replication: refused a message: {why} (counts so far; next report in 10 s at most)"
+            );
+        }
+    }
+
+    /// Pulls a full copy from each peer that showed a gap (at most one per
+    /// peer every 2 s).
+    async fn resync(self, mut gaps: mpsc::UnboundedReceiver<SocketAddr>) {
+        while let Some(peer) = gaps.recv().await {
+            {
+                let mut peers = lock(&self.shared.peers);
+                let Some(p) = peers.iter_mut().find(|p| p.addr == peer) else {
+                    continue;
+                };
+                if p.last_resync.is_some_and(|t| t.elapsed() < RESYNC_INTERVAL) {
+                    continue;
+                }
+                p.last_resync = Some(Instant::now());
+            }
+            let me = self.clone();
+            match tokio::task::spawn_blocking(move || me.pull(peer)).await {
+                Ok(Ok(report)) => {
+                    info!(
+                        %peer,
+                        flows = report.flows,
+                        installed = report.installed,
+                        "replication: messages were lost; pulled a full copy"
+                    );
+                    if let Some(p) = lock(&self.shared.peers).iter_mut().find(|p| p.addr == peer) {
+                        p.resyncs += 1;
+                    }
+                }
+                Ok(Err(e)) => warn!(%peer, "replication: pulling a full copy after a gap: {e:#}"),
+                Err(e) => warn!(%peer, "replication: pull task: {e}"),
+            }
+        }
+    }
+
+    /// Serves full copies to peers.
+    async fn serve_copies(self, listener: tokio::net::TcpListener) {
+        loop {
+            match listener.accept().await {
+                Ok((stream, from)) => {
+                    let me = self.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = me.serve_copy(stream, from).await {
+                            warn!(%from, "replication: full copy not served: {e:#}");
+                        }
+                    });
+                }
+                Err(e) => {
+                    warn!("replication: accepting: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+
+    async fn serve_copy(self, mut stream: tokio::net::TcpStream, from: SocketAddr) -> Result<()> {
+        let request = tokio::time::timeout(Duration::from_secs(5), async {
+            let len = stream.read_u32().await? as usize;
+            if len > wire::MAX_MESSAGE {
+                bail!("a {len}-byte request");
+            }
+            let mut msg = vec![0u8; len];
+            stream.read_exact(&mut msg).await?;
+            Ok(msg)
+        })
+        .await
+        .context("no request within 5 s")??;
+        let known = lock(&self.shared.peers)
+            .iter()
+            .any(|p| p.addr.ip() == from.ip());
+        let header = match wire::decode(&self.shared.key, &request) {
+            Ok((h, _)) if !known => {
+                let _ = h;
+                self.refused(from, Refusal::UnknownSender);
+                bail!("not a configured peer");
+            }
+            Ok((h, _)) if h.kind == Kind::SyncRequest => h,
+            Ok(_) => bail!("not a full-copy request"),
+            Err(e) => {
+                self.refused(from, Refusal::Wire(e));
+                bail!("refused");
+            }
+        };
+        if now_ms().abs_diff(header.sent_ms) > MAX_AGE.as_millis() as u64 {
+            self.refused(from, Refusal::Stale);
+            bail!("a stale request");
+        }
+        let me = self.clone();
+        let records = tokio::task::spawn_blocking(move || me.export()).await?;
+        for chunk in records.chunks(wire::RECORDS_PER_FRAME) {
+            let msg = wire::encode(&self.shared.key, &self.header(Kind::Flows, 0), chunk);
+            stream.write_u32(msg.len() as u32).await?;
+            stream.write_all(&msg).await?;
+        }
+        let end = self.header(Kind::SyncEnd, records.len() as u64);
+        let msg = wire::encode(&self.shared.key, &end, &[]);
+        stream.write_u32(msg.len() as u32).await?;
+        stream.write_all(&msg).await?;
+        stream.flush().await?;
+        info!(%from, flows = records.len(), "replication: served a full copy");
+        Ok(())
+    }
+
+    /// Every pin in the flow table (local and replicated), by address.
+    fn export(&self) -> Vec<FlowRecord> {
+        let directory = self.directory();
+        let table = lock(&self.shared.table);
+        table
+            .pins()
+            .filter_map(|(key, flow)| record(&directory, &key, flow.backend))
+            .collect()
+    }
+
+    /// What `xdplb status` and `xdplb stats` show.
+    pub fn view(&self) -> ReplicationView {
+        let ring = |slot| {
+            self.shared
+                .counts
+                .get(&slot, 0)
+                .map_or(0, |v| v.iter().sum::<u64>())
+        };
+        let c = lock(&self.shared.counters);
+        let peers = lock(&self.shared.peers)
+            .iter()
+            .map(|p| PeerView {
+                address: p.addr,
+                state: match p.heard {
+                    None => "never heard",
+                    Some(t) if t.elapsed() > SILENT_AFTER => "silent",
+                    Some(_) => "up",
+                }
+                .into(),
+                heard_ms_ago: p.heard.map(|t| t.elapsed().as_millis() as u64),
+                received: p.received,
+                missed: p.missed,
+                resyncs: p.resyncs,
+                lag_ms: p.lag_ms,
+                max_lag_ms: p.max_lag_ms,
+                send_errors: p.send_errors,
+            })
+            .collect();
+        ReplicationView {
+            listen: self.shared.listen,
+            ring_written: ring(COUNT_WRITTEN),
+            ring_lost: ring(COUNT_LOST),
+            sent_flows: c.sent_flows,
+            sent_messages: c.sent_messages,
+            unsent: c.unsent,
+            received: c.received,
+            installed: c.installed,
+            unmatched: c.unmatched,
+            bad_tag: c.bad_tag,
+            unknown_sender: c.unknown_sender,
+            malformed: c.malformed,
+            stale: c.stale,
+            last_pull: c.last_pull.clone(),
+            peers,
+        }
+    }
+}
+
+/// Why a message was not believed.
+enum Refusal {
+    Wire(WireError),
+    UnknownSender,
+    Stale,
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Refusal::Wire(e) => write!(f, "{e}"),
+            Refusal::UnknownSender => f.write_str("not from a configured peer"),
+            Refusal::Stale => f.write_str("replayed, duplicated, or older than 30 s"),
+        }
+    }
+}
+
+/// A pin of `key` to backend `id`, named by address.
+fn record(directory: &Directory, key: &FlowKey, id: u32) -> Option<FlowRecord> {
+    let (service, backend) = directory.backend(id)?;
+    let client = SocketAddr::new(addr::from_words(key.src), u16::from_be(key.sport_be));
+    Some(FlowRecord {
+        service,
+        client,
+        backend,
+    })
+}
+
+/// The lines `xdplb status` and `xdplb stats` print about replication.
+pub fn describe(v: &ReplicationView) -> String {
+    let mut out = format!(
+        "replication: on {}: sent {} flows in {} messages ({} unnamed), datapath ring lost {}; \
+         received {} ({} installed, {} unmatched); refused {} with a bad key, {} from \
+         unknown senders, {} malformed, {} stale\n",
+        v.listen,
+        v.sent_flows,
+        v.sent_messages,
+        v.unsent,
+        v.ring_lost,
+        v.received,
+        v.installed,
+        v.unmatched,
+        v.bad_tag,
+        v.unknown_sender,
+        v.malformed,
+        v.stale,
+    );
+    if let Some(p) = &v.last_pull {
+        out += &format!(
+            "  last full copy: {} flows from {} in {} ms ({} new here)\n",
+            p.flows, p.from, p.ms, p.installed
+        );
+    }
+    for p in &v.peers {
+        let heard = p
+            .heard_ms_ago
+            .map_or_else(String::new, |ms| format!(", heard {ms} ms ago"));
+        out += &format!(
+            "  peer {}: {}{heard}; received {}, missed {} messages, {} resyncs, lag {} ms \
+             (max {}), {} send errors\n",
+            p.address,
+            p.state,
+            p.received,
+            p.missed,
+            p.resyncs,
+            p.lag_ms,
+            p.max_lag_ms,
+            p.send_errors
+        );
+    }
+    out
+}
+
+/// Replication as `xdplb status` and `xdplb stats` show it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicationView {
+    pub listen: SocketAddr,
+    /// Pins the datapath reported, and those lost because the ring was
+    /// full.
+    pub ring_written: u64,
+    pub ring_lost: u64,
+    pub sent_flows: u64,
+    pub sent_messages: u64,
+    /// Pins not sent: their backend was unknown by then.
+    pub unsent: u64,
+    /// Pins received from peers, and those installed (new or changed).
+    pub received: u64,
+    pub installed: u64,
+    /// Received pins of a service or backend this node does not have.
+    pub unmatched: u64,
+    /// Messages refused: wrong key, not from a peer, malformed, replayed
+    /// or too old.
+    pub bad_tag: u64,
+    pub unknown_sender: u64,
+    pub malformed: u64,
+    pub stale: u64,
+    /// The last full copy pulled.
+    pub last_pull: Option<PullReport>,
+    pub peers: Vec<PeerView>,
+}
+
+/// One peer in [`ReplicationView`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerView {
+    pub address: SocketAddr,
+    /// "up", "silent" (nothing for 3 s: down or partitioned) or "never
+    /// heard".
+    pub state: String,
+    pub heard_ms_ago: Option<u64>,
+    pub received: u64,
+    /// Messages lost on the way (sequence gaps), and full copies pulled to
+    /// make up for them.
+    pub missed: u64,
+    pub resyncs: u64,
+    /// Replication lag of its last message, and the largest seen.
+    pub lag_ms: u64,
+    pub max_lag_ms: u64,
+    pub send_errors: u64,
+}
+
+fn random() -> u64 {
+    let mut b = [0u8; 8];
+    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
+        let _ = f.read_exact(&mut b);
+    }
+    u64::from_ne_bytes(b)
+}
+
+/// Writes a length-prefixed message.
+fn write_frame(w: &mut impl std::io::Write, msg: &[u8]) -> Result<()> {
+    w.write_all(&(msg.len() as u32).to_be_bytes())?;
+    w.write_all(msg)?;
+    Ok(())
+}
+
+/// Reads a length-prefixed message.
+fn read_frame(r: &mut impl std::io::Read) -> Result<Vec<u8>> {
+    let mut len = [0u8; 4];
+    r.read_exact(&mut len)?;
+    let len = u32::from_be_bytes(len) as usize;
+    if len > wire::MAX_MESSAGE {
+        bail!("a {len}-byte message is longer than any the protocol sends");
+    }
+    let mut msg = vec![0u8; len];
+    r.read_exact(&mut msg)?;
+    Ok(msg)
+}
