@@ -15,20 +15,18 @@
 use std::{
     collections::BTreeSet,
     net::{SocketAddr, UdpSocket},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use xdplb::cluster::replication::wire::{self, FlowRecord, Header, Key, Kind};
 use xdplb_tests::{
     assert_within,
     cluster::{
-        backend_addr, node_addr, replication_addr, vip, Chatter, Cluster, Replication, NODES,
+        backend_addr, hard_case, node_addr, replication_addr, vip, wait_until, Chatter, Cluster,
+        Replication, LONG_LIVED, NODES,
     },
     require_root,
 };
-
-/// Long-lived connections in the hard case.
-const LONG_LIVED: u16 = 60;
 
 fn require_bird() {
     require_root();
@@ -36,61 +34,6 @@ fn require_bird() {
         xdplb_tests::which("bird") && xdplb_tests::which("birdc"),
         "BIRD 2 is needed (apt-get install bird2, or cargo xtask setup)"
     );
-}
-
-/// Polls `check` every 50 ms until it holds; panics after `timeout`.
-fn wait_until(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) -> Duration {
-    let start = Instant::now();
-    while !check() {
-        assert!(start.elapsed() < timeout, "{what}: not after {timeout:?}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    start.elapsed()
-}
-
-/// Sets up the hard case: b3 leaves every node's tables, long-lived
-/// connections open (all on b1 and b2), b3 comes back. Returns the
-/// chatting connections, the node carrying the most connections whose
-/// pin now differs from the Maglev pick, and those connections' clients.
-fn hard_case(c: &Cluster) -> (Chatter, usize, Vec<SocketAddr>) {
-    let b3 = backend_addr(3);
-    c.on_every_node(&["backend", "remove", "web", &b3]);
-    let chatter = Chatter::start(c, 40000, LONG_LIVED);
-    let reached: BTreeSet<&str> = chatter.backends.iter().map(String::as_str).collect();
-    assert_eq!(
-        reached,
-        BTreeSet::from(["b1", "b2"]),
-        "b3 is out of the tables"
-    );
-    c.on_every_node(&["backend", "add", "web", &b3]);
-    wait_until("b3 active on every node", Duration::from_secs(10), || {
-        (1..=NODES).all(|i| c.daemon(i).json(&["status"]).unwrap()["backends_active"] == 3)
-    });
-    // Per node, the connections it carries (a local pin) whose pin is not
-    // what the Maglev table would pick now.
-    let moved: Vec<Vec<SocketAddr>> = (1..=NODES)
-        .map(|i| {
-            chatter
-                .reports()
-                .iter()
-                .map(|r| r.client)
-                .filter(|&client| {
-                    let f = c.flow(i, client);
-                    f["established"] == true
-                        && f["replicated"] == false
-                        && f["new_flow_backend"] != f["backend"]
-                })
-                .collect()
-        })
-        .collect();
-    let counts: Vec<usize> = moved.iter().map(Vec::len).collect();
-    println!("hard case: connections whose pin differs from the Maglev pick, per node: {counts:?}");
-    let victim = (1..=NODES).max_by_key(|&i| counts[i - 1]).unwrap();
-    assert!(
-        counts[victim - 1] > 0,
-        "no node carries a moved pin ({counts:?}): the hard case did not happen"
-    );
-    (chatter, victim, moved[victim - 1].clone())
 }
 
 fn replication(c: &Cluster, i: usize) -> serde_json::Value {

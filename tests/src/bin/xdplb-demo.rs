@@ -4,17 +4,21 @@
 //! with the VIP on loopback) on one L2 segment, runs `xdplb` in native XDP
 //! mode, sends a few hundred real connections to the VIP, and shows how
 //! they were spread, where a sample flow goes, and the datapath counters.
+//! Then a three-node cluster behind a BIRD router loses the node carrying
+//! the most connections, under load, and none of them is lost.
 //! Everything is torn down at the end, on error, and on Ctrl-C.
 
 use std::{
     net::{IpAddr, SocketAddr},
     process::ExitCode,
     sync::atomic::{AtomicBool, Ordering},
+    time::Duration,
 };
 
 use anyhow::{bail, Context as _, Result};
 use xdplb_tests::{
     bin_path,
+    cluster::{hard_case, vip, Cluster, Replication, LONG_LIVED, NODES, VIP},
     lb::{dsr_config_with, requests, start_backend, start_backends, Load, Tally, Xdplb},
     require_root,
     topology::DsrTopology,
@@ -156,7 +160,79 @@ fn demo() -> Result<()> {
     if failed > 0 {
         bail!("{failed} connections failed");
     }
+    check_interrupt()?;
+    cluster_node_loss()?;
     println!("done");
+    Ok(())
+}
+
+/// Three xdplb nodes behind a BIRD router (ECMP over BGP+BFD), replicating
+/// flow state; the node carrying the most connections dies under load.
+fn cluster_node_loss() -> Result<()> {
+    println!(
+        "\nxdplb cluster demo: client -> router (BIRD, ECMP over BGP+BFD) -> 3 xdplb nodes \
+         replicating flows -> 3 backends"
+    );
+    let mut c = Cluster::build(Replication::On);
+    c.wait_next_hops(NODES, Duration::from_secs(20));
+    println!("  the router's next hops for {VIP}: {:?}", c.next_hops());
+    println!(
+        "\n  b3 leaves the tables; {LONG_LIVED} long-lived connections open (on b1 and b2), \
+         exchanging a line every 50 ms; b3 comes back"
+    );
+    let (chatter, victim, moved) = hard_case(&c);
+    println!(
+        "  n{victim} carries {} connections whose backend is no longer Maglev's pick; every \
+         node holds every connection's pin (replicated):",
+        moved.len()
+    );
+    if let Some(client) = moved.first() {
+        for i in 1..=NODES {
+            let f = c.flow(i, *client);
+            let text = |k: &str| f[k].as_str().unwrap_or("-").to_owned();
+            println!(
+                "    n{i}: {client} -> backend {} (replicated: {}, a new flow would go to {})",
+                text("backend"),
+                f["replicated"],
+                text("new_flow_backend")
+            );
+        }
+    }
+    check_interrupt()?;
+    let load = Load::start_in(&c.client, vip(), Duration::from_millis(10), 30000)?;
+    std::thread::sleep(Duration::from_millis(500));
+    println!(
+        "\n  and a new connection every 10 ms; n{victim} dies now (xdplb and BIRD SIGKILLed, \
+         link down)"
+    );
+    let (_dead, withdrawn) = c.kill_node(victim);
+    std::thread::sleep(Duration::from_secs(2));
+    let samples = load.stop();
+    let (failed, longest) = chatter.summary();
+    let new_failed = samples.iter().filter(|s| s.result.is_err()).count();
+    println!(
+        "  BFD: the router withdrew n{victim} {} ms after its link went down",
+        withdrawn.as_millis()
+    );
+    println!(
+        "  long-lived connections: {} of {LONG_LIVED} lost, longest pause {} ms",
+        failed.len(),
+        longest.as_millis()
+    );
+    println!(
+        "  new connections: {new_failed} of {} failed (a SYN hashed to n{victim} before the \
+         withdrawal is retried by the client's TCP)",
+        samples.len()
+    );
+    let survivor = if victim == 1 { 2 } else { 1 };
+    println!("\n  $ xdplb status   (on n{survivor})");
+    for line in c.daemon(survivor).cli(&["status"])?.lines() {
+        println!("    {line}");
+    }
+    println!("\n  tearing down the cluster");
+    if !failed.is_empty() {
+        bail!("{} long-lived connections were lost", failed.len());
+    }
     Ok(())
 }
 
