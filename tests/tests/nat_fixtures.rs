@@ -20,7 +20,8 @@ use std::{
 };
 
 use xdp_common::{
-    Backend, FlowKey, NatFwd, NatRev, Reason, BACKEND_ACTIVE, NAT_F_CLOSING, PROTO_TCP, PROTO_UDP,
+    Backend, FlowKey, NatFwd, NatRev, Reason, BACKEND_ACTIVE, NAT_F_ANSWERED, NAT_F_CLOSING,
+    NAT_UNANSWERED_TIMEOUT_S, PROTO_TCP, PROTO_UDP,
 };
 use xdplb::addr;
 use xdplb_tests::{
@@ -356,6 +357,7 @@ fn tcp_and_udp_are_translated_both_ways_over_ipv4_and_ipv6() {
         );
 
         // Both table entries, field by field.
+        // Unanswered so far: the short timeout.
         let fwd = h.fwd(f.client, f.vip, f.proto).unwrap();
         let timeout = if f.proto == PROTO_TCP {
             TCP_TIMEOUT
@@ -364,7 +366,7 @@ fn tcp_and_udp_are_translated_both_ways_over_ipv4_and_ipv6() {
         };
         assert_eq!(
             (fwd.flags, fwd.timeout_s),
-            (0, timeout),
+            (0, NAT_UNANSWERED_TIMEOUT_S),
             "{}: {fwd:?}",
             f.what
         );
@@ -390,14 +392,25 @@ fn tcp_and_udp_are_translated_both_ways_over_ipv4_and_ipv6() {
         assert_eq!(rev.ifindex, LO_IFINDEX, "{}: ingress interface", f.what);
         assert_eq!(
             (rev.flags, rev.timeout_s),
-            (0, timeout),
+            (0, NAT_UNANSWERED_TIMEOUT_S),
             "{}: {rev:?}",
             f.what
         );
 
-        // The backend's reply to the allocated port goes back to the client.
+        // The backend's reply to the allocated port goes back to the client,
+        // and the flow, answered, gets the service's full timeout both ways.
         let reply = backend_seg(&f, port, frame::SYN | frame::ACK, b"world!");
         h.reverse(f.what, &reply, f.id, f.vip, f.client);
+        let fwd = h.fwd(f.client, f.vip, f.proto).unwrap();
+        let rev = h
+            .rev(f.backend, SocketAddr::new(f.snat, port), f.proto)
+            .unwrap();
+        assert_eq!(
+            [(fwd.flags, fwd.timeout_s), (rev.flags, rev.timeout_s)],
+            [(NAT_F_ANSWERED, timeout); 2],
+            "{}: answered",
+            f.what
+        );
 
         // The next client packet hits the same translation.
         let data = client_seg(&f, frame::ACK | frame::PSH, b"GET / HTTP/1.0\r\n\r\n");

@@ -36,6 +36,8 @@ pub mod map_names {
     pub const NAT_FWD: &str = "xdplb_natf_v1";
     /// NAT, backend side: the backend's reply `FlowKey` -> `NatRev`.
     pub const NAT_REV: &str = "xdplb_natr_v1";
+    /// NAT: source address (`[u32; 4]`) -> `NatSource` (LRU).
+    pub const NAT_SOURCES: &str = "xdplb_natsrc_v1";
     /// One `Globals` value (v2: `replicate` added).
     pub const GLOBALS: &str = "xdplb_glob_v2";
     /// DEVMAP_HASH of egress interfaces for XDP_REDIRECT, keyed by ifindex.
@@ -200,6 +202,31 @@ pub struct Flow {
 /// `NatFwd::flags` / `NatRev::flags`: the flow saw a FIN or RST; it
 /// expires after the short closing timeout.
 pub const NAT_F_CLOSING: u16 = 1;
+/// `NatFwd::flags` / `NatRev::flags`: the backend has answered; the flow
+/// has the service's full timeout from then on.
+pub const NAT_F_ANSWERED: u16 = 2;
+
+/// Idle timeout, seconds, of a NAT flow the backend has not answered yet
+/// (a SYN, a first datagram), like netfilter's SYN_SENT/UNREPLIED states
+/// but short: a flood of spoofed SYNs holds the source ports for seconds,
+/// not for the established timeout.
+pub const NAT_UNANSWERED_TIMEOUT_S: u32 = 5;
+/// Unanswered NAT flows one source address may hold at once (roughly:
+/// the count resets once the source made no new flow for the unanswered
+/// timeout). A source over it gets `drop_nat_full` for its new flows.
+pub const NAT_UNANSWERED_PER_SOURCE: u32 = 1024;
+/// Source addresses tracked for that bound (LRU).
+pub const MAX_NAT_SOURCES: u32 = 65536;
+
+/// Unanswered NAT flows of one source address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct NatSource {
+    pub unanswered: u32,
+    pub _pad: u32,
+    /// When the source last made a NAT flow.
+    pub last_ns: u64,
+}
 
 /// Whether a NAT entry last seen at `last_seen_ns` is past its idle
 /// timeout at `now_ns` (both `bpf_ktime_get_coarse_ns`): the datapath may
@@ -409,6 +436,7 @@ mod pod {
     unsafe impl aya::Pod for super::NatFwd {}
     unsafe impl aya::Pod for super::NatRev {}
     unsafe impl aya::Pod for super::Globals {}
+    unsafe impl aya::Pod for super::NatSource {}
 }
 
 // No holes: each size is the sum of its fields.
@@ -420,6 +448,7 @@ const _: () = {
     assert!(size_of::<NatFwd>() == 4 + 2 + 2 + 8 + 4 + 4);
     assert!(size_of::<NatRev>() == 16 + 16 + 6 + 6 + 2 + 2 + 4 + 2 + 2 + 8 + 4 + 4);
     assert!(size_of::<Globals>() == 4 + 4);
+    assert!(size_of::<NatSource>() == 4 + 4 + 8);
     assert!(size_of::<FlowKey>() == 16 + 16 + 2 + 2 + 1 + 3);
     assert!(size_of::<Flow>() == 8);
     assert!(size_of::<Counters>() == 8 + 8 + 8);

@@ -7,8 +7,9 @@ use aya_ebpf::{
     maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
 };
 use xdp_common::{
-    Backend, Counters, Flow, FlowKey, Globals, NatFwd, NatRev, Service, ServiceKey, MAGLEV_SLOTS,
-    MAX_BACKENDS, MAX_FLOWS, MAX_NAT_FLOWS, MAX_SERVICES, MAX_TX_PORTS, REASON_COUNT,
+    Backend, Counters, Flow, FlowKey, Globals, NatFwd, NatRev, NatSource, Service, ServiceKey,
+    MAGLEV_SLOTS, MAX_BACKENDS, MAX_FLOWS, MAX_NAT_FLOWS, MAX_NAT_SOURCES, MAX_SERVICES,
+    MAX_TX_PORTS, REASON_COUNT,
 };
 
 /// BPF_F_NO_COMMON_LRU: one LRU list per CPU, so CPUs never contend on a
@@ -48,6 +49,10 @@ pub static NAT_FWD: HashMap<FlowKey, NatFwd> = HashMap::pinned(MAX_NAT_FLOWS, 0)
 
 #[map(name = "xdplb_natr_v1")]
 pub static NAT_REV: HashMap<FlowKey, NatRev> = HashMap::pinned(MAX_NAT_FLOWS, 0);
+
+/// Unanswered NAT flows per source address (`nat::sources`).
+#[map(name = "xdplb_natsrc_v1")]
+pub static NAT_SOURCES: LruHashMap<[u32; 4], NatSource> = LruHashMap::pinned(MAX_NAT_SOURCES, 0);
 
 #[map(name = "xdplb_glob_v2")]
 pub static GLOBALS: Array<Globals> = Array::pinned(1, 0);

@@ -4,18 +4,24 @@
 //! are tracked in hash maps (not LRU: a live flow is never evicted; a full
 //! table refuses new flows instead). Idle entries are reclaimed by the
 //! control plane's sweeper, and by this program when it needs the port.
+//!
+//! A flow the backend has not answered yet has a short timeout
+//! (`NAT_UNANSWERED_TIMEOUT_S`) and counts against its source address's
+//! bound (`NAT_UNANSWERED_PER_SOURCE`): spoofed SYNs, which are never
+//! answered, hold source ports for seconds, and no one source holds many.
 
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_coarse_ns, programs::XdpContext};
 use network_types::eth::EthHdr;
 use xdp_common::{
-    hash::flow_hash, Backend, FlowKey, NatFwd, NatRev, Reason, Service, ServiceKey, NAT_F_CLOSING,
-    NAT_PORT_TRIES, PROTO_TCP, PROTO_UDP, V4_MAPPED_PREFIX,
+    hash::flow_hash, nat_expired, Backend, FlowKey, NatFwd, NatRev, NatSource, Reason, Service,
+    ServiceKey, NAT_F_ANSWERED, NAT_F_CLOSING, NAT_PORT_TRIES, NAT_UNANSWERED_PER_SOURCE,
+    NAT_UNANSWERED_TIMEOUT_S, PROTO_TCP, PROTO_UDP, V4_MAPPED_PREFIX,
 };
 
 use crate::{
     csum::{self, Diff},
     forward, maglev,
-    maps::{BACKENDS, NAT_FWD, NAT_REV, SERVICES},
+    maps::{BACKENDS, NAT_FWD, NAT_REV, NAT_SOURCES, SERVICES},
     parse::{ptr_at, Packet, PROTO_ICMP, PROTO_ICMPV6},
     stats::{self, count},
 };
@@ -29,6 +35,46 @@ fn timeout(service: &Service, proto: u8, closing: bool) -> u32 {
     } else {
         service.nat_tcp_timeout
     }
+}
+
+/// Timeout of a flow the backend has not answered yet.
+#[inline(always)]
+fn unanswered_timeout(service: &Service, proto: u8) -> u32 {
+    let full = timeout(service, proto, false);
+    if full < NAT_UNANSWERED_TIMEOUT_S {
+        full
+    } else {
+        NAT_UNANSWERED_TIMEOUT_S
+    }
+}
+
+/// Counts a new flow against its source address's unanswered bound, or
+/// refuses it when the source is at the bound. The count restarts when
+/// the source made no new flow for the unanswered timeout (its
+/// unanswered flows have all expired by then). Per-CPU races may miscount
+/// by a few; the bound is a rough one.
+#[inline(always)]
+fn admit_source(src: &[u32; 4], now: u64) -> Result<(), Reason> {
+    let Some(s) = NAT_SOURCES.get_ptr_mut(src) else {
+        let first = NatSource {
+            unanswered: 1,
+            _pad: 0,
+            last_ns: now,
+        };
+        let _ = NAT_SOURCES.insert(src, &first, 0);
+        return Ok(());
+    };
+    // SAFETY: valid for this run.
+    let s = unsafe { &mut *s };
+    if nat_expired(s.last_ns, NAT_UNANSWERED_TIMEOUT_S, now) {
+        s.unanswered = 0;
+    }
+    if s.unanswered >= NAT_UNANSWERED_PER_SOURCE {
+        return Err(Reason::DropNatFull);
+    }
+    s.unanswered += 1;
+    s.last_ns = now;
+    Ok(())
 }
 
 /// The key of the backend's replies to a flow translated to `port`.
@@ -81,13 +127,14 @@ pub fn forward(ctx: &XdpContext, p: &Packet, service: &Service) -> Result<u32, R
     if let Some((old_id, old_port)) = stale {
         release(key, old_id, old_port);
     }
+    admit_source(&key.src, now)?;
     let port = allocate(ctx, p, service, backend, now)?;
     let fwd = NatFwd {
         backend: id,
         nat_port_be: port,
         flags: 0,
         last_seen_ns: now,
-        timeout_s: timeout(service, key.proto, false),
+        timeout_s: unanswered_timeout(service, key.proto),
         _pad: 0,
     };
     if NAT_FWD.insert(key, &fwd, 0).is_err() {
@@ -147,7 +194,7 @@ fn allocate(
         flags: 0,
         _pad: 0,
         last_seen_ns: now,
-        timeout_s: timeout(service, key.proto, false),
+        timeout_s: unanswered_timeout(service, key.proto),
         _pad2: 0,
     };
     let count_ports = u32::from(service.nat_port_count);
@@ -171,10 +218,14 @@ fn allocate(
             let old = unsafe { &*old };
             // Idle both ways: a one-way flow (the client sends, the backend
             // never answers) keeps its port while the client keeps sending.
+            let old_client = old.client_key(key.proto);
             let partner_idle = NAT_FWD
-                .get_ptr(&old.client_key(key.proto))
+                .get_ptr(&old_client)
                 .is_none_or(|f| unsafe { (*f).expired(now) });
             if old.expired(now) && partner_idle && NAT_REV.insert(&rk, &rev, 0).is_ok() {
+                // The old flow's client side goes with its port, so
+                // expired flows (a flood's) never fill NAT_FWD.
+                let _ = NAT_FWD.remove(&old_client);
                 return Ok(port);
             }
         }
@@ -224,6 +275,9 @@ pub fn reverse(ctx: &XdpContext, p: &Packet) -> Result<u32, Reason> {
     // SAFETY: valid for this run.
     let r = unsafe { &mut *r };
     r.last_seen_ns = unsafe { bpf_ktime_get_coarse_ns() };
+    if r.flags & NAT_F_ANSWERED == 0 {
+        answered(r, p.key.proto);
+    }
     if p.fin_or_rst && r.flags & NAT_F_CLOSING == 0 {
         close_both(r, p.key.proto);
     }
@@ -233,10 +287,9 @@ pub fn reverse(ctx: &XdpContext, p: &Packet) -> Result<u32, Reason> {
     to_client(ctx, r)
 }
 
-/// A FIN or RST from the backend: both directions of the flow get the
-/// service's closing timeout.
+/// The service a reply entry's flow belongs to.
 #[inline(always)]
-fn close_both(r: &mut NatRev, proto: u8) {
+fn service_of(r: &NatRev, proto: u8) -> Option<&'static Service> {
     let skey = ServiceKey {
         addr: r.vip,
         port_be: r.vip_port_be,
@@ -244,7 +297,37 @@ fn close_both(r: &mut NatRev, proto: u8) {
         _pad: 0,
     };
     // SAFETY: service values are replaced whole, never written in place.
-    let Some(service) = (unsafe { SERVICES.get(&skey) }) else {
+    unsafe { SERVICES.get(&skey) }
+}
+
+/// The backend's first answer: both directions get the service's full
+/// timeout (closing, if a FIN or RST came first), and the flow no longer
+/// counts against its source's unanswered bound. Once per flow.
+#[inline(always)]
+fn answered(r: &mut NatRev, proto: u8) {
+    r.flags |= NAT_F_ANSWERED;
+    if let Some(s) = NAT_SOURCES.get_ptr_mut(&r.client) {
+        // SAFETY: valid for this run.
+        let s = unsafe { &mut *s };
+        s.unanswered = s.unanswered.saturating_sub(1);
+    }
+    let Some(service) = service_of(r, proto) else {
+        return;
+    };
+    r.timeout_s = timeout(service, proto, r.flags & NAT_F_CLOSING != 0);
+    if let Some(f) = NAT_FWD.get_ptr_mut(&r.client_key(proto)) {
+        // SAFETY: valid for this run.
+        let f = unsafe { &mut *f };
+        f.flags |= NAT_F_ANSWERED;
+        f.timeout_s = timeout(service, proto, f.flags & NAT_F_CLOSING != 0);
+    }
+}
+
+/// A FIN or RST from the backend: both directions of the flow get the
+/// service's closing timeout.
+#[inline(always)]
+fn close_both(r: &mut NatRev, proto: u8) {
+    let Some(service) = service_of(r, proto) else {
         return;
     };
     close_rev(r, service.nat_closing_timeout);
