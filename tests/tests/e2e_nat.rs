@@ -546,3 +546,55 @@ fn the_documented_nat_settings_are_accepted() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// A backend whose server is killed (its host up, so it answers SYNs with
+/// RST) before any health check notices: with `retry_refused` (the
+/// default) each refused connection is moved to another backend and
+/// succeeds about a second later (the client's SYN retransmission); with
+/// it off, the connections hashed to the dead backend fail.
+#[test]
+fn connections_refused_by_a_killed_backend_succeed_on_another() {
+    let _turn = take_turn();
+    let mut bed = Bed::new(Shape::OneArm, "nrt", 3);
+    // No health checks: the datapath alone must save these connections.
+    bed.start_lb("type = \"none\"\n");
+    let vip = bed.vip(false, 80);
+    let warm = requests(bed.topo.client(), vip, 45000..45003);
+    assert!(warm.failed.is_empty(), "{:?}", warm.failed);
+    bed.backends[0].kill(libc::SIGKILL).unwrap();
+
+    let reasons = |bed: &Bed| bed.lb().json(&["stats"]).unwrap()["reasons"].clone();
+    let started = Instant::now();
+    let tally = requests(bed.topo.client(), vip, 46000..46060);
+    let retried = reasons(&bed)["nat_retry"].as_u64().unwrap();
+    eprintln!(
+        "retry on: 60 connections in {:?}, {} failed, served {:?}, nat_retry {retried}",
+        started.elapsed(),
+        tally.failed.len(),
+        tally.served
+    );
+    assert!(tally.failed.is_empty(), "{:?}", tally.failed);
+    assert!(!tally.served.contains_key("b1"), "{:?}", tally.served);
+    assert!(retried > 0, "some connections were hashed to the dead b1");
+
+    // The same with the setting off: the refusals reach the clients.
+    let config = std::fs::read_to_string(bed.lb().config_path()).unwrap();
+    let off = config.replace(
+        "udp_timeout = \"60s\"\n",
+        "udp_timeout = \"60s\"\nretry_refused = false\n",
+    );
+    assert_ne!(off, config);
+    bed.lb().write_config(&off).unwrap();
+    bed.lb().cli(&["reload"]).unwrap();
+    let tally = requests(bed.topo.client(), vip, 47000..47060);
+    eprintln!(
+        "retry off: {} of 60 connections failed, served {:?}",
+        tally.failed.len(),
+        tally.served
+    );
+    assert!(
+        !tally.failed.is_empty(),
+        "connections hashed to b1 fail without retry"
+    );
+    assert_eq!(reasons(&bed)["nat_retry"].as_u64().unwrap(), retried);
+}

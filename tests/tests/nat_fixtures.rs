@@ -21,7 +21,7 @@ use std::{
 
 use xdp_common::{
     Backend, FlowKey, NatFwd, NatRev, Reason, BACKEND_ACTIVE, NAT_F_ANSWERED, NAT_F_CLOSING,
-    NAT_UNANSWERED_TIMEOUT_S, PROTO_TCP, PROTO_UDP,
+    NAT_F_REFUSED, NAT_UNANSWERED_TIMEOUT_S, PROTO_TCP, PROTO_UDP, SVC_F_NAT_RETRY,
 };
 use xdplb::addr;
 use xdplb_tests::{
@@ -1269,4 +1269,107 @@ fn nat_flows_go_to_the_backend_userspace_predicts() {
     // Ports are distinct per backend (reply keys are unique).
     let rev: Vec<(FlowKey, NatRev)> = h.dp.maps.nat_rev.iter().filter_map(Result::ok).collect();
     assert_eq!(rev.len(), 90);
+}
+
+/// A service that retries refused flows (`retry_refused`, the default):
+/// two backends; the one a flow first goes to refuses it (RST to the SYN).
+fn retrying() -> Harness {
+    let mut h = Harness::new();
+    h.set_backend(0, 0, BACKEND4, 8080, SNAT4);
+    h.set_backend(1, 0, "10.0.1.12", 8080, SNAT4);
+    let mut svc = nat_service(0, 0, TABLE_SIZE, (20000, 40000), DEFAULT_TIMEOUTS);
+    svc.flags |= SVC_F_NAT_RETRY;
+    h.dp.set_service(sa("10.0.100.1:80"), PROTO_TCP, svc, &[0, 1])
+        .unwrap();
+    h
+}
+
+/// The client's SYN: (backend id, port) it was translated to.
+fn syn_goes_to(h: &mut Harness, client: SocketAddr) -> (u32, u16) {
+    let seg = Seg::tcp(client, sa("10.0.100.1:80"), frame::SYN, b"");
+    let (verdict, _) = h.run(&seg.frame(LB_MAC_A, CLIENT_MAC));
+    assert_eq!(verdict, XDP_TX, "{client}: SYN forwarded");
+    let f = h.fwd(client, sa("10.0.100.1:80"), PROTO_TCP).unwrap();
+    (f.backend, u16::from_be(f.nat_port_be))
+}
+
+/// Backend `id` resets the flow translated to `port`: the verdict.
+fn backend_resets(h: &mut Harness, id: u32, port: u16) -> u32 {
+    let backend = if id == 0 {
+        sa("10.0.1.11:8080")
+    } else {
+        sa("10.0.1.12:8080")
+    };
+    let to = SocketAddr::new(ip(SNAT4), port);
+    let seg = Seg::tcp(backend, to, frame::RST | frame::ACK, b"");
+    h.run(&seg.frame(LB_MAC_B, backend_mac(id))).0
+}
+
+#[test]
+fn a_refused_syn_is_retried_once_on_another_backend() {
+    let mut h = retrying();
+    let client = sa("10.0.0.1:40000");
+    let (first, port) = syn_goes_to(&mut h, client);
+    // The refusal does not reach the client...
+    assert_eq!(
+        backend_resets(&mut h, first, port),
+        XDP_DROP,
+        "RST swallowed"
+    );
+    assert_eq!(h.reason(Reason::NatRetry), 1);
+    let f = h.fwd(client, sa("10.0.100.1:80"), PROTO_TCP).unwrap();
+    assert_eq!(f.flags & NAT_F_REFUSED, NAT_F_REFUSED, "{f:?}");
+    // ... its retransmitted SYN goes to the other backend, on a new port,
+    // and the old reply entry is gone.
+    let (second, new_port) = syn_goes_to(&mut h, client);
+    assert_ne!(second, first, "moved to another backend");
+    assert_eq!(h.reason(Reason::NatRetry), 2);
+    assert_eq!(h.reason(Reason::NatNew), 1, "one flow, moved once");
+    let backend = if first == 0 {
+        sa("10.0.1.11:8080")
+    } else {
+        sa("10.0.1.12:8080")
+    };
+    assert!(h
+        .rev(backend, SocketAddr::new(ip(SNAT4), port), PROTO_TCP)
+        .is_none());
+    // A second refusal reaches the client (translated back): every
+    // backend refusing must not leave the client waiting.
+    assert_eq!(
+        backend_resets(&mut h, second, new_port),
+        XDP_TX,
+        "second RST passed on"
+    );
+    assert_eq!(h.reason(Reason::NatRetry), 2);
+}
+
+#[test]
+fn an_unanswered_syn_retransmission_is_moved_once() {
+    let mut h = retrying();
+    let client = sa("10.0.0.2:40000");
+    let vip = sa("10.0.100.1:80");
+    let (first, _) = syn_goes_to(&mut h, client);
+    // An immediate duplicate is not a retransmission: same backend.
+    assert_eq!(syn_goes_to(&mut h, client).0, first);
+    // The backend's host is gone: nothing comes back; the client
+    // retransmits its SYN a second later.
+    h.age(client, vip, PROTO_TCP, Duration::from_secs(1));
+    let (second, _) = syn_goes_to(&mut h, client);
+    assert_ne!(second, first, "moved after an unanswered second");
+    h.age(client, vip, PROTO_TCP, Duration::from_secs(1));
+    assert_eq!(syn_goes_to(&mut h, client).0, second, "moved once only");
+    assert_eq!(h.reason(Reason::NatRetry), 1);
+}
+
+#[test]
+fn without_retry_a_refusal_reaches_the_client() {
+    let mut h = retrying();
+    let mut svc = nat_service(0, 0, TABLE_SIZE, (20000, 40000), DEFAULT_TIMEOUTS);
+    svc.flags &= !SVC_F_NAT_RETRY;
+    h.dp.set_service(sa("10.0.100.1:80"), PROTO_TCP, svc, &[0, 1])
+        .unwrap();
+    let client = sa("10.0.0.3:40000");
+    let (first, port) = syn_goes_to(&mut h, client);
+    assert_eq!(backend_resets(&mut h, first, port), XDP_TX);
+    assert_eq!(h.reason(Reason::NatRetry), 0);
 }

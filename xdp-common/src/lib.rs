@@ -26,8 +26,8 @@ pub mod map_names {
     pub const MAGLEV: &str = "xdplb_maglev_v1";
     /// `FlowKey` -> `Flow`, the connection-tracking table (LRU).
     pub const FLOWS: &str = "xdplb_flow_v1";
-    /// Per-CPU counter per `Reason` (v2: 18 reasons, `pass_not_for_us` added).
-    pub const REASONS: &str = "xdplb_stats_v2";
+    /// Per-CPU counter per `Reason` (v3: 19 reasons, `nat_retry` added).
+    pub const REASONS: &str = "xdplb_stats_v3";
     /// Per-CPU `Counters` per service id (v2: `new_flows` added).
     pub const SERVICE_STATS: &str = "xdplb_svcst_v2";
     /// Per-CPU `Counters` per backend id (v2: `new_flows` added).
@@ -87,6 +87,10 @@ pub const SVC_F_HASH_SRC_ONLY: u32 = 1;
 pub const SVC_F_NO_BACKEND: u32 = 1 << 1;
 /// `Service::flags`: a NAT service (DNAT + SNAT) rather than DSR.
 pub const SVC_F_NAT: u32 = 1 << 3;
+/// `Service::flags`: NAT: a new TCP flow that its backend refuses (RST to
+/// the SYN) or leaves unanswered until the client retransmits its SYN is
+/// moved to another backend, once.
+pub const SVC_F_NAT_RETRY: u32 = 1 << 4;
 /// `Service::flags`: the active table is the second half of the service's
 /// region. The datapath ignores it; a restarted daemon reads it to find the
 /// region (`table_base - table_size`) it adopts.
@@ -205,6 +209,12 @@ pub const NAT_F_CLOSING: u16 = 1;
 /// `NatFwd::flags` / `NatRev::flags`: the backend has answered; the flow
 /// has the service's full timeout from then on.
 pub const NAT_F_ANSWERED: u16 = 2;
+/// `NatFwd::flags`: the backend refused the flow's SYN (the RST was not
+/// passed on): the client's next SYN goes to another backend.
+pub const NAT_F_REFUSED: u16 = 4;
+/// `NatFwd::flags`: the flow was moved to another backend once already;
+/// it is not moved again (a second refusal reaches the client).
+pub const NAT_F_RETRIED: u16 = 8;
 
 /// Idle timeout, seconds, of a NAT flow the backend has not answered yet
 /// (a SYN, a first datagram), like netfilter's SYN_SENT/UNREPLIED states
@@ -370,10 +380,14 @@ pub enum Reason {
     /// Destination MAC is not the receiving interface's (nor a configured
     /// extra MAC): passed untouched, never balanced.
     PassNotForUs,
+    /// NAT: a backend refused a new flow (RST to its SYN, counted on the
+    /// dropped RST) or left it unanswered until the client retransmitted
+    /// its SYN (counted on that SYN, which went to another backend).
+    NatRetry,
 }
 
 /// Number of `Reason` counters.
-pub const REASON_COUNT: u32 = 18;
+pub const REASON_COUNT: u32 = 19;
 
 impl Reason {
     /// Every reason, in index order.
@@ -396,6 +410,7 @@ impl Reason {
         Reason::DropNatFull,
         Reason::NatIcmp,
         Reason::PassNotForUs,
+        Reason::NatRetry,
     ];
 
     /// Stable name used by the CLI, logs and tests.
@@ -419,6 +434,7 @@ impl Reason {
             Reason::DropNatFull => "drop_nat_full",
             Reason::NatIcmp => "nat_icmp",
             Reason::PassNotForUs => "pass_not_for_us",
+            Reason::NatRetry => "nat_retry",
         }
     }
 }

@@ -30,7 +30,7 @@ pub static MAGLEV: Array<u32> = Array::pinned(MAGLEV_SLOTS, 0);
 #[map(name = "xdplb_flow_v1")]
 pub static FLOWS: LruHashMap<FlowKey, Flow> = LruHashMap::pinned(MAX_FLOWS, BPF_F_NO_COMMON_LRU);
 
-#[map(name = "xdplb_stats_v2")]
+#[map(name = "xdplb_stats_v3")]
 pub static REASONS: PerCpuArray<u64> = PerCpuArray::pinned(REASON_COUNT, 0);
 
 #[map(name = "xdplb_svcst_v2")]

@@ -10,12 +10,17 @@
 //! bound (`NAT_UNANSWERED_PER_SOURCE`): spoofed SYNs, which are never
 //! answered, hold source ports for seconds, and no one source holds many.
 
-use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_coarse_ns, programs::XdpContext};
+use aya_ebpf::{
+    bindings::{xdp_action, BPF_NOEXIST},
+    helpers::bpf_ktime_get_coarse_ns,
+    programs::XdpContext,
+};
 use network_types::eth::EthHdr;
 use xdp_common::{
     hash::flow_hash, nat_expired, Backend, FlowKey, NatFwd, NatRev, NatSource, Reason, Service,
-    ServiceKey, NAT_F_ANSWERED, NAT_F_CLOSING, NAT_PORT_TRIES, NAT_UNANSWERED_PER_SOURCE,
-    NAT_UNANSWERED_TIMEOUT_S, PROTO_TCP, PROTO_UDP, V4_MAPPED_PREFIX,
+    ServiceKey, NAT_F_ANSWERED, NAT_F_CLOSING, NAT_F_REFUSED, NAT_F_RETRIED, NAT_PORT_TRIES,
+    NAT_UNANSWERED_PER_SOURCE, NAT_UNANSWERED_TIMEOUT_S, PROTO_TCP, PROTO_UDP, SVC_F_NAT_RETRY,
+    V4_MAPPED_PREFIX,
 };
 
 use crate::{
@@ -35,6 +40,23 @@ fn timeout(service: &Service, proto: u8, closing: bool) -> u32 {
     } else {
         service.nat_tcp_timeout
     }
+}
+
+/// A SYN of a flow this long after its last packet, unanswered, is the
+/// client's retransmission (Linux retransmits after 1 s at first; no stack
+/// before 200 ms).
+const RETRANSMITTED_NS: u64 = 500_000_000;
+
+/// Whether a client's packet on an existing flow should move the flow to
+/// another backend (`SVC_F_NAT_RETRY`): a SYN of a flow whose backend
+/// refused it, or has not answered it by the client's retransmission; at
+/// most once per flow.
+#[inline(always)]
+fn retry(service: &Service, f: &NatFwd, p: &Packet, now: u64) -> bool {
+    service.flags & SVC_F_NAT_RETRY != 0
+        && f.flags & (NAT_F_ANSWERED | NAT_F_RETRIED) == 0
+        && p.syn()
+        && (f.flags & NAT_F_REFUSED != 0 || now.saturating_sub(f.last_seen_ns) >= RETRANSMITTED_NS)
 }
 
 /// Timeout of a flow the backend has not answered yet.
@@ -95,14 +117,16 @@ fn reply_key(backend: &Backend, port_be: u16, proto: u8) -> FlowKey {
 pub fn forward(ctx: &XdpContext, p: &Packet, service: &Service) -> Result<u32, Reason> {
     let key = &p.key;
     let now = unsafe { bpf_ktime_get_coarse_ns() };
-    let mut stale: Option<(u32, u16)> = None;
+    // A flow being replaced: (its backend, its port, moved for a retry).
+    let mut stale: Option<(u32, u16, bool)> = None;
     if let Some(f) = NAT_FWD.get_ptr_mut(key) {
         // SAFETY: valid for this run; only this flow's packets write it.
         let f = unsafe { &mut *f };
+        let retrying = retry(service, f, p, now);
         match BACKENDS.get(f.backend).filter(|b| b.is_live()) {
-            Some(backend) if !f.expired(now) => {
+            Some(backend) if !f.expired(now) && !retrying => {
                 f.last_seen_ns = now;
-                if p.fin_or_rst && f.flags & NAT_F_CLOSING == 0 {
+                if p.fin_or_rst() && f.flags & NAT_F_CLOSING == 0 {
                     f.flags |= NAT_F_CLOSING;
                     f.timeout_s = service.nat_closing_timeout;
                     // Both directions close together (FIN/RST are rare: the
@@ -116,23 +140,30 @@ pub fn forward(ctx: &XdpContext, p: &Packet, service: &Service) -> Result<u32, R
                 count(Reason::FlowHit);
                 return send_forward(ctx, p, f.backend, service, backend, f.nat_port_be, false);
             }
-            _ => stale = Some((f.backend, f.nat_port_be)),
+            _ => stale = Some((f.backend, f.nat_port_be, retrying)),
         }
     }
-    let id = maglev::pick(service, key).ok_or(Reason::DropNoBackend)?;
+    let id = match stale {
+        Some((refused, _, true)) => maglev::pick_other(service, key, refused),
+        _ => maglev::pick(service, key),
+    }
+    .ok_or(Reason::DropNoBackend)?;
     let backend = BACKENDS.get(id).ok_or(Reason::DropNoBackend)?;
     if !backend.next_hop_resolved() {
         return Err(Reason::PassNoNeigh);
     }
-    if let Some((old_id, old_port)) = stale {
+    let retried = matches!(stale, Some((_, _, true)));
+    if let Some((old_id, old_port, _)) = stale {
         release(key, old_id, old_port);
     }
-    admit_source(&key.src, now)?;
+    if !retried {
+        admit_source(&key.src, now)?;
+    }
     let port = allocate(ctx, p, service, backend, now)?;
     let fwd = NatFwd {
         backend: id,
         nat_port_be: port,
-        flags: 0,
+        flags: if retried { NAT_F_RETRIED } else { 0 },
         last_seen_ns: now,
         timeout_s: unanswered_timeout(service, key.proto),
         _pad: 0,
@@ -141,7 +172,11 @@ pub fn forward(ctx: &XdpContext, p: &Packet, service: &Service) -> Result<u32, R
         let _ = NAT_REV.remove(&reply_key(backend, port, key.proto));
         return Err(Reason::DropNatFull);
     }
-    count(Reason::NatNew);
+    count(if retried {
+        Reason::NatRetry
+    } else {
+        Reason::NatNew
+    });
     send_forward(ctx, p, id, service, backend, port, true)
 }
 
@@ -276,9 +311,13 @@ pub fn reverse(ctx: &XdpContext, p: &Packet) -> Result<u32, Reason> {
     let r = unsafe { &mut *r };
     r.last_seen_ns = unsafe { bpf_ktime_get_coarse_ns() };
     if r.flags & NAT_F_ANSWERED == 0 {
+        if p.rst() && refused(r, p.key.proto) {
+            count(Reason::NatRetry);
+            return Ok(xdp_action::XDP_DROP);
+        }
         answered(r, p.key.proto);
     }
-    if p.fin_or_rst && r.flags & NAT_F_CLOSING == 0 {
+    if p.fin_or_rst() && r.flags & NAT_F_CLOSING == 0 {
         close_both(r, p.key.proto);
     }
     let (vip, vip_port, client, client_port) = (r.vip, r.vip_port_be, r.client, r.client_port_be);
@@ -298,6 +337,31 @@ fn service_of(r: &NatRev, proto: u8) -> Option<&'static Service> {
     };
     // SAFETY: service values are replaced whole, never written in place.
     unsafe { SERVICES.get(&skey) }
+}
+
+/// The backend reset a flow it never answered: it refused the connection
+/// (no server listening: its host is up, its process is not). When the
+/// service retries refused flows and this one was not moved yet, the flow
+/// is marked so that the client's next SYN goes to another backend, and
+/// the RST is dropped (returns true); otherwise the client gets it.
+#[inline(always)]
+fn refused(r: &NatRev, proto: u8) -> bool {
+    let Some(service) = service_of(r, proto) else {
+        return false;
+    };
+    if service.flags & SVC_F_NAT_RETRY == 0 {
+        return false;
+    }
+    let Some(f) = NAT_FWD.get_ptr_mut(&r.client_key(proto)) else {
+        return false;
+    };
+    // SAFETY: valid for this run.
+    let f = unsafe { &mut *f };
+    if f.flags & NAT_F_RETRIED != 0 {
+        return false;
+    }
+    f.flags |= NAT_F_REFUSED;
+    true
 }
 
 /// The backend's first answer: both directions get the service's full

@@ -64,7 +64,9 @@ fn words<const N: usize>(bytes: &[u8; N], out: &mut [u32; 4], first: usize) {
 pub const PROTO_ICMP: u8 = 1;
 pub const PROTO_ICMPV6: u8 = 58;
 const TCP_FIN: u8 = 0x01;
+const TCP_SYN: u8 = 0x02;
 const TCP_RST: u8 = 0x04;
+const TCP_ACK: u8 = 0x10;
 
 /// A parsed packet: TCP or UDP with its 5-tuple, or an ICMP/ICMPv6
 /// message (ports zero) that may be an error about a NAT flow.
@@ -74,8 +76,29 @@ pub struct Packet {
     pub l3: usize,
     pub l4: usize,
     pub ipv6: bool,
-    /// TCP segment with FIN or RST set.
-    pub fin_or_rst: bool,
+    /// A TCP segment's flags (0 for other protocols).
+    pub tcp_flags: u8,
+}
+
+impl Packet {
+    /// A TCP segment with FIN or RST set.
+    #[inline(always)]
+    pub fn fin_or_rst(&self) -> bool {
+        self.tcp_flags & (TCP_FIN | TCP_RST) != 0
+    }
+
+    /// A TCP segment with RST set.
+    #[inline(always)]
+    pub fn rst(&self) -> bool {
+        self.tcp_flags & TCP_RST != 0
+    }
+
+    /// A TCP SYN without ACK: a connection's first segment, or its
+    /// retransmission.
+    #[inline(always)]
+    pub fn syn(&self) -> bool {
+        self.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+    }
 }
 
 /// Parses Ethernet (with at most one VLAN tag), IPv4 or IPv6, then the
@@ -139,15 +162,14 @@ pub fn parse(ctx: &XdpContext) -> Result<Packet, Reason> {
     };
 
     let ipv6 = ether_type == ETH_P_IPV6;
-    let mut fin_or_rst = false;
+    let mut tcp_flags = 0;
     // Both headers start with the two ports; require the whole header so a
     // truncated segment is never forwarded.
     let ports: *const [u16; 2] = match key.proto {
         PROTO_TCP => {
             let tcp: *const TcpHdr = ptr_at(ctx, l4).ok_or(Reason::PassMalformed)?;
             // Flags are the low bits of byte 13.
-            let flags = unsafe { *(tcp as *const u8).add(13) };
-            fin_or_rst = flags & (TCP_FIN | TCP_RST) != 0;
+            tcp_flags = unsafe { *(tcp as *const u8).add(13) };
             tcp.cast()
         }
         PROTO_UDP => ptr_at::<UdpHdr>(ctx, l4)
@@ -160,7 +182,7 @@ pub fn parse(ctx: &XdpContext) -> Result<Packet, Reason> {
                 l3,
                 l4,
                 ipv6,
-                fin_or_rst,
+                tcp_flags,
             })
         }
     };
@@ -172,6 +194,6 @@ pub fn parse(ctx: &XdpContext) -> Result<Packet, Reason> {
         l3,
         l4,
         ipv6,
-        fin_or_rst,
+        tcp_flags,
     })
 }

@@ -137,6 +137,11 @@ pub struct NatConfig {
     pub tcp_closing_timeout: Duration,
     /// Idle timeout of a UDP flow.
     pub udp_timeout: Duration,
+    /// A backend that refuses a new TCP connection (RST to the SYN), or
+    /// does not answer it before the client retransmits, gets one
+    /// replacement: the refusal is not passed on, and the client's next
+    /// SYN goes to another backend.
+    pub retry_refused: bool,
 }
 
 impl Default for NatConfig {
@@ -150,6 +155,7 @@ impl Default for NatConfig {
             tcp_timeout: Duration::from_secs(3600),
             tcp_closing_timeout: Duration::from_secs(10),
             udp_timeout: Duration::from_secs(60),
+            retry_refused: true,
         }
     }
 }
@@ -222,6 +228,7 @@ impl ServiceConfig {
             tcp_timeout: Some(format_duration(self.nat.tcp_timeout)),
             tcp_closing_timeout: Some(format_duration(self.nat.tcp_closing_timeout)),
             udp_timeout: Some(format_duration(self.nat.udp_timeout)),
+            retry_refused: Some(self.nat.retry_refused),
         });
         ServiceSpec {
             name: self.name.clone(),
@@ -540,6 +547,9 @@ pub struct NatSpec {
     /// Default: `"1m"`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub udp_timeout: Option<String>,
+    /// Default: `true`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_refused: Option<bool>,
 }
 
 /// The file as written.
@@ -883,6 +893,7 @@ impl Validator<'_> {
                 spec.udp_timeout,
                 default.udp_timeout,
             )?,
+            retry_refused: spec.retry_refused.unwrap_or(default.retry_refused),
         })
     }
 

@@ -35,7 +35,7 @@ use anyhow::{bail, Context as _, Result};
 use tracing::{error, info, warn};
 use xdp_common::{
     Backend, Globals, Service, BACKEND_ACTIVE, BACKEND_DOWN, BACKEND_DRAINING, MAGLEV_SLOTS,
-    MAX_BACKENDS, MAX_SERVICES, SVC_F_HASH_SRC_ONLY, SVC_F_NAT, SVC_F_NO_BACKEND,
+    MAX_BACKENDS, MAX_SERVICES, SVC_F_HASH_SRC_ONLY, SVC_F_NAT, SVC_F_NAT_RETRY, SVC_F_NO_BACKEND,
     SVC_F_SECOND_HALF, UNRESOLVED_MAC,
 };
 
@@ -136,6 +136,9 @@ impl ServiceState {
         let nat = &self.config.nat;
         if self.config.mode == Mode::Nat {
             flags |= SVC_F_NAT;
+            if nat.retry_refused {
+                flags |= SVC_F_NAT_RETRY;
+            }
         }
         let secs = |d: Duration| u32::try_from(d.as_secs().max(1)).unwrap_or(u32::MAX);
         Service {
@@ -695,6 +698,17 @@ impl Model {
                 .insert((b.address, b.port), state);
         }
         self.sync(key, writes)?;
+        // Settings the table does not show (hashing, NAT ports, timeouts,
+        // retries) reach the datapath in the service entry: write it even
+        // when the table stayed the same.
+        let svc = &self.services[&key];
+        let skey = addr::service_key(key.0, key.1, key.2);
+        let written = writes
+            .iter()
+            .any(|w| matches!(w, Write::Service(k, _) if *k == skey));
+        if svc.programmed && !written {
+            writes.push(Write::Service(skey, svc.entry()));
+        }
         // Removed backends leave only after the new table is live.
         for mut b in leaving {
             b.state = BACKEND_DOWN;
