@@ -8,13 +8,14 @@
 use std::{
     collections::BTreeMap,
     net::SocketAddr,
-    path::Path,
     time::{Duration, Instant},
 };
 
 use anyhow::{bail, ensure, Context as _, Result};
 use xdplb_tests::{
     lb::{dsr_config, start_backend, start_backends, Load, Sample, Xdplb},
+    nat_topology::{self, nat_config, NatTopology, Shape},
+    netns::Netns,
     proc::Proc,
     topology::DsrTopology,
 };
@@ -40,7 +41,9 @@ HAProxy: its connection log). Both check alike: TCP connect every 1 s, 500 ms ti
 fall 3 (xdplb's defaults). HAProxy keeps its defaults otherwise (retries 3, 500 ms apart, no \
 `option redispatch`): a request sent to the dead server fails only after ~1.5 s and stalls its \
 loop meanwhile, so it makes fewer requests and fewer failures than xdplb's, where the dead host's \
-RST fails a request at once.";
+RST fails a request at once. `xdplb-nat` is the same on the one-arm NAT testbed with xdplb in NAT \
+mode and its defaults, `retry_refused` among them: the dead server's RST to a SYN is dropped and \
+the client's retransmitted SYN goes to another backend.";
 
 /// Both balancers' check interval; the daemon's documented bound on
 /// detection is interval × fall + interval.
@@ -90,10 +93,11 @@ pub fn run(opts: &Opts) -> Result<Vec<Figure>> {
     let mut servers = start_backends(&topo, &opts.testbackend)?;
     topo.wait_reachable()?;
 
+    let restart = |i: usize| start_backend(&topo, &opts.testbackend, i, &[]);
     let xdplb = {
         let lb = Xdplb::start(&opts.xdplb, &topo, &dsr_config(&topo))?;
         let bal = XdplbBalancer { lb, topo: &topo };
-        run_trials(&bal, &topo, &mut servers, &opts.testbackend, trials)?
+        run_trials(&bal, topo.client(), &mut servers, &restart, trials)?
     };
     let haproxy = {
         let config = haproxy::Config {
@@ -113,7 +117,30 @@ pub fn run(opts: &Opts) -> Result<Vec<Figure>> {
             h,
             target: config.bind,
         };
-        run_trials(&bal, &topo, &mut servers, &opts.testbackend, trials)?
+        run_trials(&bal, topo.client(), &mut servers, &restart, trials)?
+    };
+    drop(servers);
+    drop(topo);
+    let nat = nat_trials(opts, trials)?;
+    let left: Vec<String> = xdplb_tests::netns::list()?
+        .into_iter()
+        .filter(|n| n.starts_with(&prefix))
+        .collect();
+    ensure!(left.is_empty(), "namespaces left behind: {left:?}");
+    Ok(figures(&xdplb, &haproxy, &nat))
+}
+
+/// The same trials with xdplb in NAT mode on the one-arm NAT testbed.
+fn nat_trials(opts: &Opts, trials: usize) -> Result<Vec<Trial>> {
+    let topo = NatTopology::new(Shape::OneArm, "bfn", 3, &opts.xdplb)?;
+    let prefix = topo.prefix().to_owned();
+    let mut servers = nat_topology::start_backends(&topo, &opts.testbackend)?;
+    topo.wait_reachable()?;
+    let restart = |i: usize| nat_topology::start_backend(&topo, &opts.testbackend, i);
+    let trials = {
+        let lb = nat_topology::start_xdplb(&opts.xdplb, &topo, &nat_config(&topo, ""))?;
+        let bal = XdplbNatBalancer { lb, topo: &topo };
+        run_trials(&bal, topo.client(), &mut servers, &restart, trials)?
     };
     drop(servers);
     drop(topo);
@@ -122,28 +149,30 @@ pub fn run(opts: &Opts) -> Result<Vec<Figure>> {
         .filter(|n| n.starts_with(&prefix))
         .collect();
     ensure!(left.is_empty(), "namespaces left behind: {left:?}");
-    Ok(figures(&xdplb, &haproxy))
+    Ok(trials)
 }
+
+/// Starts backend `i`'s server again.
+type Restart<'a> = dyn Fn(usize) -> Result<Proc> + 'a;
 
 fn run_trials(
     bal: &dyn Balancer,
-    topo: &DsrTopology,
+    client: &Netns,
     servers: &mut [Proc],
-    testbackend: &Path,
+    restart: &Restart,
     n: usize,
 ) -> Result<Vec<Trial>> {
     (0..n)
         .map(|t| {
             let victim = t % servers.len() + 1;
-            let trial =
-                run_trial(bal, topo, servers, testbackend, t, victim).with_context(|| {
-                    format!(
-                        "failover: {} trial {} (killing \
+            let trial = run_trial(bal, client, servers, restart, t, victim).with_context(|| {
+                format!(
+                    "failover: {} trial {} (killing \
                     b{victim})",
-                        bal.name(),
-                        t + 1
-                    )
-                })?;
+                    bal.name(),
+                    t + 1
+                )
+            })?;
             eprintln!(
                 "failover: {:<7} trial {:>2}: b{victim} down after {:>6.0} ms; {} requests, \
                     failed {} to it, {} to healthy backends",
@@ -164,9 +193,9 @@ fn run_trials(
 /// until it rejoins; classify the failures.
 fn run_trial(
     bal: &dyn Balancer,
-    topo: &DsrTopology,
+    client: &Netns,
     servers: &mut [Proc],
-    testbackend: &Path,
+    restart: &Restart,
     t: usize,
     victim: usize,
 ) -> Result<Trial> {
@@ -175,8 +204,8 @@ fn run_trial(
     }
     let loads = (0..LOADS)
         .map(|l| {
-            Load::start(
-                topo,
+            Load::start_in(
+                client,
                 bal.target(),
                 LOAD_EVERY,
                 10_000 + ((t * LOADS + l) * 600) as u16,
@@ -193,7 +222,7 @@ fn run_trial(
     std::thread::sleep(Duration::from_millis(500));
     let samples: Vec<_> = loads.into_iter().flat_map(Load::stop).collect();
     let down = down?;
-    servers[victim - 1] = start_backend(topo, testbackend, victim, &[])?;
+    servers[victim - 1] = restart(victim)?;
     wait_for(bal, victim, Health::Up, Duration::from_secs(10))?;
     std::thread::sleep(Duration::from_millis(200)); // HAProxy logs a session when it ends
     let failed: Vec<&Sample> = samples.iter().filter(|s| s.result.is_err()).collect();
@@ -274,6 +303,48 @@ impl Balancer for XdplbBalancer<'_> {
     }
 }
 
+struct XdplbNatBalancer<'a> {
+    lb: Xdplb,
+    topo: &'a NatTopology,
+}
+
+impl Balancer for XdplbNatBalancer<'_> {
+    fn name(&self) -> &'static str {
+        "xdplb-nat"
+    }
+    fn target(&self) -> SocketAddr {
+        SocketAddr::new(self.topo.vip4().into(), 80)
+    }
+    fn health(&self, i: usize) -> Result<Health> {
+        let b = self.lb.backend("web4", self.topo.backend_addr(i, false))?;
+        Ok(match (b["health"].as_str(), b["state"].as_str()) {
+            (Some("up"), Some("active")) => Health::Up,
+            (Some("down"), _) => Health::Down,
+            _ => Health::Between,
+        })
+    }
+    /// The NAT table's translation of each failed flow, while it lasts.
+    fn backends_of(&self, ports: &[u16]) -> Result<Vec<Option<usize>>> {
+        let by_addr: BTreeMap<String, usize> = (1..=self.topo.backend_count())
+            .map(|i| {
+                let port = nat_topology::BACKEND_PORT;
+                (format!("{}:{port}", self.topo.backend_addr(i, false)), i)
+            })
+            .collect();
+        ports
+            .iter()
+            .map(|&p| {
+                let src = SocketAddr::new(self.topo.client_addr(false), p);
+                let f = self.lb.flow(src, self.target())?;
+                Ok(f["established"]
+                    .as_bool()
+                    .filter(|e| *e)
+                    .and_then(|_| by_addr.get(f["backend"].as_str()?).copied()))
+            })
+            .collect()
+    }
+}
+
 struct HaproxyBalancer {
     h: haproxy::Haproxy,
     target: SocketAddr,
@@ -307,7 +378,7 @@ impl Balancer for HaproxyBalancer {
     }
 }
 
-fn figures(xdplb: &[Trial], haproxy: &[Trial]) -> Vec<Figure> {
+fn figures(xdplb: &[Trial], haproxy: &[Trial], nat: &[Trial]) -> Vec<Figure> {
     let fig = |case: &str, unit: &str, trials: &[Trial], f: fn(&Trial) -> f64| {
         Figure::new(GROUP, case, unit, trials.iter().map(f).collect(), false)
     };
@@ -344,5 +415,21 @@ fn figures(xdplb: &[Trial], haproxy: &[Trial]) -> Vec<Figure> {
         )),
         fig("haproxy-failed-healthy", "requests", haproxy, healthy)
             .note(unknown(haproxy, "missing from HAProxy's log")),
+        fig("xdplb-nat-detection", "ms", nat, detection)
+            .baseline("haproxy-detection")
+            .target(
+                "every trial <= 4000 ms (interval x fall + interval)",
+                worst(nat, detection) <= BOUND_MS,
+            ),
+        fig("xdplb-nat-failed-dead", "requests", nat, dead)
+            .baseline("haproxy-failed-dead")
+            .note(format!(
+                "of {} requests in all; refused SYNs are retried on another backend \
+                 (retry_refused)",
+                requests(nat)
+            )),
+        fig("xdplb-nat-failed-healthy", "requests", nat, healthy)
+            .target("0 in every trial", worst(nat, healthy) == 0.0)
+            .note(unknown(nat, "no translation left to name it")),
     ]
 }
