@@ -40,6 +40,8 @@ pub mod map_names {
     pub const NAT_SOURCES: &str = "xdplb_natsrc_v1";
     /// One `Globals` value (v2: `replicate` added).
     pub const GLOBALS: &str = "xdplb_glob_v2";
+    /// Per-CPU `Signals` per backend id: what the traffic says of it.
+    pub const SIGNALS: &str = "xdplb_besig_v1";
     /// DEVMAP_HASH of egress interfaces for XDP_REDIRECT, keyed by ifindex.
     pub const TX_PORTS: &str = "xdplb_txport_v1";
 }
@@ -192,6 +194,9 @@ pub struct FlowKey {
 /// `Flow::flags`: the pin was made by a peer and replicated here; this
 /// node has not carried the flow itself (yet).
 pub const FLOW_F_REPLICATED: u32 = 1;
+/// `Flow::flags`: the client sent a second packet after its first: the
+/// backend answered (counted once, in `Signals::confirmed`).
+pub const FLOW_F_CONFIRMED: u32 = 2;
 
 /// Connection-tracking value.
 #[repr(C)]
@@ -339,6 +344,21 @@ pub struct Counters {
     pub new_flows: u64,
 }
 
+/// What a backend's traffic says about it, for the daemon's passive
+/// failure detection (docs/health.md): per CPU, per backend id. New flows
+/// are `Counters::new_flows`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Signals {
+    /// New flows that got an answer: DSR, the client's second packet (it
+    /// got the backend's SYN-ACK); NAT, the backend's first reply.
+    pub confirmed: u64,
+    /// NAT: the backend's RST to a flow it never answered.
+    pub refused: u64,
+    /// A SYN again for a flow still unanswered: the client retransmits.
+    pub syn_retransmits: u64,
+}
+
 /// Why the datapath did what it did with a packet: one per-CPU counter each.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -453,6 +473,7 @@ mod pod {
     unsafe impl aya::Pod for super::NatRev {}
     unsafe impl aya::Pod for super::Globals {}
     unsafe impl aya::Pod for super::NatSource {}
+    unsafe impl aya::Pod for super::Signals {}
 }
 
 // No holes: each size is the sum of its fields.
@@ -465,6 +486,7 @@ const _: () = {
     assert!(size_of::<NatRev>() == 16 + 16 + 6 + 6 + 2 + 2 + 4 + 2 + 2 + 8 + 4 + 4);
     assert!(size_of::<Globals>() == 4 + 4);
     assert!(size_of::<NatSource>() == 4 + 4 + 8);
+    assert!(size_of::<Signals>() == 8 * 3);
     assert!(size_of::<FlowKey>() == 16 + 16 + 2 + 2 + 1 + 3);
     assert!(size_of::<Flow>() == 8);
     assert!(size_of::<Counters>() == 8 + 8 + 8);

@@ -17,7 +17,7 @@ mod replicate;
 mod stats;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
-use xdp_common::{Backend, FlowKey, Reason, Service, ServiceKey, SVC_F_NAT};
+use xdp_common::{Backend, FlowKey, Reason, Service, ServiceKey, FLOW_F_CONFIRMED, SVC_F_NAT};
 
 use crate::{
     conntrack::Lookup,
@@ -72,19 +72,30 @@ fn balance(ctx: &XdpContext) -> Result<u32, Reason> {
     // Three arms, each with its own `deliver`: the new-flow flag is a
     // constant in each, so an established flow's packet pays nothing for it.
     match conntrack::lookup(key) {
-        Lookup::Hit(id, backend) => {
+        Lookup::Hit(id, backend, flow) => {
             stats::count(Reason::FlowHit);
+            // The first packet after the SYN tells whether the backend
+            // answered: the client's ACK (confirmed), or its SYN again.
+            if !conntrack::confirmed(flow) {
+                if packet.syn() {
+                    stats::signal(id, |s| &mut s.syn_retransmits);
+                } else {
+                    conntrack::confirm(flow);
+                    stats::signal(id, |s| &mut s.confirmed);
+                }
+            }
             deliver(ctx, service, id, backend, false)
         }
         // The flow's backend went away: re-pinned, counted in flow_repick,
-        // not as a new flow (the client did not open one).
+        // not as a new flow (the client did not open one), and confirmed
+        // already (it was answered before, or is not ours to judge).
         Lookup::Stale => {
-            let (id, backend) = pick_and_pin(service, key)?;
+            let (id, backend) = pick_and_pin(service, key, FLOW_F_CONFIRMED)?;
             stats::count(Reason::FlowRepick);
             deliver(ctx, service, id, backend, false)
         }
         Lookup::Miss => {
-            let (id, backend) = pick_and_pin(service, key)?;
+            let (id, backend) = pick_and_pin(service, key, 0)?;
             stats::count(Reason::FlowNew);
             deliver(ctx, service, id, backend, true)
         }
@@ -107,10 +118,14 @@ fn for_us(ctx: &XdpContext) -> Result<(), Reason> {
 /// Picks a backend for a flow from the service's Maglev table, pins the
 /// flow to it and reports the pin to the cluster's other nodes.
 #[inline(always)]
-fn pick_and_pin(service: &Service, key: &FlowKey) -> Result<(u32, &'static Backend), Reason> {
+fn pick_and_pin(
+    service: &Service,
+    key: &FlowKey,
+    flags: u32,
+) -> Result<(u32, &'static Backend), Reason> {
     let id = maglev::pick(service, key).ok_or(Reason::DropNoBackend)?;
     let backend = BACKENDS.get(id).ok_or(Reason::DropNoBackend)?;
-    conntrack::pin(key, id);
+    conntrack::pin(key, id, flags);
     replicate::pinned(key, id);
     Ok((id, backend))
 }

@@ -8,7 +8,7 @@ use aya_ebpf::{
 };
 use xdp_common::{
     Backend, Counters, Flow, FlowKey, Globals, NatFwd, NatRev, NatSource, Service, ServiceKey,
-    MAGLEV_SLOTS, MAX_BACKENDS, MAX_FLOWS, MAX_NAT_FLOWS, MAX_NAT_SOURCES, MAX_SERVICES,
+    Signals, MAGLEV_SLOTS, MAX_BACKENDS, MAX_FLOWS, MAX_NAT_FLOWS, MAX_NAT_SOURCES, MAX_SERVICES,
     MAX_TX_PORTS, REASON_COUNT,
 };
 
@@ -38,6 +38,9 @@ pub static SERVICE_STATS: PerCpuArray<Counters> = PerCpuArray::pinned(MAX_SERVIC
 
 #[map(name = "xdplb_best_v2")]
 pub static BACKEND_STATS: PerCpuArray<Counters> = PerCpuArray::pinned(MAX_BACKENDS, 0);
+
+#[map(name = "xdplb_besig_v1")]
+pub static SIGNALS: PerCpuArray<Signals> = PerCpuArray::pinned(MAX_BACKENDS, 0);
 
 #[map(name = "xdplb_txport_v1")]
 pub static TX_PORTS: DevMapHash = DevMapHash::pinned(MAX_TX_PORTS, 0);

@@ -123,6 +123,12 @@ pub fn forward(ctx: &XdpContext, p: &Packet, service: &Service) -> Result<u32, R
         // SAFETY: valid for this run; only this flow's packets write it.
         let f = unsafe { &mut *f };
         let retrying = retry(service, f, p, now);
+        if p.syn()
+            && f.flags & NAT_F_ANSWERED == 0
+            && now.saturating_sub(f.last_seen_ns) >= RETRANSMITTED_NS
+        {
+            stats::signal(f.backend, |s| &mut s.syn_retransmits);
+        }
         match BACKENDS.get(f.backend).filter(|b| b.is_live()) {
             Some(backend) if !f.expired(now) && !retrying => {
                 f.last_seen_ns = now;
@@ -346,18 +352,14 @@ fn service_of(r: &NatRev, proto: u8) -> Option<&'static Service> {
 /// the RST is dropped (returns true); otherwise the client gets it.
 #[inline(always)]
 fn refused(r: &NatRev, proto: u8) -> bool {
-    let Some(service) = service_of(r, proto) else {
-        return false;
-    };
-    if service.flags & SVC_F_NAT_RETRY == 0 {
-        return false;
-    }
     let Some(f) = NAT_FWD.get_ptr_mut(&r.client_key(proto)) else {
         return false;
     };
     // SAFETY: valid for this run.
     let f = unsafe { &mut *f };
-    if f.flags & NAT_F_RETRIED != 0 {
+    stats::signal(f.backend, |s| &mut s.refused);
+    let retries = service_of(r, proto).is_some_and(|s| s.flags & SVC_F_NAT_RETRY != 0);
+    if !retries || f.flags & NAT_F_RETRIED != 0 {
         return false;
     }
     f.flags |= NAT_F_REFUSED;
@@ -384,6 +386,7 @@ fn answered(r: &mut NatRev, proto: u8) {
         let f = unsafe { &mut *f };
         f.flags |= NAT_F_ANSWERED;
         f.timeout_s = timeout(service, proto, f.flags & NAT_F_CLOSING != 0);
+        stats::signal(f.backend, |s| &mut s.confirmed);
     }
 }
 

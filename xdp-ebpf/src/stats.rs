@@ -1,8 +1,8 @@
 //! Per-CPU counters: no atomics needed, userspace sums the CPUs.
 
-use xdp_common::{Counters, Reason};
+use xdp_common::{Counters, Reason, Signals};
 
-use crate::maps::{BACKEND_STATS, REASONS, SERVICE_STATS};
+use crate::maps::{BACKEND_STATS, REASONS, SERVICE_STATS, SIGNALS};
 
 #[inline(always)]
 pub fn count(reason: Reason) {
@@ -34,4 +34,14 @@ fn add(counters: Option<*mut Counters>, bytes: u64, new_flow: bool) {
 pub fn count_forwarded(service: u32, backend: u32, bytes: u64, new_flow: bool) {
     add(SERVICE_STATS.get_ptr_mut(service), bytes, new_flow);
     add(BACKEND_STATS.get_ptr_mut(backend), bytes, new_flow);
+}
+
+/// Counts one of a backend's signals (`Signals`): a rare event per flow
+/// (its first answer, a refusal, a retransmitted SYN), never per packet.
+#[inline(always)]
+pub fn signal(backend: u32, which: fn(&mut Signals) -> &mut u64) {
+    if let Some(s) = SIGNALS.get_ptr_mut(backend) {
+        // SAFETY: a per-CPU slot, only written by this CPU while we run.
+        unsafe { *which(&mut *s) += 1 };
+    }
 }

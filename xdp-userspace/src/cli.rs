@@ -562,7 +562,7 @@ const SERVICE_COLUMNS: [Column<ServiceView>; 12] = [
     ("TABLE", Left, |s| s.fingerprint.clone()),
 ];
 
-const BACKEND_COLUMNS: [Column<BackendView>; 11] = [
+const BACKEND_COLUMNS: [Column<BackendView>; 12] = [
     ("SERVICE", Left, |b| b.service.clone()),
     ("ADDRESS", Left, |b| b.address.to_string()),
     ("PORT", Right, |b| b.port.to_string()),
@@ -573,6 +573,8 @@ const BACKEND_COLUMNS: [Column<BackendView>; 11] = [
     ("PACKETS", Right, |b| b.packets.to_string()),
     ("BYTES", Right, |b| b.bytes.to_string()),
     ("NEW-FLOWS", Right, |b| b.new_flows.to_string()),
+    // Times its traffic made it a suspect (docs/health.md).
+    ("SUSPECTED", Right, |b| b.passive.suspicions.to_string()),
     ("LAST-CHECK", Left, |b| {
         b.last_check.clone().unwrap_or_else(|| "-".into())
     }),
@@ -772,6 +774,7 @@ mod tests {
             new_flows: 56,
             last_check: Some("ok in 2ms".into()),
             transitions: 0,
+            passive: Default::default(),
         }
     }
 
@@ -1035,6 +1038,7 @@ mod tests {
                 "PACKETS",
                 "BYTES",
                 "NEW-FLOWS",
+                "SUSPECTED",
                 "LAST-CHECK"
             ]
         );
@@ -1051,6 +1055,7 @@ mod tests {
                 "1234",
                 "567890",
                 "56",
+                "0",
                 "ok",
                 "in",
                 "2ms"

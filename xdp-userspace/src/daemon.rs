@@ -9,7 +9,8 @@
 //! every pin, as `xdplb detach --all` does.
 
 use std::{
-    net::SocketAddr,
+    collections::HashMap,
+    net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
     sync::{Arc, Mutex, MutexGuard},
     time::{Duration, Instant},
@@ -33,6 +34,7 @@ use crate::{
     loader::{self, AttachMode, Datapath},
     lock::PinDirLock,
     neigh::Resolver,
+    passive,
     state::Overlay,
     systemd,
 };
@@ -91,6 +93,10 @@ struct Inner {
     nat: Option<NatOccupancy>,
     /// Accepted MACs and announced VIPs (docs/cluster.md).
     cluster: crate::cluster::Node,
+    /// Passive failure detection, and its suspicions per (service,
+    /// backend): how many, and the last one's numbers.
+    passive: passive::Detector,
+    suspicions: HashMap<(String, (IpAddr, u16)), (u64, String)>,
 }
 
 impl Inner {
@@ -207,6 +213,32 @@ impl Daemon {
             }
             // The backend was removed meanwhile.
             Err(e) => warn!("health event for {}: {e:#}", event.service),
+        }
+    }
+
+    /// Passive detection's look at the traffic: each suspect is logged
+    /// with its numbers and probed at once (see `passive`).
+    fn passive(&self) {
+        let mut inner = self.lock();
+        let Inner {
+            controller,
+            passive,
+            health,
+            suspicions,
+            ..
+        } = &mut *inner;
+        for s in passive.tick(controller, Instant::now()) {
+            let probing = health.suspect(&s.service, s.backend, s.why.clone());
+            let backend = SocketAddr::new(s.backend.0, s.backend.1);
+            let then = if probing {
+                "probing it now; it goes down only if the probe fails"
+            } else {
+                "not health-checked, so kept"
+            };
+            warn!(service = %s.service, %backend, "suspected by its traffic: {}; {then}", s.why);
+            let entry = suspicions.entry((s.service, s.backend)).or_default();
+            entry.0 += 1;
+            entry.1 = s.why;
         }
     }
 
@@ -537,6 +569,19 @@ fn service_view(inner: &Inner, s: &ServiceState) -> api::ServiceView {
                         Err(e) => e,
                     }),
                     transitions: check.map_or(0, |t| t.transitions),
+                    passive: {
+                        let signals = maps.backend_signals(b.id).unwrap_or_default();
+                        let key = (cfg.name.clone(), (b.config.address, b.config.port));
+                        let (suspicions, last) =
+                            inner.suspicions.get(&key).cloned().unwrap_or_default();
+                        api::PassiveView {
+                            answered: signals.confirmed,
+                            refused: signals.refused,
+                            syn_retransmits: signals.syn_retransmits,
+                            suspicions,
+                            last_suspicion: (suspicions > 0).then_some(last),
+                        }
+                    },
                 }
             })
             .collect(),
@@ -694,6 +739,8 @@ pub fn run(opts: Options) -> Result<()> {
                 health,
                 nat: None,
                 cluster: node,
+                passive: passive::Detector::default(),
+                suspicions: HashMap::new(),
             }),
             changing: Mutex::new(()),
             resolver,
@@ -757,6 +804,8 @@ pub fn run(opts: Options) -> Result<()> {
         let mut int = signal(SignalKind::interrupt())?;
         let mut hup = signal(SignalKind::hangup())?;
         let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let mut passive_tick = tokio::time::interval(passive::PERIOD);
+        passive_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut ticks = 0u64;
         let detach = loop {
             tokio::select! {
@@ -777,6 +826,10 @@ pub fn run(opts: Options) -> Result<()> {
                 Some(event) = events.recv() => {
                     let d = daemon.clone();
                     tokio::task::spawn_blocking(move || d.on_health(event)).await?;
+                }
+                _ = passive_tick.tick() => {
+                    let d = daemon.clone();
+                    tokio::task::spawn_blocking(move || d.passive()).await?;
                 }
                 _ = tick.tick() => {
                     ticks += 1;

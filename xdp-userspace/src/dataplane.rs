@@ -26,6 +26,7 @@ pub struct Maps {
     pub reasons: PerCpuArray<MapData, u64>,
     pub service_stats: PerCpuArray<MapData, Counters>,
     pub backend_stats: PerCpuArray<MapData, Counters>,
+    pub signals: PerCpuArray<MapData, Signals>,
     pub tx_ports: DevMapHash<MapData>,
     pub nat_fwd: HashMap<MapData, FlowKey, NatFwd>,
     pub nat_rev: HashMap<MapData, FlowKey, NatRev>,
@@ -87,6 +88,7 @@ impl Maps {
             reasons: typed!(names::REASONS),
             service_stats: typed!(names::SERVICE_STATS),
             backend_stats: typed!(names::BACKEND_STATS),
+            signals: typed!(names::SIGNALS),
             tx_ports: typed!(names::TX_PORTS),
             nat_fwd: nat_fwd.try_into()?,
             nat_rev: nat_rev.try_into()?,
@@ -211,6 +213,19 @@ impl Maps {
         Self::sum(&self.service_stats, id)
     }
 
+    /// A backend's traffic signals, summed over CPUs.
+    pub fn backend_signals(&self, id: u32) -> Result<Signals> {
+        Ok(self
+            .signals
+            .get(&id, 0)?
+            .iter()
+            .fold(Signals::default(), |a, s| Signals {
+                confirmed: a.confirmed + s.confirmed,
+                refused: a.refused + s.refused,
+                syn_retransmits: a.syn_retransmits + s.syn_retransmits,
+            }))
+    }
+
     /// A backend's counters, summed over CPUs.
     pub fn backend_counters(&self, id: u32) -> Result<Counters> {
         Self::sum(&self.backend_stats, id)
@@ -234,6 +249,9 @@ impl Maps {
         }
         if let Some(id) = backend {
             self.backend_stats.set(id, zero()?, 0)?;
+            let cpus = aya::util::nr_cpus().map_err(|(_, e)| e)?;
+            let none = aya::maps::PerCpuValues::try_from(vec![Signals::default(); cpus])?;
+            self.signals.set(id, none, 0)?;
         }
         Ok(())
     }

@@ -32,7 +32,7 @@ use tokio::{
     io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
     net::TcpStream,
     runtime::Handle,
-    sync::{mpsc::UnboundedSender, Semaphore},
+    sync::{mpsc::UnboundedSender, Notify, Semaphore},
     task::JoinHandle,
     time::{self, MissedTickBehavior},
 };
@@ -89,6 +89,14 @@ impl Hysteresis {
     #[must_use]
     pub fn healthy(&self) -> bool {
         self.healthy
+    }
+
+    /// Takes the backend down at once (a failed probe after a suspicion):
+    /// returns true if that changed the verdict.
+    pub fn force_down(&mut self) -> bool {
+        self.ok_streak = 0;
+        self.fail_streak = self.fail_streak.max(1);
+        std::mem::replace(&mut self.healthy, false)
     }
 
     /// How many results in a row, up to the latest, were equal to it.
@@ -416,6 +424,23 @@ impl HealthChecker {
             .map(Running::status)
     }
 
+    /// The traffic says the backend may be dead (passive detection): probe
+    /// it now, out of schedule, and take it down at once if that probe
+    /// fails; a probe that succeeds changes nothing. Returns false when
+    /// the backend is not checked (no probe can confirm the suspicion, and
+    /// suspicion alone never takes a backend down).
+    pub fn suspect(&self, service: &str, backend: (IpAddr, u16), why: String) -> bool {
+        let Some(running) = self.targets.get(&(service.to_owned(), backend)) else {
+            return false;
+        };
+        if running.task.is_none() {
+            return false;
+        }
+        lock(&running.shared).suspicion = Some(why);
+        running.wake.notify_one();
+        true
+    }
+
     /// Stops every check: no event is sent after this returns.
     pub fn shutdown(self) {
         drop(self);
@@ -434,12 +459,15 @@ impl HealthChecker {
         let hysteresis = Hysteresis::new(target.check.rise, target.check.fall, status.healthy);
         let shared = Arc::new(Mutex::new(Shared {
             status,
+            suspicion: None,
             retired: false,
         }));
-        let task = probed.then(|| self.spawn_worker(&target, hysteresis, &shared));
+        let wake = Arc::new(Notify::new());
+        let task = probed.then(|| self.spawn_worker(&target, hysteresis, &shared, &wake));
         Running {
             check: target.check,
             shared,
+            wake,
             task,
         }
     }
@@ -449,12 +477,14 @@ impl HealthChecker {
         target: &CheckTarget,
         hysteresis: Hysteresis,
         shared: &Arc<Mutex<Shared>>,
+        wake: &Arc<Notify>,
     ) -> JoinHandle<()> {
         let worker = Worker {
             probe_addr: target.probe_addr(),
             check: target.check.clone(),
             hysteresis,
             shared: Arc::clone(shared),
+            wake: Arc::clone(wake),
             probe_slots: Arc::clone(&self.probe_slots),
             events: self.events.clone(),
         };
@@ -475,6 +505,8 @@ impl HealthChecker {
 /// A target's status, shared by its task and the checker.
 struct Shared {
     status: TargetStatus,
+    /// Why the target is suspected, until the probe it asked for runs.
+    suspicion: Option<String>,
     /// Set when the checker lets go of the target. An aborted task may
     /// still be finishing a probe on another thread; it checks this under
     /// the lock before it records anything or sends an event.
@@ -492,6 +524,8 @@ fn lock(shared: &Mutex<Shared>) -> MutexGuard<'_, Shared> {
 struct Running {
     check: HealthCheck,
     shared: Arc<Mutex<Shared>>,
+    /// Wakes the task for a probe out of schedule.
+    wake: Arc<Notify>,
     /// `None` for `CheckKind::None`: nothing to probe.
     task: Option<JoinHandle<()>>,
 }
@@ -525,6 +559,7 @@ struct Worker {
     check: HealthCheck,
     hysteresis: Hysteresis,
     shared: Arc<Mutex<Shared>>,
+    wake: Arc<Notify>,
     probe_slots: Arc<Semaphore>,
     events: UnboundedSender<HealthEvent>,
 }
@@ -539,14 +574,44 @@ impl Worker {
             time::interval_at(time::Instant::now() + first_probe_in, self.check.interval);
         ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
         loop {
-            ticks.tick().await;
+            tokio::select! {
+                _ = ticks.tick() => {}
+                () = self.wake.notified() => {}
+            }
+            let suspicion = lock(&self.shared).suspicion.take();
             let Some(result) = self.probe_once().await else {
                 return;
             };
-            if !self.record(result) {
+            let recorded = match (suspicion, result) {
+                (Some(why), Err(e)) => self.confirm_suspicion(&why, e),
+                (_, result) => self.record(result),
+            };
+            if !recorded {
                 return;
             }
         }
+    }
+
+    /// A probe asked for by a suspicion failed: the backend goes down at
+    /// once, without waiting for `fall` failures. Returns false if the
+    /// target is retired.
+    fn confirm_suspicion(&mut self, why: &str, error: String) -> bool {
+        let at = Instant::now();
+        let changed = self.hysteresis.force_down();
+        let mut shared = lock(&self.shared);
+        if shared.retired {
+            return false;
+        }
+        let status = &mut shared.status;
+        status.checks += 1;
+        status.failures += 1;
+        status.last_at = Some(at);
+        if changed {
+            let detail = format!("suspected ({why}); the probe that followed failed: {error}");
+            let _ = self.events.send(status.transition(false, detail, at));
+        }
+        status.last_result = Some(Err(error));
+        true
     }
 
     /// One probe, once a slot is free. The timeout starts only then: a wait

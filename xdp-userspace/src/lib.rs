@@ -12,6 +12,7 @@ pub mod loader;
 pub mod lock;
 pub mod maglev;
 pub(crate) mod neigh;
+pub(crate) mod passive;
 pub mod program;
 mod state;
 pub mod systemd;

@@ -204,6 +204,25 @@ pub struct BackendView {
     pub last_check: Option<String>,
     /// Health state changes since the daemon started.
     pub transitions: u64,
+    /// What the traffic says of the backend (absent from older daemons).
+    #[serde(default)]
+    pub passive: PassiveView,
+}
+
+/// Passive failure detection's view of a backend (docs/health.md).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PassiveView {
+    /// New flows that got an answer (DSR: the client's second packet;
+    /// NAT: the backend's reply).
+    pub answered: u64,
+    /// NAT: new flows the backend reset without answering.
+    pub refused: u64,
+    /// SYNs clients sent again for flows still unanswered.
+    pub syn_retransmits: u64,
+    /// Times the traffic made it a suspect (each time it was probed at
+    /// once), and the numbers behind the last one.
+    pub suspicions: u64,
+    pub last_suspicion: Option<String>,
 }
 
 /// `GET /v1/stats`.
@@ -400,6 +419,7 @@ mod tests {
             new_flows: 0,
             last_check: None,
             transitions: 0,
+            passive: Default::default(),
         };
         let v = serde_json::to_value(&b).unwrap();
         assert_eq!(
