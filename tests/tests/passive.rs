@@ -1,4 +1,4 @@
-//! Passive failure detection end to end (docs/health.md), DSR, in veth
+//! Passive failure detection end to end (docs/operations.md, "Passive detection"), DSR, in veth
 //! namespaces with real HTTP backends and the real daemon: the datapath
 //! sees a dead backend's new flows go unanswered and the daemon probes it
 //! at once, long before the next scheduled check; a backend whose clients

@@ -345,7 +345,7 @@ pub struct Counters {
 }
 
 /// What a backend's traffic says about it, for the daemon's passive
-/// failure detection (docs/health.md): per CPU, per backend id. New flows
+/// failure detection (docs/operations.md, "Passive detection"): per CPU, per backend id. New flows
 /// are `Counters::new_flows`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]

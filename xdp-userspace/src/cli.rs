@@ -573,7 +573,7 @@ const BACKEND_COLUMNS: [Column<BackendView>; 12] = [
     ("PACKETS", Right, |b| b.packets.to_string()),
     ("BYTES", Right, |b| b.bytes.to_string()),
     ("NEW-FLOWS", Right, |b| b.new_flows.to_string()),
-    // Times its traffic made it a suspect (docs/health.md).
+    // Times its traffic made it a suspect (docs/operations.md, "Passive detection").
     ("SUSPECTED", Right, |b| b.passive.suspicions.to_string()),
     ("LAST-CHECK", Left, |b| {
         b.last_check.clone().unwrap_or_else(|| "-".into())

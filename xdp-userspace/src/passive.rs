@@ -1,4 +1,4 @@
-//! Passive failure detection (docs/health.md): the datapath counts, per
+//! Passive failure detection (docs/operations.md, "Passive detection"): the datapath counts, per
 //! backend, its new flows and what became of them (`xdp_common::Signals`:
 //! answered, refused, SYN retransmitted). Every 100 ms the detector looks
 //! at the last few hundred milliseconds of each active backend; a burst of

@@ -209,7 +209,7 @@ pub struct BackendView {
     pub passive: PassiveView,
 }
 
-/// Passive failure detection's view of a backend (docs/health.md).
+/// Passive failure detection's view of a backend (docs/operations.md, "Passive detection").
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PassiveView {
     /// New flows that got an answer (DSR: the client's second packet;
