@@ -182,7 +182,10 @@ impl Replicator {
         };
         let events = RingBuf::try_from(take(EVENTS_MAP)?)?;
         let counts = PerCpuArray::try_from(take(COUNTS_MAP)?)?;
-        let run = (u64::from(std::process::id()) << 32) ^ now_ms().rotate_left(17) ^ random();
+        // Random, so that a restarted daemon's numbering is never taken
+        // for a replay of its predecessor's (the clock, should
+        // /dev/urandom be unreadable).
+        let run = random().unwrap_or_else(now_ms);
         let peers = cfg
             .peers
             .iter()
@@ -573,15 +576,16 @@ impl Replicator {
         })
         .await
         .context("no request within 5 s")??;
-        let known = lock(&self.shared.peers)
+        // Full copies go to configured peers only (by address: a copy is
+        // asked for from an ephemeral port).
+        if !lock(&self.shared.peers)
             .iter()
-            .any(|p| p.addr.ip() == from.ip());
+            .any(|p| p.addr.ip() == from.ip())
+        {
+            self.refused(from, Refusal::UnknownSender);
+            bail!("not a configured peer");
+        }
         let header = match wire::decode(&self.shared.key, &request) {
-            Ok((h, _)) if !known => {
-                let _ = h;
-                self.refused(from, Refusal::UnknownSender);
-                bail!("not a configured peer");
-            }
             Ok((h, _)) if h.kind == Kind::SyncRequest => h,
             Ok(_) => bail!("not a full-copy request"),
             Err(e) => {
@@ -787,12 +791,12 @@ pub struct PeerView {
     pub send_errors: u64,
 }
 
-fn random() -> u64 {
+fn random() -> Option<u64> {
     let mut b = [0u8; 8];
-    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
-        let _ = f.read_exact(&mut b);
-    }
-    u64::from_ne_bytes(b)
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut b))
+        .ok()?;
+    Some(u64::from_ne_bytes(b))
 }
 
 /// Writes a length-prefixed message.
