@@ -220,6 +220,9 @@ fn scrape_passes_promtool_and_counters_move_with_traffic() {
         let bytes = grew(&format!("xdplb_backend_bytes_total{labels}"));
         let new_flows = grew(&format!("xdplb_backend_new_flows_total{labels}"));
         assert_eq!(new_flows, served, "{name}: new flows = requests served");
+        // Each of them was answered (the client's ACK followed its SYN).
+        let answered = grew(&format!("xdplb_backend_flows_answered_total{labels}"));
+        assert_eq!(answered, served, "{name}: every flow answered");
         assert!(
             packets >= 4.0 * served && bytes >= 60.0 * packets,
             "{name} served {served} requests: packets +{packets}, bytes +{bytes}"

@@ -148,6 +148,10 @@ struct Metrics {
     backend_packets: Counters<BackendLabels>,
     backend_bytes: Counters<BackendLabels>,
     backend_new_flows: Counters<BackendLabels>,
+    backend_answered: Counters<BackendLabels>,
+    backend_refused: Counters<BackendLabels>,
+    backend_syn_retransmits: Counters<BackendLabels>,
+    backend_suspicions: Counters<BackendLabels>,
     backend_weight: Gauges<BackendLabels>,
     backend_healthy: Gauges<BackendLabels>,
     backend_state: Gauges<BackendStateLabels>,
@@ -161,6 +165,11 @@ struct Metrics {
     nat_ports: Gauge,
     nat_capacity: Gauge,
     flow_capacity: Gauge,
+    replication_sent: Counter,
+    replication_installed: Counter,
+    replication_ring_lost: Counter,
+    replication_refused: Counter,
+    replication_missed: Counter,
 }
 
 impl Metrics {
@@ -178,6 +187,10 @@ impl Metrics {
             backend_packets: Counters::default(),
             backend_bytes: Counters::default(),
             backend_new_flows: Counters::default(),
+            backend_answered: Counters::default(),
+            backend_refused: Counters::default(),
+            backend_syn_retransmits: Counters::default(),
+            backend_suspicions: Counters::default(),
             backend_weight: Gauges::default(),
             backend_healthy: Gauges::default(),
             backend_state: Gauges::default(),
@@ -191,6 +204,11 @@ impl Metrics {
             nat_ports: Gauge::default(),
             nat_capacity: Gauge::default(),
             flow_capacity: Gauge::default(),
+            replication_sent: Counter::default(),
+            replication_installed: Counter::default(),
+            replication_ring_lost: Counter::default(),
+            replication_refused: Counter::default(),
+            replication_missed: Counter::default(),
         };
         // Registered clones share their values with the ones kept here.
         let m = &metrics;
@@ -249,6 +267,26 @@ impl Metrics {
             "xdplb_backend_new_flows",
             "New flows sent to the backend",
             m.backend_new_flows.clone(),
+        );
+        registry.register(
+            "xdplb_backend_flows_answered",
+            "New flows that got an answer (passive detection)",
+            m.backend_answered.clone(),
+        );
+        registry.register(
+            "xdplb_backend_flows_refused",
+            "NAT: new flows the backend reset without answering",
+            m.backend_refused.clone(),
+        );
+        registry.register(
+            "xdplb_backend_syn_retransmits",
+            "SYNs sent again for flows the backend had not answered",
+            m.backend_syn_retransmits.clone(),
+        );
+        registry.register(
+            "xdplb_backend_suspicions",
+            "Times the backend's traffic made it a suspect (each probed at once)",
+            m.backend_suspicions.clone(),
         );
         registry.register(
             "xdplb_backend_weight",
@@ -318,6 +356,31 @@ impl Metrics {
             "Capacity of the DSR flow table (LRU: a full table evicts its oldest flows)",
             m.flow_capacity.clone(),
         );
+        registry.register(
+            "xdplb_replication_sent_flows",
+            "Flow pins sent to cluster peers",
+            m.replication_sent.clone(),
+        );
+        registry.register(
+            "xdplb_replication_installed_flows",
+            "Flow pins from cluster peers installed here",
+            m.replication_installed.clone(),
+        );
+        registry.register(
+            "xdplb_replication_ring_lost",
+            "Flow pins lost because the datapath's ring was full",
+            m.replication_ring_lost.clone(),
+        );
+        registry.register(
+            "xdplb_replication_refused_messages",
+            "Replication messages refused (bad key, not a peer, malformed, stale)",
+            m.replication_refused.clone(),
+        );
+        registry.register(
+            "xdplb_replication_missed_messages",
+            "Replication messages from peers lost on the way (sequence gaps)",
+            m.replication_missed.clone(),
+        );
         metrics
     }
 
@@ -362,6 +425,18 @@ impl Metrics {
                 .inc_by(u64_of(count));
         }
         self.flow_capacity.set(i64::from(xdp_common::MAX_FLOWS));
+        let r = &snapshot.stats["replication"];
+        if r.is_object() {
+            self.replication_sent.inc_by(u64_of(&r["sent_flows"]));
+            self.replication_installed.inc_by(u64_of(&r["installed"]));
+            self.replication_ring_lost.inc_by(u64_of(&r["ring_lost"]));
+            let refused = ["bad_tag", "unknown_sender", "malformed", "stale"];
+            self.replication_refused
+                .inc_by(refused.iter().map(|k| u64_of(&r[*k])).sum());
+            let missed = r["peers"].as_array().into_iter().flatten();
+            self.replication_missed
+                .inc_by(missed.map(|p| u64_of(&p["missed"])).sum());
+        }
         let nat = &snapshot.stats["nat"];
         if nat.is_object() {
             self.nat_flows.set(i64_of(&nat["flows"]));
@@ -389,6 +464,15 @@ impl Metrics {
         self.backend_new_flows
             .get_or_create(&labels)
             .inc_by(u64_of(&backend["new_flows"]));
+        let passive = &backend["passive"];
+        for (family, key) in [
+            (&self.backend_answered, "answered"),
+            (&self.backend_refused, "refused"),
+            (&self.backend_syn_retransmits, "syn_retransmits"),
+            (&self.backend_suspicions, "suspicions"),
+        ] {
+            family.get_or_create(&labels).inc_by(u64_of(&passive[key]));
+        }
         self.backend_weight
             .get_or_create(&labels)
             .set(i64_of(&backend["weight"]));
