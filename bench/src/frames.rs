@@ -1,13 +1,16 @@
 //! The benchmarks' test frames, built by the test kit's frame builder
 //! (`xdplb_tests::frame`, shared with the packet fixtures): Ethernet, IPv4
-//! or IPv6, a TCP SYN or a UDP datagram with a 4-byte payload.
+//! or IPv6, a TCP segment or a UDP datagram with a 4-byte payload.
 
 use std::net::{SocketAddr, SocketAddrV4};
 
-use xdplb_tests::frame::Seg;
+use xdplb_tests::frame::{self, Seg};
 
-/// A frame from `src` to `dst` over `proto` (TCP SYN or UDP), Ethernet
-/// `src_mac` -> `dst_mac`.
+/// A frame from `src` to `dst` over `proto`, Ethernet `src_mac` ->
+/// `dst_mac`: for TCP a data segment (ACK, PSH) of an established
+/// connection, as almost every packet of a real flow is (a SYN sent again
+/// and again would be counted as the client retransmitting its SYN, see
+/// `xdp_common::Signals`); a UDP datagram otherwise.
 pub fn packet(
     src_mac: [u8; 6],
     dst_mac: [u8; 6],
@@ -15,7 +18,12 @@ pub fn packet(
     dst: SocketAddr,
     proto: u8,
 ) -> Vec<u8> {
-    Seg::probe(src, dst, proto).frame(dst_mac, src_mac)
+    let seg = if proto == xdp_common::PROTO_TCP {
+        Seg::tcp(src, dst, frame::ACK | frame::PSH, b"data")
+    } else {
+        Seg::probe(src, dst, proto)
+    };
+    seg.frame(dst_mac, src_mac)
 }
 
 /// A new flow's frame every call without a new allocation: the frame of
