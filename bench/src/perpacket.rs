@@ -10,14 +10,27 @@
 //! `xdp_mac_swap` (the least a forwarding program can cost). Every case is
 //! reported as its cost above that repetition's XDP_PASS floor.
 //!
+//! Replication (flow pins reported to a ring buffer for the daemon) is
+//! switched on and off between chunks, so a case with it on and the same
+//! case with it off run on the same instance and flow table: on the first
+//! instance, whose ring the benchmark drains before every chunk (the
+//! daemon's normal state), and on a third instance whose ring is kept full
+//! (the daemon fell behind: every report is lost and counted).
+//!
 //! To add a case (e.g. NAT forward/reverse): program what it needs in
 //! `program_services` and push one `Case` in `cases`.
 
 use std::net::{SocketAddr, SocketAddrV4};
 
 use anyhow::{bail, Context as _, Result};
-use aya::programs::{TestRun as _, TestRunOptions, Xdp};
-use xdp_common::{Flow, FlowKey, Reason, BACKEND_DOWN, MAX_FLOWS, PROTO_TCP, PROTO_UDP};
+use aya::{
+    maps::{MapData, PerCpuArray, RingBuf},
+    programs::{TestRun as _, TestRunOptions, Xdp},
+};
+use xdp_common::{
+    replication::{COUNTS_MAP, COUNT_LOST, COUNT_WRITTEN, EVENTS_MAP},
+    Flow, FlowKey, Reason, BACKEND_DOWN, MAX_FLOWS, PROTO_TCP, PROTO_UDP,
+};
 use xdplb::{
     addr,
     dataplane::Maps,
@@ -45,7 +58,14 @@ reported as its mean **minus that repetition's XDP_PASS floor**; the floors are 
 repetitions; within one, every case and the floor run round-robin in chunks of 10,000 calls, the \
 order rotated every round, so noise from the shared machine hits all of them alike. Frames: \
 58-byte IPv4 TCP, 46-byte IPv4 UDP, 78-byte IPv6 TCP (no padding to 60); maps are populated \
-directly (no daemon); services use 65,537-slot Maglev tables built by `xdplb::maglev::build`.";
+directly (no daemon); services use 65,537-slot Maglev tables built by `xdplb::maglev::build`. \
+Rows *with replication on* switch the reporting of pinned flows on in the globals before each of \
+their chunks (off again before the other cases' chunks), on the same instance and flow table as \
+the case they are compared to: the benchmark drains that instance's ring buffer (as the daemon \
+does) before every such chunk, untimed, so every report is written. The *ring full* rows run on \
+a third identical instance whose ring was filled beforehand and is never drained, so every \
+report finds it full and is counted as lost; their baseline is a new-flow case with replication \
+off on that instance.";
 
 const LB_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
 const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
@@ -68,6 +88,8 @@ enum Prog {
     Lb,
     /// The second datapath instance, with a full flow table.
     LbFull,
+    /// The third instance, whose replication ring is kept full.
+    LbRingFull,
 }
 
 enum Flows {
@@ -106,6 +128,10 @@ struct Case {
     reason: Option<Reason>,
     /// Target on the median above the XDP_PASS floor, in ns.
     target: Option<f64>,
+    /// Whether replication is on while the case runs.
+    replicate: bool,
+    /// The case with replication off this one is compared to.
+    baseline: Option<&'static str>,
     note: Option<String>,
     /// Mean ns per call, one per repetition (raw, floor not subtracted).
     means: Vec<f64>,
@@ -121,6 +147,8 @@ impl Case {
             flows: Flows::Same,
             reason: Some(reason),
             target: None,
+            replicate: false,
+            baseline: None,
             note: None,
             means: Vec::new(),
         }
@@ -164,6 +192,14 @@ impl Case {
         self.note = Some(note.into());
         self
     }
+
+    /// The case with replication on, compared to `off` (the same case
+    /// with it off, on the same instance).
+    fn replicated(mut self, off: &'static str) -> Self {
+        self.replicate = true;
+        self.baseline = Some(off);
+        self
+    }
 }
 
 fn sa(s: &str) -> SocketAddr {
@@ -178,6 +214,11 @@ const MAC_FLOOR: &str = "floor: xdp_mac_swap (raw)";
 /// The MAC-swap floor runs among the cases; reported raw (MAC_FLOOR).
 const MAC_CASE: &str = "xdp_mac_swap";
 const EVICTION: &str = "new flow into a full flow table (LRU eviction)";
+pub const NEW_FLOW_REPL: &str = "new flow with replication on (pin reported to the ring)";
+const RING_FULL: &str = "new flow with replication on, ring full (report lost)";
+const RING_FULL_OFF: &str = "new flow, replication off (ring-full instance)";
+const ESTABLISHED_REPL: &str = "established flow with replication on";
+const NON_SERVICE_REPL: &str = "packet for no service with replication on";
 
 /// Programs the services and backends the cases use.
 fn program_services(lb: &mut Loaded) -> Result<()> {
@@ -244,13 +285,28 @@ fn program_nat(lb: &mut Loaded) -> Result<Vec<u8>> {
         .context("NAT: no flow after the first packet")?;
     let backend = maps.backend(fwd.backend)?;
     let from = SocketAddr::new(addr::from_words(backend.addr), 8080);
-    Ok(frames::packet(
+    let reply = frames::packet(
         backend.dst_mac,
         LB_MAC,
         from,
         SocketAddr::new(snat, u16::from_be(fwd.nat_port_be)),
         PROTO_TCP,
-    ))
+    );
+    // The backend answers once: the flow is established, with the full
+    // timeout, not the 5 s of an unanswered one (which would expire
+    // during the measurement and make it a new flow again).
+    let res = prog.test_run(TestRunOptions {
+        data_in: Some(&reply),
+        repeat: 1,
+        ..Default::default()
+    })?;
+    if res.return_value != XDP_TX {
+        bail!(
+            "NAT: the first reply was not translated (verdict {})",
+            res.return_value
+        );
+    }
+    Ok(reply)
 }
 
 const VIP: SocketAddr = SocketAddr::V4(SocketAddrV4::new(
@@ -358,8 +414,84 @@ fn cases() -> Vec<Case> {
             "NAT service, established flow, backend to client: service miss, reply-table hit, \
                 rewrite back",
         ),
+        Case::new_flows(NEW_FLOW_REPL, 4, VIP, true)
+            .replicated(NEW_FLOW)
+            .note(
+                "as the new-flow case (same instance, same flow table) with replication on: every \
+                 insert also writes a 48-byte event to the ring buffer and bumps a per-CPU \
+                 counter. The ring is drained (untimed) before every chunk, so it never fills",
+            ),
+        Case {
+            prog: Prog::LbRingFull,
+            ..Case::new_flows(RING_FULL_OFF, 6, VIP, true)
+        }
+        .note("as the new-flow case, on the ring-full instance, replication off: the baseline"),
+        Case {
+            prog: Prog::LbRingFull,
+            ..Case::new_flows(RING_FULL, 5, VIP, true)
+        }
+        .replicated(RING_FULL_OFF)
+        .note(
+            "as the new-flow case, with replication on, on a third instance whose ring was filled \
+             beforehand and is never drained: every report fails and bumps the lost counter (a \
+             daemon that fell behind)",
+        ),
+        Case::same(
+            ESTABLISHED_REPL,
+            packet("10.0.0.1:40000", VIP, PROTO_TCP),
+            XDP_TX,
+            Reason::FlowHit,
+        )
+        .replicated(ESTABLISHED)
+        .note("as the established case, with replication on: must not touch the ring"),
+        Case::same(
+            NON_SERVICE_REPL,
+            packet("10.0.0.1:40000", sa("10.0.0.2:22"), PROTO_TCP),
+            XDP_PASS,
+            Reason::PassNotService,
+        )
+        .replicated(NON_SERVICE)
+        .note("as the no-service case, with replication on: must not touch the ring"),
         Case::floor(MAC_CASE, Prog::MacSwap, XDP_TX),
     ]
+}
+
+/// An instance's ring of pinned flows, drained here in place of the
+/// daemon, and its per-CPU written/lost counters.
+struct Ring {
+    events: RingBuf<MapData>,
+    counts: PerCpuArray<MapData, u64>,
+}
+
+impl Ring {
+    /// Takes the ring and counters out of `lb`.
+    fn take(lb: &mut Loaded) -> Result<Self> {
+        let mut take = |name: &str| {
+            lb.datapath
+                .ebpf
+                .take_map(name)
+                .with_context(|| format!("map {name} missing from the XDP object"))
+        };
+        Ok(Self {
+            events: RingBuf::try_from(take(EVENTS_MAP)?)?,
+            counts: PerCpuArray::try_from(take(COUNTS_MAP)?)?,
+        })
+    }
+
+    /// Consumes every event in the ring; returns how many there were.
+    fn drain(&mut self) -> u64 {
+        let mut n = 0;
+        while let Some(item) = self.events.next() {
+            drop(item);
+            n += 1;
+        }
+        n
+    }
+
+    /// Counter `slot` (COUNT_WRITTEN, COUNT_LOST) summed over the CPUs.
+    fn count(&self, slot: u32) -> Result<u64> {
+        Ok(self.counts.get(&slot, 0)?.iter().sum())
+    }
 }
 
 /// Fills this CPU's share of the flow table so LRU inserts evict.
@@ -456,20 +588,105 @@ fn measure(
     Ok(total)
 }
 
-/// The program a case runs and the maps it checks: `progs` are xdp_pass,
-/// xdp_mac_swap, the first and the second xdplb instance.
-fn select<'a>(
-    prog: Prog,
-    progs: [&'a Xdp; 4],
-    main: &'a mut Maps,
-    full: &'a mut Maps,
-) -> (&'a Xdp, &'a mut Maps) {
-    match prog {
-        Prog::Pass => (progs[0], main),
-        Prog::MacSwap => (progs[1], main),
-        Prog::Lb => (progs[2], main),
-        Prog::LbFull => (progs[3], full),
+/// What the cases run on: `progs` are xdp_pass, xdp_mac_swap and the
+/// three xdplb instances (see [`Prog`]); `maps` the instances' maps,
+/// `rings` their replication rings (taken from the first and the third).
+struct Datapaths<'a> {
+    progs: [&'a Xdp; 5],
+    maps: [&'a mut Maps; 3],
+    rings: [Option<Ring>; 3],
+    /// Whether each instance's globals have replication on now.
+    replicating: [bool; 3],
+    /// Events drained from the first instance's ring.
+    drained: u64,
+}
+
+impl Datapaths<'_> {
+    /// [`measure`] on the case's program. On an instance with a ring it
+    /// first switches replication on or off as the case wants, drains the
+    /// ring of the first instance when the case replicates, and afterwards
+    /// checks that the calls reported what the case claims: nothing with
+    /// replication off; with it on, every new flow written (drained ring)
+    /// or lost (full ring), nothing for other packets (the first call may
+    /// pin an established flow anew).
+    fn measure(&mut self, case: &mut Case, warmup: usize, calls: usize) -> Result<u128> {
+        let (prog, i) = match case.prog {
+            Prog::Pass => (self.progs[0], 0),
+            Prog::MacSwap => (self.progs[1], 0),
+            Prog::Lb => (self.progs[2], 0),
+            Prog::LbFull => (self.progs[3], 1),
+            Prog::LbRingFull => (self.progs[4], 2),
+        };
+        let lb = matches!(case.prog, Prog::Lb | Prog::LbFull | Prog::LbRingFull);
+        if lb && self.replicating[i] != case.replicate {
+            if self.rings[i].is_none() {
+                bail!("{}: replication on an instance without a ring", case.name);
+            }
+            set_replicate(self.maps[i], case.replicate)?;
+            self.replicating[i] = case.replicate;
+        }
+        let ring = match &mut self.rings[i] {
+            Some(r) if lb => {
+                if case.replicate && case.prog == Prog::Lb {
+                    self.drained += r.drain();
+                }
+                Some(&*r)
+            }
+            _ => None,
+        };
+        let before = match ring {
+            Some(r) => Some((r.count(COUNT_WRITTEN)?, r.count(COUNT_LOST)?)),
+            None => None,
+        };
+        let total = measure(prog, &mut *self.maps[i], case, warmup, calls)?;
+        if let (Some(ring), Some((written0, lost0))) = (ring, before) {
+            let written = ring.count(COUNT_WRITTEN)? - written0;
+            let lost = ring.count(COUNT_LOST)? - lost0;
+            let n = (warmup + calls) as u64;
+            let ok = match (&case.flows, case.prog) {
+                _ if !case.replicate => written == 0 && lost == 0,
+                (Flows::New { .. }, Prog::Lb) => written == n && lost == 0,
+                (Flows::New { .. }, _) => written == 0 && lost == n,
+                (Flows::Same, _) => written + lost <= 1,
+            };
+            if !ok {
+                bail!(
+                    "{}: {n} calls wrote {written} and lost {lost} ring events: not the path \
+                     measured",
+                    case.name
+                );
+            }
+        }
+        Ok(total)
     }
+}
+
+/// Switches the reporting of pinned flows on or off in `maps`' globals.
+fn set_replicate(maps: &mut Maps, on: bool) -> Result<()> {
+    let mut g = maps.globals.get(&0, 0)?;
+    g.replicate = u32::from(on);
+    maps.globals
+        .set(0, g, 0)
+        .context("switching replication in the globals")
+}
+
+/// Fills the ring of an instance with new flows' reports until one is
+/// lost, with replication switched on for the fill; the flows are deleted
+/// by the next measurement of `case`. Returns the events the ring held.
+fn fill_ring(prog: &Xdp, maps: &mut Maps, ring: &Ring, case: &mut Case) -> Result<u64> {
+    // 56 bytes an event with its header: a little over 74,898 fill 4 MiB.
+    let calls = (xdp_common::replication::EVENTS_BYTES / 56 + 1000) as usize;
+    set_replicate(maps, true)?;
+    measure(prog, maps, case, 0, calls)?;
+    set_replicate(maps, false)?;
+    let (written, lost) = (ring.count(COUNT_WRITTEN)?, ring.count(COUNT_LOST)?);
+    if lost == 0 {
+        bail!(
+            "{}: {calls} new flows did not fill the ring ({written} written)",
+            case.name
+        );
+    }
+    Ok(written)
 }
 
 /// Static facts of a loaded program: instruction count and JIT size.
@@ -512,7 +729,92 @@ fn program_facts(name: &str, prog: &Xdp) -> String {
     )
 }
 
-pub fn run(opts: &Opts) -> Result<Section> {
+/// The group of the replication cases' costs: each repetition's
+/// difference to the same case with replication off.
+pub const REPLICATION_GROUP: &str = "replication-datapath";
+
+pub const REPLICATION_DESCRIPTION: &str = "What turning flow-state replication on costs the \
+datapath per packet: measured by the per-packet benchmark (`cargo xtask bench`, or \
+`xdplb-bench --only per-packet`), in the same run as the per-packet group, where the rows *with \
+replication on* stand next to their ratio to the same case with replication off. Here each \
+figure is, per repetition, the mean ns per call with replication on minus the mean of the same \
+case with replication off on the same instance and flow table (replication is switched in the \
+globals between chunks; both interleaved round-robin in the same repetition, so they share its \
+noise), min / median / max over the repetitions. With replication on, every flow the \
+datapath pins (a new flow, or a re-pick) is also written as a 48-byte event to a 4 MiB BPF ring \
+buffer (`xdplb_flowev_v1`) that the daemon drains; established flows and packets for no service \
+must not touch it. The benchmark drains the ring itself (no daemon) before every chunk of \
+10,000 calls; a separate instance keeps its ring full to measure the cost when the daemon falls \
+behind (against replication off on that instance). After every chunk the ring's written/lost \
+counters (`xdplb_replc_v1`) are checked against the path the case claims.";
+
+/// The replication group: per-repetition differences on − off, and what
+/// the rings counted.
+fn replication_section(cases: &[Case], dp: &Datapaths, ring_held: u64) -> Result<Section> {
+    let means = |name: &str| {
+        cases
+            .iter()
+            .find(|c| c.name == name)
+            .map(|c| c.means.clone())
+            .expect("case exists")
+    };
+    let mut figures = Vec::new();
+    for (on, label) in [
+        (NEW_FLOW_REPL, "new flow: replication on − off"),
+        (
+            RING_FULL,
+            "new flow, ring full (report lost): replication on − off",
+        ),
+        (ESTABLISHED_REPL, "established flow: replication on − off"),
+        (
+            NON_SERVICE_REPL,
+            "packet for no service: replication on − off",
+        ),
+    ] {
+        let case = cases.iter().find(|c| c.name == on).expect("case exists");
+        let off = case.baseline.expect("replication cases have a baseline");
+        let diff: Vec<f64> = case
+            .means
+            .iter()
+            .zip(means(off))
+            .map(|(a, b)| a - b)
+            .collect();
+        figures.push(
+            Figure::new(REPLICATION_GROUP, label, "ns, on − off", diff, false)
+                .note(format!("per repetition: \"{on}\" − \"{off}\"")),
+        );
+    }
+    let ring = |i: usize| dp.rings[i].as_ref().expect("instance has a ring");
+    let (written, lost) = (ring(0).count(COUNT_WRITTEN)?, ring(0).count(COUNT_LOST)?);
+    let full_lost = ring(2).count(COUNT_LOST)?;
+    let mut problems = Vec::new();
+    if lost != 0 || written == 0 {
+        problems.push(format!(
+            "replication: the drained ring wrote {written} events and lost {lost} (want > 0, 0)"
+        ));
+    }
+    let notes = vec![format!(
+        "Ring counters at the end: the first instance's ring took {written} events (one per new \
+         flow with replication on, plus the established flow's first pin) and lost {lost}; the \
+         benchmark drained {} of them. The ring-full instance's ring was filled with \
+         {ring_held} events beforehand and lost {full_lost} reports. The same instance runs a \
+         case with replication on and off, because identical instances differ by tens of ns \
+         for the same case (compare the two replication-off new-flow rows of the per-packet \
+         group). The differences are small next to the noise of one call (tens of ns on this \
+         shared machine): read the median, and the min/max as the spread; established and \
+         no-service differences within a few ns of 0 mean no cost.",
+        dp.drained
+    )];
+    Ok(Section {
+        group: REPLICATION_GROUP.into(),
+        figures,
+        notes,
+        problems,
+        ..Default::default()
+    })
+}
+
+pub fn run(opts: &Opts) -> Result<Vec<Section>> {
     let calls = if opts.quick { 20_000 } else { 1_000_000 };
     // The second CPU if there is one: CPU 0 takes more interrupts.
     let cpu = if std::thread::available_parallelism().map_or(1, |n| n.get()) > 1 {
@@ -523,11 +825,15 @@ pub fn run(opts: &Opts) -> Result<Section> {
     on_cpu(cpu, || measure_all(calls, cpu))
 }
 
-fn measure_all(calls: usize, cpu: usize) -> Result<Section> {
+fn measure_all(calls: usize, cpu: usize) -> Result<Vec<Section>> {
     let mut main = Loaded::load("pp")?;
     let mut full = Loaded::load("ppfull")?;
-    program_services(&mut main)?;
-    program_services(&mut full)?;
+    let mut ring_full = Loaded::load("ppring")?;
+    for lb in [&mut main, &mut full, &mut ring_full] {
+        program_services(lb)?;
+    }
+    let main_ring = Ring::take(&mut main)?;
+    let full_ring = Ring::take(&mut ring_full)?;
     let reply = program_nat(&mut full)?;
     let mut cases = cases();
     for case in cases.iter_mut().filter(|c| c.name == NAT_REVERSE) {
@@ -546,6 +852,19 @@ fn measure_all(calls: usize, cpu: usize) -> Result<Section> {
     let (main_prog, main_maps) = main.parts();
     let (full_prog, full_maps) = full.parts();
     let prefilled = prefill_flows(full_maps)?;
+    let (ring_prog, ring_maps) = ring_full.parts();
+    let ring_case = cases
+        .iter_mut()
+        .find(|c| c.name == RING_FULL)
+        .expect("case exists");
+    let ring_held = fill_ring(ring_prog, ring_maps, &full_ring, ring_case)?;
+    let mut dp = Datapaths {
+        progs: [pass, mac, main_prog, full_prog, ring_prog],
+        maps: [main_maps, full_maps, ring_maps],
+        rings: [Some(main_ring), None, Some(full_ring)],
+        replicating: [false; 3],
+        drained: 0,
+    };
 
     let mut floor = Case::floor(PASS_FLOOR, Prog::Pass, XDP_PASS);
     let mut floors = Vec::new();
@@ -559,13 +878,7 @@ fn measure_all(calls: usize, cpu: usize) -> Result<Section> {
         } else {
             &mut cases[i]
         };
-        let (prog, maps) = select(
-            case.prog,
-            [pass, mac, main_prog, full_prog],
-            &mut *main_maps,
-            &mut *full_maps,
-        );
-        measure(prog, maps, case, WARMUP, 0)?;
+        dp.measure(case, WARMUP, 0)?;
     }
     let chunks = calls.div_ceil(CHUNK);
     for rep in 0..REPETITIONS {
@@ -579,13 +892,7 @@ fn measure_all(calls: usize, cpu: usize) -> Result<Section> {
                 } else {
                     &mut cases[i]
                 };
-                let (prog, maps) = select(
-                    case.prog,
-                    [pass, mac, main_prog, full_prog],
-                    &mut *main_maps,
-                    &mut *full_maps,
-                );
-                totals[i] += measure(prog, maps, case, CHUNK_WARMUP, CHUNK)?;
+                totals[i] += dp.measure(case, CHUNK_WARMUP, CHUNK)?;
             }
         }
         let timed = (chunks * CHUNK) as f64;
@@ -620,16 +927,11 @@ fn measure_all(calls: usize, cpu: usize) -> Result<Section> {
             1 => &mut cases[established],
             _ => &mut cases[eviction],
         };
-        let (prog, maps) = select(
-            case.prog,
-            [pass, mac, main_prog, full_prog],
-            &mut *main_maps,
-            &mut *full_maps,
-        );
         let name = case.name;
+        let dp = &mut dp;
         let res = crate::profile::hottest(14, || {
             let t = std::time::Instant::now();
-            measure(prog, maps, case, 0, PROFILE_CALLS)?;
+            dp.measure(case, 0, PROFILE_CALLS)?;
             Ok(t.elapsed().as_nanos() as f64 / PROFILE_CALLS as f64)
         });
         profiles.push(match res {
@@ -665,8 +967,12 @@ fn measure_all(calls: usize, cpu: usize) -> Result<Section> {
         if let Some(n) = &c.note {
             fig = fig.note(n.clone());
         }
+        if let Some(b) = c.baseline {
+            fig = fig.baseline(b);
+        }
         figures.push(fig);
     }
+    let replication = replication_section(&cases, &dp, ring_held)?;
 
     let mut problems = Vec::new();
     let (new, est, non) = (
@@ -732,11 +1038,12 @@ fn measure_all(calls: usize, cpu: usize) -> Result<Section> {
             profiles.join("\n"),
         ),
     ];
-    Ok(Section {
+    let per_packet = Section {
         group: GROUP.into(),
         figures,
         references,
         notes,
         problems,
-    })
+    };
+    Ok(vec![per_packet, replication])
 }
