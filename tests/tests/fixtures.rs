@@ -549,3 +549,33 @@ fn frames_to_another_mac_pass_untouched_unless_the_mac_is_configured() {
         vec![forwarded("frame to the interface's MAC", own, 0)],
     );
 }
+
+/// Passive detection's signals (`Signals`, per backend): a TCP flow is
+/// answered when the client's second packet is not its SYN again; a SYN
+/// again before that is a retransmission; a UDP flow counts as answered
+/// when made (the datapath cannot tell). Once per flow, never per packet.
+#[test]
+fn flows_are_counted_answered_or_retransmitted_once() {
+    let mut h = Harness::standard();
+    let tcp = |src: &str, flags: u8| {
+        Seg::tcp(sa(src), sa("10.0.100.1:80"), flags, b"").frame(LB_MAC, CLIENT_MAC)
+    };
+    let signals = |h: &Harness| h.0.maps.backend_signals(0).unwrap();
+    // A client that gets the SYN-ACK: SYN, ACK, data.
+    for flags in [frame::SYN, frame::ACK, frame::ACK | frame::PSH] {
+        assert_eq!(h.run(&tcp("10.0.0.1:40000", flags)).0, XDP_TX);
+    }
+    assert_eq!((signals(&h).confirmed, signals(&h).syn_retransmits), (1, 0));
+    // A client that gets nothing: its SYN, then the same SYN twice more.
+    for _ in 0..3 {
+        assert_eq!(h.run(&tcp("10.0.0.2:40000", frame::SYN)).0, XDP_TX);
+    }
+    assert_eq!((signals(&h).confirmed, signals(&h).syn_retransmits), (1, 2));
+    // UDP: answered as made, whatever follows.
+    let udp = packet(sa("10.0.0.3:5000"), sa("10.0.100.1:53"), PROTO_UDP, None);
+    for _ in 0..3 {
+        assert_eq!(h.run(&udp).0, XDP_TX);
+    }
+    assert_eq!((signals(&h).confirmed, signals(&h).syn_retransmits), (2, 2));
+    assert_eq!(h.0.maps.backend_counters(0).unwrap().new_flows, 3);
+}

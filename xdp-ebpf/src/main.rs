@@ -17,7 +17,9 @@ mod replicate;
 mod stats;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
-use xdp_common::{Backend, FlowKey, Reason, Service, ServiceKey, FLOW_F_CONFIRMED, SVC_F_NAT};
+use xdp_common::{
+    Backend, FlowKey, Reason, Service, ServiceKey, FLOW_F_CONFIRMED, PROTO_TCP, SVC_F_NAT,
+};
 
 use crate::{
     conntrack::Lookup,
@@ -95,7 +97,14 @@ fn balance(ctx: &XdpContext) -> Result<u32, Reason> {
             deliver(ctx, service, id, backend, false)
         }
         Lookup::Miss => {
-            let (id, backend) = pick_and_pin(service, key, 0)?;
+            // Only TCP says whether the backend answered (a UDP client's
+            // second datagram proves nothing): other flows start confirmed.
+            let tcp = key.proto == PROTO_TCP;
+            let flags = if tcp { 0 } else { FLOW_F_CONFIRMED };
+            let (id, backend) = pick_and_pin(service, key, flags)?;
+            if !tcp {
+                stats::signal(id, |s| &mut s.confirmed);
+            }
             stats::count(Reason::FlowNew);
             deliver(ctx, service, id, backend, true)
         }

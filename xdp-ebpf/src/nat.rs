@@ -183,6 +183,10 @@ pub fn forward(ctx: &XdpContext, p: &Packet, service: &Service) -> Result<u32, R
     } else {
         Reason::NatNew
     });
+    // Passive detection judges TCP only: a UDP flow need not be answered.
+    if key.proto != PROTO_TCP {
+        stats::signal(id, |s| &mut s.confirmed);
+    }
     send_forward(ctx, p, id, service, backend, port, true)
 }
 
@@ -386,7 +390,10 @@ fn answered(r: &mut NatRev, proto: u8) {
         let f = unsafe { &mut *f };
         f.flags |= NAT_F_ANSWERED;
         f.timeout_s = timeout(service, proto, f.flags & NAT_F_CLOSING != 0);
-        stats::signal(f.backend, |s| &mut s.confirmed);
+        // UDP flows were counted answered when made (see `forward`).
+        if proto == PROTO_TCP {
+            stats::signal(f.backend, |s| &mut s.confirmed);
+        }
     }
 }
 

@@ -228,14 +228,13 @@ impl Daemon {
             ..
         } = &mut *inner;
         for s in passive.tick(controller, Instant::now()) {
-            let probing = health.suspect(&s.service, s.backend, s.why.clone());
-            let backend = SocketAddr::new(s.backend.0, s.backend.1);
-            let then = if probing {
-                "probing it now; it goes down only if the probe fails"
-            } else {
-                "not health-checked, so kept"
-            };
-            warn!(service = %s.service, %backend, "suspected by its traffic: {}; {then}", s.why);
+            // A backend without checks cannot be probed: its suspicions
+            // are counted (views) but not logged, once a second each.
+            if health.suspect(&s.service, s.backend, s.why.clone()) {
+                let backend = SocketAddr::new(s.backend.0, s.backend.1);
+                warn!(service = %s.service, %backend, "suspected by its traffic: {}; probing it \
+                    now, it goes down only if the probe fails", s.why);
+            }
             let entry = suspicions.entry((s.service, s.backend)).or_default();
             entry.0 += 1;
             entry.1 = s.why;
