@@ -26,8 +26,9 @@ pub fn packet(
     seg.frame(dst_mac, src_mac)
 }
 
-/// A new flow's frame every call without a new allocation: the frame of
-/// [`packet`] for a changing IPv4 source, rewritten in place.
+/// A new flow's first frame (a TCP SYN, or a UDP datagram) every call
+/// without a new allocation: for a changing IPv4 source, rewritten in
+/// place.
 pub struct NewFlows {
     seg: Seg,
     src_mac: [u8; 6],
@@ -96,13 +97,9 @@ mod tests {
             PROTO_TCP,
         );
         let capacity = f.capacity();
-        let want = packet(
-            [2; 6],
-            [4; 6],
-            "10.9.8.7:4321".parse().unwrap(),
-            dst,
-            PROTO_TCP,
-        );
+        // A SYN (new flows open connections), not `packet`'s data segment.
+        let want =
+            Seg::probe("10.9.8.7:4321".parse().unwrap(), dst, PROTO_TCP).frame([4; 6], [2; 6]);
         NewFlows::new([2; 6], [4; 6], dst, PROTO_TCP)
             .write("10.9.8.7:4321".parse().unwrap(), &mut f);
         assert_eq!(f, want);

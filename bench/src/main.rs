@@ -11,9 +11,11 @@ mod frames;
 mod harness;
 mod maglev;
 mod memory;
+mod node_loss;
 mod perpacket;
 mod pps;
 mod profile;
+mod replication;
 mod report;
 
 use std::{
@@ -56,7 +58,7 @@ fn sections(figures: Result<Vec<Figure>>) -> Result<Vec<Section>> {
 const BENCHES: &[Bench] = &[
     Bench {
         name: "per-packet",
-        run: |o| one(perpacket::run(o)),
+        run: perpacket::run,
     },
     Bench {
         name: "pps",
@@ -78,16 +80,27 @@ const BENCHES: &[Bench] = &[
         name: "failover",
         run: |o| sections(failover::run(o)),
     },
+    Bench {
+        name: "replication",
+        run: replication::run,
+    },
+    Bench {
+        name: "node-loss",
+        run: node_loss::run,
+    },
 ];
 
 /// The method text of the groups this crate measures itself.
 fn description(group: &str) -> Option<&'static str> {
     match group {
         perpacket::GROUP => Some(perpacket::DESCRIPTION),
+        perpacket::REPLICATION_GROUP => Some(perpacket::REPLICATION_DESCRIPTION),
         pps::GROUP => Some(pps::DESCRIPTION),
         maglev::GROUP => Some(maglev::DESCRIPTION),
         memory::GROUP => Some(memory::DESCRIPTION),
+        node_loss::GROUP => Some(node_loss::DESCRIPTION),
         failover::GROUP => Some(failover::DESCRIPTION),
+        replication::GROUP => Some(replication::DESCRIPTION),
         g if g.starts_with("e2e") => Some(e2e::DESCRIPTION),
         _ => None,
     }

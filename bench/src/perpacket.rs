@@ -795,9 +795,9 @@ fn replication_section(cases: &[Case], dp: &Datapaths, ring_held: u64) -> Result
     }
     let notes = vec![format!(
         "Ring counters at the end: the first instance's ring took {written} events (one per new \
-         flow with replication on, plus the established flow's first pin) and lost {lost}; the \
-         benchmark drained {} of them. The ring-full instance's ring was filled with \
-         {ring_held} events beforehand and lost {full_lost} reports. The same instance runs a \
+         flow with replication on; the established case's flow was pinned with it off) and lost \
+         {lost}; the benchmark drained {} of them. The ring-full instance's ring was filled \
+         with {ring_held} events beforehand and lost {full_lost} reports. The same instance runs a \
          case with replication on and off, because identical instances differ by tens of ns \
          for the same case (compare the two replication-off new-flow rows of the per-packet \
          group). The differences are small next to the noise of one call (tens of ns on this \

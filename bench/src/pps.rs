@@ -362,7 +362,8 @@ pub fn run(opts: &Opts) -> Result<Section> {
     })
 }
 
-fn parse_mac(s: &str) -> Result<[u8; 6]> {
+/// Parses `aa:bb:cc:dd:ee:ff`.
+pub(crate) fn parse_mac(s: &str) -> Result<[u8; 6]> {
     let bytes: Vec<u8> = s
         .split(':')
         .map(|b| u8::from_str_radix(b, 16))

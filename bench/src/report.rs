@@ -30,6 +30,8 @@ const ORDER: &[&str] = &[
     "e2e-p99",
     "e2e-cpu",
     "failover",
+    "replication-datapath",
+    "replication",
     "maglev",
     "memory",
 ];

@@ -50,6 +50,10 @@ const PACKAGES: &[(&str, &str)] = &[
         "tests: partitioning the cluster's replication link",
     ),
     ("systemd", "tests: systemd-analyze verify checks the unit"),
+    (
+        "keepalived",
+        "bench: the VRRP active/standby baseline of node loss",
+    ),
 ];
 
 pub fn run() -> Result<()> {
