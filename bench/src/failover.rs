@@ -41,7 +41,9 @@ HAProxy: its connection log). Both check alike: TCP connect every 1 s, 500 ms ti
 fall 3 (xdplb's defaults). HAProxy keeps its defaults otherwise (retries 3, 500 ms apart, no \
 `option redispatch`): a request sent to the dead server fails only after ~1.5 s and stalls its \
 loop meanwhile, so it makes fewer requests and fewer failures than xdplb's, where the dead host's \
-RST fails a request at once. `xdplb-nat` is the same on the one-arm NAT testbed with xdplb in NAT \
+RST fails a request at once. Then the same with a host loss instead of a kill (`*-hostloss-*`: \
+the backend's switch port goes down, nothing answers; 10 trials, 2 in the quick run). \
+`xdplb-nat` is the same on the one-arm NAT testbed with xdplb in NAT \
 mode and its defaults, `retry_refused` among them: the dead server's RST to a SYN is dropped and \
 the client's retransmitted SYN goes to another backend.";
 
@@ -52,6 +54,9 @@ const BOUND_MS: f64 = 4000.0;
 /// Parallel request loops, each a new connection every `LOAD_EVERY`.
 const LOADS: usize = 4;
 const LOAD_EVERY: Duration = Duration::from_millis(20);
+/// Source ports each loop may use in a trial (a trial lasts a few seconds:
+/// at most a few hundred connections); trials never reuse one.
+const PORTS_PER_LOAD: usize = 400;
 
 #[derive(PartialEq)]
 enum Health {
@@ -85,7 +90,7 @@ struct Trial {
 
 pub fn run(opts: &Opts) -> Result<Vec<Figure>> {
     tools::ensure_packages(&[("haproxy", "failover: the health checker compared")])?;
-    let trials = if opts.quick { 2 } else { 20 };
+    let (kills, losses) = if opts.quick { (2, 2) } else { (20, 10) };
     let dir = tools::TempDir::new("failover")?;
     let mut topo = DsrTopology::with_tag("bfo", 3)?;
     let prefix = topo.prefix().to_owned();
@@ -94,10 +99,16 @@ pub fn run(opts: &Opts) -> Result<Vec<Figure>> {
     topo.wait_reachable()?;
 
     let restart = |i: usize| start_backend(&topo, &opts.testbackend, i, &[]);
+    let mut bed = Bed {
+        client: topo.client(),
+        switch: topo.switch(),
+        servers: &mut servers,
+        restart: &restart,
+    };
     let xdplb = {
         let lb = Xdplb::start(&opts.xdplb, &topo, &dsr_config(&topo))?;
         let bal = XdplbBalancer { lb, topo: &topo };
-        run_trials(&bal, topo.client(), &mut servers, &restart, trials)?
+        run_all(&bal, &mut bed, kills, losses)?
     };
     let haproxy = {
         let config = haproxy::Config {
@@ -117,11 +128,11 @@ pub fn run(opts: &Opts) -> Result<Vec<Figure>> {
             h,
             target: config.bind,
         };
-        run_trials(&bal, topo.client(), &mut servers, &restart, trials)?
+        run_all(&bal, &mut bed, kills, losses)?
     };
     drop(servers);
     drop(topo);
-    let nat = nat_trials(opts, trials)?;
+    let nat = nat_trials(opts, kills, losses)?;
     let left: Vec<String> = xdplb_tests::netns::list()?
         .into_iter()
         .filter(|n| n.starts_with(&prefix))
@@ -131,16 +142,22 @@ pub fn run(opts: &Opts) -> Result<Vec<Figure>> {
 }
 
 /// The same trials with xdplb in NAT mode on the one-arm NAT testbed.
-fn nat_trials(opts: &Opts, trials: usize) -> Result<Vec<Trial>> {
+fn nat_trials(opts: &Opts, kills: usize, losses: usize) -> Result<Trials> {
     let topo = NatTopology::new(Shape::OneArm, "bfn", 3, &opts.xdplb)?;
     let prefix = topo.prefix().to_owned();
     let mut servers = nat_topology::start_backends(&topo, &opts.testbackend)?;
     topo.wait_reachable()?;
     let restart = |i: usize| nat_topology::start_backend(&topo, &opts.testbackend, i);
+    let mut bed = Bed {
+        client: topo.client(),
+        switch: topo.switch(),
+        servers: &mut servers,
+        restart: &restart,
+    };
     let trials = {
         let lb = nat_topology::start_xdplb(&opts.xdplb, &topo, &nat_config(&topo, ""))?;
         let bal = XdplbNatBalancer { lb, topo: &topo };
-        run_trials(&bal, topo.client(), &mut servers, &restart, trials)?
+        run_all(&bal, &mut bed, kills, losses)?
     };
     drop(servers);
     drop(topo);
@@ -155,27 +172,60 @@ fn nat_trials(opts: &Opts, trials: usize) -> Result<Vec<Trial>> {
 /// Starts backend `i`'s server again.
 type Restart<'a> = dyn Fn(usize) -> Result<Proc> + 'a;
 
+/// How a trial's backend dies.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Fault {
+    /// Its server is SIGKILLed: its host stays up and answers SYNs with RST.
+    Kill,
+    /// Its host vanishes: its switch port goes down, nothing answers.
+    HostLoss,
+}
+
+/// What the trials run on: the client, the switch the backends hang off
+/// (port `v-bI`), their servers, and how to restart one.
+struct Bed<'a> {
+    client: &'a Netns,
+    switch: &'a Netns,
+    servers: &'a mut [Proc],
+    restart: &'a Restart<'a>,
+}
+
+/// One balancer's trials: process kills, then host losses.
+struct Trials {
+    kill: Vec<Trial>,
+    host_loss: Vec<Trial>,
+}
+
+fn run_all(bal: &dyn Balancer, bed: &mut Bed, kills: usize, losses: usize) -> Result<Trials> {
+    Ok(Trials {
+        kill: run_trials(bal, bed, Fault::Kill, 0..kills)?,
+        host_loss: run_trials(bal, bed, Fault::HostLoss, kills..kills + losses)?,
+    })
+}
+
 fn run_trials(
     bal: &dyn Balancer,
-    client: &Netns,
-    servers: &mut [Proc],
-    restart: &Restart,
-    n: usize,
+    bed: &mut Bed,
+    fault: Fault,
+    numbers: std::ops::Range<usize>,
 ) -> Result<Vec<Trial>> {
-    (0..n)
+    let what = match fault {
+        Fault::Kill => "killing",
+        Fault::HostLoss => "cutting off",
+    };
+    numbers
         .map(|t| {
-            let victim = t % servers.len() + 1;
-            let trial = run_trial(bal, client, servers, restart, t, victim).with_context(|| {
+            let victim = t % bed.servers.len() + 1;
+            let trial = run_trial(bal, bed, fault, t, victim).with_context(|| {
                 format!(
-                    "failover: {} trial {} (killing \
-                    b{victim})",
+                    "failover: {} trial {} ({what} b{victim})",
                     bal.name(),
                     t + 1
                 )
             })?;
             eprintln!(
-                "failover: {:<7} trial {:>2}: b{victim} down after {:>6.0} ms; {} requests, \
-                    failed {} to it, {} to healthy backends",
+                "failover: {:<9} trial {:>2}: {what} b{victim}: down after {:>6.0} ms; {} \
+                    requests, failed {} to it, {} to healthy backends",
                 bal.name(),
                 t + 1,
                 trial.detection_ms,
@@ -193,22 +243,26 @@ fn run_trials(
 /// until it rejoins; classify the failures.
 fn run_trial(
     bal: &dyn Balancer,
-    client: &Netns,
-    servers: &mut [Proc],
-    restart: &Restart,
+    bed: &mut Bed,
+    fault: Fault,
     t: usize,
     victim: usize,
 ) -> Result<Trial> {
-    for i in 1..=servers.len() {
+    let port = |state: &str| {
+        bed.switch
+            .exec(&["ip", "link", "set", &format!("v-b{victim}"), state])
+            .map(drop)
+    };
+    for i in 1..=bed.servers.len() {
         wait_for(bal, i, Health::Up, Duration::from_secs(10))?;
     }
     let loads = (0..LOADS)
         .map(|l| {
             Load::start_in(
-                client,
+                bed.client,
                 bal.target(),
                 LOAD_EVERY,
-                10_000 + ((t * LOADS + l) * 600) as u16,
+                10_000 + ((t * LOADS + l) * PORTS_PER_LOAD) as u16,
             )
         })
         .collect::<Result<Vec<_>>>()?;
@@ -217,13 +271,19 @@ fn run_trial(
     let phase = (t as f64 * 0.618_033_988_7).fract();
     std::thread::sleep(Duration::from_millis(500) + CHECK_INTERVAL.mul_f64(phase));
     let killed = Instant::now();
-    servers[victim - 1].kill(libc::SIGKILL)?;
+    match fault {
+        Fault::Kill => bed.servers[victim - 1].kill(libc::SIGKILL)?,
+        Fault::HostLoss => port("down")?,
+    }
     let down = wait_for(bal, victim, Health::Down, Duration::from_secs(10));
     std::thread::sleep(Duration::from_millis(500));
     let samples: Vec<_> = loads.into_iter().flat_map(Load::stop).collect();
     let down = down?;
-    servers[victim - 1] = restart(victim)?;
-    wait_for(bal, victim, Health::Up, Duration::from_secs(10))?;
+    match fault {
+        Fault::Kill => bed.servers[victim - 1] = (bed.restart)(victim)?,
+        Fault::HostLoss => port("up")?,
+    }
+    wait_for(bal, victim, Health::Up, Duration::from_secs(15))?;
     std::thread::sleep(Duration::from_millis(200)); // HAProxy logs a session when it ends
     let failed: Vec<&Sample> = samples.iter().filter(|s| s.result.is_err()).collect();
     let to = bal.backends_of(&failed.iter().map(|s| s.port).collect::<Vec<_>>())?;
@@ -378,14 +438,14 @@ impl Balancer for HaproxyBalancer {
     }
 }
 
-fn figures(xdplb: &[Trial], haproxy: &[Trial], nat: &[Trial]) -> Vec<Figure> {
+fn figures(xdplb: &Trials, haproxy: &Trials, nat: &Trials) -> Vec<Figure> {
     let fig = |case: &str, unit: &str, trials: &[Trial], f: fn(&Trial) -> f64| {
         Figure::new(GROUP, case, unit, trials.iter().map(f).collect(), false)
     };
     let unknown = |v: &[Trial], why: &str| {
         let n: usize = v.iter().map(|t| t.failed_unknown).sum();
         format!(
-            "every failure not proven to have gone to the killed backend; {n} in all of \
+            "every failure not proven to have gone to the dead backend; {n} in all of \
             unknown backend ({why})"
         )
     };
@@ -394,42 +454,55 @@ fn figures(xdplb: &[Trial], haproxy: &[Trial], nat: &[Trial]) -> Vec<Figure> {
     let detection: fn(&Trial) -> f64 = |t| t.detection_ms;
     let dead: fn(&Trial) -> f64 = |t| t.failed_dead as f64;
     let healthy: fn(&Trial) -> f64 = |t| t.failed_healthy as f64;
-    vec![
-        fig("xdplb-detection", "ms", xdplb, detection)
-            .baseline("haproxy-detection")
-            .target(
-                "every trial <= 4000 ms (interval x fall + interval)",
-                worst(xdplb, detection) <= BOUND_MS,
-            ),
-        fig("xdplb-failed-dead", "requests", xdplb, dead).note(format!(
-            "of {} requests in all; the flow table pins each to the killed backend",
-            requests(xdplb)
-        )),
-        fig("xdplb-failed-healthy", "requests", xdplb, healthy)
-            .target("0 in every trial", worst(xdplb, healthy) == 0.0)
-            .note(unknown(xdplb, "with no flow pinned")),
-        fig("haproxy-detection", "ms", haproxy, detection),
-        fig("haproxy-failed-dead", "requests", haproxy, dead).note(format!(
-            "of {} requests in all; HAProxy's connection log names the killed server",
-            requests(haproxy)
-        )),
-        fig("haproxy-failed-healthy", "requests", haproxy, healthy)
-            .note(unknown(haproxy, "missing from HAProxy's log")),
-        fig("xdplb-nat-detection", "ms", nat, detection)
-            .baseline("haproxy-detection")
-            .target(
-                "every trial <= 4000 ms (interval x fall + interval)",
-                worst(nat, detection) <= BOUND_MS,
-            ),
-        fig("xdplb-nat-failed-dead", "requests", nat, dead)
-            .baseline("haproxy-failed-dead")
-            .note(format!(
-                "of {} requests in all; refused SYNs are retried on another backend \
-                 (retry_refused)",
-                requests(nat)
+    let mut figures = Vec::new();
+    // Process kills as `NAME-…`, host losses as `NAME-hostloss-…`.
+    for (fault, pick) in [
+        ("", (|t: &Trials| &t.kill) as fn(&Trials) -> &Vec<Trial>),
+        ("-hostloss", |t: &Trials| &t.host_loss),
+    ] {
+        let (x, h, n) = (pick(xdplb), pick(haproxy), pick(nat));
+        let name = |who: &str, what: &str| format!("{who}{fault}-{what}");
+        let detect = |who: &str, v: &[Trial]| {
+            let f = fig(&name(who, "detection"), "ms", v, detection);
+            if who == "haproxy" {
+                f
+            } else {
+                f.baseline(&name("haproxy", "detection")).target(
+                    "every trial <= 4000 ms (interval x fall + interval)",
+                    worst(v, detection) <= BOUND_MS,
+                )
+            }
+        };
+        figures.extend([
+            detect("xdplb", x),
+            fig(&name("xdplb", "failed-dead"), "requests", x, dead)
+                .baseline(&name("haproxy", "failed-dead"))
+                .note(format!(
+                    "of {} requests in all; the flow table pins each to the dead backend",
+                    requests(x)
+                )),
+            fig(&name("xdplb", "failed-healthy"), "requests", x, healthy)
+                .target("0 in every trial", worst(x, healthy) == 0.0)
+                .note(unknown(x, "with no flow pinned")),
+            detect("haproxy", h),
+            fig(&name("haproxy", "failed-dead"), "requests", h, dead).note(format!(
+                "of {} requests in all; HAProxy's connection log names the dead server",
+                requests(h)
             )),
-        fig("xdplb-nat-failed-healthy", "requests", nat, healthy)
-            .target("0 in every trial", worst(nat, healthy) == 0.0)
-            .note(unknown(nat, "no translation left to name it")),
-    ]
+            fig(&name("haproxy", "failed-healthy"), "requests", h, healthy)
+                .note(unknown(h, "missing from HAProxy's log")),
+            detect("xdplb-nat", n),
+            fig(&name("xdplb-nat", "failed-dead"), "requests", n, dead)
+                .baseline(&name("haproxy", "failed-dead"))
+                .note(format!(
+                    "of {} requests in all; refused or unanswered SYNs are retried on another \
+                     backend (retry_refused)",
+                    requests(n)
+                )),
+            fig(&name("xdplb-nat", "failed-healthy"), "requests", n, healthy)
+                .target("0 in every trial", worst(n, healthy) == 0.0)
+                .note(unknown(n, "no translation left to name it")),
+        ]);
+    }
+    figures
 }
