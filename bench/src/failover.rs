@@ -6,7 +6,6 @@
 //! on the same topology with `xdplb-testbackend` servers.
 
 use std::{
-    collections::BTreeMap,
     net::SocketAddr,
     time::{Duration, Instant},
 };
@@ -107,7 +106,15 @@ pub fn run(opts: &Opts) -> Result<Vec<Figure>> {
     };
     let xdplb = {
         let lb = Xdplb::start(&opts.xdplb, &topo, &dsr_config(&topo))?;
-        let bal = XdplbBalancer { lb, topo: &topo };
+        let bal = XdplbBalancer {
+            lb,
+            name: "xdplb",
+            target: SocketAddr::new(topo.vip4().into(), 80),
+            client: topo.client_addr4().into(),
+            backends: (1..=topo.backend_count())
+                .map(|i| SocketAddr::new(topo.backend_addr4(i).into(), 80))
+                .collect(),
+        };
         run_all(&bal, &mut bed, kills, losses)?
     };
     let haproxy = {
@@ -156,7 +163,15 @@ fn nat_trials(opts: &Opts, kills: usize, losses: usize) -> Result<Trials> {
     };
     let trials = {
         let lb = nat_topology::start_xdplb(&opts.xdplb, &topo, &nat_config(&topo, ""))?;
-        let bal = XdplbNatBalancer { lb, topo: &topo };
+        let bal = XdplbBalancer {
+            lb,
+            name: "xdplb-nat",
+            target: SocketAddr::new(topo.vip4().into(), 80),
+            client: topo.client_addr(false),
+            backends: (1..=topo.backend_count())
+                .map(|i| SocketAddr::new(topo.backend_addr(i, false), nat_topology::BACKEND_PORT))
+                .collect(),
+        };
         run_all(&bal, &mut bed, kills, losses)?
     };
     drop(servers);
@@ -323,83 +338,45 @@ fn wait_for(bal: &dyn Balancer, i: usize, want: Health, limit: Duration) -> Resu
     }
 }
 
-struct XdplbBalancer<'a> {
+/// xdplb, DSR or NAT: the same daemon, API and flow look-up.
+struct XdplbBalancer {
     lb: Xdplb,
-    topo: &'a DsrTopology,
+    name: &'static str,
+    target: SocketAddr,
+    client: std::net::IpAddr,
+    /// Backend `i` (1-based) is `backends[i - 1]`.
+    backends: Vec<SocketAddr>,
 }
 
-impl Balancer for XdplbBalancer<'_> {
+impl Balancer for XdplbBalancer {
     fn name(&self) -> &'static str {
-        "xdplb"
+        self.name
     }
     fn target(&self) -> SocketAddr {
-        SocketAddr::new(self.topo.vip4().into(), 80)
+        self.target
     }
     fn health(&self, i: usize) -> Result<Health> {
-        let b = self.lb.backend("web4", self.topo.backend_addr4(i).into())?;
+        let b = self.lb.backend("web4", self.backends[i - 1].ip())?;
         Ok(match (b["health"].as_str(), b["state"].as_str()) {
             (Some("up"), Some("active")) => Health::Up,
             (Some("down"), _) => Health::Down,
             _ => Health::Between,
         })
     }
-    /// The flow table pins every flow to the backend its first packet went
-    /// to; once that backend is active again, `xdplb flow` names it.
+    /// The flow table (DSR) or the NAT table pins every flow to the
+    /// backend its first packet went to; once that backend is active
+    /// again, `xdplb flow` names it (NAT: while the translation lasts).
     fn backends_of(&self, ports: &[u16]) -> Result<Vec<Option<usize>>> {
-        let by_addr: BTreeMap<String, usize> = (1..=self.topo.backend_count())
-            .map(|i| (format!("{}:80", self.topo.backend_addr4(i)), i))
-            .collect();
         ports
             .iter()
             .map(|&p| {
-                let src = SocketAddr::new(self.topo.client_addr4().into(), p);
-                let f = self.lb.flow(src, self.target())?;
-                Ok(f["established"]
-                    .as_bool()
-                    .filter(|e| *e)
-                    .and_then(|_| by_addr.get(f["backend"].as_str()?).copied()))
-            })
-            .collect()
-    }
-}
-
-struct XdplbNatBalancer<'a> {
-    lb: Xdplb,
-    topo: &'a NatTopology,
-}
-
-impl Balancer for XdplbNatBalancer<'_> {
-    fn name(&self) -> &'static str {
-        "xdplb-nat"
-    }
-    fn target(&self) -> SocketAddr {
-        SocketAddr::new(self.topo.vip4().into(), 80)
-    }
-    fn health(&self, i: usize) -> Result<Health> {
-        let b = self.lb.backend("web4", self.topo.backend_addr(i, false))?;
-        Ok(match (b["health"].as_str(), b["state"].as_str()) {
-            (Some("up"), Some("active")) => Health::Up,
-            (Some("down"), _) => Health::Down,
-            _ => Health::Between,
-        })
-    }
-    /// The NAT table's translation of each failed flow, while it lasts.
-    fn backends_of(&self, ports: &[u16]) -> Result<Vec<Option<usize>>> {
-        let by_addr: BTreeMap<String, usize> = (1..=self.topo.backend_count())
-            .map(|i| {
-                let port = nat_topology::BACKEND_PORT;
-                (format!("{}:{port}", self.topo.backend_addr(i, false)), i)
-            })
-            .collect();
-        ports
-            .iter()
-            .map(|&p| {
-                let src = SocketAddr::new(self.topo.client_addr(false), p);
-                let f = self.lb.flow(src, self.target())?;
-                Ok(f["established"]
-                    .as_bool()
-                    .filter(|e| *e)
-                    .and_then(|_| by_addr.get(f["backend"].as_str()?).copied()))
+                let f = self.lb.flow(SocketAddr::new(self.client, p), self.target)?;
+                let pinned = f["established"] == true;
+                Ok(pinned
+                    .then(|| f["backend"].as_str()?.parse::<SocketAddr>().ok())
+                    .flatten()
+                    .and_then(|b| self.backends.iter().position(|x| *x == b))
+                    .map(|i| i + 1))
             })
             .collect()
     }

@@ -191,6 +191,18 @@ extern "C" fn on_signal(_: libc::c_int) {
 /// error, so a benchmark stops at its next check and its guards remove
 /// what it created (instead of the process dying with namespaces and pins
 /// left behind).
+/// Runs `f`, turning a panic into an error: one benchmark that panics
+/// must not cost the others their figures.
+pub fn catch<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|p| {
+        let msg = p
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()));
+        Err(anyhow::anyhow!("panicked: {}", msg.unwrap_or_default()))
+    })
+}
+
 pub fn catch_interrupts() {
     // SAFETY: the handler only stores to an atomic (async-signal-safe).
     unsafe {

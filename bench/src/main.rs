@@ -274,14 +274,7 @@ fn real_main() -> Result<bool> {
         println!("\n### {}", bench.name);
         let t = Instant::now();
         let cpu_before = harness::cpu_times();
-        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| (bench.run)(&opts)))
-            .unwrap_or_else(|p| {
-                let msg = p
-                    .downcast_ref::<String>()
-                    .cloned()
-                    .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()));
-                Err(anyhow::anyhow!("panicked: {}", msg.unwrap_or_default()))
-            });
+        let result = harness::catch(|| (bench.run)(&opts));
         timings.insert(bench.name, t.elapsed());
         let busy = harness::busy_note(cpu_before, harness::cpu_times());
         match result {

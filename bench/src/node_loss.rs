@@ -142,16 +142,9 @@ pub fn run(opts: &Opts) -> Result<Vec<Section>> {
     };
     section.figures.extend(figures("cluster", &cluster));
     // The baseline must not cost the cluster's figures if it cannot run.
-    let vrrp = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+    let vrrp = crate::harness::catch(|| {
         let mut setup = VrrpSetup::build(opts)?;
         run_trials(&mut setup, 50_000)
-    }))
-    .unwrap_or_else(|p| {
-        let msg = p
-            .downcast_ref::<String>()
-            .cloned()
-            .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()));
-        Err(anyhow::anyhow!("panicked: {}", msg.unwrap_or_default()))
     });
     match vrrp {
         Ok(vrrp) => {

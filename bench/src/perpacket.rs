@@ -267,17 +267,7 @@ fn program_nat(lb: &mut Loaded) -> Result<Vec<u8>> {
     fixture::nat_service(lb, (NAT_VIP, PROTO_TCP), (5, 10 * TABLE), (0, 8080), snat)?;
     let first = frames::packet(CLIENT_MAC, LB_MAC, sa("10.0.0.1:40000"), NAT_VIP, PROTO_TCP);
     let (prog, maps) = lb.parts();
-    let res = prog.test_run(TestRunOptions {
-        data_in: Some(&first),
-        repeat: 1,
-        ..Default::default()
-    })?;
-    if res.return_value != XDP_TX {
-        bail!(
-            "NAT: the first packet was not translated (verdict {})",
-            res.return_value
-        );
-    }
+    translate_once(prog, &first, "the first packet")?;
     let key = addr::flow_key(sa("10.0.0.1:40000"), NAT_VIP, PROTO_TCP);
     let fwd = maps
         .nat_fwd
@@ -295,18 +285,24 @@ fn program_nat(lb: &mut Loaded) -> Result<Vec<u8>> {
     // The backend answers once: the flow is established, with the full
     // timeout, not the 5 s of an unanswered one (which would expire
     // during the measurement and make it a new flow again).
+    translate_once(prog, &reply, "the first reply")?;
+    Ok(reply)
+}
+
+/// Runs `frame` once; it must be translated (XDP_TX).
+fn translate_once(prog: &Xdp, frame: &[u8], what: &str) -> Result<()> {
     let res = prog.test_run(TestRunOptions {
-        data_in: Some(&reply),
+        data_in: Some(frame),
         repeat: 1,
         ..Default::default()
     })?;
     if res.return_value != XDP_TX {
         bail!(
-            "NAT: the first reply was not translated (verdict {})",
+            "NAT: {what} was not translated (verdict {})",
             res.return_value
         );
     }
-    Ok(reply)
+    Ok(())
 }
 
 const VIP: SocketAddr = SocketAddr::V4(SocketAddrV4::new(

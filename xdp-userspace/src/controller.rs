@@ -243,7 +243,7 @@ pub struct Controller {
     maps: Maps,
     model: Model,
     resolver: Arc<Resolver>,
-    /// Backend ids and addresses as of the last change, for replication.
+    /// Backend ids and addresses as of the last `apply`, for replication.
     directory: Arc<RwLock<Arc<Directory>>>,
 }
 
@@ -374,8 +374,6 @@ impl Controller {
     fn commit(&mut self, next: Model, writes: &[Write]) -> Result<()> {
         self.maps.write(writes)?;
         self.model = next;
-        let directory = Arc::new(Directory::of(&self.model));
-        *self.directory.write().unwrap_or_else(|p| p.into_inner()) = directory;
         Ok(())
     }
 
@@ -397,7 +395,12 @@ impl Controller {
         let mut next = self.model.clone();
         let mut writes = Vec::new();
         next.apply(config, &self.resolver, &mut writes)?;
-        self.commit(next, &writes)
+        self.commit(next, &writes)?;
+        // Ids and addresses change only here (health and admin changes
+        // keep them), so only here is the directory rebuilt.
+        let directory = Arc::new(Directory::of(&self.model));
+        *self.directory.write().unwrap_or_else(|p| p.into_inner()) = directory;
+        Ok(())
     }
 
     /// Adds an interface the datapath may redirect frames to (where NAT

@@ -7,7 +7,7 @@
 //! (`HealthChecker::suspect`): only a failed probe takes it down.
 
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::{HashMap, HashSet, VecDeque},
     net::IpAddr,
     time::{Duration, Instant},
 };
@@ -54,14 +54,14 @@ impl Detector {
     /// Samples every active backend and returns the new suspects.
     pub fn tick(&mut self, controller: &Controller, now: Instant) -> Vec<Suspicion> {
         let maps = controller.maps();
-        let mut seen = Vec::new();
+        let mut seen = HashSet::new();
         let mut suspects = Vec::new();
         for service in controller.services() {
             for b in service.backends.values() {
                 if b.state != BACKEND_ACTIVE || !b.healthy {
                     continue;
                 }
-                seen.push(b.id);
+                seen.insert(b.id);
                 let sample = Sample {
                     opened: maps.backend_counters(b.id).map_or(0, |c| c.new_flows),
                     signals: maps.backend_signals(b.id).unwrap_or_default(),
@@ -88,6 +88,7 @@ impl Detector {
         }
         // Backends no longer active start afresh when they come back.
         self.samples.retain(|id, _| seen.contains(id));
+        self.last_suspected.retain(|id, _| seen.contains(id));
         suspects
     }
 }
