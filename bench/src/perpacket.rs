@@ -414,7 +414,7 @@ fn cases() -> Vec<Case> {
             .replicated(NEW_FLOW)
             .note(
                 "as the new-flow case (same instance, same flow table) with replication on: every \
-                 insert also writes a 48-byte event to the ring buffer and bumps a per-CPU \
+                 insert also writes a 72-byte event to the ring buffer and bumps a per-CPU \
                  counter. The ring is drained (untimed) before every chunk, so it never fills",
             ),
         Case {
@@ -737,8 +737,8 @@ figure is, per repetition, the mean ns per call with replication on minus the me
 case with replication off on the same instance and flow table (replication is switched in the \
 globals between chunks; both interleaved round-robin in the same repetition, so they share its \
 noise), min / median / max over the repetitions. With replication on, every flow the \
-datapath pins (a new flow, or a re-pick) is also written as a 48-byte event to a 4 MiB BPF ring \
-buffer (`xdplb_flowev_v1`) that the daemon drains; established flows and packets for no service \
+datapath pins (a new flow, or a re-pick) is also written as a 72-byte event to a 4 MiB BPF ring \
+buffer (`xdplb_flowev_v2`) that the daemon drains; established flows and packets for no service \
 must not touch it. The benchmark drains the ring itself (no daemon) before every chunk of \
 10,000 calls; a separate instance keeps its ring full to measure the cost when the daemon falls \
 behind (against replication off on that instance). After every chunk the ring's written/lost \

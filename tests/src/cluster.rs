@@ -1,6 +1,7 @@
 //! The cluster testbed: three xdplb nodes behind a BIRD router doing ECMP
 //! over BGP with BFD, in network namespaces, with real BIRD, the real
-//! `xdplb` binary attached in native XDP mode (DSR) and real TCP backends:
+//! `xdplb` binary attached in native XDP mode (DSR or NAT) and real TCP
+//! backends:
 //!
 //! ```text
 //!   client 10.88.1.2 ── router 10.88.1.1 / 10.88.0.1 (BIRD: BGP+BFD, ECMP)
@@ -13,6 +14,11 @@
 //!
 //! Each node's BIRD runs `examples/bird.conf` with this topology's
 //! addresses substituted: the tests prove the shipped example works.
+//!
+//! In NAT mode node `i` translates to SNAT address `10.88.200.i`, which it
+//! announces, and announces its peers' as backups; the backends reach
+//! the SNAT addresses through the router (their default route), which
+//! learns them over BGP.
 //! Nodes replicate flow state to each other on port 4700 when
 //! [`Replication`] says so. Needs root and BIRD 2 (`cargo xtask setup`
 //! installs `bird2`).
@@ -69,6 +75,18 @@ pub fn replication_addr(i: usize) -> SocketAddr {
     SocketAddr::new(node_addr(i).parse().unwrap(), REPLICATION_PORT)
 }
 
+/// Node `i`'s SNAT address (NAT mode).
+pub fn snat_addr(i: usize) -> String {
+    format!("10.88.200.{i}")
+}
+
+/// How the nodes forward to the backends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    Dsr,
+    Nat,
+}
+
 /// Whether and how the nodes replicate flow state.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Replication {
@@ -116,7 +134,7 @@ fn node_bird_conf(i: usize) -> String {
 /// Node `i`'s xdplb configuration: the same services and backends on
 /// every node, but listed in a different order on each (rotated by `i`),
 /// which must not change the tables.
-pub fn xdplb_conf(i: usize, replication: Replication) -> String {
+pub fn xdplb_conf(i: usize, mode: Mode, replication: Replication) -> String {
     let mut c = format!("[cluster]\nroute_table = {ROUTE_TABLE}\n");
     if replication != Replication::None {
         c += &format!(
@@ -129,12 +147,22 @@ pub fn xdplb_conf(i: usize, replication: Replication) -> String {
                 "[[cluster.peer]]\naddress = \"{}\"\n",
                 replication_addr(peer)
             );
+            if mode == Mode::Nat {
+                c += &format!("snat_addresses = [\"{}\"]\n", snat_addr(peer));
+            }
         }
     }
+    let mode_line = match mode {
+        Mode::Dsr => "",
+        Mode::Nat => "mode = \"nat\"\n",
+    };
     c += &format!(
-        "\n[[service]]\nname = \"web\"\nvip = \"{VIP}\"\nport = 80\nprotocol = \"tcp\"\n\n\
-         [service.health_check]\ninterval = \"500ms\"\n\n"
+        "\n[[service]]\nname = \"web\"\nvip = \"{VIP}\"\nport = 80\nprotocol = \"tcp\"\n\
+         {mode_line}\n[service.health_check]\ninterval = \"500ms\"\n\n"
     );
+    if mode == Mode::Nat {
+        c += &format!("[service.nat]\nsnat_address = \"{}\"\n\n", snat_addr(i));
+    }
     for k in 0..BACKENDS {
         let b = (k + i) % BACKENDS + 1;
         c += &format!("[[service.backend]]\naddress = \"{}\"\n\n", backend_addr(b));
@@ -147,6 +175,7 @@ pub fn xdplb_conf(i: usize, replication: Replication) -> String {
 pub struct Cluster {
     prefix: String,
     xdplb: PathBuf,
+    pub mode: Mode,
     replication: Replication,
     pub daemons: Vec<Option<Xdplb>>,
     pub node_birds: Vec<Option<Bird>>,
@@ -191,9 +220,14 @@ fn ping(from: &Netns, addr: &str) {
 }
 
 impl Cluster {
+    /// Builds the DSR testbed (see [`Cluster::build_in`]).
+    pub fn build(replication: Replication) -> Self {
+        Self::build_in(Mode::Dsr, replication)
+    }
+
     /// Builds the testbed and starts everything; returns once the router
     /// has a BGP session with every node.
-    pub fn build(replication: Replication) -> Self {
+    pub fn build_in(mode: Mode, replication: Replication) -> Self {
         let xdplb = bin_path("xdplb").expect("xdplb binary (cargo build --bins)");
         let testbackend = bin_path("xdplb-testbackend").expect("xdplb-testbackend binary");
         let prefix = unique_prefix("cl");
@@ -223,6 +257,13 @@ impl Cluster {
             .unwrap();
         router.exec(&["ip", "link", "set", "eth1", "up"]).unwrap();
         router.sysctl("net.ipv4.ip_forward", "1").unwrap();
+        // NAT replies come in and go out on eth0: no ICMP redirect may
+        // send a backend straight to a node, past the BGP routes.
+        for scope in ["all", "eth0"] {
+            router
+                .sysctl(&format!("net.ipv4.conf.{scope}.send_redirects"), "0")
+                .unwrap();
+        }
         // Spread flows over the next hops by 5-tuple, not address pair.
         router
             .sysctl("net.ipv4.fib_multipath_hash_policy", "1")
@@ -243,6 +284,13 @@ impl Cluster {
             plug(&switch, &ns, &format!("v-n{i}"));
             host_setup(&ns, &node_addr(i));
             ns.sysctl("net.ipv4.ip_forward", "0").unwrap();
+            ns.exec(&["ip", "route", "add", "default", "via", ROUTER])
+                .unwrap();
+            if mode == Mode::Nat {
+                // The datapath routes a dead peer's NAT replies to their
+                // clients with the kernel's lookup, which needs it.
+                ns.sysctl("net.ipv4.conf.eth0.forwarding", "1").unwrap();
+            }
             nodes.push(ns);
         }
         let mut backends = Vec::new();
@@ -289,6 +337,7 @@ impl Cluster {
         let mut cluster = Cluster {
             prefix,
             xdplb,
+            mode,
             replication,
             daemons: Vec::new(),
             node_birds: Vec::new(),
@@ -317,7 +366,7 @@ impl Cluster {
     fn start_node(&self, i: usize, run: &str) -> (Xdplb, Bird) {
         let ns = &self.nodes[i - 1];
         let tag = format!("{}-n{i}{run}", self.prefix);
-        let conf = xdplb_conf(i, self.replication);
+        let conf = xdplb_conf(i, self.mode, self.replication);
         let daemon =
             Xdplb::start_in(&self.xdplb, ns, &["eth0"], &tag, &conf).expect("starting xdplb");
         let bird = Bird::start(ns, &tag, &node_bird_conf(i)).unwrap();
@@ -339,9 +388,14 @@ impl Cluster {
 
     /// The router's next hops for the VIP.
     pub fn next_hops(&self) -> Vec<String> {
+        self.next_hops_of(&VIP.to_string())
+    }
+
+    /// The router's next hops for host route `addr`.
+    pub fn next_hops_of(&self, addr: &str) -> Vec<String> {
         let out = self
             .router
-            .exec(&["ip", "-j", "route", "show", &format!("{VIP}/32")])
+            .exec(&["ip", "-j", "route", "show", &format!("{addr}/32")])
             .unwrap();
         let routes: serde_json::Value = serde_json::from_str(out.trim()).unwrap_or_default();
         let Some(route) = routes.as_array().and_then(|r| r.first()) else {
@@ -376,10 +430,14 @@ impl Cluster {
         }
     }
 
-    /// Node `i`'s count of new flows (DSR picks).
+    /// Node `i`'s count of new flows (DSR picks or NAT translations).
     pub fn new_flows(&self, i: usize) -> u64 {
         let stats = self.daemon(i).json(&["stats"]).unwrap();
-        stats["reasons"]["flow_new"].as_u64().unwrap()
+        let reason = match self.mode {
+            Mode::Dsr => "flow_new",
+            Mode::Nat => "nat_new",
+        };
+        stats["reasons"][reason].as_u64().unwrap()
     }
 
     /// Routes in node `i`'s table 200.

@@ -207,6 +207,7 @@ fn wrong_key(c: &Cluster) {
         service: (vip().ip(), 80, 6),
         client: "10.88.1.2:60000".parse().unwrap(),
         backend: SocketAddr::new(backend_addr(1).parse().unwrap(), 80),
+        nat: None,
     };
     let header = Header {
         kind: Kind::Flows,

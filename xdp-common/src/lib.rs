@@ -26,14 +26,16 @@ pub mod map_names {
     pub const MAGLEV: &str = "xdplb_maglev_v1";
     /// `FlowKey` -> `Flow`, the connection-tracking table (LRU).
     pub const FLOWS: &str = "xdplb_flow_v1";
-    /// Per-CPU counter per `Reason` (v3: 19 reasons, `nat_retry` added).
-    pub const REASONS: &str = "xdplb_stats_v3";
+    /// Per-CPU counter per `Reason` (v4: 20 reasons, `pass_no_route`
+    /// added).
+    pub const REASONS: &str = "xdplb_stats_v4";
     /// Per-CPU `Counters` per service id (v2: `new_flows` added).
     pub const SERVICE_STATS: &str = "xdplb_svcst_v2";
     /// Per-CPU `Counters` per backend id (v2: `new_flows` added).
     pub const BACKEND_STATS: &str = "xdplb_best_v2";
-    /// NAT, client side: the client's `FlowKey` -> `NatFwd`.
-    pub const NAT_FWD: &str = "xdplb_natf_v1";
+    /// NAT, client side: the client's `FlowKey` -> `NatFwd` (v2: the
+    /// SNAT address added).
+    pub const NAT_FWD: &str = "xdplb_natf_v2";
     /// NAT, backend side: the backend's reply `FlowKey` -> `NatRev`.
     pub const NAT_REV: &str = "xdplb_natr_v1";
     /// NAT: source address (`[u32; 4]`) -> `NatSource` (LRU).
@@ -220,6 +222,11 @@ pub const NAT_F_REFUSED: u16 = 4;
 /// `NatFwd::flags`: the flow was moved to another backend once already;
 /// it is not moved again (a second refusal reaches the client).
 pub const NAT_F_RETRIED: u16 = 8;
+/// `NatFwd::flags` / `NatRev::flags`: the translation was made by a
+/// cluster peer and replicated here (docs/cluster.md). Its reply entry
+/// learns the way back to the client from the kernel's routing table on
+/// its first reply (`NatRev::ifindex` is 0 until then).
+pub const NAT_F_REPLICATED: u16 = 16;
 
 /// Idle timeout, seconds, of a NAT flow the backend has not answered yet
 /// (a SYN, a first datagram), like netfilter's SYN_SENT/UNREPLIED states
@@ -264,6 +271,9 @@ pub struct NatFwd {
     /// Idle timeout now in force, seconds.
     pub timeout_s: u32,
     pub _pad: u32,
+    /// The SNAT address the flow is translated to: the one of the node
+    /// that made the translation, which a replicated flow keeps.
+    pub snat_addr: [u32; 4],
 }
 
 /// NAT state of a flow, looked up by the backend's reply 5-tuple
@@ -279,7 +289,8 @@ pub struct NatRev {
     pub lb_mac: [u8; 6],
     pub client_port_be: u16,
     pub vip_port_be: u16,
-    /// The interface the client's packets came in on.
+    /// The interface the client's packets came in on; 0 in a replicated
+    /// entry until its first reply looked the way to the client up.
     pub ifindex: u32,
     pub flags: u16,
     pub _pad: u16,
@@ -404,10 +415,14 @@ pub enum Reason {
     /// dropped RST) or left it unanswered until the client retransmitted
     /// its SYN (counted on that SYN, which went to another backend).
     NatRetry,
+    /// NAT: a reply to a translation replicated from a cluster peer, with
+    /// no route to its client here (is forwarding off on the interface?):
+    /// translated and passed to the kernel.
+    PassNoRoute,
 }
 
 /// Number of `Reason` counters.
-pub const REASON_COUNT: u32 = 19;
+pub const REASON_COUNT: u32 = 20;
 
 impl Reason {
     /// Every reason, in index order.
@@ -431,6 +446,7 @@ impl Reason {
         Reason::NatIcmp,
         Reason::PassNotForUs,
         Reason::NatRetry,
+        Reason::PassNoRoute,
     ];
 
     /// Stable name used by the CLI, logs and tests.
@@ -455,6 +471,7 @@ impl Reason {
             Reason::NatIcmp => "nat_icmp",
             Reason::PassNotForUs => "pass_not_for_us",
             Reason::NatRetry => "nat_retry",
+            Reason::PassNoRoute => "pass_no_route",
         }
     }
 }
@@ -482,7 +499,7 @@ const _: () = {
     assert!(size_of::<ServiceKey>() == 16 + 2 + 1 + 1);
     assert!(size_of::<Service>() == 16 + 2 + 2 + 12);
     assert!(size_of::<Backend>() == 16 + 6 + 6 + 4 + 4 + 16 + 4 + 2 + 2);
-    assert!(size_of::<NatFwd>() == 4 + 2 + 2 + 8 + 4 + 4);
+    assert!(size_of::<NatFwd>() == 4 + 2 + 2 + 8 + 4 + 4 + 16);
     assert!(size_of::<NatRev>() == 16 + 16 + 6 + 6 + 2 + 2 + 4 + 2 + 2 + 8 + 4 + 4);
     assert!(size_of::<Globals>() == 4 + 4);
     assert!(size_of::<NatSource>() == 4 + 4 + 8);

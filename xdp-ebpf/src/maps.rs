@@ -30,7 +30,7 @@ pub static MAGLEV: Array<u32> = Array::pinned(MAGLEV_SLOTS, 0);
 #[map(name = "xdplb_flow_v1")]
 pub static FLOWS: LruHashMap<FlowKey, Flow> = LruHashMap::pinned(MAX_FLOWS, BPF_F_NO_COMMON_LRU);
 
-#[map(name = "xdplb_stats_v3")]
+#[map(name = "xdplb_stats_v4")]
 pub static REASONS: PerCpuArray<u64> = PerCpuArray::pinned(REASON_COUNT, 0);
 
 #[map(name = "xdplb_svcst_v2")]
@@ -47,7 +47,7 @@ pub static TX_PORTS: DevMapHash = DevMapHash::pinned(MAX_TX_PORTS, 0);
 
 /// NAT tables: plain (preallocated) hash maps, so a live translation is
 /// never evicted; a full table refuses new flows instead.
-#[map(name = "xdplb_natf_v1")]
+#[map(name = "xdplb_natf_v2")]
 pub static NAT_FWD: HashMap<FlowKey, NatFwd> = HashMap::pinned(MAX_NAT_FLOWS, 0);
 
 #[map(name = "xdplb_natr_v1")]

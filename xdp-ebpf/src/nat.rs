@@ -11,8 +11,8 @@
 //! answered, hold source ports for seconds, and no one source holds many.
 
 use aya_ebpf::{
-    bindings::{xdp_action, BPF_NOEXIST},
-    helpers::bpf_ktime_get_coarse_ns,
+    bindings::{bpf_fib_lookup, xdp_action, BPF_FIB_LKUP_RET_SUCCESS, BPF_NOEXIST},
+    helpers::{bpf_fib_lookup, bpf_ktime_get_coarse_ns},
     programs::XdpContext,
 };
 use network_types::eth::EthHdr;
@@ -28,8 +28,13 @@ use crate::{
     forward, maglev,
     maps::{BACKENDS, NAT_FWD, NAT_REV, NAT_SOURCES, SERVICES},
     parse::{ptr_at, Packet, PROTO_ICMP, PROTO_ICMPV6},
+    replicate,
     stats::{self, count},
 };
+
+/// Address families, as `bpf_fib_lookup` takes them.
+const AF_INET: u8 = 2;
+const AF_INET6: u8 = 10;
 
 #[inline(always)]
 fn timeout(service: &Service, proto: u8, closing: bool) -> u32 {
@@ -99,12 +104,12 @@ fn admit_source(src: &[u32; 4], now: u64) -> Result<(), Reason> {
     Ok(())
 }
 
-/// The key of the backend's replies to a flow translated to `port`.
+/// The key of the backend's replies to a flow translated to `snat:port`.
 #[inline(always)]
-fn reply_key(backend: &Backend, port_be: u16, proto: u8) -> FlowKey {
+fn reply_key(backend: &Backend, snat: &[u32; 4], port_be: u16, proto: u8) -> FlowKey {
     FlowKey {
         src: backend.addr,
-        dst: backend.snat_addr,
+        dst: *snat,
         sport_be: backend.port_be,
         dport_be: port_be,
         proto,
@@ -117,8 +122,9 @@ fn reply_key(backend: &Backend, port_be: u16, proto: u8) -> FlowKey {
 pub fn forward(ctx: &XdpContext, p: &Packet, service: &Service) -> Result<u32, Reason> {
     let key = &p.key;
     let now = unsafe { bpf_ktime_get_coarse_ns() };
-    // A flow being replaced: (its backend, its port, moved for a retry).
-    let mut stale: Option<(u32, u16, bool)> = None;
+    // A flow being replaced: (its backend, its SNAT address and port,
+    // moved for a retry).
+    let mut stale: Option<(u32, [u32; 4], u16, bool)> = None;
     if let Some(f) = NAT_FWD.get_ptr_mut(key) {
         // SAFETY: valid for this run; only this flow's packets write it.
         let f = unsafe { &mut *f };
@@ -137,20 +143,20 @@ pub fn forward(ctx: &XdpContext, p: &Packet, service: &Service) -> Result<u32, R
                     f.timeout_s = service.nat_closing_timeout;
                     // Both directions close together (FIN/RST are rare: the
                     // extra look-up is not on the common path).
-                    if let Some(r) =
-                        NAT_REV.get_ptr_mut(&reply_key(backend, f.nat_port_be, key.proto))
-                    {
+                    let rk = reply_key(backend, &f.snat_addr, f.nat_port_be, key.proto);
+                    if let Some(r) = NAT_REV.get_ptr_mut(&rk) {
                         close_rev(unsafe { &mut *r }, service.nat_closing_timeout);
                     }
                 }
                 count(Reason::FlowHit);
-                return send_forward(ctx, p, f.backend, service, backend, f.nat_port_be, false);
+                let snat = (f.snat_addr, f.nat_port_be);
+                return send_forward(ctx, p, f.backend, service, backend, snat, false);
             }
-            _ => stale = Some((f.backend, f.nat_port_be, retrying)),
+            _ => stale = Some((f.backend, f.snat_addr, f.nat_port_be, retrying)),
         }
     }
     let id = match stale {
-        Some((refused, _, true)) => maglev::pick_other(service, key, refused),
+        Some((refused, _, _, true)) => maglev::pick_other(service, key, refused),
         _ => maglev::pick(service, key),
     }
     .ok_or(Reason::DropNoBackend)?;
@@ -158,9 +164,9 @@ pub fn forward(ctx: &XdpContext, p: &Packet, service: &Service) -> Result<u32, R
     if !backend.next_hop_resolved() {
         return Err(Reason::PassNoNeigh);
     }
-    let retried = matches!(stale, Some((_, _, true)));
-    if let Some((old_id, old_port, _)) = stale {
-        release(key, old_id, old_port);
+    let retried = matches!(stale, Some((_, _, _, true)));
+    if let Some((old_id, old_snat, old_port, _)) = stale {
+        release(key, old_id, &old_snat, old_port);
     }
     if !retried {
         admit_source(&key.src, now)?;
@@ -173,9 +179,10 @@ pub fn forward(ctx: &XdpContext, p: &Packet, service: &Service) -> Result<u32, R
         last_seen_ns: now,
         timeout_s: unanswered_timeout(service, key.proto),
         _pad: 0,
+        snat_addr: backend.snat_addr,
     };
     if NAT_FWD.insert(key, &fwd, 0).is_err() {
-        let _ = NAT_REV.remove(&reply_key(backend, port, key.proto));
+        let _ = NAT_REV.remove(&reply_key(backend, &backend.snat_addr, port, key.proto));
         return Err(Reason::DropNatFull);
     }
     count(if retried {
@@ -187,7 +194,15 @@ pub fn forward(ctx: &XdpContext, p: &Packet, service: &Service) -> Result<u32, R
     if key.proto != PROTO_TCP {
         stats::signal(id, |s| &mut s.confirmed);
     }
-    send_forward(ctx, p, id, service, backend, port, true)
+    send_forward(
+        ctx,
+        p,
+        id,
+        service,
+        backend,
+        (backend.snat_addr, port),
+        true,
+    )
 }
 
 #[inline(always)]
@@ -199,11 +214,11 @@ fn close_rev(r: &mut NatRev, timeout_s: u32) {
 /// Removes the reply entry of a flow's previous translation, if it is
 /// still this flow's (its port may have been reclaimed by another flow).
 #[inline(always)]
-fn release(key: &FlowKey, backend_id: u32, port_be: u16) {
+fn release(key: &FlowKey, backend_id: u32, snat: &[u32; 4], port_be: u16) {
     let Some(backend) = BACKENDS.get(backend_id) else {
         return;
     };
-    let rk = reply_key(backend, port_be, key.proto);
+    let rk = reply_key(backend, snat, port_be, key.proto);
     if let Some(r) = NAT_REV.get_ptr(&rk) {
         // SAFETY: valid for this run.
         let r = unsafe { &*r };
@@ -254,7 +269,7 @@ fn allocate(
             .nat_port_base
             .wrapping_add((start.wrapping_add(i * 7919) % count_ports) as u16)
             .to_be();
-        let rk = reply_key(backend, port, key.proto);
+        let rk = reply_key(backend, &backend.snat_addr, port, key.proto);
         if NAT_REV.insert(&rk, &rev, u64::from(BPF_NOEXIST)).is_ok() {
             return Ok(port);
         }
@@ -286,7 +301,9 @@ fn send_forward(
     id: u32,
     service: &Service,
     backend: &Backend,
-    port_be: u16,
+    // The translated source: our SNAT address (or, for a replicated flow,
+    // the peer's that made it) and the allocated port.
+    (snat, port_be): ([u32; 4], u16),
     // A constant at each call: the established path pays nothing for it.
     new_flow: bool,
 ) -> Result<u32, Reason> {
@@ -295,14 +312,7 @@ fn send_forward(
     if !backend.next_hop_resolved() {
         return Err(Reason::PassNoNeigh);
     }
-    rewrite(
-        ctx,
-        p,
-        &backend.snat_addr,
-        port_be,
-        &backend.addr,
-        backend.port_be,
-    )?;
+    rewrite(ctx, p, &snat, port_be, &backend.addr, backend.port_be)?;
     let verdict = forward::send_to(ctx, backend)?;
     let bytes = (ctx.data_end() - ctx.data()) as u64;
     stats::count_forwarded(service.id, id, bytes, new_flow);
@@ -330,10 +340,54 @@ pub fn reverse(ctx: &XdpContext, p: &Packet) -> Result<u32, Reason> {
     if p.fin_or_rst() && r.flags & NAT_F_CLOSING == 0 {
         close_both(r, p.key.proto);
     }
+    // A replicated entry's first reply here: the kernel's routing table
+    // says where the client is (once per flow; the answer is kept).
+    let routed = r.ifindex != 0 || route_to_client(ctx, r, p.ipv6);
     let (vip, vip_port, client, client_port) = (r.vip, r.vip_port_be, r.client, r.client_port_be);
     rewrite(ctx, p, &vip, vip_port, &client, client_port)?;
+    if !routed {
+        // The kernel may still know the way (and resolve the neighbour).
+        count(Reason::PassNoRoute);
+        return Ok(xdp_action::XDP_PASS);
+    }
     count(Reason::NatReply);
     to_client(ctx, r)
+}
+
+/// Looks up the route from the VIP to the client of replicated entry `r`
+/// (`bpf_fib_lookup`, as the kernel would forward it: needs forwarding on
+/// the receiving interface) and keeps its next hop in `r`. False when
+/// there is none, or its neighbour is not resolved yet.
+#[inline(always)]
+fn route_to_client(ctx: &XdpContext, r: &mut NatRev, v6: bool) -> bool {
+    // SAFETY: a plain C struct; all-zero is its "no options" value.
+    let mut fib: bpf_fib_lookup = unsafe { core::mem::zeroed() };
+    fib.ifindex = ctx.ingress_ifindex() as u32;
+    if v6 {
+        fib.family = AF_INET6;
+        fib.__bindgen_anon_3.ipv6_src = r.vip;
+        fib.__bindgen_anon_4.ipv6_dst = r.client;
+    } else {
+        fib.family = AF_INET;
+        fib.__bindgen_anon_3.ipv4_src = r.vip[3];
+        fib.__bindgen_anon_4.ipv4_dst = r.client[3];
+    }
+    // SAFETY: `fib` is a valid, initialised lookup of its own size.
+    let rc = unsafe {
+        bpf_fib_lookup(
+            ctx.ctx as *mut _,
+            &mut fib,
+            core::mem::size_of::<bpf_fib_lookup>() as i32,
+            0,
+        )
+    };
+    if rc != i64::from(BPF_FIB_LKUP_RET_SUCCESS) {
+        return false;
+    }
+    r.client_mac = fib.dmac;
+    r.lb_mac = fib.smac;
+    r.ifindex = fib.ifindex;
+    true
 }
 
 /// The service a reply entry's flow belongs to.
@@ -394,6 +448,8 @@ fn answered(r: &mut NatRev, proto: u8) {
         if proto == PROTO_TCP {
             stats::signal(f.backend, |s| &mut s.confirmed);
         }
+        // Worth its peers knowing now that it is a real flow.
+        replicate::translated(&r.client_key(proto), f);
     }
 }
 
@@ -414,9 +470,13 @@ fn close_both(r: &mut NatRev, proto: u8) {
 }
 
 /// Sends a translated reply towards the client, back the way its packets
-/// came.
+/// came (an ICMP error about a replicated flow not routed here yet goes to
+/// the kernel).
 #[inline(always)]
 fn to_client(ctx: &XdpContext, r: &NatRev) -> Result<u32, Reason> {
+    if r.ifindex == 0 {
+        return Err(Reason::PassNoRoute);
+    }
     let eth: *mut EthHdr = ptr_at(ctx, 0).ok_or(Reason::PassMalformed)?;
     // SAFETY: bounds checked.
     unsafe {

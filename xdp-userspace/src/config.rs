@@ -16,7 +16,7 @@
 //! `docs/configuration.md`.
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeSet, HashMap},
     fmt,
     net::{IpAddr, SocketAddr},
     ops::RangeInclusive,
@@ -625,11 +625,34 @@ impl Config {
             Ok(c) => c,
             Err((field, problem)) => return v.fail(field, problem),
         };
+        let services = v.services(file.service)?;
+        for s in &services {
+            if let Some(a) = s
+                .nat
+                .snat_address
+                .filter(|a| cluster.peer_snat_addresses.contains(a))
+            {
+                return v.fail(
+                    format!("service {:?}.nat.snat_address", s.name),
+                    format!("{a} is also a peer's ([[cluster.peer]] snat_addresses)"),
+                );
+            }
+        }
         Ok(Config {
             daemon,
             cluster,
-            services: v.services(file.service)?,
+            services,
         })
+    }
+
+    /// This node's own SNAT addresses: those NAT services set explicitly
+    /// (`nat.snat_address`), which a cluster announces (docs/cluster.md).
+    pub fn snat_addresses(&self) -> BTreeSet<IpAddr> {
+        self.services
+            .iter()
+            .filter(|s| s.mode == Mode::Nat)
+            .filter_map(|s| s.nat.snat_address)
+            .collect()
     }
 
     /// A configuration of `daemon` and the services `specs` describe,

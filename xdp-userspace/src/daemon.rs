@@ -694,6 +694,7 @@ pub fn run(opts: Options) -> Result<()> {
         // is attached so it never balances (or drops) one it should pass.
         let mac = crate::cluster::macs::interface_mac(iface)?;
         node.add_interface(ifindex, mac, &config)?;
+        crate::cluster::node::check_forwarding(iface, &config);
         let attached = datapath.attach_pinned(iface, opts.mode)?;
         info!(%iface, mode = attached.name(), "XDP program attached");
         interfaces.push(api::InterfaceView {

@@ -119,15 +119,18 @@ impl Maps {
         sweep(&mut self.nat_fwd, &mut self.nat_rev, now_ns, after_scan)
     }
 
-    /// A sweeper with handles of its own on the NAT tables, so that it runs
-    /// beside whoever holds these maps.
+    /// The flow and NAT tables as replication uses them, with handles of
+    /// their own, so that it runs beside whoever holds these maps.
     pub(crate) fn flow_table(&self) -> Result<FlowTable> {
         let data = MapData::from_fd(self.flows_fd.try_clone()?)?;
         Ok(FlowTable {
             flows: Map::LruHashMap(data).try_into()?,
+            nat: self.nat_sweeper()?,
         })
     }
 
+    /// A sweeper with handles of its own on the NAT tables, so that it runs
+    /// beside whoever holds these maps.
     pub(crate) fn nat_sweeper(&self) -> Result<NatSweeper> {
         let open =
             |fd: &OwnedFd| -> Result<Map> { Ok(Map::HashMap(MapData::from_fd(fd.try_clone()?)?)) };
@@ -269,12 +272,18 @@ impl Maps {
         let hash = flow_hash(&key, service.flags & SVC_F_HASH_SRC_ONLY != 0);
         // NAT flows are tracked in the NAT table, DSR flows in the flow table.
         let pinned = if service.flags & SVC_F_NAT != 0 {
-            self.nat_fwd.get(&key, 0).ok().map(|f| (f.backend, 0))
+            self.nat_fwd
+                .get(&key, 0)
+                .ok()
+                .map(|f| (f.backend, f.flags & NAT_F_REPLICATED != 0))
         } else {
-            self.flows.get(&key, 0).ok().map(|f| (f.backend, f.flags))
+            self.flows
+                .get(&key, 0)
+                .ok()
+                .map(|f| (f.backend, f.flags & FLOW_F_REPLICATED != 0))
         };
         let live = |id: u32| self.backend(id).ok().filter(Backend::is_live);
-        let replicated = pinned.is_some_and(|(_, f)| f & FLOW_F_REPLICATED != 0);
+        let replicated = pinned.is_some_and(|(_, r)| r);
         let pinned = pinned.map(|(id, _)| id);
         let has_table = service.flags & SVC_F_NO_BACKEND == 0 && service.table_size != 0;
         let slot = has_table.then(|| hash % service.table_size);
@@ -299,7 +308,7 @@ impl Maps {
             .map(|f| {
                 let b = self.backend(f.backend).unwrap_or_default();
                 let snat =
-                    SocketAddr::new(addr::from_words(b.snat_addr), u16::from_be(f.nat_port_be));
+                    SocketAddr::new(addr::from_words(f.snat_addr), u16::from_be(f.nat_port_be));
                 let backend = SocketAddr::new(addr::from_words(b.addr), u16::from_be(b.port_be));
                 format!("{src} -> {dst} is translated to {snat} -> {backend}")
             });
@@ -316,12 +325,13 @@ impl Maps {
     }
 }
 
-/// The flow table as replication uses it: every pin read for a peer's
-/// full copy, peers' pins installed. It writes nothing but pins, which
-/// the datapath writes too, so it needs no lock shared with the
-/// controller.
+/// The flow and NAT tables as replication uses them: every pin and
+/// translation read for a peer's full copy, peers' installed. It writes
+/// nothing but those, which the datapath writes too, so it needs no lock
+/// shared with the controller.
 pub(crate) struct FlowTable {
     flows: HashMap<MapData, FlowKey, Flow>,
+    nat: NatSweeper,
 }
 
 /// `BPF_NOEXIST`: insert only if the key is absent.
@@ -352,6 +362,93 @@ impl FlowTable {
     /// Every pin in the table.
     pub fn pins(&self) -> impl Iterator<Item = (FlowKey, Flow)> + '_ {
         self.flows.iter().filter_map(Result::ok)
+    }
+
+    /// Installs a peer's NAT translation of client-side `key` to backend
+    /// `id` (at `backend`, the reply entry's source) from `snat`, both
+    /// directions, marked replicated and answered (only answered
+    /// translations are replicated), stamped now, with `timeout_s`. A
+    /// translation this node made itself is never replaced, nor, without
+    /// `overwrite`, a replicated one. Returns whether it was written.
+    pub fn install_nat(
+        &mut self,
+        key: &FlowKey,
+        (id, backend): (u32, SocketAddr),
+        snat: SocketAddr,
+        timeout_s: u32,
+        overwrite: bool,
+    ) -> Result<bool> {
+        if let Ok(old) = self.nat.fwd.get(key, 0) {
+            if old.flags & NAT_F_REPLICATED == 0 || !overwrite {
+                return Ok(false);
+            }
+        }
+        let flags = NAT_F_REPLICATED | NAT_F_ANSWERED;
+        let now = monotonic_coarse_ns();
+        let snat_port_be = snat.port().to_be();
+        let reply_key = FlowKey {
+            src: addr::to_words(backend.ip()),
+            dst: addr::to_words(snat.ip()),
+            sport_be: backend.port().to_be(),
+            dport_be: snat_port_be,
+            proto: key.proto,
+            _pad: [0; 3],
+        };
+        let mut rev = NatRev {
+            client: key.src,
+            vip: key.dst,
+            client_port_be: key.sport_be,
+            vip_port_be: key.dport_be,
+            flags,
+            last_seen_ns: now,
+            timeout_s,
+            ..NatRev::default()
+        };
+        // The way to the client this node already found, if any, stays.
+        if let Ok(old) = self.nat.rev.get(&reply_key, 0) {
+            if old.client_key(key.proto) == *key {
+                (rev.client_mac, rev.lb_mac, rev.ifindex) =
+                    (old.client_mac, old.lb_mac, old.ifindex);
+            }
+        }
+        let fwd = NatFwd {
+            backend: id,
+            nat_port_be: snat_port_be,
+            flags,
+            last_seen_ns: now,
+            timeout_s,
+            _pad: 0,
+            snat_addr: addr::to_words(snat.ip()),
+        };
+        // Reply side first: a client packet finding the forward entry can
+        // then count on its replies being translated.
+        self.nat
+            .rev
+            .insert(reply_key, rev, 0)
+            .context("installing a replicated NAT reply entry")?;
+        self.nat
+            .fwd
+            .insert(key, fwd, 0)
+            .context("installing a replicated NAT translation")?;
+        Ok(true)
+    }
+
+    /// Every answered NAT translation in the table, with its client-side
+    /// key, backend id and whether this node made it (not replicated);
+    /// `since_ns`: only those with a client packet after it.
+    pub fn translations(
+        &self,
+        since_ns: u64,
+    ) -> impl Iterator<Item = (FlowKey, NatFwd, bool)> + '_ {
+        let now = monotonic_coarse_ns();
+        self.nat
+            .fwd
+            .iter()
+            .filter_map(Result::ok)
+            .filter(move |(_, f)| {
+                f.flags & NAT_F_ANSWERED != 0 && !f.expired(now) && f.last_seen_ns > since_ns
+            })
+            .map(|(k, f)| (k, f, f.flags & NAT_F_REPLICATED == 0))
     }
 }
 

@@ -3,6 +3,11 @@
 //! routing daemon (BIRD, FRR) exports that table to the routers over BGP.
 //! Removing the route withdraws the node from the VIP's ECMP group.
 //!
+//! NAT in a cluster adds SNAT addresses: this node's own, like a VIP, and
+//! its peers' as backups, at [`BACKUP_METRIC`], which the routing daemon
+//! exports with a longer path: routers send a peer's NAT replies here
+//! only once the peer is gone.
+//!
 //! The table is xdplb's alone: every host route in it is taken to be one
 //! this daemon (or its predecessor) added, so a restarted daemon adopts
 //! them and removes the ones it no longer wants.
@@ -22,6 +27,15 @@ use anyhow::{bail, Context as _, Result};
 use serde::{Deserialize, Serialize};
 use tracing::info;
 
+/// The metric of a backup announcement (a peer's SNAT address); the
+/// routing daemon's export filter makes such routes less preferred
+/// (examples/bird.conf).
+pub const BACKUP_METRIC: u32 = 1000;
+
+/// A host route in the table: the address and its metric (0, or
+/// [`BACKUP_METRIC`]).
+pub type Announced = (IpAddr, u32);
+
 /// What `xdplb status` shows about announcement.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClusterView {
@@ -29,9 +43,12 @@ pub struct ClusterView {
     pub route_table: u32,
     /// "announcing" or "left" (after `xdplb cluster leave`).
     pub state: String,
-    /// VIPs whose route is in the table now.
+    /// VIPs (and own SNAT addresses) whose route is in the table now.
     pub announced: Vec<IpAddr>,
-    /// VIPs this node could serve but does not announce (left).
+    /// Peers' SNAT addresses announced as backups.
+    #[serde(default)]
+    pub backups: Vec<IpAddr>,
+    /// Addresses this node could announce but does not (left).
     pub withheld: Vec<IpAddr>,
 }
 
@@ -39,9 +56,9 @@ pub struct ClusterView {
 pub struct Announcer {
     /// The table the routes in `announced` are in.
     table: Option<u32>,
-    announced: BTreeSet<IpAddr>,
-    /// The VIPs the last sync could serve.
-    servable: BTreeSet<IpAddr>,
+    announced: BTreeSet<Announced>,
+    /// What the last sync could announce.
+    servable: BTreeSet<Announced>,
     /// Whether the table's existing routes were read since `table` was set.
     adopted: bool,
     /// Present while the node has left (survives daemon restarts, so an
@@ -68,16 +85,16 @@ impl Announcer {
         self.left_marker.exists()
     }
 
-    /// Makes `table` hold exactly the VIPs of `servable` (none when the
+    /// Makes `table` hold exactly the routes of `servable` (none when the
     /// node has left; nothing at all when `table` is `None`). A change of
     /// table withdraws everything from the old one first.
-    pub fn sync(&mut self, table: Option<u32>, servable: BTreeSet<IpAddr>) -> Result<()> {
+    pub fn sync(&mut self, table: Option<u32>, servable: BTreeSet<Announced>) -> Result<()> {
         self.servable = servable;
         if self.table != table {
             if let Some(old) = self.table {
-                for vip in std::mem::take(&mut self.announced).iter() {
-                    route("del", *vip, old)?;
-                    info!(%vip, table = old, "route withdrawn (route table changed)");
+                for &r in std::mem::take(&mut self.announced).iter() {
+                    route("del", r, old)?;
+                    info!(addr = %r.0, table = old, "route withdrawn (route table changed)");
                 }
             }
             self.table = table;
@@ -90,20 +107,20 @@ impl Announcer {
             self.announced = list_routes(table)?;
             self.adopted = true;
         }
-        let wanted: BTreeSet<IpAddr> = if self.left() {
+        let wanted: BTreeSet<Announced> = if self.left() {
             BTreeSet::new()
         } else {
             self.servable.clone()
         };
-        for vip in wanted.difference(&self.announced.clone()) {
-            route("replace", *vip, table)?;
-            self.announced.insert(*vip);
-            info!(%vip, table, "VIP announced");
+        for &r in wanted.difference(&self.announced.clone()) {
+            route("replace", r, table)?;
+            self.announced.insert(r);
+            info!(addr = %r.0, metric = r.1, table, "route announced");
         }
-        for vip in self.announced.clone().difference(&wanted) {
-            route("del", *vip, table)?;
-            self.announced.remove(vip);
-            info!(%vip, table, "VIP withdrawn");
+        for &r in self.announced.clone().difference(&wanted) {
+            route("del", r, table)?;
+            self.announced.remove(&r);
+            info!(addr = %r.0, metric = r.1, table, "route withdrawn");
         }
         Ok(())
     }
@@ -141,24 +158,38 @@ impl Announcer {
     /// The status view, when announcement is configured.
     pub fn view(&self) -> Option<ClusterView> {
         let table = self.table?;
+        let addrs = |routes: &mut dyn Iterator<Item = &Announced>, backup: bool| {
+            routes
+                .filter(|r| (r.1 == BACKUP_METRIC) == backup)
+                .map(|r| r.0)
+                .collect()
+        };
         Some(ClusterView {
             route_table: table,
             state: if self.left() { "left" } else { "announcing" }.into(),
-            announced: self.announced.iter().copied().collect(),
-            withheld: self.servable.difference(&self.announced).copied().collect(),
+            announced: addrs(&mut self.announced.iter(), false),
+            backups: addrs(&mut self.announced.iter(), true),
+            withheld: self
+                .servable
+                .difference(&self.announced)
+                .map(|r| r.0)
+                .collect(),
         })
     }
 }
 
-/// `ip route <verb> VIP/len dev lo table T`.
-fn route(verb: &str, vip: IpAddr, table: u32) -> Result<()> {
-    let (family, len) = match vip {
+/// `ip route <verb> ADDR/len dev lo table T metric M`.
+fn route(verb: &str, (addr, metric): Announced, table: u32) -> Result<()> {
+    let (family, len) = match addr {
         IpAddr::V4(_) => ("-4", 32),
         IpAddr::V6(_) => ("-6", 128),
     };
-    let prefix = format!("{vip}/{len}");
+    let prefix = format!("{addr}/{len}");
     let table = table.to_string();
-    let mut args = vec![family, "route", verb, &prefix, "dev", "lo", "table", &table];
+    let metric = metric.to_string();
+    let mut args = vec![
+        family, "route", verb, &prefix, "dev", "lo", "table", &table, "metric", &metric,
+    ];
     if verb == "replace" {
         // `proto static`: BIRD's `learn` imports it like any route it did
         // not make itself.
@@ -183,10 +214,12 @@ fn route(verb: &str, vip: IpAddr, table: u32) -> Result<()> {
 #[derive(Deserialize)]
 struct ListedRoute {
     dst: String,
+    #[serde(default)]
+    metric: u32,
 }
 
 /// The host routes in `table` (both families).
-fn list_routes(table: u32) -> Result<BTreeSet<IpAddr>> {
+fn list_routes(table: u32) -> Result<BTreeSet<Announced>> {
     let mut found = BTreeSet::new();
     for family in ["-4", "-6"] {
         let table_arg = table.to_string();
@@ -211,7 +244,11 @@ fn list_routes(table: u32) -> Result<BTreeSet<IpAddr>> {
         }
         let routes: Vec<ListedRoute> = serde_json::from_str(&text)
             .with_context(|| format!("parsing `ip -j route show table {table}`"))?;
-        found.extend(routes.iter().filter_map(|r| host_route(&r.dst)));
+        found.extend(
+            routes
+                .iter()
+                .filter_map(|r| Some((host_route(&r.dst)?, r.metric))),
+        );
     }
     Ok(found)
 }

@@ -9,13 +9,14 @@
 //!
 //! [[cluster.peer]]
 //! address = "10.0.0.22:4700"
+//! snat_addresses = ["10.0.200.22"]       # NAT: taken over if the peer dies
 //! ```
 //!
 //! Without it (or without `route_table`) nothing is announced; a node is
 //! then a stand-alone load balancer, as before. Without peers nothing is
 //! replicated.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use serde::{Deserialize, Serialize, Serializer};
 
@@ -42,6 +43,11 @@ pub struct ClusterConfig {
     /// Flow-state replication to the peers (`None`: no peers).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub replication: Option<Replication>,
+    /// The peers' SNAT addresses: announced by this node too, as backups
+    /// (a longer BGP path), so a dead peer's NAT replies reach a node that
+    /// holds its replicated translations.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub peer_snat_addresses: Vec<IpAddr>,
 }
 
 /// Where and with whom this node exchanges flow state.
@@ -99,6 +105,8 @@ pub struct RawCluster {
 #[serde(deny_unknown_fields)]
 struct RawPeer {
     address: SocketAddr,
+    #[serde(default)]
+    snat_addresses: Vec<IpAddr>,
 }
 
 impl RawCluster {
@@ -134,10 +142,23 @@ impl RawCluster {
             }
         }
         let replication = self.replication()?;
+        let mut peer_snat_addresses = Vec::new();
+        for (i, p) in self.peer.iter().enumerate() {
+            for (j, a) in p.snat_addresses.iter().enumerate() {
+                if peer_snat_addresses.contains(a) {
+                    return Err((
+                        format!("cluster.peer[{i}].snat_addresses[{j}]"),
+                        format!("{a} is listed twice; each node has SNAT addresses of its own"),
+                    ));
+                }
+                peer_snat_addresses.push(*a);
+            }
+        }
         Ok(ClusterConfig {
             route_table,
             extra_macs,
             replication,
+            peer_snat_addresses,
         })
     }
 
@@ -224,6 +245,16 @@ mod tests {
         let r = c.cluster.replicating().unwrap();
         assert_eq!(r.peers, ["10.0.0.2:4700".parse().unwrap()]);
         assert_eq!(r.key, "0123456789abcdef");
+        assert!(c.cluster.peer_snat_addresses.is_empty());
+        let c = parse(
+            "replication_listen = \"10.0.0.1:4700\"\nreplication_key = \"0123456789abcdef\"\n\
+             [[cluster.peer]]\naddress = \"10.0.0.2:4700\"\nsnat_addresses = [\"10.0.200.2\"]",
+        )
+        .unwrap();
+        assert_eq!(
+            c.cluster.peer_snat_addresses,
+            ["10.0.200.2".parse::<std::net::IpAddr>().unwrap()]
+        );
     }
 
     #[test]
@@ -264,6 +295,12 @@ mod tests {
                 "replication_listen = \"10.0.0.1:1\"\nreplication_key = \"0123456789abcdef\"\n\
                  [[cluster.peer]]\naddress = \"10.0.0.1:1\"",
                 "cluster.peer[0].address: 10.0.0.1:1 is listed twice",
+            ),
+            (
+                "replication_listen = \"10.0.0.1:1\"\nreplication_key = \"0123456789abcdef\"\n\
+                 [[cluster.peer]]\naddress = \"10.0.0.2:1\"\nsnat_addresses = [\"10.9.9.9\"]\n\
+                 [[cluster.peer]]\naddress = \"10.0.0.3:1\"\nsnat_addresses = [\"10.9.9.9\"]",
+                "cluster.peer[1].snat_addresses[0]: 10.9.9.9 is listed twice",
             ),
         ] {
             let err = parse(text).unwrap_err();

@@ -29,6 +29,9 @@ pub fn describe(view: Option<&ClusterView>) -> String {
     if !v.announced.is_empty() {
         line += &format!("; announced: {}", list(&v.announced));
     }
+    if !v.backups.is_empty() {
+        line += &format!("; backup for peers: {}", list(&v.backups));
+    }
     if !v.withheld.is_empty() {
         line += &format!("; withheld: {}", list(&v.withheld));
     }

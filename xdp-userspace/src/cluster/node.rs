@@ -6,9 +6,10 @@
 use std::{collections::BTreeSet, net::IpAddr, path::Path};
 
 use anyhow::Result;
+use tracing::warn;
 
 use super::{
-    announce::{Announcer, ClusterView},
+    announce::{Announced, Announcer, ClusterView, BACKUP_METRIC},
     macs::{IfMacs, Mac},
 };
 use crate::{config::Config, controller::Controller};
@@ -55,7 +56,7 @@ impl Node {
             self.extra.clone_from(&config.cluster.extra_macs);
         }
         self.announcer
-            .sync(config.cluster.route_table, servable(controller))
+            .sync(config.cluster.route_table, announced(config, controller))
     }
 
     /// `xdplb cluster leave`.
@@ -84,11 +85,44 @@ impl Node {
     }
 }
 
+/// Warns when this node backs up its peers' SNAT addresses but `iface`
+/// does not forward: the datapath finds the way back to a dead peer's
+/// clients with the kernel's route lookup, which refuses on such an
+/// interface (those replies then count as `pass_no_route`).
+pub fn check_forwarding(iface: &str, config: &Config) {
+    let peers = &config.cluster.peer_snat_addresses;
+    let families = [
+        ("ipv4", peers.iter().any(IpAddr::is_ipv4)),
+        ("ipv6", peers.iter().any(IpAddr::is_ipv6)),
+    ];
+    for family in families.iter().filter(|f| f.1).map(|f| f.0) {
+        let path = format!("/proc/sys/net/{family}/conf/{iface}/forwarding");
+        if std::fs::read_to_string(&path).is_ok_and(|v| v.trim() == "0") {
+            warn!(
+                "{iface}: {family} forwarding is off, so replies to a dead peer's NAT \
+                 translations cannot be routed back to their clients; enable it with \
+                 `sysctl net.{family}.conf.{iface}.forwarding=1` (docs/cluster.md)"
+            );
+        }
+    }
+}
+
+/// What this node announces while attached: the VIPs it can serve, its
+/// own SNAT addresses, and its peers' SNAT addresses as backups.
+fn announced(config: &Config, controller: &Controller) -> BTreeSet<Announced> {
+    let own = servable(controller)
+        .into_iter()
+        .chain(config.snat_addresses())
+        .map(|a| (a, 0));
+    let backups = (config.cluster.peer_snat_addresses.iter()).map(|&a| (a, BACKUP_METRIC));
+    own.chain(backups).collect()
+}
+
 /// The VIPs this node can serve: those of every service with a backend
 /// taking new flows (failing open counts: the datapath then spreads over
 /// every backend). A VIP shared by several services (ports) is servable
 /// when any of them is.
-pub fn servable(controller: &Controller) -> BTreeSet<IpAddr> {
+fn servable(controller: &Controller) -> BTreeSet<IpAddr> {
     controller
         .services()
         .filter(|s| s.active() > 0 || s.failing_open)

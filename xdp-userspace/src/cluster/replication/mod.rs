@@ -1,6 +1,7 @@
 //! Flow-state replication (docs/cluster.md): every node tells its peers
-//! which backend each of its flows is pinned to, so that whichever node
-//! ECMP sends a flow to next keeps it on that backend.
+//! which backend each of its flows is pinned to (and, in NAT mode, what it
+//! is translated to), so that whichever node ECMP sends a flow to next
+//! keeps it on that backend, with the same translation.
 //!
 //! - The datapath reports each pin it makes through a ring buffer
 //!   (`xdp_common::replication`); [`Replicator::spawn`] drains it, turns
@@ -14,6 +15,9 @@
 //!   buffer) sees the gap, counts it, and pulls a full copy over TCP.
 //! - A starting node pulls a full copy before it announces any VIP
 //!   ([`Replicator::pull_initial`]).
+//! - NAT translations age on a timeout, not in an LRU: every
+//!   [`REFRESH`] a node sends again the ones it made that saw traffic
+//!   since, so a long-lived flow's copies outlive its timeout too.
 
 pub mod wire;
 
@@ -39,17 +43,17 @@ use tokio::{
     sync::mpsc,
 };
 use tracing::{info, warn};
-use wire::{FlowRecord, Header, Key, Kind, WireError};
+use wire::{FlowRecord, Header, Key, Kind, Translation, WireError};
 use xdp_common::{
-    replication::{FlowEvent, COUNTS_MAP, COUNT_LOST, COUNT_WRITTEN, EVENTS_MAP},
-    FlowKey,
+    replication::{FlowEvent, COUNTS_MAP, COUNT_LOST, COUNT_WRITTEN, EVENTS_MAP, EVENT_NAT},
+    FlowKey, NatFwd,
 };
 
 use super::config::Replication;
 use crate::{
     addr,
     controller::{Controller, Directory, SharedDirectory},
-    dataplane::FlowTable,
+    dataplane::{monotonic_coarse_ns, FlowTable},
 };
 
 /// A message older (or newer) than this by the receiver's clock is
@@ -66,6 +70,9 @@ const RESYNC_INTERVAL: Duration = Duration::from_secs(2);
 const PULL_TIMEOUT: Duration = Duration::from_secs(10);
 /// Least time between two log lines about refused messages.
 const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(10);
+/// How often a node sends its active NAT translations again (well below
+/// the shortest NAT timeout that makes sense, UDP's 30 s default).
+pub const REFRESH: Duration = Duration::from_secs(10);
 
 /// The replication sockets, bound before anything else starts so that an
 /// address in use stops the daemon with a clear error.
@@ -302,7 +309,11 @@ impl Replicator {
             };
             let (vip, port, proto) = r.service;
             let key = addr::flow_key(r.client, SocketAddr::new(vip, port), proto);
-            match table.install(&key, id, overwrite) {
+            let written = match r.nat {
+                None => table.install(&key, id, overwrite),
+                Some(t) => table.install_nat(&key, (id, r.backend), t.snat, t.timeout_s, overwrite),
+            };
+            match written {
                 Ok(true) => installed += 1,
                 Ok(false) => {}
                 Err(e) => warn!("replication: {e:#}"),
@@ -336,7 +347,8 @@ impl Replicator {
         let (resync_tx, resync_rx) = mpsc::unbounded_channel();
         tokio::spawn(self.clone().send_pins(ring, udp.clone()));
         tokio::spawn(self.clone().receive(udp.clone(), resync_tx));
-        tokio::spawn(self.clone().heartbeat(udp));
+        tokio::spawn(self.clone().heartbeat(udp.clone()));
+        tokio::spawn(self.clone().refresh(udp));
         tokio::spawn(self.clone().resync(resync_rx));
         tokio::spawn(self.clone().serve_copies(tcp));
         info!(listen = %self.shared.listen, "replication: running");
@@ -375,7 +387,11 @@ impl Replicator {
         let directory = self.directory();
         let records: Vec<FlowRecord> = events
             .iter()
-            .filter_map(|e| record(&directory, &e.key, e.backend))
+            .filter_map(|e| {
+                let nat = (e.flags & EVENT_NAT != 0)
+                    .then(|| translation(e.snat_addr, e.nat_port_be, e.timeout_s));
+                record(&directory, &e.key, e.backend, nat)
+            })
             .collect();
         lock(&self.shared.counters).unsent += (events.len() - records.len()) as u64;
         records
@@ -402,6 +418,33 @@ impl Replicator {
                 if let Some(p) = lock(&self.shared.peers).iter_mut().find(|p| p.addr == peer) {
                     p.send_errors += 1;
                 }
+            }
+        }
+    }
+
+    /// Every [`REFRESH`], sends again the NAT translations this node made
+    /// that saw a client packet since the last time.
+    async fn refresh(self, udp: Arc<UdpSocket>) {
+        let mut tick = tokio::time::interval(REFRESH);
+        let mut since = monotonic_coarse_ns();
+        loop {
+            tick.tick().await;
+            let now = monotonic_coarse_ns();
+            let me = self.clone();
+            let records = tokio::task::spawn_blocking(move || {
+                let directory = me.directory();
+                let table = lock(&me.shared.table);
+                table
+                    .translations(since)
+                    .filter(|(_, _, local)| *local)
+                    .filter_map(|(key, f, _)| nat_record(&directory, &key, &f))
+                    .collect::<Vec<_>>()
+            })
+            .await
+            .unwrap_or_default();
+            since = now;
+            if !records.is_empty() {
+                self.send(&udp, &records).await;
             }
         }
     }
@@ -613,14 +656,18 @@ impl Replicator {
         Ok(())
     }
 
-    /// Every pin in the flow table (local and replicated), by address.
+    /// Every pin in the flow table and every answered NAT translation
+    /// (local and replicated), by address.
     fn export(&self) -> Vec<FlowRecord> {
         let directory = self.directory();
         let table = lock(&self.shared.table);
-        table
+        let pins = table
             .pins()
-            .filter_map(|(key, flow)| record(&directory, &key, flow.backend))
-            .collect()
+            .filter_map(|(key, flow)| record(&directory, &key, flow.backend, None));
+        let nat = table
+            .translations(0)
+            .filter_map(|(key, f, _)| nat_record(&directory, &key, &f));
+        pins.chain(nat).collect()
     }
 
     /// What `xdplb status` and `xdplb stats` show.
@@ -689,14 +736,33 @@ impl std::fmt::Display for Refusal {
 }
 
 /// A pin of `key` to backend `id`, named by address.
-fn record(directory: &Directory, key: &FlowKey, id: u32) -> Option<FlowRecord> {
+fn record(
+    directory: &Directory,
+    key: &FlowKey,
+    id: u32,
+    nat: Option<Translation>,
+) -> Option<FlowRecord> {
     let (service, backend) = directory.backend(id)?;
     let client = SocketAddr::new(addr::from_words(key.src), u16::from_be(key.sport_be));
     Some(FlowRecord {
         service,
         client,
         backend,
+        nat,
     })
+}
+
+/// NAT translation `f` of `key`, named by address.
+fn nat_record(directory: &Directory, key: &FlowKey, f: &NatFwd) -> Option<FlowRecord> {
+    let nat = translation(f.snat_addr, f.nat_port_be, f.timeout_s);
+    record(directory, key, f.backend, Some(nat))
+}
+
+fn translation(snat: [u32; 4], port_be: u16, timeout_s: u32) -> Translation {
+    Translation {
+        snat: SocketAddr::new(addr::from_words(snat), u16::from_be(port_be)),
+        timeout_s,
+    }
 }
 
 /// The lines `xdplb status` and `xdplb stats` print about replication.

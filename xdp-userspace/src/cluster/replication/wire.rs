@@ -6,8 +6,10 @@
 //! ```text
 //! header (32 bytes): "XLBR" | version u8 | kind u8 | records u16
 //!                    | sender u64 | seq u64 | sent_ms u64
-//! record (56 bytes): vip [16] | vip port u16 | proto u8 | 0 u8
+//! record (80 bytes): vip [16] | vip port u16 | proto u8 | 0 u8
 //!                    | client [16] | client port u16 | backend [16] | port u16
+//!                    | snat [16] | snat port u16 | flags u8 | 0 u8 | timeout u32
+//! flags: 1 = a NAT translation (snat, snat port and timeout are set)
 //! tag (32 bytes):    HMAC-SHA256(key, header | records)
 //! ```
 //!
@@ -22,9 +24,10 @@ use sha2::Sha256;
 use crate::controller::ServiceId;
 
 const MAGIC: &[u8; 4] = b"XLBR";
-const VERSION: u8 = 1;
+const VERSION: u8 = 2;
 const HEADER_LEN: usize = 32;
-const RECORD_LEN: usize = 56;
+const RECORD_LEN: usize = 80;
+const RECORD_F_NAT: u8 = 1;
 const TAG_LEN: usize = 32;
 
 /// Records per UDP datagram: the datagram stays under 1,400 bytes, so it
@@ -81,6 +84,17 @@ pub struct FlowRecord {
     pub service: ServiceId,
     pub client: SocketAddr,
     pub backend: SocketAddr,
+    /// A NAT flow's translation; `None` for a DSR pin.
+    pub nat: Option<Translation>,
+}
+
+/// What a NAT flow is translated to, beside its backend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Translation {
+    /// The SNAT address and allocated port the backend sees.
+    pub snat: SocketAddr,
+    /// The idle timeout in force, seconds.
+    pub timeout_s: u32,
 }
 
 /// Why a message was refused.
@@ -118,10 +132,15 @@ pub fn encode(key: &Key, header: &Header, records: &[FlowRecord]) -> Vec<u8> {
         out.extend_from_slice(&v6(vip).octets());
         out.extend_from_slice(&port.to_be_bytes());
         out.extend_from_slice(&[proto, 0]);
-        for a in [r.client, r.backend] {
+        let unspecified = SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), 0);
+        let snat = r.nat.map_or(unspecified, |t| t.snat);
+        for a in [r.client, r.backend, snat] {
             out.extend_from_slice(&v6(a.ip()).octets());
             out.extend_from_slice(&a.port().to_be_bytes());
         }
+        let flags = if r.nat.is_some() { RECORD_F_NAT } else { 0 };
+        out.extend_from_slice(&[flags, 0]);
+        out.extend_from_slice(&r.nat.map_or(0, |t| t.timeout_s).to_be_bytes());
     }
     let mut mac = key.0.clone();
     mac.update(&out);
@@ -164,10 +183,15 @@ pub fn decode(key: &Key, msg: &[u8]) -> Result<(Header, Vec<FlowRecord>), WireEr
                 SocketAddr::new(Ipv6Addr::from(octets).to_canonical(), port)
             };
             let vip = addr(0);
+            let nat = (r[74] & RECORD_F_NAT != 0).then(|| Translation {
+                snat: addr(56),
+                timeout_s: u32::from_be_bytes(r[76..80].try_into().expect("4 bytes")),
+            });
             FlowRecord {
                 service: (vip.ip(), vip.port(), r[18]),
                 client: addr(20),
                 backend: addr(38),
+                nat,
             }
         })
         .collect();
@@ -190,6 +214,11 @@ mod tests {
             service: ("10.0.0.100".parse().unwrap(), 80, 6),
             client: SocketAddr::new("192.0.2.7".parse().unwrap(), 40000 + i),
             backend: "[2001:db8::11]:8080".parse().unwrap(),
+            // Every other record a NAT translation.
+            nat: (i % 2 == 1).then(|| Translation {
+                snat: SocketAddr::new("10.0.200.1".parse().unwrap(), 10000 + i),
+                timeout_s: 3600,
+            }),
         }
     }
 

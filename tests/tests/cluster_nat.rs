@@ -1,0 +1,175 @@
+//! NAT in the cluster testbed (`xdplb_tests::cluster`, NAT mode): each
+//! node translates to an SNAT address of its own, which it announces, and
+//! announces its peers' SNAT addresses as backups (a longer BGP path).
+//! Translations are replicated once their backend answers, so when a node
+//! dies the routers move its SNAT address to the survivors, which already
+//! hold its translations: its connections continue, with the same source
+//! address and port at the backend.
+//!
+//! Run with `--nocapture` to see the measured figures.
+
+use std::{net::SocketAddr, time::Duration};
+
+use xdplb_tests::{
+    assert_within, client,
+    cluster::{
+        hard_case, node_addr, snat_addr, vip, wait_until, Cluster, Mode, Replication, LONG_LIVED,
+        NODES,
+    },
+    require_root,
+};
+
+fn require_bird() {
+    require_root();
+    assert!(
+        xdplb_tests::which("bird") && xdplb_tests::which("birdc"),
+        "BIRD 2 is needed (apt-get install bird2, or cargo xtask setup)"
+    );
+}
+
+fn reason(c: &Cluster, i: usize, name: &str) -> u64 {
+    c.daemon(i).json(&["stats"]).unwrap()["reasons"][name]
+        .as_u64()
+        .unwrap()
+}
+
+fn sorted(mut v: Vec<String>) -> Vec<String> {
+    v.sort();
+    v
+}
+
+#[test]
+fn nat_translations_survive_node_loss_and_rejoin() {
+    require_bird();
+    let mut c = Cluster::build_in(Mode::Nat, Replication::On);
+    c.wait_next_hops(NODES, Duration::from_secs(20));
+
+    // Each node announces its own SNAT address and backs up its peers';
+    // the router sends each SNAT address to its owner only.
+    for i in 1..=NODES {
+        let view = c.daemon(i).json(&["status"]).unwrap()["cluster"].clone();
+        let backups: Vec<String> = (1..=NODES).filter(|&p| p != i).map(snat_addr).collect();
+        assert!(
+            view["announced"]
+                .as_array()
+                .unwrap()
+                .contains(&snat_addr(i).into()),
+            "n{i}: {view}"
+        );
+        assert_eq!(view["backups"], serde_json::json!(backups), "n{i}: {view}");
+        wait_until(
+            &format!("{} routed to n{i} only", snat_addr(i)),
+            Duration::from_secs(10),
+            || c.next_hops_of(&snat_addr(i)) == [node_addr(i)],
+        );
+    }
+
+    // Spread: 300 connections, every node translates at least 15 %.
+    let before: Vec<u64> = (1..=NODES).map(|i| c.new_flows(i)).collect();
+    let failed: Vec<(u16, String)> = c.client.run(|| {
+        (20000u16..20300)
+            .filter_map(|port| {
+                client::get(vip(), Some(port), Duration::from_secs(3))
+                    .err()
+                    .map(|e| (port, format!("{e:#}")))
+            })
+            .collect()
+    });
+    assert!(failed.is_empty(), "failed connections: {failed:?}");
+    let carried: Vec<u64> = (1..=NODES)
+        .map(|i| c.new_flows(i) - before[i - 1])
+        .collect();
+    println!("NAT spread of 300 connections over the nodes (translations per node): {carried:?}");
+    assert_eq!(carried.iter().sum::<u64>(), 300, "{carried:?}");
+    assert!(carried.iter().all(|&n| n >= 45), "{carried:?}");
+
+    // The hard case: some connections' pins differ from the Maglev pick.
+    // Every node holds every translation once it is answered.
+    let (chatter, victim, moved) = hard_case(&c);
+    let clients: Vec<SocketAddr> = chatter.reports().iter().map(|r| r.client).collect();
+    wait_until(
+        "every node holds every translation",
+        Duration::from_secs(5),
+        || {
+            (1..=NODES).all(|i| {
+                clients
+                    .iter()
+                    .all(|&client| c.flow(i, client)["established"] == true)
+            })
+        },
+    );
+    let example = c.flow((victim % NODES) + 1, moved[0]);
+    println!("a moved pin of n{victim}, as a peer holds it: {example}");
+    assert_eq!(example["replicated"], true, "{example}");
+    assert!(
+        example["nat"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("{}:", snat_addr(victim))),
+        "the peer translates to the dead node's SNAT address: {example}"
+    );
+
+    let survivors: Vec<usize> = (1..=NODES).filter(|&i| i != victim).collect();
+    let replies_before: u64 = survivors.iter().map(|&i| reason(&c, i, "nat_reply")).sum();
+    let (dead, withdrawn) = c.kill_node(victim);
+    let taken_over = wait_until(
+        "the dead node's SNAT address routed to the survivors",
+        Duration::from_secs(5),
+        || c.next_hops_of(&snat_addr(victim)).len() == NODES - 1,
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let (failed, longest) = chatter.summary();
+    println!(
+        "NAT node loss: BFD withdrew n{victim} after {} ms (its SNAT address moved to the \
+         survivors {} ms later); it carried {} moved pins; {} of {LONG_LIVED} long-lived \
+         connections failed; longest stall {longest:?}",
+        withdrawn.as_millis(),
+        taken_over.as_millis(),
+        moved.len(),
+        failed.len()
+    );
+    assert_eq!(
+        sorted(c.next_hops_of(&snat_addr(victim))),
+        survivors.iter().map(|&i| node_addr(i)).collect::<Vec<_>>()
+    );
+    assert!(withdrawn < Duration::from_secs(1), "BFD took {withdrawn:?}");
+    assert!(failed.is_empty(), "connections failed: {failed:?}");
+    assert_within(
+        "longest stall of a connection",
+        longest,
+        Duration::from_secs(1),
+    );
+    let replies_after: u64 = survivors.iter().map(|&i| reason(&c, i, "nat_reply")).sum();
+    assert!(
+        replies_after > replies_before,
+        "the survivors translate replies"
+    );
+    for &i in &survivors {
+        assert_eq!(reason(&c, i, "pass_no_route"), 0, "n{i} found every client");
+    }
+
+    // Rejoin: the rebooted node pulls every translation before it
+    // announces, so the connections ECMP moves back to it keep theirs.
+    c.reboot_node(victim, dead);
+    wait_until(
+        "the SNAT address back at its owner",
+        Duration::from_secs(10),
+        || c.next_hops_of(&snat_addr(victim)) == [node_addr(victim)],
+    );
+    let pull = c.daemon(victim).json(&["status"]).unwrap()["replication"]["last_pull"].clone();
+    println!("NAT rejoin: n{victim} pulled {pull}");
+    assert!(
+        pull["flows"].as_u64().unwrap() >= u64::from(LONG_LIVED),
+        "{pull}"
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let (failed, longest) = chatter.summary();
+    println!(
+        "NAT rejoin: {} long-lived connections failed; longest stall {longest:?}",
+        failed.len()
+    );
+    assert!(
+        failed.is_empty(),
+        "connections failed at rejoin: {failed:?}"
+    );
+}
