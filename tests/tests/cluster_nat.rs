@@ -16,6 +16,7 @@ use xdplb_tests::{
         hard_case, node_addr, snat_addr, vip, wait_until, Cluster, Mode, Replication, LONG_LIVED,
         NODES,
     },
+    lb::Load,
     require_root,
 };
 
@@ -82,6 +83,41 @@ fn nat_translations_survive_node_loss_and_rejoin() {
     println!("NAT spread of 300 connections over the nodes (translations per node): {carried:?}");
     assert_eq!(carried.iter().sum::<u64>(), 300, "{carried:?}");
     assert!(carried.iter().all(|&n| n >= 45), "{carried:?}");
+
+    // Graceful leave of n3 under a steady load: it withdraws its VIP and
+    // its SNAT address; its translations continue on its peers.
+    let load = Load::start_in(&c.client, vip(), Duration::from_millis(10), 30000).unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    let left = c
+        .daemon(3)
+        .json(&["cluster", "leave", "--quiet", "2"])
+        .unwrap();
+    println!("NAT: n3 cluster leave: {left}");
+    assert_eq!(c.next_hops().len(), NODES - 1, "the router dropped n3");
+    wait_until(
+        "n3's SNAT address routed to its peers",
+        Duration::from_secs(5),
+        || c.next_hops_of(&snat_addr(3)).len() == NODES - 1,
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    let samples = load.stop();
+    let failed: Vec<_> = samples.iter().filter(|s| s.result.is_err()).collect();
+    println!(
+        "NAT graceful leave: {} requests during the leave, {} failed",
+        samples.len(),
+        failed.len()
+    );
+    assert!(
+        failed.is_empty(),
+        "requests failed during the leave: {failed:?}"
+    );
+    c.daemon(3).cli(&["cluster", "join"]).unwrap();
+    c.wait_next_hops(NODES, Duration::from_secs(10));
+    wait_until(
+        "n3's SNAT address back at n3",
+        Duration::from_secs(10),
+        || c.next_hops_of(&snat_addr(3)) == [node_addr(3)],
+    );
 
     // The hard case: some connections' pins differ from the Maglev pick.
     // Every node holds every translation once it is answered.

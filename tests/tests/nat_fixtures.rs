@@ -21,7 +21,8 @@ use std::{
 
 use xdp_common::{
     Backend, FlowKey, NatFwd, NatRev, Reason, BACKEND_ACTIVE, NAT_F_ANSWERED, NAT_F_CLOSING,
-    NAT_F_REFUSED, NAT_UNANSWERED_TIMEOUT_S, PROTO_TCP, PROTO_UDP, SVC_F_NAT_RETRY,
+    NAT_F_REFUSED, NAT_F_REPLICATED, NAT_UNANSWERED_TIMEOUT_S, PROTO_TCP, PROTO_UDP,
+    SVC_F_NAT_RETRY,
 };
 use xdplb::addr;
 use xdplb_tests::{
@@ -30,6 +31,7 @@ use xdplb_tests::{
         XDP_PASS, XDP_TX,
     },
     frame::{self, verify, Seg},
+    netns::{unique_prefix, Netns},
 };
 
 const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
@@ -1101,6 +1103,14 @@ fn icmp_errors_about_translated_flows_are_translated_back() {
         let f = &flows[c.flow];
         let client = SocketAddr::new(f.client.ip(), c.client_port);
         let flow = Flow { client, ..*f };
+        // Only a SYN opens a TCP translation.
+        h.forward(
+            c.what,
+            &client_seg(&flow, frame::SYN, b""),
+            f.id,
+            f.backend,
+            f.snat,
+        );
         let seg = client_seg(&flow, frame::ACK | frame::PSH, &c.payload);
         let port = h.forward(c.what, &seg, f.id, f.backend, f.snat);
         // What the load balancer sent, as the router got it: the output
@@ -1161,7 +1171,7 @@ fn icmp_not_about_a_translated_flow_passes_untouched() {
     let mut h = Harness::standard();
     let flows = standard_flows();
     let f = &flows[0];
-    let seg = client_seg(f, frame::ACK, b"x");
+    let seg = client_seg(f, frame::SYN, b"");
     let port = h.forward("setup", &seg, f.id, f.backend, f.snat);
     let unknown = Seg::tcp(
         SocketAddr::new(f.snat, if port == 20000 { 20001 } else { port - 1 }),
@@ -1372,4 +1382,98 @@ fn without_retry_a_refusal_reaches_the_client() {
     let (first, port) = syn_goes_to(&mut h, client);
     assert_eq!(backend_resets(&mut h, first, port), XDP_TX);
     assert_eq!(h.reason(Reason::NatRetry), 0);
+}
+
+#[test]
+fn only_a_syn_opens_a_tcp_translation() {
+    let mut h = Harness::standard();
+    let f = &standard_flows()[0];
+    let data = client_seg(f, frame::ACK | frame::PSH, b"data");
+    let (verdict, _) = h.run(&data.frame(LB_MAC_A, CLIENT_MAC));
+    assert_eq!(verdict, XDP_DROP, "a segment of an unknown flow");
+    assert!(h.fwd(f.client, f.vip, f.proto).is_none(), "no port spent");
+    assert_eq!(h.reason(Reason::DropNatNoFlow), 1);
+    let port = h.forward(
+        "SYN",
+        &client_seg(f, frame::SYN, b""),
+        f.id,
+        f.backend,
+        f.snat,
+    );
+    assert_eq!(h.forward("data", &data, f.id, f.backend, f.snat), port);
+}
+
+/// A translation replicated from a cluster peer: its reply entry has no
+/// way back to the client yet (`ifindex` 0), as the daemon installs it.
+fn replicate(h: &mut Harness, f: &Flow, port: u16) {
+    let maps = &mut h.dp.maps;
+    let key = addr::flow_key(f.client, f.vip, f.proto);
+    let mut fwd = maps.nat_fwd.get(&key, 0).unwrap();
+    fwd.flags |= NAT_F_REPLICATED | NAT_F_ANSWERED;
+    maps.nat_fwd.insert(key, fwd, 0).unwrap();
+    let rk = addr::flow_key(f.backend, SocketAddr::new(f.snat, port), f.proto);
+    let rev = NatRev {
+        flags: NAT_F_REPLICATED | NAT_F_ANSWERED,
+        client_mac: [0; 6],
+        lb_mac: [0; 6],
+        ifindex: 0,
+        ..maps.nat_rev.get(&rk, 0).unwrap()
+    };
+    maps.nat_rev.insert(rk, rev, 0).unwrap();
+}
+
+#[test]
+fn a_replicated_reply_finds_its_client_through_the_kernels_routes() {
+    // A namespace of its own: its routes and forwarding switch are the
+    // test's (the program runs on its loopback).
+    let ns = Netns::new(&unique_prefix("natrt")).unwrap();
+    let f = &standard_flows()[0];
+    let client_mac = [0x02, 0, 0, 0, 0xc1, 0x01];
+    let mut h = ns.run(Harness::standard);
+    let port = h.forward(
+        "SYN",
+        &client_seg(f, frame::SYN, b""),
+        f.id,
+        f.backend,
+        f.snat,
+    );
+    replicate(&mut h, f, port);
+    let reply = backend_seg(f, port, frame::ACK, b"answer");
+    let translated = reply.between(f.vip, f.client);
+
+    // Forwarding is off (a new namespace's default): the kernel's lookup
+    // refuses, so the reply goes to the kernel translated, MACs untouched.
+    let (verdict, out) = ns.run(|| h.run(&reply.frame(LB_MAC_B, backend_mac(f.id))));
+    assert_eq!(verdict, XDP_PASS);
+    let expected = translated.frame(LB_MAC_B, backend_mac(f.id));
+    assert_eq!(frame::hex(&out), frame::hex(&expected));
+    assert_eq!(h.reason(Reason::PassNoRoute), 1);
+
+    // With a route to the client and its neighbour known, the reply goes
+    // straight there, and the entry keeps the way for the next ones.
+    for cmd in [
+        "sysctl -qw net.ipv4.conf.lo.forwarding=1",
+        "ip link add xlbrt0 address 02:00:00:00:0e:01 type veth peer name xlbrt1",
+        "ip link set xlbrt1 up",
+        "ip link set xlbrt0 up",
+        "ip addr add 10.0.0.254/24 dev xlbrt0",
+        "ip neigh replace 10.0.0.1 lladdr 02:00:00:00:c1:01 dev xlbrt0 nud permanent",
+    ] {
+        ns.exec(&cmd.split(' ').collect::<Vec<_>>()).unwrap();
+    }
+    let (verdict, out) = ns.run(|| h.run(&reply.frame(LB_MAC_B, backend_mac(f.id))));
+    let veth_mac = [0x02, 0, 0, 0, 0x0e, 0x01];
+    assert_eq!(
+        frame::hex(&out),
+        frame::hex(&translated.frame(client_mac, veth_mac))
+    );
+    // The veth is not one of the datapath's egress ports: the redirect
+    // is refused and counted, which is fine here: the way was found.
+    assert_eq!(verdict, XDP_DROP);
+    assert_eq!(h.reason(Reason::DropRedirect), 1);
+    let rk = addr::flow_key(f.backend, SocketAddr::new(f.snat, port), f.proto);
+    let rev = h.dp.maps.nat_rev.get(&rk, 0).unwrap();
+    assert_eq!((rev.client_mac, rev.lb_mac), (client_mac, veth_mac));
+    assert_ne!(rev.ifindex, 0);
+    assert_eq!(h.reason(Reason::PassNoRoute), 1);
 }

@@ -26,8 +26,8 @@ pub mod map_names {
     pub const MAGLEV: &str = "xdplb_maglev_v1";
     /// `FlowKey` -> `Flow`, the connection-tracking table (LRU).
     pub const FLOWS: &str = "xdplb_flow_v1";
-    /// Per-CPU counter per `Reason` (v4: 20 reasons, `pass_no_route`
-    /// added).
+    /// Per-CPU counter per `Reason` (v4: 21 reasons, `pass_no_route` and
+    /// `drop_nat_no_flow` added).
     pub const REASONS: &str = "xdplb_stats_v4";
     /// Per-CPU `Counters` per service id (v2: `new_flows` added).
     pub const SERVICE_STATS: &str = "xdplb_svcst_v2";
@@ -419,10 +419,15 @@ pub enum Reason {
     /// no route to its client here (is forwarding off on the interface?):
     /// translated and passed to the kernel.
     PassNoRoute,
+    /// NAT: a TCP segment other than a SYN of a flow with no translation
+    /// (one whose translation a cluster peer has not replicated here yet,
+    /// or a stray or flooded ACK): dropped, so no port is spent on it and
+    /// the client's retransmission finds the translation.
+    DropNatNoFlow,
 }
 
 /// Number of `Reason` counters.
-pub const REASON_COUNT: u32 = 20;
+pub const REASON_COUNT: u32 = 21;
 
 impl Reason {
     /// Every reason, in index order.
@@ -447,6 +452,7 @@ impl Reason {
         Reason::PassNotForUs,
         Reason::NatRetry,
         Reason::PassNoRoute,
+        Reason::DropNatNoFlow,
     ];
 
     /// Stable name used by the CLI, logs and tests.
@@ -472,6 +478,7 @@ impl Reason {
             Reason::PassNotForUs => "pass_not_for_us",
             Reason::NatRetry => "nat_retry",
             Reason::PassNoRoute => "pass_no_route",
+            Reason::DropNatNoFlow => "drop_nat_no_flow",
         }
     }
 }

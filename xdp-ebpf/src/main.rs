@@ -38,6 +38,11 @@ pub fn xdplb(ctx: XdpContext) -> u32 {
             events::dropped(&ctx, reason);
             xdp_action::XDP_DROP
         }
+        // Not worth a log line: stray segments are common.
+        Err(Reason::DropNatNoFlow) => {
+            stats::count(Reason::DropNatNoFlow);
+            xdp_action::XDP_DROP
+        }
         Err(reason) => {
             stats::count(reason);
             xdp_action::XDP_PASS

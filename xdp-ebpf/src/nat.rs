@@ -155,6 +155,11 @@ pub fn forward(ctx: &XdpContext, p: &Packet, service: &Service) -> Result<u32, R
             _ => stale = Some((f.backend, f.snat_addr, f.nat_port_be, retrying)),
         }
     }
+    // Only a SYN opens a TCP flow: anything else unknown here gets no
+    // port (a cluster peer's translation may still be on its way).
+    if stale.is_none() && key.proto == PROTO_TCP && !p.syn() {
+        return Err(Reason::DropNatNoFlow);
+    }
     let id = match stale {
         Some((refused, _, _, true)) => maglev::pick_other(service, key, refused),
         _ => maglev::pick(service, key),
