@@ -8,7 +8,10 @@
 //!
 //! Run with `--nocapture` to see the measured figures.
 
-use std::{net::SocketAddr, time::Duration};
+use std::{
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
 
 use xdplb_tests::{
     assert_within, client,
@@ -147,13 +150,37 @@ fn nat_translations_survive_node_loss_and_rejoin() {
 
     let survivors: Vec<usize> = (1..=NODES).filter(|&i| i != victim).collect();
     let replies_before: u64 = survivors.iter().map(|&i| reason(&c, i, "nat_reply")).sum();
+    // New connections every 10 ms around the loss, too.
+    let load = Load::start_in(&c.client, vip(), Duration::from_millis(10), 45000).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let killed = Instant::now();
     let (dead, withdrawn) = c.kill_node(victim);
+    let withdrawn_at = Instant::now();
     let taken_over = wait_until(
         "the dead node's SNAT address routed to the survivors",
         Duration::from_secs(5),
         || c.next_hops_of(&snat_addr(victim)).len() == NODES - 1,
     );
     std::thread::sleep(Duration::from_secs(2));
+    let samples = load.stop();
+    // New connections may fail only while the router still sends to the
+    // dead node: from one client timeout (2 s) before the kill until the
+    // withdrawal, plus 0.5 s for the router's cached neighbour/route.
+    let window =
+        (killed - Duration::from_millis(2500))..(withdrawn_at + Duration::from_millis(500));
+    let new_failed = samples.iter().filter(|s| s.result.is_err()).count();
+    let outside: Vec<_> = samples
+        .iter()
+        .filter(|s| s.result.is_err() && !window.contains(&s.start))
+        .collect();
+    println!(
+        "NAT node loss: {} new connections around the loss, {new_failed} failed",
+        samples.len()
+    );
+    assert!(
+        outside.is_empty(),
+        "new connections failed after the withdrawal: {outside:?}"
+    );
     let (failed, longest) = chatter.summary();
     println!(
         "NAT node loss: BFD withdrew n{victim} after {} ms (its SNAT address moved to the \
