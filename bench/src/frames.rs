@@ -26,6 +26,19 @@ pub fn packet(
     seg.frame(dst_mac, src_mac)
 }
 
+/// A flow's first frame from `src` to `dst` (a TCP SYN, or a UDP
+/// datagram), Ethernet `src_mac` -> `dst_mac`: only a SYN opens a NAT
+/// translation.
+pub fn opening(
+    src_mac: [u8; 6],
+    dst_mac: [u8; 6],
+    src: SocketAddr,
+    dst: SocketAddr,
+    proto: u8,
+) -> Vec<u8> {
+    Seg::probe(src, dst, proto).frame(dst_mac, src_mac)
+}
+
 /// A new flow's first frame (a TCP SYN, or a UDP datagram) every call
 /// without a new allocation: for a changing IPv4 source, rewritten in
 /// place.

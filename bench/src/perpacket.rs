@@ -265,7 +265,7 @@ fn program_services(lb: &mut Loaded) -> Result<()> {
 fn program_nat(lb: &mut Loaded) -> Result<Vec<u8>> {
     let snat: std::net::IpAddr = "10.0.200.2".parse()?;
     fixture::nat_service(lb, (NAT_VIP, PROTO_TCP), (5, 10 * TABLE), (0, 8080), snat)?;
-    let first = frames::packet(CLIENT_MAC, LB_MAC, sa("10.0.0.1:40000"), NAT_VIP, PROTO_TCP);
+    let first = frames::opening(CLIENT_MAC, LB_MAC, sa("10.0.0.1:40000"), NAT_VIP, PROTO_TCP);
     let (prog, maps) = lb.parts();
     translate_once(prog, &first, "the first packet")?;
     let key = addr::flow_key(sa("10.0.0.1:40000"), NAT_VIP, PROTO_TCP);
