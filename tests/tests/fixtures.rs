@@ -6,8 +6,8 @@
 use std::net::SocketAddr;
 
 use xdp_common::{
-    Backend, Reason, BACKEND_ACTIVE, BACKEND_DOWN, BACKEND_DRAINING, PROTO_TCP, PROTO_UDP,
-    SVC_F_NO_BACKEND,
+    Backend, Reason, BACKEND_ACTIVE, BACKEND_DOWN, BACKEND_DRAINING, FLOW_F_RETRIED, PROTO_TCP,
+    PROTO_UDP, SVC_F_NO_BACKEND,
 };
 use xdplb::addr;
 use xdplb_tests::{
@@ -578,4 +578,49 @@ fn flows_are_counted_answered_or_retransmitted_once() {
     }
     assert_eq!((signals(&h).confirmed, signals(&h).syn_retransmits), (2, 2));
     assert_eq!(h.0.maps.backend_counters(0).unwrap().new_flows, 3);
+}
+
+/// A TCP flow whose client sends its SYN again, unanswered, at least
+/// `SYN_RETRANSMITTED_NS` after it was opened (its backend's host may be
+/// gone: nothing answers) moves to another backend, once; a SYN sent again
+/// sooner (a duplicate) does not move it, nor does one after it moved.
+#[test]
+fn an_unanswered_syn_retransmission_moves_the_flow_once() {
+    let mut h = Harness::standard();
+    let syn = Seg::tcp(sa("10.0.0.9:40000"), sa("10.0.100.1:8080"), frame::SYN, b"")
+        .frame(LB_MAC, CLIENT_MAC);
+    let key = addr::flow_key(sa("10.0.0.9:40000"), sa("10.0.100.1:8080"), PROTO_TCP);
+    let backend_of = |out: &[u8]| {
+        BACKEND_MACS
+            .iter()
+            .position(|m| out[..6] == m[..])
+            .expect("sent to a backend")
+    };
+    // Opened, then a duplicate straight away: same backend.
+    let (verdict, out) = h.run(&syn);
+    assert_eq!(verdict, XDP_TX);
+    let first = backend_of(&out);
+    assert_eq!(backend_of(&h.run(&syn).1), first, "a duplicate SYN stays");
+    assert_eq!(h.reason(Reason::FlowRetry), 0);
+    // The flow looks 600 ms old (aged through the map, no sleep).
+    let age = |h: &mut Harness| {
+        let mut f = h.0.maps.flows.get(&key, 0).unwrap();
+        f.opened_ns -= 600_000_000;
+        h.0.maps.flows.insert(key, f, 0).unwrap();
+    };
+    age(&mut h);
+    let (verdict, out) = h.run(&syn);
+    assert_eq!(verdict, XDP_TX);
+    let second = backend_of(&out);
+    assert_ne!(second, first, "the retransmission goes elsewhere");
+    assert_eq!(h.reason(Reason::FlowRetry), 1);
+    let f = h.0.maps.flows.get(&key, 0).unwrap();
+    assert_eq!(
+        (f.backend as usize, f.flags & FLOW_F_RETRIED),
+        (second, FLOW_F_RETRIED)
+    );
+    // Once only: a later retransmission stays on the new backend.
+    age(&mut h);
+    assert_eq!(backend_of(&h.run(&syn).1), second);
+    assert_eq!(h.reason(Reason::FlowRetry), 1);
 }

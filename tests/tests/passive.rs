@@ -181,3 +181,70 @@ fn suspicion_alone_never_takes_out_the_last_backend() {
     assert_eq!(b1["health"], "up", "{b1}");
     assert_eq!(b1["state"], "active", "{b1}");
 }
+
+/// A backend's host vanishes (its link is cut: no RST, nothing answers).
+/// Its clients retransmit their SYN after 1 s; the datapath sends each
+/// retransmission of an unanswered flow to another backend, so connections
+/// that start after the cut succeed, a second late, instead of failing.
+/// The retransmissions are also the passive signal: the backend is probed
+/// and taken out.
+#[test]
+fn a_backend_whose_host_is_gone_fails_no_new_connection() {
+    let bed = Bed::new("pah");
+    // Six clients in parallel: each waits on a connection to the lost
+    // host until its SYN is retransmitted, as real clients do.
+    let loads: Vec<Load> = (0..6u16)
+        .map(|k| {
+            Load::start(&bed.topo, bed.vip(), Duration::from_millis(30), 20000 + k * 1000).unwrap()
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let cut = Instant::now();
+    bed.topo
+        .switch()
+        .exec(&["ip", "link", "set", "v-b1", "down"])
+        .unwrap();
+    let down = loop {
+        if bed.backend(1)["health"] == "down" {
+            break cut.elapsed();
+        }
+        assert!(cut.elapsed() < Duration::from_secs(8), "b1 never went down");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    // Long enough for every connection started before b1 went down to
+    // have retransmitted its SYN (1 s) and finished.
+    std::thread::sleep(Duration::from_millis(1500));
+    let samples: Vec<_> = loads.into_iter().flat_map(Load::stop).collect();
+    let stats = bed.lb.json(&["stats"]).unwrap();
+    // A retransmission goes elsewhere either way: moved while b1 was
+    // still in (flow_retry) or re-picked once it was out (flow_repick).
+    let retried = stats["reasons"]["flow_retry"].as_u64().unwrap()
+        + stats["reasons"]["flow_repick"].as_u64().unwrap();
+    // Only a connection already under way at the cut may fail (its
+    // handshake done, its request or answer lost with the link).
+    let (during, after): (Vec<_>, Vec<_>) = samples
+        .iter()
+        .filter(|s| s.result.is_err())
+        .partition(|s| s.start < cut);
+    let slow = samples
+        .iter()
+        .filter(|s| s.start >= cut)
+        .filter_map(|s| s.result.as_ref().ok().map(|_| s.start))
+        .count();
+    eprintln!(
+        "host loss: b1 down {} ms after the cut; {} requests, {} SYNs sent elsewhere, \
+         failed: {} under way at the cut, {} started after it ({slow} succeeded after it)",
+        down.as_millis(),
+        samples.len(),
+        retried,
+        during.len(),
+        after.len()
+    );
+    assert!(retried > 0, "no SYN retransmission went elsewhere: {stats}");
+    assert!(
+        after.is_empty(),
+        "connections started after the cut failed: {after:?}"
+    );
+    let b1 = bed.backend(1);
+    assert!(b1["passive"]["suspicions"].as_u64().unwrap() >= 1, "{b1}");
+}

@@ -24,10 +24,11 @@ pub mod map_names {
     pub const BACKENDS: &str = "xdplb_be_v1";
     /// Flat array of backend ids: every service's Maglev tables.
     pub const MAGLEV: &str = "xdplb_maglev_v1";
-    /// `FlowKey` -> `Flow`, the connection-tracking table (LRU).
-    pub const FLOWS: &str = "xdplb_flow_v1";
-    /// Per-CPU counter per `Reason` (v4: 21 reasons, `pass_no_route` and
-    /// `drop_nat_no_flow` added).
+    /// `FlowKey` -> `Flow`, the connection-tracking table (LRU; v2: the
+    /// time the flow was opened added).
+    pub const FLOWS: &str = "xdplb_flow_v2";
+    /// Per-CPU counter per `Reason` (v4: 22 reasons, `pass_no_route` and
+    /// `drop_nat_no_flow`, `flow_retry` added).
     pub const REASONS: &str = "xdplb_stats_v4";
     /// Per-CPU `Counters` per service id (v2: `new_flows` added).
     pub const SERVICE_STATS: &str = "xdplb_svcst_v2";
@@ -199,6 +200,14 @@ pub const FLOW_F_REPLICATED: u32 = 1;
 /// `Flow::flags`: the client sent a second packet after its first: the
 /// backend answered (counted once, in `Signals::confirmed`).
 pub const FLOW_F_CONFIRMED: u32 = 2;
+/// `Flow::flags`: the flow was moved to another backend because its
+/// client retransmitted its SYN unanswered; it is not moved again.
+pub const FLOW_F_RETRIED: u32 = 4;
+
+/// A SYN of a flow still unanswered this long after it was opened is the
+/// client's retransmission (Linux retransmits after 1 s at first; no stack
+/// before 200 ms), not a duplicate: the flow moves to another backend.
+pub const SYN_RETRANSMITTED_NS: u64 = 500_000_000;
 
 /// Connection-tracking value.
 #[repr(C)]
@@ -206,8 +215,10 @@ pub const FLOW_F_CONFIRMED: u32 = 2;
 pub struct Flow {
     /// The backend this flow is pinned to.
     pub backend: u32,
-    /// `FLOW_F_*` bits (zero in tables written before they existed).
+    /// `FLOW_F_*` bits.
     pub flags: u32,
+    /// `bpf_ktime_get_coarse_ns` when the flow was pinned.
+    pub opened_ns: u64,
 }
 
 /// `NatFwd::flags` / `NatRev::flags`: the flow saw a FIN or RST; it
@@ -424,10 +435,13 @@ pub enum Reason {
     /// or a stray or flooded ACK): dropped, so no port is spent on it and
     /// the client's retransmission finds the translation.
     DropNatNoFlow,
+    /// DSR: a flow whose client retransmitted its SYN unanswered moved to
+    /// another backend (once).
+    FlowRetry,
 }
 
 /// Number of `Reason` counters.
-pub const REASON_COUNT: u32 = 21;
+pub const REASON_COUNT: u32 = 22;
 
 impl Reason {
     /// Every reason, in index order.
@@ -453,6 +467,7 @@ impl Reason {
         Reason::NatRetry,
         Reason::PassNoRoute,
         Reason::DropNatNoFlow,
+        Reason::FlowRetry,
     ];
 
     /// Stable name used by the CLI, logs and tests.
@@ -479,6 +494,7 @@ impl Reason {
             Reason::NatRetry => "nat_retry",
             Reason::PassNoRoute => "pass_no_route",
             Reason::DropNatNoFlow => "drop_nat_no_flow",
+            Reason::FlowRetry => "flow_retry",
         }
     }
 }
@@ -512,7 +528,7 @@ const _: () = {
     assert!(size_of::<NatSource>() == 4 + 4 + 8);
     assert!(size_of::<Signals>() == 8 * 3);
     assert!(size_of::<FlowKey>() == 16 + 16 + 2 + 2 + 1 + 3);
-    assert!(size_of::<Flow>() == 8);
+    assert!(size_of::<Flow>() == 4 + 4 + 8);
     assert!(size_of::<Counters>() == 8 + 8 + 8);
     assert!(Reason::ALL.len() == REASON_COUNT as usize);
 };

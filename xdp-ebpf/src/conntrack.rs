@@ -1,7 +1,8 @@
 //! Connection tracking: remembers each flow's backend so that established
 //! flows keep it when the Maglev table changes.
 
-use xdp_common::{Backend, Flow, FlowKey, FLOW_F_CONFIRMED};
+use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
+use xdp_common::{Backend, Flow, FlowKey, FLOW_F_CONFIRMED, FLOW_F_RETRIED, SYN_RETRANSMITTED_NS};
 
 use crate::maps::{BACKENDS, FLOWS};
 
@@ -35,7 +36,24 @@ pub fn lookup(key: &FlowKey) -> Lookup {
 /// unless the table changed meanwhile.
 #[inline(always)]
 pub fn pin(key: &FlowKey, backend: u32, flags: u32) {
-    let _ = FLOWS.insert(key, &Flow { backend, flags }, 0);
+    let flow = Flow {
+        backend,
+        flags,
+        // SAFETY: a plain helper call.
+        opened_ns: unsafe { bpf_ktime_get_coarse_ns() },
+    };
+    let _ = FLOWS.insert(key, &flow, 0);
+}
+
+/// Whether a SYN of this unconfirmed flow is its client's retransmission
+/// (see `SYN_RETRANSMITTED_NS`) and the flow was not moved before: the
+/// backend did not answer in time, so the flow moves.
+#[inline(always)]
+pub fn retransmitted(flow: *mut Flow) -> bool {
+    // SAFETY: the value pointer stays valid for this program run (RCU).
+    let f = unsafe { &*flow };
+    f.flags & FLOW_F_RETRIED == 0
+        && unsafe { bpf_ktime_get_coarse_ns() }.saturating_sub(f.opened_ns) >= SYN_RETRANSMITTED_NS
 }
 
 /// Whether the flow's client was seen answering (a second packet).

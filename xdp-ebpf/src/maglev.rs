@@ -32,8 +32,9 @@ pub fn pick_other(service: &Service, key: &FlowKey, avoid: u32) -> Option<u32> {
     let hash = flow_hash(key, service.flags & SVC_F_HASH_SRC_ONLY != 0);
     let mut i = 1;
     while i <= OTHER_PROBES {
-        // Odd multiplier: the probes land on different slots.
-        let at = hash.wrapping_add(i.wrapping_mul(0x9e37_79b9)) % service.table_size;
+        // A prime multiplier (Knuth's 2654435761): the probes land on
+        // different slots, with no period a small table shares.
+        let at = hash.wrapping_add(i.wrapping_mul(0x9e37_79b1)) % service.table_size;
         if let Some(&id) = MAGLEV.get(service.table_base + at) {
             if id != avoid {
                 return Some(id);

@@ -18,7 +18,8 @@ mod stats;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use xdp_common::{
-    Backend, FlowKey, Reason, Service, ServiceKey, FLOW_F_CONFIRMED, PROTO_TCP, SVC_F_NAT,
+    Backend, FlowKey, Reason, Service, ServiceKey, FLOW_F_CONFIRMED, FLOW_F_RETRIED, PROTO_TCP,
+    SVC_F_NAT,
 };
 
 use crate::{
@@ -80,17 +81,28 @@ fn balance(ctx: &XdpContext) -> Result<u32, Reason> {
     // constant in each, so an established flow's packet pays nothing for it.
     match conntrack::lookup(key) {
         Lookup::Hit(id, backend, flow) => {
-            stats::count(Reason::FlowHit);
             // The first packet after the SYN tells whether the backend
             // answered: the client's ACK (confirmed), or its SYN again.
             if !conntrack::confirmed(flow) {
                 if packet.syn() {
                     stats::signal(id, |s| &mut s.syn_retransmits);
+                    // Unanswered for long: the backend's host may be gone
+                    // (nothing answers); the retransmission goes elsewhere.
+                    if conntrack::retransmitted(flow) {
+                        let other = maglev::pick_other(service, key, id);
+                        let other = other.ok_or(Reason::DropNoBackend)?;
+                        let backend = BACKENDS.get(other).ok_or(Reason::DropNoBackend)?;
+                        conntrack::pin(key, other, FLOW_F_RETRIED);
+                        replicate::pinned(key, other);
+                        stats::count(Reason::FlowRetry);
+                        return deliver(ctx, service, other, backend, false);
+                    }
                 } else {
                     conntrack::confirm(flow);
                     stats::signal(id, |s| &mut s.confirmed);
                 }
             }
+            stats::count(Reason::FlowHit);
             deliver(ctx, service, id, backend, false)
         }
         // The flow's backend went away: re-pinned, counted in flow_repick,

@@ -27,7 +27,7 @@ pub static BACKENDS: Array<Backend> = Array::pinned(MAX_BACKENDS, 0);
 #[map(name = "xdplb_maglev_v1")]
 pub static MAGLEV: Array<u32> = Array::pinned(MAGLEV_SLOTS, 0);
 
-#[map(name = "xdplb_flow_v1")]
+#[map(name = "xdplb_flow_v2")]
 pub static FLOWS: LruHashMap<FlowKey, Flow> = LruHashMap::pinned(MAX_FLOWS, BPF_F_NO_COMMON_LRU);
 
 #[map(name = "xdplb_stats_v4")]

@@ -20,7 +20,7 @@ use xdp_common::{
     hash::flow_hash, nat_expired, Backend, FlowKey, NatFwd, NatRev, NatSource, Reason, Service,
     ServiceKey, NAT_F_ANSWERED, NAT_F_CLOSING, NAT_F_REFUSED, NAT_F_RETRIED, NAT_PORT_TRIES,
     NAT_UNANSWERED_PER_SOURCE, NAT_UNANSWERED_TIMEOUT_S, PROTO_TCP, PROTO_UDP, SVC_F_NAT_RETRY,
-    V4_MAPPED_PREFIX,
+    SYN_RETRANSMITTED_NS, V4_MAPPED_PREFIX,
 };
 
 use crate::{
@@ -47,11 +47,6 @@ fn timeout(service: &Service, proto: u8, closing: bool) -> u32 {
     }
 }
 
-/// A SYN of a flow this long after its last packet, unanswered, is the
-/// client's retransmission (Linux retransmits after 1 s at first; no stack
-/// before 200 ms).
-const RETRANSMITTED_NS: u64 = 500_000_000;
-
 /// Whether a client's packet on an existing flow should move the flow to
 /// another backend (`SVC_F_NAT_RETRY`): a SYN of a flow whose backend
 /// refused it, or has not answered it by the client's retransmission; at
@@ -61,7 +56,8 @@ fn retry(service: &Service, f: &NatFwd, p: &Packet, now: u64) -> bool {
     service.flags & SVC_F_NAT_RETRY != 0
         && f.flags & (NAT_F_ANSWERED | NAT_F_RETRIED) == 0
         && p.syn()
-        && (f.flags & NAT_F_REFUSED != 0 || now.saturating_sub(f.last_seen_ns) >= RETRANSMITTED_NS)
+        && (f.flags & NAT_F_REFUSED != 0
+            || now.saturating_sub(f.last_seen_ns) >= SYN_RETRANSMITTED_NS)
 }
 
 /// Timeout of a flow the backend has not answered yet.
@@ -131,7 +127,7 @@ pub fn forward(ctx: &XdpContext, p: &Packet, service: &Service) -> Result<u32, R
         let retrying = retry(service, f, p, now);
         if p.syn()
             && f.flags & NAT_F_ANSWERED == 0
-            && now.saturating_sub(f.last_seen_ns) >= RETRANSMITTED_NS
+            && now.saturating_sub(f.last_seen_ns) >= SYN_RETRANSMITTED_NS
         {
             stats::signal(f.backend, |s| &mut s.syn_retransmits);
         }

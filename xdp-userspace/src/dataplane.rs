@@ -346,6 +346,7 @@ impl FlowTable {
         let flow = Flow {
             backend: id,
             flags: FLOW_F_REPLICATED,
+            opened_ns: monotonic_coarse_ns(),
         };
         let flags = if overwrite { 0 } else { BPF_NOEXIST };
         match self.flows.insert(key, flow, flags) {
