@@ -21,7 +21,7 @@ use xdplb_tests::{
 
 use crate::{
     e2e::{haproxy, tools},
-    harness::{Figure, Opts},
+    harness::{self, Figure, Opts},
 };
 
 pub const GROUP: &str = "failover";
@@ -85,7 +85,17 @@ struct Trial {
     failed_healthy: usize,
     /// Failures whose backend is unknown (not proven to be the dead one).
     failed_unknown: usize,
+    /// Requests that succeeded at least `SLOWED` late: their SYN went
+    /// unanswered and was retransmitted (to another backend, or to the
+    /// same once it was back).
+    slowed: usize,
+    /// Their median latency beyond the trial's median, ms (`None`: none).
+    slowed_added_ms: Option<f64>,
 }
+
+/// A request this slow waited for a SYN retransmission (the first comes
+/// after 1 s); no request of a healthy run takes a tenth of it.
+const SLOWED: Duration = Duration::from_millis(900);
 
 pub fn run(opts: &Opts) -> Result<Vec<Figure>> {
     tools::ensure_packages(&[("haproxy", "failover: the health checker compared")])?;
@@ -312,12 +322,22 @@ fn run_trial(
             s.result
         );
     }
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    let ok: Vec<f64> = samples
+        .iter()
+        .filter(|s| s.result.is_ok())
+        .map(|s| ms(s.elapsed))
+        .collect();
+    let slowed: Vec<f64> = ok.iter().copied().filter(|&e| e >= ms(SLOWED)).collect();
+    let typical = harness::median(&ok);
     Ok(Trial {
-        detection_ms: (down - killed).as_secs_f64() * 1000.0,
+        detection_ms: ms(down - killed),
         requests: samples.len(),
         failed_dead,
         failed_healthy: failed.len() - failed_dead,
         failed_unknown: to.iter().filter(|b| b.is_none()).count(),
+        slowed: slowed.len(),
+        slowed_added_ms: (!slowed.is_empty()).then(|| harness::median(&slowed) - typical),
     })
 }
 
@@ -431,6 +451,17 @@ fn figures(xdplb: &Trials, haproxy: &Trials, nat: &Trials) -> Vec<Figure> {
     let detection: fn(&Trial) -> f64 = |t| t.detection_ms;
     let dead: fn(&Trial) -> f64 = |t| t.failed_dead as f64;
     let healthy: fn(&Trial) -> f64 = |t| t.failed_healthy as f64;
+    let slowed: fn(&Trial) -> f64 = |t| t.slowed as f64;
+    // The latency a retried request pays, over the trials that had any.
+    let added = |case: String, v: &[Trial]| {
+        let values: Vec<f64> = v.iter().filter_map(|t| t.slowed_added_ms).collect();
+        (!values.is_empty()).then(|| {
+            Figure::new(GROUP, &case, "ms", values, false).note(
+                "median latency of the slowed requests beyond the trial's median, over the \
+                 trials that had any",
+            )
+        })
+    };
     let mut figures = Vec::new();
     // Process kills as `NAME-…`, host losses as `NAME-hostloss-…`.
     for (fault, pick) in [
@@ -480,6 +511,16 @@ fn figures(xdplb: &Trials, haproxy: &Trials, nat: &Trials) -> Vec<Figure> {
                 .target("0 in every trial", worst(n, healthy) == 0.0)
                 .note(unknown(n, "no translation left to name it")),
         ]);
+        for (who, v) in [("xdplb", x), ("haproxy", h), ("xdplb-nat", n)] {
+            figures.push(
+                fig(&name(who, "slowed"), "requests", v, slowed).note(format!(
+                    "succeeded, but at least {} ms late: a SYN retransmitted (moved to \
+                     another backend, or re-picked)",
+                    SLOWED.as_millis()
+                )),
+            );
+            figures.extend(added(name(who, "slowed-added-latency"), v));
+        }
     }
     figures
 }

@@ -292,6 +292,8 @@ pub fn start_backend(topo: &DsrTopology, binary: &Path, i: usize, extra: &[&str]
 #[derive(Debug)]
 pub struct Sample {
     pub start: Instant,
+    /// How long the request took, to its answer or its error.
+    pub elapsed: Duration,
     pub port: u16,
     /// The backend's name, or the error.
     pub result: Result<String, String>,
@@ -341,6 +343,7 @@ impl Load {
                     .map_err(|e| format!("{e:#}"));
                 samples.push(Sample {
                     start,
+                    elapsed: start.elapsed(),
                     port,
                     result,
                 });

@@ -195,7 +195,13 @@ fn a_backend_whose_host_is_gone_fails_no_new_connection() {
     // host until its SYN is retransmitted, as real clients do.
     let loads: Vec<Load> = (0..6u16)
         .map(|k| {
-            Load::start(&bed.topo, bed.vip(), Duration::from_millis(30), 20000 + k * 1000).unwrap()
+            Load::start(
+                &bed.topo,
+                bed.vip(),
+                Duration::from_millis(30),
+                20000 + k * 1000,
+            )
+            .unwrap()
         })
         .collect();
     std::thread::sleep(Duration::from_millis(500));
