@@ -22,8 +22,9 @@ pub mod map_names {
     pub const SERVICES: &str = "xdplb_svc_v1";
     /// Backend id -> `Backend`.
     pub const BACKENDS: &str = "xdplb_be_v1";
-    /// Flat array of backend ids: every service's Maglev tables.
-    pub const MAGLEV: &str = "xdplb_maglev_v1";
+    /// Flat array of backend ids: every service's Maglev tables (v2:
+    /// memory-mappable).
+    pub const MAGLEV: &str = "xdplb_maglev_v2";
     /// `FlowKey` -> `Flow`, the connection-tracking table (LRU; v2: the
     /// time the flow was opened added).
     pub const FLOWS: &str = "xdplb_flow_v2";

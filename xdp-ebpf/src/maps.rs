@@ -24,8 +24,12 @@ pub static SERVICES: HashMap<ServiceKey, Service> = HashMap::pinned(MAX_SERVICES
 #[map(name = "xdplb_be_v1")]
 pub static BACKENDS: Array<Backend> = Array::pinned(MAX_BACKENDS, 0);
 
-#[map(name = "xdplb_maglev_v1")]
-pub static MAGLEV: Array<u32> = Array::pinned(MAGLEV_SLOTS, 0);
+/// BPF_F_MMAPABLE: the control plane writes a whole table (65,537 slots)
+/// with one copy into its memory mapping, not one system call per slot.
+const BPF_F_MMAPABLE: u32 = 1 << 10;
+
+#[map(name = "xdplb_maglev_v2")]
+pub static MAGLEV: Array<u32> = Array::pinned(MAGLEV_SLOTS, BPF_F_MMAPABLE);
 
 #[map(name = "xdplb_flow_v2")]
 pub static FLOWS: LruHashMap<FlowKey, Flow> = LruHashMap::pinned(MAX_FLOWS, BPF_F_NO_COMMON_LRU);

@@ -147,6 +147,10 @@ pub struct ServiceAddArgs {
     /// Port to probe [default: the backend's].
     #[arg(long)]
     pub check_port: Option<u16>,
+    /// Passive detection: how long a new flow may go unanswered, e.g.
+    /// 50ms [default: 50ms].
+    #[arg(long)]
+    pub unanswered_after: Option<String>,
     /// HTTP checks: method [default: GET].
     #[arg(long)]
     pub check_method: Option<String>,
@@ -269,6 +273,7 @@ impl ServiceAddArgs {
             rise: self.rise,
             fall: self.fall,
             port: self.check_port,
+            unanswered_after: self.unanswered_after.clone(),
             method: self.check_method.clone(),
             path: self.check_path.clone(),
             expect_status: Some(self.expect_status.clone()).filter(|s| !s.is_empty()),

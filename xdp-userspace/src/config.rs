@@ -204,6 +204,7 @@ impl ServiceConfig {
             rise: Some(hc.rise),
             fall: Some(hc.fall),
             port: hc.port,
+            unanswered_after: Some(format_duration(hc.unanswered_after)),
             ..HealthCheckSpec::default()
         };
         match &hc.kind {
@@ -319,6 +320,9 @@ pub struct HealthCheck {
     pub fall: u32,
     /// Port to probe; `None` probes each backend's own port.
     pub port: Option<u16>,
+    /// Passive detection: how long a new TCP flow's client may take to
+    /// answer (its second packet) before the flow counts as unanswered.
+    pub unanswered_after: Duration,
 }
 
 impl Default for HealthCheck {
@@ -330,9 +334,15 @@ impl Default for HealthCheck {
             rise: 2,
             fall: 3,
             port: None,
+            unanswered_after: Duration::from_millis(50),
         }
     }
 }
+
+/// The range `unanswered_after` may take: above a LAN's round trips, and
+/// below what the detector keeps of a backend's history.
+pub const UNANSWERED_AFTER: RangeInclusive<Duration> =
+    Duration::from_millis(10)..=Duration::from_secs(1);
 
 /// What a health probe does.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -502,6 +512,9 @@ pub struct HealthCheckSpec {
     /// Default: each backend's port.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub port: Option<u16>,
+    /// Default: `"50ms"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unanswered_after: Option<String>,
     /// HTTP only; default `GET`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub method: Option<String>,
@@ -946,6 +959,22 @@ impl Validator<'_> {
             .port
             .map(|n| self.int(&at("port"), n, 1..=65535))
             .transpose()?;
+        let unanswered_after = self.duration(
+            &at("unanswered_after"),
+            spec.unanswered_after,
+            default.unanswered_after,
+        )?;
+        if !UNANSWERED_AFTER.contains(&unanswered_after) {
+            return self.fail(
+                at("unanswered_after"),
+                format!(
+                    "{} is out of range {}..={}",
+                    format_duration(unanswered_after),
+                    format_duration(*UNANSWERED_AFTER.start()),
+                    format_duration(*UNANSWERED_AFTER.end())
+                ),
+            );
+        }
 
         let kind = match spec.kind.unwrap_or(CheckType::Tcp) {
             CheckType::Http => CheckKind::Http {
@@ -980,6 +1009,7 @@ impl Validator<'_> {
             rise,
             fall,
             port,
+            unanswered_after,
         })
     }
 
@@ -1470,6 +1500,7 @@ state = "down"
                     rise: 5,
                     fall: 7,
                     port: Some(8080),
+                    unanswered_after: Duration::from_millis(50),
                 },
                 nat: NatConfig::default(),
                 backends: vec![

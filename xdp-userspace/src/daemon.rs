@@ -803,10 +803,18 @@ pub fn run(opts: Options) -> Result<()> {
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
         let mut hup = signal(SignalKind::hangup())?;
-        let mut tick = tokio::time::interval(Duration::from_secs(1));
-        let mut passive_tick = tokio::time::interval(passive::PERIOD);
-        passive_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut ticks = 0u64;
+        // The periodic work runs in tasks of its own, so that a slow round
+        // (next hops are resolved with processes every 5 s) never holds up
+        // a health event in this loop.
+        let periodic = [
+            every(Duration::from_secs(1), daemon.clone(), |d, ticks| {
+                d.tick();
+                if ticks.is_multiple_of(5) {
+                    d.refresh();
+                }
+            }),
+            every(passive::PERIOD, daemon.clone(), |d, _| d.passive()),
+        ];
         let detach = loop {
             tokio::select! {
                 _ = term.recv() => break false,
@@ -827,20 +835,6 @@ pub fn run(opts: Options) -> Result<()> {
                     let d = daemon.clone();
                     tokio::task::spawn_blocking(move || d.on_health(event)).await?;
                 }
-                _ = passive_tick.tick() => {
-                    let d = daemon.clone();
-                    tokio::task::spawn_blocking(move || d.passive()).await?;
-                }
-                _ = tick.tick() => {
-                    ticks += 1;
-                    let d = daemon.clone();
-                    tokio::task::spawn_blocking(move || {
-                        d.tick();
-                        if ticks.is_multiple_of(5) {
-                            d.refresh();
-                        }
-                    }).await?;
-                }
                 res = &mut api => {
                     // The API server only returns on error: a daemon that
                     // cannot be controlled must say so, not run blind.
@@ -855,6 +849,9 @@ pub fn run(opts: Options) -> Result<()> {
             }
         };
         api.abort();
+        for task in periodic {
+            task.abort();
+        }
         if detach {
             // The datapath is about to go: stop attracting traffic first.
             if let Err(e) = daemon.lock().cluster.withdraw_all() {
@@ -972,4 +969,26 @@ fn repair_attachments(datapath: &mut Datapath, ifaces: &[String], mode: AttachMo
         repairs.0 += 1;
         repairs.1 = Some(outcome);
     }
+}
+
+/// Runs `work(daemon, n)` every `period` (n counts from 1) on the blocking
+/// pool, in a task of its own; a round that overruns delays the next.
+fn every(
+    period: Duration,
+    daemon: Arc<Daemon>,
+    work: fn(&Daemon, u64),
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut n = 0u64;
+        loop {
+            tick.tick().await;
+            n += 1;
+            let d = daemon.clone();
+            if let Err(e) = tokio::task::spawn_blocking(move || work(&d, n)).await {
+                error!("periodic work panicked: {e}");
+            }
+        }
+    })
 }

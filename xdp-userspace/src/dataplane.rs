@@ -10,7 +10,7 @@ use std::{
 
 use anyhow::{bail, Context as _, Result};
 use aya::{
-    maps::{Array, DevMapHash, HashMap, Map, MapData, PerCpuArray},
+    maps::{Array, DevMapHash, HashMap, IterableMap as _, Map, MapData, PerCpuArray},
     Ebpf,
 };
 use xdp_common::{hash::flow_hash, map_names as names, *};
@@ -35,6 +35,59 @@ pub struct Maps {
     nat_fds: [OwnedFd; 2],
     /// A second descriptor of the flow table, for [`Maps::flow_table`].
     flows_fd: OwnedFd,
+    /// The Maglev array's memory, where tables are written.
+    maglev_mem: MaglevMemory,
+}
+
+/// The Maglev array mapped into this process (the map is created
+/// `BPF_F_MMAPABLE`): a table is written with one pass over memory.
+struct MaglevMemory {
+    /// One 8-byte element per slot: the kernel rounds an array's value
+    /// size up to 8, and the `u32` backend id is its first 4 bytes.
+    slots: std::ptr::NonNull<u64>,
+}
+
+// SAFETY: the mapping is owned by this value and only written through
+// `&mut self` (the controller is the array's only writer).
+unsafe impl Send for MaglevMemory {}
+unsafe impl Sync for MaglevMemory {}
+
+impl MaglevMemory {
+    const BYTES: usize = MAGLEV_SLOTS as usize * std::mem::size_of::<u64>();
+
+    fn map(fd: std::os::fd::BorrowedFd<'_>) -> Result<Self> {
+        use std::os::fd::AsRawFd as _;
+        // SAFETY: a shared read-write mapping of the whole array, which
+        // the kernel sized for MAGLEV_SLOTS elements of 8 bytes.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                Self::BYTES,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd.as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error())
+                .context("mapping the Maglev array (BPF_F_MMAPABLE)");
+        }
+        let slots = std::ptr::NonNull::new(ptr.cast()).context("mmap returned null")?;
+        Ok(Self { slots })
+    }
+
+    fn slots(&mut self) -> &mut [u64] {
+        // SAFETY: the mapping is BYTES long and lives as long as `self`.
+        unsafe { std::slice::from_raw_parts_mut(self.slots.as_ptr(), MAGLEV_SLOTS as usize) }
+    }
+}
+
+impl Drop for MaglevMemory {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly what `map` mapped.
+        unsafe { libc::munmap(self.slots.as_ptr().cast(), Self::BYTES) };
+    }
 }
 
 /// A map by name, from a loaded program or from its pin.
@@ -80,10 +133,12 @@ impl Maps {
         let (nat_fwd, fwd_fd) = shared(names::NAT_FWD)?;
         let (nat_rev, rev_fd) = shared(names::NAT_REV)?;
         let (flows, flows_fd) = shared(names::FLOWS)?;
+        let maglev: Array<MapData, u32> = typed!(names::MAGLEV);
+        let maglev_mem = MaglevMemory::map(maglev.map().fd().as_fd())?;
         Ok(Self {
             services: typed!(names::SERVICES),
             backends: typed!(names::BACKENDS),
-            maglev: typed!(names::MAGLEV),
+            maglev,
             flows: flows.try_into()?,
             reasons: typed!(names::REASONS),
             service_stats: typed!(names::SERVICE_STATS),
@@ -95,6 +150,7 @@ impl Maps {
             globals: typed!(names::GLOBALS),
             nat_fds: [fwd_fd, rev_fd],
             flows_fd,
+            maglev_mem,
         })
     }
 
@@ -174,10 +230,19 @@ impl Maps {
 
     /// Writes Maglev table `table` at `base` in the flat array.
     pub fn write_table(&mut self, base: u32, table: &[u32]) -> Result<()> {
-        for (i, id) in table.iter().enumerate() {
-            self.maglev
-                .set(base + i as u32, id, 0)
-                .context("writing a Maglev table")?;
+        let base = base as usize;
+        let region = self
+            .maglev_mem
+            .slots()
+            .get_mut(base..base + table.len())
+            .context("a Maglev table beyond the array")?;
+        // The datapath reads this region only once the service's entry
+        // points at it, which is a later system call (a full barrier).
+        for (slot, &id) in region.iter_mut().zip(table) {
+            // The element's first 4 bytes, in the machine's byte order.
+            let mut bytes = [0u8; 8];
+            bytes[..4].copy_from_slice(&id.to_ne_bytes());
+            *slot = u64::from_ne_bytes(bytes);
         }
         Ok(())
     }

@@ -964,7 +964,7 @@ mod tests {
             timeout: TIMEOUT,
             rise: RISE,
             fall: FALL,
-            port: None,
+            ..HealthCheck::default()
         }
     }
 

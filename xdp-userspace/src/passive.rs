@@ -1,10 +1,11 @@
 //! Passive failure detection (docs/operations.md, "Passive detection"): the datapath counts, per
 //! backend, its new flows and what became of them (`xdp_common::Signals`:
-//! answered, refused, SYN retransmitted). Every 100 ms the detector looks
-//! at the last few hundred milliseconds of each active backend; a burst of
-//! unanswered, refused or retransmitted new flows makes it a suspect, and
-//! the daemon has the health checker probe it at once
-//! (`HealthChecker::suspect`): only a failed probe takes it down.
+//! answered, refused, SYN retransmitted). Every [`PERIOD`] the detector
+//! samples each active backend and looks at its most recent new flows
+//! that are old enough to have been answered (the service's
+//! `unanswered_after`); a burst of unanswered, refused or retransmitted
+//! ones makes it a suspect, and the daemon has the health checker probe it
+//! at once (`HealthChecker::suspect`): only a failed probe takes it down.
 
 use std::{
     collections::{HashMap, HashSet, VecDeque},
@@ -14,22 +15,31 @@ use std::{
 
 use xdp_common::{Signals, BACKEND_ACTIVE};
 
-use crate::controller::Controller;
+use crate::{config::UNANSWERED_AFTER, controller::Controller};
 
-/// How often the detector looks.
-pub const PERIOD: Duration = Duration::from_millis(100);
-/// Samples kept per backend: now and two periods back.
-const SAMPLES: usize = 3;
+/// How often the detector may look (it looks less often when reading
+/// every backend would exceed [`MAX_READS`]).
+pub const PERIOD: Duration = Duration::from_millis(25);
+/// Map entries the detector reads a second at most (two per backend per
+/// look): it looks every `2 x backends / MAX_READS` seconds past 250
+/// backends, so its cost stays bounded at any scale.
+const MAX_READS: u64 = 20_000;
+/// The judged window reaches at most this far back beyond
+/// `unanswered_after` (enough flows to judge at 20 a second).
+const WINDOW: Duration = Duration::from_millis(250);
 /// Fewer new flows than this in the window say nothing either way.
 const MIN_FLOWS: u64 = 4;
-/// Refusals or SYN retransmissions in the last 200 ms that make a suspect.
+/// Refusals or SYN retransmissions within [`BAD_WINDOW`] that make a
+/// suspect.
 const MIN_BAD: u64 = 2;
+const BAD_WINDOW: Duration = Duration::from_millis(200);
 /// Least time between two suspicions of one backend (each costs a probe).
 const SUSPECT_EVERY: Duration = Duration::from_secs(1);
 
 /// One sample of a backend's counters.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug)]
 struct Sample {
+    at: Instant,
     opened: u64,
     signals: Signals,
 }
@@ -48,28 +58,45 @@ pub struct Suspicion {
 pub struct Detector {
     samples: HashMap<u32, VecDeque<Sample>>,
     last_suspected: HashMap<u32, Instant>,
+    last_look: Option<Instant>,
 }
 
 impl Detector {
-    /// Samples every active backend and returns the new suspects.
+    /// Samples every active backend and returns the new suspects (none
+    /// when it is too early to look again, see [`MAX_READS`]).
     pub fn tick(&mut self, controller: &Controller, now: Instant) -> Vec<Suspicion> {
+        let backends: usize = controller.services().map(|s| s.backends.len()).sum();
+        let every = PERIOD.max(Duration::from_secs(2 * backends as u64) / MAX_READS as u32);
+        if self
+            .last_look
+            .is_some_and(|t| now.duration_since(t) + PERIOD / 2 < every)
+        {
+            return Vec::new();
+        }
+        self.last_look = Some(now);
         let maps = controller.maps();
         let mut seen = HashSet::new();
         let mut suspects = Vec::new();
         for service in controller.services() {
+            let grace = service.config.health_check.unanswered_after;
             for b in service.backends.values() {
                 if b.state != BACKEND_ACTIVE || !b.healthy {
                     continue;
                 }
                 seen.insert(b.id);
                 let sample = Sample {
+                    at: now,
                     opened: maps.backend_counters(b.id).map_or(0, |c| c.new_flows),
                     signals: maps.backend_signals(b.id).unwrap_or_default(),
                 };
                 let history = self.samples.entry(b.id).or_default();
                 history.push_front(sample);
-                history.truncate(SAMPLES);
-                let Some(why) = judge(history) else {
+                // What the oldest judgement needs, and no more.
+                let keep = *UNANSWERED_AFTER.end() + WINDOW;
+                while history.len() > 2 && history.back().is_some_and(|s| now - s.at > keep) {
+                    history.pop_back();
+                }
+                let Some(why) = judge(history, grace) else {
                     continue;
                 };
                 let recent = self
@@ -95,38 +122,54 @@ impl Detector {
 
 /// Whether `history` (newest first) looks like a dead backend, and why.
 ///
-/// Unanswered: of the flows opened between 200 and 100 ms ago (each had at
-/// least 100 ms, hundreds of round trips on a LAN, to be answered), more
-/// than half got no answer by now. A backend whose clients often give up
-/// after their SYN (a fifth of them, say) is not a suspect; one whose
-/// server is gone (its host resets every SYN, or nothing answers) is,
-/// about 200 ms after it died, once it gets 40 new flows a second or more.
-/// Refused and retransmitted: two or more in the last 200 ms.
-fn judge(history: &VecDeque<Sample>) -> Option<String> {
-    if history.len() < SAMPLES {
-        return None;
+/// Unanswered: the most recent new flows that had at least `grace` to be
+/// answered (at least [`MIN_FLOWS`] of them, opened within [`WINDOW`]
+/// before that): more than half got no answer by now. A backend whose
+/// clients often give up after their SYN (a fifth of them, say) is not a
+/// suspect; one whose server is gone (its host resets every SYN, or
+/// nothing answers) is, about `grace` plus the time it takes to get 4 new
+/// flows after it died.
+/// Refused and retransmitted: two or more within [`BAD_WINDOW`].
+fn judge(history: &VecDeque<Sample>, grace: Duration) -> Option<String> {
+    let now = history.front()?;
+    // The newest sample old enough: flows opened before it had `grace`.
+    let b = history
+        .iter()
+        .position(|s| now.at.duration_since(s.at) >= grace)?;
+    let edge = history[b];
+    for start in history.iter().skip(b + 1) {
+        if edge.at.duration_since(start.at) > WINDOW {
+            break;
+        }
+        let opened = edge.opened.saturating_sub(start.opened);
+        if opened < MIN_FLOWS {
+            continue;
+        }
+        let answered = now
+            .signals
+            .confirmed
+            .saturating_sub(start.signals.confirmed);
+        let unanswered = opened.saturating_sub(answered);
+        if unanswered * 2 > opened {
+            return Some(format!(
+                "{unanswered} of its {opened} newest flows unanswered after {} ms",
+                grace.as_millis()
+            ));
+        }
+        break;
     }
-    let (now, before, oldest) = (history[0], history[1], history[SAMPLES - 1]);
-    let opened = before.opened.saturating_sub(oldest.opened);
-    let answered = now
-        .signals
-        .confirmed
-        .saturating_sub(oldest.signals.confirmed);
-    let unanswered = opened.saturating_sub(answered);
-    if opened >= MIN_FLOWS && unanswered * 2 > opened {
-        return Some(format!(
-            "{unanswered} of {opened} new flows unanswered after 100-200 ms"
-        ));
-    }
-    let recent = oldest;
-    let refused = now.signals.refused.saturating_sub(recent.signals.refused);
+    let since = history
+        .iter()
+        .take_while(|s| now.at.duration_since(s.at) <= BAD_WINDOW)
+        .last()?;
+    let refused = now.signals.refused.saturating_sub(since.signals.refused);
     if refused >= MIN_BAD {
         return Some(format!("{refused} new flows refused (RST) in 200 ms"));
     }
     let retransmits = now
         .signals
         .syn_retransmits
-        .saturating_sub(recent.signals.syn_retransmits);
+        .saturating_sub(since.signals.syn_retransmits);
     if retransmits >= MIN_BAD {
         return Some(format!("{retransmits} SYNs retransmitted in 200 ms"));
     }
@@ -137,48 +180,57 @@ fn judge(history: &VecDeque<Sample>) -> Option<String> {
 mod tests {
     use super::*;
 
+    const GRACE: Duration = Duration::from_millis(50);
+
+    /// Samples every 25 ms, oldest first: (opened, confirmed).
     fn history(points: &[(u64, u64)]) -> VecDeque<Sample> {
-        // (opened, confirmed), oldest first.
+        let t0 = Instant::now();
         points
             .iter()
-            .rev()
-            .map(|&(opened, confirmed)| Sample {
+            .enumerate()
+            .map(|(i, &(opened, confirmed))| Sample {
+                at: t0 + PERIOD * i as u32,
                 opened,
                 signals: Signals {
                     confirmed,
                     ..Default::default()
                 },
             })
+            .rev()
             .collect()
     }
 
     #[test]
     fn a_dead_backend_is_suspected_and_a_lossy_one_is_not() {
-        // 10 flows a period, none answered.
-        let dead = history(&[(0, 0), (10, 0), (20, 0)]);
-        assert!(
-            judge(&dead).unwrap().contains("10 of 10"),
-            "{:?}",
-            judge(&dead)
-        );
+        // 2 flows a sample; answered until the second sample, then none.
+        let dead = history(&[(0, 0), (2, 2), (4, 2), (6, 2), (8, 2), (10, 2)]);
+        let why = judge(&dead, GRACE).unwrap();
+        assert!(why.contains("4 of its 4 newest flows"), "{why}");
         // A fifth of the clients give up after their SYN.
-        let lossy = history(&[(0, 0), (10, 8), (20, 16)]);
-        assert_eq!(judge(&lossy), None);
+        let lossy = history(&[(0, 0), (10, 8), (20, 16), (30, 24), (40, 32)]);
+        assert_eq!(judge(&lossy, GRACE), None);
         // Too few flows to tell.
-        let quiet = history(&[(0, 0), (2, 0), (3, 0)]);
-        assert_eq!(judge(&quiet), None);
-        // Not enough history yet.
-        assert_eq!(judge(&history(&[(0, 0), (10, 0)])), None);
+        let quiet = history(&[(0, 0), (1, 0), (2, 0), (3, 0)]);
+        assert_eq!(judge(&quiet, GRACE), None);
+        // Not old enough yet: the newest flows had less than the grace.
+        assert_eq!(judge(&history(&[(0, 0), (10, 0)]), GRACE), None);
+        // Clients that answer 75 ms late: the answers still arrive, and
+        // count, so a live backend is not taken for a dead one.
+        let slow = history(&[(0, 0), (4, 0), (8, 0), (12, 4), (16, 8), (20, 12)]);
+        assert_eq!(judge(&slow, GRACE), None);
+        // Nothing answered for long: suspected, whatever the grace.
+        let silent = history(&[(0, 0), (4, 0), (8, 0), (12, 0), (16, 0), (20, 0)]);
+        assert!(judge(&silent, Duration::from_millis(75)).is_some());
     }
 
     #[test]
     fn refusals_and_retransmissions_make_a_suspect() {
-        let mut h = history(&[(0, 0), (10, 10), (20, 20)]);
-        assert_eq!(judge(&h), None);
+        let mut h = history(&[(0, 0), (10, 10), (20, 20), (30, 30)]);
+        assert_eq!(judge(&h, GRACE), None);
         h[0].signals.refused = 2;
-        assert!(judge(&h).unwrap().contains("2 new flows refused"));
+        assert!(judge(&h, GRACE).unwrap().contains("2 new flows refused"));
         h[0].signals.refused = 0;
         h[0].signals.syn_retransmits = 3;
-        assert!(judge(&h).unwrap().contains("3 SYNs retransmitted"));
+        assert!(judge(&h, GRACE).unwrap().contains("3 SYNs retransmitted"));
     }
 }
