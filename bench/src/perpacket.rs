@@ -29,7 +29,7 @@ use aya::{
 };
 use xdp_common::{
     replication::{COUNTS_MAP, COUNT_LOST, COUNT_WRITTEN, EVENTS_MAP},
-    Flow, FlowKey, Reason, BACKEND_DOWN, MAX_FLOWS, PROTO_TCP, PROTO_UDP,
+    Flow, FlowKey, Reason, BACKEND_DOWN, MAX_OPENING_FLOWS, PROTO_TCP, PROTO_UDP,
 };
 use xdplb::{
     addr,
@@ -105,6 +105,7 @@ enum Flows {
         /// Boxed: a frame template is large next to `Same`.
         frames: Box<NewFlows>,
         dst: SocketAddr,
+        proto: u8,
         recycle: bool,
         inserted: Vec<FlowKey>,
     },
@@ -154,13 +155,26 @@ impl Case {
         }
     }
 
+    /// New TCP flows (SYNs): they go to the opening table.
     fn new_flows(name: &'static str, net: u8, dst: SocketAddr, recycle: bool) -> Self {
-        let frame = frames::packet(CLIENT_MAC, LB_MAC, sa("10.0.0.1:1"), dst, PROTO_TCP);
+        Self::new_flows_of(name, net, dst, PROTO_TCP, recycle)
+    }
+
+    /// New flows over `proto`, a different client every call.
+    fn new_flows_of(
+        name: &'static str,
+        net: u8,
+        dst: SocketAddr,
+        proto: u8,
+        recycle: bool,
+    ) -> Self {
+        let frame = frames::packet(CLIENT_MAC, LB_MAC, sa("10.0.0.1:1"), dst, proto);
         Self {
             flows: Flows::New {
                 sources: Sources::new(net),
-                frames: Box::new(NewFlows::new(CLIENT_MAC, LB_MAC, dst, PROTO_TCP)),
+                frames: Box::new(NewFlows::new(CLIENT_MAC, LB_MAC, dst, proto)),
                 dst,
+                proto,
                 recycle,
                 inserted: Vec::new(),
             },
@@ -213,10 +227,13 @@ const PASS_FLOOR: &str = "floor: xdp_pass (raw)";
 const MAC_FLOOR: &str = "floor: xdp_mac_swap (raw)";
 /// The MAC-swap floor runs among the cases; reported raw (MAC_FLOOR).
 const MAC_CASE: &str = "xdp_mac_swap";
-const EVICTION: &str = "new flow into a full flow table (LRU eviction)";
-pub const NEW_FLOW_REPL: &str = "new flow with replication on (pin reported to the ring)";
-const RING_FULL: &str = "new flow with replication on, ring full (report lost)";
-const RING_FULL_OFF: &str = "new flow, replication off (ring-full instance)";
+const EVICTION: &str = "new flow into a full opening table (LRU eviction)";
+/// Replication reports a UDP flow as it is pinned (a TCP flow once its
+/// client answers), so the replication cases open UDP flows.
+const NEW_FLOW_UDP: &str = "new flow: UDP, Maglev pick + flow insert";
+pub const NEW_FLOW_REPL: &str = "new UDP flow with replication on (pin reported to the ring)";
+const RING_FULL: &str = "new UDP flow with replication on, ring full (report lost)";
+const RING_FULL_OFF: &str = "new UDP flow, replication off (ring-full instance)";
 const ESTABLISHED_REPL: &str = "established flow with replication on";
 const NON_SERVICE_REPL: &str = "packet for no service with replication on";
 
@@ -305,6 +322,11 @@ fn translate_once(prog: &Xdp, frame: &[u8], what: &str) -> Result<()> {
     Ok(())
 }
 
+/// The UDP service of the first instance.
+const UDP_VIP: SocketAddr = SocketAddr::V4(SocketAddrV4::new(
+    std::net::Ipv4Addr::new(10, 0, 100, 1),
+    53,
+));
 const VIP: SocketAddr = SocketAddr::V4(SocketAddrV4::new(
     std::net::Ipv4Addr::new(10, 0, 100, 1),
     80,
@@ -371,7 +393,7 @@ fn cases() -> Vec<Case> {
         }
         .note(
             "a different client every call and nothing deleted, on a second, identical datapath \
-             whose flow table was pre-filled so this CPU's LRU list is full: every insert evicts \
+             whose opening table was pre-filled so this CPU's LRU list is full: every insert evicts \
              (the steady state of a busy balancer)",
         ),
         Case::same(
@@ -410,21 +432,27 @@ fn cases() -> Vec<Case> {
             "NAT service, established flow, backend to client: service miss, reply-table hit, \
                 rewrite back",
         ),
-        Case::new_flows(NEW_FLOW_REPL, 4, VIP, true)
-            .replicated(NEW_FLOW)
+        Case::new_flows_of(NEW_FLOW_UDP, 7, UDP_VIP, PROTO_UDP, true).note(
+            "as the new-flow case, with UDP datagrams: a UDP flow goes straight to the flow \
+             table (a TCP flow starts in the opening table); the baseline of the replication rows",
+        ),
+        Case::new_flows_of(NEW_FLOW_REPL, 4, UDP_VIP, PROTO_UDP, true)
+            .replicated(NEW_FLOW_UDP)
             .note(
-                "as the new-flow case (same instance, same flow table) with replication on: every \
-                 insert also writes a 72-byte event to the ring buffer and bumps a per-CPU \
-                 counter. The ring is drained (untimed) before every chunk, so it never fills",
+                "as the new UDP flow case (same instance, same flow table) with replication on: \
+                 every insert also writes a 72-byte event to the ring buffer and bumps a per-CPU \
+                 counter. The ring is drained (untimed) before every chunk, so it never fills. \
+                 A TCP flow pays the same once its client answers (its second packet), not on \
+                 its SYN",
             ),
         Case {
             prog: Prog::LbRingFull,
-            ..Case::new_flows(RING_FULL_OFF, 6, VIP, true)
+            ..Case::new_flows_of(RING_FULL_OFF, 6, UDP_VIP, PROTO_UDP, true)
         }
-        .note("as the new-flow case, on the ring-full instance, replication off: the baseline"),
+        .note("as the new UDP flow case, on the ring-full instance, replication off: the baseline"),
         Case {
             prog: Prog::LbRingFull,
-            ..Case::new_flows(RING_FULL, 5, VIP, true)
+            ..Case::new_flows_of(RING_FULL, 5, UDP_VIP, PROTO_UDP, true)
         }
         .replicated(RING_FULL_OFF)
         .note(
@@ -490,16 +518,17 @@ impl Ring {
     }
 }
 
-/// Fills this CPU's share of the flow table so LRU inserts evict.
+/// Fills this CPU's share of the opening table (where new TCP flows go)
+/// so LRU inserts evict.
 fn prefill_flows(maps: &mut Maps) -> Result<u64> {
     let cpus = aya::util::nr_cpus().map_err(|(_, e)| e)? as u64;
-    let n = u64::from(MAX_FLOWS) / cpus.max(1) + 1024;
+    let n = u64::from(MAX_OPENING_FLOWS) / cpus.max(1) + 1024;
     let dst = sa("10.0.100.1:80");
     let mut sources = Sources::new(200);
     for _ in 0..n {
         let src = SocketAddr::V4(sources.next().expect("endless"));
         let key = addr::flow_key(src, dst, PROTO_TCP);
-        maps.flows.insert(
+        maps.opening.insert(
             key,
             Flow {
                 backend: 0,
@@ -523,11 +552,18 @@ fn measure(
     if let Flows::New {
         recycle: true,
         inserted,
+        proto,
         ..
     } = &mut case.flows
     {
+        // A new TCP flow is in the opening table, a UDP one established.
+        let table = if *proto == PROTO_TCP {
+            &mut maps.opening
+        } else {
+            &mut maps.flows
+        };
         for key in inserted.drain(..) {
-            maps.flows
+            table
                 .remove(&key)
                 .with_context(|| format!("{}: deleting a flow", case.name))?;
         }
@@ -539,6 +575,7 @@ fn measure(
             sources,
             frames,
             dst,
+            proto,
             recycle,
             inserted,
         } = &mut case.flows
@@ -546,7 +583,7 @@ fn measure(
             let src: SocketAddrV4 = sources.next().expect("endless");
             frames.write(src, &mut case.frame);
             if *recycle {
-                inserted.push(addr::flow_key(SocketAddr::V4(src), *dst, PROTO_TCP));
+                inserted.push(addr::flow_key(SocketAddr::V4(src), *dst, *proto));
             }
         }
         let opts = TestRunOptions {
@@ -1007,8 +1044,9 @@ fn measure_all(calls: usize, cpu: usize) -> Result<Vec<Section>> {
              {CHUNK}: a repetition runs every case and the floor round-robin, one chunk each, \
              until each has its calls, the order rotated every round; every chunk starts with \
              {CHUNK_WARMUP} untimed calls. The eviction case runs on a second, identical datapath \
-             whose flow table was pre-filled with {prefilled} flows (this CPU's share of its \
-             {MAX_FLOWS} entries, plus some); every other case runs on the first, whose table \
+             whose opening table (new TCP flows) was pre-filled with {prefilled} flows (this \
+             CPU's share of its {MAX_OPENING_FLOWS} entries, plus some); every other case runs \
+             on the first, whose table \
              holds only the flows the cases insert. Each case checks on every call that the \
              verdict is the expected one, and afterwards that the datapath counter of the path it \
              claims (flow_new, flow_hit, flow_repick, pass_not_service) rose once per call."

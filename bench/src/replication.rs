@@ -4,8 +4,10 @@
 //!
 //! Two `xdplb run` daemons in namespaces of their own on one L2 segment (a
 //! bridge), configured as each other's replication peers, serve the same
-//! DSR service. A packet generator in a third namespace sends TCP SYNs,
-//! each from a new client endpoint, to the VIP at node A's MAC, paced at
+//! DSR service. A packet generator in a third namespace sends UDP
+//! datagrams, each from a new client endpoint (a new flow, reported as it
+//! is pinned: a TCP flow is reported only once its client answers, which a
+//! generator's SYNs never do), to the VIP at node A's MAC, paced at
 //! an offered rate, through an AF_PACKET socket. A's XDP program pins each
 //! new flow and reports it to its ring; A's daemon drains the ring and
 //! sends the pins to B over UDP; B installs them in its flow table. Both
@@ -13,7 +15,7 @@
 //! and until the counters settle.
 //!
 //! The backends exist only as static neighbour entries (health checks
-//! off): the balanced SYNs leave A with XDP_TX and are dropped by the
+//! off): the balanced datagrams leave A with XDP_TX and are dropped by the
 //! veth (its peer runs no XDP program), which is after everything
 //! measured here happened.
 
@@ -31,7 +33,7 @@ use std::{
 
 use anyhow::{bail, Context as _, Result};
 use serde_json::Value;
-use xdp_common::PROTO_TCP;
+use xdp_common::PROTO_UDP;
 use xdplb_tests::{
     lb::Xdplb,
     netns::{unique_prefix, Netns},
@@ -52,7 +54,8 @@ sit in network namespaces on one bridge, each with XDP attached (native mode) to
 configured as each other's replication peer (`[cluster] replication_listen`, one \
 `[[cluster.peer]]`, `replicate = true`) and serving the same DSR service (3 backends that exist \
 as static neighbour entries; health checks `type = \"none\"`). A generator in a third namespace \
-sends TCP SYNs, each from a new client address and port, to the VIP at A's MAC through an \
+sends UDP datagrams, each from a new client address and port (a new flow, reported as it is \
+pinned; a TCP flow is reported once its client answers), to the VIP at A's MAC through an \
 AF_PACKET socket (`sendmmsg`, 32 frames a call, qdisc bypassed), paced to an offered rate for a \
 fixed time. A's XDP program pins each flow and reports it to its ring buffer; A's daemon drains \
 the ring and sends the pins to B in UDP datagrams; B checks and installs them. Both daemons' \
@@ -103,7 +106,7 @@ fn config(me: &str, peer: &str) -> String {
     let mut c = format!(
         "[cluster]\nreplication_listen = \"{}\"\nreplication_key = \"{KEY}\"\nreplicate = true\n\
          [[cluster.peer]]\naddress = \"{}\"\n\n[[service]]\nname = \"web\"\nvip = \"{}\"\n\
-         port = 80\nprotocol = \"tcp\"\n\n[service.health_check]\ntype = \"none\"\n\n",
+         port = 80\nprotocol = \"udp\"\n\n[service.health_check]\ntype = \"none\"\n\n",
         replication_addr(me),
         replication_addr(peer),
         VIP.ip()
@@ -229,7 +232,7 @@ impl Sender {
     }
 }
 
-/// New flows' SYNs from ever new client endpoints, paced.
+/// New flows' first datagrams from ever new client endpoints, paced.
 struct Generator {
     sender: Sender,
     flows: NewFlows,
@@ -513,8 +516,8 @@ pub fn run(opts: &Opts) -> Result<Vec<Section>> {
     wait_peers_up(&api_a, &api_b)?;
 
     let sender = gen_ns.run(|| Sender::open("eth0"))?;
-    let flows = NewFlows::new(gen_mac, a_mac, VIP, PROTO_TCP);
-    let template = crate::frames::packet(gen_mac, a_mac, "10.79.0.1:1".parse()?, VIP, PROTO_TCP);
+    let flows = NewFlows::new(gen_mac, a_mac, VIP, PROTO_UDP);
+    let template = crate::frames::packet(gen_mac, a_mac, "10.79.0.1:1".parse()?, VIP, PROTO_UDP);
     let mut gen = Generator {
         sender,
         flows,

@@ -602,11 +602,12 @@ fn an_unanswered_syn_retransmission_moves_the_flow_once() {
     let first = backend_of(&out);
     assert_eq!(backend_of(&h.run(&syn).1), first, "a duplicate SYN stays");
     assert_eq!(h.reason(Reason::FlowRetry), 0);
-    // The flow looks 600 ms old (aged through the map, no sleep).
+    // The flow (still opening) looks 600 ms old (aged through the map, no
+    // sleep).
     let age = |h: &mut Harness| {
-        let mut f = h.0.maps.flows.get(&key, 0).unwrap();
+        let mut f = h.0.maps.opening.get(&key, 0).unwrap();
         f.opened_ns -= 600_000_000;
-        h.0.maps.flows.insert(key, f, 0).unwrap();
+        h.0.maps.opening.insert(key, f, 0).unwrap();
     };
     age(&mut h);
     let (verdict, out) = h.run(&syn);
@@ -614,7 +615,7 @@ fn an_unanswered_syn_retransmission_moves_the_flow_once() {
     let second = backend_of(&out);
     assert_ne!(second, first, "the retransmission goes elsewhere");
     assert_eq!(h.reason(Reason::FlowRetry), 1);
-    let f = h.0.maps.flows.get(&key, 0).unwrap();
+    let f = h.0.maps.opening.get(&key, 0).unwrap();
     assert_eq!(
         (f.backend as usize, f.flags & FLOW_F_RETRIED),
         (second, FLOW_F_RETRIED)
@@ -623,4 +624,68 @@ fn an_unanswered_syn_retransmission_moves_the_flow_once() {
     age(&mut h);
     assert_eq!(backend_of(&h.run(&syn).1), second);
     assert_eq!(h.reason(Reason::FlowRetry), 1);
+}
+
+/// TCP flows start in the small opening table and move to the flow table
+/// with their client's first answer: a flood of SYNs from sources that
+/// never answer churns only the opening table. Established flows keep
+/// their backend through it, even when the Maglev table changes after.
+#[test]
+fn a_syn_flood_never_evicts_an_established_flow() {
+    const FLOOD: u32 = 5_000_000;
+    let mut h = Harness::standard();
+    // The three-backend service starts with two: b3 is added after.
+    h.set_service("10.0.100.1:8080", PROTO_TCP, 4, 8 * TABLE_SIZE, &[0, 1]);
+    let vip = sa("10.0.100.1:8080");
+    let seg = |src: SocketAddr, flags: u8| Seg::tcp(src, vip, flags, b"").frame(LB_MAC, CLIENT_MAC);
+    let backend_of = |out: &[u8]| BACKEND_MACS.iter().position(|m| out[..6] == m[..]);
+    let clients: Vec<SocketAddr> = (0..200u16)
+        .map(|i| SocketAddr::from(([10, 1, 0, 1], 30000 + i)))
+        .collect();
+    let mut pinned = Vec::new();
+    for &c in &clients {
+        assert_eq!(h.run(&seg(c, frame::SYN)).0, XDP_TX);
+        let (verdict, out) = h.run(&seg(c, frame::ACK));
+        assert_eq!(verdict, XDP_TX);
+        pinned.push(backend_of(&out).expect("sent to a backend"));
+    }
+    let first = addr::flow_key(clients[0], vip, PROTO_TCP);
+    assert!(
+        h.0.maps.flows.get(&first, 0).is_ok(),
+        "answered: established"
+    );
+
+    let mut frame = Vec::new();
+    for i in 0..FLOOD {
+        let [_, a, b, c] = (i / 50_000).to_be_bytes();
+        let src = SocketAddr::from(([10, 2 + a, b, c], 1024 + (i % 50_000) as u16));
+        Seg::tcp(src, vip, frame::SYN, b"").write_frame(LB_MAC, CLIENT_MAC, &mut frame);
+        assert_eq!(h.run(&frame).0, XDP_TX);
+    }
+    assert_eq!(h.reason(Reason::FlowNew), u64::from(FLOOD) + 200);
+
+    // b3 joins: the Maglev table now sends a third of new flows to it.
+    h.set_service("10.0.100.1:8080", PROTO_TCP, 4, 8 * TABLE_SIZE, &[0, 1, 2]);
+    let moved: Vec<(SocketAddr, usize, Option<usize>)> = clients
+        .iter()
+        .zip(&pinned)
+        .filter_map(|(&c, &was)| {
+            let now = backend_of(&h.run(&seg(c, frame::ACK | frame::PSH)).1);
+            (now != Some(was)).then_some((c, was, now))
+        })
+        .collect();
+    assert!(moved.is_empty(), "established flows moved: {moved:?}");
+    // Which they would have without their pins: b3 takes new flows.
+    let picks: Vec<Option<usize>> = (0..60u16)
+        .map(|i| {
+            backend_of(
+                &h.run(&seg(
+                    SocketAddr::from(([10, 3, 0, 1], 1000 + i)),
+                    frame::SYN,
+                ))
+                .1,
+            )
+        })
+        .collect();
+    assert!(picks.contains(&Some(2)), "b3 takes new flows: {picks:?}");
 }

@@ -28,6 +28,10 @@ pub mod map_names {
     /// `FlowKey` -> `Flow`, the connection-tracking table (LRU; v2: the
     /// time the flow was opened added).
     pub const FLOWS: &str = "xdplb_flow_v2";
+    /// `FlowKey` -> `Flow`: TCP flows whose client has sent only its first
+    /// packet so far (LRU, small): a flood of SYNs churns this table, never
+    /// the one of answered flows.
+    pub const OPENING: &str = "xdplb_open_v1";
     /// Per-CPU counter per `Reason` (v4: 22 reasons, `pass_no_route` and
     /// `drop_nat_no_flow`, `flow_retry` added).
     pub const REASONS: &str = "xdplb_stats_v4";
@@ -64,6 +68,9 @@ pub const MAX_TABLE_SIZE: u32 = 1_048_573;
 pub const MAGLEV_SLOTS: u32 = 64 * DEFAULT_TABLE_SIZE;
 /// Capacity of the connection-tracking table.
 pub const MAX_FLOWS: u32 = 262_144;
+/// Capacity of the table of TCP flows still opening (a second of new
+/// flows at 65k/s has room; a flood evicts only its own kind).
+pub const MAX_OPENING_FLOWS: u32 = 65_536;
 /// Capacity of each NAT table (flows translated at once).
 pub const MAX_NAT_FLOWS: u32 = 262_144;
 /// Source ports tried for a new NAT flow before it is refused.

@@ -18,12 +18,11 @@ mod stats;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use xdp_common::{
-    Backend, FlowKey, Reason, Service, ServiceKey, FLOW_F_CONFIRMED, FLOW_F_RETRIED, PROTO_TCP,
-    SVC_F_NAT,
+    Backend, FlowKey, Reason, Service, ServiceKey, FLOW_F_CONFIRMED, FLOW_F_RETRIED, SVC_F_NAT,
 };
 
 use crate::{
-    conntrack::Lookup,
+    conntrack::{Lookup, Table},
     maps::{BACKENDS, GLOBALS, SERVICES},
 };
 
@@ -80,7 +79,7 @@ fn balance(ctx: &XdpContext) -> Result<u32, Reason> {
     // Three arms, each with its own `deliver`: the new-flow flag is a
     // constant in each, so an established flow's packet pays nothing for it.
     match conntrack::lookup(key) {
-        Lookup::Hit(id, backend, flow) => {
+        Lookup::Hit(id, backend, flow, table) => {
             // The first packet after the SYN tells whether the backend
             // answered: the client's ACK (confirmed), or its SYN again.
             if !conntrack::confirmed(flow) {
@@ -92,34 +91,50 @@ fn balance(ctx: &XdpContext) -> Result<u32, Reason> {
                         let other = maglev::pick_other(service, key, id);
                         let other = other.ok_or(Reason::DropNoBackend)?;
                         let backend = BACKENDS.get(other).ok_or(Reason::DropNoBackend)?;
-                        conntrack::pin(key, other, FLOW_F_RETRIED);
-                        replicate::pinned(key, other);
+                        conntrack::pin(table, key, other, FLOW_F_RETRIED);
+                        if table == Table::Established {
+                            replicate::pinned(key, other);
+                        }
                         stats::count(Reason::FlowRetry);
                         return deliver(ctx, service, other, backend, false);
                     }
                 } else {
-                    conntrack::confirm(flow);
                     stats::signal(id, |s| &mut s.confirmed);
+                    match table {
+                        // Answered: established now, and worth its
+                        // peers knowing.
+                        Table::Opening => {
+                            conntrack::promote(key, flow);
+                            replicate::pinned(key, id);
+                        }
+                        Table::Established => conntrack::confirm(flow),
+                    }
                 }
             }
             stats::count(Reason::FlowHit);
             deliver(ctx, service, id, backend, false)
         }
-        // The flow's backend went away: re-pinned, counted in flow_repick,
-        // not as a new flow (the client did not open one), and confirmed
-        // already (it was answered before, or is not ours to judge).
-        Lookup::Stale => {
-            let (id, backend) = pick_and_pin(service, key, FLOW_F_CONFIRMED)?;
+        // The flow's backend went away: re-pinned in the same table,
+        // counted in flow_repick, not as a new flow (the client did not
+        // open one); an established one is confirmed already.
+        Lookup::Stale(table) => {
+            let flags = match table {
+                Table::Established => FLOW_F_CONFIRMED,
+                Table::Opening => 0,
+            };
+            let (id, backend) = pick_and_pin(service, key, table, flags)?;
             stats::count(Reason::FlowRepick);
             deliver(ctx, service, id, backend, false)
         }
         Lookup::Miss => {
             // Only TCP says whether the backend answered (a UDP client's
-            // second datagram proves nothing): other flows start confirmed.
-            let tcp = key.proto == PROTO_TCP;
-            let flags = if tcp { 0 } else { FLOW_F_CONFIRMED };
-            let (id, backend) = pick_and_pin(service, key, flags)?;
-            if !tcp {
+            // second datagram proves nothing): it starts opening, other
+            // flows start established and confirmed.
+            let table = conntrack::table_for(key);
+            let udp_like = table == Table::Established;
+            let flags = if udp_like { FLOW_F_CONFIRMED } else { 0 };
+            let (id, backend) = pick_and_pin(service, key, table, flags)?;
+            if udp_like {
                 stats::signal(id, |s| &mut s.confirmed);
             }
             stats::count(Reason::FlowNew);
@@ -141,18 +156,22 @@ fn for_us(ctx: &XdpContext) -> Result<(), Reason> {
     }
 }
 
-/// Picks a backend for a flow from the service's Maglev table, pins the
-/// flow to it and reports the pin to the cluster's other nodes.
+/// Picks a backend for a flow from the service's Maglev table and pins the
+/// flow to it in `table`; an established pin is reported to the cluster's
+/// other nodes (an opening one is, once answered).
 #[inline(always)]
 fn pick_and_pin(
     service: &Service,
     key: &FlowKey,
+    table: Table,
     flags: u32,
 ) -> Result<(u32, &'static Backend), Reason> {
     let id = maglev::pick(service, key).ok_or(Reason::DropNoBackend)?;
     let backend = BACKENDS.get(id).ok_or(Reason::DropNoBackend)?;
-    conntrack::pin(key, id, flags);
-    replicate::pinned(key, id);
+    conntrack::pin(table, key, id, flags);
+    if table == Table::Established {
+        replicate::pinned(key, id);
+    }
     Ok((id, backend))
 }
 

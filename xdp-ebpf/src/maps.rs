@@ -8,8 +8,8 @@ use aya_ebpf::{
 };
 use xdp_common::{
     Backend, Counters, Flow, FlowKey, Globals, NatFwd, NatRev, NatSource, Service, ServiceKey,
-    Signals, MAGLEV_SLOTS, MAX_BACKENDS, MAX_FLOWS, MAX_NAT_FLOWS, MAX_NAT_SOURCES, MAX_SERVICES,
-    MAX_TX_PORTS, REASON_COUNT,
+    Signals, MAGLEV_SLOTS, MAX_BACKENDS, MAX_FLOWS, MAX_NAT_FLOWS, MAX_NAT_SOURCES,
+    MAX_OPENING_FLOWS, MAX_SERVICES, MAX_TX_PORTS, REASON_COUNT,
 };
 
 /// BPF_F_NO_COMMON_LRU: one LRU list per CPU, so CPUs never contend on a
@@ -33,6 +33,10 @@ pub static MAGLEV: Array<u32> = Array::pinned(MAGLEV_SLOTS, BPF_F_MMAPABLE);
 
 #[map(name = "xdplb_flow_v2")]
 pub static FLOWS: LruHashMap<FlowKey, Flow> = LruHashMap::pinned(MAX_FLOWS, BPF_F_NO_COMMON_LRU);
+
+#[map(name = "xdplb_open_v1")]
+pub static OPENING: LruHashMap<FlowKey, Flow> =
+    LruHashMap::pinned(MAX_OPENING_FLOWS, BPF_F_NO_COMMON_LRU);
 
 #[map(name = "xdplb_stats_v4")]
 pub static REASONS: PerCpuArray<u64> = PerCpuArray::pinned(REASON_COUNT, 0);

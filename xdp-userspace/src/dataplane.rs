@@ -23,6 +23,8 @@ pub struct Maps {
     pub backends: Array<MapData, Backend>,
     pub maglev: Array<MapData, u32>,
     pub flows: HashMap<MapData, FlowKey, Flow>,
+    /// TCP flows whose client has sent only its first packet (LRU).
+    pub opening: HashMap<MapData, FlowKey, Flow>,
     pub reasons: PerCpuArray<MapData, u64>,
     pub service_stats: PerCpuArray<MapData, Counters>,
     pub backend_stats: PerCpuArray<MapData, Counters>,
@@ -140,6 +142,7 @@ impl Maps {
             backends: typed!(names::BACKENDS),
             maglev,
             flows: flows.try_into()?,
+            opening: typed!(names::OPENING),
             reasons: typed!(names::REASONS),
             service_stats: typed!(names::SERVICE_STATS),
             backend_stats: typed!(names::BACKEND_STATS),
@@ -342,9 +345,13 @@ impl Maps {
                 .ok()
                 .map(|f| (f.backend, f.flags & NAT_F_REPLICATED != 0))
         } else {
-            self.flows
+            // Established, or still opening (TCP flows that sent only
+            // their first packet).
+            let flow = self
+                .flows
                 .get(&key, 0)
-                .ok()
+                .or_else(|_| self.opening.get(&key, 0));
+            flow.ok()
                 .map(|f| (f.backend, f.flags & FLOW_F_REPLICATED != 0))
         };
         let live = |id: u32| self.backend(id).ok().filter(Backend::is_live);
