@@ -393,8 +393,8 @@ fn cases() -> Vec<Case> {
         }
         .note(
             "a different client every call and nothing deleted, on a second, identical datapath \
-             whose opening table was pre-filled so this CPU's LRU list is full: every insert evicts \
-             (the steady state of a busy balancer)",
+             whose opening table was pre-filled so this CPU's LRU list is full: every insert \
+             evicts (the steady state of a busy balancer)",
         ),
         Case::same(
             "re-pick path (proxy for new flows in pps)",

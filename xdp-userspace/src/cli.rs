@@ -148,7 +148,7 @@ pub struct ServiceAddArgs {
     #[arg(long)]
     pub check_port: Option<u16>,
     /// Passive detection: how long a new flow may go unanswered, e.g.
-    /// 50ms [default: 50ms].
+    /// 25ms [default: 25ms].
     #[arg(long)]
     pub unanswered_after: Option<String>,
     /// HTTP checks: method [default: GET].

@@ -334,7 +334,7 @@ impl Default for HealthCheck {
             rise: 2,
             fall: 3,
             port: None,
-            unanswered_after: Duration::from_millis(50),
+            unanswered_after: Duration::from_millis(25),
         }
     }
 }
@@ -512,7 +512,7 @@ pub struct HealthCheckSpec {
     /// Default: each backend's port.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub port: Option<u16>,
-    /// Default: `"50ms"`.
+    /// Default: `"25ms"`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unanswered_after: Option<String>,
     /// HTTP only; default `GET`.
@@ -1500,7 +1500,7 @@ state = "down"
                     rise: 5,
                     fall: 7,
                     port: Some(8080),
-                    unanswered_after: Duration::from_millis(50),
+                    unanswered_after: Duration::from_millis(25),
                 },
                 nat: NatConfig::default(),
                 backends: vec![
