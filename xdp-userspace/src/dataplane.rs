@@ -458,15 +458,8 @@ impl FlowTable {
         }
         let flags = NAT_F_REPLICATED | NAT_F_ANSWERED;
         let now = monotonic_coarse_ns();
-        let snat_port_be = snat.port().to_be();
-        let reply_key = FlowKey {
-            src: addr::to_words(backend.ip()),
-            dst: addr::to_words(snat.ip()),
-            sport_be: backend.port().to_be(),
-            dport_be: snat_port_be,
-            proto: key.proto,
-            _pad: [0; 3],
-        };
+        // The backend's replies: backend:port -> SNAT address:port.
+        let reply_key = addr::flow_key(backend, snat, key.proto);
         let mut rev = NatRev {
             client: key.src,
             vip: key.dst,
@@ -486,7 +479,7 @@ impl FlowTable {
         }
         let fwd = NatFwd {
             backend: id,
-            nat_port_be: snat_port_be,
+            nat_port_be: snat.port().to_be(),
             flags,
             last_seen_ns: now,
             timeout_s,
@@ -506,13 +499,9 @@ impl FlowTable {
         Ok(true)
     }
 
-    /// Every answered NAT translation in the table, with its client-side
-    /// key, backend id and whether this node made it (not replicated);
-    /// `since_ns`: only those with a client packet after it.
-    pub fn translations(
-        &self,
-        since_ns: u64,
-    ) -> impl Iterator<Item = (FlowKey, NatFwd, bool)> + '_ {
+    /// Every live answered NAT translation in the table, by client-side
+    /// key; `since_ns`: only those with a client packet after it.
+    pub fn translations(&self, since_ns: u64) -> impl Iterator<Item = (FlowKey, NatFwd)> + '_ {
         let now = monotonic_coarse_ns();
         self.nat
             .fwd
@@ -521,7 +510,6 @@ impl FlowTable {
             .filter(move |(_, f)| {
                 f.flags & NAT_F_ANSWERED != 0 && !f.expired(now) && f.last_seen_ns > since_ns
             })
-            .map(|(k, f)| (k, f, f.flags & NAT_F_REPLICATED == 0))
     }
 }
 

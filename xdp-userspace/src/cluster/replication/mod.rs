@@ -46,7 +46,7 @@ use tracing::{info, warn};
 use wire::{FlowRecord, Header, Key, Kind, Translation, WireError};
 use xdp_common::{
     replication::{FlowEvent, COUNTS_MAP, COUNT_LOST, COUNT_WRITTEN, EVENTS_MAP, EVENT_NAT},
-    FlowKey, NatFwd,
+    FlowKey, NatFwd, NAT_F_REPLICATED,
 };
 
 use super::config::Replication;
@@ -436,8 +436,8 @@ impl Replicator {
                 let table = lock(&me.shared.table);
                 table
                     .translations(since)
-                    .filter(|(_, _, local)| *local)
-                    .filter_map(|(key, f, _)| nat_record(&directory, &key, &f))
+                    .filter(|(_, f)| f.flags & NAT_F_REPLICATED == 0)
+                    .filter_map(|(key, f)| nat_record(&directory, &key, &f))
                     .collect::<Vec<_>>()
             })
             .await
@@ -666,7 +666,7 @@ impl Replicator {
             .filter_map(|(key, flow)| record(&directory, &key, flow.backend, None));
         let nat = table
             .translations(0)
-            .filter_map(|(key, f, _)| nat_record(&directory, &key, &f));
+            .filter_map(|(key, f)| nat_record(&directory, &key, &f));
         pins.chain(nat).collect()
     }
 
