@@ -1,22 +1,28 @@
 //! The NAT sweeper against the datapath, in the window where they race: the
-//! sweeper has read both tables and judged a flow idle, then a packet of
-//! that flow arrives (through the real program, BPF_PROG_TEST_RUN) before
-//! the sweeper deletes. The sweeper must not delete the entry the packet
-//! refreshed or replaced: the flow keeps its translation. Thousands of
-//! rounds, alternating a client packet (which re-translates the idle flow)
-//! and a backend reply (which refreshes the reply entry). Entries are aged
-//! by writing their timestamps through the maps, not by sleeping. Needs
-//! root (BPF).
+//! sweeper has read both tables and judged a flow dead, then, before it
+//! deletes, something writes that flow's keys. Thousands of rounds, each
+//! putting one of three writers in that window: a client packet (through
+//! the real program, BPF_PROG_TEST_RUN) that makes a new translation with
+//! the same 5-tuple, a peer's translation installed the way replication
+//! does, and a backend reply to the dead flow (which must not revive it).
+//! No live translation may be deleted. Entries are aged by writing their
+//! timestamps through the maps, not by sleeping. Needs root (BPF).
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::{
+    net::{Ipv4Addr, SocketAddr},
+    time::Duration,
+};
 
-use xdp_common::{Backend, FlowKey, BACKEND_ACTIVE, PROTO_UDP};
+use xdp_common::{
+    Backend, FlowKey, Reason, BACKEND_ACTIVE, NAT_F_REPLICATED, NAT_RECLAIM_WINDOW_S,
+    NAT_SWEEP_MARGIN_S, PROTO_UDP,
+};
 use xdplb::{
     addr,
     dataplane::{monotonic_coarse_ns, Maps},
 };
 use xdplb_tests::{
-    datapath::{self, nat_service, TestDatapath, LO_IFINDEX, TABLE_SIZE, XDP_TX},
+    datapath::{self, nat_service, TestDatapath, LO_IFINDEX, TABLE_SIZE, XDP_PASS, XDP_TX},
     frame::Seg,
 };
 
@@ -29,6 +35,7 @@ const CLIENT: (Ipv4Addr, u16) = (Ipv4Addr::new(10, 0, 0, 1), 5000);
 const VIP: (Ipv4Addr, u16) = (Ipv4Addr::new(10, 0, 0, 100), 53);
 const BACKEND: (Ipv4Addr, u16) = (Ipv4Addr::new(10, 1, 0, 11), 53);
 const SNAT: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 1);
+const UDP_TIMEOUT_S: u32 = 60;
 
 /// A UDP datagram from `src` to `dst`, framed `macs[1]` -> `macs[0]`.
 fn udp_frame(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), macs: [[u8; 6]; 2]) -> Vec<u8> {
@@ -54,7 +61,7 @@ fn harness() -> TestDatapath {
     let timeouts = datapath::Timeouts {
         tcp: 60,
         closing: 10,
-        udp: 60,
+        udp: UDP_TIMEOUT_S,
     };
     let service = nat_service(0, 0, TABLE_SIZE, (40000, 1000), timeouts);
     h.set_service(SocketAddr::from(VIP), PROTO_UDP, service, &[0])
@@ -84,57 +91,153 @@ fn entries(maps: &Maps) -> (FlowKey, Option<FlowKey>) {
     (fwd_key, rev_key)
 }
 
+/// The backend answers the flow translated to `rev_key`'s port, so it is
+/// no longer counted against its source's unanswered bound and has the
+/// service's full timeout.
+fn answer(h: &mut TestDatapath, rev_key: FlowKey) {
+    let port = u16::from_be(rev_key.dport_be);
+    let reply = udp_frame(BACKEND, (SNAT, port), [LB_MAC, BACKEND_MAC]);
+    assert_eq!(run(h, &reply), XDP_TX, "the backend's answer");
+}
+
+/// Stamps the flow's two entries `ago` in the past.
+fn stamp(maps: &mut Maps, fwd_key: FlowKey, rev_key: FlowKey, ago: Duration) {
+    let at = monotonic_coarse_ns() - u64::try_from(ago.as_nanos()).unwrap();
+    let mut fwd = maps.nat_fwd.get(&fwd_key, 0).unwrap();
+    let mut rev = maps.nat_rev.get(&rev_key, 0).unwrap();
+    fwd.last_seen_ns = at;
+    rev.last_seen_ns = at;
+    maps.nat_fwd.insert(fwd_key, fwd, 0).unwrap();
+    maps.nat_rev.insert(rev_key, rev, 0).unwrap();
+}
+
+/// Long enough ago for the sweeper (past the UDP timeout, the datapath's
+/// reclaim window and the margin), with 10 s to spare.
+fn long_dead() -> Duration {
+    Duration::from_secs(u64::from(
+        UDP_TIMEOUT_S + NAT_RECLAIM_WINDOW_S + NAT_SWEEP_MARGIN_S + 10,
+    ))
+}
+
 #[test]
-fn the_sweeper_never_deletes_a_flow_a_packet_refreshed_after_its_scan() {
+fn the_sweeper_never_deletes_a_translation_made_in_its_window() {
+    assert!(
+        monotonic_coarse_ns() > 2 * u64::try_from(long_dead().as_nanos()).unwrap(),
+        "the machine booted too recently to stamp entries that old"
+    );
     let mut h = harness();
     let to_vip = udp_frame(CLIENT, VIP, [LB_MAC, CLIENT_MAC]);
     assert_eq!(run(&mut h, &to_vip), XDP_TX, "first packet");
-    let (fwd_key, rev_key) = entries(&h.maps);
-    let rev_key = rev_key.expect("the flow is translated");
-    let port = u16::from_be(rev_key.dport_be);
-    let reply = udp_frame(BACKEND, (SNAT, port), [LB_MAC, BACKEND_MAC]);
+    let (mut fwd_key, rev_key) = entries(&h.maps);
+    let mut rev_key = rev_key.expect("the flow is translated");
+    answer(&mut h, rev_key);
+    let passed_before = h.reason(Reason::PassNotService).unwrap();
+    let mut replies_passed = 0;
 
     for round in 0..ROUNDS {
-        // Both entries idle: stamped at boot time.
-        let mut fwd = h.maps.nat_fwd.get(&fwd_key, 0).unwrap();
-        let mut rev = h.maps.nat_rev.get(&rev_key, 0).unwrap();
-        fwd.last_seen_ns = 0;
-        rev.last_seen_ns = 0;
-        h.maps.nat_fwd.insert(fwd_key, fwd, 0).unwrap();
-        h.maps.nat_rev.insert(rev_key, rev, 0).unwrap();
-
-        let packet = if round % 2 == 0 { &to_vip } else { &reply };
+        stamp(&mut h.maps, fwd_key, rev_key, long_dead());
+        let old = (
+            h.maps.nat_fwd.get(&fwd_key, 0).unwrap(),
+            h.maps.nat_rev.get(&rev_key, 0).unwrap(),
+        );
+        let port = u16::from_be(rev_key.dport_be);
+        let reply = udp_frame(BACKEND, (SNAT, port), [LB_MAC, BACKEND_MAC]);
         let (prog, maps) = h.parts();
+        let kind = round % 3;
         let occupancy = maps
-            .sweep_nat_with(monotonic_coarse_ns(), || {
-                let (verdict, _) = datapath::run(prog, packet).expect("BPF_PROG_TEST_RUN");
-                assert_eq!(verdict, XDP_TX, "round {round}: packet");
+            .sweep_nat_with(monotonic_coarse_ns(), |maps| match kind {
+                // The client again, same 5-tuple: a new translation (on
+                // another port: the dead one's is the sweeper's now).
+                0 => {
+                    let (verdict, _) = datapath::run(prog, &to_vip).expect("BPF_PROG_TEST_RUN");
+                    assert_eq!(verdict, XDP_TX, "round {round}: client packet");
+                }
+                // A peer's live translation of the same keys arrives.
+                1 => {
+                    let now = monotonic_coarse_ns();
+                    let (mut fwd, mut rev) = old;
+                    (fwd.last_seen_ns, rev.last_seen_ns) = (now, now);
+                    (fwd.flags, rev.flags) = (NAT_F_REPLICATED, NAT_F_REPLICATED);
+                    maps.nat_rev.insert(rev_key, rev, 0).unwrap();
+                    maps.nat_fwd.insert(fwd_key, fwd, 0).unwrap();
+                }
+                // A late reply to the dead flow: not translated, nothing
+                // refreshed.
+                _ => {
+                    let (verdict, _) = datapath::run(prog, &reply).expect("BPF_PROG_TEST_RUN");
+                    assert_eq!(verdict, XDP_PASS, "round {round}: reply to a dead flow");
+                    replies_passed += 1;
+                }
             })
             .unwrap();
 
-        assert_eq!(
-            occupancy.reclaimed, 0,
-            "round {round}: the sweeper deleted a refreshed entry"
-        );
-        let (_, now_rev) = entries(&h.maps);
-        assert_eq!(
-            now_rev,
-            Some(rev_key),
-            "round {round}: the flow lost or changed its translation"
-        );
-        let rev = h.maps.nat_rev.get(&rev_key, 0).unwrap();
-        assert_eq!(rev.client_key(PROTO_UDP), fwd_key, "round {round}");
+        match kind {
+            0 => {
+                let (now_fwd, now_rev) = entries(&h.maps);
+                let now_rev = now_rev.unwrap_or_else(|| {
+                    panic!("round {round}: the sweeper deleted the new translation")
+                });
+                assert_ne!(now_rev, rev_key, "round {round}: a new port");
+                let rev = h.maps.nat_rev.get(&now_rev, 0).unwrap_or_else(|_| {
+                    panic!("round {round}: the sweeper deleted the new reply entry")
+                });
+                assert_eq!(rev.client_key(PROTO_UDP), now_fwd, "round {round}");
+                assert_eq!(occupancy.reclaimed, 1, "round {round}: the dead port");
+                assert!(h.maps.nat_rev.get(&rev_key, 0).is_err(), "round {round}");
+                rev_key = now_rev;
+                answer(&mut h, rev_key);
+            }
+            1 => {
+                let fwd = h.maps.nat_fwd.get(&fwd_key, 0);
+                let rev = h.maps.nat_rev.get(&rev_key, 0);
+                assert!(
+                    fwd.is_ok_and(|f| f.flags == NAT_F_REPLICATED)
+                        && rev.is_ok_and(|r| r.flags == NAT_F_REPLICATED),
+                    "round {round}: the sweeper deleted the peer's translation"
+                );
+                assert_eq!(occupancy.reclaimed, 0, "round {round}");
+            }
+            _ => {
+                assert_eq!(occupancy.reclaimed, 1, "round {round}: the dead flow goes");
+                assert!(h.maps.nat_fwd.get(&fwd_key, 0).is_err(), "round {round}");
+                // The next round starts from a new translation.
+                assert_eq!(run(&mut h, &to_vip), XDP_TX, "round {round}: new flow");
+                let (k, r) = entries(&h.maps);
+                (fwd_key, rev_key) = (k, r.expect("translated"));
+                answer(&mut h, rev_key);
+            }
+        }
     }
+    assert_eq!(
+        h.reason(Reason::PassNotService).unwrap() - passed_before,
+        replies_passed,
+        "every reply to a dead flow passed as no service's"
+    );
+}
 
-    // And an idle flow no packet touches is still reclaimed.
-    let mut fwd = h.maps.nat_fwd.get(&fwd_key, 0).unwrap();
-    let mut rev = h.maps.nat_rev.get(&rev_key, 0).unwrap();
-    fwd.last_seen_ns = 0;
-    rev.last_seen_ns = 0;
-    h.maps.nat_fwd.insert(fwd_key, fwd, 0).unwrap();
-    h.maps.nat_rev.insert(rev_key, rev, 0).unwrap();
-    let occupancy = h.maps.sweep_nat_with(monotonic_coarse_ns(), || ()).unwrap();
-    assert_eq!(occupancy.reclaimed, 1);
+#[test]
+fn a_flow_the_datapath_may_still_reclaim_is_left_to_it() {
+    let mut h = harness();
+    let to_vip = udp_frame(CLIENT, VIP, [LB_MAC, CLIENT_MAC]);
+    assert_eq!(run(&mut h, &to_vip), XDP_TX);
+    let (fwd_key, rev_key) = entries(&h.maps);
+    let rev_key = rev_key.unwrap();
+    answer(&mut h, rev_key);
+    // Dead, but within the reclaim window: the datapath's.
+    let within = Duration::from_secs(u64::from(UDP_TIMEOUT_S + NAT_RECLAIM_WINDOW_S / 2));
+    stamp(&mut h.maps, fwd_key, rev_key, within);
+    let occupancy = h
+        .maps
+        .sweep_nat_with(monotonic_coarse_ns(), |_| ())
+        .unwrap();
+    assert_eq!((occupancy.reclaimed, occupancy.flows), (0, 1));
+    // Past the window and the margin: the sweeper's.
+    stamp(&mut h.maps, fwd_key, rev_key, long_dead());
+    let occupancy = h
+        .maps
+        .sweep_nat_with(monotonic_coarse_ns(), |_| ())
+        .unwrap();
+    assert_eq!((occupancy.reclaimed, occupancy.flows), (1, 0));
     assert!(h.maps.nat_fwd.get(&fwd_key, 0).is_err());
     assert!(h.maps.nat_rev.get(&rev_key, 0).is_err());
 }

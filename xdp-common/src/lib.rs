@@ -270,11 +270,28 @@ pub struct NatSource {
 }
 
 /// Whether a NAT entry last seen at `last_seen_ns` is past its idle
-/// timeout at `now_ns` (both `bpf_ktime_get_coarse_ns`): the datapath may
-/// then reuse its port, and the control plane's sweeper may delete it.
+/// timeout at `now_ns` (both `bpf_ktime_get_coarse_ns`). A flow is dead
+/// once both its entries are (a missing partner counts as expired), and
+/// the datapath never brings a dead flow back: no packet refreshes it.
 #[inline(always)]
 pub const fn nat_expired(last_seen_ns: u64, timeout_s: u32, now_ns: u64) -> bool {
     now_ns.saturating_sub(last_seen_ns) > timeout_s as u64 * 1_000_000_000
+}
+
+/// Who may remove a dead flow's entries depends on how long it has been
+/// dead, so the datapath and the daemon's sweeper never act on the same
+/// entry: the datapath may reuse a dead flow's port (and drop its entries)
+/// for this long after its timeout ...
+pub const NAT_RECLAIM_WINDOW_S: u32 = 60;
+/// ... then nobody touches it for this long (more than any datapath run
+/// can take between reading a clock and writing an entry) ...
+pub const NAT_SWEEP_MARGIN_S: u32 = 2;
+
+/// ... and from then on only the sweeper deletes it.
+#[inline(always)]
+pub const fn nat_sweepable(last_seen_ns: u64, timeout_s: u32, now_ns: u64) -> bool {
+    let after = timeout_s.saturating_add(NAT_RECLAIM_WINDOW_S + NAT_SWEEP_MARGIN_S);
+    nat_expired(last_seen_ns, after, now_ns)
 }
 
 /// NAT state of a flow, looked up by the client's 5-tuple.
@@ -324,6 +341,28 @@ impl NatFwd {
     pub const fn expired(&self, now_ns: u64) -> bool {
         nat_expired(self.last_seen_ns, self.timeout_s, now_ns)
     }
+
+    /// Whether `reply_key` (a `NatRev` key: backend -> SNAT address and
+    /// port) is this translation's reply side. A reply entry's client key
+    /// alone does not say so: the client may have made a new translation
+    /// with the same 5-tuple since.
+    #[inline(always)]
+    pub fn owns(&self, reply_key: &FlowKey) -> bool {
+        self.nat_port_be == reply_key.dport_be && self.snat_addr == reply_key.dst
+    }
+
+    /// Only the sweeper may delete this entry now (see [`nat_sweepable`]).
+    #[inline(always)]
+    pub const fn sweepable(&self, now_ns: u64) -> bool {
+        nat_sweepable(self.last_seen_ns, self.timeout_s, now_ns)
+    }
+}
+
+/// Whether a flow's partner entry (looked up by key, `None` if missing)
+/// counts as expired at `now_ns`.
+#[inline(always)]
+pub fn nat_partner_expired(partner: Option<&NatFwd>, reply_key: &FlowKey, now_ns: u64) -> bool {
+    partner.is_none_or(|f| !f.owns(reply_key) || f.expired(now_ns))
 }
 
 impl NatRev {
@@ -331,6 +370,21 @@ impl NatRev {
     #[inline(always)]
     pub const fn expired(&self, now_ns: u64) -> bool {
         nat_expired(self.last_seen_ns, self.timeout_s, now_ns)
+    }
+
+    /// The datapath may reuse this reply entry's port: its flow is dead
+    /// (`partner_expired`: see [`nat_partner_expired`]) and has not been
+    /// for longer than [`NAT_RECLAIM_WINDOW_S`].
+    #[inline(always)]
+    pub const fn reclaimable(&self, partner_expired: bool, now_ns: u64) -> bool {
+        let window = self.timeout_s.saturating_add(NAT_RECLAIM_WINDOW_S);
+        partner_expired && self.expired(now_ns) && !nat_expired(self.last_seen_ns, window, now_ns)
+    }
+
+    /// Only the sweeper may delete this entry now (see [`nat_sweepable`]).
+    #[inline(always)]
+    pub const fn sweepable(&self, now_ns: u64) -> bool {
+        nat_sweepable(self.last_seen_ns, self.timeout_s, now_ns)
     }
 
     /// The client-side key (the `NatFwd` entry's) of the flow this reply

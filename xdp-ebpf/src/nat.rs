@@ -17,10 +17,10 @@ use aya_ebpf::{
 };
 use network_types::eth::EthHdr;
 use xdp_common::{
-    hash::flow_hash, nat_expired, Backend, FlowKey, NatFwd, NatRev, NatSource, Reason, Service,
-    ServiceKey, NAT_F_ANSWERED, NAT_F_CLOSING, NAT_F_REFUSED, NAT_F_RETRIED, NAT_PORT_TRIES,
-    NAT_UNANSWERED_PER_SOURCE, NAT_UNANSWERED_TIMEOUT_S, PROTO_TCP, PROTO_UDP, SVC_F_NAT_RETRY,
-    SYN_RETRANSMITTED_NS, V4_MAPPED_PREFIX,
+    hash::flow_hash, nat_expired, nat_partner_expired, Backend, FlowKey, NatFwd, NatRev, NatSource,
+    Reason, Service, ServiceKey, NAT_F_ANSWERED, NAT_F_CLOSING, NAT_F_REFUSED, NAT_F_RETRIED,
+    NAT_PORT_TRIES, NAT_UNANSWERED_PER_SOURCE, NAT_UNANSWERED_TIMEOUT_S, PROTO_TCP, PROTO_UDP,
+    SVC_F_NAT_RETRY, SYN_RETRANSMITTED_NS, V4_MAPPED_PREFIX,
 };
 
 use crate::{
@@ -167,7 +167,7 @@ pub fn forward(ctx: &XdpContext, p: &Packet, service: &Service) -> Result<u32, R
     }
     let retried = matches!(stale, Some((_, _, _, true)));
     if let Some((old_id, old_snat, old_port, _)) = stale {
-        release(key, old_id, &old_snat, old_port);
+        release(key, old_id, &old_snat, old_port, now);
     }
     if !retried {
         admit_source(&key.src, now)?;
@@ -213,9 +213,10 @@ fn close_rev(r: &mut NatRev, timeout_s: u32) {
 }
 
 /// Removes the reply entry of a flow's previous translation, if it is
-/// still this flow's (its port may have been reclaimed by another flow).
+/// still this flow's (its port may have been reclaimed by another flow)
+/// and not the sweeper's to delete (see `nat_sweepable`).
 #[inline(always)]
-fn release(key: &FlowKey, backend_id: u32, snat: &[u32; 4], port_be: u16) {
+fn release(key: &FlowKey, backend_id: u32, snat: &[u32; 4], port_be: u16, now: u64) {
     let Some(backend) = BACKENDS.get(backend_id) else {
         return;
     };
@@ -223,7 +224,7 @@ fn release(key: &FlowKey, backend_id: u32, snat: &[u32; 4], port_be: u16) {
     if let Some(r) = NAT_REV.get_ptr(&rk) {
         // SAFETY: valid for this run.
         let r = unsafe { &*r };
-        if r.client_key(key.proto) == *key {
+        if r.client_key(key.proto) == *key && !r.sweepable(now) {
             let _ = NAT_REV.remove(&rk);
         }
     }
@@ -277,16 +278,18 @@ fn allocate(
         if let Some(old) = NAT_REV.get_ptr(&rk) {
             // SAFETY: valid for this run.
             let old = unsafe { &*old };
-            // Idle both ways: a one-way flow (the client sends, the backend
+            // Dead both ways: a one-way flow (the client sends, the backend
             // never answers) keeps its port while the client keeps sending.
             let old_client = old.client_key(key.proto);
-            let partner_idle = NAT_FWD
-                .get_ptr(&old_client)
-                .is_none_or(|f| unsafe { (*f).expired(now) });
-            if old.expired(now) && partner_idle && NAT_REV.insert(&rk, &rev, 0).is_ok() {
+            // SAFETY: valid for this run.
+            let partner = NAT_FWD.get_ptr(&old_client).map(|f| unsafe { &*f });
+            let partner_expired = nat_partner_expired(partner, &rk, now);
+            if old.reclaimable(partner_expired, now) && NAT_REV.insert(&rk, &rev, 0).is_ok() {
                 // The old flow's client side goes with its port, so
                 // expired flows (a flood's) never fill NAT_FWD.
-                let _ = NAT_FWD.remove(&old_client);
+                if partner.is_some_and(|f| f.owns(&rk)) {
+                    let _ = NAT_FWD.remove(&old_client);
+                }
                 return Ok(port);
             }
         }
@@ -330,7 +333,20 @@ pub fn reverse(ctx: &XdpContext, p: &Packet) -> Result<u32, Reason> {
     let r = NAT_REV.get_ptr_mut(&p.key).ok_or(Reason::PassNotService)?;
     // SAFETY: valid for this run.
     let r = unsafe { &mut *r };
-    r.last_seen_ns = unsafe { bpf_ktime_get_coarse_ns() };
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    if r.expired(now) {
+        // SAFETY: valid for this run.
+        let partner = NAT_FWD
+            .get_ptr(&r.client_key(p.key.proto))
+            .map(|f| unsafe { &*f });
+        if nat_partner_expired(partner, &p.key, now) {
+            // A dead flow stays dead: its entries are not ours to refresh
+            // (the sweeper may be deleting them), so this is no reply of
+            // a translation.
+            return Err(Reason::PassNotService);
+        }
+    }
+    r.last_seen_ns = now;
     if r.flags & NAT_F_ANSWERED == 0 {
         if p.rst() && refused(r, p.key.proto) {
             count(Reason::NatRetry);

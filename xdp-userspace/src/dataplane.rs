@@ -167,15 +167,16 @@ impl Maps {
         Self::from_source(pin_dir)
     }
 
-    /// Deletes idle NAT entries (see [`NatSweeper`]); tests use this to put
-    /// packets between the scan and the deletions (`after_scan`).
+    /// Deletes dead NAT entries (see [`NatSweeper`]); tests use this to put
+    /// packets between the scan and the deletions (`before_delete`).
     #[doc(hidden)]
     pub fn sweep_nat_with(
         &mut self,
         now_ns: u64,
-        after_scan: impl FnOnce(),
+        before_delete: impl FnOnce(&mut Self),
     ) -> Result<NatOccupancy> {
-        sweep(&mut self.nat_fwd, &mut self.nat_rev, now_ns, after_scan)
+        let mut sweeper = self.nat_sweeper()?;
+        sweeper.sweep_with(now_ns, || before_delete(self))
     }
 
     /// The flow and NAT tables as replication uses them, with handles of
@@ -196,6 +197,7 @@ impl Maps {
         Ok(NatSweeper {
             fwd: open(&self.nat_fds[0])?.try_into()?,
             rev: open(&self.nat_fds[1])?.try_into()?,
+            fds: [self.nat_fds[0].try_clone()?, self.nat_fds[1].try_clone()?],
         })
     }
 
@@ -513,71 +515,142 @@ impl FlowTable {
     }
 }
 
-/// Reclaims idle NAT entries. The controller never writes the NAT tables
-/// (the datapath does); this only deletes, so it needs no lock shared with
-/// the controller, and the daemon runs it without its own.
+/// Deletes dead NAT entries the datapath no longer reclaims itself. The
+/// controller never writes the NAT tables (the datapath does, and
+/// replication installs peers' translations); this only deletes, so it
+/// needs no lock shared with the controller, and the daemon runs it
+/// without its own.
 pub(crate) struct NatSweeper {
     fwd: HashMap<MapData, FlowKey, NatFwd>,
     rev: HashMap<MapData, FlowKey, NatRev>,
+    /// The same tables' descriptors (`fwd`, `rev`), for [`take_if`].
+    fds: [OwnedFd; 2],
 }
 
 impl NatSweeper {
-    /// Deletes idle NAT entries (their ports become free) and returns the
-    /// tables' occupancy. An entry goes when it is past its idle timeout
-    /// and so is its partner in the other direction.
+    /// Deletes the entries of flows dead for longer than the datapath's
+    /// reclaim window (`nat_sweepable`) and returns the tables' occupancy.
     ///
-    /// The datapath writes these entries while the sweep runs: a packet may
-    /// refresh or replace an entry after it was read as idle. So each
-    /// deletion re-reads the entry first and deletes it only if it is still
-    /// the value judged idle. (The window left is the one between that
-    /// read and the delete, two system calls apart; the datapath also
-    /// reclaims an idle port itself when a new flow needs it.)
+    /// The datapath writes these tables while the sweep runs, and the
+    /// kernel cannot delete an entry only if it still holds a given value.
+    /// The age rules make the race harmless: no packet refreshes a dead
+    /// flow, and the datapath never reuses the port of one dead that long.
+    /// What is left is a new flow taking a dead flow's key (the same client
+    /// 5-tuple; or a peer's translation installed by replication): each
+    /// deletion takes the entry out and gets back what it held, and puts
+    /// back at once whatever is not the entry it judged dead.
     pub fn sweep(&mut self, now_ns: u64) -> Result<NatOccupancy> {
-        sweep(&mut self.fwd, &mut self.rev, now_ns, || ())
+        self.sweep_with(now_ns, || ())
+    }
+
+    /// [`NatSweeper::sweep`], calling `before_delete` between the scan and
+    /// the first deletion.
+    fn sweep_with(&mut self, now_ns: u64, before_delete: impl FnOnce()) -> Result<NatOccupancy> {
+        let fwd: Vec<(FlowKey, NatFwd)> = self.fwd.iter().filter_map(Result::ok).collect();
+        let rev: Vec<(FlowKey, NatRev)> = self.rev.iter().filter_map(Result::ok).collect();
+        let fwd_by_key: std::collections::HashMap<FlowKey, NatFwd> = fwd.iter().copied().collect();
+        // Client sides whose translation keeps its reply side.
+        let mut kept = std::collections::HashSet::new();
+        let mut dead_rev = Vec::new();
+        for (k, r) in &rev {
+            let client = r.client_key(k.proto);
+            let partner = fwd_by_key.get(&client).filter(|f| f.owns(k));
+            if r.sweepable(now_ns) && partner.is_none_or(|f| f.sweepable(now_ns)) {
+                dead_rev.push((*k, *r));
+            } else if partner.is_some() {
+                kept.insert(client);
+            }
+        }
+        let dead_fwd: Vec<(FlowKey, NatFwd)> = fwd
+            .iter()
+            .filter(|(k, f)| f.sweepable(now_ns) && !kept.contains(k))
+            .copied()
+            .collect();
+        before_delete();
+        let mut deleted = [0usize; 2];
+        for (k, r) in &dead_rev {
+            deleted[1] += usize::from(take_if(&mut self.rev, &self.fds[1], k, r)?);
+        }
+        for (k, f) in &dead_fwd {
+            deleted[0] += usize::from(take_if(&mut self.fwd, &self.fds[0], k, f)?);
+        }
+        let count = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+        Ok(NatOccupancy {
+            flows: count(fwd.len() - deleted[0]),
+            reverse: count(rev.len() - deleted[1]),
+            capacity: MAX_NAT_FLOWS,
+            reclaimed: count(deleted[1]),
+        })
     }
 }
 
-fn sweep(
-    nat_fwd: &mut HashMap<MapData, FlowKey, NatFwd>,
-    nat_rev: &mut HashMap<MapData, FlowKey, NatRev>,
-    now_ns: u64,
-    after_scan: impl FnOnce(),
-) -> Result<NatOccupancy> {
-    let mut occupancy = NatOccupancy {
-        capacity: MAX_NAT_FLOWS,
-        ..Default::default()
+/// Deletes `key` from `map` (whose descriptor is `fd`) if it still holds
+/// `judged`: takes the entry out and gets back what it held, in one step
+/// (BPF_MAP_LOOKUP_AND_DELETE_ELEM), and puts anything else back, unless
+/// the datapath made the key anew meanwhile. True if `judged` went.
+fn take_if<V: aya::Pod + PartialEq>(
+    map: &mut HashMap<MapData, FlowKey, V>,
+    fd: &OwnedFd,
+    key: &FlowKey,
+    judged: &V,
+) -> Result<bool> {
+    match lookup_and_delete::<FlowKey, V>(fd.as_fd(), key).context("deleting a NAT entry")? {
+        None => Ok(false),
+        Some(held) if held == *judged => Ok(true),
+        Some(held) => {
+            match map.insert(key, held, BPF_NOEXIST) {
+                Err(aya::maps::MapError::SyscallError(e))
+                    if e.io_error.raw_os_error() == Some(libc::EEXIST) => {}
+                r => r.context("putting back a live NAT entry")?,
+            }
+            Ok(false)
+        }
+    }
+}
+
+/// BPF_MAP_LOOKUP_AND_DELETE_ELEM on a hash map (Linux 5.14): `None` if
+/// the key is not there. aya offers it for queues and stacks only.
+fn lookup_and_delete<K: aya::Pod, V: aya::Pod>(
+    map: std::os::fd::BorrowedFd<'_>,
+    key: &K,
+) -> std::io::Result<Option<V>> {
+    use std::os::fd::AsRawFd as _;
+    /// The map-element member of the kernel's `union bpf_attr`.
+    #[repr(C)]
+    struct ElemAttr {
+        map_fd: u32,
+        _pad: u32,
+        key: u64,
+        value: u64,
+        flags: u64,
+    }
+    const BPF_MAP_LOOKUP_AND_DELETE_ELEM: libc::c_long = 21;
+    let mut value = std::mem::MaybeUninit::<V>::zeroed();
+    let attr = ElemAttr {
+        map_fd: map.as_raw_fd() as u32,
+        _pad: 0,
+        key: std::ptr::from_ref(key) as u64,
+        value: value.as_mut_ptr() as u64,
+        flags: 0,
     };
-    let fwd: Vec<(FlowKey, NatFwd)> = nat_fwd.iter().filter_map(Result::ok).collect();
-    let rev: Vec<(FlowKey, NatRev)> = nat_rev.iter().filter_map(Result::ok).collect();
-    let fwd_idle: std::collections::HashMap<FlowKey, bool> =
-        fwd.iter().map(|(k, f)| (*k, f.expired(now_ns))).collect();
-    after_scan();
-    let mut rev_idle_by_client = std::collections::HashMap::new();
-    for (k, r) in &rev {
-        let client_key = r.client_key(k.proto);
-        let idle = r.expired(now_ns)
-            && fwd_idle.get(&client_key).copied().unwrap_or(true)
-            && nat_rev.get(k, 0).is_ok_and(|now| now == *r);
-        // A reply entry refreshed since the scan keeps its partner too.
-        rev_idle_by_client.insert(client_key, idle);
-        if idle {
-            let _ = nat_rev.remove(k);
-            occupancy.reclaimed += 1;
-        } else {
-            occupancy.reverse += 1;
-        }
+    // SAFETY: `attr` names a key and a value buffer of the map's own key
+    // and value types, both alive for the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_LOOKUP_AND_DELETE_ELEM,
+            std::ptr::from_ref(&attr),
+            std::mem::size_of::<ElemAttr>(),
+        )
+    };
+    if rc == 0 {
+        // SAFETY: the kernel wrote the whole value.
+        return Ok(Some(unsafe { value.assume_init() }));
     }
-    for (k, f) in &fwd {
-        if f.expired(now_ns)
-            && rev_idle_by_client.get(k).copied().unwrap_or(true)
-            && nat_fwd.get(k, 0).is_ok_and(|now| now == *f)
-        {
-            let _ = nat_fwd.remove(k);
-        } else {
-            occupancy.flows += 1;
-        }
+    match std::io::Error::last_os_error() {
+        e if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
+        e => Err(e),
     }
-    Ok(occupancy)
 }
 
 /// One write of the control plane to the maps. The controller plans a
