@@ -56,12 +56,13 @@ pub fn nat_service(
     (id, base): (u32, u32),
     (backend, backend_port): (u32, u16),
     snat: IpAddr,
+    ports: (u16, u16),
 ) -> Result<()> {
     let mut b = lb.maps.backend(backend)?;
     b.snat_addr = addr::to_words(snat);
     b.port_be = backend_port.to_be();
     lb.set_backend(backend, b)?;
-    let svc = nat_service_row(id, base, 251, (10000, 22768), DEFAULT_TIMEOUTS);
+    let svc = nat_service_row(id, base, 251, ports, DEFAULT_TIMEOUTS);
     lb.set_service(vip, proto, svc, &[backend])
         .context("writing the NAT service")?;
     lb.set_nat_enabled(true)

@@ -72,20 +72,34 @@ impl NewFlows {
 pub struct Sources {
     net: u8,
     n: u64,
+    /// Source ports per address before the next address.
+    ports: u64,
 }
 
 impl Sources {
     pub fn new(net: u8) -> Self {
-        Self { net, n: 0 }
+        Self {
+            net,
+            n: 0,
+            ports: 65536 - 1024,
+        }
+    }
+
+    /// A new address for every endpoint (NAT bounds the unanswered flows
+    /// of one source address), 65,536 of them in turn.
+    pub fn one_per_address(net: u8) -> Self {
+        Self {
+            ports: 1,
+            ..Self::new(net)
+        }
     }
 }
 
 impl Iterator for Sources {
     type Item = std::net::SocketAddrV4;
     fn next(&mut self) -> Option<Self::Item> {
-        const PORTS: u64 = 65536 - 1024;
-        let host = 1 + self.n / PORTS;
-        let port = 1024 + (self.n % PORTS) as u16;
+        let host = 1 + (self.n / self.ports) % 65536;
+        let port = 1024 + (self.n % self.ports) as u16;
         self.n += 1;
         let ip = std::net::Ipv4Addr::new(10, self.net, (host >> 8) as u8, host as u8);
         Some(std::net::SocketAddrV4::new(ip, port))

@@ -108,6 +108,11 @@ enum Flows {
         proto: u8,
         recycle: bool,
         inserted: Vec<FlowKey>,
+        /// NAT flows: recycling deletes both their translation entries.
+        nat: bool,
+        /// Recycle after every call (untimed) instead of every chunk, so
+        /// every call finds the same tables.
+        per_call: bool,
     },
 }
 
@@ -177,9 +182,32 @@ impl Case {
                 proto,
                 recycle,
                 inserted: Vec::new(),
+                nat: false,
+                per_call: false,
             },
             ..Self::same(name, frame, XDP_TX, Reason::FlowNew)
         }
+    }
+
+    /// New TCP flows (SYNs) to a NAT service, each from its own address,
+    /// on the NAT instance; each translation deleted right after its call.
+    fn nat_new_flows(name: &'static str, net: u8, dst: SocketAddr) -> Self {
+        let mut case = Self {
+            prog: Prog::LbFull,
+            reason: Some(Reason::NatNew),
+            ..Self::new_flows(name, net, dst, true)
+        };
+        if let Flows::New {
+            sources,
+            nat,
+            per_call,
+            ..
+        } = &mut case.flows
+        {
+            *sources = Sources::one_per_address(net);
+            (*nat, *per_call) = (true, true);
+        }
+        case
     }
 
     fn floor(name: &'static str, prog: Prog, verdict: u32) -> Self {
@@ -281,7 +309,42 @@ fn program_services(lb: &mut Loaded) -> Result<()> {
 /// (after translating its first packet, which allocates the port).
 fn program_nat(lb: &mut Loaded) -> Result<Vec<u8>> {
     let snat: std::net::IpAddr = "10.0.200.2".parse()?;
-    fixture::nat_service(lb, (NAT_VIP, PROTO_TCP), (5, 10 * TABLE), (0, 8080), snat)?;
+    fixture::nat_service(
+        lb,
+        (NAT_VIP, PROTO_TCP),
+        (5, 10 * TABLE),
+        (0, 8080),
+        snat,
+        (10000, 22768),
+    )?;
+    // The scan's service: another backend, whose range has one port free.
+    fixture::nat_service(
+        lb,
+        (NAT_SCAN_VIP, PROTO_TCP),
+        (6, 12 * TABLE),
+        (1, 8080),
+        snat,
+        (SCAN_BASE, SCAN_PORTS),
+    )?;
+    let backend = lb.maps.backend(1)?;
+    let now = xdplb::dataplane::monotonic_coarse_ns();
+    for port in (SCAN_BASE..SCAN_BASE + SCAN_PORTS).filter(|p| *p != SCAN_FREE) {
+        let key = addr::flow_key(
+            SocketAddr::new(addr::from_words(backend.addr), 8080),
+            SocketAddr::new(snat, port),
+            PROTO_TCP,
+        );
+        let held = xdp_common::NatRev {
+            client: addr::to_words("10.0.250.1".parse()?),
+            vip: addr::to_words(NAT_SCAN_VIP.ip()),
+            client_port_be: port.to_be(),
+            vip_port_be: NAT_SCAN_VIP.port().to_be(),
+            last_seen_ns: now,
+            timeout_s: 3600,
+            ..Default::default()
+        };
+        lb.maps.nat_rev.insert(key, held, 0)?;
+    }
     let first = frames::opening(CLIENT_MAC, LB_MAC, sa("10.0.0.1:40000"), NAT_VIP, PROTO_TCP);
     let (prog, maps) = lb.parts();
     translate_once(prog, &first, "the first packet")?;
@@ -339,6 +402,16 @@ const NAT_VIP: SocketAddr = SocketAddr::V4(SocketAddrV4::new(
     std::net::Ipv4Addr::new(10, 0, 100, 4),
     80,
 ));
+const NAT_SCAN_VIP: SocketAddr = SocketAddr::V4(SocketAddrV4::new(
+    std::net::Ipv4Addr::new(10, 0, 100, 5),
+    80,
+));
+/// The scan service's port range, all held but `SCAN_FREE`.
+const SCAN_BASE: u16 = 40000;
+const SCAN_PORTS: u16 = 256;
+const SCAN_FREE: u16 = SCAN_BASE + 200;
+const NAT_NEW: &str = "NAT new flow: SYN, port taken by a random try, two inserts";
+const NAT_NEW_SCAN: &str = "NAT new flow, one port of 256 free (range scan)";
 const NAT_FORWARD: &str = "NAT established flow, forward (client to backend)";
 const NAT_REVERSE: &str = "NAT established flow, reverse (backend to client)";
 const REPICK_VIP: SocketAddr = SocketAddr::V4(SocketAddrV4::new(
@@ -431,6 +504,18 @@ fn cases() -> Vec<Case> {
         .note(
             "NAT service, established flow, backend to client: service miss, reply-table hit, \
                 rewrite back",
+        ),
+        Case::nat_new_flows(NAT_NEW, 11, NAT_VIP).note(
+            "a TCP SYN from a new client address every call to a NAT service with 22,768 free \
+                ports: source check, Maglev pick, a random port's reply key inserted, the \
+                client-side entry inserted, DNAT+SNAT rewrite; the translation is deleted after \
+                each call (untimed)",
+        ),
+        Case::nat_new_flows(NAT_NEW_SCAN, 12, NAT_SCAN_VIP).note(
+            "as above, to a service whose 256 ports are all held by live flows but one: the \
+                8 random tries miss, and the scan from a random port walks about half the \
+                range (one look-up per port, 128 on average) to the free one; a wider range \
+                scans proportionally longer",
         ),
         Case::new_flows_of(NEW_FLOW_UDP, 7, UDP_VIP, PROTO_UDP, true).note(
             "as the new-flow case, with UDP datagrams: a UDP flow goes straight to the flow \
@@ -552,20 +637,12 @@ fn measure(
     if let Flows::New {
         recycle: true,
         inserted,
-        proto,
+        nat,
         ..
     } = &mut case.flows
     {
-        // A new TCP flow is in the opening table, a UDP one established.
-        let table = if *proto == PROTO_TCP {
-            &mut maps.opening
-        } else {
-            &mut maps.flows
-        };
         for key in inserted.drain(..) {
-            table
-                .remove(&key)
-                .with_context(|| format!("{}: deleting a flow", case.name))?;
+            forget(maps, &key, *nat).with_context(|| format!("{}: deleting a flow", case.name))?;
         }
     }
     let before = case.reason.map(|r| maps.reason_count(r)).transpose()?;
@@ -578,6 +655,7 @@ fn measure(
             proto,
             recycle,
             inserted,
+            ..
         } = &mut case.flows
         {
             let src: SocketAddrV4 = sources.next().expect("endless");
@@ -605,6 +683,18 @@ fn measure(
         if i >= warmup {
             total += res.duration.as_nanos();
         }
+        if let Flows::New {
+            per_call: true,
+            inserted,
+            nat,
+            ..
+        } = &mut case.flows
+        {
+            for key in inserted.drain(..) {
+                forget(maps, &key, *nat)
+                    .with_context(|| format!("{}: deleting a flow", case.name))?;
+            }
+        }
     }
     if let (Some(reason), Some(before)) = (case.reason, before) {
         let delta = maps.reason_count(reason)? - before;
@@ -619,6 +709,33 @@ fn measure(
         }
     }
     Ok(total)
+}
+
+/// Deletes a flow a case inserted: a new TCP flow from the opening table,
+/// a UDP one from the flow table, a NAT one's two translation entries.
+fn forget(maps: &mut Maps, key: &FlowKey, nat: bool) -> Result<()> {
+    if nat {
+        let fwd = maps.nat_fwd.get(key, 0)?;
+        let backend = maps.backend(fwd.backend)?;
+        let reply = addr::flow_key(
+            SocketAddr::new(
+                addr::from_words(backend.addr),
+                u16::from_be(backend.port_be),
+            ),
+            SocketAddr::new(
+                addr::from_words(fwd.snat_addr),
+                u16::from_be(fwd.nat_port_be),
+            ),
+            key.proto,
+        );
+        maps.nat_rev.remove(&reply)?;
+        maps.nat_fwd.remove(key)?;
+    } else if key.proto == PROTO_TCP {
+        maps.opening.remove(key)?;
+    } else {
+        maps.flows.remove(key)?;
+    }
+    Ok(())
 }
 
 /// What the cases run on: `progs` are xdp_pass, xdp_mac_swap and the

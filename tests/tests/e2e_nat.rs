@@ -598,3 +598,68 @@ fn connections_refused_by_a_killed_backend_succeed_on_another() {
     );
     assert_eq!(reasons(&bed)["nat_retry"].as_u64().unwrap(), retried);
 }
+
+/// Connection churn through a two-arm NAT service: new connections (one
+/// request each, the server closing) as fast as one client thread makes
+/// them, for 60 s. The port range is sized from the rate measured first, so
+/// that about half of it is held at the steady state (every closed flow
+/// keeps its port for `tcp_closing_timeout`, 10 s): random tries alone
+/// would then miss a free port about once in 2^8 new flows. No SYN may be
+/// refused while ports remain, and no request may fail.
+#[test]
+fn connection_churn_is_never_refused_a_port_while_ports_remain() {
+    const CLOSING_S: f64 = 10.0;
+    const RUN: Duration = Duration::from_secs(60);
+    let _turn = take_turn();
+    let mut bed = Bed::new(Shape::TwoArm, "nch", 3);
+    bed.start_lb("type = \"none\"\n");
+    let vip = bed.vip(false, 80);
+    let warm = Load::start_in(bed.topo.client(), vip, Duration::ZERO, 10000).unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    let warm = warm.stop();
+    assert!(warm.iter().all(|s| s.result.is_ok()), "warm-up failed");
+    let rate = warm.len() as f64 / 3.0;
+    // Ports per backend for half the range held: rate x closing timeout
+    // flows held, spread over 3 backends.
+    let ports = ((rate * CLOSING_S * 2.0 / 3.0) as u32).clamp(1000, 63000);
+    let config = std::fs::read_to_string(bed.lb().config_path()).unwrap();
+    let range = format!("ports = \"2000-{}\"", 2000 + ports - 1);
+    let sized = config.replace("ports = \"20000-59999\"", &range);
+    assert_ne!(sized, config);
+    bed.lb().write_config(&sized).unwrap();
+    bed.lb().cli(&["reload"]).unwrap();
+    let refused_before = bed.reason(Reason::DropNatFull);
+
+    let load = Load::start_in(bed.topo.client(), vip, Duration::ZERO, 10000).unwrap();
+    let started = Instant::now();
+    let mut peak = 0;
+    while started.elapsed() < RUN {
+        std::thread::sleep(Duration::from_secs(2));
+        let stats = bed.lb().json(&["stats"]).unwrap();
+        peak = peak.max(stats["nat"]["reverse"].as_u64().unwrap_or(0));
+    }
+    let samples = load.stop();
+    let failed: Vec<&Sample> = samples.iter().filter(|s| s.result.is_err()).collect();
+    let refused = bed.reason(Reason::DropNatFull) - refused_before;
+    let capacity = 3 * u64::from(ports);
+    eprintln!(
+        "churn: {} connections in {:?} ({:.0}/s; warm-up {rate:.0}/s), {} failed, \
+         drop_nat_full {refused}; {range} x 3 backends: peak {peak} of {capacity} in use \
+         ({:.0} %)",
+        samples.len(),
+        RUN,
+        samples.len() as f64 / RUN.as_secs_f64(),
+        failed.len(),
+        100.0 * peak as f64 / capacity as f64
+    );
+    assert!(
+        peak < capacity,
+        "the range was really full: the test measures nothing"
+    );
+    assert_eq!(refused, 0, "SYNs refused a port while ports remained");
+    assert!(
+        failed.is_empty(),
+        "failed: {:?}",
+        &failed[..failed.len().min(5)]
+    );
+}

@@ -24,7 +24,7 @@ use xdp_common::{
     NAT_F_REFUSED, NAT_F_REPLICATED, NAT_UNANSWERED_TIMEOUT_S, PROTO_TCP, PROTO_UDP,
     SVC_F_NAT_RETRY,
 };
-use xdplb::addr;
+use xdplb::{addr, dataplane::monotonic_coarse_ns};
 use xdplb_tests::{
     datapath::{
         nat_service, TestDatapath, Timeouts, DEFAULT_TIMEOUTS, LO_IFINDEX, TABLE_SIZE, XDP_DROP,
@@ -892,6 +892,65 @@ fn a_one_way_udp_flow_that_keeps_sending_keeps_its_port() {
         vip,
         a,
     );
+}
+
+/// Random tries miss the last free ports of a nearly full range; the scan
+/// that follows them finds one whenever one is left.
+#[test]
+fn the_last_free_port_of_a_range_is_found() {
+    const BASE: u16 = 30000;
+    const COUNT: u16 = 1024;
+    const FREE: u16 = BASE + 777;
+    let mut h = Harness::new();
+    h.set_backend(0, 0, "10.0.1.12", 8080, SNAT4);
+    let timeouts = DEFAULT_TIMEOUTS;
+    h.set_service(
+        0,
+        "10.0.100.2",
+        80,
+        PROTO_TCP,
+        &[0],
+        (BASE, COUNT),
+        timeouts,
+    );
+    let be = sa("10.0.1.12:8080");
+    let vip = sa("10.0.100.2:80");
+    // Every port but one held by a live flow of another client.
+    let now = monotonic_coarse_ns();
+    for port in (BASE..BASE + COUNT).filter(|p| *p != FREE) {
+        let client = SocketAddr::new(ip("10.0.9.1"), port);
+        let rev = NatRev {
+            client: addr::to_words(client.ip()),
+            vip: addr::to_words(vip.ip()),
+            client_port_be: client.port().to_be(),
+            vip_port_be: vip.port().to_be(),
+            last_seen_ns: now,
+            timeout_s: 3600,
+            ..NatRev::default()
+        };
+        let key = addr::flow_key(be, SocketAddr::new(ip(SNAT4), port), PROTO_TCP);
+        h.dp.maps.nat_rev.insert(key, rev, 0).unwrap();
+    }
+    // New clients, one after the other, each given its port back after:
+    // every one must find the free port.
+    for n in 0..40 {
+        let client = SocketAddr::new(ip("10.0.0.1"), 40000 + n);
+        let syn = Seg::tcp(client, vip, frame::SYN, b"");
+        let port = h.forward("a new client", &syn, 0, be, ip(SNAT4));
+        assert_eq!(port, FREE, "client {n}: the one free port");
+        let fwd_key = addr::flow_key(client, vip, PROTO_TCP);
+        h.dp.maps.nat_fwd.remove(&fwd_key).unwrap();
+        let rev_key = addr::flow_key(be, SocketAddr::new(ip(SNAT4), FREE), PROTO_TCP);
+        h.dp.maps.nat_rev.remove(&rev_key).unwrap();
+    }
+    assert_eq!(h.reason(Reason::DropNatFull), 0);
+    // With that port taken too, the range is full: the next client is
+    // refused.
+    let syn = Seg::tcp(sa("10.0.0.2:40000"), vip, frame::SYN, b"");
+    h.forward("the last port's client", &syn, 0, be, ip(SNAT4));
+    let input = Seg::tcp(sa("10.0.0.3:40000"), vip, frame::SYN, b"").frame(LB_MAC_A, CLIENT_MAC);
+    assert_eq!(h.run(&input).0, XDP_DROP, "no port left");
+    assert_eq!(h.reason(Reason::DropNatFull), 1);
 }
 
 #[test]

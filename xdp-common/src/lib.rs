@@ -73,7 +73,8 @@ pub const MAX_FLOWS: u32 = 262_144;
 pub const MAX_OPENING_FLOWS: u32 = 65_536;
 /// Capacity of each NAT table (flows translated at once).
 pub const MAX_NAT_FLOWS: u32 = 262_144;
-/// Source ports tried for a new NAT flow before it is refused.
+/// Random source ports tried for a new NAT flow before the datapath scans
+/// the whole range for a free one.
 pub const NAT_PORT_TRIES: u32 = 8;
 /// Capacity of the egress-interface devmap.
 pub const MAX_TX_PORTS: u32 = 64;
@@ -281,8 +282,9 @@ pub const fn nat_expired(last_seen_ns: u64, timeout_s: u32, now_ns: u64) -> bool
 /// Who may remove a dead flow's entries depends on how long it has been
 /// dead, so the datapath and the daemon's sweeper never act on the same
 /// entry: the datapath may reuse a dead flow's port (and drop its entries)
-/// for this long after its timeout ...
-pub const NAT_RECLAIM_WINDOW_S: u32 = 60;
+/// for this long after its timeout (short: dead entries hold table space
+/// until someone removes them) ...
+pub const NAT_RECLAIM_WINDOW_S: u32 = 10;
 /// ... then nobody touches it for this long (more than any datapath run
 /// can take between reading a clock and writing an entry) ...
 pub const NAT_SWEEP_MARGIN_S: u32 = 2;

@@ -12,6 +12,8 @@ use xdp_common::{
     MAX_OPENING_FLOWS, MAX_SERVICES, MAX_TX_PORTS, REASON_COUNT,
 };
 
+use crate::nat::PortScan;
+
 /// BPF_F_NO_COMMON_LRU: one LRU list per CPU, so CPUs never contend on a
 /// shared list lock when they insert flows (Katran keeps per-CPU LRUs for
 /// the same reason). The hash table itself stays shared, so userspace sees
@@ -64,6 +66,15 @@ pub static NAT_REV: HashMap<FlowKey, NatRev> = HashMap::pinned(MAX_NAT_FLOWS, 0)
 /// Unanswered NAT flows per source address (`nat::sources`).
 #[map(name = "xdplb_natsrc_v1")]
 pub static NAT_SOURCES: LruHashMap<[u32; 4], NatSource> = LruHashMap::pinned(MAX_NAT_SOURCES, 0);
+
+/// Per backend, per CPU: until when its NAT port range counts as full
+/// (`nat::allocate`).
+#[map(name = "xdplb_natfull_v1")]
+pub static NAT_FULL_UNTIL: PerCpuArray<u64> = PerCpuArray::pinned(MAX_BACKENDS, 0);
+
+/// Scratch space of a port allocation (one per CPU, not pinned).
+#[map(name = "xdplb_natscan")]
+pub static NAT_SCAN: PerCpuArray<PortScan> = PerCpuArray::with_max_entries(1, 0);
 
 #[map(name = "xdplb_glob_v2")]
 pub static GLOBALS: Array<Globals> = Array::pinned(1, 0);

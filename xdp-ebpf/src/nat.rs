@@ -10,23 +10,25 @@
 //! bound (`NAT_UNANSWERED_PER_SOURCE`): spoofed SYNs, which are never
 //! answered, hold source ports for seconds, and no one source holds many.
 
+use core::ffi::c_void;
+
 use aya_ebpf::{
     bindings::{bpf_fib_lookup, xdp_action, BPF_FIB_LKUP_RET_SUCCESS, BPF_NOEXIST},
-    helpers::{bpf_fib_lookup, bpf_ktime_get_coarse_ns},
+    helpers::{bpf_fib_lookup, bpf_get_prandom_u32, bpf_ktime_get_coarse_ns, bpf_loop},
     programs::XdpContext,
 };
 use network_types::eth::EthHdr;
 use xdp_common::{
-    hash::flow_hash, nat_expired, nat_partner_expired, Backend, FlowKey, NatFwd, NatRev, NatSource,
-    Reason, Service, ServiceKey, NAT_F_ANSWERED, NAT_F_CLOSING, NAT_F_REFUSED, NAT_F_RETRIED,
-    NAT_PORT_TRIES, NAT_UNANSWERED_PER_SOURCE, NAT_UNANSWERED_TIMEOUT_S, PROTO_TCP, PROTO_UDP,
-    SVC_F_NAT_RETRY, SYN_RETRANSMITTED_NS, V4_MAPPED_PREFIX,
+    nat_expired, nat_partner_expired, Backend, FlowKey, NatFwd, NatRev, NatSource, Reason, Service,
+    ServiceKey, NAT_F_ANSWERED, NAT_F_CLOSING, NAT_F_REFUSED, NAT_F_RETRIED, NAT_PORT_TRIES,
+    NAT_UNANSWERED_PER_SOURCE, NAT_UNANSWERED_TIMEOUT_S, PROTO_TCP, PROTO_UDP, SVC_F_NAT_RETRY,
+    SYN_RETRANSMITTED_NS, V4_MAPPED_PREFIX,
 };
 
 use crate::{
     csum::{self, Diff},
     forward, maglev,
-    maps::{BACKENDS, NAT_FWD, NAT_REV, NAT_SOURCES, SERVICES},
+    maps::{BACKENDS, NAT_FULL_UNTIL, NAT_FWD, NAT_REV, NAT_SCAN, NAT_SOURCES, SERVICES},
     parse::{ptr_at, Packet, PROTO_ICMP, PROTO_ICMPV6},
     replicate,
     stats::{self, count},
@@ -172,7 +174,7 @@ pub fn forward(ctx: &XdpContext, p: &Packet, service: &Service) -> Result<u32, R
     if !retried {
         admit_source(&key.src, now)?;
     }
-    let port = allocate(ctx, p, service, backend, now)?;
+    let port = allocate(ctx, p, service, id, backend, now)?;
     let fwd = NatFwd {
         backend: id,
         nat_port_be: port,
@@ -230,14 +232,19 @@ fn release(key: &FlowKey, backend_id: u32, snat: &[u32; 4], port_be: u16, now: u
     }
 }
 
-/// Picks a source port whose reply key is free (or idle past its
-/// timeout), and records the reply entry. A few tries, starting at a
-/// flow-hash-chosen port, so no per-CPU pool or lock is needed.
+/// Picks a source port whose reply key is free (or whose flow is dead:
+/// see `NatRev::reclaimable`) and records the reply entry there. A few
+/// random ports first; if all are taken (the range is getting full), a
+/// scan of the whole range from a random port, which fails only when no
+/// port of the range is free, and then no scan is tried again for this
+/// backend on this CPU for `FULL_HOLD_NS`, so a full range costs a flood
+/// one scan per period, not one per SYN.
 #[inline(always)]
 fn allocate(
     ctx: &XdpContext,
     p: &Packet,
     service: &Service,
+    backend_id: u32,
     backend: &Backend,
     now: u64,
 ) -> Result<u16, Reason> {
@@ -245,57 +252,147 @@ fn allocate(
     let eth: *const EthHdr = ptr_at(ctx, 0).ok_or(Reason::PassMalformed)?;
     // SAFETY: bounds checked.
     let (client_mac, lb_mac) = unsafe { ((*eth).src_addr, (*eth).dst_addr) };
-    let rev = NatRev {
-        client: key.src,
-        vip: key.dst,
-        client_mac,
-        lb_mac,
-        client_port_be: key.sport_be,
-        vip_port_be: key.dport_be,
-        ifindex: ctx.ingress_ifindex() as u32,
-        flags: 0,
-        _pad: 0,
-        last_seen_ns: now,
-        timeout_s: unanswered_timeout(service, key.proto),
-        _pad2: 0,
-    };
     let count_ports = u32::from(service.nat_port_count);
     if count_ports == 0 {
         return Err(Reason::DropNatFull);
     }
-    let start = flow_hash(key, false);
+    // The scan's state lives in a per-CPU scratch entry, not on the stack:
+    // the verifier counts this program's stack and the loop callback's
+    // together, within 512 bytes.
+    let scan = NAT_SCAN.get_ptr_mut(0).ok_or(Reason::DropNatFull)?;
+    // SAFETY: this CPU's own entry, used only during this run.
+    let scan = unsafe { &mut *scan };
+    *scan = PortScan {
+        rk: reply_key(backend, &backend.snat_addr, 0, key.proto),
+        rev: NatRev {
+            client: key.src,
+            vip: key.dst,
+            client_mac,
+            lb_mac,
+            client_port_be: key.sport_be,
+            vip_port_be: key.dport_be,
+            ifindex: ctx.ingress_ifindex() as u32,
+            flags: 0,
+            _pad: 0,
+            last_seen_ns: now,
+            timeout_s: unanswered_timeout(service, key.proto),
+            _pad2: 0,
+        },
+        now,
+        base: u32::from(service.nat_port_base),
+        count: count_ports,
+        start: 0,
+        port_be: 0,
+        old_client: FlowKey::default(),
+    };
     let mut i = 0;
     while i < NAT_PORT_TRIES {
-        // Odd stride: successive tries land on different ports.
-        let port = service
-            .nat_port_base
-            .wrapping_add((start.wrapping_add(i * 7919) % count_ports) as u16)
-            .to_be();
-        let rk = reply_key(backend, &backend.snat_addr, port, key.proto);
-        if NAT_REV.insert(&rk, &rev, u64::from(BPF_NOEXIST)).is_ok() {
+        // SAFETY: a helper without arguments.
+        let port = scan.port(unsafe { bpf_get_prandom_u32() });
+        if take_port(scan, port) {
             return Ok(port);
-        }
-        if let Some(old) = NAT_REV.get_ptr(&rk) {
-            // SAFETY: valid for this run.
-            let old = unsafe { &*old };
-            // Dead both ways: a one-way flow (the client sends, the backend
-            // never answers) keeps its port while the client keeps sending.
-            let old_client = old.client_key(key.proto);
-            // SAFETY: valid for this run.
-            let partner = NAT_FWD.get_ptr(&old_client).map(|f| unsafe { &*f });
-            let partner_expired = nat_partner_expired(partner, &rk, now);
-            if old.reclaimable(partner_expired, now) && NAT_REV.insert(&rk, &rev, 0).is_ok() {
-                // The old flow's client side goes with its port, so
-                // expired flows (a flood's) never fill NAT_FWD.
-                if partner.is_some_and(|f| f.owns(&rk)) {
-                    let _ = NAT_FWD.remove(&old_client);
-                }
-                return Ok(port);
-            }
         }
         i += 1;
     }
-    Err(Reason::DropNatFull)
+    let full_until = NAT_FULL_UNTIL
+        .get_ptr_mut(backend_id)
+        .ok_or(Reason::DropNatFull)?;
+    // SAFETY: this CPU's own slot.
+    let full_until = unsafe { &mut *full_until };
+    if now < *full_until {
+        return Err(Reason::DropNatFull);
+    }
+    // SAFETY: a helper without arguments.
+    scan.start = unsafe { bpf_get_prandom_u32() };
+    let callback = scan_port as *const () as *mut c_void;
+    // SAFETY: `scan_port` takes no context (it finds `NAT_SCAN` itself).
+    unsafe { bpf_loop(count_ports, callback, core::ptr::null_mut(), 0) };
+    if scan.port_be == 0 {
+        *full_until = now + FULL_HOLD_NS;
+        return Err(Reason::DropNatFull);
+    }
+    Ok(scan.port_be)
+}
+
+/// How long a backend whose whole port range was found taken gets no new
+/// scan on that CPU.
+const FULL_HOLD_NS: u64 = 100_000_000;
+
+/// The state of one port allocation (`NAT_SCAN`).
+#[repr(C)]
+pub struct PortScan {
+    /// The reply key being allocated; its destination port is tried.
+    rk: FlowKey,
+    rev: NatRev,
+    now: u64,
+    base: u32,
+    count: u32,
+    /// Where the scan starts in the range.
+    start: u32,
+    /// The port taken (network order), 0 if none yet.
+    port_be: u16,
+    /// The client-side key of a port's previous flow (here rather than on
+    /// the callback's stack, which the verifier counts with the caller's).
+    old_client: FlowKey,
+}
+
+impl PortScan {
+    /// The `n`-th port of the range (any `n`), network order.
+    #[inline(always)]
+    fn port(&self, n: u32) -> u16 {
+        // `checked_rem`: no division-by-zero panic path (the verifier
+        // refuses one), though `allocate` never scans an empty range.
+        ((self.base + n.checked_rem(self.count).unwrap_or(0)) as u16).to_be()
+    }
+}
+
+/// One step of the scan: tries port `start + i`; 1 stops the loop.
+extern "C" fn scan_port(i: u32, _: *mut c_void) -> i64 {
+    let Some(scan) = NAT_SCAN.get_ptr_mut(0) else {
+        return 1;
+    };
+    // SAFETY: this CPU's own entry, which `allocate` filled.
+    let scan = unsafe { &mut *scan };
+    let port = scan.port(scan.start.wrapping_add(i));
+    if take_port(scan, port) {
+        scan.port_be = port;
+        return 1;
+    }
+    0
+}
+
+/// Records the reply entry at `port` if its reply key is free or its flow
+/// is dead (then the old flow's client side goes with it, so expired
+/// flows, a flood's, never fill NAT_FWD).
+#[inline(always)]
+fn take_port(scan: &mut PortScan, port: u16) -> bool {
+    scan.rk.dport_be = port;
+    let rk = &scan.rk;
+    let now = scan.now;
+    let Some(old) = NAT_REV.get_ptr(rk) else {
+        return NAT_REV
+            .insert(rk, &scan.rev, u64::from(BPF_NOEXIST))
+            .is_ok();
+    };
+    // SAFETY: valid for this run.
+    let old = unsafe { &*old };
+    if !old.expired(now) {
+        // Held (the common case in a scan): no need to look at its partner.
+        return false;
+    }
+    // Dead both ways: a one-way flow (the client sends, the backend never
+    // answers) keeps its port while the client keeps sending.
+    scan.old_client = old.client_key(rk.proto);
+    // SAFETY: valid for this run.
+    let partner = NAT_FWD.get_ptr(&scan.old_client).map(|f| unsafe { &*f });
+    let partner_expired = nat_partner_expired(partner, rk, now);
+    if !old.reclaimable(partner_expired, now) || NAT_REV.insert(rk, &scan.rev, 0).is_err() {
+        return false;
+    }
+    if partner.is_some_and(|f| f.owns(rk)) {
+        let _ = NAT_FWD.remove(&scan.old_client);
+    }
+    true
 }
 
 #[inline(always)]

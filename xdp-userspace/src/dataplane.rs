@@ -575,9 +575,14 @@ impl NatSweeper {
             deleted[0] += usize::from(take_if(&mut self.fwd, &self.fds[0], k, f)?);
         }
         let count = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+        let live_fwd = fwd.iter().filter(|(_, f)| !f.expired(now_ns)).count();
+        let live_rev = rev.iter().filter(|(k, r)| {
+            let partner = fwd_by_key.get(&r.client_key(k.proto));
+            !r.expired(now_ns) || !nat_partner_expired(partner, k, now_ns)
+        });
         Ok(NatOccupancy {
-            flows: count(fwd.len() - deleted[0]),
-            reverse: count(rev.len() - deleted[1]),
+            flows: count(live_fwd),
+            reverse: count(live_rev.count()),
             capacity: MAX_NAT_FLOWS,
             reclaimed: count(deleted[1]),
         })
@@ -682,7 +687,8 @@ pub(crate) enum Write {
 pub struct NatOccupancy {
     /// Translated flows (client-side entries) still live.
     pub flows: u32,
-    /// Reply entries, i.e. allocated source ports, still live.
+    /// Source ports held by flows still live (a dead flow's port is free
+    /// to the datapath, though its entry may not be deleted yet).
     pub reverse: u32,
     /// Capacity of each table.
     pub capacity: u32,
