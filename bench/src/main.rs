@@ -17,6 +17,7 @@ mod pps;
 mod profile;
 mod replication;
 mod report;
+mod scale;
 
 use std::{
     collections::BTreeMap,
@@ -88,6 +89,10 @@ const BENCHES: &[Bench] = &[
         name: "node-loss",
         run: node_loss::run,
     },
+    Bench {
+        name: "control-plane",
+        run: |o| one(scale::run(o)),
+    },
 ];
 
 /// The method text of the groups this crate measures itself.
@@ -101,6 +106,7 @@ fn description(group: &str) -> Option<&'static str> {
         node_loss::GROUP => Some(node_loss::DESCRIPTION),
         failover::GROUP => Some(failover::DESCRIPTION),
         replication::GROUP => Some(replication::DESCRIPTION),
+        scale::GROUP => Some(scale::DESCRIPTION),
         g if g.starts_with("e2e") => Some(e2e::DESCRIPTION),
         _ => None,
     }
