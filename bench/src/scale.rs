@@ -135,7 +135,8 @@ fn config(services: usize, backends: usize) -> String {
     let mut c = String::with_capacity(backends * 48);
     for s in 0..services {
         c += &format!(
-            "[[service]]\nname = \"s{s}\"\nvip = \"10.85.0.{}\"\nport = 80\nprotocol = \"tcp\"\nmode = \"nat\"\n\n",
+            "[[service]]\nname = \"s{s}\"\nvip = \"10.85.0.{}\"\nport = 80\n\
+             protocol = \"tcp\"\nmode = \"nat\"\n\n",
             s + 1
         );
         for i in s * per..(s + 1) * per {

@@ -599,13 +599,14 @@ fn connections_refused_by_a_killed_backend_succeed_on_another() {
     assert_eq!(reasons(&bed)["nat_retry"].as_u64().unwrap(), retried);
 }
 
-/// Connection churn through a two-arm NAT service: new connections (one
-/// request each, the server closing) as fast as one client thread makes
-/// them, for 60 s. The port range is sized from the rate measured first, so
-/// that about half of it is held at the steady state (every closed flow
-/// keeps its port for `tcp_closing_timeout`, 10 s): random tries alone
-/// would then miss a free port about once in 2^8 new flows. No SYN may be
-/// refused while ports remain, and no request may fail.
+/// Connection churn through a two-arm NAT service with a pool of two SNAT
+/// addresses: new connections (one request each, the server closing) as
+/// fast as one client thread makes them, for 60 s. The port range is sized
+/// from the rate measured first, so that about half of the (address, port)
+/// pairs are held at the steady state (every closed flow keeps its port
+/// for `tcp_closing_timeout`, 10 s): random tries alone would then miss a
+/// free one about once in 2^8 new flows. No SYN may be refused while pairs
+/// remain, no request may fail, and both addresses carry flows.
 #[test]
 fn connection_churn_is_never_refused_a_port_while_ports_remain() {
     const CLOSING_S: f64 = 10.0;
@@ -619,12 +620,29 @@ fn connection_churn_is_never_refused_a_port_while_ports_remain() {
     let warm = warm.stop();
     assert!(warm.iter().all(|s| s.result.is_ok()), "warm-up failed");
     let rate = warm.len() as f64 / 3.0;
-    // Ports per backend for half the range held: rate x closing timeout
-    // flows held, spread over 3 backends.
-    let ports = ((rate * CLOSING_S * 2.0 / 3.0) as u32).clamp(1000, 63000);
+    // A second SNAT address on the lb's backend side.
+    let snat = bed.topo.snat_addr(false);
+    let IpAddr::V4(first) = snat else {
+        unreachable!("IPv4")
+    };
+    let second = IpAddr::from([first.octets()[0], first.octets()[1], first.octets()[2], 250]);
+    let shown = bed
+        .topo
+        .lb()
+        .exec(&["ip", "-o", "addr", "show", "to", &snat.to_string()]);
+    let iface = shown.unwrap().split_whitespace().nth(1).unwrap().to_owned();
+    let addr = format!("{second}/32");
+    bed.topo
+        .lb()
+        .exec(&["ip", "addr", "add", &addr, "dev", &iface])
+        .unwrap();
+    // Ports per backend and address for half the pairs held: rate x
+    // closing timeout flows held, spread over 3 backends and 2 addresses.
+    let ports = ((rate * CLOSING_S * 2.0 / 6.0) as u32).clamp(1000, 63000);
     let config = std::fs::read_to_string(bed.lb().config_path()).unwrap();
     let range = format!("ports = \"2000-{}\"", 2000 + ports - 1);
-    let sized = config.replace("ports = \"20000-59999\"", &range);
+    let pool = format!("snat_addresses = [\"{snat}\", \"{second}\"]\n{range}");
+    let sized = config.replacen("ports = \"20000-59999\"", &pool, 1);
     assert_ne!(sized, config);
     bed.lb().write_config(&sized).unwrap();
     bed.lb().cli(&["reload"]).unwrap();
@@ -641,10 +659,22 @@ fn connection_churn_is_never_refused_a_port_while_ports_remain() {
     let samples = load.stop();
     let failed: Vec<&Sample> = samples.iter().filter(|s| s.result.is_err()).collect();
     let refused = bed.reason(Reason::DropNatFull) - refused_before;
-    let capacity = 3 * u64::from(ports);
+    let capacity = 2 * 3 * u64::from(ports);
+    // Both addresses carry flows (their reply entries name them).
+    let maps = Maps::open_pinned(&bed.lb().pin_dir).unwrap();
+    let on = |a: IpAddr| {
+        let words = xdplb::addr::to_words(a);
+        maps.nat_rev
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| k.dst == words)
+            .count()
+    };
+    let (on_first, on_second) = (on(snat), on(second));
     eprintln!(
         "churn: {} connections in {:?} ({:.0}/s; warm-up {rate:.0}/s), {} failed, \
-         drop_nat_full {refused}; {range} x 3 backends: peak {peak} of {capacity} in use \
+         drop_nat_full {refused}; {range} x 2 addresses x 3 backends: peak {peak} of \
+         {capacity} in use ({on_first} and {on_second} reply entries on the two addresses) \
          ({:.0} %)",
         samples.len(),
         RUN,
@@ -656,6 +686,7 @@ fn connection_churn_is_never_refused_a_port_while_ports_remain() {
         peak < capacity,
         "the range was really full: the test measures nothing"
     );
+    assert!(on_first > 0 && on_second > 0, "both SNAT addresses in use");
     assert_eq!(refused, 0, "SYNs refused a port while ports remained");
     assert!(
         failed.is_empty(),

@@ -20,8 +20,8 @@ use std::{
 };
 
 use xdp_common::{
-    Backend, FlowKey, NatFwd, NatRev, Reason, BACKEND_ACTIVE, NAT_F_ANSWERED, NAT_F_CLOSING,
-    NAT_F_REFUSED, NAT_F_REPLICATED, NAT_UNANSWERED_TIMEOUT_S, PROTO_TCP, PROTO_UDP,
+    Backend, FlowKey, NatFwd, NatRev, Reason, SnatPool, BACKEND_ACTIVE, NAT_F_ANSWERED,
+    NAT_F_CLOSING, NAT_F_REFUSED, NAT_F_REPLICATED, NAT_UNANSWERED_TIMEOUT_S, PROTO_TCP, PROTO_UDP,
     SVC_F_NAT_RETRY,
 };
 use xdplb::{addr, dataplane::monotonic_coarse_ns};
@@ -892,6 +892,51 @@ fn a_one_way_udp_flow_that_keeps_sending_keeps_its_port() {
         vip,
         a,
     );
+}
+
+/// A pool of SNAT addresses: each address has the whole port range, so
+/// two addresses with one port each hold two flows; replies to either are
+/// translated back; a third flow finds no (address, port) left.
+#[test]
+fn a_pool_of_snat_addresses_multiplies_the_ports() {
+    let mut h = Harness::new();
+    h.set_backend(0, 0, "10.0.1.12", 8080, SNAT4);
+    let timeouts = DEFAULT_TIMEOUTS;
+    h.set_service(0, "10.0.100.2", 80, PROTO_TCP, &[0], (30000, 1), timeouts);
+    let pool = ["10.0.1.1", "10.0.1.2"];
+    let mut snat = SnatPool {
+        count: 2,
+        ..SnatPool::default()
+    };
+    for (slot, a) in snat.addrs.iter_mut().zip(pool) {
+        *slot = addr::to_words(ip(a));
+    }
+    h.dp.maps.snat_pools.set(0, snat, 0).unwrap();
+    let be = sa("10.0.1.12:8080");
+    let vip = sa("10.0.100.2:80");
+    let mut used = Vec::new();
+    for n in 0..2 {
+        let client = SocketAddr::new(ip("10.0.0.1"), 40000 + n);
+        let input = Seg::tcp(client, vip, frame::SYN, b"").frame(LB_MAC_A, CLIENT_MAC);
+        assert_eq!(h.run(&input).0, XDP_TX, "client {n}");
+        let f = h.fwd(client, vip, PROTO_TCP).expect("translated");
+        let from = addr::from_words(f.snat_addr);
+        let port = u16::from_be(f.nat_port_be);
+        assert_eq!(port, 30000);
+        used.push(from);
+        let reply = Seg::tcp(
+            be,
+            SocketAddr::new(from, port),
+            frame::SYN | frame::ACK,
+            b"",
+        );
+        h.reverse("the backend's answer", &reply, 0, vip, client);
+    }
+    used.sort();
+    assert_eq!(used, [ip(pool[0]), ip(pool[1])], "one flow on each address");
+    let input = Seg::tcp(sa("10.0.0.1:40002"), vip, frame::SYN, b"").frame(LB_MAC_A, CLIENT_MAC);
+    assert_eq!(h.run(&input).0, XDP_DROP, "both addresses' one port taken");
+    assert_eq!(h.reason(Reason::DropNatFull), 1);
 }
 
 /// Random tries miss the last free ports of a nearly full range; the scan

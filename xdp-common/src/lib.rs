@@ -52,6 +52,11 @@ pub mod map_names {
     pub const SIGNALS: &str = "xdplb_besig_v1";
     /// DEVMAP_HASH of egress interfaces for XDP_REDIRECT, keyed by ifindex.
     pub const TX_PORTS: &str = "xdplb_txport_v1";
+    /// NAT: service id -> `SnatPool`.
+    pub const SNAT_POOLS: &str = "xdplb_snatpool_v1";
+    /// NAT: per CPU, backend id -> until when its port range counts as
+    /// full (`bpf_ktime_get_coarse_ns`).
+    pub const NAT_FULL_UNTIL: &str = "xdplb_natfull_v1";
 }
 
 /// Capacity of the services map.
@@ -259,6 +264,21 @@ pub const NAT_UNANSWERED_TIMEOUT_S: u32 = 5;
 pub const NAT_UNANSWERED_PER_SOURCE: u32 = 1024;
 /// Source addresses tracked for that bound (LRU).
 pub const MAX_NAT_SOURCES: u32 = 65536;
+
+/// SNAT addresses of one NAT service at most.
+pub const MAX_SNAT_POOL: usize = 8;
+
+/// The SNAT addresses a NAT service translates to, by service id: a new
+/// flow gets a free (address, port) of `addrs[..count]` x the port range,
+/// so capacity grows with the addresses. `count` 0: the backend's own
+/// `snat_addr` alone.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct SnatPool {
+    pub count: u32,
+    pub _pad: u32,
+    pub addrs: [[u32; 4]; MAX_SNAT_POOL],
+}
 
 /// Unanswered NAT flows of one source address.
 #[repr(C)]
@@ -577,6 +597,7 @@ mod pod {
     unsafe impl aya::Pod for super::NatRev {}
     unsafe impl aya::Pod for super::Globals {}
     unsafe impl aya::Pod for super::NatSource {}
+    unsafe impl aya::Pod for super::SnatPool {}
     unsafe impl aya::Pod for super::Signals {}
 }
 

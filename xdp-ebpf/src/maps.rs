@@ -8,7 +8,7 @@ use aya_ebpf::{
 };
 use xdp_common::{
     Backend, Counters, Flow, FlowKey, Globals, NatFwd, NatRev, NatSource, Service, ServiceKey,
-    Signals, MAGLEV_SLOTS, MAX_BACKENDS, MAX_FLOWS, MAX_NAT_FLOWS, MAX_NAT_SOURCES,
+    Signals, SnatPool, MAGLEV_SLOTS, MAX_BACKENDS, MAX_FLOWS, MAX_NAT_FLOWS, MAX_NAT_SOURCES,
     MAX_OPENING_FLOWS, MAX_SERVICES, MAX_TX_PORTS, REASON_COUNT,
 };
 
@@ -71,6 +71,10 @@ pub static NAT_SOURCES: LruHashMap<[u32; 4], NatSource> = LruHashMap::pinned(MAX
 /// (`nat::allocate`).
 #[map(name = "xdplb_natfull_v1")]
 pub static NAT_FULL_UNTIL: PerCpuArray<u64> = PerCpuArray::pinned(MAX_BACKENDS, 0);
+
+/// SNAT addresses per NAT service id (`nat::allocate`).
+#[map(name = "xdplb_snatpool_v1")]
+pub static SNAT_POOLS: Array<SnatPool> = Array::pinned(MAX_SERVICES, 0);
 
 /// Scratch space of a port allocation (one per CPU, not pinned).
 #[map(name = "xdplb_natscan")]

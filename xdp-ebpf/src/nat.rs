@@ -20,15 +20,17 @@ use aya_ebpf::{
 use network_types::eth::EthHdr;
 use xdp_common::{
     nat_expired, nat_partner_expired, Backend, FlowKey, NatFwd, NatRev, NatSource, Reason, Service,
-    ServiceKey, NAT_F_ANSWERED, NAT_F_CLOSING, NAT_F_REFUSED, NAT_F_RETRIED, NAT_PORT_TRIES,
-    NAT_UNANSWERED_PER_SOURCE, NAT_UNANSWERED_TIMEOUT_S, PROTO_TCP, PROTO_UDP, SVC_F_NAT_RETRY,
-    SYN_RETRANSMITTED_NS, V4_MAPPED_PREFIX,
+    ServiceKey, MAX_SNAT_POOL, NAT_F_ANSWERED, NAT_F_CLOSING, NAT_F_REFUSED, NAT_F_RETRIED,
+    NAT_PORT_TRIES, NAT_UNANSWERED_PER_SOURCE, NAT_UNANSWERED_TIMEOUT_S, PROTO_TCP, PROTO_UDP,
+    SVC_F_NAT_RETRY, SYN_RETRANSMITTED_NS, V4_MAPPED_PREFIX,
 };
 
 use crate::{
     csum::{self, Diff},
     forward, maglev,
-    maps::{BACKENDS, NAT_FULL_UNTIL, NAT_FWD, NAT_REV, NAT_SCAN, NAT_SOURCES, SERVICES},
+    maps::{
+        BACKENDS, NAT_FULL_UNTIL, NAT_FWD, NAT_REV, NAT_SCAN, NAT_SOURCES, SERVICES, SNAT_POOLS,
+    },
     parse::{ptr_at, Packet, PROTO_ICMP, PROTO_ICMPV6},
     replicate,
     stats::{self, count},
@@ -174,7 +176,8 @@ pub fn forward(ctx: &XdpContext, p: &Packet, service: &Service) -> Result<u32, R
     if !retried {
         admit_source(&key.src, now)?;
     }
-    let port = allocate(ctx, p, service, id, backend, now)?;
+    let taken = allocate(ctx, p, service, id, backend, now)?;
+    let (snat, port) = (taken.rk.dst, taken.port_be);
     let fwd = NatFwd {
         backend: id,
         nat_port_be: port,
@@ -182,10 +185,10 @@ pub fn forward(ctx: &XdpContext, p: &Packet, service: &Service) -> Result<u32, R
         last_seen_ns: now,
         timeout_s: unanswered_timeout(service, key.proto),
         _pad: 0,
-        snat_addr: backend.snat_addr,
+        snat_addr: snat,
     };
     if NAT_FWD.insert(key, &fwd, 0).is_err() {
-        let _ = NAT_REV.remove(&reply_key(backend, &backend.snat_addr, port, key.proto));
+        let _ = NAT_REV.remove(&taken.rk);
         return Err(Reason::DropNatFull);
     }
     count(if retried {
@@ -197,15 +200,7 @@ pub fn forward(ctx: &XdpContext, p: &Packet, service: &Service) -> Result<u32, R
     if key.proto != PROTO_TCP {
         stats::signal(id, |s| &mut s.confirmed);
     }
-    send_forward(
-        ctx,
-        p,
-        id,
-        service,
-        backend,
-        (backend.snat_addr, port),
-        true,
-    )
+    send_forward(ctx, p, id, service, backend, (snat, port), true)
 }
 
 #[inline(always)]
@@ -247,7 +242,7 @@ fn allocate(
     backend_id: u32,
     backend: &Backend,
     now: u64,
-) -> Result<u16, Reason> {
+) -> Result<&'static PortScan, Reason> {
     let key = &p.key;
     let eth: *const EthHdr = ptr_at(ctx, 0).ok_or(Reason::PassMalformed)?;
     // SAFETY: bounds checked.
@@ -262,35 +257,42 @@ fn allocate(
     let scan = NAT_SCAN.get_ptr_mut(0).ok_or(Reason::DropNatFull)?;
     // SAFETY: this CPU's own entry, used only during this run.
     let scan = unsafe { &mut *scan };
-    *scan = PortScan {
-        rk: reply_key(backend, &backend.snat_addr, 0, key.proto),
-        rev: NatRev {
-            client: key.src,
-            vip: key.dst,
-            client_mac,
-            lb_mac,
-            client_port_be: key.sport_be,
-            vip_port_be: key.dport_be,
-            ifindex: ctx.ingress_ifindex() as u32,
-            flags: 0,
-            _pad: 0,
-            last_seen_ns: now,
-            timeout_s: unanswered_timeout(service, key.proto),
-            _pad2: 0,
-        },
-        now,
-        base: u32::from(service.nat_port_base),
-        count: count_ports,
-        start: 0,
-        port_be: 0,
-        old_client: FlowKey::default(),
+    // Field by field: a whole-struct assignment would be built on the
+    // stack first, and the verifier counts this program's stack and the
+    // loop callback's together.
+    scan.rk = reply_key(backend, &backend.snat_addr, 0, key.proto);
+    scan.rev = NatRev {
+        client: key.src,
+        vip: key.dst,
+        client_mac,
+        lb_mac,
+        client_port_be: key.sport_be,
+        vip_port_be: key.dport_be,
+        ifindex: ctx.ingress_ifindex() as u32,
+        flags: 0,
+        _pad: 0,
+        last_seen_ns: now,
+        timeout_s: unanswered_timeout(service, key.proto),
+        _pad2: 0,
     };
+    scan.now = now;
+    scan.base = u32::from(service.nat_port_base);
+    scan.count = count_ports;
+    scan.port_be = 0;
+    scan.addrs = 1;
+    // A pool of SNAT addresses multiplies the candidates.
+    if let Some(pool) = SNAT_POOLS.get(service.id).filter(|p| p.count > 1) {
+        scan.addrs = pool.count.min(MAX_SNAT_POOL as u32);
+        scan.pool = pool.addrs;
+    }
+    let candidates = count_ports * scan.addrs;
     let mut i = 0;
     while i < NAT_PORT_TRIES {
         // SAFETY: a helper without arguments.
-        let port = scan.port(unsafe { bpf_get_prandom_u32() });
+        let port = scan.candidate(unsafe { bpf_get_prandom_u32() });
         if take_port(scan, port) {
-            return Ok(port);
+            scan.port_be = port;
+            return Ok(scan);
         }
         i += 1;
     }
@@ -306,12 +308,12 @@ fn allocate(
     scan.start = unsafe { bpf_get_prandom_u32() };
     let callback = scan_port as *const () as *mut c_void;
     // SAFETY: `scan_port` takes no context (it finds `NAT_SCAN` itself).
-    unsafe { bpf_loop(count_ports, callback, core::ptr::null_mut(), 0) };
+    unsafe { bpf_loop(candidates, callback, core::ptr::null_mut(), 0) };
     if scan.port_be == 0 {
         *full_until = now + FULL_HOLD_NS;
         return Err(Reason::DropNatFull);
     }
-    Ok(scan.port_be)
+    Ok(scan)
 }
 
 /// How long a backend whose whole port range was found taken gets no new
@@ -334,14 +336,28 @@ pub struct PortScan {
     /// The client-side key of a port's previous flow (here rather than on
     /// the callback's stack, which the verifier counts with the caller's).
     old_client: FlowKey,
+    /// SNAT addresses to allocate from: `pool[..addrs]`, or the backend's
+    /// own (already in `rk`) when 1.
+    addrs: u32,
+    pool: [[u32; 4]; MAX_SNAT_POOL],
 }
 
 impl PortScan {
-    /// The `n`-th port of the range (any `n`), network order.
+    /// Candidate `n` (any `n`) of the (address, port) pairs: sets its
+    /// address in `rk` and returns its port, network order.
     #[inline(always)]
-    fn port(&self, n: u32) -> u16 {
-        // `checked_rem`: no division-by-zero panic path (the verifier
-        // refuses one), though `allocate` never scans an empty range.
+    fn candidate(&mut self, n: u32) -> u16 {
+        // `checked_*` and `get`: no panic paths (the verifier refuses
+        // them), though `allocate` never scans an empty range.
+        if self.addrs > 1 {
+            let i = n
+                .checked_div(self.count)
+                .unwrap_or(0)
+                .checked_rem(self.addrs);
+            if let Some(addr) = self.pool.get(i.unwrap_or(0) as usize) {
+                self.rk.dst = *addr;
+            }
+        }
         ((self.base + n.checked_rem(self.count).unwrap_or(0)) as u16).to_be()
     }
 }
@@ -353,7 +369,7 @@ extern "C" fn scan_port(i: u32, _: *mut c_void) -> i64 {
     };
     // SAFETY: this CPU's own entry, which `allocate` filled.
     let scan = unsafe { &mut *scan };
-    let port = scan.port(scan.start.wrapping_add(i));
+    let port = scan.candidate(scan.start.wrapping_add(i));
     if take_port(scan, port) {
         scan.port_be = port;
         return 1;

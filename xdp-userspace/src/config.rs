@@ -25,7 +25,9 @@ use std::{
 };
 
 use serde::{Deserialize, Serialize};
-use xdp_common::{DEFAULT_TABLE_SIZE, MAGLEV_SLOTS, MAX_BACKENDS, MAX_SERVICES, MAX_TABLE_SIZE};
+use xdp_common::{
+    DEFAULT_TABLE_SIZE, MAGLEV_SLOTS, MAX_BACKENDS, MAX_SERVICES, MAX_SNAT_POOL, MAX_TABLE_SIZE,
+};
 
 use crate::maglev::is_prime;
 
@@ -126,9 +128,10 @@ pub struct ServiceConfig {
 /// `[service.nat]`: how a NAT service translates.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NatConfig {
-    /// The source address backends see; default: the load balancer's own
-    /// address on the route to each backend.
-    pub snat_address: Option<IpAddr>,
+    /// The source addresses backends see, each with the whole port range
+    /// (at most `MAX_SNAT_POOL`); empty: the load balancer's own address
+    /// on the route to each backend.
+    pub snat_addresses: Vec<IpAddr>,
     /// Source ports allocated to translated flows, inclusive.
     pub ports: (u16, u16),
     /// Idle timeout of an established TCP flow.
@@ -147,7 +150,7 @@ pub struct NatConfig {
 impl Default for NatConfig {
     fn default() -> Self {
         Self {
-            snat_address: None,
+            snat_addresses: Vec::new(),
             // Below Linux's default ephemeral range (32768-60999): the SNAT
             // address is usually this host's own, and its own connections
             // (health checks among them) must not use a translated port.
@@ -223,8 +226,14 @@ impl ServiceConfig {
                 check.host = host.clone();
             }
         }
+        let (snat_address, snat_addresses) = match self.nat.snat_addresses[..] {
+            [] => (None, None),
+            [one] => (Some(one), None),
+            _ => (None, Some(self.nat.snat_addresses.clone())),
+        };
         let nat = (self.mode == Mode::Nat).then(|| NatSpec {
-            snat_address: self.nat.snat_address,
+            snat_address,
+            snat_addresses,
             ports: Some(format!("{}-{}", self.nat.ports.0, self.nat.ports.1)),
             tcp_timeout: Some(format_duration(self.nat.tcp_timeout)),
             tcp_closing_timeout: Some(format_duration(self.nat.tcp_closing_timeout)),
@@ -548,6 +557,9 @@ pub struct NatSpec {
     /// Default: the load balancer's address on the route to each backend.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snat_address: Option<IpAddr>,
+    /// Several SNAT addresses (a pool), instead of `snat_address`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snat_addresses: Option<Vec<IpAddr>>,
     /// `"FIRST-LAST"`; default `"10000-32767"`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ports: Option<String>,
@@ -640,13 +652,13 @@ impl Config {
         };
         let services = v.services(file.service)?;
         for s in &services {
-            if let Some(a) = s
-                .nat
-                .snat_address
-                .filter(|a| cluster.peer_snat_addresses.contains(a))
+            let own = s.nat.snat_addresses.iter();
+            if let Some(a) = own
+                .into_iter()
+                .find(|a| cluster.peer_snat_addresses.contains(a))
             {
                 return v.fail(
-                    format!("service {:?}.nat.snat_address", s.name),
+                    format!("service {:?}.nat.snat_addresses", s.name),
                     format!("{a} is also a peer's ([[cluster.peer]] snat_addresses)"),
                 );
             }
@@ -659,12 +671,13 @@ impl Config {
     }
 
     /// This node's own SNAT addresses: those NAT services set explicitly
-    /// (`nat.snat_address`), which a cluster announces (docs/cluster.md).
+    /// (`nat.snat_address`, `nat.snat_addresses`), which a cluster
+    /// announces (docs/cluster.md).
     pub fn snat_addresses(&self) -> BTreeSet<IpAddr> {
         self.services
             .iter()
             .filter(|s| s.mode == Mode::Nat)
-            .filter_map(|s| s.nat.snat_address)
+            .flat_map(|s| s.nat.snat_addresses.iter().copied())
             .collect()
     }
 
@@ -878,19 +891,37 @@ impl Validator<'_> {
     fn nat(&self, service: &str, spec: NatSpec, vip: IpAddr) -> Checked<NatConfig> {
         let at = |field: &str| format!("{service} nat.{field}");
         let default = NatConfig::default();
-        let snat_address = match spec.snat_address {
-            None => None,
-            Some(a) => {
-                let addr = self.address(&at("snat_address"), a)?;
-                if addr.is_ipv4() != vip.is_ipv4() {
-                    return self.fail(
-                        at("snat_address"),
-                        format!("{addr} is not of the VIP's address family"),
-                    );
-                }
-                Some(addr)
+        let (field, written) = match (spec.snat_address, spec.snat_addresses) {
+            (Some(_), Some(_)) => {
+                return self.fail(
+                    at("snat_addresses"),
+                    "set snat_address or snat_addresses, not both".to_owned(),
+                )
             }
+            (Some(one), None) => ("snat_address", vec![one]),
+            (None, Some(list)) => ("snat_addresses", list),
+            (None, None) => ("snat_address", Vec::new()),
         };
+        if written.len() > MAX_SNAT_POOL {
+            return self.fail(
+                at(field),
+                format!("{} addresses: at most {MAX_SNAT_POOL}", written.len()),
+            );
+        }
+        let mut snat_addresses: Vec<IpAddr> = Vec::new();
+        for a in written {
+            let addr = self.address(&at(field), a)?;
+            if addr.is_ipv4() != vip.is_ipv4() {
+                return self.fail(
+                    at(field),
+                    format!("{addr} is not of the VIP's address family"),
+                );
+            }
+            if snat_addresses.contains(&addr) {
+                return self.fail(at(field), format!("{addr} is listed twice"));
+            }
+            snat_addresses.push(addr);
+        }
         let ports = match spec.ports {
             None => default.ports,
             Some(text) => {
@@ -912,7 +943,7 @@ impl Validator<'_> {
             }
         };
         Ok(NatConfig {
-            snat_address,
+            snat_addresses,
             ports,
             tcp_timeout: self.duration(
                 &at("tcp_timeout"),
@@ -2159,7 +2190,7 @@ port = 8080
     fn nat_settings_parse_with_defaults() {
         let c = Config::parse(NAT, "nat.toml").unwrap();
         let nat = &c.services[0].nat;
-        assert_eq!(nat.snat_address, Some("10.1.0.2".parse().unwrap()));
+        assert_eq!(nat.snat_addresses, ["10.1.0.2".parse::<IpAddr>().unwrap()]);
         assert_eq!(nat.ports, (30000, 30999));
         assert_eq!(nat.tcp_timeout, Duration::from_secs(600));
         assert_eq!(nat.udp_timeout, NatConfig::default().udp_timeout);
@@ -2167,6 +2198,20 @@ port = 8080
             c.services[0].backends[0].port, 8080,
             "NAT maps VIP:80 to backend:8080"
         );
+    }
+
+    #[test]
+    fn a_pool_of_snat_addresses_parses_and_round_trips() {
+        let pool = NAT.replace(
+            "snat_address = \"10.1.0.2\"",
+            "snat_addresses = [\"10.1.0.2\", \"10.1.0.3\"]",
+        );
+        let c = Config::parse(&pool, "nat.toml").unwrap();
+        let want: Vec<IpAddr> = vec!["10.1.0.2".parse().unwrap(), "10.1.0.3".parse().unwrap()];
+        assert_eq!(c.services[0].nat.snat_addresses, want);
+        assert_eq!(c.snat_addresses().into_iter().collect::<Vec<_>>(), want);
+        let spec = c.services[0].spec();
+        assert_eq!(spec.nat.unwrap().snat_addresses, Some(want));
     }
 
     #[test]
@@ -2186,6 +2231,32 @@ port = 8080
                 "tcp_timeout = \"10m\"",
                 "tcp_timeout = \"soon\"",
                 "nat.tcp_timeout",
+            ),
+            (
+                "snat_address = \"10.1.0.2\"",
+                "snat_address = \"10.1.0.2\"\nsnat_addresses = [\"10.1.0.3\"]",
+                "nat.snat_addresses",
+            ),
+            (
+                "snat_address = \"10.1.0.2\"",
+                "snat_addresses = [\"10.1.0.2\", \"10.1.0.2\"]",
+                "nat.snat_addresses",
+            ),
+            (
+                "snat_address = \"10.1.0.2\"",
+                "snat_addresses = [\"10.1.0.2\", \"fd00::2\"]",
+                "nat.snat_addresses",
+            ),
+            (
+                "snat_address = \"10.1.0.2\"",
+                &format!(
+                    "snat_addresses = [{}]",
+                    (1..=9)
+                        .map(|i| format!("\"10.1.0.{i}\""))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+                "nat.snat_addresses",
             ),
             ("mode = \"nat\"", "mode = \"dsr\"", "nat"),
         ] {

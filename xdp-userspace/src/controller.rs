@@ -34,9 +34,9 @@ use std::{
 use anyhow::{bail, Context as _, Result};
 use tracing::{error, info, warn};
 use xdp_common::{
-    Backend, Globals, Service, BACKEND_ACTIVE, BACKEND_DOWN, BACKEND_DRAINING, MAGLEV_SLOTS,
-    MAX_BACKENDS, MAX_SERVICES, SVC_F_HASH_SRC_ONLY, SVC_F_NAT, SVC_F_NAT_RETRY, SVC_F_NO_BACKEND,
-    SVC_F_SECOND_HALF, UNRESOLVED_MAC,
+    Backend, Globals, Service, SnatPool, BACKEND_ACTIVE, BACKEND_DOWN, BACKEND_DRAINING,
+    MAGLEV_SLOTS, MAX_BACKENDS, MAX_SERVICES, SVC_F_HASH_SRC_ONLY, SVC_F_NAT, SVC_F_NAT_RETRY,
+    SVC_F_NO_BACKEND, SVC_F_SECOND_HALF, UNRESOLVED_MAC,
 };
 
 use crate::{
@@ -120,6 +120,16 @@ pub struct ServiceState {
 impl ServiceState {
     fn table_base(&self, half: u32) -> u32 {
         self.region + half * self.config.table_size
+    }
+
+    /// Its SNAT addresses as the datapath reads them (none: count 0).
+    fn snat_pool(&self) -> SnatPool {
+        let mut pool = SnatPool::default();
+        for (slot, a) in pool.addrs.iter_mut().zip(&self.config.nat.snat_addresses) {
+            *slot = addr::to_words(*a);
+            pool.count += 1;
+        }
+        pool
     }
 
     fn entry(&self) -> Service {
@@ -708,9 +718,9 @@ impl Model {
         let skey = addr::service_key(key.0, key.1, key.2);
         let written = writes
             .iter()
-            .any(|w| matches!(w, Write::Service(k, _) if *k == skey));
+            .any(|w| matches!(w, Write::Service(k, ..) if *k == skey));
         if svc.programmed && !written {
-            writes.push(Write::Service(skey, svc.entry()));
+            writes.push(Write::Service(skey, svc.entry(), svc.snat_pool()));
         }
         // Removed backends leave only after the new table is live.
         for mut b in leaving {
@@ -748,7 +758,7 @@ impl Model {
             .hop((cfg.address, nat))
             .map_err(|e| anyhow::anyhow!("backend {addr}: {e}"))?;
         let snat = if nat {
-            let snat = svc.nat.snat_address.or(hop.src_addr);
+            let snat = svc.nat.snat_addresses.first().copied().or(hop.src_addr);
             if snat.is_none() {
                 bail!("backend {addr}: no source address on the route to it; set nat.snat_address");
             }
@@ -870,6 +880,7 @@ impl Model {
             writes.push(Write::Service(
                 addr::service_key(key.0, key.1, key.2),
                 svc.entry(),
+                svc.snat_pool(),
             ));
             info!(service = %svc.config.name, members = member_ids.len(), "Maglev table swapped \
                 in");

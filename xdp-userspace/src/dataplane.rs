@@ -33,6 +33,7 @@ pub struct Maps {
     pub nat_fwd: HashMap<MapData, FlowKey, NatFwd>,
     pub nat_rev: HashMap<MapData, FlowKey, NatRev>,
     pub globals: Array<MapData, Globals>,
+    pub snat_pools: Array<MapData, SnatPool>,
     /// Second descriptors of the NAT tables, for [`Maps::nat_sweeper`].
     nat_fds: [OwnedFd; 2],
     /// A second descriptor of the flow table, for [`Maps::flow_table`].
@@ -151,6 +152,7 @@ impl Maps {
             nat_fwd: nat_fwd.try_into()?,
             nat_rev: nat_rev.try_into()?,
             globals: typed!(names::GLOBALS),
+            snat_pools: typed!(names::SNAT_POOLS),
             nat_fds: [fwd_fd, rev_fd],
             flows_fd,
             maglev_mem,
@@ -210,10 +212,15 @@ impl Maps {
                     .set(*id, *b, 0)
                     .with_context(|| format!("writing backend {id}"))?,
                 Write::Table { base, table } => self.write_table(*base, table)?,
-                Write::Service(key, svc) => self
-                    .services
-                    .insert(key, svc, 0)
-                    .context("swapping in a service's new table")?,
+                Write::Service(key, svc, pool) => {
+                    // The pool first: the entry is what makes it used.
+                    self.snat_pools
+                        .set(svc.id, pool, 0)
+                        .context("writing a service's SNAT addresses")?;
+                    self.services
+                        .insert(key, svc, 0)
+                        .context("swapping in a service's new table")?
+                }
                 Write::RemoveService(key) => {
                     self.services.remove(key).context("removing a service")?
                 }
@@ -669,8 +676,9 @@ pub(crate) enum Write {
         base: u32,
         table: Arc<Vec<u32>>,
     },
-    /// A service's entry: the swap to its new table.
-    Service(ServiceKey, Service),
+    /// A service's entry (the swap to its new table), and its SNAT
+    /// addresses.
+    Service(ServiceKey, Service, SnatPool),
     RemoveService(ServiceKey),
     /// Zeroes the counters of a reused service or backend id.
     ResetCounters {
