@@ -227,13 +227,14 @@ fn release(key: &FlowKey, backend_id: u32, snat: &[u32; 4], port_be: u16, now: u
     }
 }
 
-/// Picks a source port whose reply key is free (or whose flow is dead:
-/// see `NatRev::reclaimable`) and records the reply entry there. A few
-/// random ports first; if all are taken (the range is getting full), a
-/// scan of the whole range from a random port, which fails only when no
-/// port of the range is free, and then no scan is tried again for this
-/// backend on this CPU for `FULL_HOLD_NS`, so a full range costs a flood
-/// one scan per period, not one per SYN.
+/// Picks a source (SNAT address, port) pair whose reply key is free (or
+/// whose flow is dead: see `NatRev::reclaimable`) and records the reply
+/// entry there; the pair is the returned scan's `rk.dst` and `port_be`. A
+/// few random pairs first; if all are taken (the range is getting full), a
+/// scan of all pairs from a random one, which fails only when none is
+/// free, and then no scan is tried again for this backend on this CPU for
+/// `FULL_HOLD_NS`, so a full range costs a flood one scan per period, not
+/// one per SYN.
 #[inline(always)]
 fn allocate(
     ctx: &XdpContext,
