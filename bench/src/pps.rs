@@ -332,10 +332,16 @@ pub fn run(opts: &Opts) -> Result<Section> {
         }
         figures.push(f.note(note));
     }
+    // A sanity check, not a measurement: on this shared machine single
+    // samples spread by 1.7x (a CI run saw the floor at 2.8-4.8 Mpps and
+    // xdplb's median 1.11x the floor's), so only a median well above every
+    // floor sample means the case measures something else.
     let est = median(&of(&systems[1], |r| r.mpps));
-    if est > floor_median * 1.1 {
+    let floor_max = of(&systems[0], |r| r.mpps).into_iter().fold(0.0, f64::max);
+    if est > floor_max * 1.25 {
         problems.push(format!(
-            "pps: xdplb ({est:.3} Mpps) faster than the MAC-swap floor ({floor_median:.3})"
+            "pps: xdplb ({est:.3} Mpps) faster than every MAC-swap floor sample (at most \
+             {floor_max:.3})"
         ));
     }
     let len = systems[0].frame.len();
