@@ -11,13 +11,12 @@
 
 use std::{
     net::Ipv4Addr,
-    path::{Path, PathBuf},
-    process::Command,
     time::{Duration, Instant},
 };
 
-use anyhow::{bail, ensure, Context as _, Result};
+use anyhow::{ensure, Context as _, Result};
 use xdplb_tests::{
+    lb::Xdplb,
     netns::{unique_prefix, Netns},
     proc::Proc,
 };
@@ -147,105 +146,25 @@ fn config(services: usize, backends: usize) -> String {
     c
 }
 
-/// One daemon on the bed, with its files in a directory of its own.
-struct Daemon {
-    proc: Proc,
-    dir: PathBuf,
-    binary: PathBuf,
-    pin_dir: PathBuf,
+/// (user + system CPU seconds, resident bytes) of process `pid`, from /proc.
+fn usage(pid: u32) -> Result<(f64, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name (which may hold spaces).
+    let rest = &stat[stat.rfind(')').context("malformed stat")? + 2..];
+    let fields: Vec<&str> = rest.split(' ').collect();
+    // SAFETY: sysconf with a constant name.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let cpu = (fields[11].parse::<f64>()? + fields[12].parse::<f64>()?) / ticks;
+    // SAFETY: sysconf with a constant name.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as u64;
+    Ok((cpu, fields[21].parse::<u64>()? * page))
 }
 
-impl Daemon {
-    /// Starts it; returns it and how long it took to become ready.
-    fn start(binary: &Path, bed: &Bed, config: &str) -> Result<(Self, Duration)> {
-        let prefix = unique_prefix("cpsd");
-        let dir = std::env::temp_dir().join(format!("xdplb-{prefix}"));
-        std::fs::create_dir_all(&dir)?;
-        std::fs::write(dir.join("xdplb.toml"), config)?;
-        let pin_dir = PathBuf::from(format!("/sys/fs/bpf/xdplb-{prefix}"));
-        let mut cmd = bed.lb.command(binary);
-        cmd.args(["run", "--xdp-mode", "native", "--iface", "eth0", "--config"])
-            .arg(dir.join("xdplb.toml"))
-            .arg("--pin-dir")
-            .arg(&pin_dir)
-            .arg("--api-socket")
-            .arg(dir.join("api.sock"))
-            .arg("--state-file")
-            .arg(dir.join("state.json"));
-        let started = Instant::now();
-        let mut proc = Proc::spawn_with(&mut cmd, "xdplb", false)?;
-        proc.wait_for_stdout_line("ready", Duration::from_secs(300))
-            .with_context(|| format!("xdplb never ready:\n{}", proc.output_text()))?;
-        let ready = started.elapsed();
-        let daemon = Self {
-            proc,
-            dir,
-            binary: binary.to_owned(),
-            pin_dir,
-        };
-        Ok((daemon, ready))
-    }
-
-    /// Runs the CLI against this daemon; returns its output and how long
-    /// it took.
-    fn cli(&self, args: &[&str]) -> Result<(String, Duration)> {
-        let started = Instant::now();
-        let out = Command::new(&self.binary)
-            .args(args)
-            .arg("--socket")
-            .arg(self.dir.join("api.sock"))
-            .output()?;
-        let took = started.elapsed();
-        if !out.status.success() {
-            bail!(
-                "xdplb {}: {}",
-                args.join(" "),
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-        Ok((String::from_utf8(out.stdout)?, took))
-    }
-
-    /// (user + system CPU seconds, resident bytes) from /proc.
-    fn usage(&self) -> Result<(f64, u64)> {
-        let pid = self.proc.pid();
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-        // Fields after the command name (which may hold spaces).
-        let rest = &stat[stat.rfind(')').context("malformed stat")? + 2..];
-        let fields: Vec<&str> = rest.split(' ').collect();
-        // SAFETY: sysconf with a constant name.
-        let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-        let cpu = (fields[11].parse::<f64>()? + fields[12].parse::<f64>()?) / ticks;
-        // SAFETY: sysconf with a constant name.
-        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as u64;
-        Ok((cpu, fields[21].parse::<u64>()? * page))
-    }
-
-    /// Whether the daemon lists `address` of `service` as down.
-    fn is_down(&self, service: &str, address: Ipv4Addr) -> Result<bool> {
-        let (out, _) = self.cli(&["backend", "list", service, "--json"])?;
-        let list: serde_json::Value = serde_json::from_str(&out)?;
-        let b = list
-            .as_array()
-            .and_then(|l| {
-                l.iter()
-                    .find(|b| b["address"].as_str() == Some(&address.to_string()))
-            })
-            .with_context(|| format!("{address} not listed"))?;
-        Ok(b["health"].as_str() == Some("down"))
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.proc.terminate();
-        let _ = Command::new(&self.binary)
-            .args(["detach", "--all", "--pin-dir"])
-            .arg(&self.pin_dir)
-            .output();
-        let _ = std::fs::remove_dir_all(&self.pin_dir);
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
+/// How long `f` took, and its result.
+fn timed<T>(f: impl FnOnce() -> Result<T>) -> Result<(T, Duration)> {
+    let started = Instant::now();
+    let value = f()?;
+    Ok((value, started.elapsed()))
 }
 
 /// One repetition's figures.
@@ -262,12 +181,13 @@ fn measure(opts: &Opts, backends: usize) -> Result<Sample> {
     let services = if backends >= 100 { 10 } else { 1 };
     let bed = Bed::build(opts, backends)?;
     let text = config(services, backends);
-    let (daemon, ready) = Daemon::start(&opts.xdplb, &bed, &text)?;
+    let prefix = unique_prefix("cpsd");
+    let (daemon, ready) =
+        timed(|| Xdplb::start_in(&opts.xdplb, &bed.lb, &["eth0"], &prefix, &text))?;
     // Every backend up (rise 2: two checks after the start).
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let (out, _) = daemon.cli(&["status", "--json"])?;
-        let v: serde_json::Value = serde_json::from_str(&out)?;
+        let v = daemon.json(&["status"])?;
         if v["backends_active"].as_u64() == Some(backends as u64) {
             break;
         }
@@ -279,14 +199,14 @@ fn measure(opts: &Opts, backends: usize) -> Result<Sample> {
         std::thread::sleep(Duration::from_millis(200));
     }
     let mut status: Vec<f64> = (0..10)
-        .map(|_| Ok(daemon.cli(&["status", "--json"])?.1.as_secs_f64() * 1e3))
+        .map(|_| Ok(timed(|| daemon.json(&["status"]))?.1.as_secs_f64() * 1e3))
         .collect::<Result<_>>()?;
     status.sort_by(f64::total_cmp);
 
-    let (cpu0, _) = daemon.usage()?;
+    let (cpu0, _) = usage(daemon.proc.pid())?;
     let window = Instant::now();
     std::thread::sleep(Duration::from_secs(10));
-    let (cpu1, rss) = daemon.usage()?;
+    let (cpu1, rss) = usage(daemon.proc.pid())?;
     let cpu_percent = (cpu1 - cpu0) / window.elapsed().as_secs_f64() * 100.0;
 
     let changed = text.replacen(
@@ -294,8 +214,8 @@ fn measure(opts: &Opts, backends: usize) -> Result<Sample> {
         &format!("address = \"{}\"\nweight = 50\n", backend_addr(0)),
         1,
     );
-    std::fs::write(daemon.dir.join("xdplb.toml"), changed)?;
-    let (_, reload) = daemon.cli(&["reload"])?;
+    daemon.write_config(&changed)?;
+    let (_, reload) = timed(|| daemon.cli(&["reload"]))?;
 
     // The last backend of the last service dies: resets from its host.
     let victim = backend_addr(backends - 1);
@@ -315,7 +235,7 @@ fn measure(opts: &Opts, backends: usize) -> Result<Sample> {
     bed.be
         .exec(&[&["iptables", "-I", "INPUT"][..], &rule[..]].concat())?;
     let killed = Instant::now();
-    while !daemon.is_down(&service, victim)? {
+    while daemon.backend(&service, victim.into())?["health"] != "down" {
         ensure!(
             killed.elapsed() < Duration::from_secs(30),
             "{victim} not marked down in 30 s"
