@@ -56,7 +56,11 @@ impl Builder {
 
     fn fingerprint(&self) -> String {
         let controller = self.controller.as_ref().unwrap();
-        xdplb::cluster::service_fingerprint(controller.service_by_name("web").unwrap())
+        controller
+            .service_by_name("web")
+            .unwrap()
+            .fingerprint()
+            .to_owned()
     }
 }
 

@@ -237,6 +237,99 @@ fn a_backend_failing_one_check_in_three_never_goes_down() {
     assert_eq!(b1["state"], "active", "{b1}");
 }
 
+/// Many backends failing at once, and backends that never answer, must not
+/// delay anyone's detection. One backend host has 401 addresses. 300 of
+/// them drop every packet, in a service checked every second with a 1 s
+/// timeout: each of their probes holds a slot for a whole second. The
+/// other 101 are served by one backend process, which is killed. Before: with a fixed
+/// 64 probe slots the silent probes stretched every backend's checks about
+/// 5 times (4.9 s to detect), and with one table rebuild per verdict the
+/// burst of 101 verdicts queued the last one seconds behind the first
+/// (20 s for 600).
+#[test]
+fn many_failing_and_silent_backends_do_not_delay_detection() {
+    require_root();
+    const SILENT: usize = 300;
+    const EXTRA: usize = 100;
+    let xdplb = bin_path("xdplb").expect("xdplb binary (cargo build --bins)");
+    let topo = DsrTopology::with_tag("silent", 1).expect("topology");
+    // Served addresses fd77::2:x and silent ones fd77::3:x, all on b1.
+    let batch: String = (0..EXTRA)
+        .map(|i| format!("fd77::2:{i:x}"))
+        .chain((0..SILENT).map(|i| format!("fd77::3:{i:x}")))
+        .map(|a| format!("address add {a}/128 dev eth0 nodad\n"))
+        .collect();
+    let file = std::env::temp_dir().join(format!("xdplb-{}-addrs", topo.prefix()));
+    std::fs::write(&file, batch).unwrap();
+    let added = topo
+        .backend(1)
+        .exec(&["ip", "-batch", &file.to_string_lossy()]);
+    let _ = std::fs::remove_file(&file);
+    added.expect("extra addresses on b1");
+    let drop = [
+        "ip6tables",
+        "-A",
+        "INPUT",
+        "-d",
+        "fd77::3:0/112",
+        "-j",
+        "DROP",
+    ];
+    topo.backend(1).exec(&drop).expect("silent addresses");
+    let mut backends = start_backends(&topo, Path::new(TESTBACKEND)).expect("backends");
+    topo.wait_reachable().expect("segment reachable");
+    let service = |name: &str, vip: String, check: String, backends: Vec<String>| {
+        let mut text = format!(
+            "[[service]]\nname = \"{name}\"\nvip = \"{vip}\"\nport = 80\nprotocol = \"tcp\"\n\
+             [service.health_check]\n{check}\n"
+        );
+        for address in backends {
+            text += &format!("[[service.backend]]\naddress = \"{address}\"\n");
+        }
+        text
+    };
+    let served = std::iter::once(topo.backend_addr6(1).to_string())
+        .chain((0..EXTRA).map(|i| format!("fd77::2:{i:x}")));
+    let config = service(
+        "web6",
+        topo.vip6().to_string(),
+        health_check("tcp"),
+        served.collect(),
+    ) + &service(
+        "silent",
+        "fd77:100::2".into(),
+        "type = \"tcp\"\ninterval = \"1s\"\ntimeout = \"1s\"\n".into(),
+        (0..SILENT).map(|i| format!("fd77::3:{i:x}")).collect(),
+    );
+    let lb = Xdplb::start(&xdplb, &topo, &config).expect("xdplb");
+    let up = || -> usize {
+        let list = lb.json(&["backend", "list"]).unwrap();
+        let all = list.as_array().unwrap();
+        all.iter().filter(|b| b["health"] == "up").count()
+    };
+    // Everything served is up, everything silent down.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while up() != EXTRA + 1 {
+        assert!(Instant::now() < deadline, "{} up", up());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    backends[0].kill(libc::SIGKILL).unwrap();
+    let killed = Instant::now();
+    while up() != 0 {
+        assert!(
+            killed.elapsed() < Duration::from_secs(30),
+            "{} still up after 30 s",
+            up()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_within(
+        "101 backends down at once among 300 silent ones",
+        killed.elapsed(),
+        INTERVAL * (FALL + 1),
+    );
+}
+
 #[test]
 fn drain_keeps_established_flows_and_takes_no_new_ones() {
     let bed = Bed::new("drain", "tcp");

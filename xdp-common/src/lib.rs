@@ -450,6 +450,19 @@ pub struct Counters {
     pub new_flows: u64,
 }
 
+impl core::ops::Add for Counters {
+    type Output = Self;
+
+    /// Two CPUs' counters together.
+    fn add(self, o: Self) -> Self {
+        Self {
+            packets: self.packets + o.packets,
+            bytes: self.bytes + o.bytes,
+            new_flows: self.new_flows + o.new_flows,
+        }
+    }
+}
+
 /// What a backend's traffic says about it, for the daemon's passive
 /// failure detection (docs/operations.md, "Passive detection"): per CPU, per backend id. New flows
 /// are `Counters::new_flows`.
@@ -463,6 +476,19 @@ pub struct Signals {
     pub refused: u64,
     /// A SYN again for a flow still unanswered: the client retransmits.
     pub syn_retransmits: u64,
+}
+
+impl core::ops::Add for Signals {
+    type Output = Self;
+
+    /// Two CPUs' signals together.
+    fn add(self, o: Self) -> Self {
+        Self {
+            confirmed: self.confirmed + o.confirmed,
+            refused: self.refused + o.refused,
+            syn_retransmits: self.syn_retransmits + o.syn_retransmits,
+        }
+    }
 }
 
 /// Why the datapath did what it did with a packet: one per-CPU counter each.

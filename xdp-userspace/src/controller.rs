@@ -41,6 +41,7 @@ use xdp_common::{
 
 use crate::{
     addr,
+    cluster::fingerprint::fingerprint,
     config::{Admin, AllDown, BackendConfig, Config, HashFields, Mode, ServiceConfig},
     dataplane::{Maps, NatSweeper, Write},
     maglev::{self, MaglevBackend},
@@ -115,6 +116,9 @@ pub struct ServiceState {
     programmed: bool,
     /// Whether the service is failing open (every backend unhealthy).
     pub failing_open: bool,
+    /// The table's fingerprint, computed when the table is built (the API
+    /// shows it on every call).
+    fingerprint: String,
 }
 
 impl ServiceState {
@@ -174,6 +178,11 @@ impl ServiceState {
     /// The table the datapath reads (slot -> backend id; empty: none).
     pub fn table(&self) -> &[u32] {
         &self.table
+    }
+
+    /// The fingerprint of [`Self::table`] (see `cluster::fingerprint`).
+    pub fn fingerprint(&self) -> &str {
+        &self.fingerprint
     }
 
     /// Number of backends taking new flows.
@@ -503,24 +512,40 @@ impl Controller {
         self.commit(next, &writes)
     }
 
-    /// Records a health-check verdict; rebuilds the table if it changed
-    /// anything. Returns whether it did.
+    /// Records health-check verdicts `(service, backend, healthy)` as one
+    /// change: a service gets one new table however many of its backends
+    /// changed. (When a rack fails, hundreds of verdicts arrive at once; a
+    /// rebuild each queued the last one 20 s behind the first.) Returns,
+    /// per verdict, whether it changed anything, or why it was skipped (a
+    /// backend removed meanwhile); the error is a failed write, which
+    /// leaves everything as it was.
     pub fn set_health(
         &mut self,
-        service: &str,
-        backend: BackendAddr,
-        healthy: bool,
-    ) -> Result<bool> {
+        verdicts: &[(&str, BackendAddr, bool)],
+    ) -> Result<Vec<Result<bool>>> {
         let mut next = self.model.clone();
-        let (key, b) = next.backend_mut(service, backend)?;
-        if b.healthy == healthy {
-            return Ok(false);
+        let mut changed = BTreeSet::new();
+        let outcomes: Vec<Result<bool>> = verdicts
+            .iter()
+            .map(|&(service, backend, healthy)| {
+                let (key, b) = next.backend_mut(service, backend)?;
+                let change = b.healthy != healthy;
+                b.healthy = healthy;
+                if change {
+                    changed.insert(key);
+                }
+                Ok(change)
+            })
+            .collect();
+        if changed.is_empty() {
+            return Ok(outcomes);
         }
-        b.healthy = healthy;
         let mut writes = Vec::new();
-        next.sync(key, &mut writes)?;
+        for key in changed {
+            next.sync(key, &mut writes)?;
+        }
         self.commit(next, &writes)?;
-        Ok(true)
+        Ok(outcomes)
     }
 
     /// Sets a backend's admin state (drain/undrain/down); rebuilds the
@@ -652,6 +677,7 @@ impl Model {
             table: Arc::default(),
             programmed: adopted.is_some(),
             failing_open: false,
+            fingerprint: fingerprint(&[], |_| None),
         };
         for b in &cfg.backends {
             let state = self.new_backend(id, cfg, b, hops, writes)?;
@@ -831,6 +857,8 @@ impl Model {
         }
         svc.failing_open = failing_open;
         let member_ids: BTreeSet<u32> = members.iter().map(|b| b.id).collect();
+        let member_addrs: HashMap<u32, SocketAddr> =
+            members.iter().map(|b| (b.id, b.addr())).collect();
         let keyed: Vec<MaglevBackend> = members
             .iter()
             .map(|b| MaglevBackend {
@@ -875,6 +903,7 @@ impl Model {
                 table: table.clone(),
             });
             svc.active_half = next;
+            svc.fingerprint = fingerprint(&table, |id| member_addrs.get(&id).copied());
             svc.table = table;
             svc.programmed = true;
             writes.push(Write::Service(

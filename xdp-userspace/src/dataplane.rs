@@ -3,19 +3,88 @@
 
 use std::{
     net::SocketAddr,
-    os::fd::{AsFd as _, OwnedFd},
+    ops::Add,
+    os::fd::{AsFd as _, AsRawFd as _, OwnedFd},
     path::Path,
     sync::Arc,
 };
 
 use anyhow::{bail, Context as _, Result};
 use aya::{
-    maps::{Array, DevMapHash, HashMap, IterableMap as _, Map, MapData, PerCpuArray},
-    Ebpf,
+    maps::{Array, DevMapHash, HashMap, IterableMap as _, Map, MapData, PerCpuArray, PerCpuValues},
+    Ebpf, Pod,
 };
 use xdp_common::{hash::flow_hash, map_names as names, *};
 
 use crate::addr;
+
+/// Per-CPU values summed: what the datapath counted on all CPUs.
+fn total<V: Pod + Default + Add<Output = V>>(values: &PerCpuValues<V>) -> V {
+    values.iter().fold(V::default(), |a, v| a + *v)
+}
+
+/// Entries `0..count` of a per-CPU array, each summed over CPUs, read with
+/// one `BPF_MAP_LOOKUP_BATCH` (Linux 5.6) instead of a lookup per entry.
+fn totals<V: Pod + Default + Add<Output = V>>(map: &MapData, count: u32) -> Result<Vec<V>> {
+    /// `union bpf_attr` as the batch commands read it.
+    #[repr(C)]
+    struct BatchAttr {
+        in_batch: u64,
+        out_batch: u64,
+        keys: u64,
+        values: u64,
+        count: u32,
+        map_fd: u32,
+        elem_flags: u64,
+        flags: u64,
+    }
+    const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+    if count == 0 {
+        return Ok(Vec::new());
+    }
+    let cpus = aya::util::nr_cpus().map_err(|(_, e)| e)?;
+    // The kernel lays each CPU's value out on 8 bytes' alignment.
+    let stride = std::mem::size_of::<V>().next_multiple_of(8);
+    let mut keys = vec![0u32; count as usize];
+    let mut values = vec![0u8; count as usize * cpus * stride];
+    let mut next = 0u32;
+    let mut attr = BatchAttr {
+        in_batch: 0,
+        out_batch: std::ptr::from_mut(&mut next) as u64,
+        keys: keys.as_mut_ptr() as u64,
+        values: values.as_mut_ptr() as u64,
+        count,
+        map_fd: map.fd().as_fd().as_raw_fd() as u32,
+        elem_flags: 0,
+        flags: 0,
+    };
+    // SAFETY: the buffers hold `count` keys and values, as the kernel is
+    // told; it writes nothing else.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_LOOKUP_BATCH,
+            std::ptr::from_mut(&mut attr),
+            std::mem::size_of::<BatchAttr>(),
+        )
+    };
+    // ENOENT: the array ended before `count` entries; `attr.count` says
+    // how many were read.
+    let error = std::io::Error::last_os_error();
+    if rc != 0 && error.raw_os_error() != Some(libc::ENOENT) {
+        return Err(error).context("BPF_MAP_LOOKUP_BATCH on a per-CPU array");
+    }
+    Ok(values
+        .chunks_exact(cpus * stride)
+        .take(attr.count as usize)
+        .map(|entry| {
+            entry.chunks_exact(stride).fold(V::default(), |a, cpu| {
+                // SAFETY: each chunk starts with one V as the kernel wrote it.
+                a + unsafe { std::ptr::read_unaligned(cpu.as_ptr().cast::<V>()) }
+            })
+        })
+        .collect())
+}
 
 /// Every map of the datapath.
 pub struct Maps {
@@ -277,38 +346,28 @@ impl Maps {
         Ok(self.reasons.get(&(reason as u32), 0)?.iter().sum())
     }
 
-    fn sum(map: &PerCpuArray<MapData, Counters>, id: u32) -> Result<Counters> {
-        Ok(map
-            .get(&id, 0)?
-            .iter()
-            .fold(Counters::default(), |a, c| Counters {
-                packets: a.packets + c.packets,
-                bytes: a.bytes + c.bytes,
-                new_flows: a.new_flows + c.new_flows,
-            }))
-    }
-
     /// A service's counters, summed over CPUs.
     pub fn service_counters(&self, id: u32) -> Result<Counters> {
-        Self::sum(&self.service_stats, id)
+        Ok(total(&self.service_stats.get(&id, 0)?))
     }
 
     /// A backend's traffic signals, summed over CPUs.
     pub fn backend_signals(&self, id: u32) -> Result<Signals> {
-        Ok(self
-            .signals
-            .get(&id, 0)?
-            .iter()
-            .fold(Signals::default(), |a, s| Signals {
-                confirmed: a.confirmed + s.confirmed,
-                refused: a.refused + s.refused,
-                syn_retransmits: a.syn_retransmits + s.syn_retransmits,
-            }))
+        Ok(total(&self.signals.get(&id, 0)?))
     }
 
     /// A backend's counters, summed over CPUs.
     pub fn backend_counters(&self, id: u32) -> Result<Counters> {
-        Self::sum(&self.backend_stats, id)
+        Ok(total(&self.backend_stats.get(&id, 0)?))
+    }
+
+    /// The counters and signals of backend ids `0..count`, summed over
+    /// CPUs, in two system calls (for passive detection, which reads every
+    /// backend many times a second).
+    pub fn all_backend_samples(&self, count: u32) -> Result<Vec<(Counters, Signals)>> {
+        let counters = totals(self.backend_stats.map(), count)?;
+        let signals = totals(self.signals.map(), count)?;
+        Ok(counters.into_iter().zip(signals).collect())
     }
 
     /// Zeroes a service's or backend's counters (when its id is reused).

@@ -8,22 +8,24 @@
 //! at once (`HealthChecker::suspect`): only a failed probe takes it down.
 
 use std::{
-    collections::{HashMap, HashSet, VecDeque},
+    collections::{HashMap, VecDeque},
     net::IpAddr,
     time::{Duration, Instant},
 };
 
+use tracing::warn;
 use xdp_common::{Signals, BACKEND_ACTIVE};
 
 use crate::{config::UNANSWERED_AFTER, controller::Controller};
 
-/// How often the detector may look (it looks less often when reading
-/// every backend would exceed [`MAX_READS`]).
+/// How often the detector may look (it looks less often when judging
+/// every backend would exceed [`MAX_JUDGED`]).
 pub const PERIOD: Duration = Duration::from_millis(25);
-/// Map entries the detector reads a second at most (two per backend per
-/// look): it looks every `2 x backends / MAX_READS` seconds past 250
-/// backends, so its cost stays bounded at any scale.
-const MAX_READS: u64 = 20_000;
+/// Backends the detector judges a second at most: it looks every
+/// `backends / MAX_JUDGED` seconds past 2,500 backends (every 100 ms at
+/// 10,000), so its cost stays bounded at any scale. A look reads all
+/// backends' counters in two system calls.
+const MAX_JUDGED: u64 = 100_000;
 /// The judged window reaches at most this far back beyond
 /// `unanswered_after` (enough flows to judge at 20 a second).
 const WINDOW: Duration = Duration::from_millis(250);
@@ -44,6 +46,12 @@ struct Sample {
     signals: Signals,
 }
 
+impl Sample {
+    fn same_counts(&self, other: &Sample) -> bool {
+        (self.opened, self.signals) == (other.opened, other.signals)
+    }
+}
+
 /// A backend the traffic says may be dead.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Suspicion {
@@ -53,20 +61,30 @@ pub struct Suspicion {
     pub why: String,
 }
 
+/// What the detector keeps of one backend.
+#[derive(Default)]
+struct Watch {
+    /// Recent samples, newest first.
+    history: VecDeque<Sample>,
+    suspected: Option<Instant>,
+    /// The look that last saw it active.
+    looked: u64,
+}
+
 /// Per backend id: recent samples and the last suspicion.
 #[derive(Default)]
 pub struct Detector {
-    samples: HashMap<u32, VecDeque<Sample>>,
-    last_suspected: HashMap<u32, Instant>,
+    watched: HashMap<u32, Watch>,
+    looks: u64,
     last_look: Option<Instant>,
 }
 
 impl Detector {
     /// Samples every active backend and returns the new suspects (none
-    /// when it is too early to look again, see [`MAX_READS`]).
+    /// when it is too early to look again, see [`MAX_JUDGED`]).
     pub fn tick(&mut self, controller: &Controller, now: Instant) -> Vec<Suspicion> {
         let backends: usize = controller.services().map(|s| s.backends.len()).sum();
-        let every = PERIOD.max(Duration::from_secs(2 * backends as u64) / MAX_READS as u32);
+        let every = PERIOD.max(Duration::from_secs(backends as u64) / MAX_JUDGED as u32);
         if self
             .last_look
             .is_some_and(|t| now.duration_since(t) + PERIOD / 2 < every)
@@ -74,8 +92,19 @@ impl Detector {
             return Vec::new();
         }
         self.last_look = Some(now);
-        let maps = controller.maps();
-        let mut seen = HashSet::new();
+        let count = controller
+            .services()
+            .flat_map(|s| s.backends.values().map(|b| b.id + 1))
+            .max()
+            .unwrap_or(0);
+        let samples = match controller.maps().all_backend_samples(count) {
+            Ok(samples) => samples,
+            Err(e) => {
+                warn!("passive detection: reading the backends' counters: {e:#}");
+                return Vec::new();
+            }
+        };
+        self.looks += 1;
         let mut suspects = Vec::new();
         for service in controller.services() {
             let grace = service.config.health_check.unanswered_after;
@@ -83,28 +112,43 @@ impl Detector {
                 if b.state != BACKEND_ACTIVE || !b.healthy {
                     continue;
                 }
-                seen.insert(b.id);
+                let watch = self.watched.entry(b.id).or_default();
+                watch.looked = self.looks;
+                let (counters, signals) = samples.get(b.id as usize).copied().unwrap_or_default();
                 let sample = Sample {
                     at: now,
-                    opened: maps.backend_counters(b.id).map_or(0, |c| c.new_flows),
-                    signals: maps.backend_signals(b.id).unwrap_or_default(),
+                    opened: counters.new_flows,
+                    signals,
                 };
-                let history = self.samples.entry(b.id).or_default();
-                history.push_front(sample);
+                let history = &mut watch.history;
+                // Counters that did not move in all the history kept (they
+                // only grow, so the oldest and newest say it) say nothing:
+                // only the newest sample's time moves on, and an idle
+                // backend costs a comparison, not a judgement.
+                let quiet = history.len() >= 2
+                    && history.front().is_some_and(|s| s.same_counts(&sample))
+                    && history.back().is_some_and(|s| s.same_counts(&sample));
+                if quiet {
+                    history[0].at = now;
+                } else {
+                    history.push_front(sample);
+                }
                 // What the oldest judgement needs, and no more.
                 let keep = *UNANSWERED_AFTER.end() + WINDOW;
                 while history.len() > 2 && history.back().is_some_and(|s| now - s.at > keep) {
                     history.pop_back();
                 }
+                if quiet {
+                    continue;
+                }
                 let Some(why) = judge(history, grace) else {
                     continue;
                 };
-                let recent = self
-                    .last_suspected
-                    .get(&b.id)
-                    .is_some_and(|t| now.duration_since(*t) < SUSPECT_EVERY);
+                let recent = watch
+                    .suspected
+                    .is_some_and(|t| now.duration_since(t) < SUSPECT_EVERY);
                 if !recent {
-                    self.last_suspected.insert(b.id, now);
+                    watch.suspected = Some(now);
                     suspects.push(Suspicion {
                         service: service.config.name.clone(),
                         backend: (b.config.address, b.config.port),
@@ -114,8 +158,8 @@ impl Detector {
             }
         }
         // Backends no longer active start afresh when they come back.
-        self.samples.retain(|id, _| seen.contains(id));
-        self.last_suspected.retain(|id, _| seen.contains(id));
+        let looks = self.looks;
+        self.watched.retain(|_, w| w.looked == looks);
         suspects
     }
 }

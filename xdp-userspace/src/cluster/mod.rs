@@ -37,10 +37,3 @@ pub fn describe(view: Option<&ClusterView>) -> String {
     }
     line
 }
-
-/// The fingerprint of `service`'s Maglev table (see [`fingerprint`]).
-pub fn service_fingerprint(service: &crate::controller::ServiceState) -> String {
-    fingerprint::fingerprint(service.table(), |id| {
-        service.backend_by_id(id).map(|b| b.addr())
-    })
-}
