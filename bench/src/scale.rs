@@ -10,7 +10,9 @@
 //! a firewall rule there resets connections to its address.
 
 use std::{
-    net::Ipv4Addr,
+    net::{Ipv4Addr, TcpListener},
+    os::fd::{AsRawFd as _, OwnedFd},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -18,7 +20,6 @@ use anyhow::{ensure, Context as _, Result};
 use xdplb_tests::{
     lb::Xdplb,
     netns::{unique_prefix, Netns},
-    proc::Proc,
 };
 
 use crate::harness::{Figure, Opts, Section};
@@ -30,17 +31,25 @@ run` (native XDP on a veth) with 10 (one service), 1,000 and 10,000 backends (10
 or 1,000), every backend health-checked with the defaults (TCP connect every 1 s, 500 ms \
 timeout, rise 2, fall 3). The services are in NAT mode: the backends are addresses on the \
 loopback of one namespace, one router hop away (so every next hop is resolved through a route \
-and a neighbour), all served by one `xdplb-testbackend`; DSR would need all of them on the \
-load balancer's segment, 10,000 neighbour entries, past the kernel's global neighbour-table \
-limit (`gc_thresh3`, 1,024 by default). Per size and repetition: **ready** = from starting the \
-daemon to its `ready` line; **status** = the median time of 10 `xdplb status --json` calls (the \
-CLI process included); **reload** = `xdplb reload` after one backend's weight changed in the \
-file; **detection** = from a firewall rule that resets connections to one backend to `xdplb \
-backend list` showing it down (polled every 50 ms; it depends on where in its check interval \
-the backend dies: 2 to 3 s with fall 3; the 10-backend figure is the baseline of the others); \
-**cpu** = the daemon's user + system time over 10 s of steady checks, as a share of one core; \
-**rss** = its resident memory then. 3 repetitions per size (1 in `--quick`, sizes 10 and 1,000 \
-only).";
+and a neighbour); DSR would need all of them on the load balancer's segment, 10,000 neighbour \
+entries, past the kernel's global neighbour-table limit (`gc_thresh3`, 1,024 by default). A \
+thread of the bench accepts and closes their connections (a check needs only the handshake), \
+and the backends' half of each handshake runs in a kernel thread of its own (threaded NAPI), \
+as it would on their own hosts, so the daemon is charged for its own work only. Per size and \
+repetition: **ready** = from starting the daemon to its `ready` line; **status** = the median \
+time of 10 `xdplb status --json` calls (the CLI process included); **reload** = `xdplb reload` \
+after one backend's weight changed in the file; **detection** = from a firewall rule that \
+resets connections to one backend, inserted just after one of its checks arrived (so every \
+size starts from the same point of the check interval), to `xdplb backend list` showing it \
+down (polled every 50 ms; the schedule says fall x interval = 3 s; the 10-backend figure is \
+the baseline of the others); **cpu** = the daemon's user + system time over 10 s of steady \
+checks, as a share of one core; **cpu floor** = the CPU of a bare loop making the same connects \
+(one per backend per second, nonblocking, 100 rounds a second, closed with a reset) for 5 s \
+before the daemon starts: what the kernel's TCP work alone costs, the baseline of **cpu**; \
+**checks run** = the check SYNs that reached the backends in \
+those 10 s, as a share of one per backend per second (below 100 %: the checker falls behind \
+its schedule); **rss** = its resident memory then. 3 repetitions per size (1 in `--quick`, \
+sizes 10 and 1,000 only).";
 
 /// The issue's targets at 10,000 backends.
 const READY_TARGET_MS: f64 = 3000.0;
@@ -55,11 +64,11 @@ const BACKEND_NET: u8 = 84;
 struct Bed {
     lb: Netns,
     be: Netns,
-    _server: Proc,
+    _server: Acceptor,
 }
 
 impl Bed {
-    fn build(opts: &Opts, backends: usize) -> Result<Self> {
+    fn build(backends: usize) -> Result<Self> {
         let prefix = unique_prefix("cps");
         let lb = Netns::new(&format!("{prefix}-lb"))?;
         let be = Netns::new(&format!("{prefix}-be"))?;
@@ -112,15 +121,117 @@ impl Bed {
         let added = be.exec(&["ip", "-batch", &file.to_string_lossy()]);
         let _ = std::fs::remove_file(&file);
         added.context("adding the backends' addresses")?;
-        let mut cmd = be.command(&opts.testbackend);
-        cmd.args(["--name", "all", "--port", "80"]);
-        let mut server = Proc::spawn_with(&mut cmd, "backends", false)?;
-        server.wait_for_stdout_line("listening", Duration::from_secs(10))?;
+        // The backends' half of every handshake runs in a kernel thread
+        // of their own (threaded NAPI, which veth has only with GRO on and
+        // TSO off on the sending side), not in the daemon's system calls:
+        // on a real network it runs on the backends' hosts, and the daemon
+        // is measured for its own work only.
+        lb.exec(&["ethtool", "-K", "eth0", "tso", "off"])?;
+        be.exec(&["ethtool", "-K", "eth0", "gro", "on"])?;
+        // sysfs shows the namespace it was mounted in; `ip netns exec`
+        // mounts the namespace's own.
+        let threaded = std::process::Command::new("ip")
+            .args(["netns", "exec", be.name(), "sh", "-c"])
+            .arg("echo 1 > /sys/class/net/eth0/threaded")
+            .status()?;
+        ensure!(threaded.success(), "threaded NAPI on the backends' veth");
+        let server = Acceptor::start(&be)?;
         Ok(Self {
             lb,
             be,
             _server: server,
         })
+    }
+
+    /// How many check SYNs have reached the rule at the top of the
+    /// backends' INPUT chain.
+    fn syns(&self) -> Result<u64> {
+        let rule = self.be.exec(&["iptables", "-v", "-S", "INPUT", "1"])?;
+        // "-A INPUT ... -c PACKETS BYTES"
+        let mut words = rule.split_whitespace().skip_while(|w| *w != "-c").skip(1);
+        words
+            .next()
+            .and_then(|n| n.parse().ok())
+            .with_context(|| format!("no counter in {rule:?}"))
+    }
+
+    /// Counts the check SYNs to `dest` (a host or a prefix) from now on.
+    fn count_syns(&self, dest: &str) -> Result<()> {
+        let rule = ["-p", "tcp", "-d", dest, "--dport", "80", "--syn"];
+        self.be
+            .exec(&[&["iptables", "-I", "INPUT"][..], &rule[..]].concat())?;
+        Ok(())
+    }
+}
+
+/// Accepts connections in the backends' namespace and closes them: a TCP
+/// check needs the handshake only. (`xdplb-testbackend`, a thread per
+/// connection, could not accept 10,000 a second: its listen queue
+/// overflowed, SYNs were dropped and checks timed out.)
+struct Acceptor {
+    listener: Arc<OwnedFd>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Acceptor {
+    fn start(ns: &Netns) -> Result<Self> {
+        let netns = std::fs::File::open(ns.path())?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        let thread = std::thread::spawn(move || {
+            let listener = (|| -> std::io::Result<OwnedFd> {
+                // SAFETY: setns on a valid fd; affects only this thread.
+                if unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                let listener = TcpListener::bind((Ipv4Addr::UNSPECIFIED, 80))?;
+                let fd = OwnedFd::from(listener);
+                // SAFETY: a listening socket; a longer queue than std's.
+                if unsafe { libc::listen(fd.as_raw_fd(), 4096) } != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(fd)
+            })()
+            .map(Arc::new);
+            let Ok(fd) = listener.as_ref().map(Arc::clone) else {
+                let _ = tx.send(listener);
+                return;
+            };
+            let _ = tx.send(listener);
+            loop {
+                // SAFETY: accept on a listening socket; null address.
+                let conn = unsafe {
+                    libc::accept4(
+                        fd.as_raw_fd(),
+                        std::ptr::null_mut(),
+                        std::ptr::null_mut(),
+                        0,
+                    )
+                };
+                if conn >= 0 {
+                    // SAFETY: a fresh fd from accept.
+                    unsafe { libc::close(conn) };
+                } else if std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+                    // The listener was shut down.
+                    return;
+                }
+            }
+        });
+        let listener = rx.recv()?.context("listening in the backends' namespace")?;
+        Ok(Self {
+            listener,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for Acceptor {
+    fn drop(&mut self) {
+        // Wakes the blocked accept with an error, which ends the thread.
+        // SAFETY: shutdown on a socket this struct owns.
+        unsafe { libc::shutdown(self.listener.as_raw_fd(), libc::SHUT_RDWR) };
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
     }
 }
 
@@ -144,6 +255,119 @@ fn config(services: usize, backends: usize) -> String {
         c += "\n";
     }
     c
+}
+
+/// The floor under the daemon's CPU: the same TCP checks (one connect per
+/// backend per second, ended with a reset) from a bare loop in the load
+/// balancer's namespace, without a runtime, timers or bookkeeping. Returns
+/// the loop's CPU over `window` as a percentage of one core.
+fn connect_floor(lb: &Netns, backends: usize, window: Duration) -> Result<f64> {
+    let netns = std::fs::File::open(lb.path())?;
+    let spin = move || -> std::io::Result<f64> {
+        // SAFETY: setns on a valid fd; affects only this thread.
+        if unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let started = Instant::now();
+        let cpu0 = thread_cpu();
+        // 100 rounds a second, each connecting to its share of backends.
+        let per_round = backends.div_ceil(100);
+        let mut next = 0;
+        let mut round = Instant::now();
+        while started.elapsed() < window {
+            let fds: Vec<i32> = (0..per_round)
+                .map(|_| {
+                    next = (next + 1) % backends;
+                    nonblocking_connect(backend_addr(next))
+                })
+                .collect::<std::io::Result<_>>()?;
+            let mut polled: Vec<libc::pollfd> = fds
+                .iter()
+                .map(|&fd| libc::pollfd {
+                    fd,
+                    events: libc::POLLOUT,
+                    revents: 0,
+                })
+                .collect();
+            // Until every connect is answered, 1 s at most (as the daemon's
+            // checks time out).
+            for _ in 0..10 {
+                if polled.iter().all(|p| p.revents != 0) {
+                    break;
+                }
+                // SAFETY: a valid array of pollfd.
+                unsafe { libc::poll(polled.as_mut_ptr(), polled.len() as libc::nfds_t, 100) };
+            }
+            let linger = libc::linger {
+                l_onoff: 1,
+                l_linger: 0,
+            };
+            for fd in fds {
+                // SAFETY: a socket this loop opened; linger is a valid struct.
+                unsafe {
+                    libc::setsockopt(
+                        fd,
+                        libc::SOL_SOCKET,
+                        libc::SO_LINGER,
+                        (&raw const linger).cast(),
+                        std::mem::size_of::<libc::linger>() as libc::socklen_t,
+                    );
+                    libc::close(fd);
+                }
+            }
+            round += Duration::from_millis(10);
+            std::thread::sleep(round.saturating_duration_since(Instant::now()));
+        }
+        Ok((thread_cpu() - cpu0) / started.elapsed().as_secs_f64() * 100.0)
+    };
+    std::thread::spawn(spin)
+        .join()
+        .map_err(|_| anyhow::anyhow!("the connect loop panicked"))?
+        .context("the connect loop")
+}
+
+/// A TCP connect to `addr`:80 under way (or done).
+fn nonblocking_connect(addr: Ipv4Addr) -> std::io::Result<i32> {
+    // SAFETY: plain syscalls; the fd is closed by the caller.
+    unsafe {
+        let fd = libc::socket(
+            libc::AF_INET,
+            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+        );
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let sa = libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: 80u16.to_be(),
+            sin_addr: libc::in_addr {
+                s_addr: u32::from(addr).to_be(),
+            },
+            sin_zero: [0; 8],
+        };
+        let rc = libc::connect(
+            fd,
+            (&raw const sa).cast(),
+            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        );
+        let error = std::io::Error::last_os_error();
+        if rc != 0 && error.raw_os_error() != Some(libc::EINPROGRESS) {
+            libc::close(fd);
+            return Err(error);
+        }
+        Ok(fd)
+    }
+}
+
+/// This thread's CPU time (user + system), in seconds.
+fn thread_cpu() -> f64 {
+    // SAFETY: an all-zero rusage is valid; getrusage fills it.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: valid out-pointer.
+    unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut usage) };
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    secs(usage.ru_utime) + secs(usage.ru_stime)
 }
 
 /// (user + system CPU seconds, resident bytes) of process `pid`, from /proc.
@@ -174,12 +398,15 @@ struct Sample {
     reload_ms: f64,
     detection_ms: f64,
     cpu_percent: f64,
+    floor_percent: f64,
+    check_rate_percent: f64,
     rss_mib: f64,
 }
 
 fn measure(opts: &Opts, backends: usize) -> Result<Sample> {
     let services = if backends >= 100 { 10 } else { 1 };
-    let bed = Bed::build(opts, backends)?;
+    let bed = Bed::build(backends)?;
+    let floor_percent = connect_floor(&bed.lb, backends, Duration::from_secs(5))?;
     let text = config(services, backends);
     let prefix = unique_prefix("cpsd");
     let (daemon, ready) =
@@ -203,11 +430,18 @@ fn measure(opts: &Opts, backends: usize) -> Result<Sample> {
         .collect::<Result<_>>()?;
     status.sort_by(f64::total_cmp);
 
+    bed.count_syns(&format!("10.{BACKEND_NET}.0.0/16"))?;
     let (cpu0, _) = usage(daemon.proc.pid())?;
+    let syns0 = bed.syns()?;
     let window = Instant::now();
     std::thread::sleep(Duration::from_secs(10));
     let (cpu1, rss) = usage(daemon.proc.pid())?;
-    let cpu_percent = (cpu1 - cpu0) / window.elapsed().as_secs_f64() * 100.0;
+    let syns = bed.syns()? - syns0;
+    let seconds = window.elapsed().as_secs_f64();
+    let cpu_percent = (cpu1 - cpu0) / seconds * 100.0;
+    // One check per backend per second is the schedule.
+    let check_rate_percent = syns as f64 / seconds / backends as f64 * 100.0;
+    bed.be.exec(&["iptables", "-D", "INPUT", "1"])?;
 
     let changed = text.replacen(
         &format!("address = \"{}\"\n", backend_addr(0)),
@@ -232,6 +466,16 @@ fn measure(opts: &Opts, backends: usize) -> Result<Sample> {
         "--reject-with",
         "tcp-reset",
     ];
+    // It dies just after a check reached it, so that every size is
+    // measured from the same point of the check interval: the ideal is
+    // fall x interval (3 s), less the time to see the SYN (a few ms).
+    bed.count_syns(&victim.to_string())?;
+    let seen = bed.syns()?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while bed.syns()? == seen {
+        ensure!(Instant::now() < deadline, "no check of {victim} in 10 s");
+        std::thread::sleep(Duration::from_millis(2));
+    }
     bed.be
         .exec(&[&["iptables", "-I", "INPUT"][..], &rule[..]].concat())?;
     let killed = Instant::now();
@@ -249,6 +493,8 @@ fn measure(opts: &Opts, backends: usize) -> Result<Sample> {
         reload_ms: reload.as_secs_f64() * 1e3,
         detection_ms: detection.as_secs_f64() * 1e3,
         cpu_percent,
+        floor_percent,
+        check_rate_percent,
         rss_mib: rss as f64 / (1 << 20) as f64,
     })
 }
@@ -260,10 +506,9 @@ pub fn run(opts: &Opts) -> Result<Section> {
         (&[10, 1000, 10_000], 3)
     };
     ensure!(
-        opts.xdplb.exists() && opts.testbackend.exists(),
-        "control-plane needs {} and {}",
-        opts.xdplb.display(),
-        opts.testbackend.display()
+        opts.xdplb.exists(),
+        "control-plane needs {}",
+        opts.xdplb.display()
     );
     let mut section = Section {
         group: GROUP.into(),
@@ -275,8 +520,16 @@ pub fn run(opts: &Opts) -> Result<Section> {
             let s = measure(opts, n).with_context(|| format!("{n} backends, run {}", r + 1))?;
             println!(
                 "control-plane: {n} backends: ready {:.0} ms, status {:.1} ms, reload {:.1} ms, \
-                 detection {:.0} ms, cpu {:.1} %, rss {:.1} MiB",
-                s.ready_ms, s.status_ms, s.reload_ms, s.detection_ms, s.cpu_percent, s.rss_mib
+                 detection {:.0} ms, cpu {:.1} % (floor {:.1} %), checks {:.0} % of schedule, \
+                 rss {:.1} MiB",
+                s.ready_ms,
+                s.status_ms,
+                s.reload_ms,
+                s.detection_ms,
+                s.cpu_percent,
+                s.floor_percent,
+                s.check_rate_percent,
+                s.rss_mib
             );
             samples.push(s);
         }
@@ -294,7 +547,14 @@ pub fn run(opts: &Opts) -> Result<Section> {
         let mut status = figure("status", "ms", |s| s.status_ms);
         let mut reload = figure("reload of one weight", "ms", |s| s.reload_ms);
         let mut detection = figure("detection", "ms", |s| s.detection_ms);
-        let mut cpu = figure("cpu", "% of a core", |s| s.cpu_percent);
+        let floor = figure(
+            "cpu floor: the same connects from a bare loop",
+            "% of a core",
+            |s| s.floor_percent,
+        );
+        let mut cpu = figure("cpu", "% of a core", |s| s.cpu_percent).baseline(&format!(
+            "cpu floor: the same connects from a bare loop, {n} backends"
+        ));
         if at_scale {
             let met = ready.max() < READY_TARGET_MS;
             ready = ready.target(&format!("< {READY_TARGET_MS} ms"), met);
@@ -319,10 +579,11 @@ pub fn run(opts: &Opts) -> Result<Section> {
                 detection = detection.target("within 10 % of 10 backends", met);
             }
         }
+        let checks = figure("checks run, of the schedule", "%", |s| s.check_rate_percent);
         let rss = figure("rss", "MiB", |s| s.rss_mib);
         section
             .figures
-            .extend([ready, status, reload, detection, cpu, rss]);
+            .extend([ready, status, reload, detection, floor, cpu, checks, rss]);
     }
     Ok(section)
 }
