@@ -15,10 +15,10 @@
 //! Each node's BIRD runs `examples/bird.conf` with this topology's
 //! addresses substituted: the tests prove the shipped example works.
 //!
-//! In NAT mode node `i` translates to SNAT address `10.88.200.i`, which it
-//! announces, and announces its peers' as backups; the backends reach
-//! the SNAT addresses through the router (their default route), which
-//! learns them over BGP.
+//! In NAT mode node `i` translates to a pool of two SNAT addresses,
+//! `10.88.200.i` and `10.88.201.i`, which it announces, and announces its
+//! peers' as backups; the backends reach the SNAT addresses through the
+//! router (their default route), which learns them over BGP.
 //! Nodes replicate flow state to each other on port 4700 when
 //! [`Replication`] says so. Needs root and BIRD 2 (`cargo xtask setup`
 //! installs `bird2`).
@@ -75,9 +75,14 @@ pub fn replication_addr(i: usize) -> SocketAddr {
     SocketAddr::new(node_addr(i).parse().unwrap(), REPLICATION_PORT)
 }
 
-/// Node `i`'s SNAT address (NAT mode).
-pub fn snat_addr(i: usize) -> String {
-    format!("10.88.200.{i}")
+/// Node `i`'s pool of SNAT addresses (NAT mode).
+pub fn snat_addrs(i: usize) -> [String; 2] {
+    [format!("10.88.200.{i}"), format!("10.88.201.{i}")]
+}
+
+/// Node `i`'s SNAT addresses as a TOML array.
+fn snat_array(i: usize) -> String {
+    format!("[\"{}\"]", snat_addrs(i).join("\", \""))
 }
 
 /// How the nodes forward to the backends.
@@ -148,7 +153,7 @@ pub fn xdplb_conf(i: usize, mode: Mode, replication: Replication) -> String {
                 replication_addr(peer)
             );
             if mode == Mode::Nat {
-                c += &format!("snat_addresses = [\"{}\"]\n", snat_addr(peer));
+                c += &format!("snat_addresses = {}\n", snat_array(peer));
             }
         }
     }
@@ -161,7 +166,7 @@ pub fn xdplb_conf(i: usize, mode: Mode, replication: Replication) -> String {
          {mode_line}\n[service.health_check]\ninterval = \"500ms\"\n\n"
     );
     if mode == Mode::Nat {
-        c += &format!("[service.nat]\nsnat_address = \"{}\"\n\n", snat_addr(i));
+        c += &format!("[service.nat]\nsnat_addresses = {}\n\n", snat_array(i));
     }
     for k in 0..BACKENDS {
         let b = (k + i) % BACKENDS + 1;
@@ -428,6 +433,25 @@ impl Cluster {
             );
             std::thread::sleep(Duration::from_millis(5));
         }
+    }
+
+    /// Node `i` leaves gracefully (`xdplb cluster leave --quiet 2`), which
+    /// returns once its routes are withdrawn and its flows quiet; the
+    /// router has then dropped it. Returns the daemon's answer.
+    pub fn leave(&self, i: usize) -> serde_json::Value {
+        let left = self
+            .daemon(i)
+            .json(&["cluster", "leave", "--quiet", "2"])
+            .unwrap();
+        println!("n{i} cluster leave: {left}");
+        assert_eq!(self.next_hops().len(), NODES - 1, "the router dropped n{i}");
+        left
+    }
+
+    /// Node `i` joins again; returns once the router has every node.
+    pub fn join(&self, i: usize) {
+        self.daemon(i).cli(&["cluster", "join"]).unwrap();
+        self.wait_next_hops(NODES, Duration::from_secs(10));
     }
 
     /// Node `i`'s count of new flows (DSR picks or NAT translations).

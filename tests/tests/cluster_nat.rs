@@ -1,6 +1,7 @@
 //! NAT in the cluster testbed (`xdplb_tests::cluster`, NAT mode): each
-//! node translates to an SNAT address of its own, which it announces, and
-//! announces its peers' SNAT addresses as backups (a longer BGP path).
+//! node translates to a pool of two SNAT addresses of its own, which it
+//! announces, and announces its peers' SNAT addresses as backups (a longer
+//! BGP path).
 //! Translations are replicated once their backend answers, so when a node
 //! dies the routers move its SNAT address to the survivors, which already
 //! hold its translations: its connections continue, with the same source
@@ -16,7 +17,7 @@ use std::{
 use xdplb_tests::{
     assert_within, client,
     cluster::{
-        hard_case, node_addr, snat_addr, vip, wait_until, Cluster, Mode, Replication, LONG_LIVED,
+        hard_case, node_addr, snat_addrs, vip, wait_until, Cluster, Mode, Replication, LONG_LIVED,
         NODES,
     },
     lb::Load,
@@ -48,23 +49,29 @@ fn nat_translations_survive_node_loss_and_rejoin() {
     let mut c = Cluster::build_in(Mode::Nat, Replication::On);
     c.wait_next_hops(NODES, Duration::from_secs(20));
 
-    // Each node announces its own SNAT address and backs up its peers';
+    // Each node announces its own SNAT addresses and backs up its peers';
     // the router sends each SNAT address to its owner only.
     for i in 1..=NODES {
         let view = c.daemon(i).json(&["status"]).unwrap()["cluster"].clone();
-        let backups: Vec<String> = (1..=NODES).filter(|&p| p != i).map(snat_addr).collect();
-        assert!(
-            view["announced"]
-                .as_array()
-                .unwrap()
-                .contains(&snat_addr(i).into()),
-            "n{i}: {view}"
+        let backups = sorted(
+            (1..=NODES)
+                .filter(|&p| p != i)
+                .flat_map(snat_addrs)
+                .collect(),
         );
+        for snat in snat_addrs(i) {
+            let announced = view["announced"].as_array().unwrap();
+            assert!(announced.contains(&snat.clone().into()), "n{i}: {view}");
+        }
         assert_eq!(view["backups"], serde_json::json!(backups), "n{i}: {view}");
         wait_until(
-            &format!("{} routed to n{i} only", snat_addr(i)),
+            &format!("n{i}'s SNAT addresses routed to it only"),
             Duration::from_secs(10),
-            || c.next_hops_of(&snat_addr(i)) == [node_addr(i)],
+            || {
+                snat_addrs(i)
+                    .iter()
+                    .all(|a| c.next_hops_of(a) == [node_addr(i)])
+            },
         );
     }
 
@@ -91,16 +98,15 @@ fn nat_translations_survive_node_loss_and_rejoin() {
     // its SNAT address; its translations continue on its peers.
     let load = Load::start_in(&c.client, vip(), Duration::from_millis(10), 30000).unwrap();
     std::thread::sleep(Duration::from_secs(1));
-    let left = c
-        .daemon(3)
-        .json(&["cluster", "leave", "--quiet", "2"])
-        .unwrap();
-    println!("NAT: n3 cluster leave: {left}");
-    assert_eq!(c.next_hops().len(), NODES - 1, "the router dropped n3");
+    c.leave(3);
     wait_until(
-        "n3's SNAT address routed to its peers",
+        "n3's SNAT addresses routed to its peers",
         Duration::from_secs(5),
-        || c.next_hops_of(&snat_addr(3)).len() == NODES - 1,
+        || {
+            snat_addrs(3)
+                .iter()
+                .all(|a| c.next_hops_of(a).len() == NODES - 1)
+        },
     );
     std::thread::sleep(Duration::from_secs(1));
     let samples = load.stop();
@@ -114,12 +120,15 @@ fn nat_translations_survive_node_loss_and_rejoin() {
         failed.is_empty(),
         "requests failed during the leave: {failed:?}"
     );
-    c.daemon(3).cli(&["cluster", "join"]).unwrap();
-    c.wait_next_hops(NODES, Duration::from_secs(10));
+    c.join(3);
     wait_until(
-        "n3's SNAT address back at n3",
+        "n3's SNAT addresses back at n3",
         Duration::from_secs(10),
-        || c.next_hops_of(&snat_addr(3)) == [node_addr(3)],
+        || {
+            snat_addrs(3)
+                .iter()
+                .all(|a| c.next_hops_of(a) == [node_addr(3)])
+        },
     );
 
     // The hard case: some connections' pins differ from the Maglev pick.
@@ -140,13 +149,32 @@ fn nat_translations_survive_node_loss_and_rejoin() {
     let example = c.flow((victim % NODES) + 1, moved[0]);
     println!("a moved pin of n{victim}, as a peer holds it: {example}");
     assert_eq!(example["replicated"], true, "{example}");
+    // "CLIENT -> VIP is translated to SNAT:PORT -> BACKEND"
+    let snat_of = |flow: &serde_json::Value| -> String {
+        let nat = flow["nat"].as_str().unwrap_or_default();
+        let to = nat.split(" is translated to ").nth(1).unwrap_or_default();
+        let source = to.split(" -> ").next().unwrap_or_default();
+        source
+            .rsplit_once(':')
+            .map(|(a, _)| a)
+            .unwrap_or_default()
+            .into()
+    };
     assert!(
-        example["nat"]
-            .as_str()
-            .unwrap()
-            .contains(&format!("{}:", snat_addr(victim))),
+        snat_addrs(victim).contains(&snat_of(&example)),
         "the peer translates to the dead node's SNAT address: {example}"
     );
+    // Each node's long-lived connections use both addresses of its pool.
+    let used: std::collections::BTreeSet<String> = clients
+        .iter()
+        .map(|&client| snat_of(&c.flow(1, client)))
+        .collect();
+    println!("SNAT addresses the long-lived connections use: {used:?}");
+    for i in 1..=NODES {
+        for snat in snat_addrs(i) {
+            assert!(used.contains(&snat), "no connection uses {snat}: {used:?}");
+        }
+    }
 
     let survivors: Vec<usize> = (1..=NODES).filter(|&i| i != victim).collect();
     let replies_before: u64 = survivors.iter().map(|&i| reason(&c, i, "nat_reply")).sum();
@@ -157,9 +185,13 @@ fn nat_translations_survive_node_loss_and_rejoin() {
     let (dead, withdrawn) = c.kill_node(victim);
     let withdrawn_at = Instant::now();
     let taken_over = wait_until(
-        "the dead node's SNAT address routed to the survivors",
+        "the dead node's SNAT addresses routed to the survivors",
         Duration::from_secs(5),
-        || c.next_hops_of(&snat_addr(victim)).len() == NODES - 1,
+        || {
+            snat_addrs(victim)
+                .iter()
+                .all(|a| c.next_hops_of(a).len() == NODES - 1)
+        },
     );
     std::thread::sleep(Duration::from_secs(2));
     let samples = load.stop();
@@ -183,7 +215,7 @@ fn nat_translations_survive_node_loss_and_rejoin() {
     );
     let (failed, longest) = chatter.summary();
     println!(
-        "NAT node loss: BFD withdrew n{victim} after {} ms (its SNAT address moved to the \
+        "NAT node loss: BFD withdrew n{victim} after {} ms (its SNAT addresses moved to the \
          survivors {} ms later); it carried {} moved pins; {} of {LONG_LIVED} long-lived \
          connections failed; longest stall {longest:?}",
         withdrawn.as_millis(),
@@ -191,10 +223,12 @@ fn nat_translations_survive_node_loss_and_rejoin() {
         moved.len(),
         failed.len()
     );
-    assert_eq!(
-        sorted(c.next_hops_of(&snat_addr(victim))),
-        survivors.iter().map(|&i| node_addr(i)).collect::<Vec<_>>()
-    );
+    for snat in snat_addrs(victim) {
+        assert_eq!(
+            sorted(c.next_hops_of(&snat)),
+            survivors.iter().map(|&i| node_addr(i)).collect::<Vec<_>>()
+        );
+    }
     assert!(withdrawn < Duration::from_secs(1), "BFD took {withdrawn:?}");
     assert!(failed.is_empty(), "connections failed: {failed:?}");
     assert_within(
@@ -215,9 +249,13 @@ fn nat_translations_survive_node_loss_and_rejoin() {
     // announces, so the connections ECMP moves back to it keep theirs.
     c.reboot_node(victim, dead);
     wait_until(
-        "the SNAT address back at its owner",
+        "the SNAT addresses back at their owner",
         Duration::from_secs(10),
-        || c.next_hops_of(&snat_addr(victim)) == [node_addr(victim)],
+        || {
+            snat_addrs(victim)
+                .iter()
+                .all(|a| c.next_hops_of(a) == [node_addr(victim)])
+        },
     );
     let pull = c.daemon(victim).json(&["status"]).unwrap()["replication"]["last_pull"].clone();
     println!("NAT rejoin: n{victim} pulled {pull}");
