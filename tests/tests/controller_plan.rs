@@ -4,10 +4,21 @@
 //! byte-identical. Real maps of the loaded program, real next hops from
 //! rtnetlink in a veth namespace. Needs root (BPF, namespaces).
 
-use std::path::PathBuf;
+use std::{
+    net::IpAddr,
+    path::PathBuf,
+    time::{Duration, Instant},
+};
 
-use xdp_common::{Backend, Globals, Service, ServiceKey, BACKEND_ACTIVE, MAX_BACKENDS};
-use xdplb::{config::Config, controller::Controller, dataplane::Maps, loader::Datapath};
+use xdp_common::{
+    Backend, Globals, Service, ServiceKey, BACKEND_ACTIVE, BACKEND_DOWN, MAX_BACKENDS,
+};
+use xdplb::{
+    config::{Admin, Config},
+    controller::Controller,
+    dataplane::Maps,
+    loader::Datapath,
+};
 use xdplb_tests::netns::{unique_prefix, Netns};
 
 const TABLE_SIZE: u32 = 251;
@@ -124,6 +135,86 @@ fn a_change_that_fails_while_planning_writes_nothing() {
             assert_eq!(entry.state, BACKEND_ACTIVE);
             assert!(entry.next_hop_resolved(), "{entry:?}");
         }
+    });
+    drop(datapath);
+    drop(pins);
+}
+
+/// Health verdicts applied as one batch, and drains that expire: the
+/// controller's periodic and event paths, on real maps.
+#[test]
+fn verdicts_apply_as_a_batch_and_drains_expire_only_after_their_timeout() {
+    let ns = Netns::new(&unique_prefix("plan")).unwrap();
+    for cmd in [
+        "ip link add v0 type veth peer name v1",
+        "ip link set v0 up",
+        "ip link set v1 up",
+        "ip addr add 10.1.0.1/24 dev v0",
+        "ip neigh replace 10.1.0.11 lladdr 02:00:00:00:00:11 dev v0 nud permanent",
+        "ip neigh replace 10.1.0.12 lladdr 02:00:00:00:00:12 dev v0 nud permanent",
+        "ip neigh replace 10.1.0.13 lladdr 02:00:00:00:00:13 dev v0 nud permanent",
+    ] {
+        ns.exec(&cmd.split(' ').collect::<Vec<_>>()).unwrap();
+    }
+    let pins = Pinned(PathBuf::from(format!(
+        "/sys/fs/bpf/{}",
+        unique_prefix("xdplb-plan")
+    )));
+    let mut datapath = Datapath::load(&pins.0).unwrap();
+    let maps = Maps::take(&mut datapath.ebpf).unwrap();
+
+    ns.run(move || {
+        let mut controller = Controller::new(maps).unwrap();
+        let text = format!(
+            "[[service]]\nname = \"a\"\nvip = \"10.0.0.1\"\nport = 80\nprotocol = \"tcp\"\n\
+             table_size = {TABLE_SIZE}\ndrain_timeout = \"1s\"\n\
+             [[service.backend]]\naddress = \"10.1.0.11\"\n\
+             [[service.backend]]\naddress = \"10.1.0.12\"\n\
+             [[service.backend]]\naddress = \"10.1.0.13\"\n"
+        );
+        controller
+            .apply(&Config::parse(&text, "test").unwrap())
+            .unwrap();
+        let addr = |last: u8| (IpAddr::from([10, 1, 0, last]), 80);
+
+        // Two verdicts and one for a backend that is not there: the two
+        // apply, the third says why not.
+        let outcomes = controller
+            .set_health(&[
+                ("a", addr(11), false),
+                ("a", addr(12), false),
+                ("a", addr(99), false),
+            ])
+            .unwrap();
+        assert!(
+            matches!(outcomes[..2], [Ok(true), Ok(true)]),
+            "{outcomes:?}"
+        );
+        assert!(outcomes[2].is_err(), "{outcomes:?}");
+        let a = controller.service_by_name("a").unwrap();
+        assert_eq!(a.active(), 1);
+        assert!(a.table().iter().all(|&id| id == a.backends[&addr(13)].id));
+        // The same verdicts again change nothing.
+        let again = controller
+            .set_health(&[("a", addr(11), false), ("a", addr(12), false)])
+            .unwrap();
+        assert!(matches!(again[..], [Ok(false), Ok(false)]), "{again:?}");
+
+        // A drain expires after drain_timeout, not before.
+        controller.set_health(&[("a", addr(11), true)]).unwrap();
+        controller.set_admin("a", addr(11), Admin::Drain).unwrap();
+        let drained = Instant::now();
+        assert!(controller.expire_drains(drained).unwrap().is_empty());
+        let expired = controller
+            .expire_drains(drained + Duration::from_millis(1100))
+            .unwrap();
+        assert_eq!(expired.len(), 1, "{expired:?}");
+        let b = &controller.service_by_name("a").unwrap().backends[&addr(11)];
+        assert_eq!(controller.maps().backend(b.id).unwrap().state, BACKEND_DOWN);
+        assert!(controller
+            .expire_drains(drained + Duration::from_secs(5))
+            .unwrap()
+            .is_empty());
     });
     drop(datapath);
     drop(pins);

@@ -439,24 +439,30 @@ impl Controller {
     /// their service's drain timeout: the datapath re-picks them. Returns
     /// the backends it expired.
     pub fn expire_drains(&mut self, now: Instant) -> Result<Vec<(String, SocketAddr)>> {
+        let is_over = |b: &BackendState, timeout: Duration| {
+            b.draining_since
+                .is_some_and(|t| now.duration_since(t) >= timeout)
+        };
+        // Usually nothing is draining: then the model is not even copied.
+        if !self.model.services.values().any(|svc| {
+            let timeout = svc.config.drain_timeout;
+            svc.backends.values().any(|b| is_over(b, timeout))
+        }) {
+            return Ok(Vec::new());
+        }
         let mut next = self.model.clone();
         let mut writes = Vec::new();
         let mut expired = Vec::new();
         for svc in next.services.values_mut() {
             let timeout = svc.config.drain_timeout;
             for b in svc.backends.values_mut() {
-                if b.draining_since
-                    .is_some_and(|t| now.duration_since(t) >= timeout)
-                {
+                if is_over(b, timeout) {
                     b.draining_since = None;
                     b.state = BACKEND_DOWN;
                     writes.push(Write::Backend(b.id, b.entry(svc.id)));
                     expired.push((svc.config.name.clone(), b.addr()));
                 }
             }
-        }
-        if expired.is_empty() {
-            return Ok(expired);
         }
         self.commit(next, &writes)?;
         for (service, backend) in &expired {
@@ -488,26 +494,36 @@ impl Controller {
     /// Rewrites the backends whose next hop changed in `hops` (a MAC
     /// resolved late or changed). Fast: resolve first, without locks.
     pub(crate) fn update_next_hops(&mut self, hops: &HashMap<Target, Resolved>) -> Result<()> {
+        // The new (MAC, ifindex, source MAC) of `b`, if it changed.
+        let changed = |svc: &ServiceState, b: &BackendState| {
+            let via_router = svc.config.mode == Mode::Nat;
+            let Some(Ok(hop)) = hops.get(&(b.config.address, via_router)) else {
+                return None;
+            };
+            // Keep the last known MAC while the kernel re-verifies it.
+            let now = (hop.dst_mac.or(b.mac), hop.ifindex, hop.src_mac);
+            (now != (b.mac, b.ifindex, b.src_mac)).then_some(now)
+        };
+        // Usually nothing changed: then the model is not even copied.
+        let services = || self.model.services.values();
+        if !services().any(|svc| svc.backends.values().any(|b| changed(svc, b).is_some())) {
+            return Ok(());
+        }
         let mut next = self.model.clone();
         let mut writes = Vec::new();
         for svc in next.services.values_mut() {
-            let via_router = svc.config.mode == Mode::Nat;
-            for b in svc.backends.values_mut() {
-                let Some(Ok(hop)) = hops.get(&(b.config.address, via_router)) else {
-                    continue;
-                };
-                // Keep the last known MAC while the kernel re-verifies it.
-                let mac = hop.dst_mac.or(b.mac);
-                if (mac, hop.ifindex, hop.src_mac) != (b.mac, b.ifindex, b.src_mac) {
-                    info!(backend = %b.addr(), mac = ?mac, "backend next hop updated");
-                    (b.mac, b.ifindex, b.src_mac) = (mac, hop.ifindex, hop.src_mac);
-                    writes.push(Write::TxPort(hop.ifindex));
-                    writes.push(Write::Backend(b.id, b.entry(svc.id)));
-                }
+            let updates: Vec<_> = svc
+                .backends
+                .iter()
+                .filter_map(|(key, b)| Some((*key, changed(svc, b)?)))
+                .collect();
+            for (key, (mac, ifindex, src_mac)) in updates {
+                let b = svc.backends.get_mut(&key).expect("just seen");
+                info!(backend = %b.addr(), mac = ?mac, "backend next hop updated");
+                (b.mac, b.ifindex, b.src_mac) = (mac, ifindex, src_mac);
+                writes.push(Write::TxPort(ifindex));
+                writes.push(Write::Backend(b.id, b.entry(svc.id)));
             }
-        }
-        if writes.is_empty() {
-            return Ok(());
         }
         self.commit(next, &writes)
     }
