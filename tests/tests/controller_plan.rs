@@ -77,17 +77,20 @@ impl Drop for Pinned {
     }
 }
 
-#[test]
-fn a_change_that_fails_while_planning_writes_nothing() {
+/// A namespace with a segment on which backends 10.1.0.11 to .13 are
+/// resolved neighbours, and the program loaded with its maps pinned.
+fn bed() -> (Netns, Pinned, Datapath, Maps) {
     let ns = Netns::new(&unique_prefix("plan")).unwrap();
-    for cmd in [
+    let neighbours = (11..=13).map(|i| {
+        format!("ip neigh replace 10.1.0.{i} lladdr 02:00:00:00:00:{i} dev v0 nud permanent")
+    });
+    let setup = [
         "ip link add v0 type veth peer name v1",
         "ip link set v0 up",
         "ip link set v1 up",
         "ip addr add 10.1.0.1/24 dev v0",
-        "ip neigh replace 10.1.0.11 lladdr 02:00:00:00:00:11 dev v0 nud permanent",
-        "ip neigh replace 10.1.0.12 lladdr 02:00:00:00:00:12 dev v0 nud permanent",
-    ] {
+    ];
+    for cmd in setup.map(String::from).into_iter().chain(neighbours) {
         ns.exec(&cmd.split(' ').collect::<Vec<_>>()).unwrap();
     }
     let pins = Pinned(PathBuf::from(format!(
@@ -96,6 +99,12 @@ fn a_change_that_fails_while_planning_writes_nothing() {
     )));
     let mut datapath = Datapath::load(&pins.0).unwrap();
     let maps = Maps::take(&mut datapath.ebpf).unwrap();
+    (ns, pins, datapath, maps)
+}
+
+#[test]
+fn a_change_that_fails_while_planning_writes_nothing() {
+    let (ns, pins, datapath, maps) = bed();
 
     ns.run(move || {
         let mut controller = Controller::new(maps).unwrap();
@@ -144,24 +153,7 @@ fn a_change_that_fails_while_planning_writes_nothing() {
 /// controller's periodic and event paths, on real maps.
 #[test]
 fn verdicts_apply_as_a_batch_and_drains_expire_only_after_their_timeout() {
-    let ns = Netns::new(&unique_prefix("plan")).unwrap();
-    for cmd in [
-        "ip link add v0 type veth peer name v1",
-        "ip link set v0 up",
-        "ip link set v1 up",
-        "ip addr add 10.1.0.1/24 dev v0",
-        "ip neigh replace 10.1.0.11 lladdr 02:00:00:00:00:11 dev v0 nud permanent",
-        "ip neigh replace 10.1.0.12 lladdr 02:00:00:00:00:12 dev v0 nud permanent",
-        "ip neigh replace 10.1.0.13 lladdr 02:00:00:00:00:13 dev v0 nud permanent",
-    ] {
-        ns.exec(&cmd.split(' ').collect::<Vec<_>>()).unwrap();
-    }
-    let pins = Pinned(PathBuf::from(format!(
-        "/sys/fs/bpf/{}",
-        unique_prefix("xdplb-plan")
-    )));
-    let mut datapath = Datapath::load(&pins.0).unwrap();
-    let maps = Maps::take(&mut datapath.ebpf).unwrap();
+    let (ns, pins, datapath, maps) = bed();
 
     ns.run(move || {
         let mut controller = Controller::new(maps).unwrap();
