@@ -888,6 +888,39 @@ mod tests {
         assert_eq!(probe(&CheckKind::Tcp, server.addr, TIMEOUT).await, Ok(()));
     }
 
+    /// Sockets in TIME_WAIT on this host whose remote end is `peer`, from
+    /// /proc/net/tcp (hex address:port, state 06).
+    fn time_wait_to(peer: SocketAddr) -> usize {
+        let SocketAddr::V4(v4) = peer else {
+            unreachable!("loopback IPv4 in these tests")
+        };
+        let remote = format!(
+            "{:08X}:{:04X}",
+            u32::from_le_bytes(v4.ip().octets()),
+            v4.port()
+        );
+        std::fs::read_to_string("/proc/net/tcp")
+            .unwrap()
+            .lines()
+            .filter(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                f.get(2) == Some(&remote.as_str()) && f.get(3) == Some(&"06")
+            })
+            .count()
+    }
+
+    #[tokio::test]
+    async fn checks_end_with_a_reset_and_leave_no_time_wait() {
+        let server = Server::start(free_port(), Some(OK)).await;
+        for kind in [CheckKind::Tcp, http(&[200], None)] {
+            for _ in 0..20 {
+                assert_eq!(probe(&kind, server.addr, TIMEOUT).await, Ok(()));
+            }
+        }
+        // A normal close leaves one TIME_WAIT socket per check here.
+        assert_eq!(time_wait_to(server.addr), 0);
+    }
+
     #[tokio::test]
     async fn tcp_probe_reports_a_refused_connect() {
         let addr = free_port();
