@@ -175,48 +175,38 @@ struct Acceptor {
 
 impl Acceptor {
     fn start(ns: &Netns) -> Result<Self> {
-        let netns = std::fs::File::open(ns.path())?;
-        let (tx, rx) = std::sync::mpsc::channel();
-        let thread = std::thread::spawn(move || {
-            let listener = (|| -> std::io::Result<OwnedFd> {
-                // SAFETY: setns on a valid fd; affects only this thread.
-                if unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                let listener = TcpListener::bind((Ipv4Addr::UNSPECIFIED, 80))?;
-                let fd = OwnedFd::from(listener);
+        // A socket keeps the namespace it was made in: only the bind runs
+        // there, the accept loop on a plain thread.
+        let listener = ns
+            .run(|| -> std::io::Result<OwnedFd> {
+                let fd = OwnedFd::from(TcpListener::bind((Ipv4Addr::UNSPECIFIED, 80))?);
                 // SAFETY: a listening socket; a longer queue than std's.
                 if unsafe { libc::listen(fd.as_raw_fd(), 4096) } != 0 {
                     return Err(std::io::Error::last_os_error());
                 }
                 Ok(fd)
-            })()
-            .map(Arc::new);
-            let Ok(fd) = listener.as_ref().map(Arc::clone) else {
-                let _ = tx.send(listener);
-                return;
+            })
+            .map(Arc::new)
+            .context("listening in the backends' namespace")?;
+        let fd = Arc::clone(&listener);
+        let thread = std::thread::spawn(move || loop {
+            // SAFETY: accept on a listening socket; null address.
+            let conn = unsafe {
+                libc::accept4(
+                    fd.as_raw_fd(),
+                    std::ptr::null_mut(),
+                    std::ptr::null_mut(),
+                    0,
+                )
             };
-            let _ = tx.send(listener);
-            loop {
-                // SAFETY: accept on a listening socket; null address.
-                let conn = unsafe {
-                    libc::accept4(
-                        fd.as_raw_fd(),
-                        std::ptr::null_mut(),
-                        std::ptr::null_mut(),
-                        0,
-                    )
-                };
-                if conn >= 0 {
-                    // SAFETY: a fresh fd from accept.
-                    unsafe { libc::close(conn) };
-                } else if std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
-                    // The listener was shut down.
-                    return;
-                }
+            if conn >= 0 {
+                // SAFETY: a fresh fd from accept.
+                unsafe { libc::close(conn) };
+            } else if std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+                // The listener was shut down.
+                return;
             }
         });
-        let listener = rx.recv()?.context("listening in the backends' namespace")?;
         Ok(Self {
             listener,
             thread: Some(thread),
@@ -262,12 +252,7 @@ fn config(services: usize, backends: usize) -> String {
 /// balancer's namespace, without a runtime, timers or bookkeeping. Returns
 /// the loop's CPU over `window` as a percentage of one core.
 fn connect_floor(lb: &Netns, backends: usize, window: Duration) -> Result<f64> {
-    let netns = std::fs::File::open(lb.path())?;
-    let spin = move || -> std::io::Result<f64> {
-        // SAFETY: setns on a valid fd; affects only this thread.
-        if unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
+    let spin = || -> std::io::Result<f64> {
         let started = Instant::now();
         let cpu0 = thread_cpu();
         // 100 rounds a second, each connecting to its share of backends.
@@ -320,10 +305,7 @@ fn connect_floor(lb: &Netns, backends: usize, window: Duration) -> Result<f64> {
         }
         Ok((thread_cpu() - cpu0) / started.elapsed().as_secs_f64() * 100.0)
     };
-    std::thread::spawn(spin)
-        .join()
-        .map_err(|_| anyhow::anyhow!("the connect loop panicked"))?
-        .context("the connect loop")
+    lb.run(spin).context("the connect loop")
 }
 
 /// A TCP connect to `addr`:80 under way (or done).
