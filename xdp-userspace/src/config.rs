@@ -641,9 +641,9 @@ impl Config {
     /// Same from a string; `origin` is the name used in messages (the file
     /// path).
     pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
-        let de = toml::Deserializer::new(text);
-        let file: FileSpec =
-            serde_path_to_error::deserialize(de).map_err(|e| toml_error(text, origin, &e))?;
+        let de = toml::Deserializer::parse(text).map_err(|e| toml_error(text, origin, &e, None))?;
+        let file: FileSpec = serde_path_to_error::deserialize(de)
+            .map_err(|e| toml_error(text, origin, e.inner(), Some(e.path())))?;
         let v = Validator { origin };
         let daemon = v.daemon(file.daemon)?;
         let cluster = match file.cluster.unwrap_or_default().validate() {
@@ -1287,12 +1287,13 @@ fn format_duration(d: Duration) -> String {
 // ---------------------------------------------------------------------------
 // Parse errors: serde_path_to_error gives the field path, toml the span.
 
+/// `path` is where deserializing stopped; a syntax error has none.
 fn toml_error(
     text: &str,
     origin: &str,
-    err: &serde_path_to_error::Error<toml::de::Error>,
+    inner: &toml::de::Error,
+    path: Option<&serde_path_to_error::Path>,
 ) -> ConfigError {
-    let inner = err.inner();
     let mut message = one_line_message(inner.message());
     // serde's address parser does not say what it could not parse; the
     // span does.
@@ -1315,7 +1316,7 @@ fn toml_error(
             + 1;
         format!("line {line}, column {column}")
     });
-    let field = render_path(err.path(), text);
+    let field = path.map_or_else(String::new, |path| render_path(path, text));
     let (field, problem) = match (field.is_empty(), location) {
         (false, Some(at)) => (field, format!("{message} ({at})")),
         (true, Some(at)) => (at, message),

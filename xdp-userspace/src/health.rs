@@ -299,6 +299,11 @@ impl CheckTarget {
         (self.service.clone(), self.backend)
     }
 
+    /// The order of [`TargetKey`]s, without copying the name.
+    fn sort_key(&self) -> (&str, (IpAddr, u16)) {
+        (&self.service, self.backend)
+    }
+
     fn probe_addr(&self) -> SocketAddr {
         SocketAddr::new(self.backend.0, self.check.port.unwrap_or(self.backend.1))
     }
@@ -424,20 +429,37 @@ impl HealthChecker {
     /// `initially_healthy`: the caller's view of it was built from this
     /// checker's events, some possibly still queued, so starting from the
     /// checker's own verdict is what keeps the two in agreement.
-    pub fn update(&mut self, targets: Vec<CheckTarget>) {
-        let mut previous = std::mem::take(&mut self.targets);
+    pub fn update(&mut self, mut targets: Vec<CheckTarget>) {
+        // A merge of two sorted sequences and a map built from sorted
+        // pairs, not a removal and an insertion per target: at 10,000
+        // backends every reload goes through here, under the daemon's lock.
+        targets.sort_by(|a, b| a.sort_key().cmp(&b.sort_key()));
+        targets.dedup_by(|later, kept| {
+            let same = later.sort_key() == kept.sort_key();
+            if same {
+                std::mem::swap(later, kept);
+            }
+            same
+        });
+        let mut previous = std::mem::take(&mut self.targets).into_iter().peekable();
+        let mut next = Vec::with_capacity(targets.len());
         for target in targets {
-            let key = target.key();
-            let running = match previous.remove(&key) {
-                Some(running) if running.check == target.check => running,
+            let at = target.sort_key();
+            // Targets that disappeared: dropping them stops them.
+            while previous
+                .next_if(|(key, _)| (key.0.as_str(), key.1) < at)
+                .is_some()
+            {}
+            let running = match previous.next_if(|(key, _)| (key.0.as_str(), key.1) == at) {
+                Some((key, running)) if running.check == target.check => (key, running),
                 changed => {
-                    let carried = changed.map(|old| old.retire());
-                    self.start(target, carried)
+                    let carried = changed.map(|(_, old)| old.retire());
+                    (target.key(), self.start(target, carried))
                 }
             };
-            self.targets.insert(key, running);
+            next.push(running);
         }
-        // `previous` holds the targets that disappeared; dropping stops them.
+        self.targets = next.into_iter().collect();
     }
 
     /// The status of every target, ordered by service name, then backend.
