@@ -815,7 +815,8 @@ pub fn run(opts: Options) -> Result<()> {
         if let Some(logger) = logger {
             tokio::spawn(forward_datapath_logs(logger));
         }
-        // Off the main loop, so that spawning `ip` never delays a health event.
+        // Off the main loop, so that checking the attachments (it waits for
+        // the datapath's lock and asks the kernel) never delays a health event.
         let watcher = tokio::spawn(watch_attachments(
             datapath.clone(),
             opts.ifaces.clone(),

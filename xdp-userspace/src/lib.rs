@@ -14,6 +14,7 @@ pub mod maglev;
 pub(crate) mod neigh;
 pub(crate) mod passive;
 pub mod program;
+pub(crate) mod rtnl;
 mod state;
 pub mod systemd;
 pub mod web;

@@ -18,10 +18,17 @@ use aya::{
     },
     Ebpf, EbpfLoader,
 };
+use netlink_packet_route::{
+    link::{LinkAttribute, LinkMessage, LinkXdp},
+    RouteNetlinkMessage,
+};
 use tracing::warn;
 use xdp_common::{map_names as names, *};
 
-use crate::program::{OBJECT, PASSTHROUGH_OBJECT, PASS_PROGRAM, PROGRAM_NAME};
+use crate::{
+    program::{OBJECT, PASSTHROUGH_OBJECT, PASS_PROGRAM, PROGRAM_NAME},
+    rtnl::Rtnl,
+};
 
 /// Where bpffs is normally mounted.
 pub const BPFFS: &str = "/sys/fs/bpf";
@@ -470,37 +477,38 @@ pub fn remove_pins(pin_dir: &Path) -> Result<()> {
     }
 }
 
-/// The ids of the XDP programs attached to `iface` (in any mode), as
-/// iproute2 reports them (`ip -j link show`).
+/// The ids of the XDP programs attached to `iface` (in any mode), from the
+/// link's `IFLA_XDP` attributes.
 pub fn attached_program_ids(iface: &str) -> Result<Vec<u32>> {
-    let out = std::process::Command::new("ip")
-        .args(["-j", "link", "show", "dev", iface])
-        .output()
-        .context("running `ip -j link show`")?;
-    if !out.status.success() {
-        bail!(
-            "ip link show dev {iface}: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    let links: serde_json::Value =
-        serde_json::from_slice(&out.stdout).context("parsing `ip -j link show`")?;
-    Ok(xdp_program_ids(&links))
-}
-
-/// The `xdp.prog.id` (one mode) or `xdp.attached[].prog.id` (several) of
-/// every link in iproute2's JSON.
-fn xdp_program_ids(links: &serde_json::Value) -> Vec<u32> {
-    let prog_id = |v: &serde_json::Value| v["prog"]["id"].as_u64().map(|id| id as u32);
-    let mut ids = Vec::new();
-    for link in links.as_array().into_iter().flatten() {
-        let xdp = &link["xdp"];
-        ids.extend(prog_id(xdp));
-        for one in xdp["attached"].as_array().into_iter().flatten() {
-            ids.extend(prog_id(one));
-        }
-    }
-    ids
+    let mut msg = LinkMessage::default();
+    msg.attributes.push(LinkAttribute::IfName(iface.to_owned()));
+    let answer = Rtnl::open()?
+        .get(RouteNetlinkMessage::GetLink(msg))
+        .with_context(|| format!("looking up interface {iface}"))?;
+    let RouteNetlinkMessage::NewLink(link) = answer else {
+        bail!("looking up interface {iface}: the kernel answered {answer:?}");
+    };
+    // The kernel reports the program of each mode in use (SKB, DRV, HW) and,
+    // when only one mode is, that program once more as IFLA_XDP_PROG_ID.
+    let mut ids: Vec<u32> = link
+        .attributes
+        .iter()
+        .filter_map(|a| match a {
+            LinkAttribute::Xdp(xdp) => Some(xdp),
+            _ => None,
+        })
+        .flatten()
+        .filter_map(|x| match x {
+            LinkXdp::ProgId(id)
+            | LinkXdp::SkbProgId(id)
+            | LinkXdp::DrvProgId(id)
+            | LinkXdp::HwProgId(id) => Some(*id),
+            _ => None,
+        })
+        .collect();
+    ids.sort_unstable();
+    ids.dedup();
+    Ok(ids)
 }
 
 impl Datapath {
@@ -546,20 +554,35 @@ impl Datapath {
 mod tests {
     use super::*;
 
+    /// The kernel's id of the pass program loaded in `ebpf`.
+    fn pass_id(ebpf: &mut Ebpf) -> u32 {
+        let program: &mut Xdp = ebpf.program_mut(PASS_PROGRAM).unwrap().try_into().unwrap();
+        program.info().unwrap().id()
+    }
+
     #[test]
-    fn reads_xdp_program_ids_from_iproute2_json() {
-        let one: serde_json::Value = serde_json::from_str(
-            r#"[{"ifname":"a","xdp":{"mode":1,"prog":{"id":42,"name":"x","jited":1}}}]"#,
-        )
-        .unwrap();
-        assert_eq!(xdp_program_ids(&one), vec![42]);
-        let several: serde_json::Value = serde_json::from_str(
-            r#"[{"xdp":{"mode":4,"attached":[{"mode":1,"prog":{"id":7}},
-                {"mode":2,"prog":{"id":8}}]}}]"#,
-        )
-        .unwrap();
-        assert_eq!(xdp_program_ids(&several), vec![7, 8]);
-        let none: serde_json::Value = serde_json::from_str(r#"[{"ifname":"a"}]"#).unwrap();
-        assert!(xdp_program_ids(&none).is_empty());
+    fn attached_program_ids_from_the_kernel() {
+        crate::rtnl::in_new_netns(|| {
+            assert_eq!(attached_program_ids("lo").unwrap(), Vec::<u32>::new());
+            let err = attached_program_ids("xdplb-nosuch0").unwrap_err();
+            assert!(format!("{err:#}").contains("xdplb-nosuch0"), "{err:#}");
+
+            // Native mode on a veth; generic mode on lo (no native XDP there).
+            let veth = ["link", "add", "xdplb-a", "type", "veth", "peer", "xdplb-b"];
+            let status = std::process::Command::new("ip")
+                .args(veth)
+                .status()
+                .unwrap();
+            assert!(status.success(), "ip {veth:?}: {status}");
+            let mut native = attach_passthrough("xdplb-a").unwrap();
+            assert_eq!(
+                attached_program_ids("xdplb-a").unwrap(),
+                [pass_id(&mut native)]
+            );
+            let (mut generic, name) = load_passthrough(PASS_PROGRAM).unwrap();
+            let program: &mut Xdp = generic.program_mut(&name).unwrap().try_into().unwrap();
+            attach_one(program, "lo", XdpMode::Skb).unwrap();
+            assert_eq!(attached_program_ids("lo").unwrap(), [pass_id(&mut generic)]);
+        });
     }
 }

@@ -17,18 +17,17 @@ use std::{
 };
 
 use anyhow::{bail, Context as _, Result};
-use netlink_packet_core::{
-    NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_DUMP, NLM_F_REQUEST,
-};
 use netlink_packet_route::{
     link::{LinkAttribute, LinkMessage},
     neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourMessage, NeighbourState},
     route::{RouteAddress, RouteAttribute, RouteMessage, RouteType},
     AddressFamily, RouteNetlinkMessage,
 };
-use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr as NlAddr};
 
-use crate::config::{Config, Mode};
+use crate::{
+    config::{Config, Mode},
+    rtnl::Rtnl,
+};
 
 /// Where to send frames for one backend.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -167,76 +166,23 @@ struct Route {
     src_addr: Option<IpAddr>,
 }
 
-/// One rtnetlink socket, used for requests and their answers.
+/// The look-ups a resolution makes.
 struct Netlink {
-    socket: Socket,
-    seq: u32,
+    rtnl: Rtnl,
 }
 
 impl Netlink {
     fn open() -> Result<Self> {
-        let mut socket = Socket::new(NETLINK_ROUTE).context("opening an rtnetlink socket")?;
-        socket.bind_auto().context("binding an rtnetlink socket")?;
-        socket
-            .connect(&NlAddr::new(0, 0))
-            .context("connecting an rtnetlink socket")?;
-        Ok(Self { socket, seq: 0 })
-    }
-
-    /// Sends one request and collects its answers (several for a dump).
-    fn request(
-        &mut self,
-        msg: RouteNetlinkMessage,
-        dump: bool,
-    ) -> Result<Vec<RouteNetlinkMessage>> {
-        self.seq += 1;
-        let mut header = NetlinkHeader::default();
-        header.flags = NLM_F_REQUEST | if dump { NLM_F_DUMP } else { 0 };
-        header.sequence_number = self.seq;
-        let mut req = NetlinkMessage::new(header, NetlinkPayload::from(msg));
-        req.finalize();
-        let mut buf = vec![0; req.header.length as usize];
-        req.serialize(&mut buf);
-        self.socket
-            .send(&buf, 0)
-            .context("sending an rtnetlink request")?;
-        let mut answers = Vec::new();
-        loop {
-            let (data, _) = self
-                .socket
-                .recv_from_full()
-                .context("reading an rtnetlink answer")?;
-            let mut off = 0;
-            while off < data.len() {
-                let msg = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&data[off..])
-                    .context("parsing an rtnetlink answer")?;
-                let len = msg.header.length as usize;
-                if msg.header.sequence_number == self.seq {
-                    match msg.payload {
-                        NetlinkPayload::Done(_) => return Ok(answers),
-                        NetlinkPayload::Error(e) if e.code.is_some() => {
-                            return Err(e.to_io().into())
-                        }
-                        NetlinkPayload::InnerMessage(m) => {
-                            answers.push(m);
-                            if !dump {
-                                return Ok(answers);
-                            }
-                        }
-                        _ => {}
-                    }
-                }
-                if len == 0 {
-                    break;
-                }
-                off += len;
-            }
-        }
+        Ok(Self {
+            rtnl: Rtnl::open()?,
+        })
     }
 
     /// Interface index -> (name, MAC).
     fn links(&mut self) -> Result<HashMap<u32, Link>> {
-        let answers = self.request(RouteNetlinkMessage::GetLink(LinkMessage::default()), true)?;
+        let answers = self
+            .rtnl
+            .dump(RouteNetlinkMessage::GetLink(LinkMessage::default()))?;
         Ok(answers
             .into_iter()
             .filter_map(|m| match m {
@@ -260,7 +206,7 @@ impl Netlink {
     /// (interface index, address) -> MAC, for every usable neighbour.
     fn neighbours(&mut self) -> Result<HashMap<(u32, IpAddr), [u8; 6]>> {
         let msg = RouteNetlinkMessage::GetNeighbour(NeighbourMessage::default());
-        let answers = self.request(msg, true)?;
+        let answers = self.rtnl.dump(msg)?;
         Ok(answers
             .into_iter()
             .filter_map(|m| match m {
@@ -307,9 +253,10 @@ impl Netlink {
         msg.attributes
             .push(RouteAttribute::Destination(RouteAddress::from(addr)));
         let answer = self
-            .request(RouteNetlinkMessage::GetRoute(msg), false)
+            .rtnl
+            .get(RouteNetlinkMessage::GetRoute(msg))
             .with_context(|| format!("no route to backend {addr}"))?;
-        let Some(RouteNetlinkMessage::NewRoute(route)) = answer.into_iter().next() else {
+        let RouteNetlinkMessage::NewRoute(route) = answer else {
             bail!("no route to backend {addr}");
         };
         match route.header.kind {

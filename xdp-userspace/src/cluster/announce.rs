@@ -12,20 +12,29 @@
 //! this daemon (or its predecessor) added, so a restarted daemon adopts
 //! them and removes the ones it no longer wants.
 //!
-//! Routes are written with iproute2's `ip` (the workspace has no netlink
-//! crate yet); a failed write leaves the remembered set unchanged, so the
-//! next sync retries it.
+//! Routes are written over rtnetlink, as `ip route` would write them; a
+//! failed write leaves the remembered set unchanged, so the next sync
+//! retries it.
 
 use std::{
     collections::BTreeSet,
     net::IpAddr,
     path::{Path, PathBuf},
-    process::Command,
 };
 
-use anyhow::{bail, Context as _, Result};
+use anyhow::{Context as _, Result};
+use netlink_packet_core::{NLM_F_CREATE, NLM_F_REPLACE};
+use netlink_packet_route::{
+    route::{
+        RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope,
+        RouteType,
+    },
+    AddressFamily, RouteNetlinkMessage,
+};
 use serde::{Deserialize, Serialize};
 use tracing::info;
+
+use crate::rtnl::{self, Rtnl};
 
 /// The metric of a backup announcement (a peer's SNAT address); the
 /// routing daemon's export filter makes such routes less preferred
@@ -93,7 +102,7 @@ impl Announcer {
         if self.table != table {
             if let Some(old) = self.table {
                 for &r in std::mem::take(&mut self.announced).iter() {
-                    route("del", r, old)?;
+                    del_route(r, old)?;
                     info!(addr = %r.0, table = old, "route withdrawn (route table changed)");
                 }
             }
@@ -113,12 +122,12 @@ impl Announcer {
             self.servable.clone()
         };
         for &r in wanted.difference(&self.announced.clone()) {
-            route("replace", r, table)?;
+            replace_route(r, table)?;
             self.announced.insert(r);
             info!(addr = %r.0, metric = r.1, table, "route announced");
         }
         for &r in self.announced.clone().difference(&wanted) {
-            route("del", r, table)?;
+            del_route(r, table)?;
             self.announced.remove(&r);
             info!(addr = %r.0, metric = r.1, table, "route withdrawn");
         }
@@ -178,105 +187,201 @@ impl Announcer {
     }
 }
 
-/// `ip route <verb> ADDR/len dev lo table T metric M`.
-fn route(verb: &str, (addr, metric): Announced, table: u32) -> Result<()> {
-    let (family, len) = match addr {
-        IpAddr::V4(_) => ("-4", 32),
-        IpAddr::V6(_) => ("-6", 128),
-    };
-    let prefix = format!("{addr}/{len}");
-    let table = table.to_string();
-    let metric = metric.to_string();
-    let mut args = vec![
-        family, "route", verb, &prefix, "dev", "lo", "table", &table, "metric", &metric,
-    ];
-    if verb == "replace" {
-        // `proto static`: BIRD's `learn` imports it like any route it did
-        // not make itself.
-        args.extend(["proto", "static"]);
-    }
-    let out = Command::new("ip")
-        .args(&args)
-        .output()
-        .context("running ip (iproute2)")?;
-    if !out.status.success() {
-        let err = String::from_utf8_lossy(&out.stderr);
+/// The kernel gives `lo` this index in every network namespace.
+const LOOPBACK_IFINDEX: u32 = 1;
+
+/// `ip route replace ADDR/len dev lo table T metric M proto static`.
+fn replace_route(r: Announced, table: u32) -> Result<()> {
+    let mut msg = route_message(r, table);
+    // `proto static`: BIRD's `learn` imports it like any route it did not
+    // make itself. Link scope is what `ip` gives a route with no gateway.
+    msg.header.protocol = RouteProtocol::Static;
+    msg.header.scope = RouteScope::Link;
+    msg.header.kind = RouteType::Unicast;
+    Rtnl::open()?
+        .change(
+            RouteNetlinkMessage::NewRoute(msg),
+            NLM_F_CREATE | NLM_F_REPLACE,
+        )
+        .with_context(|| format!("adding route {} metric {} to table {table}", r.0, r.1))
+}
+
+/// `ip route del ADDR/len dev lo table T metric M`.
+fn del_route(r: Announced, table: u32) -> Result<()> {
+    let mut msg = route_message(r, table);
+    // Any scope, type and protocol, as `ip route del` asks.
+    msg.header.scope = RouteScope::NoWhere;
+    match Rtnl::open()?.change(RouteNetlinkMessage::DelRoute(msg), 0) {
         // Deleting a route someone already removed is what we wanted.
-        if verb == "del" && err.contains("No such process") {
-            return Ok(());
+        Err(e) if rtnl::errno(&e) == Some(libc::ESRCH) => Ok(()),
+        res => {
+            res.with_context(|| format!("removing route {} metric {} from table {table}", r.0, r.1))
         }
-        bail!("ip {}: {}", args.join(" "), err.trim());
     }
-    Ok(())
 }
 
-/// One route of `ip -j route show`.
-#[derive(Deserialize)]
-struct ListedRoute {
-    dst: String,
-    #[serde(default)]
-    metric: u32,
+/// The fields `ip route replace` and `ip route del` share:
+/// `ADDR/len dev lo table T metric M`.
+fn route_message((addr, metric): Announced, table: u32) -> RouteMessage {
+    let mut msg = RouteMessage::default();
+    msg.header.address_family = family(addr);
+    msg.header.destination_prefix_length = host_prefix_len(addr);
+    msg.attributes
+        .push(RouteAttribute::Destination(RouteAddress::from(addr)));
+    // The header's table field has 8 bits; wider ids go in RTA_TABLE.
+    match u8::try_from(table) {
+        Ok(table) => msg.header.table = table,
+        Err(_) => {
+            msg.header.table = RouteHeader::RT_TABLE_UNSPEC;
+            msg.attributes.push(RouteAttribute::Table(table));
+        }
+    }
+    msg.attributes.push(RouteAttribute::Priority(metric));
+    msg.attributes.push(RouteAttribute::Oif(LOOPBACK_IFINDEX));
+    msg
 }
 
-/// The host routes in `table` (both families).
+/// The rtnetlink family of `addr`.
+fn family(addr: IpAddr) -> AddressFamily {
+    match addr {
+        IpAddr::V4(_) => AddressFamily::Inet,
+        IpAddr::V6(_) => AddressFamily::Inet6,
+    }
+}
+
+/// The prefix length of a host route to `addr`: 32 or 128.
+fn host_prefix_len(addr: IpAddr) -> u8 {
+    if addr.is_ipv4() {
+        32
+    } else {
+        128
+    }
+}
+
+/// The host routes in `table` (both families), as `ip route show table T`
+/// lists them.
 fn list_routes(table: u32) -> Result<BTreeSet<Announced>> {
+    // Strict, so the kernel lists only `table`, as it does for `ip`.
+    let mut nl = Rtnl::open()?.strict()?;
     let mut found = BTreeSet::new();
-    for family in ["-4", "-6"] {
-        let table_arg = table.to_string();
-        let out = Command::new("ip")
-            .args([family, "-j", "route", "show", "table", &table_arg])
-            .output()
-            .context("running ip (iproute2)")?;
-        if !out.status.success() {
+    for family in [AddressFamily::Inet, AddressFamily::Inet6] {
+        let mut msg = RouteMessage::default();
+        msg.header.address_family = family;
+        msg.attributes.push(RouteAttribute::Table(table));
+        let routes = match nl.dump(RouteNetlinkMessage::GetRoute(msg)) {
+            Ok(routes) => routes,
             // A table the kernel never held a route in does not exist yet.
-            if String::from_utf8_lossy(&out.stderr).contains("table does not exist") {
-                continue;
+            Err(e) if rtnl::errno(&e) == Some(libc::ENOENT) => continue,
+            Err(e) => {
+                return Err(e).with_context(|| format!("listing the routes of table {table}"))
             }
-            bail!(
-                "ip {family} route show table {table}: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-        let text = String::from_utf8_lossy(&out.stdout);
-        // An empty table prints nothing at all, not `[]`.
-        if text.trim().is_empty() {
-            continue;
-        }
-        let routes: Vec<ListedRoute> = serde_json::from_str(&text)
-            .with_context(|| format!("parsing `ip -j route show table {table}`"))?;
-        found.extend(
-            routes
-                .iter()
-                .filter_map(|r| Some((host_route(&r.dst)?, r.metric))),
-        );
+        };
+        found.extend(routes.iter().filter_map(|m| match m {
+            RouteNetlinkMessage::NewRoute(r) => host_route(r, table),
+            _ => None,
+        }));
     }
     Ok(found)
 }
 
-/// The address of a host route's destination (`10.0.0.1`, `10.0.0.1/32`,
-/// `fd00::1/128`); `None` for wider prefixes.
-fn host_route(dst: &str) -> Option<IpAddr> {
-    match dst.split_once('/') {
-        None => dst.parse().ok(),
-        Some((addr, len)) => {
-            let addr: IpAddr = addr.parse().ok()?;
-            let full = if addr.is_ipv4() { "32" } else { "128" };
-            (len == full).then_some(addr)
+/// The address and metric of `route` if it is a host route of `table`.
+fn host_route(route: &RouteMessage, table: u32) -> Option<Announced> {
+    let (mut dst, mut metric, mut in_table) = (None, 0, u32::from(route.header.table));
+    for a in &route.attributes {
+        match a {
+            RouteAttribute::Destination(RouteAddress::Inet(a)) => dst = Some(IpAddr::V4(*a)),
+            RouteAttribute::Destination(RouteAddress::Inet6(a)) => dst = Some(IpAddr::V6(*a)),
+            RouteAttribute::Priority(m) => metric = *m,
+            RouteAttribute::Table(t) => in_table = *t,
+            _ => {}
         }
     }
+    let dst = dst?;
+    (in_table == table && route.header.destination_prefix_length == host_prefix_len(dst))
+        .then_some((dst, metric))
 }
 
 #[cfg(test)]
 mod tests {
+    use std::process::Command;
+
+    use serde_json::{json, Value};
+
     use super::*;
 
+    fn ip(args: &[&str]) -> Vec<u8> {
+        let out = Command::new("ip").args(args).output().unwrap();
+        assert!(out.status.success(), "ip {args:?}: {out:?}");
+        out.stdout
+    }
+
+    /// Every detail `ip -d -j route show table T` gives of one family's routes.
+    fn shown(family: &str, table: u32) -> Value {
+        let table = table.to_string();
+        serde_json::from_slice(&ip(&[family, "-d", "-j", "route", "show", "table", &table]))
+            .unwrap()
+    }
+
     #[test]
-    fn only_host_routes_are_ours() {
-        assert_eq!(host_route("10.0.0.1"), Some("10.0.0.1".parse().unwrap()));
-        assert_eq!(host_route("10.0.0.1/32"), Some("10.0.0.1".parse().unwrap()));
-        assert_eq!(host_route("fd00::1/128"), Some("fd00::1".parse().unwrap()));
-        assert_eq!(host_route("fd00::1"), Some("fd00::1".parse().unwrap()));
-        assert_eq!(host_route("10.0.0.0/24"), None);
-        assert_eq!(host_route("default"), None);
+    fn routes_are_the_ones_ip_writes() {
+        rtnl::in_new_netns(|| {
+            let v4: IpAddr = "10.9.9.9".parse().unwrap();
+            let v6: IpAddr = "fd00::9".parse().unwrap();
+            // A table above 255 (RTA_TABLE) and one below (the header's field).
+            for (table, by_ip) in [(1234, 1235), (7, 8)] {
+                assert_eq!(
+                    list_routes(table).unwrap(),
+                    BTreeSet::new(),
+                    "no such table yet"
+                );
+                replace_route((v4, BACKUP_METRIC), table).unwrap();
+                replace_route((v6, 5), table).unwrap();
+                // What the daemon ran before it spoke rtnetlink itself.
+                for (family, dst, metric) in
+                    [("-4", "10.9.9.9/32", "1000"), ("-6", "fd00::9/128", "5")]
+                {
+                    let t = by_ip.to_string();
+                    ip(&[
+                        family, "route", "replace", dst, "dev", "lo", "table", &t, "metric",
+                        metric, "proto", "static",
+                    ]);
+                    assert_eq!(
+                        shown(family, table),
+                        shown(family, by_ip),
+                        "{family} table {table}"
+                    );
+                }
+                assert_eq!(
+                    shown("-4", table),
+                    json!([{"type": "unicast", "dst": "10.9.9.9", "dev": "lo",
+                        "protocol": "static", "scope": "link", "metric": 1000, "flags": []}])
+                );
+                assert_eq!(shown("-6", table)[0]["metric"], 5);
+
+                // Only host routes are the announcer's.
+                ip(&[
+                    "route",
+                    "add",
+                    "10.9.0.0/16",
+                    "dev",
+                    "lo",
+                    "table",
+                    &table.to_string(),
+                ]);
+                let both = BTreeSet::from([(v4, BACKUP_METRIC), (v6, 5)]);
+                assert_eq!(list_routes(table).unwrap(), both);
+                // Replacing again changes nothing.
+                replace_route((v4, BACKUP_METRIC), table).unwrap();
+                assert_eq!(list_routes(table).unwrap(), both);
+
+                del_route((v4, BACKUP_METRIC), table).unwrap();
+                del_route((v6, 5), table).unwrap();
+                assert_eq!(list_routes(table).unwrap(), BTreeSet::new());
+                del_route((v4, BACKUP_METRIC), table).expect("deleting an absent route");
+                del_route((v6, 5), table).expect("deleting an absent route");
+                // The other table was left alone.
+                assert_eq!(list_routes(by_ip).unwrap(), both);
+            }
+        });
     }
 }

@@ -1,0 +1,140 @@
+//! The daemon's one rtnetlink request helper: it sends a request and
+//! collects the kernel's answers. Next hops (neigh.rs), announced routes
+//! (cluster/announce.rs) and attached XDP programs (loader.rs) all ask the
+//! kernel through it, instead of running iproute2.
+
+use std::io;
+
+use anyhow::{bail, Context as _, Result};
+use netlink_packet_core::{
+    NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST,
+};
+use netlink_packet_route::RouteNetlinkMessage;
+use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr as NlAddr};
+
+/// One rtnetlink socket, used for requests and their answers.
+pub struct Rtnl {
+    socket: Socket,
+    seq: u32,
+}
+
+impl Rtnl {
+    pub fn open() -> Result<Self> {
+        let mut socket = Socket::new(NETLINK_ROUTE).context("opening an rtnetlink socket")?;
+        socket.bind_auto().context("binding an rtnetlink socket")?;
+        socket
+            .connect(&NlAddr::new(0, 0))
+            .context("connecting an rtnetlink socket")?;
+        Ok(Self { socket, seq: 0 })
+    }
+
+    /// Makes the kernel filter dumps by the request's fields and attributes
+    /// (`NETLINK_GET_STRICT_CHK`, as iproute2 does); without it a route dump
+    /// lists every table, whatever the request names.
+    pub fn strict(self) -> Result<Self> {
+        self.socket
+            .set_netlink_get_strict_chk(true)
+            .context("enabling strict rtnetlink dumps")?;
+        Ok(self)
+    }
+
+    /// A dump: every object the request matches.
+    pub fn dump(&mut self, msg: RouteNetlinkMessage) -> Result<Vec<RouteNetlinkMessage>> {
+        self.exchange(msg, NLM_F_DUMP)
+    }
+
+    /// A look-up of one object (a link, a route).
+    pub fn get(&mut self, msg: RouteNetlinkMessage) -> Result<RouteNetlinkMessage> {
+        match self.exchange(msg, NLM_F_ACK)?.into_iter().next() {
+            Some(answer) => Ok(answer),
+            None => bail!("the kernel acknowledged an rtnetlink look-up without an answer"),
+        }
+    }
+
+    /// A change (`NLM_F_CREATE | NLM_F_REPLACE`, ...), once the kernel
+    /// acknowledged it.
+    pub fn change(&mut self, msg: RouteNetlinkMessage, flags: u16) -> Result<()> {
+        self.exchange(msg, NLM_F_ACK | flags).map(drop)
+    }
+
+    /// Sends one request and collects its answers until the dump's end or
+    /// the acknowledgement. A refusal is an [`io::Error`] with the kernel's
+    /// errno (see [`errno`]).
+    fn exchange(
+        &mut self,
+        msg: RouteNetlinkMessage,
+        flags: u16,
+    ) -> Result<Vec<RouteNetlinkMessage>> {
+        self.seq += 1;
+        let mut header = NetlinkHeader::default();
+        header.flags = NLM_F_REQUEST | flags;
+        header.sequence_number = self.seq;
+        let mut req = NetlinkMessage::new(header, NetlinkPayload::from(msg));
+        req.finalize();
+        let mut buf = vec![0; req.header.length as usize];
+        req.serialize(&mut buf);
+        self.socket
+            .send(&buf, 0)
+            .context("sending an rtnetlink request")?;
+        let mut answers = Vec::new();
+        loop {
+            let (data, _) = self
+                .socket
+                .recv_from_full()
+                .context("reading an rtnetlink answer")?;
+            let mut off = 0;
+            while off < data.len() {
+                let msg = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&data[off..])
+                    .context("parsing an rtnetlink answer")?;
+                let len = msg.header.length as usize;
+                if msg.header.sequence_number == self.seq {
+                    match msg.payload {
+                        // A dump that failed midway (e.g. a route table that
+                        // does not exist) ends with the errno in its Done.
+                        NetlinkPayload::Done(d) if d.code < 0 => {
+                            return Err(io::Error::from_raw_os_error(-d.code).into())
+                        }
+                        NetlinkPayload::Done(_) => return Ok(answers),
+                        NetlinkPayload::Error(e) if e.code.is_some() => {
+                            return Err(e.to_io().into())
+                        }
+                        // The acknowledgement: nothing follows.
+                        NetlinkPayload::Error(_) => return Ok(answers),
+                        NetlinkPayload::InnerMessage(m) => answers.push(m),
+                        _ => {}
+                    }
+                }
+                if len == 0 {
+                    break;
+                }
+                off += len;
+            }
+        }
+    }
+}
+
+/// The kernel's errno when `err` is its refusal of a request.
+pub fn errno(err: &anyhow::Error) -> Option<i32> {
+    err.downcast_ref::<io::Error>()?.raw_os_error()
+}
+
+/// Runs `f` on a thread of its own in a new, empty network namespace (with
+/// `lo` up), which the kernel frees when the thread ends, even if `f` panics.
+#[cfg(test)]
+pub(crate) fn in_new_netns<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    std::thread::spawn(move || {
+        // SAFETY: unshare(2) with CLONE_NEWNET moves only this thread.
+        if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+            panic!("unshare(CLONE_NEWNET): {}", io::Error::last_os_error());
+        }
+        // Children start in the namespace of the thread that spawns them.
+        let up = std::process::Command::new("ip")
+            .args(["link", "set", "lo", "up"])
+            .status()
+            .expect("running ip");
+        assert!(up.success(), "ip link set lo up: {up}");
+        f()
+    })
+    .join()
+    .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+}
