@@ -15,7 +15,7 @@ use std::{collections::BTreeMap, time::Duration};
 
 use anyhow::{ensure, Context as _, Result};
 use systems::{Bed, Cpu, System, CEILING};
-use xdplb_tests::{lb::requests, topology::DsrTopology};
+use xdplb_tests::{lb::requests, topology::Topology};
 
 use crate::harness::{median, Figure, Opts};
 
@@ -165,7 +165,7 @@ fn measure(
 /// last one's: a SYN whose 4-tuple is still in TIME_WAIT with a newer
 /// timestamp (say, HAProxy's and then MASQUERADE's connections from the
 /// lb's address) is dropped by PAWS and retried a second later.
-fn forget_time_wait(topo: &DsrTopology) {
+fn forget_time_wait(topo: &Topology) {
     for ns in topo.namespaces() {
         let _ = ns.exec(&["ss", "-K", "-t", "state", "time-wait"]);
     }

@@ -12,11 +12,12 @@ use std::{
 
 use anyhow::{bail, ensure, Context as _, Result};
 use xdplb_tests::{
-    lb::{dsr_config, start_backend, start_backends, Load, Sample, Xdplb},
-    nat_topology::{self, nat_config, NatTopology, Shape},
+    lb::{
+        dsr_config, nat_config, start_backend, start_backends, Load, Sample, Xdplb, BACKEND_PORT,
+    },
     netns::Netns,
     proc::Proc,
-    topology::DsrTopology,
+    topology::{Shape, Topology},
 };
 
 use crate::{
@@ -101,7 +102,7 @@ pub fn run(opts: &Opts) -> Result<Vec<Figure>> {
     tools::ensure_packages(&[("haproxy", "failover: the health checker compared")])?;
     let (kills, losses) = if opts.quick { (2, 2) } else { (20, 10) };
     let dir = tools::TempDir::new("failover")?;
-    let mut topo = DsrTopology::with_tag("bfo", 3)?;
+    let mut topo = Topology::new(Shape::Dsr, "bfo", 3)?;
     let prefix = topo.prefix().to_owned();
     topo.enable_xdp_tx(&opts.xdplb)?;
     let mut servers = start_backends(&topo, &opts.testbackend)?;
@@ -120,21 +121,21 @@ pub fn run(opts: &Opts) -> Result<Vec<Figure>> {
             lb,
             name: "xdplb",
             target: SocketAddr::new(topo.vip4().into(), 80),
-            client: topo.client_addr4().into(),
+            client: topo.client_addr(false),
             backends: (1..=topo.backend_count())
-                .map(|i| SocketAddr::new(topo.backend_addr4(i).into(), 80))
+                .map(|i| SocketAddr::new(topo.backend_addr(i, false), 80))
                 .collect(),
         };
         run_all(&bal, &mut bed, kills, losses)?
     };
     let haproxy = {
         let config = haproxy::Config {
-            bind: SocketAddr::new(topo.lb_addr4().into(), 80),
+            bind: SocketAddr::new(topo.lb_addr(false), 80),
             servers: (1..=topo.backend_count())
                 .map(|i| {
                     (
                         topo.backend_name(i),
-                        SocketAddr::new(topo.backend_addr4(i).into(), 80),
+                        SocketAddr::new(topo.backend_addr(i, false), 80),
                     )
                 })
                 .collect(),
@@ -160,11 +161,12 @@ pub fn run(opts: &Opts) -> Result<Vec<Figure>> {
 
 /// The same trials with xdplb in NAT mode on the one-arm NAT testbed.
 fn nat_trials(opts: &Opts, kills: usize, losses: usize) -> Result<Trials> {
-    let topo = NatTopology::new(Shape::OneArm, "bfn", 3, &opts.xdplb)?;
+    let mut topo = Topology::new(Shape::NatOneArm, "bfn", 3)?;
+    topo.enable_xdp_tx(&opts.xdplb)?;
     let prefix = topo.prefix().to_owned();
-    let mut servers = nat_topology::start_backends(&topo, &opts.testbackend)?;
+    let mut servers = start_backends(&topo, &opts.testbackend)?;
     topo.wait_reachable()?;
-    let restart = |i: usize| nat_topology::start_backend(&topo, &opts.testbackend, i);
+    let restart = |i: usize| start_backend(&topo, &opts.testbackend, i, &[]);
     let mut bed = Bed {
         client: topo.client(),
         switch: topo.switch(),
@@ -172,14 +174,14 @@ fn nat_trials(opts: &Opts, kills: usize, losses: usize) -> Result<Trials> {
         restart: &restart,
     };
     let trials = {
-        let lb = nat_topology::start_xdplb(&opts.xdplb, &topo, &nat_config(&topo, ""))?;
+        let lb = Xdplb::start(&opts.xdplb, &topo, &nat_config(&topo, ""))?;
         let bal = XdplbBalancer {
             lb,
             name: "xdplb-nat",
             target: SocketAddr::new(topo.vip4().into(), 80),
             client: topo.client_addr(false),
             backends: (1..=topo.backend_count())
-                .map(|i| SocketAddr::new(topo.backend_addr(i, false), nat_topology::BACKEND_PORT))
+                .map(|i| SocketAddr::new(topo.backend_addr(i, false), BACKEND_PORT))
                 .collect(),
         };
         run_all(&bal, &mut bed, kills, losses)?

@@ -9,7 +9,10 @@ use std::{fmt::Write as _, time::Duration};
 use anyhow::{bail, Context as _, Result};
 use xdp_common::{map_names, MAGLEV_SLOTS, MAX_FLOWS};
 use xdplb::dataplane::Maps;
-use xdplb_tests::{lb::Xdplb, topology::DsrTopology};
+use xdplb_tests::{
+    lb::Xdplb,
+    topology::{Shape, Topology},
+};
 
 use crate::harness::{Figure, Opts, Section};
 
@@ -34,7 +37,7 @@ struct Config {
     rss: Vec<f64>,
 }
 
-fn config(topo: &DsrTopology, ports: std::ops::Range<u16>, table_size: Option<u32>) -> String {
+fn config(topo: &Topology, ports: std::ops::Range<u16>, table_size: Option<u32>) -> String {
     let mut text = String::new();
     for port in ports {
         let _ = writeln!(
@@ -50,7 +53,7 @@ fn config(topo: &DsrTopology, ports: std::ops::Range<u16>, table_size: Option<u3
             let _ = writeln!(
                 text,
                 "[[service.backend]]\naddress = \"{}\"\n",
-                topo.backend_addr4(i)
+                topo.backend_addr(i, false)
             );
         }
     }
@@ -113,7 +116,7 @@ pub fn run(opts: &Opts) -> Result<Section> {
         bail!("{} not built", opts.xdplb.display());
     }
     let reps = if opts.quick { 1 } else { 3 };
-    let topo = DsrTopology::with_tag("xbmem", 3)?;
+    let topo = Topology::new(Shape::Dsr, "xbmem", 3)?;
     topo.wait_reachable()?;
     let mut configs = vec![
         Config {

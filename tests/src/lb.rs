@@ -15,36 +15,78 @@ use std::{
 
 use anyhow::{bail, Context as _, Result};
 
-use crate::{client, netns::Netns, proc::Proc, topology::DsrTopology};
+use crate::{
+    client,
+    netns::Netns,
+    proc::Proc,
+    topology::{Shape, Topology},
+};
 
 /// A TOML configuration with one TCP service on port 80 of each VIP
 /// (IPv4 and IPv6), every backend of the topology serving both, with the
 /// default health check.
-pub fn dsr_config(topo: &DsrTopology) -> String {
+pub fn dsr_config(topo: &Topology) -> String {
     dsr_config_with(topo, "")
 }
 
 /// As [`dsr_config`], with `health_check` (TOML lines) as each service's
 /// `[service.health_check]` table.
-pub fn dsr_config_with(topo: &DsrTopology, health_check: &str) -> String {
+pub fn dsr_config_with(topo: &Topology, health_check: &str) -> String {
     let mut text = String::new();
-    for (name, vip) in [
-        ("web4", topo.vip4().to_string()),
-        ("web6", topo.vip6().to_string()),
-    ] {
+    for v6 in [false, true] {
+        let (fam, vip) = (if v6 { "6" } else { "4" }, topo.vip(v6));
         text += &format!(
-            "[[service]]\nname = \"{name}\"\nvip = \"{vip}\"\nport = 80\nprotocol = \"tcp\"\n\n"
+            "[[service]]\nname = \"web{fam}\"\nvip = \"{vip}\"\nport = 80\nprotocol = \"tcp\"\n\n"
         );
         if !health_check.is_empty() {
             text += &format!("[service.health_check]\n{health_check}\n\n");
         }
         for i in 1..=topo.backend_count() {
-            let addr = if name == "web4" {
-                topo.backend_addr4(i).to_string()
-            } else {
-                topo.backend_addr6(i).to_string()
-            };
+            let addr = topo.backend_addr(i, v6);
             text += &format!("[[service.backend]]\naddress = \"{addr}\"\n\n");
+        }
+    }
+    text
+}
+
+/// A NAT configuration: TCP services on port 80 of both VIPs (`web4`,
+/// `web6`) and UDP services on port 53 (`dns4`, `dns6`), every backend of
+/// the topology serving all four on ports 8080 and 5353. `health_check`
+/// (TOML lines, may be empty for the default TCP check) is the TCP
+/// services' `[service.health_check]`; the UDP services are not checked.
+pub fn nat_config(topo: &Topology, health_check: &str) -> String {
+    let mut text = String::new();
+    for v6 in [false, true] {
+        let fam = if v6 { "6" } else { "4" };
+        let vip = topo.vip(v6);
+        text += &format!(
+            "[[service]]\nname = \"web{fam}\"\nvip = \"{vip}\"\nport = 80\n\
+             protocol = \"tcp\"\nmode = \"nat\"\n\n"
+        );
+        if !health_check.is_empty() {
+            text += &format!("[service.health_check]\n{health_check}\n\n");
+        }
+        // Explicit values (the defaults), so the table is exercised. The
+        // TCP timeout is written "60m" here and "1h" in e2e_nat's
+        // documented-settings test, so both spellings are exercised.
+        text += "[service.nat]\nports = \"20000-59999\"\ntcp_timeout = \"60m\"\n\
+                 tcp_closing_timeout = \"10s\"\nudp_timeout = \"60s\"\n\n";
+        for i in 1..=topo.backend_count() {
+            text += &format!(
+                "[[service.backend]]\naddress = \"{}\"\nport = {BACKEND_PORT}\n\n",
+                topo.backend_addr(i, v6)
+            );
+        }
+        text += &format!(
+            "[[service]]\nname = \"dns{fam}\"\nvip = \"{vip}\"\nport = 53\n\
+             protocol = \"udp\"\nmode = \"nat\"\n\n"
+        );
+        text += "[service.health_check]\ntype = \"none\"\n\n";
+        for i in 1..=topo.backend_count() {
+            text += &format!(
+                "[[service.backend]]\naddress = \"{}\"\nport = {BACKEND_UDP_PORT}\n\n",
+                topo.backend_addr(i, v6)
+            );
         }
     }
     text
@@ -66,9 +108,9 @@ pub struct Xdplb {
 
 impl Xdplb {
     /// Writes `config` and starts `binary run` on the topology's lb
-    /// interface in native XDP mode; returns once the daemon is ready.
-    pub fn start(binary: &Path, topo: &DsrTopology, config: &str) -> Result<Self> {
-        Self::start_in(binary, topo.lb(), &[topo.lb_iface()], topo.prefix(), config)
+    /// interfaces in native XDP mode; returns once the daemon is ready.
+    pub fn start(binary: &Path, topo: &Topology, config: &str) -> Result<Self> {
+        Self::start_in(binary, topo.lb(), &topo.lb_ifaces(), topo.prefix(), config)
     }
 
     /// Starts `binary run` in namespace `lb` on `ifaces`, with files named
@@ -114,7 +156,7 @@ impl Xdplb {
 
     /// Starts another daemon with the same files (after the last one was
     /// stopped or killed): it adopts the running datapath.
-    pub fn restart(&mut self, topo: &DsrTopology) -> Result<()> {
+    pub fn restart(&mut self, topo: &Topology) -> Result<()> {
         self.proc = spawn_daemon(
             &self.binary,
             topo.lb(),
@@ -257,7 +299,7 @@ impl Tally {
 
 /// Sends one HTTP GET to `vip:80` from each of `ports` (each its own TCP
 /// connection, from that source port), inside the client namespace.
-pub fn requests(topo: &DsrTopology, vip: IpAddr, ports: impl Iterator<Item = u16> + Send) -> Tally {
+pub fn requests(topo: &Topology, vip: IpAddr, ports: impl Iterator<Item = u16> + Send) -> Tally {
     topo.client().run(move || {
         let mut tally = Tally::default();
         for port in ports {
@@ -270,20 +312,33 @@ pub fn requests(topo: &DsrTopology, vip: IpAddr, ports: impl Iterator<Item = u16
     })
 }
 
+/// The port NAT backends serve HTTP on (the VIP's port is 80; DSR backends
+/// serve 80, as DSR does not translate ports).
+pub const BACKEND_PORT: u16 = 8080;
+/// The port NAT backends answer UDP on (the VIP's UDP port is 53).
+pub const BACKEND_UDP_PORT: u16 = 5353;
+
 /// Starts `xdplb-testbackend` (at `binary`) in every backend namespace,
 /// named after it (`b1`, `b2`, ...), and waits until each listens.
-pub fn start_backends(topo: &DsrTopology, binary: &Path) -> Result<Vec<Proc>> {
+pub fn start_backends(topo: &Topology, binary: &Path) -> Result<Vec<Proc>> {
     (1..=topo.backend_count())
         .map(|i| start_backend(topo, binary, i, &[]))
         .collect()
 }
 
-/// Starts backend `i`'s server with `extra` arguments.
-pub fn start_backend(topo: &DsrTopology, binary: &Path, i: usize, extra: &[&str]) -> Result<Proc> {
+/// Starts backend `i`'s server with `extra` arguments: HTTP on port 80 in
+/// DSR, HTTP on [`BACKEND_PORT`] and UDP on [`BACKEND_UDP_PORT`] in NAT.
+pub fn start_backend(topo: &Topology, binary: &Path, i: usize, extra: &[&str]) -> Result<Proc> {
     let name = topo.backend_name(i);
     let mut cmd = topo.backend(i).command(binary);
-    cmd.args(["--name", &name, "--port", "80"]).args(extra);
-    let mut p = Proc::spawn_with(&mut cmd, &name, false)?;
+    cmd.args(["--name", &name]);
+    if topo.shape() == Shape::Dsr {
+        cmd.args(["--port", "80"]);
+    } else {
+        cmd.args(["--port", &BACKEND_PORT.to_string()])
+            .args(["--udp-port", &BACKEND_UDP_PORT.to_string()]);
+    }
+    let mut p = Proc::spawn_with(cmd.args(extra), &name, false)?;
     p.wait_for_stdout_line("listening", Duration::from_secs(10))?;
     Ok(p)
 }
@@ -310,7 +365,7 @@ impl Load {
     /// Starts the load from the topology's client against `vip`, from
     /// source ports `first_port..`.
     pub fn start(
-        topo: &DsrTopology,
+        topo: &Topology,
         vip: SocketAddr,
         every: Duration,
         first_port: u16,
@@ -377,7 +432,7 @@ pub struct LongLived {
 
 impl LongLived {
     /// Opens `n` `/stream` connections to `vip` from ports `first_port..`.
-    pub fn open(topo: &DsrTopology, vip: SocketAddr, first_port: u16, n: u16) -> Result<Self> {
+    pub fn open(topo: &Topology, vip: SocketAddr, first_port: u16, n: u16) -> Result<Self> {
         let conns = topo.client().run(|| {
             (first_port..first_port + n)
                 .map(|port| {

@@ -5,9 +5,8 @@
 //! * [`frame`]: the one frame builder (and checksum verifier) for fixtures and benchmarks.
 //! * [`netns`]: RAII network namespaces and ways to run code inside them.
 //! * [`proc`]: RAII child processes with captured output.
-//! * [`topology`]: the DSR demo/test topology (client, lb, backends on one L2 segment).
-//! * [`nat_topology`]: the NAT testbeds (one-arm, two-arm, the narrow-MTU path).
-//! * [`lb`]: the daemon on a testbed, test backends, steady load.
+//! * [`topology`]: the veth testbeds: DSR, NAT one-arm and two-arm, the narrow-MTU path.
+//! * [`lb`]: the daemon on a testbed, its configurations, test backends, steady load.
 //! * [`cluster`]: three xdplb nodes behind a BIRD router (ECMP, BGP+BFD).
 //! * [`client`]: small HTTP/UDP client helpers to call from inside a namespace.
 //! * [`traffic`]: batches of requests, bulk transfers and their SHA-256.
@@ -18,7 +17,6 @@ pub mod cluster;
 pub mod datapath;
 pub mod frame;
 pub mod lb;
-pub mod nat_topology;
 pub mod netns;
 pub mod proc;
 pub mod switch;

@@ -1,5 +1,5 @@
 //! The L2 segment every testbed shape is built on: a namespace holding one
-//! bridge, and veth pairs plugging hosts into it.
+//! bridge, and veth pairs plugging hosts into it (or linking two hosts).
 
 use anyhow::Result;
 
@@ -36,19 +36,25 @@ pub fn new(name: &str) -> Result<Netns> {
 /// Plugs `host` into `switch`: a veth pair, `port` on the bridge and
 /// `host_if` in `host`.
 pub fn plug(switch: &Netns, host: &Netns, port: &str, host_if: &str) -> Result<()> {
-    switch.exec(&[
+    veth(switch, port, host, host_if)?;
+    switch.exec(&["ip", "link", "set", port, "master", BRIDGE, "up"])?;
+    Ok(())
+}
+
+/// A veth pair: `a_if` in `a`, `b_if` in `b`.
+pub fn veth(a: &Netns, a_if: &str, b: &Netns, b_if: &str) -> Result<()> {
+    a.exec(&[
         "ip",
         "link",
         "add",
-        port,
+        a_if,
         "type",
         "veth",
         "peer",
         "name",
-        host_if,
+        b_if,
         "netns",
-        host.name(),
+        b.name(),
     ])?;
-    switch.exec(&["ip", "link", "set", port, "master", BRIDGE, "up"])?;
     Ok(())
 }

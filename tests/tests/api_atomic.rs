@@ -17,7 +17,7 @@ use xdplb_tests::{
     lb::{dsr_config, start_backends, Xdplb},
     proc::Proc,
     require_root,
-    topology::DsrTopology,
+    topology::{Shape, Topology},
 };
 
 const TESTBACKEND: &str = env!("CARGO_BIN_EXE_xdplb-testbackend");
@@ -26,14 +26,14 @@ struct Bed {
     lb: Xdplb,
     // Kept alive (and killed on drop) for the health checks.
     _backends: Vec<Proc>,
-    topo: DsrTopology,
+    topo: Topology,
 }
 
 impl Bed {
     fn new(tag: &str) -> Self {
         require_root();
         let xdplb = bin_path("xdplb").expect("xdplb binary (cargo build --bins)");
-        let mut topo = DsrTopology::with_tag(tag, 2).expect("topology");
+        let mut topo = Topology::new(Shape::Dsr, tag, 2).expect("topology");
         topo.enable_xdp_tx(&xdplb)
             .expect("pass-through on the lb's peer");
         let backends = start_backends(&topo, Path::new(TESTBACKEND)).expect("backends");
@@ -68,7 +68,7 @@ impl Bed {
         let vip = SocketAddr::new(self.topo.vip4().into(), 80);
         (0..32)
             .map(|i| {
-                let src = SocketAddr::new(self.topo.client_addr4().into(), 40000 + i);
+                let src = SocketAddr::new(self.topo.client_addr(false), 40000 + i);
                 let flow = self.lb.flow(src, vip).unwrap();
                 (
                     flow["backend"].as_str().unwrap().to_owned(),
@@ -88,7 +88,7 @@ fn obstruct(path: &Path) {
 #[test]
 fn a_change_that_cannot_be_persisted_is_not_applied() {
     let bed = Bed::new("atom");
-    let b1: IpAddr = bed.topo.backend_addr4(1).into();
+    let b1: IpAddr = bed.topo.backend_addr(1, false);
     let drain = ["backend", "drain", "web4", &b1.to_string()];
     let (backends, routes) = (bed.backends(), bed.routes());
     assert!(
@@ -153,9 +153,9 @@ fn http(socket: &Path, method: &str, path: &str, body: &str) -> (u16, String) {
 fn input_the_daemon_cannot_mean_is_refused() {
     let bed = Bed::new("inp");
     let before = configured(bed.lb.json(&["service", "list"]).unwrap());
-    let b1 = bed.topo.backend_addr4(1);
+    let b1 = bed.topo.backend_addr(1, false);
     // Not a backend of this two-backend topology.
-    let b3 = xdplb_tests::topology::backend_addr4(3);
+    let b3 = bed.topo.backend_addr(3, false);
 
     // Repeated keys: which one would win is a guess, so none does.
     let socket = bed.lb.socket();

@@ -10,7 +10,12 @@ use std::{
     time::{Duration, Instant},
 };
 
-use xdplb_tests::{bin_path, lb::Xdplb, require_root, topology::DsrTopology};
+use xdplb_tests::{
+    bin_path,
+    lb::Xdplb,
+    require_root,
+    topology::{Shape, Topology},
+};
 
 const CONNECTIONS: usize = 900;
 const ANNOUNCED: usize = 1024 * 1024;
@@ -32,14 +37,14 @@ fn rss_kib(pid: u32) -> u64 {
 fn connections_announcing_big_bodies_do_not_grow_the_daemon_nor_block_status() {
     require_root();
     let xdplb = bin_path("xdplb").expect("xdplb binary (cargo build --bins)");
-    let mut topo = DsrTopology::with_tag("lim", 1).expect("topology");
+    let mut topo = Topology::new(Shape::Dsr, "lim", 1).expect("topology");
     topo.enable_xdp_tx(&xdplb)
         .expect("pass-through on the lb's peer");
     let config = format!(
         "[[service]]\nname = \"web\"\nvip = \"{}\"\nport = 80\nprotocol = \"tcp\"\n\n\
          [[service.backend]]\naddress = \"{}\"\n",
         topo.vip4(),
-        topo.backend_addr4(1)
+        topo.backend_addr(1, false)
     );
     let lb = Xdplb::start(&xdplb, &topo, &config).expect("xdplb");
     let pid = lb.proc.pid();

@@ -14,13 +14,13 @@ use xdplb_tests::{
     bin_path,
     lb::{dsr_config_with, start_backends, Xdplb},
     require_root,
-    topology::DsrTopology,
+    topology::{Shape, Topology},
 };
 
 const TESTBACKEND: &str = env!("CARGO_BIN_EXE_xdplb-testbackend");
 
 /// Polls `table` in the lb namespace until `want(routes)` holds.
-fn wait_table(topo: &DsrTopology, table: &str, what: &str, want: impl Fn(&str) -> bool) {
+fn wait_table(topo: &Topology, table: &str, what: &str, want: impl Fn(&str) -> bool) {
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         let routes = topo
@@ -47,7 +47,7 @@ fn wait_table(topo: &DsrTopology, table: &str, what: &str, want: impl Fn(&str) -
 fn a_vip_is_announced_exactly_while_the_node_can_serve_it() {
     require_root();
     let xdplb = bin_path("xdplb").expect("xdplb binary (cargo build --bins)");
-    let topo = DsrTopology::with_tag("ann", 1).unwrap();
+    let topo = Topology::new(Shape::Dsr, "ann", 1).unwrap();
     let mut backends = start_backends(&topo, Path::new(TESTBACKEND)).unwrap();
     topo.wait_reachable().unwrap();
     let services = dsr_config_with(

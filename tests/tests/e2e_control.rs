@@ -22,7 +22,7 @@ use xdplb_tests::{
     },
     proc::Proc,
     require_root,
-    topology::DsrTopology,
+    topology::{Shape, Topology},
     SCHEDULING_MARGIN,
 };
 
@@ -48,7 +48,7 @@ fn health_check(kind: &str) -> String {
 struct Bed {
     lb: Xdplb,
     backends: Vec<Proc>,
-    topo: DsrTopology,
+    topo: Topology,
     xdplb: PathBuf,
 }
 
@@ -56,7 +56,7 @@ impl Bed {
     fn new(tag: &str, kind: &str) -> Self {
         require_root();
         let xdplb = bin_path("xdplb").expect("xdplb binary (cargo build --bins)");
-        let mut topo = DsrTopology::with_tag(tag, 3).expect("topology");
+        let mut topo = Topology::new(Shape::Dsr, tag, 3).expect("topology");
         topo.enable_xdp_tx(&xdplb)
             .expect("pass-through on the lb's peer");
         let backends = start_backends(&topo, Path::new(TESTBACKEND)).expect("backends");
@@ -76,7 +76,7 @@ impl Bed {
     }
 
     fn addr(&self, i: usize) -> IpAddr {
-        self.topo.backend_addr4(i).into()
+        self.topo.backend_addr(i, false)
     }
 
     fn health(&self, i: usize) -> String {
@@ -252,7 +252,7 @@ fn many_failing_and_silent_backends_do_not_delay_detection() {
     const SILENT: usize = 300;
     const EXTRA: usize = 100;
     let xdplb = bin_path("xdplb").expect("xdplb binary (cargo build --bins)");
-    let topo = DsrTopology::with_tag("silent", 1).expect("topology");
+    let topo = Topology::new(Shape::Dsr, "silent", 1).expect("topology");
     // Served addresses fd77::2:x and silent ones fd77::3:x, all on b1.
     let batch: String = (0..EXTRA)
         .map(|i| format!("fd77::2:{i:x}"))
@@ -288,7 +288,7 @@ fn many_failing_and_silent_backends_do_not_delay_detection() {
         }
         text
     };
-    let served = std::iter::once(topo.backend_addr6(1).to_string())
+    let served = std::iter::once(topo.backend_addr(1, true).to_string())
         .chain((0..EXTRA).map(|i| format!("fd77::2:{i:x}")));
     let config = service(
         "web6",

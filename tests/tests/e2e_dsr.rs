@@ -11,7 +11,7 @@ use xdplb_tests::{
     bin_path,
     lb::{dsr_config, requests, start_backends, Xdplb},
     require_root,
-    topology::DsrTopology,
+    topology::{Shape, Topology},
 };
 
 const TESTBACKEND: &str = env!("CARGO_BIN_EXE_xdplb-testbackend");
@@ -20,7 +20,7 @@ const TESTBACKEND: &str = env!("CARGO_BIN_EXE_xdplb-testbackend");
 fn dsr_balances_real_connections_over_ipv4_and_ipv6() {
     require_root();
     let xdplb_bin = bin_path("xdplb").expect("xdplb binary (cargo build --bins)");
-    let mut topo = DsrTopology::with_tag("e2e", 3).expect("building the topology");
+    let mut topo = Topology::new(Shape::Dsr, "e2e", 3).expect("building the topology");
     topo.enable_xdp_tx(&xdplb_bin)
         .expect("pass-through on the lb's peer");
     let _backends = start_backends(&topo, Path::new(TESTBACKEND)).expect("starting backends");
@@ -58,11 +58,11 @@ fn dsr_balances_real_connections_over_ipv4_and_ipv6() {
         assert_eq!(first.served, again.served, "source port {port}");
         let served_by = first.served.keys().next().unwrap().clone();
         let i: usize = served_by[1..].parse().unwrap();
-        let src = SocketAddr::new(topo.client_addr4().into(), port);
+        let src = SocketAddr::new(topo.client_addr(false), port);
         let answer = lb.flow(src, SocketAddr::new(vip4, 80)).unwrap();
         assert_eq!(
             answer["backend"],
-            format!("{}:80", topo.backend_addr4(i)),
+            format!("{}:80", topo.backend_addr(i, false)),
             "xdplb flow says {answer}, served by {served_by}"
         );
         assert_eq!(answer["established"], true, "{answer}");

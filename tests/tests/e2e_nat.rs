@@ -1,4 +1,4 @@
-//! NAT mode end to end, in veth namespaces (`xdplb_tests::nat_topology`):
+//! NAT mode end to end, in veth namespaces (`xdplb_tests::topology`):
 //! plain backends (no VIP, default route to their gateway) serving HTTP on
 //! 8080 and UDP on 5353 behind VIP:80 and VIP:53, the real daemon attached
 //! to the lb's interfaces in native XDP mode, real TCP and UDP from the
@@ -22,12 +22,10 @@ use xdp_common::Reason;
 use xdplb::dataplane::Maps;
 use xdplb_tests::{
     assert_within, bin_path,
-    lb::{Load, Sample, Tally, Xdplb},
-    nat_topology::{
-        nat_config, start_backend, start_backends, start_xdplb, NatTopology, Shape, BACKEND_PORT,
-    },
+    lb::{nat_config, start_backend, start_backends, Load, Sample, Tally, Xdplb, BACKEND_PORT},
     proc::Proc,
     require_root,
+    topology::{Shape, Topology},
     traffic::{download, pattern_sha256, peer, requests, udp_queries, upload, Transfer},
     SCHEDULING_MARGIN,
 };
@@ -50,7 +48,7 @@ fn take_turn() -> MutexGuard<'static, ()> {
 struct Bed {
     lb: Option<Xdplb>,
     backends: Vec<Proc>,
-    topo: NatTopology,
+    topo: Topology,
     xdplb: PathBuf,
 }
 
@@ -58,8 +56,8 @@ impl Bed {
     fn new(shape: Shape, tag: &str, backends: usize) -> Bed {
         require_root();
         let xdplb = bin_path("xdplb").expect("xdplb binary (cargo build --bins)");
-        let topo =
-            NatTopology::new(shape, tag, backends, &xdplb).expect("building the NAT topology");
+        let mut topo = Topology::new(shape, tag, backends).expect("building the NAT topology");
+        topo.enable_xdp_tx(&xdplb).expect("pass-through");
         let backends = start_backends(&topo, Path::new(TESTBACKEND)).expect("starting backends");
         topo.wait_reachable().expect("testbed reachable");
         Bed {
@@ -72,7 +70,7 @@ impl Bed {
 
     fn start_lb(&mut self, health_check: &str) {
         let config = nat_config(&self.topo, health_check);
-        self.lb = Some(start_xdplb(&self.xdplb, &self.topo, &config).expect("starting xdplb"));
+        self.lb = Some(Xdplb::start(&self.xdplb, &self.topo, &config).expect("starting xdplb"));
     }
 
     fn lb(&self) -> &Xdplb {
@@ -253,7 +251,7 @@ fn assert_counters_sane(bed: &Bed) {
 #[test]
 fn two_arm_nat_serves_http_udp_and_gigabytes_both_ways() {
     let _turn = take_turn();
-    let mut bed = Bed::new(Shape::TwoArm, "n2a", 3);
+    let mut bed = Bed::new(Shape::NatTwoArm, "n2a", 3);
 
     // Baseline: the same transfers from the client straight to b1, routed
     // by the lb's kernel (IP forwarding on for this only; no XDP program on
@@ -312,7 +310,7 @@ fn two_arm_nat_serves_http_udp_and_gigabytes_both_ways() {
 #[test]
 fn one_arm_nat_serves_http_udp_and_bulk_transfers_both_ways() {
     let _turn = take_turn();
-    let mut bed = Bed::new(Shape::OneArm, "n1a", 3);
+    let mut bed = Bed::new(Shape::NatOneArm, "n1a", 3);
     // Baseline: the client straight to b1 on the shared segment.
     let mut baseline = Vec::new();
     for v6 in [false, true] {
@@ -352,7 +350,7 @@ fn one_arm_nat_serves_http_udp_and_bulk_transfers_both_ways() {
 #[test]
 fn path_mtu_discovery_works_through_translated_icmp_errors() {
     let _turn = take_turn();
-    let mut bed = Bed::new(Shape::Mtu, "nmtu", 2);
+    let mut bed = Bed::new(Shape::Pmtu, "nmtu", 2);
     bed.start_lb("");
     let n = 16 * MIB;
     let want = pattern_sha256(n).unwrap();
@@ -413,7 +411,7 @@ fn failover_in_nat_mode_under_load() {
     let _turn = take_turn();
     let interval = Duration::from_millis(200);
     let (rise, fall) = (2, 3);
-    let mut bed = Bed::new(Shape::TwoArm, "nfo", 3);
+    let mut bed = Bed::new(Shape::NatTwoArm, "nfo", 3);
     bed.start_lb(&format!(
         "type = \"tcp\"\ninterval = \"{}ms\"\ntimeout = \"100ms\"\nrise = {rise}\nfall = {fall}\n",
         interval.as_millis()
@@ -500,7 +498,7 @@ fn failover_in_nat_mode_under_load() {
     );
 
     // b1 comes back and takes new connections again.
-    bed.backends[0] = start_backend(&bed.topo, Path::new(TESTBACKEND), 1).unwrap();
+    bed.backends[0] = start_backend(&bed.topo, Path::new(TESTBACKEND), 1, &[]).unwrap();
     // rise checks, one interval for the first to come round, one spare,
     // plus the stated margin for a loaded machine.
     let deadline = Instant::now() + interval * (rise + 2) + SCHEDULING_MARGIN;
@@ -555,7 +553,7 @@ fn the_documented_nat_settings_are_accepted() {
 #[test]
 fn connections_refused_by_a_killed_backend_succeed_on_another() {
     let _turn = take_turn();
-    let mut bed = Bed::new(Shape::OneArm, "nrt", 3);
+    let mut bed = Bed::new(Shape::NatOneArm, "nrt", 3);
     // No health checks: the datapath alone must save these connections.
     bed.start_lb("type = \"none\"\n");
     let vip = bed.vip(false, 80);
@@ -615,7 +613,7 @@ fn connection_churn_is_never_refused_a_port_while_ports_remain() {
     const CLOSING_S: f64 = 10.0;
     const RUN: Duration = Duration::from_secs(60);
     let _turn = take_turn();
-    let mut bed = Bed::new(Shape::TwoArm, "nch", 3);
+    let mut bed = Bed::new(Shape::NatTwoArm, "nch", 3);
     bed.start_lb("type = \"none\"\n");
     let vip = bed.vip(false, 80);
     let warm = Load::start_in(bed.topo.client(), vip, Duration::ZERO, 10000).unwrap();

@@ -16,7 +16,7 @@ use xdplb_tests::{
     netns::unique_prefix,
     proc::Proc,
     require_root,
-    topology::DsrTopology,
+    topology::{Shape, Topology},
 };
 
 const TESTBACKEND: &str = env!("CARGO_BIN_EXE_xdplb-testbackend");
@@ -32,16 +32,16 @@ impl Drop for Cleanup {
 }
 
 /// A topology (one backend) and the path of the xdplb binary.
-fn topology(tag: &str) -> (DsrTopology, PathBuf) {
+fn topology(tag: &str) -> (Topology, PathBuf) {
     require_root();
     let xdplb = bin_path("xdplb").expect("xdplb binary (cargo build --bins)");
-    let topo = DsrTopology::with_tag(tag, 1).expect("topology");
+    let topo = Topology::new(Shape::Dsr, tag, 1).expect("topology");
     (topo, xdplb)
 }
 
 /// `xdplb run` with `args` after the usual paths of `lb` (but `--api-socket`
 /// and `--pin-dir` given by the caller), spawned in the lb namespace.
-fn run_cmd(xdplb: &Path, topo: &DsrTopology, lb: &Xdplb, pin_dir: &Path, socket: &Path) -> Command {
+fn run_cmd(xdplb: &Path, topo: &Topology, lb: &Xdplb, pin_dir: &Path, socket: &Path) -> Command {
     let mut cmd = topo.lb().command(xdplb);
     cmd.args(["run", "--xdp-mode", "native", "--iface", topo.lb_iface()])
         .arg("--config")
@@ -72,7 +72,7 @@ fn run_to_end(cmd: &mut Command) -> (bool, String) {
 }
 
 /// The ids of the XDP programs on the lb's interface.
-fn xdp_ids(topo: &DsrTopology) -> String {
+fn xdp_ids(topo: &Topology) -> String {
     let out = topo
         .lb()
         .exec(&["ip", "-j", "link", "show", "dev", topo.lb_iface()])
@@ -239,7 +239,7 @@ fn the_open_files_limit_is_raised_and_health_checks_work() {
          [service.health_check]\ntype = \"tcp\"\ninterval = \"200ms\"\ntimeout = \"100ms\"\n\
          [[service.backend]]\naddress = \"{}\"\n",
         topo.vip4(),
-        topo.backend_addr4(1)
+        topo.backend_addr(1, false)
     );
     // A first daemon sets up the files; the one under test replaces it.
     let mut lb = Xdplb::start(&xdplb, &topo, &config).expect("xdplb");
@@ -280,7 +280,7 @@ fn the_open_files_limit_is_raised_and_health_checks_work() {
     assert_eq!(fields[3..5], ["4096", "4096"], "{line}");
     // Health checks run: the backend is up, and stays up for 2 s.
     let deadline = Instant::now() + Duration::from_secs(5);
-    let ip = std::net::IpAddr::from(topo.backend_addr4(1));
+    let ip = topo.backend_addr(1, false);
     while lb.backend("web", ip).unwrap()["last_check"] != "ok" {
         assert!(Instant::now() < deadline, "{}", lb.proc.output_text());
         std::thread::sleep(Duration::from_millis(50));

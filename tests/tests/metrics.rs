@@ -23,7 +23,7 @@ use xdplb_tests::{
     lb::{dsr_config_with, requests, start_backends, Load, Xdplb},
     proc::Proc,
     require_root,
-    topology::DsrTopology,
+    topology::{Shape, Topology},
 };
 
 const TESTBACKEND: &str = env!("CARGO_BIN_EXE_xdplb-testbackend");
@@ -37,14 +37,14 @@ const HEALTH: &str = "type = \"http\"\npath = \"/health\"\ninterval = \"200ms\"\
 struct Bed {
     lb: Xdplb,
     backends: Vec<Proc>,
-    topo: DsrTopology,
+    topo: Topology,
 }
 
 impl Bed {
     fn new(tag: &str) -> Self {
         require_root();
         let xdplb = bin_path("xdplb").expect("xdplb binary (cargo build --bins)");
-        let mut topo = DsrTopology::with_tag(tag, 3).expect("topology");
+        let mut topo = Topology::new(Shape::Dsr, tag, 3).expect("topology");
         topo.enable_xdp_tx(&xdplb)
             .expect("pass-through on the lb's peer");
         let backends = start_backends(&topo, Path::new(TESTBACKEND)).expect("backends");
@@ -62,7 +62,7 @@ impl Bed {
     }
 
     fn addr(&self, i: usize) -> IpAddr {
-        self.topo.backend_addr4(i).into()
+        self.topo.backend_addr(i, false)
     }
 
     /// `GET path` on the metrics listener, from the daemon's namespace:
@@ -335,7 +335,7 @@ fn pipe() -> (OwnedFd, OwnedFd) {
 
 impl Chromium {
     /// Opens `url` in Chromium inside `topo`'s load-balancer namespace.
-    fn open(topo: &DsrTopology, url: &str) -> Option<Self> {
+    fn open(topo: &Topology, url: &str) -> Option<Self> {
         let Some(binary) = find_executable("chromium") else {
             eprintln!(
                 "SKIPPED the status page test: chromium is not installed \
@@ -520,8 +520,8 @@ fn status_page_shows_a_backend_going_down_without_a_reload() {
     let keys: Vec<String> = (1..=3)
         .flat_map(|i| {
             [
-                format!("web4/{}:80", bed.topo.backend_addr4(i)),
-                format!("web6/[{}]:80", bed.topo.backend_addr6(i)),
+                format!("web4/{}:80", bed.topo.backend_addr(i, false)),
+                format!("web6/[{}]:80", bed.topo.backend_addr(i, true)),
             ]
         })
         .collect();

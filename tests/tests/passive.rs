@@ -18,7 +18,7 @@ use xdplb_tests::{
     lb::{dsr_config_with, start_backends, Load, Xdplb},
     proc::Proc,
     require_root,
-    topology::DsrTopology,
+    topology::{Shape, Topology},
 };
 
 const TESTBACKEND: &str = env!("CARGO_BIN_EXE_xdplb-testbackend");
@@ -29,14 +29,14 @@ const HEALTH_CHECK: &str = "type = \"tcp\"\ninterval = \"1s\"\ntimeout = \"500ms
 struct Bed {
     lb: Xdplb,
     backends: Vec<Proc>,
-    topo: DsrTopology,
+    topo: Topology,
 }
 
 impl Bed {
     fn new(tag: &str) -> Self {
         require_root();
         let xdplb = bin_path("xdplb").expect("xdplb binary (cargo build --bins)");
-        let mut topo = DsrTopology::with_tag(tag, 3).expect("topology");
+        let mut topo = Topology::new(Shape::Dsr, tag, 3).expect("topology");
         topo.enable_xdp_tx(&xdplb).expect("pass-through");
         let backends = start_backends(&topo, Path::new(TESTBACKEND)).expect("backends");
         topo.wait_reachable().expect("reachable");
@@ -50,7 +50,7 @@ impl Bed {
 
     fn backend(&self, i: usize) -> serde_json::Value {
         self.lb
-            .backend("web4", self.topo.backend_addr4(i).into())
+            .backend("web4", self.topo.backend_addr(i, false))
             .unwrap()
     }
 }
@@ -165,7 +165,7 @@ fn clients_that_vanish_after_their_syn_do_not_take_a_backend_out() {
 fn suspicion_alone_never_takes_out_the_last_backend() {
     let bed = Bed::new("pal");
     for i in 2..=3 {
-        let addr = bed.topo.backend_addr4(i).to_string();
+        let addr = bed.topo.backend_addr(i, false).to_string();
         bed.lb.cli(&["backend", "drain", "web4", &addr]).unwrap();
     }
     // Nothing but vanishing clients: every new flow goes unanswered.

@@ -2,16 +2,13 @@
 //! entered and removed, and the DSR topology carries traffic between the
 //! client and the test backends directly. Needs root.
 
-use std::{
-    net::{IpAddr, SocketAddr},
-    time::Duration,
-};
+use std::{net::SocketAddr, time::Duration};
 
 use xdplb_tests::{
     client,
+    lb::start_backend,
     netns::{unique_prefix, Netns},
-    proc::Proc,
-    topology::{backend_addr4, backend_addr6, lb_addr4, lb_addr6, DsrTopology, VIP4, VIP6},
+    topology::{Shape, Topology},
 };
 /// Builds the topology, runs a test backend in each backend namespace
 /// and talks to each directly (no load balancer), then checks teardown
@@ -22,7 +19,7 @@ fn topology_smoke() {
     let backend_bin = std::path::PathBuf::from(env!("CARGO_BIN_EXE_xdplb-testbackend"));
     let names: Vec<String>;
     {
-        let topo = DsrTopology::with_tag("smoke", 3).unwrap();
+        let topo = Topology::new(Shape::Dsr, "smoke", 3).unwrap();
         names = topo
             .namespaces()
             .iter()
@@ -36,26 +33,9 @@ fn topology_smoke() {
             );
         }
 
-        let mut procs = Vec::new();
-        for i in 1..=topo.backend_count() {
-            let name = topo.backend_name(i);
-            let mut p = Proc::spawn_with(
-                topo.backend(i).command(&backend_bin).args([
-                    "--name",
-                    &name,
-                    "--port",
-                    "80",
-                    "--udp-port",
-                    "53",
-                ]),
-                &name,
-                false,
-            )
-            .unwrap();
-            p.wait_for_stdout_line("listening", Duration::from_secs(5))
-                .unwrap();
-            procs.push(p);
-        }
+        let procs: Vec<_> = (1..=topo.backend_count())
+            .map(|i| start_backend(&topo, &backend_bin, i, &["--udp-port", "53"]).unwrap())
+            .collect();
 
         topo.wait_reachable().unwrap();
         // The lb must have learned the backends' MACs from the pings.
@@ -64,7 +44,7 @@ fn topology_smoke() {
             .exec(&["ip", "neigh", "show", "dev", "eth0"])
             .unwrap();
         for i in 1..=topo.backend_count() {
-            let mac = topo.backend_mac(i).unwrap();
+            let mac = topo.backend(i).mac("eth0").unwrap();
             assert!(
                 neigh.contains(&mac),
                 "lb neighbour table lacks b{i} ({mac}):\n{neigh}"
@@ -81,8 +61,7 @@ fn topology_smoke() {
         let timeout = Duration::from_secs(5);
         for i in 1..=topo.backend_count() {
             let want = topo.backend_name(i);
-            let addrs: [IpAddr; 2] = [backend_addr4(i).into(), backend_addr6(i).into()];
-            for addr in addrs {
+            for addr in [false, true].map(|v6| topo.backend_addr(i, v6)) {
                 let got = topo
                     .client()
                     .run(|| client::get(SocketAddr::new(addr, 80), None, timeout))
@@ -106,7 +85,7 @@ fn topology_smoke() {
                 assert_eq!(got, want, "UDP {addr}:53");
             }
             // Keep-alive and the /stream echo on one connection each.
-            let addr = SocketAddr::new(backend_addr6(i).into(), 80);
+            let addr = SocketAddr::new(topo.backend_addr(i, true), 80);
             let mut conn = topo
                 .client()
                 .run(|| client::Conn::connect(addr, None, timeout))
@@ -128,7 +107,7 @@ fn topology_smoke() {
 
         // Without a load balancer the VIP leads nowhere: the lb does not
         // forward, and backends must not answer ARP for it.
-        let vip = SocketAddr::new(VIP4.into(), 80);
+        let vip = SocketAddr::new(topo.vip(false), 80);
         let res = topo
             .client()
             .run(|| client::get(vip, None, Duration::from_millis(500)));
@@ -138,7 +117,7 @@ fn topology_smoke() {
         );
         let arp = topo
             .client()
-            .exec(&["ip", "neigh", "show", &VIP4.to_string()])
+            .exec(&["ip", "neigh", "show", &topo.vip4().to_string()])
             .unwrap();
         assert!(
             arp.trim().is_empty(),
@@ -157,9 +136,9 @@ fn topology_smoke() {
                     "ip",
                     "route",
                     "replace",
-                    &format!("{VIP4}/32"),
+                    &format!("{}/32", topo.vip4()),
                     "via",
-                    &backend_addr4(i).to_string(),
+                    &topo.backend_addr(i, false).to_string(),
                 ])
                 .unwrap();
             topo.client()
@@ -168,12 +147,12 @@ fn topology_smoke() {
                     "-6",
                     "route",
                     "replace",
-                    &format!("{VIP6}/128"),
+                    &format!("{}/128", topo.vip6()),
                     "via",
-                    &backend_addr6(i).to_string(),
+                    &topo.backend_addr(i, true).to_string(),
                 ])
                 .unwrap();
-            for vip in topo.vips() {
+            for vip in [false, true].map(|v6| topo.vip(v6)) {
                 let got = topo
                     .client()
                     .run(|| client::get(SocketAddr::new(vip, 80), None, timeout))
@@ -191,9 +170,9 @@ fn topology_smoke() {
                 "ip",
                 "route",
                 "replace",
-                &format!("{VIP4}/32"),
+                &format!("{}/32", topo.vip4()),
                 "via",
-                &lb_addr4().to_string(),
+                &topo.lb_addr(false).to_string(),
             ])
             .unwrap();
         topo.client()
@@ -202,9 +181,9 @@ fn topology_smoke() {
                 "-6",
                 "route",
                 "replace",
-                &format!("{VIP6}/128"),
+                &format!("{}/128", topo.vip6()),
                 "via",
-                &lb_addr6().to_string(),
+                &topo.lb_addr(true).to_string(),
             ])
             .unwrap();
 

@@ -10,7 +10,7 @@ use std::{
 };
 
 use anyhow::{bail, Context as _, Result};
-use xdplb_tests::{client, proc::Proc, topology::DsrTopology};
+use xdplb_tests::{client, proc::Proc, topology::Topology};
 
 /// Size of the file every request fetches.
 pub const BODY_BYTES: usize = 100;
@@ -24,7 +24,7 @@ pub struct Nginx {
 impl Nginx {
     /// Starts nginx in each backend namespace, one worker each, pinned to
     /// `cpu` if given; files under `dir`. Waits until each answers.
-    pub fn start(topo: &DsrTopology, dir: &Path, cpu: Option<usize>) -> Result<Self> {
+    pub fn start(topo: &Topology, dir: &Path, cpu: Option<usize>) -> Result<Self> {
         let mut procs = Vec::new();
         for i in 1..=topo.backend_count() {
             let name = topo.backend_name(i);
@@ -47,7 +47,7 @@ impl Nginx {
             procs.push(Proc::spawn_with(&mut cmd, &format!("nginx-{name}"), false)?);
         }
         for (i, p) in procs.iter_mut().enumerate() {
-            let addr = SocketAddr::new(topo.backend_addr4(i + 1).into(), 80);
+            let addr = SocketAddr::new(topo.backend_addr(i + 1, false), 80);
             wait_serving(topo, addr, &topo.backend_name(i + 1), p)?;
         }
         Ok(Self { _procs: procs })
@@ -84,7 +84,7 @@ http {{
 }
 
 /// Polls `addr` from the client until it answers with `name`.
-fn wait_serving(topo: &DsrTopology, addr: SocketAddr, name: &str, proc: &mut Proc) -> Result<()> {
+fn wait_serving(topo: &Topology, addr: SocketAddr, name: &str, proc: &mut Proc) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let got = topo

@@ -12,7 +12,7 @@ use anyhow::{bail, Context as _, Result};
 use xdplb_tests::{
     lb::{dsr_config, Xdplb},
     netns::Netns,
-    topology::DsrTopology,
+    topology::{Shape, Topology},
 };
 
 use super::{haproxy, nginx::Nginx};
@@ -23,7 +23,7 @@ use super::{haproxy, nginx::Nginx};
 pub struct Bed {
     // Field order is drop order: servers before their namespaces.
     _nginx: Nginx,
-    pub topo: DsrTopology,
+    pub topo: Topology,
     pub xdplb: PathBuf,
     /// Scratch directory for the systems' files.
     pub dir: PathBuf,
@@ -33,7 +33,7 @@ impl Bed {
     /// Builds the topology and starts nginx (pinned to `server_cpu`),
     /// with files under `dir`.
     pub fn new(xdplb: &Path, dir: &Path, server_cpu: Option<usize>) -> Result<Self> {
-        let mut topo = DsrTopology::with_tag("bench", 3)?;
+        let mut topo = Topology::new(Shape::Dsr, "bench", 3)?;
         topo.enable_xdp_tx(xdplb)?;
         // NAT replies pass the lb's XDP program as raw frames: on veth an
         // offloaded (partial) checksum would arrive unfinished. Off for
@@ -99,7 +99,7 @@ pub fn all() -> Vec<Box<dyn System>> {
     ]
 }
 
-fn all_backends(topo: &DsrTopology) -> Vec<String> {
+fn all_backends(topo: &Topology) -> Vec<String> {
     (1..=topo.backend_count())
         .map(|i| topo.backend_name(i))
         .collect()
@@ -114,7 +114,7 @@ impl System for Ceiling {
     }
     fn setup<'a>(&self, bed: &'a Bed) -> Result<Running<'a>> {
         Ok(Running {
-            target: bed.topo.backend_addr4(1).into(),
+            target: bed.topo.backend_addr(1, false),
             cpu: Cpu::None,
             backends: vec![bed.topo.backend_name(1)],
             _teardown: Box::new(()),
@@ -160,7 +160,7 @@ impl System for XdplbNat {
         for i in 1..=topo.backend_count() {
             config += &format!(
                 "[[service.backend]]\naddress = \"{}\"\n",
-                topo.backend_addr4(i)
+                topo.backend_addr(i, false)
             );
         }
         let lb = Xdplb::start(&bed.xdplb, topo, &config)?;
@@ -176,7 +176,7 @@ impl System for XdplbNat {
 }
 
 /// Every backend of `web4` healthy, active, with its MAC resolved.
-fn wait_xdplb_ready(lb: &Xdplb, topo: &DsrTopology) -> Result<()> {
+fn wait_xdplb_ready(lb: &Xdplb, topo: &Topology) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let list = lb.json(&["backend", "list", "web4"])?;
@@ -220,12 +220,12 @@ impl System for HaproxyTcp {
         let dir = bed.dir.join("haproxy");
         std::fs::create_dir_all(&dir)?;
         let config = haproxy::Config {
-            bind: SocketAddr::new(topo.lb_addr4().into(), 80),
+            bind: SocketAddr::new(topo.lb_addr(false), 80),
             servers: (1..=topo.backend_count())
                 .map(|i| {
                     (
                         topo.backend_name(i),
-                        SocketAddr::new(topo.backend_addr4(i).into(), 80),
+                        SocketAddr::new(topo.backend_addr(i, false), 80),
                     )
                 })
                 .collect(),
@@ -233,7 +233,7 @@ impl System for HaproxyTcp {
         };
         let h = haproxy::Haproxy::start(topo.lb(), &dir, &config)?;
         Ok(Running {
-            target: topo.lb_addr4().into(),
+            target: topo.lb_addr(false),
             cpu: Cpu::Process(h.pid()),
             backends: all_backends(topo),
             _teardown: Box::new(h),
@@ -265,7 +265,7 @@ impl System for IptablesDnat {
             ipt(&format!("-N BENCH-SEP-{i}"))?;
             ipt(&format!(
                 "-A BENCH-SEP-{i} -p tcp -j DNAT --to-destination {}:80",
-                topo.backend_addr4(i)
+                topo.backend_addr(i, false)
             ))?;
             // kube-proxy: rule i of n matches with probability 1/(n-i+1);
             // the last one always.

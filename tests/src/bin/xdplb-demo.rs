@@ -21,7 +21,7 @@ use xdplb_tests::{
     cluster::{hard_case, vip, Cluster, Replication, LONG_LIVED, NODES, VIP},
     lb::{dsr_config_with, requests, start_backend, start_backends, Load, Tally, Xdplb},
     require_root,
-    topology::DsrTopology,
+    topology::{Shape, Topology},
 };
 
 /// The demo's health check: fast enough to watch.
@@ -84,16 +84,16 @@ fn demo() -> Result<()> {
     println!(
         "xdplb demo: client -> XDP load balancer (Maglev, direct server return) -> 3 HTTP backends"
     );
-    let mut topo = DsrTopology::with_tag("demo", 3).context("building the veth topology")?;
+    let mut topo = Topology::new(Shape::Dsr, "demo", 3).context("building the veth topology")?;
     println!(
         "  topology {}: client {} / {}, load balancer {} / {}, backends {}..{}, one L2 segment",
         topo.prefix(),
-        topo.client_addr4(),
-        topo.client_addr6(),
-        topo.lb_addr4(),
-        topo.lb_addr6(),
-        topo.backend_addr4(1),
-        topo.backend_addr4(topo.backend_count()),
+        topo.client_addr(false),
+        topo.client_addr(true),
+        topo.lb_addr(false),
+        topo.lb_addr(true),
+        topo.backend_addr(1, false),
+        topo.backend_addr(topo.backend_count(), false),
     );
     topo.enable_xdp_tx(&xdplb)?;
     let mut backends = start_backends(&topo, &testbackend)?;
@@ -130,7 +130,7 @@ fn demo() -> Result<()> {
     print_tally("IPv6", &tally6, 100);
     check_interrupt()?;
 
-    let src = SocketAddr::new(topo.client_addr4().into(), first);
+    let src = SocketAddr::new(topo.client_addr(false), first);
     let again = requests(&topo, vip4, first..first + 1);
     println!("\n  sample flow: {src} -> {vip4}:80");
     println!("    $ xdplb flow {src} {vip4}:80 tcp");
@@ -239,7 +239,7 @@ fn cluster_node_loss() -> Result<()> {
 /// Kills a backend's server under load and shows the failover, then brings
 /// it back.
 fn failover(
-    topo: &DsrTopology,
+    topo: &Topology,
     lb: &Xdplb,
     backends: &mut [xdplb_tests::proc::Proc],
     testbackend: &std::path::Path,
@@ -250,9 +250,8 @@ fn failover(
         println!("    {line}");
     }
     let vip = SocketAddr::new(topo.vip4().into(), 80);
-    let victim = topo.backend_addr4(2);
-    let health =
-        |want: &str| -> Result<bool> { Ok(lb.backend("web4", victim.into())?["health"] == want) };
+    let victim = topo.backend_addr(2, false);
+    let health = |want: &str| -> Result<bool> { Ok(lb.backend("web4", victim)?["health"] == want) };
 
     let load = Load::start(topo, vip, std::time::Duration::from_millis(10), 20000)?;
     std::thread::sleep(std::time::Duration::from_millis(500));
