@@ -20,6 +20,7 @@ use anyhow::{ensure, Context as _, Result};
 use xdplb_tests::{
     lb::Xdplb,
     netns::{unique_prefix, Netns},
+    switch,
 };
 
 use crate::harness::{Figure, Opts, Section};
@@ -72,19 +73,7 @@ impl Bed {
         let prefix = unique_prefix("cps");
         let lb = Netns::new(&format!("{prefix}-lb"))?;
         let be = Netns::new(&format!("{prefix}-be"))?;
-        lb.exec(&[
-            "ip",
-            "link",
-            "add",
-            "eth0",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            be.name(),
-        ])?;
+        switch::veth(&lb, "eth0", &be, "eth0")?;
         lb.exec(&[
             "ip",
             "addr",

@@ -242,21 +242,7 @@ impl Cluster {
         plug(&switch, &router, "v-r");
         host_setup(&router, ROUTER);
         let client = Netns::new(&format!("{prefix}-c")).unwrap();
-        router
-            .exec(&[
-                "ip",
-                "link",
-                "add",
-                "eth1",
-                "type",
-                "veth",
-                "peer",
-                "name",
-                "eth0",
-                "netns",
-                client.name(),
-            ])
-            .unwrap();
+        switch::veth(&router, "eth1", &client, "eth0").unwrap();
         router
             .exec(&["ip", "addr", "add", "10.88.1.1/24", "dev", "eth1"])
             .unwrap();
