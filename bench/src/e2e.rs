@@ -11,11 +11,11 @@ pub mod systems;
 pub mod tools;
 pub mod wrk;
 
-use std::{collections::BTreeMap, time::Duration};
+use std::{collections::BTreeMap, net::SocketAddr, time::Duration};
 
 use anyhow::{ensure, Context as _, Result};
 use systems::{Bed, Cpu, System, CEILING};
-use xdplb_tests::{lb::requests, topology::Topology};
+use xdplb_tests::{topology::Topology, traffic::requests};
 
 use crate::harness::{median, Figure, Opts};
 
@@ -125,7 +125,11 @@ fn measure(
 ) -> Result<Sample> {
     forget_time_wait(&bed.topo);
     let running = system.setup(bed)?;
-    let tally = requests(&bed.topo, running.target, first_port..first_port + 30);
+    let tally = requests(
+        bed.topo.client(),
+        SocketAddr::new(running.target, 80),
+        first_port..first_port + 30,
+    );
     ensure!(
         tally.failed.is_empty(),
         "requests failed: {:?}",

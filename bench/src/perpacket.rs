@@ -33,7 +33,7 @@ use xdp_common::{
 };
 use xdplb::{
     addr,
-    dataplane::Maps,
+    dataplane::{Maps, SumPerCpu as _},
     loader::load_passthrough,
     program::{MAC_SWAP_PROGRAM, PASS_PROGRAM},
 };
@@ -599,7 +599,7 @@ impl Ring {
 
     /// Counter `slot` (COUNT_WRITTEN, COUNT_LOST) summed over the CPUs.
     fn count(&self, slot: u32) -> Result<u64> {
-        Ok(self.counts.get(&slot, 0)?.iter().sum())
+        Ok(self.counts.get(&slot, 0)?.sum())
     }
 }
 

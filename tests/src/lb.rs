@@ -297,21 +297,6 @@ impl Tally {
     }
 }
 
-/// Sends one HTTP GET to `vip:80` from each of `ports` (each its own TCP
-/// connection, from that source port), inside the client namespace.
-pub fn requests(topo: &Topology, vip: IpAddr, ports: impl Iterator<Item = u16> + Send) -> Tally {
-    topo.client().run(move || {
-        let mut tally = Tally::default();
-        for port in ports {
-            match client::get(SocketAddr::new(vip, 80), Some(port), Duration::from_secs(3)) {
-                Ok(name) => *tally.served.entry(name).or_default() += 1,
-                Err(e) => tally.failed.push((port, format!("{e:#}"))),
-            }
-        }
-        tally
-    })
-}
-
 /// The port NAT backends serve HTTP on (the VIP's port is 80; DSR backends
 /// serve 80, as DSR does not translate ports).
 pub const BACKEND_PORT: u16 = 8080;

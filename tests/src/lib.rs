@@ -7,10 +7,12 @@
 //! * [`proc`]: RAII child processes with captured output.
 //! * [`topology`]: the veth testbeds: DSR, NAT one-arm and two-arm, the narrow-MTU path.
 //! * [`lb`]: the daemon on a testbed, its configurations, test backends, steady load.
+//! * [`bed`]: the DSR testbed with backends and the daemon, as most daemon tests use it.
 //! * [`cluster`]: three xdplb nodes behind a BIRD router (ECMP, BGP+BFD).
 //! * [`client`]: small HTTP/UDP client helpers to call from inside a namespace.
 //! * [`traffic`]: batches of requests, bulk transfers and their SHA-256.
 
+pub mod bed;
 pub mod bird;
 pub mod client;
 pub mod cluster;

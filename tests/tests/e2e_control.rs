@@ -8,7 +8,6 @@
 //! stated `SCHEDULING_MARGIN` for a loaded machine.
 
 use std::{
-    net::{IpAddr, SocketAddr},
     os::unix::{fs::PermissionsExt as _, process::CommandExt as _},
     path::{Path, PathBuf},
     process::Command,
@@ -16,11 +15,10 @@ use std::{
 };
 
 use xdplb_tests::{
-    assert_within, bin_path,
-    lb::{
-        dsr_config_with, requests, start_backend, start_backends, Load, LongLived, Sample, Xdplb,
-    },
-    proc::Proc,
+    assert_within,
+    bed::Bed,
+    bin_path,
+    lb::{dsr_config_with, start_backends, Load, LongLived, Sample, Xdplb},
     require_root,
     topology::{Shape, Topology},
     SCHEDULING_MARGIN,
@@ -44,61 +42,10 @@ fn health_check(kind: &str) -> String {
     )
 }
 
-/// A topology with three backends serving HTTP, and the daemon on it.
-struct Bed {
-    lb: Xdplb,
-    backends: Vec<Proc>,
-    topo: Topology,
-    xdplb: PathBuf,
-}
-
-impl Bed {
-    fn new(tag: &str, kind: &str) -> Self {
-        require_root();
-        let xdplb = bin_path("xdplb").expect("xdplb binary (cargo build --bins)");
-        let mut topo = Topology::new(Shape::Dsr, tag, 3).expect("topology");
-        topo.enable_xdp_tx(&xdplb)
-            .expect("pass-through on the lb's peer");
-        let backends = start_backends(&topo, Path::new(TESTBACKEND)).expect("backends");
-        topo.wait_reachable().expect("segment reachable");
-        let lb = Xdplb::start(&xdplb, &topo, &dsr_config_with(&topo, &health_check(kind)))
-            .expect("xdplb");
-        Self {
-            lb,
-            backends,
-            topo,
-            xdplb,
-        }
-    }
-
-    fn vip(&self) -> SocketAddr {
-        SocketAddr::new(self.topo.vip4().into(), 80)
-    }
-
-    fn addr(&self, i: usize) -> IpAddr {
-        self.topo.backend_addr(i, false)
-    }
-
-    fn health(&self, i: usize) -> String {
-        let b = self.lb.backend("web4", self.addr(i)).unwrap();
-        b["health"].as_str().unwrap().to_owned()
-    }
-
-    /// Polls backend `i`'s health until it is `want`; returns when.
-    fn wait_health(&self, i: usize, want: &str, limit: Duration) -> Instant {
-        let deadline = Instant::now() + limit;
-        loop {
-            if self.health(i) == want {
-                return Instant::now();
-            }
-            assert!(
-                Instant::now() < deadline,
-                "b{i} not {want} within {limit:?}: {}",
-                self.lb.backend("web4", self.addr(i)).unwrap()
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    }
+/// A topology with three backends serving HTTP, and the daemon on it,
+/// checking them with `kind` checks.
+fn bed(tag: &str, kind: &str) -> Bed {
+    Bed::dsr(tag, 3, |topo| dsr_config_with(topo, &health_check(kind)))
 }
 
 fn failures(samples: &[Sample], from: Instant, to: Instant) -> Vec<&Sample> {
@@ -110,7 +57,7 @@ fn failures(samples: &[Sample], from: Instant, to: Instant) -> Vec<&Sample> {
 
 #[test]
 fn failover_and_recovery_under_load() {
-    let mut bed = Bed::new("fo", "tcp");
+    let mut bed = bed("fo", "tcp");
     let mut long = LongLived::open(&bed.topo, bed.vip(), 50000, 12).unwrap();
     assert!(
         long.backends().len() == 3,
@@ -194,14 +141,14 @@ fn failover_and_recovery_under_load() {
 
     // Recovery: the server comes back and rejoins after `rise` checks.
     let restarted = Instant::now();
-    bed.backends[0] = start_backend(&bed.topo, Path::new(TESTBACKEND), 1, &[]).unwrap();
+    bed.restart_backend(1, &[]);
     // A give-up limit only; the bound is asserted below.
     let up = bed.wait_health(1, "up", Duration::from_secs(3));
     // rise checks, one more interval for the first check to come round,
     // one for the server to start listening.
     let bound = INTERVAL * (RISE + 1) + INTERVAL;
     assert_within("recovery: rejoined after", up - restarted, bound);
-    let tally = requests(&bed.topo, bed.vip().ip(), 30000..30150);
+    let tally = bed.requests(30000..30150);
     assert!(tally.failed.is_empty(), "{:?}", tally.failed);
     assert!(
         tally.served.get("b1").copied().unwrap_or(0) > 20,
@@ -217,13 +164,11 @@ fn failover_and_recovery_under_load() {
 
 #[test]
 fn a_backend_failing_one_check_in_three_never_goes_down() {
-    let mut bed = Bed::new("flap", "http");
+    let mut bed = bed("flap", "http");
     // b1 fails every third /health request; b2 fails all of them (proves
     // the checks really run and can fail).
     for (i, every) in [(1, "3"), (2, "1")] {
-        bed.backends[i - 1].terminate().unwrap();
-        bed.backends[i - 1] =
-            start_backend(&bed.topo, Path::new(TESTBACKEND), i, &["--flap", every]).unwrap();
+        bed.restart_backend(i, &["--flap", every]);
     }
     // Detection bound (fall + 1 intervals) + one interval for the restart.
     bed.wait_health(2, "down", INTERVAL * (FALL + 2) + SCHEDULING_MARGIN);
@@ -232,7 +177,7 @@ fn a_backend_failing_one_check_in_three_never_goes_down() {
         assert_eq!(bed.health(1), "up", "flapping backend went down");
         std::thread::sleep(Duration::from_millis(20));
     }
-    let b1 = bed.lb.backend("web4", bed.addr(1)).unwrap();
+    let b1 = bed.backend(1);
     assert_eq!(b1["transitions"], 0, "{b1}");
     assert_eq!(b1["state"], "active", "{b1}");
 }
@@ -332,18 +277,15 @@ fn many_failing_and_silent_backends_do_not_delay_detection() {
 
 #[test]
 fn drain_keeps_established_flows_and_takes_no_new_ones() {
-    let bed = Bed::new("drain", "tcp");
+    let bed = bed("drain", "tcp");
     let mut long = LongLived::open(&bed.topo, bed.vip(), 50000, 9).unwrap();
     assert!(long.backends().contains("b2"), "{:?}", long.backends());
     let b2 = bed.addr(2).to_string();
     let out = bed.lb.cli(&["backend", "drain", "web4", &b2]).unwrap();
     eprintln!("drain: {}", out.trim());
-    assert_eq!(
-        bed.lb.backend("web4", bed.addr(2)).unwrap()["state"],
-        "draining"
-    );
+    assert_eq!(bed.backend(2)["state"], "draining");
 
-    let tally = requests(&bed.topo, bed.vip().ip(), 30000..30150);
+    let tally = bed.requests(30000..30150);
     assert!(tally.failed.is_empty(), "{:?}", tally.failed);
     assert_eq!(
         tally.served.get("b2"),
@@ -358,7 +300,7 @@ fn drain_keeps_established_flows_and_takes_no_new_ones() {
     );
 
     bed.lb.cli(&["backend", "undrain", "web4", &b2]).unwrap();
-    let tally = requests(&bed.topo, bed.vip().ip(), 31000..31150);
+    let tally = bed.requests(31000..31150);
     assert!(
         tally.served.get("b2").copied().unwrap_or(0) > 20,
         "undrained backend takes new connections: {:?}",
@@ -368,7 +310,7 @@ fn drain_keeps_established_flows_and_takes_no_new_ones() {
 
 #[test]
 fn hot_restart_keeps_forwarding_and_adopts_the_datapath() {
-    let mut bed = Bed::new("hot", "tcp");
+    let mut bed = bed("hot", "tcp");
     let mut long = LongLived::open(&bed.topo, bed.vip(), 50000, 9).unwrap();
     // A run-time change that must survive the restart.
     let b3 = bed.addr(3).to_string();
@@ -389,7 +331,7 @@ fn hot_restart_keeps_forwarding_and_adopts_the_datapath() {
     let status = bed.lb.json(&["status"]).unwrap();
     assert_eq!(status["adopted"], true, "{status}");
     assert_eq!(
-        bed.lb.backend("web4", bed.addr(3)).unwrap()["admin"],
+        bed.backend(3)["admin"],
         "drain",
         "run-time drain survived the restart"
     );
@@ -417,7 +359,7 @@ fn hot_restart_keeps_forwarding_and_adopts_the_datapath() {
 
     // SIGTERM: the datapath goes on forwarding without a daemon...
     bed.lb.proc.terminate().unwrap();
-    let tally = requests(&bed.topo, bed.vip().ip(), 31000..31030);
+    let tally = bed.requests(31000..31030);
     assert!(
         tally.failed.is_empty(),
         "forwarding after SIGTERM: {:?}",
@@ -467,7 +409,7 @@ fn shape(list: &serde_json::Value) -> Vec<String> {
 
 #[test]
 fn bad_input_is_refused_and_changes_nothing() {
-    let bed = Bed::new("bad", "tcp");
+    let mut bed = bed("bad", "tcp");
     let good = std::fs::read_to_string(bed.lb.config_path()).unwrap();
     let vip = bed.topo.vip4().to_string();
     // The good file with `line` added after the first `after`.
@@ -545,28 +487,26 @@ fn bad_input_is_refused_and_changes_nothing() {
 
     // SIGHUP with a bad file: still running, still forwarding.
     bed.lb.write_config(&cases[0].1).unwrap();
-    let mut lb = bed.lb;
-    lb.proc.kill(libc::SIGHUP).unwrap();
+    bed.lb.proc.kill(libc::SIGHUP).unwrap();
     std::thread::sleep(Duration::from_millis(300));
     assert!(
-        lb.proc.try_wait().unwrap().is_none(),
+        bed.lb.proc.try_wait().unwrap().is_none(),
         "daemon died on a bad reload"
     );
-    let tally = requests(&bed.topo, bed.topo.vip4().into(), 30000..30050);
+    let tally = bed.requests(30000..30050);
     assert!(tally.failed.is_empty(), "{:?}", tally.failed);
-    assert_eq!(shape(&lb.json(&["service", "list"]).unwrap()), before);
+    assert_eq!(shape(&bed.lb.json(&["service", "list"]).unwrap()), before);
     let link = bed
         .topo
         .lb()
         .exec(&["ip", "link", "show", "dev", "eth0"])
         .unwrap();
     assert!(link.contains("xdp"), "still attached");
-    drop(lb);
 }
 
 #[test]
 fn the_api_socket_refuses_non_root_users() {
-    let bed = Bed::new("perm", "none");
+    let bed = bed("perm", "none");
     let mode = std::fs::metadata(bed.lb.socket())
         .unwrap()
         .permissions()
@@ -678,10 +618,10 @@ fn an_incompatible_pinned_map_is_reported_never_reused() {
 
 #[test]
 fn run_time_changes_apply_at_once_and_survive_a_restart() {
-    let mut bed = Bed::new("rt", "tcp");
+    let mut bed = bed("rt", "tcp");
     let b3 = bed.addr(3).to_string();
     bed.lb.cli(&["backend", "remove", "web4", &b3]).unwrap();
-    let tally = requests(&bed.topo, bed.vip().ip(), 30000..30100);
+    let tally = bed.requests(30000..30100);
     assert!(tally.failed.is_empty(), "{:?}", tally.failed);
     assert_eq!(
         tally.served.get("b3"),
@@ -732,7 +672,7 @@ fn run_time_changes_apply_at_once_and_survive_a_restart() {
     );
 
     bed.lb.cli(&["backend", "add", "web4", &b3]).unwrap();
-    let tally = requests(&bed.topo, bed.vip().ip(), 31000..31150);
+    let tally = bed.requests(31000..31150);
     assert!(
         tally.served.get("b3").copied().unwrap_or(0) > 20,
         "re-added backend serves: {:?}",

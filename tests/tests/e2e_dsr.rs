@@ -3,33 +3,19 @@
 //! L2 segment), the real `xdplb` binary attached in native XDP mode, and
 //! real TCP connections from the client. Needs root.
 
-use std::{net::SocketAddr, path::Path};
+use std::net::SocketAddr;
 
 use xdp_common::Reason;
 use xdplb::dataplane::Maps;
-use xdplb_tests::{
-    bin_path,
-    lb::{dsr_config, requests, start_backends, Xdplb},
-    require_root,
-    topology::{Shape, Topology},
-};
-
-const TESTBACKEND: &str = env!("CARGO_BIN_EXE_xdplb-testbackend");
+use xdplb_tests::{bed::Bed, lb::dsr_config, traffic::requests};
 
 #[test]
 fn dsr_balances_real_connections_over_ipv4_and_ipv6() {
-    require_root();
-    let xdplb_bin = bin_path("xdplb").expect("xdplb binary (cargo build --bins)");
-    let mut topo = Topology::new(Shape::Dsr, "e2e", 3).expect("building the topology");
-    topo.enable_xdp_tx(&xdplb_bin)
-        .expect("pass-through on the lb's peer");
-    let _backends = start_backends(&topo, Path::new(TESTBACKEND)).expect("starting backends");
-    topo.wait_reachable().expect("segment reachable");
-    let lb = Xdplb::start(&xdplb_bin, &topo, &dsr_config(&topo)).expect("starting xdplb");
+    let mut bed = Bed::dsr("e2e", 3, dsr_config);
 
     // 300 connections from varied source ports, IPv4.
-    let vip4 = topo.vip4().into();
-    let tally = requests(&topo, vip4, 30000..30300);
+    let vip4 = bed.topo.vip4().into();
+    let tally = requests(bed.topo.client(), SocketAddr::new(vip4, 80), 30000..30300);
     assert!(
         tally.failed.is_empty(),
         "failed connections: {:?}",
@@ -39,7 +25,7 @@ fn dsr_balances_real_connections_over_ipv4_and_ipv6() {
     for i in 1..=3 {
         let n = tally
             .served
-            .get(&topo.backend_name(i))
+            .get(&bed.topo.backend_name(i))
             .copied()
             .unwrap_or(0);
         let share = n as f64 / 300.0;
@@ -53,23 +39,27 @@ fn dsr_balances_real_connections_over_ipv4_and_ipv6() {
     // The same source port reaches the same backend again, and `xdplb flow`
     // names that backend.
     for port in [30000u16, 30001, 30002, 30150, 30299] {
-        let first = requests(&topo, vip4, port..port + 1);
-        let again = requests(&topo, vip4, port..port + 1);
+        let first = requests(bed.topo.client(), SocketAddr::new(vip4, 80), port..port + 1);
+        let again = requests(bed.topo.client(), SocketAddr::new(vip4, 80), port..port + 1);
         assert_eq!(first.served, again.served, "source port {port}");
         let served_by = first.served.keys().next().unwrap().clone();
         let i: usize = served_by[1..].parse().unwrap();
-        let src = SocketAddr::new(topo.client_addr(false), port);
-        let answer = lb.flow(src, SocketAddr::new(vip4, 80)).unwrap();
+        let src = SocketAddr::new(bed.topo.client_addr(false), port);
+        let answer = bed.lb.flow(src, SocketAddr::new(vip4, 80)).unwrap();
         assert_eq!(
             answer["backend"],
-            format!("{}:80", topo.backend_addr(i, false)),
+            format!("{}:80", bed.topo.backend_addr(i, false)),
             "xdplb flow says {answer}, served by {served_by}"
         );
         assert_eq!(answer["established"], true, "{answer}");
     }
 
     // IPv6 VIP.
-    let tally6 = requests(&topo, topo.vip6().into(), 31000..31060);
+    let tally6 = requests(
+        bed.topo.client(),
+        SocketAddr::new(bed.topo.vip6().into(), 80),
+        31000..31060,
+    );
     assert!(
         tally6.failed.is_empty(),
         "failed IPv6 connections: {:?}",
@@ -83,7 +73,7 @@ fn dsr_balances_real_connections_over_ipv4_and_ipv6() {
     );
 
     // The traffic went through XDP, not the kernel's forwarding.
-    let maps = Maps::open_pinned(&lb.pin_dir).unwrap();
+    let maps = Maps::open_pinned(&bed.lb.pin_dir).unwrap();
     let tx = maps.reason_count(Reason::Tx).unwrap();
     assert!(
         tx >= 2 * 370,
@@ -93,10 +83,10 @@ fn dsr_balances_real_connections_over_ipv4_and_ipv6() {
     drop(maps);
 
     // Ctrl-C (SIGINT) detaches and removes the pins.
-    let mut lb = lb;
-    lb.interrupt().unwrap();
-    assert!(!lb.pin_dir.exists(), "pins removed");
-    let link = topo
+    bed.lb.interrupt().unwrap();
+    assert!(!bed.lb.pin_dir.exists(), "pins removed");
+    let link = bed
+        .topo
         .lb()
         .exec(&["ip", "link", "show", "dev", "eth0"])
         .unwrap();

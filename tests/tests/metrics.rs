@@ -7,7 +7,7 @@
 use std::{
     collections::BTreeMap,
     io::{Read as _, Write as _},
-    net::{IpAddr, SocketAddr, TcpStream},
+    net::TcpStream,
     os::{
         fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
         unix::process::CommandExt as _,
@@ -19,14 +19,13 @@ use std::{
 
 use serde_json::{json, Value};
 use xdplb_tests::{
-    bin_path, find_executable,
-    lb::{dsr_config_with, requests, start_backends, Load, Xdplb},
+    bed::Bed,
+    find_executable,
+    lb::{dsr_config_with, Load},
     proc::Proc,
-    require_root,
-    topology::{Shape, Topology},
+    topology::Topology,
 };
 
-const TESTBACKEND: &str = env!("CARGO_BIN_EXE_xdplb-testbackend");
 /// Inside the load balancer's namespace (its own loopback), so a fixed
 /// port does not collide with parallel tests.
 const METRICS: &str = "127.0.0.1:9650";
@@ -34,57 +33,34 @@ const HEALTH: &str = "type = \"http\"\npath = \"/health\"\ninterval = \"200ms\"\
                       timeout = \"100ms\"\nrise = 2\nfall = 3\n";
 
 /// Three HTTP backends, and the daemon with its metrics listener on.
-struct Bed {
-    lb: Xdplb,
-    backends: Vec<Proc>,
-    topo: Topology,
+fn bed(tag: &str) -> Bed {
+    Bed::dsr(tag, 3, |topo| {
+        format!(
+            "[daemon]\nmetrics_listen = \"{METRICS}\"\n\n{}",
+            dsr_config_with(topo, HEALTH)
+        )
+    })
 }
 
-impl Bed {
-    fn new(tag: &str) -> Self {
-        require_root();
-        let xdplb = bin_path("xdplb").expect("xdplb binary (cargo build --bins)");
-        let mut topo = Topology::new(Shape::Dsr, tag, 3).expect("topology");
-        topo.enable_xdp_tx(&xdplb)
-            .expect("pass-through on the lb's peer");
-        let backends = start_backends(&topo, Path::new(TESTBACKEND)).expect("backends");
-        topo.wait_reachable().expect("segment reachable");
-        let config = format!(
-            "[daemon]\nmetrics_listen = \"{METRICS}\"\n\n{}",
-            dsr_config_with(&topo, HEALTH)
-        );
-        let lb = Xdplb::start(&xdplb, &topo, &config).expect("xdplb");
-        Self { lb, backends, topo }
-    }
+/// `GET path` on the metrics listener, from the daemon's namespace:
+/// status code and body.
+fn get(bed: &Bed, path: &str) -> (u16, String) {
+    bed.topo.lb().run(|| http_get(METRICS, path))
+}
 
-    fn vip(&self) -> SocketAddr {
-        SocketAddr::new(self.topo.vip4().into(), 80)
-    }
+fn scrape(bed: &Bed) -> String {
+    let (status, body) = get(bed, "/metrics");
+    assert_eq!(status, 200, "{body}");
+    body
+}
 
-    fn addr(&self, i: usize) -> IpAddr {
-        self.topo.backend_addr(i, false)
-    }
-
-    /// `GET path` on the metrics listener, from the daemon's namespace:
-    /// status code and body.
-    fn get(&self, path: &str) -> (u16, String) {
-        self.topo.lb().run(|| http_get(METRICS, path))
-    }
-
-    fn scrape(&self) -> String {
-        let (status, body) = self.get("/metrics");
-        assert_eq!(status, 200, "{body}");
-        body
-    }
-
-    /// Waits until every backend of web4 passed a health check.
-    fn wait_checked(&self) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        for i in 1..=3 {
-            while self.lb.backend("web4", self.addr(i)).unwrap()["last_check"] != json!("ok") {
-                assert!(Instant::now() < deadline, "b{i} never passed a check");
-                std::thread::sleep(Duration::from_millis(50));
-            }
+/// Waits until every backend of web4 passed a health check.
+fn wait_checked(bed: &Bed) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for i in 1..=3 {
+        while bed.backend(i)["last_check"] != json!("ok") {
+            assert!(Instant::now() < deadline, "b{i} never passed a check");
+            std::thread::sleep(Duration::from_millis(50));
         }
     }
 }
@@ -168,9 +144,9 @@ fn artifact(name: &str) -> PathBuf {
 
 #[test]
 fn scrape_passes_promtool_and_counters_move_with_traffic() {
-    let bed = Bed::new("met");
-    bed.wait_checked();
-    let before = bed.scrape();
+    let bed = bed("met");
+    wait_checked(&bed);
+    let before = scrape(&bed);
     if let Some((ok, report)) = promtool(&before) {
         assert!(
             ok,
@@ -186,7 +162,7 @@ fn scrape_passes_promtool_and_counters_move_with_traffic() {
     );
     assert_eq!(value(&before, &version), 1.0);
 
-    let tally = requests(&bed.topo, bed.vip().ip(), 40000..40060);
+    let tally = bed.requests(40000..40060);
     assert_eq!(tally.ok(), 60, "requests failed: {:?}", tally.failed);
     let checks = |i: usize| {
         format!(
@@ -200,7 +176,7 @@ fn scrape_passes_promtool_and_counters_move_with_traffic() {
     // 50 intervals, for a loaded machine).
     let give_up = Instant::now() + Duration::from_secs(10);
     let text = loop {
-        let text = bed.scrape();
+        let text = scrape(&bed);
         let now = samples(&text);
         let ran = (1..=3).all(|i| value(&now, &checks(i)) > value(&before, &checks(i)));
         if ran || Instant::now() > give_up {
@@ -277,16 +253,16 @@ fn scrape_passes_promtool_and_counters_move_with_traffic() {
     );
 
     // The page and its JSON are there too, and nothing else is.
-    let (status, page) = bed.get("/");
+    let (status, page) = get(&bed, "/");
     assert_eq!(status, 200);
     assert!(page.contains("<title>xdplb status</title>"));
     assert!(!page.contains("http://") && !page.contains("https://") || page.contains("w3.org"));
-    let (status, json) = bed.get("/api/status");
+    let (status, json) = get(&bed, "/api/status");
     assert_eq!(status, 200);
     let json: Value = serde_json::from_str(&json).unwrap();
     assert_eq!(json["services"].as_array().unwrap().len(), 2);
     assert_eq!(
-        bed.get("/v1/status").0,
+        get(&bed, "/v1/status").0,
         404,
         "the control API is not on this listener"
     );
@@ -508,8 +484,8 @@ fn base64_decode(text: &str) -> Vec<u8> {
 
 #[test]
 fn status_page_shows_a_backend_going_down_without_a_reload() {
-    let mut bed = Bed::new("page");
-    bed.wait_checked();
+    let mut bed = bed("page");
+    wait_checked(&bed);
     let url = format!("http://{METRICS}/");
     let Some(mut chromium) = Chromium::open(&bed.topo, &url) else {
         return;
@@ -548,7 +524,7 @@ fn status_page_shows_a_backend_going_down_without_a_reload() {
     // Kill b1's server; note when the daemon itself says it is down.
     bed.backends[0].kill(libc::SIGKILL).unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
-    while bed.lb.backend("web4", bed.addr(1)).unwrap()["health"] != json!("down") {
+    while bed.backend(1)["health"] != json!("down") {
         assert!(Instant::now() < deadline, "the daemon never marked b1 down");
         std::thread::sleep(Duration::from_millis(5));
     }

@@ -7,52 +7,24 @@
 //! Needs root.
 
 use std::{
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
-    path::Path,
+    net::{Ipv4Addr, SocketAddrV4},
     time::{Duration, Instant},
 };
 
 use xdplb_tests::{
-    assert_within, bin_path,
+    assert_within,
+    bed::Bed,
     frame::{self, Seg},
-    lb::{dsr_config_with, start_backends, Load, Xdplb},
-    proc::Proc,
-    require_root,
-    topology::{Shape, Topology},
+    lb::{dsr_config_with, Load},
 };
 
-const TESTBACKEND: &str = env!("CARGO_BIN_EXE_xdplb-testbackend");
 /// Scheduled checks far apart (1 s, fall 3: 3-4 s to notice a dead
 /// backend), so a quick detection can only be the passive one.
 const HEALTH_CHECK: &str = "type = \"tcp\"\ninterval = \"1s\"\ntimeout = \"500ms\"\nfall = 3";
 
-struct Bed {
-    lb: Xdplb,
-    backends: Vec<Proc>,
-    topo: Topology,
-}
-
-impl Bed {
-    fn new(tag: &str) -> Self {
-        require_root();
-        let xdplb = bin_path("xdplb").expect("xdplb binary (cargo build --bins)");
-        let mut topo = Topology::new(Shape::Dsr, tag, 3).expect("topology");
-        topo.enable_xdp_tx(&xdplb).expect("pass-through");
-        let backends = start_backends(&topo, Path::new(TESTBACKEND)).expect("backends");
-        topo.wait_reachable().expect("reachable");
-        let lb = Xdplb::start(&xdplb, &topo, &dsr_config_with(&topo, HEALTH_CHECK)).expect("xdplb");
-        Self { lb, backends, topo }
-    }
-
-    fn vip(&self) -> SocketAddr {
-        SocketAddr::new(self.topo.vip4().into(), 80)
-    }
-
-    fn backend(&self, i: usize) -> serde_json::Value {
-        self.lb
-            .backend("web4", self.topo.backend_addr(i, false))
-            .unwrap()
-    }
+/// The DSR testbed with three backends and these health checks.
+fn bed(tag: &str) -> Bed {
+    Bed::dsr(tag, 3, |topo| dsr_config_with(topo, HEALTH_CHECK))
 }
 
 /// Sends `n` TCP SYNs to the VIP from sources that do not exist (the
@@ -102,7 +74,7 @@ fn vanishing_clients(bed: &Bed, n: u32, every: Duration, first: u32) {
 
 #[test]
 fn a_dead_backend_is_suspected_from_its_traffic_and_probed_at_once() {
-    let mut bed = Bed::new("pas");
+    let mut bed = bed("pas");
     let load = Load::start(&bed.topo, bed.vip(), Duration::from_millis(5), 20000).unwrap();
     std::thread::sleep(Duration::from_millis(500));
     let killed = Instant::now();
@@ -145,7 +117,7 @@ fn a_dead_backend_is_suspected_from_its_traffic_and_probed_at_once() {
 
 #[test]
 fn clients_that_vanish_after_their_syn_do_not_take_a_backend_out() {
-    let bed = Bed::new("pav");
+    let bed = bed("pav");
     // Real connections every 10 ms, and one SYN in five from a client
     // that vanishes (a fifth of all new flows), for three seconds.
     let load = Load::start(&bed.topo, bed.vip(), Duration::from_millis(10), 30000).unwrap();
@@ -163,7 +135,7 @@ fn clients_that_vanish_after_their_syn_do_not_take_a_backend_out() {
 
 #[test]
 fn suspicion_alone_never_takes_out_the_last_backend() {
-    let bed = Bed::new("pal");
+    let bed = bed("pal");
     for i in 2..=3 {
         let addr = bed.topo.backend_addr(i, false).to_string();
         bed.lb.cli(&["backend", "drain", "web4", &addr]).unwrap();
@@ -190,7 +162,7 @@ fn suspicion_alone_never_takes_out_the_last_backend() {
 /// and taken out.
 #[test]
 fn a_backend_whose_host_is_gone_fails_no_new_connection() {
-    let bed = Bed::new("pah");
+    let bed = bed("pah");
     // Six clients in parallel: each waits on a connection to the lost
     // host until its SYN is retransmitted, as real clients do.
     let loads: Vec<Load> = (0..6u16)

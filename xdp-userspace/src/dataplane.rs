@@ -18,9 +18,25 @@ use xdp_common::{hash::flow_hash, map_names as names, *};
 
 use crate::addr;
 
-/// Per-CPU values summed: what the datapath counted on all CPUs.
-fn total<V: Pod + Default + Add<Output = V>>(values: &PerCpuValues<V>) -> V {
-    values.iter().fold(V::default(), |a, v| a + *v)
+/// A per-CPU map value summed over the CPUs: what the datapath counted on
+/// all of them. The one way userspace reads a per-CPU counter
+/// (`map.get(&key, 0)?.sum()`), for every type that adds up (`u64`,
+/// [`Counters`], [`Signals`]).
+pub trait SumPerCpu {
+    type Output;
+    fn sum(&self) -> Self::Output;
+}
+
+impl<V: Pod + Default + Add<Output = V>> SumPerCpu for PerCpuValues<V> {
+    type Output = V;
+    fn sum(&self) -> V {
+        sum_per_cpu(self.iter().copied())
+    }
+}
+
+/// The sum itself, also for per-CPU values read in a batch ([`totals`]).
+fn sum_per_cpu<V: Default + Add<Output = V>>(values: impl Iterator<Item = V>) -> V {
+    values.fold(V::default(), |a, v| a + v)
 }
 
 /// Entries `0..count` of a per-CPU array, each summed over CPUs, read with
@@ -78,10 +94,10 @@ fn totals<V: Pod + Default + Add<Output = V>>(map: &MapData, count: u32) -> Resu
         .chunks_exact(cpus * stride)
         .take(attr.count as usize)
         .map(|entry| {
-            entry.chunks_exact(stride).fold(V::default(), |a, cpu| {
+            sum_per_cpu(entry.chunks_exact(stride).map(|cpu| {
                 // SAFETY: each chunk starts with one V as the kernel wrote it.
-                a + unsafe { std::ptr::read_unaligned(cpu.as_ptr().cast::<V>()) }
-            })
+                unsafe { std::ptr::read_unaligned(cpu.as_ptr().cast::<V>()) }
+            }))
         })
         .collect())
 }
@@ -337,28 +353,28 @@ impl Maps {
     pub fn reason_counts(&self) -> Result<Vec<(Reason, u64)>> {
         Reason::ALL
             .iter()
-            .map(|&r| Ok((r, self.reasons.get(&(r as u32), 0)?.iter().sum())))
+            .map(|&r| Ok((r, self.reasons.get(&(r as u32), 0)?.sum())))
             .collect()
     }
 
     /// One reason counter, summed over CPUs.
     pub fn reason_count(&self, reason: Reason) -> Result<u64> {
-        Ok(self.reasons.get(&(reason as u32), 0)?.iter().sum())
+        Ok(self.reasons.get(&(reason as u32), 0)?.sum())
     }
 
     /// A service's counters, summed over CPUs.
     pub fn service_counters(&self, id: u32) -> Result<Counters> {
-        Ok(total(&self.service_stats.get(&id, 0)?))
+        Ok(self.service_stats.get(&id, 0)?.sum())
     }
 
     /// A backend's traffic signals, summed over CPUs.
     pub fn backend_signals(&self, id: u32) -> Result<Signals> {
-        Ok(total(&self.signals.get(&id, 0)?))
+        Ok(self.signals.get(&id, 0)?.sum())
     }
 
     /// A backend's counters, summed over CPUs.
     pub fn backend_counters(&self, id: u32) -> Result<Counters> {
-        Ok(total(&self.backend_stats.get(&id, 0)?))
+        Ok(self.backend_stats.get(&id, 0)?.sum())
     }
 
     /// The counters and signals of backend ids `0..count`, summed over

@@ -19,9 +19,10 @@ use anyhow::{bail, Context as _, Result};
 use xdplb_tests::{
     bin_path,
     cluster::{hard_case, vip, Cluster, Replication, LONG_LIVED, NODES, VIP},
-    lb::{dsr_config_with, requests, start_backend, start_backends, Load, Tally, Xdplb},
+    lb::{dsr_config_with, start_backend, start_backends, Load, Tally, Xdplb},
     require_root,
     topology::{Shape, Topology},
+    traffic::requests,
 };
 
 /// The demo's health check: fast enough to watch.
@@ -120,18 +121,22 @@ fn demo() -> Result<()> {
         "\n  {count} TCP connections to http://{vip4}:80/ from source ports {first}..{}",
         first + count - 1
     );
-    let tally = requests(&topo, vip4, first..first + count);
+    let tally = requests(
+        topo.client(),
+        SocketAddr::new(vip4, 80),
+        first..first + count,
+    );
     print_tally("IPv4", &tally, count.into());
     check_interrupt()?;
 
     let vip6: IpAddr = topo.vip6().into();
     println!("\n  100 TCP connections to http://[{vip6}]:80/");
-    let tally6 = requests(&topo, vip6, 41000..41100);
+    let tally6 = requests(topo.client(), SocketAddr::new(vip6, 80), 41000..41100);
     print_tally("IPv6", &tally6, 100);
     check_interrupt()?;
 
     let src = SocketAddr::new(topo.client_addr(false), first);
-    let again = requests(&topo, vip4, first..first + 1);
+    let again = requests(topo.client(), SocketAddr::new(vip4, 80), first..first + 1);
     println!("\n  sample flow: {src} -> {vip4}:80");
     println!("    $ xdplb flow {src} {vip4}:80 tcp");
     for line in lb
@@ -302,7 +307,7 @@ fn failover(
         "\n    b2's server restarted: back in the table {} ms later",
         restarted.elapsed().as_millis()
     );
-    let tally = requests(topo, vip.ip(), 45000..45150);
+    let tally = requests(topo.client(), vip, 45000..45150);
     print_tally("after recovery", &tally, 150);
     if failed_after > 0 || others_failed > 0 {
         bail!("requests failed outside the failover window");

@@ -53,7 +53,7 @@ use super::config::Replication;
 use crate::{
     addr,
     controller::{Controller, Directory, SharedDirectory},
-    dataplane::{monotonic_coarse_ns, FlowTable},
+    dataplane::{monotonic_coarse_ns, FlowTable, SumPerCpu as _},
 };
 
 /// A message older (or newer) than this by the receiver's clock is
@@ -672,12 +672,7 @@ impl Replicator {
 
     /// What `xdplb status` and `xdplb stats` show.
     pub fn view(&self) -> ReplicationView {
-        let ring = |slot| {
-            self.shared
-                .counts
-                .get(&slot, 0)
-                .map_or(0, |v| v.iter().sum::<u64>())
-        };
+        let ring = |slot| self.shared.counts.get(&slot, 0).map_or(0, |v| v.sum());
         let c = lock(&self.shared.counters);
         let peers = lock(&self.shared.peers)
             .iter()
