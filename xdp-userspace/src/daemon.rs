@@ -1,7 +1,8 @@
 //! `xdplb run`: the always-on daemon. It loads (or adopts) the datapath,
 //! programs it from the configuration plus the operator's run-time
 //! changes, attaches it, then serves: health checks, the API, SIGHUP
-//! reloads, drain timeouts and next-hop refreshes.
+//! reloads, drain timeouts and next-hop refreshes (on the kernel's
+//! neighbour and route announcements, and every 5 s as a fallback).
 //!
 //! Stopping: SIGTERM (a service manager's stop or restart) and SIGKILL leave
 //! the datapath attached and forwarding with its last tables, for the next
@@ -33,7 +34,7 @@ use crate::{
     health::{CheckTarget, HealthChecker, HealthEvent},
     loader::{self, AttachMode, Datapath},
     lock::PinDirLock,
-    neigh::Resolver,
+    neigh::{self, Resolver},
     passive,
     state::Overlay,
     systemd,
@@ -52,6 +53,15 @@ pub struct Options {
     /// namespace (the pins then vanish with the daemon).
     pub allow_private_bpffs: bool,
 }
+
+/// How often next hops are re-resolved when the kernel announces nothing:
+/// the fallback for announcements lost or never made (a neighbour whose MAC
+/// changed without the kernel being told, until its entry is re-verified).
+const NEXT_HOP_PERIOD: Duration = Duration::from_secs(5);
+/// How long a refresh waits after a next hop's announced change, so that a
+/// burst (a gateway failover, a flushed table: hundreds of announcements)
+/// is one refresh, not hundreds.
+const NEXT_HOP_SETTLE: Duration = Duration::from_millis(50);
 
 /// Open files kept for everything but health probes: the API's
 /// connections (`api::server::MAX_CONNECTIONS`), maps, programs, links,
@@ -695,6 +705,14 @@ pub fn run(opts: Options) -> Result<()> {
     let adopted = controller.adopting();
     let resolver = controller.resolver();
     let sweeper = controller.nat_sweeper()?;
+    // Subscribed before the first resolution, so that no change after it
+    // goes unannounced. A full channel already holds a pending refresh.
+    let (hops_changed_tx, hops_changed) = mpsc::channel(1);
+    if let Err(e) = neigh::watch(resolver.clone(), move || {
+        let _ = hops_changed_tx.try_send(());
+    }) {
+        warn!("{e:#}; next hops are only refreshed every {NEXT_HOP_PERIOD:?}");
+    }
     resolver.prepare(&config);
     controller.apply(&config)?;
     let replication = match (config.cluster.replicating(), replication_sockets) {
@@ -828,16 +846,12 @@ pub fn run(opts: Options) -> Result<()> {
         let mut int = signal(SignalKind::interrupt())?;
         let mut hup = signal(SignalKind::hangup())?;
         // The periodic work runs in tasks of its own, so that a slow round
-        // (next hops are resolved with processes every 5 s) never holds up
-        // a health event in this loop.
+        // (a refresh waits up to 100 ms for unresolved neighbours) never
+        // holds up a health event in this loop.
         let periodic = [
-            every(Duration::from_secs(1), daemon.clone(), |d, ticks| {
-                d.tick();
-                if ticks.is_multiple_of(5) {
-                    d.refresh();
-                }
-            }),
-            every(passive::PERIOD, daemon.clone(), |d, _| d.passive()),
+            every(Duration::from_secs(1), daemon.clone(), |d| d.tick()),
+            every(passive::PERIOD, daemon.clone(), |d| d.passive()),
+            tokio::spawn(refresh_next_hops(daemon.clone(), hops_changed)),
         ];
         let detach = loop {
             tokio::select! {
@@ -1000,22 +1014,44 @@ fn repair_attachments(datapath: &mut Datapath, ifaces: &[String], mode: AttachMo
     }
 }
 
-/// Runs `work(daemon, n)` every `period` (n counts from 1) on the blocking
-/// pool, in a task of its own; a round that overruns delays the next.
-fn every(
-    period: Duration,
-    daemon: Arc<Daemon>,
-    work: fn(&Daemon, u64),
-) -> tokio::task::JoinHandle<()> {
+/// Runs [`Daemon::refresh`] on the blocking pool [`NEXT_HOP_SETTLE`] after
+/// `changed` says the kernel announced a change of a next hop, and every
+/// [`NEXT_HOP_PERIOD`] without one. One task, so refreshes never overlap:
+/// an older refresh's answers could otherwise land after a newer one's.
+async fn refresh_next_hops(daemon: Arc<Daemon>, mut changed: mpsc::Receiver<()>) {
+    let mut fallback = tokio::time::interval(NEXT_HOP_PERIOD);
+    fallback.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The first tick is immediate, and the daemon has just resolved.
+    fallback.tick().await;
+    loop {
+        tokio::select! {
+            _ = fallback.tick() => {}
+            // `None` (the watcher never started) disables this branch.
+            Some(()) = changed.recv() => {
+                tokio::time::sleep(NEXT_HOP_SETTLE).await;
+                // What was announced while settling, this refresh sees;
+                // what is announced during it makes another one.
+                while changed.try_recv().is_ok() {}
+                fallback.reset();
+            }
+        }
+        let d = daemon.clone();
+        if let Err(e) = tokio::task::spawn_blocking(move || d.refresh()).await {
+            error!("refreshing next hops panicked: {e}");
+        }
+    }
+}
+
+/// Runs `work(daemon)` every `period` on the blocking pool, in a task of
+/// its own; a round that overruns delays the next.
+fn every(period: Duration, daemon: Arc<Daemon>, work: fn(&Daemon)) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(period);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut n = 0u64;
         loop {
             tick.tick().await;
-            n += 1;
             let d = daemon.clone();
-            if let Err(e) = tokio::task::spawn_blocking(move || work(&d, n)).await {
+            if let Err(e) = tokio::task::spawn_blocking(move || work(&d)).await {
                 error!("periodic work panicked: {e}");
             }
         }

@@ -7,12 +7,13 @@
 //! neighbour dump per 20 ms spent waiting for unresolved ones). It is slow
 //! only while waiting, so the daemon resolves without holding its lock:
 //! [`Resolver::prepare`] before a change, [`Resolver::refresh`] every few
-//! seconds; the controller then reads the results without waiting.
+//! seconds and soon after the kernel announces a change of a next hop
+//! ([`watch`]); the controller then reads the results without waiting.
 
 use std::{
     collections::HashMap,
     net::{IpAddr, SocketAddr, UdpSocket},
-    sync::Mutex,
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
@@ -23,10 +24,11 @@ use netlink_packet_route::{
     route::{RouteAddress, RouteAttribute, RouteMessage, RouteType},
     AddressFamily, RouteNetlinkMessage,
 };
+use tracing::warn;
 
 use crate::{
     config::{Config, Mode},
-    rtnl::Rtnl,
+    rtnl::{Announced, Events, Rtnl},
 };
 
 /// Where to send frames for one backend.
@@ -39,6 +41,8 @@ pub struct NextHop {
     /// The next hop's MAC (the backend's, or its gateway's), or `None`
     /// while the kernel has not resolved it.
     pub dst_mac: Option<[u8; 6]>,
+    /// Whose MAC `dst_mac` is: the backend, or its gateway.
+    pub neighbour: IpAddr,
     /// This host's source address on the route (the default SNAT address).
     pub src_addr: Option<IpAddr>,
 }
@@ -116,6 +120,76 @@ impl Resolver {
         self.known().extend(resolved);
         hop
     }
+
+    /// Whether the kernel's announcement `msg` may change a next hop: any
+    /// route change (a route look-up may now answer differently), or a
+    /// neighbour entry of a next hop whose usable MAC is no longer the one
+    /// last resolved. Neighbours' routine state changes (reachable, stale,
+    /// probe, with the same MAC) and other hosts' entries concern nothing.
+    pub fn concerns(&self, msg: &RouteNetlinkMessage) -> bool {
+        let (key, mac) = match msg {
+            RouteNetlinkMessage::NewRoute(_) | RouteNetlinkMessage::DelRoute(_) => return true,
+            RouteNetlinkMessage::NewNeighbour(n) => match neighbour_entry(n) {
+                Some(entry) => entry,
+                None => return false,
+            },
+            RouteNetlinkMessage::DelNeighbour(n) => match neighbour_entry(n) {
+                Some((key, _)) => (key, None),
+                None => return false,
+            },
+            _ => return false,
+        };
+        self.known().values().any(|hop| match hop {
+            Ok(hop) => (hop.ifindex, hop.neighbour) == key && hop.dst_mac != mac,
+            Err(_) => false,
+        })
+    }
+}
+
+/// How long [`watch`] pauses before subscribing again after a failure.
+const RESUBSCRIBE: Duration = Duration::from_secs(1);
+
+/// Calls `changed` (from a thread of its own) whenever the kernel announces
+/// a change that [`Resolver::concerns`] `resolver`, or lost announcements.
+/// The caller refreshes then; its periodic refresh stays the fallback for
+/// whatever this misses. Announcements made after this returns are seen:
+/// subscribe before the first resolution.
+pub fn watch(resolver: Arc<Resolver>, changed: impl Fn() + Send + 'static) -> Result<()> {
+    let subscribe = || {
+        Events::subscribe(&[
+            libc::RTNLGRP_NEIGH,
+            libc::RTNLGRP_IPV4_ROUTE,
+            libc::RTNLGRP_IPV6_ROUTE,
+        ])
+        .context("subscribing to neighbour and route changes")
+    };
+    let mut events = subscribe()?;
+    std::thread::Builder::new()
+        .name("next-hop-events".into())
+        .spawn(move || loop {
+            match events.next() {
+                Ok(Announced::Changes(msgs)) => {
+                    if msgs.iter().any(|m| resolver.concerns(m)) {
+                        changed();
+                    }
+                }
+                Ok(Announced::Lost) => changed(),
+                Err(e) => {
+                    warn!("next hops: {e:#}; subscribing again");
+                    loop {
+                        std::thread::sleep(RESUBSCRIBE);
+                        match subscribe() {
+                            Ok(fresh) => break events = fresh,
+                            Err(e) => warn!("next hops: {e:#}"),
+                        }
+                    }
+                    // Changes made meanwhile were not announced to us.
+                    changed();
+                }
+            }
+        })
+        .context("starting the next-hop event thread")?;
+    Ok(())
 }
 
 /// Every distinct backend target of `config`.
@@ -166,6 +240,30 @@ struct Route {
     src_addr: Option<IpAddr>,
 }
 
+/// A neighbour entry's key: the interface index and the address.
+type NeighbourKey = (u32, IpAddr);
+
+/// A neighbour entry's key and its MAC, if usable; `None` for entries
+/// without an IP address (bridge forwarding entries).
+fn neighbour_entry(n: &NeighbourMessage) -> Option<(NeighbourKey, Option<[u8; 6]>)> {
+    let addr = n.attributes.iter().find_map(|a| match a {
+        NeighbourAttribute::Destination(NeighbourAddress::Inet(a)) => Some(IpAddr::V4(*a)),
+        NeighbourAttribute::Destination(NeighbourAddress::Inet6(a)) => Some(IpAddr::V6(*a)),
+        _ => None,
+    })?;
+    // As `ip neigh` users read it: an entry whose resolution failed or is
+    // under way has no usable MAC.
+    let usable = !matches!(
+        n.header.state,
+        NeighbourState::Failed | NeighbourState::Incomplete
+    );
+    let mac = n.attributes.iter().find_map(|a| match a {
+        NeighbourAttribute::LinkLayerAddress(m) if usable => <[u8; 6]>::try_from(m.as_slice()).ok(),
+        _ => None,
+    });
+    Some(((n.header.ifindex, addr), mac))
+}
+
 /// The look-ups a resolution makes.
 struct Netlink {
     rtnl: Rtnl,
@@ -204,7 +302,7 @@ impl Netlink {
     }
 
     /// (interface index, address) -> MAC, for every usable neighbour.
-    fn neighbours(&mut self) -> Result<HashMap<(u32, IpAddr), [u8; 6]>> {
+    fn neighbours(&mut self) -> Result<HashMap<NeighbourKey, [u8; 6]>> {
         let msg = RouteNetlinkMessage::GetNeighbour(NeighbourMessage::default());
         let answers = self.rtnl.dump(msg)?;
         Ok(answers
@@ -213,31 +311,9 @@ impl Netlink {
                 RouteNetlinkMessage::NewNeighbour(n) => Some(n),
                 _ => None,
             })
-            // As `ip neigh` users read it: an entry whose resolution failed
-            // or is under way has no usable MAC.
-            .filter(|n| {
-                !matches!(
-                    n.header.state,
-                    NeighbourState::Failed | NeighbourState::Incomplete
-                )
-            })
-            .filter_map(|n| {
-                let addr = n.attributes.iter().find_map(|a| match a {
-                    NeighbourAttribute::Destination(NeighbourAddress::Inet(a)) => {
-                        Some(IpAddr::V4(*a))
-                    }
-                    NeighbourAttribute::Destination(NeighbourAddress::Inet6(a)) => {
-                        Some(IpAddr::V6(*a))
-                    }
-                    _ => None,
-                })?;
-                let mac = n.attributes.iter().find_map(|a| match a {
-                    NeighbourAttribute::LinkLayerAddress(m) => {
-                        <[u8; 6]>::try_from(m.as_slice()).ok()
-                    }
-                    _ => None,
-                })?;
-                Some(((n.header.ifindex, addr), mac))
+            .filter_map(|n| match neighbour_entry(&n)? {
+                (key, Some(mac)) => Some((key, mac)),
+                (_, None) => None,
             })
             .collect())
     }
@@ -322,6 +398,7 @@ impl Netlink {
                     ifindex: route.ifindex,
                     src_mac,
                     dst_mac: None,
+                    neighbour: route.hop,
                     src_addr: route.src_addr,
                 };
                 Ok((route.hop, hop))
@@ -374,6 +451,70 @@ mod tests {
     fn loopback_backend_is_refused() {
         let err = resolve("127.0.0.1".parse().unwrap(), Duration::ZERO, false).unwrap_err();
         assert!(err.to_string().contains("local"), "{err:#}");
+    }
+
+    /// The kernel's announcement of a neighbour's new MAC reaches a
+    /// subscriber, and concerns a resolver whose hop has the old MAC only.
+    #[test]
+    fn a_changed_neighbour_mac_is_announced_and_concerns_its_hop() {
+        crate::rtnl::in_new_netns(|| {
+            let ip = |args: &str| {
+                let args: Vec<&str> = args.split_whitespace().collect();
+                let out = std::process::Command::new("ip")
+                    .args(&args)
+                    .output()
+                    .unwrap();
+                assert!(out.status.success(), "ip {args:?}: {out:?}");
+            };
+            ip("link add nh0 type veth peer name nh1");
+            ip("addr add 10.99.0.1/24 dev nh0");
+            ip("link set nh0 up");
+            let mut events = Events::subscribe(&[libc::RTNLGRP_NEIGH]).unwrap();
+            ip("neigh replace 10.99.0.2 lladdr 02:00:00:00:00:02 dev nh0 nud reachable");
+            let announced = loop {
+                let Announced::Changes(msgs) = events.next().unwrap() else {
+                    panic!("announcements lost");
+                };
+                let found = msgs.into_iter().find(|m| {
+                    matches!(m, RouteNetlinkMessage::NewNeighbour(n)
+                        if neighbour_entry(n).is_some_and(|(k, _)| k.1.to_string() == "10.99.0.2"))
+                });
+                if let Some(m) = found {
+                    break m;
+                }
+            };
+            let RouteNetlinkMessage::NewNeighbour(n) = &announced else {
+                unreachable!()
+            };
+            let ((ifindex, addr), mac) = neighbour_entry(n).unwrap();
+            assert_eq!(mac, Some([2, 0, 0, 0, 0, 2]));
+
+            let resolver = Resolver::default();
+            let hop = |mac| NextHop {
+                ifname: "nh0".into(),
+                ifindex,
+                src_mac: [2, 0, 0, 0, 0, 1],
+                dst_mac: Some(mac),
+                neighbour: addr,
+                src_addr: None,
+            };
+            let target = (addr, false);
+            resolver.known().insert(target, Ok(hop([2, 0, 0, 0, 0, 2])));
+            assert!(
+                !resolver.concerns(&announced),
+                "same MAC: nothing to refresh"
+            );
+            resolver.known().insert(target, Ok(hop([2, 0, 0, 0, 0, 9])));
+            assert!(resolver.concerns(&announced), "new MAC: refresh");
+            resolver
+                .known()
+                .insert(("10.99.0.3".parse().unwrap(), false), Err("x".into()));
+            resolver.known().remove(&target);
+            assert!(
+                !resolver.concerns(&announced),
+                "not a next hop: nothing to refresh"
+            );
+        });
     }
 
     #[test]

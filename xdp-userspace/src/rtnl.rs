@@ -1,7 +1,9 @@
 //! The daemon's one rtnetlink request helper: it sends a request and
 //! collects the kernel's answers. Next hops (neigh.rs), announced routes
 //! (cluster/announce.rs) and attached XDP programs (loader.rs) all ask the
-//! kernel through it, instead of running iproute2.
+//! kernel through it, instead of running iproute2. [`Events`] subscribes
+//! to the kernel's announcements of changes (neigh.rs follows neighbours and
+//! routes with it).
 
 use std::io;
 
@@ -82,34 +84,104 @@ impl Rtnl {
                 .socket
                 .recv_from_full()
                 .context("reading an rtnetlink answer")?;
-            let mut off = 0;
-            while off < data.len() {
-                let msg = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&data[off..])
-                    .context("parsing an rtnetlink answer")?;
-                let len = msg.header.length as usize;
-                if msg.header.sequence_number == self.seq {
-                    match msg.payload {
-                        // A dump that failed midway (e.g. a route table that
-                        // does not exist) ends with the errno in its Done.
-                        NetlinkPayload::Done(d) if d.code < 0 => {
-                            return Err(io::Error::from_raw_os_error(-d.code).into())
-                        }
-                        NetlinkPayload::Done(_) => return Ok(answers),
-                        NetlinkPayload::Error(e) if e.code.is_some() => {
-                            return Err(e.to_io().into())
-                        }
-                        // The acknowledgement: nothing follows.
-                        NetlinkPayload::Error(_) => return Ok(answers),
-                        NetlinkPayload::InnerMessage(m) => answers.push(m),
-                        _ => {}
+            for msg in parse(&data).context("parsing an rtnetlink answer")? {
+                if msg.header.sequence_number != self.seq {
+                    continue;
+                }
+                match msg.payload {
+                    // A dump that failed midway (e.g. a route table that
+                    // does not exist) ends with the errno in its Done.
+                    NetlinkPayload::Done(d) if d.code < 0 => {
+                        return Err(io::Error::from_raw_os_error(-d.code).into())
                     }
+                    NetlinkPayload::Done(_) => return Ok(answers),
+                    NetlinkPayload::Error(e) if e.code.is_some() => return Err(e.to_io().into()),
+                    // The acknowledgement: nothing follows.
+                    NetlinkPayload::Error(_) => return Ok(answers),
+                    NetlinkPayload::InnerMessage(m) => answers.push(m),
+                    _ => {}
                 }
-                if len == 0 {
-                    break;
-                }
-                off += len;
             }
         }
+    }
+}
+
+/// The messages of one datagram, in order.
+fn parse(data: &[u8]) -> Result<Vec<NetlinkMessage<RouteNetlinkMessage>>> {
+    let mut messages = Vec::new();
+    let mut off = 0;
+    while off < data.len() {
+        let msg = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&data[off..])?;
+        let len = msg.header.length as usize;
+        messages.push(msg);
+        if len == 0 {
+            break;
+        }
+        off += len;
+    }
+    Ok(messages)
+}
+
+/// The receive buffer asked for a subscription: room for a burst of a few
+/// thousand announcements (a gateway failover, a flushed neighbour table)
+/// before the kernel drops some. The kernel caps it at `net.core.rmem_max`.
+const EVENTS_BUFFER: usize = 4 << 20;
+
+/// A subscription to the kernel's announcements of changes (`RTNLGRP_*`
+/// groups). A socket of its own: on the requests' socket, announcements
+/// would arrive between a request's answers.
+pub struct Events {
+    socket: Socket,
+}
+
+/// What one read of a subscription gave.
+pub enum Announced {
+    /// Announcements, in the order the kernel made them.
+    Changes(Vec<RouteNetlinkMessage>),
+    /// Some were lost (the socket's buffer overflowed, `ENOBUFS`, or one
+    /// could not be parsed): whatever was derived from them must be read
+    /// again in full.
+    Lost,
+}
+
+impl Events {
+    /// Joins `groups` (`libc::RTNLGRP_*`); announcements made from then on
+    /// are queued for [`Events::next`].
+    pub fn subscribe(groups: &[u32]) -> Result<Self> {
+        let mut socket = Socket::new(NETLINK_ROUTE).context("opening an rtnetlink socket")?;
+        socket.bind_auto().context("binding an rtnetlink socket")?;
+        for &group in groups {
+            socket
+                .add_membership(group)
+                .with_context(|| format!("joining rtnetlink group {group}"))?;
+        }
+        // Best effort: a smaller buffer only makes `Lost` likelier.
+        let _ = socket.set_rx_buf_sz(EVENTS_BUFFER);
+        Ok(Self { socket })
+    }
+
+    /// Waits for the next announcements.
+    pub fn next(&mut self) -> Result<Announced> {
+        let data = match self.socket.recv_from_full() {
+            Ok((data, _)) => data,
+            Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => return Ok(Announced::Lost),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {
+                return Ok(Announced::Changes(Vec::new()))
+            }
+            Err(e) => return Err(e).context("reading rtnetlink announcements"),
+        };
+        let Ok(messages) = parse(&data) else {
+            return Ok(Announced::Lost);
+        };
+        Ok(Announced::Changes(
+            messages
+                .into_iter()
+                .filter_map(|m| match m.payload {
+                    NetlinkPayload::InnerMessage(m) => Some(m),
+                    _ => None,
+                })
+                .collect(),
+        ))
     }
 }
 
