@@ -685,7 +685,7 @@ fn run_time_changes_apply_at_once_and_survive_a_restart() {
 /// not on the 5 s fallback refresh.
 #[test]
 fn a_backend_mac_change_reaches_the_datapath_at_once() {
-    let bed = Bed::new("nh", "tcp");
+    let bed = bed("nh", "tcp");
     let addr = bed.addr(1);
     let lb_iface = bed.topo.lb_iface();
     let mac = |b: &serde_json::Value| b["mac"].as_str().unwrap_or("").to_owned();
@@ -736,7 +736,7 @@ fn a_backend_mac_change_reaches_the_datapath_at_once() {
     }
     // The datapath's entry is right, not only the API's view: every request
     // (a third of them to b1, at its new MAC) is answered.
-    let tally = requests(&bed.topo, bed.vip().ip(), 32000..32060);
+    let tally = bed.requests(32000..32060);
     assert!(
         tally.failed.is_empty(),
         "requests failed: {:?}",
