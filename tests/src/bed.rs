@@ -4,7 +4,7 @@
 
 use std::{
     net::{IpAddr, SocketAddr},
-    path::PathBuf,
+    path::{Path, PathBuf},
     time::{Duration, Instant},
 };
 
@@ -16,6 +16,26 @@ use crate::{
     topology::{Shape, Topology},
     traffic,
 };
+
+/// Every bed's first steps, before its daemon starts: the topology of
+/// `shape` (namespaces tagged `tag`) with `backends` backends, the
+/// pass-through on the lb's peers, `testbackend` serving on every backend,
+/// all reachable. Panics (the test fails) if any step fails; needs root.
+pub fn served(
+    shape: Shape,
+    tag: &str,
+    backends: usize,
+    xdplb: &Path,
+    testbackend: &Path,
+) -> (Topology, Vec<Proc>) {
+    require_root();
+    let mut topo = Topology::new(shape, tag, backends).expect("topology");
+    topo.enable_xdp_tx(xdplb)
+        .expect("pass-through on the lb's peers");
+    let backends = start_backends(&topo, testbackend).expect("backends");
+    topo.wait_reachable().expect("testbed reachable");
+    (topo, backends)
+}
 
 /// The DSR testbed with the daemon on it. Fields drop in order: daemon,
 /// backends, topology.
@@ -35,14 +55,9 @@ impl Bed {
     /// and starts the daemon with `config(&topo)`. Panics (the test fails)
     /// if any step fails; needs root.
     pub fn dsr(tag: &str, backends: usize, config: impl FnOnce(&Topology) -> String) -> Self {
-        require_root();
         let xdplb = bin_path("xdplb").expect("xdplb binary (cargo build --bins)");
         let testbackend = bin_path("xdplb-testbackend").expect("xdplb-testbackend binary");
-        let mut topo = Topology::new(Shape::Dsr, tag, backends).expect("topology");
-        topo.enable_xdp_tx(&xdplb)
-            .expect("pass-through on the lb's peer");
-        let backends = start_backends(&topo, &testbackend).expect("backends");
-        topo.wait_reachable().expect("segment reachable");
+        let (topo, backends) = served(Shape::Dsr, tag, backends, &xdplb, &testbackend);
         let lb = Xdplb::start(&xdplb, &topo, &config(&topo)).expect("xdplb");
         Self {
             lb,

@@ -21,10 +21,11 @@ use std::{
 use xdp_common::Reason;
 use xdplb::dataplane::Maps;
 use xdplb_tests::{
-    assert_within, bin_path,
-    lb::{nat_config, start_backend, start_backends, Load, Sample, Tally, Xdplb, BACKEND_PORT},
+    assert_within,
+    bed::served,
+    bin_path,
+    lb::{nat_config, start_backend, Load, Sample, Tally, Xdplb, BACKEND_PORT},
     proc::Proc,
-    require_root,
     topology::{Shape, Topology},
     traffic::{download, pattern_sha256, peer, requests, udp_queries, upload, Transfer},
     SCHEDULING_MARGIN,
@@ -54,12 +55,8 @@ struct Bed {
 
 impl Bed {
     fn new(shape: Shape, tag: &str, backends: usize) -> Bed {
-        require_root();
         let xdplb = bin_path("xdplb").expect("xdplb binary (cargo build --bins)");
-        let mut topo = Topology::new(shape, tag, backends).expect("building the NAT topology");
-        topo.enable_xdp_tx(&xdplb).expect("pass-through");
-        let backends = start_backends(&topo, Path::new(TESTBACKEND)).expect("starting backends");
-        topo.wait_reachable().expect("testbed reachable");
+        let (topo, backends) = served(shape, tag, backends, &xdplb, Path::new(TESTBACKEND));
         Bed {
             lb: None,
             backends,
