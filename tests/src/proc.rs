@@ -102,6 +102,15 @@ impl Proc {
         Ok(())
     }
 
+    /// Kills the process with SIGKILL and reaps it. Once this returns, the
+    /// kernel has closed its sockets: a server's host now refuses
+    /// connections. (Right after [`Proc::kill`] it may still complete
+    /// handshakes, and reset them when the process dies.)
+    pub fn crash(&mut self) -> anyhow::Result<ExitStatus> {
+        self.kill(libc::SIGKILL)?;
+        Ok(self.child.wait()?)
+    }
+
     /// Waits until the process prints a stdout line containing `needle` and
     /// returns that line. Lines before it are skipped (but stay in
     /// [`Proc::output`]). Fails on timeout or if stdout closes first; the
