@@ -770,7 +770,8 @@ pub fn run(opts: Options) -> Result<()> {
         };
         let (events_tx, mut events) = mpsc::unbounded_channel();
         let targets = check_targets(&config, &controller);
-        let health = HealthChecker::spawn(targets, probe_slots(), events_tx);
+        let health = HealthChecker::spawn(targets, probe_slots(), events_tx)
+            .context("starting the health checks")?;
         let daemon = Arc::new(Daemon {
             inner: Mutex::new(Inner {
                 controller,
