@@ -148,9 +148,9 @@ impl TestDatapath {
     /// Lets the program balance frames to `macs` (`(ifindex, MAC)` pairs)
     /// and to `anywhere` on any interface: it passes every other frame
     /// untouched. BPF_PROG_TEST_RUN runs the program as if on loopback
-    /// ([`LO_IFINDEX`]). Once per datapath (it takes the map).
+    /// ([`LO_IFINDEX`]).
     pub fn accept_macs(&mut self, macs: &[(u32, [u8; 6])], anywhere: &[[u8; 6]]) -> Result<()> {
-        xdplb::cluster::macs::IfMacs::take(&mut self.datapath.ebpf)?.sync(macs, anywhere)
+        self.maps.accepted_macs.sync(macs, anywhere)
     }
 
     /// The bpffs directory the maps are pinned in.

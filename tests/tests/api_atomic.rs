@@ -12,71 +12,41 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use xdplb_tests::{
-    bin_path,
-    lb::{dsr_config, start_backends, Xdplb},
-    proc::Proc,
-    require_root,
-    topology::{Shape, Topology},
-};
+use xdplb_tests::{bed::Bed, lb::dsr_config};
 
-const TESTBACKEND: &str = env!("CARGO_BIN_EXE_xdplb-testbackend");
-
-struct Bed {
-    lb: Xdplb,
-    // Kept alive (and killed on drop) for the health checks.
-    _backends: Vec<Proc>,
-    topo: Topology,
+fn bed(tag: &str) -> Bed {
+    Bed::dsr(tag, 2, dsr_config)
 }
 
-impl Bed {
-    fn new(tag: &str) -> Self {
-        require_root();
-        let xdplb = bin_path("xdplb").expect("xdplb binary (cargo build --bins)");
-        let mut topo = Topology::new(Shape::Dsr, tag, 2).expect("topology");
-        topo.enable_xdp_tx(&xdplb)
-            .expect("pass-through on the lb's peer");
-        let backends = start_backends(&topo, Path::new(TESTBACKEND)).expect("backends");
-        topo.wait_reachable().expect("segment reachable");
-        let lb = Xdplb::start(&xdplb, &topo, &dsr_config(&topo)).expect("xdplb");
-        Self {
-            lb,
-            _backends: backends,
-            topo,
-        }
-    }
+fn state_file(bed: &Bed) -> PathBuf {
+    bed.lb.dir.join("state.json")
+}
 
-    fn state_file(&self) -> PathBuf {
-        self.lb.dir.join("state.json")
-    }
+/// Every backend of web4 as (address, admin, datapath state).
+fn backend_states(bed: &Bed) -> Vec<(String, String, String)> {
+    let list = bed.lb.json(&["backend", "list", "web4"]).unwrap();
+    list.as_array()
+        .unwrap()
+        .iter()
+        .map(|b| {
+            let field = |k: &str| b[k].as_str().unwrap().to_owned();
+            (field("address"), field("admin"), field("state"))
+        })
+        .collect()
+}
 
-    /// Every backend of web4 as (address, admin, datapath state).
-    fn backends(&self) -> Vec<(String, String, String)> {
-        let list = self.lb.json(&["backend", "list", "web4"]).unwrap();
-        list.as_array()
-            .unwrap()
-            .iter()
-            .map(|b| {
-                let field = |k: &str| b[k].as_str().unwrap().to_owned();
-                (field("address"), field("admin"), field("state"))
-            })
-            .collect()
-    }
-
-    /// Where the datapath sends 32 sample flows, with the backend's state.
-    fn routes(&self) -> Vec<(String, String)> {
-        let vip = SocketAddr::new(self.topo.vip4().into(), 80);
-        (0..32)
-            .map(|i| {
-                let src = SocketAddr::new(self.topo.client_addr(false), 40000 + i);
-                let flow = self.lb.flow(src, vip).unwrap();
-                (
-                    flow["backend"].as_str().unwrap().to_owned(),
-                    flow["backend_state"].as_str().unwrap().to_owned(),
-                )
-            })
-            .collect()
-    }
+/// Where the datapath sends 32 sample flows, with the backend's state.
+fn sample_routes(bed: &Bed) -> Vec<(String, String)> {
+    (0..32)
+        .map(|i| {
+            let src = SocketAddr::new(bed.topo.client_addr(false), 40000 + i);
+            let flow = bed.lb.flow(src, bed.vip()).unwrap();
+            (
+                flow["backend"].as_str().unwrap().to_owned(),
+                flow["backend_state"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect()
 }
 
 /// Puts a non-empty directory at `path`: neither a file can be created
@@ -87,10 +57,10 @@ fn obstruct(path: &Path) {
 
 #[test]
 fn a_change_that_cannot_be_persisted_is_not_applied() {
-    let bed = Bed::new("atom");
+    let bed = bed("atom");
     let b1: IpAddr = bed.topo.backend_addr(1, false);
     let drain = ["backend", "drain", "web4", &b1.to_string()];
-    let (backends, routes) = (bed.backends(), bed.routes());
+    let (backends, routes) = (backend_states(&bed), sample_routes(&bed));
     assert!(
         routes
             .iter()
@@ -100,14 +70,14 @@ fn a_change_that_cannot_be_persisted_is_not_applied() {
 
     // The new state cannot even be written (its temporary file is
     // blocked), then cannot be put in place (the state file is blocked).
-    let state = bed.state_file();
+    let state = state_file(&bed);
     for blocked in [state.with_extension("json.tmp"), state.clone()] {
         obstruct(&blocked);
         let err = bed.lb.cli(&drain).unwrap_err().to_string();
         assert!(err.contains("not changed"), "{}: {err}", blocked.display());
-        assert_eq!(bed.backends(), backends, "{}", blocked.display());
+        assert_eq!(backend_states(&bed), backends, "{}", blocked.display());
         assert_eq!(
-            bed.routes(),
+            sample_routes(&bed),
             routes,
             "the datapath changed: {}",
             blocked.display()
@@ -118,7 +88,7 @@ fn a_change_that_cannot_be_persisted_is_not_applied() {
 
     // Unblocked, the same change is applied and persisted.
     bed.lb.cli(&drain).unwrap();
-    let drained = bed.backends();
+    let drained = backend_states(&bed);
     assert!(
         drained
             .iter()
@@ -151,7 +121,7 @@ fn http(socket: &Path, method: &str, path: &str, body: &str) -> (u16, String) {
 
 #[test]
 fn input_the_daemon_cannot_mean_is_refused() {
-    let bed = Bed::new("inp");
+    let bed = bed("inp");
     let before = configured(bed.lb.json(&["service", "list"]).unwrap());
     let b1 = bed.topo.backend_addr(1, false);
     // Not a backend of this two-backend topology.

@@ -211,3 +211,46 @@ fn verdicts_apply_as_a_batch_and_drains_expire_only_after_their_timeout() {
     drop(datapath);
     drop(pins);
 }
+
+/// Which destination MACs the datapath balances is the controller's to
+/// write, like every other map: each interface's own MAC, added before the
+/// program is attached there, and `[cluster] extra_macs` on every one of
+/// them, following reloads.
+#[test]
+fn accepted_macs_follow_the_interfaces_and_the_configured_extra_macs() {
+    const OWN: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
+    const VRRP: [u8; 6] = [0, 0, 0x5e, 0, 0x01, 0x01];
+    let (ns, pins, datapath, maps) = bed();
+
+    ns.run(move || {
+        let config = |extra: &str| {
+            let text = format!(
+                "[cluster]\nextra_macs = [{extra}]\n[[service]]\nname = \"a\"\n\
+                 vip = \"10.0.0.1\"\nport = 80\nprotocol = \"tcp\"\ntable_size = {TABLE_SIZE}\n\
+                 [[service.backend]]\naddress = \"10.1.0.11\"\n"
+            );
+            Config::parse(&text, "test").unwrap()
+        };
+        let accepted = |c: &Controller| {
+            let mut macs = c.maps().accepted_macs.entries();
+            macs.sort();
+            macs
+        };
+        let mut controller = Controller::new(maps).unwrap();
+        controller.apply(&config("\"00:00:5e:00:01:01\"")).unwrap();
+        assert_eq!(accepted(&controller), vec![], "no interface yet");
+
+        let v0 = xdplb::loader::interface_index("v0").unwrap();
+        controller.add_interface(v0, OWN).unwrap();
+        assert_eq!(accepted(&controller), vec![(v0, VRRP), (v0, OWN)]);
+        assert_eq!(snapshot(controller.maps()).tx_ports, vec![v0]);
+
+        // A reload without the extra MAC takes it away, and only it.
+        controller.apply(&config("")).unwrap();
+        assert_eq!(accepted(&controller), vec![(v0, OWN)]);
+        controller.apply(&config("\"00:00:5e:00:01:01\"")).unwrap();
+        assert_eq!(accepted(&controller), vec![(v0, VRRP), (v0, OWN)]);
+    });
+    drop(datapath);
+    drop(pins);
+}

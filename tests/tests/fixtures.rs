@@ -532,14 +532,14 @@ fn frames_to_another_mac_pass_untouched_unless_the_mac_is_configured() {
     assert_eq!(h.reason(Reason::PassNotService), 0);
 
     // A configured extra MAC (a VRRP virtual MAC, say) is balanced...
-    let mut macs = xdplb::cluster::macs::IfMacs::open_pinned(h.0.pin_dir()).unwrap();
-    macs.sync(&[(LO_IFINDEX, LB_MAC)], &[VRRP_MAC]).unwrap();
+    h.0.accept_macs(&[(LO_IFINDEX, LB_MAC)], &[VRRP_MAC])
+        .unwrap();
     let input = to(VRRP_MAC, "10.0.0.1:40003", "10.0.100.1:80", PROTO_TCP);
     let (verdict, out) = h.run(&input);
     assert_eq!(verdict, XDP_TX, "frame to a configured extra MAC");
     assert_eq!(out, with_macs(&input, BACKEND_MACS[0], LB_MAC));
     // ...until the configuration drops it again.
-    macs.sync(&[(LO_IFINDEX, LB_MAC)], &[]).unwrap();
+    h.0.accept_macs(&[(LO_IFINDEX, LB_MAC)], &[]).unwrap();
     check(&mut h, vec![untouched("extra MAC removed", input)]);
     assert_eq!(h.reason(Reason::PassNotForUs), foreign.len() as u64 + 1);
     // The interface's own MAC still is.

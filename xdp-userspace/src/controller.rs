@@ -41,7 +41,7 @@ use xdp_common::{
 
 use crate::{
     addr,
-    cluster::fingerprint::fingerprint,
+    cluster::{fingerprint::fingerprint, macs::Mac},
     config::{Admin, AllDown, BackendConfig, Config, HashFields, Mode, ServiceConfig},
     dataplane::{Maps, NatSweeper, Write},
     maglev::{self, MaglevBackend},
@@ -310,6 +310,10 @@ struct Model {
     slots: Ranges,
     all_down: AllDown,
     adoptable: Adoptable,
+    /// `(ifindex, own MAC)` of every interface the datapath is attached to.
+    interfaces: Vec<(u32, Mac)>,
+    /// `[cluster] extra_macs`, as the datapath accepts them.
+    extra_macs: Vec<Mac>,
 }
 
 fn service_id(cfg: &ServiceConfig) -> ServiceId {
@@ -355,6 +359,8 @@ impl Controller {
                 slots: Ranges::new(MAGLEV_SLOTS),
                 all_down: AllDown::FailOpen,
                 adoptable,
+                interfaces: Vec::new(),
+                extra_macs: Vec::new(),
             },
             resolver: Arc::default(),
             directory: Arc::default(),
@@ -422,10 +428,21 @@ impl Controller {
         Ok(())
     }
 
-    /// Adds an interface the datapath may redirect frames to (where NAT
-    /// replies to clients leave).
-    pub fn add_egress(&mut self, ifindex: u32) -> Result<()> {
-        self.maps.write(&[Write::TxPort(ifindex)])
+    /// Readies the datapath for an interface before it is attached there:
+    /// frames to `mac` (and to the configured extra MACs) are balanced,
+    /// and NAT replies to clients may leave through it.
+    pub fn add_interface(&mut self, ifindex: u32, mac: Mac) -> Result<()> {
+        let mut interfaces = self.model.interfaces.clone();
+        interfaces.push((ifindex, mac));
+        self.maps.write(&[
+            Write::TxPort(ifindex),
+            Write::AcceptedMacs {
+                interfaces: interfaces.clone(),
+                extra: self.model.extra_macs.clone(),
+            },
+        ])?;
+        self.model.interfaces = interfaces;
+        Ok(())
     }
 
     /// The NAT sweeper: the one other writer of the maps, which only
@@ -614,6 +631,15 @@ impl Model {
             }
         }
         self.finish_adoption(writes);
+        if self.extra_macs != config.cluster.extra_macs {
+            self.extra_macs.clone_from(&config.cluster.extra_macs);
+            if !self.interfaces.is_empty() {
+                writes.push(Write::AcceptedMacs {
+                    interfaces: self.interfaces.clone(),
+                    extra: self.extra_macs.clone(),
+                });
+            }
+        }
         let nat_enabled = u32::from(self.services.values().any(|s| s.config.mode == Mode::Nat));
         let replicate = u32::from(config.cluster.replicating().is_some());
         writes.push(Write::Globals(Globals {

@@ -699,8 +699,7 @@ pub fn run(opts: Options) -> Result<()> {
     let mut datapath = Datapath::load(&pin_dir)?;
     let mut guard = PinGuard(fresh.then_some(pin_dir.as_path()));
     let maps = Maps::take(&mut datapath.ebpf)?;
-    let if_macs = crate::cluster::macs::IfMacs::take(&mut datapath.ebpf)?;
-    let mut node = crate::cluster::Node::new(if_macs, &state_file);
+    let mut node = crate::cluster::Node::new(&state_file);
     let mut controller = Controller::new(maps)?;
     let adopted = controller.adopting();
     let resolver = controller.resolver();
@@ -727,14 +726,13 @@ pub fn run(opts: Options) -> Result<()> {
     for iface in &opts.ifaces {
         // Replies to NAT clients leave through the interface the client
         // came in on, which may be any of ours: all are redirect targets.
-        let ifindex = loader::interface_index(iface)?;
-        controller
-            .add_egress(ifindex)
-            .with_context(|| format!("adding {iface} to the egress devmap"))?;
         // Frames to this interface's MAC only, written before the program
         // is attached so it never balances (or drops) one it should pass.
+        let ifindex = loader::interface_index(iface)?;
         let mac = crate::cluster::macs::interface_mac(iface)?;
-        node.add_interface(ifindex, mac, &config)?;
+        controller
+            .add_interface(ifindex, mac)
+            .with_context(|| format!("readying the datapath for {iface}"))?;
         crate::cluster::node::check_forwarding(iface, &config);
         let attached = datapath.attach_pinned(iface, opts.mode)?;
         info!(%iface, mode = attached.name(), "XDP program attached");

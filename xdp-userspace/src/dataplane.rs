@@ -16,7 +16,10 @@ use aya::{
 };
 use xdp_common::{hash::flow_hash, map_names as names, *};
 
-use crate::addr;
+use crate::{
+    addr,
+    cluster::macs::{IfMacs, Mac},
+};
 
 /// A per-CPU map value summed over the CPUs: what the datapath counted on
 /// all of them. The one way userspace reads a per-CPU counter
@@ -119,6 +122,8 @@ pub struct Maps {
     pub nat_rev: HashMap<MapData, FlowKey, NatRev>,
     pub globals: Array<MapData, Globals>,
     pub snat_pools: Array<MapData, SnatPool>,
+    /// The destination MACs the datapath balances frames to.
+    pub accepted_macs: IfMacs,
     /// Second descriptors of the NAT tables, for [`Maps::nat_sweeper`].
     nat_fds: [OwnedFd; 2],
     /// A second descriptor of the flow table, for [`Maps::flow_table`].
@@ -238,6 +243,7 @@ impl Maps {
             nat_rev: nat_rev.try_into()?,
             globals: typed!(names::GLOBALS),
             snat_pools: typed!(names::SNAT_POOLS),
+            accepted_macs: IfMacs::from_map(src.map(xdp_common::ifmac::MAP_NAME)?)?,
             nat_fds: [fwd_fd, rev_fd],
             flows_fd,
             maglev_mem,
@@ -316,6 +322,9 @@ impl Maps {
                     .tx_ports
                     .insert(*ifindex, *ifindex, None, 0)
                     .with_context(|| format!("adding ifindex {ifindex} to the egress devmap"))?,
+                Write::AcceptedMacs { interfaces, extra } => {
+                    self.accepted_macs.sync(interfaces, extra)?
+                }
                 Write::Globals(g) => self
                     .globals
                     .set(0, g, 0)
@@ -762,6 +771,12 @@ pub(crate) enum Write {
     },
     /// An egress interface the datapath may redirect to.
     TxPort(u32),
+    /// The MACs frames are balanced to: each interface's own
+    /// `(ifindex, MAC)`, plus `extra` on every one of them.
+    AcceptedMacs {
+        interfaces: Vec<(u32, Mac)>,
+        extra: Vec<Mac>,
+    },
     Globals(Globals),
 }
 

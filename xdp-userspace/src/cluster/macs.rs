@@ -2,18 +2,16 @@
 //! every attached interface, its own MAC plus the configured extra MACs
 //! (`[cluster] extra_macs`, e.g. a VRRP virtual MAC). Frames to any other
 //! destination MAC are passed untouched and counted as `pass_not_for_us`.
+//! The table is one of the [`Maps`](crate::dataplane::Maps), written by
+//! the controller (`Controller::add_interface` and `apply`).
 
 use std::{
     collections::BTreeSet,
     os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
-    path::Path,
 };
 
 use anyhow::{bail, Context as _, Result};
-use aya::{
-    maps::{HashMap, Map, MapData},
-    Ebpf,
-};
+use aya::maps::{HashMap, Map, MapData};
 use xdp_common::ifmac::{IfMacKey, MAP_NAME};
 
 /// A MAC address as on the wire.
@@ -25,23 +23,7 @@ pub struct IfMacs {
 }
 
 impl IfMacs {
-    /// Takes the table out of a freshly loaded program.
-    pub fn take(ebpf: &mut Ebpf) -> Result<Self> {
-        let map = ebpf
-            .take_map(MAP_NAME)
-            .with_context(|| format!("map {MAP_NAME} missing from the XDP object"))?;
-        Self::from_map(map)
-    }
-
-    /// Opens the table a running datapath pinned in `pin_dir`.
-    pub fn open_pinned(pin_dir: &Path) -> Result<Self> {
-        let path = pin_dir.join(MAP_NAME);
-        let data = MapData::from_pin(&path)
-            .with_context(|| format!("opening pinned map {}", path.display()))?;
-        Self::from_map(Map::from_map_data(data)?)
-    }
-
-    fn from_map(map: Map) -> Result<Self> {
+    pub(crate) fn from_map(map: Map) -> Result<Self> {
         let map = map
             .try_into()
             .with_context(|| format!("map {MAP_NAME} has an unexpected type"))?;

@@ -1,60 +1,33 @@
-//! This node's part in a cluster, as the daemon drives it: which frames
-//! the datapath accepts ([`IfMacs`]) and which VIPs it announces
-//! ([`Announcer`]), both re-derived from the configuration and the
-//! controller's state after every change and health transition.
+//! This node's part in a cluster, as the daemon drives it: which VIPs it
+//! announces ([`Announcer`]), re-derived from the configuration and the
+//! controller's state after every change and health transition. (Which
+//! frames the datapath accepts is the controller's: `IfMacs`.)
 
 use std::{collections::BTreeSet, net::IpAddr, path::Path};
 
 use anyhow::Result;
 use tracing::warn;
 
-use super::{
-    announce::{Announced, Announcer, ClusterView, BACKUP_METRIC},
-    macs::{IfMacs, Mac},
-};
+use super::announce::{Announced, Announcer, ClusterView, BACKUP_METRIC};
 use crate::{config::Config, controller::Controller};
 
 /// The daemon's cluster state.
 pub struct Node {
-    macs: IfMacs,
-    /// (ifindex, own MAC) of every interface the datapath is attached to.
-    interfaces: Vec<(u32, Mac)>,
-    /// The extra MACs the table was last synced with: it changes only with
-    /// them or with `interfaces`, so it is not rewritten on every tick.
-    extra: Vec<Mac>,
     announcer: Announcer,
 }
 
 impl Node {
-    /// A node with no interface yet; `state_file` locates the "left" marker.
-    pub fn new(macs: IfMacs, state_file: &Path) -> Self {
+    /// A node; `state_file` locates the "left" marker.
+    pub fn new(state_file: &Path) -> Self {
         Self {
-            macs,
-            interfaces: Vec::new(),
-            extra: Vec::new(),
             announcer: Announcer::new(state_file),
         }
     }
 
-    /// Accepts frames to `mac` (and the configured extra MACs) on
-    /// `ifindex`: call before attaching the program there.
-    pub fn add_interface(&mut self, ifindex: u32, mac: Mac, config: &Config) -> Result<()> {
-        self.interfaces.push((ifindex, mac));
-        self.macs
-            .sync(&self.interfaces, &config.cluster.extra_macs)?;
-        self.extra.clone_from(&config.cluster.extra_macs);
-        Ok(())
-    }
-
-    /// Brings the MAC table and the announced routes in line with `config`
-    /// and the controller's backend states. Call only while the datapath is
+    /// Brings the announced routes in line with `config` and the
+    /// controller's backend states. Call only while the datapath is
     /// attached: a VIP is announced only when this node forwards it.
     pub fn sync(&mut self, config: &Config, controller: &Controller) -> Result<()> {
-        if self.extra != config.cluster.extra_macs {
-            self.macs
-                .sync(&self.interfaces, &config.cluster.extra_macs)?;
-            self.extra.clone_from(&config.cluster.extra_macs);
-        }
         self.announcer
             .sync(config.cluster.route_table, announced(config, controller))
     }
