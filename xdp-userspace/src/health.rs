@@ -393,6 +393,13 @@ pub struct HealthChecker {
     runtime: CheckThread,
 }
 
+/// Probes start on a grid of this step (from a start time jittered over
+/// the interval; intervals, whole multiples of it in practice, keep them
+/// there): the probes due in one step start together, and the thread wakes
+/// once for them, not once per probe. At 1,000 backends, waking for every
+/// probe cost more CPU than the probes' own system calls.
+const PROBE_GRID: Duration = Duration::from_millis(10);
+
 /// The checks' own single-threaded tokio runtime, on a thread of its own.
 /// Thousands of probes a second, each a few wake-ups, on a multi-threaded
 /// runtime kept waking and parking its other threads (at 10,000 backends
@@ -427,17 +434,7 @@ impl CheckThread {
             thread: Some(thread),
         })
     }
-}
 
-/// Probes start on a grid of this step (from a start time jittered over
-/// the interval; intervals, whole multiples of it in practice, keep them
-/// there): the probes due in one step start together, and the thread wakes
-/// once for them, not once per probe. At 1,000 backends and
-/// more, waking for every probe alone cost more CPU than the probes'
-/// system calls.
-const PROBE_GRID: Duration = Duration::from_millis(10);
-
-impl CheckThread {
     /// The first point of the probe grid at or after `at`.
     fn on_grid(&self, at: time::Instant) -> time::Instant {
         let step = PROBE_GRID.as_nanos();

@@ -11,7 +11,7 @@
 //! ([`watch`]); the controller then reads the results without waiting.
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeSet, HashMap},
     net::{IpAddr, SocketAddr, UdpSocket},
     sync::{Arc, Mutex},
     time::{Duration, Instant},
@@ -68,11 +68,60 @@ const POLL: Duration = Duration::from_millis(20);
 /// plan a change from them without waiting on the kernel.
 #[derive(Debug, Default)]
 pub struct Resolver {
-    known: Mutex<HashMap<Target, Resolved>>,
+    known: Mutex<Known>,
+}
+
+/// The last answers, and the neighbours they name.
+#[derive(Debug, Default)]
+struct Known {
+    hops: HashMap<Target, Resolved>,
+    /// Every neighbour a resolved hop names, with the MACs they have for
+    /// it: what announcements are compared with, in one look-up rather
+    /// than a pass over every backend (thousands of backends may share
+    /// one gateway, and a busy segment announces many neighbours).
+    neighbours: HashMap<NeighbourKey, BTreeSet<Option<[u8; 6]>>>,
+}
+
+impl Known {
+    /// Adds or replaces answers; the index is rebuilt only when an answer
+    /// it may hold a MAC of was replaced.
+    fn extend(&mut self, resolved: impl IntoIterator<Item = (Target, Resolved)>) {
+        let mut replaced = false;
+        for (target, answer) in resolved {
+            if let Ok(hop) = &answer {
+                let key = (hop.ifindex, hop.neighbour);
+                self.neighbours.entry(key).or_default().insert(hop.dst_mac);
+            }
+            replaced |= self
+                .hops
+                .insert(target, answer)
+                .is_some_and(|old| old.is_ok());
+        }
+        if replaced {
+            self.reindex();
+        }
+    }
+
+    /// Forgets the answers for targets not in `wanted` (sorted).
+    fn keep(&mut self, wanted: &[Target]) {
+        let before = self.hops.len();
+        self.hops.retain(|t, _| wanted.binary_search(t).is_ok());
+        if self.hops.len() != before {
+            self.reindex();
+        }
+    }
+
+    fn reindex(&mut self) {
+        self.neighbours.clear();
+        for hop in self.hops.values().filter_map(|h| h.as_ref().ok()) {
+            let key = (hop.ifindex, hop.neighbour);
+            self.neighbours.entry(key).or_default().insert(hop.dst_mac);
+        }
+    }
 }
 
 impl Resolver {
-    fn known(&self) -> std::sync::MutexGuard<'_, HashMap<Target, Resolved>> {
+    fn known(&self) -> std::sync::MutexGuard<'_, Known> {
         self.known.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -86,7 +135,7 @@ impl Resolver {
             let known = self.known();
             wanted
                 .iter()
-                .filter(|t| !known.contains_key(t))
+                .filter(|t| !known.hops.contains_key(t))
                 .copied()
                 .collect()
         };
@@ -96,7 +145,7 @@ impl Resolver {
             resolve_all(&missing, RESOLVE_WAIT)
         };
         let mut known = self.known();
-        known.retain(|t, _| wanted.binary_search(t).is_ok());
+        known.keep(&wanted);
         known.extend(resolved);
     }
 
@@ -112,7 +161,7 @@ impl Resolver {
     /// The next hop of `target`: the last answer, or, if it was never
     /// resolved, resolved now (waiting up to [`RESOLVE_WAIT`]).
     pub fn hop(&self, target: Target) -> Resolved {
-        if let Some(known) = self.known().get(&target) {
+        if let Some(known) = self.known().hops.get(&target) {
             return known.clone();
         }
         let resolved = resolve_all(&[target], RESOLVE_WAIT);
@@ -139,10 +188,10 @@ impl Resolver {
             },
             _ => return false,
         };
-        self.known().values().any(|hop| match hop {
-            Ok(hop) => (hop.ifindex, hop.neighbour) == key && hop.dst_mac != mac,
-            Err(_) => false,
-        })
+        self.known()
+            .neighbours
+            .get(&key)
+            .is_some_and(|macs| macs.iter().any(|m| *m != mac))
     }
 }
 
@@ -499,17 +548,22 @@ mod tests {
                 src_addr: None,
             };
             let target = (addr, false);
-            resolver.known().insert(target, Ok(hop([2, 0, 0, 0, 0, 2])));
+            resolver
+                .known()
+                .extend([(target, Ok(hop([2, 0, 0, 0, 0, 2])))]);
             assert!(
                 !resolver.concerns(&announced),
                 "same MAC: nothing to refresh"
             );
-            resolver.known().insert(target, Ok(hop([2, 0, 0, 0, 0, 9])));
-            assert!(resolver.concerns(&announced), "new MAC: refresh");
             resolver
                 .known()
-                .insert(("10.99.0.3".parse().unwrap(), false), Err("x".into()));
-            resolver.known().remove(&target);
+                .extend([(target, Ok(hop([2, 0, 0, 0, 0, 9])))]);
+            assert!(resolver.concerns(&announced), "new MAC: refresh");
+            let other = ("10.99.0.3".parse().unwrap(), false);
+            let mut known = resolver.known();
+            known.extend([(other, Err("x".into()))]);
+            known.keep(&[other]);
+            drop(known);
             assert!(
                 !resolver.concerns(&announced),
                 "not a next hop: nothing to refresh"
