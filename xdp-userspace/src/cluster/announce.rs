@@ -236,7 +236,8 @@ fn route_message((addr, metric): Announced, table: u32) -> RouteMessage {
             msg.attributes.push(RouteAttribute::Table(table));
         }
     }
-    msg.attributes.push(RouteAttribute::Priority(metric));
+    msg.attributes
+        .push(RouteAttribute::Priority(kernel_metric(addr, metric)));
     msg.attributes.push(RouteAttribute::Oif(LOOPBACK_IFINDEX));
     msg
 }
@@ -284,6 +285,20 @@ fn list_routes(table: u32) -> Result<BTreeSet<Announced>> {
     Ok(found)
 }
 
+/// The kernel stores an IPv6 route's metric 0 as this, its default
+/// (`IP6_RT_PRIO_USER`): the announcer writes and reads it as 0, so that a
+/// restarted daemon recognises its own routes.
+const IPV6_DEFAULT_METRIC: u32 = 1024;
+
+/// The metric the kernel shows for a route of `addr` written at `metric`.
+fn kernel_metric(addr: IpAddr, metric: u32) -> u32 {
+    if addr.is_ipv6() && metric == 0 {
+        IPV6_DEFAULT_METRIC
+    } else {
+        metric
+    }
+}
+
 /// The address and metric of `route` if it is a host route of `table`.
 fn host_route(route: &RouteMessage, table: u32) -> Option<Announced> {
     let (mut dst, mut metric, mut in_table) = (None, 0, u32::from(route.header.table));
@@ -297,6 +312,11 @@ fn host_route(route: &RouteMessage, table: u32) -> Option<Announced> {
         }
     }
     let dst = dst?;
+    let metric = if dst.is_ipv6() && metric == IPV6_DEFAULT_METRIC {
+        0
+    } else {
+        metric
+    };
     (in_table == table && route.header.destination_prefix_length == host_prefix_len(dst))
         .then_some((dst, metric))
 }
@@ -320,6 +340,30 @@ mod tests {
         let table = table.to_string();
         serde_json::from_slice(&ip(&[family, "-d", "-j", "route", "show", "table", &table]))
             .unwrap()
+    }
+
+    /// A restarted daemon finds its routes in the table and keeps them: an
+    /// IPv6 route announced at metric 0 reads back as 1024 (the kernel's
+    /// default), which once made the new daemon withdraw it for good.
+    #[test]
+    fn a_restarted_announcer_keeps_the_routes_it_finds() {
+        rtnl::in_new_netns(|| {
+            let table = 4321;
+            let state = std::env::temp_dir().join(format!("xdplb-announce-{}", std::process::id()));
+            let v4: IpAddr = "10.9.9.9".parse().unwrap();
+            let v6: IpAddr = "fd00::9".parse().unwrap();
+            let wanted = BTreeSet::from([(v4, 0), (v6, 0), (v6, BACKUP_METRIC)]);
+            Announcer::new(&state)
+                .sync(Some(table), wanted.clone())
+                .unwrap();
+            assert_eq!(list_routes(table).unwrap(), wanted);
+            let mut restarted = Announcer::new(&state);
+            restarted.sync(Some(table), wanted.clone()).unwrap();
+            assert_eq!(list_routes(table).unwrap(), wanted);
+            let view = restarted.view().unwrap();
+            assert_eq!(view.announced, vec![v4, v6]);
+            assert_eq!(view.backups, vec![v6]);
+        });
     }
 
     #[test]
