@@ -214,8 +214,8 @@ fn verdicts_apply_as_a_batch_and_drains_expire_only_after_their_timeout() {
 
 /// Which destination MACs the datapath balances is the controller's to
 /// write, like every other map: each interface's own MAC, added before the
-/// program is attached there, and `[cluster] extra_macs` on every one of
-/// them, following reloads.
+/// program is attached there and followed when it changes, and
+/// `[cluster] extra_macs` on every one of them, following reloads.
 #[test]
 fn accepted_macs_follow_the_interfaces_and_the_configured_extra_macs() {
     const OWN: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
@@ -250,6 +250,14 @@ fn accepted_macs_follow_the_interfaces_and_the_configured_extra_macs() {
         assert_eq!(accepted(&controller), vec![(v0, OWN)]);
         controller.apply(&config("\"00:00:5e:00:01:01\"")).unwrap();
         assert_eq!(accepted(&controller), vec![(v0, VRRP), (v0, OWN)]);
+
+        // The interface's own MAC changes: the new one is balanced, the
+        // old one no longer.
+        const NEW: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
+        assert_eq!(controller.set_interface_mac(v0, NEW).unwrap(), Some(OWN));
+        assert_eq!(accepted(&controller), vec![(v0, VRRP), (v0, NEW)]);
+        assert_eq!(controller.set_interface_mac(v0, NEW).unwrap(), None);
+        assert!(controller.set_interface_mac(v0 + 100, NEW).is_err());
     });
     drop(datapath);
     drop(pins);

@@ -17,7 +17,7 @@ use std::{
 use xdplb_tests::{
     assert_within,
     bed::Bed,
-    bin_path,
+    bin_path, client,
     lb::{dsr_config_with, start_backends, Load, LongLived, Sample, Xdplb},
     require_root,
     topology::{Shape, Topology},
@@ -743,4 +743,65 @@ fn a_backend_mac_change_reaches_the_datapath_at_once() {
         tally.failed
     );
     assert!(tally.served.contains_key("b1"), "b1 served none: {tally:?}");
+}
+
+/// The load balancer's own interface gets a new MAC (an administrator's
+/// `ip link set address`, a bond's failover): the daemon follows it on its
+/// next refresh of next hops (every 5 s at most), so clients that learn the
+/// new MAC are balanced again, not handed to the lb's kernel.
+#[test]
+fn the_load_balancers_own_mac_change_is_followed() {
+    let bed = bed("lbmac", "tcp");
+    let vip = bed.vip();
+    let warm = bed.requests(33000..33006);
+    assert!(warm.failed.is_empty(), "{warm:?}");
+
+    let new = "02:5e:00:00:02:01";
+    let lb = bed.topo.lb();
+    lb.exec(&[
+        "ip",
+        "link",
+        "set",
+        "dev",
+        bed.topo.lb_iface(),
+        "address",
+        new,
+    ])
+    .unwrap();
+    // What the lb's gratuitous ARP would do, made exact: the client
+    // sends to the new MAC from now on.
+    let lb_addr = bed.topo.lb_addr(false).to_string();
+    let neigh = ["ip", "neigh", "replace", &lb_addr, "lladdr", new];
+    let dev = ["dev", "eth0", "nud", "reachable"];
+    bed.topo
+        .client()
+        .exec(&[&neigh[..], &dev[..]].concat())
+        .unwrap();
+    let changed = Instant::now();
+    let mut port = 33100;
+    let answered = loop {
+        port += 1;
+        let got = bed
+            .topo
+            .client()
+            .run(|| client::get(vip, Some(port), Duration::from_millis(300)));
+        if got.is_ok() {
+            break changed.elapsed();
+        }
+        // A give-up limit, far above the bound asserted below.
+        assert!(
+            changed.elapsed() < Duration::from_secs(20),
+            "never balanced at the new MAC: {got:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    // One fallback refresh period, plus one failed request's timeout.
+    assert_within(
+        "the lb's own MAC change to datapath",
+        answered,
+        Duration::from_millis(5300),
+    );
+    let tally = bed.requests(34000..34030);
+    assert!(tally.failed.is_empty(), "{tally:?}");
+    assert_eq!(tally.served.len(), 3, "every backend serves: {tally:?}");
 }

@@ -432,17 +432,33 @@ impl Controller {
     /// frames to `mac` (and to the configured extra MACs) are balanced,
     /// and NAT replies to clients may leave through it.
     pub fn add_interface(&mut self, ifindex: u32, mac: Mac) -> Result<()> {
-        let mut interfaces = self.model.interfaces.clone();
-        interfaces.push((ifindex, mac));
-        self.maps.write(&[
-            Write::TxPort(ifindex),
-            Write::AcceptedMacs {
-                interfaces: interfaces.clone(),
-                extra: self.model.extra_macs.clone(),
-            },
-        ])?;
-        self.model.interfaces = interfaces;
-        Ok(())
+        let mut next = self.model.clone();
+        next.interfaces.push((ifindex, mac));
+        let writes = [Write::TxPort(ifindex), next.accepted_macs()];
+        self.commit(next, &writes)
+    }
+
+    /// Follows a change of an attached interface's own MAC: frames to the
+    /// new one are balanced, the old one's passed. Returns the old MAC if
+    /// it changed.
+    pub fn set_interface_mac(&mut self, ifindex: u32, mac: Mac) -> Result<Option<Mac>> {
+        let Some(i) = self
+            .model
+            .interfaces
+            .iter()
+            .position(|&(x, _)| x == ifindex)
+        else {
+            bail!("interface {ifindex} is not one the datapath is attached to");
+        };
+        let old = self.model.interfaces[i].1;
+        if old == mac {
+            return Ok(None);
+        }
+        let mut next = self.model.clone();
+        next.interfaces[i].1 = mac;
+        let writes = [next.accepted_macs()];
+        self.commit(next, &writes)?;
+        Ok(Some(old))
     }
 
     /// The NAT sweeper: the one other writer of the maps, which only
@@ -634,10 +650,7 @@ impl Model {
         if self.extra_macs != config.cluster.extra_macs {
             self.extra_macs.clone_from(&config.cluster.extra_macs);
             if !self.interfaces.is_empty() {
-                writes.push(Write::AcceptedMacs {
-                    interfaces: self.interfaces.clone(),
-                    extra: self.extra_macs.clone(),
-                });
+                writes.push(self.accepted_macs());
             }
         }
         let nat_enabled = u32::from(self.services.values().any(|s| s.config.mode == Mode::Nat));
@@ -647,6 +660,15 @@ impl Model {
             replicate,
         }));
         Ok(())
+    }
+
+    /// The write that makes the datapath balance frames to exactly the
+    /// interfaces' own MACs and the extra MACs.
+    fn accepted_macs(&self) -> Write {
+        Write::AcceptedMacs {
+            interfaces: self.interfaces.clone(),
+            extra: self.extra_macs.clone(),
+        }
     }
 
     /// Removes what an adopted datapath had that the configuration does not.

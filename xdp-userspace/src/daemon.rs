@@ -27,7 +27,10 @@ use tracing::{error, info, warn};
 
 use crate::{
     api::{self, ApiError, BackendRef, DatapathState, Done, Request},
-    cluster::replication::{self, Replicator},
+    cluster::{
+        macs::{interface_mac, show, Mac},
+        replication::{self, Replicator},
+    },
     config::{Admin, Config, Mode, ServiceConfig, ServiceKey},
     controller::{Controller, ServiceState},
     dataplane::{monotonic_coarse_ns, Maps, NatOccupancy, NatSweeper},
@@ -123,7 +126,7 @@ struct Inner {
     health: HealthChecker,
     /// NAT table use at the last sweep (when a NAT service exists).
     nat: Option<NatOccupancy>,
-    /// Accepted MACs and announced VIPs (docs/cluster.md).
+    /// Announced VIPs (docs/cluster.md).
     cluster: crate::cluster::Node,
     /// Passive failure detection, and its suspicions per (service,
     /// backend): how many, and the last one's numbers.
@@ -132,8 +135,8 @@ struct Inner {
 }
 
 impl Inner {
-    /// Re-derives accepted MACs and announced routes; a failure is logged
-    /// and retried on the next tick, never undoes the change that led here.
+    /// Re-derives the announced routes; a failure is logged and retried
+    /// on the next tick, never undoes the change that led here.
     fn sync_cluster(&mut self) {
         if let Err(e) = self.cluster.sync(&self.config, &self.controller) {
             error!("cluster: {e:#}");
@@ -304,12 +307,34 @@ impl Daemon {
     }
 
     /// Re-resolves backends' next hops without the lock, then writes the
-    /// ones that changed.
+    /// ones that changed; and follows a change of an attached interface's
+    /// own MAC (an administrator's `ip link set address`, a bond's
+    /// failover), which the datapath must keep balancing frames to.
     fn refresh(&self) {
         let targets = self.lock().controller.next_hop_targets();
         let hops = self.resolver.refresh(&targets);
-        if let Err(e) = self.lock().controller.update_next_hops(&hops) {
+        let macs: Vec<(&str, Result<(u32, Mac)>)> = (self.interfaces.iter())
+            .map(|i| {
+                let mac = loader::interface_index(&i.name)
+                    .and_then(|index| Ok((index, interface_mac(&i.name)?)));
+                (i.name.as_str(), mac)
+            })
+            .collect();
+        let mut inner = self.lock();
+        if let Err(e) = inner.controller.update_next_hops(&hops) {
             warn!("refreshing backend next hops: {e:#}");
+        }
+        for (iface, mac) in macs {
+            let changed = mac.and_then(|(index, mac)| {
+                let old = inner.controller.set_interface_mac(index, mac)?;
+                Ok(old.map(|old| (old, mac)))
+            });
+            match changed {
+                Ok(Some((old, new))) => warn!(%iface, "the interface's MAC changed from {} to {}; \
+                    frames to the new one are balanced now", show(&old), show(&new)),
+                Ok(None) => {}
+                Err(e) => warn!(%iface, "following the interface's MAC: {e:#}"),
+            }
         }
     }
 }
@@ -729,7 +754,7 @@ pub fn run(opts: Options) -> Result<()> {
         // Frames to this interface's MAC only, written before the program
         // is attached so it never balances (or drops) one it should pass.
         let ifindex = loader::interface_index(iface)?;
-        let mac = crate::cluster::macs::interface_mac(iface)?;
+        let mac = interface_mac(iface)?;
         controller
             .add_interface(ifindex, mac)
             .with_context(|| format!("readying the datapath for {iface}"))?;
