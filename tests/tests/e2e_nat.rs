@@ -695,3 +695,52 @@ fn connection_churn_is_never_refused_a_port_while_ports_remain() {
         &failed[..failed.len().min(5)]
     );
 }
+
+/// A backend's host vanishes (its link is cut: no RST, nothing answers)
+/// while it is still in the table (no health checks here): every new
+/// connection hashed to it has its retransmitted SYN moved to another
+/// backend and succeeds, a second late; concurrent ones too.
+#[test]
+fn connections_to_a_vanished_host_succeed_on_another() {
+    let _turn = take_turn();
+    let mut bed = Bed::new(Shape::NatOneArm, "nhl", 3);
+    bed.start_lb("type = \"none\"\n");
+    let vip = bed.vip(false, 80);
+    let loads: Vec<Load> = (0..6u16)
+        .map(|k| {
+            Load::start_in(
+                bed.topo.client(),
+                vip,
+                Duration::from_millis(30),
+                20000 + k * 1000,
+            )
+        })
+        .collect::<Result<_, _>>()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let cut = Instant::now();
+    bed.topo
+        .switch()
+        .exec(&["ip", "link", "set", "v-b1", "down"])
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(3500));
+    let samples: Vec<_> = loads.into_iter().flat_map(Load::stop).collect();
+    let retried = bed.reason(Reason::NatRetry);
+    let (during, after): (Vec<_>, Vec<_>) = samples
+        .iter()
+        .filter(|s| s.result.is_err())
+        .partition(|s| s.start < cut);
+    eprintln!(
+        "NAT host loss: {} requests, nat_retry {retried}, failed: {} under way at the cut, {} \
+         started after it",
+        samples.len(),
+        during.len(),
+        after.len()
+    );
+    assert!(retried > 0, "no SYN retransmission went elsewhere");
+    assert!(
+        after.is_empty(),
+        "connections started after the cut failed: {after:?}\n{}",
+        bed.lb().stats_text()
+    );
+}

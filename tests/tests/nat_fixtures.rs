@@ -20,9 +20,9 @@ use std::{
 };
 
 use xdp_common::{
-    Backend, FlowKey, NatFwd, NatRev, Reason, SnatPool, BACKEND_ACTIVE, NAT_F_ANSWERED,
-    NAT_F_CLOSING, NAT_F_REFUSED, NAT_F_REPLICATED, NAT_UNANSWERED_TIMEOUT_S, PROTO_TCP, PROTO_UDP,
-    SVC_F_NAT_RETRY,
+    Backend, FlowKey, NatFwd, NatRev, Reason, SnatPool, BACKEND_ACTIVE, BACKEND_DOWN,
+    NAT_F_ANSWERED, NAT_F_CLOSING, NAT_F_REFUSED, NAT_F_REPLICATED, NAT_UNANSWERED_TIMEOUT_S,
+    PROTO_TCP, PROTO_UDP, SVC_F_NAT_RETRY,
 };
 use xdplb::{addr, dataplane::monotonic_coarse_ns};
 use xdplb_tests::{
@@ -1485,6 +1485,60 @@ fn without_retry_a_refusal_reaches_the_client() {
     let client = sa("10.0.0.3:40000");
     let (first, port) = syn_goes_to(&mut h, client);
     assert_eq!(backend_resets(&mut h, first, port), XDP_TX);
+    assert_eq!(h.reason(Reason::NatRetry), 0);
+}
+
+/// A flow whose backend went down mid-connection (its host is gone) moves
+/// on its client's next segment to another backend, which knows nothing
+/// of it and resets it: that reset must reach the client at once. Only a
+/// refused SYN is retried; swallowing this reset left the client
+/// retransmitting into resets it never saw until its own timeout.
+#[test]
+fn a_reset_of_a_flow_moved_mid_connection_reaches_the_client() {
+    let mut h = retrying();
+    let client = sa("10.0.0.4:40000");
+    let vip = sa("10.0.100.1:80");
+    let (first, port) = syn_goes_to(&mut h, client);
+    let backend = |id: u32| {
+        if id == 0 {
+            sa("10.0.1.11:8080")
+        } else {
+            sa("10.0.1.12:8080")
+        }
+    };
+    let syn_ack = Seg::tcp(
+        backend(first),
+        SocketAddr::new(ip(SNAT4), port),
+        frame::SYN | frame::ACK,
+        b"",
+    );
+    let (verdict, _) = h.run(&syn_ack.frame(LB_MAC_B, backend_mac(first)));
+    assert_eq!(verdict, XDP_TX, "the backend's answer reaches the client");
+    // Its host goes down, and the daemon takes it out of the table.
+    let mut gone = h.dp.maps.backend(first).unwrap();
+    gone.state = BACKEND_DOWN;
+    h.dp.set_backend(first, gone).unwrap();
+    let mut svc = nat_service(0, 0, TABLE_SIZE, (20000, 40000), DEFAULT_TIMEOUTS);
+    svc.flags |= SVC_F_NAT_RETRY;
+    h.dp.set_service(vip, PROTO_TCP, svc, &[1 - first]).unwrap();
+    // The client's request, retransmitted, goes to the other backend...
+    let data = Seg::tcp(
+        client,
+        vip,
+        frame::ACK | frame::PSH,
+        b"GET / HTTP/1.0\r\n\r\n",
+    );
+    let (verdict, _) = h.run(&data.frame(LB_MAC_A, CLIENT_MAC));
+    assert_eq!(verdict, XDP_TX);
+    let moved = h.fwd(client, vip, PROTO_TCP).unwrap();
+    assert_ne!(moved.backend, first, "{moved:?}");
+    // ...which resets it: passed on to the client, not retried.
+    let new_port = u16::from_be(moved.nat_port_be);
+    assert_eq!(
+        backend_resets(&mut h, moved.backend, new_port),
+        XDP_TX,
+        "the reset reaches the client"
+    );
     assert_eq!(h.reason(Reason::NatRetry), 0);
 }
 

@@ -178,10 +178,18 @@ pub fn forward(ctx: &XdpContext, p: &Packet, service: &Service) -> Result<u32, R
     }
     let taken = allocate(ctx, p, service, id, backend, now)?;
     let (snat, port) = (taken.rk.dst, taken.port_be);
+    // A TCP flow moved mid-connection (its backend went down) cannot be
+    // retried: the new backend knows nothing of it and resets it, and
+    // that reset must reach the client, as a second refusal does.
+    let moved_mid_connection = key.proto == PROTO_TCP && !p.syn();
     let fwd = NatFwd {
         backend: id,
         nat_port_be: port,
-        flags: if retried { NAT_F_RETRIED } else { 0 },
+        flags: if retried || moved_mid_connection {
+            NAT_F_RETRIED
+        } else {
+            0
+        },
         last_seen_ns: now,
         timeout_s: unanswered_timeout(service, key.proto),
         _pad: 0,
