@@ -6,6 +6,7 @@
 //! on the same topology with `xdplb-testbackend` servers.
 
 use std::{
+    collections::HashMap,
     net::SocketAddr,
     time::{Duration, Instant},
 };
@@ -36,7 +37,8 @@ interval from trial to trial, one backend's server (b1, b2, b3 in turn) is kille
 the backend down (xdplb: `backend list`, the moment its Maglev slots are swapped out; HAProxy: \
 `show stat` on its stats socket): `*-detection` is the time from the kill to then. The load goes \
 on for 0.5 s, the server is restarted and must rejoin. Failed requests are split by the backend \
-they went to (xdplb: the flow table's pin, read with `xdplb flow` once the backend is back; \
+they went to (xdplb: the flow table's pin, read with `xdplb flow` once the backend is back, or for \
+the requests under way at the fault, read right after it, before the balancer can move them; \
 HAProxy: its connection log). Both check alike: TCP connect every 1 s, 500 ms timeout, rise 2, \
 fall 3 (xdplb's defaults). HAProxy keeps its defaults otherwise (retries 3, 500 ms apart, no \
 `option redispatch`): a request sent to the dead server fails only after ~1.5 s and stalls its \
@@ -297,11 +299,22 @@ fn run_trial(
     // trials (golden-ratio steps), not always the same one.
     let phase = (t as f64 * 0.618_033_988_7).fract();
     std::thread::sleep(Duration::from_millis(500) + CHECK_INTERVAL.mul_f64(phase));
+    let mut under_way: Vec<u16> = loads.iter().filter_map(Load::under_way).collect();
     let killed = Instant::now();
     match fault {
         Fault::Kill => bed.servers[victim - 1].kill(libc::SIGKILL)?,
         Fault::HostLoss => port("down")?,
     }
+    // Where the requests under way at the fault went, read before the
+    // balancer can move them: one that then fails and is moved (its next
+    // segment re-picked once the backend is out, and reset by the new one)
+    // still failed on the backend that died.
+    under_way.extend(loads.iter().filter_map(Load::under_way));
+    let at_fault: HashMap<u16, usize> = under_way
+        .iter()
+        .zip(bal.backends_of(&under_way)?)
+        .filter_map(|(&p, b)| Some((p, b?)))
+        .collect();
     let down = wait_for(bal, victim, Health::Down, Duration::from_secs(10));
     std::thread::sleep(Duration::from_millis(500));
     let samples: Vec<_> = loads.into_iter().flat_map(Load::stop).collect();
@@ -313,7 +326,12 @@ fn run_trial(
     wait_for(bal, victim, Health::Up, Duration::from_secs(15))?;
     std::thread::sleep(Duration::from_millis(200)); // HAProxy logs a session when it ends
     let failed: Vec<&Sample> = samples.iter().filter(|s| s.result.is_err()).collect();
-    let to = bal.backends_of(&failed.iter().map(|s| s.port).collect::<Vec<_>>())?;
+    let to: Vec<Option<usize>> = bal
+        .backends_of(&failed.iter().map(|s| s.port).collect::<Vec<_>>())?
+        .into_iter()
+        .zip(&failed)
+        .map(|(at_end, s)| at_fault.get(&s.port).copied().or(at_end))
+        .collect();
     let failed_dead = to.iter().filter(|b| **b == Some(victim)).count();
     for (s, b) in failed.iter().zip(&to).filter(|(_, b)| **b != Some(victim)) {
         let when = s.start.saturating_duration_since(killed).as_millis();

@@ -7,7 +7,7 @@ use std::{
     path::{Path, PathBuf},
     process::Command,
     sync::{
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU16, Ordering},
         Arc,
     },
     time::{Duration, Instant},
@@ -343,6 +343,8 @@ pub struct Sample {
 /// every `every`, each from the next source port, until stopped.
 pub struct Load {
     stop: Arc<AtomicBool>,
+    /// The source port of the request under way (0: none).
+    current: Arc<AtomicU16>,
     handle: std::thread::JoinHandle<Vec<Sample>>,
 }
 
@@ -368,6 +370,8 @@ impl Load {
         let ns = std::fs::File::open(client.path())?;
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
+        let current = Arc::new(AtomicU16::new(0));
+        let under_way = current.clone();
         let handle = std::thread::spawn(move || {
             // SAFETY: setns on a valid fd; affects only this thread.
             if unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&ns), libc::CLONE_NEWNET) } != 0
@@ -379,8 +383,10 @@ impl Load {
             let mut next = Instant::now();
             while !flag.load(Ordering::Relaxed) {
                 let start = Instant::now();
+                under_way.store(port, Ordering::Relaxed);
                 let result = client::get(vip, Some(port), Duration::from_secs(2))
                     .map_err(|e| format!("{e:#}"));
+                under_way.store(0, Ordering::Relaxed);
                 samples.push(Sample {
                     start,
                     elapsed: start.elapsed(),
@@ -399,7 +405,16 @@ impl Load {
             }
             samples
         });
-        Ok(Self { stop, handle })
+        Ok(Self {
+            stop,
+            current,
+            handle,
+        })
+    }
+
+    /// The source port of the request under way, if one is.
+    pub fn under_way(&self) -> Option<u16> {
+        Some(self.current.load(Ordering::Relaxed)).filter(|&p| p != 0)
     }
 
     /// Stops the load and returns every request's outcome.
