@@ -63,7 +63,7 @@ const BENCHES: &[Bench] = &[
     },
     Bench {
         name: "pps",
-        run: |o| one(pps::run(o)),
+        run: pps::run,
     },
     Bench {
         name: "maglev",
