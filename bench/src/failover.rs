@@ -113,7 +113,7 @@ pub fn run(opts: &Opts) -> Result<Vec<Figure>> {
     let restart = |i: usize| start_backend(&topo, &opts.testbackend, i, &[]);
     let mut bed = Bed {
         client: topo.client(),
-        switch: topo.switch(),
+        topo: &topo,
         servers: &mut servers,
         restart: &restart,
     };
@@ -171,7 +171,7 @@ fn nat_trials(opts: &Opts, kills: usize, losses: usize) -> Result<Trials> {
     let restart = |i: usize| start_backend(&topo, &opts.testbackend, i, &[]);
     let mut bed = Bed {
         client: topo.client(),
-        switch: topo.switch(),
+        topo: &topo,
         servers: &mut servers,
         restart: &restart,
     };
@@ -214,7 +214,7 @@ enum Fault {
 /// (port `v-bI`), their servers, and how to restart one.
 struct Bed<'a> {
     client: &'a Netns,
-    switch: &'a Netns,
+    topo: &'a Topology,
     servers: &'a mut [Proc],
     restart: &'a Restart<'a>,
 }
@@ -277,11 +277,6 @@ fn run_trial(
     t: usize,
     victim: usize,
 ) -> Result<Trial> {
-    let port = |state: &str| {
-        bed.switch
-            .exec(&["ip", "link", "set", &format!("v-b{victim}"), state])
-            .map(drop)
-    };
     for i in 1..=bed.servers.len() {
         wait_for(bal, i, Health::Up, Duration::from_secs(10))?;
     }
@@ -303,7 +298,7 @@ fn run_trial(
     let killed = Instant::now();
     match fault {
         Fault::Kill => bed.servers[victim - 1].kill(libc::SIGKILL)?,
-        Fault::HostLoss => port("down")?,
+        Fault::HostLoss => bed.topo.set_backend_link(victim, false)?,
     }
     // Where the requests under way at the fault went, read before the
     // balancer can move them: one that then fails and is moved (its next
@@ -321,7 +316,7 @@ fn run_trial(
     let down = down?;
     match fault {
         Fault::Kill => bed.servers[victim - 1] = (bed.restart)(victim)?,
-        Fault::HostLoss => port("up")?,
+        Fault::HostLoss => bed.topo.set_backend_link(victim, true)?,
     }
     wait_for(bal, victim, Health::Up, Duration::from_secs(15))?;
     std::thread::sleep(Duration::from_millis(200)); // HAProxy logs a session when it ends

@@ -335,6 +335,15 @@ impl Topology {
         &self.switch
     }
 
+    /// Cuts (or restores) backend `i`'s link to the switch, as a host
+    /// that vanishes (or comes back) would: nothing answers, not even RST.
+    pub fn set_backend_link(&self, i: usize, up: bool) -> Result<()> {
+        let state = if up { "up" } else { "down" };
+        self.switch
+            .exec(&["ip", "link", "set", &format!("v-b{i}"), state])
+            .map(drop)
+    }
+
     /// Backend `i`'s namespace (1-based). Panics if `i` is not in
     /// `1..=backend_count()`.
     pub fn backend(&self, i: usize) -> &Netns {

@@ -719,10 +719,7 @@ fn connections_to_a_vanished_host_succeed_on_another() {
         .unwrap();
     std::thread::sleep(Duration::from_millis(500));
     let cut = Instant::now();
-    bed.topo
-        .switch()
-        .exec(&["ip", "link", "set", "v-b1", "down"])
-        .unwrap();
+    bed.topo.set_backend_link(1, false).unwrap();
     std::thread::sleep(Duration::from_millis(3500));
     let samples: Vec<_> = loads.into_iter().flat_map(Load::stop).collect();
     let retried = bed.reason(Reason::NatRetry);

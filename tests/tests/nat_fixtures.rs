@@ -1391,11 +1391,25 @@ fn retrying() -> Harness {
     let mut h = Harness::new();
     h.set_backend(0, 0, BACKEND4, 8080, SNAT4);
     h.set_backend(1, 0, "10.0.1.12", 8080, SNAT4);
+    set_retrying_members(&mut h, &[0, 1]);
+    h
+}
+
+/// Makes the retrying service's table hold `members`.
+fn set_retrying_members(h: &mut Harness, members: &[u32]) {
     let mut svc = nat_service(0, 0, TABLE_SIZE, (20000, 40000), DEFAULT_TIMEOUTS);
     svc.flags |= SVC_F_NAT_RETRY;
-    h.dp.set_service(sa("10.0.100.1:80"), PROTO_TCP, svc, &[0, 1])
+    h.dp.set_service(sa("10.0.100.1:80"), PROTO_TCP, svc, members)
         .unwrap();
-    h
+}
+
+/// Backend `id` of the retrying service.
+fn retrying_backend(id: u32) -> SocketAddr {
+    if id == 0 {
+        sa("10.0.1.11:8080")
+    } else {
+        sa("10.0.1.12:8080")
+    }
 }
 
 /// The client's SYN: (backend id, port) it was translated to.
@@ -1409,13 +1423,8 @@ fn syn_goes_to(h: &mut Harness, client: SocketAddr) -> (u32, u16) {
 
 /// Backend `id` resets the flow translated to `port`: the verdict.
 fn backend_resets(h: &mut Harness, id: u32, port: u16) -> u32 {
-    let backend = if id == 0 {
-        sa("10.0.1.11:8080")
-    } else {
-        sa("10.0.1.12:8080")
-    };
     let to = SocketAddr::new(ip(SNAT4), port);
-    let seg = Seg::tcp(backend, to, frame::RST | frame::ACK, b"");
+    let seg = Seg::tcp(retrying_backend(id), to, frame::RST | frame::ACK, b"");
     h.run(&seg.frame(LB_MAC_B, backend_mac(id))).0
 }
 
@@ -1439,13 +1448,12 @@ fn a_refused_syn_is_retried_once_on_another_backend() {
     assert_ne!(second, first, "moved to another backend");
     assert_eq!(h.reason(Reason::NatRetry), 2);
     assert_eq!(h.reason(Reason::NatNew), 1, "one flow, moved once");
-    let backend = if first == 0 {
-        sa("10.0.1.11:8080")
-    } else {
-        sa("10.0.1.12:8080")
-    };
     assert!(h
-        .rev(backend, SocketAddr::new(ip(SNAT4), port), PROTO_TCP)
+        .rev(
+            retrying_backend(first),
+            SocketAddr::new(ip(SNAT4), port),
+            PROTO_TCP
+        )
         .is_none());
     // A second refusal reaches the client (translated back): every
     // backend refusing must not leave the client waiting.
@@ -1499,15 +1507,8 @@ fn a_reset_of_a_flow_moved_mid_connection_reaches_the_client() {
     let client = sa("10.0.0.4:40000");
     let vip = sa("10.0.100.1:80");
     let (first, port) = syn_goes_to(&mut h, client);
-    let backend = |id: u32| {
-        if id == 0 {
-            sa("10.0.1.11:8080")
-        } else {
-            sa("10.0.1.12:8080")
-        }
-    };
     let syn_ack = Seg::tcp(
-        backend(first),
+        retrying_backend(first),
         SocketAddr::new(ip(SNAT4), port),
         frame::SYN | frame::ACK,
         b"",
@@ -1518,9 +1519,7 @@ fn a_reset_of_a_flow_moved_mid_connection_reaches_the_client() {
     let mut gone = h.dp.maps.backend(first).unwrap();
     gone.state = BACKEND_DOWN;
     h.dp.set_backend(first, gone).unwrap();
-    let mut svc = nat_service(0, 0, TABLE_SIZE, (20000, 40000), DEFAULT_TIMEOUTS);
-    svc.flags |= SVC_F_NAT_RETRY;
-    h.dp.set_service(vip, PROTO_TCP, svc, &[1 - first]).unwrap();
+    set_retrying_members(&mut h, &[1 - first]);
     // The client's request, retransmitted, goes to the other backend...
     let data = Seg::tcp(
         client,

@@ -178,10 +178,7 @@ fn a_backend_whose_host_is_gone_fails_no_new_connection() {
         .collect();
     std::thread::sleep(Duration::from_millis(500));
     let cut = Instant::now();
-    bed.topo
-        .switch()
-        .exec(&["ip", "link", "set", "v-b1", "down"])
-        .unwrap();
+    bed.topo.set_backend_link(1, false).unwrap();
     let down = loop {
         if bed.backend(1)["health"] == "down" {
             break cut.elapsed();

@@ -82,33 +82,19 @@ struct Known {
     neighbours: HashMap<NeighbourKey, BTreeSet<Option<[u8; 6]>>>,
 }
 
+/// Every change rebuilds the index: changes come from a resolution, which
+/// already costs a pass over its targets (a refresh re-resolves them all).
 impl Known {
-    /// Adds or replaces answers; the index is rebuilt only when an answer
-    /// it may hold a MAC of was replaced.
+    /// Adds or replaces answers.
     fn extend(&mut self, resolved: impl IntoIterator<Item = (Target, Resolved)>) {
-        let mut replaced = false;
-        for (target, answer) in resolved {
-            if let Ok(hop) = &answer {
-                let key = (hop.ifindex, hop.neighbour);
-                self.neighbours.entry(key).or_default().insert(hop.dst_mac);
-            }
-            replaced |= self
-                .hops
-                .insert(target, answer)
-                .is_some_and(|old| old.is_ok());
-        }
-        if replaced {
-            self.reindex();
-        }
+        self.hops.extend(resolved);
+        self.reindex();
     }
 
     /// Forgets the answers for targets not in `wanted` (sorted).
     fn keep(&mut self, wanted: &[Target]) {
-        let before = self.hops.len();
         self.hops.retain(|t, _| wanted.binary_search(t).is_ok());
-        if self.hops.len() != before {
-            self.reindex();
-        }
+        self.reindex();
     }
 
     fn reindex(&mut self) {
