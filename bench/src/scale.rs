@@ -1,6 +1,6 @@
 //! The control plane against the number of backends (group
 //! "control-plane"): one real `xdplb run` with 10, 1,000 and 10,000
-//! backends, all health-checked (TCP connect every 1 s), and what an
+//! backends, all health-checked (TCP checks every 1 s), and what an
 //! operator sees: how long it takes to become ready, how long `status` and
 //! a reload that changes one weight take, how long a dead backend takes to
 //! be marked down, and the daemon's CPU and memory while it only checks.
@@ -10,6 +10,7 @@
 //! a firewall rule there resets connections to its address.
 
 use std::{
+    mem::size_of,
     net::{Ipv4Addr, TcpListener},
     os::fd::{AsRawFd as _, OwnedFd},
     sync::Arc,
@@ -29,8 +30,9 @@ pub const GROUP: &str = "control-plane";
 
 pub const DESCRIPTION: &str = "The control plane against the number of backends: one real `xdplb \
 run` (native XDP on a veth) with 10 (one service), 1,000 and 10,000 backends (10 services of 100 \
-or 1,000), every backend health-checked with the defaults (TCP connect every 1 s, 500 ms \
-timeout, rise 2, fall 3). The services are in NAT mode: the backends are addresses on the \
+or 1,000), every backend health-checked with the defaults (TCP checks every 1 s, 500 ms \
+timeout, rise 2, fall 3), which the daemon, having `CAP_NET_RAW`, makes half-open (a SYN from a \
+raw socket; the answer is reset by the kernel). The services are in NAT mode: the backends are addresses on the \
 loopback of one namespace, one router hop away (so every next hop is resolved through a route \
 and a neighbour); DSR would need all of them on the load balancer's segment, 10,000 neighbour \
 entries, past the kernel's global neighbour-table limit (`gc_thresh3`, 1,024 by default). A \
@@ -45,9 +47,11 @@ checks arrived (so every size starts from the same point of the check interval),
 backend list` showing it down (polled every 50 ms; the schedule says fall x interval = 3 s; \
 the 10-backend figure is the baseline of the others); **cpu** = the daemon's user + system \
 time over 10 s of steady checks, as a share of one core; **cpu floor** = the CPU of a bare \
-loop making the same connects (one per backend per second, nonblocking, 100 rounds a second, \
-closed with a reset) for 5 s before the daemon starts: what the kernel's TCP work alone costs, \
-the baseline of **cpu**; **checks run** = the check SYNs that reached the backends in \
+loop sending the same SYNs (one per backend per second from a raw socket, 100 rounds a second, \
+the answers read 2 ms after each round) for 5 s before the daemon starts: what the kernel's \
+work alone costs, the baseline of **cpu**; **cpu of the same checks as full connects** = the \
+same from a loop of nonblocking connects closed with a reset (what the daemon's checks cost \
+without `CAP_NET_RAW`, and before half-open checks); **checks run** = the check SYNs that reached the backends in \
 those 10 s, as a share of one per backend per second (below 100 %: the checker falls behind \
 its schedule); **rss** = its resident memory then. 3 repetitions per size (1 in `--quick`, \
 sizes 10 and 1,000 only).";
@@ -297,6 +301,106 @@ fn connect_floor(lb: &Netns, backends: usize, window: Duration) -> Result<f64> {
     lb.run(spin).context("the connect loop")
 }
 
+/// The floor under the daemon's half-open checks (what it makes when it has
+/// `CAP_NET_RAW`, as here): one SYN per backend per second from a raw
+/// socket, 100 rounds a second, the answers read 2 ms after each round's
+/// SYNs went out. Returns the loop's CPU over `window` as a percentage of
+/// one core.
+fn syn_floor(lb: &Netns, backends: usize, window: Duration) -> Result<f64> {
+    let spin = || -> Result<f64> {
+        // SAFETY: plain system calls; both fds are closed below.
+        let (raw, holder) = unsafe {
+            (
+                libc::socket(
+                    libc::AF_INET,
+                    libc::SOCK_RAW | libc::SOCK_NONBLOCK,
+                    libc::IPPROTO_TCP,
+                ),
+                libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0),
+            )
+        };
+        ensure!(
+            raw >= 0 && holder >= 0,
+            "sockets: {}",
+            std::io::Error::last_os_error()
+        );
+        // The source port, held by a bound socket that never listens.
+        let port = 40_999u16;
+        let any = sockaddr(Ipv4Addr::UNSPECIFIED, port);
+        // SAFETY: a valid sockaddr_in.
+        let bound = unsafe {
+            libc::bind(
+                holder,
+                (&raw const any).cast(),
+                size_of::<libc::sockaddr_in>() as u32,
+            )
+        };
+        ensure!(bound == 0, "bind: {}", std::io::Error::last_os_error());
+        let source: Ipv4Addr = format!("{LB_NET}.1").parse()?;
+        let started = Instant::now();
+        let cpu0 = thread_cpu();
+        let per_round = backends.div_ceil(100);
+        let (mut next, mut sent, mut answered) = (0, 0u64, 0u64);
+        let mut round = Instant::now();
+        let mut buf = [0u8; 256];
+        while started.elapsed() < window {
+            for _ in 0..per_round {
+                next = (next + 1) % backends;
+                let to = backend_addr(next);
+                let mut syn = etherparse::TcpHeader::new(port, 80, next as u32, u16::MAX);
+                syn.syn = true;
+                syn.checksum = syn.calc_checksum_ipv4_raw(source.octets(), to.octets(), &[])?;
+                let bytes = syn.to_bytes();
+                let dest = sockaddr(to, 0);
+                // SAFETY: valid buffers for the lengths given.
+                let n = unsafe {
+                    libc::sendto(
+                        raw,
+                        bytes.as_ptr().cast(),
+                        bytes.len(),
+                        0,
+                        (&raw const dest).cast(),
+                        size_of::<libc::sockaddr_in>() as u32,
+                    )
+                };
+                sent += u64::from(n > 0);
+            }
+            std::thread::sleep(Duration::from_millis(2));
+            // SAFETY: a valid buffer.
+            while unsafe { libc::recv(raw, buf.as_mut_ptr().cast(), buf.len(), 0) } > 0 {
+                answered += 1;
+            }
+            round += Duration::from_millis(10);
+            std::thread::sleep(round.saturating_duration_since(Instant::now()));
+        }
+        let cpu = (thread_cpu() - cpu0) / started.elapsed().as_secs_f64() * 100.0;
+        // SAFETY: fds this loop opened.
+        unsafe {
+            libc::close(raw);
+            libc::close(holder);
+        }
+        // The raw socket reads every TCP segment the namespace receives:
+        // before the daemon starts, the answers to these SYNs.
+        ensure!(
+            answered * 10 >= sent * 9,
+            "the SYN loop: {answered} answers to {sent} SYNs"
+        );
+        Ok(cpu)
+    };
+    lb.run(spin).context("the SYN loop")
+}
+
+fn sockaddr(addr: Ipv4Addr, port: u16) -> libc::sockaddr_in {
+    libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: port.to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(addr).to_be(),
+        },
+        sin_zero: [0; 8],
+    }
+}
+
 /// A TCP connect to `addr`:80 under way (or done).
 fn nonblocking_connect(addr: Ipv4Addr) -> std::io::Result<i32> {
     // SAFETY: plain syscalls; the fd is closed by the caller.
@@ -309,14 +413,7 @@ fn nonblocking_connect(addr: Ipv4Addr) -> std::io::Result<i32> {
         if fd < 0 {
             return Err(std::io::Error::last_os_error());
         }
-        let sa = libc::sockaddr_in {
-            sin_family: libc::AF_INET as libc::sa_family_t,
-            sin_port: 80u16.to_be(),
-            sin_addr: libc::in_addr {
-                s_addr: u32::from(addr).to_be(),
-            },
-            sin_zero: [0; 8],
-        };
+        let sa = sockaddr(addr, 80);
         let rc = libc::connect(
             fd,
             (&raw const sa).cast(),
@@ -370,6 +467,7 @@ struct Sample {
     detection_ms: f64,
     cpu_percent: f64,
     floor_percent: f64,
+    connect_floor_percent: f64,
     check_rate_percent: f64,
     rss_mib: f64,
 }
@@ -377,7 +475,8 @@ struct Sample {
 fn measure(opts: &Opts, backends: usize) -> Result<Sample> {
     let services = if backends >= 100 { 10 } else { 1 };
     let bed = Bed::build(backends)?;
-    let floor_percent = connect_floor(&bed.lb, backends, Duration::from_secs(5))?;
+    let connect_floor_percent = connect_floor(&bed.lb, backends, Duration::from_secs(5))?;
+    let floor_percent = syn_floor(&bed.lb, backends, Duration::from_secs(5))?;
     let text = config(services, backends);
     let prefix = unique_prefix("cpsd");
     let (daemon, ready) =
@@ -473,6 +572,7 @@ fn measure(opts: &Opts, backends: usize) -> Result<Sample> {
         detection_ms: detection.as_secs_f64() * 1e3,
         cpu_percent,
         floor_percent,
+        connect_floor_percent,
         check_rate_percent,
         rss_mib: rss as f64 / (1 << 20) as f64,
     })
@@ -499,14 +599,15 @@ pub fn run(opts: &Opts) -> Result<Section> {
             let s = measure(opts, n).with_context(|| format!("{n} backends, run {}", r + 1))?;
             println!(
                 "control-plane: {n} backends: ready {:.0} ms, status {:.1} ms, reload {:.1} ms, \
-                 detection {:.0} ms, cpu {:.1} % (floor {:.1} %), checks {:.0} % of schedule, \
-                 rss {:.1} MiB",
+                 detection {:.0} ms, cpu {:.1} % (floor {:.1} %, full connects {:.1} %), checks \
+                 {:.0} % of schedule, rss {:.1} MiB",
                 s.ready_ms,
                 s.status_ms,
                 s.reload_ms,
                 s.detection_ms,
                 s.cpu_percent,
                 s.floor_percent,
+                s.connect_floor_percent,
                 s.check_rate_percent,
                 s.rss_mib
             );
@@ -527,12 +628,20 @@ pub fn run(opts: &Opts) -> Result<Section> {
         let mut reload = figure("reload of one weight", "ms", |s| s.reload_ms);
         let mut detection = figure("detection", "ms", |s| s.detection_ms);
         let floor = figure(
-            "cpu floor: the same connects from a bare loop",
+            "cpu floor: the same SYNs from a bare loop",
             "% of a core",
             |s| s.floor_percent,
         );
+        let connects = figure(
+            "cpu of the same checks as full connects, from a bare loop",
+            "% of a core",
+            |s| s.connect_floor_percent,
+        )
+        .baseline(&format!(
+            "cpu floor: the same SYNs from a bare loop, {n} backends"
+        ));
         let mut cpu = figure("cpu", "% of a core", |s| s.cpu_percent).baseline(&format!(
-            "cpu floor: the same connects from a bare loop, {n} backends"
+            "cpu floor: the same SYNs from a bare loop, {n} backends"
         ));
         if at_scale {
             let met = ready.max() < READY_TARGET_MS;
@@ -560,9 +669,9 @@ pub fn run(opts: &Opts) -> Result<Section> {
         }
         let checks = figure("checks run, of the schedule", "%", |s| s.check_rate_percent);
         let rss = figure("rss", "MiB", |s| s.rss_mib);
-        section
-            .figures
-            .extend([ready, status, reload, detection, floor, cpu, checks, rss]);
+        section.figures.extend([
+            ready, status, reload, detection, floor, connects, cpu, checks, rss,
+        ]);
     }
     Ok(section)
 }

@@ -34,12 +34,16 @@ use tokio::{
     io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
     net::TcpStream,
     runtime::{self, Handle},
-    sync::{mpsc::UnboundedSender, oneshot, Notify, Semaphore},
+    sync::{mpsc::UnboundedSender, oneshot, Semaphore},
     task::JoinHandle,
     time::{self, MissedTickBehavior},
 };
+use tracing::warn;
 
+use self::half_open::HalfOpen;
 use crate::config::{CheckKind, HealthCheck};
+
+mod half_open;
 
 // ---------------------------------------------------------------------------
 // Hysteresis.
@@ -131,14 +135,22 @@ const MAX_STATUS_LINE: u64 = 256;
 /// `connect 10.0.0.1:80: connection refused`,
 /// `read HTTP status line: timed out after 500ms`,
 /// `HTTP status 503, expected [200]`.
-pub async fn probe(kind: &CheckKind, target: SocketAddr, timeout: Duration) -> Result<(), String> {
+pub async fn probe(
+    kind: &CheckKind,
+    target: SocketAddr,
+    timeout: Duration,
+    half_open: Option<&HalfOpen>,
+) -> Result<(), String> {
     let deadline = Deadline {
         at: time::Instant::now() + timeout,
         timeout,
     };
     match kind {
         CheckKind::None => Ok(()),
-        CheckKind::Tcp => connect(target, deadline).await.map(drop),
+        CheckKind::Tcp => match half_open {
+            Some(half_open) => half_open.probe(target, deadline).await,
+            None => connect(target, deadline).await.map(drop),
+        },
         CheckKind::Http {
             method,
             path,
@@ -388,6 +400,8 @@ pub struct HealthChecker {
     targets: BTreeMap<TargetKey, Running>,
     /// Bounds the probes in flight, across all targets.
     probe_slots: Arc<Semaphore>,
+    /// How TCP checks are made; `None`: by full connects.
+    half_open: Option<Arc<HalfOpen>>,
     events: UnboundedSender<HealthEvent>,
     /// Where tasks are spawned; dropped last, after every target.
     runtime: CheckThread,
@@ -466,11 +480,21 @@ impl HealthChecker {
         max_concurrent: usize,
         events: UnboundedSender<HealthEvent>,
     ) -> io::Result<HealthChecker> {
+        let runtime = CheckThread::start()?;
+        let half_open = HalfOpen::start(&runtime.handle)
+            .inspect_err(|e| {
+                warn!(
+                    "TCP health checks connect fully (a socket per check; half-open checks \
+                     need CAP_NET_RAW): raw socket: {e}"
+                );
+            })
+            .ok();
         let mut checker = HealthChecker {
             targets: BTreeMap::new(),
             probe_slots: Arc::new(Semaphore::new(max_concurrent.max(1))),
+            half_open,
             events,
-            runtime: CheckThread::start()?,
+            runtime,
         };
         checker.update(targets);
         Ok(checker)
@@ -540,14 +564,23 @@ impl HealthChecker {
     /// the backend is not checked (no probe can confirm the suspicion, and
     /// suspicion alone never takes a backend down).
     pub fn suspect(&self, service: &str, backend: (IpAddr, u16), why: String) -> bool {
-        let Some(running) = self.targets.get(&(service.to_owned(), backend)) else {
+        let Some(Running {
+            prober: Some(prober),
+            ..
+        }) = self.targets.get(&(service.to_owned(), backend))
+        else {
             return false;
         };
-        if running.task.is_none() {
-            return false;
-        }
-        lock(&running.shared).suspicion = Some(why);
-        running.wake.notify_one();
+        // A task of its own, not a wake-up of the scheduled one: waiting
+        // for either a tick or a wake-up cost every scheduled probe a
+        // registration. The two may probe at once; a half-open check
+        // sends one SYN for both.
+        let prober = Arc::clone(prober);
+        self.runtime.handle.spawn(async move {
+            if let Some(Err(error)) = prober.probe_once().await {
+                prober.confirm_suspicion(&why, error);
+            }
+        });
         true
     }
 
@@ -569,41 +602,37 @@ impl HealthChecker {
         let hysteresis = Hysteresis::new(target.check.rise, target.check.fall, status.healthy);
         let shared = Arc::new(Mutex::new(Shared {
             status,
-            suspicion: None,
+            hysteresis,
             retired: false,
         }));
-        let wake = Arc::new(Notify::new());
-        let task = probed.then(|| self.spawn_worker(&target, hysteresis, &shared, &wake));
+        let (prober, task) = if probed {
+            let prober = Arc::new(Prober {
+                probe_addr: target.probe_addr(),
+                check: target.check.clone(),
+                shared: Arc::clone(&shared),
+                probe_slots: Arc::clone(&self.probe_slots),
+                half_open: self.half_open.clone(),
+                events: self.events.clone(),
+            });
+            let first_probe_in = jitter(
+                target.check.interval,
+                &mut XorShift64::new(seed(&target.key())),
+            );
+            let first_probe = self.runtime.on_grid(time::Instant::now() + first_probe_in);
+            let task = self
+                .runtime
+                .handle
+                .spawn(Arc::clone(&prober).run(first_probe));
+            (Some(prober), Some(task))
+        } else {
+            (None, None)
+        };
         Running {
             check: target.check,
             shared,
-            wake,
+            prober,
             task,
         }
-    }
-
-    fn spawn_worker(
-        &self,
-        target: &CheckTarget,
-        hysteresis: Hysteresis,
-        shared: &Arc<Mutex<Shared>>,
-        wake: &Arc<Notify>,
-    ) -> JoinHandle<()> {
-        let worker = Worker {
-            probe_addr: target.probe_addr(),
-            check: target.check.clone(),
-            hysteresis,
-            shared: Arc::clone(shared),
-            wake: Arc::clone(wake),
-            probe_slots: Arc::clone(&self.probe_slots),
-            events: self.events.clone(),
-        };
-        let first_probe_in = jitter(
-            target.check.interval,
-            &mut XorShift64::new(seed(&target.key())),
-        );
-        let first_probe = self.runtime.on_grid(time::Instant::now() + first_probe_in);
-        self.runtime.handle.spawn(worker.run(first_probe))
     }
 
     fn send(&self, event: HealthEvent) {
@@ -613,11 +642,10 @@ impl HealthChecker {
     }
 }
 
-/// A target's status, shared by its task and the checker.
+/// A target's status and verdict, shared by its tasks and the checker.
 struct Shared {
     status: TargetStatus,
-    /// Why the target is suspected, until the probe it asked for runs.
-    suspicion: Option<String>,
+    hysteresis: Hysteresis,
     /// Set when the checker lets go of the target. An aborted task may
     /// still be finishing a probe on another thread; it checks this under
     /// the lock before it records anything or sends an event.
@@ -635,9 +663,9 @@ fn lock(shared: &Mutex<Shared>) -> MutexGuard<'_, Shared> {
 struct Running {
     check: HealthCheck,
     shared: Arc<Mutex<Shared>>,
-    /// Wakes the task for a probe out of schedule.
-    wake: Arc<Notify>,
     /// `None` for `CheckKind::None`: nothing to probe.
+    prober: Option<Arc<Prober>>,
+    /// The scheduled probes.
     task: Option<JoinHandle<()>>,
 }
 
@@ -647,7 +675,7 @@ impl Running {
     }
 
     /// Stops the task for good and returns the target's last status. After
-    /// this returns, the task sends no event and changes no status.
+    /// this returns, no task of it sends an event or changes its status.
     fn retire(&self) -> TargetStatus {
         let mut shared = lock(&self.shared);
         shared.retired = true;
@@ -664,20 +692,20 @@ impl Drop for Running {
     }
 }
 
-/// The task checking one target.
-struct Worker {
+/// What probing one target takes: its scheduled task and any probe a
+/// suspicion asks for share it.
+struct Prober {
     probe_addr: SocketAddr,
     check: HealthCheck,
-    hysteresis: Hysteresis,
     shared: Arc<Mutex<Shared>>,
-    wake: Arc<Notify>,
     probe_slots: Arc<Semaphore>,
+    half_open: Option<Arc<HalfOpen>>,
     events: UnboundedSender<HealthEvent>,
 }
 
-impl Worker {
+impl Prober {
     /// Probes at `first_probe`, then every `interval` until retired.
-    async fn run(mut self, first_probe: time::Instant) {
+    async fn run(self: Arc<Self>, first_probe: time::Instant) {
         // Fixed rate, not a fixed pause between probes: that is what bounds
         // detection time. `Skip` keeps a late probe (one that waited for a
         // slot, or for a busy machine) from being followed by a burst of
@@ -685,34 +713,25 @@ impl Worker {
         let mut ticks = time::interval_at(first_probe, self.check.interval);
         ticks.set_missed_tick_behavior(MissedTickBehavior::Skip);
         loop {
-            tokio::select! {
-                _ = ticks.tick() => {}
-                () = self.wake.notified() => {}
-            }
-            let suspicion = lock(&self.shared).suspicion.take();
+            ticks.tick().await;
             let Some(result) = self.probe_once().await else {
                 return;
             };
-            let recorded = match (suspicion, result) {
-                (Some(why), Err(e)) => self.confirm_suspicion(&why, e),
-                (_, result) => self.record(result),
-            };
-            if !recorded {
+            if !self.record(result) {
                 return;
             }
         }
     }
 
     /// A probe asked for by a suspicion failed: the backend goes down at
-    /// once, without waiting for `fall` failures. Returns false if the
-    /// target is retired.
-    fn confirm_suspicion(&mut self, why: &str, error: String) -> bool {
+    /// once, without waiting for `fall` failures.
+    fn confirm_suspicion(&self, why: &str, error: String) {
         let at = Instant::now();
-        let changed = self.hysteresis.force_down();
         let mut shared = lock(&self.shared);
         if shared.retired {
-            return false;
+            return;
         }
+        let changed = shared.hysteresis.force_down();
         let status = &mut shared.status;
         status.checks += 1;
         status.failures += 1;
@@ -722,7 +741,6 @@ impl Worker {
             let _ = self.events.send(status.transition(false, detail, at));
         }
         status.last_result = Some(Err(error));
-        true
     }
 
     /// One probe, once a slot is free. The timeout starts only then: a wait
@@ -732,26 +750,35 @@ impl Worker {
         // The semaphore is never closed, but if it were, nothing could probe.
         let _slot = self.probe_slots.acquire().await.ok()?;
         let start = Instant::now();
-        let result = probe(&self.check.kind, self.probe_addr, self.check.timeout).await;
+        let half_open = self.half_open.as_deref();
+        let result = probe(
+            &self.check.kind,
+            self.probe_addr,
+            self.check.timeout,
+            half_open,
+        )
+        .await;
         lock(&self.shared).status.last_duration = Some(start.elapsed());
         Some(result)
     }
 
     /// Feeds a result to the hysteresis and the shared status, and sends an
     /// event if the verdict changed. Returns false if the target is retired.
-    fn record(&mut self, result: Result<(), String>) -> bool {
+    fn record(&self, result: Result<(), String>) -> bool {
         let at = Instant::now();
-        let change = self.hysteresis.record(result.is_ok());
         let mut shared = lock(&self.shared);
         if shared.retired {
             return false;
         }
-        let status = &mut shared.status;
+        let Shared {
+            status, hysteresis, ..
+        } = &mut *shared;
+        let change = hysteresis.record(result.is_ok());
         status.checks += 1;
         status.failures += u64::from(result.is_err());
         status.last_at = Some(at);
         if let Some(healthy) = change {
-            let event = status.transition(healthy, self.detail(&result), at);
+            let event = status.transition(healthy, detail(hysteresis.streak(), &result), at);
             // Sent under the lock, so that `Running::retire` cannot slip in
             // between the status change and its event. A closed channel is
             // no reason to stop: see `HealthChecker::spawn`.
@@ -760,16 +787,16 @@ impl Worker {
         status.last_result = Some(result);
         true
     }
+}
 
-    /// Why the verdict changed, on the probe that changed it.
-    fn detail(&self, result: &Result<(), String>) -> String {
-        let n = self.hysteresis.streak();
-        match result {
-            Ok(()) if n == 1 => "1 consecutive success".to_owned(),
-            Ok(()) => format!("{n} consecutive successes"),
-            Err(e) if n == 1 => format!("1 consecutive failure: {e}"),
-            Err(e) => format!("{n} consecutive failures: {e}"),
-        }
+/// Why the verdict changed, on the probe that changed it, the `n`-th of
+/// its kind in a row.
+fn detail(n: u32, result: &Result<(), String>) -> String {
+    match result {
+        Ok(()) if n == 1 => "1 consecutive success".to_owned(),
+        Ok(()) => format!("{n} consecutive successes"),
+        Err(e) if n == 1 => format!("1 consecutive failure: {e}"),
+        Err(e) => format!("{n} consecutive failures: {e}"),
     }
 }
 
@@ -965,10 +992,20 @@ mod tests {
         }
     }
 
+    /// Both ways of making a TCP check: a full connect, and a half-open
+    /// SYN from a raw socket (this test runs as root).
+    fn tcp_probers() -> [Option<Arc<HalfOpen>>; 2] {
+        let half_open = HalfOpen::start(&Handle::current()).expect("raw sockets (as root)");
+        [None, Some(half_open)]
+    }
+
     #[tokio::test]
     async fn tcp_probe_succeeds_against_a_listener() {
-        let server = Server::start(free_port(), None).await;
-        assert_eq!(probe(&CheckKind::Tcp, server.addr, TIMEOUT).await, Ok(()));
+        for half_open in tcp_probers() {
+            let server = Server::start(free_port(), None).await;
+            let result = probe(&CheckKind::Tcp, server.addr, TIMEOUT, half_open.as_deref()).await;
+            assert_eq!(result, Ok(()), "half-open: {}", half_open.is_some());
+        }
     }
 
     /// Sockets in TIME_WAIT on this host whose remote end is `peer`, from
@@ -995,9 +1032,15 @@ mod tests {
     #[tokio::test]
     async fn checks_end_with_a_reset_and_leave_no_time_wait() {
         let server = Server::start(free_port(), Some(OK)).await;
-        for kind in [CheckKind::Tcp, http(&[200], None)] {
+        let [connect, half_open] = tcp_probers();
+        for (kind, half_open) in [
+            (CheckKind::Tcp, connect),
+            (CheckKind::Tcp, half_open),
+            (http(&[200], None), None),
+        ] {
             for _ in 0..20 {
-                assert_eq!(probe(&kind, server.addr, TIMEOUT).await, Ok(()));
+                let result = probe(&kind, server.addr, TIMEOUT, half_open.as_deref()).await;
+                assert_eq!(result, Ok(()));
             }
         }
         // A normal close leaves one TIME_WAIT socket per check here.
@@ -1006,18 +1049,43 @@ mod tests {
 
     #[tokio::test]
     async fn tcp_probe_reports_a_refused_connect() {
-        let addr = free_port();
-        assert_eq!(
-            probe(&CheckKind::Tcp, addr, TIMEOUT).await,
-            Err(format!("connect {addr}: connection refused"))
-        );
+        for half_open in tcp_probers() {
+            let addr = free_port();
+            assert_eq!(
+                probe(&CheckKind::Tcp, addr, TIMEOUT, half_open.as_deref()).await,
+                Err(format!("connect {addr}: connection refused"))
+            );
+        }
+    }
+
+    /// A listener whose accept queue is full: the kernel drops its SYNs,
+    /// and nothing answers them.
+    pub(super) fn unanswering_listener() -> (std::net::TcpListener, std::net::TcpStream) {
+        use std::os::fd::AsRawFd as _;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        // SAFETY: a listening socket; backlog 0 holds one connection.
+        assert_eq!(unsafe { libc::listen(listener.as_raw_fd(), 0) }, 0);
+        let queued = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        (listener, queued)
+    }
+
+    #[tokio::test]
+    async fn tcp_probe_times_out_when_syns_go_unanswered() {
+        let (listener, _queued) = unanswering_listener();
+        let addr = listener.local_addr().unwrap();
+        for half_open in tcp_probers() {
+            assert_eq!(
+                probe(&CheckKind::Tcp, addr, TIMEOUT, half_open.as_deref()).await,
+                Err(format!("connect {addr}: timed out after 50ms"))
+            );
+        }
     }
 
     #[tokio::test]
     async fn http_probe_sends_the_request_and_accepts_an_expected_status() {
         let server = Server::start(free_port(), Some(OK)).await;
         assert_eq!(
-            probe(&http(&[200, 204], None), server.addr, TIMEOUT).await,
+            probe(&http(&[200, 204], None), server.addr, TIMEOUT, None).await,
             Ok(())
         );
         assert_eq!(
@@ -1028,7 +1096,13 @@ mod tests {
             ]
         );
         assert_eq!(
-            probe(&http(&[200], Some("www.example.com")), server.addr, TIMEOUT).await,
+            probe(
+                &http(&[200], Some("www.example.com")),
+                server.addr,
+                TIMEOUT,
+                None
+            )
+            .await,
             Ok(())
         );
         assert!(server.requests.lock().unwrap()[1].contains("\r\nHost: www.example.com\r\n"));
@@ -1038,7 +1112,7 @@ mod tests {
     async fn http_probe_fails_on_an_unexpected_status() {
         let server = Server::start(free_port(), Some(UNAVAILABLE)).await;
         assert_eq!(
-            probe(&http(&[200], None), server.addr, TIMEOUT).await,
+            probe(&http(&[200], None), server.addr, TIMEOUT, None).await,
             Err("HTTP status 503, expected [200]".to_owned())
         );
     }
@@ -1048,7 +1122,7 @@ mod tests {
         let server = Server::start(free_port(), None).await;
         let started = Instant::now();
         assert_eq!(
-            probe(&http(&[200], None), server.addr, TIMEOUT).await,
+            probe(&http(&[200], None), server.addr, TIMEOUT, None).await,
             Err("read HTTP status line: timed out after 50ms".to_owned())
         );
         assert!(
