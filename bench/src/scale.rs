@@ -30,31 +30,31 @@ pub const GROUP: &str = "control-plane";
 
 pub const DESCRIPTION: &str = "The control plane against the number of backends: one real `xdplb \
 run` (native XDP on a veth) with 10 (one service), 1,000 and 10,000 backends (10 services of 100 \
-or 1,000), every backend health-checked with the defaults (TCP checks every 1 s, 500 ms \
-timeout, rise 2, fall 3), which the daemon, having `CAP_NET_RAW`, makes half-open (a SYN from a \
-raw socket; the answer is reset by the kernel). The services are in NAT mode: the backends are addresses on the \
-loopback of one namespace, one router hop away (so every next hop is resolved through a route \
-and a neighbour); DSR would need all of them on the load balancer's segment, 10,000 neighbour \
-entries, past the kernel's global neighbour-table limit (`gc_thresh3`, 1,024 by default). A \
-thread of the bench accepts and closes their connections (a check needs only the handshake), \
-and the backends' half of each handshake runs in a kernel thread of its own (threaded NAPI), \
-as it would on their own hosts, so the daemon is charged for its own work only. Per size and \
-repetition: **ready** = from starting the daemon to its `ready` line; **status** = the median \
+or 1,000), every backend health-checked with the defaults (TCP checks every 1 s, 500 ms timeout, \
+rise 2, fall 3), which the daemon, having `CAP_NET_RAW`, makes half-open (a SYN from a raw \
+socket; the answer is reset by the kernel). The services are in NAT mode: the backends are \
+addresses on the loopback of one namespace, one router hop away (so every next hop is resolved \
+through a route and a neighbour); DSR would need all of them on the load balancer's segment, \
+10,000 neighbour entries, past the kernel's global neighbour-table limit (`gc_thresh3`, 1,024 by \
+default). A thread of the bench accepts and closes their connections (a check needs only the \
+handshake), and the backends' half of each handshake runs in a kernel thread of its own (threaded \
+NAPI), as it would on their own hosts, so the daemon is charged for its own work only. Per size \
+and repetition: **ready** = from starting the daemon to its `ready` line; **status** = the median \
 time of 10 `xdplb status --json` calls (the CLI process included); **reload** = the median of 5 \
-`xdplb reload` calls, each after one backend's weight changed in the file; **detection** = \
-from a firewall rule that resets connections to one backend, inserted just after one of its \
-checks arrived (so every size starts from the same point of the check interval), to `xdplb \
-backend list` showing it down (polled every 50 ms; the schedule says fall x interval = 3 s; \
-the 10-backend figure is the baseline of the others); **cpu** = the daemon's user + system \
-time over 10 s of steady checks, as a share of one core; **cpu floor** = the CPU of a bare \
-loop sending the same SYNs (one per backend per second from a raw socket, 100 rounds a second, \
-the answers read 2 ms after each round) for 5 s before the daemon starts: what the kernel's \
-work alone costs, the baseline of **cpu**; **cpu of the same checks as full connects** = the \
-same from a loop of nonblocking connects closed with a reset (what the daemon's checks cost \
-without `CAP_NET_RAW`, and before half-open checks); **checks run** = the check SYNs that reached the backends in \
-those 10 s, as a share of one per backend per second (below 100 %: the checker falls behind \
-its schedule); **rss** = its resident memory then. 3 repetitions per size (1 in `--quick`, \
-sizes 10 and 1,000 only).";
+`xdplb reload` calls, each after one backend's weight changed in the file; **detection** = from a \
+firewall rule that resets connections to one backend, inserted just after one of its checks \
+arrived (so every size starts from the same point of the check interval), to `xdplb backend list` \
+showing it down (polled every 50 ms; the schedule says fall x interval = 3 s; the 10-backend \
+figure is the baseline of the others); **cpu** = the daemon's user + system time over 10 s of \
+steady checks, as a share of one core; **cpu floor** = the CPU of a bare loop sending the same \
+SYNs (one per backend per second from a raw socket, 100 rounds a second, the answers read 2 ms \
+after each round) for 5 s before the daemon starts: what the kernel's work alone costs, the \
+baseline of **cpu**; **cpu of the same checks as full connects** = the same from a loop of \
+nonblocking connects closed with a reset (what the daemon's checks cost without `CAP_NET_RAW`, \
+and before half-open checks); **checks run** = the check SYNs that reached the backends in those \
+10 s, as a share of one per backend per second (below 100 %: the checker falls behind its \
+schedule); **rss** = its resident memory then. 3 repetitions per size (1 in `--quick`, sizes 10 \
+and 1,000 only).";
 
 /// The issue's targets at 10,000 backends.
 const READY_TARGET_MS: f64 = 3000.0;
