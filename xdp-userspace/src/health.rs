@@ -6,7 +6,8 @@
 //!   failures take a backend down, `rise` consecutive successes bring it
 //!   back. A backend that fails now and then is therefore not flapped in and
 //!   out of the Maglev table, where every flip moves flows.
-//! - [`probe`] runs one TCP or HTTP check.
+//! - [`probe`] runs one TCP or HTTP check; a TCP check is a half-open SYN
+//!   from a raw socket (`half_open.rs`) when the daemon may open one.
 //! - [`HealthChecker`] runs one tokio task per backend, on a single-threaded
 //!   runtime of its own, sends an event on every verdict change, and keeps
 //!   each backend's latest results readable ([`HealthChecker::status`]) for
@@ -124,8 +125,9 @@ const MAX_STATUS_LINE: u64 = 256;
 /// Runs one check of `target`. The whole probe, connect included, must
 /// finish within `timeout`.
 ///
-/// `Tcp` succeeds when a connection is established (it is closed right
-/// away). `Http` sends one `HTTP/1.1` request and succeeds when the status
+/// `Tcp` succeeds when the backend accepts a connection: with
+/// `half_open`, when it answers a SYN with a SYN-ACK; without, when a
+/// connection is established (and reset at once). `Http` sends one `HTTP/1.1` request and succeeds when the status
 /// is one of `expect_status`; only the status line is read. `None` always
 /// succeeds.
 ///
