@@ -34,6 +34,9 @@ fn add(counters: Option<*mut Counters>, bytes: u64, new_flow: bool) {
 pub fn count_forwarded(service: u32, backend: u32, bytes: u64, new_flow: bool) {
     add(SERVICE_STATS.get_ptr_mut(service), bytes, new_flow);
     add(BACKEND_STATS.get_ptr_mut(backend), bytes, new_flow);
+    if new_flow {
+        signal(backend, |s| &mut s.opened);
+    }
 }
 
 /// Counts one of a backend's signals (`Signals`): a rare event per flow

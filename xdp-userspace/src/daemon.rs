@@ -257,8 +257,10 @@ impl Daemon {
     }
 
     /// Passive detection's look at the traffic: each suspect is logged
-    /// with its numbers and probed at once (see `passive`).
-    fn passive(&self) {
+    /// with its numbers and probed at once (see `passive`). Returns when
+    /// to look again: at 10,000 backends, waking every 25 ms to find it
+    /// too early cost more than the looks.
+    fn passive(&self) -> Duration {
         let mut inner = self.lock();
         let Inner {
             controller,
@@ -279,6 +281,7 @@ impl Daemon {
             entry.0 += 1;
             entry.1 = s.why;
         }
+        passive::interval(controller)
     }
 
     fn tick(&self) {
@@ -873,8 +876,11 @@ pub fn run(opts: Options) -> Result<()> {
         // (a refresh waits up to 100 ms for unresolved neighbours) never
         // holds up a health event in this loop.
         let periodic = [
-            every(Duration::from_secs(1), daemon.clone(), |d| d.tick()),
-            every(passive::PERIOD, daemon.clone(), |d| d.passive()),
+            every(daemon.clone(), |d| {
+                d.tick();
+                Duration::from_secs(1)
+            }),
+            every(daemon.clone(), Daemon::passive),
             tokio::spawn(refresh_next_hops(daemon.clone(), hops_changed)),
         ];
         let detach = loop {
@@ -1066,17 +1072,18 @@ async fn refresh_next_hops(daemon: Arc<Daemon>, mut changed: mpsc::Receiver<()>)
     }
 }
 
-/// Runs `work(daemon)` every `period` on the blocking pool, in a task of
-/// its own; a round that overruns delays the next.
-fn every(period: Duration, daemon: Arc<Daemon>, work: fn(&Daemon)) -> tokio::task::JoinHandle<()> {
+/// Runs `work(daemon)` on the blocking pool, in a task of its own, again
+/// and again, each time after the pause the last round returned.
+fn every(daemon: Arc<Daemon>, work: fn(&Daemon) -> Duration) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
-        let mut tick = tokio::time::interval(period);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            tick.tick().await;
             let d = daemon.clone();
-            if let Err(e) = tokio::task::spawn_blocking(move || work(&d)).await {
-                error!("periodic work panicked: {e}");
+            match tokio::task::spawn_blocking(move || work(&d)).await {
+                Ok(pause) => tokio::time::sleep(pause).await,
+                Err(e) => {
+                    error!("periodic work panicked: {e}");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
             }
         }
     })

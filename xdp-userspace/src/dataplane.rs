@@ -386,13 +386,11 @@ impl Maps {
         Ok(self.backend_stats.get(&id, 0)?.sum())
     }
 
-    /// The counters and signals of backend ids `0..count`, summed over
-    /// CPUs, in two system calls (for passive detection, which reads every
-    /// backend many times a second).
-    pub fn all_backend_samples(&self, count: u32) -> Result<Vec<(Counters, Signals)>> {
-        let counters = totals(self.backend_stats.map(), count)?;
-        let signals = totals(self.signals.map(), count)?;
-        Ok(counters.into_iter().zip(signals).collect())
+    /// The signals of backend ids `0..count`, summed over CPUs, in one
+    /// system call (for passive detection, which reads every backend many
+    /// times a second).
+    pub fn all_backend_signals(&self, count: u32) -> Result<Vec<Signals>> {
+        totals(self.signals.map(), count)
     }
 
     /// Zeroes a service's or backend's counters (when its id is reused).

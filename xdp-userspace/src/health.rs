@@ -27,17 +27,24 @@ use std::{
     hash::{DefaultHasher, Hash, Hasher},
     io,
     net::{IpAddr, SocketAddr},
-    sync::{Arc, Mutex, MutexGuard, PoisonError},
+    pin::{pin, Pin},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex, MutexGuard, PoisonError, Weak,
+    },
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
+use futures_util::{stream::FuturesUnordered, FutureExt as _, StreamExt as _};
 use tokio::{
     io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
     net::TcpStream,
     runtime::{self, Handle},
-    sync::{mpsc::UnboundedSender, oneshot, Semaphore},
-    task::JoinHandle,
-    time::{self, MissedTickBehavior},
+    sync::{
+        mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender},
+        oneshot, Semaphore,
+    },
+    time,
 };
 use tracing::warn;
 
@@ -404,6 +411,8 @@ pub struct HealthChecker {
     probe_slots: Arc<Semaphore>,
     /// How TCP checks are made; `None`: by full connects.
     half_open: Option<Arc<HalfOpen>>,
+    /// Hands new targets to the [`Scheduler`].
+    schedule: UnboundedSender<(time::Instant, Weak<Prober>)>,
     events: UnboundedSender<HealthEvent>,
     /// Where tasks are spawned; dropped last, after every target.
     runtime: CheckThread,
@@ -491,10 +500,13 @@ impl HealthChecker {
                 );
             })
             .ok();
+        let (schedule, added) = unbounded_channel();
+        runtime.handle.spawn(Scheduler::new(added).run());
         let mut checker = HealthChecker {
             targets: BTreeMap::new(),
             probe_slots: Arc::new(Semaphore::new(max_concurrent.max(1))),
             half_open,
+            schedule,
             events,
             runtime,
         };
@@ -579,8 +591,8 @@ impl HealthChecker {
         // sends one SYN for both.
         let prober = Arc::clone(prober);
         self.runtime.handle.spawn(async move {
-            if let Some(Err(error)) = prober.probe_once().await {
-                prober.confirm_suspicion(&why, error);
+            if let Some((Err(error), took)) = prober.probe_once().await {
+                prober.confirm_suspicion(&why, error, took);
             }
         });
         true
@@ -607,11 +619,12 @@ impl HealthChecker {
             hysteresis,
             retired: false,
         }));
-        let (prober, task) = if probed {
+        let prober = probed.then(|| {
             let prober = Arc::new(Prober {
                 probe_addr: target.probe_addr(),
                 check: target.check.clone(),
                 shared: Arc::clone(&shared),
+                busy: AtomicBool::new(false),
                 probe_slots: Arc::clone(&self.probe_slots),
                 half_open: self.half_open.clone(),
                 events: self.events.clone(),
@@ -621,19 +634,15 @@ impl HealthChecker {
                 &mut XorShift64::new(seed(&target.key())),
             );
             let first_probe = self.runtime.on_grid(time::Instant::now() + first_probe_in);
-            let task = self
-                .runtime
-                .handle
-                .spawn(Arc::clone(&prober).run(first_probe));
-            (Some(prober), Some(task))
-        } else {
-            (None, None)
-        };
+            // Closed only when the check thread is gone, and the checker
+            // with it.
+            let _ = self.schedule.send((first_probe, Arc::downgrade(&prober)));
+            prober
+        });
         Running {
             check: target.check,
             shared,
             prober,
-            task,
         }
     }
 
@@ -648,9 +657,9 @@ impl HealthChecker {
 struct Shared {
     status: TargetStatus,
     hysteresis: Hysteresis,
-    /// Set when the checker lets go of the target. An aborted task may
-    /// still be finishing a probe on another thread; it checks this under
-    /// the lock before it records anything or sends an event.
+    /// Set when the checker lets go of the target: a probe still under way
+    /// checks it under the lock before it records anything or sends an
+    /// event.
     retired: bool,
 }
 
@@ -665,10 +674,10 @@ fn lock(shared: &Mutex<Shared>) -> MutexGuard<'_, Shared> {
 struct Running {
     check: HealthCheck,
     shared: Arc<Mutex<Shared>>,
-    /// `None` for `CheckKind::None`: nothing to probe.
+    /// `None` for `CheckKind::None`: nothing to probe. The only strong
+    /// reference but for probes under way: the schedule lets go of the
+    /// target when it is dropped.
     prober: Option<Arc<Prober>>,
-    /// The scheduled probes.
-    task: Option<JoinHandle<()>>,
 }
 
 impl Running {
@@ -676,14 +685,12 @@ impl Running {
         lock(&self.shared).status.clone()
     }
 
-    /// Stops the task for good and returns the target's last status. After
-    /// this returns, no task of it sends an event or changes its status.
+    /// Stops the checks for good and returns the target's last status.
+    /// After this returns, no probe of it sends an event or changes its
+    /// status.
     fn retire(&self) -> TargetStatus {
         let mut shared = lock(&self.shared);
         shared.retired = true;
-        if let Some(task) = &self.task {
-            task.abort();
-        }
         shared.status.clone()
     }
 }
@@ -694,40 +701,32 @@ impl Drop for Running {
     }
 }
 
-/// What probing one target takes: its scheduled task and any probe a
+/// What probing one target takes: its scheduled probes and any probe a
 /// suspicion asks for share it.
 struct Prober {
     probe_addr: SocketAddr,
     check: HealthCheck,
     shared: Arc<Mutex<Shared>>,
+    /// A scheduled probe is under way (one that waited long for a slot
+    /// may still be when the next is due; that one is skipped).
+    busy: AtomicBool,
     probe_slots: Arc<Semaphore>,
     half_open: Option<Arc<HalfOpen>>,
     events: UnboundedSender<HealthEvent>,
 }
 
 impl Prober {
-    /// Probes at `first_probe`, then every `interval` until retired.
-    async fn run(self: Arc<Self>, first_probe: time::Instant) {
-        // Fixed rate, not a fixed pause between probes: that is what bounds
-        // detection time. `Skip` keeps a late probe (one that waited for a
-        // slot, or for a busy machine) from being followed by a burst of
-        // catch-up probes, and keeps the schedule on the probe grid.
-        let mut ticks = time::interval_at(first_probe, self.check.interval);
-        ticks.set_missed_tick_behavior(MissedTickBehavior::Skip);
-        loop {
-            ticks.tick().await;
-            let Some(result) = self.probe_once().await else {
-                return;
-            };
-            if !self.record(result) {
-                return;
-            }
+    /// One scheduled probe, recorded.
+    async fn scheduled(self: Arc<Self>) {
+        if let Some((result, took)) = self.probe_once().await {
+            self.record(result, took);
         }
+        self.busy.store(false, Ordering::Relaxed);
     }
 
     /// A probe asked for by a suspicion failed: the backend goes down at
     /// once, without waiting for `fall` failures.
-    fn confirm_suspicion(&self, why: &str, error: String) {
+    fn confirm_suspicion(&self, why: &str, error: String, took: Duration) {
         let at = Instant::now();
         let mut shared = lock(&self.shared);
         if shared.retired {
@@ -738,6 +737,7 @@ impl Prober {
         status.checks += 1;
         status.failures += 1;
         status.last_at = Some(at);
+        status.last_duration = Some(took);
         if changed {
             let detail = format!("suspected ({why}); the probe that followed failed: {error}");
             let _ = self.events.send(status.transition(false, detail, at));
@@ -747,10 +747,16 @@ impl Prober {
 
     /// One probe, once a slot is free. The timeout starts only then: a wait
     /// for a slot is the checker's congestion, not the backend's slowness.
-    /// `None` if no slot will ever be free.
-    async fn probe_once(&self) -> Option<Result<(), String>> {
-        // The semaphore is never closed, but if it were, nothing could probe.
-        let _slot = self.probe_slots.acquire().await.ok()?;
+    /// `None` if no slot will ever be free; else the result, and how long
+    /// it took.
+    async fn probe_once(&self) -> Option<(Result<(), String>, Duration)> {
+        // A half-open check holds no descriptor, so takes no slot. The
+        // semaphore is never closed, but if it were, nothing could probe.
+        let half_open_tcp = self.check.kind == CheckKind::Tcp && self.half_open.is_some();
+        let _slot = match half_open_tcp {
+            true => None,
+            false => Some(self.probe_slots.acquire().await.ok()?),
+        };
         let start = Instant::now();
         let half_open = self.half_open.as_deref();
         let result = probe(
@@ -760,17 +766,16 @@ impl Prober {
             half_open,
         )
         .await;
-        lock(&self.shared).status.last_duration = Some(start.elapsed());
-        Some(result)
+        Some((result, start.elapsed()))
     }
 
     /// Feeds a result to the hysteresis and the shared status, and sends an
-    /// event if the verdict changed. Returns false if the target is retired.
-    fn record(&self, result: Result<(), String>) -> bool {
+    /// event if the verdict changed; unless the target is retired.
+    fn record(&self, result: Result<(), String>, took: Duration) {
         let at = Instant::now();
         let mut shared = lock(&self.shared);
         if shared.retired {
-            return false;
+            return;
         }
         let Shared {
             status, hysteresis, ..
@@ -779,6 +784,7 @@ impl Prober {
         status.checks += 1;
         status.failures += u64::from(result.is_err());
         status.last_at = Some(at);
+        status.last_duration = Some(took);
         if let Some(healthy) = change {
             let event = status.transition(healthy, detail(hysteresis.streak(), &result), at);
             // Sent under the lock, so that `Running::retire` cannot slip in
@@ -787,7 +793,87 @@ impl Prober {
             let _ = self.events.send(event);
         }
         status.last_result = Some(result);
-        true
+    }
+}
+
+/// A probe under way, with its recording.
+type Probe = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// Starts every target's probes on its schedule: one task for all of them,
+/// woken once per probe-grid step for the probes due then, with one timer.
+/// A task per target woke once per probe, each with a timer of its own,
+/// which at 10,000 backends cost the thread more than the probes' own
+/// system calls.
+struct Scheduler {
+    /// Targets by the time their next probe is due.
+    due: BTreeMap<time::Instant, Vec<Weak<Prober>>>,
+    added: UnboundedReceiver<(time::Instant, Weak<Prober>)>,
+    running: FuturesUnordered<Probe>,
+}
+
+impl Scheduler {
+    fn new(added: UnboundedReceiver<(time::Instant, Weak<Prober>)>) -> Self {
+        Self {
+            due: BTreeMap::new(),
+            added,
+            running: FuturesUnordered::new(),
+        }
+    }
+
+    /// Until the checker is dropped.
+    async fn run(mut self) {
+        let timer = time::sleep_until(time::Instant::now());
+        let mut timer = pin!(timer);
+        let mut armed = None;
+        loop {
+            let first = self.due.first_key_value().map(|(at, _)| *at);
+            if first != armed {
+                if let Some(at) = first {
+                    timer.as_mut().reset(at);
+                }
+                armed = first;
+            }
+            tokio::select! {
+                added = self.added.recv() => match added {
+                    Some((at, prober)) => self.due.entry(at).or_default().push(prober),
+                    None => return,
+                },
+                () = timer.as_mut(), if armed.is_some() => {
+                    armed = None;
+                    self.start_due(time::Instant::now());
+                }
+                Some(()) = self.running.next(), if !self.running.is_empty() => {
+                    // Answers come in batches: collect all that are in.
+                    while let Some(Some(())) = self.running.next().now_or_never() {}
+                }
+            }
+        }
+    }
+
+    /// Starts the probes due by `now`, and schedules each target's next:
+    /// fixed rate, which is what bounds detection time, skipping the
+    /// times a busy machine missed rather than catching up in a burst.
+    fn start_due(&mut self, now: time::Instant) {
+        while let Some(entry) = self.due.first_entry() {
+            if *entry.key() > now {
+                break;
+            }
+            let (at, batch) = entry.remove_entry();
+            for target in batch {
+                // Gone: the checker let go of it.
+                let Some(prober) = target.upgrade() else {
+                    continue;
+                };
+                let mut next = at + prober.check.interval;
+                while next <= now {
+                    next += prober.check.interval;
+                }
+                if !prober.busy.swap(true, Ordering::Relaxed) {
+                    self.running.push(Box::pin(prober.scheduled()));
+                }
+                self.due.entry(next).or_default().push(target);
+            }
+        }
     }
 }
 
@@ -850,13 +936,9 @@ fn jitter(interval: Duration, rng: &mut XorShift64) -> Duration {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::atomic::AtomicUsize;
 
-    use tokio::{
-        io::AsyncReadExt,
-        net::TcpListener,
-        sync::mpsc::{unbounded_channel, UnboundedReceiver},
-    };
+    use tokio::{io::AsyncReadExt, net::TcpListener, task::JoinHandle};
 
     use super::*;
 
