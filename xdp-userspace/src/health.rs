@@ -134,9 +134,9 @@ const MAX_STATUS_LINE: u64 = 256;
 ///
 /// `Tcp` succeeds when the backend accepts a connection: with
 /// `half_open`, when it answers a SYN with a SYN-ACK; without, when a
-/// connection is established (and reset at once). `Http` sends one `HTTP/1.1` request and succeeds when the status
-/// is one of `expect_status`; only the status line is read. `None` always
-/// succeeds.
+/// connection is established (and reset at once). `Http` sends one
+/// `HTTP/1.1` request and succeeds when the status is one of
+/// `expect_status`; only the status line is read. `None` always succeeds.
 ///
 /// # Errors
 ///
