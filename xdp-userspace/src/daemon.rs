@@ -72,7 +72,8 @@ const NEXT_HOP_SETTLE: Duration = Duration::from_millis(50);
 const RESERVED_FILES: u64 = 256;
 
 /// Health probes that may run at once: as many as the open-files limit
-/// leaves after [`RESERVED_FILES`] (each holds a socket). A probe holds its
+/// leaves after [`RESERVED_FILES`] (each full connect holds a socket; a
+/// half-open TCP check holds none and takes no slot). A probe holds its
 /// slot until it is answered or times out, so a fixed small cap let silent
 /// backends starve the checks of the others: with 64 slots and 10,000
 /// backends of which a few per cent dropped SYNs (500 ms timeouts), every

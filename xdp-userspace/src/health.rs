@@ -864,9 +864,11 @@ impl Scheduler {
                 let Some(prober) = target.upgrade() else {
                     continue;
                 };
-                let mut next = at + prober.check.interval;
+                // (An interval is never zero; the grid guards the loop anyway.)
+                let interval = prober.check.interval.max(PROBE_GRID);
+                let mut next = at + interval;
                 while next <= now {
-                    next += prober.check.interval;
+                    next += interval;
                 }
                 if !prober.busy.swap(true, Ordering::Relaxed) {
                     self.running.push(Box::pin(prober.scheduled()));
