@@ -8,8 +8,10 @@
 //!   out of the Maglev table, where every flip moves flows.
 //! - [`probe`] runs one TCP or HTTP check; a TCP check is a half-open SYN
 //!   from a raw socket (`half_open.rs`) when the daemon may open one.
-//! - [`HealthChecker`] runs one tokio task per backend, on a single-threaded
-//!   runtime of its own, sends an event on every verdict change, and keeps
+//! - [`HealthChecker`] starts every backend's probes on its schedule from
+//!   one task, on a single-threaded runtime of its own (a half-open check's
+//!   answer is recorded where it is read, with no task of its own), sends
+//!   an event on every verdict change, and keeps
 //!   each backend's latest results readable ([`HealthChecker::status`]) for
 //!   the API.
 //!
@@ -48,7 +50,7 @@ use tokio::{
 };
 use tracing::warn;
 
-use self::half_open::HalfOpen;
+use self::half_open::{Check, HalfOpen, Waiter};
 use crate::config::{CheckKind, HealthCheck};
 
 mod half_open;
@@ -150,10 +152,7 @@ pub async fn probe(
     timeout: Duration,
     half_open: Option<&HalfOpen>,
 ) -> Result<(), String> {
-    let deadline = Deadline {
-        at: time::Instant::now() + timeout,
-        timeout,
-    };
+    let deadline = Deadline::after(timeout);
     match kind {
         CheckKind::None => Ok(()),
         CheckKind::Tcp => match half_open {
@@ -212,6 +211,13 @@ impl fmt::Display for Step {
 }
 
 impl Deadline {
+    fn after(timeout: Duration) -> Self {
+        Self {
+            at: time::Instant::now() + timeout,
+            timeout,
+        }
+    }
+
     /// Runs one step of a probe; errors are prefixed with the step.
     async fn run<T>(
         self,
@@ -401,7 +407,7 @@ impl TargetStatus {
 /// Identity of a target: service name, backend address and port.
 type TargetKey = (String, (IpAddr, u16));
 
-/// Checks backends in the background, one tokio task each, and sends a
+/// Checks backends in the background, on a thread of its own, and sends a
 /// [`HealthEvent`] whenever a verdict changes.
 ///
 /// Dropping it stops every check, as does [`HealthChecker::shutdown`].
@@ -745,6 +751,12 @@ impl Prober {
         status.last_result = Some(Err(error));
     }
 
+    /// The half-open checker, if this target's checks are half-open.
+    fn half_open(&self) -> Option<&HalfOpen> {
+        let tcp = self.check.kind == CheckKind::Tcp;
+        self.half_open.as_deref().filter(|_| tcp)
+    }
+
     /// One probe, once a slot is free. The timeout starts only then: a wait
     /// for a slot is the checker's congestion, not the backend's slowness.
     /// `None` if no slot will ever be free; else the result, and how long
@@ -752,10 +764,9 @@ impl Prober {
     async fn probe_once(&self) -> Option<(Result<(), String>, Duration)> {
         // A half-open check holds no descriptor, so takes no slot. The
         // semaphore is never closed, but if it were, nothing could probe.
-        let half_open_tcp = self.check.kind == CheckKind::Tcp && self.half_open.is_some();
-        let _slot = match half_open_tcp {
-            true => None,
-            false => Some(self.probe_slots.acquire().await.ok()?),
+        let _slot = match self.half_open() {
+            Some(_) => None,
+            None => Some(self.probe_slots.acquire().await.ok()?),
         };
         let start = Instant::now();
         let half_open = self.half_open.as_deref();
@@ -796,6 +807,14 @@ impl Prober {
     }
 }
 
+impl Check for Prober {
+    /// A scheduled half-open check's result.
+    fn answered(&self, result: Result<(), String>, took: Duration) {
+        self.record(result, took);
+        self.busy.store(false, Ordering::Relaxed);
+    }
+}
+
 /// A probe under way, with its recording.
 type Probe = Pin<Box<dyn Future<Output = ()> + Send>>;
 
@@ -803,7 +822,8 @@ type Probe = Pin<Box<dyn Future<Output = ()> + Send>>;
 /// woken once per probe-grid step for the probes due then, with one timer.
 /// A task per target woke once per probe, each with a timer of its own,
 /// which at 10,000 backends cost the thread more than the probes' own
-/// system calls.
+/// system calls. Half-open checks are handed to [`HalfOpen`], which records
+/// each result as it reads the answer; other probes run in `running`.
 struct Scheduler {
     /// Targets by the time their next probe is due.
     due: BTreeMap<time::Instant, Vec<Weak<Prober>>>,
@@ -871,7 +891,14 @@ impl Scheduler {
                     next += interval;
                 }
                 if !prober.busy.swap(true, Ordering::Relaxed) {
-                    self.running.push(Box::pin(prober.scheduled()));
+                    match prober.half_open() {
+                        Some(half_open) => {
+                            let deadline = Deadline::after(prober.check.timeout);
+                            let check = Waiter::Check(Arc::clone(&prober) as Arc<dyn Check>);
+                            half_open.check(prober.probe_addr, deadline, check);
+                        }
+                        None => self.running.push(Box::pin(prober.scheduled())),
+                    }
                 }
                 self.due.entry(next).or_default().push(target);
             }

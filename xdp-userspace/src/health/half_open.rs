@@ -94,6 +94,42 @@ struct State {
     rng: XorShift64,
 }
 
+/// Where a check's result goes.
+pub(super) enum Waiter {
+    /// A probe awaiting it ([`HalfOpen::probe`]).
+    Task(oneshot::Sender<Result<(), String>>),
+    /// A scheduled check, told as soon as the answer is read: no task, no
+    /// channel and no wake-up per check.
+    Check(Arc<dyn Check>),
+}
+
+/// A scheduled check's end.
+pub(super) trait Check: Send + Sync {
+    /// The check's result, and how long it took.
+    fn answered(&self, result: Result<(), String>, took: Duration);
+}
+
+impl Waiter {
+    fn finish(self, result: Result<(), String>, took: Duration) {
+        match self {
+            Waiter::Task(tx) => drop(tx.send(result)),
+            Waiter::Check(check) => check.answered(result, took),
+        }
+    }
+
+    /// Nobody awaits the result any more.
+    fn abandoned(&self) -> bool {
+        matches!(self, Waiter::Task(tx) if tx.is_closed())
+    }
+}
+
+/// A check waiting for an answer.
+struct Pending {
+    deadline: Deadline,
+    sent: std::time::Instant,
+    waiter: Waiter,
+}
+
 /// The SYN sent to a backend, and the checks waiting for its answer. Two
 /// checks of one backend at once (two services, or a suspicion's probe
 /// during a scheduled one) share one SYN: a second SYN from the same port
@@ -101,16 +137,29 @@ struct State {
 /// answered with a bare ACK instead.
 struct InFlight {
     seq: u32,
-    /// Each check's deadline, and where its answer goes.
-    waiters: Vec<(time::Instant, oneshot::Sender<Answer>)>,
+    waiters: Vec<Pending>,
 }
 
-/// What became of a check.
+/// What became of a SYN.
 #[derive(Clone, Copy)]
 enum Answer {
     Listening,
     Refused,
     TimedOut,
+}
+
+impl Answer {
+    /// The check's result, worded as a connect's would be: `connect
+    /// 10.0.0.1:80: connection refused`, `connect 10.0.0.1:80: timed out
+    /// after 500ms`.
+    fn result(self, target: SocketAddr, deadline: Deadline) -> Result<(), String> {
+        let step = Step::Connect(target);
+        match self {
+            Answer::Listening => Ok(()),
+            Answer::Refused => Err(format!("{step}: connection refused")),
+            Answer::TimedOut => Err(format!("{step}: timed out after {:?}", deadline.timeout)),
+        }
+    }
 }
 
 impl HalfOpen {
@@ -141,35 +190,41 @@ impl HalfOpen {
     }
 
     /// Checks that something listens on `target`, within `deadline`. The
-    /// errors read as a connect's would: `connect 10.0.0.1:80: connection
-    /// refused`, `connect 10.0.0.1:80: timed out after 500ms`.
+    /// errors read as a connect's would (see [`Answer::result`]).
     pub(super) async fn probe(&self, target: SocketAddr, deadline: Deadline) -> Result<(), String> {
-        let step = Step::Connect(target);
+        let (tx, result) = oneshot::channel();
+        self.check(target, deadline, Waiter::Task(tx));
+        // Dropped unanswered: the checker is going away.
+        result
+            .await
+            .unwrap_or_else(|_| Answer::TimedOut.result(target, deadline))
+    }
+
+    /// Starts a check of `target`, whose result goes to `waiter`.
+    pub(super) fn check(&self, target: SocketAddr, deadline: Deadline, waiter: Waiter) {
         let peer = (target.ip(), target.port());
-        let (tx, answer) = oneshot::channel();
-        {
-            let mut state = self.lock();
-            if let Some(flight) = state.waiting.get_mut(&peer) {
-                flight.waiters.push((deadline.at, tx));
-            } else {
-                let seq = state.rng.next_u64() as u32;
-                self.send_syn(&mut state, target, seq)
-                    .map_err(|e| format!("{step}: {}", io_reason(&e)))?;
-                if state.waiting.is_empty() {
-                    self.sent.notify_one();
-                }
-                let waiters = vec![(deadline.at, tx)];
-                state.waiting.insert(peer, InFlight { seq, waiters });
-            }
+        let pending = Pending {
+            deadline,
+            sent: std::time::Instant::now(),
+            waiter,
+        };
+        let mut state = self.lock();
+        if let Some(flight) = state.waiting.get_mut(&peer) {
+            flight.waiters.push(pending);
+            return;
         }
-        match answer.await {
-            Ok(Answer::Listening) => Ok(()),
-            Ok(Answer::Refused) => Err(format!("{step}: connection refused")),
-            // Dropped: the checker is going away.
-            Ok(Answer::TimedOut) | Err(_) => {
-                Err(format!("{step}: timed out after {:?}", deadline.timeout))
-            }
+        let seq = state.rng.next_u64() as u32;
+        if let Err(e) = self.send_syn(&mut state, target, seq) {
+            drop(state);
+            let error = format!("{}: {}", Step::Connect(target), io_reason(&e));
+            pending.waiter.finish(Err(error), Duration::ZERO);
+            return;
         }
+        if state.waiting.is_empty() {
+            self.sent.notify_one();
+        }
+        let waiters = vec![pending];
+        state.waiting.insert(peer, InFlight { seq, waiters });
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -180,26 +235,30 @@ impl HalfOpen {
     /// did not answer has the source address towards it asked for again
     /// next time.
     fn expire(&self, now: time::Instant) {
-        let state = &mut *self.lock();
-        let sources = &mut state.sources;
-        state.waiting.retain(|peer, flight| {
-            let overdue = |(deadline, tx): &(time::Instant, oneshot::Sender<Answer>)| {
-                *deadline <= now || tx.is_closed()
-            };
-            if flight.waiters.iter().any(overdue) {
-                let (late, waiting) = std::mem::take(&mut flight.waiters)
-                    .into_iter()
-                    .partition(overdue);
-                flight.waiters = waiting;
-                for (_, tx) in late {
-                    let _ = tx.send(Answer::TimedOut);
+        let mut late = Vec::new();
+        {
+            let state = &mut *self.lock();
+            let sources = &mut state.sources;
+            state.waiting.retain(|peer, flight| {
+                let overdue = |p: &Pending| p.deadline.at <= now || p.waiter.abandoned();
+                if flight.waiters.iter().any(overdue) {
+                    let (over, waiting) = std::mem::take(&mut flight.waiters)
+                        .into_iter()
+                        .partition(overdue);
+                    flight.waiters = waiting;
+                    late.extend(over.into_iter().map(|p| (*peer, p)));
+                    if let IpAddr::V4(ip) = peer.0 {
+                        sources.remove(&ip);
+                    }
                 }
-                if let IpAddr::V4(ip) = peer.0 {
-                    sources.remove(&ip);
-                }
-            }
-            !flight.waiters.is_empty()
-        });
+                !flight.waiters.is_empty()
+            });
+        }
+        // Told without the lock: a check's recording takes its own.
+        for ((ip, port), p) in late {
+            let result = Answer::TimedOut.result(SocketAddr::new(ip, port), p.deadline);
+            p.waiter.finish(result, p.sent.elapsed());
+        }
     }
 
     fn send_syn(&self, state: &mut State, target: SocketAddr, seq: u32) -> io::Result<()> {
@@ -301,20 +360,22 @@ impl HalfOpen {
             return;
         };
         let peer = (from, source_port);
-        let mut state = self.lock();
-        if state
-            .waiting
-            .get(&peer)
-            .is_some_and(|f| f.seq.wrapping_add(1) == ack)
-        {
-            for (_, waiter) in state
+        let flight = {
+            let mut state = self.lock();
+            let ours = state
                 .waiting
-                .remove(&peer)
-                .into_iter()
-                .flat_map(|f| f.waiters)
-            {
-                let _ = waiter.send(answer);
+                .get(&peer)
+                .is_some_and(|f| f.seq.wrapping_add(1) == ack);
+            if !ours {
+                return;
             }
+            state.waiting.remove(&peer)
+        };
+        // Told without the lock: a check's recording takes its own.
+        let target = SocketAddr::new(from, source_port);
+        for p in flight.into_iter().flat_map(|f| f.waiters) {
+            p.waiter
+                .finish(answer.result(target, p.deadline), p.sent.elapsed());
         }
     }
 }
@@ -606,6 +667,16 @@ mod tests {
         assert!(half_open.lock().sources.is_empty());
     }
 
+    /// A scheduled check that keeps what it was told.
+    #[derive(Default)]
+    struct Told(Mutex<Vec<Result<(), String>>>);
+
+    impl Check for Told {
+        fn answered(&self, result: Result<(), String>, _: Duration) {
+            self.0.lock().unwrap().push(result);
+        }
+    }
+
     #[test]
     fn answers_to_other_syns_or_ports_are_ignored() {
         let runtime = tokio::runtime::Builder::new_current_thread()
@@ -614,11 +685,14 @@ mod tests {
             .unwrap();
         let half_open = HalfOpen::start(runtime.handle()).expect("raw sockets (as root)");
         let peer: Peer = (IpAddr::from([10, 0, 0, 2]), 80);
-        let (tx, mut rx) = oneshot::channel();
-        let at = time::Instant::now();
+        let told = Arc::new(Told::default());
         let flight = InFlight {
             seq: 1000,
-            waiters: vec![(at, tx)],
+            waiters: vec![Pending {
+                deadline: runtime.block_on(async { deadline() }),
+                sent: std::time::Instant::now(),
+                waiter: Waiter::Check(told.clone()),
+            }],
         };
         half_open.lock().waiting.insert(peer, flight);
         let port = half_open.v4.port;
@@ -633,9 +707,12 @@ mod tests {
         answer(port + 1, 1001, SYN | ACK); // another port
         answer(port, 1000, SYN | ACK); // not this SYN's acknowledgement
         answer(port, 1001, ACK); // a bare ACK
-        assert!(rx.try_recv().is_err());
+        assert!(told.0.lock().unwrap().is_empty());
         answer(port, 1001, RST | ACK);
-        assert!(matches!(rx.try_recv(), Ok(Answer::Refused)));
+        assert_eq!(
+            *told.0.lock().unwrap(),
+            [Err("connect 10.0.0.2:80: connection refused".to_owned())]
+        );
         assert!(half_open.lock().waiting.is_empty());
     }
 }
