@@ -894,7 +894,7 @@ impl Scheduler {
                     match prober.half_open() {
                         Some(half_open) => {
                             let deadline = Deadline::after(prober.check.timeout);
-                            let check = Waiter::Check(Arc::clone(&prober) as Arc<dyn Check>);
+                            let check = Waiter::Check(Arc::downgrade(&prober) as Weak<dyn Check>);
                             half_open.check(prober.probe_addr, deadline, check);
                         }
                         None => self.running.push(Box::pin(prober.scheduled())),

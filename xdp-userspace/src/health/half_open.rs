@@ -24,7 +24,7 @@ use std::{
     mem::size_of,
     net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket},
     os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
-    sync::{Arc, Mutex, MutexGuard, PoisonError},
+    sync::{Arc, Mutex, MutexGuard, PoisonError, Weak},
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
@@ -99,8 +99,9 @@ pub(super) enum Waiter {
     /// A probe awaiting it ([`HalfOpen::probe`]).
     Task(oneshot::Sender<Result<(), String>>),
     /// A scheduled check, told as soon as the answer is read: no task, no
-    /// channel and no wake-up per check.
-    Check(Arc<dyn Check>),
+    /// channel and no wake-up per check. Weak: its target holds this
+    /// checker, and a target removed meanwhile needs no result.
+    Check(Weak<dyn Check>),
 }
 
 /// A scheduled check's end.
@@ -113,7 +114,11 @@ impl Waiter {
     fn finish(self, result: Result<(), String>, took: Duration) {
         match self {
             Waiter::Task(tx) => drop(tx.send(result)),
-            Waiter::Check(check) => check.answered(result, took),
+            Waiter::Check(check) => {
+                if let Some(check) = check.upgrade() {
+                    check.answered(result, took);
+                }
+            }
         }
     }
 
@@ -691,7 +696,7 @@ mod tests {
             waiters: vec![Pending {
                 deadline: runtime.block_on(async { deadline() }),
                 sent: std::time::Instant::now(),
-                waiter: Waiter::Check(told.clone()),
+                waiter: Waiter::Check(Arc::downgrade(&told) as Weak<dyn Check>),
             }],
         };
         half_open.lock().waiting.insert(peer, flight);
