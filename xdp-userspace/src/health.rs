@@ -1433,10 +1433,16 @@ mod tests {
     #[tokio::test]
     async fn update_keeps_unchanged_targets_and_stops_removed_ones() {
         let dead = free_port();
-        let removed = Server::start(free_port(), None).await;
+        // An HTTP check, which connects: the server counts its probes (a
+        // half-open TCP check never reaches it).
+        let removed = Server::start(free_port(), Some(OK)).await;
+        let http_check = HealthCheck {
+            kind: http(&[200], None),
+            ..tcp_check()
+        };
         let (tx, mut events) = unbounded_channel();
         let kept = target("web", dead, tcp_check(), true);
-        let checker_targets = vec![kept.clone(), target("web", removed.addr, tcp_check(), true)];
+        let checker_targets = vec![kept.clone(), target("web", removed.addr, http_check, true)];
         let mut checker = HealthChecker::spawn(checker_targets, 8, tx).unwrap();
         let down = next_event(&mut events, INTERVAL * (FALL + 1) + SLACK)
             .await
@@ -1477,6 +1483,28 @@ mod tests {
         time::sleep(INTERVAL * 2).await;
         assert!(events.try_recv().is_err());
         checker.shutdown();
+    }
+
+    #[tokio::test]
+    async fn a_checker_dropped_with_checks_under_way_lets_go_of_its_sockets() {
+        let (listener, _queued) = unanswering_listener();
+        let silent = listener.local_addr().unwrap();
+        let (tx, _events) = unbounded_channel();
+        let checker =
+            HealthChecker::spawn(vec![target("web", silent, tcp_check(), true)], 8, tx).unwrap();
+        let half_open = Arc::downgrade(checker.half_open.as_ref().expect("as root"));
+        // Checks time out after TIMEOUT, one every INTERVAL: wait for one
+        // under way.
+        let deadline = Instant::now() + INTERVAL * 2 + SLACK;
+        while half_open.upgrade().unwrap().waiting() == 0 {
+            assert!(Instant::now() < deadline, "no check under way");
+            time::sleep(Duration::from_millis(5)).await;
+        }
+        checker.shutdown();
+        assert!(
+            half_open.upgrade().is_none(),
+            "the raw sockets are still open"
+        );
     }
 
     #[tokio::test]

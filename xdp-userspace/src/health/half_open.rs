@@ -232,6 +232,12 @@ impl HalfOpen {
         state.waiting.insert(peer, InFlight { seq, waiters });
     }
 
+    /// Backends with a SYN unanswered.
+    #[cfg(test)]
+    pub(super) fn waiting(&self) -> usize {
+        self.lock().waiting.len()
+    }
+
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
