@@ -234,9 +234,11 @@ fn the_open_files_limit_is_raised_and_health_checks_work() {
     let (topo, xdplb) = topology("nofile");
     let _backends = start_backends(&topo, Path::new(TESTBACKEND)).expect("backends");
     topo.wait_reachable().expect("segment reachable");
+    // HTTP checks, which hold a descriptor each (a half-open TCP check
+    // holds none).
     let config = format!(
         "[[service]]\nname = \"web\"\nvip = \"{}\"\nport = 80\nprotocol = \"tcp\"\n\
-         [service.health_check]\ntype = \"tcp\"\ninterval = \"200ms\"\ntimeout = \"100ms\"\n\
+         [service.health_check]\ntype = \"http\"\ninterval = \"200ms\"\ntimeout = \"100ms\"\n\
          [[service.backend]]\naddress = \"{}\"\n",
         topo.vip4(),
         topo.backend_addr(1, false)
