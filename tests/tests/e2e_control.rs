@@ -539,7 +539,19 @@ fn the_api_socket_refuses_non_root_users() {
             Ok(())
         });
     }
-    let out = cmd.output().unwrap();
+    // Another test's child may, for a moment (between its fork and its
+    // exec), hold the copy's write descriptor: exec then fails with
+    // "text file busy". Seen once under load; retried.
+    let mut tries = 0;
+    let out = loop {
+        match cmd.output() {
+            Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) && tries < 100 => {
+                tries += 1;
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            result => break result.unwrap(),
+        }
+    };
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         !out.status.success(),
