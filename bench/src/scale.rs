@@ -12,7 +12,7 @@
 use std::{
     mem::size_of,
     net::{Ipv4Addr, TcpListener},
-    os::fd::{AsRawFd as _, OwnedFd},
+    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -241,154 +241,148 @@ fn config(services: usize, backends: usize) -> String {
     c
 }
 
-/// The floor under the daemon's CPU: the same TCP checks (one connect per
-/// backend per second, ended with a reset) from a bare loop in the load
-/// balancer's namespace, without a runtime, timers or bookkeeping. Returns
-/// the loop's CPU over `window` as a percentage of one core.
-fn connect_floor(lb: &Netns, backends: usize, window: Duration) -> Result<f64> {
-    let spin = || -> std::io::Result<f64> {
+/// Runs `round` 100 times a second for `window`, each time on its share of
+/// the `backends` (their indices), in the load balancer's namespace,
+/// without a runtime, timers or bookkeeping: the floor under the daemon's
+/// CPU for the same checks. Returns the thread's CPU as a percentage of one
+/// core.
+fn floor_loop(
+    lb: &Netns,
+    backends: usize,
+    window: Duration,
+    mut round: impl FnMut(&[usize]) -> Result<()> + Send,
+) -> Result<f64> {
+    lb.run(|| {
         let started = Instant::now();
         let cpu0 = thread_cpu();
-        // 100 rounds a second, each connecting to its share of backends.
         let per_round = backends.div_ceil(100);
         let mut next = 0;
-        let mut round = Instant::now();
+        let mut at = Instant::now();
         while started.elapsed() < window {
-            let fds: Vec<i32> = (0..per_round)
+            let share: Vec<usize> = (0..per_round)
                 .map(|_| {
                     next = (next + 1) % backends;
-                    nonblocking_connect(backend_addr(next))
-                })
-                .collect::<std::io::Result<_>>()?;
-            let mut polled: Vec<libc::pollfd> = fds
-                .iter()
-                .map(|&fd| libc::pollfd {
-                    fd,
-                    events: libc::POLLOUT,
-                    revents: 0,
+                    next
                 })
                 .collect();
-            // Until every connect is answered, 1 s at most (as the daemon's
-            // checks time out).
-            for _ in 0..10 {
-                if polled.iter().all(|p| p.revents != 0) {
-                    break;
-                }
-                // SAFETY: a valid array of pollfd.
-                unsafe { libc::poll(polled.as_mut_ptr(), polled.len() as libc::nfds_t, 100) };
-            }
-            let linger = libc::linger {
-                l_onoff: 1,
-                l_linger: 0,
-            };
-            for fd in fds {
-                // SAFETY: a socket this loop opened; linger is a valid struct.
-                unsafe {
-                    libc::setsockopt(
-                        fd,
-                        libc::SOL_SOCKET,
-                        libc::SO_LINGER,
-                        (&raw const linger).cast(),
-                        std::mem::size_of::<libc::linger>() as libc::socklen_t,
-                    );
-                    libc::close(fd);
-                }
-            }
-            round += Duration::from_millis(10);
-            std::thread::sleep(round.saturating_duration_since(Instant::now()));
+            round(&share)?;
+            at += Duration::from_millis(10);
+            std::thread::sleep(at.saturating_duration_since(Instant::now()));
         }
         Ok((thread_cpu() - cpu0) / started.elapsed().as_secs_f64() * 100.0)
-    };
-    lb.run(spin).context("the connect loop")
+    })
 }
 
-/// The floor under the daemon's half-open checks (what it makes when it has
-/// `CAP_NET_RAW`, as here): one SYN per backend per second from a raw
-/// socket, 100 rounds a second, the answers read 2 ms after each round's
-/// SYNs went out. Returns the loop's CPU over `window` as a percentage of
-/// one core.
+/// Full connects (nonblocking, ended with a reset), each round's awaited
+/// until answered or 1 s (as the daemon's checks time out): what the
+/// checks cost without `CAP_NET_RAW`.
+fn connect_floor(lb: &Netns, backends: usize, window: Duration) -> Result<f64> {
+    floor_loop(lb, backends, window, |share| {
+        let fds: Vec<i32> = share
+            .iter()
+            .map(|&i| nonblocking_connect(backend_addr(i)))
+            .collect::<std::io::Result<_>>()?;
+        let mut polled: Vec<libc::pollfd> = fds
+            .iter()
+            .map(|&fd| libc::pollfd {
+                fd,
+                events: libc::POLLOUT,
+                revents: 0,
+            })
+            .collect();
+        for _ in 0..10 {
+            if polled.iter().all(|p| p.revents != 0) {
+                break;
+            }
+            // SAFETY: a valid array of pollfd.
+            unsafe { libc::poll(polled.as_mut_ptr(), polled.len() as libc::nfds_t, 100) };
+        }
+        let linger = libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        };
+        for fd in fds {
+            // SAFETY: a socket this loop opened; linger is a valid struct.
+            unsafe {
+                libc::setsockopt(
+                    fd,
+                    libc::SOL_SOCKET,
+                    libc::SO_LINGER,
+                    (&raw const linger).cast(),
+                    size_of::<libc::linger>() as libc::socklen_t,
+                );
+                libc::close(fd);
+            }
+        }
+        Ok(())
+    })
+    .context("the connect loop")
+}
+
+/// Half-open checks, as the daemon makes them with `CAP_NET_RAW` (as here):
+/// a SYN per backend from a raw socket, the answers read 2 ms after each
+/// round's SYNs went out. The baseline of the daemon's CPU.
 fn syn_floor(lb: &Netns, backends: usize, window: Duration) -> Result<f64> {
-    let spin = || -> Result<f64> {
-        // SAFETY: plain system calls; both fds are closed below.
-        let (raw, holder) = unsafe {
-            (
-                libc::socket(
-                    libc::AF_INET,
-                    libc::SOCK_RAW | libc::SOCK_NONBLOCK,
-                    libc::IPPROTO_TCP,
-                ),
-                libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0),
-            )
-        };
-        ensure!(
-            raw >= 0 && holder >= 0,
-            "sockets: {}",
-            std::io::Error::last_os_error()
-        );
-        // The source port, held by a bound socket that never listens.
-        let port = 40_999u16;
-        let any = sockaddr(Ipv4Addr::UNSPECIFIED, port);
-        // SAFETY: a valid sockaddr_in.
-        let bound = unsafe {
-            libc::bind(
-                holder,
-                (&raw const any).cast(),
-                size_of::<libc::sockaddr_in>() as u32,
-            )
-        };
-        ensure!(bound == 0, "bind: {}", std::io::Error::last_os_error());
-        let source: Ipv4Addr = format!("{LB_NET}.1").parse()?;
-        let started = Instant::now();
-        let cpu0 = thread_cpu();
-        let per_round = backends.div_ceil(100);
-        let (mut next, mut sent, mut answered) = (0, 0u64, 0u64);
-        let mut round = Instant::now();
-        let mut buf = [0u8; 256];
-        while started.elapsed() < window {
-            for _ in 0..per_round {
-                next = (next + 1) % backends;
-                let to = backend_addr(next);
-                let mut syn = etherparse::TcpHeader::new(port, 80, next as u32, u16::MAX);
-                syn.syn = true;
-                syn.checksum = syn.calc_checksum_ipv4_raw(source.octets(), to.octets(), &[])?;
-                let bytes = syn.to_bytes();
-                let dest = sockaddr(to, 0);
-                // SAFETY: valid buffers for the lengths given.
-                let n = unsafe {
-                    libc::sendto(
-                        raw,
-                        bytes.as_ptr().cast(),
-                        bytes.len(),
-                        0,
-                        (&raw const dest).cast(),
-                        size_of::<libc::sockaddr_in>() as u32,
-                    )
-                };
-                sent += u64::from(n > 0);
-            }
-            std::thread::sleep(Duration::from_millis(2));
-            // SAFETY: a valid buffer.
-            while unsafe { libc::recv(raw, buf.as_mut_ptr().cast(), buf.len(), 0) } > 0 {
-                answered += 1;
-            }
-            round += Duration::from_millis(10);
-            std::thread::sleep(round.saturating_duration_since(Instant::now()));
-        }
-        let cpu = (thread_cpu() - cpu0) / started.elapsed().as_secs_f64() * 100.0;
-        // SAFETY: fds this loop opened.
-        unsafe {
-            libc::close(raw);
-            libc::close(holder);
-        }
-        // The raw socket reads every TCP segment the namespace receives:
-        // before the daemon starts, the answers to these SYNs.
-        ensure!(
-            answered * 10 >= sent * 9,
-            "the SYN loop: {answered} answers to {sent} SYNs"
-        );
-        Ok(cpu)
+    let socket = |kind, protocol| {
+        // SAFETY: a plain system call; the fd is owned from here on.
+        let fd = unsafe { libc::socket(libc::AF_INET, kind, protocol) };
+        ensure!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+        // SAFETY: a fresh fd nothing else owns.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd) })
     };
-    lb.run(spin).context("the SYN loop")
+    let raw = lb.run(|| socket(libc::SOCK_RAW | libc::SOCK_NONBLOCK, libc::IPPROTO_TCP))?;
+    let holder = lb.run(|| socket(libc::SOCK_STREAM, 0))?;
+    // The source port, held by a bound socket that never listens.
+    let port = 40_999u16;
+    let any = sockaddr(Ipv4Addr::UNSPECIFIED, port);
+    // SAFETY: a valid sockaddr_in.
+    let bound = unsafe {
+        libc::bind(
+            holder.as_raw_fd(),
+            (&raw const any).cast(),
+            size_of::<libc::sockaddr_in>() as u32,
+        )
+    };
+    ensure!(bound == 0, "bind: {}", std::io::Error::last_os_error());
+    let source: Ipv4Addr = format!("{LB_NET}.1").parse()?;
+    let (mut sent, mut answered) = (0u64, 0u64);
+    let mut buf = [0u8; 256];
+    let cpu = floor_loop(lb, backends, window, |share| {
+        for &i in share {
+            let to = backend_addr(i);
+            let mut syn = etherparse::TcpHeader::new(port, 80, i as u32, u16::MAX);
+            syn.syn = true;
+            syn.checksum = syn.calc_checksum_ipv4_raw(source.octets(), to.octets(), &[])?;
+            let bytes = syn.to_bytes();
+            let dest = sockaddr(to, 0);
+            // SAFETY: valid buffers for the lengths given.
+            let n = unsafe {
+                libc::sendto(
+                    raw.as_raw_fd(),
+                    bytes.as_ptr().cast(),
+                    bytes.len(),
+                    0,
+                    (&raw const dest).cast(),
+                    size_of::<libc::sockaddr_in>() as u32,
+                )
+            };
+            sent += u64::from(n > 0);
+        }
+        std::thread::sleep(Duration::from_millis(2));
+        // SAFETY: a valid buffer.
+        while unsafe { libc::recv(raw.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) } > 0 {
+            answered += 1;
+        }
+        Ok(())
+    })
+    .context("the SYN loop")?;
+    // The raw socket reads every TCP segment the namespace receives:
+    // before the daemon starts, the answers to these SYNs.
+    ensure!(
+        answered * 10 >= sent * 9,
+        "the SYN loop: {answered} answers to {sent} SYNs"
+    );
+    Ok(cpu)
 }
 
 fn sockaddr(addr: Ipv4Addr, port: u16) -> libc::sockaddr_in {

@@ -724,10 +724,10 @@ struct Prober {
 impl Prober {
     /// One scheduled probe, recorded.
     async fn scheduled(self: Arc<Self>) {
-        if let Some((result, took)) = self.probe_once().await {
-            self.record(result, took);
+        match self.probe_once().await {
+            Some((result, took)) => self.answered(result, took),
+            None => self.busy.store(false, Ordering::Relaxed),
         }
-        self.busy.store(false, Ordering::Relaxed);
     }
 
     /// A probe asked for by a suspicion failed: the backend goes down at
@@ -769,12 +769,11 @@ impl Prober {
             None => Some(self.probe_slots.acquire().await.ok()?),
         };
         let start = Instant::now();
-        let half_open = self.half_open.as_deref();
         let result = probe(
             &self.check.kind,
             self.probe_addr,
             self.check.timeout,
-            half_open,
+            self.half_open(),
         )
         .await;
         Some((result, start.elapsed()))
@@ -808,7 +807,7 @@ impl Prober {
 }
 
 impl Check for Prober {
-    /// A scheduled half-open check's result.
+    /// A scheduled check's result.
     fn answered(&self, result: Result<(), String>, took: Duration) {
         self.record(result, took);
         self.busy.store(false, Ordering::Relaxed);
@@ -940,9 +939,9 @@ impl XorShift64 {
     }
 }
 
-/// A seed from the target and the clock: different backends, and the same
+/// A seed from `key` and the clock: different backends, and the same
 /// backend after a restart or reload, start at different offsets.
-fn seed(key: &TargetKey) -> u64 {
+fn seed(key: &impl Hash) -> u64 {
     let mut hasher = DefaultHasher::new();
     key.hash(&mut hasher);
     SystemTime::now()

@@ -77,21 +77,12 @@ struct Watch {
 pub struct Detector {
     watched: HashMap<u32, Watch>,
     looks: u64,
-    last_look: Option<Instant>,
 }
 
 impl Detector {
-    /// Samples every active backend and returns the new suspects (none
-    /// when it is too early to look again, see [`MAX_JUDGED`]).
+    /// Samples every active backend and returns the new suspects. The
+    /// caller looks again after [`interval`].
     pub fn tick(&mut self, controller: &Controller, now: Instant) -> Vec<Suspicion> {
-        let every = interval(controller);
-        if self
-            .last_look
-            .is_some_and(|t| now.duration_since(t) + PERIOD / 2 < every)
-        {
-            return Vec::new();
-        }
-        self.last_look = Some(now);
         let count = controller
             .services()
             .flat_map(|s| s.backends.values().map(|b| b.id + 1))

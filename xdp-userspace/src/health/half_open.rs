@@ -25,7 +25,7 @@ use std::{
     net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket},
     os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
     sync::{Arc, Mutex, MutexGuard, PoisonError, Weak},
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::Duration,
 };
 
 use tokio::{
@@ -34,7 +34,7 @@ use tokio::{
     time::{self, MissedTickBehavior},
 };
 
-use super::{io_reason, Deadline, Step, XorShift64};
+use super::{io_reason, seed, Deadline, Step, XorShift64};
 
 /// `SO_ATTACH_FILTER` from `asm-generic/socket.h` (the libc crate lacks it
 /// for Linux); the same on x86-64 and arm64.
@@ -175,10 +175,6 @@ impl HalfOpen {
     ///
     /// Without `CAP_NET_RAW`, or when a socket cannot be made.
     pub fn start(runtime: &Handle) -> io::Result<Arc<Self>> {
-        let seed = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(1);
         let half_open = Arc::new(Self {
             v4: Family::open(libc::AF_INET)?,
             v6: Family::open(libc::AF_INET6).ok(),
@@ -186,7 +182,7 @@ impl HalfOpen {
                 waiting: HashMap::new(),
                 sources: HashMap::new(),
                 router: UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?,
-                rng: XorShift64::new(seed),
+                rng: XorShift64::new(seed(&"half-open SYNs")),
             }),
             sent: Notify::new(),
         });
