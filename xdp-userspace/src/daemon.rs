@@ -60,7 +60,13 @@ pub struct Options {
 /// How often next hops are re-resolved when the kernel announces nothing:
 /// the fallback for announcements lost or never made (a neighbour whose MAC
 /// changed without the kernel being told, until its entry is re-verified).
+/// Less often past [`NEXT_HOP_FALLBACK_RATE`] targets a second.
 const NEXT_HOP_PERIOD: Duration = Duration::from_secs(5);
+/// Next-hop targets the fallback re-resolves a second at most (every 10 s
+/// at 10,000 backends), so that its cost stays bounded at any scale: each is
+/// a route look-up over netlink, about 3.5 µs of CPU. Announced changes are
+/// followed at once whatever the scale.
+const NEXT_HOP_FALLBACK_RATE: u32 = 1000;
 /// How long a refresh waits after a next hop's announced change, so that a
 /// burst (a gateway failover, a flushed table: hundreds of announcements)
 /// is one refresh, not hundreds.
@@ -314,7 +320,8 @@ impl Daemon {
     /// ones that changed; and follows a change of an attached interface's
     /// own MAC (an administrator's `ip link set address`, a bond's
     /// failover), which the datapath must keep balancing frames to.
-    fn refresh(&self) {
+    /// Returns how many next hops it re-resolved.
+    fn refresh(&self) -> usize {
         let targets = self.lock().controller.next_hop_targets();
         let hops = self.resolver.refresh(&targets);
         let macs: Vec<(&str, Result<(u32, Mac)>)> = (self.interfaces.iter())
@@ -340,6 +347,7 @@ impl Daemon {
                 Err(e) => warn!(%iface, "following the interface's MAC: {e:#}"),
             }
         }
+        targets.len()
     }
 }
 
@@ -1046,31 +1054,35 @@ fn repair_attachments(datapath: &mut Datapath, ifaces: &[String], mode: AttachMo
 }
 
 /// Runs [`Daemon::refresh`] on the blocking pool [`NEXT_HOP_SETTLE`] after
-/// `changed` says the kernel announced a change of a next hop, and every
-/// [`NEXT_HOP_PERIOD`] without one. One task, so refreshes never overlap:
+/// `changed` says the kernel announced a change of a next hop, and after
+/// [`fallback_period`] without one. One task, so refreshes never overlap:
 /// an older refresh's answers could otherwise land after a newer one's.
 async fn refresh_next_hops(daemon: Arc<Daemon>, mut changed: mpsc::Receiver<()>) {
-    let mut fallback = tokio::time::interval(NEXT_HOP_PERIOD);
-    fallback.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    // The first tick is immediate, and the daemon has just resolved.
-    fallback.tick().await;
+    // The daemon has just resolved.
+    let mut targets = daemon.lock().controller.next_hop_targets().len();
     loop {
         tokio::select! {
-            _ = fallback.tick() => {}
+            () = tokio::time::sleep(fallback_period(targets)) => {}
             // `None` (the watcher never started) disables this branch.
             Some(()) = changed.recv() => {
                 tokio::time::sleep(NEXT_HOP_SETTLE).await;
                 // What was announced while settling, this refresh sees;
                 // what is announced during it makes another one.
                 while changed.try_recv().is_ok() {}
-                fallback.reset();
             }
         }
         let d = daemon.clone();
-        if let Err(e) = tokio::task::spawn_blocking(move || d.refresh()).await {
-            error!("refreshing next hops panicked: {e}");
+        match tokio::task::spawn_blocking(move || d.refresh()).await {
+            Ok(refreshed) => targets = refreshed,
+            Err(e) => error!("refreshing next hops panicked: {e}"),
         }
     }
+}
+
+/// How long the next-hop fallback waits with `targets` to re-resolve.
+fn fallback_period(targets: usize) -> Duration {
+    let targets = u32::try_from(targets).unwrap_or(u32::MAX);
+    NEXT_HOP_PERIOD.max(Duration::from_secs(1) * targets / NEXT_HOP_FALLBACK_RATE)
 }
 
 /// Runs `work(daemon)` on the blocking pool, in a task of its own, again

@@ -507,7 +507,9 @@ impl HealthChecker {
             })
             .ok();
         let (schedule, added) = unbounded_channel();
-        runtime.handle.spawn(Scheduler::new(added).run());
+        runtime
+            .handle
+            .spawn(Scheduler::new(added, half_open.clone()).run());
         let mut checker = HealthChecker {
             targets: BTreeMap::new(),
             probe_slots: Arc::new(Semaphore::new(max_concurrent.max(1))),
@@ -828,14 +830,21 @@ struct Scheduler {
     due: BTreeMap<time::Instant, Vec<Weak<Prober>>>,
     added: UnboundedReceiver<(time::Instant, Weak<Prober>)>,
     running: FuturesUnordered<Probe>,
+    /// The checker's, which the half-open checks due together are handed
+    /// to at once.
+    half_open: Option<Arc<HalfOpen>>,
 }
 
 impl Scheduler {
-    fn new(added: UnboundedReceiver<(time::Instant, Weak<Prober>)>) -> Self {
+    fn new(
+        added: UnboundedReceiver<(time::Instant, Weak<Prober>)>,
+        half_open: Option<Arc<HalfOpen>>,
+    ) -> Self {
         Self {
             due: BTreeMap::new(),
             added,
             running: FuturesUnordered::new(),
+            half_open,
         }
     }
 
@@ -873,6 +882,7 @@ impl Scheduler {
     /// fixed rate, which is what bounds detection time, skipping the
     /// times a busy machine missed rather than catching up in a burst.
     fn start_due(&mut self, now: time::Instant) {
+        let mut half_open_checks = Vec::new();
         while let Some(entry) = self.due.first_entry() {
             if *entry.key() > now {
                 break;
@@ -890,17 +900,23 @@ impl Scheduler {
                     next += interval;
                 }
                 if !prober.busy.swap(true, Ordering::Relaxed) {
-                    match prober.half_open() {
-                        Some(half_open) => {
-                            let deadline = Deadline::after(prober.check.timeout);
-                            let check = Waiter::Check(Arc::downgrade(&prober) as Weak<dyn Check>);
-                            half_open.check(prober.probe_addr, deadline, check);
-                        }
-                        None => self.running.push(Box::pin(prober.scheduled())),
+                    if prober.half_open().is_some() {
+                        // From `now`: one clock read per step, not per check.
+                        let deadline = Deadline {
+                            at: now + prober.check.timeout,
+                            timeout: prober.check.timeout,
+                        };
+                        let check = Waiter::Check(Arc::downgrade(&prober) as Weak<dyn Check>);
+                        half_open_checks.push((prober.probe_addr, deadline, check));
+                    } else {
+                        self.running.push(Box::pin(prober.scheduled()));
                     }
                 }
                 self.due.entry(next).or_default().push(target);
             }
+        }
+        if let Some(half_open) = &self.half_open {
+            half_open.check(half_open_checks);
         }
     }
 }

@@ -22,12 +22,12 @@ use crate::{config::UNANSWERED_AFTER, controller::Controller};
 /// every backend would exceed [`MAX_JUDGED`]).
 pub const PERIOD: Duration = Duration::from_millis(25);
 /// Backends the detector judges a second at most: it looks every
-/// `backends / MAX_JUDGED` seconds past 625 backends (every 400 ms at
+/// `backends / MAX_JUDGED` seconds past 250 backends (every second at
 /// 10,000), so its cost stays bounded at any scale. A look reads all
 /// backends' signals in one system call (about 3 ms of CPU at 10,000
 /// backends, nearly all of it the kernel copying per-CPU values); looking
 /// every 100 ms cost 7 % of a core when it read two maps.
-const MAX_JUDGED: u64 = 25_000;
+const MAX_JUDGED: u64 = 10_000;
 /// The judged window reaches at most this far back beyond
 /// `unanswered_after` (enough flows to judge at 20 a second).
 const WINDOW: Duration = Duration::from_millis(250);
