@@ -34,7 +34,7 @@ use tokio::{
     time::{self, MissedTickBehavior},
 };
 
-use super::{io_reason, seed, Deadline, Step, XorShift64};
+use super::{io_reason, prefetch, seed, Deadline, Prober, Step, XorShift64};
 
 /// `SO_ATTACH_FILTER` from `asm-generic/socket.h` (the libc crate lacks it
 /// for Linux); the same on x86-64 and arm64.
@@ -394,16 +394,15 @@ impl HalfOpen {
                 // Until the socket is empty; other errors (ENOBUFS and the
                 // like) lose answers, and their checks time out.
                 while let Ok(read) = inbox.read(&family.raw) {
-                    for (datagram, from) in inbox.datagrams(read) {
+                    let segments = inbox.datagrams(read).filter_map(|(datagram, from)| {
                         let segment = if v6 {
                             Some(datagram)
                         } else {
                             ipv4_payload(datagram)
                         };
-                        if let Some(segment) = segment {
-                            self.answer(from, family.port, segment);
-                        }
-                    }
+                        Some((segment?, from))
+                    });
+                    self.answer(family.port, segments);
                     if read < READ_BATCH {
                         break;
                     }
@@ -413,44 +412,64 @@ impl HalfOpen {
         }
     }
 
-    /// Completes the checks waiting for `segment`, if it answers their SYN.
-    fn answer(&self, from: IpAddr, port: u16, segment: &[u8]) {
-        let Some(tcp) = segment.get(..14) else {
-            return;
-        };
-        let source_port = u16::from_be_bytes([tcp[0], tcp[1]]);
-        let dest_port = u16::from_be_bytes([tcp[2], tcp[3]]);
-        let ack = u32::from_be_bytes([tcp[8], tcp[9], tcp[10], tcp[11]]);
-        let flags = tcp[13];
-        if dest_port != port {
-            return;
-        }
-        let answer = if flags & (SYN | ACK | RST) == SYN | ACK {
-            Answer::Listening
-        } else if flags & (RST | ACK) == RST | ACK {
-            Answer::Refused
-        } else {
-            return;
-        };
-        let peer = (from, source_port);
-        let flight = {
-            let mut state = self.lock();
-            let ours = state
-                .waiting
-                .get(&peer)
-                .is_some_and(|f| f.seq.wrapping_add(1) == ack);
-            if !ours {
-                return;
+    /// Completes the checks that `segments` (each from its source address,
+    /// to `port`) answer.
+    fn answer<'a>(&self, port: u16, segments: impl Iterator<Item = (&'a [u8], IpAddr)>) {
+        let mut answered = Vec::new();
+        {
+            let state = &mut *self.lock();
+            for (segment, from) in segments {
+                let Some((peer, answer)) = read_answer(segment, from, port, &state.waiting) else {
+                    continue;
+                };
+                let target = SocketAddr::new(peer.0, peer.1);
+                let flight = state.waiting.remove(&peer).into_iter();
+                answered.extend(flight.flat_map(|f| f.waiters).map(|p| (target, answer, p)));
             }
-            state.waiting.remove(&peer)
-        };
+        }
+        // Each check's target is touched once per interval, so its memory
+        // is cold by now: fetch all of it at once, not one target after
+        // the other.
+        for (_, _, p) in &answered {
+            if let Waiter::Check(check) = &p.waiter {
+                prefetch(check, size_of::<Prober>());
+            }
+        }
         // Told without the lock: a check's recording takes its own.
-        let target = SocketAddr::new(from, source_port);
-        for p in flight.into_iter().flat_map(|f| f.waiters) {
-            p.waiter
-                .finish(answer.result(target, p.deadline), p.sent.elapsed());
+        let now = std::time::Instant::now();
+        for (target, answer, p) in answered {
+            let took = now.duration_since(p.sent);
+            p.waiter.finish(answer.result(target, p.deadline), took);
         }
     }
+}
+
+/// The backend and what it answered, if `segment` from `from` answers
+/// the SYN in flight to it from `port`.
+fn read_answer(
+    segment: &[u8],
+    from: IpAddr,
+    port: u16,
+    waiting: &HashMap<Peer, InFlight>,
+) -> Option<(Peer, Answer)> {
+    let tcp = segment.get(..14)?;
+    let source_port = u16::from_be_bytes([tcp[0], tcp[1]]);
+    let dest_port = u16::from_be_bytes([tcp[2], tcp[3]]);
+    let ack = u32::from_be_bytes([tcp[8], tcp[9], tcp[10], tcp[11]]);
+    let flags = tcp[13];
+    if dest_port != port {
+        return None;
+    }
+    let answer = if flags & (SYN | ACK | RST) == SYN | ACK {
+        Answer::Listening
+    } else if flags & (RST | ACK) == RST | ACK {
+        Answer::Refused
+    } else {
+        return None;
+    };
+    let peer = (from, source_port);
+    let flight = waiting.get(&peer)?;
+    (flight.seq.wrapping_add(1) == ack).then_some((peer, answer))
 }
 
 impl Family {
@@ -896,7 +915,7 @@ mod tests {
             segment[2..4].copy_from_slice(&to_port.to_be_bytes());
             segment[8..12].copy_from_slice(&ack.to_be_bytes());
             segment[13] = flags;
-            half_open.answer(peer.0, port, &segment);
+            half_open.answer(port, [(&segment[..], peer.0)].into_iter());
         };
         answer(port + 1, 1001, SYN | ACK); // another port
         answer(port, 1000, SYN | ACK); // not this SYN's acknowledgement
