@@ -62,7 +62,7 @@ const READ_EVERY: Duration = Duration::from_millis(5);
 /// Answers read in one system call at most (`recvmmsg`).
 const READ_BATCH: usize = 64;
 /// What is read of an answer: room for an IPv4 header with options (60
-/// bytes) and the 14 bytes of TCP header that [`HalfOpen::answer`] reads.
+/// bytes) and the 14 bytes of TCP header that [`read_answer`] reads.
 const ANSWER_BYTES: usize = 128;
 
 /// A backend, by address and port. Not `SocketAddr`: an IPv6 answer's
@@ -430,7 +430,7 @@ impl HalfOpen {
         }
         // Each check's target is touched once per interval, so its memory
         // is cold by now: fetch all of it at once, not one target after
-        // the other.
+        // the other. (A scheduled check is a `Prober`.)
         for (_, _, p) in &answered {
             if let Waiter::Check(check) = &p.waiter {
                 prefetch(check, size_of::<Prober>());
