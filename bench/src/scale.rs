@@ -19,6 +19,7 @@ use std::{
 
 use anyhow::{ensure, Context as _, Result};
 use xdplb_tests::{
+    client::setsockopt,
     lb::Xdplb,
     netns::{unique_prefix, Netns},
     switch,
@@ -304,17 +305,10 @@ fn connect_floor(lb: &Netns, backends: usize, window: Duration) -> Result<f64> {
             l_linger: 0,
         };
         for fd in fds {
-            // SAFETY: a socket this loop opened; linger is a valid struct.
-            unsafe {
-                libc::setsockopt(
-                    fd,
-                    libc::SOL_SOCKET,
-                    libc::SO_LINGER,
-                    (&raw const linger).cast(),
-                    size_of::<libc::linger>() as libc::socklen_t,
-                );
-                libc::close(fd);
-            }
+            let reset = setsockopt(fd, libc::SOL_SOCKET, libc::SO_LINGER, &linger);
+            // SAFETY: a socket this loop opened.
+            unsafe { libc::close(fd) };
+            reset?;
         }
         Ok(())
     })
@@ -334,22 +328,13 @@ fn syn_floor(lb: &Netns, backends: usize, window: Duration) -> Result<f64> {
     };
     let raw = lb.run(|| socket(libc::SOCK_RAW | libc::SOCK_NONBLOCK, libc::IPPROTO_TCP))?;
     // Don't fragment, as the daemon's SYNs (and a TCP socket's).
-    let dont_fragment = libc::IP_PMTUDISC_DO;
-    // SAFETY: a valid int for the call.
-    let set = unsafe {
-        libc::setsockopt(
-            raw.as_raw_fd(),
-            libc::IPPROTO_IP,
-            libc::IP_MTU_DISCOVER,
-            (&raw const dont_fragment).cast(),
-            size_of::<libc::c_int>() as u32,
-        )
-    };
-    ensure!(
-        set == 0,
-        "IP_MTU_DISCOVER: {}",
-        std::io::Error::last_os_error()
-    );
+    let dont_fragment: libc::c_int = libc::IP_PMTUDISC_DO;
+    setsockopt(
+        raw.as_raw_fd(),
+        libc::IPPROTO_IP,
+        libc::IP_MTU_DISCOVER,
+        &dont_fragment,
+    )?;
     let holder = lb.run(|| socket(libc::SOCK_STREAM, 0))?;
     // The source port, held by a bound socket that never listens.
     let port = 40_999u16;
@@ -371,6 +356,8 @@ fn syn_floor(lb: &Netns, backends: usize, window: Duration) -> Result<f64> {
             let to = backend_addr(i);
             let mut syn = etherparse::TcpHeader::new(port, 80, i as u32, u16::MAX);
             syn.syn = true;
+            // The daemon's SYNs carry an MSS option too.
+            syn.set_options(&[etherparse::TcpOptionElement::MaximumSegmentSize(1460)])?;
             syn.checksum = syn.calc_checksum_ipv4_raw(source.octets(), to.octets(), &[])?;
             let bytes = syn.to_bytes();
             let dest = sockaddr(to, 0);

@@ -304,7 +304,8 @@ fn timeval(d: Duration) -> libc::timeval {
     }
 }
 
-fn setsockopt<T>(
+/// Sets socket option `name` at `level` of `fd` to `value`.
+pub fn setsockopt<T>(
     fd: RawFd,
     level: libc::c_int,
     name: libc::c_int,

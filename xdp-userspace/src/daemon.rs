@@ -288,7 +288,11 @@ impl Daemon {
             entry.0 += 1;
             entry.1 = s.why;
         }
-        passive::interval(controller)
+        paced(
+            passive::PERIOD,
+            passive.backends_read(),
+            passive::MAX_JUDGED,
+        )
     }
 
     fn tick(&self) {
@@ -1055,14 +1059,15 @@ fn repair_attachments(datapath: &mut Datapath, ifaces: &[String], mode: AttachMo
 
 /// Runs [`Daemon::refresh`] on the blocking pool [`NEXT_HOP_SETTLE`] after
 /// `changed` says the kernel announced a change of a next hop, and after
-/// [`fallback_period`] without one. One task, so refreshes never overlap:
-/// an older refresh's answers could otherwise land after a newer one's.
+/// [`NEXT_HOP_PERIOD`] without one (less often at scale, see [`paced`]).
+/// One task, so refreshes never overlap: an older refresh's answers could
+/// otherwise land after a newer one's.
 async fn refresh_next_hops(daemon: Arc<Daemon>, mut changed: mpsc::Receiver<()>) {
     // The daemon has just resolved.
     let mut targets = daemon.lock().controller.next_hop_targets().len();
     loop {
         tokio::select! {
-            () = tokio::time::sleep(fallback_period(targets)) => {}
+            () = tokio::time::sleep(paced(NEXT_HOP_PERIOD, targets, NEXT_HOP_FALLBACK_RATE)) => {}
             // `None` (the watcher never started) disables this branch.
             Some(()) = changed.recv() => {
                 tokio::time::sleep(NEXT_HOP_SETTLE).await;
@@ -1079,10 +1084,13 @@ async fn refresh_next_hops(daemon: Arc<Daemon>, mut changed: mpsc::Receiver<()>)
     }
 }
 
-/// How long the next-hop fallback waits with `targets` to re-resolve.
-fn fallback_period(targets: usize) -> Duration {
-    let targets = u32::try_from(targets).unwrap_or(u32::MAX);
-    NEXT_HOP_PERIOD.max(Duration::from_secs(1) * targets / NEXT_HOP_FALLBACK_RATE)
+/// The pause between two rounds of periodic work over `items` (passive
+/// detection's looks, the next-hop fallback): `least`, or longer when that
+/// would take more than `per_second` items a second, so that the work's
+/// cost stays bounded at any scale.
+fn paced(least: Duration, items: usize, per_second: u32) -> Duration {
+    let items = u32::try_from(items).unwrap_or(u32::MAX);
+    least.max(Duration::from_secs(1) * items / per_second)
 }
 
 /// Runs `work(daemon)` on the blocking pool, in a task of its own, again

@@ -152,7 +152,7 @@ pub async fn probe(
     timeout: Duration,
     half_open: Option<&HalfOpen>,
 ) -> Result<(), String> {
-    let deadline = Deadline::after(timeout);
+    let deadline = Deadline::after(time::Instant::now(), timeout);
     match kind {
         CheckKind::None => Ok(()),
         CheckKind::Tcp => match half_open {
@@ -211,11 +211,17 @@ impl fmt::Display for Step {
 }
 
 impl Deadline {
-    fn after(timeout: Duration) -> Self {
+    /// `timeout` from `start`.
+    fn after(start: time::Instant, timeout: Duration) -> Self {
         Self {
-            at: time::Instant::now() + timeout,
+            at: start + timeout,
             timeout,
         }
+    }
+
+    /// When the time started running.
+    fn start(&self) -> time::Instant {
+        self.at - self.timeout
     }
 
     /// Runs one step of a probe; errors are prefixed with the step.
@@ -621,9 +627,16 @@ impl HealthChecker {
             self.send(event);
         }
         let hysteresis = Hysteresis::new(target.check.rise, target.check.fall, status.healthy);
+        let first_probe = probed.then(|| {
+            let first_probe_in = jitter(
+                target.check.interval,
+                &mut XorShift64::new(seed(&target.key())),
+            );
+            self.runtime.on_grid(time::Instant::now() + first_probe_in)
+        });
         let prober = Arc::new(Prober {
             probe_addr: target.probe_addr(),
-            check: target.check.clone(),
+            check: target.check,
             shared: Mutex::new(Shared {
                 status,
                 hysteresis,
@@ -634,12 +647,7 @@ impl HealthChecker {
             half_open: self.half_open.clone(),
             events: self.events.clone(),
         });
-        if probed {
-            let first_probe_in = jitter(
-                target.check.interval,
-                &mut XorShift64::new(seed(&target.key())),
-            );
-            let first_probe = self.runtime.on_grid(time::Instant::now() + first_probe_in);
+        if let Some(first_probe) = first_probe {
             // Closed only when the check thread is gone, and the checker
             // with it.
             let _ = self.schedule.send((first_probe, Arc::downgrade(&prober)));
@@ -898,10 +906,7 @@ impl Scheduler {
                 if !prober.busy.swap(true, Ordering::Relaxed) {
                     if prober.half_open().is_some() {
                         // From `now`: one clock read per step, not per check.
-                        let deadline = Deadline {
-                            at: now + prober.check.timeout,
-                            timeout: prober.check.timeout,
-                        };
+                        let deadline = Deadline::after(now, prober.check.timeout);
                         let check = Waiter::Check(Arc::downgrade(&prober) as Weak<dyn Check>);
                         half_open_checks.push((prober.probe_addr, deadline, check));
                     } else {
@@ -911,7 +916,11 @@ impl Scheduler {
                 self.due.entry(next).or_default().push(target);
             }
         }
-        if let Some(half_open) = &self.half_open {
+        if let Some(half_open) = self
+            .half_open
+            .as_ref()
+            .filter(|_| !half_open_checks.is_empty())
+        {
             half_open.check(half_open_checks);
         }
     }

@@ -18,8 +18,8 @@ use xdp_common::{Signals, BACKEND_ACTIVE};
 
 use crate::{config::UNANSWERED_AFTER, controller::Controller};
 
-/// How often the detector may look (it looks less often when judging
-/// every backend would exceed [`MAX_JUDGED`]).
+/// How often the detector may look (the daemon has it look less often when
+/// judging every backend would exceed [`MAX_JUDGED`]).
 pub const PERIOD: Duration = Duration::from_millis(25);
 /// Backends the detector judges a second at most: it looks every
 /// `backends / MAX_JUDGED` seconds past 250 backends (every second at
@@ -27,7 +27,7 @@ pub const PERIOD: Duration = Duration::from_millis(25);
 /// backends' signals in one system call (about 3 ms of CPU at 10,000
 /// backends, nearly all of it the kernel copying per-CPU values); looking
 /// every 100 ms cost 7 % of a core when it read two maps.
-const MAX_JUDGED: u64 = 10_000;
+pub const MAX_JUDGED: u32 = 10_000;
 /// The judged window reaches at most this far back beyond
 /// `unanswered_after` (enough flows to judge at 20 a second).
 const WINDOW: Duration = Duration::from_millis(250);
@@ -77,11 +77,12 @@ struct Watch {
 pub struct Detector {
     watched: HashMap<u32, Watch>,
     looks: u64,
+    /// Backend ids whose signals the last look read.
+    read: usize,
 }
 
 impl Detector {
-    /// Samples every active backend and returns the new suspects. The
-    /// caller looks again after [`interval`].
+    /// Samples every active backend and returns the new suspects.
     pub fn tick(&mut self, controller: &Controller, now: Instant) -> Vec<Suspicion> {
         let count = controller
             .services()
@@ -96,6 +97,7 @@ impl Detector {
             }
         };
         self.looks += 1;
+        self.read = count as usize;
         let mut suspects = Vec::new();
         for service in controller.services() {
             let grace = service.config.health_check.unanswered_after;
@@ -149,13 +151,11 @@ impl Detector {
         self.watched.retain(|_, w| w.looked == looks);
         suspects
     }
-}
 
-/// How often the detector looks: every [`PERIOD`], or less often when
-/// judging every backend would exceed [`MAX_JUDGED`].
-pub fn interval(controller: &Controller) -> Duration {
-    let backends: usize = controller.services().map(|s| s.backends.len()).sum();
-    PERIOD.max(Duration::from_secs(backends as u64) / MAX_JUDGED as u32)
+    /// How many backends the last look read.
+    pub fn backends_read(&self) -> usize {
+        self.read
+    }
 }
 
 /// Whether `history` (newest first) looks like a dead backend, and why.

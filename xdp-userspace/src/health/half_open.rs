@@ -20,7 +20,7 @@
 //! Needs `CAP_NET_RAW`; without it the checker connects fully.
 
 use std::{
-    collections::HashMap,
+    collections::{hash_map::Entry, HashMap},
     io,
     mem::size_of,
     net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket},
@@ -29,6 +29,7 @@ use std::{
     time::Duration,
 };
 
+use etherparse::{TcpHeader, TcpOptionElement};
 use tokio::{
     runtime::Handle,
     sync::{oneshot, Notify},
@@ -99,14 +100,12 @@ struct State {
     /// Connected to a backend to learn the source address towards it.
     router: UdpSocket,
     rng: XorShift64,
-    /// SYNs made and not yet sent (kept for its memory).
-    outbox: Outbox,
 }
 
-/// SYNs made under the lock and then sent together, one system call per
-/// address family (`sendmmsg`): at 10,000 checks a second, one `sendto`
-/// each cost more in system-call overhead than the check's own user-space
-/// work.
+/// The SYNs of one batch of checks, made under the lock and then sent
+/// together, one system call per address family (`sendmmsg`): at 10,000
+/// checks a second, one `sendto` each cost more in system-call overhead
+/// than the check's own user-space work.
 #[derive(Default)]
 struct Outbox {
     v4: Vec<Syn<libc::sockaddr_in>>,
@@ -154,10 +153,9 @@ impl Waiter {
     }
 }
 
-/// A check waiting for an answer.
+/// A check waiting for an answer (since its deadline's start).
 struct Pending {
     deadline: Deadline,
-    sent: std::time::Instant,
     waiter: Waiter,
 }
 
@@ -209,7 +207,6 @@ impl HalfOpen {
                 sources: HashMap::new(),
                 router: UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?,
                 rng: XorShift64::new(seed(&"half-open SYNs")),
-                outbox: Outbox::default(),
             }),
             sent: Notify::new(),
         });
@@ -231,24 +228,20 @@ impl HalfOpen {
     /// Starts checks, each of a target within a deadline; each result goes
     /// to its waiter.
     pub(super) fn check(&self, checks: impl IntoIterator<Item = (SocketAddr, Deadline, Waiter)>) {
-        let sent = std::time::Instant::now();
         let mut failed = Vec::new();
+        let mut outbox = Outbox::default();
         {
             let state = &mut *self.lock();
             let quiet = state.waiting.is_empty();
             for (target, deadline, waiter) in checks {
                 let peer = (target.ip(), target.port());
-                let pending = Pending {
-                    deadline,
-                    sent,
-                    waiter,
-                };
+                let pending = Pending { deadline, waiter };
                 if let Some(flight) = state.waiting.get_mut(&peer) {
                     flight.waiters.push(pending);
                     continue;
                 }
                 let seq = state.rng.next_u64() as u32;
-                match self.make_syn(state, target, seq) {
+                match self.make_syn(state, &mut outbox, target, seq) {
                     Ok(()) => {
                         let waiters = vec![pending];
                         state.waiting.insert(peer, InFlight { seq, waiters });
@@ -256,7 +249,7 @@ impl HalfOpen {
                     Err(e) => failed.push((target, e, vec![pending])),
                 }
             }
-            for (peer, e) in self.send(&mut state.outbox) {
+            for (peer, e) in self.send(&outbox) {
                 if let Some(flight) = state.waiting.remove(&peer) {
                     failed.push((SocketAddr::new(peer.0, peer.1), e, flight.waiters));
                 }
@@ -310,12 +303,18 @@ impl HalfOpen {
         // Told without the lock: a check's recording takes its own.
         for ((ip, port), p) in late {
             let result = Answer::TimedOut.result(SocketAddr::new(ip, port), p.deadline);
-            p.waiter.finish(result, p.sent.elapsed());
+            p.waiter.finish(result, now - p.deadline.start());
         }
     }
 
-    /// Makes the SYN of a check of `target` and puts it in the outbox.
-    fn make_syn(&self, state: &mut State, target: SocketAddr, seq: u32) -> io::Result<()> {
+    /// Makes the SYN of a check of `target` and puts it in `outbox`.
+    fn make_syn(
+        &self,
+        state: &mut State,
+        outbox: &mut Outbox,
+        target: SocketAddr,
+        seq: u32,
+    ) -> io::Result<()> {
         let peer = (target.ip(), target.port());
         match target {
             SocketAddr::V4(to) => {
@@ -330,9 +329,7 @@ impl HalfOpen {
                         source
                     }
                 };
-                let mut segment = syn(self.v4.port, to.port(), seq);
-                let checksum = tcp_checksum(source, *to.ip(), &segment);
-                segment[16..18].copy_from_slice(&checksum.to_be_bytes());
+                let segment = syn(self.v4.port, to.port(), seq, Some((source, *to.ip())));
                 let to = libc::sockaddr_in {
                     sin_family: libc::AF_INET as libc::sa_family_t,
                     sin_port: 0,
@@ -341,7 +338,7 @@ impl HalfOpen {
                     },
                     sin_zero: [0; 8],
                 };
-                state.outbox.v4.push(Syn { segment, to, peer });
+                outbox.v4.push(Syn { segment, to, peer });
             }
             SocketAddr::V6(to) => {
                 let v6 = self
@@ -349,7 +346,7 @@ impl HalfOpen {
                     .as_ref()
                     .ok_or_else(|| io::Error::from_raw_os_error(libc::EAFNOSUPPORT))?;
                 // The kernel fills in the checksum (IPV6_CHECKSUM).
-                let segment = syn(v6.port, to.port(), seq);
+                let segment = syn(v6.port, to.port(), seq, None);
                 let to = libc::sockaddr_in6 {
                     sin6_family: libc::AF_INET6 as libc::sa_family_t,
                     sin6_port: 0,
@@ -359,22 +356,19 @@ impl HalfOpen {
                     },
                     sin6_scope_id: to.scope_id(),
                 };
-                state.outbox.v6.push(Syn { segment, to, peer });
+                outbox.v6.push(Syn { segment, to, peer });
             }
         }
         Ok(())
     }
 
-    /// Sends and empties `outbox`; returns the SYNs the kernel refused, and
-    /// why.
-    fn send(&self, outbox: &mut Outbox) -> Vec<(Peer, io::Error)> {
+    /// Sends `outbox`; returns the SYNs the kernel refused, and why.
+    fn send(&self, outbox: &Outbox) -> Vec<(Peer, io::Error)> {
         let mut refused = Vec::new();
         send_all(&self.v4.raw, &outbox.v4, &mut refused);
         if let Some(v6) = &self.v6 {
             send_all(&v6.raw, &outbox.v6, &mut refused);
         }
-        outbox.v4.clear();
-        outbox.v6.clear();
         refused
     }
 
@@ -420,12 +414,19 @@ impl HalfOpen {
         {
             let state = &mut *self.lock();
             for (segment, from) in segments {
-                let Some((peer, answer)) = read_answer(segment, from, port, &state.waiting) else {
+                let Some((peer, ack, answer)) = read_answer(segment, from, port) else {
                     continue;
                 };
+                // Ours only if it acknowledges the SYN in flight.
+                let Entry::Occupied(flight) = state.waiting.entry(peer) else {
+                    continue;
+                };
+                if flight.get().seq.wrapping_add(1) != ack {
+                    continue;
+                }
                 let target = SocketAddr::new(peer.0, peer.1);
-                let flight = state.waiting.remove(&peer).into_iter();
-                answered.extend(flight.flat_map(|f| f.waiters).map(|p| (target, answer, p)));
+                let waiters = flight.remove().waiters;
+                answered.extend(waiters.into_iter().map(|p| (target, answer, p)));
             }
         }
         // Each check's target is touched once per interval, so its memory
@@ -437,22 +438,17 @@ impl HalfOpen {
             }
         }
         // Told without the lock: a check's recording takes its own.
-        let now = std::time::Instant::now();
+        let now = time::Instant::now();
         for (target, answer, p) in answered {
-            let took = now.duration_since(p.sent);
+            let took = now - p.deadline.start();
             p.waiter.finish(answer.result(target, p.deadline), took);
         }
     }
 }
 
-/// The backend and what it answered, if `segment` from `from` answers
-/// the SYN in flight to it from `port`.
-fn read_answer(
-    segment: &[u8],
-    from: IpAddr,
-    port: u16,
-    waiting: &HashMap<Peer, InFlight>,
-) -> Option<(Peer, Answer)> {
+/// The backend, the acknowledgement number and what it answered, if
+/// `segment` from `from` is a SYN-ACK or a reset to `port`.
+fn read_answer(segment: &[u8], from: IpAddr, port: u16) -> Option<(Peer, u32, Answer)> {
     let tcp = segment.get(..14)?;
     let source_port = u16::from_be_bytes([tcp[0], tcp[1]]);
     let dest_port = u16::from_be_bytes([tcp[2], tcp[3]]);
@@ -468,9 +464,7 @@ fn read_answer(
     } else {
         return None;
     };
-    let peer = (from, source_port);
-    let flight = waiting.get(&peer)?;
-    (flight.seq.wrapping_add(1) == ack).then_some((peer, answer))
+    Some(((from, source_port), ack, answer))
 }
 
 impl Family {
@@ -579,40 +573,28 @@ fn attach_filter(fd: i32, family: libc::c_int, port: u16) -> io::Result<()> {
     Ok(())
 }
 
-/// A SYN from `source_port` to `dest_port` with sequence number `seq`,
-/// checksum zero.
-fn syn(source_port: u16, dest_port: u16, seq: u32) -> [u8; SYN_LEN] {
-    let mut h = [0u8; SYN_LEN];
-    h[0..2].copy_from_slice(&source_port.to_be_bytes());
-    h[2..4].copy_from_slice(&dest_port.to_be_bytes());
-    h[4..8].copy_from_slice(&seq.to_be_bytes());
-    h[12] = ((SYN_LEN / 4) as u8) << 4;
-    h[13] = SYN;
-    h[14..16].copy_from_slice(&u16::MAX.to_be_bytes());
-    // Option: maximum segment size (kind 2, length 4).
-    h[20..22].copy_from_slice(&[2, 4]);
-    h[22..24].copy_from_slice(&MSS.to_be_bytes());
-    h
-}
-
-/// The TCP checksum of `segment` (its checksum field zero) from `source`
-/// to `dest` (RFC 9293, 3.1: over a pseudo-header and the segment).
-fn tcp_checksum(source: Ipv4Addr, dest: Ipv4Addr, segment: &[u8]) -> u16 {
-    let words = |bytes: &[u8]| {
-        bytes
-            .chunks(2)
-            .map(|w| u32::from(u16::from_be_bytes([w[0], *w.get(1).unwrap_or(&0)])))
-            .sum::<u32>()
-    };
-    let mut sum = words(&source.octets())
-        + words(&dest.octets())
-        + u32::from(libc::IPPROTO_TCP as u16)
-        + segment.len() as u32
-        + words(segment);
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
+/// A SYN from `source_port` to `dest_port` with sequence number `seq` and
+/// an MSS option; checksummed for IPv4 `addresses` (source, destination),
+/// left zero without (for IPv6 the kernel computes it).
+fn syn(
+    source_port: u16,
+    dest_port: u16,
+    seq: u32,
+    addresses: Option<(Ipv4Addr, Ipv4Addr)>,
+) -> [u8; SYN_LEN] {
+    let mut header = TcpHeader::new(source_port, dest_port, seq, u16::MAX);
+    header.syn = true;
+    header
+        .set_options(&[TcpOptionElement::MaximumSegmentSize(MSS)])
+        .expect("an MSS option fits a TCP header");
+    if let Some((source, dest)) = addresses {
+        header.checksum = header
+            .calc_checksum_ipv4_raw(source.octets(), dest.octets(), &[])
+            .expect("a SYN without payload is small enough");
     }
-    !(sum as u16)
+    let mut segment = [0; SYN_LEN];
+    segment.copy_from_slice(&header.to_bytes());
+    segment
 }
 
 /// The TCP segment in an IPv4 packet as a raw socket reads it, if it is one.
@@ -791,20 +773,7 @@ mod tests {
     const TIMEOUT: Duration = Duration::from_millis(200);
 
     fn deadline() -> Deadline {
-        Deadline {
-            at: time::Instant::now() + TIMEOUT,
-            timeout: TIMEOUT,
-        }
-    }
-
-    #[test]
-    fn a_segment_with_its_checksum_sums_to_zero() {
-        // (That backends accept these SYNs is what the probe tests show.)
-        let (from, to) = (Ipv4Addr::new(10, 0, 0, 1), Ipv4Addr::new(10, 0, 0, 2));
-        let mut segment = syn(40000, 80, 1);
-        let sum = tcp_checksum(from, to, &segment);
-        segment[16..18].copy_from_slice(&sum.to_be_bytes());
-        assert_eq!(tcp_checksum(from, to, &segment), 0);
+        Deadline::after(time::Instant::now(), TIMEOUT)
     }
 
     #[tokio::test]
@@ -904,7 +873,6 @@ mod tests {
             seq: 1000,
             waiters: vec![Pending {
                 deadline: runtime.block_on(async { deadline() }),
-                sent: std::time::Instant::now(),
                 waiter: Waiter::Check(Arc::downgrade(&told) as Weak<dyn Check>),
             }],
         };
