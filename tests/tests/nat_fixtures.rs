@@ -15,6 +15,7 @@
 //! Needs root (BPF).
 
 use std::{
+    fmt::Display,
     net::{IpAddr, SocketAddr},
     time::Duration,
 };
@@ -51,9 +52,14 @@ const BACKEND6: &str = "fd00:1::11";
 const ROUTER4: &str = "10.0.2.254";
 const ROUTER6: &str = "fd00:2::fe";
 
-/// The default timeouts of the configuration: 1h, 10s, 60s.
-const TCP_TIMEOUT: u32 = DEFAULT_TIMEOUTS.tcp;
-const UDP_TIMEOUT: u32 = DEFAULT_TIMEOUTS.udp;
+/// The standard services, id = index: (what, VIP, port, protocol, backend,
+/// backend port, SNAT address).
+const STANDARD: [(&str, &str, u16, u8, &str, u16, &str); 4] = [
+    ("TCP over IPv4", VIP4, 80, PROTO_TCP, BACKEND4, 8080, SNAT4),
+    ("UDP over IPv4", VIP4, 53, PROTO_UDP, BACKEND4, 5353, SNAT4),
+    ("TCP over IPv6", VIP6, 80, PROTO_TCP, BACKEND6, 8080, SNAT6),
+    ("UDP over IPv6", VIP6, 53, PROTO_UDP, BACKEND6, 5353, SNAT6),
+];
 
 fn backend_mac(id: u32) -> [u8; 6] {
     [0x02, 0, 0, 0, 0x01, id as u8]
@@ -65,6 +71,21 @@ fn sa(s: &str) -> SocketAddr {
 
 fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
+}
+
+/// `seg` as the client sends it to the load balancer.
+fn from_client(seg: &Seg) -> Vec<u8> {
+    seg.frame(LB_MAC_A, CLIENT_MAC)
+}
+
+/// `seg` as backend `id` sends it to the load balancer.
+fn from_backend(seg: &Seg, id: u32) -> Vec<u8> {
+    seg.frame(LB_MAC_B, backend_mac(id))
+}
+
+/// Compares frames as hex dumps, so a mismatch shows where.
+fn assert_frame(out: &[u8], expected: &[u8], what: impl Display) {
+    assert_eq!(frame::hex(out), frame::hex(expected), "{what}");
 }
 
 // ---------------------------------------------------------------- harness
@@ -85,43 +106,36 @@ impl Harness {
         Self { dp }
     }
 
-    fn set_nat_enabled(&mut self, on: bool) {
-        self.dp.set_nat_enabled(on).unwrap();
-    }
-
-    /// Backend `id` at `addr:port`, seen from the load balancer's `snat`
+    /// Backend `id` at `backend`, seen from the load balancer's `snat`
     /// address, reached over "loopback" (XDP_TX).
-    fn set_backend(&mut self, id: u32, service: u32, addr: &str, port: u16, snat: &str) {
+    fn set_backend(&mut self, id: u32, service: u32, backend: SocketAddr, snat: IpAddr) {
         let b = Backend {
-            addr: addr::to_words(ip(addr)),
+            addr: addr::to_words(backend.ip()),
             dst_mac: backend_mac(id),
             src_mac: LB_MAC_B,
             ifindex: LO_IFINDEX,
             state: BACKEND_ACTIVE,
-            snat_addr: addr::to_words(ip(snat)),
+            snat_addr: addr::to_words(snat),
             service,
-            port_be: port.to_be(),
+            port_be: backend.port().to_be(),
             _pad: [0; 2],
         };
         self.dp.set_backend(id, b).unwrap();
     }
 
-    /// A NAT service `id` at `vip:port/proto` whose table holds `members`
+    /// A NAT service `id` at `vip/proto` whose table holds `members`
     /// (repeated to fill it), translating to source ports
     /// `ports.0 .. ports.0 + ports.1`.
-    #[expect(clippy::too_many_arguments, reason = "one service row, spelled out")]
     fn set_service(
         &mut self,
         id: u32,
-        vip: &str,
-        port: u16,
+        vip: SocketAddr,
         proto: u8,
         members: &[u32],
         ports: (u16, u16),
         t: Timeouts,
     ) {
         let svc = nat_service(id, id * 2 * TABLE_SIZE, TABLE_SIZE, ports, t);
-        let vip = SocketAddr::new(ip(vip), port);
         self.dp.set_service(vip, proto, svc, members).unwrap();
     }
 
@@ -130,36 +144,61 @@ impl Harness {
     /// (8080, 5353), default port range and timeouts.
     fn standard() -> Self {
         let mut h = Self::new();
-        let rows = [
-            (VIP4, 80, PROTO_TCP, BACKEND4, 8080, SNAT4),
-            (VIP4, 53, PROTO_UDP, BACKEND4, 5353, SNAT4),
-            (VIP6, 80, PROTO_TCP, BACKEND6, 8080, SNAT6),
-            (VIP6, 53, PROTO_UDP, BACKEND6, 5353, SNAT6),
-        ];
-        for (id, (vip, port, proto, backend, backend_port, snat)) in (0..).zip(rows) {
-            h.set_backend(id, id, backend, backend_port, snat);
+        for f in standard_flows() {
+            h.set_backend(f.id, f.id, f.backend, f.snat);
             let ports = (20000, 40000);
-            h.set_service(id, vip, port, proto, &[id], ports, DEFAULT_TIMEOUTS);
+            h.set_service(f.id, f.vip, f.proto, &[f.id], ports, DEFAULT_TIMEOUTS);
         }
+        h
+    }
+
+    /// One NAT service at `vip/proto`: backend 0 at `backend`, from SNAT4,
+    /// with the source ports `ports` and timeouts `t`.
+    fn one_service(
+        vip: SocketAddr,
+        proto: u8,
+        backend: SocketAddr,
+        ports: (u16, u16),
+        t: Timeouts,
+    ) -> Self {
+        let mut h = Self::new();
+        h.set_backend(0, 0, backend, ip(SNAT4));
+        h.set_service(0, vip, proto, &[0], ports, t);
         h
     }
 
     /// One UDP NAT service, VIP4:53 to BACKEND4:5353, with a single source
     /// port (32000) and a 1 s UDP timeout.
     fn one_udp_port() -> Self {
-        let mut h = Self::new();
-        h.set_backend(0, 0, BACKEND4, 5353, SNAT4);
         let t = Timeouts {
             udp: 1,
             ..DEFAULT_TIMEOUTS
         };
-        h.set_service(0, VIP4, 53, PROTO_UDP, &[0], (32000, 1), t);
-        h
+        Self::one_service(
+            sa("10.0.100.1:53"),
+            PROTO_UDP,
+            sa("10.0.1.11:5353"),
+            (32000, 1),
+            t,
+        )
     }
 
     /// Runs the program on `input`: (verdict, output frame).
     fn run(&mut self, input: &[u8]) -> (u32, Vec<u8>) {
         self.dp.run(input).unwrap()
+    }
+
+    /// Runs the program on `input`, which it must forward (XDP_TX): the
+    /// output frame.
+    fn run_tx(&mut self, what: &str, input: &[u8]) -> Vec<u8> {
+        let (verdict, out) = self.run(input);
+        assert_eq!(
+            verdict,
+            XDP_TX,
+            "{what}: verdict (output:\n{})",
+            frame::hex(&out)
+        );
+        out
     }
 
     fn reason(&self, r: Reason) -> u64 {
@@ -187,54 +226,32 @@ impl Harness {
 
     /// NAT_FWD entry of the client's flow.
     fn fwd(&self, client: SocketAddr, vip: SocketAddr, proto: u8) -> Option<NatFwd> {
-        self.dp
-            .maps
-            .nat_fwd
-            .get(&addr::flow_key(client, vip, proto), 0)
-            .ok()
+        let key = addr::flow_key(client, vip, proto);
+        self.dp.maps.nat_fwd.get(&key, 0).ok()
     }
 
     /// NAT_REV entry of the backend's replies to `snat`.
     fn rev(&self, backend: SocketAddr, snat: SocketAddr, proto: u8) -> Option<NatRev> {
-        self.dp
-            .maps
-            .nat_rev
-            .get(&addr::flow_key(backend, snat, proto), 0)
-            .ok()
+        let key = addr::flow_key(backend, snat, proto);
+        self.dp.maps.nat_rev.get(&key, 0).ok()
     }
 
-    /// Sends the client's `seg` through; it must be translated to `backend`
-    /// (id `id`) from the SNAT address `snat`: returns the allocated port,
-    /// after checking the output byte for byte and its checksums.
-    fn forward(
-        &mut self,
-        what: &str,
-        seg: &Seg,
-        id: u32,
-        backend: SocketAddr,
-        snat: IpAddr,
-    ) -> u16 {
-        let (verdict, out) = self.run(&seg.frame(LB_MAC_A, CLIENT_MAC));
-        assert_eq!(
-            verdict,
-            XDP_TX,
-            "{what}: verdict (output:\n{})",
-            frame::hex(&out)
-        );
+    /// Sends the client's `seg` through; it must be translated to `to`'s
+    /// backend (`to.id` at `to.backend`) from its SNAT address: returns the
+    /// allocated port, after checking the output byte for byte and its
+    /// checksums.
+    fn forward(&mut self, what: &str, seg: &Seg, to: &Flow) -> u16 {
+        let out = self.run_tx(what, &from_client(seg));
         let f = self
             .fwd(seg.src, seg.dst, seg.proto)
             .unwrap_or_else(|| panic!("{what}: no NAT_FWD entry"));
-        assert_eq!(f.backend, id, "{what}: NAT_FWD backend");
+        assert_eq!(f.backend, to.id, "{what}: NAT_FWD backend");
         let port = u16::from_be(f.nat_port_be);
         let expected = seg
-            .between(SocketAddr::new(snat, port), backend)
-            .frame(backend_mac(id), LB_MAC_B);
-        assert_eq!(
-            frame::hex(&out),
-            frame::hex(&expected),
-            "{what}: output frame (translated to port {port})"
-        );
-        let checks = verify(what, &out);
+            .between(SocketAddr::new(to.snat, port), to.backend)
+            .frame(backend_mac(to.id), LB_MAC_B);
+        let message = format!("{what}: output frame (translated to port {port})");
+        assert_frame(&out, &expected, message);
         let l4 = if seg.proto == PROTO_TCP {
             "TCP"
         } else if seg.no_udp_checksum {
@@ -242,31 +259,37 @@ impl Harness {
         } else {
             "UDP"
         };
-        let expect_checks: Vec<&str> = if seg.src.is_ipv4() {
+        let expect_checks = if seg.src.is_ipv4() {
             vec!["IPv4 header", l4]
         } else {
             vec![l4]
         };
-        assert_eq!(checks, expect_checks, "{what}: checksums verified");
+        assert_eq!(
+            verify(what, &out),
+            expect_checks,
+            "{what}: checksums verified"
+        );
         port
     }
 
-    /// Sends the backend's `seg` (backend -> snat:port) through; it must
-    /// reach the client as `vip -> client`, checked byte for byte.
-    fn reverse(&mut self, what: &str, seg: &Seg, id: u32, vip: SocketAddr, client: SocketAddr) {
-        let (verdict, out) = self.run(&seg.frame(LB_MAC_B, backend_mac(id)));
-        assert_eq!(
-            verdict,
-            XDP_TX,
-            "{what}: verdict (output:\n{})",
-            frame::hex(&out)
-        );
-        let expected = seg.between(vip, client).frame(CLIENT_MAC, LB_MAC_A);
-        assert_eq!(
-            frame::hex(&out),
-            frame::hex(&expected),
-            "{what}: output frame"
-        );
+    /// [`Harness::forward`] of `f`'s client segment with `flags` and
+    /// `payload`: the allocated port.
+    fn client_sends(&mut self, what: &str, f: &Flow, flags: u8, payload: &[u8]) -> u16 {
+        self.forward(what, &client_seg(f, flags, payload), f)
+    }
+
+    /// [`Harness::reverse`] of `f`'s backend segment to `port` with `flags`
+    /// and `payload`.
+    fn backend_sends(&mut self, what: &str, f: &Flow, port: u16, flags: u8, payload: &[u8]) {
+        self.reverse(what, &backend_seg(f, port, flags, payload), f);
+    }
+
+    /// Sends backend `f.id`'s `seg` (backend -> snat:port) through; it must
+    /// reach `f.client` as `f.vip -> f.client`, checked byte for byte.
+    fn reverse(&mut self, what: &str, seg: &Seg, f: &Flow) {
+        let out = self.run_tx(what, &from_backend(seg, f.id));
+        let expected = seg.between(f.vip, f.client).frame(CLIENT_MAC, LB_MAC_A);
+        assert_frame(&out, &expected, format!("{what}: output frame"));
         let checks = verify(what, &out);
         assert!(
             !checks.is_empty() && checks.iter().all(|c| c != "inner L4 cut short"),
@@ -277,6 +300,9 @@ impl Harness {
 
 // ---------------------------------------------------------------- cases
 
+/// A client's flow to a VIP, and the backend and SNAT address it is
+/// translated to.
+#[derive(Clone, Copy)]
 struct Flow {
     what: &'static str,
     client: SocketAddr,
@@ -287,45 +313,45 @@ struct Flow {
     proto: u8,
 }
 
-fn standard_flows() -> Vec<Flow> {
-    vec![
+impl Flow {
+    /// `client`'s flow to `vip` through backend 0 at `backend`, from SNAT4
+    /// (the services of one backend).
+    fn one_backend(client: SocketAddr, vip: SocketAddr, backend: SocketAddr, proto: u8) -> Flow {
         Flow {
-            what: "TCP over IPv4",
-            client: sa("10.0.0.1:40000"),
-            vip: sa("10.0.100.1:80"),
-            backend: sa("10.0.1.11:8080"),
+            what: "",
+            client,
+            vip,
+            backend,
             id: 0,
             snat: ip(SNAT4),
-            proto: PROTO_TCP,
-        },
-        Flow {
-            what: "UDP over IPv4",
-            client: sa("10.0.0.1:40001"),
-            vip: sa("10.0.100.1:53"),
-            backend: sa("10.0.1.11:5353"),
-            id: 1,
-            snat: ip(SNAT4),
-            proto: PROTO_UDP,
-        },
-        Flow {
-            what: "TCP over IPv6",
-            client: sa("[fd00::1]:40002"),
-            vip: sa("[fd00:100::1]:80"),
-            backend: sa("[fd00:1::11]:8080"),
-            id: 2,
-            snat: ip(SNAT6),
-            proto: PROTO_TCP,
-        },
-        Flow {
-            what: "UDP over IPv6",
-            client: sa("[fd00::1]:40003"),
-            vip: sa("[fd00:100::1]:53"),
-            backend: sa("[fd00:1::11]:5353"),
-            id: 3,
-            snat: ip(SNAT6),
-            proto: PROTO_UDP,
-        },
-    ]
+            proto,
+        }
+    }
+
+    /// The same flow from the client's port `port`.
+    fn with_client_port(&self, port: u16) -> Flow {
+        let client = SocketAddr::new(self.client.ip(), port);
+        Flow { client, ..*self }
+    }
+}
+
+/// A flow to each standard service: from 10.0.0.1 or fd00::1, ports
+/// 40000 + id.
+fn standard_flows() -> Vec<Flow> {
+    let mut flows = Vec::new();
+    for (id, (what, vip, port, proto, backend, backend_port, snat)) in (0..).zip(STANDARD) {
+        let client = if vip == VIP4 { "10.0.0.1" } else { "fd00::1" };
+        flows.push(Flow {
+            what,
+            client: SocketAddr::new(ip(client), 40000 + id as u16),
+            vip: SocketAddr::new(ip(vip), port),
+            backend: SocketAddr::new(ip(backend), backend_port),
+            id,
+            snat: ip(snat),
+            proto,
+        });
+    }
+    flows
 }
 
 fn client_seg(f: &Flow, flags: u8, payload: &[u8]) -> Seg {
@@ -349,79 +375,57 @@ fn backend_seg(f: &Flow, port: u16, flags: u8, payload: &[u8]) -> Seg {
 fn tcp_and_udp_are_translated_both_ways_over_ipv4_and_ipv6() {
     let mut h = Harness::standard();
     for f in standard_flows() {
+        let what = f.what;
         // The client's first packet: a new translation, VIP:80 -> backend:8080.
-        let syn = client_seg(&f, frame::SYN, b"hello");
-        let port = h.forward(f.what, &syn, f.id, f.backend, f.snat);
+        let port = h.client_sends(what, &f, frame::SYN, b"hello");
         assert!(
             (20000..60000).contains(&port),
-            "{}: port {port} outside 20000-59999",
-            f.what
+            "{what}: port {port} outside 20000-59999"
         );
 
         // Both table entries, field by field.
         // Unanswered so far: the short timeout.
+        let unanswered = (0, NAT_UNANSWERED_TIMEOUT_S);
         let fwd = h.fwd(f.client, f.vip, f.proto).unwrap();
-        let timeout = if f.proto == PROTO_TCP {
-            TCP_TIMEOUT
-        } else {
-            UDP_TIMEOUT
-        };
-        assert_eq!(
-            (fwd.flags, fwd.timeout_s),
-            (0, NAT_UNANSWERED_TIMEOUT_S),
-            "{}: {fwd:?}",
-            f.what
-        );
-        assert!(fwd.last_seen_ns > 0, "{}: {fwd:?}", f.what);
+        assert_eq!((fwd.flags, fwd.timeout_s), unanswered, "{what}: {fwd:?}");
+        assert!(fwd.last_seen_ns > 0, "{what}: {fwd:?}");
+        let snat = SocketAddr::new(f.snat, port);
         let rev = h
-            .rev(f.backend, SocketAddr::new(f.snat, port), f.proto)
-            .unwrap_or_else(|| panic!("{}: no NAT_REV entry for the reply key", f.what));
-        assert_eq!(addr::from_words(rev.client), f.client.ip(), "{}", f.what);
-        assert_eq!(addr::from_words(rev.vip), f.vip.ip(), "{}", f.what);
-        assert_eq!(
-            u16::from_be(rev.client_port_be),
-            f.client.port(),
-            "{}",
-            f.what
-        );
-        assert_eq!(u16::from_be(rev.vip_port_be), f.vip.port(), "{}", f.what);
+            .rev(f.backend, snat, f.proto)
+            .unwrap_or_else(|| panic!("{what}: no NAT_REV entry for the reply key"));
+        let endpoint =
+            |words, port_be| SocketAddr::new(addr::from_words(words), u16::from_be(port_be));
+        assert_eq!(endpoint(rev.client, rev.client_port_be), f.client, "{what}");
+        assert_eq!(endpoint(rev.vip, rev.vip_port_be), f.vip, "{what}");
         assert_eq!(
             (rev.client_mac, rev.lb_mac),
             (CLIENT_MAC, LB_MAC_A),
-            "{}: MACs of the client side",
-            f.what
+            "{what}: MACs of the client side"
         );
-        assert_eq!(rev.ifindex, LO_IFINDEX, "{}: ingress interface", f.what);
-        assert_eq!(
-            (rev.flags, rev.timeout_s),
-            (0, NAT_UNANSWERED_TIMEOUT_S),
-            "{}: {rev:?}",
-            f.what
-        );
+        assert_eq!(rev.ifindex, LO_IFINDEX, "{what}: ingress interface");
+        assert_eq!((rev.flags, rev.timeout_s), unanswered, "{what}: {rev:?}");
 
         // The backend's reply to the allocated port goes back to the client,
         // and the flow, answered, gets the service's full timeout both ways.
         let reply = backend_seg(&f, port, frame::SYN | frame::ACK, b"world!");
-        h.reverse(f.what, &reply, f.id, f.vip, f.client);
+        h.reverse(what, &reply, &f);
         let fwd = h.fwd(f.client, f.vip, f.proto).unwrap();
-        let rev = h
-            .rev(f.backend, SocketAddr::new(f.snat, port), f.proto)
-            .unwrap();
+        let rev = h.rev(f.backend, snat, f.proto).unwrap();
+        let timeout = if f.proto == PROTO_TCP {
+            DEFAULT_TIMEOUTS.tcp
+        } else {
+            DEFAULT_TIMEOUTS.udp
+        };
         assert_eq!(
             [(fwd.flags, fwd.timeout_s), (rev.flags, rev.timeout_s)],
             [(NAT_F_ANSWERED, timeout); 2],
-            "{}: answered",
-            f.what
+            "{what}: answered"
         );
 
         // The next client packet hits the same translation.
         let data = client_seg(&f, frame::ACK | frame::PSH, b"GET / HTTP/1.0\r\n\r\n");
-        assert_eq!(
-            h.forward(f.what, &data, f.id, f.backend, f.snat),
-            port,
-            "{}: same port for the same flow",
-            f.what
-        );
+        let again = h.forward(what, &data, &f);
+        assert_eq!(again, port, "{what}: same port for the same flow");
     }
     assert_eq!(h.reason(Reason::NatNew), 4);
     assert_eq!(h.reason(Reason::NatReply), 4);
@@ -444,13 +448,13 @@ fn udp_over_ipv4_without_checksum_keeps_none() {
     let f = &standard_flows()[1];
     let mut query = client_seg(f, 0, b"query");
     query.no_udp_checksum = true;
-    let port = h.forward("UDP/IPv4, checksum 0", &query, f.id, f.backend, f.snat);
+    let port = h.forward("UDP/IPv4, checksum 0", &query, f);
     let mut answer = backend_seg(f, port, 0, b"answer");
     answer.no_udp_checksum = true;
-    h.reverse("UDP/IPv4 reply, checksum 0", &answer, f.id, f.vip, f.client);
+    h.reverse("UDP/IPv4 reply, checksum 0", &answer, f);
     // The reply's output frame was compared byte for byte with a frame
     // whose UDP checksum is 0; say so explicitly too.
-    let (_, out) = h.run(&answer.frame(LB_MAC_B, backend_mac(f.id)));
+    let (_, out) = h.run(&from_backend(&answer, f.id));
     assert_eq!(
         &out[14 + 20 + 6..14 + 20 + 8],
         &[0, 0],
@@ -479,7 +483,7 @@ fn a_udp_checksum_that_becomes_zero_is_sent_as_ffff() {
     let mut h = Harness::standard();
     let flows = standard_flows();
     for f in [&flows[1], &flows[3]] {
-        let port = h.forward(f.what, &client_seg(f, 0, b"first"), f.id, f.backend, f.snat);
+        let port = h.client_sends(f.what, f, 0, b"first");
         let snat = SocketAddr::new(f.snat, port);
         // Forward: the translated datagram's checksum computes to 0.
         let payload = payload_for_zero_checksum(snat, f.backend, b"to-backend");
@@ -489,21 +493,15 @@ fn a_udp_checksum_that_becomes_zero_is_sent_as_ffff() {
             &[0xff, 0xff],
             "the client's own datagram has an ordinary checksum"
         );
-        assert_eq!(
-            &seg.between(snat, f.backend).l4()[6..8],
-            &[0xff, 0xff],
-            "test premise"
-        );
-        h.forward(f.what, &seg, f.id, f.backend, f.snat);
+        let translated = seg.between(snat, f.backend);
+        assert_eq!(&translated.l4()[6..8], &[0xff, 0xff], "test premise");
+        h.forward(f.what, &seg, f);
         // Reverse: the datagram translated back to the client's computes to 0.
         let payload = payload_for_zero_checksum(f.vip, f.client, b"to-the-client!");
         let reply = backend_seg(f, port, 0, &payload);
-        assert_eq!(
-            &reply.between(f.vip, f.client).l4()[6..8],
-            &[0xff, 0xff],
-            "test premise"
-        );
-        h.reverse(f.what, &reply, f.id, f.vip, f.client);
+        let translated = reply.between(f.vip, f.client);
+        assert_eq!(&translated.l4()[6..8], &[0xff, 0xff], "test premise");
+        h.reverse(f.what, &reply, f);
     }
 }
 
@@ -512,63 +510,43 @@ fn replies_matching_no_flow_pass_untouched() {
     let mut h = Harness::standard();
     let flows = standard_flows();
     let f = &flows[0];
-    let port = h.forward(
-        "setup",
-        &client_seg(f, frame::SYN, b"x"),
-        f.id,
-        f.backend,
-        f.snat,
-    );
+    let port = h.client_sends("setup", f, frame::SYN, b"x");
     let other_port = if port == 20000 { 20001 } else { port - 1 };
-    let echo = {
-        let m = frame::icmp_message(ip(BACKEND4), ip(SNAT4), 8, 0, [0, 1, 0, 1], &[]);
-        frame::frame(LB_MAC_B, backend_mac(0), &m)
-    };
-    let cases: Vec<(&str, Vec<u8>)> = vec![
+    let to_port = SocketAddr::new(f.snat, port);
+    let ack = |from: &str| from_backend(&Seg::tcp(sa(from), to_port, frame::ACK, b"x"), 0);
+    let ssh = Seg::tcp(sa("10.0.1.11:50000"), sa("10.0.1.1:22"), frame::SYN, b"");
+    let echo = frame::icmp_message(ip(BACKEND4), ip(SNAT4), 8, 0, [0, 1, 0, 1], &[]);
+    let v6 = Seg::tcp(
+        sa("[fd00:1::11]:8080"),
+        sa("[fd00:1::1]:20000"),
+        frame::ACK,
+        b"x",
+    );
+    let cases = [
         (
             "reply to a port with no translation",
-            backend_seg(f, other_port, frame::ACK, b"x").frame(LB_MAC_B, backend_mac(0)),
+            from_backend(&backend_seg(f, other_port, frame::ACK, b"x"), 0),
         ),
-        (
-            "reply from another backend port",
-            Seg::tcp(
-                sa("10.0.1.11:8081"),
-                SocketAddr::new(f.snat, port),
-                frame::ACK,
-                b"x",
-            )
-            .frame(LB_MAC_B, backend_mac(0)),
-        ),
+        ("reply from another backend port", ack("10.0.1.11:8081")),
         (
             "reply from another host to the translated port",
-            Seg::tcp(
-                sa("10.0.1.99:8080"),
-                SocketAddr::new(f.snat, port),
-                frame::ACK,
-                b"x",
-            )
-            .frame(LB_MAC_B, backend_mac(0)),
+            ack("10.0.1.99:8080"),
         ),
         (
             "UDP to a port translated for TCP",
-            Seg::udp(f.backend, SocketAddr::new(f.snat, port), b"x")
-                .frame(LB_MAC_B, backend_mac(0)),
+            from_backend(&Seg::udp(f.backend, to_port, b"x"), 0),
         ),
         (
             "the host's own traffic (SSH to the SNAT address)",
-            Seg::tcp(sa("10.0.1.11:50000"), sa("10.0.1.1:22"), frame::SYN, b"")
-                .frame(LB_MAC_B, backend_mac(0)),
+            from_backend(&ssh, 0),
         ),
-        ("ICMP echo request to the SNAT address", echo),
+        (
+            "ICMP echo request to the SNAT address",
+            frame::frame(LB_MAC_B, backend_mac(0), &echo),
+        ),
         (
             "IPv6 reply to a port with no translation",
-            Seg::tcp(
-                sa("[fd00:1::11]:8080"),
-                sa("[fd00:1::1]:20000"),
-                frame::ACK,
-                b"x",
-            )
-            .frame(LB_MAC_B, backend_mac(2)),
+            from_backend(&v6, 2),
         ),
     ];
     for (what, input) in &cases {
@@ -580,8 +558,8 @@ fn replies_matching_no_flow_pass_untouched() {
     assert_eq!(h.reason(Reason::NatReply), 0);
 
     // With NAT disabled in the globals, even a real reply is not looked up.
-    h.set_nat_enabled(false);
-    let reply = backend_seg(f, port, frame::ACK, b"x").frame(LB_MAC_B, backend_mac(0));
+    h.dp.set_nat_enabled(false).unwrap();
+    let reply = from_backend(&backend_seg(f, port, frame::ACK, b"x"), 0);
     let (verdict, out) = h.run(&reply);
     assert_eq!(
         (verdict, &out),
@@ -597,24 +575,10 @@ fn fin_and_rst_mark_flows_closing() {
     let flows = standard_flows();
     for f in [&flows[0], &flows[2]] {
         // Client closes: FIN forward.
-        let port = h.forward(
-            f.what,
-            &client_seg(f, frame::SYN, b""),
-            f.id,
-            f.backend,
-            f.snat,
-        );
-        assert_eq!(
-            h.fwd(f.client, f.vip, f.proto).unwrap().flags & NAT_F_CLOSING,
-            0
-        );
-        h.forward(
-            f.what,
-            &client_seg(f, frame::FIN | frame::ACK, b""),
-            f.id,
-            f.backend,
-            f.snat,
-        );
+        let port = h.client_sends(f.what, f, frame::SYN, b"");
+        let fwd = h.fwd(f.client, f.vip, f.proto).unwrap();
+        assert_eq!(fwd.flags & NAT_F_CLOSING, 0);
+        h.client_sends(f.what, f, frame::FIN | frame::ACK, b"");
         let fwd = h.fwd(f.client, f.vip, f.proto).unwrap();
         assert_eq!(
             fwd.flags & NAT_F_CLOSING,
@@ -630,24 +594,9 @@ fn fin_and_rst_mark_flows_closing() {
         assert_eq!(u16::from_be(fwd.nat_port_be), port);
 
         // Backend resets another flow: RST reverse.
-        let g = Flow {
-            client: SocketAddr::new(f.client.ip(), f.client.port() + 100),
-            ..*f
-        };
-        let port = h.forward(
-            g.what,
-            &client_seg(&g, frame::SYN, b""),
-            g.id,
-            g.backend,
-            g.snat,
-        );
-        h.reverse(
-            g.what,
-            &backend_seg(&g, port, frame::RST | frame::ACK, b""),
-            g.id,
-            g.vip,
-            g.client,
-        );
+        let g = f.with_client_port(f.client.port() + 100);
+        let port = h.client_sends(g.what, &g, frame::SYN, b"");
+        h.backend_sends(g.what, &g, port, frame::RST | frame::ACK, b"");
         let rev = h
             .rev(g.backend, SocketAddr::new(g.snat, port), g.proto)
             .unwrap();
@@ -659,24 +608,9 @@ fn fin_and_rst_mark_flows_closing() {
         );
 
         // Client RST on a third flow.
-        let k = Flow {
-            client: SocketAddr::new(f.client.ip(), f.client.port() + 200),
-            ..*f
-        };
-        h.forward(
-            k.what,
-            &client_seg(&k, frame::SYN, b""),
-            k.id,
-            k.backend,
-            k.snat,
-        );
-        h.forward(
-            k.what,
-            &client_seg(&k, frame::RST, b""),
-            k.id,
-            k.backend,
-            k.snat,
-        );
+        let k = f.with_client_port(f.client.port() + 200);
+        h.client_sends(k.what, &k, frame::SYN, b"");
+        h.client_sends(k.what, &k, frame::RST, b"");
         let fwd = h.fwd(k.client, k.vip, k.proto).unwrap();
         assert_eq!(
             (fwd.flags & NAT_F_CLOSING, fwd.timeout_s),
@@ -693,101 +627,50 @@ fn fin_and_rst_mark_flows_closing() {
 /// client gets the port once the first has been idle for longer than that.
 #[test]
 fn a_closed_flows_port_is_reused_after_the_closing_timeout() {
-    let mut h = Harness::new();
-    h.set_backend(0, 0, BACKEND4, 8080, SNAT4);
-    h.set_service(
-        0,
-        VIP4,
-        80,
-        PROTO_TCP,
-        &[0],
-        (31000, 1),
-        Timeouts {
-            tcp: 3600,
-            closing: 1,
-            udp: 60,
-        },
-    );
-    let be = sa("10.0.1.11:8080");
-    let vip = sa("10.0.100.1:80");
-    let a = sa("10.0.0.1:40000");
-    let b = sa("10.0.0.2:40000");
-    assert_eq!(
-        h.forward(
-            "first client",
-            &Seg::tcp(a, vip, frame::SYN, b""),
-            0,
-            be,
-            ip(SNAT4)
-        ),
-        31000
-    );
-    h.reverse(
-        "first client",
-        &Seg::tcp(be, sa("10.0.1.1:31000"), frame::SYN | frame::ACK, b""),
-        0,
-        vip,
-        a,
-    );
+    let (be, vip) = (sa("10.0.1.11:8080"), sa("10.0.100.1:80"));
+    let t = Timeouts {
+        tcp: 3600,
+        closing: 1,
+        udp: 60,
+    };
+    let mut h = Harness::one_service(vip, PROTO_TCP, be, (31000, 1), t);
+    let a = Flow::one_backend(sa("10.0.0.1:40000"), vip, be, PROTO_TCP);
+    let b = Flow::one_backend(sa("10.0.0.2:40000"), vip, be, PROTO_TCP);
+    let first = "first client";
+    assert_eq!(h.client_sends(first, &a, frame::SYN, b""), 31000);
+    h.backend_sends(first, &a, 31000, frame::SYN | frame::ACK, b"");
     // Both sides close.
-    h.forward(
-        "first client",
-        &Seg::tcp(a, vip, frame::FIN | frame::ACK, b""),
-        0,
-        be,
-        ip(SNAT4),
-    );
-    h.reverse(
-        "first client",
-        &Seg::tcp(be, sa("10.0.1.1:31000"), frame::FIN | frame::ACK, b""),
-        0,
-        vip,
-        a,
-    );
-    h.forward(
-        "first client",
-        &Seg::tcp(a, vip, frame::ACK, b""),
-        0,
-        be,
-        ip(SNAT4),
-    );
+    h.client_sends(first, &a, frame::FIN | frame::ACK, b"");
+    h.backend_sends(first, &a, 31000, frame::FIN | frame::ACK, b"");
+    h.client_sends(first, &a, frame::ACK, b"");
 
     // While the closed flow is within its closing timeout, the port is taken.
-    let (verdict, _) = h.run(&Seg::tcp(b, vip, frame::SYN, b"").frame(LB_MAC_A, CLIENT_MAC));
+    let (verdict, _) = h.run(&from_client(&client_seg(&b, frame::SYN, b"")));
     assert_eq!(
         verdict, XDP_DROP,
         "the only port is still held by the closing flow"
     );
     assert_eq!(h.reason(Reason::DropNatFull), 1);
 
-    h.age(a, vip, PROTO_TCP, Duration::from_millis(1500));
+    h.age(a.client, vip, PROTO_TCP, Duration::from_millis(1500));
     let rev = h.rev(be, sa("10.0.1.1:31000"), PROTO_TCP).unwrap();
-    let (verdict, out) = h.run(&Seg::tcp(b, vip, frame::SYN, b"").frame(LB_MAC_A, CLIENT_MAC));
+    let (verdict, out) = h.run(&from_client(&client_seg(&b, frame::SYN, b"")));
     assert_eq!(
         verdict,
         XDP_TX,
         "a flow closed (FIN both ways) and idle 1.5 s, past its 1 s closing timeout, \
          still holds its port: \
          NAT_FWD {:?}, NAT_REV {rev:?} (output {})",
-        h.fwd(a, vip, PROTO_TCP),
+        h.fwd(a.client, vip, PROTO_TCP),
         frame::hex(&out)
     );
-    assert_eq!(
-        h.forward(
-            "second client",
-            &Seg::tcp(b, vip, frame::ACK, b""),
-            0,
-            be,
-            ip(SNAT4)
-        ),
-        31000
-    );
-    h.reverse(
+    assert_eq!(h.client_sends("second client", &b, frame::ACK, b""), 31000);
+    h.backend_sends(
         "reply now goes to the second client",
-        &Seg::tcp(be, sa("10.0.1.1:31000"), frame::ACK, b""),
-        0,
-        vip,
-        b,
+        &b,
+        31000,
+        frame::ACK,
+        b"",
     );
 }
 
@@ -797,44 +680,22 @@ fn a_closed_flows_port_is_reused_after_the_closing_timeout() {
 fn an_idle_udp_flows_port_is_reclaimed() {
     let mut h = Harness::one_udp_port();
     let (be, vip) = (sa("10.0.1.11:5353"), sa("10.0.100.1:53"));
-    let a = sa("10.0.0.1:5000");
-    let b = sa("10.0.0.2:5000");
-    assert_eq!(
-        h.forward("first client", &Seg::udp(a, vip, b"q"), 0, be, ip(SNAT4)),
-        32000
-    );
-    let (verdict, _) = h.run(&Seg::udp(b, vip, b"q").frame(LB_MAC_A, CLIENT_MAC));
+    let a = Flow::one_backend(sa("10.0.0.1:5000"), vip, be, PROTO_UDP);
+    let b = Flow::one_backend(sa("10.0.0.2:5000"), vip, be, PROTO_UDP);
+    assert_eq!(h.client_sends("first client", &a, 0, b"q"), 32000);
+    let (verdict, _) = h.run(&from_client(&client_seg(&b, 0, b"q")));
     assert_eq!(verdict, XDP_DROP, "port held by a live flow");
-    h.age(a, vip, PROTO_UDP, Duration::from_millis(1500));
-    assert_eq!(
-        h.forward(
-            "second client after the timeout",
-            &Seg::udp(b, vip, b"q"),
-            0,
-            be,
-            ip(SNAT4)
-        ),
-        32000
-    );
-    h.reverse(
-        "reply goes to the second client",
-        &Seg::udp(be, sa("10.0.1.1:32000"), b"a"),
-        0,
-        vip,
-        b,
-    );
-    let (verdict, _) = h.run(&Seg::udp(a, vip, b"q").frame(LB_MAC_A, CLIENT_MAC));
+    h.age(a.client, vip, PROTO_UDP, Duration::from_millis(1500));
+    let port = h.client_sends("second client after the timeout", &b, 0, b"q");
+    assert_eq!(port, 32000);
+    let answer = backend_seg(&b, 32000, 0, b"a");
+    h.reverse("reply goes to the second client", &answer, &b);
+    let (verdict, _) = h.run(&from_client(&client_seg(&a, 0, b"q")));
     assert_eq!(
         verdict, XDP_DROP,
         "the expired first flow cannot take the port back while the second uses it"
     );
-    h.reverse(
-        "reply still goes to the second client",
-        &Seg::udp(be, sa("10.0.1.1:32000"), b"a"),
-        0,
-        vip,
-        b,
-    );
+    h.reverse("reply still goes to the second client", &answer, &b);
     assert_eq!(h.reason(Reason::DropNatFull), 2);
 }
 
@@ -846,51 +707,34 @@ fn an_idle_udp_flows_port_is_reclaimed() {
 fn a_one_way_udp_flow_that_keeps_sending_keeps_its_port() {
     let mut h = Harness::one_udp_port();
     let (be, vip) = (sa("10.0.1.11:5353"), sa("10.0.100.1:53"));
-    let a = sa("10.0.0.1:5000");
-    let b = sa("10.0.0.2:5000");
-    assert_eq!(
-        h.forward("one-way client", &Seg::udp(a, vip, b"m1"), 0, be, ip(SNAT4)),
-        32000
-    );
-    h.age(a, vip, PROTO_UDP, Duration::from_millis(600));
-    assert_eq!(
-        h.forward(
-            "one-way client, 0.6 s later",
-            &Seg::udp(a, vip, b"m2"),
-            0,
-            be,
-            ip(SNAT4)
-        ),
-        32000
-    );
-    h.age(a, vip, PROTO_UDP, Duration::from_millis(600));
+    let a = Flow::one_backend(sa("10.0.0.1:5000"), vip, be, PROTO_UDP);
+    let b = Flow::one_backend(sa("10.0.0.2:5000"), vip, be, PROTO_UDP);
+    assert_eq!(h.client_sends("one-way client", &a, 0, b"m1"), 32000);
+    h.age(a.client, vip, PROTO_UDP, Duration::from_millis(600));
+    let port = h.client_sends("one-way client, 0.6 s later", &a, 0, b"m2");
+    assert_eq!(port, 32000);
+    h.age(a.client, vip, PROTO_UDP, Duration::from_millis(600));
     // 1.2 s after the reply entry was written, 0.6 s after the flow's last packet.
-    let (verdict, out) = h.run(&Seg::udp(b, vip, b"q").frame(LB_MAC_A, CLIENT_MAC));
+    let (verdict, out) = h.run(&from_client(&client_seg(&b, 0, b"q")));
     assert_eq!(
         verdict,
         XDP_DROP,
         "a new flow took the only port from a flow that sent 0.6 s ago (UDP timeout 1 s): \
          NAT_FWD {:?}, NAT_REV {:?}, output {}",
-        h.fwd(a, vip, PROTO_UDP),
+        h.fwd(a.client, vip, PROTO_UDP),
         h.rev(be, sa("10.0.1.1:32000"), PROTO_UDP),
         frame::hex(&out)
     );
     assert_eq!(
-        h.forward(
-            "one-way client goes on",
-            &Seg::udp(a, vip, b"m3"),
-            0,
-            be,
-            ip(SNAT4)
-        ),
+        h.client_sends("one-way client goes on", &a, 0, b"m3"),
         32000
     );
-    h.reverse(
+    h.backend_sends(
         "a late answer reaches the one-way client",
-        &Seg::udp(be, sa("10.0.1.1:32000"), b"a"),
+        &a,
+        32000,
         0,
-        vip,
-        a,
+        b"a",
     );
 }
 
@@ -899,10 +743,8 @@ fn a_one_way_udp_flow_that_keeps_sending_keeps_its_port() {
 /// translated back; a third flow finds no (address, port) left.
 #[test]
 fn a_pool_of_snat_addresses_multiplies_the_ports() {
-    let mut h = Harness::new();
-    h.set_backend(0, 0, "10.0.1.12", 8080, SNAT4);
-    let timeouts = DEFAULT_TIMEOUTS;
-    h.set_service(0, "10.0.100.2", 80, PROTO_TCP, &[0], (30000, 1), timeouts);
+    let (be, vip) = (sa("10.0.1.12:8080"), sa("10.0.100.2:80"));
+    let mut h = Harness::one_service(vip, PROTO_TCP, be, (30000, 1), DEFAULT_TIMEOUTS);
     let pool = ["10.0.1.1", "10.0.1.2"];
     let mut snat = SnatPool {
         count: 2,
@@ -912,29 +754,24 @@ fn a_pool_of_snat_addresses_multiplies_the_ports() {
         *slot = addr::to_words(ip(a));
     }
     h.dp.maps.snat_pools.set(0, snat, 0).unwrap();
-    let be = sa("10.0.1.12:8080");
-    let vip = sa("10.0.100.2:80");
     let mut used = Vec::new();
+    let first = Flow::one_backend(sa("10.0.0.1:40000"), vip, be, PROTO_TCP);
     for n in 0..2 {
-        let client = SocketAddr::new(ip("10.0.0.1"), 40000 + n);
-        let input = Seg::tcp(client, vip, frame::SYN, b"").frame(LB_MAC_A, CLIENT_MAC);
+        let client = first.with_client_port(40000 + n);
+        let input = from_client(&client_seg(&client, frame::SYN, b""));
         assert_eq!(h.run(&input).0, XDP_TX, "client {n}");
-        let f = h.fwd(client, vip, PROTO_TCP).expect("translated");
+        let f = h.fwd(client.client, vip, PROTO_TCP).expect("translated");
         let from = addr::from_words(f.snat_addr);
         let port = u16::from_be(f.nat_port_be);
         assert_eq!(port, 30000);
         used.push(from);
-        let reply = Seg::tcp(
-            be,
-            SocketAddr::new(from, port),
-            frame::SYN | frame::ACK,
-            b"",
-        );
-        h.reverse("the backend's answer", &reply, 0, vip, client);
+        let to = SocketAddr::new(from, port);
+        let reply = Seg::tcp(be, to, frame::SYN | frame::ACK, b"");
+        h.reverse("the backend's answer", &reply, &client);
     }
     used.sort();
     assert_eq!(used, [ip(pool[0]), ip(pool[1])], "one flow on each address");
-    let input = Seg::tcp(sa("10.0.0.1:40002"), vip, frame::SYN, b"").frame(LB_MAC_A, CLIENT_MAC);
+    let input = from_client(&Seg::tcp(sa("10.0.0.1:40002"), vip, frame::SYN, b""));
     assert_eq!(h.run(&input).0, XDP_DROP, "both addresses' one port taken");
     assert_eq!(h.reason(Reason::DropNatFull), 1);
 }
@@ -946,20 +783,8 @@ fn the_last_free_port_of_a_range_is_found() {
     const BASE: u16 = 30000;
     const COUNT: u16 = 1024;
     const FREE: u16 = BASE + 777;
-    let mut h = Harness::new();
-    h.set_backend(0, 0, "10.0.1.12", 8080, SNAT4);
-    let timeouts = DEFAULT_TIMEOUTS;
-    h.set_service(
-        0,
-        "10.0.100.2",
-        80,
-        PROTO_TCP,
-        &[0],
-        (BASE, COUNT),
-        timeouts,
-    );
-    let be = sa("10.0.1.12:8080");
-    let vip = sa("10.0.100.2:80");
+    let (be, vip) = (sa("10.0.1.12:8080"), sa("10.0.100.2:80"));
+    let mut h = Harness::one_service(vip, PROTO_TCP, be, (BASE, COUNT), DEFAULT_TIMEOUTS);
     // Every port but one held by a live flow of another client.
     let now = monotonic_coarse_ns();
     for port in (BASE..BASE + COUNT).filter(|p| *p != FREE) {
@@ -978,12 +803,13 @@ fn the_last_free_port_of_a_range_is_found() {
     }
     // New clients, one after the other, each given its port back after:
     // every one must find the free port.
+    let client = |c: &str| Flow::one_backend(sa(c), vip, be, PROTO_TCP);
+    let first = client("10.0.0.1:40000");
     for n in 0..40 {
-        let client = SocketAddr::new(ip("10.0.0.1"), 40000 + n);
-        let syn = Seg::tcp(client, vip, frame::SYN, b"");
-        let port = h.forward("a new client", &syn, 0, be, ip(SNAT4));
+        let f = first.with_client_port(40000 + n);
+        let port = h.client_sends("a new client", &f, frame::SYN, b"");
         assert_eq!(port, FREE, "client {n}: the one free port");
-        let fwd_key = addr::flow_key(client, vip, PROTO_TCP);
+        let fwd_key = addr::flow_key(f.client, vip, PROTO_TCP);
         h.dp.maps.nat_fwd.remove(&fwd_key).unwrap();
         let rev_key = addr::flow_key(be, SocketAddr::new(ip(SNAT4), FREE), PROTO_TCP);
         h.dp.maps.nat_rev.remove(&rev_key).unwrap();
@@ -991,84 +817,42 @@ fn the_last_free_port_of_a_range_is_found() {
     assert_eq!(h.reason(Reason::DropNatFull), 0);
     // With that port taken too, the range is full: the next client is
     // refused.
-    let syn = Seg::tcp(sa("10.0.0.2:40000"), vip, frame::SYN, b"");
-    h.forward("the last port's client", &syn, 0, be, ip(SNAT4));
-    let input = Seg::tcp(sa("10.0.0.3:40000"), vip, frame::SYN, b"").frame(LB_MAC_A, CLIENT_MAC);
+    let last = client("10.0.0.2:40000");
+    h.client_sends("the last port's client", &last, frame::SYN, b"");
+    let input = from_client(&Seg::tcp(sa("10.0.0.3:40000"), vip, frame::SYN, b""));
     assert_eq!(h.run(&input).0, XDP_DROP, "no port left");
     assert_eq!(h.reason(Reason::DropNatFull), 1);
 }
 
 #[test]
 fn a_full_port_range_drops_new_flows_and_keeps_old_ones() {
-    let mut h = Harness::new();
-    h.set_backend(0, 0, "10.0.1.12", 8080, SNAT4);
-    h.set_service(
-        0,
-        "10.0.100.2",
-        80,
-        PROTO_TCP,
-        &[0],
-        (30000, 2),
-        DEFAULT_TIMEOUTS,
-    );
-    let be = sa("10.0.1.12:8080");
-    let vip = sa("10.0.100.2:80");
-    let clients = [
-        sa("10.0.0.1:40000"),
-        sa("10.0.0.2:40000"),
-        sa("10.0.0.3:40000"),
-    ];
-    let p1 = h.forward(
-        "client 1",
-        &Seg::tcp(clients[0], vip, frame::SYN, b""),
-        0,
-        be,
-        ip(SNAT4),
-    );
-    let p2 = h.forward(
-        "client 2",
-        &Seg::tcp(clients[1], vip, frame::SYN, b""),
-        0,
-        be,
-        ip(SNAT4),
-    );
+    let (be, vip) = (sa("10.0.1.12:8080"), sa("10.0.100.2:80"));
+    let mut h = Harness::one_service(vip, PROTO_TCP, be, (30000, 2), DEFAULT_TIMEOUTS);
+    let clients = ["10.0.0.1:40000", "10.0.0.2:40000", "10.0.0.3:40000"]
+        .map(|c| Flow::one_backend(sa(c), vip, be, PROTO_TCP));
+    let p1 = h.client_sends("client 1", &clients[0], frame::SYN, b"");
+    let p2 = h.client_sends("client 2", &clients[1], frame::SYN, b"");
     let mut ports = [p1, p2];
     ports.sort();
     assert_eq!(ports, [30000, 30001], "two flows, two ports of the range");
 
-    let input = Seg::tcp(clients[2], vip, frame::SYN, b"").frame(LB_MAC_A, CLIENT_MAC);
-    let (verdict, _) = h.run(&input);
+    let (verdict, _) = h.run(&from_client(&client_seg(&clients[2], frame::SYN, b"")));
     assert_eq!(
         verdict, XDP_DROP,
         "third client: no free port, the packet is dropped (not passed to the kernel)"
     );
     assert_eq!(h.reason(Reason::DropNatFull), 1, "drop_nat_full");
     assert!(
-        h.fwd(clients[2], vip, PROTO_TCP).is_none(),
+        h.fwd(clients[2].client, vip, PROTO_TCP).is_none(),
         "no NAT_FWD entry for the refused flow"
     );
     let rev_entries = h.dp.maps.nat_rev.keys().filter_map(Result::ok).count();
     assert_eq!(rev_entries, 2, "NAT_REV holds the two flows only");
 
     // The first two still translate, both ways, on their ports.
-    for (client, port) in clients[..2].iter().zip([p1, p2]) {
-        assert_eq!(
-            h.forward(
-                "established",
-                &Seg::tcp(*client, vip, frame::ACK, b"more"),
-                0,
-                be,
-                ip(SNAT4)
-            ),
-            port
-        );
-        h.reverse(
-            "established reply",
-            &Seg::tcp(be, SocketAddr::new(ip(SNAT4), port), frame::ACK, b"ok"),
-            0,
-            vip,
-            *client,
-        );
+    for (c, port) in clients[..2].iter().zip([p1, p2]) {
+        assert_eq!(h.client_sends("established", c, frame::ACK, b"more"), port);
+        h.backend_sends("established reply", c, port, frame::ACK, b"ok");
     }
     assert_eq!(h.reason(Reason::NatNew), 2);
     assert_eq!(h.reason(Reason::DropNatFull), 1);
@@ -1087,7 +871,6 @@ fn icmp_errors_about_translated_flows_are_translated_back() {
     struct IcmpCase {
         what: &'static str,
         flow: usize,
-        client_port: u16,
         payload: Vec<u8>,
         /// ICMP type, code, the 4 bytes after the checksum.
         icmp: (u8, u8, [u8; 4]),
@@ -1096,176 +879,125 @@ fn icmp_errors_about_translated_flows_are_translated_back() {
         /// The router decremented the TTL / hop limit before quoting.
         decrement: bool,
         /// Checks `verify` must make on the output.
-        checks: &'static [&'static str],
+        checks: Vec<&'static str>,
     }
-    let frag_needed = (3, 4, [0, 0, 0x05, 0x78]); // MTU 1400
-    let cases = vec![
+    // MTU 1400, 1280.
+    let (frag_needed, too_big) = ((3, 4, [0, 0, 0x05, 0x78]), (2, 0, [0, 0, 0x05, 0x00]));
+    let v4 = |inner| vec!["IPv4 header", "ICMP", "inner IPv4 header", inner];
+    let v6 = |inner| vec!["ICMPv6", inner];
+    // Each case's client port is 41000 + its index.
+    let cases = [
         IcmpCase {
             what: "IPv4 fragmentation needed, whole packet quoted",
             flow: 0,
-            client_port: 41000,
             payload: b"hello".to_vec(),
             icmp: frag_needed,
             quote_max: 548,
             decrement: false,
-            checks: &["IPv4 header", "ICMP", "inner IPv4 header", "inner TCP"],
+            checks: v4("inner TCP"),
         },
         IcmpCase {
             what: "IPv4 fragmentation needed, 548 of 1040 bytes quoted (as Linux routers do), \
                    TTL decremented",
             flow: 0,
-            client_port: 41001,
             payload: big.clone(),
             icmp: frag_needed,
             quote_max: 548,
             decrement: true,
-            checks: &[
-                "IPv4 header",
-                "ICMP",
-                "inner IPv4 header",
-                "inner L4 cut short",
-            ],
+            checks: v4("inner L4 cut short"),
         },
         IcmpCase {
             what: "IPv4 fragmentation needed, header + 8 bytes quoted \
                    (RFC 792 minimum: no TCP checksum in the quote)",
             flow: 0,
-            client_port: 41002,
             payload: big.clone(),
             icmp: frag_needed,
             quote_max: 28,
             decrement: false,
-            checks: &[
-                "IPv4 header",
-                "ICMP",
-                "inner IPv4 header",
-                "inner L4 cut short",
-            ],
+            checks: v4("inner L4 cut short"),
         },
         IcmpCase {
             what: "IPv4 time exceeded",
             flow: 0,
-            client_port: 41003,
             payload: b"ttl".to_vec(),
             icmp: (11, 0, [0; 4]),
             quote_max: 548,
             decrement: false,
-            checks: &["IPv4 header", "ICMP", "inner IPv4 header", "inner TCP"],
+            checks: v4("inner TCP"),
         },
         IcmpCase {
             what: "IPv4 port unreachable about UDP",
             flow: 1,
-            client_port: 41004,
             payload: b"query".to_vec(),
             icmp: (3, 3, [0; 4]),
             quote_max: 548,
             decrement: false,
-            checks: &["IPv4 header", "ICMP", "inner IPv4 header", "inner UDP"],
+            checks: v4("inner UDP"),
         },
         IcmpCase {
             what: "ICMPv6 packet too big, whole packet quoted",
             flow: 2,
-            client_port: 41005,
             payload: b"hello".to_vec(),
-            icmp: (2, 0, [0, 0, 0x05, 0x00]), // MTU 1280
+            icmp: too_big,
             quote_max: 1232,
             decrement: false,
-            checks: &["ICMPv6", "inner TCP"],
+            checks: v6("inner TCP"),
         },
         IcmpCase {
             what: "ICMPv6 packet too big, 1232 of 1360 bytes quoted, hop limit decremented",
             flow: 2,
-            client_port: 41006,
             payload: vec![0xa5; 1300],
-            icmp: (2, 0, [0, 0, 0x05, 0x00]),
+            icmp: too_big,
             quote_max: 1232,
             decrement: true,
-            checks: &["ICMPv6", "inner L4 cut short"],
+            checks: v6("inner L4 cut short"),
         },
         IcmpCase {
             what: "ICMPv6 port unreachable about UDP",
             flow: 3,
-            client_port: 41007,
             payload: b"query".to_vec(),
             icmp: (1, 4, [0; 4]),
             quote_max: 1232,
             decrement: false,
-            checks: &["ICMPv6", "inner UDP"],
+            checks: v6("inner UDP"),
         },
         IcmpCase {
             what: "ICMPv6 time exceeded",
             flow: 2,
-            client_port: 41008,
             payload: b"hop".to_vec(),
             icmp: (3, 0, [0; 4]),
             quote_max: 1232,
             decrement: false,
-            checks: &["ICMPv6", "inner TCP"],
+            checks: v6("inner TCP"),
         },
     ];
-    for c in &cases {
-        let f = &flows[c.flow];
-        let client = SocketAddr::new(f.client.ip(), c.client_port);
-        let flow = Flow { client, ..*f };
+    for (n, c) in (0..).zip(&cases) {
+        let what = c.what;
+        let f = flows[c.flow].with_client_port(41000 + n);
         // Only a SYN opens a TCP translation.
-        h.forward(
-            c.what,
-            &client_seg(&flow, frame::SYN, b""),
-            f.id,
-            f.backend,
-            f.snat,
-        );
-        let seg = client_seg(&flow, frame::ACK | frame::PSH, &c.payload);
-        let port = h.forward(c.what, &seg, f.id, f.backend, f.snat);
+        h.client_sends(what, &f, frame::SYN, b"");
+        let seg = client_seg(&f, frame::ACK | frame::PSH, &c.payload);
+        let port = h.forward(what, &seg, &f);
         // What the load balancer sent, as the router got it: the output
         // of the forward run (already checked byte for byte).
-        let (_, sent) = h.run(&seg.frame(LB_MAC_A, CLIENT_MAC));
-        let sent_ip = &sent[14..];
-        let router = if f.snat.is_ipv4() {
-            ip(ROUTER4)
-        } else {
-            ip(ROUTER6)
-        };
+        let (_, sent) = h.run(&from_client(&seg));
+        let router = if f.snat.is_ipv4() { ROUTER4 } else { ROUTER6 };
         let (t, code, rest) = c.icmp;
-        let error = frame::icmp_message(
-            router,
-            f.snat,
-            t,
-            code,
-            rest,
-            &frame::quote(sent_ip, c.quote_max, c.decrement),
-        );
-        let input = frame::frame(LB_MAC_B, ROUTER_MAC, &error);
-
-        let (verdict, out) = h.run(&input);
-        assert_eq!(
-            verdict,
-            XDP_TX,
-            "{}: verdict (output:\n{})",
-            c.what,
-            frame::hex(&out)
-        );
+        let quote = frame::quote(&sent[14..], c.quote_max, c.decrement);
+        let error = frame::icmp_message(ip(router), f.snat, t, code, rest, &quote);
+        let out = h.run_tx(what, &frame::frame(LB_MAC_B, ROUTER_MAC, &error));
         // Expected: from the VIP to the client, quoting the client's own
         // packet (as the router would have quoted it had there been no NAT).
-        let original = seg.ip();
-        let expected_ip = frame::icmp_message(
-            f.vip.ip(),
-            client.ip(),
-            t,
-            code,
-            rest,
-            &frame::quote(&original, c.quote_max, c.decrement),
-        );
+        let quote = frame::quote(&seg.ip(), c.quote_max, c.decrement);
+        let expected_ip = frame::icmp_message(f.vip.ip(), f.client.ip(), t, code, rest, &quote);
         // The router's TTL and IP id are kept on the outer header.
         let expected = frame::frame(CLIENT_MAC, LB_MAC_A, &expected_ip);
-        assert_eq!(
-            frame::hex(&out),
-            frame::hex(&expected),
-            "{}: output frame (translated port {port})",
-            c.what
+        assert_frame(
+            &out,
+            &expected,
+            format!("{what}: output frame (translated port {port})"),
         );
-        let checks = verify(c.what, &out);
-        assert_eq!(checks, c.checks, "{}: checksums verified", c.what);
+        assert_eq!(verify(what, &out), c.checks, "{what}: checksums verified");
     }
     assert_eq!(h.reason(Reason::NatIcmp), cases.len() as u64);
 }
@@ -1275,59 +1007,39 @@ fn icmp_not_about_a_translated_flow_passes_untouched() {
     let mut h = Harness::standard();
     let flows = standard_flows();
     let f = &flows[0];
-    let seg = client_seg(f, frame::SYN, b"");
-    let port = h.forward("setup", &seg, f.id, f.backend, f.snat);
-    let unknown = Seg::tcp(
-        SocketAddr::new(f.snat, if port == 20000 { 20001 } else { port - 1 }),
-        f.backend,
+    let port = h.client_sends("setup", f, frame::SYN, b"");
+    let other_port = if port == 20000 { 20001 } else { port - 1 };
+    // An IPv4 "fragmentation needed" from the router to `to` quoting `quote`.
+    let frag_needed = |to: IpAddr, quote: Seg| {
+        frame::icmp_message(ip(ROUTER4), to, 3, 4, [0, 0, 5, 0x78], &quote.ip())
+    };
+    let to_backend = |port| Seg::tcp(SocketAddr::new(f.snat, port), f.backend, frame::ACK, b"x");
+    let (unknown, live) = (to_backend(other_port), to_backend(port));
+    let v6_unknown = Seg::tcp(
+        sa("[fd00:1::1]:20000"),
+        sa("[fd00:1::11]:8080"),
         frame::ACK,
         b"x",
     );
-    let cases = vec![
+    let own = Seg::tcp(sa("10.0.1.1:33000"), sa("10.0.9.9:443"), frame::ACK, b"x");
+    let cases = [
         (
             "frag needed about a port with no translation",
-            frame::icmp_message(ip(ROUTER4), ip(SNAT4), 3, 4, [0, 0, 5, 0x78], &unknown.ip()),
+            frag_needed(ip(SNAT4), unknown),
         ),
         (
             "frag needed about the lb's own traffic to another host",
-            frame::icmp_message(
-                ip(ROUTER4),
-                ip(SNAT4),
-                3,
-                4,
-                [0, 0, 5, 0x78],
-                &Seg::tcp(sa("10.0.1.1:33000"), sa("10.0.9.9:443"), frame::ACK, b"x").ip(),
-            ),
+            frag_needed(ip(SNAT4), own),
         ),
         (
             "ICMPv6 packet too big about a port with no translation",
-            frame::icmp_message(
-                ip(ROUTER6),
-                ip(SNAT6),
-                2,
-                0,
-                [0, 0, 5, 0],
-                &Seg::tcp(
-                    sa("[fd00:1::1]:20000"),
-                    sa("[fd00:1::11]:8080"),
-                    frame::ACK,
-                    b"x",
-                )
-                .ip(),
-            ),
+            frame::icmp_message(ip(ROUTER6), ip(SNAT6), 2, 0, [0, 0, 5, 0], &v6_unknown.ip()),
         ),
         (
             // Found by the fuzzer: the quote matches a live translation,
             // but the error is addressed to another host.
             "frag needed quoting a live translation, addressed elsewhere",
-            frame::icmp_message(
-                ip(ROUTER4),
-                ip("10.0.1.99"),
-                3,
-                4,
-                [0, 0, 5, 0x78],
-                &Seg::tcp(SocketAddr::new(f.snat, port), f.backend, frame::ACK, b"x").ip(),
-            ),
+            frag_needed(ip("10.0.1.99"), live),
         ),
         (
             "ICMPv6 echo request (not an error)",
@@ -1347,19 +1059,12 @@ fn icmp_not_about_a_translated_flow_passes_untouched() {
 fn nat_flows_go_to_the_backend_userspace_predicts() {
     let mut h = Harness::new();
     let backends = ["10.0.1.21", "10.0.1.22", "10.0.1.23"];
-    for (i, b) in backends.iter().enumerate() {
-        h.set_backend(i as u32, 0, b, 8080, SNAT4);
+    for (i, b) in (0..).zip(backends) {
+        h.set_backend(i, 0, SocketAddr::new(ip(b), 8080), ip(SNAT4));
     }
-    h.set_service(
-        0,
-        VIP4,
-        80,
-        PROTO_TCP,
-        &[0, 1, 2],
-        (20000, 40000),
-        DEFAULT_TIMEOUTS,
-    );
     let vip = sa("10.0.100.1:80");
+    let ports = (20000, 40000);
+    h.set_service(0, vip, PROTO_TCP, &[0, 1, 2], ports, DEFAULT_TIMEOUTS);
     let mut used = [0u32; 3];
     for port in 20000..20090u16 {
         let client = SocketAddr::new(ip("10.0.0.1"), port);
@@ -1367,13 +1072,11 @@ fn nat_flows_go_to_the_backend_userspace_predicts() {
         let id = expected.backend_id;
         let be = SocketAddr::new(ip(backends[id as usize]), 8080);
         assert_eq!(expected.backend, be);
-        h.forward(
-            "Maglev pick",
-            &Seg::tcp(client, vip, frame::SYN, b""),
+        let f = Flow {
             id,
-            be,
-            ip(SNAT4),
-        );
+            ..Flow::one_backend(client, vip, be, PROTO_TCP)
+        };
+        h.client_sends("Maglev pick", &f, frame::SYN, b"");
         used[id as usize] += 1;
     }
     assert!(
@@ -1389,8 +1092,9 @@ fn nat_flows_go_to_the_backend_userspace_predicts() {
 /// two backends; the one a flow first goes to refuses it (RST to the SYN).
 fn retrying() -> Harness {
     let mut h = Harness::new();
-    h.set_backend(0, 0, BACKEND4, 8080, SNAT4);
-    h.set_backend(1, 0, "10.0.1.12", 8080, SNAT4);
+    for id in 0..2 {
+        h.set_backend(id, 0, retrying_backend(id), ip(SNAT4));
+    }
     set_retrying_members(&mut h, &[0, 1]);
     h
 }
@@ -1415,7 +1119,7 @@ fn retrying_backend(id: u32) -> SocketAddr {
 /// The client's SYN: (backend id, port) it was translated to.
 fn syn_goes_to(h: &mut Harness, client: SocketAddr) -> (u32, u16) {
     let seg = Seg::tcp(client, sa("10.0.100.1:80"), frame::SYN, b"");
-    let (verdict, _) = h.run(&seg.frame(LB_MAC_A, CLIENT_MAC));
+    let (verdict, _) = h.run(&from_client(&seg));
     assert_eq!(verdict, XDP_TX, "{client}: SYN forwarded");
     let f = h.fwd(client, sa("10.0.100.1:80"), PROTO_TCP).unwrap();
     (f.backend, u16::from_be(f.nat_port_be))
@@ -1425,7 +1129,7 @@ fn syn_goes_to(h: &mut Harness, client: SocketAddr) -> (u32, u16) {
 fn backend_resets(h: &mut Harness, id: u32, port: u16) -> u32 {
     let to = SocketAddr::new(ip(SNAT4), port);
     let seg = Seg::tcp(retrying_backend(id), to, frame::RST | frame::ACK, b"");
-    h.run(&seg.frame(LB_MAC_B, backend_mac(id))).0
+    h.run(&from_backend(&seg, id)).0
 }
 
 #[test]
@@ -1448,12 +1152,9 @@ fn a_refused_syn_is_retried_once_on_another_backend() {
     assert_ne!(second, first, "moved to another backend");
     assert_eq!(h.reason(Reason::NatRetry), 2);
     assert_eq!(h.reason(Reason::NatNew), 1, "one flow, moved once");
+    let old_snat = SocketAddr::new(ip(SNAT4), port);
     assert!(h
-        .rev(
-            retrying_backend(first),
-            SocketAddr::new(ip(SNAT4), port),
-            PROTO_TCP
-        )
+        .rev(retrying_backend(first), old_snat, PROTO_TCP)
         .is_none());
     // A second refusal reaches the client (translated back): every
     // backend refusing must not leave the client waiting.
@@ -1507,13 +1208,9 @@ fn a_reset_of_a_flow_moved_mid_connection_reaches_the_client() {
     let client = sa("10.0.0.4:40000");
     let vip = sa("10.0.100.1:80");
     let (first, port) = syn_goes_to(&mut h, client);
-    let syn_ack = Seg::tcp(
-        retrying_backend(first),
-        SocketAddr::new(ip(SNAT4), port),
-        frame::SYN | frame::ACK,
-        b"",
-    );
-    let (verdict, _) = h.run(&syn_ack.frame(LB_MAC_B, backend_mac(first)));
+    let to = SocketAddr::new(ip(SNAT4), port);
+    let syn_ack = Seg::tcp(retrying_backend(first), to, frame::SYN | frame::ACK, b"");
+    let (verdict, _) = h.run(&from_backend(&syn_ack, first));
     assert_eq!(verdict, XDP_TX, "the backend's answer reaches the client");
     // Its host goes down, and the daemon takes it out of the table.
     let mut gone = h.dp.maps.backend(first).unwrap();
@@ -1527,7 +1224,7 @@ fn a_reset_of_a_flow_moved_mid_connection_reaches_the_client() {
         frame::ACK | frame::PSH,
         b"GET / HTTP/1.0\r\n\r\n",
     );
-    let (verdict, _) = h.run(&data.frame(LB_MAC_A, CLIENT_MAC));
+    let (verdict, _) = h.run(&from_client(&data));
     assert_eq!(verdict, XDP_TX);
     let moved = h.fwd(client, vip, PROTO_TCP).unwrap();
     assert_ne!(moved.backend, first, "{moved:?}");
@@ -1546,18 +1243,12 @@ fn only_a_syn_opens_a_tcp_translation() {
     let mut h = Harness::standard();
     let f = &standard_flows()[0];
     let data = client_seg(f, frame::ACK | frame::PSH, b"data");
-    let (verdict, _) = h.run(&data.frame(LB_MAC_A, CLIENT_MAC));
+    let (verdict, _) = h.run(&from_client(&data));
     assert_eq!(verdict, XDP_DROP, "a segment of an unknown flow");
     assert!(h.fwd(f.client, f.vip, f.proto).is_none(), "no port spent");
     assert_eq!(h.reason(Reason::DropNatNoFlow), 1);
-    let port = h.forward(
-        "SYN",
-        &client_seg(f, frame::SYN, b""),
-        f.id,
-        f.backend,
-        f.snat,
-    );
-    assert_eq!(h.forward("data", &data, f.id, f.backend, f.snat), port);
+    let port = h.client_sends("SYN", f, frame::SYN, b"");
+    assert_eq!(h.forward("data", &data, f), port);
 }
 
 /// A translation replicated from a cluster peer: its reply entry has no
@@ -1587,23 +1278,16 @@ fn a_replicated_reply_finds_its_client_through_the_kernels_routes() {
     let f = &standard_flows()[0];
     let client_mac = [0x02, 0, 0, 0, 0xc1, 0x01];
     let mut h = ns.run(Harness::standard);
-    let port = h.forward(
-        "SYN",
-        &client_seg(f, frame::SYN, b""),
-        f.id,
-        f.backend,
-        f.snat,
-    );
+    let port = h.client_sends("SYN", f, frame::SYN, b"");
     replicate(&mut h, f, port);
     let reply = backend_seg(f, port, frame::ACK, b"answer");
     let translated = reply.between(f.vip, f.client);
 
     // Forwarding is off (a new namespace's default): the kernel's lookup
     // refuses, so the reply goes to the kernel translated, MACs untouched.
-    let (verdict, out) = ns.run(|| h.run(&reply.frame(LB_MAC_B, backend_mac(f.id))));
+    let (verdict, out) = ns.run(|| h.run(&from_backend(&reply, f.id)));
     assert_eq!(verdict, XDP_PASS);
-    let expected = translated.frame(LB_MAC_B, backend_mac(f.id));
-    assert_eq!(frame::hex(&out), frame::hex(&expected));
+    assert_frame(&out, &from_backend(&translated, f.id), "MACs untouched");
     assert_eq!(h.reason(Reason::PassNoRoute), 1);
 
     // With a route to the client and its neighbour known, the reply goes
@@ -1618,12 +1302,10 @@ fn a_replicated_reply_finds_its_client_through_the_kernels_routes() {
     ] {
         ns.exec(&cmd.split(' ').collect::<Vec<_>>()).unwrap();
     }
-    let (verdict, out) = ns.run(|| h.run(&reply.frame(LB_MAC_B, backend_mac(f.id))));
+    let (verdict, out) = ns.run(|| h.run(&from_backend(&reply, f.id)));
     let veth_mac = [0x02, 0, 0, 0, 0x0e, 0x01];
-    assert_eq!(
-        frame::hex(&out),
-        frame::hex(&translated.frame(client_mac, veth_mac))
-    );
+    let expected = translated.frame(client_mac, veth_mac);
+    assert_frame(&out, &expected, "to the client's neighbour");
     // The veth is not one of the datapath's egress ports: the redirect
     // is refused and counted, which is fine here: the way was found.
     assert_eq!(verdict, XDP_DROP);
