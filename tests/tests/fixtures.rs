@@ -25,14 +25,10 @@ const BACKEND_MACS: [[u8; 6]; 3] = [
 
 /// A TCP SYN or UDP datagram with a 4-byte payload from `src` to `dst`,
 /// client to load balancer, optionally VLAN-tagged.
-fn packet(src: SocketAddr, dst: SocketAddr, proto: u8, vlan: Option<u16>) -> Vec<u8> {
-    probe(src, dst, proto)
+fn packet(src: &str, dst: &str, proto: u8, vlan: Option<u16>) -> Vec<u8> {
+    Seg::probe(sa(src), sa(dst), proto)
         .tagged(vlan)
         .frame(LB_MAC, CLIENT_MAC)
-}
-
-fn probe(src: SocketAddr, dst: SocketAddr, proto: u8) -> Seg {
-    Seg::probe(src, dst, proto)
 }
 
 fn sa(s: &str) -> SocketAddr {
@@ -102,6 +98,11 @@ impl Harness {
 
 // ---------------------------------------------------------------- cases
 
+/// Which backend a forwarded frame went to, by its destination MAC.
+fn backend_of(out: &[u8]) -> Option<usize> {
+    BACKEND_MACS.iter().position(|m| out[..6] == m[..])
+}
+
 struct Case {
     what: &'static str,
     input: Vec<u8>,
@@ -109,12 +110,17 @@ struct Case {
     output: Vec<u8>,
 }
 
-fn check(h: &mut Harness, cases: Vec<Case>) {
+fn check(h: &mut Harness, cases: impl IntoIterator<Item = Case>) {
     for c in cases {
         let (verdict, out) = h.run(&c.input);
         assert_eq!(verdict, c.verdict, "{}: verdict", c.what);
         assert_eq!(out, c.output, "{}: output frame", c.what);
     }
+}
+
+/// Runs `input`, which must be forwarded to `backend`, as one [`Case`].
+fn check_forwarded(h: &mut Harness, what: &'static str, input: &[u8], backend: usize) {
+    check(h, [forwarded(what, input.to_vec(), backend)]);
 }
 
 fn forwarded(what: &'static str, input: Vec<u8>, backend: usize) -> Case {
@@ -136,74 +142,45 @@ fn untouched(what: &'static str, input: Vec<u8>) -> Case {
     }
 }
 
+/// Service traffic all served by backend 0: (what, source, VIP, protocol,
+/// VLAN).
+#[rustfmt::skip]
+const TO_BACKEND_0: [(&str, &str, &str, u8, Option<u16>); 6] = [
+    ("TCP to IPv4 VIP", "10.0.0.1:40000", "10.0.100.1:80", PROTO_TCP, None),
+    ("UDP to IPv4 VIP", "10.0.0.1:40000", "10.0.100.1:53", PROTO_UDP, None),
+    ("TCP to IPv6 VIP", "[fd00::1]:40000", "[fd00:100::1]:80", PROTO_TCP, None),
+    ("UDP to IPv6 VIP", "[fd00::1]:40000", "[fd00:100::1]:53", PROTO_UDP, None),
+    ("802.1Q-tagged TCP to IPv4 VIP", "10.0.0.1:40001", "10.0.100.1:80", PROTO_TCP, Some(42)),
+    ("802.1Q-tagged UDP to IPv6 VIP", "[fd00::1]:40001", "[fd00:100::1]:53", PROTO_UDP, Some(7)),
+];
+
 #[test]
 fn service_traffic_is_forwarded_with_only_macs_rewritten() {
     let mut h = Harness::standard();
     let ipv4_options = {
-        let mut seg = probe(sa("10.0.0.1:40002"), sa("10.0.100.1:80"), PROTO_TCP);
+        let mut seg = Seg::probe(sa("10.0.0.1:40002"), sa("10.0.100.1:80"), PROTO_TCP);
         // IHL 6: a 4-byte option (NOP NOP NOP EOL) before TCP.
         seg.ipv4_options = vec![1, 1, 1, 0];
         seg.frame(LB_MAC, CLIENT_MAC)
     };
-    check(
-        &mut h,
-        vec![
-            forwarded(
-                "TCP to IPv4 VIP",
-                packet(sa("10.0.0.1:40000"), sa("10.0.100.1:80"), PROTO_TCP, None),
-                0,
-            ),
-            forwarded(
-                "UDP to IPv4 VIP",
-                packet(sa("10.0.0.1:40000"), sa("10.0.100.1:53"), PROTO_UDP, None),
-                0,
-            ),
-            forwarded(
-                "TCP to IPv6 VIP",
-                packet(
-                    sa("[fd00::1]:40000"),
-                    sa("[fd00:100::1]:80"),
-                    PROTO_TCP,
-                    None,
-                ),
-                0,
-            ),
-            forwarded(
-                "UDP to IPv6 VIP",
-                packet(
-                    sa("[fd00::1]:40000"),
-                    sa("[fd00:100::1]:53"),
-                    PROTO_UDP,
-                    None,
-                ),
-                0,
-            ),
-            forwarded(
-                "802.1Q-tagged TCP to IPv4 VIP",
-                packet(
-                    sa("10.0.0.1:40001"),
-                    sa("10.0.100.1:80"),
-                    PROTO_TCP,
-                    Some(42),
-                ),
-                0,
-            ),
-            forwarded(
-                "802.1Q-tagged UDP to IPv6 VIP",
-                packet(
-                    sa("[fd00::1]:40001"),
-                    sa("[fd00:100::1]:53"),
-                    PROTO_UDP,
-                    Some(7),
-                ),
-                0,
-            ),
-            forwarded("IPv4 with options (IHL honoured)", ipv4_options, 0),
-        ],
-    );
+    let cases = TO_BACKEND_0
+        .map(|(what, src, dst, proto, vlan)| forwarded(what, packet(src, dst, proto, vlan), 0));
+    let options = forwarded("IPv4 with options (IHL honoured)", ipv4_options, 0);
+    check(&mut h, cases.into_iter().chain([options]));
     assert_eq!(h.reason(Reason::Tx), 7);
     assert_eq!(h.reason(Reason::FlowNew), 7);
 }
+
+/// Traffic to no service, none of it 802.1Q-tagged: (what, source,
+/// destination, protocol).
+#[rustfmt::skip]
+const NOT_A_SERVICE: [(&str, &str, &str, u8); 5] = [
+    ("TCP to another address (the host's own SSH)", "10.0.0.1:40000", "10.0.0.2:22", PROTO_TCP),
+    ("TCP to the VIP on a port without service", "10.0.0.1:40000", "10.0.100.1:443", PROTO_TCP),
+    ("UDP to a TCP service's VIP:port", "10.0.0.1:40000", "10.0.100.1:80", PROTO_UDP),
+    ("TCP to a UDP service's VIP:port", "[fd00::1]:40000", "[fd00:100::1]:53", PROTO_TCP),
+    ("IPv6 to another address", "[fd00::1]:40000", "[fd00::2]:80", PROTO_TCP),
+];
 
 #[test]
 fn traffic_not_for_a_service_passes_unchanged() {
@@ -215,48 +192,17 @@ fn traffic_not_for_a_service_passes_unchanged() {
     };
     let icmp_to_vip = {
         // An echo request, id 1, sequence 1.
-        let ip = frame::icmp_message(
-            "10.0.0.1".parse().unwrap(),
-            "10.0.100.1".parse().unwrap(),
-            8,
-            0,
-            [0, 1, 0, 1],
-            &[],
-        );
+        let (client, vip) = (sa("10.0.0.1:0").ip(), sa("10.0.100.1:0").ip());
+        let ip = frame::icmp_message(client, vip, 8, 0, [0, 1, 0, 1], &[]);
         frame::frame(LB_MAC, CLIENT_MAC, &ip)
     };
-    check(
-        &mut h,
-        vec![
-            untouched(
-                "TCP to another address (the host's own SSH)",
-                packet(sa("10.0.0.1:40000"), sa("10.0.0.2:22"), PROTO_TCP, None),
-            ),
-            untouched(
-                "TCP to the VIP on a port without service",
-                packet(sa("10.0.0.1:40000"), sa("10.0.100.1:443"), PROTO_TCP, None),
-            ),
-            untouched(
-                "UDP to a TCP service's VIP:port",
-                packet(sa("10.0.0.1:40000"), sa("10.0.100.1:80"), PROTO_UDP, None),
-            ),
-            untouched(
-                "TCP to a UDP service's VIP:port",
-                packet(
-                    sa("[fd00::1]:40000"),
-                    sa("[fd00:100::1]:53"),
-                    PROTO_TCP,
-                    None,
-                ),
-            ),
-            untouched(
-                "IPv6 to another address",
-                packet(sa("[fd00::1]:40000"), sa("[fd00::2]:80"), PROTO_TCP, None),
-            ),
-            untouched("ICMP echo to the VIP", icmp_to_vip),
-            untouched("ARP", arp),
-        ],
-    );
+    let cases =
+        NOT_A_SERVICE.map(|(what, src, dst, proto)| untouched(what, packet(src, dst, proto, None)));
+    let others = [
+        untouched("ICMP echo to the VIP", icmp_to_vip),
+        untouched("ARP", arp),
+    ];
+    check(&mut h, cases.into_iter().chain(others));
     assert_eq!(h.reason(Reason::PassNotService), 6);
     assert_eq!(h.reason(Reason::PassNotIp), 1);
     assert_eq!(h.reason(Reason::Tx), 0);
@@ -266,25 +212,10 @@ fn traffic_not_for_a_service_passes_unchanged() {
 fn truncated_frames_pass_at_every_length_never_aborted() {
     let mut h = Harness::standard();
     let frames = [
-        packet(sa("10.0.0.1:40000"), sa("10.0.100.1:80"), PROTO_TCP, None),
-        packet(
-            sa("10.0.0.1:40000"),
-            sa("10.0.100.1:53"),
-            PROTO_UDP,
-            Some(5),
-        ),
-        packet(
-            sa("[fd00::1]:40000"),
-            sa("[fd00:100::1]:80"),
-            PROTO_TCP,
-            None,
-        ),
-        packet(
-            sa("[fd00::1]:40000"),
-            sa("[fd00:100::1]:53"),
-            PROTO_UDP,
-            None,
-        ),
+        packet("10.0.0.1:40000", "10.0.100.1:80", PROTO_TCP, None),
+        packet("10.0.0.1:40000", "10.0.100.1:53", PROTO_UDP, Some(5)),
+        packet("[fd00::1]:40000", "[fd00:100::1]:80", PROTO_TCP, None),
+        packet("[fd00::1]:40000", "[fd00:100::1]:53", PROTO_UDP, None),
     ];
     let mut runs = 0;
     for full in &frames {
@@ -314,23 +245,20 @@ fn truncated_frames_pass_at_every_length_never_aborted() {
 fn fragments_and_ipv6_extension_headers_go_to_the_kernel() {
     let mut h = Harness::standard();
     let fragment = |frags: u16| {
-        let mut seg = probe(sa("10.0.0.1:40000"), sa("10.0.100.1:80"), PROTO_TCP);
+        let mut seg = Seg::probe(sa("10.0.0.1:40000"), sa("10.0.100.1:80"), PROTO_TCP);
         seg.frag = frags;
         seg.frame(LB_MAC, CLIENT_MAC)
     };
     let hop_by_hop = {
         let (src, dst) = (sa("[fd00::1]:40000"), sa("[fd00:100::1]:80"));
         let mut payload = vec![PROTO_TCP, 0, 1, 4, 0, 0, 0, 0]; // next=TCP, PadN
-        payload.extend(probe(src, dst, PROTO_TCP).l4());
-        frame::frame(
-            LB_MAC,
-            CLIENT_MAC,
-            &frame::ip_packet(src.ip(), dst.ip(), 0, 64, 0, &payload),
-        )
+        payload.extend(Seg::probe(src, dst, PROTO_TCP).l4());
+        let ip = frame::ip_packet(src.ip(), dst.ip(), 0, 64, 0, &payload);
+        frame::frame(LB_MAC, CLIENT_MAC, &ip)
     };
     check(
         &mut h,
-        vec![
+        [
             untouched("first fragment (MF set)", fragment(0x2000)),
             untouched("later fragment (offset 185)", fragment(185)),
             untouched("IPv6 hop-by-hop options before TCP", hop_by_hop),
@@ -347,59 +275,31 @@ fn fragments_and_ipv6_extension_headers_go_to_the_kernel() {
 #[test]
 fn established_flows_keep_their_backend_when_the_table_changes() {
     let mut h = Harness::standard();
-    let vip = sa("10.0.100.1:80");
-    let flow = packet(sa("10.0.0.1:41000"), vip, PROTO_TCP, None);
-    check(
-        &mut h,
-        vec![forwarded("new flow picks backend 0", flow.clone(), 0)],
-    );
+    let flow = packet("10.0.0.1:41000", "10.0.100.1:80", PROTO_TCP, None);
+    check_forwarded(&mut h, "new flow picks backend 0", &flow, 0);
 
     // Swap in a table that only names backend 1 (the other half of the
     // region, as the control plane does).
     h.set_service("10.0.100.1:80", PROTO_TCP, 0, TABLE_SIZE, &[1]);
-    check(
+    check_forwarded(
         &mut h,
-        vec![
-            forwarded(
-                "established flow keeps backend 0 after the swap",
-                flow.clone(),
-                0,
-            ),
-            forwarded(
-                "a new flow uses the new table",
-                packet(sa("10.0.0.1:41001"), vip, PROTO_TCP, None),
-                1,
-            ),
-        ],
+        "established flow keeps backend 0 after the swap",
+        &flow,
+        0,
     );
+    let new_flow = packet("10.0.0.1:41001", "10.0.100.1:80", PROTO_TCP, None);
+    check_forwarded(&mut h, "a new flow uses the new table", &new_flow, 1);
     assert_eq!(h.reason(Reason::FlowHit), 1);
 
     // Draining keeps the established flow.
     h.set_backend(0, "10.0.0.11", BACKEND_DRAINING);
-    check(
-        &mut h,
-        vec![forwarded(
-            "draining backend keeps its flow",
-            flow.clone(),
-            0,
-        )],
-    );
+    check_forwarded(&mut h, "draining backend keeps its flow", &flow, 0);
 
     // Down (or removed): the flow is re-picked from the current table.
     h.set_backend(0, "10.0.0.11", BACKEND_DOWN);
-    check(
-        &mut h,
-        vec![forwarded(
-            "flow of a down backend is re-picked",
-            flow.clone(),
-            1,
-        )],
-    );
+    check_forwarded(&mut h, "flow of a down backend is re-picked", &flow, 1);
     assert_eq!(h.reason(Reason::FlowRepick), 1);
-    check(
-        &mut h,
-        vec![forwarded("and then stays on its new backend", flow, 1)],
-    );
+    check_forwarded(&mut h, "and then stays on its new backend", &flow, 1);
     assert_eq!(h.reason(Reason::FlowHit), 3);
 }
 
@@ -412,7 +312,7 @@ fn kernel_and_userspace_pick_the_same_backend() {
         let src = SocketAddr::new("10.0.0.1".parse().unwrap(), port);
         let expected = h.0.maps.route(src, vip, PROTO_TCP).unwrap();
         assert!(!expected.established);
-        let input = packet(src, vip, PROTO_TCP, None);
+        let input = Seg::probe(src, vip, PROTO_TCP).frame(LB_MAC, CLIENT_MAC);
         let (verdict, out) = h.run(&input);
         assert_eq!(verdict, XDP_TX);
         let id = expected.backend_id as usize;
@@ -437,7 +337,7 @@ fn kernel_and_userspace_pick_the_same_backend() {
 fn no_backend_drops_and_unresolved_next_hop_passes() {
     let mut h = Harness::standard();
     h.set_service("10.0.100.1:80", PROTO_TCP, 0, 0, &[]);
-    let input = packet(sa("10.0.0.1:40000"), sa("10.0.100.1:80"), PROTO_TCP, None);
+    let input = packet("10.0.0.1:40000", "10.0.100.1:80", PROTO_TCP, None);
     let (verdict, _) = h.run(&input);
     assert_eq!(verdict, XDP_DROP, "service without backends");
     assert_eq!(h.reason(Reason::DropNoBackend), 1);
@@ -445,10 +345,10 @@ fn no_backend_drops_and_unresolved_next_hop_passes() {
     let mut unresolved = h.0.maps.backend(0).unwrap();
     unresolved.dst_mac = [0; 6];
     h.0.maps.backends.set(0, unresolved, 0).unwrap();
-    let input = packet(sa("10.0.0.1:40000"), sa("10.0.100.1:53"), PROTO_UDP, None);
+    let input = packet("10.0.0.1:40000", "10.0.100.1:53", PROTO_UDP, None);
     check(
         &mut h,
-        vec![untouched("backend MAC unresolved: kernel gets it", input)],
+        [untouched("backend MAC unresolved: kernel gets it", input)],
     );
     assert_eq!(h.reason(Reason::PassNoNeigh), 1);
 }
@@ -456,13 +356,8 @@ fn no_backend_drops_and_unresolved_next_hop_passes() {
 #[test]
 fn counters_count_packets_bytes_and_new_flows_per_service_and_backend() {
     let mut h = Harness::standard();
-    let a = packet(sa("10.0.0.1:40000"), sa("10.0.100.1:80"), PROTO_TCP, None);
-    let b = packet(
-        sa("[fd00::1]:40000"),
-        sa("[fd00:100::1]:53"),
-        PROTO_UDP,
-        None,
-    );
+    let a = packet("10.0.0.1:40000", "10.0.100.1:80", PROTO_TCP, None);
+    let b = packet("[fd00::1]:40000", "[fd00:100::1]:53", PROTO_UDP, None);
     // A flow's first packet counts one new flow; its further packets none.
     h.run(&a);
     let new_flows = |h: &Harness| {
@@ -501,28 +396,21 @@ fn frames_to_another_mac_pass_untouched_unless_the_mac_is_configured() {
     let mut h = Harness::standard();
     const OTHER_NODE: [u8; 6] = [0x02, 0, 0, 0, 0, 0x99];
     const VRRP_MAC: [u8; 6] = [0x00, 0x00, 0x5e, 0x00, 0x01, 0x01];
+    const ALL_NODES: [u8; 6] = [0x33, 0x33, 0, 0, 0, 1];
     let to = |mac: [u8; 6], src: &str, dst: &str, proto: u8| {
-        with_macs(&packet(sa(src), sa(dst), proto, None), mac, CLIENT_MAC)
+        with_macs(&packet(src, dst, proto, None), mac, CLIENT_MAC)
     };
     let foreign = [
         to(OTHER_NODE, "10.0.0.1:40000", "10.0.100.1:80", PROTO_TCP),
         to(OTHER_NODE, "[fd00::1]:40000", "[fd00:100::1]:53", PROTO_UDP),
         to([0xff; 6], "10.0.0.1:40001", "10.0.100.1:53", PROTO_UDP),
-        to(
-            [0x33, 0x33, 0, 0, 0, 1],
-            "[fd00::1]:40001",
-            "[fd00:100::1]:80",
-            PROTO_TCP,
-        ),
+        to(ALL_NODES, "[fd00::1]:40001", "[fd00:100::1]:80", PROTO_TCP),
         to(VRRP_MAC, "10.0.0.1:40002", "10.0.100.1:8080", PROTO_TCP),
     ];
-    check(
-        &mut h,
-        foreign
-            .iter()
-            .map(|f| untouched("frame for another MAC", f.clone()))
-            .collect(),
-    );
+    let cases = foreign
+        .iter()
+        .map(|f| untouched("frame for another MAC", f.clone()));
+    check(&mut h, cases);
     assert_eq!(h.reason(Reason::PassNotForUs), foreign.len() as u64);
     assert_eq!(
         h.reason(Reason::FlowNew),
@@ -540,10 +428,10 @@ fn frames_to_another_mac_pass_untouched_unless_the_mac_is_configured() {
     assert_eq!(out, with_macs(&input, BACKEND_MACS[0], LB_MAC));
     // ...until the configuration drops it again.
     h.0.accept_macs(&[(LO_IFINDEX, LB_MAC)], &[]).unwrap();
-    check(&mut h, vec![untouched("extra MAC removed", input)]);
+    check(&mut h, [untouched("extra MAC removed", input)]);
     assert_eq!(h.reason(Reason::PassNotForUs), foreign.len() as u64 + 1);
     // The interface's own MAC still is.
-    let own = packet(sa("10.0.0.1:40004"), sa("10.0.100.1:80"), PROTO_TCP, None);
+    let own = packet("10.0.0.1:40004", "10.0.100.1:80", PROTO_TCP, None);
     check(
         &mut h,
         vec![forwarded("frame to the interface's MAC", own, 0)],
@@ -572,7 +460,7 @@ fn flows_are_counted_answered_or_retransmitted_once() {
     }
     assert_eq!((signals(&h).confirmed, signals(&h).syn_retransmits), (1, 2));
     // UDP: answered as made, whatever follows.
-    let udp = packet(sa("10.0.0.3:5000"), sa("10.0.100.1:53"), PROTO_UDP, None);
+    let udp = packet("10.0.0.3:5000", "10.0.100.1:53", PROTO_UDP, None);
     for _ in 0..3 {
         assert_eq!(h.run(&udp).0, XDP_TX);
     }
@@ -590,17 +478,12 @@ fn an_unanswered_syn_retransmission_moves_the_flow_once() {
     let syn = Seg::tcp(sa("10.0.0.9:40000"), sa("10.0.100.1:8080"), frame::SYN, b"")
         .frame(LB_MAC, CLIENT_MAC);
     let key = addr::flow_key(sa("10.0.0.9:40000"), sa("10.0.100.1:8080"), PROTO_TCP);
-    let backend_of = |out: &[u8]| {
-        BACKEND_MACS
-            .iter()
-            .position(|m| out[..6] == m[..])
-            .expect("sent to a backend")
-    };
+    let sent_to = |out: &[u8]| backend_of(out).expect("sent to a backend");
     // Opened, then a duplicate straight away: same backend.
     let (verdict, out) = h.run(&syn);
     assert_eq!(verdict, XDP_TX);
-    let first = backend_of(&out);
-    assert_eq!(backend_of(&h.run(&syn).1), first, "a duplicate SYN stays");
+    let first = sent_to(&out);
+    assert_eq!(sent_to(&h.run(&syn).1), first, "a duplicate SYN stays");
     assert_eq!(h.reason(Reason::FlowRetry), 0);
     // The flow (still opening) looks 600 ms old (aged through the map, no
     // sleep).
@@ -612,7 +495,7 @@ fn an_unanswered_syn_retransmission_moves_the_flow_once() {
     age(&mut h);
     let (verdict, out) = h.run(&syn);
     assert_eq!(verdict, XDP_TX);
-    let second = backend_of(&out);
+    let second = sent_to(&out);
     assert_ne!(second, first, "the retransmission goes elsewhere");
     assert_eq!(h.reason(Reason::FlowRetry), 1);
     let f = h.0.maps.opening.get(&key, 0).unwrap();
@@ -622,7 +505,7 @@ fn an_unanswered_syn_retransmission_moves_the_flow_once() {
     );
     // Once only: a later retransmission stays on the new backend.
     age(&mut h);
-    assert_eq!(backend_of(&h.run(&syn).1), second);
+    assert_eq!(sent_to(&h.run(&syn).1), second);
     assert_eq!(h.reason(Reason::FlowRetry), 1);
 }
 
@@ -638,7 +521,6 @@ fn a_syn_flood_never_evicts_an_established_flow() {
     h.set_service("10.0.100.1:8080", PROTO_TCP, 4, 8 * TABLE_SIZE, &[0, 1]);
     let vip = sa("10.0.100.1:8080");
     let seg = |src: SocketAddr, flags: u8| Seg::tcp(src, vip, flags, b"").frame(LB_MAC, CLIENT_MAC);
-    let backend_of = |out: &[u8]| BACKEND_MACS.iter().position(|m| out[..6] == m[..]);
     let clients: Vec<SocketAddr> = (0..200u16)
         .map(|i| SocketAddr::from(([10, 1, 0, 1], 30000 + i)))
         .collect();
@@ -678,13 +560,8 @@ fn a_syn_flood_never_evicts_an_established_flow() {
     // Which they would have without their pins: b3 takes new flows.
     let picks: Vec<Option<usize>> = (0..60u16)
         .map(|i| {
-            backend_of(
-                &h.run(&seg(
-                    SocketAddr::from(([10, 3, 0, 1], 1000 + i)),
-                    frame::SYN,
-                ))
-                .1,
-            )
+            let src = SocketAddr::from(([10, 3, 0, 1], 1000 + i));
+            backend_of(&h.run(&seg(src, frame::SYN)).1)
         })
         .collect();
     assert!(picks.contains(&Some(2)), "b3 takes new flows: {picks:?}");
