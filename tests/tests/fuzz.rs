@@ -50,25 +50,12 @@ const DSR: [(&str, u16, u8); 3] = [
     ("fd00:100::1", 80, PROTO_TCP),
 ];
 /// NAT services: (VIP, port, protocol, backend, backend port, SNAT address).
+#[rustfmt::skip]
 const NAT: [(&str, u16, u8, &str, u16, &str); 4] = [
     ("10.0.200.1", 80, PROTO_TCP, "10.0.1.21", 8080, "10.0.1.1"),
     ("10.0.200.1", 53, PROTO_UDP, "10.0.1.21", 5353, "10.0.1.1"),
-    (
-        "fd00:200::1",
-        80,
-        PROTO_TCP,
-        "fd00:1::21",
-        8080,
-        "fd00:1::1",
-    ),
-    (
-        "fd00:200::1",
-        53,
-        PROTO_UDP,
-        "fd00:1::21",
-        5353,
-        "fd00:1::1",
-    ),
+    ("fd00:200::1", 80, PROTO_TCP, "fd00:1::21", 8080, "fd00:1::1"),
+    ("fd00:200::1", 53, PROTO_UDP, "fd00:1::21", 5353, "fd00:1::1"),
 ];
 /// A service without backends: its traffic is dropped.
 const EMPTY: (&str, u16, u8) = ("10.0.100.9", 80, PROTO_TCP);
@@ -143,48 +130,37 @@ impl Fuzzer {
         let mut dp = TestDatapath::load("fuzz").expect("loading the XDP program (needs root)");
         dp.accept_macs(&[(LO_IFINDEX, LB_MAC)], &[]).unwrap();
         dp.set_nat_enabled(true).unwrap();
+        // An active backend at `addr:port` behind `dst_mac`.
+        let backend = |addr: &str, port: u16, dst_mac, service, snat_addr| Backend {
+            addr: addr::to_words(ip(addr)),
+            dst_mac,
+            src_mac: LB_MAC,
+            ifindex: LO_IFINDEX,
+            state: BACKEND_ACTIVE,
+            service,
+            snat_addr,
+            port_be: port.to_be(),
+            _pad: [0; 2],
+        };
         for id in 0..3u32 {
-            let backend = Backend {
-                addr: addr::to_words(ip(&format!("10.0.0.{}", 11 + id))),
-                dst_mac: [0x02, 0, 0, 0, 0, 0x11 + id as u8],
-                src_mac: LB_MAC,
-                ifindex: LO_IFINDEX,
-                state: BACKEND_ACTIVE,
-                service: 0,
-                snat_addr: [0; 4],
-                port_be: 80u16.to_be(),
-                _pad: [0; 2],
-            };
-            dp.set_backend(id, backend).unwrap();
+            let mac = [0x02, 0, 0, 0, 0, 0x11 + id as u8];
+            let b = backend(&format!("10.0.0.{}", 11 + id), 80, mac, 0, [0; 4]);
+            dp.set_backend(id, b).unwrap();
         }
         for (id, (vip, port, proto)) in (0u32..).zip(DSR) {
             let svc = dsr_service(id, id * 2 * TABLE_SIZE, TABLE_SIZE);
-            dp.set_service(SocketAddr::new(ip(vip), port), proto, svc, &[0, 1, 2])
-                .unwrap();
+            let vip = SocketAddr::new(ip(vip), port);
+            dp.set_service(vip, proto, svc, &[0, 1, 2]).unwrap();
         }
         let first_nat = DSR.len() as u32;
-        for (id, (vip, port, proto, backend, backend_port, snat)) in (first_nat..).zip(NAT) {
-            let b = Backend {
-                addr: addr::to_words(ip(backend)),
-                dst_mac: [0x02, 0, 0, 0, 0x01, id as u8],
-                src_mac: LB_MAC,
-                ifindex: LO_IFINDEX,
-                state: BACKEND_ACTIVE,
-                service: id,
-                snat_addr: addr::to_words(ip(snat)),
-                port_be: backend_port.to_be(),
-                _pad: [0; 2],
-            };
+        for (id, (vip, port, proto, be, be_port, snat)) in (first_nat..).zip(NAT) {
+            let mac = [0x02, 0, 0, 0, 0x01, id as u8];
+            let b = backend(be, be_port, mac, id, addr::to_words(ip(snat)));
             dp.set_backend(id, b).unwrap();
-            let svc = nat_service(
-                id,
-                id * 2 * TABLE_SIZE,
-                TABLE_SIZE,
-                (20000, 4000),
-                DEFAULT_TIMEOUTS,
-            );
-            dp.set_service(SocketAddr::new(ip(vip), port), proto, svc, &[id])
-                .unwrap();
+            let (base, ports) = (id * 2 * TABLE_SIZE, (20000, 4000));
+            let svc = nat_service(id, base, TABLE_SIZE, ports, DEFAULT_TIMEOUTS);
+            let vip = SocketAddr::new(ip(vip), port);
+            dp.set_service(vip, proto, svc, &[id]).unwrap();
         }
         let empty_id = first_nat + NAT.len() as u32;
         let svc = Service {
@@ -296,21 +272,21 @@ impl Fuzzer {
         }
         let max = 8 + self.rng.below(quoted.len() + 8);
         let quote = frame::quote(&quoted, max, false);
-        let router = if t.snat.is_ipv4() {
-            ip("10.0.1.254")
+        // (router, [(ICMP type, code, the 4 bytes after the checksum)]):
+        // too big, unreachable, time exceeded.
+        let (router, errors): (_, [(u8, u8, [u8; 4]); 3]) = if t.snat.is_ipv4() {
+            (
+                "10.0.1.254",
+                [(3, 4, [0, 0, 5, 0xdc]), (3, 3, [0; 4]), (11, 0, [0; 4])],
+            )
         } else {
-            ip("fd00:1::fe")
+            (
+                "fd00:1::fe",
+                [(2, 0, [0, 0, 5, 0xdc]), (1, 4, [0; 4]), (3, 0, [0; 4])],
+            )
         };
-        let (kind, code, rest) = if t.snat.is_ipv4() {
-            *self
-                .rng
-                .pick(&[(3u8, 4u8, [0, 0, 5, 0xdc]), (3, 3, [0; 4]), (11, 0, [0; 4])])
-        } else {
-            *self
-                .rng
-                .pick(&[(2u8, 0u8, [0, 0, 5, 0xdc]), (1, 4, [0; 4]), (3, 0, [0; 4])])
-        };
-        let packet = frame::icmp_message(router, t.snat.ip(), kind, code, rest, &quote);
+        let (kind, code, rest) = *self.rng.pick(&errors);
+        let packet = frame::icmp_message(ip(router), t.snat.ip(), kind, code, rest, &quote);
         frame::frame(LB_MAC, CLIENT_MAC, &packet)
     }
 
@@ -468,10 +444,10 @@ impl Fuzzer {
         let Some((src, dst, proto)) = endpoints(out) else {
             return;
         };
-        if !NAT
+        let translated = NAT
             .iter()
-            .any(|s| ip(s.5) == src.ip() && ip(s.3) == dst.ip())
-        {
+            .any(|s| ip(s.5) == src.ip() && ip(s.3) == dst.ip());
+        if !translated {
             return;
         }
         if self.live.len() == 64 {
@@ -485,31 +461,31 @@ impl Fuzzer {
     }
 }
 
-/// The IP destination of a frame, if it parses (tags skipped; lax, as a
-/// truncated or padded frame still has one).
-fn destination(f: &[u8]) -> Option<IpAddr> {
-    let s = LaxSlicedPacket::from_ethernet(f).ok()?;
-    match s.net? {
-        LaxNetSlice::Ipv4(v4) => Some(v4.header().destination_addr().into()),
-        LaxNetSlice::Ipv6(v6) => Some(v6.header().destination_addr().into()),
+/// The IP source and destination of a frame, if it parses (tags skipped;
+/// lax, as a truncated or padded frame still has them).
+fn addresses(s: &LaxSlicedPacket) -> Option<(IpAddr, IpAddr)> {
+    match s.net.as_ref()? {
+        LaxNetSlice::Ipv4(v4) => Some((
+            v4.header().source_addr().into(),
+            v4.header().destination_addr().into(),
+        )),
+        LaxNetSlice::Ipv6(v6) => Some((
+            v6.header().source_addr().into(),
+            v6.header().destination_addr().into(),
+        )),
         _ => None,
     }
+}
+
+/// The IP destination of a frame, if it parses.
+fn destination(f: &[u8]) -> Option<IpAddr> {
+    addresses(&LaxSlicedPacket::from_ethernet(f).ok()?).map(|(_, dst)| dst)
 }
 
 /// (source, destination, protocol) of a TCP or UDP frame.
 fn endpoints(f: &[u8]) -> Option<(SocketAddr, SocketAddr, u8)> {
     let s = LaxSlicedPacket::from_ethernet(f).ok()?;
-    let (src, dst): (IpAddr, IpAddr) = match s.net? {
-        LaxNetSlice::Ipv4(v4) => (
-            v4.header().source_addr().into(),
-            v4.header().destination_addr().into(),
-        ),
-        LaxNetSlice::Ipv6(v6) => (
-            v6.header().source_addr().into(),
-            v6.header().destination_addr().into(),
-        ),
-        _ => return None,
-    };
+    let (src, dst) = addresses(&s)?;
     match s.transport? {
         TransportSlice::Tcp(t) => Some((
             SocketAddr::new(src, t.source_port()),
@@ -659,10 +635,8 @@ fn fuzzed_configurations_are_refused_quickly_on_one_line() {
         "\u{202e}",
         "table_size = 4",
     ];
-    for (i, text) in mutated_texts(example, &tokens, 5_000, &mut rng)
-        .iter()
-        .enumerate()
-    {
+    let texts = mutated_texts(example, &tokens, 5_000, &mut rng);
+    for (i, text) in texts.iter().enumerate() {
         let text = String::from_utf8_lossy(text);
         let started = Instant::now();
         let result = xdplb::config::Config::parse(&text, "fuzz.toml");
