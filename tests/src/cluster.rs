@@ -35,10 +35,10 @@ use std::{
 };
 
 use crate::{
-    bin_path,
+    assert_within, bin_path,
     bird::Bird,
-    client::StreamConn,
-    lb::Xdplb,
+    client::{self, StreamConn},
+    lb::{Load, Sample, Xdplb},
     netns::{unique_prefix, Netns},
     proc::Proc,
     switch,
@@ -194,20 +194,45 @@ pub struct Cluster {
     pub switch: Netns,
 }
 
-/// Creates a veth `port` (in `switch`, on the bridge) <-> `eth0` in `host`.
-fn plug(switch: &Netns, host: &Netns, port: &str) {
-    switch::plug(switch, host, port, "eth0").unwrap();
+/// Runs `line`, split at spaces (no quoting), in `ns`; panics on failure.
+pub fn exec_line(ns: &Netns, line: &str) -> String {
+    ns.exec(&line.split(' ').collect::<Vec<_>>()).unwrap()
+}
+
+fn sysctl(ns: &Netns, key: &str, value: &str) {
+    ns.sysctl(key, value).unwrap();
+}
+
+/// Sets `net.ipv4.conf.SCOPE.KEY` to `value` for each of `scopes`.
+fn conf_sysctl(ns: &Netns, scopes: &[&str], key: &str, value: &str) {
+    for scope in scopes {
+        sysctl(ns, &format!("net.ipv4.conf.{scope}.{key}"), value);
+    }
+}
+
+/// Namespace `PREFIX-NAME` with `eth0` (address `addr`) plugged into the
+/// bridge as port `v-NAME`.
+fn host_on_bridge(switch: &Netns, prefix: &str, name: &str, addr: &str) -> Netns {
+    let ns = Netns::new(&format!("{prefix}-{name}")).unwrap();
+    switch::plug(switch, &ns, &format!("v-{name}"), "eth0").unwrap();
+    host_setup(&ns, addr);
+    ns
 }
 
 fn host_setup(ns: &Netns, addr: &str) {
-    for scope in ["all", "default"] {
-        ns.sysctl(&format!("net.ipv4.conf.{scope}.rp_filter"), "0")
-            .unwrap();
-    }
-    ns.exec(&["ip", "addr", "add", &format!("{addr}/24"), "dev", "eth0"])
+    conf_sysctl(ns, &["all", "default", "eth0"], "rp_filter", "0");
+    exec_line(ns, &format!("ip addr add {addr}/24 dev eth0"));
+    exec_line(ns, "ip link set eth0 up");
+}
+
+/// Starts `program ARGS` in `ns` and waits until it prints `ready_line`.
+fn spawn_ready(ns: &Netns, program: &Path, args: &[&str], name: &str, ready_line: &str) -> Proc {
+    let mut cmd = ns.command(program);
+    cmd.args(args);
+    let mut p = Proc::spawn_with(&mut cmd, name, false).unwrap();
+    p.wait_for_stdout_line(ready_line, Duration::from_secs(10))
         .unwrap();
-    ns.exec(&["ip", "link", "set", "eth0", "up"]).unwrap();
-    ns.sysctl("net.ipv4.conf.eth0.rp_filter", "0").unwrap();
+    p
 }
 
 fn ping(from: &Netns, addr: &str) {
@@ -224,6 +249,12 @@ fn ping(from: &Netns, addr: &str) {
     }
 }
 
+fn ping_backends(from: &Netns) {
+    for b in 1..=BACKENDS {
+        ping(from, &backend_addr(b));
+    }
+}
+
 impl Cluster {
     /// Builds the DSR testbed (see [`Cluster::build_in`]).
     pub fn build(replication: Replication) -> Self {
@@ -231,96 +262,68 @@ impl Cluster {
     }
 
     /// Builds the testbed and starts everything; returns once the router
-    /// has a BGP session with every node.
+    /// has a BGP session with every node and routes the VIP to all of them.
     pub fn build_in(mode: Mode, replication: Replication) -> Self {
+        crate::require_root();
+        assert!(
+            crate::which("bird") && crate::which("birdc"),
+            "BIRD 2 is needed (apt-get install bird2, or cargo xtask setup)"
+        );
         let xdplb = bin_path("xdplb").expect("xdplb binary (cargo build --bins)");
         let testbackend = bin_path("xdplb-testbackend").expect("xdplb-testbackend binary");
         let prefix = unique_prefix("cl");
         let switch = switch::new(&format!("{prefix}-sw")).unwrap();
 
-        let router = Netns::new(&format!("{prefix}-r")).unwrap();
-        plug(&switch, &router, "v-r");
-        host_setup(&router, ROUTER);
+        let router = host_on_bridge(&switch, &prefix, "r", ROUTER);
         let client = Netns::new(&format!("{prefix}-c")).unwrap();
         switch::veth(&router, "eth1", &client, "eth0").unwrap();
-        router
-            .exec(&["ip", "addr", "add", "10.88.1.1/24", "dev", "eth1"])
-            .unwrap();
-        router.exec(&["ip", "link", "set", "eth1", "up"]).unwrap();
-        router.sysctl("net.ipv4.ip_forward", "1").unwrap();
+        exec_line(&router, "ip addr add 10.88.1.1/24 dev eth1");
+        exec_line(&router, "ip link set eth1 up");
+        sysctl(&router, "net.ipv4.ip_forward", "1");
         // NAT replies come in and go out on eth0: no ICMP redirect may
         // send a backend straight to a node, past the BGP routes.
-        for scope in ["all", "eth0"] {
-            router
-                .sysctl(&format!("net.ipv4.conf.{scope}.send_redirects"), "0")
-                .unwrap();
-        }
+        conf_sysctl(&router, &["all", "eth0"], "send_redirects", "0");
         // Spread flows over the next hops by 5-tuple, not address pair.
-        router
-            .sysctl("net.ipv4.fib_multipath_hash_policy", "1")
-            .unwrap();
+        sysctl(&router, "net.ipv4.fib_multipath_hash_policy", "1");
         host_setup(&client, "10.88.1.2");
-        client
-            .exec(&["ip", "route", "add", "default", "via", "10.88.1.1"])
-            .unwrap();
+        exec_line(&client, "ip route add default via 10.88.1.1");
         // XDP bounces the client's frames as they are: no checksum left to
         // offload (a real NIC's frames always carry full checksums).
         for (ns, dev) in [(&client, "eth0"), (&router, "eth0"), (&router, "eth1")] {
-            ns.exec(&["ethtool", "-K", dev, "tx", "off"]).unwrap();
+            exec_line(ns, &format!("ethtool -K {dev} tx off"));
         }
 
         let mut nodes = Vec::new();
         for i in 1..=NODES {
-            let ns = Netns::new(&format!("{prefix}-n{i}")).unwrap();
-            plug(&switch, &ns, &format!("v-n{i}"));
-            host_setup(&ns, &node_addr(i));
-            ns.sysctl("net.ipv4.ip_forward", "0").unwrap();
-            ns.exec(&["ip", "route", "add", "default", "via", ROUTER])
-                .unwrap();
+            let ns = host_on_bridge(&switch, &prefix, &format!("n{i}"), &node_addr(i));
+            sysctl(&ns, "net.ipv4.ip_forward", "0");
+            exec_line(&ns, &format!("ip route add default via {ROUTER}"));
             if mode == Mode::Nat {
                 // The datapath routes a dead peer's NAT replies to their
                 // clients with the kernel's lookup, which needs it.
-                ns.sysctl("net.ipv4.conf.eth0.forwarding", "1").unwrap();
+                conf_sysctl(&ns, &["eth0"], "forwarding", "1");
             }
             nodes.push(ns);
         }
         let mut backends = Vec::new();
         let mut backend_procs = Vec::new();
         for i in 1..=BACKENDS {
-            let ns = Netns::new(&format!("{prefix}-b{i}")).unwrap();
-            plug(&switch, &ns, &format!("v-b{i}"));
-            for scope in ["all", "eth0"] {
-                ns.sysctl(&format!("net.ipv4.conf.{scope}.arp_ignore"), "1")
-                    .unwrap();
-                ns.sysctl(&format!("net.ipv4.conf.{scope}.arp_announce"), "2")
-                    .unwrap();
-            }
-            host_setup(&ns, &backend_addr(i));
-            ns.exec(&["ip", "addr", "add", &format!("{VIP}/32"), "dev", "lo"])
-                .unwrap();
-            ns.exec(&["ip", "route", "add", "default", "via", ROUTER])
-                .unwrap();
             let name = format!("b{i}");
-            let mut cmd = ns.command(&testbackend);
-            cmd.args(["--name", &name, "--port", "80"]);
-            let mut p = Proc::spawn_with(&mut cmd, &name, false).unwrap();
-            p.wait_for_stdout_line("listening", Duration::from_secs(10))
-                .unwrap();
-            backend_procs.push(p);
+            let ns = host_on_bridge(&switch, &prefix, &name, &backend_addr(i));
+            conf_sysctl(&ns, &["all", "eth0"], "arp_ignore", "1");
+            conf_sysctl(&ns, &["all", "eth0"], "arp_announce", "2");
+            exec_line(&ns, &format!("ip addr add {VIP}/32 dev lo"));
+            exec_line(&ns, &format!("ip route add default via {ROUTER}"));
+            let args = ["--name", &name, "--port", "80"];
+            backend_procs.push(spawn_ready(&ns, &testbackend, &args, &name, "listening"));
             backends.push(ns);
         }
         let mut passthrough = Vec::new();
         for (i, ns) in nodes.iter().enumerate() {
             // XDP_TX on a veth needs an XDP program on its peer.
-            let mut cmd = switch.command(&xdplb);
-            cmd.args(["pass-through", "--iface", &format!("v-n{}", i + 1)]);
-            let mut p = Proc::spawn_with(&mut cmd, "pass-through", false).unwrap();
-            p.wait_for_stdout_line("ready", Duration::from_secs(10))
-                .unwrap();
-            passthrough.push(p);
-            for b in 1..=BACKENDS {
-                ping(ns, &backend_addr(b));
-            }
+            let args = ["pass-through", "--iface", &format!("v-n{}", i + 1)];
+            passthrough.push(spawn_ready(&switch, &xdplb, &args, "pass-through", "ready"));
+            ping_backends(ns);
         }
         ping(&client, ROUTER);
         let router_bird =
@@ -330,8 +333,8 @@ impl Cluster {
             xdplb,
             mode,
             replication,
-            daemons: Vec::new(),
-            node_birds: Vec::new(),
+            daemons: (0..NODES).map(|_| None).collect(),
+            node_birds: (0..NODES).map(|_| None).collect(),
             router_bird: Some(router_bird),
             _passthrough: passthrough,
             _backend_procs: backend_procs,
@@ -342,26 +345,25 @@ impl Cluster {
             switch,
         };
         for i in 1..=NODES {
-            let (daemon, bird) = cluster.start_node(i, "");
-            cluster.daemons.push(Some(daemon));
-            cluster.node_birds.push(Some(bird));
+            cluster.start_node(i, "");
         }
         for i in 1..=NODES {
             cluster.wait_established(i);
         }
+        cluster.wait_next_hops(NODES, Duration::from_secs(20));
         cluster
     }
 
     /// Starts node `i`'s daemon, then its BIRD; `run` tells files of a
     /// restarted node apart.
-    fn start_node(&self, i: usize, run: &str) -> (Xdplb, Bird) {
+    fn start_node(&mut self, i: usize, run: &str) {
         let ns = &self.nodes[i - 1];
         let tag = format!("{}-n{i}{run}", self.prefix);
         let conf = xdplb_conf(i, self.mode, self.replication);
         let daemon =
             Xdplb::start_in(&self.xdplb, ns, &["eth0"], &tag, &conf).expect("starting xdplb");
-        let bird = Bird::start(ns, &tag, &node_bird_conf(i)).unwrap();
-        (daemon, bird)
+        self.daemons[i - 1] = Some(daemon);
+        self.node_birds[i - 1] = Some(Bird::start(ns, &tag, &node_bird_conf(i)).unwrap());
     }
 
     fn wait_established(&self, i: usize) {
@@ -375,6 +377,18 @@ impl Cluster {
     /// Node `i`'s daemon.
     pub fn daemon(&self, i: usize) -> &Xdplb {
         self.daemons[i - 1].as_ref().expect("node is alive")
+    }
+
+    /// Node `i`'s `xdplb status`.
+    pub fn status(&self, i: usize) -> serde_json::Value {
+        self.daemon(i).json(&["status"]).unwrap()
+    }
+
+    /// Node `i`'s count of packets for reason `name` (`xdplb stats`).
+    pub fn reason(&self, i: usize, name: &str) -> u64 {
+        self.daemon(i).json(&["stats"]).unwrap()["reasons"][name]
+            .as_u64()
+            .unwrap()
     }
 
     /// The router's next hops for the VIP.
@@ -434,6 +448,32 @@ impl Cluster {
         left
     }
 
+    /// Node `i` leaves (see [`Cluster::leave`]) under a steady load of new
+    /// connections (one every 10 ms from source ports 30000..), which
+    /// starts 1 s before; `during` runs once it left, the load stops 1 s
+    /// later, and not one of its requests may have failed. Returns what
+    /// `during` returned.
+    pub fn leave_under_load<T>(&self, i: usize, during: impl FnOnce() -> T) -> T {
+        let load = Load::start_in(&self.client, vip(), Duration::from_millis(10), 30000).unwrap();
+        std::thread::sleep(Duration::from_secs(1));
+        self.leave(i);
+        let result = during();
+        std::thread::sleep(Duration::from_secs(1));
+        let samples = load.stop();
+        let failed = failures(&samples);
+        println!(
+            "{:?} graceful leave: {} requests during the leave, {} failed",
+            self.mode,
+            samples.len(),
+            failed.len()
+        );
+        assert!(
+            failed.is_empty(),
+            "requests failed during the leave: {failed:?}"
+        );
+        result
+    }
+
     /// Node `i` joins again; returns once the router has every node.
     pub fn join(&self, i: usize) {
         self.daemon(i).cli(&["cluster", "join"]).unwrap();
@@ -442,12 +482,41 @@ impl Cluster {
 
     /// Node `i`'s count of new flows (DSR picks or NAT translations).
     pub fn new_flows(&self, i: usize) -> u64 {
-        let stats = self.daemon(i).json(&["stats"]).unwrap();
-        let reason = match self.mode {
-            Mode::Dsr => "flow_new",
-            Mode::Nat => "nat_new",
-        };
-        stats["reasons"][reason].as_u64().unwrap()
+        match self.mode {
+            Mode::Dsr => self.reason(i, "flow_new"),
+            Mode::Nat => self.reason(i, "nat_new"),
+        }
+    }
+
+    /// Spread: 300 connections from source ports 20000..20300 all succeed
+    /// and every node carries at least 15 % of them (new flows).
+    pub fn assert_spread(&self) {
+        let before: Vec<u64> = (1..=NODES).map(|i| self.new_flows(i)).collect();
+        let failed: Vec<(u16, String)> = self.client.run(|| {
+            (20000u16..20300)
+                .filter_map(|port| {
+                    client::get(vip(), Some(port), Duration::from_secs(3))
+                        .err()
+                        .map(|e| (port, format!("{e:#}")))
+                })
+                .collect()
+        });
+        assert!(failed.is_empty(), "failed connections: {failed:?}");
+        let carried: Vec<u64> = (1..=NODES)
+            .map(|i| self.new_flows(i) - before[i - 1])
+            .collect();
+        println!(
+            "{:?} spread of 300 connections over the nodes (new flows per node): {carried:?}",
+            self.mode
+        );
+        assert_eq!(carried.iter().sum::<u64>(), 300, "{carried:?}");
+        for (i, n) in carried.iter().enumerate() {
+            assert!(
+                *n >= 45,
+                "node n{} carried {n} of 300 (< 15 %): {carried:?}",
+                i + 1
+            );
+        }
     }
 
     /// Routes in node `i`'s table 200.
@@ -457,22 +526,33 @@ impl Cluster {
             .unwrap()
     }
 
-    /// Node `i` vanishes as if its host died: its daemon is SIGKILLed, its
-    /// link cut, then its BIRD killed (a killed BIRD's kernel would
-    /// otherwise close the BGP session, which the router notices at once:
-    /// that would not measure BFD). Returns the daemon (dead, still owning
-    /// its pins) and the time from the cut until the router withdrew the
-    /// node.
+    /// Node `i` vanishes as if its host died: [`Cluster::kill_daemon`],
+    /// then [`Cluster::cut_node`]. Returns the daemon (dead, still owning
+    /// its pins) and the time until the router withdrew the node.
     pub fn kill_node(&mut self, i: usize) -> (Xdplb, Duration) {
+        let daemon = self.kill_daemon(i);
+        let (_, withdrawn) = self.cut_node(i);
+        (daemon, withdrawn)
+    }
+
+    /// SIGKILLs node `i`'s daemon; returns it (dead, still owning its pins).
+    pub fn kill_daemon(&mut self, i: usize) -> Xdplb {
         let mut daemon = self.daemons[i - 1].take().expect("node is alive");
         daemon.proc.kill(libc::SIGKILL).unwrap();
         let _ = daemon.proc.wait_timeout(Duration::from_secs(5));
-        self.switch
-            .exec(&["ip", "link", "set", &format!("v-n{i}"), "down"])
-            .unwrap();
+        daemon
+    }
+
+    /// Node `i`'s host dies: its link is cut, then its BIRD killed (a
+    /// killed BIRD's kernel would otherwise close the BGP session, which
+    /// the router notices at once: that would not measure BFD). Returns
+    /// the instant of the cut and the time from the BIRD's death until the
+    /// router withdrew the node.
+    pub fn cut_node(&mut self, i: usize) -> (Instant, Duration) {
+        exec_line(&self.switch, &format!("ip link set v-n{i} down"));
+        let cut = Instant::now();
         self.node_birds[i - 1].as_mut().unwrap().kill().unwrap();
-        let withdrawn = self.wait_next_hops(NODES - 1, Duration::from_secs(5));
-        (daemon, withdrawn)
+        (cut, self.wait_next_hops(NODES - 1, Duration::from_secs(5)))
     }
 
     /// Node `i`, killed by [`Cluster::kill_node`], boots again: its old
@@ -483,17 +563,10 @@ impl Cluster {
         drop(dead);
         self.node_birds[i - 1] = None;
         let ns = &self.nodes[i - 1];
-        ns.exec(&["ip", "route", "flush", "table", &ROUTE_TABLE.to_string()])
-            .unwrap();
-        self.switch
-            .exec(&["ip", "link", "set", &format!("v-n{i}"), "up"])
-            .unwrap();
-        for b in 1..=BACKENDS {
-            ping(ns, &backend_addr(b));
-        }
-        let (daemon, bird) = self.start_node(i, "-again");
-        self.daemons[i - 1] = Some(daemon);
-        self.node_birds[i - 1] = Some(bird);
+        exec_line(ns, &format!("ip route flush table {ROUTE_TABLE}"));
+        exec_line(&self.switch, &format!("ip link set v-n{i} up"));
+        ping_backends(ns);
+        self.start_node(i, "-again");
         self.wait_established(i);
         self.wait_next_hops(NODES, Duration::from_secs(10));
     }
@@ -509,6 +582,54 @@ impl Cluster {
     pub fn flow(&self, i: usize, client: SocketAddr) -> serde_json::Value {
         self.daemon(i).flow(client, vip()).unwrap()
     }
+
+    /// Node `i`, back from [`Cluster::reboot_node`], pulled at least every
+    /// long-lived connection before it announced, and none of `chatter`'s
+    /// connections fails in the 2 s after.
+    pub fn assert_rejoined(&self, i: usize, chatter: &Chatter) {
+        let pull = self.status(i)["replication"]["last_pull"].clone();
+        println!("{:?} rejoin: n{i} pulled {pull}", self.mode);
+        assert!(
+            pull["flows"].as_u64().unwrap() >= u64::from(LONG_LIVED),
+            "{pull}"
+        );
+        std::thread::sleep(Duration::from_secs(2));
+        let (failed, longest) = chatter.summary();
+        println!(
+            "{:?} rejoin: {} long-lived connections failed; longest stall {longest:?}",
+            self.mode,
+            failed.len()
+        );
+        assert!(
+            failed.is_empty(),
+            "connections failed at rejoin: {failed:?}"
+        );
+    }
+}
+
+/// The failed requests among `samples`.
+pub fn failures(samples: &[Sample]) -> Vec<&Sample> {
+    samples.iter().filter(|s| s.result.is_err()).collect()
+}
+
+/// Node `victim` died, carrying `moved` moved pins, and BFD withdrew it
+/// after `withdrawn`: that must be under 1 s, and no connection of
+/// `chatter` may have failed or stalled over 1 s.
+pub fn assert_loss_unnoticed(chatter: &Chatter, victim: usize, moved: usize, withdrawn: Duration) {
+    let (failed, longest) = chatter.summary();
+    println!(
+        "node loss: BFD withdrew n{victim} after {} ms; it carried {moved} moved pins; {} of \
+         {LONG_LIVED} long-lived connections failed; longest stall {longest:?}",
+        withdrawn.as_millis(),
+        failed.len()
+    );
+    assert!(withdrawn < Duration::from_secs(1), "BFD took {withdrawn:?}");
+    assert!(failed.is_empty(), "connections failed: {failed:?}");
+    assert_within(
+        "longest stall of a connection",
+        longest,
+        Duration::from_secs(1),
+    );
 }
 
 /// Long-lived connections in the hard case.
@@ -540,7 +661,7 @@ pub fn hard_case(c: &Cluster) -> (Chatter, usize, Vec<SocketAddr>) {
     );
     c.on_every_node(&["backend", "add", "web", &b3]);
     wait_until("b3 active on every node", Duration::from_secs(10), || {
-        (1..=NODES).all(|i| c.daemon(i).json(&["status"]).unwrap()["backends_active"] == 3)
+        (1..=NODES).all(|i| c.status(i)["backends_active"] == 3)
     });
     // Per node, the connections it carries (a local pin) whose pin is not
     // what the Maglev table would pick now.

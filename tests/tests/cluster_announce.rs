@@ -12,6 +12,7 @@ use std::{
 
 use xdplb_tests::{
     bin_path,
+    cluster::exec_line,
     lb::{dsr_config_with, start_backends, Xdplb},
     require_root,
     topology::{Shape, Topology},
@@ -61,12 +62,13 @@ fn a_vip_is_announced_exactly_while_the_node_can_serve_it() {
     let (vip4, vip6) = (topo.vip4().to_string(), topo.vip6().to_string());
     let both = |r: &str| r.contains(&vip4) && r.contains(&vip6);
     let none = |r: &str| !r.contains(&vip4) && !r.contains(&vip6);
+    let reload = |lb: &Xdplb, table| {
+        lb.write_config(&config(table)).unwrap();
+        lb.cli(&["reload"]).unwrap();
+    };
     let mut lb = Xdplb::start(&xdplb, &topo, &config(Some(201))).unwrap();
     wait_table(&topo, "201", "announced at start", both);
-    let routes = topo
-        .lb()
-        .exec(&["ip", "route", "show", "table", "201"])
-        .unwrap();
+    let routes = exec_line(topo.lb(), "ip route show table 201");
     assert!(
         routes.contains(&format!("{vip4} dev lo proto static")),
         "{routes}"
@@ -79,12 +81,10 @@ fn a_vip_is_announced_exactly_while_the_node_can_serve_it() {
     wait_table(&topo, "201", "announced again on recovery", both);
 
     // A reload moves the routes to another table, then drops announcement.
-    lb.write_config(&config(Some(202))).unwrap();
-    lb.cli(&["reload"]).unwrap();
+    reload(&lb, Some(202));
     wait_table(&topo, "202", "moved to the new table", both);
     wait_table(&topo, "201", "gone from the old table", none);
-    lb.write_config(&config(None)).unwrap();
-    lb.cli(&["reload"]).unwrap();
+    reload(&lb, None);
     wait_table(&topo, "202", "withdrawn when route_table is unset", none);
     let err = lb.cli(&["cluster", "join"]).unwrap_err();
     assert!(
@@ -93,8 +93,7 @@ fn a_vip_is_announced_exactly_while_the_node_can_serve_it() {
     );
 
     // Left survives a restart of the daemon.
-    lb.write_config(&config(Some(201))).unwrap();
-    lb.cli(&["reload"]).unwrap();
+    reload(&lb, Some(201));
     wait_table(&topo, "201", "announced again", both);
     lb.cli(&["cluster", "leave", "--no-wait"]).unwrap();
     wait_table(&topo, "201", "withdrawn on leave", none);

@@ -8,6 +8,7 @@ use std::path::PathBuf;
 
 use xdplb::{config::Config, controller::Controller, dataplane::Maps, loader::Datapath};
 use xdplb_tests::{
+    cluster::exec_line,
     netns::{unique_prefix, Netns},
     require_root,
 };
@@ -70,30 +71,16 @@ fn nodes_build_identical_tables_whatever_the_order_and_ids_of_their_backends() {
     // Backends need a next hop: a veth with static neighbours, in a
     // namespace of its own.
     let ns = Netns::new(&unique_prefix("clfp")).unwrap();
-    ns.exec(&[
-        "ip", "link", "add", "eth0", "type", "veth", "peer", "name", "eth1",
-    ])
-    .unwrap();
-    ns.exec(&["ip", "link", "set", "eth0", "up"]).unwrap();
-    ns.exec(&["ip", "link", "set", "eth1", "up"]).unwrap();
-    ns.exec(&["ip", "addr", "add", "10.99.0.1/24", "dev", "eth0"])
-        .unwrap();
+    exec_line(&ns, "ip link add eth0 type veth peer name eth1");
+    exec_line(&ns, "ip link set eth0 up");
+    exec_line(&ns, "ip link set eth1 up");
+    exec_line(&ns, "ip addr add 10.99.0.1/24 dev eth0");
     for octet in 11..=14 {
-        let addr = format!("10.99.0.{octet}");
-        let mac = format!("02:00:00:00:00:{octet}");
-        ns.exec(&[
-            "ip",
-            "neigh",
-            "replace",
-            &addr,
-            "lladdr",
-            &mac,
-            "dev",
-            "eth0",
-            "nud",
-            "permanent",
-        ])
-        .unwrap();
+        let neigh = format!("10.99.0.{octet} lladdr 02:00:00:00:00:{octet}");
+        exec_line(
+            &ns,
+            &format!("ip neigh replace {neigh} dev eth0 nud permanent"),
+        );
     }
     ns.run(|| {
         let mut a = Builder::new("fpa");
