@@ -31,13 +31,9 @@ impl Bird {
         let conf = dir.join("bird.conf");
         std::fs::write(&conf, config)?;
         let mut cmd = ns.command(bird);
-        cmd.arg("-f")
-            .arg("-c")
-            .arg(&conf)
-            .arg("-s")
-            .arg(dir.join("ctl"))
-            .arg("-P")
-            .arg(dir.join("pid"));
+        cmd.args(["-f", "-c"]).arg(&conf);
+        cmd.arg("-s").arg(dir.join("ctl"));
+        cmd.arg("-P").arg(dir.join("pid"));
         let proc = Proc::spawn_with(&mut cmd, name, false)?;
         let bird = Self {
             proc,
