@@ -15,7 +15,9 @@ use xdp_common::{
 };
 use xdplb::addr;
 use xdplb_tests::{
-    datapath::{nat_service, TestDatapath, DEFAULT_TIMEOUTS, LO_IFINDEX, TABLE_SIZE, XDP_TX},
+    datapath::{
+        nat_service, TestDatapath, DEFAULT_TIMEOUTS, LO_IFINDEX, TABLE_SIZE, XDP_DROP, XDP_TX,
+    },
     frame::{self, Seg},
 };
 
@@ -29,7 +31,6 @@ const SNAT: &str = "10.0.1.1";
 const PORTS: u16 = 4096;
 /// Spoofed SYNs in the flood.
 const FLOOD: u32 = 1_000_000;
-const XDP_DROP: u32 = 1;
 
 fn sa(s: &str) -> SocketAddr {
     s.parse().unwrap()
@@ -55,9 +56,8 @@ impl Nat {
             ifindex: LO_IFINDEX,
             state: BACKEND_ACTIVE,
             snat_addr: addr::to_words(SNAT.parse().unwrap()),
-            service: 0,
             port_be: backend.port().to_be(),
-            _pad: [0; 2],
+            ..Default::default()
         };
         dp.set_backend(0, b).unwrap();
         let svc = nat_service(0, 0, TABLE_SIZE, (20000, PORTS), DEFAULT_TIMEOUTS);
@@ -71,7 +71,6 @@ impl Nat {
     /// A client's TCP segment to the VIP; returns the verdict and, when
     /// translated, the source port it got.
     fn client(&mut self, client: SocketAddr, flags: u8) -> (u32, Option<u16>) {
-        self.frame.clear();
         Seg::tcp(client, sa(VIP), flags, b"").write_frame(LB_MAC, CLIENT_MAC, &mut self.frame);
         let (verdict, out) = self.dp.run(&self.frame).unwrap();
         let port = (verdict == XDP_TX).then(|| u16::from_be_bytes([out[34], out[35]]));
@@ -100,13 +99,8 @@ impl Nat {
             v.last_seen_ns -= by;
             maps.nat_rev.insert(k, v, 0).unwrap();
         }
-        let map = self
-            .dp
-            .datapath
-            .ebpf
-            .map_mut(map_names::NAT_SOURCES)
-            .unwrap();
-        let mut sources: HashMap<_, [u32; 4], NatSource> = HashMap::try_from(map).unwrap();
+        let map = self.dp.datapath.ebpf.map_mut(map_names::NAT_SOURCES);
+        let mut sources: HashMap<_, [u32; 4], NatSource> = HashMap::try_from(map.unwrap()).unwrap();
         let all: Vec<_> = sources.iter().map(Result::unwrap).collect();
         for (k, mut v) in all {
             v.last_ns -= by;
@@ -159,10 +153,7 @@ fn a_spoofed_syn_flood_holds_ports_only_for_the_unanswered_timeout() {
 
     for n in 0..FLOOD {
         let (verdict, _) = nat.client(spoofed(n), frame::SYN);
-        assert!(
-            verdict == XDP_TX || verdict == XDP_DROP,
-            "verdict {verdict}"
-        );
+        assert!([XDP_TX, XDP_DROP].contains(&verdict), "verdict {verdict}");
         if n % 100_000 == 0 {
             still_works(&mut nat, alice, port, &format!("after {n} spoofed SYNs"));
         }
