@@ -89,19 +89,19 @@ impl Bed {
     }
 
     /// Polls backend `i`'s health until it is `want`; returns when.
-    pub fn wait_health(&self, i: usize, want: &str, limit: Duration) -> Instant {
-        let deadline = Instant::now() + limit;
-        loop {
-            if self.health(i) == want {
-                return Instant::now();
-            }
-            assert!(
-                Instant::now() < deadline,
-                "b{i} not {want} within {limit:?}: {}",
-                self.backend(i)
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
+    /// Panics once `limit` has passed since `since`.
+    pub fn wait_health(&self, i: usize, want: &str, since: Instant, limit: Duration) -> Instant {
+        self.lb
+            .wait_health("web4", self.addr(i), want, since, limit)
+    }
+
+    /// `ip link show` of the lb's interface (names an attached program).
+    pub fn lb_link(&self) -> String {
+        let dev = self.topo.lb_iface();
+        self.topo
+            .lb()
+            .exec(&["ip", "link", "show", "dev", dev])
+            .unwrap()
     }
 
     /// Stops backend `i`'s server (if it still runs) and starts it again

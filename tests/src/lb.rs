@@ -211,6 +211,39 @@ impl Xdplb {
             .with_context(|| format!("backend {address} not listed: {list}"))
     }
 
+    /// Polls the health of backend `address` of `service` until it is
+    /// `want`; returns when. Panics once `limit` has passed since `since`.
+    pub fn wait_health(
+        &self,
+        service: &str,
+        address: IpAddr,
+        want: &str,
+        since: Instant,
+        limit: Duration,
+    ) -> Instant {
+        loop {
+            let backend = self.backend(service, address).unwrap();
+            if backend["health"] == want {
+                return Instant::now();
+            }
+            assert!(
+                since.elapsed() < limit,
+                "{address} not {want} within {limit:?}: {backend}"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Runs `xdplb detach ARGS --pin-dir P` on this daemon's pins.
+    pub fn detach(&self, args: &[&str]) -> std::io::Result<std::process::Output> {
+        Command::new(&self.binary)
+            .arg("detach")
+            .args(args)
+            .arg("--pin-dir")
+            .arg(&self.pin_dir)
+            .output()
+    }
+
     /// `xdplb stats` as text (for failure messages).
     pub fn stats_text(&self) -> String {
         self.cli(&["stats"])
@@ -266,10 +299,7 @@ fn spawn_daemon(
 impl Drop for Xdplb {
     fn drop(&mut self) {
         let _ = self.proc.terminate();
-        let _ = Command::new(&self.binary)
-            .args(["detach", "--all", "--pin-dir"])
-            .arg(&self.pin_dir)
-            .output();
+        let _ = self.detach(&["--all"]);
         // Belt and braces for a datapath whose pins are already gone.
         for iface in &self.ifaces {
             let _ = Command::new("ip")
@@ -294,6 +324,11 @@ impl Tally {
     /// Number of successful requests.
     pub fn ok(&self) -> usize {
         self.served.values().sum()
+    }
+
+    /// Requests served by backend `name`.
+    pub fn count(&self, name: &str) -> usize {
+        self.served.get(name).copied().unwrap_or(0)
     }
 }
 
@@ -337,6 +372,23 @@ pub struct Sample {
     pub port: u16,
     /// The backend's name, or the error.
     pub result: Result<String, String>,
+}
+
+/// The samples started in `from..to` that failed.
+pub fn failed_between(samples: &[Sample], from: Instant, to: Instant) -> Vec<&Sample> {
+    samples
+        .iter()
+        .filter(|s| s.start >= from && s.start < to && s.result.is_err())
+        .collect()
+}
+
+/// The backends that served the samples started after `t`.
+pub fn served_after(samples: &[Sample], t: Instant) -> Vec<&str> {
+    samples
+        .iter()
+        .filter(|s| s.start > t)
+        .filter_map(|s| s.result.as_deref().ok())
+        .collect()
 }
 
 /// Steady load from the client: a new TCP connection (one HTTP request)

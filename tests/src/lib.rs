@@ -51,6 +51,16 @@ pub fn assert_within(what: &str, measured: Duration, promised: Duration) {
     );
 }
 
+/// A scratch path (directory or file) removed when dropped, even if the
+/// test failed.
+pub struct RemoveOnDrop(pub PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0).or_else(|_| std::fs::remove_file(&self.0));
+    }
+}
+
 /// Panics with a clear message unless the process runs as root: the testbed
 /// creates network namespaces, veths and bridges, which needs CAP_NET_ADMIN
 /// and CAP_SYS_ADMIN (for `setns`).

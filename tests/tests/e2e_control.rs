@@ -19,10 +19,13 @@ use xdplb_tests::{
     bed::Bed,
     bin_path, client,
     cluster::wait_until,
-    lb::{dsr_config_with, start_backends, Load, LongLived, Sample, Xdplb},
+    lb::{
+        dsr_config_with, failed_between, served_after, start_backends, Load, LongLived, Sample,
+        Xdplb,
+    },
     require_root,
     topology::{Shape, Topology},
-    SCHEDULING_MARGIN,
+    RemoveOnDrop, SCHEDULING_MARGIN,
 };
 
 const TESTBACKEND: &str = env!("CARGO_BIN_EXE_xdplb-testbackend");
@@ -49,13 +52,6 @@ fn bed(tag: &str, kind: &str) -> Bed {
     Bed::dsr(tag, 3, |topo| dsr_config_with(topo, &health_check(kind)))
 }
 
-fn failures(samples: &[Sample], from: Instant, to: Instant) -> Vec<&Sample> {
-    samples
-        .iter()
-        .filter(|s| s.start >= from && s.start < to && s.result.is_err())
-        .collect()
-}
-
 #[test]
 fn failover_and_recovery_under_load() {
     let mut bed = bed("fo", "tcp");
@@ -72,13 +68,16 @@ fn failover_and_recovery_under_load() {
     let killed = Instant::now();
     bed.backends[0].kill(libc::SIGKILL).unwrap();
     let mut round = 0;
-    let down = loop {
-        round += 1;
+    let mut exchange = |round| {
         let broken = long.exchange(&["b1"], round);
         assert!(
             broken.is_empty(),
             "long-lived connections to healthy backends broke: {broken:?}"
         );
+    };
+    let down = loop {
+        round += 1;
+        exchange(round);
         if bed.health(1) == "down" {
             break Instant::now();
         }
@@ -99,23 +98,19 @@ fn failover_and_recovery_under_load() {
     let settle = Instant::now() + Duration::from_secs(1);
     while Instant::now() < settle {
         round += 1;
-        let broken = long.exchange(&["b1"], round);
-        assert!(
-            broken.is_empty(),
-            "long-lived connections to healthy backends broke: {broken:?}"
-        );
+        exchange(round);
         std::thread::sleep(Duration::from_millis(50));
     }
     let samples = load.stop();
     // A request still in flight at the kill dies with its server: only
     // those that started well before it must have succeeded.
-    let before_kill = failures(
+    let before_kill = failed_between(
         &samples,
         samples[0].start,
         killed - Duration::from_millis(50),
     );
-    let during = failures(&samples, killed, down);
-    let after_swap = failures(&samples, down, Instant::now());
+    let during = failed_between(&samples, killed, down);
+    let after_swap = failed_between(&samples, down, Instant::now());
     let total = samples.len();
     eprintln!(
         "failover: {total} requests, {} failed before the swap (to the dead backend), {} after",
@@ -130,11 +125,7 @@ fn failover_and_recovery_under_load() {
         after_swap.is_empty(),
         "new connections failed after the swap: {after_swap:?}"
     );
-    let served_after: Vec<&str> = samples
-        .iter()
-        .filter(|s| s.start > down)
-        .filter_map(|s| s.result.as_deref().ok())
-        .collect();
+    let served_after = served_after(&samples, down);
     assert!(
         !served_after.is_empty() && !served_after.contains(&"b1"),
         "nothing reaches the dead backend after the swap"
@@ -144,7 +135,7 @@ fn failover_and_recovery_under_load() {
     let restarted = Instant::now();
     bed.restart_backend(1, &[]);
     // A give-up limit only; the bound is asserted below.
-    let up = bed.wait_health(1, "up", Duration::from_secs(3));
+    let up = bed.wait_health(1, "up", Instant::now(), Duration::from_secs(3));
     // rise checks, one more interval for the first check to come round,
     // one for the server to start listening.
     let bound = INTERVAL * (RISE + 1) + INTERVAL;
@@ -152,7 +143,7 @@ fn failover_and_recovery_under_load() {
     let tally = bed.requests(30000..30150);
     assert!(tally.failed.is_empty(), "{:?}", tally.failed);
     assert!(
-        tally.served.get("b1").copied().unwrap_or(0) > 20,
+        tally.count("b1") > 20,
         "b1 gets new connections again: {:?}",
         tally.served
     );
@@ -172,7 +163,8 @@ fn a_backend_failing_one_check_in_three_never_goes_down() {
         bed.restart_backend(i, &["--flap", every]);
     }
     // Detection bound (fall + 1 intervals) + one interval for the restart.
-    bed.wait_health(2, "down", INTERVAL * (FALL + 2) + SCHEDULING_MARGIN);
+    let limit = INTERVAL * (FALL + 2) + SCHEDULING_MARGIN;
+    bed.wait_health(2, "down", Instant::now(), limit);
     let watch_until = Instant::now() + INTERVAL * 15;
     while Instant::now() < watch_until {
         assert_eq!(bed.health(1), "up", "flapping backend went down");
@@ -212,15 +204,9 @@ fn many_failing_and_silent_backends_do_not_delay_detection() {
         .exec(&["ip", "-batch", &file.to_string_lossy()]);
     let _ = std::fs::remove_file(&file);
     added.expect("extra addresses on b1");
-    let drop = [
-        "ip6tables",
-        "-A",
-        "INPUT",
-        "-d",
-        "fd77::3:0/112",
-        "-j",
-        "DROP",
-    ];
+    let drop: Vec<&str> = "ip6tables -A INPUT -d fd77::3:0/112 -j DROP"
+        .split(' ')
+        .collect();
     topo.backend(1).exec(&drop).expect("silent addresses");
     let mut backends = start_backends(&topo, Path::new(TESTBACKEND)).expect("backends");
     topo.wait_reachable().expect("segment reachable");
@@ -303,7 +289,7 @@ fn drain_keeps_established_flows_and_takes_no_new_ones() {
     bed.lb.cli(&["backend", "undrain", "web4", &b2]).unwrap();
     let tally = bed.requests(31000..31150);
     assert!(
-        tally.served.get("b2").copied().unwrap_or(0) > 20,
+        tally.count("b2") > 20,
         "undrained backend takes new connections: {:?}",
         tally.served
     );
@@ -367,21 +353,13 @@ fn hot_restart_keeps_forwarding_and_adopts_the_datapath() {
         tally.failed
     );
     // ...until `detach` removes it all.
-    let out = Command::new(&bed.xdplb)
-        .args(["detach", "--all", "--pin-dir"])
-        .arg(&bed.lb.pin_dir)
-        .output()
-        .unwrap();
+    let out = bed.lb.detach(&["--all"]).unwrap();
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let link = bed
-        .topo
-        .lb()
-        .exec(&["ip", "link", "show", "dev", "eth0"])
-        .unwrap();
+    let link = bed.lb_link();
     assert!(!link.contains("xdp"), "program detached: {link}");
     assert!(!bed.lb.pin_dir.exists(), "pins (maps and links) removed");
 }
@@ -497,12 +475,7 @@ fn bad_input_is_refused_and_changes_nothing() {
     let tally = bed.requests(30000..30050);
     assert!(tally.failed.is_empty(), "{:?}", tally.failed);
     assert_eq!(shape(&bed.lb.json(&["service", "list"]).unwrap()), before);
-    let link = bed
-        .topo
-        .lb()
-        .exec(&["ip", "link", "show", "dev", "eth0"])
-        .unwrap();
-    assert!(link.contains("xdp"), "still attached");
+    assert!(bed.lb_link().contains("xdp"), "still attached");
 }
 
 #[test]
@@ -521,13 +494,7 @@ fn the_api_socket_refuses_non_root_users() {
     std::fs::set_permissions(&public, std::fs::Permissions::from_mode(0o755)).unwrap();
     let binary = public.join("xdplb");
     std::fs::copy(&bed.xdplb, &binary).unwrap();
-    struct RemoveDir(PathBuf);
-    impl Drop for RemoveDir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-    let _public = RemoveDir(public);
+    let _public = RemoveOnDrop(public);
     let mut cmd = Command::new(&binary);
     cmd.args(["status", "--socket"]).arg(bed.lb.socket());
     // SAFETY: only async-signal-safe calls between fork and exec.
@@ -573,13 +540,7 @@ fn an_incompatible_pinned_map_is_reported_never_reused() {
     let xdplb = bin_path("xdplb").unwrap();
     let ns = xdplb_tests::netns::Netns::new(&xdplb_tests::netns::unique_prefix("compat")).unwrap();
     let pin_dir = PathBuf::from(format!("/sys/fs/bpf/xdplb-{}", ns.name()));
-    struct Cleanup(PathBuf);
-    impl Drop for Cleanup {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0).or_else(|_| std::fs::remove_file(&self.0));
-        }
-    }
-    let _cleanup = Cleanup(pin_dir.clone());
+    let _cleanup = RemoveOnDrop(pin_dir.clone());
     std::fs::create_dir_all(&pin_dir).unwrap();
     // A services map as an older format might have made it: other value size.
     let map = pin_dir.join("xdplb_svc_v1");
@@ -606,7 +567,7 @@ fn an_incompatible_pinned_map_is_reported_never_reused() {
         String::from_utf8_lossy(&out.stderr)
     );
     let config = std::env::temp_dir().join(format!("xdplb-{}.toml", ns.name()));
-    let _config_cleanup = Cleanup(config.clone());
+    let _config_cleanup = RemoveOnDrop(config.clone());
     std::fs::write(&config, "").unwrap();
     let out = ns
         .command(&xdplb)
@@ -687,7 +648,7 @@ fn run_time_changes_apply_at_once_and_survive_a_restart() {
     bed.lb.cli(&["backend", "add", "web4", &b3]).unwrap();
     let tally = bed.requests(31000..31150);
     assert!(
-        tally.served.get("b3").copied().unwrap_or(0) > 20,
+        tally.count("b3") > 20,
         "re-added backend serves: {:?}",
         tally.served
     );
@@ -770,17 +731,9 @@ fn the_load_balancers_own_mac_change_is_followed() {
     assert!(warm.failed.is_empty(), "{warm:?}");
 
     let new = "02:5e:00:00:02:01";
-    let lb = bed.topo.lb();
-    lb.exec(&[
-        "ip",
-        "link",
-        "set",
-        "dev",
-        bed.topo.lb_iface(),
-        "address",
-        new,
-    ])
-    .unwrap();
+    let dev = bed.topo.lb_iface();
+    let set = ["ip", "link", "set", "dev", dev, "address", new];
+    bed.topo.lb().exec(&set).unwrap();
     // What the lb's gratuitous ARP would do, made exact: the client
     // sends to the new MAC from now on.
     let lb_addr = bed.topo.lb_addr(false).to_string();

@@ -14,8 +14,7 @@ fn dsr_balances_real_connections_over_ipv4_and_ipv6() {
     let mut bed = Bed::dsr("e2e", 3, dsr_config);
 
     // 300 connections from varied source ports, IPv4.
-    let vip4 = bed.topo.vip4().into();
-    let tally = requests(bed.topo.client(), SocketAddr::new(vip4, 80), 30000..30300);
+    let tally = bed.requests(30000..30300);
     assert!(
         tally.failed.is_empty(),
         "failed connections: {:?}",
@@ -23,11 +22,7 @@ fn dsr_balances_real_connections_over_ipv4_and_ipv6() {
     );
     assert_eq!(tally.ok(), 300);
     for i in 1..=3 {
-        let n = tally
-            .served
-            .get(&bed.topo.backend_name(i))
-            .copied()
-            .unwrap_or(0);
+        let n = tally.count(&bed.topo.backend_name(i));
         let share = n as f64 / 300.0;
         assert!(
             (0.20..=0.47).contains(&share),
@@ -39,13 +34,12 @@ fn dsr_balances_real_connections_over_ipv4_and_ipv6() {
     // The same source port reaches the same backend again, and `xdplb flow`
     // names that backend.
     for port in [30000u16, 30001, 30002, 30150, 30299] {
-        let first = requests(bed.topo.client(), SocketAddr::new(vip4, 80), port..port + 1);
-        let again = requests(bed.topo.client(), SocketAddr::new(vip4, 80), port..port + 1);
+        let (first, again) = (bed.requests(port..port + 1), bed.requests(port..port + 1));
         assert_eq!(first.served, again.served, "source port {port}");
         let served_by = first.served.keys().next().unwrap().clone();
         let i: usize = served_by[1..].parse().unwrap();
         let src = SocketAddr::new(bed.topo.client_addr(false), port);
-        let answer = bed.lb.flow(src, SocketAddr::new(vip4, 80)).unwrap();
+        let answer = bed.lb.flow(src, bed.vip()).unwrap();
         assert_eq!(
             answer["backend"],
             format!("{}:80", bed.topo.backend_addr(i, false)),
@@ -85,10 +79,6 @@ fn dsr_balances_real_connections_over_ipv4_and_ipv6() {
     // Ctrl-C (SIGINT) detaches and removes the pins.
     bed.lb.interrupt().unwrap();
     assert!(!bed.lb.pin_dir.exists(), "pins removed");
-    let link = bed
-        .topo
-        .lb()
-        .exec(&["ip", "link", "show", "dev", "eth0"])
-        .unwrap();
+    let link = bed.lb_link();
     assert!(!link.contains("xdp"), "XDP detached: {link}");
 }

@@ -24,7 +24,10 @@ use xdplb_tests::{
     assert_within,
     bed::served,
     bin_path,
-    lb::{nat_config, start_backend, Load, Sample, Tally, Xdplb, BACKEND_PORT},
+    lb::{
+        failed_between, nat_config, served_after, start_backend, Load, Sample, Tally, Xdplb,
+        BACKEND_PORT,
+    },
     proc::Proc,
     topology::{Shape, Topology},
     traffic::{download, pattern_sha256, peer, requests, udp_queries, upload, Transfer},
@@ -39,6 +42,9 @@ const MIB: u64 = 1 << 20;
 const STALL: Duration = Duration::from_secs(20);
 
 static TURN: Mutex<()> = Mutex::new(());
+
+/// [`download`] or [`upload`].
+type Transferring = fn(SocketAddr, u64, Duration) -> anyhow::Result<Transfer>;
 
 fn take_turn() -> MutexGuard<'static, ()> {
     TURN.lock().unwrap_or_else(|e| e.into_inner())
@@ -85,22 +91,12 @@ impl Bed {
         SocketAddr::new(self.topo.vip(v6), port)
     }
 
-    fn download(&self, addr: SocketAddr, n: u64) -> Transfer {
+    /// `download` or `upload` of `n` bytes over `addr`, from the client;
+    /// a failure panics with the daemon's counters.
+    fn transfer(&self, how: Transferring, addr: SocketAddr, n: u64) -> Transfer {
         self.topo
             .client()
-            .run(|| download(addr, n, STALL))
-            .unwrap_or_else(|e| {
-                panic!(
-                    "{e:#}\n{}",
-                    self.lb.as_ref().map(Xdplb::stats_text).unwrap_or_default()
-                )
-            })
-    }
-
-    fn upload(&self, addr: SocketAddr, n: u64) -> Transfer {
-        self.topo
-            .client()
-            .run(|| upload(addr, n, STALL))
+            .run(|| how(addr, n, STALL))
             .unwrap_or_else(|e| {
                 panic!(
                     "{e:#}\n{}",
@@ -117,6 +113,9 @@ fn family(v6: bool) -> &'static str {
         "IPv4"
     }
 }
+
+/// The path of the transfers through the load balancer.
+const VIA_LB: &str = "client -> VIP:80 -> xdplb NAT -> :8080";
 
 /// A measured transfer in both directions over one path.
 struct Row {
@@ -143,15 +142,22 @@ fn print_rows(title: &str, rows: &[Row]) {
     eprintln!("{text}");
 }
 
+/// [`both_ways`] over IPv4 and IPv6: `addr(v6)`, `path` naming the route
+/// after the family.
+fn both_families(bed: &Bed, n: u64, addr: impl Fn(bool) -> SocketAddr, path: &str) -> Vec<Row> {
+    let row = |v6| both_ways(bed, addr(v6), n, format!("{} {path}", family(v6)));
+    [false, true].map(row).into()
+}
+
 /// Downloads and uploads `n` bytes over `addr`; both must arrive intact.
 fn both_ways(bed: &Bed, addr: SocketAddr, n: u64, path: String) -> Row {
     let want = pattern_sha256(n).unwrap();
-    let down = bed.download(addr, n);
+    let down = bed.transfer(download, addr, n);
     assert_eq!(
         down.sha256, want,
         "{path}: downloaded {n} bytes differ (SHA-256)"
     );
-    let up = bed.upload(addr, n);
+    let up = bed.transfer(upload, addr, n);
     assert_eq!(
         up.sha256, want,
         "{path}: the backend received different bytes than were uploaded (SHA-256)"
@@ -207,7 +213,7 @@ fn check_services(bed: &Bed) {
 
 fn assert_shares(tally: &Tally, backends: usize, total: usize, what: &str) {
     for i in 1..=backends {
-        let got = tally.served.get(&format!("b{i}")).copied().unwrap_or(0);
+        let got = tally.count(&format!("b{i}"));
         let share = got as f64 / total as f64;
         let even = 1.0 / backends as f64;
         assert!(
@@ -255,16 +261,8 @@ fn two_arm_nat_serves_http_udp_and_gigabytes_both_ways() {
     // the lb's interfaces; the pass-through programs on their peers and the
     // checksum settings as in the measurement through the load balancer).
     bed.topo.set_lb_forwarding(true).unwrap();
-    let mut baseline = Vec::new();
-    for v6 in [false, true] {
-        let addr = SocketAddr::new(bed.topo.backend_addr(1, v6), BACKEND_PORT);
-        baseline.push(both_ways(
-            &bed,
-            addr,
-            GIB,
-            format!("{} client -> b1, lb kernel forwarding", family(v6)),
-        ));
-    }
+    let to_b1 = |v6| SocketAddr::new(bed.topo.backend_addr(1, v6), BACKEND_PORT);
+    let baseline = both_families(&bed, GIB, to_b1, "client -> b1, lb kernel forwarding");
     bed.topo.set_lb_forwarding(false).unwrap();
     print_rows(
         "Baseline, two-arm testbed without the load balancer, 1 GiB each way, SHA-256 checked:",
@@ -273,17 +271,7 @@ fn two_arm_nat_serves_http_udp_and_gigabytes_both_ways() {
 
     bed.start_lb("");
     check_services(&bed);
-    let mut via_lb = Vec::new();
-    for v6 in [false, true] {
-        let vip = bed.vip(v6, 80);
-        via_lb.push(both_ways(
-            &bed,
-            vip,
-            GIB,
-            format!("{} client -> VIP:80 -> xdplb NAT -> :8080", family(v6)),
-        ));
-    }
-    let mut rows = via_lb;
+    let mut rows = both_families(&bed, GIB, |v6| bed.vip(v6, 80), VIA_LB);
     rows.extend(baseline);
     print_rows(
         "NAT, two-arm (XDP_REDIRECT eth0 <-> eth1), 1 GiB each way, SHA-256 checked, \
@@ -309,27 +297,16 @@ fn one_arm_nat_serves_http_udp_and_bulk_transfers_both_ways() {
     let _turn = take_turn();
     let mut bed = Bed::new(Shape::NatOneArm, "n1a", 3);
     // Baseline: the client straight to b1 on the shared segment.
-    let mut baseline = Vec::new();
-    for v6 in [false, true] {
-        let addr = SocketAddr::new(bed.topo.backend_addr(1, v6), BACKEND_PORT);
-        baseline.push(both_ways(
-            &bed,
-            addr,
-            64 * MIB,
-            format!("{} client -> b1 directly (same segment)", family(v6)),
-        ));
-    }
+    let to_b1 = |v6| SocketAddr::new(bed.topo.backend_addr(1, v6), BACKEND_PORT);
+    let baseline = both_families(
+        &bed,
+        64 * MIB,
+        to_b1,
+        "client -> b1 directly (same segment)",
+    );
     bed.start_lb("");
     check_services(&bed);
-    let mut rows = Vec::new();
-    for v6 in [false, true] {
-        rows.push(both_ways(
-            &bed,
-            bed.vip(v6, 80),
-            64 * MIB,
-            format!("{} client -> VIP:80 -> xdplb NAT -> :8080", family(v6)),
-        ));
-    }
+    let mut rows = both_families(&bed, 64 * MIB, |v6| bed.vip(v6, 80), VIA_LB);
     rows.extend(baseline);
     print_rows(
         "NAT, one-arm (XDP_TX), 64 MiB each way, SHA-256 checked:",
@@ -366,7 +343,7 @@ fn path_mtu_discovery_works_through_translated_icmp_errors() {
         );
         // Client -> backend: full-sized segments meet the 1400-byte link
         // at r1, which tells the SNAT address; the lb must pass it on.
-        let up = bed.upload(vip, n);
+        let up = bed.transfer(upload, vip, n);
         assert_eq!(
             up.sha256, want,
             "{fam}: upload through the narrow link arrived changed"
@@ -389,7 +366,7 @@ fn path_mtu_discovery_works_through_translated_icmp_errors() {
             "{fam}: the client learned the path MTU to the VIP: {route}"
         );
         // Backend -> client: the backend learns its path MTU from r2 itself.
-        let down = bed.download(vip, n);
+        let down = bed.transfer(download, vip, n);
         assert_eq!(
             down.sha256, want,
             "{fam}: download through the narrow link arrived changed"
@@ -422,30 +399,17 @@ fn failover_in_nat_mode_under_load() {
         bed.lb().stats_text()
     );
     let b1: IpAddr = bed.topo.backend_addr(1, false);
-    let health = |bed: &Bed| {
-        bed.lb().backend("web4", b1).unwrap()["health"]
-            .as_str()
-            .unwrap()
-            .to_owned()
-    };
-    assert_eq!(health(&bed), "up");
+    assert_eq!(bed.lb().backend("web4", b1).unwrap()["health"], "up");
     let load = Load::start_in(bed.topo.client(), vip, Duration::from_millis(5), 20000).unwrap();
     std::thread::sleep(Duration::from_millis(300));
 
     // Kill b1's server: its host stays up and answers SYNs with RST.
     let killed = Instant::now();
     bed.backends[0].kill(libc::SIGKILL).unwrap();
-    let down = loop {
-        if health(&bed) == "down" {
-            break Instant::now();
-        }
-        // A give-up limit, far above bound + margin (asserted below).
-        assert!(
-            killed.elapsed() < Duration::from_secs(3),
-            "b1 never went down"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    };
+    // A give-up limit, far above bound + margin (asserted below).
+    let down = bed
+        .lb()
+        .wait_health("web4", b1, "down", killed, Duration::from_secs(3));
     assert_within(
         "NAT failover: detection",
         down - killed,
@@ -454,20 +418,18 @@ fn failover_in_nat_mode_under_load() {
 
     std::thread::sleep(Duration::from_secs(1));
     let samples = load.stop();
-    let failed = |from: Instant, to: Instant| -> Vec<&Sample> {
-        samples
-            .iter()
-            .filter(|s| s.start >= from && s.start < to && s.result.is_err())
-            .collect()
-    };
     // A request still in flight at the kill dies with its server: only
     // those that started well before it must have succeeded.
-    let before = failed(samples[0].start, killed - Duration::from_millis(50));
-    let after = failed(down, Instant::now());
+    let before = failed_between(
+        &samples,
+        samples[0].start,
+        killed - Duration::from_millis(50),
+    );
+    let after = failed_between(&samples, down, Instant::now());
     eprintln!(
         "NAT failover: {} requests, {} failed between the kill and the swap, {} after",
         samples.len(),
-        failed(killed, down).len(),
+        failed_between(&samples, killed, down).len(),
         after.len()
     );
     assert!(
@@ -479,11 +441,7 @@ fn failover_in_nat_mode_under_load() {
         "new connections failed after the swap: {after:?}\n{}",
         bed.lb().stats_text()
     );
-    let served_after: Vec<&str> = samples
-        .iter()
-        .filter(|s| s.start > down)
-        .filter_map(|s| s.result.as_deref().ok())
-        .collect();
+    let served_after = served_after(&samples, down);
     assert!(
         served_after.len() > 50,
         "load went on after the swap: {}",
@@ -498,15 +456,13 @@ fn failover_in_nat_mode_under_load() {
     bed.backends[0] = start_backend(&bed.topo, Path::new(TESTBACKEND), 1, &[]).unwrap();
     // rise checks, one interval for the first to come round, one spare,
     // plus the stated margin for a loaded machine.
-    let deadline = Instant::now() + interval * (rise + 2) + SCHEDULING_MARGIN;
-    while health(&bed) != "up" {
-        assert!(Instant::now() < deadline, "b1 did not come back up");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let limit = interval * (rise + 2) + SCHEDULING_MARGIN;
+    bed.lb()
+        .wait_health("web4", b1, "up", Instant::now(), limit);
     let tally = requests(bed.topo.client(), vip, 40000..40150);
     assert!(tally.failed.is_empty(), "{:?}", tally.failed);
     assert!(
-        tally.served.get("b1").copied().unwrap_or(0) > 20,
+        tally.count("b1") > 20,
         "b1 gets new connections again: {:?}",
         tally.served
     );
@@ -706,17 +662,10 @@ fn connections_to_a_vanished_host_succeed_on_another() {
     let mut bed = Bed::new(Shape::NatOneArm, "nhl", 3);
     bed.start_lb("type = \"none\"\n");
     let vip = bed.vip(false, 80);
+    let every = Duration::from_millis(30);
     let loads: Vec<Load> = (0..6u16)
-        .map(|k| {
-            Load::start_in(
-                bed.topo.client(),
-                vip,
-                Duration::from_millis(30),
-                20000 + k * 1000,
-            )
-        })
-        .collect::<Result<_, _>>()
-        .unwrap();
+        .map(|k| Load::start_in(bed.topo.client(), vip, every, 20000 + k * 1000).unwrap())
+        .collect();
     std::thread::sleep(Duration::from_millis(500));
     let cut = Instant::now();
     bed.topo.set_backend_link(1, false).unwrap();

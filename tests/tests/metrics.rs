@@ -24,6 +24,7 @@ use xdplb_tests::{
     lb::{dsr_config_with, Load},
     proc::Proc,
     topology::Topology,
+    RemoveOnDrop,
 };
 
 /// Inside the load balancer's namespace (its own loopback), so a fixed
@@ -106,15 +107,15 @@ fn value(samples: &BTreeMap<String, f64>, series: &str) -> f64 {
         .unwrap_or_else(|| panic!("no series {series} in the scrape"))
 }
 
-/// Runs `promtool check metrics` on `scrape`; `None` (with the reason
-/// printed) when promtool is not installed.
-fn promtool(scrape: &str) -> Option<(bool, String)> {
+/// Asserts that `promtool check metrics` passes `scrape`; skips (with the
+/// reason printed) when promtool is not installed.
+fn check_with_promtool(scrape: &str) {
     let Some(promtool) = find_executable("promtool") else {
         eprintln!(
             "SKIPPED the promtool check: promtool is not installed \
              (apt-get install -y prometheus; `cargo xtask setup` installs it)"
         );
-        return None;
+        return;
     };
     let mut child = Command::new(promtool)
         .args(["check", "metrics"])
@@ -130,9 +131,12 @@ fn promtool(scrape: &str) -> Option<(bool, String)> {
         .write_all(scrape.as_bytes())
         .unwrap();
     let out = child.wait_with_output().unwrap();
-    let text =
+    let report =
         String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    Some((out.status.success(), text))
+    assert!(
+        out.status.success(),
+        "promtool check metrics failed:\n{report}\n--- scrape ---\n{scrape}"
+    );
 }
 
 /// Where test artifacts go: the workspace's target directory.
@@ -147,12 +151,7 @@ fn scrape_passes_promtool_and_counters_move_with_traffic() {
     let bed = bed("met");
     wait_checked(&bed);
     let before = scrape(&bed);
-    if let Some((ok, report)) = promtool(&before) {
-        assert!(
-            ok,
-            "promtool check metrics failed:\n{report}\n--- scrape ---\n{before}"
-        );
-    }
+    check_with_promtool(&before);
     let before = samples(&before);
     assert_eq!(value(&before, "xdplb_backends"), 6.0);
     assert_eq!(value(&before, "xdplb_adopted"), 0.0);
@@ -164,11 +163,18 @@ fn scrape_passes_promtool_and_counters_move_with_traffic() {
 
     let tally = bed.requests(40000..40060);
     assert_eq!(tally.ok(), 60, "requests failed: {:?}", tally.failed);
-    let checks = |i: usize| {
+    // Series of backend `i` of web4: `name{service,backend,extra}`.
+    let series = |name: &str, i: usize, extra: &str| {
         format!(
-            "xdplb_backend_health_checks_total{{service=\"web4\",backend=\"{}:80\",\
-             result=\"success\"}}",
+            "{name}{{service=\"web4\",backend=\"{}:80\"{extra}}}",
             bed.addr(i)
+        )
+    };
+    let checks = |i| {
+        series(
+            "xdplb_backend_health_checks_total",
+            i,
+            ",result=\"success\"",
         )
     };
     // The requests may take less than a check interval (200 ms): scrape
@@ -185,12 +191,7 @@ fn scrape_passes_promtool_and_counters_move_with_traffic() {
         std::thread::sleep(Duration::from_millis(100));
     };
     std::fs::write(artifact("metrics-scrape.txt"), &text).unwrap();
-    if let Some((ok, report)) = promtool(&text) {
-        assert!(
-            ok,
-            "promtool check metrics failed:\n{report}\n--- scrape ---\n{text}"
-        );
-    }
+    check_with_promtool(&text);
     let after = samples(&text);
 
     let grew = |series: &str| value(&after, series) - value(&before, series);
@@ -209,41 +210,29 @@ fn scrape_passes_promtool_and_counters_move_with_traffic() {
     assert_eq!(value(&after, "xdplb_flow_table_capacity"), 262_144.0);
     for i in 1..=3 {
         let name = bed.topo.backend_name(i);
-        let served = tally.served.get(&name).copied().unwrap_or(0) as f64;
-        let labels = format!("{{service=\"web4\",backend=\"{}:80\"}}", bed.addr(i));
-        let packets = grew(&format!("xdplb_backend_packets_total{labels}"));
-        let bytes = grew(&format!("xdplb_backend_bytes_total{labels}"));
-        let new_flows = grew(&format!("xdplb_backend_new_flows_total{labels}"));
+        let served = tally.count(&name) as f64;
+        let of_b = |name: &str| series(name, i, "");
+        let packets = grew(&of_b("xdplb_backend_packets_total"));
+        let bytes = grew(&of_b("xdplb_backend_bytes_total"));
+        let new_flows = grew(&of_b("xdplb_backend_new_flows_total"));
         assert_eq!(new_flows, served, "{name}: new flows = requests served");
         // Each of them was answered (the client's ACK followed its SYN).
-        let answered = grew(&format!("xdplb_backend_flows_answered_total{labels}"));
+        let answered = grew(&of_b("xdplb_backend_flows_answered_total"));
         assert_eq!(answered, served, "{name}: every flow answered");
         assert!(
             packets >= 4.0 * served && bytes >= 60.0 * packets,
             "{name} served {served} requests: packets +{packets}, bytes +{bytes}"
         );
-        assert_eq!(
-            value(&after, &format!("xdplb_backend_healthy{labels}")),
-            1.0
-        );
+        assert_eq!(value(&after, &of_b("xdplb_backend_healthy")), 1.0);
         // The default weight.
-        assert_eq!(
-            value(&after, &format!("xdplb_backend_weight{labels}")),
-            100.0
-        );
-        let state = format!(
-            "xdplb_backend_state{{service=\"web4\",backend=\"{}:80\",state=\"active\"}}",
-            bed.addr(i)
-        );
+        assert_eq!(value(&after, &of_b("xdplb_backend_weight")), 100.0);
+        let state = series("xdplb_backend_state", i, ",state=\"active\"");
         assert_eq!(value(&after, &state), 1.0);
         assert!(
             grew(&checks(i)) >= 1.0,
             "health checks ran between the scrapes"
         );
-        let latency = value(
-            &after,
-            &format!("xdplb_backend_health_check_duration_seconds{labels}"),
-        );
+        let latency = value(&after, &of_b("xdplb_backend_health_check_duration_seconds"));
         assert!(latency > 0.0 && latency < 0.1, "check latency {latency}");
     }
     assert!(
@@ -279,15 +268,7 @@ struct Chromium {
     pending: Vec<u8>,
     next_id: u64,
     session: String,
-    _profile: TempDir,
-}
-
-struct TempDir(PathBuf);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
+    _profile: RemoveOnDrop,
 }
 
 /// A pipe whose ends are O_CLOEXEC and numbered above 10, so `dup2` onto
@@ -319,7 +300,7 @@ impl Chromium {
             );
             return None;
         };
-        let profile = TempDir(std::env::temp_dir().join(format!(
+        let profile = RemoveOnDrop(std::env::temp_dir().join(format!(
             "xdplb-chromium-{}-{}",
             std::process::id(),
             topo.prefix()
@@ -523,12 +504,7 @@ fn status_page_shows_a_backend_going_down_without_a_reload() {
 
     // Kill b1's server; note when the daemon itself says it is down.
     bed.backends[0].kill(libc::SIGKILL).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while bed.backend(1)["health"] != json!("down") {
-        assert!(Instant::now() < deadline, "the daemon never marked b1 down");
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    let down_at = Instant::now();
+    let down_at = bed.wait_health(1, "down", Instant::now(), Duration::from_secs(10));
     let key = &keys[0];
     let shown_at = loop {
         if chromium.backends().get(key).map(String::as_str) == Some("down") {

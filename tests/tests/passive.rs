@@ -79,16 +79,7 @@ fn a_dead_backend_is_suspected_from_its_traffic_and_probed_at_once() {
     std::thread::sleep(Duration::from_millis(500));
     let killed = Instant::now();
     bed.backends[0].kill(libc::SIGKILL).unwrap();
-    let down = loop {
-        if bed.backend(1)["health"] == "down" {
-            break killed.elapsed();
-        }
-        assert!(
-            killed.elapsed() < Duration::from_secs(6),
-            "b1 never went down"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    };
+    let down = bed.wait_health(1, "down", killed, Duration::from_secs(6)) - killed;
     std::thread::sleep(Duration::from_millis(300));
     let samples = load.stop();
     let failed = samples.iter().filter(|s| s.result.is_err()).count();
@@ -137,7 +128,7 @@ fn clients_that_vanish_after_their_syn_do_not_take_a_backend_out() {
 fn suspicion_alone_never_takes_out_the_last_backend() {
     let bed = bed("pal");
     for i in 2..=3 {
-        let addr = bed.topo.backend_addr(i, false).to_string();
+        let addr = bed.addr(i).to_string();
         bed.lb.cli(&["backend", "drain", "web4", &addr]).unwrap();
     }
     // Nothing but vanishing clients: every new flow goes unanswered.
@@ -165,27 +156,14 @@ fn a_backend_whose_host_is_gone_fails_no_new_connection() {
     let bed = bed("pah");
     // Six clients in parallel: each waits on a connection to the lost
     // host until its SYN is retransmitted, as real clients do.
+    let every = Duration::from_millis(30);
     let loads: Vec<Load> = (0..6u16)
-        .map(|k| {
-            Load::start(
-                &bed.topo,
-                bed.vip(),
-                Duration::from_millis(30),
-                20000 + k * 1000,
-            )
-            .unwrap()
-        })
+        .map(|k| Load::start(&bed.topo, bed.vip(), every, 20000 + k * 1000).unwrap())
         .collect();
     std::thread::sleep(Duration::from_millis(500));
     let cut = Instant::now();
     bed.topo.set_backend_link(1, false).unwrap();
-    let down = loop {
-        if bed.backend(1)["health"] == "down" {
-            break cut.elapsed();
-        }
-        assert!(cut.elapsed() < Duration::from_secs(8), "b1 never went down");
-        std::thread::sleep(Duration::from_millis(10));
-    };
+    let down = bed.wait_health(1, "down", cut, Duration::from_secs(8)) - cut;
     // Long enough for every connection started before b1 went down to
     // have retransmitted its SYN (1 s) and finished.
     std::thread::sleep(Duration::from_millis(1500));
