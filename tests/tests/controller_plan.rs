@@ -19,7 +19,10 @@ use xdplb::{
     dataplane::Maps,
     loader::Datapath,
 };
-use xdplb_tests::netns::{unique_prefix, Netns};
+use xdplb_tests::{
+    netns::{unique_prefix, Netns},
+    RemoveOnDrop,
+};
 
 const TABLE_SIZE: u32 = 251;
 
@@ -67,19 +70,10 @@ fn config(services: &[(&str, &str, &[&str])]) -> Config {
     Config::parse(&text, "test").unwrap()
 }
 
-/// Loaded program with its maps pinned in a directory of its own, removed
-/// when dropped.
-struct Pinned(PathBuf);
-
-impl Drop for Pinned {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 /// A namespace with a segment on which backends 10.1.0.11 to .13 are
-/// resolved neighbours, and the program loaded with its maps pinned.
-fn bed() -> (Netns, Pinned, Datapath, Maps) {
+/// resolved neighbours, and the program loaded with its maps pinned in a
+/// directory of its own (removed when dropped, after the program).
+fn bed() -> (Netns, RemoveOnDrop, Datapath, Maps) {
     let ns = Netns::new(&unique_prefix("plan")).unwrap();
     let neighbours = (11..=13).map(|i| {
         format!("ip neigh replace 10.1.0.{i} lladdr 02:00:00:00:00:{i} dev v0 nud permanent")
@@ -93,7 +87,7 @@ fn bed() -> (Netns, Pinned, Datapath, Maps) {
     for cmd in setup.map(String::from).into_iter().chain(neighbours) {
         ns.exec(&cmd.split(' ').collect::<Vec<_>>()).unwrap();
     }
-    let pins = Pinned(PathBuf::from(format!(
+    let pins = RemoveOnDrop(PathBuf::from(format!(
         "/sys/fs/bpf/{}",
         unique_prefix("xdplb-plan")
     )));
@@ -104,7 +98,7 @@ fn bed() -> (Netns, Pinned, Datapath, Maps) {
 
 #[test]
 fn a_change_that_fails_while_planning_writes_nothing() {
-    let (ns, pins, datapath, maps) = bed();
+    let (ns, _pins, _datapath, maps) = bed();
 
     ns.run(move || {
         let mut controller = Controller::new(maps).unwrap();
@@ -145,15 +139,13 @@ fn a_change_that_fails_while_planning_writes_nothing() {
             assert!(entry.next_hop_resolved(), "{entry:?}");
         }
     });
-    drop(datapath);
-    drop(pins);
 }
 
 /// Health verdicts applied as one batch, and drains that expire: the
 /// controller's periodic and event paths, on real maps.
 #[test]
 fn verdicts_apply_as_a_batch_and_drains_expire_only_after_their_timeout() {
-    let (ns, pins, datapath, maps) = bed();
+    let (ns, _pins, _datapath, maps) = bed();
 
     ns.run(move || {
         let mut controller = Controller::new(maps).unwrap();
@@ -208,8 +200,6 @@ fn verdicts_apply_as_a_batch_and_drains_expire_only_after_their_timeout() {
             .unwrap()
             .is_empty());
     });
-    drop(datapath);
-    drop(pins);
 }
 
 /// Which destination MACs the datapath balances is the controller's to
@@ -220,7 +210,7 @@ fn verdicts_apply_as_a_batch_and_drains_expire_only_after_their_timeout() {
 fn accepted_macs_follow_the_interfaces_and_the_configured_extra_macs() {
     const OWN: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
     const VRRP: [u8; 6] = [0, 0, 0x5e, 0, 0x01, 0x01];
-    let (ns, pins, datapath, maps) = bed();
+    let (ns, _pins, _datapath, maps) = bed();
 
     ns.run(move || {
         let config = |extra: &str| {
@@ -259,6 +249,4 @@ fn accepted_macs_follow_the_interfaces_and_the_configured_extra_macs() {
         assert_eq!(controller.set_interface_mac(v0, NEW).unwrap(), None);
         assert!(controller.set_interface_mac(v0 + 100, NEW).is_err());
     });
-    drop(datapath);
-    drop(pins);
 }

@@ -17,19 +17,10 @@ use xdplb_tests::{
     proc::Proc,
     require_root,
     topology::{Shape, Topology},
+    RemoveOnDrop,
 };
 
 const TESTBACKEND: &str = env!("CARGO_BIN_EXE_xdplb-testbackend");
-
-/// Removes a directory (or pin directory) when dropped, even if the test
-/// failed.
-struct Cleanup(PathBuf);
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// A topology (one backend) and the path of the xdplb binary.
 fn topology(tag: &str) -> (Topology, PathBuf) {
@@ -39,20 +30,55 @@ fn topology(tag: &str) -> (Topology, PathBuf) {
     (topo, xdplb)
 }
 
-/// `xdplb run` with `args` after the usual paths of `lb` (but `--api-socket`
-/// and `--pin-dir` given by the caller), spawned in the lb namespace.
-fn run_cmd(xdplb: &Path, topo: &Topology, lb: &Xdplb, pin_dir: &Path, socket: &Path) -> Command {
+/// `xdplb run --xdp-mode native` on the lb's interface with `lb`'s config,
+/// `pin_dir`, `socket` and `state`, to spawn in the lb namespace.
+fn run_cmd(xdplb: &Path, topo: &Topology, lb: &Xdplb, files: [&Path; 3]) -> Command {
     let mut cmd = topo.lb().command(xdplb);
-    cmd.args(["run", "--xdp-mode", "native", "--iface", topo.lb_iface()])
-        .arg("--config")
-        .arg(lb.config_path())
-        .arg("--pin-dir")
-        .arg(pin_dir)
-        .arg("--api-socket")
-        .arg(socket)
-        .arg("--state-file")
-        .arg(lb.dir.join("state2.json"));
+    cmd.args(["run", "--xdp-mode", "native", "--iface", topo.lb_iface()]);
+    let [pin_dir, socket, state] = files;
+    with_files(&mut cmd, [&lb.config_path(), pin_dir, socket, state]);
     cmd
+}
+
+/// Adds `--config`, `--pin-dir`, `--api-socket` and `--state-file` with
+/// `paths` to `cmd`.
+fn with_files(cmd: &mut Command, paths: [&Path; 4]) {
+    let flags = ["--config", "--pin-dir", "--api-socket", "--state-file"];
+    for (flag, path) in flags.into_iter().zip(paths) {
+        cmd.arg(flag).arg(path);
+    }
+}
+
+/// A fresh directory holding an empty `xdplb.toml`, and an unused pin
+/// directory, both named after a unique prefix and removed on drop.
+struct Scratch {
+    dir: RemoveOnDrop,
+    pins: RemoveOnDrop,
+}
+
+impl Scratch {
+    fn new(tag: &str) -> Self {
+        let prefix = unique_prefix(tag);
+        let dir = std::env::temp_dir().join(format!("xdplb-{prefix}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("xdplb.toml"), "").unwrap();
+        let pins = PathBuf::from(format!("/sys/fs/bpf/xdplb-{prefix}"));
+        Self {
+            dir: RemoveOnDrop(dir),
+            pins: RemoveOnDrop(pins),
+        }
+    }
+
+    /// Adds the scratch files to `cmd` (see [`with_files`]).
+    fn add_to(&self, cmd: &mut Command) {
+        let dir = &self.dir.0;
+        let (config, socket, state) = (
+            dir.join("xdplb.toml"),
+            dir.join("api.sock"),
+            dir.join("state.json"),
+        );
+        with_files(cmd, [&config, &self.pins.0, &socket, &state]);
+    }
 }
 
 /// Runs `cmd` to its end (at most 20 s; killed then) and returns whether it
@@ -90,8 +116,9 @@ fn one_daemon_per_pin_dir_and_a_killed_daemons_successor_starts() {
 
     // Same pin directory, its own socket and state: refused, naming the
     // holder, and touching nothing.
-    let other_socket = lb.dir.join("other.sock");
-    let (ok, text) = run_to_end(&mut run_cmd(&xdplb, &topo, &lb, &lb.pin_dir, &other_socket));
+    let (other_socket, state2) = (lb.dir.join("other.sock"), lb.dir.join("state2.json"));
+    let mut cmd = run_cmd(&xdplb, &topo, &lb, [&lb.pin_dir, &other_socket, &state2]);
+    let (ok, text) = run_to_end(&mut cmd);
     assert!(!ok, "a second daemon started on the same pin dir:\n{text}");
     let pid = format!("PID {}", lb.proc.pid());
     assert!(
@@ -109,8 +136,9 @@ fn one_daemon_per_pin_dir_and_a_killed_daemons_successor_starts() {
     // Another pin directory but the live daemon's socket: refused before
     // anything is made, and the live socket is never removed.
     let other_pins = PathBuf::from(format!("{}-other", lb.pin_dir.display()));
-    let _other_pins = Cleanup(other_pins.clone());
-    let (ok, text) = run_to_end(&mut run_cmd(&xdplb, &topo, &lb, &other_pins, &lb.socket()));
+    let _other_pins = RemoveOnDrop(other_pins.clone());
+    let mut cmd = run_cmd(&xdplb, &topo, &lb, [&other_pins, &lb.socket(), &state2]);
+    let (ok, text) = run_to_end(&mut cmd);
     let _ = std::fs::remove_dir_all(&other_pins);
     assert!(!ok, "a second daemon started on a live socket:\n{text}");
     assert!(text.contains("already serving"), "{text}");
@@ -137,11 +165,7 @@ fn detach_is_refused_under_a_daemon_and_a_forced_detach_is_repaired() {
     let lb = Xdplb::start(&xdplb, &topo, "").expect("xdplb");
     let link = lb.pin_dir.join("links").join(topo.lb_iface());
 
-    let out = Command::new(&xdplb)
-        .args(["detach", "--all", "--pin-dir"])
-        .arg(&lb.pin_dir)
-        .output()
-        .unwrap();
+    let out = lb.detach(&["--all"]).unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         !out.status.success(),
@@ -155,11 +179,7 @@ fn detach_is_refused_under_a_daemon_and_a_forced_detach_is_repaired() {
 
     // --force detaches; the daemon notices at its next once-a-second
     // check and attaches again.
-    let out = Command::new(&xdplb)
-        .args(["detach", "--force", "--iface", topo.lb_iface(), "--pin-dir"])
-        .arg(&lb.pin_dir)
-        .output()
-        .unwrap();
+    let out = lb.detach(&["--force", "--iface", topo.lb_iface()]).unwrap();
     assert!(
         out.status.success(),
         "{}",
@@ -198,34 +218,20 @@ fn detach_is_refused_under_a_daemon_and_a_forced_detach_is_repaired() {
 #[test]
 fn ip_netns_exec_is_refused_with_the_way_out() {
     let (topo, xdplb) = topology("nsx");
-    let prefix = unique_prefix("nsx");
-    let dir = std::env::temp_dir().join(format!("xdplb-{prefix}"));
-    let _dir = Cleanup(dir.clone());
-    std::fs::create_dir_all(&dir).unwrap();
-    let config = dir.join("xdplb.toml");
-    std::fs::write(&config, "").unwrap();
-    let pin_dir = PathBuf::from(format!("/sys/fs/bpf/xdplb-{prefix}"));
-    let _pins = Cleanup(pin_dir.clone());
+    let scratch = Scratch::new("nsx");
     let mut cmd = Command::new("ip");
     cmd.args(["netns", "exec", topo.lb().name()])
         .arg(&xdplb)
-        .args(["run", "--iface", topo.lb_iface(), "--config"])
-        .arg(&config)
-        .arg("--pin-dir")
-        .arg(&pin_dir)
-        .arg("--api-socket")
-        .arg(dir.join("api.sock"))
-        .arg("--state-file")
-        .arg(dir.join("state.json"));
+        .args(["run", "--iface", topo.lb_iface()]);
+    scratch.add_to(&mut cmd);
     let (ok, text) = run_to_end(&mut cmd);
-    let _ = std::fs::remove_dir_all(&dir);
     assert!(!ok, "started in a private mount namespace:\n{text}");
     assert!(
         text.contains("private to this mount namespace")
             && text.contains(&format!("nsenter --net=/run/netns/{} ", topo.lb().name())),
         "{text}"
     );
-    assert!(!pin_dir.exists(), "pins made on the host");
+    assert!(!scratch.pins.0.exists(), "pins made on the host");
     assert!(!xdp_ids(&topo).contains("\"id\""), "attached anyway");
 }
 
@@ -246,16 +252,8 @@ fn the_open_files_limit_is_raised_and_health_checks_work() {
     // A first daemon sets up the files; the one under test replaces it.
     let mut lb = Xdplb::start(&xdplb, &topo, &config).expect("xdplb");
     lb.proc.terminate().unwrap();
-    let mut cmd = topo.lb().command(&xdplb);
-    cmd.args(["run", "--xdp-mode", "native", "--iface", topo.lb_iface()])
-        .arg("--config")
-        .arg(lb.config_path())
-        .arg("--pin-dir")
-        .arg(&lb.pin_dir)
-        .arg("--api-socket")
-        .arg(lb.socket())
-        .arg("--state-file")
-        .arg(lb.dir.join("state.json"));
+    let state = lb.dir.join("state.json");
+    let mut cmd = run_cmd(&xdplb, &topo, &lb, [&lb.pin_dir, &lb.socket(), &state]);
     // SAFETY: setrlimit is async-signal-safe.
     unsafe {
         cmd.pre_exec(|| {
@@ -296,17 +294,16 @@ fn the_open_files_limit_is_raised_and_health_checks_work() {
 #[test]
 fn systemd_hears_ready_after_the_api_answers_then_watchdog_pings() {
     let (topo, xdplb) = topology("notify");
-    let dir = std::env::temp_dir().join(format!("xdplb-notify-{}", topo.prefix()));
-    let _dir = Cleanup(dir.clone());
-    std::fs::create_dir_all(&dir).unwrap();
-    let notify_path = dir.join("notify.sock");
+    let scratch = Scratch::new("notify");
+    let notify_path = scratch.dir.0.join("notify.sock");
     let notify = UnixDatagram::bind(&notify_path).unwrap();
     notify
         .set_read_timeout(Some(Duration::from_secs(20)))
         .unwrap();
     let mut lb = Xdplb::start(&xdplb, &topo, "").expect("xdplb");
     lb.proc.terminate().unwrap();
-    let mut cmd = run_cmd(&xdplb, &topo, &lb, &lb.pin_dir, &lb.socket());
+    let state2 = lb.dir.join("state2.json");
+    let mut cmd = run_cmd(&xdplb, &topo, &lb, [&lb.pin_dir, &lb.socket(), &state2]);
     // 400 ms: the daemon pings every 200 ms.
     cmd.env("NOTIFY_SOCKET", &notify_path)
         .env("WATCHDOG_USEC", "400000");
@@ -353,7 +350,6 @@ fn systemd_hears_ready_after_the_api_answers_then_watchdog_pings() {
         !text.contains('\u{1b}'),
         "ANSI codes in a piped log:\n{text}"
     );
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -371,26 +367,11 @@ fn auto_mode_names_both_modes_it_tried() {
     holder
         .wait_for_stdout_line("ready", Duration::from_secs(20))
         .unwrap();
-    let prefix = unique_prefix("auto");
-    let dir = std::env::temp_dir().join(format!("xdplb-{prefix}"));
-    let _dir = Cleanup(dir.clone());
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join("xdplb.toml"), "").unwrap();
-    let pin_dir = PathBuf::from(format!("/sys/fs/bpf/xdplb-{prefix}"));
-    let _pins = Cleanup(pin_dir.clone());
+    let scratch = Scratch::new("auto");
     let mut cmd = topo.lb().command(&xdplb);
-    cmd.args(["run", "--xdp-mode", "auto", "--iface", topo.lb_iface()])
-        .arg("--config")
-        .arg(dir.join("xdplb.toml"))
-        .arg("--pin-dir")
-        .arg(&pin_dir)
-        .arg("--api-socket")
-        .arg(dir.join("api.sock"))
-        .arg("--state-file")
-        .arg(dir.join("state.json"));
+    cmd.args(["run", "--xdp-mode", "auto", "--iface", topo.lb_iface()]);
+    scratch.add_to(&mut cmd);
     let (ok, text) = run_to_end(&mut cmd);
-    let _ = std::fs::remove_dir_all(&dir);
-    let _ = std::fs::remove_dir_all(&pin_dir);
     assert!(!ok, "attached over another program:\n{text}");
     let err = text.lines().last().unwrap_or_default();
     assert!(

@@ -8,7 +8,7 @@ use std::{
     process::Command,
 };
 
-use xdplb_tests::{bin_path, netns::unique_prefix};
+use xdplb_tests::{bin_path, netns::unique_prefix, RemoveOnDrop};
 
 fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -18,20 +18,10 @@ fn workspace_root() -> PathBuf {
 }
 
 /// A scratch directory removed on drop.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(tag: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("xdplb-{}", unique_prefix(tag)));
-        std::fs::create_dir_all(&dir).unwrap();
-        Self(dir)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
+fn scratch(tag: &str) -> RemoveOnDrop {
+    let dir = std::env::temp_dir().join(format!("xdplb-{}", unique_prefix(tag)));
+    std::fs::create_dir_all(&dir).unwrap();
+    RemoveOnDrop(dir)
 }
 
 fn have(program: &str) -> bool {
@@ -47,7 +37,7 @@ fn the_unit_passes_systemd_analyze_verify() {
         eprintln!("SKIPPED: systemd-analyze is not installed (apt-get install systemd)");
         return;
     }
-    let scratch = Scratch::new("unit");
+    let scratch = scratch("unit");
     // The unit as shipped, its binary path pointed at the one built here
     // (verify checks that ExecStart= names an executable).
     let xdplb = bin_path("xdplb").unwrap();
@@ -79,7 +69,7 @@ fn the_package_installs_a_working_binary_unit_config_and_docs() {
         eprintln!("SKIPPED: dpkg-deb is not installed");
         return;
     }
-    let scratch = Scratch::new("deb");
+    let scratch = scratch("deb");
     let started = std::time::Instant::now();
     // The debug binary the tests already built: packaging only.
     let out = Command::new(env!("CARGO"))
@@ -108,14 +98,13 @@ fn the_package_installs_a_working_binary_unit_config_and_docs() {
         .map(|e| e.unwrap().path())
         .find(|p| p.extension().is_some_and(|e| e == "deb"))
         .expect("a .deb in the output directory");
+    // `PROGRAM FLAG deb dir`: extracts part of the package into dir.
+    let extract = |program: &str, flag: &str, dir: &Path| {
+        let status = Command::new(program).arg(flag).arg(&deb).arg(dir).status();
+        assert!(status.unwrap().success(), "{program} {flag}");
+    };
     let root = scratch.0.join("root");
-    let status = Command::new("dpkg")
-        .arg("-x")
-        .arg(&deb)
-        .arg(&root)
-        .status()
-        .unwrap();
-    assert!(status.success());
+    extract("dpkg", "-x", &root);
     for file in [
         "usr/bin/xdplb",
         "lib/systemd/system/xdplb.service",
@@ -132,13 +121,7 @@ fn the_package_installs_a_working_binary_unit_config_and_docs() {
         assert!(len > 0, "{file} is empty");
     }
     let ctrl = scratch.0.join("control");
-    let status = Command::new("dpkg-deb")
-        .arg("-e")
-        .arg(&deb)
-        .arg(&ctrl)
-        .status()
-        .unwrap();
-    assert!(status.success());
+    extract("dpkg-deb", "-e", &ctrl);
     let conffiles = std::fs::read_to_string(ctrl.join("conffiles")).unwrap_or_default();
     assert!(
         conffiles.lines().any(|l| l == "/etc/xdplb/xdplb.toml"),
