@@ -2,7 +2,10 @@
 //! entered and removed, and the DSR topology carries traffic between the
 //! client and the test backends directly. Needs root.
 
-use std::{net::SocketAddr, time::Duration};
+use std::{
+    net::{IpAddr, SocketAddr},
+    time::Duration,
+};
 
 use xdplb_tests::{
     client,
@@ -10,6 +13,24 @@ use xdplb_tests::{
     netns::{unique_prefix, Netns},
     topology::{Shape, Topology},
 };
+
+/// Routes the client's traffic for the VIPs via `via(v6)`.
+fn route_vips(topo: &Topology, via: impl Fn(bool) -> IpAddr) {
+    for (v6, family, len) in [(false, "-4", 32), (true, "-6", 128)] {
+        let vip = format!("{}/{len}", topo.vip(v6));
+        let route = [
+            "ip",
+            family,
+            "route",
+            "replace",
+            &vip,
+            "via",
+            &via(v6).to_string(),
+        ];
+        topo.client().exec(&route).unwrap();
+    }
+}
+
 /// Builds the topology, runs a test backend in each backend namespace
 /// and talks to each directly (no load balancer), then checks teardown
 /// leaves no namespace behind.
@@ -59,30 +80,27 @@ fn topology_smoke() {
         );
 
         let timeout = Duration::from_secs(5);
+        // GET http://addr/ (from `port` if given) and a UDP query to addr:53,
+        // from the client.
+        let get = |addr, port| {
+            let get = || client::get(SocketAddr::new(addr, 80), port, timeout);
+            topo.client().run(get).unwrap()
+        };
+        let udp = |addr| {
+            let query = || client::udp_query(SocketAddr::new(addr, 53), None, timeout);
+            topo.client().run(query).unwrap()
+        };
         for i in 1..=topo.backend_count() {
             let want = topo.backend_name(i);
             for addr in [false, true].map(|v6| topo.backend_addr(i, v6)) {
-                let got = topo
-                    .client()
-                    .run(|| client::get(SocketAddr::new(addr, 80), None, timeout))
-                    .unwrap();
-                assert_eq!(got, want, "GET http://{addr}/");
+                assert_eq!(get(addr, None), want, "GET http://{addr}/");
                 // Same source port twice in a row: the RST close must
                 // leave no TIME_WAIT blocking the 4-tuple.
                 for _ in 0..2 {
-                    let got = topo
-                        .client()
-                        .run(|| {
-                            client::get(SocketAddr::new(addr, 80), Some(40000 + i as u16), timeout)
-                        })
-                        .unwrap();
+                    let got = get(addr, Some(40000 + i as u16));
                     assert_eq!(got, want, "GET http://{addr}/ from fixed port");
                 }
-                let got = topo
-                    .client()
-                    .run(|| client::udp_query(SocketAddr::new(addr, 53), None, timeout))
-                    .unwrap();
-                assert_eq!(got, want, "UDP {addr}:53");
+                assert_eq!(udp(addr), want, "UDP {addr}:53");
             }
             // Keep-alive and the /stream echo on one connection each.
             let addr = SocketAddr::new(topo.backend_addr(i, true), 80);
@@ -131,61 +149,13 @@ fn topology_smoke() {
         // answer from the VIP, for TCP and UDP.
         for i in [1, topo.backend_count()] {
             let want = topo.backend_name(i);
-            topo.client()
-                .exec(&[
-                    "ip",
-                    "route",
-                    "replace",
-                    &format!("{}/32", topo.vip4()),
-                    "via",
-                    &topo.backend_addr(i, false).to_string(),
-                ])
-                .unwrap();
-            topo.client()
-                .exec(&[
-                    "ip",
-                    "-6",
-                    "route",
-                    "replace",
-                    &format!("{}/128", topo.vip6()),
-                    "via",
-                    &topo.backend_addr(i, true).to_string(),
-                ])
-                .unwrap();
+            route_vips(&topo, |v6| topo.backend_addr(i, v6));
             for vip in [false, true].map(|v6| topo.vip(v6)) {
-                let got = topo
-                    .client()
-                    .run(|| client::get(SocketAddr::new(vip, 80), None, timeout))
-                    .unwrap();
-                assert_eq!(got, want, "GET http://{vip}/ routed to b{i}");
-                let got = topo
-                    .client()
-                    .run(|| client::udp_query(SocketAddr::new(vip, 53), None, timeout))
-                    .unwrap();
-                assert_eq!(got, want, "UDP {vip}:53 routed to b{i}");
+                assert_eq!(get(vip, None), want, "GET http://{vip}/ routed to b{i}");
+                assert_eq!(udp(vip), want, "UDP {vip}:53 routed to b{i}");
             }
         }
-        topo.client()
-            .exec(&[
-                "ip",
-                "route",
-                "replace",
-                &format!("{}/32", topo.vip4()),
-                "via",
-                &topo.lb_addr(false).to_string(),
-            ])
-            .unwrap();
-        topo.client()
-            .exec(&[
-                "ip",
-                "-6",
-                "route",
-                "replace",
-                &format!("{}/128", topo.vip6()),
-                "via",
-                &topo.lb_addr(true).to_string(),
-            ])
-            .unwrap();
+        route_vips(&topo, |v6| topo.lb_addr(v6));
 
         drop(procs);
     }
