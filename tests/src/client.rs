@@ -35,29 +35,18 @@ pub fn connect(
     // SAFETY: fd is a fresh, valid descriptor that nothing else owns.
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
     let raw = fd.as_raw_fd();
-    setsockopt(
-        raw,
-        libc::SOL_SOCKET,
-        libc::SO_REUSEADDR,
-        &1 as &libc::c_int,
-    )?;
-    setsockopt(
-        raw,
-        libc::SOL_SOCKET,
-        libc::SO_LINGER,
-        &libc::linger {
-            l_onoff: 1,
-            l_linger: 0,
-        },
-    )?;
+    let one: libc::c_int = 1;
+    setsockopt(raw, libc::SOL_SOCKET, libc::SO_REUSEADDR, &one)?;
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    setsockopt(raw, libc::SOL_SOCKET, libc::SO_LINGER, &linger)?;
     // Linux bounds a blocking connect() by the send timeout.
     let tv = timeval(timeout);
     setsockopt(raw, libc::SOL_SOCKET, libc::SO_SNDTIMEO, &tv)?;
     if let Some(port) = src_port {
-        let local = match addr {
-            SocketAddr::V4(_) => SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), port),
-            SocketAddr::V6(_) => SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), port),
-        };
+        let local = unspecified(addr, port);
         let (sa, len) = sockaddr(local);
         // SAFETY: sa is a valid sockaddr of length len.
         if unsafe { libc::bind(raw, (&raw const sa).cast(), len) } != 0 {
@@ -120,10 +109,7 @@ pub fn udp_query(
     src_port: Option<u16>,
     timeout: Duration,
 ) -> anyhow::Result<String> {
-    let local = match addr {
-        SocketAddr::V4(_) => SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), src_port.unwrap_or(0)),
-        SocketAddr::V6(_) => SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), src_port.unwrap_or(0)),
-    };
+    let local = unspecified(addr, src_port.unwrap_or(0));
     let sock = UdpSocket::bind(local).with_context(|| format!("binding UDP {local}"))?;
     sock.set_read_timeout(Some(nonzero(timeout)))?;
     sock.send_to(b"query\n", addr)
@@ -283,6 +269,14 @@ pub(crate) fn read_head(reader: &mut impl BufRead) -> anyhow::Result<Head> {
         }
     }
     Ok(head)
+}
+
+/// The unspecified address of `addr`'s family, port `port`.
+fn unspecified(addr: SocketAddr, port: u16) -> SocketAddr {
+    match addr {
+        SocketAddr::V4(_) => SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), port),
+        SocketAddr::V6(_) => SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), port),
+    }
 }
 
 fn from_port(src_port: Option<u16>) -> String {

@@ -12,7 +12,7 @@ use std::{
     net::{IpAddr, SocketAddr},
     process::ExitCode,
     sync::atomic::{AtomicBool, Ordering},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use anyhow::{bail, Context as _, Result};
@@ -57,6 +57,13 @@ fn main() -> ExitCode {
             eprintln!("demo failed: {err:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Prints `text` indented, line by line.
+fn show(text: &str) {
+    for line in text.lines() {
+        println!("    {line}");
     }
 }
 
@@ -139,21 +146,14 @@ fn demo() -> Result<()> {
     let again = requests(topo.client(), SocketAddr::new(vip4, 80), first..first + 1);
     println!("\n  sample flow: {src} -> {vip4}:80");
     println!("    $ xdplb flow {src} {vip4}:80 tcp");
-    for line in lb
-        .cli(&["flow", &src.to_string(), &format!("{vip4}:80"), "tcp"])?
-        .lines()
-    {
-        println!("    {line}");
-    }
+    show(&lb.cli(&["flow", &src.to_string(), &format!("{vip4}:80"), "tcp"])?);
     println!(
         "    the same source port again was served by: {}",
         again.served.keys().next().map_or("nobody", |s| s.as_str())
     );
 
     println!("\n  $ xdplb stats");
-    for line in lb.cli(&["stats"])?.lines() {
-        println!("    {line}");
-    }
+    show(&lb.cli(&["stats"])?);
 
     check_interrupt()?;
     failover(&topo, &lb, &mut backends, &testbackend)?;
@@ -231,9 +231,7 @@ fn cluster_node_loss() -> Result<()> {
     );
     let survivor = if victim == 1 { 2 } else { 1 };
     println!("\n  $ xdplb status   (on n{survivor})");
-    for line in c.daemon(survivor).cli(&["status"])?.lines() {
-        println!("    {line}");
-    }
+    show(&c.daemon(survivor).cli(&["status"])?);
     println!("\n  tearing down the cluster");
     if !failed.is_empty() {
         bail!("{} long-lived connections were lost", failed.len());
@@ -251,38 +249,32 @@ fn failover(
 ) -> Result<()> {
     println!("\n  failover (health check: tcp every 500ms, fall 3, rise 2)");
     println!("    $ xdplb status");
-    for line in lb.cli(&["status"])?.lines() {
-        println!("    {line}");
-    }
+    show(&lb.cli(&["status"])?);
     let vip = SocketAddr::new(topo.vip4().into(), 80);
     let victim = topo.backend_addr(2, false);
     let health = |want: &str| -> Result<bool> { Ok(lb.backend("web4", victim)?["health"] == want) };
 
-    let load = Load::start(topo, vip, std::time::Duration::from_millis(10), 20000)?;
-    std::thread::sleep(std::time::Duration::from_millis(500));
+    let load = Load::start(topo, vip, Duration::from_millis(10), 20000)?;
+    std::thread::sleep(Duration::from_millis(500));
     println!("\n    steady load: a new connection every 10 ms; killing b2's server ({victim}) now");
-    let killed = std::time::Instant::now();
+    let killed = Instant::now();
     backends[1].kill(libc::SIGKILL)?;
     while !health("down")? {
         check_interrupt()?;
-        std::thread::sleep(std::time::Duration::from_millis(5));
+        std::thread::sleep(Duration::from_millis(5));
     }
     let moved = killed.elapsed();
-    std::thread::sleep(std::time::Duration::from_millis(1000));
+    std::thread::sleep(Duration::from_millis(1000));
     let samples = load.stop();
     let swap = killed + moved;
-    let failed_before = samples
-        .iter()
-        .filter(|s| s.result.is_err() && s.start < swap)
-        .count();
-    let failed_after = samples
-        .iter()
-        .filter(|s| s.result.is_err() && s.start >= swap)
-        .count();
-    let others_failed = samples
-        .iter()
-        .filter(|s| s.start < killed && s.result.is_err())
-        .count();
+    // Failed requests that started at a time `when` accepts.
+    let failed = |when: &dyn Fn(Instant) -> bool| {
+        let failed = samples.iter().filter(|s| s.result.is_err());
+        failed.filter(|s| when(s.start)).count()
+    };
+    let failed_before = failed(&|t| t < swap);
+    let failed_after = failed(&|t| t >= swap);
+    let others_failed = failed(&|t| t < killed);
     println!(
         "    b2 marked down and its traffic moved {} ms after the kill",
         moved.as_millis()
@@ -293,15 +285,13 @@ fn failover(
         samples.len()
     );
     println!("    $ xdplb backend list web4");
-    for line in lb.cli(&["backend", "list", "web4"])?.lines() {
-        println!("    {line}");
-    }
+    show(&lb.cli(&["backend", "list", "web4"])?);
 
-    let restarted = std::time::Instant::now();
+    let restarted = Instant::now();
     backends[1] = start_backend(topo, testbackend, 2, &[])?;
     while !health("up")? {
         check_interrupt()?;
-        std::thread::sleep(std::time::Duration::from_millis(5));
+        std::thread::sleep(Duration::from_millis(5));
     }
     println!(
         "\n    b2's server restarted: back in the table {} ms later",

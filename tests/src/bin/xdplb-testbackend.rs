@@ -34,7 +34,10 @@ use std::{
 };
 
 use sha2::{Digest as _, Sha256};
-use xdplb_tests::traffic::{hex, Pattern};
+use xdplb_tests::{
+    client::setsockopt,
+    traffic::{hex, Pattern},
+};
 
 /// A tiny HTTP (and optional UDP) server that identifies itself by name.
 #[derive(clap::Parser)]
@@ -196,77 +199,57 @@ fn serve(stream: TcpStream, config: &Config) -> std::io::Result<()> {
             _ => !connection.contains("close"),
         };
         let conn_header = if keep_alive { "keep-alive" } else { "close" };
-        if let Some(hex) = upload_sha256 {
-            let body = format!("{hex}\n");
-            let len = Some(body.len() as u64);
-            write!(
-                out,
-                "{}{body}",
-                ok_head(version, name, conn_header, TEXT, len)
-            )?;
-            if !keep_alive {
-                return Ok(());
+        let body = if let Some(hex) = upload_sha256 {
+            format!("{hex}\n")
+        } else {
+            if method != "GET" && method != "HEAD" {
+                return respond_error(&mut out, "405 Method Not Allowed", name);
             }
-            continue;
-        }
-        if method != "GET" && method != "HEAD" {
-            return respond_error(&mut out, "405 Method Not Allowed", name);
-        }
-
-        if let Some(n) = path.strip_prefix("/bytes?n=") {
-            let Ok(n) = n.parse::<u64>() else {
-                return respond_error(&mut out, "400 Bad Request", name);
-            };
-            let bytes = "application/octet-stream";
-            out.write_all(ok_head(version, name, conn_header, bytes, Some(n)).as_bytes())?;
-            if method == "GET" {
-                Pattern::new().write(n, &mut out)?;
-            }
-            if !keep_alive {
-                return Ok(());
-            }
-            continue;
-        }
-
-        if path == "/peer" {
-            let seen = std::net::SocketAddr::new(peer.ip().to_canonical(), peer.port());
-            let body = format!("{seen}\n");
-            let len = Some(body.len() as u64);
-            out.write_all(ok_head(version, name, conn_header, TEXT, len).as_bytes())?;
-            if method == "GET" {
-                out.write_all(body.as_bytes())?;
-            }
-            if !keep_alive {
-                return Ok(());
-            }
-            continue;
-        }
-
-        if path == "/stream" {
-            // No Content-Length: the body is the echo stream, ended by close.
-            out.write_all(ok_head(version, name, "close", TEXT, None).as_bytes())?;
-            loop {
-                line.clear();
-                if reader.read_line(&mut line)? == 0 {
+            if let Some(n) = path.strip_prefix("/bytes?n=") {
+                let Ok(n) = n.parse::<u64>() else {
+                    return respond_error(&mut out, "400 Bad Request", name);
+                };
+                let bytes = "application/octet-stream";
+                out.write_all(ok_head(version, name, conn_header, bytes, Some(n)).as_bytes())?;
+                if method == "GET" {
+                    Pattern::new().write(n, &mut out)?;
+                }
+                if !keep_alive {
                     return Ok(());
                 }
-                writeln!(out, "{name}: {}", line.trim_end_matches(['\r', '\n']))?;
+                continue;
             }
-        }
-
-        if path == "/health" {
-            let n = config
-                .health_requests
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-                + 1;
-            if config.flap.is_some_and(|every| n.is_multiple_of(every)) {
-                return respond_error(&mut out, "503 Service Unavailable", name);
+            if path == "/stream" {
+                // No Content-Length: the body is the echo stream, ended by close.
+                out.write_all(ok_head(version, name, "close", TEXT, None).as_bytes())?;
+                loop {
+                    line.clear();
+                    if reader.read_line(&mut line)? == 0 {
+                        return Ok(());
+                    }
+                    writeln!(out, "{name}: {}", line.trim_end_matches(['\r', '\n']))?;
+                }
             }
-        }
-
-        let body = format!("{name}\n");
-        let mut response = ok_head(version, name, conn_header, TEXT, Some(body.len() as u64));
-        if method == "GET" {
+            if path == "/health" {
+                let n = config
+                    .health_requests
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                    + 1;
+                if config.flap.is_some_and(|every| n.is_multiple_of(every)) {
+                    return respond_error(&mut out, "503 Service Unavailable", name);
+                }
+            }
+            if path == "/peer" {
+                let seen = std::net::SocketAddr::new(peer.ip().to_canonical(), peer.port());
+                format!("{seen}\n")
+            } else {
+                format!("{name}\n")
+            }
+        };
+        let len = Some(body.len() as u64);
+        let mut response = ok_head(version, name, conn_header, TEXT, len);
+        // HEAD has no body; GET and the upload's POST do.
+        if method != "HEAD" {
             response.push_str(&body);
         }
         // One write per response, so keep-alive replies are single segments.
@@ -342,11 +325,14 @@ fn dual_stack_socket(ty: libc::c_int, port: u16) -> std::io::Result<OwnedFd> {
     // SAFETY: fresh fd owned by nobody else.
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
     let raw = fd.as_raw_fd();
-    setsockopt_int(raw, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, 0)?;
-    setsockopt_int(raw, libc::SOL_SOCKET, libc::SO_REUSEADDR, 1)?;
+    let set = |level, name, value: libc::c_int| {
+        setsockopt(raw, level, name, &value).map_err(std::io::Error::other)
+    };
+    set(libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, 0)?;
+    set(libc::SOL_SOCKET, libc::SO_REUSEADDR, 1)?;
     if ty == libc::SOCK_DGRAM {
         // Learn each datagram's destination address, to reply from it.
-        setsockopt_int(raw, libc::IPPROTO_IPV6, libc::IPV6_RECVPKTINFO, 1)?;
+        set(libc::IPPROTO_IPV6, libc::IPV6_RECVPKTINFO, 1)?;
     }
     // SAFETY: all-zero sockaddr_in6 is the unspecified address.
     let mut sa: libc::sockaddr_in6 = unsafe { mem::zeroed() };
@@ -368,28 +354,6 @@ fn dual_stack_socket(ty: libc::c_int, port: u16) -> std::io::Result<OwnedFd> {
         return Err(std::io::Error::last_os_error());
     }
     Ok(fd)
-}
-
-fn setsockopt_int(
-    fd: libc::c_int,
-    level: libc::c_int,
-    name: libc::c_int,
-    value: libc::c_int,
-) -> std::io::Result<()> {
-    // SAFETY: value is a live c_int of the given size.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd,
-            level,
-            name,
-            (&raw const value).cast(),
-            mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
 }
 
 /// UDP echo: answers every datagram with `<name>\n`.
