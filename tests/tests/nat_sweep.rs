@@ -19,7 +19,7 @@ use xdp_common::{
 };
 use xdplb::{
     addr,
-    dataplane::{monotonic_coarse_ns, Maps},
+    dataplane::{monotonic_coarse_ns, Maps, NatOccupancy},
 };
 use xdplb_tests::{
     datapath::{self, nat_service, TestDatapath, LO_IFINDEX, TABLE_SIZE, XDP_PASS, XDP_TX},
@@ -76,28 +76,25 @@ fn run(h: &mut TestDatapath, frame: &[u8]) -> u32 {
 
 /// The flow's two entries: (client-side key, reply key).
 fn entries(maps: &Maps) -> (FlowKey, Option<FlowKey>) {
-    let fwd_key = addr::flow_key(
-        (CLIENT.0, CLIENT.1).into(),
-        (VIP.0, VIP.1).into(),
-        PROTO_UDP,
-    );
+    let fwd_key = addr::flow_key(CLIENT.into(), VIP.into(), PROTO_UDP);
     let rev_key = maps.nat_fwd.get(&fwd_key, 0).ok().map(|f| {
-        addr::flow_key(
-            (BACKEND.0, BACKEND.1).into(),
-            (SNAT, u16::from_be(f.nat_port_be)).into(),
-            PROTO_UDP,
-        )
+        let snat = (SNAT, u16::from_be(f.nat_port_be));
+        addr::flow_key(BACKEND.into(), snat.into(), PROTO_UDP)
     });
     (fwd_key, rev_key)
+}
+
+/// The backend's reply to the flow translated to `rev_key`'s port.
+fn reply(rev_key: FlowKey) -> Vec<u8> {
+    let port = u16::from_be(rev_key.dport_be);
+    udp_frame(BACKEND, (SNAT, port), [LB_MAC, BACKEND_MAC])
 }
 
 /// The backend answers the flow translated to `rev_key`'s port, so it is
 /// no longer counted against its source's unanswered bound and has the
 /// service's full timeout.
 fn answer(h: &mut TestDatapath, rev_key: FlowKey) {
-    let port = u16::from_be(rev_key.dport_be);
-    let reply = udp_frame(BACKEND, (SNAT, port), [LB_MAC, BACKEND_MAC]);
-    assert_eq!(run(h, &reply), XDP_TX, "the backend's answer");
+    assert_eq!(run(h, &reply(rev_key)), XDP_TX, "the backend's answer");
 }
 
 /// Stamps the flow's two entries `ago` in the past.
@@ -140,8 +137,7 @@ fn the_sweeper_never_deletes_a_translation_made_in_its_window() {
             h.maps.nat_fwd.get(&fwd_key, 0).unwrap(),
             h.maps.nat_rev.get(&rev_key, 0).unwrap(),
         );
-        let port = u16::from_be(rev_key.dport_be);
-        let reply = udp_frame(BACKEND, (SNAT, port), [LB_MAC, BACKEND_MAC]);
+        let reply = reply(rev_key);
         let (prog, maps) = h.parts();
         let kind = round % 3;
         let occupancy = maps
@@ -215,6 +211,11 @@ fn the_sweeper_never_deletes_a_translation_made_in_its_window() {
     );
 }
 
+/// One sweep, with nothing written in its window.
+fn sweep(maps: &mut Maps) -> NatOccupancy {
+    maps.sweep_nat_with(monotonic_coarse_ns(), |_| ()).unwrap()
+}
+
 #[test]
 fn a_flow_the_datapath_may_still_reclaim_is_left_to_it() {
     let mut h = harness();
@@ -226,10 +227,7 @@ fn a_flow_the_datapath_may_still_reclaim_is_left_to_it() {
     // Dead, but within the reclaim window: the datapath's.
     let within = Duration::from_secs(u64::from(UDP_TIMEOUT_S + NAT_RECLAIM_WINDOW_S / 2));
     stamp(&mut h.maps, fwd_key, rev_key, within);
-    let occupancy = h
-        .maps
-        .sweep_nat_with(monotonic_coarse_ns(), |_| ())
-        .unwrap();
+    let occupancy = sweep(&mut h.maps);
     // Left alone, though no longer counted as live.
     assert_eq!(occupancy.reclaimed, 0);
     assert_eq!((occupancy.flows, occupancy.reverse), (0, 0));
@@ -237,10 +235,7 @@ fn a_flow_the_datapath_may_still_reclaim_is_left_to_it() {
     assert!(h.maps.nat_rev.get(&rev_key, 0).is_ok());
     // Past the window and the margin: the sweeper's.
     stamp(&mut h.maps, fwd_key, rev_key, long_dead());
-    let occupancy = h
-        .maps
-        .sweep_nat_with(monotonic_coarse_ns(), |_| ())
-        .unwrap();
+    let occupancy = sweep(&mut h.maps);
     assert_eq!(occupancy.reclaimed, 1);
     assert!(h.maps.nat_fwd.get(&fwd_key, 0).is_err());
     assert!(h.maps.nat_rev.get(&rev_key, 0).is_err());
