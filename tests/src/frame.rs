@@ -120,10 +120,18 @@ impl Seg {
         Seg { vlan: vid, ..self }
     }
 
-    /// The IP header (its lengths and checksum filled in on writing).
+    /// The IP header (its lengths and checksum filled in on writing), with
+    /// the IPv4 fields `etherparse` has no constructor argument for.
     fn ip_headers(&self) -> IpHeaders {
-        ip_headers(self.src.ip(), self.dst.ip(), self.proto, self.ttl, self.id)
-            .with_ipv4_fields(self.frag, &self.ipv4_options)
+        let mut ip = ip_headers(self.src.ip(), self.dst.ip(), self.proto, self.ttl, self.id);
+        if let IpHeaders::Ipv4(h, _) = &mut ip {
+            h.dont_fragment = self.frag & 0x4000 != 0;
+            h.more_fragments = self.frag & 0x2000 != 0;
+            h.fragment_offset = IpFragOffset::try_new(self.frag & 0x1fff).expect("13 bits");
+            h.options = Ipv4Options::try_from(&self.ipv4_options[..])
+                .expect("IPv4 options: 4n bytes, <= 40");
+        }
+        ip
     }
 
     /// The L4 header and payload, checksum computed from scratch.
@@ -186,24 +194,6 @@ impl Seg {
             out[udp_end - 2..udp_end].fill(0);
         }
         debug_assert!(out.len() > start);
-    }
-}
-
-/// The fields of [`IpHeaders`] a builder sets that `etherparse` has no
-/// constructor argument for.
-trait Ipv4Fields {
-    fn with_ipv4_fields(self, frag: u16, options: &[u8]) -> Self;
-}
-
-impl Ipv4Fields for IpHeaders {
-    fn with_ipv4_fields(mut self, frag: u16, options: &[u8]) -> Self {
-        if let IpHeaders::Ipv4(h, _) = &mut self {
-            h.dont_fragment = frag & 0x4000 != 0;
-            h.more_fragments = frag & 0x2000 != 0;
-            h.fragment_offset = IpFragOffset::try_new(frag & 0x1fff).expect("13 bits");
-            h.options = Ipv4Options::try_from(options).expect("IPv4 options: 4n bytes, <= 40");
-        }
-        self
     }
 }
 
@@ -434,11 +424,8 @@ impl Verifier<'_> {
         match (src, dst) {
             (IpAddr::V4(_), IpAddr::V4(_)) => {
                 let (h, payload) = Icmpv4Header::from_slice(m).expect("an ICMP header");
-                self.check(
-                    h.checksum,
-                    h.icmp_type.calc_checksum(payload),
-                    "ICMP checksum",
-                );
+                let computed = h.icmp_type.calc_checksum(payload);
+                self.check(h.checksum, computed, "ICMP checksum");
                 "ICMP"
             }
             (IpAddr::V6(s), IpAddr::V6(d)) => {
