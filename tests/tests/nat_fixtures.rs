@@ -264,11 +264,8 @@ impl Harness {
         } else {
             vec![l4]
         };
-        assert_eq!(
-            verify(what, &out),
-            expect_checks,
-            "{what}: checksums verified"
-        );
+        let checks = verify(what, &out);
+        assert_eq!(checks, expect_checks, "{what}: checksums verified");
         port
     }
 
