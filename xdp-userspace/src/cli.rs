@@ -561,9 +561,9 @@ const SERVICE_COLUMNS: [Column<ServiceView>; 12] = [
     ("HASH", Left, |s| s.hash.to_string()),
     ("TABLE-SIZE", Right, |s| s.table_size.to_string()),
     ("BACKENDS", Right, |s| active_of(&s.backends)),
-    ("PACKETS", Right, |s| s.packets.to_string()),
-    ("BYTES", Right, |s| s.bytes.to_string()),
-    ("NEW-FLOWS", Right, |s| s.new_flows.to_string()),
+    ("PACKETS", Right, |s| s.traffic.packets.to_string()),
+    ("BYTES", Right, |s| s.traffic.bytes.to_string()),
+    ("NEW-FLOWS", Right, |s| s.traffic.new_flows.to_string()),
     ("TABLE", Left, |s| s.fingerprint.clone()),
 ];
 
@@ -575,9 +575,9 @@ const BACKEND_COLUMNS: [Column<BackendView>; 12] = [
     ("ADMIN", Left, |b| b.admin.to_string()),
     ("HEALTH", Left, |b| b.health.to_string()),
     ("STATE", Left, |b| b.state.to_string()),
-    ("PACKETS", Right, |b| b.packets.to_string()),
-    ("BYTES", Right, |b| b.bytes.to_string()),
-    ("NEW-FLOWS", Right, |b| b.new_flows.to_string()),
+    ("PACKETS", Right, |b| b.traffic.packets.to_string()),
+    ("BYTES", Right, |b| b.traffic.bytes.to_string()),
+    ("NEW-FLOWS", Right, |b| b.traffic.new_flows.to_string()),
     // Times its traffic made it a suspect (docs/operations.md, "Passive detection").
     ("SUSPECTED", Right, |b| b.passive.suspicions.to_string()),
     ("LAST-CHECK", Left, |b| {
@@ -658,16 +658,10 @@ fn render_stats(stats: &StatsView, previous: Option<(&StatsView, Duration)>) -> 
     // None is the service total.
     let mut before: HashMap<(&str, Option<SocketAddr>), [u64; 3]> = HashMap::new();
     for service in previous.iter().flat_map(|(p, _)| &p.services) {
-        before.insert(
-            (&service.name, None),
-            [service.packets, service.bytes, service.new_flows],
-        );
+        before.insert((&service.name, None), service.traffic.values());
         for backend in &service.backends {
             let address = SocketAddr::new(backend.address, backend.port);
-            before.insert(
-                (&service.name, Some(address)),
-                [backend.packets, backend.bytes, backend.new_flows],
-            );
+            before.insert((&service.name, Some(address)), backend.traffic.values());
         }
     }
     let mut rows = Vec::new();
@@ -682,16 +676,12 @@ fn render_stats(stats: &StatsView, previous: Option<(&StatsView, Duration)>) -> 
         rows.push(row);
     };
     for service in &stats.services {
-        push(
-            &service.name,
-            None,
-            [service.packets, service.bytes, service.new_flows],
-        );
+        push(&service.name, None, service.traffic.values());
         for backend in &service.backends {
             push(
                 &service.name,
                 Some(SocketAddr::new(backend.address, backend.port)),
-                [backend.packets, backend.bytes, backend.new_flows],
+                backend.traffic.values(),
             );
         }
     }
@@ -742,7 +732,7 @@ mod tests {
     use serde_json::json;
 
     use super::*;
-    use crate::api::{BackendStatsView, InterfaceView, ServiceStatsView};
+    use crate::api::{BackendStatsView, InterfaceView, ServiceStatsView, Traffic};
 
     /// A spec from its JSON form, as the API reads it.
     fn spec<T: DeserializeOwned>(json: Value) -> T {
@@ -774,9 +764,11 @@ mod tests {
             health: (state != "down").into(),
             state: serde_json::from_value(json!(state)).unwrap(),
             mac: None,
-            packets: 1234,
-            bytes: 567_890,
-            new_flows: 56,
+            traffic: Traffic {
+                packets: 1234,
+                bytes: 567_890,
+                new_flows: 56,
+            },
             last_check: Some("ok in 2ms".into()),
             transitions: 0,
             passive: Default::default(),
@@ -793,9 +785,11 @@ mod tests {
             table_size: 65537,
             hash: HashFields::FiveTuple,
             fingerprint: "1a2b3c4d".into(),
-            packets: 99,
-            bytes: 9900,
-            new_flows: 7,
+            traffic: Traffic {
+                packets: 99,
+                bytes: 9900,
+                new_flows: 7,
+            },
             backends,
         }
     }
@@ -1177,6 +1171,11 @@ mod tests {
     }
 
     fn stats(scale: u64) -> StatsView {
+        let traffic = Traffic {
+            packets: 1000 * scale,
+            bytes: 64_000 * scale,
+            new_flows: 10 * scale,
+        };
         StatsView {
             reasons: BTreeMap::from([
                 ("tx_dsr".to_owned(), 1000 * scale),
@@ -1187,15 +1186,11 @@ mod tests {
             replication: None,
             services: vec![ServiceStatsView {
                 name: "web".into(),
-                packets: 1000 * scale,
-                bytes: 64_000 * scale,
-                new_flows: 10 * scale,
+                traffic,
                 backends: vec![BackendStatsView {
                     address: "fd00::11".parse().unwrap(),
                     port: 80,
-                    packets: 1000 * scale,
-                    bytes: 64_000 * scale,
-                    new_flows: 10 * scale,
+                    traffic,
                 }],
             }],
         }

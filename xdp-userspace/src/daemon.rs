@@ -516,28 +516,18 @@ impl api::Handler for Daemon {
                 let services = inner
                     .controller
                     .services()
-                    .map(|s| {
-                        let c = maps.service_counters(s.id).unwrap_or_default();
-                        api::ServiceStatsView {
-                            name: s.config.name.clone(),
-                            packets: c.packets,
-                            bytes: c.bytes,
-                            new_flows: c.new_flows,
-                            backends: s
-                                .backends
-                                .values()
-                                .map(|b| {
-                                    let c = maps.backend_counters(b.id).unwrap_or_default();
-                                    api::BackendStatsView {
-                                        address: b.config.address,
-                                        port: b.config.port,
-                                        packets: c.packets,
-                                        bytes: c.bytes,
-                                        new_flows: c.new_flows,
-                                    }
-                                })
-                                .collect(),
-                        }
+                    .map(|s| api::ServiceStatsView {
+                        name: s.config.name.clone(),
+                        traffic: maps.service_counters(s.id).unwrap_or_default().into(),
+                        backends: s
+                            .backends
+                            .values()
+                            .map(|b| api::BackendStatsView {
+                                address: b.config.address,
+                                port: b.config.port,
+                                traffic: maps.backend_counters(b.id).unwrap_or_default().into(),
+                            })
+                            .collect(),
                     })
                     .collect();
                 let nat = inner.nat;
@@ -596,7 +586,6 @@ impl Daemon {
 
 fn service_view(inner: &Inner, s: &ServiceState) -> api::ServiceView {
     let maps = inner.controller.maps();
-    let c = maps.service_counters(s.id).unwrap_or_default();
     let cfg: &ServiceConfig = &s.config;
     api::ServiceView {
         name: cfg.name.clone(),
@@ -607,14 +596,11 @@ fn service_view(inner: &Inner, s: &ServiceState) -> api::ServiceView {
         table_size: cfg.table_size,
         hash: cfg.hash,
         fingerprint: s.fingerprint().to_owned(),
-        packets: c.packets,
-        bytes: c.bytes,
-        new_flows: c.new_flows,
+        traffic: maps.service_counters(s.id).unwrap_or_default().into(),
         backends: s
             .backends
             .values()
             .map(|b| {
-                let c = maps.backend_counters(b.id).unwrap_or_default();
                 let check = inner
                     .health
                     .status_of(&cfg.name, (b.config.address, b.config.port));
@@ -632,9 +618,7 @@ fn service_view(inner: &Inner, s: &ServiceState) -> api::ServiceView {
                             .collect::<Vec<_>>()
                             .join(":")
                     }),
-                    packets: c.packets,
-                    bytes: c.bytes,
-                    new_flows: c.new_flows,
+                    traffic: maps.backend_counters(b.id).unwrap_or_default().into(),
                     last_check: check.as_ref().and_then(|t| t.last_result.clone()).map(
                         |r| match r {
                             Ok(()) => "ok".to_owned(),

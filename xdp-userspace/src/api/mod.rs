@@ -13,7 +13,7 @@ use std::{
 };
 
 use serde::{Deserialize, Serialize};
-use xdp_common::{BACKEND_ACTIVE, BACKEND_DRAINING};
+use xdp_common::{Counters, BACKEND_ACTIVE, BACKEND_DRAINING};
 
 pub use crate::config::{Admin, BackendSpec, HashFields, Mode, Protocol, ServiceSpec};
 
@@ -170,12 +170,8 @@ pub struct ServiceView {
     /// Fingerprint of the Maglev table (equal on nodes that agree).
     #[serde(default)]
     pub fingerprint: String,
-    pub packets: u64,
-    pub bytes: u64,
-    /// Flows whose first packet the datapath forwarded (absent from older
-    /// daemons' answers).
-    #[serde(default)]
-    pub new_flows: u64,
+    #[serde(flatten)]
+    pub traffic: Traffic,
     pub backends: Vec<BackendView>,
 }
 
@@ -194,12 +190,8 @@ pub struct BackendView {
     pub state: DatapathState,
     /// Next-hop MAC, once resolved.
     pub mac: Option<String>,
-    pub packets: u64,
-    pub bytes: u64,
-    /// Flows whose first packet the datapath forwarded (absent from older
-    /// daemons' answers).
-    #[serde(default)]
-    pub new_flows: u64,
+    #[serde(flatten)]
+    pub traffic: Traffic,
     /// The last health check's result, if any ran.
     pub last_check: Option<String>,
     /// Health state changes since the daemon started.
@@ -207,6 +199,35 @@ pub struct BackendView {
     /// What the traffic says of the backend (absent from older daemons).
     #[serde(default)]
     pub passive: PassiveView,
+}
+
+/// What the datapath forwarded for a service or a backend. Its fields are
+/// written into the view's own JSON object.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Traffic {
+    pub packets: u64,
+    pub bytes: u64,
+    /// Flows whose first packet the datapath forwarded (absent from older
+    /// daemons' answers).
+    #[serde(default)]
+    pub new_flows: u64,
+}
+
+impl Traffic {
+    /// Packets, bytes and new flows, in that order.
+    pub fn values(self) -> [u64; 3] {
+        [self.packets, self.bytes, self.new_flows]
+    }
+}
+
+impl From<Counters> for Traffic {
+    fn from(c: Counters) -> Self {
+        Self {
+            packets: c.packets,
+            bytes: c.bytes,
+            new_flows: c.new_flows,
+        }
+    }
 }
 
 /// Passive failure detection's view of a backend (docs/operations.md, "Passive detection").
@@ -242,12 +263,8 @@ pub struct StatsView {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ServiceStatsView {
     pub name: String,
-    pub packets: u64,
-    pub bytes: u64,
-    /// Flows whose first packet the datapath forwarded (absent from older
-    /// daemons' answers).
-    #[serde(default)]
-    pub new_flows: u64,
+    #[serde(flatten)]
+    pub traffic: Traffic,
     pub backends: Vec<BackendStatsView>,
 }
 
@@ -255,12 +272,8 @@ pub struct ServiceStatsView {
 pub struct BackendStatsView {
     pub address: IpAddr,
     pub port: u16,
-    pub packets: u64,
-    pub bytes: u64,
-    /// Flows whose first packet the datapath forwarded (absent from older
-    /// daemons' answers).
-    #[serde(default)]
-    pub new_flows: u64,
+    #[serde(flatten)]
+    pub traffic: Traffic,
 }
 
 /// `GET /v1/flow`.
@@ -414,9 +427,7 @@ mod tests {
             health: Health::Down,
             state: DatapathState::Draining,
             mac: None,
-            packets: 0,
-            bytes: 0,
-            new_flows: 0,
+            traffic: Traffic::default(),
             last_check: None,
             transitions: 0,
             passive: Default::default(),
