@@ -435,7 +435,9 @@ impl Controller {
         let mut next = self.model.clone();
         next.interfaces.push((ifindex, mac));
         let writes = [Write::TxPort(ifindex), next.accepted_macs()];
-        self.commit(next, &writes)
+        self.commit(next, &writes)?;
+        self.resolver.attached(&self.model.interfaces);
+        Ok(())
     }
 
     /// Follows a change of an attached interface's own MAC: frames to the
@@ -458,6 +460,7 @@ impl Controller {
         next.interfaces[i].1 = mac;
         let writes = [next.accepted_macs()];
         self.commit(next, &writes)?;
+        self.resolver.attached(&self.model.interfaces);
         Ok(Some(old))
     }
 

@@ -1,7 +1,7 @@
 //! `xdplb run`: the always-on daemon. It loads (or adopts) the datapath,
 //! programs it from the configuration plus the operator's run-time
 //! changes, attaches it, then serves: health checks, the API, SIGHUP
-//! reloads, drain timeouts and next-hop refreshes (on the kernel's
+//! reloads, drain timeouts and next-hop refreshes (on the kernel's link,
 //! neighbour and route announcements, and every 5 s as a fallback).
 //!
 //! Stopping: SIGTERM (a service manager's stop or restart) and SIGKILL leave

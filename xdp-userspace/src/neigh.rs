@@ -80,6 +80,13 @@ struct Known {
     /// than a pass over every backend (thousands of backends may share
     /// one gateway, and a busy segment announces many neighbours).
     neighbours: HashMap<NeighbourKey, BTreeSet<Option<[u8; 6]>>>,
+    /// The interfaces the datapath is attached to, with their MACs.
+    attached: Vec<(u32, [u8; 6])>,
+    /// Every egress interface a resolved hop names and every attached one,
+    /// with the MACs known for it: a new MAC of the interface itself (an
+    /// operator's change, a bond's failover) changes those hops' frames, or
+    /// which frames the datapath balances.
+    interfaces: HashMap<u32, BTreeSet<[u8; 6]>>,
 }
 
 /// Every change rebuilds the index: changes come from a resolution, which
@@ -99,9 +106,17 @@ impl Known {
 
     fn reindex(&mut self) {
         self.neighbours.clear();
+        self.interfaces.clear();
         for hop in self.hops.values().filter_map(|h| h.as_ref().ok()) {
             let key = (hop.ifindex, hop.neighbour);
             self.neighbours.entry(key).or_default().insert(hop.dst_mac);
+            self.interfaces
+                .entry(hop.ifindex)
+                .or_default()
+                .insert(hop.src_mac);
+        }
+        for &(ifindex, mac) in &self.attached {
+            self.interfaces.entry(ifindex).or_default().insert(mac);
         }
     }
 }
@@ -144,6 +159,14 @@ impl Resolver {
         resolved
     }
 
+    /// Sets the interfaces the datapath is attached to and their MACs, so
+    /// that a change of one's MAC [`concerns`](Self::concerns) it too.
+    pub fn attached(&self, interfaces: &[(u32, [u8; 6])]) {
+        let mut known = self.known();
+        known.attached = interfaces.to_vec();
+        known.reindex();
+    }
+
     /// The next hop of `target`: the last answer, or, if it was never
     /// resolved, resolved now (waiting up to [`RESOLVE_WAIT`]).
     pub fn hop(&self, target: Target) -> Resolved {
@@ -157,13 +180,24 @@ impl Resolver {
     }
 
     /// Whether the kernel's announcement `msg` may change a next hop: any
-    /// route change (a route look-up may now answer differently), or a
+    /// route change (a route look-up may now answer differently), a
     /// neighbour entry of a next hop whose usable MAC is no longer the one
-    /// last resolved. Neighbours' routine state changes (reachable, stale,
-    /// probe, with the same MAC) and other hosts' entries concern nothing.
+    /// last resolved, or an egress interface whose own MAC is no longer
+    /// the one last resolved (or that is gone). Neighbours' and links'
+    /// routine state changes (reachable, stale, carrier, with the same MAC)
+    /// and other hosts' entries concern nothing.
     pub fn concerns(&self, msg: &RouteNetlinkMessage) -> bool {
         let (key, mac) = match msg {
             RouteNetlinkMessage::NewRoute(_) | RouteNetlinkMessage::DelRoute(_) => return true,
+            RouteNetlinkMessage::NewLink(l) => {
+                let mac = link_mac(l);
+                let known = self.known();
+                let macs = known.interfaces.get(&l.header.index);
+                return macs.is_some_and(|macs| macs.iter().any(|m| Some(*m) != mac));
+            }
+            RouteNetlinkMessage::DelLink(l) => {
+                return self.known().interfaces.contains_key(&l.header.index)
+            }
             RouteNetlinkMessage::NewNeighbour(n) => match neighbour_entry(n) {
                 Some(entry) => entry,
                 None => return false,
@@ -192,11 +226,12 @@ const RESUBSCRIBE: Duration = Duration::from_secs(1);
 pub fn watch(resolver: Arc<Resolver>, changed: impl Fn() + Send + 'static) -> Result<()> {
     let subscribe = || {
         Events::subscribe(&[
+            libc::RTNLGRP_LINK,
             libc::RTNLGRP_NEIGH,
             libc::RTNLGRP_IPV4_ROUTE,
             libc::RTNLGRP_IPV6_ROUTE,
         ])
-        .context("subscribing to neighbour and route changes")
+        .context("subscribing to link, neighbour and route changes")
     };
     let mut events = subscribe()?;
     std::thread::Builder::new()
@@ -299,6 +334,14 @@ fn neighbour_entry(n: &NeighbourMessage) -> Option<(NeighbourKey, Option<[u8; 6]
     Some(((n.header.ifindex, addr), mac))
 }
 
+/// An interface's MAC, if it has an Ethernet one.
+fn link_mac(l: &LinkMessage) -> Option<[u8; 6]> {
+    l.attributes.iter().find_map(|a| match a {
+        LinkAttribute::Address(m) => <[u8; 6]>::try_from(m.as_slice()).ok(),
+        _ => None,
+    })
+}
+
 /// The look-ups a resolution makes.
 struct Netlink {
     rtnl: Rtnl,
@@ -327,11 +370,7 @@ impl Netlink {
                     LinkAttribute::IfName(n) => Some(n.clone()),
                     _ => None,
                 });
-                let mac = l.attributes.iter().find_map(|a| match a {
-                    LinkAttribute::Address(m) => <[u8; 6]>::try_from(m.as_slice()).ok(),
-                    _ => None,
-                });
-                (l.header.index, (name.unwrap_or_default(), mac))
+                (l.header.index, (name.unwrap_or_default(), link_mac(&l)))
             })
             .collect())
     }
@@ -482,6 +521,16 @@ fn solicit(addr: IpAddr) {
 mod tests {
     use super::*;
 
+    /// Runs `ip ARGS` (in the calling thread's namespace).
+    fn ip(args: &str) {
+        let args: Vec<&str> = args.split_whitespace().collect();
+        let out = std::process::Command::new("ip")
+            .args(&args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "ip {args:?}: {out:?}");
+    }
+
     #[test]
     fn loopback_backend_is_refused() {
         let err = resolve("127.0.0.1".parse().unwrap(), Duration::ZERO, false).unwrap_err();
@@ -493,14 +542,6 @@ mod tests {
     #[test]
     fn a_changed_neighbour_mac_is_announced_and_concerns_its_hop() {
         crate::rtnl::in_new_netns(|| {
-            let ip = |args: &str| {
-                let args: Vec<&str> = args.split_whitespace().collect();
-                let out = std::process::Command::new("ip")
-                    .args(&args)
-                    .output()
-                    .unwrap();
-                assert!(out.status.success(), "ip {args:?}: {out:?}");
-            };
             ip("link add nh0 type veth peer name nh1");
             ip("addr add 10.99.0.1/24 dev nh0");
             ip("link set nh0 up");
@@ -554,6 +595,66 @@ mod tests {
                 !resolver.concerns(&announced),
                 "not a next hop: nothing to refresh"
             );
+        });
+    }
+
+    /// The kernel's announcement of an interface's new MAC reaches a
+    /// subscriber, and concerns a resolver whose hops leave through that
+    /// interface, or that it is attached to, with the old MAC.
+    #[test]
+    fn a_changed_interface_mac_is_announced_and_concerns_its_hops() {
+        crate::rtnl::in_new_netns(|| {
+            ip("link add nh0 address 02:00:00:00:00:01 type veth peer name nh1");
+            let mut events = Events::subscribe(&[libc::RTNLGRP_LINK]).unwrap();
+            ip("link set dev nh0 address 02:00:00:00:00:07");
+            let new = [2, 0, 0, 0, 0, 7];
+            let announced = loop {
+                let Announced::Changes(msgs) = events.next().unwrap() else {
+                    panic!("announcements lost");
+                };
+                let found = msgs.into_iter().find(
+                    |m| matches!(m, RouteNetlinkMessage::NewLink(l) if link_mac(l) == Some(new)),
+                );
+                if let Some(m) = found {
+                    break m;
+                }
+            };
+            let RouteNetlinkMessage::NewLink(link) = &announced else {
+                unreachable!()
+            };
+            let ifindex = link.header.index;
+            let old = [2, 0, 0, 0, 0, 1];
+
+            let resolver = Resolver::default();
+            assert!(!resolver.concerns(&announced), "no hop, not attached");
+            let neighbour = "10.99.0.2".parse().unwrap();
+            let hop = |src_mac| NextHop {
+                ifname: "nh0".into(),
+                ifindex,
+                src_mac,
+                dst_mac: Some([2, 0, 0, 0, 0, 2]),
+                neighbour,
+                src_addr: None,
+            };
+            let target = (neighbour, false);
+            resolver.known().extend([(target, Ok(hop(old)))]);
+            assert!(
+                resolver.concerns(&announced),
+                "a hop's frames leave from it"
+            );
+            resolver.known().extend([(target, Ok(hop(new)))]);
+            assert!(
+                !resolver.concerns(&announced),
+                "same MAC: nothing to refresh"
+            );
+            resolver.known().keep(&[]);
+            resolver.attached(&[(ifindex, old)]);
+            assert!(
+                resolver.concerns(&announced),
+                "the datapath is attached to it"
+            );
+            resolver.attached(&[(ifindex + 1, old)]);
+            assert!(!resolver.concerns(&announced), "another interface");
         });
     }
 
