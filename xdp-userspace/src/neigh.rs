@@ -12,7 +12,8 @@
 
 use std::{
     collections::{BTreeSet, HashMap},
-    net::{IpAddr, SocketAddr, UdpSocket},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket},
+    ops::RangeInclusive,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
@@ -87,6 +88,10 @@ struct Known {
     /// operator's change, a bond's failover) changes those hops' frames, or
     /// which frames the datapath balances.
     interfaces: HashMap<u32, BTreeSet<[u8; 6]>>,
+    /// Every target's address and every resolved hop's neighbour: a route
+    /// change concerns a hop only if its prefix covers one of them (a route
+    /// elsewhere can never be the one a look-up of them picks).
+    routed: BTreeSet<IpAddr>,
 }
 
 /// Every change rebuilds the index: changes come from a resolution, which
@@ -107,7 +112,9 @@ impl Known {
     fn reindex(&mut self) {
         self.neighbours.clear();
         self.interfaces.clear();
+        self.routed = self.hops.keys().map(|&(addr, _)| addr).collect();
         for hop in self.hops.values().filter_map(|h| h.as_ref().ok()) {
+            self.routed.insert(hop.neighbour);
             let key = (hop.ifindex, hop.neighbour);
             self.neighbours.entry(key).or_default().insert(hop.dst_mac);
             self.interfaces
@@ -179,16 +186,28 @@ impl Resolver {
         hop
     }
 
-    /// Whether the kernel's announcement `msg` may change a next hop: any
-    /// route change (a route look-up may now answer differently), a
-    /// neighbour entry of a next hop whose usable MAC is no longer the one
-    /// last resolved, or an egress interface whose own MAC is no longer
-    /// the one last resolved (or that is gone). Neighbours' and links'
-    /// routine state changes (reachable, stale, carrier, with the same MAC)
-    /// and other hosts' entries concern nothing.
+    /// Whether the kernel's announcement `msg` may change a next hop or
+    /// what the datapath balances:
+    /// - a route whose prefix covers a target or a hop's neighbour (a
+    ///   look-up of it may now answer differently);
+    /// - a neighbour entry of a next hop whose usable MAC is no longer the
+    ///   one last resolved;
+    /// - an egress or attached interface whose own MAC is no longer the one
+    ///   last known, or that is gone.
+    ///
+    /// Routine state changes (reachable, stale, carrier, with the same MAC)
+    /// and other hosts' entries and routes concern nothing: neither this
+    /// daemon's own VIP routes (docs/cluster.md) nor the routes a routing
+    /// daemon installs elsewhere cost a refresh of every backend.
     pub fn concerns(&self, msg: &RouteNetlinkMessage) -> bool {
         let (key, mac) = match msg {
-            RouteNetlinkMessage::NewRoute(_) | RouteNetlinkMessage::DelRoute(_) => return true,
+            RouteNetlinkMessage::NewRoute(r) | RouteNetlinkMessage::DelRoute(r) => {
+                // A family of no address of ours: nothing to re-resolve.
+                let Some(covered) = covered(r) else {
+                    return false;
+                };
+                return self.known().routed.range(covered).next().is_some();
+            }
             RouteNetlinkMessage::NewLink(l) => {
                 let mac = link_mac(l);
                 let known = self.known();
@@ -342,6 +361,41 @@ fn link_mac(l: &LinkMessage) -> Option<[u8; 6]> {
     })
 }
 
+/// The addresses a route's destination prefix covers (a default route's,
+/// every address of its family); `None` for a route of another family.
+fn covered(r: &RouteMessage) -> Option<RangeInclusive<IpAddr>> {
+    let dest = r.attributes.iter().find_map(|a| match a {
+        RouteAttribute::Destination(d) => route_address(d),
+        _ => None,
+    });
+    let base = match (r.header.address_family, dest) {
+        (_, Some(dest)) => dest,
+        (AddressFamily::Inet, None) => Ipv4Addr::UNSPECIFIED.into(),
+        (AddressFamily::Inet6, None) => Ipv6Addr::UNSPECIFIED.into(),
+        _ => return None,
+    };
+    let len = u32::from(r.header.destination_prefix_length);
+    Some(match base {
+        IpAddr::V4(a) => {
+            let (a, host) = (u32::from(a), u32::MAX.checked_shr(len).unwrap_or(0));
+            IpAddr::from(Ipv4Addr::from(a & !host))..=Ipv4Addr::from(a | host).into()
+        }
+        IpAddr::V6(a) => {
+            let (a, host) = (u128::from(a), u128::MAX.checked_shr(len).unwrap_or(0));
+            IpAddr::from(Ipv6Addr::from(a & !host))..=Ipv6Addr::from(a | host).into()
+        }
+    })
+}
+
+/// An address a route names (its destination, gateway or source).
+fn route_address(a: &RouteAddress) -> Option<IpAddr> {
+    match a {
+        RouteAddress::Inet(a) => Some(IpAddr::V4(*a)),
+        RouteAddress::Inet6(a) => Some(IpAddr::V6(*a)),
+        _ => None,
+    }
+}
+
 /// The look-ups a resolution makes.
 struct Netlink {
     rtnl: Rtnl,
@@ -416,11 +470,6 @@ impl Netlink {
             }
             kind => bail!("backend {addr} is a {kind:?} address, not a remote server"),
         }
-        let ip = |a: &RouteAddress| match a {
-            RouteAddress::Inet(a) => Some(IpAddr::V4(*a)),
-            RouteAddress::Inet6(a) => Some(IpAddr::V6(*a)),
-            _ => None,
-        };
         let mut out = Route {
             ifindex: 0,
             hop: addr,
@@ -429,9 +478,10 @@ impl Netlink {
         for a in &route.attributes {
             match a {
                 RouteAttribute::Oif(i) => out.ifindex = *i,
-                RouteAttribute::PrefSource(s) => out.src_addr = ip(s),
+                RouteAttribute::PrefSource(s) => out.src_addr = route_address(s),
                 RouteAttribute::Gateway(gw) => {
-                    let gw = ip(gw).with_context(|| format!("gateway of backend {addr}"))?;
+                    let gw =
+                        route_address(gw).with_context(|| format!("gateway of backend {addr}"))?;
                     if !via_router {
                         bail!(
                             "backend {addr} is reached through router {gw}: direct server \
@@ -656,6 +706,72 @@ mod tests {
             resolver.attached(&[(ifindex + 1, old)]);
             assert!(!resolver.concerns(&announced), "another interface");
         });
+    }
+
+    /// The kernel's announcement of a new route concerns a resolver only
+    /// if the route's prefix covers a target or a hop's neighbour.
+    #[test]
+    fn a_route_change_concerns_only_the_hops_it_covers() {
+        crate::rtnl::in_new_netns(|| {
+            ip("link add nh0 type veth peer name nh1");
+            ip("addr add 10.99.0.1/24 dev nh0");
+            ip("link set nh0 up");
+            ip("link set nh1 up");
+            let mut events = Events::subscribe(&[libc::RTNLGRP_IPV4_ROUTE]).unwrap();
+            ip("route add 10.200.0.0/16 via 10.99.0.2");
+            let announced = loop {
+                let Announced::Changes(msgs) = events.next().unwrap() else {
+                    panic!("announcements lost");
+                };
+                let found = msgs.into_iter().find(|m| {
+                    matches!(m, RouteNetlinkMessage::NewRoute(r)
+                        if r.header.destination_prefix_length == 16)
+                });
+                if let Some(m) = found {
+                    break m;
+                }
+            };
+            let resolver = Resolver::default();
+            let unresolved = |addr: &str| ((addr.parse().unwrap(), true), Err("x".into()));
+            resolver
+                .known()
+                .extend([unresolved("10.99.0.5"), unresolved("10.201.0.1")]);
+            assert!(!resolver.concerns(&announced), "no target under 10.200/16");
+            resolver.known().extend([unresolved("10.200.3.4")]);
+            assert!(resolver.concerns(&announced), "10.200.3.4 is under it");
+        });
+    }
+
+    /// What a route's prefix covers: the default route, everything of its
+    /// family; a host route, one address; nothing of the other family.
+    #[test]
+    fn a_route_covers_the_addresses_of_its_prefix() {
+        let route = |family, dest: Option<&str>, len| {
+            let mut r = RouteMessage::default();
+            r.header.address_family = family;
+            r.header.destination_prefix_length = len;
+            let dest = dest.map(|d| d.parse::<IpAddr>().unwrap());
+            r.attributes
+                .extend(dest.map(|d| RouteAttribute::Destination(d.into())));
+            covered(&r).unwrap()
+        };
+        let range = |low: &str, high: &str| low.parse().unwrap()..=high.parse().unwrap();
+        assert_eq!(
+            route(AddressFamily::Inet, None, 0),
+            range("0.0.0.0", "255.255.255.255")
+        );
+        assert_eq!(
+            route(AddressFamily::Inet, Some("10.1.2.3"), 32),
+            range("10.1.2.3", "10.1.2.3")
+        );
+        assert_eq!(
+            route(AddressFamily::Inet6, Some("fd00:1::"), 64),
+            range("fd00:1::", "fd00:1::ffff:ffff:ffff:ffff")
+        );
+        assert_eq!(
+            route(AddressFamily::Inet6, None, 0),
+            range("::", &Ipv6Addr::from(u128::MAX).to_string())
+        );
     }
 
     #[test]
