@@ -374,7 +374,6 @@ struct ClusterSetup {
 impl ClusterSetup {
     fn build() -> Result<Self> {
         let c = Cluster::build(Replication::On);
-        c.wait_next_hops(NODES, Duration::from_secs(20));
         let s = Self { c, dead: None };
         s.wait_peers_up();
         Ok(s)
@@ -407,21 +406,12 @@ impl Setup for ClusterSetup {
         (1..=NODES).max_by_key(|&i| moved[i - 1]).unwrap_or(1)
     }
 
-    /// As [`Cluster::kill_node`], timed from the link cut.
+    /// The node's daemon and then its host die
+    /// ([`Cluster::kill_daemon`], [`Cluster::cut_node`]), timed from the
+    /// link cut.
     fn kill(&mut self, i: usize) -> Result<Duration> {
-        let c = &mut self.c;
-        let mut daemon = c.daemons[i - 1].take().context("node is alive")?;
-        daemon.proc.kill(libc::SIGKILL)?;
-        let _ = daemon.proc.wait_timeout(Duration::from_secs(5));
-        self.dead = Some(daemon);
-        c.switch
-            .exec(&["ip", "link", "set", &format!("v-n{i}"), "down"])?;
-        let cut = Instant::now();
-        c.node_birds[i - 1]
-            .as_mut()
-            .context("node has a BIRD")?
-            .kill()?;
-        c.wait_next_hops(NODES - 1, Duration::from_secs(5));
+        self.dead = Some(self.c.kill_daemon(i));
+        let (cut, _) = self.c.cut_node(i);
         Ok(cut.elapsed())
     }
 
@@ -482,7 +472,6 @@ impl VrrpSetup {
             "keepalived not found (Debian package keepalived)"
         );
         let mut c = Cluster::build(Replication::None);
-        c.wait_next_hops(NODES, Duration::from_secs(20));
         // No BGP: the router withdraws every node's route.
         for b in &mut c.node_birds {
             *b = None;

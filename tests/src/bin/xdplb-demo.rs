@@ -179,7 +179,6 @@ fn cluster_node_loss() -> Result<()> {
          replicating flows -> 3 backends"
     );
     let mut c = Cluster::build(Replication::On);
-    c.wait_next_hops(NODES, Duration::from_secs(20));
     println!("  the router's next hops for {VIP}: {:?}", c.next_hops());
     println!(
         "\n  b3 leaves the tables; {LONG_LIVED} long-lived connections open (on b1 and b2), \
