@@ -10,7 +10,7 @@ use std::{
     collections::HashMap,
     fmt::Write as _,
     io::{self, IsTerminal as _, Write as _},
-    net::{IpAddr, Ipv6Addr, SocketAddr},
+    net::{IpAddr, SocketAddr},
     path::PathBuf,
     time::{Duration, Instant},
 };
@@ -26,10 +26,7 @@ use crate::{
         client, BackendRef, BackendView, DatapathState, Done, FlowView, Request, ServiceView,
         StatsView, StatusView,
     },
-    config::{
-        Admin, BackendSpec, CheckType, HashFields, HealthCheckSpec, Mode, Protocol, ServiceSpec,
-        DEFAULT_API_SOCKET,
-    },
+    config::{Admin, BackendSpec, Protocol, ServiceSpec, DEFAULT_API_SOCKET},
 };
 
 /// Options of every API subcommand.
@@ -86,12 +83,12 @@ pub enum CliCommand {
 /// `xdplb service ...`.
 #[derive(Subcommand, Clone, Debug, PartialEq)]
 pub enum ServiceCmd {
-    /// Add a service: see [`ServiceAddArgs`].
+    /// Add a service: see [`ServiceSpec`].
     #[command(
         about = "Add a service. The flags are the configuration file's [[service]] keys; \
                        those not given take the file's defaults"
     )]
-    Add(Box<ServiceAddArgs>),
+    Add(Box<ServiceSpec>),
     /// Remove a service and its backends.
     Remove {
         /// The service's name.
@@ -99,79 +96,6 @@ pub enum ServiceCmd {
     },
     /// List the services and their counters.
     List,
-}
-
-/// `xdplb service add`: one flag per `[[service]]` key of the configuration
-/// file (docs/configuration.md), health-check keys prefixed with `check-`.
-#[derive(Args, Clone, Debug, PartialEq)]
-pub struct ServiceAddArgs {
-    /// Unique name (a-z A-Z 0-9 _ . -).
-    #[arg(long)]
-    pub name: String,
-    /// The virtual IP clients connect to.
-    #[arg(long)]
-    pub vip: IpAddr,
-    /// The service's port.
-    #[arg(long)]
-    pub port: u16,
-    /// The service's protocol.
-    #[arg(long)]
-    pub protocol: Protocol,
-    /// How packets reach backends [default: dsr].
-    #[arg(long)]
-    pub mode: Option<Mode>,
-    /// Maglev table size, a prime [default: 65537].
-    #[arg(long)]
-    pub table_size: Option<u32>,
-    /// Which fields pick a new flow's backend [default: 5-tuple].
-    #[arg(long)]
-    pub hash: Option<HashFields>,
-    /// How long a drained backend keeps its flows, e.g. 30s [default: 30s].
-    #[arg(long, value_name = "DURATION")]
-    pub drain_timeout: Option<String>,
-    /// Health check type [default: tcp].
-    #[arg(long)]
-    pub check: Option<CheckType>,
-    /// Time between probes, e.g. 1s or 500ms [default: 1s].
-    #[arg(long, value_name = "DURATION")]
-    pub check_interval: Option<String>,
-    /// Probe timeout [default: 500ms, at most the interval].
-    #[arg(long, value_name = "DURATION")]
-    pub check_timeout: Option<String>,
-    /// Consecutive successes that bring a backend back [default: 2].
-    #[arg(long)]
-    pub rise: Option<u32>,
-    /// Consecutive failures that take a backend out [default: 3].
-    #[arg(long)]
-    pub fall: Option<u32>,
-    /// Port to probe [default: the backend's].
-    #[arg(long)]
-    pub check_port: Option<u16>,
-    /// Passive detection: how long a new flow may go unanswered, e.g.
-    /// 25ms [default: 25ms].
-    #[arg(long)]
-    pub unanswered_after: Option<String>,
-    /// HTTP checks: method [default: GET].
-    #[arg(long)]
-    pub check_method: Option<String>,
-    /// HTTP checks: request path [default: /].
-    #[arg(long)]
-    pub check_path: Option<String>,
-    /// HTTP checks: statuses that pass, comma-separated [default: 200].
-    #[arg(long, value_delimiter = ',', value_name = "STATUS")]
-    pub expect_status: Vec<u16>,
-    /// HTTP checks: Host header [default: the backend's address].
-    #[arg(long)]
-    pub check_host: Option<String>,
-    /// The backends, from `--backend ADDR[:PORT][@WEIGHT]`, repeatable.
-    #[arg(
-        long,
-        value_name = "ADDR[:PORT][@WEIGHT]",
-        value_parser = parse_backend,
-        help = "A backend, as ADDR[:PORT][@WEIGHT] (IPv6 with a port as [ADDR]:PORT); \
-                repeat for more"
-    )]
-    pub backend: Vec<BackendSpec>,
 }
 
 /// `xdplb backend ...`.
@@ -229,78 +153,12 @@ impl From<BackendArgs> for BackendRef {
     }
 }
 
-/// A `--backend ADDR[:PORT][@WEIGHT]` of `service add`; what is left out
-/// takes the configuration's defaults.
-fn parse_backend(text: &str) -> Result<BackendSpec, String> {
-    // The weight goes last, after an `@` that no address contains.
-    let (address, weight) = match text.rsplit_once('@') {
-        Some((address, weight)) => {
-            let weight = weight
-                .parse()
-                .map_err(|_| format!("weight {weight:?} is not a whole number"))?;
-            (address, Some(weight))
-        }
-        None => (text, None),
-    };
-    let spec = |address, port| BackendSpec {
-        address,
-        port,
-        weight,
-        state: None,
-    };
-    // An IPv6 address with a port needs brackets; without brackets,
-    // `fd00::1:80` is the address fd00::1:80, not port 80.
-    if let Ok(socket) = address.parse::<SocketAddr>() {
-        return Ok(spec(socket.ip(), Some(socket.port())));
-    }
-    let bare = address.strip_prefix('[').and_then(|a| a.strip_suffix(']'));
-    let ip = match bare {
-        Some(v6) => v6.parse::<Ipv6Addr>().map(IpAddr::V6).ok(),
-        None => address.parse::<IpAddr>().ok(),
-    };
-    ip.map(|ip| spec(ip, None)).ok_or_else(|| {
-        format!("{address:?} is not ADDR or ADDR:PORT (IPv6 with a port as [ADDR]:PORT)")
-    })
-}
-
-impl ServiceAddArgs {
-    /// The service these flags describe.
-    fn spec(&self) -> ServiceSpec {
-        let check = HealthCheckSpec {
-            kind: self.check,
-            interval: self.check_interval.clone(),
-            timeout: self.check_timeout.clone(),
-            rise: self.rise,
-            fall: self.fall,
-            port: self.check_port,
-            unanswered_after: self.unanswered_after.clone(),
-            method: self.check_method.clone(),
-            path: self.check_path.clone(),
-            expect_status: Some(self.expect_status.clone()).filter(|s| !s.is_empty()),
-            host: self.check_host.clone(),
-        };
-        ServiceSpec {
-            name: self.name.clone(),
-            vip: self.vip,
-            port: self.port,
-            protocol: self.protocol,
-            mode: self.mode,
-            table_size: self.table_size,
-            hash: self.hash,
-            drain_timeout: self.drain_timeout.clone(),
-            health_check: Some(check).filter(|c| *c != HealthCheckSpec::default()),
-            nat: None,
-            backends: self.backend.clone(),
-        }
-    }
-}
-
 /// The API request a command makes (`status` makes a second one,
 /// [`Request::ListServices`], for its table).
 fn request_of(command: &CliCommand) -> Request {
     match command.clone() {
         CliCommand::Status => Request::Status,
-        CliCommand::Service(ServiceCmd::Add(args)) => Request::AddService(Box::new(args.spec())),
+        CliCommand::Service(ServiceCmd::Add(spec)) => Request::AddService(spec),
         CliCommand::Service(ServiceCmd::Remove { name }) => Request::RemoveService { name },
         CliCommand::Service(ServiceCmd::List) => Request::ListServices,
         CliCommand::Backend(BackendCmd::Add {
@@ -732,7 +590,10 @@ mod tests {
     use serde_json::json;
 
     use super::*;
-    use crate::api::{BackendStatsView, InterfaceView, ServiceStatsView, Traffic};
+    use crate::{
+        api::{BackendStatsView, InterfaceView, ServiceStatsView, Traffic},
+        config::{HashFields, Mode},
+    };
 
     /// A spec from its JSON form, as the API reads it.
     fn spec<T: DeserializeOwned>(json: Value) -> T {
@@ -926,10 +787,10 @@ mod tests {
         let cli = parse(
             "xdplb service add --name web --vip 10.0.0.1 --port 80 --protocol tcp --check none",
         );
-        let CliCommand::Service(ServiceCmd::Add(args)) = cli.command else {
+        let CliCommand::Service(ServiceCmd::Add(spec)) = cli.command else {
             panic!()
         };
-        assert_eq!(json!(args.spec())["health_check"], json!({"type": "none"}));
+        assert_eq!(json!(spec)["health_check"], json!({"type": "none"}));
         assert!(TestCli::try_parse_from(
             "xdplb service add --name w --vip 10.0.0.1 --port 80 --protocol sctp".split(' ')
         )
@@ -938,7 +799,7 @@ mod tests {
 
     #[test]
     fn parses_backend_specs() {
-        let spec = parse_backend;
+        let spec = str::parse::<BackendSpec>;
         let ip = |text: &str| text.parse::<IpAddr>().unwrap();
         assert_eq!(
             spec("10.0.0.1:8080@50"),

@@ -439,42 +439,61 @@ display_as_written! {
 // default are not `Option`s, so serde itself reports them missing.
 
 /// A `[[service]]` as written: in the file, an API body, the CLI's flags or
-/// the state file.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// the state file. The flags of `xdplb service add` are its keys, the
+/// health check's prefixed with `check-`; what each doc comment says is
+/// also the flag's help.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, clap::Args)]
 #[serde(deny_unknown_fields)]
 pub struct ServiceSpec {
-    /// Unique among services.
+    /// Unique name (a-z A-Z 0-9 _ . -).
+    #[arg(long)]
     pub name: String,
-    /// The address clients connect to.
+    /// The virtual IP clients connect to.
+    #[arg(long)]
     pub vip: IpAddr,
-    /// The port clients connect to.
+    /// The service's port.
+    #[arg(long)]
     pub port: u16,
-    /// The transport protocol.
+    /// The service's protocol.
+    #[arg(long)]
     pub protocol: Protocol,
-    /// Default: `dsr`.
+    /// How packets reach backends [default: dsr].
+    #[arg(long)]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mode: Option<Mode>,
-    /// Default: 65537.
+    /// Maglev table size, a prime [default: 65537].
+    #[arg(long)]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub table_size: Option<u32>,
-    /// Default: `5-tuple`.
+    /// Which fields pick a new flow's backend [default: 5-tuple].
+    #[arg(long)]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hash: Option<HashFields>,
-    /// A duration such as `"30s"` (the default).
+    /// How long a drained backend keeps its flows, e.g. 30s [default: 30s].
+    #[arg(long, value_name = "DURATION")]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub drain_timeout: Option<String>,
-    /// Default: a TCP connect every second.
+    /// How backends are probed [default: a TCP connect every second].
+    #[command(flatten)]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health_check: Option<HealthCheckSpec>,
-    /// Only with `mode = "nat"`.
+    /// Only with `mode = "nat"` (no flags: `service add` takes the defaults).
+    #[arg(skip)]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nat: Option<NatSpec>,
     /// In file order.
+    #[arg(
+        long = "backend",
+        value_name = "ADDR[:PORT][@WEIGHT]",
+        help = "A backend, as ADDR[:PORT][@WEIGHT] (IPv6 with a port as [ADDR]:PORT); \
+                repeat for more"
+    )]
     #[serde(default, rename = "backend", skip_serializing_if = "Vec::is_empty")]
     pub backends: Vec<BackendSpec>,
 }
 
-/// A `[[service.backend]]` as written.
+/// A `[[service.backend]]` as written; on the command line,
+/// `ADDR[:PORT][@WEIGHT]` (see its [`FromStr`](std::str::FromStr)).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BackendSpec {
@@ -499,41 +518,92 @@ impl BackendSpec {
     }
 }
 
+/// `ADDR[:PORT][@WEIGHT]`, as `xdplb service add --backend` takes it; what
+/// is left out takes the configuration's defaults.
+impl std::str::FromStr for BackendSpec {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        // The weight goes last, after an `@` that no address contains.
+        let (address, weight) = match text.rsplit_once('@') {
+            Some((address, weight)) => {
+                let weight = weight
+                    .parse()
+                    .map_err(|_| format!("weight {weight:?} is not a whole number"))?;
+                (address, Some(weight))
+            }
+            None => (text, None),
+        };
+        let spec = |address, port| BackendSpec {
+            address,
+            port,
+            weight,
+            state: None,
+        };
+        // An IPv6 address with a port needs brackets; without brackets,
+        // `fd00::1:80` is the address fd00::1:80, not port 80.
+        if let Ok(socket) = address.parse::<SocketAddr>() {
+            return Ok(spec(socket.ip(), Some(socket.port())));
+        }
+        let bare = address.strip_prefix('[').and_then(|a| a.strip_suffix(']'));
+        let ip = match bare {
+            Some(v6) => v6.parse::<std::net::Ipv6Addr>().map(IpAddr::V6).ok(),
+            None => address.parse::<IpAddr>().ok(),
+        };
+        ip.map(|ip| spec(ip, None)).ok_or_else(|| {
+            format!("{address:?} is not ADDR or ADDR:PORT (IPv6 with a port as [ADDR]:PORT)")
+        })
+    }
+}
+
 /// `[service.health_check]` as written.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::Args)]
 #[serde(deny_unknown_fields)]
 pub struct HealthCheckSpec {
-    /// Default: `tcp`.
+    /// Health check type [default: tcp].
+    #[arg(long = "check", value_name = "TYPE")]
     #[serde(default, rename = "type", skip_serializing_if = "Option::is_none")]
     pub kind: Option<CheckType>,
-    /// Default: `"1s"`.
+    /// Time between probes, e.g. 1s or 500ms [default: 1s].
+    #[arg(long = "check-interval", value_name = "DURATION")]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub interval: Option<String>,
-    /// Default: `"500ms"`, at most the interval.
+    /// Probe timeout [default: 500ms, at most the interval].
+    #[arg(long = "check-timeout", value_name = "DURATION")]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout: Option<String>,
-    /// Default: 2.
+    /// Consecutive successes that bring a backend back [default: 2].
+    #[arg(long)]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rise: Option<u32>,
-    /// Default: 3.
+    /// Consecutive failures that take a backend out [default: 3].
+    #[arg(long)]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fall: Option<u32>,
-    /// Default: each backend's port.
+    /// Port to probe [default: the backend's].
+    // Its own id: `port` is the service's.
+    #[arg(id = "check_port", long = "check-port", value_name = "PORT")]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub port: Option<u16>,
-    /// Default: `"25ms"`.
+    /// Passive detection: how long a new flow may go unanswered, e.g.
+    /// 25ms [default: 25ms].
+    #[arg(long, value_name = "DURATION")]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unanswered_after: Option<String>,
-    /// HTTP only; default `GET`.
+    /// HTTP checks: method [default: GET].
+    #[arg(long = "check-method")]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub method: Option<String>,
-    /// HTTP only; default `/`.
+    /// HTTP checks: request path [default: /].
+    #[arg(long = "check-path")]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path: Option<String>,
-    /// HTTP only; default `[200]`.
+    /// HTTP checks: statuses that pass, comma-separated [default: 200].
+    #[arg(long, value_delimiter = ',', value_name = "STATUS")]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expect_status: Option<Vec<u16>>,
-    /// HTTP only; default: the backend's address.
+    /// HTTP checks: Host header [default: the backend's address].
+    #[arg(long = "check-host")]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host: Option<String>,
 }
