@@ -26,7 +26,7 @@ use crate::{
         client, BackendRef, BackendView, DatapathState, Done, FlowView, Request, ServiceView,
         StatsView, StatusView,
     },
-    config::{Admin, BackendSpec, Protocol, ServiceSpec, DEFAULT_API_SOCKET},
+    config::{BackendSpec, Protocol, ServiceSpec, DEFAULT_API_SOCKET},
 };
 
 /// Options of every API subcommand.
@@ -105,17 +105,8 @@ pub enum BackendCmd {
     Add {
         /// The service's name.
         service: String,
-        /// The backend's address.
-        address: IpAddr,
-        /// The backend's port [default: the service's].
-        #[arg(long)]
-        port: Option<u16>,
-        /// Share of new flows relative to the other backends [default: 100].
-        #[arg(long)]
-        weight: Option<u32>,
-        /// The state it starts in [default: up].
-        #[arg(long)]
-        state: Option<Admin>,
+        #[command(flatten)]
+        backend: BackendSpec,
     },
     /// Remove a backend from a service.
     Remove(BackendArgs),
@@ -161,21 +152,9 @@ fn request_of(command: &CliCommand) -> Request {
         CliCommand::Service(ServiceCmd::Add(spec)) => Request::AddService(spec),
         CliCommand::Service(ServiceCmd::Remove { name }) => Request::RemoveService { name },
         CliCommand::Service(ServiceCmd::List) => Request::ListServices,
-        CliCommand::Backend(BackendCmd::Add {
-            service,
-            address,
-            port,
-            weight,
-            state,
-        }) => Request::AddBackend {
-            service,
-            backend: BackendSpec {
-                address,
-                port,
-                weight,
-                state,
-            },
-        },
+        CliCommand::Backend(BackendCmd::Add { service, backend }) => {
+            Request::AddBackend { service, backend }
+        }
         CliCommand::Backend(BackendCmd::Remove(backend)) => Request::RemoveBackend(backend.into()),
         CliCommand::Backend(BackendCmd::Drain(backend)) => Request::Drain(backend.into()),
         CliCommand::Backend(BackendCmd::Undrain(backend)) => Request::Undrain(backend.into()),
@@ -592,7 +571,7 @@ mod tests {
     use super::*;
     use crate::{
         api::{BackendStatsView, InterfaceView, ServiceStatsView, Traffic},
-        config::{HashFields, Mode},
+        config::{Admin, HashFields, Mode},
     };
 
     /// A spec from its JSON form, as the API reads it.

@@ -492,20 +492,24 @@ pub struct ServiceSpec {
     pub backends: Vec<BackendSpec>,
 }
 
-/// A `[[service.backend]]` as written; on the command line,
-/// `ADDR[:PORT][@WEIGHT]` (see its [`FromStr`](std::str::FromStr)).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// A `[[service.backend]]` as written; the arguments of `xdplb backend
+/// add`; in `service add`, `ADDR[:PORT][@WEIGHT]` (its
+/// [`FromStr`](std::str::FromStr)).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, clap::Args)]
 #[serde(deny_unknown_fields)]
 pub struct BackendSpec {
     /// The backend's address.
     pub address: IpAddr,
-    /// Default: the service's port.
+    /// The backend's port [default: the service's].
+    #[arg(long)]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub port: Option<u16>,
-    /// Default: 100.
+    /// Share of new flows relative to the other backends [default: 100].
+    #[arg(long)]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub weight: Option<u32>,
-    /// Default: `up`.
+    /// The state it starts in [default: up].
+    #[arg(long)]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub state: Option<Admin>,
 }
