@@ -10,7 +10,7 @@ use std::{
     collections::HashMap,
     fmt::Write as _,
     io::{self, IsTerminal as _, Write as _},
-    net::{IpAddr, SocketAddr},
+    net::SocketAddr,
     path::PathBuf,
     time::{Duration, Instant},
 };
@@ -109,39 +109,16 @@ pub enum BackendCmd {
         backend: BackendSpec,
     },
     /// Remove a backend from a service.
-    Remove(BackendArgs),
+    Remove(BackendRef),
     /// Stop sending new flows to a backend; established flows stay.
-    Drain(BackendArgs),
+    Drain(BackendRef),
     /// Let a drained backend take new flows again.
-    Undrain(BackendArgs),
+    Undrain(BackendRef),
     /// List backends, of every service or of one.
     List {
         /// Only this service's backends.
         service: Option<String>,
     },
-}
-
-/// Names one backend.
-#[derive(Args, Clone, Debug, PartialEq, Eq)]
-pub struct BackendArgs {
-    /// The service's name.
-    pub service: String,
-    /// The backend's address.
-    pub address: IpAddr,
-    /// The backend's port, when the service has several backends on one
-    /// address [default: the service's].
-    #[arg(long)]
-    pub port: Option<u16>,
-}
-
-impl From<BackendArgs> for BackendRef {
-    fn from(args: BackendArgs) -> Self {
-        Self {
-            service: args.service,
-            address: args.address,
-            port: args.port,
-        }
-    }
 }
 
 /// The API request a command makes (`status` makes a second one,
@@ -155,9 +132,9 @@ fn request_of(command: &CliCommand) -> Request {
         CliCommand::Backend(BackendCmd::Add { service, backend }) => {
             Request::AddBackend { service, backend }
         }
-        CliCommand::Backend(BackendCmd::Remove(backend)) => Request::RemoveBackend(backend.into()),
-        CliCommand::Backend(BackendCmd::Drain(backend)) => Request::Drain(backend.into()),
-        CliCommand::Backend(BackendCmd::Undrain(backend)) => Request::Undrain(backend.into()),
+        CliCommand::Backend(BackendCmd::Remove(backend)) => Request::RemoveBackend(backend),
+        CliCommand::Backend(BackendCmd::Drain(backend)) => Request::Drain(backend),
+        CliCommand::Backend(BackendCmd::Undrain(backend)) => Request::Undrain(backend),
         CliCommand::Backend(BackendCmd::List { service }) => Request::ListBackends { service },
         CliCommand::Stats { .. } => Request::Stats,
         CliCommand::Flow { src, dst, protocol } => Request::Flow { src, dst, protocol },
@@ -563,7 +540,7 @@ fn render_flow(src: SocketAddr, dst: SocketAddr, protocol: Protocol, flow: &Flow
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
+    use std::{collections::BTreeMap, net::IpAddr};
 
     use clap::{CommandFactory as _, Parser};
     use serde_json::json;

@@ -69,12 +69,17 @@ pub enum Request {
     ClusterJoin,
 }
 
-/// Names one backend of one service; `port` defaults to the service's.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// Names one backend of one service (an API body, the CLI's arguments).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, clap::Args)]
 #[serde(deny_unknown_fields)]
 pub struct BackendRef {
+    /// The service's name.
     pub service: String,
+    /// The backend's address.
     pub address: IpAddr,
+    /// The backend's port, when the service has several backends on one
+    /// address [default: the service's].
+    #[arg(long)]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub port: Option<u16>,
 }
