@@ -788,6 +788,14 @@ mod tests {
     use super::*;
     use crate::api::{client, client::ClientError, BackendRef, Done, Protocol, ServiceSpec};
 
+    fn flow(src: &str, dst: &str, protocol: Protocol) -> Request {
+        Request::Flow {
+            src: src.parse().unwrap(),
+            dst: dst.parse().unwrap(),
+            protocol,
+        }
+    }
+
     fn backend_ref(port: Option<u16>) -> BackendRef {
         BackendRef {
             service: "web".into(),
@@ -829,16 +837,8 @@ mod tests {
                 port: Some(53),
             }),
             Request::Reload,
-            Request::Flow {
-                src: "10.1.1.1:40000".parse().unwrap(),
-                dst: "10.0.0.100:80".parse().unwrap(),
-                protocol: Protocol::Tcp,
-            },
-            Request::Flow {
-                src: "[fd00::1]:40000".parse().unwrap(),
-                dst: "[2001:db8::53]:53".parse().unwrap(),
-                protocol: Protocol::Udp,
-            },
+            flow("10.1.1.1:40000", "10.0.0.100:80", Protocol::Tcp),
+            flow("[fd00::1]:40000", "[2001:db8::53]:53", Protocol::Udp),
             Request::Stats,
         ]
     }
@@ -866,19 +866,15 @@ mod tests {
 
     #[test]
     fn routes_match_the_documented_table() {
+        const ADD_WEB: &str = r#"{"name":"web","vip":"10.0.0.100","port":80,"protocol":"tcp"}"#;
         let cases: &[(&str, &str, &str, Request)] = &[
             ("GET", "/v1/status", "", Request::Status),
             ("GET", "/v1/services", "", Request::ListServices),
             (
                 "POST",
                 "/v1/services/add",
-                r#"{"name":"web","vip":"10.0.0.100","port":80,"protocol":"tcp"}"#,
-                Request::AddService(
-                    serde_json::from_str(
-                        r#"{"name":"web","vip":"10.0.0.100","port":80,"protocol":"tcp"}"#,
-                    )
-                    .unwrap(),
-                ),
+                ADD_WEB,
+                Request::AddService(serde_json::from_str(ADD_WEB).unwrap()),
             ),
             (
                 "POST",
@@ -932,21 +928,13 @@ mod tests {
                 "GET",
                 "/v1/flow?src=10.1.1.1:40000&dst=10.0.0.100:80&protocol=tcp",
                 "",
-                Request::Flow {
-                    src: "10.1.1.1:40000".parse().unwrap(),
-                    dst: "10.0.0.100:80".parse().unwrap(),
-                    protocol: Protocol::Tcp,
-                },
+                flow("10.1.1.1:40000", "10.0.0.100:80", Protocol::Tcp),
             ),
             (
                 "GET",
                 "/v1/flow?src=%5Bfd00%3A%3A1%5D%3A40000&dst=%5bfd00%3a%3a100%5d%3a80&protocol=udp",
                 "",
-                Request::Flow {
-                    src: "[fd00::1]:40000".parse().unwrap(),
-                    dst: "[fd00::100]:80".parse().unwrap(),
-                    protocol: Protocol::Udp,
-                },
+                flow("[fd00::1]:40000", "[fd00::100]:80", Protocol::Udp),
             ),
             ("GET", "/v1/stats", "", Request::Stats),
         ];
@@ -961,11 +949,8 @@ mod tests {
 
     #[test]
     fn ipv6_flow_query_is_percent_encoded() {
-        let (method, target, body) = path_of(&Request::Flow {
-            src: "[fd00::1]:40000".parse().unwrap(),
-            dst: "[fd00::100]:80".parse().unwrap(),
-            protocol: Protocol::Tcp,
-        });
+        let (method, target, body) =
+            path_of(&flow("[fd00::1]:40000", "[fd00::100]:80", Protocol::Tcp));
         assert_eq!(method, "GET");
         assert_eq!(
             target,
@@ -976,55 +961,50 @@ mod tests {
 
     #[test]
     fn route_rejects_bad_requests() {
-        let status = |method: &str, target: &str, body: &str| {
-            route(method, target, body.as_bytes()).unwrap_err().status
-        };
-        assert_eq!(status("GET", "/v1/nope", ""), 404);
-        assert_eq!(status("GET", "/v1/status/", ""), 404);
-        assert_eq!(status("GET", "/", ""), 404);
-        assert_eq!(status("POST", "/v1/status", ""), 405);
-        assert_eq!(status("GET", "/v1/reload", ""), 405);
-        assert_eq!(status("DELETE", "/v1/services/remove", ""), 405);
-        assert_eq!(status("POST", "/v1/services/remove", ""), 400);
-        assert_eq!(status("POST", "/v1/services/remove", "{"), 400);
-        assert_eq!(
-            status("POST", "/v1/services/remove", r#"{"name":"web","x":1}"#),
-            400
-        );
-        assert_eq!(status("POST", "/v1/services/add", "[]"), 400);
-        assert_eq!(
-            status(
+        for (method, target, body, status) in [
+            ("GET", "/v1/nope", "", 404),
+            ("GET", "/v1/status/", "", 404),
+            ("GET", "/", "", 404),
+            ("POST", "/v1/status", "", 405),
+            ("GET", "/v1/reload", "", 405),
+            ("DELETE", "/v1/services/remove", "", 405),
+            ("POST", "/v1/services/remove", "", 400),
+            ("POST", "/v1/services/remove", "{", 400),
+            (
+                "POST",
+                "/v1/services/remove",
+                r#"{"name":"web","x":1}"#,
+                400,
+            ),
+            ("POST", "/v1/services/add", "[]", 400),
+            (
                 "POST",
                 "/v1/backends/drain",
-                r#"{"service":"web","address":"nope"}"#
+                r#"{"service":"web","address":"nope"}"#,
+                400,
             ),
-            400
-        );
-        assert_eq!(
-            status("GET", "/v1/flow?src=10.0.0.1:1&dst=10.0.0.2:2", ""),
-            400
-        );
-        assert_eq!(
-            status(
+            ("GET", "/v1/flow?src=10.0.0.1:1&dst=10.0.0.2:2", "", 400),
+            (
                 "GET",
                 "/v1/flow?src=10.0.0.1&dst=10.0.0.2:2&protocol=tcp",
-                ""
+                "",
+                400,
             ),
-            400
-        );
-        assert_eq!(
-            status(
+            (
                 "GET",
                 "/v1/flow?src=fd00::1:1&dst=10.0.0.2:2&protocol=tcp",
-                ""
+                "",
+                400,
             ),
-            400
-        );
-        assert_eq!(status("GET", "/v1/backends?service=a&service=b", ""), 400);
-        assert_eq!(status("GET", "/v1/backends?servce=web", ""), 400);
-        assert_eq!(status("GET", "/v1/status?verbose=1", ""), 400);
-        assert_eq!(status("GET", "/v1/backends?service=%zz", ""), 400);
-        assert_eq!(status("GET", "/v1/backends?service=%ff", ""), 400);
+            ("GET", "/v1/backends?service=a&service=b", "", 400),
+            ("GET", "/v1/backends?servce=web", "", 400),
+            ("GET", "/v1/status?verbose=1", "", 400),
+            ("GET", "/v1/backends?service=%zz", "", 400),
+            ("GET", "/v1/backends?service=%ff", "", 400),
+        ] {
+            let got = route(method, target, body.as_bytes()).map_err(|err| err.status);
+            assert_eq!(got, Err(status), "{method} {target} {body}");
+        }
     }
 
     #[test]
@@ -1158,13 +1138,9 @@ mod tests {
             client::call(&socket, &Request::AddService(Box::new(service.clone()))).unwrap(),
             json!(service)
         );
-        let flow = Request::Flow {
-            src: "[fd00::1]:40000".parse().unwrap(),
-            dst: "[fd00::100]:80".parse().unwrap(),
-            protocol: Protocol::Tcp,
-        };
+        let ipv6_flow = flow("[fd00::1]:40000", "[fd00::100]:80", Protocol::Tcp);
         assert_eq!(
-            client::call(&socket, &flow).unwrap(),
+            client::call(&socket, &ipv6_flow).unwrap(),
             json!({"src": "[fd00::1]:40000", "dst": "[fd00::100]:80", "protocol": "tcp"})
         );
 
