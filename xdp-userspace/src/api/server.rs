@@ -1100,8 +1100,10 @@ mod tests {
         start(socket, async move { serve(&path, Arc::new(Dummy)).await })
     }
 
-    /// Sends raw bytes, returns the raw answer.
-    fn raw(socket: &Path, request: &[u8]) -> String {
+    /// Sends raw bytes, checks that the answer starts with
+    /// `HTTP/1.1 {status}`, returns the raw answer.
+    #[track_caller]
+    fn raw(socket: &Path, request: &[u8], status: &str) -> String {
         let mut stream = StdUnixStream::connect(socket).unwrap();
         stream
             .set_read_timeout(Some(Duration::from_secs(20)))
@@ -1110,7 +1112,26 @@ mod tests {
         let _ = stream.write_all(request);
         let mut answer = String::new();
         stream.read_to_string(&mut answer).unwrap();
+        let head = format!("HTTP/1.1 {status}");
+        assert!(answer.starts_with(&head), "{answer}");
         answer
+    }
+
+    /// Calls `request`, expecting the API to refuse it with `status`.
+    #[track_caller]
+    fn api_error(socket: &Path, request: &Request, status: u16) -> ApiError {
+        match client::call(socket, request) {
+            Err(ClientError::Api(err)) if err.status == status => err,
+            other => panic!("expected a {status}, got {other:?}"),
+        }
+    }
+
+    /// Starts another server on `path`, which must fail; returns its error.
+    #[track_caller]
+    fn serve_error(path: &Path) -> String {
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let err = runtime.block_on(serve(path, Arc::new(Dummy))).unwrap_err();
+        format!("{err:#}")
     }
 
     #[test]
@@ -1145,32 +1166,22 @@ mod tests {
         );
 
         // Errors from the handler keep their status and message.
-        match client::call(
-            &socket,
-            &Request::RemoveService {
-                name: "nope".into(),
-            },
-        ) {
-            Err(ClientError::Api(err)) => {
-                assert_eq!(err, ApiError::not_found("no service named \"nope\""));
-            }
-            other => panic!("expected a 404, got {other:?}"),
-        }
+        let nope = Request::RemoveService {
+            name: "nope".into(),
+        };
+        assert_eq!(
+            api_error(&socket, &nope, 404),
+            ApiError::not_found("no service named \"nope\"")
+        );
         // A panicking handler is a 500, and the server keeps serving.
-        match client::call(&socket, &Request::Stats) {
-            Err(ClientError::Api(err)) => assert_eq!(err.status, 500),
-            other => panic!("expected a 500, got {other:?}"),
-        }
+        api_error(&socket, &Request::Stats, 500);
         assert!(client::call(&socket, &Request::Status).is_ok());
 
         // A second daemon on the same socket is refused.
-        let second = tokio::runtime::Runtime::new().unwrap();
-        let err = second
-            .block_on(serve(&socket, Arc::new(Dummy)))
-            .unwrap_err();
+        let err = serve_error(&socket);
         assert!(
-            format!("{err:#}").contains("another xdplb daemon is already serving"),
-            "{err:#}"
+            err.contains("another xdplb daemon is already serving"),
+            "{err}"
         );
 
         // Dropping the server removes its socket.
@@ -1195,47 +1206,35 @@ mod tests {
         let _runtime = serve_dummy(&socket);
 
         // Header names are compared without case: hyper writes them lower.
-        let answer = raw(&socket, b"GET /v1/status HTTP/1.1\r\nHost: x\r\n\r\n");
+        let get_status = b"GET /v1/status HTTP/1.1\r\nHost: x\r\n\r\n";
+        let answer = raw(&socket, get_status, "200 OK\r\n");
         let lower = answer.to_ascii_lowercase();
-        assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
         assert!(
             lower.contains("\r\ncontent-type: application/json\r\n"),
             "{answer}"
         );
         assert!(lower.contains("\r\nconnection: close\r\n"), "{answer}");
         assert!(lower.contains("\r\ncontent-length: 19\r\n"), "{answer}");
-        assert!(
-            answer.ends_with("\r\n\r\n{\"version\":\"test\"}\n"),
-            "{answer}"
-        );
+        let tail = "\r\n\r\n{\"version\":\"test\"}\n";
+        assert!(answer.ends_with(tail), "{answer}");
 
-        let answer = raw(&socket, b"GET /v1/nothing HTTP/1.1\r\n\r\n");
-        assert!(answer.starts_with("HTTP/1.1 404 Not Found\r\n"), "{answer}");
-        assert!(
-            answer.ends_with("{\"error\":\"no such API endpoint: /v1/nothing\"}\n"),
-            "{answer}"
-        );
+        let get_nothing = b"GET /v1/nothing HTTP/1.1\r\n\r\n";
+        let answer = raw(&socket, get_nothing, "404 Not Found\r\n");
+        let tail = "{\"error\":\"no such API endpoint: /v1/nothing\"}\n";
+        assert!(answer.ends_with(tail), "{answer}");
 
-        let answer = raw(&socket, b"GET /v1/reload HTTP/1.1\r\n\r\n");
-        assert!(
-            answer.starts_with("HTTP/1.1 405 Method Not Allowed\r\n"),
-            "{answer}"
-        );
-        assert!(
-            answer.to_ascii_lowercase().contains("\r\nallow: post\r\n"),
-            "{answer}"
-        );
+        let get_reload = b"GET /v1/reload HTTP/1.1\r\n\r\n";
+        let answer = raw(&socket, get_reload, "405 Method Not Allowed\r\n");
+        let allow = "\r\nallow: post\r\n";
+        assert!(answer.to_ascii_lowercase().contains(allow), "{answer}");
 
         let body = br#"{"name": "#;
         let request = format!(
             "POST /v1/services/remove HTTP/1.1\r\nContent-Length: {}\r\n\r\n",
             body.len()
         );
-        let answer = raw(&socket, &[request.as_bytes(), body].concat());
-        assert!(
-            answer.starts_with("HTTP/1.1 400 Bad Request\r\n"),
-            "{answer}"
-        );
+        let request = [request.as_bytes(), body].concat();
+        let answer = raw(&socket, &request, "400 Bad Request\r\n");
         assert!(answer.contains("invalid JSON body"), "{answer}");
 
         // curl's Expect: 100-continue gets its interim answer.
@@ -1255,38 +1254,32 @@ mod tests {
         assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
 
         // A chunked body is read too, within the same limit.
-        let answer = raw(
+        raw(
             &socket,
             b"POST /v1/services/remove HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n\
               e\r\n{\"name\":\"web\"}\r\n0\r\n\r\n",
+            "200 OK\r\n",
         );
-        assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
 
         let huge_head = format!(
             "GET /v1/status HTTP/1.1\r\nX: {}\r\n\r\n",
             "a".repeat(MAX_HEAD)
         );
-        let answer = raw(&socket, huge_head.as_bytes());
-        assert!(answer.starts_with("HTTP/1.1 431 "), "{answer}");
+        raw(&socket, huge_head.as_bytes(), "431 ");
 
         // Announced too large: refused before the body is sent.
-        let answer = raw(
-            &socket,
-            format!(
-                "POST /v1/services/add HTTP/1.1\r\nContent-Length: {}\r\n\r\n",
-                MAX_BODY + 1
-            )
-            .as_bytes(),
+        let head = format!(
+            "POST /v1/services/add HTTP/1.1\r\nContent-Length: {}\r\n\r\n",
+            MAX_BODY + 1
         );
-        assert!(answer.starts_with("HTTP/1.1 413 "), "{answer}");
+        raw(&socket, head.as_bytes(), "413 ");
 
         // Sent too large without announcing it: cut at the limit.
         let chunk = format!("{:x}\r\n{}\r\n", MAX_BODY + 1, "x".repeat(MAX_BODY + 1));
         let request = format!(
             "POST /v1/services/add HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n{chunk}0\r\n\r\n"
         );
-        let answer = raw(&socket, request.as_bytes());
-        assert!(answer.starts_with("HTTP/1.1 413 "), "{answer}");
+        raw(&socket, request.as_bytes(), "413 ");
     }
 
     #[test]
@@ -1311,11 +1304,8 @@ mod tests {
         );
         // Far below IO_TIMEOUT: the idle connections were evicted, not
         // waited out.
-        assert!(
-            start.elapsed() < Duration::from_secs(3),
-            "{:?}",
-            start.elapsed()
-        );
+        let elapsed = start.elapsed();
+        assert!(elapsed < Duration::from_secs(3), "{elapsed:?}");
         // The first ones were closed to make room.
         let mut first = &idle[0];
         first
@@ -1334,18 +1324,10 @@ mod tests {
             let (listener, _remove) = bind(&path)?;
             accept_loop(listener, Arc::new(Dummy), |_| false).await
         });
-        match client::call(&socket, &Request::Status) {
-            Err(ClientError::Api(err)) => {
-                assert_eq!(
-                    err,
-                    ApiError {
-                        status: 403,
-                        message: "the xdplb API is root-only".into()
-                    }
-                )
-            }
-            other => panic!("expected a 403, got {other:?}"),
-        }
+        assert_eq!(
+            api_error(&socket, &Request::Status, 403).message,
+            "the xdplb API is root-only"
+        );
     }
 
     #[test]
@@ -1360,9 +1342,8 @@ mod tests {
 
         let file = dir.0.join("not-a-socket");
         fs::write(&file, "keep me").unwrap();
-        let runtime = tokio::runtime::Runtime::new().unwrap();
-        let err = runtime.block_on(serve(&file, Arc::new(Dummy))).unwrap_err();
-        assert!(format!("{err:#}").contains("is not a socket"), "{err:#}");
+        let err = serve_error(&file);
+        assert!(err.contains("is not a socket"), "{err}");
         assert_eq!(fs::read_to_string(&file).unwrap(), "keep me");
     }
 }
