@@ -589,18 +589,13 @@ mod tests {
     #[test]
     fn classic_format_names_counter_families_with_total() {
         let text = to_classic(&encode(&snapshot()));
-        assert!(
-            text.contains("# TYPE xdplb_service_packets_total counter\n"),
-            "{text}"
-        );
-        assert!(
-            text.contains("# HELP xdplb_service_packets_total Packets"),
-            "{text}"
-        );
-        assert!(
-            text.contains("# TYPE xdplb_uptime_seconds gauge\n"),
-            "{text}"
-        );
+        for part in [
+            "# TYPE xdplb_service_packets_total counter\n",
+            "# HELP xdplb_service_packets_total Packets",
+            "# TYPE xdplb_uptime_seconds gauge\n",
+        ] {
+            assert!(text.contains(part), "no {part:?} in\n{text}");
+        }
         assert!(!text.contains("# EOF") && !text.contains("# UNIT"));
     }
 }
