@@ -1556,17 +1556,84 @@ state = "down"
         )
     }
 
+    /// The one-service config with `from` replaced by `to`.
+    fn service_with(from: &str, to: &str) -> String {
+        service("").replace(from, to)
+    }
+
+    /// The one-service config with its service renamed to `name`.
+    fn named(name: &str) -> String {
+        service_with("\"web\"", &format!("\"{name}\""))
+    }
+
+    /// The one-service config with a health check table holding `settings`.
+    fn check(settings: &str) -> String {
+        service(&format!("[service.health_check]\n{settings}\n"))
+    }
+
+    /// The one-service config with one backend table holding `settings`.
+    fn one_backend(settings: &str) -> String {
+        service(&format!("[[service.backend]]\n{settings}\n"))
+    }
+
+    /// Backend tables at 10.1.{i / per_octet}.{i % per_octet} for each i.
+    fn backends(indexes: impl Iterator<Item = u32>, per_octet: u32) -> String {
+        indexes
+            .map(|i| {
+                format!(
+                    "[[service.backend]]\naddress = \"10.1.{}.{}\"\n",
+                    i / per_octet,
+                    i % per_octet
+                )
+            })
+            .collect()
+    }
+
+    fn backend(address: &str, port: u16, weight: u32, state: Admin) -> BackendConfig {
+        BackendConfig {
+            address: address.parse().unwrap(),
+            port,
+            weight,
+            state,
+        }
+    }
+
     /// Asserts the config fails on `field` with a problem containing `needle`.
     #[track_caller]
     fn rejects(text: &str, field: &str, needle: &str) -> ConfigError {
-        let err = parse(text).expect_err("config should be rejected");
-        assert_eq!(err.field, field, "{err}");
+        let err = match parse(text) {
+            Ok(c) => panic!("config should be rejected: {c:?}\n{text}"),
+            Err(err) => err,
+        };
+        assert_eq!(err.field, field, "{err}\n{text}");
         assert!(
             err.problem.contains(needle),
-            "problem lacks {needle:?}: {err}"
+            "problem lacks {needle:?}: {err}\n{text}"
         );
         assert_eq!(err.file, FILE);
         err
+    }
+
+    /// `rejects` for `field` of the service named "web".
+    #[track_caller]
+    fn rejects_web(text: &str, field: &str, needle: &str) -> ConfigError {
+        rejects(text, &format!("service \"web\" {field}"), needle)
+    }
+
+    /// `rejects` for `health_check.{field}` of a health check holding `settings`.
+    #[track_caller]
+    fn rejects_check(settings: &str, field: &str, needle: &str) {
+        rejects_web(&check(settings), &format!("health_check.{field}"), needle);
+    }
+
+    /// `rejects` for `backend[0].{field}` of the one backend holding `settings`.
+    #[track_caller]
+    fn rejects_backend(settings: &str, field: &str, needle: &str) {
+        rejects_web(
+            &one_backend(settings),
+            &format!("backend[0].{field}"),
+            needle,
+        );
     }
 
     #[test]
@@ -1610,18 +1677,8 @@ state = "down"
                 },
                 nat: NatConfig::default(),
                 backends: vec![
-                    BackendConfig {
-                        address: "10.0.0.11".parse().unwrap(),
-                        port: 80,
-                        weight: 300,
-                        state: Admin::Drain,
-                    },
-                    BackendConfig {
-                        address: "10.0.0.12".parse().unwrap(),
-                        port: 80,
-                        weight: 100,
-                        state: Admin::Up,
-                    },
+                    backend("10.0.0.11", 80, 300, Admin::Drain),
+                    backend("10.0.0.12", 80, 100, Admin::Up),
                 ],
             }
         );
@@ -1629,20 +1686,12 @@ state = "down"
         assert_eq!(dns.key().to_string(), "[2001:db8::53]:53/udp");
         assert_eq!(dns.mode, Mode::Nat);
         assert_eq!(dns.health_check.kind, CheckKind::None);
-        assert_eq!(
-            dns.backends,
-            [BackendConfig {
-                address: "2001:db8::1".parse().unwrap(),
-                port: 5353,
-                weight: 0,
-                state: Admin::Down,
-            }]
-        );
+        assert_eq!(dns.backends, [backend("2001:db8::1", 5353, 0, Admin::Down)]);
     }
 
     #[test]
     fn minimal_service_gets_defaults() {
-        let c = parse(&service("[[service.backend]]\naddress = \"10.0.0.11\"\n")).unwrap();
+        let c = parse(&one_backend("address = \"10.0.0.11\"")).unwrap();
         assert_eq!(c.daemon, DaemonConfig::default());
         assert_eq!(c.daemon.all_down, AllDown::FailOpen);
         let s = &c.services[0];
@@ -1652,20 +1701,12 @@ state = "down"
         assert_eq!(s.drain_timeout, Duration::from_secs(30));
         assert_eq!(s.health_check, HealthCheck::default());
         assert_eq!(s.health_check.kind, CheckKind::Tcp);
-        assert_eq!(
-            s.backends,
-            [BackendConfig {
-                address: "10.0.0.11".parse().unwrap(),
-                port: 80,
-                weight: 100,
-                state: Admin::Up
-            }]
-        );
+        assert_eq!(s.backends, [backend("10.0.0.11", 80, 100, Admin::Up)]);
     }
 
     #[test]
     fn http_check_defaults() {
-        let c = parse(&service("[service.health_check]\ntype = \"http\"\n")).unwrap();
+        let c = parse(&check("type = \"http\"")).unwrap();
         assert_eq!(
             c.services[0].health_check.kind,
             CheckKind::Http {
@@ -1685,7 +1726,7 @@ state = "down"
 
     #[test]
     fn default_timeout_shrinks_to_a_short_interval() {
-        let c = parse(&service("[service.health_check]\ninterval = \"200ms\"\n")).unwrap();
+        let c = parse(&check("interval = \"200ms\"")).unwrap();
         assert_eq!(
             c.services[0].health_check.timeout,
             Duration::from_millis(200)
@@ -1748,7 +1789,7 @@ state = "down"
     fn load_reads_the_file_and_names_it_in_errors() {
         let path =
             std::env::temp_dir().join(format!("xdplb-config-test-{}.toml", std::process::id()));
-        std::fs::write(&path, service("").replace("port = 80", "port = 0")).unwrap();
+        std::fs::write(&path, service_with("port = 80", "port = 0")).unwrap();
         let err = Config::load(&path).unwrap_err();
         std::fs::remove_file(&path).unwrap();
         assert_eq!(err.file, path.display().to_string());
@@ -1774,12 +1815,8 @@ state = "down"
 
     #[test]
     fn unknown_field_in_backend() {
-        let text = service("[[service.backend]]\naddress = \"10.0.0.11\"\nwieght = 5\n");
-        let err = rejects(
-            &text,
-            "service \"web\" backend[0].wieght",
-            "unknown field `wieght`",
-        );
+        let text = one_backend("address = \"10.0.0.11\"\nwieght = 5");
+        let err = rejects_web(&text, "backend[0].wieght", "unknown field `wieght`");
         assert!(err.problem.contains("(line 8, column 1)"), "{err}");
         assert!(
             err.problem.contains("`weight`"),
@@ -1795,27 +1832,14 @@ state = "down"
             "daemon.api_sock",
             "unknown field `api_sock`",
         );
-        rejects(
-            &service("[service.health_check]\nkind = \"tcp\"\n"),
-            "service \"web\" health_check.kind",
-            "unknown field `kind`",
-        );
-        rejects(
-            &service("vips = []\n"),
-            "service \"web\" vips",
-            "unknown field",
-        );
+        rejects_check("kind = \"tcp\"", "kind", "unknown field `kind`");
+        rejects_web(&service("vips = []\n"), "vips", "unknown field");
     }
 
     #[test]
     fn parse_errors_in_a_later_service_name_it() {
-        let text = format!(
-            "{}\n{}",
-            service(""),
-            service("")
-                .replace("web", "api")
-                .replace("port = 80", "port = 80\nmode = \"tunnel\"")
-        );
+        let api = named("api").replace("port = 80", "port = 80\nmode = \"tunnel\"");
+        let text = format!("{}\n{api}", service(""));
         rejects(&text, "service \"api\" mode", "unknown variant `tunnel`");
     }
 
@@ -1827,25 +1851,19 @@ state = "down"
             "missing field `vip`",
         );
         assert!(err.problem.contains("line 1, column 1"), "{err}");
-        rejects(
-            &service("[[service.backend]]\nport = 80\n"),
-            "service \"web\" backend[0]",
-            "missing field `address`",
-        );
+        let text = one_backend("port = 80");
+        rejects_web(&text, "backend[0]", "missing field `address`");
     }
 
     #[test]
     fn wrong_type_and_bad_enum() {
-        rejects(
+        rejects_web(
             &service("table_size = \"big\"\n"),
-            "service \"web\" table_size",
+            "table_size",
             "invalid type",
         );
-        rejects(
-            &service("").replace("\"tcp\"", "\"sctp\""),
-            "service \"web\" protocol",
-            "unknown variant `sctp`",
-        );
+        let text = service_with("\"tcp\"", "\"sctp\"");
+        rejects_web(&text, "protocol", "unknown variant `sctp`");
         rejects(
             "[daemon]\nall_down = \"maybe\"\n",
             "daemon.all_down",
@@ -1869,136 +1887,72 @@ state = "down"
 
     #[test]
     fn invalid_service_name() {
-        rejects(
-            &service("").replace("\"web\"", "\"my web\""),
-            "service[0].name",
-            "not a valid name",
-        );
-        let long = "a".repeat(65);
-        rejects(
-            &service("").replace("web", &long),
-            "service[0].name",
-            "not a valid name",
-        );
+        for name in ["my web".to_string(), "a".repeat(65)] {
+            rejects(&named(&name), "service[0].name", "not a valid name");
+        }
     }
 
     #[test]
     fn duplicate_service_name() {
-        let text = format!(
-            "{}{}",
-            service(""),
-            service("").replace("port = 80", "port = 81")
-        );
+        let text = format!("{}{}", service(""), service_with("port = 80", "port = 81"));
         rejects(&text, "service[1].name", "duplicate service name \"web\"");
     }
 
     #[test]
     fn duplicate_service_key_names_both_services() {
-        let text = format!("{}{}", service(""), service("").replace("web", "web2"));
+        let text = format!("{}{}", service(""), named("web2"));
         let err = rejects(&text, "service \"web2\"", "duplicate service");
         assert!(
             err.problem.contains("10.0.0.100:80/tcp") && err.problem.contains("\"web\""),
             "{err}"
         );
         // Another protocol on the same address and port is another service.
-        let text = format!(
-            "{}{}",
-            service(""),
-            service("").replace("web", "web2").replace("tcp", "udp")
-        );
+        let text = format!("{}{}", service(""), named("web2").replace("tcp", "udp"));
         assert_eq!(parse(&text).unwrap().services.len(), 2);
     }
 
     #[test]
     fn invalid_addresses() {
-        rejects(
-            &service("").replace("10.0.0.100", "10.0.0.300"),
-            "service \"web\" vip",
-            "not an IPv4 or IPv6 address",
-        );
-        rejects(
-            &service("").replace("10.0.0.100", "0.0.0.0"),
-            "service \"web\" vip",
-            "not a unicast address",
-        );
-        rejects(
-            &service("").replace("10.0.0.100", "ff02::1"),
-            "service \"web\" vip",
-            "not a unicast address",
-        );
-        rejects(
-            &service("").replace("10.0.0.100", "::ffff:10.0.0.100"),
-            "service \"web\" vip",
-            "IPv4-mapped",
-        );
-        rejects(
-            &service("[[service.backend]]\naddress = \"backend1\"\n"),
-            "service \"web\" backend[0].address",
-            "not an IPv4",
-        );
+        for (vip, needle) in [
+            ("10.0.0.300", "not an IPv4 or IPv6 address"),
+            ("0.0.0.0", "not a unicast address"),
+            ("ff02::1", "not a unicast address"),
+            ("::ffff:10.0.0.100", "IPv4-mapped"),
+        ] {
+            rejects_web(&service_with("10.0.0.100", vip), "vip", needle);
+        }
+        rejects_backend("address = \"backend1\"", "address", "not an IPv4");
     }
 
     #[test]
     fn port_out_of_range() {
-        rejects(
-            &service("").replace("port = 80", "port = 0"),
-            "service \"web\" port",
-            "0 is out of range 1..=65535",
-        );
-        rejects(
-            &service("").replace("port = 80", "port = 65536"),
-            "service \"web\" port",
-            "expected an integer in 0..=65535",
-        );
-        rejects(
-            &service("[[service.backend]]\naddress = \"10.0.0.1\"\nport = 0\n"),
-            "service \"web\" backend[0].port",
-            "out of range",
-        );
-        rejects(
-            &service("[service.health_check]\nport = 70000\n"),
-            "service \"web\" health_check.port",
-            "expected an integer in 0..=65535",
-        );
+        let port = |p: &str| service_with("port = 80", &format!("port = {p}"));
+        rejects_web(&port("0"), "port", "0 is out of range 1..=65535");
+        rejects_web(&port("65536"), "port", "expected an integer in 0..=65535");
+        rejects_backend("address = \"10.0.0.1\"\nport = 0", "port", "out of range");
+        rejects_check("port = 70000", "port", "expected an integer in 0..=65535");
     }
 
     #[test]
     fn table_size_must_be_a_prime_in_range() {
-        rejects(
-            &service("table_size = 65536\n"),
-            "service \"web\" table_size",
-            "65536 is not a prime",
-        );
-        rejects(
-            &service("table_size = 241\n"),
-            "service \"web\" table_size",
-            "out of range 251..=1048573",
-        );
-        rejects(
-            &service("table_size = 1048583\n"),
-            "service \"web\" table_size",
-            "out of range",
-        );
-        assert_eq!(
-            parse(&service("table_size = 1048573\n")).unwrap().services[0].table_size,
-            MAX_TABLE_SIZE
-        );
+        let size = |n: u32| service(&format!("table_size = {n}\n"));
+        for (n, needle) in [
+            (65536, "65536 is not a prime"),
+            (241, "out of range 251..=1048573"),
+            (1048583, "out of range"),
+        ] {
+            rejects_web(&size(n), "table_size", needle);
+        }
+        let c = parse(&size(1048573)).unwrap();
+        assert_eq!(c.services[0].table_size, MAX_TABLE_SIZE);
     }
 
     #[test]
     fn table_size_must_hold_every_backend() {
-        let backends: String = (1..=252)
-            .map(|i| {
-                format!(
-                    "[[service.backend]]\naddress = \"10.1.{}.{}\"\n",
-                    i / 200,
-                    i % 200
-                )
-            })
-            .collect();
-        rejects(
-            &service(&format!("table_size = 251\n{backends}")),
-            "service \"web\" table_size",
+        let text = service(&format!("table_size = 251\n{}", backends(1..=252, 200)));
+        rejects_web(
+            &text,
+            "table_size",
             "smaller than the number of backends (252)",
         );
     }
@@ -2007,11 +1961,7 @@ state = "down"
     fn maglev_capacity_is_checked() {
         // 32 services of the default size fill the flat table exactly.
         let many: String = (0..33)
-            .map(|i| {
-                service("")
-                    .replace("web", &format!("s{i}"))
-                    .replace("port = 80", &format!("port = {}", i + 1))
-            })
+            .map(|i| named(&format!("s{i}")).replace("port = 80", &format!("port = {}", i + 1)))
             .collect();
         rejects(&many, "service \"s32\" table_size", "need 4325442 slots");
         let fits: String = many
@@ -2024,9 +1974,9 @@ state = "down"
 
     #[test]
     fn backend_family_must_match_vip() {
-        rejects(
-            &service("[[service.backend]]\naddress = \"2001:db8::1\"\n"),
-            "service \"web\" backend[0].address",
+        rejects_backend(
+            "address = \"2001:db8::1\"",
+            "address",
             "is IPv6 but the VIP 10.0.0.100 is IPv4",
         );
     }
@@ -2034,9 +1984,9 @@ state = "down"
     #[test]
     fn duplicate_backend() {
         let b = "[[service.backend]]\naddress = \"10.0.0.11\"\n";
-        let err = rejects(
+        let err = rejects_web(
             &service(&format!("{b}{b}")),
-            "service \"web\" backend[1]",
+            "backend[1]",
             "duplicate backend 10.0.0.11:80",
         );
         assert!(err.problem.contains("backend[0]"), "{err}");
@@ -2044,88 +1994,55 @@ state = "down"
 
     #[test]
     fn weight_out_of_range() {
-        rejects(
-            &service("[[service.backend]]\naddress = \"10.0.0.1\"\nweight = -1\n"),
-            "service \"web\" backend[0].weight",
-            "expected an integer in 0..=4294967295",
-        );
-        rejects(
-            &service("[[service.backend]]\naddress = \"10.0.0.1\"\nweight = 10001\n"),
-            "service \"web\" backend[0].weight",
-            "out of range",
-        );
+        for (weight, needle) in [
+            ("-1", "expected an integer in 0..=4294967295"),
+            ("10001", "out of range"),
+        ] {
+            let settings = format!("address = \"10.0.0.1\"\nweight = {weight}");
+            rejects_backend(&settings, "weight", needle);
+        }
     }
 
     #[test]
     fn dsr_backend_port_must_be_the_service_port() {
         let b = "[[service.backend]]\naddress = \"10.0.0.1\"\nport = 8080\n";
-        rejects(
+        rejects_web(
             &service(b),
-            "service \"web\" backend[0].port",
+            "backend[0].port",
             "differs from the service port 80",
         );
-        assert_eq!(
-            parse(&service(&format!("mode = \"nat\"\n{b}")))
-                .unwrap()
-                .services[0]
-                .backends[0]
-                .port,
-            8080
-        );
+        let nat = parse(&service(&format!("mode = \"nat\"\n{b}"))).unwrap();
+        assert_eq!(nat.services[0].backends[0].port, 8080);
     }
 
     #[test]
     fn health_timeout_must_not_exceed_interval() {
-        rejects(
-            &service("[service.health_check]\ninterval = \"1s\"\ntimeout = \"1001ms\"\n"),
-            "service \"web\" health_check.timeout",
+        rejects_check(
+            "interval = \"1s\"\ntimeout = \"1001ms\"",
+            "timeout",
             "1001ms is longer than the interval (1s)",
         );
     }
 
     #[test]
     fn rise_and_fall_out_of_range() {
-        rejects(
-            &service("[service.health_check]\nrise = 0\n"),
-            "service \"web\" health_check.rise",
-            "0 is out of range 1..=100",
-        );
-        rejects(
-            &service("[service.health_check]\nfall = 101\n"),
-            "service \"web\" health_check.fall",
-            "out of range 1..=100",
-        );
+        rejects_check("rise = 0", "rise", "0 is out of range 1..=100");
+        rejects_check("fall = 101", "fall", "out of range 1..=100");
     }
 
     #[test]
     fn invalid_durations() {
-        let drain = |d: &str| service(&format!("drain_timeout = \"{d}\"\n"));
-        rejects(
-            &drain("0s"),
-            "service \"web\" drain_timeout",
-            "longer than zero",
-        );
-        rejects(
-            &drain("1d"),
-            "service \"web\" drain_timeout",
-            "not a duration",
-        );
-        rejects(
-            &drain("1.5s"),
-            "service \"web\" drain_timeout",
-            "whole number",
-        );
-        rejects(&drain("s"), "service \"web\" drain_timeout", "whole number");
-        rejects(
-            &drain("99999999999999999999m"),
-            "service \"web\" drain_timeout",
-            "too long",
-        );
-        rejects(
-            &service("[service.health_check]\ninterval = \"1 s\"\n"),
-            "service \"web\" health_check.interval",
-            "not a duration",
-        );
+        for (drain, needle) in [
+            ("0s", "longer than zero"),
+            ("1d", "not a duration"),
+            ("1.5s", "whole number"),
+            ("s", "whole number"),
+            ("99999999999999999999m", "too long"),
+        ] {
+            let text = service(&format!("drain_timeout = \"{drain}\"\n"));
+            rejects_web(&text, "drain_timeout", needle);
+        }
+        rejects_check("interval = \"1 s\"", "interval", "not a duration");
     }
 
     #[test]
@@ -2142,23 +2059,13 @@ state = "down"
             ("method = \"GET /\"", "method", "not a valid HTTP method"),
             ("host = \"\"", "host", "not a valid Host"),
         ] {
-            rejects(
-                &service(&format!(
-                    "[service.health_check]\ntype = \"http\"\n{setting}\n"
-                )),
-                &format!("service \"web\" health_check.{field}"),
-                needle,
-            );
+            rejects_check(&format!("type = \"http\"\n{setting}"), field, needle);
         }
     }
 
     #[test]
     fn http_settings_need_an_http_check() {
-        rejects(
-            &service("[service.health_check]\npath = \"/\"\n"),
-            "service \"web\" health_check.path",
-            "only valid with type = \"http\"",
-        );
+        rejects_check("path = \"/\"", "path", "only valid with type = \"http\"");
     }
 
     #[test]
@@ -2172,9 +2079,9 @@ state = "down"
 
     #[test]
     fn a_backend_cannot_be_the_vip() {
-        rejects(
-            &service("[[service.backend]]\naddress = \"10.0.0.100\"\n"),
-            "service \"web\" backend[0].address",
+        rejects_backend(
+            "address = \"10.0.0.100\"",
+            "address",
             "10.0.0.100 is the service's VIP itself",
         );
     }
@@ -2182,11 +2089,10 @@ state = "down"
     #[test]
     fn names_that_are_paths_or_options_are_refused() {
         for name in ["..", ".", ".hidden", "-x", "a/b", "a\\nb", "a\\u0000"] {
-            let text = service("").replace("\"web\"", &format!("\"{name}\""));
-            let err = rejects(&text, "service[0].name", "not a valid name");
+            let err = rejects(&named(name), "service[0].name", "not a valid name");
             assert_eq!(err.to_string().lines().count(), 1, "{err}");
         }
-        assert!(parse(&service("").replace("\"web\"", "\"_a.b-1\"")).is_ok());
+        assert!(parse(&named("_a.b-1")).is_ok());
     }
 
     #[test]
@@ -2211,22 +2117,9 @@ state = "down"
     fn a_large_file_is_refused_fast() {
         // 10,000 backends (430 kB), the last one misspelt: the error is
         // found and rendered in one pass over the file, not one per key.
-        let backends: String = (0..10_000)
-            .map(|i| {
-                format!(
-                    "[[service.backend]]\naddress = \"10.1.{}.{}\"\n",
-                    i / 250,
-                    i % 250
-                )
-            })
-            .collect();
-        let text = service(&format!("{backends}wieght = 1\n"));
+        let text = service(&format!("{}wieght = 1\n", backends(0..10_000, 250)));
         let started = std::time::Instant::now();
-        rejects(
-            &text,
-            "service \"web\" backend[9999].wieght",
-            "unknown field",
-        );
+        rejects_web(&text, "backend[9999].wieght", "unknown field");
         // Measured 0.7 s in a debug build (release: far less); 3 s leaves
         // room for a loaded machine.
         let took = started.elapsed();
@@ -2261,9 +2154,15 @@ address = "10.1.0.11"
 port = 8080
 "#;
 
+    const SNAT: &str = "snat_address = \"10.1.0.2\"";
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, "nat.toml")
+    }
+
     #[test]
     fn nat_settings_parse_with_defaults() {
-        let c = Config::parse(NAT, "nat.toml").unwrap();
+        let c = parse(NAT).unwrap();
         let nat = &c.services[0].nat;
         assert_eq!(nat.snat_addresses, ["10.1.0.2".parse::<IpAddr>().unwrap()]);
         assert_eq!(nat.ports, (30000, 30999));
@@ -2277,11 +2176,7 @@ port = 8080
 
     #[test]
     fn a_pool_of_snat_addresses_parses_and_round_trips() {
-        let pool = NAT.replace(
-            "snat_address = \"10.1.0.2\"",
-            "snat_addresses = [\"10.1.0.2\", \"10.1.0.3\"]",
-        );
-        let c = Config::parse(&pool, "nat.toml").unwrap();
+        let c = parse(&NAT.replace(SNAT, "snat_addresses = [\"10.1.0.2\", \"10.1.0.3\"]")).unwrap();
         let want: Vec<IpAddr> = vec!["10.1.0.2".parse().unwrap(), "10.1.0.3".parse().unwrap()];
         assert_eq!(c.services[0].nat.snat_addresses, want);
         assert_eq!(c.snat_addresses().into_iter().collect::<Vec<_>>(), want);
@@ -2291,51 +2186,42 @@ port = 8080
 
     #[test]
     fn bad_nat_settings_are_refused() {
+        let nine: Vec<String> = (1..=9).map(|i| format!("\"10.1.0.{i}\"")).collect();
         for (from, to, needle) in [
             (
                 "ports = \"30000-30999\"",
                 "ports = \"30999-30000\"",
                 "nat.ports",
             ),
-            (
-                "snat_address = \"10.1.0.2\"",
-                "snat_address = \"fd00::2\"",
-                "nat.snat_address",
-            ),
+            (SNAT, "snat_address = \"fd00::2\"", "nat.snat_address"),
             (
                 "tcp_timeout = \"10m\"",
                 "tcp_timeout = \"soon\"",
                 "nat.tcp_timeout",
             ),
             (
-                "snat_address = \"10.1.0.2\"",
+                SNAT,
                 "snat_address = \"10.1.0.2\"\nsnat_addresses = [\"10.1.0.3\"]",
                 "nat.snat_addresses",
             ),
             (
-                "snat_address = \"10.1.0.2\"",
+                SNAT,
                 "snat_addresses = [\"10.1.0.2\", \"10.1.0.2\"]",
                 "nat.snat_addresses",
             ),
             (
-                "snat_address = \"10.1.0.2\"",
+                SNAT,
                 "snat_addresses = [\"10.1.0.2\", \"fd00::2\"]",
                 "nat.snat_addresses",
             ),
             (
-                "snat_address = \"10.1.0.2\"",
-                &format!(
-                    "snat_addresses = [{}]",
-                    (1..=9)
-                        .map(|i| format!("\"10.1.0.{i}\""))
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ),
+                SNAT,
+                &format!("snat_addresses = [{}]", nine.join(", ")),
                 "nat.snat_addresses",
             ),
             ("mode = \"nat\"", "mode = \"dsr\"", "nat"),
         ] {
-            let err = Config::parse(&NAT.replace(from, to), "nat.toml").unwrap_err();
+            let err = parse(&NAT.replace(from, to)).unwrap_err();
             assert!(err.field.ends_with(needle), "{err}");
         }
     }
