@@ -225,6 +225,11 @@ impl RawCluster {
 mod tests {
     use crate::config::Config;
 
+    /// Replication to one peer, whose table takes any further keys.
+    const REPLICATING: &str = "replication_listen = \"10.0.0.1:4700\"\n\
+                               replication_key = \"0123456789abcdef\"\n\
+                               [[cluster.peer]]\naddress = \"10.0.0.2:4700\"";
+
     fn parse(cluster: &str) -> Result<Config, String> {
         Config::parse(&format!("[cluster]\n{cluster}\n"), "test.toml").map_err(|e| e.to_string())
     }
@@ -237,20 +242,12 @@ mod tests {
         assert_eq!(c.cluster.route_table, Some(200));
         assert_eq!(c.cluster.extra_macs, [[0, 0, 0x5e, 0, 1, 1]]);
         assert_eq!(c.cluster.replication, None);
-        let c = parse(
-            "replication_listen = \"10.0.0.1:4700\"\nreplication_key = \"0123456789abcdef\"\n\
-             [[cluster.peer]]\naddress = \"10.0.0.2:4700\"",
-        )
-        .unwrap();
+        let c = parse(REPLICATING).unwrap();
         let r = c.cluster.replicating().unwrap();
         assert_eq!(r.peers, ["10.0.0.2:4700".parse().unwrap()]);
         assert_eq!(r.key, "0123456789abcdef");
         assert!(c.cluster.peer_snat_addresses.is_empty());
-        let c = parse(
-            "replication_listen = \"10.0.0.1:4700\"\nreplication_key = \"0123456789abcdef\"\n\
-             [[cluster.peer]]\naddress = \"10.0.0.2:4700\"\nsnat_addresses = [\"10.0.200.2\"]",
-        )
-        .unwrap();
+        let c = parse(&format!("{REPLICATING}\nsnat_addresses = [\"10.0.200.2\"]")).unwrap();
         assert_eq!(
             c.cluster.peer_snat_addresses,
             ["10.0.200.2".parse::<std::net::IpAddr>().unwrap()]
