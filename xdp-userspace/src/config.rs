@@ -1579,13 +1579,8 @@ state = "down"
     /// Backend tables at 10.1.{i / per_octet}.{i % per_octet} for each i.
     fn backends(indexes: impl Iterator<Item = u32>, per_octet: u32) -> String {
         indexes
-            .map(|i| {
-                format!(
-                    "[[service.backend]]\naddress = \"10.1.{}.{}\"\n",
-                    i / per_octet,
-                    i % per_octet
-                )
-            })
+            .map(|i| (i / per_octet, i % per_octet))
+            .map(|(a, b)| format!("[[service.backend]]\naddress = \"10.1.{a}.{b}\"\n"))
             .collect()
     }
 
