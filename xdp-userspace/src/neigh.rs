@@ -581,6 +581,37 @@ mod tests {
         assert!(out.status.success(), "ip {args:?}: {out:?}");
     }
 
+    /// Runs `ip COMMAND` with `group` subscribed to, and waits for the
+    /// first announcement `wanted` picks out.
+    fn announced_after(
+        group: u32,
+        command: &str,
+        wanted: impl Fn(&RouteNetlinkMessage) -> bool,
+    ) -> RouteNetlinkMessage {
+        let mut events = Events::subscribe(&[group]).unwrap();
+        ip(command);
+        loop {
+            let Announced::Changes(msgs) = events.next().unwrap() else {
+                panic!("announcements lost");
+            };
+            if let Some(m) = msgs.into_iter().find(&wanted) {
+                return m;
+            }
+        }
+    }
+
+    /// A next hop out of nh0.
+    fn nh0_hop(ifindex: u32, neighbour: IpAddr, src_mac: [u8; 6], dst_mac: [u8; 6]) -> NextHop {
+        NextHop {
+            ifname: "nh0".into(),
+            ifindex,
+            src_mac,
+            dst_mac: Some(dst_mac),
+            neighbour,
+            src_addr: None,
+        }
+    }
+
     #[test]
     fn loopback_backend_is_refused() {
         let err = resolve("127.0.0.1".parse().unwrap(), Duration::ZERO, false).unwrap_err();
@@ -595,20 +626,14 @@ mod tests {
             ip("link add nh0 type veth peer name nh1");
             ip("addr add 10.99.0.1/24 dev nh0");
             ip("link set nh0 up");
-            let mut events = Events::subscribe(&[libc::RTNLGRP_NEIGH]).unwrap();
-            ip("neigh replace 10.99.0.2 lladdr 02:00:00:00:00:02 dev nh0 nud reachable");
-            let announced = loop {
-                let Announced::Changes(msgs) = events.next().unwrap() else {
-                    panic!("announcements lost");
-                };
-                let found = msgs.into_iter().find(|m| {
+            let announced = announced_after(
+                libc::RTNLGRP_NEIGH,
+                "neigh replace 10.99.0.2 lladdr 02:00:00:00:00:02 dev nh0 nud reachable",
+                |m| {
                     matches!(m, RouteNetlinkMessage::NewNeighbour(n)
                         if neighbour_entry(n).is_some_and(|(k, _)| k.1.to_string() == "10.99.0.2"))
-                });
-                if let Some(m) = found {
-                    break m;
-                }
-            };
+                },
+            );
             let RouteNetlinkMessage::NewNeighbour(n) = &announced else {
                 unreachable!()
             };
@@ -616,14 +641,7 @@ mod tests {
             assert_eq!(mac, Some([2, 0, 0, 0, 0, 2]));
 
             let resolver = Resolver::default();
-            let hop = |mac| NextHop {
-                ifname: "nh0".into(),
-                ifindex,
-                src_mac: [2, 0, 0, 0, 0, 1],
-                dst_mac: Some(mac),
-                neighbour: addr,
-                src_addr: None,
-            };
+            let hop = |mac| nh0_hop(ifindex, addr, [2, 0, 0, 0, 0, 1], mac);
             let target = (addr, false);
             resolver
                 .known()
@@ -655,20 +673,12 @@ mod tests {
     fn a_changed_interface_mac_is_announced_and_concerns_its_hops() {
         crate::rtnl::in_new_netns(|| {
             ip("link add nh0 address 02:00:00:00:00:01 type veth peer name nh1");
-            let mut events = Events::subscribe(&[libc::RTNLGRP_LINK]).unwrap();
-            ip("link set dev nh0 address 02:00:00:00:00:07");
             let new = [2, 0, 0, 0, 0, 7];
-            let announced = loop {
-                let Announced::Changes(msgs) = events.next().unwrap() else {
-                    panic!("announcements lost");
-                };
-                let found = msgs.into_iter().find(
-                    |m| matches!(m, RouteNetlinkMessage::NewLink(l) if link_mac(l) == Some(new)),
-                );
-                if let Some(m) = found {
-                    break m;
-                }
-            };
+            let announced = announced_after(
+                libc::RTNLGRP_LINK,
+                "link set dev nh0 address 02:00:00:00:00:07",
+                |m| matches!(m, RouteNetlinkMessage::NewLink(l) if link_mac(l) == Some(new)),
+            );
             let RouteNetlinkMessage::NewLink(link) = &announced else {
                 unreachable!()
             };
@@ -678,14 +688,7 @@ mod tests {
             let resolver = Resolver::default();
             assert!(!resolver.concerns(&announced), "no hop, not attached");
             let neighbour = "10.99.0.2".parse().unwrap();
-            let hop = |src_mac| NextHop {
-                ifname: "nh0".into(),
-                ifindex,
-                src_mac,
-                dst_mac: Some([2, 0, 0, 0, 0, 2]),
-                neighbour,
-                src_addr: None,
-            };
+            let hop = |src_mac| nh0_hop(ifindex, neighbour, src_mac, [2, 0, 0, 0, 0, 2]);
             let target = (neighbour, false);
             resolver.known().extend([(target, Ok(hop(old)))]);
             assert!(
@@ -717,20 +720,14 @@ mod tests {
             ip("addr add 10.99.0.1/24 dev nh0");
             ip("link set nh0 up");
             ip("link set nh1 up");
-            let mut events = Events::subscribe(&[libc::RTNLGRP_IPV4_ROUTE]).unwrap();
-            ip("route add 10.200.0.0/16 via 10.99.0.2");
-            let announced = loop {
-                let Announced::Changes(msgs) = events.next().unwrap() else {
-                    panic!("announcements lost");
-                };
-                let found = msgs.into_iter().find(|m| {
+            let announced = announced_after(
+                libc::RTNLGRP_IPV4_ROUTE,
+                "route add 10.200.0.0/16 via 10.99.0.2",
+                |m| {
                     matches!(m, RouteNetlinkMessage::NewRoute(r)
                         if r.header.destination_prefix_length == 16)
-                });
-                if let Some(m) = found {
-                    break m;
-                }
-            };
+                },
+            );
             let resolver = Resolver::default();
             let unresolved = |addr: &str| ((addr.parse().unwrap(), true), Err("x".into()));
             resolver
