@@ -403,15 +403,8 @@ mod tests {
                 assert_eq!(shown("-6", table)[0]["metric"], 5);
 
                 // Only host routes are the announcer's.
-                ip(&[
-                    "route",
-                    "add",
-                    "10.9.0.0/16",
-                    "dev",
-                    "lo",
-                    "table",
-                    &table.to_string(),
-                ]);
+                let t = table.to_string();
+                ip(&["route", "add", "10.9.0.0/16", "dev", "lo", "table", &t]);
                 let both = BTreeSet::from([(v4, BACKUP_METRIC), (v6, 5)]);
                 assert_eq!(list_routes(table).unwrap(), both);
                 // Replacing again changes nothing.
