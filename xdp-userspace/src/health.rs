@@ -1014,13 +1014,16 @@ mod tests {
 
     // -- Hysteresis ---------------------------------------------------------
 
+    /// Records each result in turn; what each recording returned.
+    fn record_all(h: &mut Hysteresis, results: &[bool]) -> Vec<Option<bool>> {
+        results.iter().map(|&ok| h.record(ok)).collect()
+    }
+
     #[test]
     fn failing_one_check_in_three_never_goes_down() {
         let mut h = Hysteresis::new(2, 3, true);
         for _ in 0..1000 {
-            for ok in [true, true, false] {
-                assert_eq!(h.record(ok), None);
-            }
+            assert_eq!(record_all(&mut h, &[true, true, false]), [None; 3]);
         }
         assert!(h.healthy());
     }
@@ -1028,9 +1031,7 @@ mod tests {
     #[test]
     fn goes_down_exactly_on_the_fall_th_consecutive_failure() {
         let mut h = Hysteresis::new(2, 3, true);
-        assert_eq!(h.record(false), None);
-        assert_eq!(h.record(false), None);
-        assert_eq!(h.record(false), Some(false));
+        assert_eq!(record_all(&mut h, &[false; 3]), [None, None, Some(false)]);
         assert_eq!(h.record(false), None, "already down: no second transition");
         assert!(!h.healthy());
     }
@@ -1038,28 +1039,23 @@ mod tests {
     #[test]
     fn comes_up_on_the_rise_th_consecutive_success() {
         let mut h = Hysteresis::new(2, 3, false);
-        assert_eq!(h.record(true), None);
-        assert_eq!(h.record(true), Some(true));
-        assert_eq!(h.record(true), None);
+        assert_eq!(record_all(&mut h, &[true; 3]), [None, Some(true), None]);
         assert!(h.healthy());
     }
 
     #[test]
     fn an_opposite_result_resets_the_streak() {
         let mut down = Hysteresis::new(2, 3, false);
-        assert_eq!(down.record(true), None);
-        assert_eq!(down.record(false), None);
-        assert_eq!(
-            down.record(true),
-            None,
-            "the failure reset the success streak"
-        );
+        assert_eq!(record_all(&mut down, &[true, false]), [None, None]);
+        let after_reset = down.record(true);
+        assert_eq!(after_reset, None, "the failure reset the success streak");
         assert_eq!(down.record(true), Some(true));
 
         let mut up = Hysteresis::new(2, 3, true);
-        for ok in [false, false, true, false, false] {
-            assert_eq!(up.record(ok), None);
-        }
+        assert_eq!(
+            record_all(&mut up, &[false, false, true, false, false]),
+            [None; 5]
+        );
         assert_eq!(up.streak(), 2);
         assert_eq!(up.record(false), Some(false));
     }
@@ -1153,11 +1149,25 @@ mod tests {
         [None, Some(half_open)]
     }
 
+    /// A TCP check: a full connect, or half-open when given the prober.
+    async fn tcp_probe(addr: SocketAddr, half_open: &Option<Arc<HalfOpen>>) -> Result<(), String> {
+        probe(&CheckKind::Tcp, addr, TIMEOUT, half_open.as_deref()).await
+    }
+
+    /// An HTTP check of `GET /healthz`.
+    async fn http_probe(
+        expect_status: &[u16],
+        host: Option<&str>,
+        addr: SocketAddr,
+    ) -> Result<(), String> {
+        probe(&http(expect_status, host), addr, TIMEOUT, None).await
+    }
+
     #[tokio::test]
     async fn tcp_probe_succeeds_against_a_listener() {
         for half_open in tcp_probers() {
             let server = Server::start(free_port(), None).await;
-            let result = probe(&CheckKind::Tcp, server.addr, TIMEOUT, half_open.as_deref()).await;
+            let result = tcp_probe(server.addr, &half_open).await;
             assert_eq!(result, Ok(()), "half-open: {}", half_open.is_some());
         }
     }
@@ -1205,10 +1215,8 @@ mod tests {
     async fn tcp_probe_reports_a_refused_connect() {
         for half_open in tcp_probers() {
             let addr = free_port();
-            assert_eq!(
-                probe(&CheckKind::Tcp, addr, TIMEOUT, half_open.as_deref()).await,
-                Err(format!("connect {addr}: connection refused"))
-            );
+            let refused = Err(format!("connect {addr}: connection refused"));
+            assert_eq!(tcp_probe(addr, &half_open).await, refused);
         }
     }
 
@@ -1228,20 +1236,15 @@ mod tests {
         let (listener, _queued) = unanswering_listener();
         let addr = listener.local_addr().unwrap();
         for half_open in tcp_probers() {
-            assert_eq!(
-                probe(&CheckKind::Tcp, addr, TIMEOUT, half_open.as_deref()).await,
-                Err(format!("connect {addr}: timed out after 50ms"))
-            );
+            let timed_out = Err(format!("connect {addr}: timed out after 50ms"));
+            assert_eq!(tcp_probe(addr, &half_open).await, timed_out);
         }
     }
 
     #[tokio::test]
     async fn http_probe_sends_the_request_and_accepts_an_expected_status() {
         let server = Server::start(free_port(), Some(OK)).await;
-        assert_eq!(
-            probe(&http(&[200, 204], None), server.addr, TIMEOUT, None).await,
-            Ok(())
-        );
+        assert_eq!(http_probe(&[200, 204], None, server.addr).await, Ok(()));
         assert_eq!(
             server.requests.lock().unwrap().as_slice(),
             [
@@ -1249,16 +1252,8 @@ mod tests {
                 xdplb-health\r\n\r\n"
             ]
         );
-        assert_eq!(
-            probe(
-                &http(&[200], Some("www.example.com")),
-                server.addr,
-                TIMEOUT,
-                None
-            )
-            .await,
-            Ok(())
-        );
+        let with_host = http_probe(&[200], Some("www.example.com"), server.addr).await;
+        assert_eq!(with_host, Ok(()));
         assert!(server.requests.lock().unwrap()[1].contains("\r\nHost: www.example.com\r\n"));
     }
 
@@ -1266,7 +1261,7 @@ mod tests {
     async fn http_probe_fails_on_an_unexpected_status() {
         let server = Server::start(free_port(), Some(UNAVAILABLE)).await;
         assert_eq!(
-            probe(&http(&[200], None), server.addr, TIMEOUT, None).await,
+            http_probe(&[200], None, server.addr).await,
             Err("HTTP status 503, expected [200]".to_owned())
         );
     }
@@ -1276,14 +1271,11 @@ mod tests {
         let server = Server::start(free_port(), None).await;
         let started = Instant::now();
         assert_eq!(
-            probe(&http(&[200], None), server.addr, TIMEOUT, None).await,
+            http_probe(&[200], None, server.addr).await,
             Err("read HTTP status line: timed out after 50ms".to_owned())
         );
-        assert!(
-            started.elapsed() < TIMEOUT * 4,
-            "took {:?}",
-            started.elapsed()
-        );
+        let took = started.elapsed();
+        assert!(took < TIMEOUT * 4, "took {took:?}");
     }
 
     #[test]
@@ -1358,6 +1350,21 @@ mod tests {
         (addr.ip(), addr.port())
     }
 
+    /// A checker of `targets`, and the receiver of its events.
+    fn spawn(targets: Vec<CheckTarget>) -> (HealthChecker, UnboundedReceiver<HealthEvent>) {
+        let (tx, events) = unbounded_channel();
+        (HealthChecker::spawn(targets, 8, tx).unwrap(), events)
+    }
+
+    /// Starts a server that never answers on each address, one at a time.
+    async fn silent_servers(addrs: impl IntoIterator<Item = SocketAddr>) -> Vec<Server> {
+        let mut servers = Vec::new();
+        for addr in addrs {
+            servers.push(Server::start(addr, None).await);
+        }
+        servers
+    }
+
     async fn next_event(
         events: &mut UnboundedReceiver<HealthEvent>,
         within: Duration,
@@ -1388,10 +1395,7 @@ mod tests {
     #[tokio::test]
     async fn a_healthy_backend_stays_healthy_without_events() {
         let server = Server::start(free_port(), None).await;
-        let (tx, mut events) = unbounded_channel();
-        let checker =
-            HealthChecker::spawn(vec![target("web", server.addr, tcp_check(), true)], 8, tx)
-                .unwrap();
+        let (checker, mut events) = spawn(vec![target("web", server.addr, tcp_check(), true)]);
         wait_for(&checker, "web", server.addr, |s| s.checks >= 4).await;
         let status = checker.status_of("web", backend(server.addr)).unwrap();
         assert!(status.healthy);
@@ -1406,17 +1410,13 @@ mod tests {
     #[tokio::test]
     async fn a_dead_backend_is_reported_once_within_the_bound_and_its_return_too() {
         const BACKENDS: usize = 4;
-        let mut servers = Vec::new();
-        for _ in 0..BACKENDS {
-            servers.push(Server::start(free_port(), None).await);
-        }
+        let servers = silent_servers((0..BACKENDS).map(|_| free_port())).await;
         let addrs: Vec<SocketAddr> = servers.iter().map(|s| s.addr).collect();
-        let (tx, mut events) = unbounded_channel();
         let targets = addrs
             .iter()
             .map(|&a| target("web", a, tcp_check(), true))
             .collect();
-        let checker = HealthChecker::spawn(targets, 8, tx).unwrap();
+        let (checker, mut events) = spawn(targets);
         for &addr in &addrs {
             wait_for(&checker, "web", addr, |s| s.checks >= 2).await;
         }
@@ -1449,10 +1449,7 @@ mod tests {
         }
 
         let restarted = Instant::now();
-        let mut servers = Vec::new();
-        for &addr in &addrs {
-            servers.push(Server::start(addr, None).await);
-        }
+        let _servers = silent_servers(addrs.iter().copied()).await;
         let up_bound = INTERVAL * (RISE + 1) + SLACK;
         let mut up_latencies = Vec::new();
         for _ in 0..BACKENDS {
@@ -1481,10 +1478,11 @@ mod tests {
             kind: http(&[200], None),
             ..tcp_check()
         };
-        let (tx, mut events) = unbounded_channel();
         let kept = target("web", dead, tcp_check(), true);
-        let checker_targets = vec![kept.clone(), target("web", removed.addr, http_check, true)];
-        let mut checker = HealthChecker::spawn(checker_targets, 8, tx).unwrap();
+        let (mut checker, mut events) = spawn(vec![
+            kept.clone(),
+            target("web", removed.addr, http_check, true),
+        ]);
         let down = next_event(&mut events, INTERVAL * (FALL + 1) + SLACK)
             .await
             .expect("a down event");
@@ -1530,9 +1528,7 @@ mod tests {
     async fn a_checker_dropped_with_checks_under_way_lets_go_of_its_sockets() {
         let (listener, _queued) = unanswering_listener();
         let silent = listener.local_addr().unwrap();
-        let (tx, _events) = unbounded_channel();
-        let checker =
-            HealthChecker::spawn(vec![target("web", silent, tcp_check(), true)], 8, tx).unwrap();
+        let (checker, _events) = spawn(vec![target("web", silent, tcp_check(), true)]);
         let half_open = Arc::downgrade(checker.half_open.as_ref().expect("as root"));
         // Checks time out after TIMEOUT, one every INTERVAL: wait for one
         // under way. Each is under way half the time; 20 intervals leave a
@@ -1556,9 +1552,7 @@ mod tests {
             kind: CheckKind::None,
             ..tcp_check()
         };
-        let (tx, mut events) = unbounded_channel();
-        let checker =
-            HealthChecker::spawn(vec![target("dns", addr, off.clone(), false)], 8, tx).unwrap();
+        let (checker, mut events) = spawn(vec![target("dns", addr, off.clone(), false)]);
         let event = events.try_recv().expect("held down, so told it is up");
         assert!(event.healthy);
         assert_eq!(event.detail, "health checks off");
