@@ -642,27 +642,18 @@ mod tests {
 
             let resolver = Resolver::default();
             let hop = |mac| nh0_hop(ifindex, addr, [2, 0, 0, 0, 0, 1], mac);
-            let target = (addr, false);
-            resolver
-                .known()
-                .extend([(target, Ok(hop([2, 0, 0, 0, 0, 2])))]);
-            assert!(
-                !resolver.concerns(&announced),
-                "same MAC: nothing to refresh"
-            );
-            resolver
-                .known()
-                .extend([(target, Ok(hop([2, 0, 0, 0, 0, 9])))]);
-            assert!(resolver.concerns(&announced), "new MAC: refresh");
+            let know = |hop| resolver.known().extend([((addr, false), Ok(hop))]);
+            let concerns = || resolver.concerns(&announced);
+            know(hop([2, 0, 0, 0, 0, 2]));
+            assert!(!concerns(), "same MAC: nothing to refresh");
+            know(hop([2, 0, 0, 0, 0, 9]));
+            assert!(concerns(), "new MAC: refresh");
             let other = ("10.99.0.3".parse().unwrap(), false);
             let mut known = resolver.known();
             known.extend([(other, Err("x".into()))]);
             known.keep(&[other]);
             drop(known);
-            assert!(
-                !resolver.concerns(&announced),
-                "not a next hop: nothing to refresh"
-            );
+            assert!(!concerns(), "not a next hop: nothing to refresh");
         });
     }
 
@@ -686,28 +677,20 @@ mod tests {
             let old = [2, 0, 0, 0, 0, 1];
 
             let resolver = Resolver::default();
-            assert!(!resolver.concerns(&announced), "no hop, not attached");
+            let concerns = || resolver.concerns(&announced);
+            assert!(!concerns(), "no hop, not attached");
             let neighbour = "10.99.0.2".parse().unwrap();
             let hop = |src_mac| nh0_hop(ifindex, neighbour, src_mac, [2, 0, 0, 0, 0, 2]);
             let target = (neighbour, false);
             resolver.known().extend([(target, Ok(hop(old)))]);
-            assert!(
-                resolver.concerns(&announced),
-                "a hop's frames leave from it"
-            );
+            assert!(concerns(), "a hop's frames leave from it");
             resolver.known().extend([(target, Ok(hop(new)))]);
-            assert!(
-                !resolver.concerns(&announced),
-                "same MAC: nothing to refresh"
-            );
+            assert!(!concerns(), "same MAC: nothing to refresh");
             resolver.known().keep(&[]);
             resolver.attached(&[(ifindex, old)]);
-            assert!(
-                resolver.concerns(&announced),
-                "the datapath is attached to it"
-            );
+            assert!(concerns(), "the datapath is attached to it");
             resolver.attached(&[(ifindex + 1, old)]);
-            assert!(!resolver.concerns(&announced), "another interface");
+            assert!(!concerns(), "another interface");
         });
     }
 
