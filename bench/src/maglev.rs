@@ -117,8 +117,10 @@ pub fn run(opts: &Opts) -> Result<Section> {
         }
         figures.push(f.note(note));
     }
-    let b10 = figures[0].median();
-    let b1000 = figures[2].median();
+    // The fastest runs: a shared machine's noise only slows runs down, and
+    // slowed the median of 10 backends to 4.7 times its fastest once.
+    let b10 = figures[0].min();
+    let b1000 = figures[2].min();
     if b1000 < b10 * 0.5 {
         problems.push(format!(
             "maglev build: 1,000 backends ({b1000:.3} ms) much faster than 10 ({b10:.3} ms)"
