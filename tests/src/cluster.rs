@@ -38,8 +38,8 @@ use crate::{
     assert_within, bin_path,
     bird::Bird,
     client::{self, StreamConn},
-    lb::{Load, Sample, Xdplb},
-    netns::{unique_prefix, Netns},
+    lb::{failures, Load, Xdplb},
+    netns::{exec_line, unique_prefix, Netns},
     proc::Proc,
     switch,
 };
@@ -192,11 +192,6 @@ pub struct Cluster {
     pub nodes: Vec<Netns>,
     _backends: Vec<Netns>,
     pub switch: Netns,
-}
-
-/// Runs `line`, split at spaces (no quoting), in `ns`; panics on failure.
-pub fn exec_line(ns: &Netns, line: &str) -> String {
-    ns.exec(&line.split(' ').collect::<Vec<_>>()).unwrap()
 }
 
 fn sysctl(ns: &Netns, key: &str, value: &str) {
@@ -605,11 +600,6 @@ impl Cluster {
             "connections failed at rejoin: {failed:?}"
         );
     }
-}
-
-/// The failed requests among `samples`.
-pub fn failures(samples: &[Sample]) -> Vec<&Sample> {
-    samples.iter().filter(|s| s.result.is_err()).collect()
 }
 
 /// Node `victim` died, carrying `moved` moved pins, and BFD withdrew it

@@ -17,6 +17,8 @@ use aya::programs::{TestRun, TestRunOptions, Xdp};
 use xdp_common::{Backend, Globals, Reason, Service, SVC_F_NAT};
 use xdplb::{addr, dataplane::Maps, loader::Datapath};
 
+use crate::RemoveOnDrop;
+
 /// XDP verdicts.
 pub const XDP_DROP: u32 = 1;
 /// See [`XDP_DROP`].
@@ -32,33 +34,23 @@ pub const TABLE_SIZE: u32 = 251;
 
 /// A bpffs directory of this process's own, removed with everything in it
 /// when dropped, also on panic.
-pub struct PinDir(PathBuf);
+pub struct PinDir(RemoveOnDrop);
 
 impl PinDir {
     /// A fresh directory name under /sys/fs/bpf tagged with `tag`, this
     /// process and a counter (not created: loading the program does).
     pub fn new(tag: &str) -> Self {
         static NEXT: AtomicU32 = AtomicU32::new(0);
-        Self(PathBuf::from(format!(
+        Self(RemoveOnDrop(PathBuf::from(format!(
             "/sys/fs/bpf/xdplb-{tag}-{}-{}",
             std::process::id(),
             NEXT.fetch_add(1, Ordering::Relaxed)
-        )))
+        ))))
     }
 
     /// The directory.
     pub fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for PinDir {
-    fn drop(&mut self) {
-        if let Err(e) = std::fs::remove_dir_all(&self.0) {
-            if e.kind() != std::io::ErrorKind::NotFound {
-                eprintln!("warning: removing {}: {e}", self.0.display());
-            }
-        }
+        &self.0 .0
     }
 }
 

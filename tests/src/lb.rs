@@ -374,11 +374,17 @@ pub struct Sample {
     pub result: Result<String, String>,
 }
 
+/// The failed requests among `samples`.
+pub fn failures(samples: &[Sample]) -> Vec<&Sample> {
+    samples.iter().filter(|s| s.result.is_err()).collect()
+}
+
 /// The samples started in `from..to` that failed.
 pub fn failed_between(samples: &[Sample], from: Instant, to: Instant) -> Vec<&Sample> {
-    samples
-        .iter()
-        .filter(|s| s.start >= from && s.start < to && s.result.is_err())
+    let started = from..to;
+    failures(samples)
+        .into_iter()
+        .filter(|s| started.contains(&s.start))
         .collect()
 }
 

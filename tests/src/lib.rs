@@ -57,7 +57,12 @@ pub struct RemoveOnDrop(pub PathBuf);
 
 impl Drop for RemoveOnDrop {
     fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0).or_else(|_| std::fs::remove_file(&self.0));
+        let removed = std::fs::remove_dir_all(&self.0).or_else(|_| std::fs::remove_file(&self.0));
+        if let Err(e) = removed {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                eprintln!("warning: removing {}: {e}", self.0.display());
+            }
+        }
     }
 }
 

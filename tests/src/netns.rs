@@ -160,6 +160,11 @@ impl Netns {
     }
 }
 
+/// Runs `line`, split at spaces (no quoting), in `ns`; panics on failure.
+pub fn exec_line(ns: &Netns, line: &str) -> String {
+    ns.exec(&line.split(' ').collect::<Vec<_>>()).unwrap()
+}
+
 impl Drop for Netns {
     fn drop(&mut self) {
         let result = run_checked(Command::new("ip").args(["netns", "del", &self.name]));

@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use xdplb_tests::{
     client::StreamConn,
-    cluster::{failures, node_addr, vip, Cluster, Replication, NODES, VIP},
-    lb::Load,
+    cluster::{node_addr, vip, Cluster, Replication, NODES, VIP},
+    lb::{failures, Load},
 };
 
 #[test]

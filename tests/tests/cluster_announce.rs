@@ -12,8 +12,8 @@ use std::{
 
 use xdplb_tests::{
     bin_path,
-    cluster::exec_line,
     lb::{dsr_config_with, start_backends, Xdplb},
+    netns::exec_line,
     require_root,
     topology::{Shape, Topology},
 };

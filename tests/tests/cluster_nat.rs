@@ -17,10 +17,10 @@ use std::{
 
 use xdplb_tests::{
     cluster::{
-        assert_loss_unnoticed, failures, hard_case, node_addr, snat_addrs, vip, wait_until,
-        Cluster, Mode, Replication, NODES,
+        assert_loss_unnoticed, hard_case, node_addr, snat_addrs, vip, wait_until, Cluster, Mode,
+        Replication, NODES,
     },
-    lb::Load,
+    lb::{failures, Load},
 };
 
 fn sorted(mut v: Vec<String>) -> Vec<String> {

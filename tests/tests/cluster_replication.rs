@@ -19,9 +19,12 @@ use std::{
 };
 
 use xdplb::cluster::replication::wire::{self, FlowRecord, Header, Key, Kind};
-use xdplb_tests::cluster::{
-    assert_loss_unnoticed, backend_addr, exec_line, hard_case, node_addr, replication_addr, vip,
-    wait_until, Chatter, Cluster, Replication, KEY, NODES, REPLICATION_PORT,
+use xdplb_tests::{
+    cluster::{
+        assert_loss_unnoticed, backend_addr, hard_case, node_addr, replication_addr, vip,
+        wait_until, Chatter, Cluster, Replication, KEY, NODES, REPLICATION_PORT,
+    },
+    netns::exec_line,
 };
 
 fn replication(c: &Cluster, i: usize) -> serde_json::Value {

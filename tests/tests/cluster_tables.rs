@@ -8,8 +8,7 @@ use std::path::PathBuf;
 
 use xdplb::{config::Config, controller::Controller, dataplane::Maps, loader::Datapath};
 use xdplb_tests::{
-    cluster::exec_line,
-    netns::{unique_prefix, Netns},
+    netns::{exec_line, unique_prefix, Netns},
     require_root,
 };
 

@@ -20,7 +20,7 @@ use xdplb::{
     loader::Datapath,
 };
 use xdplb_tests::{
-    netns::{unique_prefix, Netns},
+    netns::{exec_line, unique_prefix, Netns},
     RemoveOnDrop,
 };
 
@@ -85,7 +85,7 @@ fn bed() -> (Netns, RemoveOnDrop, Datapath, Maps) {
         "ip addr add 10.1.0.1/24 dev v0",
     ];
     for cmd in setup.map(String::from).into_iter().chain(neighbours) {
-        ns.exec(&cmd.split(' ').collect::<Vec<_>>()).unwrap();
+        exec_line(&ns, &cmd);
     }
     let pins = RemoveOnDrop(PathBuf::from(format!(
         "/sys/fs/bpf/{}",

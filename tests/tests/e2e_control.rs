@@ -23,6 +23,7 @@ use xdplb_tests::{
         dsr_config_with, failed_between, served_after, start_backends, Load, LongLived, Sample,
         Xdplb,
     },
+    netns::exec_line,
     require_root,
     topology::{Shape, Topology},
     RemoveOnDrop, SCHEDULING_MARGIN,
@@ -204,10 +205,10 @@ fn many_failing_and_silent_backends_do_not_delay_detection() {
         .exec(&["ip", "-batch", &file.to_string_lossy()]);
     let _ = std::fs::remove_file(&file);
     added.expect("extra addresses on b1");
-    let drop: Vec<&str> = "ip6tables -A INPUT -d fd77::3:0/112 -j DROP"
-        .split(' ')
-        .collect();
-    topo.backend(1).exec(&drop).expect("silent addresses");
+    exec_line(
+        topo.backend(1),
+        "ip6tables -A INPUT -d fd77::3:0/112 -j DROP",
+    );
     let mut backends = start_backends(&topo, Path::new(TESTBACKEND)).expect("backends");
     topo.wait_reachable().expect("segment reachable");
     let service = |name: &str, vip: String, check: String, backends: Vec<String>| {

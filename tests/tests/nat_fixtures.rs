@@ -32,7 +32,7 @@ use xdplb_tests::{
         XDP_PASS, XDP_TX,
     },
     frame::{self, verify, Seg},
-    netns::{unique_prefix, Netns},
+    netns::{exec_line, unique_prefix, Netns},
 };
 
 const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
@@ -1297,7 +1297,7 @@ fn a_replicated_reply_finds_its_client_through_the_kernels_routes() {
         "ip addr add 10.0.0.254/24 dev xlbrt0",
         "ip neigh replace 10.0.0.1 lladdr 02:00:00:00:c1:01 dev xlbrt0 nud permanent",
     ] {
-        ns.exec(&cmd.split(' ').collect::<Vec<_>>()).unwrap();
+        exec_line(&ns, cmd);
     }
     let (verdict, out) = ns.run(|| h.run(&from_backend(&reply, f.id)));
     let veth_mac = [0x02, 0, 0, 0, 0x0e, 0x01];

@@ -600,6 +600,14 @@ mod tests {
         }
     }
 
+    /// A veth pair, both ends up, nh0 at 10.99.0.1/24.
+    fn segment_up() {
+        ip("link add nh0 type veth peer name nh1");
+        ip("addr add 10.99.0.1/24 dev nh0");
+        ip("link set nh0 up");
+        ip("link set nh1 up");
+    }
+
     /// A next hop out of nh0.
     fn nh0_hop(ifindex: u32, neighbour: IpAddr, src_mac: [u8; 6], dst_mac: [u8; 6]) -> NextHop {
         NextHop {
@@ -623,9 +631,7 @@ mod tests {
     #[test]
     fn a_changed_neighbour_mac_is_announced_and_concerns_its_hop() {
         crate::rtnl::in_new_netns(|| {
-            ip("link add nh0 type veth peer name nh1");
-            ip("addr add 10.99.0.1/24 dev nh0");
-            ip("link set nh0 up");
+            segment_up();
             let announced = announced_after(
                 libc::RTNLGRP_NEIGH,
                 "neigh replace 10.99.0.2 lladdr 02:00:00:00:00:02 dev nh0 nud reachable",
@@ -699,10 +705,7 @@ mod tests {
     #[test]
     fn a_route_change_concerns_only_the_hops_it_covers() {
         crate::rtnl::in_new_netns(|| {
-            ip("link add nh0 type veth peer name nh1");
-            ip("addr add 10.99.0.1/24 dev nh0");
-            ip("link set nh0 up");
-            ip("link set nh1 up");
+            segment_up();
             let announced = announced_after(
                 libc::RTNLGRP_IPV4_ROUTE,
                 "route add 10.200.0.0/16 via 10.99.0.2",

@@ -5,6 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, Result};
+use xdplb_tests::RemoveOnDrop;
 
 /// Installs the Debian packages (name, why) that are missing, without
 /// starting their services: if the machine has no `policy-rc.d`, one that
@@ -53,7 +54,7 @@ impl Drop for DenyServiceStarts {
 
 /// A scratch directory (mode 0755, so nginx workers can read it), removed
 /// with its contents on drop.
-pub struct TempDir(PathBuf);
+pub struct TempDir(RemoveOnDrop);
 
 impl TempDir {
     pub fn new(tag: &str) -> Result<Self> {
@@ -61,17 +62,11 @@ impl TempDir {
         let _ = std::fs::remove_dir_all(&path);
         std::fs::create_dir_all(&path).with_context(|| format!("creating {}", path.display()))?;
         std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
-        Ok(Self(path))
+        Ok(Self(RemoveOnDrop(path)))
     }
 
     pub fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+        &self.0 .0
     }
 }
 

@@ -334,7 +334,7 @@ impl HalfOpen {
                     sin_family: libc::AF_INET as libc::sa_family_t,
                     sin_port: 0,
                     sin_addr: libc::in_addr {
-                        s_addr: u32::from(*to.ip()).to_be(),
+                        s_addr: u32::from_ne_bytes(to.ip().octets()),
                     },
                     sin_zero: [0; 8],
                 };
@@ -752,7 +752,8 @@ fn source(from: &libc::sockaddr_storage) -> IpAddr {
     } else {
         // SAFETY: the kernel wrote a sockaddr_in.
         let a = unsafe { &*std::ptr::from_ref(from).cast::<libc::sockaddr_in>() };
-        IpAddr::from(u32::from_be(a.sin_addr.s_addr).to_be_bytes())
+        // `s_addr` holds the address in network order: its bytes as stored.
+        IpAddr::from(a.sin_addr.s_addr.to_ne_bytes())
     }
 }
 
