@@ -20,7 +20,7 @@ pub struct Opts {
 }
 
 /// One measured quantity: a sample per repetition.
-#[derive(Clone, Debug, serde::Serialize)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct Figure {
     /// e.g. "per-packet", "pps", "e2e-keepalive", "e2e-newconn", "failover", "maglev", "memory".
     pub group: String,

@@ -39,15 +39,8 @@ const ORDER: &[&str] = &[
 /// A figure as stored: the measured samples and what is derived from them.
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct FigureRecord {
-    pub group: String,
-    pub case: String,
-    pub unit: String,
-    pub samples: Vec<f64>,
-    pub baseline: Option<String>,
-    pub higher_is_better: bool,
-    pub target: Option<String>,
-    pub target_met: Option<bool>,
-    pub note: Option<String>,
+    #[serde(flatten)]
+    pub figure: Figure,
     pub min: f64,
     pub median: f64,
     pub max: f64,
@@ -67,6 +60,15 @@ pub struct GroupFile {
     pub figures: Vec<FigureRecord>,
     /// Set when the group's benchmark failed; figures may then be partial.
     pub error: Option<String>,
+}
+
+/// A record reads as its figure: `record.case`, `record.samples`.
+impl std::ops::Deref for FigureRecord {
+    type Target = Figure;
+
+    fn deref(&self) -> &Figure {
+        &self.figure
+    }
 }
 
 impl GroupFile {
@@ -95,15 +97,7 @@ pub fn records(figures: &[Figure]) -> Vec<FigureRecord> {
                     .map(|g| f.median() / g.median())
             });
             FigureRecord {
-                group: f.group.clone(),
-                case: f.case.clone(),
-                unit: f.unit.clone(),
-                samples: f.samples.clone(),
-                baseline: f.baseline.clone(),
-                higher_is_better: f.higher_is_better,
-                target: f.target.clone(),
-                target_met: f.target_met,
-                note: f.note.clone(),
+                figure: f.clone(),
                 min: f.min(),
                 median: f.median(),
                 max: f.max(),

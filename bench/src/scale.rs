@@ -10,7 +10,6 @@
 //! a firewall rule there resets connections to its address.
 
 use std::{
-    mem::size_of,
     net::{Ipv4Addr, TcpListener},
     os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
     sync::Arc,
@@ -19,7 +18,7 @@ use std::{
 
 use anyhow::{ensure, Context as _, Result};
 use xdplb_tests::{
-    client::setsockopt,
+    client::{setsockopt, sockaddr},
     lb::Xdplb,
     netns::{unique_prefix, Netns},
     switch,
@@ -338,15 +337,9 @@ fn syn_floor(lb: &Netns, backends: usize, window: Duration) -> Result<f64> {
     let holder = lb.run(|| socket(libc::SOCK_STREAM, 0))?;
     // The source port, held by a bound socket that never listens.
     let port = 40_999u16;
-    let any = sockaddr(Ipv4Addr::UNSPECIFIED, port);
-    // SAFETY: a valid sockaddr_in.
-    let bound = unsafe {
-        libc::bind(
-            holder.as_raw_fd(),
-            (&raw const any).cast(),
-            size_of::<libc::sockaddr_in>() as u32,
-        )
-    };
+    let (any, any_len) = sockaddr((Ipv4Addr::UNSPECIFIED, port).into());
+    // SAFETY: a valid sockaddr of that length.
+    let bound = unsafe { libc::bind(holder.as_raw_fd(), (&raw const any).cast(), any_len) };
     ensure!(bound == 0, "bind: {}", std::io::Error::last_os_error());
     let source: Ipv4Addr = format!("{LB_NET}.1").parse()?;
     let (mut sent, mut answered) = (0u64, 0u64);
@@ -360,7 +353,7 @@ fn syn_floor(lb: &Netns, backends: usize, window: Duration) -> Result<f64> {
             syn.set_options(&[etherparse::TcpOptionElement::MaximumSegmentSize(1460)])?;
             syn.checksum = syn.calc_checksum_ipv4_raw(source.octets(), to.octets(), &[])?;
             let bytes = syn.to_bytes();
-            let dest = sockaddr(to, 0);
+            let (dest, dest_len) = sockaddr((to, 0).into());
             // SAFETY: valid buffers for the lengths given.
             let n = unsafe {
                 libc::sendto(
@@ -369,7 +362,7 @@ fn syn_floor(lb: &Netns, backends: usize, window: Duration) -> Result<f64> {
                     bytes.len(),
                     0,
                     (&raw const dest).cast(),
-                    size_of::<libc::sockaddr_in>() as u32,
+                    dest_len,
                 )
             };
             sent += u64::from(n > 0);
@@ -391,17 +384,6 @@ fn syn_floor(lb: &Netns, backends: usize, window: Duration) -> Result<f64> {
     Ok(cpu)
 }
 
-fn sockaddr(addr: Ipv4Addr, port: u16) -> libc::sockaddr_in {
-    libc::sockaddr_in {
-        sin_family: libc::AF_INET as libc::sa_family_t,
-        sin_port: port.to_be(),
-        sin_addr: libc::in_addr {
-            s_addr: u32::from(addr).to_be(),
-        },
-        sin_zero: [0; 8],
-    }
-}
-
 /// A TCP connect to `addr`:80 under way (or done).
 fn nonblocking_connect(addr: Ipv4Addr) -> std::io::Result<i32> {
     // SAFETY: plain syscalls; the fd is closed by the caller.
@@ -414,12 +396,8 @@ fn nonblocking_connect(addr: Ipv4Addr) -> std::io::Result<i32> {
         if fd < 0 {
             return Err(std::io::Error::last_os_error());
         }
-        let sa = sockaddr(addr, 80);
-        let rc = libc::connect(
-            fd,
-            (&raw const sa).cast(),
-            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
-        );
+        let (sa, sa_len) = sockaddr((addr, 80).into());
+        let rc = libc::connect(fd, (&raw const sa).cast(), sa_len);
         let error = std::io::Error::last_os_error();
         if rc != 0 && error.raw_os_error() != Some(libc::EINPROGRESS) {
             libc::close(fd);

@@ -324,7 +324,7 @@ pub fn setsockopt<T>(
 }
 
 /// `addr` as a C sockaddr (in a sockaddr_storage) and its length.
-fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+pub fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
     // SAFETY: all-zero is a valid sockaddr_storage.
     let mut storage: libc::sockaddr_storage = unsafe { mem::zeroed() };
     let len = match addr {
