@@ -295,7 +295,9 @@ impl Daemon {
         )
     }
 
-    fn tick(&self) {
+    /// Once a second: expires drains, re-derives the announced routes and
+    /// sweeps the NAT tables.
+    fn tick(&self) -> Duration {
         let nat_in_use = {
             let mut inner = self.lock();
             if let Err(e) = inner.controller.expire_drains(Instant::now()) {
@@ -307,17 +309,15 @@ impl Daemon {
         // Reading the NAT tables is slow when they are full: without the lock.
         let nat = if nat_in_use {
             let mut sweeper = self.sweeper.lock().unwrap_or_else(|p| p.into_inner());
-            match sweeper.sweep(monotonic_coarse_ns()) {
-                Ok(o) => Some(o),
-                Err(e) => {
-                    error!("sweeping NAT tables: {e:#}");
-                    None
-                }
-            }
+            sweeper
+                .sweep(monotonic_coarse_ns())
+                .inspect_err(|e| error!("sweeping NAT tables: {e:#}"))
+                .ok()
         } else {
             None
         };
         self.lock().nat = nat;
+        Duration::from_secs(1)
     }
 
     /// Re-resolves backends' next hops without the lock, then writes the
@@ -432,9 +432,7 @@ impl api::Handler for Daemon {
                 Ok(format!("service {} added", o.add_service(*spec)))
             }),
             Request::RemoveService { name } => self.change(false, |o, config| {
-                if !config.services.iter().any(|s| s.name == name) {
-                    return Err(ApiError::not_found(format!("no service named {name:?}")));
-                }
+                service_config(config, &name)?;
                 o.remove_service(&name);
                 Ok(format!("service {name} removed"))
             }),
@@ -612,19 +610,12 @@ fn service_view(inner: &Inner, s: &ServiceState) -> api::ServiceView {
                     admin: b.admin,
                     health: b.healthy.into(),
                     state: DatapathState::of(b.state),
-                    mac: b.mac.map(|m| {
-                        m.iter()
-                            .map(|x| format!("{x:02x}"))
-                            .collect::<Vec<_>>()
-                            .join(":")
-                    }),
+                    mac: b.mac.as_ref().map(show),
                     traffic: maps.backend_counters(b.id).unwrap_or_default().into(),
-                    last_check: check.as_ref().and_then(|t| t.last_result.clone()).map(
-                        |r| match r {
-                            Ok(()) => "ok".to_owned(),
-                            Err(e) => e,
-                        },
-                    ),
+                    last_check: check
+                        .as_ref()
+                        .and_then(|t| t.last_result.clone())
+                        .map(|r| r.map_or_else(|e| e, |()| "ok".to_owned())),
                     transitions: check.as_ref().map_or(0, |t| t.transitions),
                     passive: {
                         let signals = maps.backend_signals(b.id).unwrap_or_default();
@@ -677,10 +668,8 @@ struct PinGuard<'a>(Option<&'a Path>);
 
 impl Drop for PinGuard<'_> {
     fn drop(&mut self) {
-        if let Some(dir) = self.0 {
-            if let Err(err) = loader::remove_pins(dir) {
-                warn!("{err:#}");
-            }
+        if let Some(Err(err)) = self.0.map(loader::remove_pins) {
+            warn!("{err:#}");
         }
     }
 }
@@ -784,13 +773,9 @@ pub fn run(opts: Options) -> Result<()> {
         .enable_all()
         .build()?;
     let result = runtime.block_on(async {
-        let replicator = match replication {
-            Some((replicator, ring, sockets)) => {
-                replicator.spawn(ring, sockets)?;
-                Some(replicator)
-            }
-            None => None,
-        };
+        let replicator = replication
+            .map(|(replicator, ring, sockets)| replicator.spawn(ring, sockets).map(|()| replicator))
+            .transpose()?;
         let (events_tx, mut events) = mpsc::unbounded_channel();
         let targets = check_targets(&config, &controller);
         let health = HealthChecker::spawn(targets, probe_slots(), events_tx)
@@ -873,10 +858,7 @@ pub fn run(opts: Options) -> Result<()> {
         // (a refresh waits up to 100 ms for unresolved neighbours) never
         // holds up a health event in this loop.
         let periodic = [
-            every(daemon.clone(), |d| {
-                d.tick();
-                Duration::from_secs(1)
-            }),
+            every(daemon.clone(), Daemon::tick),
             every(daemon.clone(), Daemon::passive),
             tokio::spawn(refresh_next_hops(daemon.clone(), hops_changed)),
         ];
@@ -890,9 +872,8 @@ pub fn run(opts: Options) -> Result<()> {
                     systemd::notify("RELOADING=1");
                     let d = daemon.clone();
                     let reload = move || api::Handler::handle(&*d, Request::Reload);
-                    match tokio::task::spawn_blocking(reload).await? {
-                        Ok(_) => {}
-                        Err(e) => error!("reload refused, running state unchanged: {e}"),
+                    if let Err(e) = tokio::task::spawn_blocking(reload).await? {
+                        error!("reload refused, running state unchanged: {e}");
                     }
                     systemd::notify("READY=1");
                 }
@@ -972,12 +953,9 @@ async fn forward_datapath_logs(logger: loader::DatapathLogger) {
     // SAFETY: the logger owns the ring buffer's descriptor, and the AsyncFd
     // owns the logger: the descriptor stays open while it is registered.
     let registered = unsafe { AsyncFd::register_with_interest(logger, Interest::READABLE) };
-    let mut logger = match registered {
-        Ok(fd) => fd,
-        Err(err) => {
-            warn!("polling the datapath's log: {err}");
-            return;
-        }
+    let Ok(mut logger) = registered.inspect_err(|err| warn!("polling the datapath's log: {err}"))
+    else {
+        return;
     };
     loop {
         let Ok(mut ready) = logger.readable_mut().await else {
