@@ -250,19 +250,13 @@ fn check_pinned_maps(pin_dir: &Path) -> Result<()> {
             info.max_entries(),
         );
         if found != (Some(kind), key, value, max) {
+            let (found_kind, found_key, found_value, found_max) = found;
             bail!(
                 "pinned map {} was made by an incompatible xdplb build (type/key/value/entries \
-                 {:?}/{}/{}/{}, expected {:?}/{}/{}/{}); run `xdplb detach --all` to remove the \
-                 old datapath (this drops its flow table) and start again",
-                path.display(),
-                found.0,
-                found.1,
-                found.2,
-                found.3,
-                kind,
-                key,
-                value,
-                max
+                 {found_kind:?}/{found_key}/{found_value}/{found_max}, expected \
+                 {kind:?}/{key}/{value}/{max}); run `xdplb detach --all` to remove the old \
+                 datapath (this drops its flow table) and start again",
+                path.display()
             );
         }
     }
@@ -296,13 +290,9 @@ impl Datapath {
             .context("loading the XDP program")?;
         // Before the program is verified: the logger sets the log level
         // the program reads.
-        let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
-            Ok(logger) => Some(logger),
-            Err(err) => {
-                warn!("the datapath's log records are not available: {err}");
-                None
-            }
-        };
+        let logger = aya_log::EbpfLogger::init(&mut ebpf)
+            .inspect_err(|err| warn!("the datapath's log records are not available: {err}"))
+            .ok();
         let program: &mut Xdp = ebpf
             .program_mut(PROGRAM_NAME)
             .context("XDP program missing from the object")?
@@ -357,6 +347,35 @@ impl Datapath {
         link.pin(&path)
             .with_context(|| format!("pinning the XDP link at {}", path.display()))?;
         Ok(attached)
+    }
+
+    /// Why this datapath is no longer attached to `iface` as it should be
+    /// (its link pin removed, or another program in its place), if it is
+    /// not; `None` when all is well.
+    pub fn attachment_problem(&mut self, iface: &str) -> Result<Option<String>> {
+        let pin = self.pin_dir.join("links").join(iface);
+        if !pin.exists() {
+            return Ok(Some(format!("its link pin {} was removed", pin.display())));
+        }
+        let info = self.program().info();
+        let ours = info.context("reading the XDP program's info")?.id();
+        let ids = attached_program_ids(iface)?;
+        if !ids.contains(&ours) {
+            return Ok(Some(format!(
+                "the program attached to {iface} is {ids:?}, not ours ({ours})"
+            )));
+        }
+        Ok(None)
+    }
+
+    /// Attaches again to `iface` after [`Self::attachment_problem`]
+    /// found it detached; a pin left on a dead link is replaced.
+    pub fn reattach(&mut self, iface: &str, mode: AttachMode) -> Result<Attached> {
+        let pin = self.pin_dir.join("links").join(iface);
+        if pin.exists() {
+            fs::remove_file(&pin).with_context(|| format!("removing {}", pin.display()))?;
+        }
+        self.attach_pinned(iface, mode)
     }
 
     /// Attaches to `iface`, falling back from native to generic mode in
@@ -460,10 +479,10 @@ pub fn pinned_interfaces(pin_dir: &Path) -> Result<Vec<String>> {
     if !links.exists() {
         return Ok(Vec::new());
     }
-    let mut names = Vec::new();
-    for entry in fs::read_dir(&links).with_context(|| format!("listing {}", links.display()))? {
-        names.push(entry?.file_name().to_string_lossy().into_owned());
-    }
+    let mut names = fs::read_dir(&links)
+        .with_context(|| format!("listing {}", links.display()))?
+        .map(|entry| Ok(entry?.file_name().to_string_lossy().into_owned()))
+        .collect::<Result<Vec<_>>>()?;
     names.sort();
     Ok(names)
 }
@@ -509,45 +528,6 @@ pub fn attached_program_ids(iface: &str) -> Result<Vec<u32>> {
     ids.sort_unstable();
     ids.dedup();
     Ok(ids)
-}
-
-impl Datapath {
-    /// The kernel's id of the loaded XDP program.
-    pub fn program_id(&mut self) -> Result<u32> {
-        Ok(self
-            .program()
-            .info()
-            .context("reading the XDP program's info")?
-            .id())
-    }
-
-    /// Why this datapath is no longer attached to `iface` as it should be
-    /// (its link pin removed, or another program in its place), if it is
-    /// not; `None` when all is well.
-    pub fn attachment_problem(&mut self, iface: &str) -> Result<Option<String>> {
-        let pin = self.pin_dir.join("links").join(iface);
-        if !pin.exists() {
-            return Ok(Some(format!("its link pin {} was removed", pin.display())));
-        }
-        let ours = self.program_id()?;
-        let ids = attached_program_ids(iface)?;
-        if !ids.contains(&ours) {
-            return Ok(Some(format!(
-                "the program attached to {iface} is {ids:?}, not ours ({ours})"
-            )));
-        }
-        Ok(None)
-    }
-
-    /// Attaches again to `iface` after [`Self::attachment_problem`]
-    /// found it detached; a pin left on a dead link is replaced.
-    pub fn reattach(&mut self, iface: &str, mode: AttachMode) -> Result<Attached> {
-        let pin = self.pin_dir.join("links").join(iface);
-        if pin.exists() {
-            fs::remove_file(&pin).with_context(|| format!("removing {}", pin.display()))?;
-        }
-        self.attach_pinned(iface, mode)
-    }
 }
 
 #[cfg(test)]
