@@ -57,7 +57,6 @@ pub enum Attached {
 }
 
 impl Attached {
-    /// "native", "generic", "adopted".
     pub fn name(self) -> &'static str {
         match self {
             Attached::Native => "native",

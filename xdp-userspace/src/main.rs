@@ -3,7 +3,7 @@
 
 use std::{
     io::{IsTerminal as _, Write as _},
-    path::PathBuf,
+    path::{Path, PathBuf},
 };
 
 use anyhow::{bail, Result};
@@ -201,12 +201,7 @@ fn dispatch(cli: Cli) -> Result<()> {
 
 /// Detaches from `ifaces` (or every pinned interface); with `remove_maps`,
 /// removes the maps too once no interface is left.
-fn detach(
-    pin_dir: &std::path::Path,
-    ifaces: Vec<String>,
-    all: bool,
-    remove_maps: bool,
-) -> Result<()> {
+fn detach(pin_dir: &Path, ifaces: Vec<String>, all: bool, remove_maps: bool) -> Result<()> {
     let ifaces = if all {
         loader::pinned_interfaces(pin_dir)?
     } else {
