@@ -120,21 +120,17 @@ pub fn interface_mac(iface: &str) -> Result<Mac> {
 
 /// Parses `aa:bb:cc:dd:ee:ff` (case-insensitive).
 pub fn parse_mac(text: &str) -> Result<Mac, String> {
+    let not_a_mac = || format!("{text:?} is not a MAC address (expected aa:bb:cc:dd:ee:ff)");
     let parts: Vec<&str> = text.split(':').collect();
-    let mut mac = [0u8; 6];
     if parts.len() != 6 {
-        return Err(format!(
-            "{text:?} is not a MAC address (expected aa:bb:cc:dd:ee:ff)"
-        ));
+        return Err(not_a_mac());
     }
+    let mut mac = [0u8; 6];
     for (byte, part) in mac.iter_mut().zip(parts) {
         if part.len() != 2 {
-            return Err(format!(
-                "{text:?} is not a MAC address (expected aa:bb:cc:dd:ee:ff)"
-            ));
+            return Err(not_a_mac());
         }
-        *byte = u8::from_str_radix(part, 16)
-            .map_err(|_| format!("{text:?} is not a MAC address (expected aa:bb:cc:dd:ee:ff)"))?;
+        *byte = u8::from_str_radix(part, 16).map_err(|_| not_a_mac())?;
     }
     Ok(mac)
 }
