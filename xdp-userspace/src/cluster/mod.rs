@@ -19,21 +19,15 @@ pub fn describe(view: Option<&ClusterView>) -> String {
     let Some(v) = view else {
         return "not announcing (no [cluster] route_table)".into();
     };
-    let list = |vips: &[std::net::IpAddr]| {
-        vips.iter()
-            .map(|v| v.to_string())
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
     let mut line = format!("{} in table {}", v.state, v.route_table);
-    if !v.announced.is_empty() {
-        line += &format!("; announced: {}", list(&v.announced));
-    }
-    if !v.backups.is_empty() {
-        line += &format!("; backup for peers: {}", list(&v.backups));
-    }
-    if !v.withheld.is_empty() {
-        line += &format!("; withheld: {}", list(&v.withheld));
+    let lists = [
+        ("announced", &v.announced),
+        ("backup for peers", &v.backups),
+        ("withheld", &v.withheld),
+    ];
+    for (label, addrs) in lists.into_iter().filter(|(_, addrs)| !addrs.is_empty()) {
+        let addrs: Vec<String> = addrs.iter().map(|a| a.to_string()).collect();
+        line += &format!("; {label}: {}", addrs.join(", "));
     }
     line
 }
