@@ -42,11 +42,6 @@ impl Node {
         self.announcer.join()
     }
 
-    /// Whether announcement is configured.
-    pub fn announcing(&self) -> bool {
-        self.announcer.view().is_some()
-    }
-
     /// Withdraws every route: the datapath is about to be detached.
     pub fn withdraw_all(&mut self) -> Result<()> {
         self.announcer.withdraw_all()
