@@ -145,11 +145,10 @@ impl Announcer {
     /// `xdplb cluster join`: announces again what can be served.
     pub fn join(&mut self) -> Result<()> {
         match std::fs::remove_file(&self.left_marker) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
                 return Err(e).with_context(|| format!("removing {}", self.left_marker.display()))
             }
+            _ => {}
         }
         self.sync(self.table, self.servable.clone())
     }
@@ -167,8 +166,8 @@ impl Announcer {
     /// The status view, when announcement is configured.
     pub fn view(&self) -> Option<ClusterView> {
         let table = self.table?;
-        let addrs = |routes: &mut dyn Iterator<Item = &Announced>, backup: bool| {
-            routes
+        let announced = |backup: bool| {
+            (self.announced.iter())
                 .filter(|r| (r.1 == BACKUP_METRIC) == backup)
                 .map(|r| r.0)
                 .collect()
@@ -176,8 +175,8 @@ impl Announcer {
         Some(ClusterView {
             route_table: table,
             state: if self.left() { "left" } else { "announcing" }.into(),
-            announced: addrs(&mut self.announced.iter(), false),
-            backups: addrs(&mut self.announced.iter(), true),
+            announced: announced(false),
+            backups: announced(true),
             withheld: self
                 .servable
                 .difference(&self.announced)
@@ -224,7 +223,10 @@ fn del_route(r: Announced, table: u32) -> Result<()> {
 /// `ADDR/len dev lo table T metric M`.
 fn route_message((addr, metric): Announced, table: u32) -> RouteMessage {
     let mut msg = RouteMessage::default();
-    msg.header.address_family = family(addr);
+    msg.header.address_family = match addr {
+        IpAddr::V4(_) => AddressFamily::Inet,
+        IpAddr::V6(_) => AddressFamily::Inet6,
+    };
     msg.header.destination_prefix_length = host_prefix_len(addr);
     msg.attributes
         .push(RouteAttribute::Destination(RouteAddress::from(addr)));
@@ -240,14 +242,6 @@ fn route_message((addr, metric): Announced, table: u32) -> RouteMessage {
         .push(RouteAttribute::Priority(kernel_metric(addr, metric)));
     msg.attributes.push(RouteAttribute::Oif(LOOPBACK_IFINDEX));
     msg
-}
-
-/// The rtnetlink family of `addr`.
-fn family(addr: IpAddr) -> AddressFamily {
-    match addr {
-        IpAddr::V4(_) => AddressFamily::Inet,
-        IpAddr::V6(_) => AddressFamily::Inet6,
-    }
 }
 
 /// The prefix length of a host route to `addr`: 32 or 128.
