@@ -22,7 +22,7 @@
 pub mod wire;
 
 use std::{
-    io::Read as _,
+    io::{Read as _, Write as _},
     net::{SocketAddr, TcpStream},
     sync::{
         atomic::{AtomicU64, Ordering},
@@ -92,7 +92,7 @@ impl Sockets {
     }
 }
 
-/// The datapath's side: its ring of pinned flows and their counters.
+/// The datapath's ring of pinned flows.
 pub struct Ring {
     events: RingBuf<MapData>,
 }
@@ -209,7 +209,7 @@ impl Replicator {
                 send_errors: 0,
             })
             .collect();
-        let shared = Shared {
+        let shared = Arc::new(Shared {
             listen: cfg.listen,
             key: Key::new(cfg.key.as_bytes()),
             run,
@@ -219,13 +219,8 @@ impl Replicator {
             counts,
             peers: Mutex::new(peers),
             counters: Mutex::default(),
-        };
-        Ok((
-            Self {
-                shared: Arc::new(shared),
-            },
-            Ring { events },
-        ))
+        });
+        Ok((Self { shared }, Ring { events }))
     }
 
     /// Pulls a full copy of the flow table from the first peer that gives
@@ -259,8 +254,9 @@ impl Replicator {
         let mut stream = TcpStream::connect_timeout(&peer, Duration::from_secs(1))?;
         stream.set_read_timeout(Some(Duration::from_secs(5)))?;
         stream.set_write_timeout(Some(Duration::from_secs(5)))?;
-        let request = self.header(Kind::SyncRequest, 0);
-        write_frame(&mut stream, &wire::encode(&self.shared.key, &request, &[]))?;
+        let request = wire::encode(&self.shared.key, &self.header(Kind::SyncRequest, 0), &[]);
+        stream.write_all(&(request.len() as u32).to_be_bytes())?;
+        stream.write_all(&request)?;
         let (mut flows, mut installed) = (0u64, 0u64);
         loop {
             if started.elapsed() > PULL_TIMEOUT {
@@ -858,13 +854,6 @@ fn random() -> Option<u64> {
         .and_then(|mut f| f.read_exact(&mut b))
         .ok()?;
     Some(u64::from_ne_bytes(b))
-}
-
-/// Writes a length-prefixed message.
-fn write_frame(w: &mut impl std::io::Write, msg: &[u8]) -> Result<()> {
-    w.write_all(&(msg.len() as u32).to_be_bytes())?;
-    w.write_all(msg)?;
-    Ok(())
 }
 
 /// Reads a length-prefixed message.
