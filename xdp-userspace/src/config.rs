@@ -720,17 +720,14 @@ impl Config {
             .map_err(|e| toml_error(text, origin, e.inner(), Some(e.path())))?;
         let v = Validator { origin };
         let daemon = v.daemon(file.daemon)?;
-        let cluster = match file.cluster.unwrap_or_default().validate() {
-            Ok(c) => c,
-            Err((field, problem)) => return v.fail(field, problem),
-        };
+        let written_cluster = file.cluster.unwrap_or_default();
+        let cluster = written_cluster
+            .validate()
+            .or_else(|(field, problem)| v.fail(field, problem))?;
         let services = v.services(file.service)?;
+        let peers = &cluster.peer_snat_addresses;
         for s in &services {
-            let own = s.nat.snat_addresses.iter();
-            if let Some(a) = own
-                .into_iter()
-                .find(|a| cluster.peer_snat_addresses.contains(a))
-            {
+            if let Some(a) = s.nat.snat_addresses.iter().find(|a| peers.contains(a)) {
                 return v.fail(
                     format!("service {:?}.nat.snat_addresses", s.name),
                     format!("{a} is also a peer's ([[cluster.peer]] snat_addresses)"),
@@ -969,7 +966,7 @@ impl Validator<'_> {
             (Some(_), Some(_)) => {
                 return self.fail(
                     at("snat_addresses"),
-                    "set snat_address or snat_addresses, not both".to_owned(),
+                    "set snat_address or snat_addresses, not both",
                 )
             }
             (Some(one), None) => ("snat_address", vec![one]),
@@ -1002,38 +999,24 @@ impl Validator<'_> {
                 let parsed = text.split_once('-').and_then(|(a, b)| {
                     Some((a.trim().parse::<u16>().ok()?, b.trim().parse::<u16>().ok()?))
                 });
-                match parsed {
-                    Some((a, b)) if 1024 <= a && a <= b => (a, b),
-                    _ => {
-                        return self.fail(
-                            at("ports"),
-                            format!(
-                                "{} is not a port range FIRST-LAST within 1024-65535",
-                                quote(&text)
-                            ),
-                        )
-                    }
-                }
+                let Some(ports) = parsed.filter(|&(a, b)| 1024 <= a && a <= b) else {
+                    let problem = "is not a port range FIRST-LAST within 1024-65535";
+                    return self.fail(at("ports"), format!("{} {problem}", quote(&text)));
+                };
+                ports
             }
         };
+        let duration = |field: &str, text, default| self.duration(&at(field), text, default);
         Ok(NatConfig {
             snat_addresses,
             ports,
-            tcp_timeout: self.duration(
-                &at("tcp_timeout"),
-                spec.tcp_timeout,
-                default.tcp_timeout,
-            )?,
-            tcp_closing_timeout: self.duration(
-                &at("tcp_closing_timeout"),
+            tcp_timeout: duration("tcp_timeout", spec.tcp_timeout, default.tcp_timeout)?,
+            tcp_closing_timeout: duration(
+                "tcp_closing_timeout",
                 spec.tcp_closing_timeout,
                 default.tcp_closing_timeout,
             )?,
-            udp_timeout: self.duration(
-                &at("udp_timeout"),
-                spec.udp_timeout,
-                default.udp_timeout,
-            )?,
+            udp_timeout: duration("udp_timeout", spec.udp_timeout, default.udp_timeout)?,
             retry_refused: spec.retry_refused.unwrap_or(default.retry_refused),
         })
     }
@@ -1041,10 +1024,11 @@ impl Validator<'_> {
     fn health_check(&self, service: &str, spec: HealthCheckSpec) -> Checked<HealthCheck> {
         let at = |field: &str| format!("{service} health_check.{field}");
         let default = HealthCheck::default();
-        let interval = self.duration(&at("interval"), spec.interval, default.interval)?;
+        let duration = |field: &str, text, default| self.duration(&at(field), text, default);
+        let interval = duration("interval", spec.interval, default.interval)?;
         // The default timeout shrinks with a short interval, so that setting
         // only `interval` never makes the defaults contradict each other.
-        let timeout = self.duration(&at("timeout"), spec.timeout, default.timeout.min(interval))?;
+        let timeout = duration("timeout", spec.timeout, default.timeout.min(interval))?;
         if timeout > interval {
             return self.fail(
                 at("timeout"),
@@ -1064,8 +1048,8 @@ impl Validator<'_> {
             .port
             .map(|n| self.int(&at("port"), n, 1..=65535))
             .transpose()?;
-        let unanswered_after = self.duration(
-            &at("unanswered_after"),
+        let unanswered_after = duration(
+            "unanswered_after",
             spec.unanswered_after,
             default.unanswered_after,
         )?;
@@ -1198,10 +1182,9 @@ impl Validator<'_> {
         if address == vip {
             return self.fail(field, format!("{address} is the service's VIP itself"));
         }
-        let port = match spec.port {
-            None => service_port,
-            Some(n) => self.int(&format!("{at}.port"), n, 1..=65535)?,
-        };
+        let port = spec.port.map_or(Ok(service_port), |n| {
+            self.int(&format!("{at}.port"), n, 1..=65535)
+        })?;
         // DSR leaves the packet's headers as the client sent them, so the
         // backend sees the service's port whatever is configured here.
         if mode == Mode::Dsr && port != service_port {
@@ -1265,11 +1248,8 @@ impl Validator<'_> {
         let Some(text) = text else {
             return Ok(default);
         };
-        parse_duration(&text).map_err(|problem| ConfigError {
-            file: self.origin.to_owned(),
-            field: field.to_owned(),
-            problem: format!("{} {problem}", quote(&text)),
-        })
+        parse_duration(&text)
+            .or_else(|problem| self.fail(field, format!("{} {problem}", quote(&text))))
     }
 }
 
@@ -1380,14 +1360,8 @@ fn toml_error(
         let offset = span.start.min(text.len());
         let before = &text.as_bytes()[..offset];
         let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
-        let line_start = before
-            .iter()
-            .rposition(|&b| b == b'\n')
-            .map_or(0, |i| i + 1);
-        let column = String::from_utf8_lossy(&before[line_start..])
-            .chars()
-            .count()
-            + 1;
+        let last_line = before.rsplit(|&b| b == b'\n').next().unwrap_or_default();
+        let column = String::from_utf8_lossy(last_line).chars().count() + 1;
         format!("line {line}, column {column}")
     });
     let field = path.map_or_else(String::new, |path| render_path(path, text));
