@@ -167,11 +167,8 @@ impl Default for NatConfig {
 /// services up by it, and a flow's destination names it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ServiceKey {
-    /// The VIP.
     pub vip: IpAddr,
-    /// The service's port.
     pub port: u16,
-    /// The service's protocol.
     pub protocol: Protocol,
 }
 
@@ -589,8 +586,7 @@ pub struct HealthCheckSpec {
     #[arg(id = "check_port", long = "check-port", value_name = "PORT")]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub port: Option<u16>,
-    /// Passive detection: how long a new flow may go unanswered, e.g.
-    /// 25ms [default: 25ms].
+    /// Passive detection: how long a new flow may go unanswered [default: 25ms].
     #[arg(long, value_name = "DURATION")]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unanswered_after: Option<String>,
