@@ -257,9 +257,9 @@ impl Overlay {
             .collect();
         for spec in &mut specs {
             let port = spec.port;
-            let present: BTreeSet<SocketAddr> =
-                spec.backends.iter().map(|b| b.addr(port)).collect();
             if let Some(added) = self.added_backends.get_mut(&spec.name) {
+                let present: BTreeSet<SocketAddr> =
+                    spec.backends.iter().map(|b| b.addr(port)).collect();
                 added.retain(|b| !present.contains(&b.addr(port)));
                 spec.backends.extend(added.iter().cloned());
             }
