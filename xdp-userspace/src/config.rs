@@ -49,7 +49,6 @@ const MAX_QUOTED: usize = 120;
 /// A valid configuration, with every default applied.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Config {
-    /// The `[daemon]` section.
     pub daemon: DaemonConfig,
     /// `[cluster]` (optional; see docs/cluster.md).
     pub cluster: crate::cluster::ClusterConfig,
@@ -107,13 +106,10 @@ pub struct ServiceConfig {
     pub vip: IpAddr,
     /// The port clients connect to.
     pub port: u16,
-    /// The transport protocol.
     pub protocol: Protocol,
-    /// How packets reach backends.
     pub mode: Mode,
     /// Maglev table size: a prime in `251..=MAX_TABLE_SIZE`.
     pub table_size: u32,
-    /// Which fields pick a new flow's backend.
     pub hash: HashFields,
     /// How long a drained or removed backend keeps its established flows.
     pub drain_timeout: Duration,
@@ -1164,6 +1160,7 @@ impl Validator<'_> {
         let field = format!("{at}.address");
         let address = self.address(&field, spec.address)?;
         if address.is_ipv4() != vip.is_ipv4() {
+            let family = |a: IpAddr| if a.is_ipv4() { "IPv4" } else { "IPv6" };
             return self.fail(
                 field,
                 format!(
@@ -1259,14 +1256,6 @@ fn valid_name(name: &str) -> bool {
         && name
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c))
-}
-
-fn family(addr: IpAddr) -> &'static str {
-    if addr.is_ipv4() {
-        "IPv4"
-    } else {
-        "IPv6"
-    }
 }
 
 /// `text` quoted and escaped for a one-line message, cut after
