@@ -135,6 +135,7 @@ fn backend_label(backend: &Value) -> String {
     }
 }
 
+#[derive(Default)]
 struct Metrics {
     build_info: Gauges<VersionLabels>,
     adopted: Gauge,
@@ -174,42 +175,7 @@ struct Metrics {
 
 impl Metrics {
     fn register(registry: &mut Registry) -> Self {
-        let metrics = Self {
-            build_info: Gauges::default(),
-            adopted: Gauge::default(),
-            uptime: Gauge::default(),
-            services: Gauge::default(),
-            backends: Gauge::default(),
-            backends_active: Gauge::default(),
-            service_packets: Counters::default(),
-            service_bytes: Counters::default(),
-            service_new_flows: Counters::default(),
-            backend_packets: Counters::default(),
-            backend_bytes: Counters::default(),
-            backend_new_flows: Counters::default(),
-            backend_answered: Counters::default(),
-            backend_refused: Counters::default(),
-            backend_syn_retransmits: Counters::default(),
-            backend_suspicions: Counters::default(),
-            backend_weight: Gauges::default(),
-            backend_healthy: Gauges::default(),
-            backend_state: Gauges::default(),
-            backend_admin: Gauges::default(),
-            transitions: Counters::default(),
-            checks: Counters::default(),
-            check_duration: SecondsGauges::default(),
-            last_check_ok: Gauges::default(),
-            datapath: Counters::default(),
-            nat_flows: Gauge::default(),
-            nat_ports: Gauge::default(),
-            nat_capacity: Gauge::default(),
-            flow_capacity: Gauge::default(),
-            replication_sent: Counter::default(),
-            replication_installed: Counter::default(),
-            replication_ring_lost: Counter::default(),
-            replication_refused: Counter::default(),
-            replication_missed: Counter::default(),
-        };
+        let metrics = Self::default();
         // Registered clones share their values with the ones kept here.
         let m = &metrics;
         registry.register(
@@ -403,15 +369,13 @@ impl Metrics {
             let labels = ServiceLabels {
                 service: name.clone(),
             };
-            self.service_packets
-                .get_or_create(&labels)
-                .inc_by(u64_of(&service["packets"]));
-            self.service_bytes
-                .get_or_create(&labels)
-                .inc_by(u64_of(&service["bytes"]));
-            self.service_new_flows
-                .get_or_create(&labels)
-                .inc_by(u64_of(&service["new_flows"]));
+            for (family, key) in [
+                (&self.service_packets, "packets"),
+                (&self.service_bytes, "bytes"),
+                (&self.service_new_flows, "new_flows"),
+            ] {
+                family.get_or_create(&labels).inc_by(u64_of(&service[key]));
+            }
             for backend in service["backends"].as_array().into_iter().flatten() {
                 self.fill_backend(snapshot, &name, backend);
             }
@@ -455,23 +419,18 @@ impl Metrics {
             backend: labels.backend.clone(),
             state: state.to_owned(),
         };
-        self.backend_packets
-            .get_or_create(&labels)
-            .inc_by(u64_of(&backend["packets"]));
-        self.backend_bytes
-            .get_or_create(&labels)
-            .inc_by(u64_of(&backend["bytes"]));
-        self.backend_new_flows
-            .get_or_create(&labels)
-            .inc_by(u64_of(&backend["new_flows"]));
         let passive = &backend["passive"];
-        for (family, key) in [
-            (&self.backend_answered, "answered"),
-            (&self.backend_refused, "refused"),
-            (&self.backend_syn_retransmits, "syn_retransmits"),
-            (&self.backend_suspicions, "suspicions"),
+        for (family, value) in [
+            (&self.backend_packets, &backend["packets"]),
+            (&self.backend_bytes, &backend["bytes"]),
+            (&self.backend_new_flows, &backend["new_flows"]),
+            (&self.backend_answered, &passive["answered"]),
+            (&self.backend_refused, &passive["refused"]),
+            (&self.backend_syn_retransmits, &passive["syn_retransmits"]),
+            (&self.backend_suspicions, &passive["suspicions"]),
+            (&self.transitions, &backend["transitions"]),
         ] {
-            family.get_or_create(&labels).inc_by(u64_of(&passive[key]));
+            family.get_or_create(&labels).inc_by(u64_of(value));
         }
         self.backend_weight
             .get_or_create(&labels)
@@ -479,21 +438,17 @@ impl Metrics {
         self.backend_healthy
             .get_or_create(&labels)
             .set(i64::from(str_of(&backend["health"]) == "up"));
-        for state in STATES {
-            let current = str_of(&backend["state"]) == state;
-            self.backend_state
-                .get_or_create(&with_state(state))
-                .set(i64::from(current));
+        for (family, states, key) in [
+            (&self.backend_state, STATES, "state"),
+            (&self.backend_admin, ADMIN_STATES, "admin"),
+        ] {
+            for state in states {
+                let current = str_of(&backend[key]) == state;
+                family
+                    .get_or_create(&with_state(state))
+                    .set(i64::from(current));
+            }
         }
-        for state in ADMIN_STATES {
-            let current = str_of(&backend["admin"]) == state;
-            self.backend_admin
-                .get_or_create(&with_state(state))
-                .set(i64::from(current));
-        }
-        self.transitions
-            .get_or_create(&labels)
-            .inc_by(u64_of(&backend["transitions"]));
         if let Some(last) = backend["last_check"].as_str() {
             self.last_check_ok
                 .get_or_create(&labels)
