@@ -184,29 +184,25 @@ async fn page() -> impl IntoResponse {
 
 /// OpenMetrics for scrapers that ask for it (Prometheus does), the classic
 /// text format otherwise.
-async fn metrics_text(State(sources): State<Sources>, headers: HeaderMap) -> Response {
+async fn metrics_text(
+    State(sources): State<Sources>,
+    headers: HeaderMap,
+) -> Result<impl IntoResponse, Response> {
     let openmetrics = headers
         .get_all(header::ACCEPT)
         .iter()
         .filter_map(|value| value.to_str().ok())
         .any(|value| value.contains("application/openmetrics-text"));
-    match snapshot(sources).await {
-        Ok(snapshot) => {
-            let text = metrics::encode(&snapshot);
-            if openmetrics {
-                ([(header::CONTENT_TYPE, metrics::OPENMETRICS)], text).into_response()
-            } else {
-                let classic = metrics::to_classic(&text);
-                ([(header::CONTENT_TYPE, metrics::CLASSIC)], classic).into_response()
-            }
-        }
-        Err(response) => response,
-    }
+    let text = metrics::encode(&snapshot(sources).await?);
+    let (content_type, text) = if openmetrics {
+        (metrics::OPENMETRICS, text)
+    } else {
+        (metrics::CLASSIC, metrics::to_classic(&text))
+    };
+    Ok(([(header::CONTENT_TYPE, content_type)], text))
 }
 
-async fn status_json(State(sources): State<Sources>) -> Response {
-    match snapshot(sources).await {
-        Ok(snapshot) => ([(header::CACHE_CONTROL, "no-store")], Json(snapshot)).into_response(),
-        Err(response) => response,
-    }
+async fn status_json(State(sources): State<Sources>) -> Result<impl IntoResponse, Response> {
+    let snapshot = snapshot(sources).await?;
+    Ok(([(header::CACHE_CONTROL, "no-store")], Json(snapshot)))
 }
