@@ -93,26 +93,23 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    /// 400: the request is wrong (bad config, unknown backend, ...).
-    pub fn bad_request(message: impl Into<String>) -> Self {
+    pub fn new(status: u16, message: impl Into<String>) -> Self {
         Self {
-            status: 400,
+            status,
             message: message.into(),
         }
+    }
+    /// 400: the request is wrong (bad config, unknown backend, ...).
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(400, message)
     }
     /// 404: no such service/backend.
     pub fn not_found(message: impl Into<String>) -> Self {
-        Self {
-            status: 404,
-            message: message.into(),
-        }
+        Self::new(404, message)
     }
     /// 500: the daemon failed to do something it should be able to.
     pub fn internal(message: impl Into<String>) -> Self {
-        Self {
-            status: 500,
-            message: message.into(),
-        }
+        Self::new(500, message)
     }
 }
 

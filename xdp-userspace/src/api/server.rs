@@ -207,6 +207,14 @@ struct Eviction {
     notify: Notify,
 }
 
+impl Eviction {
+    /// Moves the state from `READING` to `to`, or says where it already is.
+    fn leave_reading(&self, to: u8) -> Result<u8, u8> {
+        self.state
+            .compare_exchange(READING, to, Ordering::AcqRel, Ordering::Acquire)
+    }
+}
+
 const READING: u8 = 0;
 const READ: u8 = 1;
 const EVICTED: u8 = 2;
@@ -235,13 +243,7 @@ impl Slots {
     fn evict_oldest_reader(&self) {
         let mut reading = self.reading();
         while let Some(oldest) = reading.pop_front() {
-            let swapped = oldest.state.compare_exchange(
-                READING,
-                EVICTED,
-                Ordering::AcqRel,
-                Ordering::Acquire,
-            );
-            if swapped.is_ok() {
+            if oldest.leave_reading(EVICTED).is_ok() {
                 debug!("API connection cap reached: closing the oldest still reading");
                 oldest.notify.notify_one();
                 return;
@@ -279,12 +281,7 @@ impl Slot {
     /// The request is read: from now on the connection is not evicted.
     /// False if it was evicted first (its answer would go nowhere).
     fn request_read(&self) -> bool {
-        let swapped = self.eviction.state.compare_exchange(
-            READING,
-            READ,
-            Ordering::AcqRel,
-            Ordering::Acquire,
-        );
+        let swapped = self.eviction.leave_reading(READ);
         self.slots
             .reading()
             .retain(|e| !Arc::ptr_eq(e, &self.eviction));
@@ -331,7 +328,7 @@ async fn connection(
                 answer(request, handler, &slot).await
             } else {
                 slot.request_read();
-                Response::error(403, "the xdplb API is root-only", None)
+                Response::error(403, "the xdplb API is root-only")
             };
             Ok::<_, Infallible>(response.into_http())
         }
@@ -400,32 +397,21 @@ async fn answer(
         .headers()
         .get(http::header::CONTENT_LENGTH)
         .and_then(|value| value.to_str().ok()?.parse::<u64>().ok());
+    let too_large = || Response::error(413, format!("request body larger than {MAX_BODY} bytes"));
     if announced.is_some_and(|length| length > MAX_BODY as u64) {
-        return Response::error(
-            413,
-            format!("request body larger than {MAX_BODY} bytes"),
-            None,
-        );
+        return too_large();
     }
     // The body is read as it arrives, never allocated from Content-Length,
     // and never past MAX_BODY whatever the client announced (or chunked).
     let limited = Limited::new(request.into_body(), MAX_BODY);
     let body = match tokio::time::timeout(IO_TIMEOUT, limited.collect()).await {
         Ok(Ok(body)) => body.to_bytes(),
-        Ok(Err(err)) if err.is::<LengthLimitError>() => {
-            return Response::error(
-                413,
-                format!("request body larger than {MAX_BODY} bytes"),
-                None,
-            )
-        }
-        Ok(Err(err)) => {
-            return Response::error(400, format!("reading the request body: {err}"), None)
-        }
-        Err(_) => return Response::error(408, "timed out reading the request", None),
+        Ok(Err(err)) if err.is::<LengthLimitError>() => return too_large(),
+        Ok(Err(err)) => return Response::error(400, format!("reading the request body: {err}")),
+        Err(_) => return Response::error(408, "timed out reading the request"),
     };
     if !slot.request_read() {
-        return Response::error(503, "closed to make room for other API connections", None);
+        return Response::error(503, "closed to make room for other API connections");
     }
     let api_request = match route(&method, &target, &body) {
         Ok(api_request) => api_request,
@@ -433,7 +419,10 @@ async fn answer(
             let allow = (err.status == 405)
                 .then(|| allowed_method(&target))
                 .flatten();
-            return Response::error(err.status, err.message, allow);
+            return Response {
+                allow,
+                ..Response::error(err.status, err.message)
+            };
         }
     };
     debug!(%method, %target, "API request");
@@ -454,19 +443,12 @@ async fn answer(
             } else {
                 500
             };
-            Response::error(status, err.message, None)
+            Response::error(status, err.message)
         }
         Err(err) => {
             warn!("the API handler failed: {err}");
-            Response::error(500, "internal error: the request handler failed", None)
+            Response::error(500, "internal error: the request handler failed")
         }
-    }
-}
-
-fn error(status: u16, message: impl Into<String>) -> ApiError {
-    ApiError {
-        status,
-        message: message.into(),
     }
 }
 
@@ -479,11 +461,11 @@ struct Response {
 }
 
 impl Response {
-    fn error(status: u16, message: impl Into<String>, allow: Option<&'static str>) -> Self {
+    fn error(status: u16, message: impl Into<String>) -> Self {
         Self {
             status,
             body: serde_json::json!({ "error": message.into() }),
-            allow,
+            allow: None,
         }
     }
 
@@ -565,10 +547,10 @@ struct AddBackendBody {
 pub fn route(method: &str, target: &str, body: &[u8]) -> Result<Request, ApiError> {
     let (path, query) = target.split_once('?').unwrap_or((target, ""));
     let Some(&(endpoint, expected_method, _)) = ROUTES.iter().find(|(_, _, p)| *p == path) else {
-        return Err(error(404, format!("no such API endpoint: {path}")));
+        return Err(ApiError::not_found(format!("no such API endpoint: {path}")));
     };
     if method != expected_method {
-        return Err(error(
+        return Err(ApiError::new(
             405,
             format!("{path} takes {expected_method}, not {method}"),
         ));
@@ -599,10 +581,9 @@ pub fn route(method: &str, target: &str, body: &[u8]) -> Result<Request, ApiErro
             protocol: {
                 let value = query.require("protocol")?;
                 serde_json::from_value(serde_json::Value::String(value.clone())).map_err(|_| {
-                    error(
-                        400,
-                        format!("query parameter protocol: {value:?} is not tcp or udp"),
-                    )
+                    ApiError::bad_request(format!(
+                        "query parameter protocol: {value:?} is not tcp or udp"
+                    ))
                 })?
             },
         },
@@ -681,9 +662,10 @@ fn allowed_method(target: &str) -> Option<&'static str> {
 
 fn json_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     if body.iter().all(u8::is_ascii_whitespace) {
-        return Err(error(400, "this request needs a JSON body"));
+        return Err(ApiError::bad_request("this request needs a JSON body"));
     }
-    serde_json::from_slice(body).map_err(|err| error(400, format!("invalid JSON body: {err}")))
+    serde_json::from_slice(body)
+        .map_err(|err| ApiError::bad_request(format!("invalid JSON body: {err}")))
 }
 
 /// A decoded query string. Parameters are taken out as they are used, so
@@ -698,7 +680,9 @@ impl Query {
             let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
             let (name, value) = (percent_decode(name)?, percent_decode(value)?);
             if params.iter().any(|(n, _)| *n == name) {
-                return Err(error(400, format!("query parameter {name:?} given twice")));
+                return Err(ApiError::bad_request(format!(
+                    "query parameter {name:?} given twice"
+                )));
             }
             params.push((name, value));
         }
@@ -712,22 +696,23 @@ impl Query {
 
     fn require(&mut self, name: &str) -> Result<String, ApiError> {
         self.take(name)
-            .ok_or_else(|| error(400, format!("missing query parameter {name:?}")))
+            .ok_or_else(|| ApiError::bad_request(format!("missing query parameter {name:?}")))
     }
 
     fn address(&mut self, name: &str) -> Result<std::net::SocketAddr, ApiError> {
         let value = self.require(name)?;
         value.parse().map_err(|_| {
-            error(
-                400,
-                format!("query parameter {name}: {value:?} is not IP:PORT (IPv6 as [IP]:PORT)"),
-            )
+            ApiError::bad_request(format!(
+                "query parameter {name}: {value:?} is not IP:PORT (IPv6 as [IP]:PORT)"
+            ))
         })
     }
 
     fn finish(self) -> Result<(), ApiError> {
         match self.0.first() {
-            Some((name, _)) => Err(error(400, format!("unknown query parameter {name:?}"))),
+            Some((name, _)) => Err(ApiError::bad_request(format!(
+                "unknown query parameter {name:?}"
+            ))),
             None => Ok(()),
         }
     }
@@ -759,10 +744,9 @@ fn percent_decode(value: &str) -> Result<String, ApiError> {
                 .get(i + 1..i + 3)
                 .and_then(|hex| std::str::from_utf8(hex).ok());
             let Some(byte) = hex.and_then(|hex| u8::from_str_radix(hex, 16).ok()) else {
-                return Err(error(
-                    400,
-                    format!("bad percent-encoding in query {value:?}"),
-                ));
+                return Err(ApiError::bad_request(format!(
+                    "bad percent-encoding in query {value:?}"
+                )));
             };
             out.push(byte);
             i += 3;
@@ -772,7 +756,7 @@ fn percent_decode(value: &str) -> Result<String, ApiError> {
         }
     }
     String::from_utf8(out)
-        .map_err(|_| error(400, format!("query {value:?} is not UTF-8 once decoded")))
+        .map_err(|_| ApiError::bad_request(format!("query {value:?} is not UTF-8 once decoded")))
 }
 
 #[cfg(test)]
