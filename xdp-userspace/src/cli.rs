@@ -468,37 +468,23 @@ fn render_stats(stats: &StatsView, previous: Option<(&StatsView, Duration)>) -> 
     if stats.services.is_empty() {
         return out;
     }
-    // Earlier counters [packets, bytes, new flows] by (service, backend);
-    // None is the service total.
-    let mut before: HashMap<(&str, Option<SocketAddr>), [u64; 3]> = HashMap::new();
-    for service in previous.iter().flat_map(|(p, _)| &p.services) {
-        before.insert((&service.name, None), service.traffic.values());
-        for backend in &service.backends {
-            let address = SocketAddr::new(backend.address, backend.port);
-            before.insert((&service.name, Some(address)), backend.traffic.values());
-        }
-    }
-    let mut rows = Vec::new();
-    let mut push = |service: &str, backend: Option<SocketAddr>, now: [u64; 3]| {
-        let label = backend.map_or_else(|| "(all)".to_owned(), |b| b.to_string());
-        let mut row = vec![service.to_owned(), label];
-        row.extend(now.iter().map(u64::to_string));
-        if with_rates {
-            let earlier = before.get(&(service, backend));
-            row.extend((0..3).map(|i| rate(now[i], earlier.map(|e| e[i]))));
-        }
-        rows.push(row);
-    };
-    for service in &stats.services {
-        push(&service.name, None, service.traffic.values());
-        for backend in &service.backends {
-            push(
-                &service.name,
-                Some(SocketAddr::new(backend.address, backend.port)),
-                backend.traffic.values(),
-            );
-        }
-    }
+    let before: HashMap<_, _> = previous
+        .into_iter()
+        .flat_map(|(p, _)| traffic_of(p))
+        .map(|(service, backend, counters)| ((service, backend), counters))
+        .collect();
+    let rows: Vec<Vec<String>> = traffic_of(stats)
+        .map(|(service, backend, now)| {
+            let label = backend.map_or_else(|| "(all)".to_owned(), |b| b.to_string());
+            let mut row = vec![service.to_owned(), label];
+            row.extend(now.iter().map(u64::to_string));
+            if with_rates {
+                let earlier = before.get(&(service, backend));
+                row.extend((0..3).map(|i| rate(now[i], earlier.map(|e| e[i]))));
+            }
+            row
+        })
+        .collect();
     let mut header = vec![
         ("SERVICE", Left),
         ("BACKEND", Left),
@@ -512,6 +498,19 @@ fn render_stats(stats: &StatsView, previous: Option<(&StatsView, Duration)>) -> 
     out.push('\n');
     out.push_str(&table(&header, &rows));
     out
+}
+
+/// Each service's counters [packets, bytes, new flows], then its backends':
+/// (service, None for the service total or the backend, counters).
+fn traffic_of(stats: &StatsView) -> impl Iterator<Item = (&str, Option<SocketAddr>, [u64; 3])> {
+    stats.services.iter().flat_map(|service| {
+        let name = service.name.as_str();
+        let backends = service.backends.iter().map(move |backend| {
+            let address = SocketAddr::new(backend.address, backend.port);
+            (name, Some(address), backend.traffic.values())
+        });
+        std::iter::once((name, None, service.traffic.values())).chain(backends)
+    })
 }
 
 /// `xdplb flow`.
