@@ -539,7 +539,7 @@ fn render_flow(src: SocketAddr, dst: SocketAddr, protocol: Protocol, flow: &Flow
 
 #[cfg(test)]
 mod tests {
-    use std::{collections::BTreeMap, net::IpAddr};
+    use std::collections::BTreeMap;
 
     use clap::{CommandFactory as _, Parser};
     use serde_json::json;
@@ -563,6 +563,12 @@ mod tests {
         opts: ClientOpts,
         #[command(subcommand)]
         command: CliCommand,
+    }
+
+    /// Each line of `text`, its columns one space apart.
+    fn rows_of(text: &str) -> Vec<String> {
+        let words = |line: &str| line.split_whitespace().collect::<Vec<_>>().join(" ");
+        text.lines().map(words).collect()
     }
 
     fn parse(line: &str) -> TestCli {
@@ -755,71 +761,25 @@ mod tests {
     #[test]
     fn parses_backend_specs() {
         let spec = str::parse::<BackendSpec>;
-        let ip = |text: &str| text.parse::<IpAddr>().unwrap();
+        let parsed = |address: &str, port, weight| {
+            Ok(BackendSpec {
+                address: address.parse().unwrap(),
+                port,
+                weight,
+                state: None,
+            })
+        };
         assert_eq!(
             spec("10.0.0.1:8080@50"),
-            Ok(BackendSpec {
-                address: ip("10.0.0.1"),
-                port: Some(8080),
-                weight: Some(50),
-                state: None
-            })
+            parsed("10.0.0.1", Some(8080), Some(50))
         );
-        assert_eq!(
-            spec("[fd00::1]:80@5"),
-            Ok(BackendSpec {
-                address: ip("fd00::1"),
-                port: Some(80),
-                weight: Some(5),
-                state: None
-            })
-        );
-        assert_eq!(
-            spec("10.0.0.1"),
-            Ok(BackendSpec {
-                address: ip("10.0.0.1"),
-                port: None,
-                weight: None,
-                state: None
-            })
-        );
-        assert_eq!(
-            spec("10.0.0.1@0"),
-            Ok(BackendSpec {
-                address: ip("10.0.0.1"),
-                port: None,
-                weight: Some(0),
-                state: None
-            })
-        );
-        assert_eq!(
-            spec("fd00::1"),
-            Ok(BackendSpec {
-                address: ip("fd00::1"),
-                port: None,
-                weight: None,
-                state: None
-            })
-        );
-        assert_eq!(
-            spec("[fd00::1]@7"),
-            Ok(BackendSpec {
-                address: ip("fd00::1"),
-                port: None,
-                weight: Some(7),
-                state: None
-            })
-        );
+        assert_eq!(spec("[fd00::1]:80@5"), parsed("fd00::1", Some(80), Some(5)));
+        assert_eq!(spec("10.0.0.1"), parsed("10.0.0.1", None, None));
+        assert_eq!(spec("10.0.0.1@0"), parsed("10.0.0.1", None, Some(0)));
+        assert_eq!(spec("fd00::1"), parsed("fd00::1", None, None));
+        assert_eq!(spec("[fd00::1]@7"), parsed("fd00::1", None, Some(7)));
         // Without brackets the last group belongs to the address.
-        assert_eq!(
-            spec("fd00::1:80"),
-            Ok(BackendSpec {
-                address: ip("fd00::1:80"),
-                port: None,
-                weight: None,
-                state: None
-            })
-        );
+        assert_eq!(spec("fd00::1:80"), parsed("fd00::1:80", None, None));
         assert!(spec("10.0.0.1:x").is_err());
         assert!(spec("10.0.0.1:70000").is_err());
         assert!(spec("[10.0.0.1]").is_err());
@@ -839,42 +799,15 @@ mod tests {
         ]);
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines.len(), 3, "{text}");
-        let header: Vec<&str> = lines[0].split_whitespace().collect();
+        let rows = rows_of(&text);
         assert_eq!(
-            header,
-            [
-                "SERVICE",
-                "ADDRESS",
-                "PORT",
-                "WEIGHT",
-                "ADMIN",
-                "HEALTH",
-                "STATE",
-                "PACKETS",
-                "BYTES",
-                "NEW-FLOWS",
-                "SUSPECTED",
-                "LAST-CHECK"
-            ]
+            rows[0],
+            "SERVICE ADDRESS PORT WEIGHT ADMIN HEALTH STATE PACKETS BYTES NEW-FLOWS SUSPECTED \
+             LAST-CHECK"
         );
         assert_eq!(
-            lines[1].split_whitespace().collect::<Vec<_>>(),
-            [
-                "web",
-                "10.0.0.11",
-                "80",
-                "100",
-                "up",
-                "up",
-                "active",
-                "1234",
-                "567890",
-                "56",
-                "0",
-                "ok",
-                "in",
-                "2ms"
-            ]
+            rows[1],
+            "web 10.0.0.11 80 100 up up active 1234 567890 56 0 ok in 2ms"
         );
         assert!(
             lines[2].contains("fd00::12") && lines[2].contains("down"),
@@ -925,16 +858,15 @@ mod tests {
         assert!(text.contains("interfaces:  eth0 (native)\n"), "{text}");
         assert!(text.contains("hot restart"), "{text}");
         assert!(text.contains("backends:    2 (1 active)\n"), "{text}");
-        let table: Vec<Vec<&str>> = text
-            .lines()
+        let table: Vec<String> = rows_of(&text)
+            .into_iter()
             .skip_while(|l| !l.starts_with("SERVICE"))
-            .map(|l| l.split_whitespace().collect())
             .collect();
         assert_eq!(
             table,
             [
-                vec!["SERVICE", "VIP", "PORT", "PROTO", "MODE", "BACKENDS", "TABLE"],
-                vec!["web", "10.0.0.100", "80", "tcp", "dsr", "1/2", "1a2b3c4d"]
+                "SERVICE VIP PORT PROTO MODE BACKENDS TABLE",
+                "web 10.0.0.100 80 tcp dsr 1/2 1a2b3c4d"
             ]
         );
     }
@@ -946,41 +878,12 @@ mod tests {
             "10.0.0.100",
             vec![backend("web", "10.0.0.11", "active")],
         )]);
-        let rows: Vec<Vec<&str>> = text
-            .lines()
-            .map(|l| l.split_whitespace().collect())
-            .collect();
         assert_eq!(
-            rows,
+            rows_of(&text),
             [
-                vec![
-                    "SERVICE",
-                    "VIP",
-                    "PORT",
-                    "PROTO",
-                    "MODE",
-                    "HASH",
-                    "TABLE-SIZE",
-                    "BACKENDS",
-                    "PACKETS",
-                    "BYTES",
-                    "NEW-FLOWS",
-                    "TABLE"
-                ],
-                vec![
-                    "web",
-                    "10.0.0.100",
-                    "80",
-                    "tcp",
-                    "dsr",
-                    "5-tuple",
-                    "65537",
-                    "1/1",
-                    "99",
-                    "9900",
-                    "7",
-                    "1a2b3c4d"
-                ],
+                "SERVICE VIP PORT PROTO MODE HASH TABLE-SIZE BACKENDS PACKETS BYTES NEW-FLOWS \
+                 TABLE",
+                "web 10.0.0.100 80 tcp dsr 5-tuple 65537 1/1 99 9900 7 1a2b3c4d",
             ]
         );
         assert_eq!(render_services(&[]), "no services\n");
@@ -1016,20 +919,16 @@ mod tests {
     fn renders_stats_without_zero_reasons() {
         let text = render_stats(&stats(1), None);
         assert!(!text.contains("drop_no_backend"), "{text}");
-        let rows: Vec<Vec<&str>> = text
-            .lines()
-            .map(|l| l.split_whitespace().collect())
-            .collect();
         assert_eq!(
-            rows,
+            rows_of(&text),
             [
-                vec!["REASON", "PACKETS"],
-                vec!["pass_not_vip", "10"],
-                vec!["tx_dsr", "1000"],
-                vec![],
-                vec!["SERVICE", "BACKEND", "PACKETS", "BYTES", "NEW-FLOWS"],
-                vec!["web", "(all)", "1000", "64000", "10"],
-                vec!["web", "[fd00::11]:80", "1000", "64000", "10"],
+                "REASON PACKETS",
+                "pass_not_vip 10",
+                "tx_dsr 1000",
+                "",
+                "SERVICE BACKEND PACKETS BYTES NEW-FLOWS",
+                "web (all) 1000 64000 10",
+                "web [fd00::11]:80 1000 64000 10",
             ]
         );
     }
@@ -1038,37 +937,16 @@ mod tests {
     fn renders_stats_with_rates() {
         let (before, now) = (stats(1), stats(3));
         let text = render_stats(&now, Some((&before, Duration::from_secs(2))));
-        let rows: Vec<Vec<&str>> = text
-            .lines()
-            .map(|l| l.split_whitespace().collect())
-            .collect();
-        assert_eq!(rows[0], ["REASON", "PACKETS", "PKT/S"]);
-        assert_eq!(rows[2], ["tx_dsr", "3000", "1000.0"]);
+        let rows = rows_of(&text);
+        assert_eq!(rows[0], "REASON PACKETS PKT/S");
+        assert_eq!(rows[2], "tx_dsr 3000 1000.0");
         assert_eq!(
             rows[4],
-            [
-                "SERVICE",
-                "BACKEND",
-                "PACKETS",
-                "BYTES",
-                "NEW-FLOWS",
-                "PKT/S",
-                "BYTES/S",
-                "FLOWS/S"
-            ]
+            "SERVICE BACKEND PACKETS BYTES NEW-FLOWS PKT/S BYTES/S FLOWS/S"
         );
         assert_eq!(
             rows[6],
-            [
-                "web",
-                "[fd00::11]:80",
-                "3000",
-                "192000",
-                "30",
-                "1000.0",
-                "64000.0",
-                "10.0"
-            ]
+            "web [fd00::11]:80 3000 192000 30 1000.0 64000.0 10.0"
         );
         // Counters that went backwards (a restart) have no rate.
         let text = render_stats(&before, Some((&now, Duration::from_secs(2))));
