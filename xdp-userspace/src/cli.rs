@@ -649,18 +649,13 @@ mod tests {
                 port: Some(8080)
             })
         );
-        assert_eq!(
-            parse("xdplb stats").command,
-            CliCommand::Stats { watch: None }
-        );
-        assert_eq!(
-            parse("xdplb stats --watch").command,
-            CliCommand::Stats { watch: Some(2) }
-        );
-        assert_eq!(
-            parse("xdplb stats --watch 5").command,
-            CliCommand::Stats { watch: Some(5) }
-        );
+        for (line, watch) in [
+            ("xdplb stats", None),
+            ("xdplb stats --watch", Some(2)),
+            ("xdplb stats --watch 5", Some(5)),
+        ] {
+            assert_eq!(parse(line).command, CliCommand::Stats { watch }, "{line}");
+        }
         assert!(TestCli::try_parse_from(["xdplb", "stats", "--watch", "0"]).is_err());
         assert_eq!(
             request_of(&parse("xdplb flow [fd00::1]:40000 [fd00::100]:80 udp").command),
