@@ -23,11 +23,7 @@ pub fn from_words(words: [u32; 4]) -> IpAddr {
     for (i, w) in words.iter().enumerate() {
         b[4 * i..4 * i + 4].copy_from_slice(&w.to_ne_bytes());
     }
-    let v6 = Ipv6Addr::from(b);
-    match v6.to_ipv4_mapped() {
-        Some(v4) => IpAddr::V4(v4),
-        None => IpAddr::V6(v6),
-    }
+    Ipv6Addr::from(b).to_canonical()
 }
 
 /// The map key of the service at `vip:port` over `proto`.
