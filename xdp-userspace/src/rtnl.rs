@@ -7,7 +7,7 @@
 
 use std::io;
 
-use anyhow::{bail, Context as _, Result};
+use anyhow::{Context as _, Result};
 use netlink_packet_core::{
     NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST,
 };
@@ -47,10 +47,10 @@ impl Rtnl {
 
     /// A look-up of one object (a link, a route).
     pub fn get(&mut self, msg: RouteNetlinkMessage) -> Result<RouteNetlinkMessage> {
-        match self.exchange(msg, NLM_F_ACK)?.into_iter().next() {
-            Some(answer) => Ok(answer),
-            None => bail!("the kernel acknowledged an rtnetlink look-up without an answer"),
-        }
+        self.exchange(msg, NLM_F_ACK)?
+            .into_iter()
+            .next()
+            .context("the kernel acknowledged an rtnetlink look-up without an answer")
     }
 
     /// A change (`NLM_F_CREATE | NLM_F_REPLACE`, ...), once the kernel
