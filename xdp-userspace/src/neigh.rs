@@ -28,7 +28,7 @@ use netlink_packet_route::{
 use tracing::warn;
 
 use crate::{
-    config::{Config, Mode},
+    config::{Config, Mode, ServiceConfig},
     rtnl::{Announced, Events, Rtnl},
 };
 
@@ -138,7 +138,7 @@ impl Resolver {
     /// that health checks or the API need.
     /// Forgets the answers for backends `config` no longer has.
     pub fn prepare(&self, config: &Config) {
-        let wanted = targets(config);
+        let wanted = targets(&config.services);
         let missing: Vec<Target> = {
             let known = self.known();
             wanted
@@ -200,7 +200,7 @@ impl Resolver {
     /// daemon's own VIP routes (docs/cluster.md) nor the routes a routing
     /// daemon installs elsewhere cost a refresh of every backend.
     pub fn concerns(&self, msg: &RouteNetlinkMessage) -> bool {
-        let (key, mac) = match msg {
+        let entry = match msg {
             RouteNetlinkMessage::NewRoute(r) | RouteNetlinkMessage::DelRoute(r) => {
                 // A family of no address of ours: nothing to re-resolve.
                 let Some(covered) = covered(r) else {
@@ -217,15 +217,12 @@ impl Resolver {
             RouteNetlinkMessage::DelLink(l) => {
                 return self.known().interfaces.contains_key(&l.header.index)
             }
-            RouteNetlinkMessage::NewNeighbour(n) => match neighbour_entry(n) {
-                Some(entry) => entry,
-                None => return false,
-            },
-            RouteNetlinkMessage::DelNeighbour(n) => match neighbour_entry(n) {
-                Some((key, _)) => (key, None),
-                None => return false,
-            },
+            RouteNetlinkMessage::NewNeighbour(n) => neighbour_entry(n),
+            RouteNetlinkMessage::DelNeighbour(n) => neighbour_entry(n).map(|(key, _)| (key, None)),
             _ => return false,
+        };
+        let Some((key, mac)) = entry else {
+            return false;
         };
         self.known()
             .neighbours
@@ -281,11 +278,10 @@ pub fn watch(resolver: Arc<Resolver>, changed: impl Fn() + Send + 'static) -> Re
     Ok(())
 }
 
-/// Every distinct backend target of `config`.
-fn targets(config: &Config) -> Vec<Target> {
-    let mut targets: Vec<Target> = config
-        .services
-        .iter()
+/// Every distinct backend target of `services`.
+pub(crate) fn targets<'a>(services: impl IntoIterator<Item = &'a ServiceConfig>) -> Vec<Target> {
+    let mut targets: Vec<Target> = services
+        .into_iter()
         .flat_map(|s| {
             let nat = s.mode == Mode::Nat;
             s.backends.iter().map(move |b| (b.address, nat))
@@ -299,7 +295,7 @@ fn targets(config: &Config) -> Vec<Target> {
 /// Resolves every target; unresolved neighbours are solicited and polled
 /// for up to `wait`, all together.
 fn resolve_all(targets: &[Target], wait: Duration) -> HashMap<Target, Resolved> {
-    match Netlink::open().and_then(|mut nl| nl.resolve_all(targets, wait)) {
+    match Rtnl::open().and_then(|mut rtnl| rtnl.resolve_all(targets, wait)) {
         Ok(resolved) => resolved,
         Err(err) => {
             let err = format!("{err:#}");
@@ -397,22 +393,10 @@ fn route_address(a: &RouteAddress) -> Option<IpAddr> {
 }
 
 /// The look-ups a resolution makes.
-struct Netlink {
-    rtnl: Rtnl,
-}
-
-impl Netlink {
-    fn open() -> Result<Self> {
-        Ok(Self {
-            rtnl: Rtnl::open()?,
-        })
-    }
-
+impl Rtnl {
     /// Interface index -> (name, MAC).
     fn links(&mut self) -> Result<HashMap<u32, Link>> {
-        let answers = self
-            .rtnl
-            .dump(RouteNetlinkMessage::GetLink(LinkMessage::default()))?;
+        let answers = self.dump(RouteNetlinkMessage::GetLink(LinkMessage::default()))?;
         Ok(answers
             .into_iter()
             .filter_map(|m| match m {
@@ -432,7 +416,7 @@ impl Netlink {
     /// (interface index, address) -> MAC, for every usable neighbour.
     fn neighbours(&mut self) -> Result<HashMap<NeighbourKey, [u8; 6]>> {
         let msg = RouteNetlinkMessage::GetNeighbour(NeighbourMessage::default());
-        let answers = self.rtnl.dump(msg)?;
+        let answers = self.dump(msg)?;
         Ok(answers
             .into_iter()
             .filter_map(|m| match m {
@@ -457,7 +441,6 @@ impl Netlink {
         msg.attributes
             .push(RouteAttribute::Destination(RouteAddress::from(addr)));
         let answer = self
-            .rtnl
             .get(RouteNetlinkMessage::GetRoute(msg))
             .with_context(|| format!("no route to backend {addr}"))?;
         let RouteNetlinkMessage::NewRoute(route) = answer else {
@@ -759,7 +742,7 @@ mod tests {
 
     #[test]
     fn loopback_interface_has_a_next_hop_table_entry() {
-        let mut nl = Netlink::open().unwrap();
+        let mut nl = Rtnl::open().unwrap();
         let links = nl.links().unwrap();
         assert!(links.values().any(|(name, _)| name == "lo"), "{links:?}");
     }
