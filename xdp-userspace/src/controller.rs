@@ -728,10 +728,7 @@ impl Model {
                         cfg.name
                     )
                 })?;
-                writes.push(Write::ResetCounters {
-                    service: Some(id),
-                    backend: None,
-                });
+                writes.push(Write::ResetServiceCounters(id));
                 (id, region, 0)
             }
         };
@@ -870,10 +867,7 @@ impl Model {
             Some((id, state)) => (id, state != BACKEND_DOWN || cfg.state == Admin::Down),
             None => {
                 let id = self.backend_ids.alloc(1).context("no free backend id")?;
-                writes.push(Write::ResetCounters {
-                    service: None,
-                    backend: Some(id),
-                });
+                writes.push(Write::ResetBackendCounters(id));
                 (id, true)
             }
         };

@@ -4,12 +4,12 @@
 use std::{
     net::SocketAddr,
     ops::Add,
-    os::fd::{AsFd as _, AsRawFd as _, OwnedFd},
+    os::fd::{AsFd as _, AsRawFd as _},
     path::Path,
     sync::Arc,
 };
 
-use anyhow::{bail, Context as _, Result};
+use anyhow::{Context as _, Result};
 use aya::{
     maps::{Array, DevMapHash, HashMap, IterableMap as _, Map, MapData, PerCpuArray, PerCpuValues},
     Ebpf, Pod,
@@ -40,6 +40,12 @@ impl<V: Pod + Default + Add<Output = V>> SumPerCpu for PerCpuValues<V> {
 /// The sum itself, also for per-CPU values read in a batch ([`totals`]).
 fn sum_per_cpu<V: Default + Add<Output = V>>(values: impl Iterator<Item = V>) -> V {
     values.fold(V::default(), |a, v| a + v)
+}
+
+/// A per-CPU value of zero on every CPU.
+fn zeroed<V: Pod + Default>() -> Result<PerCpuValues<V>> {
+    let cpus = aya::util::nr_cpus().map_err(|(_, e)| e)?;
+    Ok(PerCpuValues::try_from(vec![V::default(); cpus])?)
 }
 
 /// Entries `0..count` of a per-CPU array, each summed over CPUs, read with
@@ -105,6 +111,13 @@ fn totals<V: Pod + Default + Add<Output = V>>(map: &MapData, count: u32) -> Resu
         .collect())
 }
 
+/// A handle of its own on the hash map `map` (a second descriptor), for a
+/// user beside whoever holds `map`.
+fn reopen<K: Pod, V: Pod>(map: &HashMap<MapData, K, V>) -> Result<HashMap<MapData, K, V>> {
+    let fd = map.map().fd().as_fd().try_clone_to_owned()?;
+    Ok(Map::from_map_data(MapData::from_fd(fd)?)?.try_into()?)
+}
+
 /// Every map of the datapath.
 pub struct Maps {
     pub services: HashMap<MapData, ServiceKey, Service>,
@@ -124,10 +137,6 @@ pub struct Maps {
     pub snat_pools: Array<MapData, SnatPool>,
     /// The destination MACs the datapath balances frames to.
     pub accepted_macs: IfMacs,
-    /// Second descriptors of the NAT tables, for [`Maps::nat_sweeper`].
-    nat_fds: [OwnedFd; 2],
-    /// A second descriptor of the flow table, for [`Maps::flow_table`].
-    flows_fd: OwnedFd,
     /// The Maglev array's memory, where tables are written.
     maglev_mem: MaglevMemory,
 }
@@ -149,7 +158,6 @@ impl MaglevMemory {
     const BYTES: usize = MAGLEV_SLOTS as usize * std::mem::size_of::<u64>();
 
     fn map(fd: std::os::fd::BorrowedFd<'_>) -> Result<Self> {
-        use std::os::fd::AsRawFd as _;
         // SAFETY: a shared read-write mapping of the whole array, which
         // the kernel sized for MAGLEV_SLOTS elements of 8 bytes.
         let ptr = unsafe {
@@ -214,38 +222,24 @@ impl Maps {
                     .with_context(|| format!("map {} has an unexpected type", $name))?
             };
         }
-        // A hash map and a second descriptor of it.
-        let mut shared = |name: &str| -> Result<(Map, OwnedFd)> {
-            let map = src.map(name)?;
-            let (Map::HashMap(data) | Map::LruHashMap(data)) = &map else {
-                bail!("map {name} has an unexpected type");
-            };
-            let fd = data.fd().as_fd().try_clone_to_owned()?;
-            Ok((map, fd))
-        };
-        let (nat_fwd, fwd_fd) = shared(names::NAT_FWD)?;
-        let (nat_rev, rev_fd) = shared(names::NAT_REV)?;
-        let (flows, flows_fd) = shared(names::FLOWS)?;
         let maglev: Array<MapData, u32> = typed!(names::MAGLEV);
         let maglev_mem = MaglevMemory::map(maglev.map().fd().as_fd())?;
         Ok(Self {
             services: typed!(names::SERVICES),
             backends: typed!(names::BACKENDS),
             maglev,
-            flows: flows.try_into()?,
+            flows: typed!(names::FLOWS),
             opening: typed!(names::OPENING),
             reasons: typed!(names::REASONS),
             service_stats: typed!(names::SERVICE_STATS),
             backend_stats: typed!(names::BACKEND_STATS),
             signals: typed!(names::SIGNALS),
             tx_ports: typed!(names::TX_PORTS),
-            nat_fwd: nat_fwd.try_into()?,
-            nat_rev: nat_rev.try_into()?,
+            nat_fwd: typed!(names::NAT_FWD),
+            nat_rev: typed!(names::NAT_REV),
             globals: typed!(names::GLOBALS),
             snat_pools: typed!(names::SNAT_POOLS),
             accepted_macs: IfMacs::from_map(src.map(xdp_common::ifmac::MAP_NAME)?)?,
-            nat_fds: [fwd_fd, rev_fd],
-            flows_fd,
             maglev_mem,
         })
     }
@@ -275,9 +269,8 @@ impl Maps {
     /// The flow and NAT tables as replication uses them, with handles of
     /// their own, so that it runs beside whoever holds these maps.
     pub(crate) fn flow_table(&self) -> Result<FlowTable> {
-        let data = MapData::from_fd(self.flows_fd.try_clone()?)?;
         Ok(FlowTable {
-            flows: Map::LruHashMap(data).try_into()?,
+            flows: reopen(&self.flows)?,
             nat: self.nat_sweeper()?,
         })
     }
@@ -285,12 +278,9 @@ impl Maps {
     /// A sweeper with handles of its own on the NAT tables, so that it runs
     /// beside whoever holds these maps.
     pub(crate) fn nat_sweeper(&self) -> Result<NatSweeper> {
-        let open =
-            |fd: &OwnedFd| -> Result<Map> { Ok(Map::HashMap(MapData::from_fd(fd.try_clone()?)?)) };
         Ok(NatSweeper {
-            fwd: open(&self.nat_fds[0])?.try_into()?,
-            rev: open(&self.nat_fds[1])?.try_into()?,
-            fds: [self.nat_fds[0].try_clone()?, self.nat_fds[1].try_clone()?],
+            fwd: reopen(&self.nat_fwd)?,
+            rev: reopen(&self.nat_rev)?,
         })
     }
 
@@ -315,8 +305,10 @@ impl Maps {
                 Write::RemoveService(key) => {
                     self.services.remove(key).context("removing a service")?
                 }
-                Write::ResetCounters { service, backend } => {
-                    self.reset_counters(*service, *backend)?
+                Write::ResetServiceCounters(id) => self.service_stats.set(*id, zeroed()?, 0)?,
+                Write::ResetBackendCounters(id) => {
+                    self.backend_stats.set(*id, zeroed()?, 0)?;
+                    self.signals.set(*id, zeroed()?, 0)?;
                 }
                 Write::TxPort(ifindex) => self
                     .tx_ports
@@ -393,31 +385,6 @@ impl Maps {
         totals(self.signals.map(), count)
     }
 
-    /// Zeroes a service's or backend's counters (when its id is reused).
-    pub(crate) fn reset_counters(
-        &mut self,
-        service: Option<u32>,
-        backend: Option<u32>,
-    ) -> Result<()> {
-        let zero = || {
-            aya::maps::PerCpuValues::try_from(vec![
-                Counters::default();
-                aya::util::nr_cpus().map_err(|(_, e)| e)?
-            ])
-            .map_err(anyhow::Error::from)
-        };
-        if let Some(id) = service {
-            self.service_stats.set(id, zero()?, 0)?;
-        }
-        if let Some(id) = backend {
-            self.backend_stats.set(id, zero()?, 0)?;
-            let cpus = aya::util::nr_cpus().map_err(|(_, e)| e)?;
-            let none = aya::maps::PerCpuValues::try_from(vec![Signals::default(); cpus])?;
-            self.signals.set(id, none, 0)?;
-        }
-        Ok(())
-    }
-
     /// Where the datapath sends a packet from `src` to `dst`, worked out
     /// from the maps exactly as the XDP program does: the flow table for
     /// an established flow whose backend still takes it, else the
@@ -429,12 +396,11 @@ impl Maps {
             .with_context(|| format!("no service at {dst}/{}", proto_name(proto)))?;
         let key = addr::flow_key(src, dst, proto);
         let hash = flow_hash(&key, service.flags & SVC_F_HASH_SRC_ONLY != 0);
+        let translated = service.flags & SVC_F_NAT != 0;
+        let translation = translated.then(|| self.nat_fwd.get(&key, 0).ok()).flatten();
         // NAT flows are tracked in the NAT table, DSR flows in the flow table.
-        let pinned = if service.flags & SVC_F_NAT != 0 {
-            self.nat_fwd
-                .get(&key, 0)
-                .ok()
-                .map(|f| (f.backend, f.flags & NAT_F_REPLICATED != 0))
+        let pinned = if translated {
+            translation.map(|f| (f.backend, f.flags & NAT_F_REPLICATED != 0))
         } else {
             // Established, or still opening (TCP flows that sent only
             // their first packet).
@@ -446,8 +412,6 @@ impl Maps {
                 .map(|f| (f.backend, f.flags & FLOW_F_REPLICATED != 0))
         };
         let live = |id: u32| self.backend(id).ok().filter(Backend::is_live);
-        let replicated = pinned.is_some_and(|(_, r)| r);
-        let pinned = pinned.map(|(id, _)| id);
         let has_table = service.flags & SVC_F_NO_BACKEND == 0 && service.table_size != 0;
         let slot = has_table.then(|| hash % service.table_size);
         let pick = slot
@@ -456,31 +420,22 @@ impl Maps {
                 Ok((id, self.backend(id)?))
             })
             .transpose()?;
-        let (id, backend, established) = match pinned.and_then(|id| live(id).map(|b| (id, b))) {
-            Some((id, b)) => (id, b, true),
-            None => {
-                let Some((id, b)) = pick else {
-                    bail!("service at {dst} has no backend taking new flows");
-                };
-                (id, b, false)
-            }
-        };
-        let nat = (service.flags & SVC_F_NAT != 0)
-            .then(|| self.nat_fwd.get(&key, 0).ok())
-            .flatten()
-            .map(|f| {
-                let b = self.backend(f.backend).unwrap_or_default();
-                let snat =
-                    SocketAddr::new(addr::from_words(f.snat_addr), u16::from_be(f.nat_port_be));
-                let backend = SocketAddr::new(addr::from_words(b.addr), u16::from_be(b.port_be));
-                format!("{src} -> {dst} is translated to {snat} -> {backend}")
-            });
+        // The pin while its backend is live, else the Maglev table's pick.
+        let (id, backend, established) = pinned
+            .and_then(|(id, _)| Some((id, live(id)?, true)))
+            .or(pick.map(|(id, b)| (id, b, false)))
+            .with_context(|| format!("service at {dst} has no backend taking new flows"))?;
+        let nat = translation.map(|f| {
+            let backend = socket_addr(&self.backend(f.backend).unwrap_or_default());
+            let snat = SocketAddr::new(addr::from_words(f.snat_addr), u16::from_be(f.nat_port_be));
+            format!("{src} -> {dst} is translated to {snat} -> {backend}")
+        });
         Ok(Route {
             nat,
             backend_id: id,
             backend: socket_addr(&backend),
             established,
-            replicated: established && replicated,
+            replicated: established && pinned.is_some_and(|(_, replicated)| replicated),
             new_flow_backend: pick.map(|(_, b)| socket_addr(&b)),
             hash,
             slot,
@@ -612,8 +567,6 @@ impl FlowTable {
 pub(crate) struct NatSweeper {
     fwd: HashMap<MapData, FlowKey, NatFwd>,
     rev: HashMap<MapData, FlowKey, NatRev>,
-    /// The same tables' descriptors (`fwd`, `rev`), for [`take_if`].
-    fds: [OwnedFd; 2],
 }
 
 impl NatSweeper {
@@ -658,10 +611,10 @@ impl NatSweeper {
         before_delete();
         let mut deleted = [0usize; 2];
         for (k, r) in &dead_rev {
-            deleted[1] += usize::from(take_if(&mut self.rev, &self.fds[1], k, r)?);
+            deleted[1] += usize::from(take_if(&mut self.rev, k, r)?);
         }
         for (k, f) in &dead_fwd {
-            deleted[0] += usize::from(take_if(&mut self.fwd, &self.fds[0], k, f)?);
+            deleted[0] += usize::from(take_if(&mut self.fwd, k, f)?);
         }
         let count = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
         let live_fwd = fwd.iter().filter(|(_, f)| !f.expired(now_ns)).count();
@@ -678,17 +631,17 @@ impl NatSweeper {
     }
 }
 
-/// Deletes `key` from `map` (whose descriptor is `fd`) if it still holds
-/// `judged`: takes the entry out and gets back what it held, in one step
+/// Deletes `key` from `map` if it still holds `judged`: takes the entry
+/// out and gets back what it held, in one step
 /// (BPF_MAP_LOOKUP_AND_DELETE_ELEM), and puts anything else back, unless
 /// the datapath made the key anew meanwhile. True if `judged` went.
 fn take_if<V: aya::Pod + PartialEq>(
     map: &mut HashMap<MapData, FlowKey, V>,
-    fd: &OwnedFd,
     key: &FlowKey,
     judged: &V,
 ) -> Result<bool> {
-    match lookup_and_delete::<FlowKey, V>(fd.as_fd(), key).context("deleting a NAT entry")? {
+    let held = lookup_and_delete::<FlowKey, V>(map.map().fd().as_fd(), key);
+    match held.context("deleting a NAT entry")? {
         None => Ok(false),
         Some(held) if held == *judged => Ok(true),
         Some(held) => {
@@ -708,7 +661,6 @@ fn lookup_and_delete<K: aya::Pod, V: aya::Pod>(
     map: std::os::fd::BorrowedFd<'_>,
     key: &K,
 ) -> std::io::Result<Option<V>> {
-    use std::os::fd::AsRawFd as _;
     /// The map-element member of the kernel's `union bpf_attr`.
     #[repr(C)]
     struct ElemAttr {
@@ -762,11 +714,10 @@ pub(crate) enum Write {
     /// addresses.
     Service(ServiceKey, Service, SnatPool),
     RemoveService(ServiceKey),
-    /// Zeroes the counters of a reused service or backend id.
-    ResetCounters {
-        service: Option<u32>,
-        backend: Option<u32>,
-    },
+    /// Zeroes the counters of a reused service id.
+    ResetServiceCounters(u32),
+    /// Zeroes the counters and signals of a reused backend id.
+    ResetBackendCounters(u32),
     /// An egress interface the datapath may redirect to.
     TxPort(u32),
     /// The MACs frames are balanced to: each interface's own
