@@ -45,7 +45,7 @@ use crate::{
     config::{Admin, AllDown, BackendConfig, Config, HashFields, Mode, ServiceConfig},
     dataplane::{Maps, NatSweeper, Write},
     maglev::{self, MaglevBackend},
-    neigh::{Resolved, Resolver, Target},
+    neigh::{self, Resolved, Resolver, Target},
 };
 
 /// Identity of a service: VIP, port, protocol number.
@@ -230,8 +230,7 @@ impl Ranges {
         true
     }
 
-    fn release(&mut self, start: u32, len: u32) {
-        let (mut start, mut len) = (start, len);
+    fn release(&mut self, mut start: u32, mut len: u32) {
         if let Some((&s, &l)) = self.free.range(..start).next_back() {
             if s + l == start {
                 self.free.remove(&s);
@@ -513,26 +512,15 @@ impl Controller {
 
     /// The backends' next-hop targets, for `Resolver::refresh`.
     pub(crate) fn next_hop_targets(&self) -> Vec<Target> {
-        let mut targets: Vec<Target> = self
-            .model
-            .services
-            .values()
-            .flat_map(|s| {
-                let nat = s.config.mode == Mode::Nat;
-                s.backends.values().map(move |b| (b.config.address, nat))
-            })
-            .collect();
-        targets.sort();
-        targets.dedup();
-        targets
+        neigh::targets(self.services().map(|s| &s.config))
     }
 
     /// Rewrites the backends whose next hop changed in `hops` (a MAC
     /// resolved late or changed). Fast: resolve first, without locks.
     pub(crate) fn update_next_hops(&mut self, hops: &HashMap<Target, Resolved>) -> Result<()> {
         // The new (MAC, ifindex, source MAC) of `b`, if it changed.
-        let changed = |svc: &ServiceState, b: &BackendState| {
-            let via_router = svc.config.mode == Mode::Nat;
+        let changed = |svc: &ServiceConfig, b: &BackendState| {
+            let via_router = svc.mode == Mode::Nat;
             let Some(Ok(hop)) = hops.get(&(b.config.address, via_router)) else {
                 return None;
             };
@@ -542,19 +530,16 @@ impl Controller {
         };
         // Usually nothing changed: then the model is not even copied.
         let services = || self.model.services.values();
-        if !services().any(|svc| svc.backends.values().any(|b| changed(svc, b).is_some())) {
+        if !services().any(|s| s.backends.values().any(|b| changed(&s.config, b).is_some())) {
             return Ok(());
         }
         let mut next = self.model.clone();
         let mut writes = Vec::new();
         for svc in next.services.values_mut() {
-            let updates: Vec<_> = svc
-                .backends
-                .iter()
-                .filter_map(|(key, b)| Some((*key, changed(svc, b)?)))
-                .collect();
-            for (key, (mac, ifindex, src_mac)) in updates {
-                let b = svc.backends.get_mut(&key).expect("just seen");
+            for b in svc.backends.values_mut() {
+                let Some((mac, ifindex, src_mac)) = changed(&svc.config, b) else {
+                    continue;
+                };
                 info!(backend = %b.addr(), mac = ?mac, "backend next hop updated");
                 (b.mac, b.ifindex, b.src_mac) = (mac, ifindex, src_mac);
                 writes.push(Write::TxPort(ifindex));
@@ -704,21 +689,19 @@ impl Model {
         let key = service_id(cfg);
         let size = cfg.table_size;
         // An adopted service keeps its id and region: the datapath reads it.
-        let adopted = self.adoptable.services.remove(&key).filter(|s| {
+        let adopted = self.adoptable.services.remove(&key).and_then(|s| {
             let half = u32::from(s.flags & SVC_F_SECOND_HALF != 0);
-            s.table_size == size
-                && s.table_base >= half * size
+            let region = s.table_base.checked_sub(half * size)?;
+            let taken = s.table_size == size
                 && self.service_ids.take(s.id, 1)
-                && (self.slots.take(s.table_base - half * size, 2 * size) || {
+                && (self.slots.take(region, 2 * size) || {
                     self.service_ids.release(s.id, 1);
                     false
-                })
+                });
+            taken.then_some((s.id, region, half))
         });
         let (id, region, active_half) = match adopted {
-            Some(s) => {
-                let half = u32::from(s.flags & SVC_F_SECOND_HALF != 0);
-                (s.id, s.table_base - half * size, half)
-            }
+            Some(adopted) => adopted,
             None => {
                 let id = self.service_ids.alloc(1).context("no free service id")?;
                 let region = self.slots.alloc(2 * size).with_context(|| {
@@ -769,15 +752,10 @@ impl Model {
             .iter()
             .map(|b| ((b.address, b.port), b))
             .collect();
-        let removed: Vec<BackendAddr> = svc
+        let leaving: Vec<BackendState> = svc
             .backends
-            .keys()
-            .filter(|k| !wanted.contains_key(k))
-            .copied()
-            .collect();
-        let leaving: Vec<BackendState> = removed
-            .iter()
-            .filter_map(|k| svc.backends.remove(k))
+            .extract_if(.., |k, _| !wanted.contains_key(k))
+            .map(|(_, b)| b)
             .collect();
         let mut added = Vec::new();
         for (k, b) in &wanted {
@@ -847,15 +825,12 @@ impl Model {
         let hop = hops
             .hop((cfg.address, nat))
             .map_err(|e| anyhow::anyhow!("backend {addr}: {e}"))?;
-        let snat = if nat {
-            let snat = svc.nat.snat_addresses.first().copied().or(hop.src_addr);
-            if snat.is_none() {
-                bail!("backend {addr}: no source address on the route to it; set nat.snat_address");
-            }
-            snat
-        } else {
-            None
-        };
+        let snat = nat
+            .then(|| svc.nat.snat_addresses.first().copied().or(hop.src_addr))
+            .flatten();
+        if nat && snat.is_none() {
+            bail!("backend {addr}: no source address on the route to it; set nat.snat_address");
+        }
         // An adopted backend keeps its id (flows are pinned to it) and the
         // health its datapath state implies.
         let adopted = self
@@ -898,17 +873,12 @@ impl Model {
     fn sync(&mut self, key: ServiceId, writes: &mut Vec<Write>) -> Result<()> {
         let all_down = self.all_down;
         let svc = self.services.get_mut(&key).expect("caller checked");
-        let mut members: Vec<&BackendState> = svc
-            .backends
-            .values()
-            .filter(|b| b.eligible() && b.healthy)
-            .collect();
-        let eligible = svc.backends.values().filter(|b| b.eligible()).count();
-        let failing_open = members.is_empty() && eligible > 0 && all_down == AllDown::FailOpen;
-        if failing_open {
-            members = svc.backends.values().filter(|b| b.eligible()).collect();
-        }
-        if members.is_empty() && eligible > 0 && !svc.table.is_empty() {
+        let eligible: Vec<&BackendState> = svc.backends.values().filter(|b| b.eligible()).collect();
+        let healthy: Vec<&BackendState> = eligible.iter().copied().filter(|b| b.healthy).collect();
+        let failing_open =
+            healthy.is_empty() && !eligible.is_empty() && all_down == AllDown::FailOpen;
+        let members = if failing_open { &eligible } else { &healthy };
+        if members.is_empty() && !eligible.is_empty() && !svc.table.is_empty() {
             error!(service = %svc.config.name, "every backend is down: dropping new flows \
                 (all_down = \"drop\")");
         }
@@ -917,7 +887,6 @@ impl Model {
                 to all of them regardless of health");
         }
         svc.failing_open = failing_open;
-        let member_ids: BTreeSet<u32> = members.iter().map(|b| b.id).collect();
         let member_addrs: HashMap<u32, SocketAddr> =
             members.iter().map(|b| (b.id, b.addr())).collect();
         let keyed: Vec<MaglevBackend> = members
@@ -933,7 +902,7 @@ impl Model {
 
         let now = Instant::now();
         let new_state = |b: &BackendState| {
-            if member_ids.contains(&b.id) {
+            if member_addrs.contains_key(&b.id) {
                 BACKEND_ACTIVE
             } else if b.healthy && b.admin != Admin::Down {
                 BACKEND_DRAINING
@@ -972,7 +941,7 @@ impl Model {
                 svc.entry(),
                 svc.snat_pool(),
             ));
-            info!(service = %svc.config.name, members = member_ids.len(), "Maglev table swapped \
+            info!(service = %svc.config.name, members = member_addrs.len(), "Maglev table swapped \
                 in");
         }
         // 4. Leavers stop only now.
