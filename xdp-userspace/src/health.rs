@@ -513,9 +513,12 @@ impl HealthChecker {
             })
             .ok();
         let (schedule, added) = unbounded_channel();
-        runtime
-            .handle
-            .spawn(Scheduler::new(added, half_open.clone()).run());
+        let scheduler = Scheduler {
+            due: BTreeMap::new(),
+            added,
+            running: FuturesUnordered::new(),
+        };
+        runtime.handle.spawn(scheduler.run());
         let mut checker = HealthChecker {
             targets: BTreeMap::new(),
             probe_slots: Arc::new(Semaphore::new(max_concurrent.max(1))),
@@ -831,24 +834,9 @@ struct Scheduler {
     due: BTreeMap<time::Instant, Vec<Weak<Prober>>>,
     added: UnboundedReceiver<(time::Instant, Weak<Prober>)>,
     running: FuturesUnordered<Probe>,
-    /// The checker's, which the half-open checks due together are handed
-    /// to at once.
-    half_open: Option<Arc<HalfOpen>>,
 }
 
 impl Scheduler {
-    fn new(
-        added: UnboundedReceiver<(time::Instant, Weak<Prober>)>,
-        half_open: Option<Arc<HalfOpen>>,
-    ) -> Self {
-        Self {
-            due: BTreeMap::new(),
-            added,
-            running: FuturesUnordered::new(),
-            half_open,
-        }
-    }
-
     /// Until the checker is dropped.
     async fn run(mut self) {
         let timer = time::sleep_until(time::Instant::now());
@@ -883,6 +871,9 @@ impl Scheduler {
     /// fixed rate, which is what bounds detection time, skipping the
     /// times a busy machine missed rather than catching up in a burst.
     fn start_due(&mut self, now: time::Instant) {
+        // The checker's one `HalfOpen` (every prober holds it), which the
+        // half-open checks due together are handed to at once.
+        let mut half_open = None;
         let mut half_open_checks = Vec::new();
         while let Some(entry) = self.due.first_entry() {
             if *entry.key() > now {
@@ -909,6 +900,7 @@ impl Scheduler {
                         let deadline = Deadline::after(now, prober.check.timeout);
                         let check = Waiter::Check(Arc::downgrade(&prober) as Weak<dyn Check>);
                         half_open_checks.push((prober.probe_addr, deadline, check));
+                        half_open = half_open.or_else(|| prober.half_open.clone());
                     } else {
                         self.running.push(Box::pin(prober.scheduled()));
                     }
@@ -916,11 +908,7 @@ impl Scheduler {
                 self.due.entry(next).or_default().push(target);
             }
         }
-        if let Some(half_open) = self
-            .half_open
-            .as_ref()
-            .filter(|_| !half_open_checks.is_empty())
-        {
+        if let Some(half_open) = half_open {
             half_open.check(half_open_checks);
         }
     }
