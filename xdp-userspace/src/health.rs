@@ -608,7 +608,7 @@ impl HealthChecker {
         let prober = Arc::clone(prober);
         self.runtime.handle.spawn(async move {
             if let Some((Err(error), took)) = prober.probe_once().await {
-                prober.confirm_suspicion(&why, error, took);
+                prober.record(Err(error), took, Some(&why));
             }
         });
         true
@@ -736,27 +736,6 @@ impl Prober {
         }
     }
 
-    /// A probe asked for by a suspicion failed: the backend goes down at
-    /// once, without waiting for `fall` failures.
-    fn confirm_suspicion(&self, why: &str, error: String, took: Duration) {
-        let at = Instant::now();
-        let mut shared = lock(&self.shared);
-        if shared.retired {
-            return;
-        }
-        let changed = shared.hysteresis.force_down();
-        let status = &mut shared.status;
-        status.checks += 1;
-        status.failures += 1;
-        status.last_at = Some(at);
-        status.last_duration = Some(took);
-        if changed {
-            let detail = format!("suspected ({why}); the probe that followed failed: {error}");
-            let _ = self.events.send(status.transition(false, detail, at));
-        }
-        status.last_result = Some(Err(error));
-    }
-
     /// The half-open checker, if this target's checks are half-open.
     fn half_open(&self) -> Option<&HalfOpen> {
         let tcp = self.check.kind == CheckKind::Tcp;
@@ -786,8 +765,10 @@ impl Prober {
     }
 
     /// Feeds a result to the hysteresis and the shared status, and sends an
-    /// event if the verdict changed; unless the target is retired.
-    fn record(&self, result: Result<(), String>, took: Duration) {
+    /// event if the verdict changed; unless the target is retired. A failed
+    /// probe that a suspicion asked for (`suspected`: why) takes the backend
+    /// down at once, without waiting for `fall` failures.
+    fn record(&self, result: Result<(), String>, took: Duration, suspected: Option<&str>) {
         let at = Instant::now();
         let mut shared = lock(&self.shared);
         if shared.retired {
@@ -796,13 +777,17 @@ impl Prober {
         let Shared {
             status, hysteresis, ..
         } = &mut *shared;
-        let change = hysteresis.record(result.is_ok());
+        let change = match (suspected, &result) {
+            (Some(_), Err(_)) => hysteresis.force_down().then_some(false),
+            _ => hysteresis.record(result.is_ok()),
+        };
         status.checks += 1;
         status.failures += u64::from(result.is_err());
         status.last_at = Some(at);
         status.last_duration = Some(took);
         if let Some(healthy) = change {
-            let event = status.transition(healthy, detail(hysteresis.streak(), &result), at);
+            let detail = detail(hysteresis.streak(), &result, suspected);
+            let event = status.transition(healthy, detail, at);
             // Sent under the lock, so that `Running::retire` cannot slip in
             // between the status change and its event. A closed channel is
             // no reason to stop: see `HealthChecker::spawn`.
@@ -815,7 +800,7 @@ impl Prober {
 impl Check for Prober {
     /// A scheduled check's result.
     fn answered(&self, result: Result<(), String>, took: Duration) {
-        self.record(result, took);
+        self.record(result, took, None);
         self.busy.store(false, Ordering::Relaxed);
     }
 }
@@ -936,13 +921,14 @@ fn prefetch<T: ?Sized>(target: &Weak<T>, bytes: usize) {
 }
 
 /// Why the verdict changed, on the probe that changed it, the `n`-th of
-/// its kind in a row.
-fn detail(n: u32, result: &Result<(), String>) -> String {
-    match result {
-        Ok(()) if n == 1 => "1 consecutive success".to_owned(),
-        Ok(()) => format!("{n} consecutive successes"),
-        Err(e) if n == 1 => format!("1 consecutive failure: {e}"),
-        Err(e) => format!("{n} consecutive failures: {e}"),
+/// its kind in a row, or one that a suspicion asked for.
+fn detail(n: u32, result: &Result<(), String>, suspected: Option<&str>) -> String {
+    match (result, suspected) {
+        (Err(e), Some(why)) => format!("suspected ({why}); the probe that followed failed: {e}"),
+        (Ok(()), _) if n == 1 => "1 consecutive success".to_owned(),
+        (Ok(()), _) => format!("{n} consecutive successes"),
+        (Err(e), None) if n == 1 => format!("1 consecutive failure: {e}"),
+        (Err(e), None) => format!("{n} consecutive failures: {e}"),
     }
 }
 
