@@ -11,9 +11,8 @@
 //! - [`HealthChecker`] starts every backend's probes on its schedule from
 //!   one task, on a single-threaded runtime of its own (a half-open check's
 //!   answer is recorded where it is read, with no task of its own), sends
-//!   an event on every verdict change, and keeps
-//!   each backend's latest results readable ([`HealthChecker::status`]) for
-//!   the API.
+//!   an event on every verdict change, and keeps each backend's latest
+//!   results readable ([`HealthChecker::status`]) for the API.
 //!
 //! Detection time is bounded: probes run at a fixed rate, so the first probe
 //! after a backend dies starts within one `interval`, and the `fall`-th
@@ -337,10 +336,6 @@ impl CheckTarget {
     fn sort_key(&self) -> (&str, (IpAddr, u16)) {
         (&self.service, self.backend)
     }
-
-    fn probe_addr(&self) -> SocketAddr {
-        SocketAddr::new(self.backend.0, self.check.port.unwrap_or(self.backend.1))
-    }
 }
 
 /// A backend's verdict changed.
@@ -625,9 +620,9 @@ impl HealthChecker {
         let probed = target.check.kind != CheckKind::None;
         if !probed && !status.healthy {
             // No checks means healthy; tell the caller, which held the
-            // backend down.
+            // backend down (a closed channel: see `HealthChecker::spawn`).
             let event = status.transition(true, "health checks off".to_owned(), Instant::now());
-            self.send(event);
+            let _ = self.events.send(event);
         }
         let hysteresis = Hysteresis::new(target.check.rise, target.check.fall, status.healthy);
         let first_probe = probed.then(|| {
@@ -638,7 +633,10 @@ impl HealthChecker {
             self.runtime.on_grid(time::Instant::now() + first_probe_in)
         });
         let prober = Arc::new(Prober {
-            probe_addr: target.probe_addr(),
+            probe_addr: SocketAddr::new(
+                target.backend.0,
+                target.check.port.unwrap_or(target.backend.1),
+            ),
             check: target.check,
             shared: Mutex::new(Shared {
                 status,
@@ -656,12 +654,6 @@ impl HealthChecker {
             let _ = self.schedule.send((first_probe, Arc::downgrade(&prober)));
         }
         Running { prober }
-    }
-
-    fn send(&self, event: HealthEvent) {
-        // A closed channel means the caller stopped listening (shutting
-        // down); the status stays readable, so there is nothing to do.
-        let _ = self.events.send(event);
     }
 }
 
@@ -805,9 +797,6 @@ impl Check for Prober {
     }
 }
 
-/// A probe under way, with its recording.
-type Probe = Pin<Box<dyn Future<Output = ()> + Send>>;
-
 /// Starts every target's probes on its schedule: one task for all of them,
 /// woken once per probe-grid step for the probes due then, with one timer.
 /// A task per target woke once per probe, each with a timer of its own,
@@ -818,7 +807,8 @@ struct Scheduler {
     /// Targets by the time their next probe is due.
     due: BTreeMap<time::Instant, Vec<Weak<Prober>>>,
     added: UnboundedReceiver<(time::Instant, Weak<Prober>)>,
-    running: FuturesUnordered<Probe>,
+    /// Probes under way, with their recording.
+    running: FuturesUnordered<Pin<Box<dyn Future<Output = ()> + Send>>>,
 }
 
 impl Scheduler {
