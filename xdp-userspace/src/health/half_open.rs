@@ -680,65 +680,71 @@ fn send_all<A>(raw: &OwnedFd, syns: &[Syn<A>], refused: &mut Vec<(Peer, io::Erro
     }
 }
 
-/// Buffers for up to [`READ_BATCH`] answers, read in one system call.
-struct Inbox {
-    buffers: Box<[[u8; ANSWER_BYTES]; READ_BATCH]>,
-    sources: Box<[libc::sockaddr_storage; READ_BATCH]>,
-    lengths: [usize; READ_BATCH],
+/// Buffers for up to [`READ_BATCH`] answers, read in one system call, and
+/// the headers that point `recvmmsg` at them, built once.
+struct Inbox(Box<Slots>);
+
+struct Slots {
+    headers: [libc::mmsghdr; READ_BATCH],
+    iovecs: [libc::iovec; READ_BATCH],
+    sources: [libc::sockaddr_storage; READ_BATCH],
+    buffers: [[u8; ANSWER_BYTES]; READ_BATCH],
 }
+
+// SAFETY: the headers' pointers point into the same `Slots` only, which
+// moves with the `Inbox` (only the box's pointer moves), so it can go to
+// another thread whole.
+unsafe impl Send for Inbox {}
 
 impl Inbox {
     fn new() -> Self {
-        Self {
-            buffers: Box::new([[0; ANSWER_BYTES]; READ_BATCH]),
-            // SAFETY: all-zero is a valid sockaddr_storage.
-            sources: Box::new(unsafe { std::mem::zeroed() }),
-            lengths: [0; READ_BATCH],
+        // SAFETY: all-zero is a valid `Slots`: plain integers and null
+        // pointers (no name, no data, no control data).
+        let mut boxed: Box<Slots> = unsafe { Box::new_zeroed().assume_init() };
+        // The pointers stay valid for the inbox's life: the slots are on the
+        // heap, and never moved or freed before the inbox is dropped.
+        let slots = &mut *boxed;
+        for (i, header) in slots.headers.iter_mut().enumerate() {
+            slots.iovecs[i] = libc::iovec {
+                iov_base: slots.buffers[i].as_mut_ptr().cast(),
+                iov_len: ANSWER_BYTES,
+            };
+            header.msg_hdr.msg_name = (&raw mut slots.sources[i]).cast();
+            header.msg_hdr.msg_iov = &raw mut slots.iovecs[i];
+            header.msg_hdr.msg_iovlen = 1;
         }
+        Self(boxed)
     }
 
     /// Reads up to [`READ_BATCH`] datagrams from `raw`; how many.
     fn read(&mut self, raw: &OwnedFd) -> io::Result<usize> {
-        let mut iovecs: [libc::iovec; READ_BATCH] = std::array::from_fn(|i| libc::iovec {
-            iov_base: self.buffers[i].as_mut_ptr().cast(),
-            iov_len: ANSWER_BYTES,
-        });
-        let sources = self.sources.as_mut_ptr();
-        let mut headers: [libc::mmsghdr; READ_BATCH] = std::array::from_fn(|i| {
-            // SAFETY: all-zero is a valid mmsghdr.
-            let mut header: libc::mmsghdr = unsafe { std::mem::zeroed() };
-            header.msg_hdr.msg_name = sources.wrapping_add(i).cast();
+        // The kernel sets each length to the address it wrote (an IPv4
+        // one's is too short for the next IPv6 read).
+        for header in &mut self.0.headers {
             header.msg_hdr.msg_namelen = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-            header.msg_hdr.msg_iov = &raw mut iovecs[i];
-            header.msg_hdr.msg_iovlen = 1;
-            header
-        });
-        // SAFETY: every header points at a buffer and an address of this
-        // inbox, valid for the lengths given; the socket is non-blocking.
+        }
+        // SAFETY: every header points at an iovec, a buffer and an address
+        // of this inbox (see `Inbox::new`), valid for the lengths given; the
+        // socket is non-blocking.
         let read = unsafe {
             libc::recvmmsg(
                 raw.as_raw_fd(),
-                headers.as_mut_ptr(),
+                self.0.headers.as_mut_ptr(),
                 READ_BATCH as libc::c_uint,
                 0,
                 std::ptr::null_mut(),
             )
         };
-        let read = usize::try_from(read).map_err(|_| io::Error::last_os_error())?;
-        for (length, header) in self.lengths.iter_mut().zip(&headers[..read]) {
-            *length = header.msg_len as usize;
-        }
-        Ok(read)
+        usize::try_from(read).map_err(|_| io::Error::last_os_error())
     }
 
     /// The first `read` datagrams (what [`Inbox::read`] returned): each
     /// one's bytes and source.
     fn datagrams(&self, read: usize) -> impl Iterator<Item = (&[u8], IpAddr)> {
-        (0..read).map(|i| {
-            (
-                &self.buffers[i][..self.lengths[i]],
-                source(&self.sources[i]),
-            )
+        let slots = &*self.0;
+        (0..read).map(move |i| {
+            let length = slots.headers[i].msg_len as usize;
+            (&slots.buffers[i][..length], source(&slots.sources[i]))
         })
     }
 }
