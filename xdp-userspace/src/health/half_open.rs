@@ -384,18 +384,18 @@ impl HalfOpen {
                 ticks.reset();
             }
             ticks.tick().await;
-            let families = [(Some(&self.v4), false), (self.v6.as_ref(), true)];
-            for (family, v6) in families.into_iter().filter_map(|(f, v6)| Some((f?, v6))) {
+            for family in std::iter::once(&self.v4).chain(&self.v6) {
                 // Until the socket is empty; other errors (ENOBUFS and the
                 // like) lose answers, and their checks time out.
                 while let Ok(read) = inbox.read(&family.raw) {
+                    // An IPv4 raw socket reads the IP header too, an IPv6 one
+                    // the TCP segment alone.
                     let segments = inbox.datagrams(read).filter_map(|(datagram, from)| {
-                        let segment = if v6 {
-                            Some(datagram)
-                        } else {
-                            ipv4_payload(datagram)
+                        let segment = match from {
+                            IpAddr::V4(_) => ipv4_payload(datagram)?,
+                            IpAddr::V6(_) => datagram,
                         };
-                        Some((segment?, from))
+                        Some((segment, from))
                     });
                     self.answer(family.port, segments);
                     if read < READ_BATCH {
@@ -506,10 +506,8 @@ fn hold_port(family: libc::c_int) -> io::Result<(OwnedFd, u16)> {
     // SAFETY: all-zero is a valid sockaddr_storage.
     let mut address: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
     address.ss_family = family as libc::sa_family_t;
-    if family == libc::AF_INET6 {
-        set_option(fd, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, 1)?;
-    }
     let mut len = if family == libc::AF_INET6 {
+        set_option(fd, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, 1)?;
         size_of::<libc::sockaddr_in6>()
     } else {
         size_of::<libc::sockaddr_in>()
@@ -560,17 +558,8 @@ fn attach_filter(fd: i32, family: libc::c_int, port: u16) -> io::Result<()> {
         len: program.len() as u16,
         filter: program.as_mut_ptr(),
     };
-    // SAFETY: `filter` points at `program`, alive for the call.
-    check(unsafe {
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            SO_ATTACH_FILTER,
-            (&raw const filter).cast(),
-            size_of::<libc::sock_fprog>() as libc::socklen_t,
-        )
-    })?;
-    Ok(())
+    // `filter` points at `program`, alive for the call.
+    set_option(fd, libc::SOL_SOCKET, SO_ATTACH_FILTER, filter)
 }
 
 /// A SYN from `source_port` to `dest_port` with sequence number `seq` and
@@ -612,20 +601,17 @@ fn socket(family: libc::c_int, kind: libc::c_int, protocol: libc::c_int) -> io::
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-fn set_option(
-    fd: i32,
-    level: libc::c_int,
-    name: libc::c_int,
-    value: libc::c_int,
-) -> io::Result<()> {
-    // SAFETY: `value` is a valid int for the call.
+/// Sets a socket option to `value` (an int for most options).
+fn set_option<T>(fd: i32, level: libc::c_int, name: libc::c_int, value: T) -> io::Result<()> {
+    // SAFETY: the kernel reads `size_of::<T>()` bytes of `value`, alive for
+    // the call (and copies any memory it points at during the call).
     check(unsafe {
         libc::setsockopt(
             fd,
             level,
             name,
             (&raw const value).cast(),
-            size_of::<libc::c_int>() as libc::socklen_t,
+            size_of::<T>() as libc::socklen_t,
         )
     })?;
     Ok(())
