@@ -47,12 +47,6 @@ struct Sample {
     signals: Signals,
 }
 
-impl Sample {
-    fn same_counts(&self, other: &Sample) -> bool {
-        self.signals == other.signals
-    }
-}
-
 /// A backend the traffic says may be dead.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Suspicion {
@@ -89,12 +83,14 @@ impl Detector {
             .flat_map(|s| s.backends.values().map(|b| b.id + 1))
             .max()
             .unwrap_or(0);
-        let samples = match controller.maps().all_backend_signals(count) {
-            Ok(samples) => samples,
-            Err(e) => {
+        let Ok(samples) = controller
+            .maps()
+            .all_backend_signals(count)
+            .inspect_err(|e| {
                 warn!("passive detection: reading the backends' counters: {e:#}");
-                return Vec::new();
-            }
+            })
+        else {
+            return Vec::new();
         };
         self.looks += 1;
         self.read = count as usize;
@@ -108,19 +104,18 @@ impl Detector {
                 let watch = self.watched.entry(b.id).or_default();
                 watch.looked = self.looks;
                 let signals = samples.get(b.id as usize).copied().unwrap_or_default();
-                let sample = Sample { at: now, signals };
                 let history = &mut watch.history;
                 // Counters that did not move in all the history kept (they
                 // only grow, so the oldest and newest say it) say nothing:
                 // only the newest sample's time moves on, and an idle
                 // backend costs a comparison, not a judgement.
                 let quiet = history.len() >= 2
-                    && history.front().is_some_and(|s| s.same_counts(&sample))
-                    && history.back().is_some_and(|s| s.same_counts(&sample));
+                    && history.front().is_some_and(|s| s.signals == signals)
+                    && history.back().is_some_and(|s| s.signals == signals);
                 if quiet {
                     history[0].at = now;
                 } else {
-                    history.push_front(sample);
+                    history.push_front(Sample { at: now, signals });
                 }
                 // What the oldest judgement needs, and no more.
                 let keep = *UNANSWERED_AFTER.end() + WINDOW;
@@ -147,8 +142,7 @@ impl Detector {
             }
         }
         // Backends no longer active start afresh when they come back.
-        let looks = self.looks;
-        self.watched.retain(|_, w| w.looked == looks);
+        self.watched.retain(|_, w| w.looked == self.looks);
         suspects
     }
 
