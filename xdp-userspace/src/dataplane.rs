@@ -781,7 +781,7 @@ fn socket_addr(b: &Backend) -> SocketAddr {
 }
 
 /// "tcp"/"udp" for messages.
-pub fn proto_name(proto: u8) -> String {
+fn proto_name(proto: u8) -> String {
     match proto {
         PROTO_TCP => "tcp".into(),
         PROTO_UDP => "udp".into(),

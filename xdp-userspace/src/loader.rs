@@ -409,6 +409,7 @@ impl Datapath {
 /// The index of interface `iface` in this network namespace, or an error
 /// naming it.
 pub fn interface_index(iface: &str) -> Result<u32> {
+    // SAFETY: a NUL-terminated name, alive for the call.
     let index = CString::new(iface).map_or(0, |c| unsafe { libc::if_nametoindex(c.as_ptr()) });
     if index == 0 {
         bail!("unknown interface {iface:?}");

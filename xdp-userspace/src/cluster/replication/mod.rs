@@ -482,6 +482,9 @@ impl Replicator {
         if now.abs_diff(header.sent_ms) > MAX_AGE.as_millis() as u64 {
             return self.refused(from, Refusal::Stale);
         }
+        // Dropped before every `refused()`: `view()` takes the counters
+        // and then the peers, so holding the peers while taking the
+        // counters could deadlock with it.
         let mut peers = lock(&self.shared.peers);
         let Some(peer) = peers.iter_mut().find(|p| p.addr == from) else {
             drop(peers);
