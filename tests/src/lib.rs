@@ -130,8 +130,8 @@ pub fn bin_path(name: &str) -> anyhow::Result<PathBuf> {
         .cloned()
         .ok_or_else(|| {
             anyhow::anyhow!(
-                "binary {name:?} not found (looked at {candidates:?}); build it first, \
-             e.g. `cargo build -p xdplb-tests --bins`"
+                "binary {name:?} not found (looked at {candidates:?}); build it first: \
+                 `cargo build --bins` builds xdplb and the test kit's"
             )
         })
 }
