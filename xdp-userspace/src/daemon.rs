@@ -43,17 +43,36 @@ use crate::{
     systemd,
 };
 
-/// What `xdplb run` was asked to do.
+/// What `xdplb run` was asked to do: its command-line arguments.
+#[derive(clap::Args)]
 pub struct Options {
+    /// The TOML configuration.
+    #[arg(long, short)]
     pub config: PathBuf,
+    /// Interface to attach to (repeatable).
+    #[arg(long = "iface", short, value_name = "IFACE", required = true)]
     pub ifaces: Vec<String>,
+    /// XDP attach mode.
+    #[arg(
+        long = "xdp-mode",
+        value_name = "XDP_MODE",
+        value_enum,
+        default_value = "auto"
+    )]
     pub mode: AttachMode,
-    /// Overrides of the config file's `[daemon]` paths.
+    /// bpffs directory for maps and links (default: the config's `daemon.pin_dir`).
+    #[arg(long)]
     pub pin_dir: Option<PathBuf>,
+    /// API socket (default: the config's `daemon.api_socket`).
+    #[arg(long)]
     pub api_socket: Option<PathBuf>,
+    /// Run-time state file (default: the config's `daemon.state_file`).
+    #[arg(long)]
     pub state_file: Option<PathBuf>,
-    /// Run even when the pin directory's bpffs is private to this mount
-    /// namespace (the pins then vanish with the daemon).
+    /// Run even if the pin directory's bpffs is private to this mount
+    /// namespace (as under `ip netns exec`): the datapath's pins then
+    /// vanish with the daemon and no restart can adopt them.
+    #[arg(long)]
     pub allow_private_bpffs: bool,
 }
 
@@ -276,7 +295,8 @@ impl Daemon {
             suspicions,
             ..
         } = &mut *inner;
-        for s in passive.tick(controller, Instant::now()) {
+        let (suspects, read) = passive.tick(controller, Instant::now());
+        for s in suspects {
             // A backend without checks cannot be probed: its suspicions
             // are counted (views) but not logged, once a second each.
             if health.suspect(&s.service, s.backend, s.why.clone()) {
@@ -288,11 +308,7 @@ impl Daemon {
             entry.0 += 1;
             entry.1 = s.why;
         }
-        paced(
-            passive::PERIOD,
-            passive.backends_read(),
-            passive::MAX_JUDGED,
-        )
+        paced(passive::PERIOD, read, passive::MAX_JUDGED)
     }
 
     /// Once a second: expires drains, re-derives the announced routes and

@@ -12,8 +12,7 @@ use tracing::{info, warn};
 use xdplb::{
     cli::{self, CliCommand, ClientOpts},
     config::{Config, DEFAULT_PIN_DIR},
-    daemon,
-    loader::{self, AttachMode},
+    daemon, loader,
     lock::PinDirLock,
 };
 
@@ -36,31 +35,7 @@ enum Command {
     /// health-check backends and serve the API. SIGHUP reloads the config;
     /// SIGTERM stops the daemon and leaves the datapath forwarding (a new
     /// `run` adopts it); SIGINT detaches and removes every pin.
-    Run {
-        /// The TOML configuration.
-        #[arg(long, short)]
-        config: PathBuf,
-        /// Interface to attach to (repeatable).
-        #[arg(long, short, required = true)]
-        iface: Vec<String>,
-        /// XDP attach mode.
-        #[arg(long, value_enum, default_value = "auto")]
-        xdp_mode: AttachMode,
-        /// bpffs directory for maps and links (default: the config's `daemon.pin_dir`).
-        #[arg(long)]
-        pin_dir: Option<PathBuf>,
-        /// API socket (default: the config's `daemon.api_socket`).
-        #[arg(long)]
-        api_socket: Option<PathBuf>,
-        /// Run-time state file (default: the config's `daemon.state_file`).
-        #[arg(long)]
-        state_file: Option<PathBuf>,
-        /// Run even if the pin directory's bpffs is private to this mount
-        /// namespace (as under `ip netns exec`): the datapath's pins then
-        /// vanish with the daemon and no restart can adopt them.
-        #[arg(long)]
-        allow_private_bpffs: bool,
-    },
+    Run(daemon::Options),
     /// Detach the datapath and remove its pins (after the daemon stopped:
     /// refused while a daemon holds the pin directory, unless --force).
     Detach {
@@ -122,25 +97,9 @@ fn main() -> std::process::ExitCode {
 
 fn dispatch(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Run {
-            config,
-            iface,
-            xdp_mode,
-            pin_dir,
-            api_socket,
-            state_file,
-            allow_private_bpffs,
-        } => {
+        Command::Run(options) => {
             raise_open_files_limit();
-            daemon::run(daemon::Options {
-                config,
-                ifaces: iface,
-                mode: xdp_mode,
-                pin_dir,
-                api_socket,
-                state_file,
-                allow_private_bpffs,
-            })
+            daemon::run(options)
         }
         Command::Detach {
             iface,

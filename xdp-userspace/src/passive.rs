@@ -71,13 +71,12 @@ struct Watch {
 pub struct Detector {
     watched: HashMap<u32, Watch>,
     looks: u64,
-    /// Backend ids whose signals the last look read.
-    read: usize,
 }
 
 impl Detector {
-    /// Samples every active backend and returns the new suspects.
-    pub fn tick(&mut self, controller: &Controller, now: Instant) -> Vec<Suspicion> {
+    /// Samples every active backend. Returns the new suspects, and how many
+    /// backend ids a look reads (what its cost, and so its pace, scale with).
+    pub fn tick(&mut self, controller: &Controller, now: Instant) -> (Vec<Suspicion>, usize) {
         let count = controller
             .services()
             .flat_map(|s| s.backends.values().map(|b| b.id + 1))
@@ -90,10 +89,9 @@ impl Detector {
                 warn!("passive detection: reading the backends' counters: {e:#}");
             })
         else {
-            return Vec::new();
+            return (Vec::new(), count as usize);
         };
         self.looks += 1;
-        self.read = count as usize;
         let mut suspects = Vec::new();
         for service in controller.services() {
             let grace = service.config.health_check.unanswered_after;
@@ -143,12 +141,7 @@ impl Detector {
         }
         // Backends no longer active start afresh when they come back.
         self.watched.retain(|_, w| w.looked == self.looks);
-        suspects
-    }
-
-    /// How many backends the last look read.
-    pub fn backends_read(&self) -> usize {
-        self.read
+        (suspects, count as usize)
     }
 }
 
