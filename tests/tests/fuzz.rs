@@ -177,28 +177,23 @@ impl Fuzzer {
         }
     }
 
+    /// A client at 10.0.0.host or fd00::host, host 1 to 250.
     fn client(&mut self, v6: bool) -> SocketAddr {
         let port = 1024 + self.rng.below(64_000) as u16;
         let host = self.rng.below(250) + 1;
-        let a = if v6 {
-            format!("[fd00::{host:x}]:{port}")
+        let ip = if v6 {
+            IpAddr::from([0xfd00, 0, 0, 0, 0, 0, 0, host as u16])
         } else {
-            format!("10.0.0.{host}:{port}")
+            IpAddr::from([10, 0, 0, host as u8])
         };
-        a.parse().unwrap()
-    }
-
-    fn tcp_flags(&mut self) -> u8 {
-        *self
-            .rng
-            .pick(&[SYN, SYN, ACK, ACK | PSH, FIN | ACK, RST, SYN | ACK, 0xff])
+        SocketAddr::new(ip, port)
     }
 
     /// A valid frame of one of the kinds the datapath handles.
     fn valid(&mut self) -> Vec<u8> {
         let payload_len = self.rng.below(64);
         let payload: Vec<u8> = (0..payload_len).map(|_| self.rng.next() as u8).collect();
-        let seg = match self.rng.below(10) {
+        let mut seg = match self.rng.below(10) {
             // Client to a DSR, NAT or the empty service.
             0..=2 => {
                 let (vip, port, proto) = *self.rng.pick(&DSR);
@@ -225,7 +220,6 @@ impl Fuzzer {
                 self.seg(src, dst, proto, &payload)
             }
         };
-        let mut seg = seg;
         if self.rng.chance(10) {
             seg = seg.tagged(Some(self.rng.below(4095) as u16 + 1));
         }
@@ -246,8 +240,8 @@ impl Fuzzer {
 
     fn seg(&mut self, src: SocketAddr, dst: SocketAddr, proto: u8, payload: &[u8]) -> Seg {
         if proto == PROTO_TCP {
-            let flags = self.tcp_flags();
-            Seg::tcp(src, dst, flags, payload)
+            let flags = [SYN, SYN, ACK, ACK | PSH, FIN | ACK, RST, SYN | ACK, 0xff];
+            Seg::tcp(src, dst, *self.rng.pick(&flags), payload)
         } else {
             let mut s = Seg::udp(src, dst, payload);
             s.no_udp_checksum = src.is_ipv4() && self.rng.chance(10);
@@ -259,12 +253,12 @@ impl Fuzzer {
     /// live translation (sometimes cut short or replaced by garbage).
     fn icmp_error(&mut self) -> Vec<u8> {
         let t = self.live[self.rng.below(self.live.len())];
-        let quoted = Seg::tcp(t.snat, t.backend, ACK, b"quoted data");
         let mut quoted = if t.proto == PROTO_TCP {
-            quoted.ip()
+            Seg::tcp(t.snat, t.backend, ACK, b"quoted data")
         } else {
-            Seg::udp(t.snat, t.backend, b"quoted data").ip()
-        };
+            Seg::udp(t.snat, t.backend, b"quoted data")
+        }
+        .ip();
         if self.rng.chance(20) {
             for b in quoted.iter_mut().skip(self.rng.below(40)) {
                 *b = self.rng.next() as u8;
@@ -399,16 +393,9 @@ impl Fuzzer {
         self.counts.frames += 1;
         match verdict {
             XDP_ABORTED => fail("XDP_ABORTED"),
-            XDP_PASS | XDP_DROP => {
-                if out != input {
-                    fail("a passed or dropped frame was changed");
-                }
-                if verdict == XDP_PASS {
-                    self.counts.passed += 1;
-                } else {
-                    self.counts.dropped += 1;
-                }
-            }
+            XDP_PASS | XDP_DROP if out != input => fail("a passed or dropped frame was changed"),
+            XDP_PASS => self.counts.passed += 1,
+            XDP_DROP => self.counts.dropped += 1,
             XDP_TX | XDP_REDIRECT => {
                 if out.len() != input.len() || out.len() < 14 {
                     fail("a forwarded frame changed length");
@@ -486,19 +473,13 @@ fn destination(f: &[u8]) -> Option<IpAddr> {
 fn endpoints(f: &[u8]) -> Option<(SocketAddr, SocketAddr, u8)> {
     let s = LaxSlicedPacket::from_ethernet(f).ok()?;
     let (src, dst) = addresses(&s)?;
-    match s.transport? {
-        TransportSlice::Tcp(t) => Some((
-            SocketAddr::new(src, t.source_port()),
-            SocketAddr::new(dst, t.destination_port()),
-            PROTO_TCP,
-        )),
-        TransportSlice::Udp(u) => Some((
-            SocketAddr::new(src, u.source_port()),
-            SocketAddr::new(dst, u.destination_port()),
-            PROTO_UDP,
-        )),
-        _ => None,
-    }
+    let (sport, dport, proto) = match s.transport? {
+        TransportSlice::Tcp(t) => (t.source_port(), t.destination_port(), PROTO_TCP),
+        TransportSlice::Udp(u) => (u.source_port(), u.destination_port(), PROTO_UDP),
+        _ => return None,
+    };
+    let (src, dst) = (SocketAddr::new(src, sport), SocketAddr::new(dst, dport));
+    Some((src, dst, proto))
 }
 
 thread_local! {
