@@ -6,7 +6,6 @@
 
 use std::{
     net::IpAddr,
-    path::PathBuf,
     time::{Duration, Instant},
 };
 
@@ -20,8 +19,8 @@ use xdplb::{
     loader::Datapath,
 };
 use xdplb_tests::{
+    datapath::PinDir,
     netns::{exec_line, unique_prefix, Netns},
-    RemoveOnDrop,
 };
 
 const TABLE_SIZE: u32 = 251;
@@ -73,7 +72,7 @@ fn config(services: &[(&str, &str, &[&str])]) -> Config {
 /// A namespace with a segment on which backends 10.1.0.11 to .13 are
 /// resolved neighbours, and the program loaded with its maps pinned in a
 /// directory of its own (removed when dropped, after the program).
-fn bed() -> (Netns, RemoveOnDrop, Datapath, Maps) {
+fn bed() -> (Netns, PinDir, Datapath, Maps) {
     let ns = Netns::new(&unique_prefix("plan")).unwrap();
     let neighbours = (11..=13).map(|i| {
         format!("ip neigh replace 10.1.0.{i} lladdr 02:00:00:00:00:{i} dev v0 nud permanent")
@@ -87,11 +86,8 @@ fn bed() -> (Netns, RemoveOnDrop, Datapath, Maps) {
     for cmd in setup.map(String::from).into_iter().chain(neighbours) {
         exec_line(&ns, &cmd);
     }
-    let pins = RemoveOnDrop(PathBuf::from(format!(
-        "/sys/fs/bpf/{}",
-        unique_prefix("xdplb-plan")
-    )));
-    let mut datapath = Datapath::load(&pins.0).unwrap();
+    let pins = PinDir::new("plan");
+    let mut datapath = Datapath::load(pins.path()).unwrap();
     let maps = Maps::take(&mut datapath.ebpf).unwrap();
     (ns, pins, datapath, maps)
 }
