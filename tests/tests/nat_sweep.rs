@@ -53,9 +53,8 @@ fn harness() -> TestDatapath {
         ifindex: LO_IFINDEX,
         state: BACKEND_ACTIVE,
         snat_addr: addr::to_words(SNAT.into()),
-        service: 0,
         port_be: BACKEND.1.to_be(),
-        _pad: [0; 2],
+        ..Default::default()
     };
     h.set_backend(0, backend).unwrap();
     let timeouts = datapath::Timeouts {
@@ -97,6 +96,16 @@ fn answer(h: &mut TestDatapath, rev_key: FlowKey) {
     assert_eq!(run(h, &reply(rev_key)), XDP_TX, "the backend's answer");
 }
 
+/// The client's packet `to_vip` makes a new translation, which the backend
+/// [`answer`]s: its two entries' keys.
+fn answered_flow(h: &mut TestDatapath, to_vip: &[u8], what: &str) -> (FlowKey, FlowKey) {
+    assert_eq!(run(h, to_vip), XDP_TX, "{what}");
+    let (fwd_key, rev_key) = entries(&h.maps);
+    let rev_key = rev_key.expect("the flow is translated");
+    answer(h, rev_key);
+    (fwd_key, rev_key)
+}
+
 /// Stamps the flow's two entries `ago` in the past.
 fn stamp(maps: &mut Maps, fwd_key: FlowKey, rev_key: FlowKey, ago: Duration) {
     let at = monotonic_coarse_ns() - u64::try_from(ago.as_nanos()).unwrap();
@@ -124,10 +133,7 @@ fn the_sweeper_never_deletes_a_translation_made_in_its_window() {
     );
     let mut h = harness();
     let to_vip = udp_frame(CLIENT, VIP, [LB_MAC, CLIENT_MAC]);
-    assert_eq!(run(&mut h, &to_vip), XDP_TX, "first packet");
-    let (mut fwd_key, rev_key) = entries(&h.maps);
-    let mut rev_key = rev_key.expect("the flow is translated");
-    answer(&mut h, rev_key);
+    let (mut fwd_key, mut rev_key) = answered_flow(&mut h, &to_vip, "first packet");
     let passed_before = h.reason(Reason::PassNotService).unwrap();
     let mut replies_passed = 0;
 
@@ -197,10 +203,8 @@ fn the_sweeper_never_deletes_a_translation_made_in_its_window() {
                 assert_eq!(occupancy.reclaimed, 1, "round {round}: the dead flow goes");
                 assert!(h.maps.nat_fwd.get(&fwd_key, 0).is_err(), "round {round}");
                 // The next round starts from a new translation.
-                assert_eq!(run(&mut h, &to_vip), XDP_TX, "round {round}: new flow");
-                let (k, r) = entries(&h.maps);
-                (fwd_key, rev_key) = (k, r.expect("translated"));
-                answer(&mut h, rev_key);
+                let what = format!("round {round}: new flow");
+                (fwd_key, rev_key) = answered_flow(&mut h, &to_vip, &what);
             }
         }
     }
@@ -220,10 +224,7 @@ fn sweep(maps: &mut Maps) -> NatOccupancy {
 fn a_flow_the_datapath_may_still_reclaim_is_left_to_it() {
     let mut h = harness();
     let to_vip = udp_frame(CLIENT, VIP, [LB_MAC, CLIENT_MAC]);
-    assert_eq!(run(&mut h, &to_vip), XDP_TX);
-    let (fwd_key, rev_key) = entries(&h.maps);
-    let rev_key = rev_key.unwrap();
-    answer(&mut h, rev_key);
+    let (fwd_key, rev_key) = answered_flow(&mut h, &to_vip, "first packet");
     // Dead, but within the reclaim window: the datapath's.
     let within = Duration::from_secs(u64::from(UDP_TIMEOUT_S + NAT_RECLAIM_WINDOW_S / 2));
     stamp(&mut h.maps, fwd_key, rev_key, within);
