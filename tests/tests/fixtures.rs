@@ -267,8 +267,7 @@ fn fragments_and_ipv6_extension_headers_go_to_the_kernel() {
     assert_eq!(h.reason(Reason::PassFragment), 2);
     assert_eq!(h.reason(Reason::PassIpv6Ext), 1);
     // A fragment with DF only is not a fragment.
-    let df = fragment(0x4000);
-    let (verdict, _) = h.run(&df);
+    let (verdict, _) = h.run(&fragment(frame::DF));
     assert_eq!(verdict, XDP_TX, "DF-only packet is a whole packet");
 }
 
@@ -370,21 +369,20 @@ fn counters_count_packets_bytes_and_new_flows_per_service_and_backend() {
     }
     assert_eq!(new_flows(&h), (1, 1), "further packets of the flow");
     h.run(&b);
-    let svc0 = h.0.maps.service_counters(0).unwrap();
-    assert_eq!(
-        (svc0.packets, svc0.bytes, svc0.new_flows),
-        (3, 3 * a.len() as u64, 1)
-    );
-    let svc3 = h.0.maps.service_counters(3).unwrap();
-    assert_eq!(
-        (svc3.packets, svc3.bytes, svc3.new_flows),
-        (1, b.len() as u64, 1)
-    );
-    let be0 = h.0.maps.backend_counters(0).unwrap();
-    assert_eq!(
-        (be0.packets, be0.bytes, be0.new_flows),
-        (4, 3 * a.len() as u64 + b.len() as u64, 2)
-    );
+    let (a_len, b_len) = (a.len() as u64, b.len() as u64);
+    let maps = &h.0.maps;
+    for (what, c, expected) in [
+        ("service 0", maps.service_counters(0), (3, 3 * a_len, 1)),
+        ("service 3", maps.service_counters(3), (1, b_len, 1)),
+        (
+            "backend 0",
+            maps.backend_counters(0),
+            (4, 3 * a_len + b_len, 2),
+        ),
+    ] {
+        let c = c.unwrap();
+        assert_eq!((c.packets, c.bytes, c.new_flows), expected, "{what}");
+    }
     let be1 = h.0.maps.backend_counters(1).unwrap();
     assert_eq!((be1.packets, be1.new_flows), (0, 0));
     assert_eq!(h.reason(Reason::FlowNew), 2);
@@ -423,19 +421,14 @@ fn frames_to_another_mac_pass_untouched_unless_the_mac_is_configured() {
     h.0.accept_macs(&[(LO_IFINDEX, LB_MAC)], &[VRRP_MAC])
         .unwrap();
     let input = to(VRRP_MAC, "10.0.0.1:40003", "10.0.100.1:80", PROTO_TCP);
-    let (verdict, out) = h.run(&input);
-    assert_eq!(verdict, XDP_TX, "frame to a configured extra MAC");
-    assert_eq!(out, with_macs(&input, BACKEND_MACS[0], LB_MAC));
+    check_forwarded(&mut h, "frame to a configured extra MAC", &input, 0);
     // ...until the configuration drops it again.
     h.0.accept_macs(&[(LO_IFINDEX, LB_MAC)], &[]).unwrap();
     check(&mut h, [untouched("extra MAC removed", input)]);
     assert_eq!(h.reason(Reason::PassNotForUs), foreign.len() as u64 + 1);
     // The interface's own MAC still is.
     let own = packet("10.0.0.1:40004", "10.0.100.1:80", PROTO_TCP, None);
-    check(
-        &mut h,
-        vec![forwarded("frame to the interface's MAC", own, 0)],
-    );
+    check_forwarded(&mut h, "frame to the interface's MAC", &own, 0);
 }
 
 /// Passive detection's signals (`Signals`, per backend): a TCP flow is
