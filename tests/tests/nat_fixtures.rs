@@ -21,9 +21,9 @@ use std::{
 };
 
 use xdp_common::{
-    Backend, FlowKey, NatFwd, NatRev, Reason, SnatPool, BACKEND_ACTIVE, BACKEND_DOWN,
-    NAT_F_ANSWERED, NAT_F_CLOSING, NAT_F_REFUSED, NAT_F_REPLICATED, NAT_UNANSWERED_TIMEOUT_S,
-    PROTO_TCP, PROTO_UDP, SVC_F_NAT_RETRY,
+    Backend, NatFwd, NatRev, Reason, SnatPool, BACKEND_ACTIVE, BACKEND_DOWN, NAT_F_ANSWERED,
+    NAT_F_CLOSING, NAT_F_REFUSED, NAT_F_REPLICATED, NAT_UNANSWERED_TIMEOUT_S, PROTO_TCP, PROTO_UDP,
+    SVC_F_NAT_RETRY,
 };
 use xdplb::{addr, dataplane::monotonic_coarse_ns};
 use xdplb_tests::{
@@ -168,19 +168,17 @@ impl Harness {
     }
 
     /// One UDP NAT service, VIP4:53 to BACKEND4:5353, with a single source
-    /// port (32000) and a 1 s UDP timeout.
-    fn one_udp_port() -> Self {
+    /// port (32000) and a 1 s UDP timeout, and the flows of two clients
+    /// (10.0.0.1 and 10.0.0.2, port 5000) to it.
+    fn one_udp_port() -> (Self, [Flow; 2]) {
         let t = Timeouts {
             udp: 1,
             ..DEFAULT_TIMEOUTS
         };
-        Self::one_service(
-            sa("10.0.100.1:53"),
-            PROTO_UDP,
-            sa("10.0.1.11:5353"),
-            (32000, 1),
-            t,
-        )
+        let (be, vip) = (sa("10.0.1.11:5353"), sa("10.0.100.1:53"));
+        let clients = ["10.0.0.1:5000", "10.0.0.2:5000"];
+        let flows = clients.map(|c| Flow::one_backend(sa(c), vip, be, PROTO_UDP));
+        (Self::one_service(vip, PROTO_UDP, be, (32000, 1), t), flows)
     }
 
     /// Runs the program on `input`: (verdict, output frame).
@@ -675,14 +673,11 @@ fn a_closed_flows_port_is_reused_after_the_closing_timeout() {
 /// timeout; the old flow, if it comes back, does not steal it back.
 #[test]
 fn an_idle_udp_flows_port_is_reclaimed() {
-    let mut h = Harness::one_udp_port();
-    let (be, vip) = (sa("10.0.1.11:5353"), sa("10.0.100.1:53"));
-    let a = Flow::one_backend(sa("10.0.0.1:5000"), vip, be, PROTO_UDP);
-    let b = Flow::one_backend(sa("10.0.0.2:5000"), vip, be, PROTO_UDP);
+    let (mut h, [a, b]) = Harness::one_udp_port();
     assert_eq!(h.client_sends("first client", &a, 0, b"q"), 32000);
     let (verdict, _) = h.run(&from_client(&client_seg(&b, 0, b"q")));
     assert_eq!(verdict, XDP_DROP, "port held by a live flow");
-    h.age(a.client, vip, PROTO_UDP, Duration::from_millis(1500));
+    h.age(a.client, a.vip, PROTO_UDP, Duration::from_millis(1500));
     let port = h.client_sends("second client after the timeout", &b, 0, b"q");
     assert_eq!(port, 32000);
     let answer = backend_seg(&b, 32000, 0, b"a");
@@ -702,15 +697,12 @@ fn an_idle_udp_flows_port_is_reclaimed() {
 /// new flow took it, both would share one reply key.
 #[test]
 fn a_one_way_udp_flow_that_keeps_sending_keeps_its_port() {
-    let mut h = Harness::one_udp_port();
-    let (be, vip) = (sa("10.0.1.11:5353"), sa("10.0.100.1:53"));
-    let a = Flow::one_backend(sa("10.0.0.1:5000"), vip, be, PROTO_UDP);
-    let b = Flow::one_backend(sa("10.0.0.2:5000"), vip, be, PROTO_UDP);
+    let (mut h, [a, b]) = Harness::one_udp_port();
     assert_eq!(h.client_sends("one-way client", &a, 0, b"m1"), 32000);
-    h.age(a.client, vip, PROTO_UDP, Duration::from_millis(600));
+    h.age(a.client, a.vip, PROTO_UDP, Duration::from_millis(600));
     let port = h.client_sends("one-way client, 0.6 s later", &a, 0, b"m2");
     assert_eq!(port, 32000);
-    h.age(a.client, vip, PROTO_UDP, Duration::from_millis(600));
+    h.age(a.client, a.vip, PROTO_UDP, Duration::from_millis(600));
     // 1.2 s after the reply entry was written, 0.6 s after the flow's last packet.
     let (verdict, out) = h.run(&from_client(&client_seg(&b, 0, b"q")));
     assert_eq!(
@@ -718,8 +710,8 @@ fn a_one_way_udp_flow_that_keeps_sending_keeps_its_port() {
         XDP_DROP,
         "a new flow took the only port from a flow that sent 0.6 s ago (UDP timeout 1 s): \
          NAT_FWD {:?}, NAT_REV {:?}, output {}",
-        h.fwd(a.client, vip, PROTO_UDP),
-        h.rev(be, sa("10.0.1.1:32000"), PROTO_UDP),
+        h.fwd(a.client, a.vip, PROTO_UDP),
+        h.rev(a.backend, sa("10.0.1.1:32000"), PROTO_UDP),
         frame::hex(&out)
     );
     assert_eq!(
@@ -1081,8 +1073,8 @@ fn nat_flows_go_to_the_backend_userspace_predicts() {
         "90 flows over 3 backends: {used:?}"
     );
     // Ports are distinct per backend (reply keys are unique).
-    let rev: Vec<(FlowKey, NatRev)> = h.dp.maps.nat_rev.iter().filter_map(Result::ok).collect();
-    assert_eq!(rev.len(), 90);
+    let rev_entries = h.dp.maps.nat_rev.keys().filter_map(Result::ok).count();
+    assert_eq!(rev_entries, 90);
 }
 
 /// A service that retries refused flows (`retry_refused`, the default):
@@ -1106,11 +1098,7 @@ fn set_retrying_members(h: &mut Harness, members: &[u32]) {
 
 /// Backend `id` of the retrying service.
 fn retrying_backend(id: u32) -> SocketAddr {
-    if id == 0 {
-        sa("10.0.1.11:8080")
-    } else {
-        sa("10.0.1.12:8080")
-    }
+    sa(["10.0.1.11:8080", "10.0.1.12:8080"][id as usize])
 }
 
 /// The client's SYN: (backend id, port) it was translated to.
@@ -1307,8 +1295,8 @@ fn a_replicated_reply_finds_its_client_through_the_kernels_routes() {
     // is refused and counted, which is fine here: the way was found.
     assert_eq!(verdict, XDP_DROP);
     assert_eq!(h.reason(Reason::DropRedirect), 1);
-    let rk = addr::flow_key(f.backend, SocketAddr::new(f.snat, port), f.proto);
-    let rev = h.dp.maps.nat_rev.get(&rk, 0).unwrap();
+    let snat = SocketAddr::new(f.snat, port);
+    let rev = h.rev(f.backend, snat, f.proto).unwrap();
     assert_eq!((rev.client_mac, rev.lb_mac), (client_mac, veth_mac));
     assert_ne!(rev.ifindex, 0);
     assert_eq!(h.reason(Reason::PassNoRoute), 1);
