@@ -576,14 +576,9 @@ fn fin_and_rst_mark_flows_closing() {
         h.client_sends(f.what, f, frame::FIN | frame::ACK, b"");
         let fwd = h.fwd(f.client, f.vip, f.proto).unwrap();
         assert_eq!(
-            fwd.flags & NAT_F_CLOSING,
-            NAT_F_CLOSING,
-            "{}: client FIN sets NAT_F_CLOSING on NAT_FWD: {fwd:?}",
-            f.what
-        );
-        assert_eq!(
-            fwd.timeout_s, DEFAULT_TIMEOUTS.closing,
-            "{}: client FIN: NAT_FWD timeout becomes the closing timeout",
+            (fwd.flags & NAT_F_CLOSING, fwd.timeout_s),
+            (NAT_F_CLOSING, DEFAULT_TIMEOUTS.closing),
+            "{}: client FIN sets NAT_F_CLOSING on NAT_FWD and the closing timeout: {fwd:?}",
             f.what
         );
         assert_eq!(u16::from_be(fwd.nat_port_be), port);
@@ -624,9 +619,8 @@ fn fin_and_rst_mark_flows_closing() {
 fn a_closed_flows_port_is_reused_after_the_closing_timeout() {
     let (be, vip) = (sa("10.0.1.11:8080"), sa("10.0.100.1:80"));
     let t = Timeouts {
-        tcp: 3600,
         closing: 1,
-        udp: 60,
+        ..DEFAULT_TIMEOUTS
     };
     let mut h = Harness::one_service(vip, PROTO_TCP, be, (31000, 1), t);
     let a = Flow::one_backend(sa("10.0.0.1:40000"), vip, be, PROTO_TCP);
