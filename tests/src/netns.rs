@@ -80,15 +80,11 @@ impl Netns {
         // /sys/class/net would show the namespace sysfs was mounted in, not
         // ours, so ask the kernel over netlink via `ip`.
         let out = self.exec(&["ip", "-o", "link", "show", "dev", iface])?;
-        let mut words = out.split_whitespace();
-        while let Some(w) = words.next() {
-            if w == "link/ether" {
-                if let Some(mac) = words.next() {
-                    return Ok(mac.to_owned());
-                }
-            }
-        }
-        bail!("no link/ether address for {iface} in {}: {out}", self.name)
+        out.split_whitespace()
+            .skip_while(|&w| w != "link/ether")
+            .nth(1)
+            .map(str::to_owned)
+            .with_context(|| format!("no link/ether address for {iface} in {}: {out}", self.name))
     }
 
     /// A [`Command`] whose child enters this namespace (`setns(2)`, network
@@ -108,17 +104,12 @@ impl Netns {
         // with O_CLOEXEC, so the fd does not leak into the program.
         unsafe {
             cmd.pre_exec(move || {
-                let file = match &file {
-                    Ok(f) => f,
-                    // No formatting here (allocating after fork is unsafe);
-                    // the errno of the failed open is the best we can report.
-                    Err(e) => {
-                        return Err(match e.raw_os_error() {
-                            Some(errno) => std::io::Error::from_raw_os_error(errno),
-                            None => std::io::Error::from(e.kind()),
-                        })
-                    }
-                };
+                // No formatting here (allocating after fork is unsafe); the
+                // errno of the failed open is the best we can report.
+                let file = file.as_ref().map_err(|e| {
+                    e.raw_os_error()
+                        .map_or_else(|| e.kind().into(), std::io::Error::from_raw_os_error)
+                })?;
                 if libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
                     return Err(std::io::Error::last_os_error());
                 }
@@ -152,10 +143,9 @@ impl Netns {
                     f()
                 })
                 .expect("spawning namespace thread");
-            match handle.join() {
-                Ok(v) => v,
-                Err(payload) => std::panic::resume_unwind(payload),
-            }
+            handle
+                .join()
+                .unwrap_or_else(|payload| std::panic::resume_unwind(payload))
         })
     }
 }
@@ -204,15 +194,13 @@ pub(crate) fn run_checked(cmd: &mut Command) -> anyhow::Result<String> {
         .output()
         .with_context(|| format!("running `{line}`"))?;
     if !out.status.success() {
+        let stdout = (!out.stdout.is_empty())
+            .then(|| format!(" [stdout: {}]", String::from_utf8_lossy(&out.stdout).trim()));
         bail!(
             "`{line}` failed ({}): {}{}",
             out.status,
             String::from_utf8_lossy(&out.stderr).trim(),
-            if out.stdout.is_empty() {
-                String::new()
-            } else {
-                format!(" [stdout: {}]", String::from_utf8_lossy(&out.stdout).trim())
-            }
+            stdout.unwrap_or_default()
         );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
