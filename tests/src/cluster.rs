@@ -34,6 +34,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+use anyhow::ensure;
+
 use crate::{
     assert_within, bin_path,
     bird::Bird,
@@ -41,7 +43,7 @@ use crate::{
     lb::{failures, Load, Xdplb},
     netns::{exec_line, unique_prefix, Netns},
     proc::Proc,
-    switch,
+    switch, topology,
 };
 
 /// The service's VIP and port.
@@ -194,14 +196,11 @@ pub struct Cluster {
     pub switch: Netns,
 }
 
-fn sysctl(ns: &Netns, key: &str, value: &str) {
-    ns.sysctl(key, value).unwrap();
-}
-
 /// Sets `net.ipv4.conf.SCOPE.KEY` to `value` for each of `scopes`.
 fn conf_sysctl(ns: &Netns, scopes: &[&str], key: &str, value: &str) {
     for scope in scopes {
-        sysctl(ns, &format!("net.ipv4.conf.{scope}.{key}"), value);
+        ns.sysctl(&format!("net.ipv4.conf.{scope}.{key}"), value)
+            .unwrap();
     }
 }
 
@@ -230,18 +229,9 @@ fn spawn_ready(ns: &Netns, program: &Path, args: &[&str], name: &str, ready_line
     p
 }
 
+/// Pings `addr` from `from` until it answers; panics after 10 s.
 fn ping(from: &Netns, addr: &str) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while from
-        .exec(&["ping", "-n", "-q", "-c1", "-W1", addr])
-        .is_err()
-    {
-        assert!(
-            Instant::now() < deadline,
-            "{addr} unreachable from {}",
-            from.name()
-        );
-    }
+    topology::ping(from, addr.parse().unwrap(), Duration::from_secs(10)).unwrap();
 }
 
 fn ping_backends(from: &Netns) {
@@ -274,12 +264,14 @@ impl Cluster {
         switch::veth(&router, "eth1", &client, "eth0").unwrap();
         exec_line(&router, "ip addr add 10.88.1.1/24 dev eth1");
         exec_line(&router, "ip link set eth1 up");
-        sysctl(&router, "net.ipv4.ip_forward", "1");
+        router.sysctl("net.ipv4.ip_forward", "1").unwrap();
         // NAT replies come in and go out on eth0: no ICMP redirect may
         // send a backend straight to a node, past the BGP routes.
         conf_sysctl(&router, &["all", "eth0"], "send_redirects", "0");
         // Spread flows over the next hops by 5-tuple, not address pair.
-        sysctl(&router, "net.ipv4.fib_multipath_hash_policy", "1");
+        router
+            .sysctl("net.ipv4.fib_multipath_hash_policy", "1")
+            .unwrap();
         host_setup(&client, "10.88.1.2");
         exec_line(&client, "ip route add default via 10.88.1.1");
         // XDP bounces the client's frames as they are: no checksum left to
@@ -291,7 +283,7 @@ impl Cluster {
         let mut nodes = Vec::new();
         for i in 1..=NODES {
             let ns = host_on_bridge(&switch, &prefix, &format!("n{i}"), &node_addr(i));
-            sysctl(&ns, "net.ipv4.ip_forward", "0");
+            ns.sysctl("net.ipv4.ip_forward", "0").unwrap();
             exec_line(&ns, &format!("ip route add default via {ROUTER}"));
             if mode == Mode::Nat {
                 // The datapath routes a dead peer's NAT replies to their
@@ -726,23 +718,18 @@ impl Chatter {
             threads.push(std::thread::spawn(move || {
                 let mut last = Instant::now();
                 while !stop.load(Ordering::Relaxed) {
-                    let result = conn.send_line("ping");
+                    let result = conn.send_line("ping").and_then(|reply| {
+                        ensure!(reply.ends_with(": ping"), "unexpected reply {reply:?}");
+                        Ok(())
+                    });
                     let mut r = report.lock().unwrap();
-                    match result {
-                        Ok(reply) if reply.ends_with(": ping") => {
-                            r.exchanges += 1;
-                            r.longest_gap = r.longest_gap.max(last.elapsed());
-                            last = Instant::now();
-                        }
-                        Ok(reply) => {
-                            r.error = Some(format!("unexpected reply {reply:?}"));
-                            return;
-                        }
-                        Err(e) => {
-                            r.error = Some(format!("{e:#}"));
-                            return;
-                        }
+                    if let Err(e) = result {
+                        r.error = Some(format!("{e:#}"));
+                        return;
                     }
+                    r.exchanges += 1;
+                    r.longest_gap = r.longest_gap.max(last.elapsed());
+                    last = Instant::now();
                     drop(r);
                     std::thread::sleep(Duration::from_millis(50));
                 }

@@ -517,7 +517,7 @@ fn tx_checksum_off(ns: &Netns, iface: &str) -> Result<()> {
 }
 
 /// Pings `addr` from `from` until it answers or `timeout` passes.
-fn ping(from: &Netns, addr: IpAddr, timeout: Duration) -> Result<()> {
+pub(crate) fn ping(from: &Netns, addr: IpAddr, timeout: Duration) -> Result<()> {
     let deadline = Instant::now() + timeout;
     let addr_s = addr.to_string();
     loop {
