@@ -42,7 +42,7 @@ use xdplb_tests::{
 /// A tiny HTTP (and optional UDP) server that identifies itself by name.
 #[derive(clap::Parser)]
 #[command(name = "xdplb-testbackend")]
-struct Args {
+struct Config {
     /// The name this backend answers with.
     #[arg(long)]
     name: String,
@@ -58,39 +58,19 @@ struct Args {
     /// Log every connection on standard error.
     #[arg(short, long)]
     verbose: bool,
-}
-
-struct Config {
-    name: String,
-    port: u16,
-    udp_port: Option<u16>,
-    /// Every `flap`th `/health` request fails.
-    flap: Option<u64>,
+    /// `/health` requests so far, for `flap`.
+    #[arg(skip)]
     health_requests: std::sync::atomic::AtomicU64,
-    verbose: bool,
 }
 
 fn main() {
-    let args = <Args as clap::Parser>::parse();
-    let config = Arc::new(Config {
-        name: args.name,
-        port: args.port,
-        udp_port: args.udp_port,
-        flap: args.flap,
-        health_requests: Default::default(),
-        verbose: args.verbose,
-    });
-    let listener = match dual_stack_socket(libc::SOCK_STREAM, config.port) {
-        Ok(fd) => TcpListener::from(fd),
-        Err(e) => fail(&format!("TCP [::]:{}: {e}", config.port)),
-    };
-    let udp = config
-        .udp_port
-        .map(|port| match dual_stack_socket(libc::SOCK_DGRAM, port) {
-            Ok(fd) => fd,
-            Err(e) => fail(&format!("UDP [::]:{port}: {e}")),
-        });
-    if let Some(fd) = udp {
+    let config = Arc::new(<Config as clap::Parser>::parse());
+    let listener = dual_stack_socket(libc::SOCK_STREAM, config.port)
+        .unwrap_or_else(|e| fail(&format!("TCP [::]:{}: {e}", config.port)));
+    let listener = TcpListener::from(listener);
+    if let Some(port) = config.udp_port {
+        let fd = dual_stack_socket(libc::SOCK_DGRAM, port)
+            .unwrap_or_else(|e| fail(&format!("UDP [::]:{port}: {e}")));
         let config = config.clone();
         std::thread::spawn(move || udp_loop(fd, &config));
     }
