@@ -8,7 +8,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{bail, Context as _, Result};
+use anyhow::{bail, ensure, Context as _, Result};
 
 use crate::{netns::Netns, proc::Proc};
 
@@ -42,12 +42,11 @@ impl Bird {
         };
         let deadline = Instant::now() + Duration::from_secs(10);
         while bird.birdc(&["show", "status"]).is_err() {
-            if Instant::now() > deadline {
-                bail!(
-                    "BIRD {name} did not answer on its control socket\n{}",
-                    bird.proc.output_text()
-                );
-            }
+            ensure!(
+                Instant::now() <= deadline,
+                "BIRD {name} did not answer on its control socket\n{}",
+                bird.proc.output_text()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
         Ok(bird)
@@ -86,12 +85,11 @@ impl Bird {
             if text.contains("Established") {
                 return Ok(());
             }
-            if Instant::now() > deadline {
-                bail!(
-                    "BGP session {protocol} of {} not established: {text}",
-                    self.name
-                );
-            }
+            ensure!(
+                Instant::now() <= deadline,
+                "BGP session {protocol} of {} not established: {text}",
+                self.name
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
     }

@@ -152,8 +152,7 @@ impl TestDatapath {
 
     /// The program and the maps, borrowed separately.
     pub fn parts(&mut self) -> (&Xdp, &mut Maps) {
-        let prog: &Xdp = self.datapath.program();
-        (prog, &mut self.maps)
+        (self.datapath.program(), &mut self.maps)
     }
 
     /// Runs the program once on `input`: (verdict, output frame).

@@ -375,13 +375,12 @@ struct Verifier<'a> {
 
 impl Verifier<'_> {
     fn check(&self, found: u16, computed: u16, check: &str) {
-        if found != computed {
-            panic!(
-                "{}: bad {check} in output frame ({found:#06x}, computed {computed:#06x}):\n{}",
-                self.what,
-                hex(self.frame)
-            );
-        }
+        assert!(
+            found == computed,
+            "{}: bad {check} in output frame ({found:#06x}, computed {computed:#06x}):\n{}",
+            self.what,
+            hex(self.frame)
+        );
     }
 
     /// (src, dst, proto, L4 message, whole message present) of an IP

@@ -13,7 +13,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{bail, Context as _, Result};
+use anyhow::{bail, ensure, Context as _, Result};
 
 use crate::{
     client,
@@ -57,8 +57,15 @@ pub fn dsr_config_with(topo: &Topology, health_check: &str) -> String {
 pub fn nat_config(topo: &Topology, health_check: &str) -> String {
     let mut text = String::new();
     for v6 in [false, true] {
-        let fam = if v6 { "6" } else { "4" };
-        let vip = topo.vip(v6);
+        let (fam, vip) = (if v6 { "6" } else { "4" }, topo.vip(v6));
+        let backends = |port: u16| -> String {
+            (1..=topo.backend_count())
+                .map(|i| {
+                    let addr = topo.backend_addr(i, v6);
+                    format!("[[service.backend]]\naddress = \"{addr}\"\nport = {port}\n\n")
+                })
+                .collect()
+        };
         text += &format!(
             "[[service]]\nname = \"web{fam}\"\nvip = \"{vip}\"\nport = 80\n\
              protocol = \"tcp\"\nmode = \"nat\"\n\n"
@@ -71,23 +78,13 @@ pub fn nat_config(topo: &Topology, health_check: &str) -> String {
         // documented-settings test, so both spellings are exercised.
         text += "[service.nat]\nports = \"20000-59999\"\ntcp_timeout = \"60m\"\n\
                  tcp_closing_timeout = \"10s\"\nudp_timeout = \"60s\"\n\n";
-        for i in 1..=topo.backend_count() {
-            text += &format!(
-                "[[service.backend]]\naddress = \"{}\"\nport = {BACKEND_PORT}\n\n",
-                topo.backend_addr(i, v6)
-            );
-        }
+        text += &backends(BACKEND_PORT);
         text += &format!(
             "[[service]]\nname = \"dns{fam}\"\nvip = \"{vip}\"\nport = 53\n\
              protocol = \"udp\"\nmode = \"nat\"\n\n"
         );
         text += "[service.health_check]\ntype = \"none\"\n\n";
-        for i in 1..=topo.backend_count() {
-            text += &format!(
-                "[[service.backend]]\naddress = \"{}\"\nport = {BACKEND_UDP_PORT}\n\n",
-                topo.backend_addr(i, v6)
-            );
-        }
+        text += &backends(BACKEND_UDP_PORT);
     }
     text
 }
@@ -175,13 +172,12 @@ impl Xdplb {
             .arg("--socket")
             .arg(self.socket())
             .output()?;
-        if !out.status.success() {
-            bail!(
-                "xdplb {} failed: {}",
-                args.join(" "),
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
+        ensure!(
+            out.status.success(),
+            "xdplb {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
@@ -451,11 +447,7 @@ impl Load {
                     port,
                     result,
                 });
-                port = if port == u16::MAX {
-                    first_port
-                } else {
-                    port + 1
-                };
+                port = port.checked_add(1).unwrap_or(first_port);
                 next += every;
                 if let Some(wait) = next.checked_duration_since(Instant::now()) {
                     std::thread::sleep(wait);

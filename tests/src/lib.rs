@@ -72,12 +72,11 @@ impl Drop for RemoveOnDrop {
 pub fn require_root() {
     // SAFETY: geteuid has no preconditions and cannot fail.
     let euid = unsafe { libc::geteuid() };
-    if euid != 0 {
-        panic!(
-            "this test needs root (network namespaces, veth, XDP); running as euid {euid}. \
-             Re-run with sudo, e.g. `sudo -E cargo test -p xdplb-tests`"
-        );
-    }
+    assert!(
+        euid == 0,
+        "this test needs root (network namespaces, veth, XDP); running as euid {euid}. \
+         Re-run with sudo, e.g. `sudo -E cargo test -p xdplb-tests`"
+    );
 }
 
 /// Whether `cmd` is an executable file in a directory of `$PATH` (or, if it

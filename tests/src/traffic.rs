@@ -218,10 +218,9 @@ pub fn download(addr: SocketAddr, n: u64, timeout: Duration) -> Result<Transfer>
         sha.update(&buf[..k]);
         got += k as u64;
     }
-    let elapsed = start.elapsed();
     Ok(Transfer {
         bytes: n,
-        elapsed,
+        elapsed: start.elapsed(),
         sha256: hex(&sha.finalize()),
         backend: head.backend.unwrap_or_default(),
     })
@@ -242,10 +241,9 @@ pub fn upload(addr: SocketAddr, n: u64, timeout: Duration) -> Result<Transfer> {
     .with_context(ctx)?;
     pattern.write(n, &mut stream).with_context(ctx)?;
     let (head, body) = read_response(stream).with_context(ctx)?;
-    let elapsed = start.elapsed();
     Ok(Transfer {
         bytes: n,
-        elapsed,
+        elapsed: start.elapsed(),
         sha256: body,
         backend: head.backend.unwrap_or_default(),
     })

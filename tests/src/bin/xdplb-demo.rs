@@ -19,7 +19,7 @@ use anyhow::{bail, Context as _, Result};
 use xdplb_tests::{
     bin_path,
     cluster::{hard_case, vip, Cluster, Replication, LONG_LIVED, NODES, VIP},
-    lb::{dsr_config_with, start_backend, start_backends, Load, Tally, Xdplb},
+    lb::{dsr_config_with, failures, start_backend, start_backends, Load, Tally, Xdplb},
     require_root,
     topology::{Shape, Topology},
     traffic::requests,
@@ -213,7 +213,7 @@ fn cluster_node_loss() -> Result<()> {
     std::thread::sleep(Duration::from_secs(2));
     let samples = load.stop();
     let (failed, longest) = chatter.summary();
-    let new_failed = samples.iter().filter(|s| s.result.is_err()).count();
+    let new_failed = failures(&samples).len();
     println!(
         "  BFD: the router withdrew n{victim} {} ms after its link went down",
         withdrawn.as_millis()
@@ -268,8 +268,7 @@ fn failover(
     let swap = killed + moved;
     // Failed requests that started at a time `when` accepts.
     let failed = |when: &dyn Fn(Instant) -> bool| {
-        let failed = samples.iter().filter(|s| s.result.is_err());
-        failed.filter(|s| when(s.start)).count()
+        failures(&samples).iter().filter(|s| when(s.start)).count()
     };
     let failed_before = failed(&|t| t < swap);
     let failed_after = failed(&|t| t >= swap);
