@@ -96,8 +96,7 @@ fn answer(h: &mut TestDatapath, rev_key: FlowKey) {
     assert_eq!(run(h, &reply(rev_key)), XDP_TX, "the backend's answer");
 }
 
-/// The client's packet `to_vip` makes a new translation, which the backend
-/// [`answer`]s: its two entries' keys.
+/// `to_vip` makes a new translation, which the backend [`answer`]s: its two keys.
 fn answered_flow(h: &mut TestDatapath, to_vip: &[u8], what: &str) -> (FlowKey, FlowKey) {
     assert_eq!(run(h, to_vip), XDP_TX, "{what}");
     let (fwd_key, rev_key) = entries(&h.maps);
