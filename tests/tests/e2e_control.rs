@@ -20,7 +20,7 @@ use xdplb_tests::{
     bin_path, client,
     cluster::wait_until,
     lb::{
-        dsr_config_with, failed_between, served_after, start_backends, Load, LongLived, Sample,
+        dsr_config_with, failed_between, failures, served_after, start_backends, Load, LongLived,
         Xdplb,
     },
     netns::exec_line,
@@ -325,7 +325,7 @@ fn hot_restart_keeps_forwarding_and_adopts_the_datapath() {
     );
     std::thread::sleep(Duration::from_millis(500));
     let samples = load.stop();
-    let failed: Vec<&Sample> = samples.iter().filter(|s| s.result.is_err()).collect();
+    let failed = failures(&samples);
     eprintln!(
         "hot restart: {} requests across the kill and restart, {} failed",
         samples.len(),

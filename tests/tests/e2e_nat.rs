@@ -25,13 +25,13 @@ use xdplb_tests::{
     bed::served,
     bin_path,
     lb::{
-        failed_between, nat_config, served_after, start_backend, Load, Sample, Tally, Xdplb,
+        failed_between, failures, nat_config, served_after, start_backend, Load, Tally, Xdplb,
         BACKEND_PORT,
     },
     proc::Proc,
     topology::{Shape, Topology},
     traffic::{download, pattern_sha256, peer, requests, udp_queries, upload, Transfer},
-    SCHEDULING_MARGIN,
+    RemoveOnDrop, SCHEDULING_MARGIN,
 };
 
 const TESTBACKEND: &str = env!("CARGO_BIN_EXE_xdplb-testbackend");
@@ -473,9 +473,8 @@ fn failover_in_nat_mode_under_load() {
 #[test]
 fn the_documented_nat_settings_are_accepted() {
     let xdplb = bin_path("xdplb").expect("xdplb binary (cargo build --bins)");
-    let dir = std::env::temp_dir().join(format!("xdplb-natcheck-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("nat.toml");
+    let path = std::env::temp_dir().join(format!("xdplb-natcheck-{}.toml", std::process::id()));
+    let _cleanup = RemoveOnDrop(path.clone());
     std::fs::write(
         &path,
         "[[service]]\nname = \"web\"\nvip = \"10.0.0.100\"\nport = 80\nprotocol = \"tcp\"\n\
@@ -490,7 +489,6 @@ fn the_documented_nat_settings_are_accepted() {
         .arg(&path)
         .output()
         .unwrap();
-    let _ = std::fs::remove_dir_all(&dir);
     assert!(
         out.status.success(),
         "xdplb check refused the documented NAT settings: {}",
@@ -614,7 +612,7 @@ fn connection_churn_is_never_refused_a_port_while_ports_remain() {
         peak = peak.max(stats["nat"]["reverse"].as_u64().unwrap_or(0));
     }
     let samples = load.stop();
-    let failed: Vec<&Sample> = samples.iter().filter(|s| s.result.is_err()).collect();
+    let failed = failures(&samples);
     let refused = bed.reason(Reason::DropNatFull) - refused_before;
     let capacity = 2 * 3 * u64::from(ports);
     // Both addresses carry flows (their reply entries name them).
@@ -672,10 +670,8 @@ fn connections_to_a_vanished_host_succeed_on_another() {
     std::thread::sleep(Duration::from_millis(3500));
     let samples: Vec<_> = loads.into_iter().flat_map(Load::stop).collect();
     let retried = bed.reason(Reason::NatRetry);
-    let (during, after): (Vec<_>, Vec<_>) = samples
-        .iter()
-        .filter(|s| s.result.is_err())
-        .partition(|s| s.start < cut);
+    let (during, after): (Vec<_>, Vec<_>) =
+        failures(&samples).into_iter().partition(|s| s.start < cut);
     eprintln!(
         "NAT host loss: {} requests, nat_retry {retried}, failed: {} under way at the cut, {} \
          started after it",
