@@ -7,15 +7,16 @@
 //! Needs root.
 
 use std::{
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
     time::{Duration, Instant},
 };
 
 use xdplb_tests::{
     assert_within,
     bed::Bed,
+    client,
     frame::{self, Seg},
-    lb::{dsr_config_with, Load},
+    lb::{dsr_config_with, failures, Load},
 };
 
 /// Scheduled checks far apart (1 s, fall 3: 3-4 s to notice a dead
@@ -32,21 +33,11 @@ fn bed(tag: &str) -> Bed {
 /// client's namespace through a raw socket.
 fn vanishing_clients(bed: &Bed, n: u32, every: Duration, first: u32) {
     let vip = bed.vip();
+    let (to, to_len) = client::sockaddr(SocketAddr::new(vip.ip(), 0));
     bed.topo.client().run(|| {
         // SAFETY: plain socket calls on a descriptor this closure owns.
         let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW) };
         assert!(fd >= 0, "raw socket: {}", std::io::Error::last_os_error());
-        let std::net::IpAddr::V4(vip4) = vip.ip() else {
-            panic!("an IPv4 VIP")
-        };
-        let to = libc::sockaddr_in {
-            sin_family: libc::AF_INET as libc::sa_family_t,
-            sin_port: 0,
-            sin_addr: libc::in_addr {
-                s_addr: u32::from(vip4).to_be(),
-            },
-            sin_zero: [0; 8],
-        };
         for k in first..first + n {
             let src = SocketAddrV4::new(
                 Ipv4Addr::from(0xc633_0000 | (k & 0xffff)), // 198.51.0.0/16
@@ -60,8 +51,8 @@ fn vanishing_clients(bed: &Bed, n: u32, every: Duration, first: u32) {
                     packet.as_ptr().cast(),
                     packet.len(),
                     0,
-                    (&to as *const libc::sockaddr_in).cast(),
-                    std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+                    (&to as *const libc::sockaddr_storage).cast(),
+                    to_len,
                 )
             };
             assert!(sent > 0, "sendto: {}", std::io::Error::last_os_error());
@@ -82,7 +73,7 @@ fn a_dead_backend_is_suspected_from_its_traffic_and_probed_at_once() {
     let down = bed.wait_health(1, "down", killed, Duration::from_secs(6)) - killed;
     std::thread::sleep(Duration::from_millis(300));
     let samples = load.stop();
-    let failed = samples.iter().filter(|s| s.result.is_err()).count();
+    let failed = failures(&samples).len();
     let b1 = bed.backend(1);
     eprintln!(
         "passive: b1 down {} ms after the kill ({} of {} requests failed); b1: {}",
@@ -114,7 +105,7 @@ fn clients_that_vanish_after_their_syn_do_not_take_a_backend_out() {
     let load = Load::start(&bed.topo, bed.vip(), Duration::from_millis(10), 30000).unwrap();
     vanishing_clients(&bed, 75, Duration::from_millis(40), 0);
     let samples = load.stop();
-    let failed = samples.iter().filter(|s| s.result.is_err()).count();
+    let failed = failures(&samples).len();
     for i in 1..=3 {
         let b = bed.backend(i);
         eprintln!("vanishing clients: b{i}: {} {}", b["health"], b["passive"]);
@@ -175,14 +166,11 @@ fn a_backend_whose_host_is_gone_fails_no_new_connection() {
         + stats["reasons"]["flow_repick"].as_u64().unwrap();
     // Only a connection already under way at the cut may fail (its
     // handshake done, its request or answer lost with the link).
-    let (during, after): (Vec<_>, Vec<_>) = samples
-        .iter()
-        .filter(|s| s.result.is_err())
-        .partition(|s| s.start < cut);
+    let (during, after): (Vec<_>, Vec<_>) =
+        failures(&samples).into_iter().partition(|s| s.start < cut);
     let slow = samples
         .iter()
-        .filter(|s| s.start >= cut)
-        .filter_map(|s| s.result.as_ref().ok().map(|_| s.start))
+        .filter(|s| s.start >= cut && s.result.is_ok())
         .count();
     eprintln!(
         "host loss: b1 down {} ms after the cut; {} requests, {} SYNs sent elsewhere, \
