@@ -9,17 +9,13 @@ use std::{
     io::{Read as _, Write as _},
     net::{IpAddr, SocketAddr},
     os::unix::net::UnixStream,
-    path::{Path, PathBuf},
+    path::Path,
 };
 
 use xdplb_tests::{bed::Bed, lb::dsr_config};
 
 fn bed(tag: &str) -> Bed {
     Bed::dsr(tag, 2, dsr_config)
-}
-
-fn state_file(bed: &Bed) -> PathBuf {
-    bed.lb.dir.join("state.json")
 }
 
 /// Every backend of web4 as (address, admin, datapath state).
@@ -49,12 +45,6 @@ fn sample_routes(bed: &Bed) -> Vec<(String, String)> {
         .collect()
 }
 
-/// Puts a non-empty directory at `path`: neither a file can be created
-/// there nor another renamed onto it, even by root.
-fn obstruct(path: &Path) {
-    std::fs::create_dir_all(path.join("obstacle")).unwrap();
-}
-
 #[test]
 fn a_change_that_cannot_be_persisted_is_not_applied() {
     let bed = bed("atom");
@@ -70,9 +60,9 @@ fn a_change_that_cannot_be_persisted_is_not_applied() {
 
     // The new state cannot even be written (its temporary file is
     // blocked), then cannot be put in place (the state file is blocked).
-    let state = state_file(&bed);
+    let state = bed.lb.dir.join("state.json");
     for blocked in [state.with_extension("json.tmp"), state.clone()] {
-        obstruct(&blocked);
+        std::fs::create_dir_all(blocked.join("obstacle")).unwrap();
         let err = bed.lb.cli(&drain).unwrap_err().to_string();
         assert!(err.contains("not changed"), "{}: {err}", blocked.display());
         assert_eq!(backend_states(&bed), backends, "{}", blocked.display());
