@@ -17,16 +17,8 @@ use xdplb_tests::{
 /// Routes the client's traffic for the VIPs via `via(v6)`.
 fn route_vips(topo: &Topology, via: impl Fn(bool) -> IpAddr) {
     for (v6, family, len) in [(false, "-4", 32), (true, "-6", 128)] {
-        let vip = format!("{}/{len}", topo.vip(v6));
-        let route = [
-            "ip",
-            family,
-            "route",
-            "replace",
-            &vip,
-            "via",
-            &via(v6).to_string(),
-        ];
+        let (vip, via) = (format!("{}/{len}", topo.vip(v6)), via(v6).to_string());
+        let route = ["ip", family, "route", "replace", &vip, "via", &via];
         topo.client().exec(&route).unwrap();
     }
 }
