@@ -227,13 +227,7 @@ fn assert_shares(tally: &Tally, backends: usize, total: usize, what: &str) {
 fn assert_counters_sane(bed: &Bed) {
     let maps = Maps::open_pinned(&bed.lb().pin_dir).unwrap();
     let counts: Vec<(Reason, u64)> = maps.reason_counts().unwrap();
-    let get = |r: Reason| {
-        counts
-            .iter()
-            .find(|(x, _)| *x == r)
-            .map(|(_, n)| *n)
-            .unwrap_or(0)
-    };
+    let get = |r: Reason| counts.iter().find(|(x, _)| *x == r).map_or(0, |(_, n)| *n);
     let text = counts
         .iter()
         .map(|(r, n)| format!("{}={n}", r.name()))
