@@ -420,15 +420,11 @@ impl Chromium {
             "[...document.querySelectorAll('tr[data-backend]')]\
              .map(r => [r.dataset.backend, r.dataset.health])",
         );
+        let text = |v: &Value| v.as_str().unwrap().to_owned();
         rows.as_array()
             .into_iter()
             .flatten()
-            .map(|r| {
-                (
-                    r[0].as_str().unwrap().to_owned(),
-                    r[1].as_str().unwrap().to_owned(),
-                )
-            })
+            .map(|r| (text(&r[0]), text(&r[1])))
             .collect()
     }
 
