@@ -8,6 +8,7 @@
 //! stated `SCHEDULING_MARGIN` for a loaded machine.
 
 use std::{
+    net::IpAddr,
     os::unix::{fs::PermissionsExt as _, process::CommandExt as _},
     path::{Path, PathBuf},
     process::Command,
@@ -23,7 +24,7 @@ use xdplb_tests::{
         dsr_config_with, failed_between, failures, served_after, start_backends, Load, LongLived,
         Xdplb,
     },
-    netns::exec_line,
+    netns::{exec_line, unique_prefix, Netns},
     require_root,
     topology::{Shape, Topology},
     RemoveOnDrop, SCHEDULING_MARGIN,
@@ -387,6 +388,18 @@ fn shape(list: &serde_json::Value) -> Vec<String> {
         .collect()
 }
 
+/// Runs `xdplb run --iface IFACE --config CONFIG ARGS` in `bed`'s lb
+/// namespace to its end: whether it succeeded, and its stderr.
+fn run_once(bed: &Bed, iface: &str, config: &Path, args: &[&str]) -> (bool, String) {
+    let mut cmd = bed.topo.lb().command(&bed.xdplb);
+    cmd.args(["run", "--iface", iface, "--config"])
+        .arg(config)
+        .args(args);
+    let out = cmd.output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    (out.status.success(), err)
+}
+
 #[test]
 fn bad_input_is_refused_and_changes_nothing() {
     let mut bed = bed("bad", "tcp");
@@ -422,17 +435,8 @@ fn bad_input_is_refused_and_changes_nothing() {
         let path = bed.lb.dir.join("bad.toml");
         std::fs::write(&path, text).unwrap();
         let pin_dir = format!("/sys/fs/bpf/xdplb-{}-bad", bed.topo.prefix());
-        let out = bed
-            .topo
-            .lb()
-            .command(&bed.xdplb)
-            .args(["run", "--iface", "eth0", "--config"])
-            .arg(&path)
-            .args(["--pin-dir", &pin_dir])
-            .output()
-            .unwrap();
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success(), "{what}: accepted");
+        let (ok, err) = run_once(&bed, "eth0", &path, &["--pin-dir", &pin_dir]);
+        assert!(!ok, "{what}: accepted");
         assert!(
             err.contains(needle) && err.contains("bad.toml"),
             "{what}: message {err:?} should name {needle:?} and the file"
@@ -451,19 +455,8 @@ fn bad_input_is_refused_and_changes_nothing() {
         );
     }
     bed.lb.write_config(&good).unwrap();
-    let out = bed
-        .topo
-        .lb()
-        .command(&bed.xdplb)
-        .args(["run", "--iface", "nosuch0", "--config"])
-        .arg(bed.lb.config_path())
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success() && err.contains("nosuch0"),
-        "unknown interface: {err}"
-    );
+    let (ok, err) = run_once(&bed, "nosuch0", &bed.lb.config_path(), &[]);
+    assert!(!ok && err.contains("nosuch0"), "unknown interface: {err}");
 
     // SIGHUP with a bad file: still running, still forwarding.
     bed.lb.write_config(&cases[0].1).unwrap();
@@ -539,7 +532,7 @@ fn the_api_socket_refuses_non_root_users() {
 fn an_incompatible_pinned_map_is_reported_never_reused() {
     require_root();
     let xdplb = bin_path("xdplb").unwrap();
-    let ns = xdplb_tests::netns::Netns::new(&xdplb_tests::netns::unique_prefix("compat")).unwrap();
+    let ns = Netns::new(&unique_prefix("compat")).unwrap();
     let pin_dir = PathBuf::from(format!("/sys/fs/bpf/xdplb-{}", ns.name()));
     let _cleanup = RemoveOnDrop(pin_dir.clone());
     std::fs::create_dir_all(&pin_dir).unwrap();
@@ -655,6 +648,12 @@ fn run_time_changes_apply_at_once_and_survive_a_restart() {
     );
 }
 
+/// Makes `ns`'s neighbour entry for `addr` on `dev` say `mac`, reachable.
+fn set_neighbour(ns: &Netns, addr: IpAddr, mac: &str, dev: &str) {
+    let line = format!("ip neigh replace {addr} lladdr {mac} dev {dev} nud reachable");
+    exec_line(ns, &line);
+}
+
 /// A backend's MAC that changes (a server replaced behind the same
 /// address) reaches the datapath on the kernel's neighbour announcement,
 /// not on the 5 s fallback refresh.
@@ -682,12 +681,7 @@ fn a_backend_mac_change_reaches_the_datapath_at_once() {
         // What the kernel does when b1's gratuitous ARP or a re-probe
         // arrives, made exact: the lb's neighbour entry takes the new MAC.
         let changed = Instant::now();
-        let neigh = ["ip", "neigh", "replace", &addr.to_string(), "lladdr", &new];
-        let dev = ["dev", lb_iface, "nud", "reachable"];
-        bed.topo
-            .lb()
-            .exec(&[&neigh[..], &dev[..]].concat())
-            .unwrap();
+        set_neighbour(bed.topo.lb(), addr, &new, lb_iface);
         loop {
             let view = bed.lb.backend("web4", addr).unwrap();
             if mac(&view) == new {
@@ -739,13 +733,7 @@ fn the_load_balancers_own_mac_change_is_followed() {
     bed.topo.lb().exec(&set).unwrap();
     // What the lb's gratuitous ARP would do, made exact: the client
     // sends to the new MAC from now on.
-    let lb_addr = bed.topo.lb_addr(false).to_string();
-    let neigh = ["ip", "neigh", "replace", &lb_addr, "lladdr", new];
-    let dev = ["dev", "eth0", "nud", "reachable"];
-    bed.topo
-        .client()
-        .exec(&[&neigh[..], &dev[..]].concat())
-        .unwrap();
+    set_neighbour(bed.topo.client(), bed.topo.lb_addr(false), new, "eth0");
     let mut port = 33100;
     let answered = wait_until("balanced at the new MAC", Duration::from_secs(20), || {
         port += 1;
