@@ -12,7 +12,7 @@ use std::{
 
 use xdplb_tests::{
     bin_path,
-    lb::{dsr_config_with, start_backends, Xdplb},
+    lb::{dsr_config_with, start_backend, start_backends, Xdplb},
     netns::exec_line,
     require_root,
     topology::{Shape, Topology},
@@ -24,15 +24,12 @@ const TESTBACKEND: &str = env!("CARGO_BIN_EXE_xdplb-testbackend");
 fn wait_table(topo: &Topology, table: &str, what: &str, want: impl Fn(&str) -> bool) {
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        let routes = topo
-            .lb()
-            .exec(&["ip", "route", "show", "table", table])
-            .unwrap_or_default();
-        let routes6 = topo
-            .lb()
-            .exec(&["ip", "-6", "route", "show", "table", table])
-            .unwrap_or_default();
-        let all = format!("{routes}{routes6}");
+        let all = ["-4", "-6"]
+            .map(|family| {
+                let show = ["ip", family, "route", "show", "table", table];
+                topo.lb().exec(&show).unwrap_or_default()
+            })
+            .concat();
         if want(&all) {
             return;
         }
@@ -77,7 +74,7 @@ fn a_vip_is_announced_exactly_while_the_node_can_serve_it() {
     // Its only backend dies: nothing can serve the VIPs (all_down = drop).
     backends[0].kill(libc::SIGKILL).unwrap();
     wait_table(&topo, "201", "withdrawn when every backend is down", none);
-    backends[0] = xdplb_tests::lb::start_backend(&topo, Path::new(TESTBACKEND), 1, &[]).unwrap();
+    backends[0] = start_backend(&topo, Path::new(TESTBACKEND), 1, &[]).unwrap();
     wait_table(&topo, "201", "announced again on recovery", both);
 
     // A reload moves the routes to another table, then drops announcement.
