@@ -37,10 +37,8 @@ fn sample_routes(bed: &Bed) -> Vec<(String, String)> {
         .map(|i| {
             let src = SocketAddr::new(bed.topo.client_addr(false), 40000 + i);
             let flow = bed.lb.flow(src, bed.vip()).unwrap();
-            (
-                flow["backend"].as_str().unwrap().to_owned(),
-                flow["backend_state"].as_str().unwrap().to_owned(),
-            )
+            let field = |k: &str| flow[k].as_str().unwrap().to_owned();
+            (field("backend"), field("backend_state"))
         })
         .collect()
 }
