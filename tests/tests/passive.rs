@@ -51,7 +51,7 @@ fn vanishing_clients(bed: &Bed, n: u32, every: Duration, first: u32) {
                     packet.as_ptr().cast(),
                     packet.len(),
                     0,
-                    (&to as *const libc::sockaddr_storage).cast(),
+                    (&raw const to).cast(),
                     to_len,
                 )
             };

@@ -729,9 +729,9 @@ impl Prober {
     }
 
     /// The half-open checker, if this target's checks are half-open.
-    fn half_open(&self) -> Option<&HalfOpen> {
+    fn half_open(&self) -> Option<&Arc<HalfOpen>> {
         let tcp = self.check.kind == CheckKind::Tcp;
-        self.half_open.as_deref().filter(|_| tcp)
+        self.half_open.as_ref().filter(|_| tcp)
     }
 
     /// One probe, once a slot is free. The timeout starts only then: a wait
@@ -750,7 +750,7 @@ impl Prober {
             &self.check.kind,
             self.probe_addr,
             self.check.timeout,
-            self.half_open(),
+            self.half_open().map(Arc::as_ref),
         )
         .await;
         Some((result, start.elapsed()))
@@ -870,12 +870,12 @@ impl Scheduler {
                     next += interval;
                 }
                 if !prober.busy.swap(true, Ordering::Relaxed) {
-                    if prober.half_open().is_some() {
+                    if let Some(checker) = prober.half_open() {
                         // From `now`: one clock read per step, not per check.
                         let deadline = Deadline::after(now, prober.check.timeout);
                         let check = Waiter::Check(Arc::downgrade(&prober) as Weak<dyn Check>);
                         half_open_checks.push((prober.probe_addr, deadline, check));
-                        half_open = half_open.or_else(|| prober.half_open.clone());
+                        half_open = half_open.or_else(|| Some(checker.clone()));
                     } else {
                         self.running.push(Box::pin(prober.scheduled()));
                     }
