@@ -328,10 +328,6 @@ pub struct CheckTarget {
 }
 
 impl CheckTarget {
-    fn key(&self) -> TargetKey {
-        (self.service.clone(), self.backend)
-    }
-
     /// The order of [`TargetKey`]s, without copying the name.
     fn sort_key(&self) -> (&str, (IpAddr, u16)) {
         (&self.service, self.backend)
@@ -564,7 +560,8 @@ impl HealthChecker {
                 Some((key, running)) if running.prober.check == target.check => (key, running),
                 changed => {
                     let carried = changed.map(|(_, old)| old.retire());
-                    (target.key(), self.start(target, carried))
+                    let key = (target.service.clone(), target.backend);
+                    (key, self.start(target, carried))
                 }
             };
             next.push(running);
@@ -626,10 +623,8 @@ impl HealthChecker {
         }
         let hysteresis = Hysteresis::new(target.check.rise, target.check.fall, status.healthy);
         let first_probe = probed.then(|| {
-            let first_probe_in = jitter(
-                target.check.interval,
-                &mut XorShift64::new(seed(&target.key())),
-            );
+            let mut rng = XorShift64::new(seed(&target.sort_key()));
+            let first_probe_in = jitter(target.check.interval, &mut rng);
             self.runtime.on_grid(time::Instant::now() + first_probe_in)
         });
         let prober = Arc::new(Prober {
