@@ -157,6 +157,7 @@ impl Detector {
 /// Refused and retransmitted: two or more within [`BAD_WINDOW`].
 fn judge(history: &VecDeque<Sample>, grace: Duration) -> Option<String> {
     let now = history.front()?;
+    let newest = now.signals;
     // The newest sample old enough: flows opened before it had `grace`.
     let b = history
         .iter()
@@ -170,10 +171,7 @@ fn judge(history: &VecDeque<Sample>, grace: Duration) -> Option<String> {
         if opened < MIN_FLOWS {
             continue;
         }
-        let answered = now
-            .signals
-            .confirmed
-            .saturating_sub(start.signals.confirmed);
+        let answered = newest.confirmed.saturating_sub(start.signals.confirmed);
         let unanswered = opened.saturating_sub(answered);
         if unanswered * 2 > opened {
             return Some(format!(
@@ -186,15 +184,13 @@ fn judge(history: &VecDeque<Sample>, grace: Duration) -> Option<String> {
     let since = history
         .iter()
         .take_while(|s| now.at.duration_since(s.at) <= BAD_WINDOW)
-        .last()?;
-    let refused = now.signals.refused.saturating_sub(since.signals.refused);
+        .last()?
+        .signals;
+    let refused = newest.refused.saturating_sub(since.refused);
     if refused >= MIN_BAD {
         return Some(format!("{refused} new flows refused (RST) in 200 ms"));
     }
-    let retransmits = now
-        .signals
-        .syn_retransmits
-        .saturating_sub(since.signals.syn_retransmits);
+    let retransmits = newest.syn_retransmits.saturating_sub(since.syn_retransmits);
     if retransmits >= MIN_BAD {
         return Some(format!("{retransmits} SYNs retransmitted in 200 ms"));
     }
