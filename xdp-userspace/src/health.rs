@@ -551,12 +551,10 @@ impl HealthChecker {
         let mut next = Vec::with_capacity(targets.len());
         for target in targets {
             let at = target.sort_key();
+            let order = |(key, _): &(TargetKey, Running)| (key.0.as_str(), key.1).cmp(&at);
             // Targets that disappeared: dropping them stops them.
-            while previous
-                .next_if(|(key, _)| (key.0.as_str(), key.1) < at)
-                .is_some()
-            {}
-            let running = match previous.next_if(|(key, _)| (key.0.as_str(), key.1) == at) {
+            while previous.next_if(|entry| order(entry).is_lt()).is_some() {}
+            let running = match previous.next_if(|entry| order(entry).is_eq()) {
                 Some((key, running)) if running.prober.check == target.check => (key, running),
                 changed => {
                     let carried = changed.map(|(_, old)| old.retire());
