@@ -660,11 +660,12 @@ struct Shared {
     retired: bool,
 }
 
-/// Locks a target's status. A panic elsewhere while it was held cannot leave
-/// it inconsistent (every update is a few plain assignments), so a poisoned
-/// lock is used as is.
-fn lock(shared: &Mutex<Shared>) -> MutexGuard<'_, Shared> {
-    shared.lock().unwrap_or_else(PoisonError::into_inner)
+/// Locks a target's status, or the half-open checks' state. A panic
+/// elsewhere while either was held cannot leave it inconsistent (every
+/// update is a few plain assignments or map operations), so a poisoned lock
+/// is used as is.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// A target the checker looks after.

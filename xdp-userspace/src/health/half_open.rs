@@ -25,7 +25,7 @@ use std::{
     mem::size_of,
     net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket},
     os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
-    sync::{Arc, Mutex, MutexGuard, PoisonError, Weak},
+    sync::{Arc, Mutex, Weak},
     time::Duration,
 };
 
@@ -36,7 +36,7 @@ use tokio::{
     time::{self, MissedTickBehavior},
 };
 
-use super::{io_reason, prefetch, seed, Deadline, Prober, Step, XorShift64};
+use super::{io_reason, lock, prefetch, seed, Deadline, Prober, Step, XorShift64};
 
 /// `SO_ATTACH_FILTER` from `asm-generic/socket.h` (the libc crate lacks it
 /// for Linux); the same on x86-64 and arm64.
@@ -231,7 +231,7 @@ impl HalfOpen {
         let mut failed = Vec::new();
         let mut outbox = Outbox::default();
         {
-            let state = &mut *self.lock();
+            let state = &mut *lock(&self.state);
             let quiet = state.waiting.is_empty();
             for (target, deadline, waiter) in checks {
                 let peer = (target.ip(), target.port());
@@ -270,11 +270,7 @@ impl HalfOpen {
     /// Backends with a SYN unanswered.
     #[cfg(test)]
     pub(super) fn waiting(&self) -> usize {
-        self.lock().waiting.len()
-    }
-
-    fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+        lock(&self.state).waiting.len()
     }
 
     /// Times out the checks whose deadline has passed. A backend that
@@ -283,7 +279,7 @@ impl HalfOpen {
     fn expire(&self, now: time::Instant) {
         let mut late = Vec::new();
         {
-            let state = &mut *self.lock();
+            let state = &mut *lock(&self.state);
             let sources = &mut state.sources;
             state.waiting.retain(|peer, flight| {
                 let overdue = |p: &Pending| p.deadline.at <= now || p.waiter.abandoned();
@@ -379,7 +375,7 @@ impl HalfOpen {
         let mut ticks = time::interval(READ_EVERY);
         ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
         loop {
-            if self.lock().waiting.is_empty() {
+            if lock(&self.state).waiting.is_empty() {
                 self.sent.notified().await;
                 ticks.reset();
             }
@@ -412,7 +408,7 @@ impl HalfOpen {
     fn answer<'a>(&self, port: u16, segments: impl Iterator<Item = (&'a [u8], IpAddr)>) {
         let mut answered = Vec::new();
         {
-            let state = &mut *self.lock();
+            let state = &mut *lock(&self.state);
             for (segment, from) in segments {
                 let Some((peer, ack, answer)) = read_answer(segment, from, port) else {
                     continue;
@@ -792,7 +788,7 @@ mod tests {
             half_open.probe(target, deadline())
         );
         assert_eq!((a, b), (Ok(()), Ok(())));
-        assert!(half_open.lock().waiting.is_empty());
+        assert!(lock(&half_open.state).waiting.is_empty());
     }
 
     #[tokio::test]
@@ -808,8 +804,8 @@ mod tests {
         // Timed out on the reader's timer: late by one read period at most
         // (and a loaded machine's scheduling).
         assert!(started.elapsed() >= TIMEOUT);
-        assert!(half_open.lock().waiting.is_empty());
-        assert!(half_open.lock().sources.is_empty());
+        assert!(lock(&half_open.state).waiting.is_empty());
+        assert!(lock(&half_open.state).sources.is_empty());
     }
 
     /// A scheduled check that keeps what it was told.
@@ -831,7 +827,7 @@ mod tests {
         // SO_BROADCAST): sendmmsg refuses that SYN, in the middle of the
         // batch. Its source is known, so the refusal is the send's.
         let refused = SocketAddr::from((Ipv4Addr::BROADCAST, 80));
-        (half_open.lock().sources).insert(Ipv4Addr::BROADCAST, Ipv4Addr::LOCALHOST);
+        (lock(&half_open.state).sources).insert(Ipv4Addr::BROADCAST, Ipv4Addr::LOCALHOST);
         let told = [(); 3].map(|()| Arc::new(Told::default()));
         let check = |i: usize| Waiter::Check(Arc::downgrade(&told[i]) as Weak<dyn Check>);
         half_open.check([
@@ -850,7 +846,7 @@ mod tests {
         }
         assert_eq!(*told[0].0.lock().unwrap(), [Ok(())]);
         assert_eq!(*told[2].0.lock().unwrap(), [Ok(())]);
-        assert!(half_open.lock().waiting.is_empty());
+        assert!(lock(&half_open.state).waiting.is_empty());
     }
 
     #[test]
@@ -869,7 +865,7 @@ mod tests {
                 waiter: Waiter::Check(Arc::downgrade(&told) as Weak<dyn Check>),
             }],
         };
-        half_open.lock().waiting.insert(peer, flight);
+        lock(&half_open.state).waiting.insert(peer, flight);
         let port = half_open.v4.port;
         let answer = |to_port: u16, ack: u32, flags: u8| {
             let mut segment = [0u8; 20];
@@ -888,6 +884,6 @@ mod tests {
             *told.0.lock().unwrap(),
             [Err("connect 10.0.0.2:80: connection refused".to_owned())]
         );
-        assert!(half_open.lock().waiting.is_empty());
+        assert!(lock(&half_open.state).waiting.is_empty());
     }
 }
