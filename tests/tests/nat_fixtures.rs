@@ -257,11 +257,8 @@ impl Harness {
         } else {
             "UDP"
         };
-        let expect_checks = if seg.src.is_ipv4() {
-            vec!["IPv4 header", l4]
-        } else {
-            vec![l4]
-        };
+        let ipv4_header = seg.src.is_ipv4().then_some("IPv4 header");
+        let expect_checks: Vec<_> = ipv4_header.into_iter().chain([l4]).collect();
         let checks = verify(what, &out);
         assert_eq!(checks, expect_checks, "{what}: checksums verified");
         port
@@ -333,10 +330,9 @@ impl Flow {
 /// A flow to each standard service: from 10.0.0.1 or fd00::1, ports
 /// 40000 + id.
 fn standard_flows() -> Vec<Flow> {
-    let mut flows = Vec::new();
-    for (id, (what, vip, port, proto, backend, backend_port, snat)) in (0..).zip(STANDARD) {
+    let flow = |(id, (what, vip, port, proto, backend, backend_port, snat))| {
         let client = if vip == VIP4 { "10.0.0.1" } else { "fd00::1" };
-        flows.push(Flow {
+        Flow {
             what,
             client: SocketAddr::new(ip(client), 40000 + id as u16),
             vip: SocketAddr::new(ip(vip), port),
@@ -344,9 +340,9 @@ fn standard_flows() -> Vec<Flow> {
             id,
             snat: ip(snat),
             proto,
-        });
-    }
-    flows
+        }
+    };
+    (0..).zip(STANDARD).map(flow).collect()
 }
 
 fn client_seg(f: &Flow, flags: u8, payload: &[u8]) -> Seg {
@@ -511,12 +507,6 @@ fn replies_matching_no_flow_pass_untouched() {
     let ack = |from: &str| from_backend(&Seg::tcp(sa(from), to_port, frame::ACK, b"x"), 0);
     let ssh = Seg::tcp(sa("10.0.1.11:50000"), sa("10.0.1.1:22"), frame::SYN, b"");
     let echo = frame::icmp_message(ip(BACKEND4), ip(SNAT4), 8, 0, [0, 1, 0, 1], &[]);
-    let v6 = Seg::tcp(
-        sa("[fd00:1::11]:8080"),
-        sa("[fd00:1::1]:20000"),
-        frame::ACK,
-        b"x",
-    );
     let cases = [
         (
             "reply to a port with no translation",
@@ -541,7 +531,7 @@ fn replies_matching_no_flow_pass_untouched() {
         ),
         (
             "IPv6 reply to a port with no translation",
-            from_backend(&v6, 2),
+            from_backend(&backend_seg(&flows[2], 20000, frame::ACK, b"x"), 2),
         ),
     ];
     for (what, input) in &cases {
@@ -996,14 +986,10 @@ fn icmp_not_about_a_translated_flow_passes_untouched() {
     let frag_needed = |to: IpAddr, quote: Seg| {
         frame::icmp_message(ip(ROUTER4), to, 3, 4, [0, 0, 5, 0x78], &quote.ip())
     };
-    let to_backend = |port| Seg::tcp(SocketAddr::new(f.snat, port), f.backend, frame::ACK, b"x");
-    let (unknown, live) = (to_backend(other_port), to_backend(port));
-    let v6_unknown = Seg::tcp(
-        sa("[fd00:1::1]:20000"),
-        sa("[fd00:1::11]:8080"),
-        frame::ACK,
-        b"x",
-    );
+    let to_backend =
+        |f: &Flow, port| Seg::tcp(SocketAddr::new(f.snat, port), f.backend, frame::ACK, b"x");
+    let (unknown, live) = (to_backend(f, other_port), to_backend(f, port));
+    let v6_unknown = to_backend(&flows[2], 20000);
     let own = Seg::tcp(sa("10.0.1.1:33000"), sa("10.0.9.9:443"), frame::ACK, b"x");
     let cases = [
         (
