@@ -55,12 +55,19 @@ fn snapshot(maps: &Maps) -> Snapshot {
     }
 }
 
+/// `services`: (name, VIP, backends) on TCP port 80.
 fn config(services: &[(&str, &str, &[&str])]) -> Config {
-    let mut text = String::new();
+    config_with("", "", services)
+}
+
+/// `head`, then `services` as [`config`] writes them, with `options` in
+/// each service's section.
+fn config_with(head: &str, options: &str, services: &[(&str, &str, &[&str])]) -> Config {
+    let mut text = head.to_owned();
     for (name, vip, backends) in services {
         text += &format!(
             "[[service]]\nname = \"{name}\"\nvip = \"{vip}\"\nport = 80\nprotocol = \"tcp\"\n\
-             table_size = {TABLE_SIZE}\n"
+             table_size = {TABLE_SIZE}\n{options}"
         );
         for b in *backends {
             text += &format!("[[service.backend]]\naddress = \"{b}\"\n");
@@ -145,15 +152,10 @@ fn verdicts_apply_as_a_batch_and_drains_expire_only_after_their_timeout() {
 
     ns.run(move || {
         let mut controller = Controller::new(maps).unwrap();
-        let text = format!(
-            "[[service]]\nname = \"a\"\nvip = \"10.0.0.1\"\nport = 80\nprotocol = \"tcp\"\n\
-             table_size = {TABLE_SIZE}\ndrain_timeout = \"1s\"\n\
-             [[service.backend]]\naddress = \"10.1.0.11\"\n\
-             [[service.backend]]\naddress = \"10.1.0.12\"\n\
-             [[service.backend]]\naddress = \"10.1.0.13\"\n"
-        );
+        let backends = ["10.1.0.11", "10.1.0.12", "10.1.0.13"];
+        let drain = "drain_timeout = \"1s\"\n";
         controller
-            .apply(&Config::parse(&text, "test").unwrap())
+            .apply(&config_with("", drain, &[("a", "10.0.0.1", &backends)]))
             .unwrap();
         let addr = |last: u8| (IpAddr::from([10, 1, 0, last]), 80);
 
@@ -210,12 +212,8 @@ fn accepted_macs_follow_the_interfaces_and_the_configured_extra_macs() {
 
     ns.run(move || {
         let config = |extra: &str| {
-            let text = format!(
-                "[cluster]\nextra_macs = [{extra}]\n[[service]]\nname = \"a\"\n\
-                 vip = \"10.0.0.1\"\nport = 80\nprotocol = \"tcp\"\ntable_size = {TABLE_SIZE}\n\
-                 [[service.backend]]\naddress = \"10.1.0.11\"\n"
-            );
-            Config::parse(&text, "test").unwrap()
+            let head = format!("[cluster]\nextra_macs = [{extra}]\n");
+            config_with(&head, "", &[("a", "10.0.0.1", &["10.1.0.11"])])
         };
         let accepted = |c: &Controller| {
             let mut macs = c.maps().accepted_macs.entries();
