@@ -10,7 +10,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 use aya::maps::HashMap;
 use xdp_common::{
-    map_names, Backend, FlowKey, NatSource, Reason, BACKEND_ACTIVE, NAT_F_ANSWERED,
+    map_names, Backend, NatSource, Reason, BACKEND_ACTIVE, NAT_F_ANSWERED,
     NAT_UNANSWERED_PER_SOURCE, NAT_UNANSWERED_TIMEOUT_S, PROTO_TCP,
 };
 use xdplb::addr;
@@ -193,7 +193,7 @@ fn one_source_holds_a_bounded_number_of_unanswered_flows() {
     // Others are still served: the ports are not all gone.
     establish(&mut nat, sa("192.0.2.9:40000"));
     // An answer frees one place of the source's bound.
-    let first: FlowKey = addr::flow_key(greedy(0), sa(VIP), PROTO_TCP);
+    let first = addr::flow_key(greedy(0), sa(VIP), PROTO_TCP);
     let port = u16::from_be(nat.dp.maps.nat_fwd.get(&first, 0).unwrap().nat_port_be);
     assert_eq!(nat.backend_answers(port), XDP_TX);
     assert_eq!(nat.client(greedy(bound + 300), frame::SYN).0, XDP_TX);
