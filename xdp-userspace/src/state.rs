@@ -97,11 +97,8 @@ impl Overlay {
     /// Reads the overlay; a missing file is an empty overlay.
     pub fn load(path: &Path) -> Result<Self> {
         let bytes = match fs::read(path) {
-            Ok(bytes) => bytes,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Self::default()),
-            Err(e) => {
-                return Err(e).with_context(|| format!("reading state file {}", path.display()))
-            }
+            read => read.with_context(|| format!("reading state file {}", path.display()))?,
         };
         let mut de = serde_json::Deserializer::from_slice(&bytes);
         let err = match serde_path_to_error::deserialize::<_, Self>(&mut de) {
