@@ -1057,6 +1057,14 @@ impl Validator<'_> {
             );
         }
 
+        // HTTP settings on a non-HTTP check are a mistake about what gets
+        // probed, not something to ignore.
+        let http_only = [
+            ("method", spec.method.is_some()),
+            ("path", spec.path.is_some()),
+            ("expect_status", spec.expect_status.is_some()),
+            ("host", spec.host.is_some()),
+        ];
         let kind = match spec.kind.unwrap_or(CheckType::Tcp) {
             CheckType::Http => CheckKind::Http {
                 method: self.http_method(&at("method"), spec.method)?,
@@ -1064,24 +1072,11 @@ impl Validator<'_> {
                 expect_status: self.statuses(&at("expect_status"), spec.expect_status)?,
                 host: spec.host.map(|h| self.host(&at("host"), h)).transpose()?,
             },
-            other => {
-                // HTTP settings on a non-HTTP check are a mistake about
-                // what gets probed, not something to ignore.
-                let http_only = [
-                    ("method", spec.method.is_some()),
-                    ("path", spec.path.is_some()),
-                    ("expect_status", spec.expect_status.is_some()),
-                    ("host", spec.host.is_some()),
-                ];
-                if let Some((field, _)) = http_only.iter().find(|(_, set)| *set) {
-                    return self.fail(at(field), "only valid with type = \"http\"");
-                }
-                if other == CheckType::None {
-                    CheckKind::None
-                } else {
-                    CheckKind::Tcp
-                }
-            }
+            other => match http_only.iter().find(|(_, set)| *set) {
+                Some((field, _)) => return self.fail(at(field), "only valid with type = \"http\""),
+                None if other == CheckType::None => CheckKind::None,
+                None => CheckKind::Tcp,
+            },
         };
         Ok(HealthCheck {
             kind,
