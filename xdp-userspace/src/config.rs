@@ -1273,18 +1273,17 @@ fn one_line(text: &str) -> String {
     out
 }
 
+/// The units a duration is written in, smallest first, in milliseconds.
+const DURATION_UNITS: [(&str, u64); 4] = [("ms", 1), ("s", 1000), ("m", 60_000), ("h", 3_600_000)];
+
 /// Parses `<n>ms`, `<n>s`, `<n>m` or `<n>h` with `n` a positive integer.
 /// The error completes a sentence that starts with the quoted text.
 fn parse_duration(text: &str) -> Result<Duration, String> {
-    let (digits, unit_ms) = if let Some(d) = text.strip_suffix("ms") {
-        (d, 1)
-    } else if let Some(d) = text.strip_suffix('s') {
-        (d, 1000)
-    } else if let Some(d) = text.strip_suffix('m') {
-        (d, 60_000)
-    } else if let Some(d) = text.strip_suffix('h') {
-        (d, 3_600_000)
-    } else {
+    // `ms` is tried before `s`, so that "500ms" is not taken for seconds.
+    let Some((digits, unit_ms)) = DURATION_UNITS
+        .iter()
+        .find_map(|&(unit, unit_ms)| Some((text.strip_suffix(unit)?, unit_ms)))
+    else {
         return Err("is not a duration: write <n>ms, <n>s, <n>m or <n>h, e.g. \"500ms\"".into());
     };
     if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
@@ -1307,15 +1306,12 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
 /// unit that is exact.
 fn format_duration(d: Duration) -> String {
     let ms = d.as_millis();
-    if ms.is_multiple_of(3_600_000) {
-        format!("{}h", ms / 3_600_000)
-    } else if ms.is_multiple_of(60_000) {
-        format!("{}m", ms / 60_000)
-    } else if ms.is_multiple_of(1000) {
-        format!("{}s", ms / 1000)
-    } else {
-        format!("{ms}ms")
-    }
+    let (unit, unit_ms) = DURATION_UNITS
+        .iter()
+        .map(|&(unit, unit_ms)| (unit, u128::from(unit_ms)))
+        .rfind(|&(_, unit_ms)| ms.is_multiple_of(unit_ms))
+        .expect("every whole number of milliseconds is a multiple of 1 ms");
+    format!("{}{unit}", ms / unit_ms)
 }
 
 // ---------------------------------------------------------------------------
