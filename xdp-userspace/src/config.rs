@@ -1364,19 +1364,16 @@ fn one_line_message(message: &str) -> String {
         .replace("invalid IP address syntax", ADDRESS_PROBLEM)
         .replace("expected u16", "expected an integer in 0..=65535")
         .replace("expected u32", "expected an integer in 0..=4294967295");
-    let mut out = String::new();
     // Quoted input (between backticks) is cut; toml's own words are kept.
-    for (i, part) in message.split('`').enumerate() {
-        if i > 0 {
-            out.push('`');
-        }
-        out.push_str(&if i % 2 == 1 {
-            one_line(part)
-        } else {
-            part.replace(char::is_control, " ")
-        });
-    }
-    out
+    let parts: Vec<String> = message
+        .split('`')
+        .enumerate()
+        .map(|(i, part)| match i % 2 {
+            1 => one_line(part),
+            _ => part.replace(char::is_control, " "),
+        })
+        .collect();
+    parts.join("`")
 }
 
 /// `service "web" backend[1].port`, or `service[0].backend[1].port` when
