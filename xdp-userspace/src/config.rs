@@ -696,11 +696,8 @@ impl Config {
     /// range 0..=10000`.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let origin = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
-            file: origin.clone(),
-            field: String::new(),
-            problem: format!("cannot read it: {e}"),
-        })?;
+        let text = std::fs::read_to_string(path)
+            .or_else(|e| Validator { origin: &origin }.fail("", format!("cannot read it: {e}")))?;
         Config::parse(&text, &origin)
     }
 
