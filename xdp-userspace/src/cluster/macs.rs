@@ -45,8 +45,13 @@ impl IfMacs {
             })
             .collect();
         for &(ifindex, mac) in &wanted {
+            let key = IfMacKey {
+                ifindex,
+                mac,
+                _pad: 0,
+            };
             self.map
-                .insert(key(ifindex, mac), 1, 0)
+                .insert(key, 1, 0)
                 .with_context(|| format!("accepting MAC {} on ifindex {ifindex}", show(&mac)))?;
         }
         let ours: BTreeSet<u32> = interfaces.iter().map(|&(i, _)| i).collect();
@@ -71,14 +76,6 @@ impl IfMacs {
             .filter_map(Result::ok)
             .map(|k| (k.ifindex, k.mac))
             .collect()
-    }
-}
-
-fn key(ifindex: u32, mac: Mac) -> IfMacKey {
-    IfMacKey {
-        ifindex,
-        mac,
-        _pad: 0,
     }
 }
 
@@ -120,27 +117,23 @@ pub fn interface_mac(iface: &str) -> Result<Mac> {
 
 /// Parses `aa:bb:cc:dd:ee:ff` (case-insensitive).
 pub fn parse_mac(text: &str) -> Result<Mac, String> {
-    let not_a_mac = || format!("{text:?} is not a MAC address (expected aa:bb:cc:dd:ee:ff)");
-    let parts: Vec<&str> = text.split(':').collect();
-    if parts.len() != 6 {
-        return Err(not_a_mac());
-    }
-    let mut mac = [0u8; 6];
-    for (byte, part) in mac.iter_mut().zip(parts) {
-        if part.len() != 2 {
-            return Err(not_a_mac());
-        }
-        *byte = u8::from_str_radix(part, 16).map_err(|_| not_a_mac())?;
-    }
-    Ok(mac)
+    // Each part must be exactly two hex digits: "2:0:0:0:0:0" is refused.
+    let bytes: Option<Vec<u8>> = text
+        .split(':')
+        .map(|part| {
+            u8::from_str_radix(part, 16)
+                .ok()
+                .filter(|_| part.len() == 2)
+        })
+        .collect();
+    bytes
+        .and_then(|bytes| Mac::try_from(bytes).ok())
+        .ok_or_else(|| format!("{text:?} is not a MAC address (expected aa:bb:cc:dd:ee:ff)"))
 }
 
 /// `aa:bb:cc:dd:ee:ff`.
 pub fn show(mac: &Mac) -> String {
-    mac.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
+    mac.map(|b| format!("{b:02x}")).join(":")
 }
 
 #[cfg(test)]
