@@ -145,10 +145,8 @@ impl Announcer {
     /// `xdplb cluster join`: announces again what can be served.
     pub fn join(&mut self) -> Result<()> {
         match std::fs::remove_file(&self.left_marker) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                return Err(e).with_context(|| format!("removing {}", self.left_marker.display()))
-            }
-            _ => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            res => res.with_context(|| format!("removing {}", self.left_marker.display()))?,
         }
         self.sync(self.table, self.servable.clone())
     }
@@ -264,12 +262,9 @@ fn list_routes(table: u32) -> Result<BTreeSet<Announced>> {
         msg.header.address_family = family;
         msg.attributes.push(RouteAttribute::Table(table));
         let routes = match nl.dump(RouteNetlinkMessage::GetRoute(msg)) {
-            Ok(routes) => routes,
             // A table the kernel never held a route in does not exist yet.
             Err(e) if rtnl::errno(&e) == Some(libc::ENOENT) => continue,
-            Err(e) => {
-                return Err(e).with_context(|| format!("listing the routes of table {table}"))
-            }
+            res => res.with_context(|| format!("listing the routes of table {table}"))?,
         };
         found.extend(routes.iter().filter_map(|m| match m {
             RouteNetlinkMessage::NewRoute(r) => host_route(r, table),
