@@ -75,11 +75,6 @@ impl ClusterConfig {
     pub fn replicating(&self) -> Option<&Replication> {
         self.replication.as_ref().filter(|r| r.enabled)
     }
-
-    /// Whether the section changes nothing (so it is not serialized).
-    pub fn is_default(&self) -> bool {
-        *self == Self::default()
-    }
 }
 
 fn serialize_macs<S: Serializer>(macs: &[Mac], s: S) -> Result<S::Ok, S::Error> {
@@ -113,21 +108,17 @@ impl RawCluster {
     /// Validates the section. `Err` is `(field, problem)`, for the caller's
     /// config error.
     pub fn validate(self) -> Result<ClusterConfig, (String, String)> {
-        let route_table = match self.route_table {
-            None => None,
-            Some(t) if RESERVED_TABLES.contains(&t) => {
-                return Err((
-                    "cluster.route_table".into(),
-                    format!("{t} is a table the kernel reserves (0, 253, 254, 255); use e.g. 200"),
-                ))
+        let route_table = self.route_table.map(|t| {
+            if RESERVED_TABLES.contains(&t) {
+                return Err(format!(
+                    "{t} is a table the kernel reserves (0, 253, 254, 255); use e.g. 200"
+                ));
             }
-            Some(t) => Some(u32::try_from(t).map_err(|_| {
-                (
-                    "cluster.route_table".into(),
-                    format!("{t} is out of range 1..=4294967295"),
-                )
-            })?),
-        };
+            u32::try_from(t).map_err(|_| format!("{t} is out of range 1..=4294967295"))
+        });
+        let route_table = route_table
+            .transpose()
+            .map_err(|e| ("cluster.route_table".into(), e))?;
         let mut extra_macs = Vec::with_capacity(self.extra_macs.len());
         for (i, text) in self.extra_macs.iter().enumerate() {
             let mac = parse_mac(text).map_err(|e| (format!("cluster.extra_macs[{i}]"), e))?;
