@@ -93,9 +93,7 @@ impl Sockets {
 }
 
 /// The datapath's ring of pinned flows.
-pub struct Ring {
-    events: RingBuf<MapData>,
-}
+pub struct Ring(RingBuf<MapData>);
 
 /// One peer as this node sees it.
 #[derive(Debug)]
@@ -220,7 +218,7 @@ impl Replicator {
             peers: Mutex::new(peers),
             counters: Mutex::default(),
         });
-        Ok((Self { shared }, Ring { events }))
+        Ok((Self { shared }, Ring(events)))
     }
 
     /// Pulls a full copy of the flow table from the first peer that gives
@@ -338,7 +336,7 @@ impl Replicator {
         let tcp = tokio::net::TcpListener::from_std(sockets.tcp)?;
         // SAFETY: the ring owns its descriptor and the AsyncFd owns the
         // ring, so the descriptor stays open while it is registered.
-        let ring = unsafe { AsyncFd::register_with_interest(ring.events, Interest::READABLE) }
+        let ring = unsafe { AsyncFd::register_with_interest(ring.0, Interest::READABLE) }
             .map_err(|e| anyhow::anyhow!("registering the ring: {e}"))?;
         let (resync_tx, resync_rx) = mpsc::unbounded_channel();
         tokio::spawn(self.clone().send_pins(ring, udp.clone()));
