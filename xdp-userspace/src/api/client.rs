@@ -116,14 +116,9 @@ async fn exchange(socket: &Path, request: &Request) -> Result<serde_json::Value,
 
 /// The I/O error under a hyper error, if any.
 fn io_cause(err: &hyper::Error) -> Option<io::ErrorKind> {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(err);
-    while let Some(cause) = source {
-        if let Some(io) = cause.downcast_ref::<io::Error>() {
-            return Some(io.kind());
-        }
-        source = cause.source();
-    }
-    None
+    std::iter::successors(std::error::Error::source(err), |cause| cause.source())
+        .find_map(|cause| cause.downcast_ref::<io::Error>())
+        .map(io::Error::kind)
 }
 
 /// Maps the errors an operator can act on to messages that say what to do.
