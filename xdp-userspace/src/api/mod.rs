@@ -313,12 +313,11 @@ pub struct Done {
 /// as IPv4-mapped IPv6, so `::ffff:a.b.c.d` would alias the IPv4 address).
 pub fn check_flow(src: SocketAddr, dst: SocketAddr) -> Result<(), ApiError> {
     for addr in [src.ip(), dst.ip()] {
-        if let IpAddr::V6(v6) = addr {
-            if let Some(v4) = v6.to_ipv4_mapped() {
-                return Err(ApiError::bad_request(format!(
-                    "{addr} is IPv4-mapped: write it as {v4}"
-                )));
-            }
+        let v4 = addr.to_canonical();
+        if v4 != addr {
+            return Err(ApiError::bad_request(format!(
+                "{addr} is IPv4-mapped: write it as {v4}"
+            )));
         }
     }
     if src.is_ipv4() != dst.is_ipv4() {
