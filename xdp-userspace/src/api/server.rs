@@ -92,13 +92,12 @@ struct SocketFile {
 
 impl Drop for SocketFile {
     fn drop(&mut self) {
-        match fs::symlink_metadata(&self.path) {
-            Ok(meta) if meta.dev() == self.dev && meta.ino() == self.ino => {
-                if let Err(err) = fs::remove_file(&self.path) {
-                    warn!("removing the API socket {}: {err}", self.path.display());
-                }
+        let ours = fs::symlink_metadata(&self.path)
+            .is_ok_and(|meta| meta.dev() == self.dev && meta.ino() == self.ino);
+        if ours {
+            if let Err(err) = fs::remove_file(&self.path) {
+                warn!("removing the API socket {}: {err}", self.path.display());
             }
-            _ => {}
         }
     }
 }
@@ -119,18 +118,15 @@ fn bind(socket: &Path) -> anyhow::Result<(UnixListener, SocketFile)> {
         Ok(meta) if meta.file_type().is_socket() => {
             // A socket file outlives its daemon when the daemon is killed.
             // Only connecting tells a stale one from a live one.
-            match std::os::unix::net::UnixStream::connect(socket) {
-                Ok(_) => bail!(
+            let Err(err) = std::os::unix::net::UnixStream::connect(socket) else {
+                bail!(
                     "another xdplb daemon is already serving {}",
                     socket.display()
-                ),
-                Err(err) => {
-                    debug!("removing the stale API socket {} ({err})", socket.display());
-                    fs::remove_file(socket).with_context(|| {
-                        format!("removing the stale API socket {}", socket.display())
-                    })?;
-                }
-            }
+                );
+            };
+            debug!("removing the stale API socket {} ({err})", socket.display());
+            fs::remove_file(socket)
+                .with_context(|| format!("removing the stale API socket {}", socket.display()))?;
         }
         // Never delete something that is not a socket: the path is probably
         // wrong, and the file may matter to someone.
@@ -416,9 +412,7 @@ async fn answer(
     let api_request = match route(&method, &target, &body) {
         Ok(api_request) => api_request,
         Err(err) => {
-            let allow = (err.status == 405)
-                .then(|| allowed_method(&target))
-                .flatten();
+            let allow = allowed_method(&target).filter(|_| err.status == 405);
             return Response {
                 allow,
                 ..Response::error(err.status, err.message)
@@ -428,8 +422,7 @@ async fn answer(
     debug!(%method, %target, "API request");
     // The handler does BPF syscalls and may take tens of milliseconds: off
     // the async workers.
-    let result = tokio::task::spawn_blocking(move || handler.handle(api_request)).await;
-    match result {
+    match tokio::task::spawn_blocking(move || handler.handle(api_request)).await {
         Ok(Ok(value)) => Response {
             status: 200,
             body: value,
@@ -487,8 +480,7 @@ impl Response {
 
 // --- The mapping between HTTP and `Request` ---------------------------------
 
-/// The API's endpoints, one per [`Request`] variant except `Drain` and
-/// `Undrain`, which differ only by path.
+/// The API's endpoints, one per [`Request`] variant.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Endpoint {
     Status,
