@@ -74,7 +74,12 @@ pub async fn serve(listener: std::net::TcpListener, sources: Sources) -> anyhow:
         .local_addr()
         .context("reading the metrics address")?;
     tracing::info!(%addr, "serving metrics and the status page");
-    let service = TowerToHyperService::new(router(sources));
+    let router = Router::new()
+        .route("/", get(page))
+        .route("/metrics", get(metrics_text))
+        .route("/api/status", get(status_json))
+        .with_state(sources);
+    let service = TowerToHyperService::new(router);
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
         let slot = Arc::clone(&slots)
@@ -104,15 +109,6 @@ pub async fn serve(listener: std::net::TcpListener, sources: Sources) -> anyhow:
             drop(slot);
         });
     }
-}
-
-/// The routes, separate from the listener so tests can drive them.
-pub fn router(sources: Sources) -> Router {
-    Router::new()
-        .route("/", get(page))
-        .route("/metrics", get(metrics_text))
-        .route("/api/status", get(status_json))
-        .with_state(sources)
 }
 
 /// One consistent read of the API's views.
@@ -164,8 +160,7 @@ impl Snapshot {
 
 /// Takes a snapshot off the async workers.
 async fn snapshot(sources: Sources) -> Result<Snapshot, Response> {
-    let taken = tokio::task::spawn_blocking(move || Snapshot::take(&sources)).await;
-    match taken {
+    match tokio::task::spawn_blocking(move || Snapshot::take(&sources)).await {
         Ok(Ok(snapshot)) => Ok(snapshot),
         Ok(Err(err)) => Err((StatusCode::INTERNAL_SERVER_ERROR, err.message).into_response()),
         Err(err) => Err((StatusCode::INTERNAL_SERVER_ERROR, err.to_string()).into_response()),
