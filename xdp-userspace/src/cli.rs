@@ -334,15 +334,9 @@ fn render_status(status: &StatusView, services: &[ServiceView]) -> String {
     }
     if !services.is_empty() {
         out.push('\n');
-        // Name, address, protocol, mode, active backends and table.
         let summary: Vec<Column<ServiceView>> = SERVICE_COLUMNS
             .iter()
-            .filter(|(name, ..)| {
-                [
-                    "SERVICE", "VIP", "PORT", "PROTO", "MODE", "BACKENDS", "TABLE",
-                ]
-                .contains(name)
-            })
+            .filter(|(name, ..)| STATUS_SERVICE_COLUMNS.contains(name))
             .copied()
             .collect();
         out.push_str(&columns(services, &summary));
@@ -379,6 +373,11 @@ const SERVICE_COLUMNS: [Column<ServiceView>; 12] = [
     ("BYTES", Right, |s| s.traffic.bytes.to_string()),
     ("NEW-FLOWS", Right, |s| s.traffic.new_flows.to_string()),
     ("TABLE", Left, |s| s.fingerprint.clone()),
+];
+
+/// The columns of [`SERVICE_COLUMNS`] that `xdplb status` shows.
+const STATUS_SERVICE_COLUMNS: [&str; 7] = [
+    "SERVICE", "VIP", "PORT", "PROTO", "MODE", "BACKENDS", "TABLE",
 ];
 
 const BACKEND_COLUMNS: [Column<BackendView>; 12] = [
