@@ -28,14 +28,14 @@
 use std::{
     io::{BufRead as _, BufReader, Read as _, Write as _},
     mem,
-    net::{TcpListener, TcpStream},
+    net::{Ipv6Addr, TcpListener, TcpStream},
     os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
     sync::Arc,
 };
 
 use sha2::{Digest as _, Sha256};
 use xdplb_tests::{
-    client::setsockopt,
+    client::{setsockopt, sockaddr},
     traffic::{hex, Pattern},
 };
 
@@ -133,7 +133,6 @@ fn serve(stream: TcpStream, config: &Config) -> std::io::Result<()> {
         else {
             return respond_error(&mut out, "400 Bad Request", name);
         };
-        let (method, path, version) = (method.to_owned(), path.to_owned(), version.to_owned());
 
         let mut connection = String::new();
         let mut content_length = 0usize;
@@ -192,7 +191,7 @@ fn serve(stream: TcpStream, config: &Config) -> std::io::Result<()> {
                 let bytes = "application/octet-stream";
                 out.write_all(ok_head(version, name, conn_header, bytes, Some(n)).as_bytes())?;
                 if method == "GET" {
-                    Pattern::new().write(n, &mut out)?;
+                    Pattern::default().write(n, &mut out)?;
                 }
                 if !keep_alive {
                     return Ok(());
@@ -314,19 +313,9 @@ fn dual_stack_socket(ty: libc::c_int, port: u16) -> std::io::Result<OwnedFd> {
         // Learn each datagram's destination address, to reply from it.
         set(libc::IPPROTO_IPV6, libc::IPV6_RECVPKTINFO, 1)?;
     }
-    // SAFETY: all-zero sockaddr_in6 is the unspecified address.
-    let mut sa: libc::sockaddr_in6 = unsafe { mem::zeroed() };
-    sa.sin6_family = libc::AF_INET6 as libc::sa_family_t;
-    sa.sin6_port = port.to_be();
-    // SAFETY: sa is a valid sockaddr_in6.
-    let rc = unsafe {
-        libc::bind(
-            raw,
-            (&raw const sa).cast(),
-            mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
+    let (sa, len) = sockaddr((Ipv6Addr::UNSPECIFIED, port).into());
+    // SAFETY: sa is a valid sockaddr of length len.
+    if unsafe { libc::bind(raw, (&raw const sa).cast(), len) } != 0 {
         return Err(std::io::Error::last_os_error());
     }
     // SAFETY: plain syscall on a bound socket.
@@ -390,7 +379,7 @@ fn udp_loop(fd: OwnedFd, config: &Config) {
             }
         }
         if config.verbose {
-            let peer_ip = std::net::Ipv6Addr::from(peer.sin6_addr.s6_addr);
+            let peer_ip = Ipv6Addr::from(peer.sin6_addr.s6_addr);
             eprintln!(
                 "{}: UDP from [{peer_ip}]:{}",
                 config.name,
