@@ -186,7 +186,7 @@ pub struct Cluster {
     replication: Replication,
     pub daemons: Vec<Option<Xdplb>>,
     pub node_birds: Vec<Option<Bird>>,
-    router_bird: Option<Bird>,
+    router_bird: Bird,
     _passthrough: Vec<Proc>,
     _backend_procs: Vec<Proc>,
     pub client: Netns,
@@ -322,7 +322,7 @@ impl Cluster {
             replication,
             daemons: (0..NODES).map(|_| None).collect(),
             node_birds: (0..NODES).map(|_| None).collect(),
-            router_bird: Some(router_bird),
+            router_bird,
             _passthrough: passthrough,
             _backend_procs: backend_procs,
             client,
@@ -355,8 +355,6 @@ impl Cluster {
 
     fn wait_established(&self, i: usize) {
         self.router_bird
-            .as_ref()
-            .unwrap()
             .wait_established(&format!("n{i}"), Duration::from_secs(20))
             .unwrap();
     }
@@ -390,19 +388,15 @@ impl Cluster {
             .exec(&["ip", "-j", "route", "show", &format!("{addr}/32")])
             .unwrap();
         let routes: serde_json::Value = serde_json::from_str(out.trim()).unwrap_or_default();
-        let Some(route) = routes.as_array().and_then(|r| r.first()) else {
-            return Vec::new();
-        };
-        match route["nexthops"].as_array() {
-            Some(hops) => hops
-                .iter()
-                .filter_map(|h| h["gateway"].as_str().map(str::to_owned))
-                .collect(),
-            None => route["gateway"]
-                .as_str()
-                .map(|g| vec![g.to_owned()])
-                .unwrap_or_default(),
-        }
+        // No route indexes as null, which has no gateway; a route with one
+        // next hop has its gateway on itself, an ECMP route under "nexthops".
+        let route = &routes[0];
+        let hops = route["nexthops"]
+            .as_array()
+            .map_or(std::slice::from_ref(route), Vec::as_slice);
+        hops.iter()
+            .filter_map(|h| h["gateway"].as_str().map(str::to_owned))
+            .collect()
     }
 
     /// Polls the router's route every 5 ms until it has `n` next hops;
