@@ -105,12 +105,6 @@ pub struct Pattern {
 
 impl Default for Pattern {
     fn default() -> Self {
-        Self::new()
-    }
-}
-
-impl Pattern {
-    pub fn new() -> Pattern {
         let mut x: u64 = 0x243f_6a88_85a3_08d3;
         let mut base = Vec::with_capacity(BLOCK);
         while base.len() < BLOCK {
@@ -121,7 +115,9 @@ impl Pattern {
         }
         Pattern { base }
     }
+}
 
+impl Pattern {
     /// Block `index` of the stream.
     pub fn block(&self, index: u64, out: &mut Vec<u8>) {
         out.clear();
@@ -155,7 +151,7 @@ pub fn pattern_sha256(n: u64) -> Result<String> {
     if let Some(h) = cache.lock().unwrap().get(&n) {
         return Ok(h.clone());
     }
-    let (pattern, mut block, mut sha) = (Pattern::new(), Vec::new(), Sha256::new());
+    let (pattern, mut block, mut sha) = (Pattern::default(), Vec::new(), Sha256::new());
     for (index, start) in (0..n).step_by(BLOCK).enumerate() {
         pattern.block(index as u64, &mut block);
         sha.update(&block[..(n - start).min(BLOCK as u64) as usize]);
@@ -231,7 +227,7 @@ pub fn download(addr: SocketAddr, n: u64, timeout: Duration) -> Result<Transfer>
 /// Call inside the client namespace.
 pub fn upload(addr: SocketAddr, n: u64, timeout: Duration) -> Result<Transfer> {
     let ctx = || format!("uploading {n} bytes to http://{addr}/sha256");
-    let pattern = Pattern::new();
+    let pattern = Pattern::default();
     let start = Instant::now();
     let mut stream = client::connect(addr, None, timeout).with_context(ctx)?;
     write!(
