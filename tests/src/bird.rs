@@ -98,8 +98,7 @@ impl Bird {
     /// BIRD's kernel closes the TCP session, which the peer notices at once).
     pub fn kill(&mut self) -> Result<()> {
         self.proc.kill(libc::SIGKILL)?;
-        let _ = self.proc.wait_timeout(Duration::from_secs(5))?;
-        Ok(())
+        self.proc.wait_timeout(Duration::from_secs(5)).map(drop)
     }
 }
 

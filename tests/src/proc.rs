@@ -257,11 +257,10 @@ fn spawn_reader(
     log: Arc<Mutex<Vec<String>>>,
     tx: Option<Sender<String>>,
 ) -> Option<JoinHandle<()>> {
-    let owned_label = label.to_owned();
+    let echo_label = label.to_owned();
     let spawned = std::thread::Builder::new()
         .name(format!("{label}-output"))
         .spawn(move || {
-            let label = owned_label;
             let mut reader = BufReader::new(pipe);
             let mut buf = Vec::new();
             // read_until + lossy conversion rather than lines(): a non-UTF-8
@@ -276,7 +275,7 @@ fn spawn_reader(
                     .trim_end_matches(['\n', '\r'])
                     .to_owned();
                 if echo {
-                    eprintln!("[{label}] {prefix}{line}");
+                    eprintln!("[{echo_label}] {prefix}{line}");
                 }
                 log.lock()
                     .unwrap_or_else(|e| e.into_inner())

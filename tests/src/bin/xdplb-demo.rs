@@ -15,7 +15,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{bail, Context as _, Result};
+use anyhow::{bail, ensure, Context as _, Result};
 use xdplb_tests::{
     bin_path,
     cluster::{hard_case, vip, Cluster, Replication, LONG_LIVED, NODES, VIP},
@@ -38,9 +38,7 @@ extern "C" fn on_signal(_: libc::c_int) {
 /// Fails once Ctrl-C was pressed, so `?` unwinds through the drops that
 /// tear the topology down.
 fn check_interrupt() -> Result<()> {
-    if INTERRUPTED.load(Ordering::SeqCst) {
-        bail!("interrupted");
-    }
+    ensure!(!INTERRUPTED.load(Ordering::SeqCst), "interrupted");
     Ok(())
 }
 
