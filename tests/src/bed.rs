@@ -11,6 +11,7 @@ use std::{
 use crate::{
     bin_path,
     lb::{start_backend, start_backends, Tally, Xdplb},
+    netns::exec_line,
     proc::Proc,
     require_root,
     topology::{Shape, Topology},
@@ -97,11 +98,8 @@ impl Bed {
 
     /// `ip link show` of the lb's interface (names an attached program).
     pub fn lb_link(&self) -> String {
-        let dev = self.topo.lb_iface();
-        self.topo
-            .lb()
-            .exec(&["ip", "link", "show", "dev", dev])
-            .unwrap()
+        let show = format!("ip link show dev {}", self.topo.lb_iface());
+        exec_line(self.topo.lb(), &show)
     }
 
     /// Stops backend `i`'s server (if it still runs) and starts it again

@@ -10,7 +10,7 @@ use std::{
 use xdplb_tests::{
     client,
     lb::start_backend,
-    netns::{unique_prefix, Netns},
+    netns::{self, exec_line, unique_prefix, Netns},
     topology::{Shape, Topology},
 };
 
@@ -38,7 +38,7 @@ fn topology_smoke() {
             .iter()
             .map(|n| n.name().to_owned())
             .collect();
-        let listed = xdplb_tests::netns::list().unwrap();
+        let listed = netns::list().unwrap();
         for n in &names {
             assert!(
                 listed.contains(n),
@@ -52,10 +52,7 @@ fn topology_smoke() {
 
         topo.wait_reachable().unwrap();
         // The lb must have learned the backends' MACs from the pings.
-        let neigh = topo
-            .lb()
-            .exec(&["ip", "neigh", "show", "dev", "eth0"])
-            .unwrap();
+        let neigh = exec_line(topo.lb(), "ip neigh show dev eth0");
         for i in 1..=topo.backend_count() {
             let mac = topo.backend(i).mac("eth0").unwrap();
             assert!(
@@ -63,13 +60,8 @@ fn topology_smoke() {
                 "lb neighbour table lacks b{i} ({mac}):\n{neigh}"
             );
         }
-        assert_eq!(
-            topo.lb()
-                .exec(&["sysctl", "-n", "net.ipv4.ip_forward"])
-                .unwrap()
-                .trim(),
-            "0"
-        );
+        let forwarding = exec_line(topo.lb(), "sysctl -n net.ipv4.ip_forward");
+        assert_eq!(forwarding.trim(), "0");
 
         let timeout = Duration::from_secs(5);
         // GET http://addr/ (from `port` if given) and a UDP query to addr:53,
@@ -125,10 +117,7 @@ fn topology_smoke() {
             res.is_err(),
             "VIP answered without a load balancer: {res:?}"
         );
-        let arp = topo
-            .client()
-            .exec(&["ip", "neigh", "show", &topo.vip4().to_string()])
-            .unwrap();
+        let arp = exec_line(topo.client(), &format!("ip neigh show {}", topo.vip4()));
         assert!(
             arp.trim().is_empty(),
             "client resolved the VIP itself: {arp}"
@@ -151,7 +140,7 @@ fn topology_smoke() {
 
         drop(procs);
     }
-    let listed = xdplb_tests::netns::list().unwrap();
+    let listed = netns::list().unwrap();
     for n in &names {
         assert!(!listed.contains(n), "{n} left behind: {listed:?}");
     }
@@ -187,5 +176,5 @@ fn run_enters_namespace_and_propagates_panics() {
     assert!(format!("{err:#}").contains("ip link show nope0"), "{err:#}");
     let name = ns.name().to_owned();
     drop(ns);
-    assert!(!xdplb_tests::netns::list().unwrap().contains(&name));
+    assert!(!netns::list().unwrap().contains(&name));
 }
