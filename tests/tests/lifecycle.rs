@@ -4,6 +4,7 @@
 //! in auto mode, plain-text logs. Needs root.
 
 use std::{
+    iter::repeat_with,
     os::unix::{net::UnixDatagram, process::CommandExt as _},
     path::{Path, PathBuf},
     process::Command,
@@ -13,7 +14,7 @@ use std::{
 use xdplb_tests::{
     bin_path,
     lb::{start_backends, Xdplb},
-    netns::unique_prefix,
+    netns::{exec_line, unique_prefix},
     proc::Proc,
     require_root,
     topology::{Shape, Topology},
@@ -88,21 +89,17 @@ fn run_to_end(cmd: &mut Command) -> (bool, String) {
     let status = proc.wait_timeout(Duration::from_secs(20)).unwrap();
     proc.drain_output(Duration::from_secs(2));
     let text = proc.output().join("\n");
-    match status {
-        Some(s) => (s.success(), text),
-        None => {
-            let _ = proc.terminate();
-            panic!("still running after 20 s (it should have refused to start):\n{text}");
-        }
-    }
+    let Some(status) = status else {
+        let _ = proc.terminate();
+        panic!("still running after 20 s (it should have refused to start):\n{text}");
+    };
+    (status.success(), text)
 }
 
 /// The ids of the XDP programs on the lb's interface.
 fn xdp_ids(topo: &Topology) -> String {
-    let out = topo
-        .lb()
-        .exec(&["ip", "-j", "link", "show", "dev", topo.lb_iface()])
-        .unwrap();
+    let show = format!("ip -j link show dev {}", topo.lb_iface());
+    let out = exec_line(topo.lb(), &show);
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     v[0]["xdp"].to_string()
 }
@@ -327,21 +324,16 @@ fn systemd_hears_ready_after_the_api_answers_then_watchdog_pings() {
     // 1.5 s at one ping per 200 ms is 7 or 8; allow a loaded machine half.
     assert!(pings >= 4, "{pings} watchdog pings in 1.5 s");
 
+    // The next notification that is not a watchdog ping.
+    let mut notice = || repeat_with(&mut recv).find(|m| m != "WATCHDOG=1").unwrap();
     lb.proc.kill(libc::SIGHUP).unwrap();
     let mut seen = Vec::new();
     while !seen.contains(&"READY=1".to_owned()) {
-        let m = recv();
-        if m != "WATCHDOG=1" {
-            seen.push(m);
-        }
+        seen.push(notice());
     }
     assert_eq!(seen, ["RELOADING=1", "READY=1"]);
     lb.proc.terminate().unwrap();
-    let mut last = recv();
-    while last == "WATCHDOG=1" {
-        last = recv();
-    }
-    assert_eq!(last, "STOPPING=1");
+    assert_eq!(notice(), "STOPPING=1");
     // Logs go to a pipe here: plain text, no colour codes.
     lb.proc.drain_output(Duration::from_secs(2));
     let text = lb.proc.output_text();
