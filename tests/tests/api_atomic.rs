@@ -7,7 +7,7 @@
 
 use std::{
     io::{Read as _, Write as _},
-    net::{IpAddr, SocketAddr},
+    net::SocketAddr,
     os::unix::net::UnixStream,
     path::Path,
 };
@@ -46,13 +46,13 @@ fn sample_routes(bed: &Bed) -> Vec<(String, String)> {
 #[test]
 fn a_change_that_cannot_be_persisted_is_not_applied() {
     let bed = bed("atom");
-    let b1: IpAddr = bed.topo.backend_addr(1, false);
-    let drain = ["backend", "drain", "web4", &b1.to_string()];
+    let b1 = bed.addr(1).to_string();
+    let drain = ["backend", "drain", "web4", &b1];
     let (backends, routes) = (backend_states(&bed), sample_routes(&bed));
     assert!(
         routes
             .iter()
-            .any(|(b, s)| b.starts_with(&b1.to_string()) && s == "active"),
+            .any(|(b, s)| b.starts_with(&b1) && s == "active"),
         "some sample flow goes to b1: {routes:?}"
     );
 
@@ -80,7 +80,7 @@ fn a_change_that_cannot_be_persisted_is_not_applied() {
     assert!(
         drained
             .iter()
-            .any(|(a, admin, _)| *a == b1.to_string() && admin == "drain"),
+            .any(|(a, admin, _)| *a == b1 && admin == "drain"),
         "{drained:?}"
     );
     let text = std::fs::read_to_string(&state).unwrap();
@@ -110,10 +110,10 @@ fn http(socket: &Path, method: &str, path: &str, body: &str) -> (u16, String) {
 #[test]
 fn input_the_daemon_cannot_mean_is_refused() {
     let bed = bed("inp");
-    let before = configured(bed.lb.json(&["service", "list"]).unwrap());
-    let b1 = bed.topo.backend_addr(1, false);
+    let before = configured(&bed);
+    let b1 = bed.addr(1);
     // Not a backend of this two-backend topology.
-    let b3 = bed.topo.backend_addr(3, false);
+    let b3 = bed.addr(3);
 
     // Repeated keys: which one would win is a guess, so none does.
     let socket = bed.lb.socket();
@@ -142,32 +142,21 @@ fn input_the_daemon_cannot_mean_is_refused() {
 
     // Names that are paths or options.
     for name in ["..", ".", "a/b", "-x"] {
-        let err = bed
-            .lb
-            .cli(&[
-                "service",
-                "add",
-                &format!("--name={name}"),
-                "--vip=10.77.0.250",
-                "--port=81",
-                "--protocol=tcp",
-            ])
-            .unwrap_err();
+        let add = format!("service add --name={name} --vip=10.77.0.250 --port=81 --protocol=tcp");
+        let err = bed.lb.cli(&add.split(' ').collect::<Vec<_>>()).unwrap_err();
         assert!(
             format!("{err:#}").contains("not a valid name"),
             "{name}: {err:#}"
         );
     }
 
-    assert_eq!(
-        configured(bed.lb.json(&["service", "list"]).unwrap()),
-        before
-    );
+    assert_eq!(configured(&bed), before);
 }
 
 /// `xdplb service list --json` without what health checks change on their
 /// own schedule (a check may complete between two reads).
-fn configured(mut services: serde_json::Value) -> serde_json::Value {
+fn configured(bed: &Bed) -> serde_json::Value {
+    let mut services = bed.lb.json(&["service", "list"]).unwrap();
     for backend in services
         .as_array_mut()
         .into_iter()
