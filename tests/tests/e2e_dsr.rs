@@ -42,7 +42,7 @@ fn dsr_balances_real_connections_over_ipv4_and_ipv6() {
         let answer = bed.lb.flow(src, bed.vip()).unwrap();
         assert_eq!(
             answer["backend"],
-            format!("{}:80", bed.topo.backend_addr(i, false)),
+            format!("{}:80", bed.addr(i)),
             "xdplb flow says {answer}, served by {served_by}"
         );
         assert_eq!(answer["established"], true, "{answer}");
