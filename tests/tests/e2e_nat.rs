@@ -28,6 +28,7 @@ use xdplb_tests::{
         failed_between, failures, nat_config, served_after, start_backend, Load, Tally, Xdplb,
         BACKEND_PORT,
     },
+    netns::exec_line,
     proc::Proc,
     topology::{Shape, Topology},
     traffic::{download, pattern_sha256, peer, requests, udp_queries, upload, Transfer},
@@ -350,11 +351,7 @@ fn path_mtu_discovery_works_through_translated_icmp_errors() {
             bed.lb().stats_text()
         );
         icmp_before = icmp;
-        let route = bed
-            .topo
-            .client()
-            .exec(&["ip", "route", "get", &vip.ip().to_string()])
-            .unwrap();
+        let route = exec_line(bed.topo.client(), &format!("ip route get {}", vip.ip()));
         assert!(
             route.contains("mtu 1400"),
             "{fam}: the client learned the path MTU to the VIP: {route}"
@@ -574,16 +571,10 @@ fn connection_churn_is_never_refused_a_port_while_ports_remain() {
         unreachable!("IPv4")
     };
     let second = IpAddr::from([first.octets()[0], first.octets()[1], first.octets()[2], 250]);
-    let shown = bed
-        .topo
-        .lb()
-        .exec(&["ip", "-o", "addr", "show", "to", &snat.to_string()]);
-    let iface = shown.unwrap().split_whitespace().nth(1).unwrap().to_owned();
-    let addr = format!("{second}/32");
-    bed.topo
-        .lb()
-        .exec(&["ip", "addr", "add", &addr, "dev", &iface])
-        .unwrap();
+    let shown = exec_line(bed.topo.lb(), &format!("ip -o addr show to {snat}"));
+    let iface = shown.split_whitespace().nth(1).unwrap();
+    let add = format!("ip addr add {second}/32 dev {iface}");
+    exec_line(bed.topo.lb(), &add);
     // Ports per backend and address for a third of the pairs held: rate x
     // closing timeout flows held, spread over 3 backends and 2 addresses.
     let ports = ((rate * CLOSING_S * 3.0 / 6.0) as u32).clamp(1000, 63000);
