@@ -124,12 +124,9 @@ fn check_with_promtool(scrape: &str) {
         .stderr(Stdio::piped())
         .spawn()
         .expect("running promtool");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(scrape.as_bytes())
-        .unwrap();
+    // wait_with_output closes stdin (promtool's EOF) before it waits.
+    let stdin = child.stdin.as_mut().unwrap();
+    stdin.write_all(scrape.as_bytes()).unwrap();
     let out = child.wait_with_output().unwrap();
     let report =
         String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
@@ -309,21 +306,12 @@ impl Chromium {
         let (answers_read, answers_write) = pipe();
         let (child_in, child_out) = (commands_read.as_raw_fd(), answers_write.as_raw_fd());
         let mut cmd = topo.lb().command(binary);
-        cmd.args([
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--hide-scrollbars",
-            "--window-size=1200,900",
-            "--remote-debugging-pipe",
-        ])
-        .arg(format!("--user-data-dir={}", profile.0.display()))
-        .arg(url);
+        let flags = "--headless --no-sandbox --disable-gpu --disable-quic --no-first-run \
+                     --disable-background-networking --disable-component-update --disable-sync \
+                     --hide-scrollbars --window-size=1200,900 --remote-debugging-pipe";
+        cmd.args(flags.split(' '))
+            .arg(format!("--user-data-dir={}", profile.0.display()))
+            .arg(url);
         // SAFETY: dup2 is async-signal-safe; the fds stay open in the parent
         // until spawn returns.
         unsafe {
