@@ -49,11 +49,8 @@ fn dsr_balances_real_connections_over_ipv4_and_ipv6() {
     }
 
     // IPv6 VIP.
-    let tally6 = requests(
-        bed.topo.client(),
-        SocketAddr::new(bed.topo.vip6().into(), 80),
-        31000..31060,
-    );
+    let vip6 = SocketAddr::new(bed.topo.vip6().into(), 80);
+    let tally6 = requests(bed.topo.client(), vip6, 31000..31060);
     assert!(
         tally6.failed.is_empty(),
         "failed IPv6 connections: {:?}",

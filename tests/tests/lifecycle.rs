@@ -348,13 +348,9 @@ fn auto_mode_names_both_modes_it_tried() {
     let (topo, xdplb) = topology("auto");
     // Another program holds the interface natively: native attach fails
     // (busy), generic too (native and generic cannot coexist).
-    let mut holder =
-        Proc::spawn(
-            topo.lb()
-                .command(&xdplb)
-                .args(["pass-through", "--iface", topo.lb_iface()]),
-        )
-        .unwrap();
+    let mut pass_through = topo.lb().command(&xdplb);
+    pass_through.args(["pass-through", "--iface", topo.lb_iface()]);
+    let mut holder = Proc::spawn(&mut pass_through).unwrap();
     holder
         .wait_for_stdout_line("ready", Duration::from_secs(20))
         .unwrap();
