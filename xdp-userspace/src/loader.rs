@@ -66,72 +66,31 @@ impl Attached {
     }
 }
 
-/// Expected kernel shape of every pinned map: (name, type, key size, value
-/// size, max entries). The same types define the maps in xdp-ebpf, so a
-/// pinned map that differs was made by an incompatible build.
-fn expected_maps() -> [(&'static str, MapType, usize, usize, u32); 12] {
-    use std::mem::size_of;
+/// A pinned map's kernel shape: (name, type, key size, value size, max entries).
+type MapShape = (&'static str, MapType, usize, usize, u32);
+
+/// The shape of map `name` with keys `K` and values `V`.
+fn shape<K, V>(name: &'static str, kind: MapType, max: u32) -> MapShape {
+    (name, kind, size_of::<K>(), size_of::<V>(), max)
+}
+
+/// Expected kernel shape of every pinned map. The same types define the
+/// maps in xdp-ebpf, so a pinned map that differs was made by an
+/// incompatible build.
+fn expected_maps() -> [MapShape; 12] {
     [
-        (
-            names::SERVICES,
-            MapType::Hash,
-            size_of::<ServiceKey>(),
-            size_of::<Service>(),
-            MAX_SERVICES,
-        ),
-        (
-            names::BACKENDS,
-            MapType::Array,
-            4,
-            size_of::<Backend>(),
-            MAX_BACKENDS,
-        ),
-        (names::MAGLEV, MapType::Array, 4, 4, MAGLEV_SLOTS),
-        (
-            names::FLOWS,
-            MapType::LruHash,
-            size_of::<FlowKey>(),
-            size_of::<Flow>(),
-            MAX_FLOWS,
-        ),
-        (names::REASONS, MapType::PerCpuArray, 4, 8, REASON_COUNT),
-        (
-            names::SERVICE_STATS,
-            MapType::PerCpuArray,
-            4,
-            size_of::<Counters>(),
-            MAX_SERVICES,
-        ),
-        (
-            names::BACKEND_STATS,
-            MapType::PerCpuArray,
-            4,
-            size_of::<Counters>(),
-            MAX_BACKENDS,
-        ),
+        shape::<ServiceKey, Service>(names::SERVICES, MapType::Hash, MAX_SERVICES),
+        shape::<u32, Backend>(names::BACKENDS, MapType::Array, MAX_BACKENDS),
+        shape::<u32, u32>(names::MAGLEV, MapType::Array, MAGLEV_SLOTS),
+        shape::<FlowKey, Flow>(names::FLOWS, MapType::LruHash, MAX_FLOWS),
+        shape::<u32, u64>(names::REASONS, MapType::PerCpuArray, REASON_COUNT),
+        shape::<u32, Counters>(names::SERVICE_STATS, MapType::PerCpuArray, MAX_SERVICES),
+        shape::<u32, Counters>(names::BACKEND_STATS, MapType::PerCpuArray, MAX_BACKENDS),
         (names::TX_PORTS, MapType::DevMapHash, 4, 8, MAX_TX_PORTS),
-        (
-            names::NAT_FWD,
-            MapType::Hash,
-            size_of::<FlowKey>(),
-            size_of::<NatFwd>(),
-            MAX_NAT_FLOWS,
-        ),
-        (
-            names::NAT_REV,
-            MapType::Hash,
-            size_of::<FlowKey>(),
-            size_of::<NatRev>(),
-            MAX_NAT_FLOWS,
-        ),
-        (names::GLOBALS, MapType::Array, 4, size_of::<Globals>(), 1),
-        (
-            xdp_common::ifmac::MAP_NAME,
-            MapType::Hash,
-            size_of::<xdp_common::ifmac::IfMacKey>(),
-            4,
-            xdp_common::ifmac::MAX_IF_MACS,
-        ),
+        shape::<FlowKey, NatFwd>(names::NAT_FWD, MapType::Hash, MAX_NAT_FLOWS),
+        shape::<FlowKey, NatRev>(names::NAT_REV, MapType::Hash, MAX_NAT_FLOWS),
+        shape::<u32, Globals>(names::GLOBALS, MapType::Array, 1),
+        shape::<ifmac::IfMacKey, u32>(ifmac::MAP_NAME, MapType::Hash, ifmac::MAX_IF_MACS),
     ]
 }
 
