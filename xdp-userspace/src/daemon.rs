@@ -462,8 +462,8 @@ impl api::Handler for Daemon {
                 o.remove_backend(&r.service, addr, service_config(config, &r.service)?.port);
                 Ok(format!("backend {addr} removed from service {}", r.service))
             }),
-            Request::Drain(r) => self.set_admin(&r, Admin::Drain),
-            Request::Undrain(r) => self.set_admin(&r, Admin::Up),
+            Request::Drain(r) => self.set_admin(&r, Admin::Drain, "drained"),
+            Request::Undrain(r) => self.set_admin(&r, Admin::Up, "undrained"),
             Request::Reload => self.change(true, |_, _| {
                 Ok(format!("reloaded {}", self.config_path.display()))
             }),
@@ -558,12 +558,7 @@ impl api::Handler for Daemon {
 }
 
 impl Daemon {
-    fn set_admin(&self, r: &BackendRef, admin: Admin) -> Result<Value, ApiError> {
-        let verb = if admin == Admin::Drain {
-            "drained"
-        } else {
-            "undrained"
-        };
+    fn set_admin(&self, r: &BackendRef, admin: Admin, verb: &str) -> Result<Value, ApiError> {
         self.change(false, |o, config| {
             let addr = backend_ref(config, r)?;
             o.set_admin(&r.service, addr, admin);
@@ -1010,13 +1005,11 @@ async fn watch_attachments(
 /// says so and attaches it again.
 fn repair_attachments(datapath: &mut Datapath, ifaces: &[String], mode: AttachMode, d: &Daemon) {
     for iface in ifaces {
-        let problem = match datapath.attachment_problem(iface) {
-            Ok(Some(problem)) => problem,
-            Ok(None) => continue,
-            Err(err) => {
-                warn!("checking the XDP attachment on {iface}: {err:#}");
-                continue;
-            }
+        let checked = datapath
+            .attachment_problem(iface)
+            .inspect_err(|err| warn!("checking the XDP attachment on {iface}: {err:#}"));
+        let Ok(Some(problem)) = checked else {
+            continue;
         };
         error!(%iface, "the datapath was detached under the daemon: {problem}; attaching again");
         let outcome = match datapath.reattach(iface, mode) {
