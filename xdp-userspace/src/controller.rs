@@ -137,23 +137,14 @@ impl ServiceState {
     }
 
     fn entry(&self) -> Service {
-        let mut flags = 0;
-        if self.config.hash == HashFields::Source {
-            flags |= SVC_F_HASH_SRC_ONLY;
-        }
-        if self.table.is_empty() {
-            flags |= SVC_F_NO_BACKEND;
-        }
-        if self.active_half == 1 {
-            flags |= SVC_F_SECOND_HALF;
-        }
         let nat = &self.config.nat;
-        if self.config.mode == Mode::Nat {
-            flags |= SVC_F_NAT;
-            if nat.retry_refused {
-                flags |= SVC_F_NAT_RETRY;
-            }
-        }
+        let nat_mode = self.config.mode == Mode::Nat;
+        let flag = |on: bool, bit: u32| if on { bit } else { 0 };
+        let flags = flag(self.config.hash == HashFields::Source, SVC_F_HASH_SRC_ONLY)
+            | flag(self.table.is_empty(), SVC_F_NO_BACKEND)
+            | flag(self.active_half == 1, SVC_F_SECOND_HALF)
+            | flag(nat_mode, SVC_F_NAT)
+            | flag(nat_mode && nat.retry_refused, SVC_F_NAT_RETRY);
         let secs = |d: Duration| u32::try_from(d.as_secs().max(1)).unwrap_or(u32::MAX);
         Service {
             id: self.id,
@@ -443,14 +434,11 @@ impl Controller {
     /// new one are balanced, the old one's passed. Returns the old MAC if
     /// it changed.
     pub fn set_interface_mac(&mut self, ifindex: u32, mac: Mac) -> Result<Option<Mac>> {
-        let Some(i) = self
-            .model
-            .interfaces
-            .iter()
+        let i = (self.model.interfaces.iter())
             .position(|&(x, _)| x == ifindex)
-        else {
-            bail!("interface {ifindex} is not one the datapath is attached to");
-        };
+            .with_context(|| {
+                format!("interface {ifindex} is not one the datapath is attached to")
+            })?;
         let old = self.model.interfaces[i].1;
         if old == mac {
             return Ok(None);
@@ -772,11 +760,8 @@ impl Model {
         svc.config = cfg.clone();
         for b in &added {
             let state = self.new_backend(service_id, cfg, b, hops, writes)?;
-            self.services
-                .get_mut(&key)
-                .expect("present")
-                .backends
-                .insert((b.address, b.port), state);
+            let svc = self.services.get_mut(&key).expect("present");
+            svc.backends.insert((b.address, b.port), state);
         }
         self.sync(key, writes)?;
         // Settings the table does not show (hashing, NAT ports, timeouts,
@@ -922,17 +907,14 @@ impl Model {
         // 2.+3. New table into the idle half, then the swap.
         let exists = svc.programmed;
         if *table != *svc.table || !exists {
-            let next = if exists {
-                1 - svc.active_half
-            } else {
-                svc.active_half
-            };
+            if exists {
+                svc.active_half = 1 - svc.active_half;
+            }
             let table = Arc::new(table);
             writes.push(Write::Table {
-                base: svc.table_base(next),
+                base: svc.table_base(svc.active_half),
                 table: table.clone(),
             });
-            svc.active_half = next;
             svc.fingerprint = fingerprint(&table, |id| member_addrs.get(&id).copied());
             svc.table = table;
             svc.programmed = true;
