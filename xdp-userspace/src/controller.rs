@@ -253,7 +253,7 @@ pub struct Controller {
     model: Model,
     resolver: Arc<Resolver>,
     /// Backend ids and addresses as of the last `apply`, for replication.
-    directory: Arc<RwLock<Arc<Directory>>>,
+    directory: SharedDirectory,
 }
 
 /// Which backend an id is, and which id a backend is: flow pins travel

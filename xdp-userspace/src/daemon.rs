@@ -431,10 +431,7 @@ impl api::Handler for Daemon {
             Request::ListBackends { service } => {
                 let inner = self.lock();
                 if let Some(name) = &service {
-                    inner
-                        .controller
-                        .service_by_name(name)
-                        .ok_or_else(|| ApiError::not_found(format!("no service named {name:?}")))?;
+                    service_config(&inner.config, name)?;
                 }
                 let views: Vec<_> = inner
                     .controller
