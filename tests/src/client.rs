@@ -115,8 +115,7 @@ pub fn udp_query(
     sock.send_to(b"query\n", addr)
         .with_context(|| format!("sending to UDP {addr}"))?;
     let mut buf = [0u8; 1500];
-    let (n, from) = sock
-        .recv_from(&mut buf)
+    let (n, from) = restarting(|| sock.recv_from(&mut buf))
         .with_context(|| format!("waiting for a reply from UDP {addr} (timeout {timeout:?})"))?;
     ensure!(from == addr, "UDP reply came from {from}, expected {addr}");
     Ok(String::from_utf8_lossy(&buf[..n]).trim().to_owned())
@@ -321,6 +320,19 @@ pub fn setsockopt<T>(
         std::io::Error::last_os_error()
     );
     Ok(())
+}
+
+/// Calls `call` again while it fails with EINTR. A socket call with a
+/// timeout fails so, even without a signal handler, when this process is
+/// stopped and continued (signal(7)); a frozen and thawed cgroup does the
+/// same. That is no failure of what a test watches.
+pub fn restarting<T>(mut call: impl FnMut() -> std::io::Result<T>) -> std::io::Result<T> {
+    loop {
+        match call() {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            result => return result,
+        }
+    }
 }
 
 /// `addr` as a C sockaddr (in a sockaddr_storage) and its length.

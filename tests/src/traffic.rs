@@ -15,7 +15,7 @@ use anyhow::{ensure, Context as _, Result};
 use sha2::{Digest as _, Sha256};
 
 use crate::{
-    client::{self, read_head, read_response},
+    client::{self, read_head, read_response, restarting},
     lb::Tally,
     netns::Netns,
 };
@@ -207,8 +207,7 @@ pub fn download(addr: SocketAddr, n: u64, timeout: Duration) -> Result<Transfer>
     let mut got = 0u64;
     while got < n {
         let want = (n - got).min(buf.len() as u64) as usize;
-        let k = reader
-            .read(&mut buf[..want])
+        let k = restarting(|| reader.read(&mut buf[..want]))
             .with_context(|| format!("{} after {got} bytes", ctx()))?;
         ensure!(k > 0, "{}: connection closed after {got} bytes", ctx());
         sha.update(&buf[..k]);

@@ -13,6 +13,7 @@ use std::{
 
 use xdplb_tests::{
     bin_path,
+    client::restarting,
     lb::{start_backends, Xdplb},
     netns::{exec_line, unique_prefix},
     proc::Proc,
@@ -306,7 +307,7 @@ fn systemd_hears_ready_after_the_api_answers_then_watchdog_pings() {
     lb.proc = Proc::spawn_with(&mut cmd, "xdplb", false).unwrap();
     let mut buf = [0u8; 512];
     let mut recv = || {
-        let n = notify.recv(&mut buf).expect("a notification");
+        let n = restarting(|| notify.recv(&mut buf)).expect("a notification within 20 s");
         String::from_utf8_lossy(&buf[..n]).into_owned()
     };
     let first = recv();

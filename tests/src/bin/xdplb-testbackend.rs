@@ -35,7 +35,7 @@ use std::{
 
 use sha2::{Digest as _, Sha256};
 use xdplb_tests::{
-    client::{setsockopt, sockaddr},
+    client::{restarting, setsockopt, sockaddr},
     traffic::{hex, Pattern},
 };
 
@@ -248,7 +248,7 @@ fn hash_body(reader: &mut BufReader<TcpStream>, len: u64) -> std::io::Result<Str
     let mut left = len;
     while left > 0 {
         let want = left.min(buf.len() as u64) as usize;
-        let n = reader.read(&mut buf[..want])?;
+        let n = restarting(|| reader.read(&mut buf[..want]))?;
         if n == 0 {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::UnexpectedEof,
