@@ -609,12 +609,12 @@ impl NatSweeper {
             .copied()
             .collect();
         before_delete();
-        let mut deleted = [0usize; 2];
+        let mut reclaimed = 0;
         for (k, r) in &dead_rev {
-            deleted[1] += usize::from(take_if(&mut self.rev, k, r)?);
+            reclaimed += usize::from(take_if(&mut self.rev, k, r)?);
         }
         for (k, f) in &dead_fwd {
-            deleted[0] += usize::from(take_if(&mut self.fwd, k, f)?);
+            take_if(&mut self.fwd, k, f)?;
         }
         let count = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
         let live_fwd = fwd.iter().filter(|(_, f)| !f.expired(now_ns)).count();
@@ -626,7 +626,7 @@ impl NatSweeper {
             flows: count(live_fwd),
             reverse: count(live_rev.count()),
             capacity: MAX_NAT_FLOWS,
-            reclaimed: count(deleted[1]),
+            reclaimed: count(reclaimed),
         })
     }
 }
@@ -739,7 +739,7 @@ pub struct NatOccupancy {
     pub reverse: u32,
     /// Capacity of each table.
     pub capacity: u32,
-    /// Entries removed by this sweep.
+    /// Source ports this sweep freed (reverse entries it deleted).
     pub reclaimed: u32,
 }
 
