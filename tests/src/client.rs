@@ -7,11 +7,12 @@ use std::{
     io::{BufRead, BufReader, Read as _, Write as _},
     mem,
     net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream, UdpSocket},
-    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd, RawFd},
+    os::fd::RawFd,
     time::Duration,
 };
 
-use anyhow::{bail, ensure, Context as _};
+use anyhow::{ensure, Context as _};
+use socket2::{Domain, Socket, Type};
 
 /// Connects a TCP socket to `addr`, from `src_port` if given, giving up
 /// after `timeout` (which also becomes the read and write timeout).
@@ -24,48 +25,21 @@ pub fn connect(
     src_port: Option<u16>,
     timeout: Duration,
 ) -> anyhow::Result<TcpStream> {
-    // std cannot bind before connecting, hence the raw socket.
-    let family = match addr {
-        SocketAddr::V4(_) => libc::AF_INET,
-        SocketAddr::V6(_) => libc::AF_INET6,
-    };
-    // SAFETY: plain syscall; the fd is owned right below.
-    let fd = unsafe { libc::socket(family, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
-    ensure!(fd >= 0, "socket(): {}", std::io::Error::last_os_error());
-    // SAFETY: fd is a fresh, valid descriptor that nothing else owns.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    let raw = fd.as_raw_fd();
-    let one: libc::c_int = 1;
-    setsockopt(raw, libc::SOL_SOCKET, libc::SO_REUSEADDR, &one)?;
-    let linger = libc::linger {
-        l_onoff: 1,
-        l_linger: 0,
-    };
-    setsockopt(raw, libc::SOL_SOCKET, libc::SO_LINGER, &linger)?;
-    // Linux bounds a blocking connect() by the send timeout.
-    let tv = timeval(timeout);
-    setsockopt(raw, libc::SOL_SOCKET, libc::SO_SNDTIMEO, &tv)?;
+    // std cannot bind before connecting, hence socket2.
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None).context("socket()")?;
+    socket.set_reuse_address(true)?;
+    socket.set_linger(Some(Duration::ZERO))?;
     if let Some(port) = src_port {
         let local = unspecified(addr, port);
-        let (sa, len) = sockaddr(local);
-        // SAFETY: sa is a valid sockaddr of length len.
-        if unsafe { libc::bind(raw, (&raw const sa).cast(), len) } != 0 {
-            bail!("bind to {local}: {}", std::io::Error::last_os_error());
-        }
+        let bound = socket.bind(&local.into());
+        bound.with_context(|| format!("bind to {local}"))?;
     }
-    let (sa, len) = sockaddr(addr);
-    // SAFETY: sa is a valid sockaddr of length len.
-    if unsafe { libc::connect(raw, (&raw const sa).cast(), len) } != 0 {
-        let err = std::io::Error::last_os_error();
-        if err.raw_os_error() == Some(libc::EINPROGRESS) {
-            bail!(
-                "connect to {addr}{}: timed out after {timeout:?}",
-                from_port(src_port)
-            );
-        }
-        bail!("connect to {addr}{}: {err}", from_port(src_port));
-    }
-    let stream = TcpStream::from(fd);
+    // socket2 connects without blocking and polls, again after EINTR (see
+    // `restarting`), where a blocking connect with a timeout would fail.
+    let from = from_port(src_port);
+    (socket.connect_timeout(&addr.into(), nonzero(timeout)))
+        .with_context(|| format!("connect to {addr}{from} within {timeout:?}"))?;
+    let stream = TcpStream::from(socket);
     stream.set_read_timeout(Some(nonzero(timeout)))?;
     stream.set_write_timeout(Some(nonzero(timeout)))?;
     Ok(stream)
@@ -287,14 +261,6 @@ fn from_port(src_port: Option<u16>) -> String {
 /// std rejects zero timeouts; treat zero as the smallest one.
 fn nonzero(d: Duration) -> Duration {
     d.max(Duration::from_millis(1))
-}
-
-fn timeval(d: Duration) -> libc::timeval {
-    let d = nonzero(d);
-    libc::timeval {
-        tv_sec: d.as_secs() as libc::time_t,
-        tv_usec: d.subsec_micros() as libc::suseconds_t,
-    }
 }
 
 /// Sets socket option `name` at `level` of `fd` to `value`.
