@@ -28,14 +28,15 @@
 use std::{
     io::{BufRead as _, BufReader, Read as _, Write as _},
     mem,
-    net::{Ipv6Addr, TcpListener, TcpStream},
-    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+    net::{Ipv6Addr, SocketAddr, TcpListener, TcpStream},
+    os::fd::{AsRawFd as _, OwnedFd},
     sync::Arc,
 };
 
 use sha2::{Digest as _, Sha256};
+use socket2::{Domain, Socket, Type};
 use xdplb_tests::{
-    client::{restarting, setsockopt, sockaddr},
+    client::{restarting, setsockopt},
     traffic::{hex, Pattern},
 };
 
@@ -65,11 +66,11 @@ struct Config {
 
 fn main() {
     let config = Arc::new(<Config as clap::Parser>::parse());
-    let listener = dual_stack_socket(libc::SOCK_STREAM, config.port)
+    let listener = dual_stack_socket(Type::STREAM, config.port)
         .unwrap_or_else(|e| fail(&format!("TCP [::]:{}: {e}", config.port)));
     let listener = TcpListener::from(listener);
     if let Some(port) = config.udp_port {
-        let fd = dual_stack_socket(libc::SOCK_DGRAM, port)
+        let fd = dual_stack_socket(Type::DGRAM, port)
             .unwrap_or_else(|e| fail(&format!("UDP [::]:{port}: {e}")));
         let config = config.clone();
         std::thread::spawn(move || udp_loop(fd, &config));
@@ -295,34 +296,22 @@ fn ok_head(
 /// off rather than relying on the namespace's bindv6only default), with
 /// SO_REUSEADDR so a restarted backend can rebind at once; TCP sockets are
 /// put in listening state.
-fn dual_stack_socket(ty: libc::c_int, port: u16) -> std::io::Result<OwnedFd> {
-    // SAFETY: plain syscall; the fd is owned right below.
-    let fd = unsafe { libc::socket(libc::AF_INET6, ty | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: fresh fd owned by nobody else.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    let raw = fd.as_raw_fd();
-    let set = |level, name, value: libc::c_int| {
-        setsockopt(raw, level, name, &value).map_err(std::io::Error::other)
-    };
-    set(libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, 0)?;
-    set(libc::SOL_SOCKET, libc::SO_REUSEADDR, 1)?;
-    if ty == libc::SOCK_DGRAM {
+fn dual_stack_socket(ty: Type, port: u16) -> std::io::Result<OwnedFd> {
+    let socket = Socket::new(Domain::IPV6, ty, None)?;
+    socket.set_only_v6(false)?;
+    socket.set_reuse_address(true)?;
+    if ty == Type::DGRAM {
         // Learn each datagram's destination address, to reply from it.
-        set(libc::IPPROTO_IPV6, libc::IPV6_RECVPKTINFO, 1)?;
+        let on: libc::c_int = 1;
+        let raw = socket.as_raw_fd();
+        setsockopt(raw, libc::IPPROTO_IPV6, libc::IPV6_RECVPKTINFO, &on)
+            .map_err(std::io::Error::other)?;
     }
-    let (sa, len) = sockaddr((Ipv6Addr::UNSPECIFIED, port).into());
-    // SAFETY: sa is a valid sockaddr of length len.
-    if unsafe { libc::bind(raw, (&raw const sa).cast(), len) } != 0 {
-        return Err(std::io::Error::last_os_error());
+    socket.bind(&SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)).into())?;
+    if ty == Type::STREAM {
+        socket.listen(1024)?;
     }
-    // SAFETY: plain syscall on a bound socket.
-    if ty == libc::SOCK_STREAM && unsafe { libc::listen(raw, 1024) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(fd)
+    Ok(socket.into())
 }
 
 /// UDP echo: answers every datagram with `<name>\n`.
