@@ -23,13 +23,14 @@ use std::{
     collections::{hash_map::Entry, HashMap},
     io,
     mem::size_of,
-    net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket},
-    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket},
+    os::fd::{AsRawFd as _, OwnedFd},
     sync::{Arc, Mutex, Weak},
     time::Duration,
 };
 
 use etherparse::{TcpHeader, TcpOptionElement};
+use socket2::{Protocol, SockFilter, Socket, Type};
 use tokio::{
     runtime::Handle,
     sync::{oneshot, Notify},
@@ -37,10 +38,6 @@ use tokio::{
 };
 
 use super::{io_reason, lock, prefetch, seed, Deadline, Prober, Step, XorShift64};
-
-/// `SO_ATTACH_FILTER` from `asm-generic/socket.h` (the libc crate lacks it
-/// for Linux); the same on x86-64 and arm64.
-const SO_ATTACH_FILTER: libc::c_int = 26;
 
 const SYN: u8 = 0x02;
 const RST: u8 = 0x04;
@@ -466,7 +463,7 @@ fn read_answer(segment: &[u8], from: IpAddr, port: u16) -> Option<(Peer, u32, An
 impl Family {
     fn open(family: libc::c_int) -> io::Result<Self> {
         let (port_holder, port) = hold_port(family)?;
-        let raw = socket(family, libc::SOCK_RAW, libc::IPPROTO_TCP)?;
+        let raw = Socket::new(family.into(), Type::RAW.nonblocking(), Some(Protocol::TCP))?;
         let fd = raw.as_raw_fd();
         if family == libc::AF_INET6 {
             set_option(fd, libc::IPPROTO_IPV6, libc::IPV6_CHECKSUM, 16)?;
@@ -482,12 +479,12 @@ impl Family {
                 libc::IP_PMTUDISC_DO,
             )?;
         }
-        attach_filter(fd, family, port)?;
+        attach_filter(&raw, family, port)?;
         // A second of answers at 10,000 checks a second arrives in bursts
         // of a probe-grid step's worth; the default buffer holds ~300.
-        set_option(fd, libc::SOL_SOCKET, libc::SO_RCVBUF, 1 << 20)?;
+        raw.set_recv_buffer_size(1 << 20)?;
         Ok(Self {
-            raw,
+            raw: raw.into(),
             _port_holder: port_holder,
             port,
         })
@@ -497,40 +494,26 @@ impl Family {
 /// A TCP socket bound to a free port of `family`, never listening, and the
 /// port.
 fn hold_port(family: libc::c_int) -> io::Result<(OwnedFd, u16)> {
-    let socket = socket(family, libc::SOCK_STREAM, 0)?;
-    let fd = socket.as_raw_fd();
-    // SAFETY: all-zero is a valid sockaddr_storage.
-    let mut address: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-    address.ss_family = family as libc::sa_family_t;
-    let mut len = if family == libc::AF_INET6 {
-        set_option(fd, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, 1)?;
-        size_of::<libc::sockaddr_in6>()
+    let socket = Socket::new(family.into(), Type::STREAM, None)?;
+    let any = if family == libc::AF_INET6 {
+        socket.set_only_v6(true)?;
+        IpAddr::from(Ipv6Addr::UNSPECIFIED)
     } else {
-        size_of::<libc::sockaddr_in>()
-    } as libc::socklen_t;
-    // Port 0 of the any address: the kernel picks a free port.
-    // SAFETY: `address` is a valid, large enough sockaddr for `len`.
-    check(unsafe { libc::bind(fd, (&raw const address).cast(), len) })?;
-    // SAFETY: as above; the kernel writes at most `len` bytes.
-    check(unsafe { libc::getsockname(fd, (&raw mut address).cast(), &mut len) })?;
-    // The port is at the same offset in sockaddr_in and sockaddr_in6.
-    // SAFETY: `address` holds a sockaddr of `family`.
-    let port =
-        u16::from_be(unsafe { (*(&raw const address).cast::<libc::sockaddr_in>()).sin_port });
-    Ok((socket, port))
+        IpAddr::from(Ipv4Addr::UNSPECIFIED)
+    };
+    // Port 0: the kernel picks a free port.
+    socket.bind(&SocketAddr::new(any, 0).into())?;
+    let bound = socket.local_addr()?.as_socket();
+    let port = bound.expect("a TCP socket has an IP address").port();
+    Ok((socket.into(), port))
 }
 
-/// Lets only TCP segments to `port` into the raw socket `fd`: without it,
+/// Lets only TCP segments to `port` into the raw `socket`: without it,
 /// the socket would get a copy of every TCP segment this host receives.
 /// An IPv4 raw socket's filter sees the IP header first, an IPv6 one's the
 /// TCP header.
-fn attach_filter(fd: i32, family: libc::c_int, port: u16) -> io::Result<()> {
-    let op = |code: u32, jt: u8, jf: u8, k: u32| libc::sock_filter {
-        code: code as u16,
-        jt,
-        jf,
-        k,
-    };
+fn attach_filter(socket: &Socket, family: libc::c_int, port: u16) -> io::Result<()> {
+    let op = |code: u32, jt, jf, k| SockFilter::new(code as u16, jt, jf, k);
     let accept = op(libc::BPF_RET | libc::BPF_K, 0, 0, u32::MAX);
     let reject = op(libc::BPF_RET | libc::BPF_K, 0, 0, 0);
     let is_port = op(
@@ -550,12 +533,7 @@ fn attach_filter(fd: i32, family: libc::c_int, port: u16) -> io::Result<()> {
         ]
     };
     program.extend([is_port, accept, reject]);
-    let filter = libc::sock_fprog {
-        len: program.len() as u16,
-        filter: program.as_mut_ptr(),
-    };
-    // `filter` points at `program`, alive for the call.
-    set_option(fd, libc::SOL_SOCKET, SO_ATTACH_FILTER, filter)
+    socket.attach_filter(&program)
 }
 
 /// A SYN from `source_port` to `dest_port` with sequence number `seq` and
@@ -587,14 +565,6 @@ fn ipv4_payload(packet: &[u8]) -> Option<&[u8]> {
     let header_len = usize::from(packet.first()? & 0x0f) * 4;
     (packet.get(9) == Some(&(libc::IPPROTO_TCP as u8))).then_some(())?;
     packet.get(header_len..)
-}
-
-fn socket(family: libc::c_int, kind: libc::c_int, protocol: libc::c_int) -> io::Result<OwnedFd> {
-    let flags = libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC;
-    // SAFETY: plain system call; the fd is owned from here on.
-    let fd = check(unsafe { libc::socket(family, kind | flags, protocol) })?;
-    // SAFETY: a fresh fd nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 /// Sets a socket option to `value` (an int for most options).
