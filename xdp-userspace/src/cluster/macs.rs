@@ -5,13 +5,11 @@
 //! The table is one of the [`Maps`](crate::dataplane::Maps), written by
 //! the controller (`Controller::add_interface` and `apply`).
 
-use std::{
-    collections::BTreeSet,
-    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
-};
+use std::{collections::BTreeSet, os::fd::AsRawFd as _};
 
 use anyhow::{bail, Context as _, Result};
 use aya::maps::{HashMap, Map, MapData};
+use socket2::{Domain, Socket, Type};
 use xdp_common::ifmac::{IfMacKey, MAP_NAME};
 
 /// A MAC address as on the wire.
@@ -86,13 +84,8 @@ pub fn interface_mac(iface: &str) -> Result<Mac> {
     if iface.len() >= libc::IFNAMSIZ || iface.contains('\0') {
         bail!("{iface:?} is not an interface name");
     }
-    // SAFETY: plain socket(2); the fd is owned right below.
-    let raw = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-    if raw < 0 {
-        return Err(std::io::Error::last_os_error()).context("socket() for SIOCGIFHWADDR");
-    }
-    // SAFETY: `raw` is a fresh fd nobody else owns.
-    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    let socket =
+        Socket::new(Domain::IPV4, Type::DGRAM, None).context("socket() for SIOCGIFHWADDR")?;
     // SAFETY: ifreq is plain data; all-zero is a valid value.
     let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
     for (dst, src) in req.ifr_name.iter_mut().zip(iface.bytes()) {
@@ -100,7 +93,7 @@ pub fn interface_mac(iface: &str) -> Result<Mac> {
     }
     // SAFETY: SIOCGIFHWADDR reads the NUL-terminated name and writes the
     // hardware address into `req`, which outlives the call.
-    if unsafe { libc::ioctl(fd.as_raw_fd(), libc::SIOCGIFHWADDR, &mut req) } < 0 {
+    if unsafe { libc::ioctl(socket.as_raw_fd(), libc::SIOCGIFHWADDR, &mut req) } < 0 {
         return Err(std::io::Error::last_os_error())
             .with_context(|| format!("reading the MAC address of interface {iface:?}"));
     }
