@@ -11,10 +11,10 @@ use std::{
     time::{Duration, Instant},
 };
 
+use socket2::{Domain, Protocol, Socket, Type};
 use xdplb_tests::{
     assert_within,
     bed::Bed,
-    client,
     frame::{self, Seg},
     lb::{dsr_config_with, failures, Load},
 };
@@ -33,33 +33,23 @@ fn bed(tag: &str) -> Bed {
 /// client's namespace through a raw socket.
 fn vanishing_clients(bed: &Bed, n: u32, every: Duration, first: u32) {
     let vip = bed.vip();
-    let (to, to_len) = client::sockaddr(SocketAddr::new(vip.ip(), 0));
+    let to = SocketAddr::new(vip.ip(), 0).into();
     bed.topo.client().run(|| {
-        // SAFETY: plain socket calls on a descriptor this closure owns.
-        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW) };
-        assert!(fd >= 0, "raw socket: {}", std::io::Error::last_os_error());
+        let raw = Socket::new(
+            Domain::IPV4,
+            Type::RAW,
+            Some(Protocol::from(libc::IPPROTO_RAW)),
+        );
+        let raw = raw.expect("raw socket");
         for k in first..first + n {
             let src = SocketAddrV4::new(
                 Ipv4Addr::from(0xc633_0000 | (k & 0xffff)), // 198.51.0.0/16
                 10000 + (k % 50000) as u16,
             );
             let packet = Seg::tcp(src.into(), vip, frame::SYN, b"").ip();
-            // SAFETY: a valid buffer and address for the call's duration.
-            let sent = unsafe {
-                libc::sendto(
-                    fd,
-                    packet.as_ptr().cast(),
-                    packet.len(),
-                    0,
-                    (&raw const to).cast(),
-                    to_len,
-                )
-            };
-            assert!(sent > 0, "sendto: {}", std::io::Error::last_os_error());
+            raw.send_to(&packet, &to).expect("sendto");
             std::thread::sleep(every);
         }
-        // SAFETY: closing the descriptor opened above.
-        unsafe { libc::close(fd) };
     });
 }
 
