@@ -7,12 +7,9 @@
 //! the holder's PID is read back from /proc/locks for the error message.
 
 use std::{
-    fs::{self, File},
+    fs::{self, File, TryLockError},
     io,
-    os::{
-        fd::AsRawFd as _,
-        unix::fs::{DirBuilderExt as _, MetadataExt as _},
-    },
+    os::unix::fs::{DirBuilderExt as _, MetadataExt as _},
     path::{Path, PathBuf},
 };
 
@@ -66,17 +63,17 @@ impl PinDirLock {
                 .create(dir)
                 .map_err(io_err)?;
             let file = File::open(dir).map_err(io_err)?;
-            // SAFETY: a valid open descriptor.
-            if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-                let err = io::Error::last_os_error();
-                if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            // flock(LOCK_EX | LOCK_NB).
+            match file.try_lock() {
+                Ok(()) => {}
+                Err(TryLockError::WouldBlock) => {
                     let holder = Holder(holder_pid(&file));
                     return Err(LockError::Held {
                         dir: dir.to_owned(),
                         holder,
                     });
                 }
-                return Err(io_err(err));
+                Err(TryLockError::Error(err)) => return Err(io_err(err)),
             }
             // The previous holder may have removed the directory (SIGINT,
             // `detach --all`) between our open and our lock: then we locked
@@ -105,16 +102,13 @@ impl PinDirLock {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(io_err(e)),
         };
-        // SAFETY: a valid open descriptor.
-        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) } == 0 {
+        // flock(LOCK_SH | LOCK_NB).
+        match file.try_lock_shared() {
             // Nobody holds it exclusively; ours goes with `file`.
-            return Ok(None);
+            Ok(()) => Ok(None),
+            Err(TryLockError::WouldBlock) => Ok(Some(Holder(holder_pid(&file)))),
+            Err(TryLockError::Error(err)) => Err(io_err(err)),
         }
-        let err = io::Error::last_os_error();
-        if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
-            return Ok(Some(Holder(holder_pid(&file))));
-        }
-        Err(io_err(err))
     }
 }
 
