@@ -253,8 +253,7 @@ impl Replicator {
         stream.set_read_timeout(Some(Duration::from_secs(5)))?;
         stream.set_write_timeout(Some(Duration::from_secs(5)))?;
         let request = wire::encode(&self.shared.key, &self.header(Kind::SyncRequest, 0), &[]);
-        stream.write_all(&(request.len() as u32).to_be_bytes())?;
-        stream.write_all(&request)?;
+        stream.write_all(&framed(&request))?;
         let (mut flows, mut installed) = (0u64, 0u64);
         loop {
             if started.elapsed() > PULL_TIMEOUT {
@@ -606,13 +605,9 @@ impl Replicator {
 
     async fn serve_copy(self, mut stream: tokio::net::TcpStream, from: SocketAddr) -> Result<()> {
         let request = tokio::time::timeout(Duration::from_secs(5), async {
-            let len = stream.read_u32().await? as usize;
-            if len > wire::MAX_MESSAGE {
-                bail!("a {len}-byte request");
-            }
-            let mut msg = vec![0u8; len];
+            let mut msg = vec![0u8; frame_len(stream.read_u32().await?)?];
             stream.read_exact(&mut msg).await?;
-            Ok(msg)
+            anyhow::Ok(msg)
         })
         .await
         .context("no request within 5 s")??;
@@ -641,13 +636,12 @@ impl Replicator {
         let records = tokio::task::spawn_blocking(move || me.export()).await?;
         for chunk in records.chunks(wire::RECORDS_PER_FRAME) {
             let msg = wire::encode(&self.shared.key, &self.header(Kind::Flows, 0), chunk);
-            stream.write_u32(msg.len() as u32).await?;
-            stream.write_all(&msg).await?;
+            stream.write_all(&framed(&msg)).await?;
         }
         let end = self.header(Kind::SyncEnd, records.len() as u64);
-        let msg = wire::encode(&self.shared.key, &end, &[]);
-        stream.write_u32(msg.len() as u32).await?;
-        stream.write_all(&msg).await?;
+        stream
+            .write_all(&framed(&wire::encode(&self.shared.key, &end, &[])))
+            .await?;
         stream.flush().await?;
         info!(%from, flows = records.len(), "replication: served a full copy");
         Ok(())
@@ -857,15 +851,30 @@ fn random() -> Option<u64> {
     Some(u64::from_ne_bytes(b))
 }
 
-/// Reads a length-prefixed message.
-fn read_frame(r: &mut impl std::io::Read) -> Result<Vec<u8>> {
-    let mut len = [0u8; 4];
-    r.read_exact(&mut len)?;
-    let len = u32::from_be_bytes(len) as usize;
+/// `msg` as a full copy's TCP stream carries it: after its length (4 bytes,
+/// big-endian), in one buffer, so that each frame is one write.
+fn framed(msg: &[u8]) -> Vec<u8> {
+    let mut frame = Vec::with_capacity(4 + msg.len());
+    frame.extend_from_slice(&(msg.len() as u32).to_be_bytes());
+    frame.extend_from_slice(msg);
+    frame
+}
+
+/// The length a frame announces, unless no message of the protocol is
+/// that long.
+fn frame_len(announced: u32) -> Result<usize> {
+    let len = announced as usize;
     if len > wire::MAX_MESSAGE {
         bail!("a {len}-byte message is longer than any the protocol sends");
     }
-    let mut msg = vec![0u8; len];
+    Ok(len)
+}
+
+/// Reads a [`framed`] message.
+fn read_frame(r: &mut impl std::io::Read) -> Result<Vec<u8>> {
+    let mut len = [0u8; 4];
+    r.read_exact(&mut len)?;
+    let mut msg = vec![0u8; frame_len(u32::from_be_bytes(len))?];
     r.read_exact(&mut msg)?;
     Ok(msg)
 }
