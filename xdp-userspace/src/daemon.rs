@@ -96,22 +96,47 @@ const NEXT_HOP_SETTLE: Duration = Duration::from_millis(50);
 /// netlink sockets, the state and log files.
 const RESERVED_FILES: u64 = 256;
 
-/// Health probes that may run at once: as many as the open-files limit
-/// leaves after [`RESERVED_FILES`] (each full connect holds a socket; a
-/// half-open TCP check holds none and takes no slot). A probe holds its
-/// slot until it is answered or times out, so a fixed small cap let silent
-/// backends starve the checks of the others: with 64 slots and 10,000
-/// backends of which a few per cent dropped SYNs (500 ms timeouts), every
-/// backend was checked about every 3.3 s instead of every 1 s. Each backend
-/// has at most one probe in flight, so their number bounds this anyway.
-fn probe_slots() -> usize {
+/// Raises the soft limit on open files to the hard limit: every health
+/// check holds a socket, every API client one more, and the default soft
+/// limit (often 1024, or less under a service manager) is not the
+/// administrator's intent the hard limit is. Returns the soft limit in
+/// force (1024 if unknown).
+fn raise_open_files_limit() -> u64 {
     let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
+        rlim_cur: 1024,
+        rlim_max: 1024,
     };
-    // SAFETY: valid out-pointer.
-    let known = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0;
-    let files = if known { limit.rlim_cur } else { 1024 };
+    // SAFETY: valid pointers; plain system calls.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return 1024;
+        }
+        if limit.rlim_cur < limit.rlim_max {
+            let soft = limit.rlim_cur;
+            limit.rlim_cur = limit.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                warn!(
+                    "raising the open-files limit to {}: {}",
+                    limit.rlim_max,
+                    std::io::Error::last_os_error()
+                );
+                return soft;
+            }
+        }
+    }
+    limit.rlim_cur
+}
+
+/// Health probes that may run at once: as many as the open-files limit
+/// (`files`) leaves after [`RESERVED_FILES`] (each full connect holds a
+/// socket; a half-open TCP check holds none and takes no slot). A probe
+/// holds its slot until it is answered or times out, so a fixed small cap
+/// let silent backends starve the checks of the others: with 64 slots and
+/// 10,000 backends of which a few per cent dropped SYNs (500 ms timeouts),
+/// every backend was checked about every 3.3 s instead of every 1 s. Each
+/// backend has at most one probe in flight, so their number bounds this
+/// anyway.
+fn probe_slots(files: u64) -> usize {
     usize::try_from(files.saturating_sub(RESERVED_FILES))
         .unwrap_or(usize::MAX)
         .max(1)
@@ -684,6 +709,7 @@ impl Drop for PinGuard<'_> {
 
 /// Runs the daemon until a signal stops it.
 pub fn run(opts: Options) -> Result<()> {
+    let open_files = raise_open_files_limit();
     // Everything that can be checked is checked before anything is loaded.
     let file = Config::load(&opts.config)?;
     for iface in &opts.ifaces {
@@ -786,7 +812,7 @@ pub fn run(opts: Options) -> Result<()> {
             .transpose()?;
         let (events_tx, mut events) = mpsc::unbounded_channel();
         let targets = check_targets(&config, &controller);
-        let health = HealthChecker::spawn(targets, probe_slots(), events_tx)
+        let health = HealthChecker::spawn(targets, probe_slots(open_files), events_tx)
             .context("starting the health checks")?;
         let daemon = Arc::new(Daemon {
             inner: Mutex::new(Inner {

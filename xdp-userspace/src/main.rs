@@ -97,10 +97,7 @@ fn main() -> std::process::ExitCode {
 
 fn dispatch(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Run(options) => {
-            raise_open_files_limit();
-            daemon::run(options)
-        }
+        Command::Run(options) => daemon::run(options),
         Command::Detach {
             iface,
             all,
@@ -182,31 +179,4 @@ fn detach(pin_dir: &Path, ifaces: Vec<String>, all: bool, remove_maps: bool) -> 
         println!("removed {}", pin_dir.display());
     }
     Ok(())
-}
-
-/// Raises the soft limit on open files to the hard limit: every health
-/// check holds a socket, every API client one more, and the default soft
-/// limit (often 1024, or less under a service manager) is not the
-/// administrator's intent the hard limit is.
-fn raise_open_files_limit() {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: valid out-pointer; plain syscalls.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
-            return;
-        }
-        if limit.rlim_cur < limit.rlim_max {
-            limit.rlim_cur = limit.rlim_max;
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
-                warn!(
-                    "raising the open-files limit to {}: {}",
-                    limit.rlim_max,
-                    std::io::Error::last_os_error()
-                );
-            }
-        }
-    }
 }
