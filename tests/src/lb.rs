@@ -181,6 +181,12 @@ impl Xdplb {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
+    /// [`Xdplb::cli`] with `line`'s words (split at single spaces, as
+    /// `netns::exec_line` does).
+    pub fn cli_line(&self, line: &str) -> Result<String> {
+        self.cli(&line.split(' ').collect::<Vec<_>>())
+    }
+
     /// `cli` with `--json`, parsed.
     pub fn json(&self, args: &[&str]) -> Result<serde_json::Value> {
         let mut args = args.to_vec();

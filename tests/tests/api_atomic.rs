@@ -143,7 +143,7 @@ fn input_the_daemon_cannot_mean_is_refused() {
     // Names that are paths or options.
     for name in ["..", ".", "a/b", "-x"] {
         let add = format!("service add --name={name} --vip=10.77.0.250 --port=81 --protocol=tcp");
-        let err = bed.lb.cli(&add.split(' ').collect::<Vec<_>>()).unwrap_err();
+        let err = bed.lb.cli_line(&add).unwrap_err();
         assert!(
             format!("{err:#}").contains("not a valid name"),
             "{name}: {err:#}"

@@ -593,7 +593,7 @@ fn run_time_changes_apply_at_once_and_survive_a_restart() {
          --backend 10.77.0.11",
         bed.topo.vip4()
     );
-    bed.lb.cli(&add.split(' ').collect::<Vec<_>>()).unwrap();
+    bed.lb.cli_line(&add).unwrap();
     // An invalid addition is refused and changes nothing.
     let err = bed
         .lb

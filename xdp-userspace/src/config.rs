@@ -709,8 +709,7 @@ impl Config {
             .map_err(|e| toml_error(text, origin, e.inner(), Some(e.path())))?;
         let v = Validator { origin };
         let daemon = v.daemon(file.daemon)?;
-        let written_cluster = file.cluster.unwrap_or_default();
-        let cluster = written_cluster
+        let cluster = (file.cluster.unwrap_or_default())
             .validate()
             .or_else(|(field, problem)| v.fail(field, problem))?;
         let services = v.services(file.service)?;

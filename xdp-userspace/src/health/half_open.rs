@@ -567,17 +567,21 @@ fn ipv4_payload(packet: &[u8]) -> Option<&[u8]> {
     packet.get(header_len..)
 }
 
-/// Sets a socket option to `value` (an int for most options).
-fn set_option<T>(fd: i32, level: libc::c_int, name: libc::c_int, value: T) -> io::Result<()> {
-    // SAFETY: the kernel reads `size_of::<T>()` bytes of `value`, alive for
-    // the call (and copies any memory it points at during the call).
+/// Sets an int socket option (those socket2 lacks).
+fn set_option(
+    fd: i32,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: libc::c_int,
+) -> io::Result<()> {
+    // SAFETY: the kernel reads an int from `value`, alive for the call.
     check(unsafe {
         libc::setsockopt(
             fd,
             level,
             name,
             (&raw const value).cast(),
-            size_of::<T>() as libc::socklen_t,
+            size_of::<libc::c_int>() as libc::socklen_t,
         )
     })?;
     Ok(())
