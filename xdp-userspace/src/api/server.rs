@@ -39,6 +39,7 @@ use hyper::{
     service::service_fn,
 };
 use hyper_util::rt::{TokioIo, TokioTimer};
+use percent_encoding::{percent_decode_str, utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
@@ -710,44 +711,37 @@ impl Query {
     }
 }
 
-/// Percent-encodes everything but RFC 3986's unreserved characters, so any
-/// value (an IPv6 `[addr]:port`, a service name) survives as one parameter.
+/// Everything but RFC 3986's unreserved characters is percent-encoded, so
+/// any value (an IPv6 `[addr]:port`, a service name) survives as one
+/// parameter.
+const ENCODED: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
 fn percent_encode(value: &str) -> String {
-    let mut out = String::with_capacity(value.len());
-    for byte in value.bytes() {
-        if byte.is_ascii_alphanumeric() || b"-._~".contains(&byte) {
-            out.push(byte as char);
-        } else {
-            out.push_str(&format!("%{byte:02X}"));
-        }
-    }
-    out
+    utf8_percent_encode(value, ENCODED).to_string()
 }
 
 /// Decodes `%XX` escapes. `+` stays a plus: it only means a space in HTML
-/// forms, which nothing here speaks.
+/// forms, which nothing here speaks. A `%` without two hex digits is an
+/// error (the crate would keep it as it is).
 fn percent_decode(value: &str) -> Result<String, ApiError> {
-    let bytes = value.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let hex = bytes
-                .get(i + 1..i + 3)
-                .and_then(|hex| std::str::from_utf8(hex).ok());
-            let Some(byte) = hex.and_then(|hex| u8::from_str_radix(hex, 16).ok()) else {
-                return Err(ApiError::bad_request(format!(
-                    "bad percent-encoding in query {value:?}"
-                )));
-            };
-            out.push(byte);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
+    let escapes_valid = value.split('%').skip(1).all(|escape| {
+        escape
+            .as_bytes()
+            .get(..2)
+            .is_some_and(|hex| hex.iter().all(u8::is_ascii_hexdigit))
+    });
+    if !escapes_valid {
+        return Err(ApiError::bad_request(format!(
+            "bad percent-encoding in query {value:?}"
+        )));
     }
-    String::from_utf8(out)
+    percent_decode_str(value)
+        .decode_utf8()
+        .map(|decoded| decoded.into_owned())
         .map_err(|_| ApiError::bad_request(format!("query {value:?} is not UTF-8 once decoded")))
 }
 
@@ -989,6 +983,8 @@ mod tests {
         assert_eq!(percent_decode("%5b%5D").unwrap(), "[]");
         assert!(percent_decode("%").is_err());
         assert!(percent_decode("%4").is_err());
+        // u8::from_str_radix would take the sign.
+        assert!(percent_decode("%+1").is_err());
         assert_eq!(
             percent_encode("[fd00::1]:80 a/b"),
             "%5Bfd00%3A%3A1%5D%3A80%20a%2Fb"
