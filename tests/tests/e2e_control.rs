@@ -456,6 +456,17 @@ fn bad_input_is_refused_and_changes_nothing() {
             "{what}: state changed"
         );
     }
+    // A valid file that changes a key the daemon reads only at start: a
+    // reload cannot apply it, so it must say so rather than report success.
+    let listen = format!("[daemon]\nmetrics_listen = \"127.0.0.1:9650\"\n\n{good}");
+    bed.lb.write_config(&listen).unwrap();
+    let msg = format!("{:#}", bed.lb.cli(&["reload"]).expect_err("metrics_listen"));
+    assert!(
+        msg.contains("daemon.metrics_listen") && msg.contains("restart"),
+        "reload error {msg:?}"
+    );
+    assert_eq!(shape(&bed.lb.json(&["service", "list"]).unwrap()), before);
+
     bed.lb.write_config(&good).unwrap();
     let (ok, err) = run_once(&bed, "nosuch0", &bed.lb.config_path(), &[]);
     assert!(!ok && err.contains("nosuch0"), "unknown interface: {err}");

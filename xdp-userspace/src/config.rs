@@ -83,6 +83,33 @@ impl Default for DaemonConfig {
     }
 }
 
+impl DaemonConfig {
+    /// The first key, if any, whose value in `new` differs from this one
+    /// among those the daemon reads only at start (it opens the socket,
+    /// the files and the listener once). A reload cannot apply such a
+    /// change, so it refuses it rather than report success and keep the
+    /// old value.
+    pub fn start_only_change(&self, new: &DaemonConfig) -> Option<&'static str> {
+        // Destructured, so that a new key cannot be added without deciding
+        // whether a reload applies it.
+        let DaemonConfig {
+            api_socket,
+            state_file,
+            pin_dir,
+            all_down: _,
+            metrics_listen,
+        } = self;
+        [
+            ("api_socket", *api_socket != new.api_socket),
+            ("state_file", *state_file != new.state_file),
+            ("pin_dir", *pin_dir != new.pin_dir),
+            ("metrics_listen", *metrics_listen != new.metrics_listen),
+        ]
+        .into_iter()
+        .find_map(|(key, changed)| changed.then_some(key))
+    }
+}
+
 /// What a service does when the health checks fail every one of its
 /// backends.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -1698,6 +1725,26 @@ state = "down"
         assert_eq!(examples.len(), 2);
         for example in examples {
             parse(example).unwrap_or_else(|e| panic!("{e}\n{example}"));
+        }
+    }
+
+    #[test]
+    fn start_only_daemon_keys_are_named_when_they_change() {
+        let daemon = |text: &str| parse(text).unwrap().daemon;
+        let before = daemon("[daemon]\nall_down = \"drop\"");
+        assert_eq!(
+            before.start_only_change(&daemon("")),
+            None,
+            "all_down reloads"
+        );
+        for (key, value) in [
+            ("api_socket", "\"/run/other.sock\""),
+            ("state_file", "\"/var/lib/other.json\""),
+            ("pin_dir", "\"/sys/fs/bpf/other\""),
+            ("metrics_listen", "\"127.0.0.1:9650\""),
+        ] {
+            let after = daemon(&format!("[daemon]\n{key} = {value}"));
+            assert_eq!(before.start_only_change(&after), Some(key));
         }
     }
 

@@ -234,6 +234,12 @@ impl Daemon {
                      the daemon to change them",
                 ));
             }
+            if let Some(key) = file.daemon.start_only_change(&new.daemon) {
+                return Err(ApiError::bad_request(format!(
+                    "not changed: daemon.{key} takes effect at the next start; restart the \
+                     daemon to change it"
+                )));
+            }
             new
         } else {
             file
