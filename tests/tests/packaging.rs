@@ -1,7 +1,8 @@
 //! The shipped service unit and the Debian package: the unit passes
 //! `systemd-analyze verify`, and `cargo xtask package` makes a .deb whose
 //! files are where Debian wants them and whose example configuration the
-//! packaged binary accepts.
+//! packaged binary accepts; what the package generates with the binary (the
+//! man page, completions) survives a reader that stops early.
 
 use std::{
     path::{Path, PathBuf},
@@ -144,4 +145,33 @@ fn the_package_installs_a_working_binary_unit_config_and_docs() {
     );
     let said = String::from_utf8_lossy(&out.stdout);
     assert!(said.contains("configuration is valid"), "{said}");
+}
+
+/// `xdplb man | head -1`: output whose reader went away ends the command
+/// quietly and successfully, as it ends a C tool (SIGPIPE), rather than with
+/// "Broken pipe" or a panic.
+#[test]
+fn output_to_a_closed_pipe_ends_quietly() {
+    let xdplb = bin_path("xdplb").unwrap();
+    let example = workspace_root().join("examples/xdplb.toml");
+    for args in [
+        &["man"][..],
+        &["completions", "bash"],
+        &["check", "--config"],
+    ] {
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let mut command = Command::new(&xdplb);
+        command.args(args).stdout(writer);
+        if args[0] == "check" {
+            command.arg(&example);
+        }
+        let out = command.output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success() && err.is_empty(),
+            "{args:?}: {:?} {err}",
+            out.status
+        );
+    }
 }

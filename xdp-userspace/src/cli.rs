@@ -157,8 +157,7 @@ pub fn execute(command: CliCommand, opts: &ClientOpts) -> anyhow::Result<()> {
     }
     let answer = client::call(&opts.socket, &request_of(&command))?;
     if opts.json {
-        println!("{}", serde_json::to_string_pretty(&answer)?);
-        return Ok(());
+        return print(format!("{}\n", serde_json::to_string_pretty(&answer)?));
     }
     let text = match &command {
         CliCommand::Status => {
@@ -178,8 +177,24 @@ pub fn execute(command: CliCommand, opts: &ClientOpts) -> anyhow::Result<()> {
             format!("{}\n", done.message)
         }
     };
-    print!("{text}");
-    Ok(())
+    print(text)
+}
+
+/// Standard output was closed by its reader (`xdplb man | head -1`): the
+/// command ends quietly and successfully, as a C tool does when SIGPIPE ends
+/// it. (Rust ignores SIGPIPE, which the daemon's sockets need.)
+#[derive(Debug, thiserror::Error)]
+#[error("standard output was closed")]
+pub struct StdoutClosed;
+
+/// Writes `text` to standard output; a reader that went away is
+/// [`StdoutClosed`].
+pub fn print(text: impl AsRef<[u8]>) -> anyhow::Result<()> {
+    let mut out = io::stdout().lock();
+    match out.write_all(text.as_ref()).and_then(|()| out.flush()) {
+        Err(err) if err.kind() == io::ErrorKind::BrokenPipe => Err(StdoutClosed.into()),
+        written => Ok(written?),
+    }
 }
 
 /// Reads an API answer as the view it should be.
@@ -198,37 +213,44 @@ fn watch_stats(opts: &ClientOpts, every: Duration) -> anyhow::Result<()> {
     loop {
         let answer = client::call(&opts.socket, &Request::Stats)?;
         let now = Instant::now();
-        let mut out = io::stdout().lock();
-        if opts.json {
-            writeln!(out, "{}", serde_json::to_string(&answer)?)?;
+        let block = if opts.json {
+            format!("{}\n", serde_json::to_string(&answer)?)
         } else {
             let stats: StatsView = view(answer)?;
             let rates = previous.as_ref().map(|(before, at)| (before, now - *at));
             let text = render_stats(&stats, rates);
-            if redraw {
-                write!(out, "\x1b[H\x1b[2J")?;
+            let separator = if redraw {
+                "\x1b[H\x1b[2J"
             } else if previous.is_some() {
-                writeln!(out)?;
-            }
-            write!(out, "every {}s, Ctrl-C to stop\n\n{text}", every.as_secs())?;
+                "\n"
+            } else {
+                ""
+            };
             previous = Some((stats, now));
-        }
-        out.flush()?;
-        drop(out);
+            format!(
+                "{separator}every {}s, Ctrl-C to stop\n\n{text}",
+                every.as_secs()
+            )
+        };
+        print(block)?;
         std::thread::sleep(every);
     }
 }
 
 /// Writes `shell` completions for `command` (the whole `xdplb` command
 /// tree) to stdout.
-pub fn completions(shell: Shell, command: &mut clap::Command) {
+pub fn completions(shell: Shell, command: &mut clap::Command) -> anyhow::Result<()> {
     let name = command.get_name().to_owned();
-    clap_complete::generate(shell, command, name, &mut io::stdout());
+    let mut script = Vec::new();
+    clap_complete::generate(shell, command, name, &mut script);
+    print(script)
 }
 
 /// Writes the man page of `command` (roff) to stdout.
-pub fn man_page(command: clap::Command) -> io::Result<()> {
-    clap_mangen::Man::new(command).render(&mut io::stdout())
+pub fn man_page(command: clap::Command) -> anyhow::Result<()> {
+    let mut page = Vec::new();
+    clap_mangen::Man::new(command).render(&mut page)?;
+    print(page)
 }
 
 // --- Rendering ---------------------------------------------------------------

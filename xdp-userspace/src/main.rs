@@ -88,6 +88,7 @@ fn main() -> std::process::ExitCode {
         .init();
     match dispatch(Cli::parse()) {
         Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) if err.is::<cli::StdoutClosed>() => std::process::ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("xdplb: {err:#}");
             std::process::ExitCode::FAILURE
@@ -138,19 +139,15 @@ fn dispatch(cli: Cli) -> Result<()> {
             })
         }
         Command::Api(cmd) => cli::execute(cmd, &cli.client),
-        Command::Completions { shell } => {
-            cli::completions(shell, &mut Cli::command());
-            Ok(())
-        }
-        Command::Man => Ok(cli::man_page(Cli::command())?),
+        Command::Completions { shell } => cli::completions(shell, &mut Cli::command()),
+        Command::Man => cli::man_page(Cli::command()),
         Command::Check { config } => {
             let cfg = Config::load(&config)?;
-            println!(
-                "{}: {} service(s), configuration is valid",
+            cli::print(format!(
+                "{}: {} service(s), configuration is valid\n",
                 config.display(),
                 cfg.services.len()
-            );
-            Ok(())
+            ))
         }
     }
 }
@@ -165,7 +162,7 @@ fn detach(pin_dir: &Path, ifaces: Vec<String>, all: bool, remove_maps: bool) -> 
     };
     for iface in &ifaces {
         if loader::detach(pin_dir, iface)? {
-            println!("detached from {iface}");
+            cli::print(format!("detached from {iface}\n"))?;
         } else if !all {
             bail!(
                 "no xdplb datapath is attached to {iface} (no link pinned in {})",
@@ -176,7 +173,7 @@ fn detach(pin_dir: &Path, ifaces: Vec<String>, all: bool, remove_maps: bool) -> 
     // The maps go with the last attachment.
     if remove_maps && (all || loader::pinned_interfaces(pin_dir)?.is_empty()) {
         loader::remove_pins(pin_dir)?;
-        println!("removed {}", pin_dir.display());
+        cli::print(format!("removed {}\n", pin_dir.display()))?;
     }
     Ok(())
 }

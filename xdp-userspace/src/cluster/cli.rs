@@ -12,7 +12,7 @@ use serde_json::json;
 
 use crate::{
     api::{client, Done, Request, StatsView},
-    cli::ClientOpts,
+    cli::{print, ClientOpts},
 };
 
 /// `xdplb cluster ...`.
@@ -61,11 +61,10 @@ pub fn execute(command: &ClusterCmd, opts: &ClientOpts) -> Result<()> {
         no_wait: false,
     } = *command
     else {
-        print_done(opts, &done.message, None);
-        return Ok(());
+        return print_done(opts, &done.message, None);
     };
     if !opts.json {
-        println!("{}; waiting for new flows to stop", done.message);
+        print(format!("{}; waiting for new flows to stop\n", done.message))?;
     }
     let started = Instant::now();
     let (quiet, timeout) = (Duration::from_secs(quiet), Duration::from_secs(timeout));
@@ -85,8 +84,7 @@ pub fn execute(command: &ClusterCmd, opts: &ClientOpts) -> Result<()> {
                 last - first,
                 (last_change - started).as_secs_f64()
             );
-            print_done(opts, &msg, Some((last - first, last_change - started)));
-            return Ok(());
+            return print_done(opts, &msg, Some((last - first, last_change - started)));
         }
         if started.elapsed() >= timeout {
             bail!(
@@ -99,17 +97,16 @@ pub fn execute(command: &ClusterCmd, opts: &ClientOpts) -> Result<()> {
     }
 }
 
-fn print_done(opts: &ClientOpts, message: &str, waited: Option<(u64, Duration)>) {
-    if opts.json {
-        let mut v = json!({ "message": message });
-        if let Some((flows, quiet_after)) = waited {
-            v["new_flows_after_leave"] = json!(flows);
-            v["quiet_after_ms"] = json!(quiet_after.as_millis() as u64);
-        }
-        println!("{v}");
-    } else {
-        println!("{message}");
+fn print_done(opts: &ClientOpts, message: &str, waited: Option<(u64, Duration)>) -> Result<()> {
+    if !opts.json {
+        return print(format!("{message}\n"));
     }
+    let mut v = json!({ "message": message });
+    if let Some((flows, quiet_after)) = waited {
+        v["new_flows_after_leave"] = json!(flows);
+        v["quiet_after_ms"] = json!(quiet_after.as_millis() as u64);
+    }
+    print(format!("{v}\n"))
 }
 
 /// New flows the datapath has seen: DSR picks and re-picks, NAT
