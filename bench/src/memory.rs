@@ -7,7 +7,7 @@
 use std::{fmt::Write as _, time::Duration};
 
 use anyhow::{bail, Context as _, Result};
-use xdp_common::{map_names, MAGLEV_SLOTS, MAX_FLOWS};
+use xdp_common::{map_names, Flow, FlowKey, MAGLEV_SLOTS, MAX_FLOWS};
 use xdplb::dataplane::Maps;
 use xdplb_tests::{
     lb::Xdplb,
@@ -19,8 +19,9 @@ use crate::harness::{Figure, Opts, Section};
 pub const GROUP: &str = "memory";
 
 pub const DESCRIPTION: &str = "Memory of the control plane and of the datapath. **Daemon RSS**: \
-`VmRSS` of the real `xdplb run` process (from `/proc/PID/status`), 1.5 s after it reported ready, \
-in the lb namespace of the DSR test topology (3 backends with resolvable MACs, health checks \
+`VmRSS` of the real `xdplb run` process less the BPF maps it memory-maps (the Maglev array, the \
+flow-event ring: kernel memory, counted below), from `/proc/PID/smaps`, 1.5 s after it reported \
+ready, in the lb namespace of the DSR test topology (3 backends with resolvable MACs, health checks \
 `type = \"none\"`); configurations: one service with the default 65,537-slot table, one service \
 with a 251-slot table, and 100 services (ports 1000–1099 of one VIP, the same 3 backends) with \
 251-slot tables. Each configuration is started several times, alternating. **Kernel memory**: \
@@ -60,17 +61,29 @@ fn config(topo: &Topology, ports: std::ops::Range<u16>, table_size: Option<u32>)
     text
 }
 
-/// VmRSS of `pid`, in MiB.
+/// The resident memory of `pid` (the sum of its mappings' `Rss` in
+/// `/proc/PID/smaps`, which is `VmRSS`) less its memory-mapped BPF maps (the
+/// Maglev array, the flow-event ring), in MiB. Those pages are the maps' own
+/// kernel memory, counted once under "kernel" below; mapping them adds
+/// nothing.
 fn rss_mib(pid: u32) -> Result<f64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let kib: f64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .context("no VmRSS")?
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse()?;
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps"))?;
+    let (mut kib, mut bpf_map) = (0.0, false);
+    for line in smaps.lines() {
+        let Some(field) = line.split_whitespace().next() else {
+            continue;
+        };
+        if !field.ends_with(':') {
+            // A mapping's header line: its address range, ..., its name.
+            bpf_map = line.ends_with("anon_inode:bpf-map");
+        } else if field == "Rss:" && !bpf_map {
+            kib += line[4..]
+                .trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse::<f64>()?;
+        }
+    }
     Ok(kib / 1024.0)
 }
 
@@ -197,9 +210,11 @@ pub fn run(opts: &Opts) -> Result<Section> {
             false,
         )
         .note(format!(
-            "{} bytes_memlock / {MAX_FLOWS} entries (40-byte key, 8-byte value, plus the hash \
+            "{} bytes_memlock / {MAX_FLOWS} entries ({}-byte key, {}-byte value, plus the hash \
                 element and LRU node)",
-            flows.memlock
+            flows.memlock,
+            size_of::<FlowKey>(),
+            size_of::<Flow>()
         )),
     );
     for size in [65537u32, 251] {
