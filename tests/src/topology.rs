@@ -312,6 +312,28 @@ impl Topology {
         Ok(())
     }
 
+    /// Replaces the lb's interface by a new one of the same name, MAC and
+    /// addresses, as a NIC's driver reload or a re-created veth does: only
+    /// its index changes. The pass-through on its peer (gone with the old
+    /// pair) is attached again. One-segment shapes only.
+    pub fn replug_lb(&mut self, xdplb: &Path) -> Result<()> {
+        ensure!(
+            self.shape.one_segment(),
+            "replug_lb: the {:?} shape has more than one lb interface",
+            self.shape
+        );
+        let mac = self.lb.mac("eth0")?;
+        // Deleting one end deletes the pair; the pass-through held the
+        // other end, so it goes (and is started again below).
+        self.lb.exec(&["ip", "link", "del", "eth0"])?;
+        self.passthrough.clear();
+        switch::plug(&self.switch, &self.lb, "v-lb", "eth0")?;
+        self.lb
+            .exec(&["ip", "link", "set", "eth0", "address", &mac])?;
+        configure(&self.lb, "eth0", self.shape.addr(0, 2))?;
+        self.enable_xdp_tx(xdplb)
+    }
+
     pub fn shape(&self) -> Shape {
         self.shape
     }

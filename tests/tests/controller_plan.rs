@@ -202,7 +202,8 @@ fn verdicts_apply_as_a_batch_and_drains_expire_only_after_their_timeout() {
 
 /// Which destination MACs the datapath balances is the controller's to
 /// write, like every other map: each interface's own MAC, added before the
-/// program is attached there and followed when it changes, and
+/// program is attached there and followed when it (or the interface's
+/// index) changes, and
 /// `[cluster] extra_macs` on every one of them, following reloads.
 #[test]
 fn accepted_macs_follow_the_interfaces_and_the_configured_extra_macs() {
@@ -238,9 +239,23 @@ fn accepted_macs_follow_the_interfaces_and_the_configured_extra_macs() {
         // The interface's own MAC changes: the new one is balanced, the
         // old one no longer.
         const NEW: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
-        assert_eq!(controller.set_interface_mac(v0, NEW).unwrap(), Some(OWN));
+        assert_eq!(
+            controller.set_interface(0, v0, NEW).unwrap(),
+            Some((v0, OWN))
+        );
         assert_eq!(accepted(&controller), vec![(v0, VRRP), (v0, NEW)]);
-        assert_eq!(controller.set_interface_mac(v0, NEW).unwrap(), None);
-        assert!(controller.set_interface_mac(v0 + 100, NEW).is_err());
+        assert_eq!(controller.set_interface(0, v0, NEW).unwrap(), None);
+        assert!(controller.set_interface(1, v0, NEW).is_err());
+
+        // The interface is re-created under its name (a driver reload): a
+        // new index, here lo's. Frames arriving there are balanced, and it
+        // is a redirect target.
+        let lo = xdplb::loader::interface_index("lo").unwrap();
+        assert_eq!(
+            controller.set_interface(0, lo, NEW).unwrap(),
+            Some((v0, NEW))
+        );
+        assert_eq!(accepted(&controller), vec![(lo, VRRP), (lo, NEW)]);
+        assert!(snapshot(controller.maps()).tx_ports.contains(&lo));
     });
 }

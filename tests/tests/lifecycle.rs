@@ -12,9 +12,10 @@ use std::{
 };
 
 use xdplb_tests::{
+    bed::Bed,
     bin_path,
     client::restarting,
-    lb::{start_backends, Xdplb},
+    lb::{dsr_config, start_backends, Xdplb},
     netns::{exec_line, unique_prefix},
     proc::Proc,
     require_root,
@@ -210,6 +211,57 @@ fn detach_is_refused_under_a_daemon_and_a_forced_detach_is_repaired() {
     assert!(lb.pin_dir.join(xdp_common::map_names::SERVICES).exists());
     let text = lb.proc.output_text();
     assert!(text.contains("detached under the daemon"), "{text}");
+}
+
+/// The index of the lb's interface.
+fn ifindex(topo: &Topology) -> u64 {
+    let show = format!("ip -j link show dev {}", topo.lb_iface());
+    let v: serde_json::Value = serde_json::from_str(&exec_line(topo.lb(), &show)).unwrap();
+    v[0]["ifindex"].as_u64().expect("ifindex")
+}
+
+/// An interface that goes away and comes back under the same name and MAC
+/// (a NIC's driver reloaded, a veth re-created) has a new index: the
+/// daemon attaches to it again and balances what arrives on it, where it
+/// used to pass every frame to the kernel (`pass_not_for_us`: it accepted
+/// the MAC on the old index only).
+#[test]
+fn a_recreated_interface_is_attached_again_and_balanced() {
+    let mut bed = Bed::dsr("replug", 2, dsr_config);
+    let tally = bed.requests(30000..30020);
+    assert!(tally.failed.is_empty(), "before: {:?}", tally.failed);
+
+    let old = ifindex(&bed.topo);
+    bed.topo
+        .replug_lb(&bed.xdplb)
+        .expect("re-creating the lb's interface");
+    assert_ne!(ifindex(&bed.topo), old, "the new interface has a new index");
+    let replugged = Instant::now();
+    bed.topo.wait_reachable().expect("testbed reachable again");
+    // Attached again at the next once-a-second check; the backends' next
+    // hops are re-resolved on the kernel's announcements, at worst by the
+    // 5 s fallback refresh. Plus a 3 s margin for a loaded machine.
+    let limit = Duration::from_secs(1 + 5 + 3);
+    let mut port = 31000;
+    while !bed.requests(port..port + 1).failed.is_empty() {
+        let stats = bed.lb.json(&["stats"]).unwrap();
+        assert!(
+            replugged.elapsed() < limit,
+            "nothing served within {limit:?} of the re-creation: reasons {}, status {}",
+            stats["reasons"],
+            bed.lb.json(&["status"]).unwrap()
+        );
+        port += 1;
+    }
+    eprintln!(
+        "serving again {:?} after the re-creation",
+        replugged.elapsed()
+    );
+    let status = bed.lb.json(&["status"]).unwrap();
+    assert!(status["datapath_repairs"].as_u64() >= Some(1), "{status}");
+    let tally = bed.requests(32000..32050);
+    assert!(tally.failed.is_empty(), "after: {:?}", tally.failed);
+    assert_eq!(tally.ok(), 50, "{:?}", tally.served);
 }
 
 #[test]

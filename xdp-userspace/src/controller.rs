@@ -430,22 +430,35 @@ impl Controller {
         Ok(())
     }
 
-    /// Follows a change of an attached interface's own MAC: frames to the
-    /// new one are balanced, the old one's passed. Returns the old MAC if
-    /// it changed.
-    pub fn set_interface_mac(&mut self, ifindex: u32, mac: Mac) -> Result<Option<Mac>> {
-        let i = (self.model.interfaces.iter())
-            .position(|&(x, _)| x == ifindex)
-            .with_context(|| {
-                format!("interface {ifindex} is not one the datapath is attached to")
-            })?;
-        let old = self.model.interfaces[i].1;
-        if old == mac {
+    /// Follows the `i`th attached interface (in the order they were added)
+    /// to its index and MAC now: a change of its own MAC (frames to the new
+    /// one are balanced, the old one's passed), or an interface re-created
+    /// under the same name, which has a new index (the datapath accepts
+    /// MACs per ingress index, so until then it would pass every frame
+    /// arriving there). Returns the old index and MAC if either changed.
+    pub fn set_interface(
+        &mut self,
+        i: usize,
+        ifindex: u32,
+        mac: Mac,
+    ) -> Result<Option<(u32, Mac)>> {
+        let old = *self.model.interfaces.get(i).with_context(|| {
+            format!(
+                "the datapath is attached to {} interfaces, not {}",
+                self.model.interfaces.len(),
+                i + 1
+            )
+        })?;
+        if old == (ifindex, mac) {
             return Ok(None);
         }
         let mut next = self.model.clone();
-        next.interfaces[i].1 = mac;
-        let writes = [next.accepted_macs()];
+        next.interfaces[i] = (ifindex, mac);
+        let mut writes = vec![next.accepted_macs()];
+        if old.0 != ifindex {
+            // NAT replies leave through the interface their client came in on.
+            writes.extend([Write::TxPort(ifindex), Write::ForgetMacs(old.0)]);
+        }
         self.commit(next, &writes)?;
         self.resolver.attached(&self.model.interfaces);
         Ok(Some(old))

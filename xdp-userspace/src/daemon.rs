@@ -158,6 +158,8 @@ struct Daemon {
     pin_dir: PathBuf,
     started: Instant,
     adopted: bool,
+    /// In the order they were added to the controller: the `i`th is the
+    /// controller's interface `i` (see `Controller::set_interface`).
     interfaces: Vec<api::InterfaceView>,
     /// Times the datapath was found detached and attached again, and why
     /// it was last.
@@ -368,37 +370,48 @@ impl Daemon {
     }
 
     /// Re-resolves backends' next hops without the lock, then writes the
-    /// ones that changed; and follows a change of an attached interface's
-    /// own MAC (an administrator's `ip link set address`, a bond's
-    /// failover), which the datapath must keep balancing frames to.
-    /// Returns how many next hops it re-resolved.
+    /// ones that changed, and follows the attached interfaces (see
+    /// [`Self::follow_interfaces`]). Returns how many next hops it
+    /// re-resolved.
     fn refresh(&self) -> usize {
         let targets = self.lock().controller.next_hop_targets();
         let hops = self.resolver.refresh(&targets);
-        let macs: Vec<(&str, Result<(u32, Mac)>)> = (self.interfaces.iter())
+        if let Err(e) = self.lock().controller.update_next_hops(&hops) {
+            warn!("refreshing backend next hops: {e:#}");
+        }
+        self.follow_interfaces();
+        targets.len()
+    }
+
+    /// Follows a change of an attached interface's own MAC (an
+    /// administrator's `ip link set address`, a bond's failover) or of its
+    /// index (the interface deleted and re-created under its name, see
+    /// [`repair_attachments`]): the datapath must keep balancing the frames
+    /// that arrive on it.
+    fn follow_interfaces(&self) {
+        let now: Vec<Result<(u32, Mac)>> = (self.interfaces.iter())
             .map(|i| {
-                let mac = loader::interface_index(&i.name)
-                    .and_then(|index| Ok((index, interface_mac(&i.name)?)));
-                (i.name.as_str(), mac)
+                loader::interface_index(&i.name)
+                    .and_then(|index| Ok((index, interface_mac(&i.name)?)))
             })
             .collect();
         let mut inner = self.lock();
-        if let Err(e) = inner.controller.update_next_hops(&hops) {
-            warn!("refreshing backend next hops: {e:#}");
-        }
-        for (iface, mac) in macs {
-            let changed = mac.and_then(|(index, mac)| {
-                let old = inner.controller.set_interface_mac(index, mac)?;
-                Ok(old.map(|old| (old, mac)))
+        for (i, (iface, now)) in self.interfaces.iter().zip(now).enumerate() {
+            let iface = &iface.name;
+            let changed = now.and_then(|(index, mac)| {
+                let old = inner.controller.set_interface(i, index, mac)?;
+                Ok(old.map(|old| (old, (index, mac))))
             });
             match changed {
-                Ok(Some((old, new))) => warn!(%iface, "the interface's MAC changed from {} to {}; \
-                    frames to the new one are balanced now", show(&old), show(&new)),
+                Ok(Some(((old_index, _), (index, mac)))) if old_index != index => warn!(%iface,
+                    "the interface was re-created (index {old_index}, now {index}, MAC {}); \
+                    frames to it are balanced again", show(&mac)),
+                Ok(Some(((_, old), (_, new)))) => warn!(%iface, "the interface's MAC changed \
+                    from {} to {}; frames to the new one are balanced now", show(&old), show(&new)),
                 Ok(None) => {}
                 Err(e) => warn!(%iface, "following the interface's MAC: {e:#}"),
             }
         }
-        targets.len()
     }
 }
 
@@ -1044,6 +1057,9 @@ fn repair_attachments(datapath: &mut Datapath, ifaces: &[String], mode: AttachMo
         let outcome = match datapath.reattach(iface, mode) {
             Ok(attached) => {
                 info!(%iface, mode = attached.name(), "XDP program attached again");
+                // A re-created interface has a new index: balanced at once,
+                // not at the next refresh.
+                d.follow_interfaces();
                 format!("{iface}: {problem}; attached again")
             }
             Err(err) => {

@@ -317,6 +317,7 @@ impl Maps {
                 Write::AcceptedMacs { interfaces, extra } => {
                     self.accepted_macs.sync(interfaces, extra)?
                 }
+                Write::ForgetMacs(ifindex) => self.accepted_macs.forget(*ifindex)?,
                 Write::Globals(g) => self
                     .globals
                     .set(0, g, 0)
@@ -726,6 +727,9 @@ pub(crate) enum Write {
         interfaces: Vec<(u32, Mac)>,
         extra: Vec<Mac>,
     },
+    /// No MAC is balanced on this index any more: the interface that had
+    /// it was re-created under a new one.
+    ForgetMacs(u32),
     Globals(Globals),
 }
 

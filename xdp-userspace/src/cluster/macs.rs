@@ -67,6 +67,19 @@ impl IfMacs {
         Ok(())
     }
 
+    /// Removes every MAC accepted on `ifindex`.
+    pub fn forget(&mut self, ifindex: u32) -> Result<()> {
+        let gone: Vec<IfMacKey> = (self.map.keys().filter_map(Result::ok))
+            .filter(|k| k.ifindex == ifindex)
+            .collect();
+        for k in gone {
+            self.map
+                .remove(&k)
+                .with_context(|| format!("removing MAC {} of ifindex {ifindex}", show(&k.mac)))?;
+        }
+        Ok(())
+    }
+
     /// Every accepted (ifindex, MAC) pair.
     pub fn entries(&self) -> Vec<(u32, Mac)> {
         self.map
