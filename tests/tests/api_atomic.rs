@@ -150,7 +150,27 @@ fn input_the_daemon_cannot_mean_is_refused() {
         );
     }
 
+    // What the file defines: the file's version would win over a run-time
+    // one, so adding it would answer "added" and change nothing.
+    let add = "service add --name=web4 --vip=10.77.0.250 --port=81 --protocol=tcp";
+    let err = format!("{:#}", bed.lb.cli_line(add).unwrap_err());
+    assert!(
+        err.contains("defined in the configuration file") && err.contains("xdplb.toml"),
+        "{err}"
+    );
+    let b1 = b1.to_string();
+    let err = bed
+        .lb
+        .cli(&["backend", "add", "web4", &b1, "--weight", "7"]);
+    let err = format!("{:#}", err.unwrap_err());
+    assert!(
+        err.contains(&format!("already has backend {b1}:80")),
+        "{err}"
+    );
+
     assert_eq!(configured(&bed), before);
+    let state = bed.lb.dir.join("state.json");
+    assert!(!state.exists(), "a refused change was persisted");
 }
 
 /// `xdplb service list --json` without what health checks change on their

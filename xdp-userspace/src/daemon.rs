@@ -485,7 +485,21 @@ impl api::Handler for Daemon {
                     .collect();
                 Ok(json!(views))
             }
-            Request::AddService(spec) => self.change(false, |o, _| {
+            Request::AddService(spec) => self.change(false, |o, config| {
+                // The file's service wins over a run-time one of its name
+                // (see `state`): adding it would change nothing, while
+                // answering that it was added.
+                if service_config(config, &spec.name).is_ok() && !o.adds_service(&spec.name) {
+                    return Err(ApiError::new(
+                        409,
+                        format!(
+                            "service {:?} is defined in the configuration file {}: change it \
+                             there and reload",
+                            spec.name,
+                            self.config_path.display()
+                        ),
+                    ));
+                }
                 Ok(format!("service {} added", o.add_service(*spec)))
             }),
             Request::RemoveService { name } => self.change(false, |o, config| {
@@ -494,8 +508,21 @@ impl api::Handler for Daemon {
                 Ok(format!("service {name} removed"))
             }),
             Request::AddBackend { service, backend } => self.change(false, |o, config| {
-                let port = service_config(config, &service)?.port;
-                let addr = o.add_backend(&service, backend, port);
+                let svc = service_config(config, &service)?;
+                // One from the file would win over the new one, whatever
+                // its weight: refused like a duplicate of a run-time one.
+                let addr = backend.addr(svc.port);
+                if svc
+                    .backends
+                    .iter()
+                    .any(|b| SocketAddr::new(b.address, b.port) == addr)
+                {
+                    return Err(ApiError::new(
+                        409,
+                        format!("service {service:?} already has backend {addr}"),
+                    ));
+                }
+                let addr = o.add_backend(&service, backend, svc.port);
                 Ok(format!("backend {addr} added to service {service}"))
             }),
             Request::RemoveBackend(r) => self.change(false, |o, config| {

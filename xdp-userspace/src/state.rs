@@ -169,6 +169,11 @@ impl Overlay {
         name
     }
 
+    /// Whether `name` is a service added through the API.
+    pub fn adds_service(&self, name: &str) -> bool {
+        self.added_services.iter().any(|s| s.name == name)
+    }
+
     /// Removes a service, whether it came from the file or the API.
     pub fn remove_service(&mut self, name: &str) {
         self.added_services.retain(|s| s.name != name);
