@@ -105,6 +105,15 @@ impl Overlay {
             Ok(overlay) => {
                 de.end()
                     .with_context(|| format!("state file {} is corrupt", path.display()))?;
+                // serde also reads a struct from an array, by position: `[]`
+                // would pass for an empty overlay, silently.
+                if !bytes.trim_ascii_start().starts_with(b"{") {
+                    bail!(
+                        "state file {} is corrupt: it is not a JSON object; move it away to \
+                         start from the configuration alone",
+                        path.display()
+                    );
+                }
                 return Ok(overlay);
             }
             Err(err) => err,
@@ -430,5 +439,19 @@ mod tests {
         fs::write(&path, "{\"admin\": 7}").unwrap();
         let err = format!("{:#}", Overlay::load(&path).unwrap_err());
         assert!(err.contains("is corrupt at admin"), "{err}");
+    }
+
+    #[test]
+    fn valid_json_that_is_not_an_object_is_refused() {
+        let dir = Scratch::new("shape");
+        let path = dir.0.join("state.json");
+        fs::create_dir_all(&dir.0).unwrap();
+        for text in ["[]", " [\"0.1.0\"]", "null", "7", "\"x\""] {
+            fs::write(&path, text).unwrap();
+            let err = format!("{:#}", Overlay::load(&path).unwrap_err());
+            assert!(err.contains("is corrupt"), "{text}: {err}");
+        }
+        fs::write(&path, " {}").unwrap();
+        assert_eq!(Overlay::load(&path).unwrap(), Overlay::default());
     }
 }
