@@ -470,6 +470,29 @@ fn bad_input_is_refused_and_changes_nothing() {
     bed.lb.write_config(&good).unwrap();
     let (ok, err) = run_once(&bed, "nosuch0", &bed.lb.config_path(), &[]);
     assert!(!ok && err.contains("nosuch0"), "unknown interface: {err}");
+    // Its own files, so that a daemon that wrongly starts touches no one's.
+    let pin_dir = format!("/sys/fs/bpf/xdplb-{}-twice", bed.topo.prefix());
+    let socket = bed.lb.dir.join("twice.sock").display().to_string();
+    let state = bed.lb.dir.join("twice.json").display().to_string();
+    let args = [
+        "--iface",
+        "eth0",
+        "--pin-dir",
+        &pin_dir,
+        "--api-socket",
+        &socket,
+        "--state-file",
+        &state,
+    ];
+    let (ok, err) = run_once(&bed, "eth0", &bed.lb.config_path(), &args);
+    assert!(
+        !ok && err.contains("given twice"),
+        "one interface twice: {err}"
+    );
+    assert!(
+        !Path::new(&pin_dir).exists(),
+        "one interface twice: pins created"
+    );
 
     // SIGHUP with a bad file: still running, still forwarding.
     bed.lb.write_config(&cases[0].1).unwrap();

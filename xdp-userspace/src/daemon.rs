@@ -758,8 +758,13 @@ pub fn run(opts: Options) -> Result<()> {
     let open_files = raise_open_files_limit();
     // Everything that can be checked is checked before anything is loaded.
     let file = Config::load(&opts.config)?;
+    let mut indexes = HashMap::new();
     for iface in &opts.ifaces {
-        loader::interface_index(iface)?;
+        // Twice the same interface (or one of its altnames) would be
+        // attached twice, the second time "adopting" the first.
+        if let Some(first) = indexes.insert(loader::interface_index(iface)?, iface) {
+            anyhow::bail!("--iface {iface} is given twice (--iface {first} is the same interface)");
+        }
     }
     let pin_dir = opts.pin_dir.unwrap_or_else(|| file.daemon.pin_dir.clone());
     let api_socket = opts
