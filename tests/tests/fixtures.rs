@@ -163,12 +163,21 @@ fn service_traffic_is_forwarded_with_only_macs_rewritten() {
         seg.ipv4_options = vec![1, 1, 1, 0];
         seg.frame(LB_MAC, CLIENT_MAC)
     };
+    // An 802.1ad service tag (TPID 0x88a8) where the 802.1Q tag would be:
+    // the parser must skip it as it skips a C-tag, or the frame goes to the
+    // kernel and a provider-bridged client is never balanced.
+    let s_tagged = {
+        let mut f = packet("10.0.0.1:40003", "10.0.100.1:80", PROTO_TCP, Some(42));
+        f[12..14].copy_from_slice(&[0x88, 0xa8]);
+        f
+    };
     let cases = TO_BACKEND_0
         .map(|(what, src, dst, proto, vlan)| forwarded(what, packet(src, dst, proto, vlan), 0));
     let options = forwarded("IPv4 with options (IHL honoured)", ipv4_options, 0);
-    check(&mut h, cases.into_iter().chain([options]));
-    assert_eq!(h.reason(Reason::Tx), 7);
-    assert_eq!(h.reason(Reason::FlowNew), 7);
+    let s_tag = forwarded("802.1ad-tagged TCP to IPv4 VIP", s_tagged, 0);
+    check(&mut h, cases.into_iter().chain([options, s_tag]));
+    assert_eq!(h.reason(Reason::Tx), 8);
+    assert_eq!(h.reason(Reason::FlowNew), 8);
 }
 
 /// Traffic to no service, none of it 802.1Q-tagged: (what, source,
