@@ -22,8 +22,8 @@ use std::{
 
 use xdp_common::{
     Backend, NatFwd, NatRev, Reason, SnatPool, BACKEND_ACTIVE, BACKEND_DOWN, NAT_F_ANSWERED,
-    NAT_F_CLOSING, NAT_F_REFUSED, NAT_F_REPLICATED, NAT_UNANSWERED_TIMEOUT_S, PROTO_TCP, PROTO_UDP,
-    SVC_F_NAT_RETRY,
+    NAT_F_CLOSING, NAT_F_REFUSED, NAT_F_REPLICATED, NAT_RECLAIM_WINDOW_S, NAT_SWEEP_MARGIN_S,
+    NAT_UNANSWERED_TIMEOUT_S, PROTO_TCP, PROTO_UDP, SVC_F_NAT_RETRY,
 };
 use xdplb::{addr, dataplane::monotonic_coarse_ns};
 use xdplb_tests::{
@@ -655,6 +655,47 @@ fn a_closed_flows_port_is_reused_after_the_closing_timeout() {
 
 /// An idle UDP flow's port is reclaimed for a new flow after the UDP
 /// timeout; the old flow, if it comes back, does not steal it back.
+/// A translation that died stays dead when its client makes a new one of
+/// the same 5-tuple: the client's NAT_FWD entry is then the new
+/// translation's, which does not own the old reply entry, so a late reply
+/// to the old port is no reply of a translation (it would otherwise be
+/// sent into the new one's connection).
+#[test]
+fn a_late_reply_to_a_dead_translation_is_not_sent_into_its_new_one() {
+    let mut h = Harness::standard();
+    let f = standard_flows()[1];
+    let old = h.client_sends("first translation", &f, 0, b"q1");
+    let old_rev = h.rev(f.backend, SocketAddr::new(f.snat, old), f.proto);
+    let timeout = old_rev
+        .expect("the first translation's reply entry")
+        .timeout_s;
+    // Past its timeout and the datapath's reclaim window: the new
+    // translation neither reuses nor removes the old reply entry, which is
+    // the sweeper's to delete from now on.
+    let past = timeout + NAT_RECLAIM_WINDOW_S + NAT_SWEEP_MARGIN_S + 1;
+    h.age(f.client, f.vip, f.proto, Duration::from_secs(past.into()));
+    let new = h.client_sends("new translation of the same 5-tuple", &f, 0, b"q2");
+    assert_ne!(
+        new, old,
+        "a reply entry the datapath may not reclaim kept its port"
+    );
+    let old_rev = h.rev(f.backend, SocketAddr::new(f.snat, old), f.proto);
+    assert!(
+        old_rev.is_some(),
+        "the old reply entry is left to the sweeper"
+    );
+
+    let late = from_backend(&backend_seg(&f, old, 0, b"late"), f.id);
+    let (verdict, out) = h.run(&late);
+    assert_eq!(verdict, XDP_PASS, "a late reply to the dead translation");
+    assert_eq!(
+        out, late,
+        "a late reply to the dead translation passes unchanged"
+    );
+    assert_eq!(h.reason(Reason::NatReply), 0);
+    h.backend_sends("a reply to the new translation", &f, new, 0, b"a2");
+}
+
 #[test]
 fn an_idle_udp_flows_port_is_reclaimed() {
     let (mut h, [a, b]) = Harness::one_udp_port();
