@@ -2178,6 +2178,12 @@ port = 8080
                 "ports = \"30999-30000\"",
                 "nat.ports",
             ),
+            // Documented as within 1024..=65535 (docs/configuration.md).
+            (
+                "ports = \"30000-30999\"",
+                "ports = \"80-1100\"",
+                "nat.ports",
+            ),
             (SNAT, "snat_address = \"fd00::2\"", "nat.snat_address"),
             (
                 "tcp_timeout = \"10m\"",
