@@ -10,7 +10,8 @@ use std::{
 };
 
 use xdp_common::{
-    Backend, Globals, Service, ServiceKey, BACKEND_ACTIVE, BACKEND_DOWN, MAX_BACKENDS,
+    Backend, Globals, Service, ServiceKey, BACKEND_ACTIVE, BACKEND_DOWN, BACKEND_DRAINING,
+    MAX_BACKENDS,
 };
 use xdplb::{
     config::{Admin, Config},
@@ -144,8 +145,8 @@ fn a_change_that_fails_while_planning_writes_nothing() {
     });
 }
 
-/// Health verdicts applied as one batch, and drains that expire: the
-/// controller's periodic and event paths, on real maps.
+/// Health verdicts applied as one batch, drains that expire, and admin
+/// states: the controller's periodic and event paths, on real maps.
 #[test]
 fn verdicts_apply_as_a_batch_and_drains_expire_only_after_their_timeout() {
     let (ns, _pins, _datapath, maps) = bed();
@@ -197,6 +198,24 @@ fn verdicts_apply_as_a_batch_and_drains_expire_only_after_their_timeout() {
             .expire_drains(drained + Duration::from_secs(5))
             .unwrap()
             .is_empty());
+
+        // The admin states of a healthy backend as the datapath sees them
+        // (docs/configuration.md): drain keeps its established flows, down
+        // moves them at once, up takes new flows again.
+        let state = |c: &Controller| {
+            let b = &c.service_by_name("a").unwrap().backends[&addr(12)];
+            c.maps().backend(b.id).unwrap().state
+        };
+        controller.set_health(&[("a", addr(12), true)]).unwrap();
+        assert_eq!(state(&controller), BACKEND_ACTIVE);
+        for (admin, want) in [
+            (Admin::Drain, BACKEND_DRAINING),
+            (Admin::Down, BACKEND_DOWN),
+            (Admin::Up, BACKEND_ACTIVE),
+        ] {
+            controller.set_admin("a", addr(12), admin).unwrap();
+            assert_eq!(state(&controller), want, "admin {admin:?}");
+        }
     });
 }
 
