@@ -15,7 +15,10 @@ use std::{
     time::{Duration, Instant},
 };
 
+use xdp_common::{NAT_F_REPLICATED, PROTO_TCP};
+use xdplb::{addr, dataplane::Maps};
 use xdplb_tests::{
+    client::StreamConn,
     cluster::{
         assert_loss_unnoticed, hard_case, node_addr, snat_addrs, vip, wait_until, Cluster, Mode,
         Replication, NODES,
@@ -50,6 +53,44 @@ fn wait_snat_at_peers(c: &Cluster, i: usize) -> Duration {
     })
 }
 
+/// Opens a connection and, once every node holds its translation, checks
+/// that each peer's copy (read from the nodes' pinned NAT tables) has the
+/// idle timeout of the node that made it: a copy that expires early is
+/// no copy when that node dies. Checked at once, as the maker sends a
+/// busy translation again every `REFRESH` (10 s), which would hide a
+/// wrong first copy.
+fn assert_copies_keep_the_timeout(c: &Cluster) {
+    let mut conn = c
+        .client
+        .run(|| StreamConn::open(vip(), Some(47000), Duration::from_secs(5)))
+        .unwrap();
+    conn.send_line("hello").unwrap();
+    let client = conn.local_addr().unwrap();
+    wait_until(
+        "every node holds the new translation",
+        Duration::from_secs(5),
+        || (1..=NODES).all(|i| c.flow(i, client)["established"] == true),
+    );
+    let key = addr::flow_key(client, vip(), PROTO_TCP);
+    let entries: Vec<_> = (1..=NODES)
+        .map(|i| {
+            let maps = Maps::open_pinned(&c.daemon(i).pin_dir).unwrap();
+            (i, maps.nat_fwd.get(&key, 0).unwrap())
+        })
+        .collect();
+    let (copies, made): (Vec<_>, Vec<_>) = entries
+        .iter()
+        .partition(|(_, f)| f.flags & NAT_F_REPLICATED != 0);
+    assert_eq!(made.len(), 1, "one node made the translation: {entries:?}");
+    let (maker, made) = made[0];
+    for (i, copy) in copies {
+        assert_eq!(
+            copy.timeout_s, made.timeout_s,
+            "n{i}'s copy of n{maker}'s translation: {copy:?}, made: {made:?}"
+        );
+    }
+}
+
 #[test]
 fn nat_translations_survive_node_loss_and_rejoin() {
     let mut c = Cluster::build_in(Mode::Nat, Replication::On);
@@ -73,6 +114,7 @@ fn nat_translations_survive_node_loss_and_rejoin() {
     }
 
     c.assert_spread();
+    assert_copies_keep_the_timeout(&c);
 
     // Graceful leave of n3 under a steady load: it withdraws its VIP and
     // its SNAT address; its translations continue on its peers.
