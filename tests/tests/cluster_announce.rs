@@ -1,9 +1,9 @@
 //! Announcement rules on one node (no BIRD needed): the daemon keeps a
 //! servable VIP's host route in `[cluster] route_table`, withdraws it when
-//! no backend can take new flows (with `all_down = "drop"`), brings it back
-//! on recovery, follows a reload that changes or drops the table, and keeps
-//! its "left" state across a restart. The DSR testbed, the real daemon and
-//! real health checks; needs root.
+//! no backend can take new flows (with `all_down = "drop"`), keeps it while
+//! failing open, brings it back on recovery, follows a reload that changes
+//! or drops the table, and keeps its "left" state across a restart. The
+//! DSR testbed, the real daemon and real health checks; needs root.
 
 use std::{
     path::Path,
@@ -74,6 +74,15 @@ fn a_vip_is_announced_exactly_while_the_node_can_serve_it() {
     // Its only backend dies: nothing can serve the VIPs (all_down = drop).
     backends[0].kill(libc::SIGKILL).unwrap();
     wait_table(&topo, "201", "withdrawn when every backend is down", none);
+    // Failing open, the node still serves (the datapath spreads new flows
+    // over every backend), so the VIPs are announced with the backend
+    // still down, and withdrawn again once all_down is "drop".
+    let fail_open = config(Some(201)).replace("all_down = \"drop\"", "all_down = \"fail-open\"");
+    lb.write_config(&fail_open).unwrap();
+    lb.cli(&["reload"]).unwrap();
+    wait_table(&topo, "201", "announced while failing open", both);
+    reload(&lb, Some(201));
+    wait_table(&topo, "201", "withdrawn again with all_down = drop", none);
     backends[0] = start_backend(&topo, Path::new(TESTBACKEND), 1, &[]).unwrap();
     wait_table(&topo, "201", "announced again on recovery", both);
 
