@@ -169,10 +169,11 @@ impl Overlay {
         Ok(staged)
     }
 
-    /// Adds (or replaces) a run-time service; returns its name.
+    /// Adds (or replaces) a run-time service; returns its name. A file
+    /// service of that name removed at run time stays removed: this one
+    /// takes its place.
     pub fn add_service(&mut self, spec: ServiceSpec) -> String {
         let name = spec.name.clone();
-        self.removed_services.remove(&name);
         self.added_services.retain(|s| s.name != name);
         self.added_services.push(spec);
         name
@@ -193,7 +194,8 @@ impl Overlay {
     }
 
     /// Adds a run-time backend to a service listening on `service_port`;
-    /// returns its address.
+    /// returns its address. A file backend of that address removed at run
+    /// time stays removed: this one takes its place.
     pub fn add_backend(
         &mut self,
         service: &str,
@@ -201,9 +203,6 @@ impl Overlay {
         service_port: u16,
     ) -> SocketAddr {
         let addr = spec.addr(service_port);
-        if let Some(removed) = self.removed_backends.get_mut(service) {
-            removed.remove(&addr);
-        }
         self.added_backends
             .entry(service.to_owned())
             .or_default()
@@ -257,8 +256,9 @@ impl Overlay {
         let in_file: BTreeSet<&str> = file.services.iter().map(|s| s.name.as_str()).collect();
         self.removed_services
             .retain(|n| in_file.contains(n.as_str()));
-        self.added_services
-            .retain(|s| !in_file.contains(s.name.as_str()));
+        self.added_services.retain(|s| {
+            !in_file.contains(s.name.as_str()) || self.removed_services.contains(&s.name)
+        });
         let mut specs: Vec<ServiceSpec> = file
             .services
             .iter()
@@ -268,14 +268,14 @@ impl Overlay {
             .collect();
         for spec in &mut specs {
             let port = spec.port;
+            if let Some(removed) = self.removed_backends.get(&spec.name) {
+                spec.backends.retain(|b| !removed.contains(&b.addr(port)));
+            }
             if let Some(added) = self.added_backends.get_mut(&spec.name) {
                 let present: BTreeSet<SocketAddr> =
                     spec.backends.iter().map(|b| b.addr(port)).collect();
                 added.retain(|b| !present.contains(&b.addr(port)));
                 spec.backends.extend(added.iter().cloned());
-            }
-            if let Some(removed) = self.removed_backends.get(&spec.name) {
-                spec.backends.retain(|b| !removed.contains(&b.addr(port)));
             }
             if let Some(admin) = self.admin.get(&spec.name) {
                 for b in &mut spec.backends {
@@ -371,6 +371,28 @@ mod tests {
         let merged = o.merge(&file()).unwrap();
         assert_eq!(merged, file());
         assert!(o.added_services.is_empty() && o.added_backends["web"].is_empty());
+    }
+
+    #[test]
+    fn what_replaces_a_removed_file_entry_is_kept() {
+        let mut o = Overlay::default();
+        o.remove_service("web");
+        o.add_service(service("web", "10.0.0.1", 81));
+        let merged = o.merge(&file()).unwrap();
+        assert_eq!((merged.services.len(), merged.services[0].port), (1, 81));
+
+        let mut o = Overlay::default();
+        let b11 = "10.0.0.11:80".parse().unwrap();
+        o.remove_backend("web", b11, 80);
+        o.add_backend("web", backend("10.0.0.11", 7), 80);
+        let web = &o.merge(&file()).unwrap().services[0];
+        let weights: Vec<(SocketAddr, u32)> = (web.backends.iter())
+            .map(|b| (SocketAddr::new(b.address, b.port), b.weight))
+            .collect();
+        assert_eq!(weights, [("10.0.0.12:80".parse().unwrap(), 100), (b11, 7)]);
+        // Removing the replacement leaves the file's removed too.
+        o.remove_backend("web", b11, 80);
+        assert_eq!(o.merge(&file()).unwrap().services[0].backends.len(), 1);
     }
 
     #[test]

@@ -53,29 +53,25 @@ impl IfMacs {
                 .with_context(|| format!("accepting MAC {} on ifindex {ifindex}", show(&mac)))?;
         }
         let ours: BTreeSet<u32> = interfaces.iter().map(|&(i, _)| i).collect();
-        let stale: Vec<IfMacKey> = self
-            .map
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| ours.contains(&k.ifindex) && !wanted.contains(&(k.ifindex, k.mac)))
-            .collect();
-        for k in stale {
-            self.map.remove(&k).with_context(|| {
-                format!("removing MAC {} of ifindex {}", show(&k.mac), k.ifindex)
-            })?;
-        }
-        Ok(())
+        self.remove_where(|k| ours.contains(&k.ifindex) && !wanted.contains(&(k.ifindex, k.mac)))
     }
 
     /// Removes every MAC accepted on `ifindex`.
     pub fn forget(&mut self, ifindex: u32) -> Result<()> {
-        let gone: Vec<IfMacKey> = (self.map.keys().filter_map(Result::ok))
-            .filter(|k| k.ifindex == ifindex)
+        self.remove_where(|k| k.ifindex == ifindex)
+    }
+
+    fn remove_where(&mut self, stale: impl Fn(&IfMacKey) -> bool) -> Result<()> {
+        let keys: Vec<IfMacKey> = self
+            .map
+            .keys()
+            .filter_map(Result::ok)
+            .filter(stale)
             .collect();
-        for k in gone {
-            self.map
-                .remove(&k)
-                .with_context(|| format!("removing MAC {} of ifindex {ifindex}", show(&k.mac)))?;
+        for k in keys {
+            self.map.remove(&k).with_context(|| {
+                format!("removing MAC {} of ifindex {}", show(&k.mac), k.ifindex)
+            })?;
         }
         Ok(())
     }
