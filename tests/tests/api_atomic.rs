@@ -10,6 +10,7 @@ use std::{
     net::SocketAddr,
     os::unix::net::UnixStream,
     path::Path,
+    time::{Duration, Instant},
 };
 
 use xdplb_tests::{bed::Bed, lb::dsr_config};
@@ -171,6 +172,29 @@ fn input_the_daemon_cannot_mean_is_refused() {
     assert_eq!(configured(&bed), before);
     let state = bed.lb.dir.join("state.json");
     assert!(!state.exists(), "a refused change was persisted");
+
+    // A replacement the datapath cannot take (its backend has no route) is
+    // refused while it is planned, and logs none of what it planned (the
+    // old service's removal). The removal that follows is the one logged.
+    let add = "service add --name=spare --port=81 --protocol=tcp";
+    bed.lb
+        .cli_line(&format!("{add} --vip=10.77.0.251"))
+        .unwrap();
+    let replace = format!("{add} --vip=10.77.0.252 --backend=192.0.2.1");
+    let err = bed.lb.cli_line(&replace).unwrap_err();
+    assert!(format!("{err:#}").contains("not changed"), "{err:#}");
+    bed.lb.cli_line("service remove spare").unwrap();
+    let removals = || {
+        let log = bed.lb.proc.output();
+        log.iter()
+            .filter(|l| l.contains("service removed service=spare"))
+            .count()
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while removals() == 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(removals(), 1, "{}", bed.lb.proc.output_text());
 }
 
 /// `xdplb service list --json` without what health checks change on their

@@ -304,6 +304,17 @@ struct Model {
     interfaces: Vec<(u32, Mac)>,
     /// `[cluster] extra_macs`, as the datapath accepts them.
     extra_macs: Vec<Mac>,
+    /// What the planned change will log once it is written (empty at rest):
+    /// a change refused while planned, or whose writes fail, logs nothing.
+    notes: Vec<Note>,
+}
+
+/// A log line of a planned change: `key=value` fields after the message, as
+/// tracing prints them.
+#[derive(Clone, Debug)]
+enum Note {
+    Info(String),
+    Warn(String),
 }
 
 fn service_id(cfg: &ServiceConfig) -> ServiceId {
@@ -351,6 +362,7 @@ impl Controller {
                 adoptable,
                 interfaces: Vec::new(),
                 extra_macs: Vec::new(),
+                notes: Vec::new(),
             },
             resolver: Arc::default(),
             directory: Arc::default(),
@@ -386,8 +398,14 @@ impl Controller {
     }
 
     /// Makes a planned change: writes it, then adopts the planned model.
-    fn commit(&mut self, next: Model, writes: &[Write]) -> Result<()> {
+    fn commit(&mut self, mut next: Model, writes: &[Write]) -> Result<()> {
         self.maps.write(writes)?;
+        for note in next.notes.drain(..) {
+            match note {
+                Note::Info(text) => info!("{text}"),
+                Note::Warn(text) => warn!("{text}"),
+            }
+        }
         self.model = next;
         Ok(())
     }
@@ -541,7 +559,8 @@ impl Controller {
                 let Some((mac, ifindex, src_mac)) = changed(&svc.config, b) else {
                     continue;
                 };
-                info!(backend = %b.addr(), mac = ?mac, "backend next hop updated");
+                let note = format!("backend next hop updated backend={} mac={mac:?}", b.addr());
+                next.notes.push(Note::Info(note));
                 (b.mac, b.ifindex, b.src_mac) = (mac, ifindex, src_mac);
                 writes.push(Write::TxPort(ifindex));
                 writes.push(Write::Backend(b.id, b.entry(svc.id)));
@@ -666,8 +685,11 @@ impl Model {
         for key in adoptable.services.keys() {
             if !self.services.contains_key(key) {
                 writes.push(Write::RemoveService(addr::service_key(key.0, key.1, key.2)));
-                info!(vip = %key.0, port = key.1, "service of the adopted datapath is no longer \
-                    configured: removed");
+                self.notes.push(Note::Info(format!(
+                    "service of the adopted datapath is no longer configured: removed vip={} \
+                     port={}",
+                    key.0, key.1
+                )));
             }
         }
         for (id, _) in adoptable.backends.values() {
@@ -731,10 +753,15 @@ impl Model {
             let state = self.new_backend(id, cfg, b, hops, writes)?;
             svc.backends.insert((b.address, b.port), state);
         }
-        info!(
-            service = %cfg.name, vip = %cfg.vip, port = cfg.port, protocol = %cfg.protocol,
-            backends = svc.backends.len(), adopted = adopted.is_some(), "service added"
-        );
+        self.notes.push(Note::Info(format!(
+            "service added service={} vip={} port={} protocol={} backends={} adopted={}",
+            cfg.name,
+            cfg.vip,
+            cfg.port,
+            cfg.protocol,
+            svc.backends.len(),
+            adopted.is_some()
+        )));
         self.services.insert(key, svc);
         self.sync(key, writes)
     }
@@ -793,7 +820,8 @@ impl Model {
             b.state = BACKEND_DOWN;
             writes.push(Write::Backend(b.id, b.entry(service_id)));
             self.backend_ids.release(b.id, 1);
-            info!(service = %cfg.name, backend = %b.addr(), "backend removed");
+            let note = format!("backend removed service={} backend={}", cfg.name, b.addr());
+            self.notes.push(Note::Info(note));
         }
         Ok(())
     }
@@ -807,7 +835,8 @@ impl Model {
         }
         self.slots.release(svc.region, 2 * svc.config.table_size);
         self.service_ids.release(svc.id, 1);
-        info!(service = %svc.config.name, "service removed");
+        let note = format!("service removed service={}", svc.config.name);
+        self.notes.push(Note::Info(note));
     }
 
     fn new_backend(
@@ -845,11 +874,11 @@ impl Model {
             }
         };
         if hop.dst_mac.is_none() {
-            warn!(
-                backend = %addr,
-                iface = %hop.ifname,
-                "backend MAC unresolved: its packets go to the kernel until it answers ARP/ND"
-            );
+            self.notes.push(Note::Warn(format!(
+                "backend MAC unresolved: its packets go to the kernel until it answers ARP/ND \
+                 backend={addr} iface={}",
+                hop.ifname
+            )));
         }
         writes.push(Write::TxPort(hop.ifindex));
         Ok(BackendState {
@@ -936,8 +965,11 @@ impl Model {
                 svc.entry(),
                 svc.snat_pool(),
             ));
-            info!(service = %svc.config.name, members = member_addrs.len(), "Maglev table swapped \
-                in");
+            self.notes.push(Note::Info(format!(
+                "Maglev table swapped in service={} members={}",
+                svc.config.name,
+                member_addrs.len()
+            )));
         }
         // 4. Leavers stop only now.
         for b in svc.backends.values_mut() {
