@@ -71,6 +71,8 @@ fn a_change_that_cannot_be_persisted_is_not_applied() {
             "the datapath changed: {}",
             blocked.display()
         );
+        // A reload changes no run-time state: nothing to persist.
+        bed.lb.cli(&["reload"]).unwrap();
         std::fs::remove_dir_all(&blocked).unwrap();
     }
     assert!(!state.exists());

@@ -39,7 +39,7 @@ use crate::{
     lock::PinDirLock,
     neigh::{self, Resolver},
     passive,
-    state::Overlay,
+    state::{Overlay, Staged},
     systemd,
 };
 
@@ -254,16 +254,25 @@ impl Daemon {
         // then finds them resolved.
         self.resolver.prepare(&merged);
         // Written and flushed first, put in place last: a change that could
-        // not be persisted would be lost at the next start.
-        let staged = overlay.stage(&self.state_file).map_err(|e| {
-            ApiError::internal(format!("not changed: cannot persist the change: {e:#}"))
-        })?;
+        // not be persisted would be lost at the next start. One that leaves
+        // the run-time changes as they are (a reload) has nothing to persist,
+        // and does not need a writable state directory.
+        let staged = (self.lock().overlay != overlay)
+            .then(|| overlay.stage(&self.state_file))
+            .transpose()
+            .map_err(|e| {
+                ApiError::internal(format!("not changed: cannot persist the change: {e:#}"))
+            })?;
         let mut inner = self.lock();
         let applied = inner
             .controller
             .apply(&merged)
             .context("cannot program the datapath")
-            .and_then(|()| staged.commit().context("cannot persist the change"));
+            .and_then(|()| {
+                staged
+                    .map_or(Ok(()), Staged::commit)
+                    .context("cannot persist the change")
+            });
         if let Err(e) = applied {
             // Back to the configuration the state file still describes.
             let Inner {
