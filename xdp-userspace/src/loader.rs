@@ -348,6 +348,8 @@ impl Datapath {
             }
             AttachMode::Auto => match attach_one(self.program(), iface, XdpMode::Driver) {
                 Ok(id) => Ok((Attached::Native, id)),
+                // Generic mode would meet the same program.
+                Err(native) if native.is::<Occupied>() => Err(native),
                 Err(native) => {
                     warn!("native XDP on {iface} failed ({native:#}); trying generic mode");
                     // Both errors: the native one usually says why.
@@ -376,11 +378,32 @@ pub fn interface_index(iface: &str) -> Result<u32> {
     Ok(index)
 }
 
+/// The kernel refused an attachment because another XDP program holds the
+/// interface (EBUSY, or EEXIST from the other mode).
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "another XDP program is attached to {iface} (`ip link show {iface}` shows it): detach it, or \
+     stop the xdplb daemon that drives it"
+)]
+struct Occupied {
+    iface: String,
+    source: aya::programs::ProgramError,
+}
+
 fn attach_one(program: &mut Xdp, iface: &str, mode: XdpMode) -> Result<XdpLinkId> {
     interface_index(iface)?;
-    program
-        .attach(iface, mode)
-        .with_context(|| format!("attaching XDP to {iface} in {} mode", mode_name(mode)))
+    let attached = program.attach(iface, mode).map_err(|source| {
+        let errno = std::iter::successors(Some(&source as &dyn std::error::Error), |e| e.source())
+            .find_map(|e| e.downcast_ref::<std::io::Error>()?.raw_os_error());
+        match errno {
+            Some(libc::EBUSY | libc::EEXIST) => anyhow::Error::new(Occupied {
+                iface: iface.to_owned(),
+                source,
+            }),
+            _ => source.into(),
+        }
+    });
+    attached.with_context(|| format!("attaching XDP to {iface} in {} mode", mode_name(mode)))
 }
 
 /// The CLI's name for an XDP mode ("native", "generic").
