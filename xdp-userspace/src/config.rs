@@ -1228,6 +1228,11 @@ impl Validator<'_> {
         if unusable {
             return self.fail(field, format!("{addr} is not a unicast address"));
         }
+        // The datapath sees frames from the wire, where no such address
+        // travels (routers drop it, hosts never send it).
+        if addr.is_loopback() {
+            return self.fail(field, format!("{addr} is a loopback address"));
+        }
         // The datapath stores IPv4 as IPv4-mapped IPv6, so `::ffff:a.b.c.d`
         // would silently alias the IPv4 address.
         if let IpAddr::V6(a) = addr {
@@ -1902,11 +1907,14 @@ state = "down"
             ("10.0.0.300", "not an IPv4 or IPv6 address"),
             ("0.0.0.0", "not a unicast address"),
             ("ff02::1", "not a unicast address"),
+            ("127.0.0.1", "loopback"),
+            ("::1", "loopback"),
             ("::ffff:10.0.0.100", "IPv4-mapped"),
         ] {
             rejects_web(&service_with("10.0.0.100", vip), "vip", needle);
         }
         rejects_backend("address = \"backend1\"", "address", "not an IPv4");
+        rejects_backend("address = \"127.0.0.2\"", "address", "loopback");
     }
 
     #[test]
