@@ -518,9 +518,9 @@ impl api::Handler for Daemon {
             }),
             Request::AddBackend { service, backend } => self.change(false, |o, config| {
                 let svc = service_config(config, &service)?;
+                let addr = o.add_backend(&service, backend, svc.port);
                 // One from the file would win over the new one, whatever
                 // its weight: refused like a duplicate of a run-time one.
-                let addr = backend.addr(svc.port);
                 if svc
                     .backends
                     .iter()
@@ -531,7 +531,6 @@ impl api::Handler for Daemon {
                         format!("service {service:?} already has backend {addr}"),
                     ));
                 }
-                let addr = o.add_backend(&service, backend, svc.port);
                 Ok(format!("backend {addr} added to service {service}"))
             }),
             Request::RemoveBackend(r) => self.change(false, |o, config| {
