@@ -588,6 +588,13 @@ impl Replicator {
         loop {
             match listener.accept().await {
                 Ok((stream, from)) => {
+                    // A stranger is refused before a byte is read: were
+                    // it checked after the request, anyone could hold
+                    // connections (and request buffers) for 5 s each.
+                    if !self.is_peer_host(from) {
+                        self.refused(from, Refusal::UnknownSender);
+                        continue;
+                    }
                     let me = self.clone();
                     tokio::spawn(async move {
                         if let Err(e) = me.serve_copy(stream, from).await {
@@ -610,19 +617,23 @@ impl Replicator {
             anyhow::Ok(msg)
         })
         .await
-        .context("no request within 5 s")??;
-        // Full copies go to configured peers only (by address: a copy is
-        // asked for from an ephemeral port).
-        if !lock(&self.shared.peers)
-            .iter()
-            .any(|p| p.addr.ip() == from.ip())
-        {
-            self.refused(from, Refusal::UnknownSender);
-            bail!("not a configured peer");
-        }
+        .context("no request within 5 s")
+        .and_then(|read| read);
+        let request = match request {
+            Ok(request) => request,
+            Err(e) => {
+                let why = WireError::Malformed("no complete full-copy request");
+                self.refused(from, Refusal::Wire(why));
+                return Err(e);
+            }
+        };
         let header = match wire::decode(&self.shared.key, &request) {
             Ok((h, _)) if h.kind == Kind::SyncRequest => h,
-            Ok(_) => bail!("not a full-copy request"),
+            Ok(_) => {
+                let why = WireError::Malformed("not a full-copy request");
+                self.refused(from, Refusal::Wire(why));
+                bail!("not a full-copy request");
+            }
             Err(e) => {
                 self.refused(from, Refusal::Wire(e));
                 bail!("refused");
@@ -634,17 +645,32 @@ impl Replicator {
         }
         let me = self.clone();
         let records = tokio::task::spawn_blocking(move || me.export()).await?;
-        for chunk in records.chunks(wire::RECORDS_PER_FRAME) {
-            let msg = wire::encode(&self.shared.key, &self.header(Kind::Flows, 0), chunk);
-            stream.write_all(&framed(&msg)).await?;
-        }
-        let end = self.header(Kind::SyncEnd, records.len() as u64);
-        stream
-            .write_all(&framed(&wire::encode(&self.shared.key, &end, &[])))
-            .await?;
-        stream.flush().await?;
+        // The puller gives up after PULL_TIMEOUT: a copy still not taken
+        // by then serves no one, and a peer that stopped reading would
+        // otherwise hold the task and the copy (up to 20 MiB) for ever.
+        tokio::time::timeout(PULL_TIMEOUT, async {
+            for chunk in records.chunks(wire::RECORDS_PER_FRAME) {
+                let msg = wire::encode(&self.shared.key, &self.header(Kind::Flows, 0), chunk);
+                stream.write_all(&framed(&msg)).await?;
+            }
+            let end = self.header(Kind::SyncEnd, records.len() as u64);
+            stream
+                .write_all(&framed(&wire::encode(&self.shared.key, &end, &[])))
+                .await?;
+            stream.flush().await
+        })
+        .await
+        .with_context(|| format!("the peer did not take it within {PULL_TIMEOUT:?}"))??;
         info!(%from, flows = records.len(), "replication: served a full copy");
         Ok(())
+    }
+
+    /// Whether `from` is a configured peer's host (by address only: a
+    /// full copy is asked for from an ephemeral port).
+    fn is_peer_host(&self, from: SocketAddr) -> bool {
+        lock(&self.shared.peers)
+            .iter()
+            .any(|p| p.addr.ip() == from.ip())
     }
 
     /// Every pin in the flow table and every answered NAT translation

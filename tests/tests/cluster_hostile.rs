@@ -1,0 +1,221 @@
+//! The replication listener against a hostile neighbour: one node (the DSR
+//! testbed's lb, real daemon, real XDP) whose only configured peer is the
+//! client's address, where this test plays the peer. A backend's namespace
+//! plays a stranger on the same segment. Needs root.
+//!
+//! - A stranger's TCP connection is closed at once and counted, never held
+//!   for the 5 s a peer's request may take (anyone could otherwise hold
+//!   connections and request buffers without limit).
+//! - A peer's broken request (a length no message has) is counted.
+//! - A peer that asks for a full copy and never reads does not hold the
+//!   copy for ever: the node gives up once the puller would have.
+
+use std::{
+    io::{ErrorKind, Read as _, Write as _},
+    net::{IpAddr, SocketAddr, TcpStream, UdpSocket},
+    path::Path,
+    time::{Duration, Instant, SystemTime},
+};
+
+use socket2::{Domain, Socket, Type};
+use xdplb::cluster::replication::wire::{self, FlowRecord, Header, Key, Kind};
+use xdplb_tests::{
+    bin_path,
+    lb::{dsr_config, start_backends, Xdplb},
+    require_root,
+    topology::{Shape, Topology},
+};
+
+const TESTBACKEND: &str = env!("CARGO_BIN_EXE_xdplb-testbackend");
+const KEY: &str = "hostile test key, 32 bytes long!";
+const PORT: u16 = 4700;
+/// Pins the test installs, as the peer: their full copy (80 bytes a pin,
+/// 3.2 MB) is far more than the node's send buffer (64 KiB, below) and
+/// the idle reader's receive buffer can hold.
+const PINS: u16 = 40_000;
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+fn replication(lb: &Xdplb) -> serde_json::Value {
+    lb.json(&["status"]).unwrap()["replication"].clone()
+}
+
+fn count(lb: &Xdplb, name: &str) -> u64 {
+    replication(lb)[name].as_u64().unwrap()
+}
+
+fn wait_until(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !check() {
+        assert!(Instant::now() < deadline, "{what}: not within {timeout:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Waits for `conn` to be closed by the far end; returns how long that
+/// took, or `None` when it was still open after `within`.
+fn closed_within(conn: &mut TcpStream, within: Duration) -> Option<Duration> {
+    let started = Instant::now();
+    conn.set_read_timeout(Some(within)).unwrap();
+    let mut buf = [0u8; 64];
+    match conn.read(&mut buf) {
+        Ok(0) => Some(started.elapsed()),
+        Ok(n) => panic!("the node sent {n} bytes to a refused connection"),
+        Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => None,
+        Err(_) => Some(started.elapsed()), // reset: closed too
+    }
+}
+
+#[test]
+fn the_full_copy_service_refuses_strangers_broken_requests_and_idle_readers() {
+    require_root();
+    let xdplb = bin_path("xdplb").expect("xdplb binary (cargo build --bins)");
+    let topo = Topology::new(Shape::Dsr, "chst", 1).unwrap();
+    let _backends = start_backends(&topo, Path::new(TESTBACKEND)).unwrap();
+    topo.wait_reachable().unwrap();
+    let node = SocketAddr::new(topo.lb_addr(false), PORT);
+    let peer = SocketAddr::new(topo.client_addr(false), PORT);
+    let config = format!(
+        "[cluster]\nreplication_listen = \"{node}\"\nreplication_key = \"{KEY}\"\n\
+         [[cluster.peer]]\naddress = \"{peer}\"\n\n{}",
+        dsr_config(&topo)
+    );
+    // Send buffers of at most 64 KiB on the node: a full copy nobody reads
+    // stalls after a few frames rather than vanishing into a 4 MiB buffer.
+    topo.lb()
+        .sysctl("net.ipv4.tcp_wmem", "4096 16384 65536")
+        .unwrap();
+    let lb = Xdplb::start(&xdplb, &topo, &config).unwrap();
+
+    // A stranger's connections, which send nothing: each closed at once
+    // (well under the 5 s a peer's request may take) and counted.
+    let before = count(&lb, "unknown_sender");
+    let held: Vec<Option<Duration>> = topo.backend(1).run(|| {
+        let mut conns: Vec<TcpStream> =
+            (0..20).map(|_| TcpStream::connect(node).unwrap()).collect();
+        conns
+            .iter_mut()
+            .map(|c| closed_within(c, Duration::from_secs(2)))
+            .collect()
+    });
+    assert!(
+        held.iter().all(Option::is_some),
+        "a stranger's connections were held open: {held:?}"
+    );
+    wait_until("20 strangers counted", Duration::from_secs(5), || {
+        count(&lb, "unknown_sender") >= before + 20
+    });
+
+    // The peer announces a message longer than any the protocol sends:
+    // closed at once, and counted as malformed.
+    let before = count(&lb, "malformed");
+    let closed = topo.client().run(|| {
+        let mut c = TcpStream::connect(node).unwrap();
+        c.write_all(&u32::MAX.to_be_bytes()).unwrap();
+        closed_within(&mut c, Duration::from_secs(2))
+    });
+    assert!(closed.is_some(), "a 4 GiB request was not refused at once");
+    wait_until("the broken request counted", Duration::from_secs(5), || {
+        count(&lb, "malformed") > before
+    });
+
+    // The peer installs PINS pins, then asks for a full copy and never
+    // reads it: the node gives up within the puller's own 10 s (plus a
+    // margin for a loaded machine) and says so.
+    let key = Key::new(KEY.as_bytes());
+    let backend = SocketAddr::new(topo.backend_addr(1, false), 80);
+    let vip: IpAddr = topo.vip(false);
+    topo.client().run(|| {
+        let udp = UdpSocket::bind(peer).unwrap();
+        let records: Vec<FlowRecord> = (0..PINS)
+            .map(|i| FlowRecord {
+                service: (vip, 80, 6),
+                client: SocketAddr::new([198, 18, (i >> 8) as u8, i as u8].into(), 40000),
+                backend,
+                nat: None,
+            })
+            .collect();
+        for (seq, chunk) in records.chunks(wire::RECORDS_PER_DATAGRAM).enumerate() {
+            let header = Header {
+                kind: Kind::Flows,
+                sender: 99,
+                seq: seq as u64 + 1,
+                sent_ms: now_ms(),
+            };
+            udp.send_to(&wire::encode(&key, &header, chunk), node)
+                .unwrap();
+            // Paced, so the node's socket buffer keeps up.
+            if seq % 50 == 49 {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+    });
+    wait_until("most pins installed", Duration::from_secs(20), || {
+        count(&lb, "installed") >= u64::from(PINS) * 9 / 10
+    });
+    let mut idle = topo.client().run(|| {
+        let mut c = tiny_receiver(node);
+        c.write_all(&request_frame(&key)).unwrap();
+        c
+    });
+    let gave_up = "full copy not served: the peer did not take it";
+    wait_until(
+        "the node gives up on a reader that never reads",
+        Duration::from_secs(20),
+        || lb.proc.output_text().contains(gave_up),
+    );
+    // What the node had written before it gave up is all there is: the
+    // copy never ends.
+    idle.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut copy = Vec::new();
+    let _ = idle.read_to_end(&mut copy);
+    assert!(
+        copy.len() < usize::from(PINS) * 80,
+        "the whole copy ({} bytes) was delivered after the node gave up",
+        copy.len()
+    );
+    // And the node still serves its real peers' requests.
+    let served = topo.client().run(|| {
+        let mut c = TcpStream::connect(node).unwrap();
+        c.write_all(&request_frame(&key)).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut all = Vec::new();
+        c.read_to_end(&mut all).unwrap();
+        all.len()
+    });
+    assert!(
+        served >= usize::from(PINS) * 9 / 10 * 80,
+        "a full copy of {served} bytes"
+    );
+}
+
+/// A full-copy request from the peer, as the TCP stream carries it.
+fn request_frame(key: &Key) -> Vec<u8> {
+    let header = Header {
+        kind: Kind::SyncRequest,
+        sender: 99,
+        seq: 0,
+        sent_ms: now_ms(),
+    };
+    let request = wire::encode(key, &header, &[]);
+    let mut frame = (request.len() as u32).to_be_bytes().to_vec();
+    frame.extend_from_slice(&request);
+    frame
+}
+
+/// A connection to `to` whose receive buffer (set before connecting, so the
+/// window stays small) is the smallest the kernel allows: the node can hand
+/// it only a few kilobytes.
+fn tiny_receiver(to: SocketAddr) -> TcpStream {
+    let socket = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    socket
+        .connect_timeout(&to.into(), Duration::from_secs(2))
+        .unwrap();
+    socket.into()
+}
