@@ -9,11 +9,17 @@
 //! - A peer's broken request (a length no message has) is counted.
 //! - A peer that asks for a full copy and never reads does not hold the
 //!   copy for ever: the node gives up once the puller would have.
+//! - A peer that trickles a full copy does not hold a starting node (which
+//!   pulls before it announces) for ever.
 
 use std::{
     io::{ErrorKind, Read as _, Write as _},
-    net::{IpAddr, SocketAddr, TcpStream, UdpSocket},
+    net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket},
     path::Path,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
     time::{Duration, Instant, SystemTime},
 };
 
@@ -192,6 +198,52 @@ fn the_full_copy_service_refuses_strangers_broken_requests_and_idle_readers() {
         served >= usize::from(PINS) * 9 / 10 * 80,
         "a full copy of {served} bytes"
     );
+}
+
+/// A starting node pulls a full copy from its peers before it announces
+/// anything. A peer that answers with a byte every second (each read
+/// alone well within its timeout) must not hold the node there for ever:
+/// it gives up once the pull's 10 s are over and starts.
+#[test]
+fn a_peer_that_trickles_a_full_copy_does_not_hold_a_starting_node() {
+    require_root();
+    let xdplb = bin_path("xdplb").expect("xdplb binary (cargo build --bins)");
+    let topo = Topology::new(Shape::Dsr, "chtr", 1).unwrap();
+    let _backends = start_backends(&topo, Path::new(TESTBACKEND)).unwrap();
+    topo.wait_reachable().unwrap();
+    let node = SocketAddr::new(topo.lb_addr(false), PORT);
+    let peer = SocketAddr::new(topo.client_addr(false), PORT);
+    // Bound in the client's namespace, where it stays; served from here.
+    let listener = topo.client().run(|| TcpListener::bind(peer).unwrap());
+    let stop = Arc::new(AtomicBool::new(false));
+    let trickler = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let (mut conn, _) = listener.accept().unwrap();
+            let mut request = [0u8; 4];
+            conn.read_exact(&mut request).unwrap();
+            // The longest message the protocol has, announced, then sent a
+            // byte a second until the node hangs up.
+            let mut out = (wire::MAX_MESSAGE as u32).to_be_bytes().to_vec();
+            while !stop.load(Ordering::Relaxed) && conn.write_all(&out).is_ok() {
+                out = vec![0];
+                std::thread::sleep(Duration::from_secs(1));
+            }
+        })
+    };
+    let config = format!(
+        "[cluster]\nreplication_listen = \"{node}\"\nreplication_key = \"{KEY}\"\n\
+         [[cluster.peer]]\naddress = \"{peer}\"\n\n{}",
+        dsr_config(&topo)
+    );
+    let started = Instant::now();
+    let lb = Xdplb::start(&xdplb, &topo, &config);
+    stop.store(true, Ordering::Relaxed);
+    let lb = lb.expect("the node never became ready");
+    println!("ready after {:?}", started.elapsed());
+    let log = lb.proc.output_text();
+    assert!(log.contains("no full copy: took longer than"), "{log}");
+    trickler.join().unwrap();
 }
 
 /// A full-copy request from the peer, as the TCP stream carries it.

@@ -250,15 +250,15 @@ impl Replicator {
     fn pull(&self, peer: SocketAddr) -> Result<PullReport> {
         let started = Instant::now();
         let mut stream = TcpStream::connect_timeout(&peer, Duration::from_secs(1))?;
-        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
         stream.set_write_timeout(Some(Duration::from_secs(5)))?;
         let request = wire::encode(&self.shared.key, &self.header(Kind::SyncRequest, 0), &[]);
         stream.write_all(&framed(&request))?;
+        let mut stream = Deadlined {
+            stream,
+            deadline: started + PULL_TIMEOUT,
+        };
         let (mut flows, mut installed) = (0u64, 0u64);
         loop {
-            if started.elapsed() > PULL_TIMEOUT {
-                bail!("took longer than {PULL_TIMEOUT:?}");
-            }
             let frame = read_frame(&mut stream)?;
             let (header, records) = wire::decode(&self.shared.key, &frame)?;
             match header.kind {
@@ -894,6 +894,28 @@ fn frame_len(announced: u32) -> Result<usize> {
         bail!("a {len}-byte message is longer than any the protocol sends");
     }
     Ok(len)
+}
+
+/// A full copy's stream as the puller reads it: each read waits at most
+/// for the time left before the copy's deadline (and 5 s). A timeout per
+/// read alone let a peer that trickles a byte every few seconds stretch a
+/// pull for ever, and a starting node pulls before it announces anything.
+struct Deadlined {
+    stream: TcpStream,
+    deadline: Instant,
+}
+
+impl std::io::Read for Deadlined {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            let why = format!("took longer than {PULL_TIMEOUT:?}");
+            return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, why));
+        }
+        self.stream
+            .set_read_timeout(Some(left.min(Duration::from_secs(5))))?;
+        self.stream.read(buf)
+    }
 }
 
 /// Reads a [`framed`] message.
