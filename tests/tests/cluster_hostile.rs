@@ -11,6 +11,8 @@
 //!   copy for ever: the node gives up once the puller would have.
 //! - A peer that trickles a full copy does not hold a starting node (which
 //!   pulls before it announces) for ever.
+//! - A restarted peer's messages from before the restart, replayed, are
+//!   refused as stale.
 
 use std::{
     io::{ErrorKind, Read as _, Write as _},
@@ -84,13 +86,7 @@ fn the_full_copy_service_refuses_strangers_broken_requests_and_idle_readers() {
     let topo = Topology::new(Shape::Dsr, "chst", 1).unwrap();
     let _backends = start_backends(&topo, Path::new(TESTBACKEND)).unwrap();
     topo.wait_reachable().unwrap();
-    let node = SocketAddr::new(topo.lb_addr(false), PORT);
-    let peer = SocketAddr::new(topo.client_addr(false), PORT);
-    let config = format!(
-        "[cluster]\nreplication_listen = \"{node}\"\nreplication_key = \"{KEY}\"\n\
-         [[cluster.peer]]\naddress = \"{peer}\"\n\n{}",
-        dsr_config(&topo)
-    );
+    let (node, peer, config) = bed(&topo);
     // Send buffers of at most 64 KiB on the node: a full copy nobody reads
     // stalls after a few frames rather than vanishing into a 4 MiB buffer.
     topo.lb()
@@ -211,8 +207,7 @@ fn a_peer_that_trickles_a_full_copy_does_not_hold_a_starting_node() {
     let topo = Topology::new(Shape::Dsr, "chtr", 1).unwrap();
     let _backends = start_backends(&topo, Path::new(TESTBACKEND)).unwrap();
     topo.wait_reachable().unwrap();
-    let node = SocketAddr::new(topo.lb_addr(false), PORT);
-    let peer = SocketAddr::new(topo.client_addr(false), PORT);
+    let (_, peer, config) = bed(&topo);
     // Bound in the client's namespace, where it stays; served from here.
     let listener = topo.client().run(|| TcpListener::bind(peer).unwrap());
     let stop = Arc::new(AtomicBool::new(false));
@@ -231,11 +226,6 @@ fn a_peer_that_trickles_a_full_copy_does_not_hold_a_starting_node() {
             }
         })
     };
-    let config = format!(
-        "[cluster]\nreplication_listen = \"{node}\"\nreplication_key = \"{KEY}\"\n\
-         [[cluster.peer]]\naddress = \"{peer}\"\n\n{}",
-        dsr_config(&topo)
-    );
     let started = Instant::now();
     let lb = Xdplb::start(&xdplb, &topo, &config);
     stop.store(true, Ordering::Relaxed);
@@ -244,6 +234,74 @@ fn a_peer_that_trickles_a_full_copy_does_not_hold_a_starting_node() {
     let log = lb.proc.output_text();
     assert!(log.contains("no full copy: took longer than"), "{log}");
     trickler.join().unwrap();
+}
+
+/// A peer's messages replayed after it restarted (within the 30 s their
+/// age allows) are refused: a run the peer left behind is not believed
+/// again. Taking it for a new run reset the sequence check, so both runs'
+/// messages could be replayed, alternately.
+#[test]
+fn a_restarted_peers_old_messages_are_not_believed_again() {
+    require_root();
+    let xdplb = bin_path("xdplb").expect("xdplb binary (cargo build --bins)");
+    let topo = Topology::new(Shape::Dsr, "chrp", 1).unwrap();
+    let _backends = start_backends(&topo, Path::new(TESTBACKEND)).unwrap();
+    topo.wait_reachable().unwrap();
+    let (node, peer, config) = bed(&topo);
+    let lb = Xdplb::start(&xdplb, &topo, &config).unwrap();
+    let key = Key::new(KEY.as_bytes());
+    let record = FlowRecord {
+        service: (topo.vip(false), 80, 6),
+        client: "198.18.0.1:40000".parse().unwrap(),
+        backend: SocketAddr::new(topo.backend_addr(1, false), 80),
+        nat: None,
+    };
+    let message = |run: u64, kind: Kind, records: &[FlowRecord]| {
+        let header = Header {
+            kind,
+            sender: run,
+            seq: 1,
+            sent_ms: now_ms(),
+        };
+        wire::encode(&key, &header, records)
+    };
+    // Captured from the peer's run 1; then the peer restarts (run 2).
+    let captured = message(1, Kind::Flows, &[record]);
+    let restarted = message(2, Kind::Heartbeat, &[]);
+    let udp = topo.client().run(|| UdpSocket::bind(peer).unwrap());
+    let send = |msg: &[u8]| {
+        udp.send_to(msg, node).unwrap();
+    };
+    send(&captured);
+    wait_until(
+        "the peer's message believed",
+        Duration::from_secs(5),
+        || count(&lb, "received") == 1,
+    );
+    send(&restarted);
+    // The replay, twice: refused both times, as stale.
+    std::thread::sleep(Duration::from_millis(200));
+    let stale = count(&lb, "stale");
+    send(&captured);
+    send(&captured);
+    wait_until("both replays refused", Duration::from_secs(5), || {
+        count(&lb, "stale") == stale + 2
+    });
+    let r = replication(&lb);
+    assert_eq!(r["received"], 1, "a replayed pin was believed: {r}");
+}
+
+/// The node's address, the peer's (the client's, where the tests play
+/// the peer) and a configuration that replicates with that one peer.
+fn bed(topo: &Topology) -> (SocketAddr, SocketAddr, String) {
+    let node = SocketAddr::new(topo.lb_addr(false), PORT);
+    let peer = SocketAddr::new(topo.client_addr(false), PORT);
+    let config = format!(
+        "[cluster]\nreplication_listen = \"{node}\"\nreplication_key = \"{KEY}\"\n\
+         [[cluster.peer]]\naddress = \"{peer}\"\n\n{}",
+        dsr_config(topo)
+    );
+    (node, peer, config)
 }
 
 /// A full-copy request from the peer, as the TCP stream carries it.

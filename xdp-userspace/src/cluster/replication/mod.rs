@@ -101,6 +101,8 @@ struct Peer {
     addr: SocketAddr,
     /// The peer's current run and the last sequence number seen in it.
     run: Option<(u64, u64)>,
+    /// Runs it had before, and when each ended (see [`Peer::seen`]).
+    retired: Vec<(u64, Instant)>,
     heard: Option<Instant>,
     received: u64,
     /// Flow messages the sequence numbers show were lost.
@@ -139,6 +141,37 @@ pub struct PullReport {
     pub flows: u64,
     pub installed: u64,
     pub ms: u64,
+}
+
+/// How long a peer's past run stays refused after it ended: a message of
+/// it can pass the age check for up to twice MAX_AGE after it was sent
+/// (clocks apart by up to MAX_AGE), and it was sent before the run ended.
+const RETIRED_FOR: Duration = Duration::from_secs(2 * MAX_AGE.as_secs());
+/// Past runs remembered per peer (a peer restarts far less often).
+const MAX_RETIRED: usize = 8;
+
+impl Peer {
+    /// Whether `run` is one this peer has left behind: its messages now
+    /// are replays, or a dead predecessor's late datagrams.
+    fn retired(&mut self, run: u64) -> bool {
+        self.retired
+            .retain(|(_, ended)| ended.elapsed() <= RETIRED_FOR);
+        self.retired.iter().any(|&(r, _)| r == run)
+    }
+
+    /// Records `seq` as the last number seen in `run`. A new run retires
+    /// the current one: were a message of that run believed again, it
+    /// would become current with no sequence seen, and every message of
+    /// both runs from the last 30 s could be replayed, alternately.
+    fn seen(&mut self, run: u64, seq: u64) {
+        if let Some((old, _)) = self.run.filter(|&(old, _)| old != run) {
+            if self.retired.len() == MAX_RETIRED {
+                self.retired.remove(0);
+            }
+            self.retired.push((old, Instant::now()));
+        }
+        self.run = Some((run, seq));
+    }
 }
 
 /// Everything the replication tasks share.
@@ -197,6 +230,7 @@ impl Replicator {
             .map(|&addr| Peer {
                 addr,
                 run: None,
+                retired: Vec::new(),
                 heard: None,
                 received: 0,
                 missed: 0,
@@ -487,6 +521,10 @@ impl Replicator {
             drop(peers);
             return self.refused(from, Refusal::UnknownSender);
         };
+        if peer.retired(header.sender) {
+            drop(peers);
+            return self.refused(from, Refusal::Stale);
+        }
         peer.heard = Some(Instant::now());
         let last = peer
             .run
@@ -502,7 +540,7 @@ impl Replicator {
                     peer.missed += header.seq - last - 1;
                     let _ = resync.send(from);
                 }
-                peer.run = Some((header.sender, header.seq));
+                peer.seen(header.sender, header.seq);
                 peer.received += records.len() as u64;
                 peer.lag_ms = now.saturating_sub(header.sent_ms);
                 peer.max_lag_ms = peer.max_lag_ms.max(peer.lag_ms);
@@ -515,7 +553,7 @@ impl Replicator {
                     let _ = resync.send(from);
                 }
                 if last.is_none_or(|last| header.seq > last) {
-                    peer.run = Some((header.sender, header.seq));
+                    peer.seen(header.sender, header.seq);
                 }
             }
             Kind::SyncRequest | Kind::SyncEnd => {
