@@ -12,7 +12,7 @@
 //! - A peer that trickles a full copy does not hold a starting node (which
 //!   pulls before it announces) for ever.
 //! - A restarted peer's messages from before the restart, replayed, are
-//!   refused as stale.
+//!   refused as stale, and so is an old full copy played back.
 
 use std::{
     io::{ErrorKind, Read as _, Write as _},
@@ -234,6 +234,64 @@ fn a_peer_that_trickles_a_full_copy_does_not_hold_a_starting_node() {
     let log = lb.proc.output_text();
     assert!(log.contains("no full copy: took longer than"), "{log}");
     trickler.join().unwrap();
+}
+
+/// A full copy recorded once and played back later by whoever answers at
+/// the peer's address (its tags are valid) is refused as stale, like any
+/// message older than 30 s: nothing of it is installed.
+#[test]
+fn an_old_full_copy_played_back_is_refused() {
+    require_root();
+    let xdplb = bin_path("xdplb").expect("xdplb binary (cargo build --bins)");
+    let topo = Topology::new(Shape::Dsr, "chpb", 1).unwrap();
+    let _backends = start_backends(&topo, Path::new(TESTBACKEND)).unwrap();
+    topo.wait_reachable().unwrap();
+    let (_, peer, config) = bed(&topo);
+    let key = Key::new(KEY.as_bytes());
+    let record = FlowRecord {
+        service: (topo.vip(false), 80, 6),
+        client: "198.18.0.1:40000".parse().unwrap(),
+        backend: SocketAddr::new(topo.backend_addr(1, false), 80),
+        nat: None,
+    };
+    // Recorded an hour ago: one pin, then the end of the copy.
+    let hour_ago = now_ms() - 3_600_000;
+    let recorded: Vec<u8> = [(Kind::Flows, 0, vec![record]), (Kind::SyncEnd, 1, vec![])]
+        .into_iter()
+        .flat_map(|(kind, seq, records)| {
+            let header = Header {
+                kind,
+                sender: 5,
+                seq,
+                sent_ms: hour_ago,
+            };
+            let msg = wire::encode(&key, &header, &records);
+            let mut frame = (msg.len() as u32).to_be_bytes().to_vec();
+            frame.extend_from_slice(&msg);
+            frame
+        })
+        .collect();
+    let listener = topo.client().run(|| TcpListener::bind(peer).unwrap());
+    let player = std::thread::spawn(move || {
+        let (mut conn, _) = listener.accept().unwrap();
+        let mut len = [0u8; 4];
+        conn.read_exact(&mut len).unwrap();
+        let mut request = vec![0u8; u32::from_be_bytes(len) as usize];
+        conn.read_exact(&mut request).unwrap();
+        // The node may hang up before reading it all.
+        let _ = conn.write_all(&recorded);
+    });
+    let lb = Xdplb::start(&xdplb, &topo, &config).unwrap();
+    player.join().unwrap();
+    let r = replication(&lb);
+    assert_eq!(r["installed"], 0, "{r}");
+    assert_eq!(r["stale"], 1, "{r}");
+    let flow = lb
+        .flow(record.client, SocketAddr::new(topo.vip(false), 80))
+        .unwrap();
+    assert_eq!(flow["established"], false, "{flow}");
+    let log = lb.proc.output_text();
+    assert!(log.contains("no full copy: a stale full copy"), "{log}");
 }
 
 /// A peer's messages replayed after it restarted (within the 30 s their

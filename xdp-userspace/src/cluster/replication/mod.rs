@@ -295,6 +295,16 @@ impl Replicator {
         loop {
             let frame = read_frame(&mut stream)?;
             let (header, records) = wire::decode(&self.shared.key, &frame)?;
+            // As old a limit as for any message: a copy recorded once and
+            // played back later by whoever answers at the peer's address
+            // carries a valid tag too.
+            if now_ms().abs_diff(header.sent_ms) > MAX_AGE.as_millis() as u64 {
+                self.refused(peer, Refusal::Stale);
+                bail!(
+                    "a stale full copy (sent {} ms ago)",
+                    now_ms() as i64 - header.sent_ms as i64
+                );
+            }
             match header.kind {
                 Kind::Flows => {
                     flows += records.len() as u64;
