@@ -12,7 +12,7 @@ use std::{
 
 use xdplb_tests::{
     bin_path,
-    lb::{dsr_config_with, start_backend, start_backends, Xdplb},
+    lb::{dsr_config, dsr_config_with, start_backend, start_backends, Xdplb},
     netns::exec_line,
     require_root,
     topology::{Shape, Topology},
@@ -112,4 +112,36 @@ fn a_vip_is_announced_exactly_while_the_node_can_serve_it() {
     assert_eq!(status["cluster"]["state"], "left", "{status}");
     lb.cli(&["cluster", "join"]).unwrap();
     wait_table(&topo, "201", "announced on join", both);
+}
+
+/// `xdplb cluster leave` waits for the new-flow counters to stay flat,
+/// then says the node is safe to stop. A `join` meanwhile (another
+/// operator, a script) announces the node again: leave must fail then,
+/// not call an announced node safe to stop.
+#[test]
+fn leave_fails_when_the_node_joins_again_while_it_waits() {
+    require_root();
+    let xdplb = bin_path("xdplb").expect("xdplb binary (cargo build --bins)");
+    let topo = Topology::new(Shape::Dsr, "anj", 1).unwrap();
+    let _backends = start_backends(&topo, Path::new(TESTBACKEND)).unwrap();
+    topo.wait_reachable().unwrap();
+    let config = format!("[cluster]\nroute_table = 201\n\n{}", dsr_config(&topo));
+    let lb = Xdplb::start(&xdplb, &topo, &config).unwrap();
+    let vip4 = topo.vip4().to_string();
+    wait_table(&topo, "201", "announced at start", |r| r.contains(&vip4));
+    // The waiting leave runs beside (Xdplb is not shared between threads).
+    let mut leave = std::process::Command::new(&xdplb);
+    leave.args(["cluster", "leave", "--quiet", "2", "--socket"]);
+    let leave = leave.arg(lb.socket()).stdout(std::process::Stdio::piped());
+    let leave = leave.stderr(std::process::Stdio::piped()).spawn().unwrap();
+    wait_table(&topo, "201", "withdrawn on leave", |r| !r.contains(&vip4));
+    lb.cli(&["cluster", "join"]).unwrap();
+    let out = leave.wait_with_output().unwrap();
+    wait_table(&topo, "201", "announced on join", |r| r.contains(&vip4));
+    let said = String::from_utf8_lossy(&out.stdout) + String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "leave succeeded after a join: {said}"
+    );
+    assert!(said.contains("joined again"), "{said}");
 }

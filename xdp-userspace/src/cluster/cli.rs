@@ -11,7 +11,7 @@ use clap::Subcommand;
 use serde_json::json;
 
 use crate::{
-    api::{client, Done, Request, StatsView},
+    api::{client, Done, Request, StatsView, StatusView},
     cli::{print, ClientOpts},
 };
 
@@ -77,6 +77,7 @@ pub fn execute(command: &ClusterCmd, opts: &ClientOpts) -> Result<()> {
             (last, last_change) = (now, Instant::now());
         }
         if last_change.elapsed() >= quiet {
+            ensure_still_left(opts)?;
             let msg = format!(
                 "no new flow for {}s ({} new flows after the withdrawal, quiet after {:.1}s): \
                  safe to stop this node",
@@ -87,6 +88,7 @@ pub fn execute(command: &ClusterCmd, opts: &ClientOpts) -> Result<()> {
             return print_done(opts, &msg, Some((last - first, last_change - started)));
         }
         if started.elapsed() >= timeout {
+            ensure_still_left(opts)?;
             bail!(
                 "routes withdrawn, but new flows still arrive after {}s ({} so far): \
                  is the routing daemon running and exporting the route table?",
@@ -94,6 +96,21 @@ pub fn execute(command: &ClusterCmd, opts: &ClientOpts) -> Result<()> {
                 last - first
             );
         }
+    }
+}
+
+/// Fails when the node no longer is left: a `join` while `leave` waited
+/// (another operator, a script) announces it again, and quiet counters
+/// then say nothing about whether it is safe to stop.
+fn ensure_still_left(opts: &ClientOpts) -> Result<()> {
+    let status: StatusView = serde_json::from_value(client::call(&opts.socket, &Request::Status)?)
+        .context("unexpected status answer from the daemon")?;
+    match status.cluster {
+        Some(c) if c.state == "left" => Ok(()),
+        _ => bail!(
+            "the node joined again (xdplb cluster join) while leave waited: it is announced, not \
+             safe to stop"
+        ),
     }
 }
 
