@@ -13,6 +13,8 @@
 //!   pulls before it announces) for ever.
 //! - A restarted peer's messages from before the restart, replayed, are
 //!   refused as stale, and so is an old full copy played back.
+//! - A peer's NAT record never takes over the replies of a translation
+//!   this node made.
 
 use std::{
     io::{ErrorKind, Read as _, Write as _},
@@ -26,10 +28,12 @@ use std::{
 };
 
 use socket2::{Domain, Socket, Type};
-use xdplb::cluster::replication::wire::{self, FlowRecord, Header, Key, Kind};
+use xdplb::cluster::replication::wire::{self, FlowRecord, Header, Key, Kind, Translation};
 use xdplb_tests::{
+    bed::served,
     bin_path,
-    lb::{dsr_config, start_backends, Xdplb},
+    lb::{dsr_config, nat_config, start_backends, LongLived, Xdplb, BACKEND_PORT},
+    netns::exec_line,
     require_root,
     topology::{Shape, Topology},
 };
@@ -349,15 +353,74 @@ fn a_restarted_peers_old_messages_are_not_believed_again() {
     assert_eq!(r["received"], 1, "a replayed pin was believed: {r}");
 }
 
+/// A peer's NAT record that names this node's own SNAT address and port
+/// (a peer configured with this node's SNAT address, say) for another
+/// client is not installed: the reply entry of this node's own
+/// translation stays, and its connection keeps working.
+#[test]
+fn a_peers_record_never_turns_this_nodes_nat_replies_to_another_client() {
+    require_root();
+    let xdplb = bin_path("xdplb").expect("xdplb binary (cargo build --bins)");
+    let (topo, _backends) = served(Shape::NatOneArm, "chnt", 1, &xdplb, Path::new(TESTBACKEND));
+    let (node, peer, config) = bed_with(&topo, &nat_config(&topo, ""));
+    let lb = Xdplb::start(&xdplb, &topo, &config).unwrap();
+    let b1 = topo.backend_addr(1, false);
+    lb.wait_health("web4", b1, "up", Instant::now(), Duration::from_secs(10));
+    let vip = SocketAddr::new(topo.vip(false), 80);
+    let mut conn = LongLived::open(&topo, vip, 50000, 1).unwrap();
+    // The SNAT address and port the backend sees this connection from.
+    let seen = exec_line(
+        topo.backend(1),
+        &format!("ss -Htn state established sport = :{BACKEND_PORT}"),
+    );
+    let snat: SocketAddr = seen
+        .split_whitespace()
+        .last()
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("no connection at b1: {seen:?}"));
+    let record = FlowRecord {
+        service: (vip.ip(), 80, 6),
+        client: "198.18.0.1:40000".parse().unwrap(),
+        backend: SocketAddr::new(b1, BACKEND_PORT),
+        nat: Some(Translation {
+            snat,
+            timeout_s: 3600,
+        }),
+    };
+    let header = Header {
+        kind: Kind::Flows,
+        sender: 99,
+        seq: 1,
+        sent_ms: now_ms(),
+    };
+    let msg = wire::encode(&Key::new(KEY.as_bytes()), &header, &[record]);
+    topo.client().run(|| {
+        UdpSocket::bind(peer).unwrap().send_to(&msg, node).unwrap();
+    });
+    wait_until("the record received", Duration::from_secs(5), || {
+        count(&lb, "received") == 1
+    });
+    assert_eq!(count(&lb, "installed"), 0, "{}", replication(&lb));
+    let failed = conn.exchange(&[], 1);
+    assert!(
+        failed.is_empty(),
+        "the node's own connection broke: {failed:?}"
+    );
+}
+
 /// The node's address, the peer's (the client's, where the tests play
 /// the peer) and a configuration that replicates with that one peer.
 fn bed(topo: &Topology) -> (SocketAddr, SocketAddr, String) {
+    bed_with(topo, &dsr_config(topo))
+}
+
+/// [`bed`] with `services` (TOML).
+fn bed_with(topo: &Topology, services: &str) -> (SocketAddr, SocketAddr, String) {
     let node = SocketAddr::new(topo.lb_addr(false), PORT);
     let peer = SocketAddr::new(topo.client_addr(false), PORT);
     let config = format!(
         "[cluster]\nreplication_listen = \"{node}\"\nreplication_key = \"{KEY}\"\n\
-         [[cluster.peer]]\naddress = \"{peer}\"\n\n{}",
-        dsr_config(topo)
+         [[cluster.peer]]\naddress = \"{peer}\"\n\n{services}"
     );
     (node, peer, config)
 }

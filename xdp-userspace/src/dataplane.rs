@@ -488,8 +488,9 @@ impl FlowTable {
     /// `id` (at `backend`, the reply entry's source) from `snat`, both
     /// directions, marked replicated and answered (only answered
     /// translations are replicated), stamped now, with `timeout_s`. A
-    /// translation this node made itself is never replaced, nor, without
-    /// `overwrite`, a replicated one. Returns whether it was written.
+    /// translation this node made itself is never replaced (neither side),
+    /// nor, without `overwrite`, a replicated one. Returns whether it was
+    /// written.
     pub fn install_nat(
         &mut self,
         key: &FlowKey,
@@ -517,8 +518,15 @@ impl FlowTable {
             timeout_s,
             ..NatRev::default()
         };
-        // The way to the client this node already found, if any, stays.
         if let Ok(old) = self.nat.rev.get(&reply_key, 0) {
+            // A reply entry this node made carries its own translation's
+            // replies: a peer's record naming the same SNAT address and
+            // port (a peer configured with this node's SNAT address) must
+            // not turn them to another client.
+            if old.flags & NAT_F_REPLICATED == 0 {
+                return Ok(false);
+            }
+            // The way to the client this node already found, if any, stays.
             if old.client_key(key.proto) == *key {
                 (rev.client_mac, rev.lb_mac, rev.ifindex) =
                     (old.client_mac, old.lb_mac, old.ifindex);
