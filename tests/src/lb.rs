@@ -124,15 +124,18 @@ impl Xdplb {
         std::fs::write(dir.join("xdplb.toml"), config)?;
         let pin_dir = PathBuf::from(format!("/sys/fs/bpf/xdplb-{prefix}"));
         let ifaces: Vec<String> = ifaces.iter().map(|i| i.to_string()).collect();
-        let proc = spawn_daemon(binary, lb, &ifaces, &dir, &pin_dir)?;
-        Ok(Self {
+        let proc = spawn_unready(binary, lb, &ifaces, &dir, &pin_dir)?;
+        let mut daemon = Self {
             proc,
             pin_dir,
             dir,
             binary: binary.to_owned(),
             lb: lb.name().to_owned(),
             ifaces,
-        })
+        };
+        // Not ready: dropping `daemon` removes what it left (pins, files).
+        wait_ready(&mut daemon.proc)?;
+        Ok(daemon)
     }
 
     /// The config file the daemon reads.
@@ -275,6 +278,19 @@ fn spawn_daemon(
     dir: &Path,
     pin_dir: &Path,
 ) -> Result<Proc> {
+    let mut proc = spawn_unready(binary, lb, ifaces, dir, pin_dir)?;
+    wait_ready(&mut proc)?;
+    Ok(proc)
+}
+
+/// [`spawn_daemon`] without waiting.
+fn spawn_unready(
+    binary: &Path,
+    lb: &Netns,
+    ifaces: &[String],
+    dir: &Path,
+    pin_dir: &Path,
+) -> Result<Proc> {
     let mut cmd = lb.command(binary);
     cmd.args(["run", "--xdp-mode", "native"]);
     for iface in ifaces {
@@ -288,14 +304,17 @@ fn spawn_daemon(
         .arg(dir.join("api.sock"))
         .arg("--state-file")
         .arg(dir.join("state.json"));
-    let mut proc = Proc::spawn_with(&mut cmd, "xdplb", false)?;
+    Proc::spawn_with(&mut cmd, "xdplb", false)
+}
+
+fn wait_ready(proc: &mut Proc) -> Result<()> {
     if let Err(err) = proc.wait_for_stdout_line("ready", Duration::from_secs(20)) {
         bail!(
             "xdplb did not become ready: {err:#}\n--- xdplb output ---\n{}",
             proc.output_text()
         );
     }
-    Ok(proc)
+    Ok(())
 }
 
 impl Drop for Xdplb {
