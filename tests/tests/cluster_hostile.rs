@@ -1,6 +1,6 @@
-//! The replication listener against a hostile neighbour: one node (the DSR
-//! testbed's lb, real daemon, real XDP) whose only configured peer is the
-//! client's address, where this test plays the peer. A backend's namespace
+//! The replication listener against a hostile neighbour: one node (the lb
+//! of a DSR or NAT testbed, real daemon, real XDP) whose only configured
+//! peer is the client's address, where this test plays the peer. A backend's namespace
 //! plays a stranger on the same segment. Needs root.
 //!
 //! - A stranger's TCP connection is closed at once and counted, never held
