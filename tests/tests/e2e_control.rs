@@ -299,6 +299,41 @@ fn drain_keeps_established_flows_and_takes_no_new_ones() {
     );
 }
 
+/// A reload that re-creates a service (a new table size needs a new table
+/// region; a new VIP is a new service) keeps its backends' health. The
+/// checks are keyed by service name and backend, so they keep their verdict
+/// and report no change: a dead backend re-created healthy took a third of
+/// the new connections, refused, until it came back and failed again.
+#[test]
+fn a_reload_that_recreates_a_service_keeps_its_dead_backend_out() {
+    let mut bed = bed("recreate", "tcp");
+    bed.backends[0].crash().unwrap();
+    // A give-up limit only: failover_and_recovery_under_load asserts the bound.
+    bed.wait_health(1, "down", Instant::now(), Duration::from_secs(5));
+    let config = std::fs::read_to_string(bed.lb.config_path()).unwrap();
+    // web4 is the file's first service.
+    let tcp = "protocol = \"tcp\"\n";
+    let resized = config.replacen(tcp, &format!("{tcp}table_size = 251\n"), 1);
+    let moved = resized.replacen(&bed.topo.vip4().to_string(), "10.77.200.1", 1);
+    for (what, config) in [("a new table size", &resized), ("a new VIP", &moved)] {
+        bed.lb.write_config(config).unwrap();
+        bed.lb.cli(&["reload"]).unwrap();
+        let b1 = bed.backend(1);
+        assert_eq!(b1["health"], "down", "after {what}: {b1}");
+        assert_eq!(b1["state"], "down", "after {what}: {b1}");
+        if what == "a new table size" {
+            let tally = bed.requests(30000..30150);
+            assert!(tally.failed.is_empty(), "after {what}: {:?}", tally.failed);
+            assert_eq!(tally.count("b1"), 0, "after {what}: {:?}", tally.served);
+        }
+    }
+    // Its checks still bring it back once it answers.
+    bed.restart_backend(1, &[]);
+    // A give-up limit only: failover_and_recovery_under_load asserts the bound.
+    bed.wait_health(1, "up", Instant::now(), Duration::from_secs(5));
+    assert_eq!(bed.backend(1)["state"], "active");
+}
+
 #[test]
 fn hot_restart_keeps_forwarding_and_adopts_the_datapath() {
     let mut bed = bed("hot", "tcp");

@@ -52,6 +52,8 @@ use crate::{
 pub type ServiceId = (IpAddr, u16, u8);
 /// Identity of a backend within a service.
 pub type BackendAddr = (IpAddr, u16);
+/// Service name -> each of its backends' health.
+type Verdicts = HashMap<String, BTreeMap<BackendAddr, bool>>;
 
 /// One backend of one service.
 #[derive(Clone, Debug)]
@@ -122,6 +124,11 @@ pub struct ServiceState {
 }
 
 impl ServiceState {
+    /// Each backend's health.
+    fn verdicts(&self) -> BTreeMap<BackendAddr, bool> {
+        self.backends.iter().map(|(k, b)| (*k, b.healthy)).collect()
+    }
+
     fn table_base(&self, half: u32) -> u32 {
         self.region + half * self.config.table_size
     }
@@ -635,8 +642,15 @@ impl Model {
             .filter(|k| !wanted.contains_key(k))
             .copied()
             .collect();
+        // The health of the backends of services re-created here (a new
+        // VIP, port, protocol or table size), by service name: the health
+        // checker keys its targets by service name and backend, so it keeps
+        // their verdicts and reports no change. A dead backend re-created
+        // healthy would take new flows until it came back and failed again.
+        let mut verdicts = Verdicts::new();
         for key in gone {
-            self.remove_service(key, writes);
+            let svc = self.remove_service(key, writes);
+            verdicts.insert(svc.config.name.clone(), svc.verdicts());
         }
         for (key, cfg) in wanted {
             match self.services.get(&key) {
@@ -647,11 +661,11 @@ impl Model {
                 }
                 Some(s) if s.config.table_size != cfg.table_size => {
                     // A new table size needs a new region: re-create.
-                    self.remove_service(key, writes);
-                    self.add_service(cfg, hops, writes)?;
+                    let svc = self.remove_service(key, writes);
+                    self.add_service(cfg, hops, writes, Some(&svc.verdicts()))?;
                 }
                 Some(_) => self.update_service(key, cfg, hops, writes)?,
-                None => self.add_service(cfg, hops, writes)?,
+                None => self.add_service(cfg, hops, writes, verdicts.get(&cfg.name))?,
             }
         }
         self.finish_adoption(writes);
@@ -703,11 +717,14 @@ impl Model {
         }
     }
 
+    /// Adds service `cfg`; its backends found in `verdicts` (those of the
+    /// service it re-creates) keep their health.
     fn add_service(
         &mut self,
         cfg: &ServiceConfig,
         hops: &Resolver,
         writes: &mut Vec<Write>,
+        verdicts: Option<&BTreeMap<BackendAddr, bool>>,
     ) -> Result<()> {
         let key = service_id(cfg);
         let size = cfg.table_size;
@@ -750,7 +767,10 @@ impl Model {
             fingerprint: fingerprint(&[], |_| None),
         };
         for b in &cfg.backends {
-            let state = self.new_backend(id, cfg, b, hops, writes)?;
+            let mut state = self.new_backend(id, cfg, b, hops, writes)?;
+            if let Some(&healthy) = verdicts.and_then(|v| v.get(&(b.address, b.port))) {
+                state.healthy = healthy;
+            }
             svc.backends.insert((b.address, b.port), state);
         }
         self.notes.push(Note::Info(format!(
@@ -826,7 +846,7 @@ impl Model {
         Ok(())
     }
 
-    fn remove_service(&mut self, key: ServiceId, writes: &mut Vec<Write>) {
+    fn remove_service(&mut self, key: ServiceId, writes: &mut Vec<Write>) -> ServiceState {
         let svc = self.services.remove(&key).expect("caller checked");
         writes.push(Write::RemoveService(addr::service_key(key.0, key.1, key.2)));
         for b in svc.backends.values() {
@@ -837,6 +857,7 @@ impl Model {
         self.service_ids.release(svc.id, 1);
         let note = format!("service removed service={}", svc.config.name);
         self.notes.push(Note::Info(note));
+        svc
     }
 
     fn new_backend(
