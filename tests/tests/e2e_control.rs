@@ -334,6 +334,42 @@ fn a_reload_that_recreates_a_service_keeps_its_dead_backend_out() {
     assert_eq!(bed.backend(1)["state"], "active");
 }
 
+/// A drained backend whose drain timeout passed is down in the datapath
+/// whatever its health, so a daemon adopting the datapath cannot take its
+/// health from there. It took it for down: undrained after the restart, the
+/// backend got no new connection until `rise` checks passed, and its health
+/// "came back" in the log and the transitions count.
+#[test]
+fn a_restart_after_a_drain_timeout_keeps_the_drained_backend_healthy() {
+    let mut bed = Bed::dsr("drainrestart", 3, |topo| {
+        let tcp = "protocol = \"tcp\"\n";
+        let config = dsr_config_with(topo, &health_check("tcp"));
+        config.replace(tcp, &format!("{tcp}drain_timeout = \"1s\"\n"))
+    });
+    let b2 = bed.addr(2).to_string();
+    bed.lb.cli(&["backend", "drain", "web4", &b2]).unwrap();
+    // A give-up limit only: drain timeouts are looked at every second.
+    let expired = wait_until("drain timeout", Duration::from_secs(5), || {
+        bed.backend(2)["state"] == "down"
+    });
+    eprintln!("drain timeout passed after {expired:?}");
+    bed.lb.proc.kill(libc::SIGKILL).unwrap();
+    let _ = bed.lb.proc.wait_timeout(Duration::from_secs(5));
+    bed.lb.restart(&bed.topo).unwrap();
+    let b = bed.backend(2);
+    assert_eq!(b["health"], "up", "after the restart: {b}");
+    bed.lb.cli(&["backend", "undrain", "web4", &b2]).unwrap();
+    assert_eq!(bed.backend(2)["state"], "active", "undrained");
+    let tally = bed.requests(30000..30150);
+    assert!(tally.failed.is_empty(), "{:?}", tally.failed);
+    assert!(
+        tally.count("b2") > 20,
+        "the undrained backend takes new connections at once: {:?}",
+        tally.served
+    );
+    assert_eq!(bed.backend(2)["transitions"], 0, "{}", bed.backend(2));
+}
+
 #[test]
 fn hot_restart_keeps_forwarding_and_adopts_the_datapath() {
     let mut bed = bed("hot", "tcp");

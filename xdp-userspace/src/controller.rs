@@ -880,14 +880,18 @@ impl Model {
             bail!("backend {addr}: no source address on the route to it; set nat.snat_address");
         }
         // An adopted backend keeps its id (flows are pinned to it) and the
-        // health its datapath state implies.
+        // health its datapath state implies. One the operator keeps from new
+        // flows (down, weight 0, or drained past its drain timeout) is down
+        // there whatever its health: it starts healthy, as a new backend
+        // does, and its checks say otherwise if it is not.
         let adopted = self
             .adoptable
             .backends
             .remove(&(service, cfg.address, cfg.port))
             .filter(|(id, _)| self.backend_ids.take(*id, 1));
+        let held_out = cfg.state != Admin::Up || cfg.weight == 0;
         let (id, healthy) = match adopted {
-            Some((id, state)) => (id, state != BACKEND_DOWN || cfg.state == Admin::Down),
+            Some((id, state)) => (id, state != BACKEND_DOWN || held_out),
             None => {
                 let id = self.backend_ids.alloc(1).context("no free backend id")?;
                 writes.push(Write::ResetBackendCounters(id));
