@@ -1362,6 +1362,23 @@ mod tests {
         assert!(events.try_recv().is_err());
     }
 
+    /// `health_check.port` is where the probes go: a backend whose service
+    /// port refuses connections is up when its check port answers.
+    #[tokio::test]
+    async fn probes_go_to_the_check_port_when_one_is_set() {
+        let server = Server::start(free_port(), None).await;
+        let refusing = free_port();
+        let check = HealthCheck {
+            port: Some(server.addr.port()),
+            ..tcp_check()
+        };
+        let (checker, mut events) = spawn(vec![target("web", refusing, check, false)]);
+        wait_for(&checker, "web", refusing, |s| s.healthy).await;
+        let status = checker.status_of("web", backend(refusing)).unwrap();
+        assert_eq!(status.last_result, Some(Ok(())));
+        assert!(events.try_recv().is_ok_and(|e| e.healthy));
+    }
+
     /// Several backends (each with its own start jitter) die at once; each
     /// must be reported down once within `(fall + 1) × interval`, and up
     /// again within `(rise + 1) × interval` of its return.
