@@ -1222,6 +1222,13 @@ mod tests {
             http_probe(&[200], None, server.addr).await,
             Err("HTTP status 503, expected [200]".to_owned())
         );
+        // Only the listed statuses pass, successes included: a backend
+        // answering 200 where 204 is expected is failing.
+        let ok = Server::start(free_port(), Some(OK)).await;
+        assert_eq!(
+            http_probe(&[204], None, ok.addr).await,
+            Err("HTTP status 200, expected [204]".to_owned())
+        );
     }
 
     #[tokio::test]
