@@ -230,6 +230,9 @@ mod tests {
         // A fifth of the clients give up after their SYN.
         let lossy = history(&[(0, 0), (10, 8), (20, 16), (30, 24), (40, 32)]);
         assert_eq!(judge(&lossy, GRACE), None);
+        // Half of the 4 newest flows unanswered: not more than half.
+        let half = history(&[(0, 0), (4, 0), (8, 0), (8, 2), (8, 2)]);
+        assert_eq!(judge(&half, GRACE), None);
         // Too few flows to tell.
         let quiet = history(&[(0, 0), (1, 0), (2, 0), (3, 0)]);
         assert_eq!(judge(&quiet, GRACE), None);
