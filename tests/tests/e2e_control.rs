@@ -650,42 +650,56 @@ fn an_incompatible_pinned_map_is_reported_never_reused() {
     let ns = Netns::new(&unique_prefix("compat")).unwrap();
     let pin_dir = PathBuf::from(format!("/sys/fs/bpf/xdplb-{}", ns.name()));
     let _cleanup = RemoveOnDrop(pin_dir.clone());
-    std::fs::create_dir_all(&pin_dir).unwrap();
-    // A services map as an older format might have made it: other value size.
-    let map = pin_dir.join("xdplb_svc_v1");
-    let out = Command::new("bpftool")
-        .args(["map", "create"])
-        .arg(&map)
-        .args("type hash key 20 value 16 entries 1024 name xdplb_svc_v1".split(' '))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "bpftool: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     let config = std::env::temp_dir().join(format!("xdplb-{}.toml", ns.name()));
     let _config_cleanup = RemoveOnDrop(config.clone());
     std::fs::write(&config, "").unwrap();
-    let out = ns
-        .command(&xdplb)
-        .args(["run", "--iface", "lo", "--config"])
-        .arg(&config)
-        .arg("--pin-dir")
-        .arg(&pin_dir)
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "started over an incompatible map");
-    assert!(
-        err.contains("xdplb_svc_v1") && err.contains("incompatible") && err.contains("detach"),
-        "message: {err}"
-    );
-    let entries: Vec<_> = std::fs::read_dir(&pin_dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name())
-        .collect();
-    assert_eq!(entries.len(), 1, "nothing else pinned: {entries:?}");
+    // A services map as an older format might have made it: another value
+    // size, another capacity, another type (this build's is a hash of
+    // 20-byte keys and 32-byte values, 1024 entries).
+    for shape in [
+        "type hash key 20 value 16 entries 1024",
+        "type hash key 20 value 32 entries 512",
+        "type lru_hash key 20 value 32 entries 1024",
+    ] {
+        std::fs::create_dir_all(&pin_dir).unwrap();
+        let map = pin_dir.join("xdplb_svc_v1");
+        let out = Command::new("bpftool")
+            .args(["map", "create"])
+            .arg(&map)
+            .args(shape.split(' '))
+            .args(["name", "xdplb_svc_v1"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "bpftool: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let out = ns
+            .command(&xdplb)
+            .args(["run", "--iface", "lo", "--config"])
+            .arg(&config)
+            .arg("--pin-dir")
+            .arg(&pin_dir)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "started over a map of {shape}");
+        assert!(
+            err.contains("xdplb_svc_v1") && err.contains("incompatible") && err.contains("detach"),
+            "{shape}: message: {err}"
+        );
+        let entries: Vec<_> = std::fs::read_dir(&pin_dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(
+            entries.len(),
+            1,
+            "{shape}: nothing else pinned: {entries:?}"
+        );
+        std::fs::remove_file(&map).unwrap();
+    }
 }
 
 #[test]
