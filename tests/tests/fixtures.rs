@@ -258,11 +258,13 @@ fn fragments_and_ipv6_extension_headers_go_to_the_kernel() {
         seg.frag = frags;
         seg.frame(LB_MAC, CLIENT_MAC)
     };
-    let hop_by_hop = {
+    // An IPv6 packet whose first header after the fixed one is `next`, an
+    // 8-byte extension header (next=TCP, PadN), then TCP to the VIP.
+    let extension = |next: u8| {
         let (src, dst) = (sa("[fd00::1]:40000"), sa("[fd00:100::1]:80"));
-        let mut payload = vec![PROTO_TCP, 0, 1, 4, 0, 0, 0, 0]; // next=TCP, PadN
+        let mut payload = vec![PROTO_TCP, 0, 1, 4, 0, 0, 0, 0];
         payload.extend(Seg::probe(src, dst, PROTO_TCP).l4());
-        let ip = frame::ip_packet(src.ip(), dst.ip(), 0, 64, 0, &payload);
+        let ip = frame::ip_packet(src.ip(), dst.ip(), next, 64, 0, &payload);
         frame::frame(LB_MAC, CLIENT_MAC, &ip)
     };
     check(
@@ -270,11 +272,19 @@ fn fragments_and_ipv6_extension_headers_go_to_the_kernel() {
         [
             untouched("first fragment (MF set)", fragment(0x2000)),
             untouched("later fragment (offset 185)", fragment(185)),
-            untouched("IPv6 hop-by-hop options before TCP", hop_by_hop),
+            untouched("IPv6 hop-by-hop options before TCP", extension(0)),
         ],
     );
     assert_eq!(h.reason(Reason::PassFragment), 2);
     assert_eq!(h.reason(Reason::PassIpv6Ext), 1);
+    // Every extension header of RFC 8200 and the IANA registry is counted
+    // as one (its own reason, not "not a service").
+    for next in [43, 44, 50, 51, 60, 135, 139, 140, 253, 254] {
+        let before = h.reason(Reason::PassIpv6Ext);
+        check(&mut h, [untouched("IPv6 extension header", extension(next))]);
+        let counted = h.reason(Reason::PassIpv6Ext) - before;
+        assert_eq!(counted, 1, "next header {next}: ipv6_ext counted {counted} times");
+    }
     // A fragment with DF only is not a fragment.
     let (verdict, _) = h.run(&fragment(frame::DF));
     assert_eq!(verdict, XDP_TX, "DF-only packet is a whole packet");
