@@ -542,6 +542,30 @@ mod tests {
     }
 
     #[test]
+    fn exposes_replication_counters_summed_over_reasons_and_peers() {
+        let mut snapshot = snapshot();
+        let peer = |missed: u64| json!({"address": "10.0.0.2:7946", "missed": missed});
+        snapshot.stats["replication"] = json!({
+            "sent_flows": 11, "installed": 12, "ring_lost": 13,
+            "bad_tag": 1, "unknown_sender": 2, "malformed": 4, "stale": 8,
+            "peers": [peer(3), peer(5)]});
+        let text = encode(&snapshot);
+        for line in [
+            "xdplb_replication_sent_flows_total 11",
+            "xdplb_replication_installed_flows_total 12",
+            "xdplb_replication_ring_lost_total 13",
+            // Every kind of refusal, replays and stale messages included.
+            "xdplb_replication_refused_messages_total 15",
+            "xdplb_replication_missed_messages_total 8",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "no line {line:?} in\n{text}"
+            );
+        }
+    }
+
+    #[test]
     fn classic_format_names_counter_families_with_total() {
         let text = to_classic(&encode(&snapshot()));
         for part in [
