@@ -281,9 +281,15 @@ fn fragments_and_ipv6_extension_headers_go_to_the_kernel() {
     // as one (its own reason, not "not a service").
     for next in [43, 44, 50, 51, 60, 135, 139, 140, 253, 254] {
         let before = h.reason(Reason::PassIpv6Ext);
-        check(&mut h, [untouched("IPv6 extension header", extension(next))]);
+        check(
+            &mut h,
+            [untouched("IPv6 extension header", extension(next))],
+        );
         let counted = h.reason(Reason::PassIpv6Ext) - before;
-        assert_eq!(counted, 1, "next header {next}: ipv6_ext counted {counted} times");
+        assert_eq!(
+            counted, 1,
+            "next header {next}: ipv6_ext counted {counted} times"
+        );
     }
     // A fragment with DF only is not a fragment.
     let (verdict, _) = h.run(&fragment(frame::DF));

@@ -992,6 +992,33 @@ mod tests {
             "[fd00::1]:40000 -> [fd00::100]:80/tcp: service web, backend [fd00::11]:80 \
              (active; new flow, hash 0x00000abc, slot 17)\n"
         );
+        // Pinned to a backend Maglev no longer picks: the pick is shown.
+        let pinned = FlowView {
+            backend: "10.0.0.11:80".parse().unwrap(),
+            established: true,
+            replicated: true,
+            new_flow_backend: Some("10.0.0.12:80".parse().unwrap()),
+            slot: None,
+            nat: Some("via 10.0.0.1:32768".into()),
+            ..flow
+        };
+        let (src, dst) = (
+            "10.0.0.1:40000".parse().unwrap(),
+            "10.0.0.100:80".parse().unwrap(),
+        );
+        assert_eq!(
+            render_flow(src, dst, Protocol::Tcp, &pinned),
+            "10.0.0.1:40000 -> 10.0.0.100:80/tcp: service web, backend 10.0.0.11:80 (active; \
+             established flow, replicated from a peer, hash 0x00000abc, slot -)\n  \
+             pinned; a new flow would go to 10.0.0.12:80\n  NAT: via 10.0.0.1:32768\n"
+        );
+        // Where a new flow would go too: nothing more to say.
+        let same = FlowView {
+            new_flow_backend: Some(pinned.backend),
+            nat: None,
+            ..pinned
+        };
+        assert!(!render_flow(src, dst, Protocol::Tcp, &same).contains("pinned"));
     }
 
     #[test]
