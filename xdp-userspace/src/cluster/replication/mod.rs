@@ -540,36 +540,30 @@ impl Replicator {
             .run
             .filter(|(run, _)| *run == header.sender)
             .map(|(_, seq)| seq);
-        match header.kind {
-            Kind::Flows => {
-                if last.is_some_and(|last| header.seq <= last) {
-                    drop(peers);
-                    return self.refused(from, Refusal::Stale);
-                }
-                if let Some(last) = last.filter(|last| header.seq > last + 1) {
-                    peer.missed += header.seq - last - 1;
+        if matches!(header.kind, Kind::SyncRequest | Kind::SyncEnd) {
+            drop(peers);
+            return self.refused(from, Refusal::Wire(WireError::Malformed("TCP-only kind")));
+        }
+        match sequence(header.kind, last, header.seq) {
+            Sequence::Stale => {
+                drop(peers);
+                return self.refused(from, Refusal::Stale);
+            }
+            Sequence::Known => return,
+            Sequence::Next { missed } => {
+                if missed > 0 {
+                    peer.missed += missed;
                     let _ = resync.send(from);
                 }
                 peer.seen(header.sender, header.seq);
-                peer.received += records.len() as u64;
-                peer.lag_ms = now.saturating_sub(header.sent_ms);
-                peer.max_lag_ms = peer.max_lag_ms.max(peer.lag_ms);
-                drop(peers);
-                self.install(&records, true);
             }
-            Kind::Heartbeat => {
-                if let Some(last) = last.filter(|last| header.seq > *last) {
-                    peer.missed += header.seq - last;
-                    let _ = resync.send(from);
-                }
-                if last.is_none_or(|last| header.seq > last) {
-                    peer.seen(header.sender, header.seq);
-                }
-            }
-            Kind::SyncRequest | Kind::SyncEnd => {
-                drop(peers);
-                self.refused(from, Refusal::Wire(WireError::Malformed("TCP-only kind")));
-            }
+        }
+        if header.kind == Kind::Flows {
+            peer.received += records.len() as u64;
+            peer.lag_ms = now.saturating_sub(header.sent_ms);
+            peer.max_lag_ms = peer.max_lag_ms.max(peer.lag_ms);
+            drop(peers);
+            self.install(&records, true);
         }
     }
 
@@ -795,6 +789,36 @@ impl std::fmt::Display for Refusal {
     }
 }
 
+/// What a peer's UDP message's sequence number says, given the last one
+/// seen in the sender's current run (`None`: nothing heard of this run).
+#[derive(Debug, PartialEq, Eq)]
+enum Sequence {
+    /// A replayed, duplicated or older flow message: refused, so that a
+    /// captured message cannot re-install pins.
+    Stale,
+    /// In order, or after `missed` lost flow messages (a full copy is
+    /// pulled then); the run's last number becomes the message's.
+    Next { missed: u64 },
+    /// A heartbeat that tells nothing new.
+    Known,
+}
+
+/// See [`Sequence`]. Flow messages are numbered one after the other; a
+/// heartbeat repeats the number of its sender's last flow message.
+fn sequence(kind: Kind, last: Option<u64>, seq: u64) -> Sequence {
+    let Some(last) = last else {
+        return Sequence::Next { missed: 0 };
+    };
+    match kind {
+        Kind::Flows if seq > last => Sequence::Next {
+            missed: seq - last - 1,
+        },
+        Kind::Flows => Sequence::Stale,
+        _ if seq > last => Sequence::Next { missed: seq - last },
+        _ => Sequence::Known,
+    }
+}
+
 /// A pin of `key` to backend `id`, named by address.
 fn record(
     directory: &Directory,
@@ -973,4 +997,31 @@ fn read_frame(r: &mut impl std::io::Read) -> Result<Vec<u8>> {
     let mut msg = vec![0u8; frame_len(u32::from_be_bytes(len))?];
     r.read_exact(&mut msg)?;
     Ok(msg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sequence_numbers_show_replays_and_losses() {
+        use Kind::{Flows, Heartbeat};
+        // The first message of a run is in order, whatever its number.
+        assert_eq!(sequence(Flows, None, 7), Sequence::Next { missed: 0 });
+        assert_eq!(sequence(Heartbeat, None, 7), Sequence::Next { missed: 0 });
+        // Flow messages: the next number is in order, skipped ones were
+        // lost, and the same number again or an older one is a replay.
+        assert_eq!(sequence(Flows, Some(7), 8), Sequence::Next { missed: 0 });
+        assert_eq!(sequence(Flows, Some(7), 10), Sequence::Next { missed: 2 });
+        assert_eq!(sequence(Flows, Some(7), 7), Sequence::Stale);
+        assert_eq!(sequence(Flows, Some(7), 3), Sequence::Stale);
+        // A heartbeat repeats the last flow message's number: one beyond
+        // it shows flow messages lost.
+        assert_eq!(sequence(Heartbeat, Some(7), 7), Sequence::Known);
+        assert_eq!(sequence(Heartbeat, Some(7), 6), Sequence::Known);
+        assert_eq!(
+            sequence(Heartbeat, Some(7), 9),
+            Sequence::Next { missed: 2 }
+        );
+    }
 }
