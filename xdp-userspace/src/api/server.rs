@@ -1245,6 +1245,13 @@ mod tests {
             MAX_BODY + 1
         );
         raw(&socket, head.as_bytes(), "413 ");
+        // The largest body allowed is read, and judged on what it says
+        // (not JSON here), not on its size.
+        let largest = format!(
+            "POST /v1/services/add HTTP/1.1\r\nContent-Length: {MAX_BODY}\r\n\r\n{}",
+            "x".repeat(MAX_BODY)
+        );
+        raw(&socket, largest.as_bytes(), "400 ");
 
         // Sent too large without announcing it: cut at the limit.
         let chunk = format!("{:x}\r\n{}\r\n", MAX_BODY + 1, "x".repeat(MAX_BODY + 1));
