@@ -150,9 +150,19 @@ mod tests {
         assert_eq!(parse_holder(text, "00:27:1"), None);
     }
 
+    /// Removes the test's directory however the test ends.
+    struct RemoveDir(std::path::PathBuf);
+
+    impl Drop for RemoveDir {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir(&self.0);
+        }
+    }
+
     #[test]
     fn a_second_lock_is_refused_and_freed_with_the_first() {
         let dir = std::env::temp_dir().join(format!("xdplb-lock-{}", std::process::id()));
+        let _cleanup = RemoveDir(dir.clone());
         let first = PinDirLock::acquire(&dir).unwrap();
         // flock locks belong to the open file: a second open conflicts
         // even within one process.
@@ -166,6 +176,5 @@ mod tests {
         drop(first);
         assert_eq!(PinDirLock::holder(&dir).unwrap(), None);
         let _again = PinDirLock::acquire(&dir).unwrap();
-        fs::remove_dir(&dir).unwrap();
     }
 }
