@@ -21,13 +21,14 @@ pub const GROUP: &str = "memory";
 pub const DESCRIPTION: &str = "Memory of the control plane and of the datapath. **Daemon RSS**: \
 `VmRSS` of the real `xdplb run` process less the BPF maps it memory-maps (the Maglev array, the \
 flow-event ring: kernel memory, counted below), from `/proc/PID/smaps`, 1.5 s after it reported \
-ready, in the lb namespace of the DSR test topology (3 backends with resolvable MACs, health checks \
-`type = \"none\"`); configurations: one service with the default 65,537-slot table, one service \
-with a 251-slot table, and 100 services (ports 1000–1099 of one VIP, the same 3 backends) with \
-251-slot tables. Each configuration is started several times, alternating. **Kernel memory**: \
-`bytes_memlock` of every datapath map (`bpftool map show pinned …`), which on this kernel is the \
-map's own estimate of the memory it uses; it does not depend on the configuration (every map is \
-preallocated at its full size), and is broken down per flow-table entry and per service table.";
+ready, in the lb namespace of the DSR test topology (3 backends with resolvable MACs, health \
+checks `type = \"none\"`); configurations: one service with the default 65,537-slot table, one \
+service with a 251-slot table, and 100 services (ports 1000–1099 of one VIP, the same 3 backends) \
+with 251-slot tables. Each configuration is started several times, alternating. **Kernel \
+memory**: `bytes_memlock` of every datapath map (`bpftool map show pinned …`), which on this \
+kernel is the map's own estimate of the memory it uses; it does not depend on the configuration \
+(every map is preallocated at its full size), and is broken down per flow-table entry and per \
+service table.";
 
 const SETTLE: Duration = Duration::from_millis(1500);
 
