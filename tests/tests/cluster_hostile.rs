@@ -32,6 +32,8 @@ use xdplb::cluster::replication::wire::{self, FlowRecord, Header, Key, Kind, Tra
 use xdplb_tests::{
     bed::served,
     bin_path,
+    client::restarting,
+    cluster::wait_until,
     lb::{dsr_config, nat_config, start_backends, LongLived, Xdplb, BACKEND_PORT},
     netns::exec_line,
     require_root,
@@ -61,21 +63,13 @@ fn count(lb: &Xdplb, name: &str) -> u64 {
     replication(lb)[name].as_u64().unwrap()
 }
 
-fn wait_until(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !check() {
-        assert!(Instant::now() < deadline, "{what}: not within {timeout:?}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 /// Waits for `conn` to be closed by the far end; returns how long that
 /// took, or `None` when it was still open after `within`.
 fn closed_within(conn: &mut TcpStream, within: Duration) -> Option<Duration> {
     let started = Instant::now();
     conn.set_read_timeout(Some(within)).unwrap();
     let mut buf = [0u8; 64];
-    match conn.read(&mut buf) {
+    match restarting(|| conn.read(&mut buf)) {
         Ok(0) => Some(started.elapsed()),
         Ok(n) => panic!("the node sent {n} bytes to a refused connection"),
         Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => None,

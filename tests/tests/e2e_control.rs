@@ -309,7 +309,7 @@ fn a_reload_that_recreates_a_service_keeps_its_dead_backend_out() {
     let mut bed = bed("recreate", "tcp");
     bed.backends[0].crash().unwrap();
     // A give-up limit only: failover_and_recovery_under_load asserts the bound.
-    bed.wait_health(1, "down", Instant::now(), Duration::from_secs(5));
+    bed.wait_health(1, "down", Instant::now(), Duration::from_secs(10));
     let config = std::fs::read_to_string(bed.lb.config_path()).unwrap();
     // web4 is the file's first service.
     let tcp = "protocol = \"tcp\"\n";
@@ -330,7 +330,7 @@ fn a_reload_that_recreates_a_service_keeps_its_dead_backend_out() {
     // Its checks still bring it back once it answers.
     bed.restart_backend(1, &[]);
     // A give-up limit only: failover_and_recovery_under_load asserts the bound.
-    bed.wait_health(1, "up", Instant::now(), Duration::from_secs(5));
+    bed.wait_health(1, "up", Instant::now(), Duration::from_secs(10));
     assert_eq!(bed.backend(1)["state"], "active");
 }
 
