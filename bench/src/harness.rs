@@ -372,6 +372,32 @@ pub fn fmt_value(v: f64) -> String {
     }
 }
 
+/// The resident memory of `pid` (the sum of its mappings' `Rss` in
+/// `/proc/PID/smaps`, which is `VmRSS`) less its memory-mapped BPF maps (the
+/// Maglev array, the flow-event ring), in MiB. Those pages are the maps' own
+/// kernel memory, counted once by the memory group's "kernel" rows;
+/// mapping them adds nothing.
+pub fn rss_mib(pid: u32) -> Result<f64> {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps"))?;
+    let (mut kib, mut bpf_map) = (0.0, false);
+    for line in smaps.lines() {
+        let Some(field) = line.split_whitespace().next() else {
+            continue;
+        };
+        if !field.ends_with(':') {
+            // A mapping's header line: its address range, ..., its name.
+            bpf_map = line.ends_with("anon_inode:bpf-map");
+        } else if field == "Rss:" && !bpf_map {
+            kib += line[4..]
+                .trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse::<f64>()?;
+        }
+    }
+    Ok(kib / 1024.0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

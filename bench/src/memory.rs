@@ -14,7 +14,7 @@ use xdplb_tests::{
     topology::{Shape, Topology},
 };
 
-use crate::harness::{Figure, Opts, Section};
+use crate::harness::{self, Figure, Opts, Section};
 
 pub const GROUP: &str = "memory";
 
@@ -60,32 +60,6 @@ fn config(topo: &Topology, ports: std::ops::Range<u16>, table_size: Option<u32>)
         }
     }
     text
-}
-
-/// The resident memory of `pid` (the sum of its mappings' `Rss` in
-/// `/proc/PID/smaps`, which is `VmRSS`) less its memory-mapped BPF maps (the
-/// Maglev array, the flow-event ring), in MiB. Those pages are the maps' own
-/// kernel memory, counted once under "kernel" below; mapping them adds
-/// nothing.
-fn rss_mib(pid: u32) -> Result<f64> {
-    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps"))?;
-    let (mut kib, mut bpf_map) = (0.0, false);
-    for line in smaps.lines() {
-        let Some(field) = line.split_whitespace().next() else {
-            continue;
-        };
-        if !field.ends_with(':') {
-            // A mapping's header line: its address range, ..., its name.
-            bpf_map = line.ends_with("anon_inode:bpf-map");
-        } else if field == "Rss:" && !bpf_map {
-            kib += line[4..]
-                .trim()
-                .trim_end_matches("kB")
-                .trim()
-                .parse::<f64>()?;
-        }
-    }
-    Ok(kib / 1024.0)
 }
 
 /// One map's kernel facts, from bpftool.
@@ -170,7 +144,7 @@ pub fn run(opts: &Opts) -> Result<Section> {
                     c.services
                 );
             }
-            c.rss.push(rss_mib(lb.proc.pid())?);
+            c.rss.push(harness::rss_mib(lb.proc.pid())?);
             let m = map_memory(&lb.pin_dir)?;
             totals.push(m.iter().map(|m| m.memlock).sum::<u64>() as f64 / (1024.0 * 1024.0));
             maps.get_or_insert(m);

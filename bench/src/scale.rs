@@ -24,7 +24,7 @@ use xdplb_tests::{
     switch,
 };
 
-use crate::harness::{Figure, Opts, Section};
+use crate::harness::{self, Figure, Opts, Section};
 
 pub const GROUP: &str = "control-plane";
 
@@ -56,7 +56,8 @@ daemon sends and reads in batches, `sendmmsg` and `recvmmsg`, so it can come bel
 nonblocking connects closed with a reset (what the daemon's checks cost without `CAP_NET_RAW`, \
 and before half-open checks); **checks run** = the check SYNs that reached the backends in those \
 10 s, as a share of one per backend per second (below 100 %: the checker falls behind its \
-schedule); **rss** = its resident memory then. 3 repetitions per size (1 in `--quick`, sizes 10 \
+schedule); **rss** = its resident memory then, less the BPF maps it memory-maps (as in the \
+memory group). 3 repetitions per size (1 in `--quick`, sizes 10 \
 and 1,000 only).";
 
 /// The issue's targets at 10,000 backends.
@@ -417,18 +418,15 @@ fn thread_cpu() -> f64 {
     secs(usage.ru_utime) + secs(usage.ru_stime)
 }
 
-/// (user + system CPU seconds, resident bytes) of process `pid`, from /proc.
-fn usage(pid: u32) -> Result<(f64, u64)> {
+/// User + system CPU seconds of process `pid`, from /proc.
+fn cpu_seconds(pid: u32) -> Result<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
     // Fields after the command name (which may hold spaces).
     let rest = &stat[stat.rfind(')').context("malformed stat")? + 2..];
     let fields: Vec<&str> = rest.split(' ').collect();
     // SAFETY: sysconf with a constant name.
     let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    let cpu = (fields[11].parse::<f64>()? + fields[12].parse::<f64>()?) / ticks;
-    // SAFETY: sysconf with a constant name.
-    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as u64;
-    Ok((cpu, fields[21].parse::<u64>()? * page))
+    Ok((fields[11].parse::<f64>()? + fields[12].parse::<f64>()?) / ticks)
 }
 
 /// How long `f` took, and its result.
@@ -484,11 +482,12 @@ fn measure(opts: &Opts, backends: usize) -> Result<Sample> {
     // over after one interval (1 s); two, for a margin.
     std::thread::sleep(Duration::from_secs(2));
     bed.count_syns(&format!("10.{BACKEND_NET}.0.0/16"))?;
-    let (cpu0, _) = usage(daemon.proc.pid())?;
+    let cpu0 = cpu_seconds(daemon.proc.pid())?;
     let syns0 = bed.syns()?;
     let window = Instant::now();
     std::thread::sleep(Duration::from_secs(10));
-    let (cpu1, rss) = usage(daemon.proc.pid())?;
+    let cpu1 = cpu_seconds(daemon.proc.pid())?;
+    let rss_mib = harness::rss_mib(daemon.proc.pid())?;
     let syns = bed.syns()? - syns0;
     let seconds = window.elapsed().as_secs_f64();
     let cpu_percent = (cpu1 - cpu0) / seconds * 100.0;
@@ -557,7 +556,7 @@ fn measure(opts: &Opts, backends: usize) -> Result<Sample> {
         floor_percent,
         connect_floor_percent,
         check_rate_percent,
-        rss_mib: rss as f64 / (1 << 20) as f64,
+        rss_mib,
     })
 }
 
