@@ -11,6 +11,7 @@ use std::{
 };
 
 use xdplb_tests::{
+    bed::served,
     bin_path,
     lb::{dsr_config, dsr_config_with, start_backend, start_backends, Xdplb},
     netns::exec_line,
@@ -120,11 +121,8 @@ fn a_vip_is_announced_exactly_while_the_node_can_serve_it() {
 /// not call an announced node safe to stop.
 #[test]
 fn leave_fails_when_the_node_joins_again_while_it_waits() {
-    require_root();
     let xdplb = bin_path("xdplb").expect("xdplb binary (cargo build --bins)");
-    let topo = Topology::new(Shape::Dsr, "anj", 1).unwrap();
-    let _backends = start_backends(&topo, Path::new(TESTBACKEND)).unwrap();
-    topo.wait_reachable().unwrap();
+    let (topo, _backends) = served(Shape::Dsr, "anj", 1, &xdplb, Path::new(TESTBACKEND));
     let config = format!("[cluster]\nroute_table = 201\n\n{}", dsr_config(&topo));
     let lb = Xdplb::start(&xdplb, &topo, &config).unwrap();
     let vip4 = topo.vip4().to_string();

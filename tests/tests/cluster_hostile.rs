@@ -34,9 +34,8 @@ use xdplb_tests::{
     bin_path,
     client::restarting,
     cluster::wait_until,
-    lb::{dsr_config, nat_config, start_backends, LongLived, Xdplb, BACKEND_PORT},
+    lb::{dsr_config, nat_config, LongLived, Xdplb, BACKEND_PORT},
     netns::exec_line,
-    require_root,
     topology::{Shape, Topology},
 };
 
@@ -79,11 +78,8 @@ fn closed_within(conn: &mut TcpStream, within: Duration) -> Option<Duration> {
 
 #[test]
 fn the_full_copy_service_refuses_strangers_broken_requests_and_idle_readers() {
-    require_root();
     let xdplb = bin_path("xdplb").expect("xdplb binary (cargo build --bins)");
-    let topo = Topology::new(Shape::Dsr, "chst", 1).unwrap();
-    let _backends = start_backends(&topo, Path::new(TESTBACKEND)).unwrap();
-    topo.wait_reachable().unwrap();
+    let (topo, _backends) = served(Shape::Dsr, "chst", 1, &xdplb, Path::new(TESTBACKEND));
     let (node, peer, config) = bed(&topo);
     // Send buffers of at most 64 KiB on the node: a full copy nobody reads
     // stalls after a few frames rather than vanishing into a 4 MiB buffer.
@@ -200,11 +196,8 @@ fn the_full_copy_service_refuses_strangers_broken_requests_and_idle_readers() {
 /// it gives up once the pull's 10 s are over and starts.
 #[test]
 fn a_peer_that_trickles_a_full_copy_does_not_hold_a_starting_node() {
-    require_root();
     let xdplb = bin_path("xdplb").expect("xdplb binary (cargo build --bins)");
-    let topo = Topology::new(Shape::Dsr, "chtr", 1).unwrap();
-    let _backends = start_backends(&topo, Path::new(TESTBACKEND)).unwrap();
-    topo.wait_reachable().unwrap();
+    let (topo, _backends) = served(Shape::Dsr, "chtr", 1, &xdplb, Path::new(TESTBACKEND));
     let (_, peer, config) = bed(&topo);
     // Bound in the client's namespace, where it stays; served from here.
     let listener = topo.client().run(|| TcpListener::bind(peer).unwrap());
@@ -239,11 +232,8 @@ fn a_peer_that_trickles_a_full_copy_does_not_hold_a_starting_node() {
 /// message older than 30 s: nothing of it is installed.
 #[test]
 fn an_old_full_copy_played_back_is_refused() {
-    require_root();
     let xdplb = bin_path("xdplb").expect("xdplb binary (cargo build --bins)");
-    let topo = Topology::new(Shape::Dsr, "chpb", 1).unwrap();
-    let _backends = start_backends(&topo, Path::new(TESTBACKEND)).unwrap();
-    topo.wait_reachable().unwrap();
+    let (topo, _backends) = served(Shape::Dsr, "chpb", 1, &xdplb, Path::new(TESTBACKEND));
     let (_, peer, config) = bed(&topo);
     let key = Key::new(KEY.as_bytes());
     let record = FlowRecord {
@@ -298,11 +288,8 @@ fn an_old_full_copy_played_back_is_refused() {
 /// messages could be replayed, alternately.
 #[test]
 fn a_restarted_peers_old_messages_are_not_believed_again() {
-    require_root();
     let xdplb = bin_path("xdplb").expect("xdplb binary (cargo build --bins)");
-    let topo = Topology::new(Shape::Dsr, "chrp", 1).unwrap();
-    let _backends = start_backends(&topo, Path::new(TESTBACKEND)).unwrap();
-    topo.wait_reachable().unwrap();
+    let (topo, _backends) = served(Shape::Dsr, "chrp", 1, &xdplb, Path::new(TESTBACKEND));
     let (node, peer, config) = bed(&topo);
     let lb = Xdplb::start(&xdplb, &topo, &config).unwrap();
     let key = Key::new(KEY.as_bytes());
@@ -353,7 +340,6 @@ fn a_restarted_peers_old_messages_are_not_believed_again() {
 /// translation stays, and its connection keeps working.
 #[test]
 fn a_peers_record_never_turns_this_nodes_nat_replies_to_another_client() {
-    require_root();
     let xdplb = bin_path("xdplb").expect("xdplb binary (cargo build --bins)");
     let (topo, _backends) = served(Shape::NatOneArm, "chnt", 1, &xdplb, Path::new(TESTBACKEND));
     let (node, peer, config) = bed_with(&topo, &nat_config(&topo, ""));
