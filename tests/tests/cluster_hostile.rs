@@ -12,7 +12,8 @@
 //! - A peer that trickles a full copy does not hold a starting node (which
 //!   pulls before it announces) for ever.
 //! - A restarted peer's messages from before the restart, replayed, are
-//!   refused as stale, and so is an old full copy played back.
+//!   refused as stale, and so is an old full copy played back; a full
+//!   copy under another key is refused and counted.
 //! - A peer's NAT record never takes over the replies of a translation
 //!   this node made.
 
@@ -232,18 +233,44 @@ fn a_peer_that_trickles_a_full_copy_does_not_hold_a_starting_node() {
 /// message older than 30 s: nothing of it is installed.
 #[test]
 fn an_old_full_copy_played_back_is_refused() {
+    let hour_ago = now_ms() - 3_600_000;
+    full_copy_is_refused(
+        "chpb",
+        &Key::new(KEY.as_bytes()),
+        hour_ago,
+        "stale",
+        "a stale full copy",
+    );
+}
+
+/// A full copy signed with another key (a node of another cluster, or a
+/// forger) is refused and counted like any other message with a bad tag.
+#[test]
+fn a_full_copy_under_another_key_is_refused_and_counted() {
+    let other = Key::new(b"another cluster's key, 32 bytes!");
+    full_copy_is_refused(
+        "chfk",
+        &other,
+        now_ms(),
+        "bad_tag",
+        "bad authentication tag",
+    );
+}
+
+/// Plays the peer: answers the starting node's pull with a one-pin copy
+/// signed with `key` and sent at `sent_ms`, and checks that the node
+/// installed nothing, counted the copy under `counter` and logged `why`.
+fn full_copy_is_refused(name: &str, key: &Key, sent_ms: u64, counter: &str, why: &str) {
     let xdplb = bin_path("xdplb").expect("xdplb binary (cargo build --bins)");
-    let (topo, _backends) = served(Shape::Dsr, "chpb", 1, &xdplb, Path::new(TESTBACKEND));
+    let (topo, _backends) = served(Shape::Dsr, name, 1, &xdplb, Path::new(TESTBACKEND));
     let (_, peer, config) = bed(&topo);
-    let key = Key::new(KEY.as_bytes());
     let record = FlowRecord {
         service: (topo.vip(false), 80, 6),
         client: "198.18.0.1:40000".parse().unwrap(),
         backend: SocketAddr::new(topo.backend_addr(1, false), 80),
         nat: None,
     };
-    // Recorded an hour ago: one pin, then the end of the copy.
-    let hour_ago = now_ms() - 3_600_000;
+    // One pin, then the end of the copy.
     let recorded: Vec<u8> = [(Kind::Flows, 0, vec![record]), (Kind::SyncEnd, 1, vec![])]
         .into_iter()
         .flat_map(|(kind, seq, records)| {
@@ -251,9 +278,9 @@ fn an_old_full_copy_played_back_is_refused() {
                 kind,
                 sender: 5,
                 seq,
-                sent_ms: hour_ago,
+                sent_ms,
             };
-            let msg = wire::encode(&key, &header, &records);
+            let msg = wire::encode(key, &header, &records);
             let mut frame = (msg.len() as u32).to_be_bytes().to_vec();
             frame.extend_from_slice(&msg);
             frame
@@ -273,13 +300,13 @@ fn an_old_full_copy_played_back_is_refused() {
     player.join().unwrap();
     let r = replication(&lb);
     assert_eq!(r["installed"], 0, "{r}");
-    assert_eq!(r["stale"], 1, "{r}");
+    assert_eq!(r[counter], 1, "{r}");
     let flow = lb
         .flow(record.client, SocketAddr::new(topo.vip(false), 80))
         .unwrap();
     assert_eq!(flow["established"], false, "{flow}");
     let log = lb.proc.output_text();
-    assert!(log.contains("no full copy: a stale full copy"), "{log}");
+    assert!(log.contains(&format!("no full copy: {why}")), "{log}");
 }
 
 /// A peer's messages replayed after it restarted (within the 30 s their

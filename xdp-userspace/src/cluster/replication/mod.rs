@@ -294,7 +294,8 @@ impl Replicator {
         let (mut flows, mut installed) = (0u64, 0u64);
         loop {
             let frame = read_frame(&mut stream)?;
-            let (header, records) = wire::decode(&self.shared.key, &frame)?;
+            let (header, records) = wire::decode(&self.shared.key, &frame)
+                .inspect_err(|e| self.refused(peer, Refusal::Wire(e.clone())))?;
             // As old a limit as for any message: a copy recorded once and
             // played back later by whoever answers at the peer's address
             // carries a valid tag too.
@@ -969,24 +970,35 @@ fn frame_len(announced: u32) -> Result<usize> {
 }
 
 /// A full copy's stream as the puller reads it: each read waits at most
-/// for the time left before the copy's deadline (and 5 s). A timeout per
-/// read alone let a peer that trickles a byte every few seconds stretch a
-/// pull for ever, and a starting node pulls before it announces anything.
+/// for the time left before the copy's deadline (and [`READ_TIMEOUT`]). A
+/// timeout per read alone let a peer that trickles a byte every few seconds
+/// stretch a pull for ever, and a starting node pulls before it announces
+/// anything.
 struct Deadlined {
     stream: TcpStream,
     deadline: Instant,
 }
 
+/// The longest a puller waits for a peer's next bytes.
+const READ_TIMEOUT: Duration = Duration::from_secs(5);
+
 impl std::io::Read for Deadlined {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         let left = self.deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            let why = format!("took longer than {PULL_TIMEOUT:?}");
-            return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, why));
+        if !left.is_zero() {
+            self.stream.set_read_timeout(Some(left.min(READ_TIMEOUT)))?;
+            match self.stream.read(buf) {
+                // A read that timed out says EAGAIN: say which limit ran out.
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                read => return read,
+            }
         }
-        self.stream
-            .set_read_timeout(Some(left.min(Duration::from_secs(5))))?;
-        self.stream.read(buf)
+        let why = if Instant::now() >= self.deadline {
+            format!("took longer than {PULL_TIMEOUT:?}")
+        } else {
+            format!("the peer sent nothing for {READ_TIMEOUT:?}")
+        };
+        Err(std::io::Error::new(std::io::ErrorKind::TimedOut, why))
     }
 }
 
@@ -1023,5 +1035,23 @@ mod tests {
             sequence(Heartbeat, Some(7), 9),
             Sequence::Next { missed: 2 }
         );
+    }
+
+    /// A pull whose deadline passes while a read waits says so: the read's
+    /// own timeout reports only EAGAIN ("Resource temporarily unavailable").
+    #[test]
+    fn a_pull_past_its_deadline_says_so() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let stream = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let _silent_peer = listener.accept().unwrap();
+        let mut stream = Deadlined {
+            stream,
+            deadline: Instant::now() + Duration::from_millis(100),
+        };
+        let e = read_frame(&mut stream).unwrap_err();
+        assert_eq!(e.to_string(), "took longer than 10s");
+        // Once past it, no read waits at all.
+        let e = read_frame(&mut stream).unwrap_err();
+        assert_eq!(e.to_string(), "took longer than 10s");
     }
 }

@@ -98,7 +98,7 @@ pub struct Translation {
 }
 
 /// Why a message was refused.
-#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum WireError {
     #[error("bad authentication tag (a different shared key?)")]
     BadTag,
