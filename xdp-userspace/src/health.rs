@@ -1283,8 +1283,10 @@ mod tests {
     const INTERVAL: Duration = Duration::from_millis(100);
     const RISE: u32 = 2;
     const FALL: u32 = 3;
-    /// Allowance for scheduling on a loaded test machine.
-    const SLACK: Duration = Duration::from_millis(50);
+    /// Allowance for scheduling on a loaded test machine: the 1 s the
+    /// end-to-end tests keep too (`SCHEDULING_MARGIN` in the test kit).
+    /// 50 ms failed once with the load average at 7 on 2 CPUs.
+    const SLACK: Duration = Duration::from_secs(1);
 
     fn tcp_check() -> HealthCheck {
         HealthCheck {
