@@ -507,6 +507,13 @@ fn replies_matching_no_flow_pass_untouched() {
     let ack = |from: &str| from_backend(&Seg::tcp(sa(from), to_port, frame::ACK, b"x"), 0);
     let ssh = Seg::tcp(sa("10.0.1.11:50000"), sa("10.0.1.1:22"), frame::SYN, b"");
     let echo = frame::icmp_message(ip(BACKEND4), ip(SNAT4), 8, 0, [0, 1, 0, 1], &[]);
+    // The IPv4 reply's addresses written as IPv6 (`::ffff:a.b.c.d`): the
+    // datapath's keys store IPv4 that way, but no IPv4 flow is IPv6.
+    let mapped = |a: SocketAddr| match a.ip() {
+        IpAddr::V4(v4) => SocketAddr::new(v4.to_ipv6_mapped().into(), a.port()),
+        IpAddr::V6(_) => a,
+    };
+    let mapped_reply = Seg::tcp(mapped(f.backend), mapped(to_port), frame::ACK, b"x");
     let cases = [
         (
             "reply to a port with no translation",
@@ -532,6 +539,10 @@ fn replies_matching_no_flow_pass_untouched() {
         (
             "IPv6 reply to a port with no translation",
             from_backend(&backend_seg(&flows[2], 20000, frame::ACK, b"x"), 2),
+        ),
+        (
+            "IPv6 in the IPv4-mapped form of a translated reply",
+            from_backend(&mapped_reply, 0),
         ),
     ];
     for (what, input) in &cases {

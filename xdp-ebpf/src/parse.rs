@@ -101,6 +101,14 @@ impl Packet {
     }
 }
 
+/// Whether `addr` (key words) is IPv4-mapped. Word by word: a slice
+/// comparison would be a `bcmp` call, which BPF has not.
+#[inline(always)]
+fn v4_mapped(addr: &[u32; 4]) -> bool {
+    let [a0, a1, a2] = V4_MAPPED_PREFIX;
+    addr[0] == a0 && addr[1] == a1 && addr[2] == a2
+}
+
 /// Parses Ethernet (with at most one VLAN tag), IPv4 or IPv6, then the
 /// TCP/UDP ports. `Err` carries the reason the packet is left to the kernel.
 #[inline(always)]
@@ -156,6 +164,13 @@ pub fn parse(ctx: &XdpContext) -> Result<Packet, Reason> {
             }
             words(&ip.src_addr, &mut key.src, 0);
             words(&ip.dst_addr, &mut key.dst, 0);
+            // Keys hold IPv4 as `::ffff:a.b.c.d`, so an IPv6 packet naming
+            // such an address (never valid on the wire, RFC 4291 2.5.5.2)
+            // would match IPv4 services, flows, NAT translations and
+            // per-source limits, and be rewritten as IPv4 traffic.
+            if v4_mapped(&key.src) || v4_mapped(&key.dst) {
+                return Err(Reason::PassNotService);
+            }
             l3 + Ipv6Hdr::LEN
         }
         _ => return Err(Reason::PassNotIp),
