@@ -183,13 +183,14 @@ fn service_traffic_is_forwarded_with_only_macs_rewritten() {
 /// Traffic to no service, none of it 802.1Q-tagged: (what, source,
 /// destination, protocol).
 #[rustfmt::skip]
-const NOT_A_SERVICE: [(&str, &str, &str, u8); 6] = [
+const NOT_A_SERVICE: [(&str, &str, &str, u8); 7] = [
     ("TCP to another address (the host's own SSH)", "10.0.0.1:40000", "10.0.0.2:22", PROTO_TCP),
     ("TCP to the VIP on a port without service", "10.0.0.1:40000", "10.0.100.1:443", PROTO_TCP),
     ("UDP to a TCP service's VIP:port", "10.0.0.1:40000", "10.0.100.1:80", PROTO_UDP),
     ("TCP to a UDP service's VIP:port", "[fd00::1]:40000", "[fd00:100::1]:53", PROTO_TCP),
     ("IPv6 to another address", "[fd00::1]:40000", "[fd00::2]:80", PROTO_TCP),
     ("IPv6 to the IPv4 VIP's mapped form", "[fd00::1]:40000", "[::ffff:10.0.100.1]:80", PROTO_TCP),
+    ("IPv6 from an IPv4-mapped source", "[::ffff:10.0.0.1]:40000", "[fd00:100::1]:80", PROTO_TCP),
 ];
 
 #[test]
@@ -213,7 +214,7 @@ fn traffic_not_for_a_service_passes_unchanged() {
         untouched("ARP", arp),
     ];
     check(&mut h, cases.into_iter().chain(others));
-    assert_eq!(h.reason(Reason::PassNotService), 7);
+    assert_eq!(h.reason(Reason::PassNotService), 8);
     assert_eq!(h.reason(Reason::PassNotIp), 1);
     assert_eq!(h.reason(Reason::Tx), 0);
 }
