@@ -786,6 +786,17 @@ impl Config {
 // ---------------------------------------------------------------------------
 // Validation.
 
+/// Why `addr` must be written otherwise, if it is IPv4-mapped: the
+/// datapath and the replication wire store IPv4 as IPv4-mapped IPv6, so
+/// `::ffff:a.b.c.d` would silently alias the IPv4 address.
+pub(crate) fn ipv4_mapped(addr: IpAddr) -> Option<String> {
+    let IpAddr::V6(a) = addr else {
+        return None;
+    };
+    let v4 = a.to_ipv4_mapped()?;
+    Some(format!("{addr} is IPv4-mapped: write it as {v4}"))
+}
+
 struct Validator<'a> {
     origin: &'a str,
 }
@@ -1233,12 +1244,8 @@ impl Validator<'_> {
         if addr.is_loopback() {
             return self.fail(field, format!("{addr} is a loopback address"));
         }
-        // The datapath stores IPv4 as IPv4-mapped IPv6, so `::ffff:a.b.c.d`
-        // would silently alias the IPv4 address.
-        if let IpAddr::V6(a) = addr {
-            if let Some(v4) = a.to_ipv4_mapped() {
-                return self.fail(field, format!("{addr} is IPv4-mapped: write it as {v4}"));
-            }
+        if let Some(problem) = ipv4_mapped(addr) {
+            return self.fail(field, problem);
         }
         Ok(addr)
     }

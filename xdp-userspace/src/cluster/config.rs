@@ -21,6 +21,7 @@ use std::net::{IpAddr, SocketAddr};
 use serde::{Deserialize, Serialize, Serializer};
 
 use super::macs::{parse_mac, show, Mac};
+use crate::config::ipv4_mapped;
 
 /// Kernel routing tables xdplb must not take over: unspec, default, main
 /// and local.
@@ -136,9 +137,13 @@ impl RawCluster {
         let mut peer_snat_addresses = Vec::new();
         for (i, p) in self.peer.iter().enumerate() {
             for (j, a) in p.snat_addresses.iter().enumerate() {
+                let field = || format!("cluster.peer[{i}].snat_addresses[{j}]");
+                if let Some(problem) = ipv4_mapped(*a) {
+                    return Err((field(), problem));
+                }
                 if peer_snat_addresses.contains(a) {
                     return Err((
-                        format!("cluster.peer[{i}].snat_addresses[{j}]"),
+                        field(),
                         format!("{a} is listed twice; each node has SNAT addresses of its own"),
                     ));
                 }
@@ -193,11 +198,33 @@ impl RawCluster {
                 format!("{listen}: give this node's own address, which its peers send to"),
             );
         }
+        if let Some(problem) = ipv4_mapped(listen.ip()) {
+            return fail("replication_listen", problem);
+        }
+        let family = |a: SocketAddr| if a.is_ipv4() { "IPv4" } else { "IPv6" };
         let mut peers = Vec::with_capacity(self.peer.len());
         for (i, p) in self.peer.iter().enumerate() {
+            let field = format!("peer[{i}].address");
+            if let Some(problem) = ipv4_mapped(p.address.ip()) {
+                return fail(&field, problem);
+            }
+            // Updates go out of the socket bound to `listen`, and peers
+            // answer to it: one of the other family can never be reached.
+            if p.address.is_ipv4() != listen.is_ipv4() {
+                return fail(
+                    &field,
+                    format!(
+                        "{} is {} but replication_listen {listen} is {}: peers are reached \
+                         from that address, so they must be of its family",
+                        p.address,
+                        family(p.address),
+                        family(listen)
+                    ),
+                );
+            }
             if p.address == listen || peers.contains(&p.address) {
                 return fail(
-                    &format!("peer[{i}].address"),
+                    &field,
                     format!("{} is listed twice (or is this node's own)", p.address),
                 );
             }
@@ -238,6 +265,12 @@ mod tests {
         assert_eq!(r.peers, ["10.0.0.2:4700".parse().unwrap()]);
         assert_eq!(r.key, "0123456789abcdef");
         assert!(c.cluster.peer_snat_addresses.is_empty());
+        let v6 = REPLICATING
+            .replace("10.0.0.1:", "[fd00::1]:")
+            .replace("10.0.0.2:", "[fd00::2]:");
+        let r = parse(&v6).unwrap().cluster.replicating().unwrap().clone();
+        assert_eq!(r.listen, "[fd00::1]:4700".parse().unwrap(), "IPv6 peers");
+        assert_eq!(r.peers, ["[fd00::2]:4700".parse().unwrap()]);
         let c = parse(&format!("{REPLICATING}\nsnat_addresses = [\"10.0.200.2\"]")).unwrap();
         assert_eq!(
             c.cluster.peer_snat_addresses,
@@ -283,6 +316,32 @@ mod tests {
                 "replication_listen = \"10.0.0.1:1\"\nreplication_key = \"0123456789abcdef\"\n\
                  [[cluster.peer]]\naddress = \"10.0.0.1:1\"",
                 "cluster.peer[0].address: 10.0.0.1:1 is listed twice",
+            ),
+            (
+                "replication_listen = \"[fd00::1]:1\"\nreplication_key = \"0123456789abcdef\"\n\
+                 [[cluster.peer]]\naddress = \"10.0.0.2:1\"",
+                "cluster.peer[0].address: 10.0.0.2:1 is IPv4 but replication_listen \
+                 [fd00::1]:1 is IPv6",
+            ),
+            (
+                "replication_listen = \"10.0.0.1:1\"\nreplication_key = \"0123456789abcdef\"\n\
+                 [[cluster.peer]]\naddress = \"[fd00::2]:1\"",
+                "cluster.peer[0].address: [fd00::2]:1 is IPv6 but replication_listen",
+            ),
+            (
+                "replication_listen = \"10.0.0.1:1\"\nreplication_key = \"0123456789abcdef\"\n\
+                 [[cluster.peer]]\naddress = \"[::ffff:10.0.0.2]:1\"",
+                "cluster.peer[0].address: ::ffff:10.0.0.2 is IPv4-mapped: write it as 10.0.0.2",
+            ),
+            (
+                "replication_listen = \"[::ffff:10.0.0.1]:1\"\n\
+                 replication_key = \"0123456789abcdef\"\n\
+                 [[cluster.peer]]\naddress = \"[fd00::2]:1\"",
+                "cluster.replication_listen: ::ffff:10.0.0.1 is IPv4-mapped",
+            ),
+            (
+                &format!("{REPLICATING}\nsnat_addresses = [\"::ffff:10.9.9.9\"]"),
+                "cluster.peer[0].snat_addresses[0]: ::ffff:10.9.9.9 is IPv4-mapped",
             ),
             (
                 "replication_listen = \"10.0.0.1:1\"\nreplication_key = \"0123456789abcdef\"\n\
