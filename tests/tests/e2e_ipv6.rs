@@ -17,7 +17,10 @@ use xdplb_tests::{
     assert_within,
     bed::{served, Bed},
     bin_path,
-    lb::{dsr_config_with, failed_between, nat_config, served_after, start_backend, Load, Xdplb},
+    lb::{
+        dsr_config_with, failed_between, nat_config, served_after, start_backend, Load, Xdplb,
+        BACKEND_PORT,
+    },
     netns::exec_line,
     proc::Proc,
     topology::{Shape, Topology},
@@ -113,6 +116,21 @@ impl Web6<'_> {
         }
     }
 
+    /// One request from the client's `port`, then `xdplb flow` for that
+    /// IPv6 client: it names the backend that answered, established.
+    /// Returns the answer.
+    fn assert_flow_named(&self, port: u16, backend_port: u16) -> serde_json::Value {
+        let tally = requests(self.topo.client(), self.vip(), port..port + 1);
+        let name = tally.served.keys().next().expect("answered").clone();
+        let i: usize = name[1..].parse().unwrap();
+        let src = SocketAddr::new(self.topo.client_addr(true), port);
+        let answer = self.lb.flow(src, self.vip()).unwrap();
+        let want = SocketAddr::new(self.topo.backend_addr(i, true), backend_port);
+        assert_eq!(answer["backend"], want.to_string(), "{answer}");
+        assert_eq!(answer["established"], true, "{answer}");
+        answer
+    }
+
     /// Kills b1's server under steady load on the VIP, then starts it
     /// again. Asserts what the IPv4 failover tests do: b1 goes down within
     /// `promised` (plus the kit's margin); no request started well before
@@ -196,18 +214,8 @@ fn dsr_balances_and_fails_over_an_ipv6_service() {
         interval: FAST,
     };
     web6.assert_balanced(30000);
-
-    // `xdplb flow` for an IPv6 client names the backend that served it.
-    let port = 30500;
-    let tally = requests(web6.topo.client(), web6.vip(), port..port + 1);
-    let name = tally.served.keys().next().expect("answered").clone();
-    let i: usize = name[1..].parse().unwrap();
-    let src = SocketAddr::new(web6.topo.client_addr(true), port);
-    let answer = web6.lb.flow(src, web6.vip()).unwrap();
-    let want = SocketAddr::new(web6.topo.backend_addr(i, true), 80);
-    assert_eq!(answer["backend"], want.to_string(), "{answer}");
-    assert_eq!(answer["established"], true, "{answer}");
-
+    let answer = web6.assert_flow_named(30500, 80);
+    assert_eq!(answer["nat"], serde_json::Value::Null, "{answer}");
     web6.fail_over_and_recover("DSR IPv6 failover", FAST * FALL + FAST);
 }
 
@@ -224,7 +232,14 @@ fn nat_balances_and_fails_over_ipv6_in_both_shapes() {
         web6.assert_balanced(30000);
         // The backend sees the SNAT address; the client, the VIP.
         let (_, seen) = peer(web6.topo.client(), web6.vip()).unwrap();
-        assert_eq!(seen.ip(), web6.topo.snat_addr(true), "{shape:?}");
+        let snat = web6.topo.snat_addr(true);
+        assert_eq!(seen.ip(), snat, "{shape:?}");
+        let answer = web6.assert_flow_named(30500, BACKEND_PORT);
+        let nat = answer["nat"].as_str().unwrap_or_default();
+        assert!(
+            nat.contains(&format!("translated to [{snat}]:")),
+            "{answer}"
+        );
         let what = format!("NAT {shape:?} IPv6 failover");
         web6.fail_over_and_recover(&what, FAST * FALL + FAST);
     }
