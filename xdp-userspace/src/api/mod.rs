@@ -313,11 +313,8 @@ pub struct Done {
 /// as IPv4-mapped IPv6, so `::ffff:a.b.c.d` would alias the IPv4 address).
 pub fn check_flow(src: SocketAddr, dst: SocketAddr) -> Result<(), ApiError> {
     for addr in [src.ip(), dst.ip()] {
-        let v4 = addr.to_canonical();
-        if v4 != addr {
-            return Err(ApiError::bad_request(format!(
-                "{addr} is IPv4-mapped: write it as {v4}"
-            )));
+        if let Some(problem) = crate::config::ipv4_mapped(addr) {
+            return Err(ApiError::bad_request(problem));
         }
     }
     if src.is_ipv4() != dst.is_ipv4() {
