@@ -197,6 +197,29 @@ fn input_the_daemon_cannot_mean_is_refused() {
         std::thread::sleep(Duration::from_millis(20));
     }
     assert_eq!(removals(), 1, "{}", bed.lb.proc.output_text());
+
+    // A NAT service's backend named by its address alone: the one on the
+    // service's port, or else the only one at that address; of several,
+    // the port must be given.
+    let b2 = bed.addr(2).to_string();
+    bed.lb
+        .cli_line("service add --name=ports --vip=10.77.0.253 --port=81 --protocol=tcp --mode=nat")
+        .unwrap();
+    for (addr, port) in [(&b1, "8080"), (&b1, "8081"), (&b2, "8080")] {
+        let add = ["backend", "add", "ports", addr, "--port", port];
+        bed.lb.cli(&add).unwrap();
+    }
+    let out = bed.lb.cli(&["backend", "drain", "ports", &b2]).unwrap();
+    assert!(out.contains(&format!("backend {b2}:8080 of")), "{out}");
+    let err = bed.lb.cli(&["backend", "drain", "ports", &b1]).unwrap_err();
+    assert!(
+        format!("{err:#}").contains(&format!("several backends at {b1} (ports 8080, 8081)")),
+        "{err:#}"
+    );
+    let out = bed
+        .lb
+        .cli(&["backend", "drain", "ports", &b1, "--port", "8081"]);
+    assert!(out.unwrap().contains(&format!("backend {b1}:8081 of")));
 }
 
 /// `xdplb service list --json` without what health checks change on their

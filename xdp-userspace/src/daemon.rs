@@ -452,21 +452,35 @@ fn service_config<'a>(config: &'a Config, name: &str) -> Result<&'a ServiceConfi
         .ok_or_else(|| ApiError::not_found(format!("no service named {name:?}")))
 }
 
-/// The configured backend `r` names, as `address:port`.
+/// The configured backend `r` names, as `address:port`. Without a port:
+/// the backend on the service's port, or else the only one at that address
+/// (NAT backends often listen on another port than the VIP's).
 fn backend_ref(config: &Config, r: &BackendRef) -> Result<SocketAddr, ApiError> {
     let svc = service_config(config, &r.service)?;
-    let addr = SocketAddr::new(r.address, r.port.unwrap_or(svc.port));
-    if !svc
+    let at_address: Vec<SocketAddr> = svc
         .backends
         .iter()
-        .any(|b| SocketAddr::new(b.address, b.port) == addr)
-    {
-        return Err(ApiError::not_found(format!(
-            "service {:?} has no backend {addr}",
+        .map(|b| SocketAddr::new(b.address, b.port))
+        .filter(|a| a.ip() == r.address)
+        .collect();
+    let wanted = SocketAddr::new(r.address, r.port.unwrap_or(svc.port));
+    match at_address[..] {
+        _ if at_address.contains(&wanted) => Ok(wanted),
+        [only] if r.port.is_none() => Ok(only),
+        [_, _, ..] if r.port.is_none() => {
+            let ports: Vec<String> = at_address.iter().map(|a| a.port().to_string()).collect();
+            Err(ApiError::not_found(format!(
+                "service {:?} has several backends at {} (ports {}): give the port",
+                r.service,
+                r.address,
+                ports.join(", ")
+            )))
+        }
+        _ => Err(ApiError::not_found(format!(
+            "service {:?} has no backend {wanted}",
             r.service
-        )));
+        ))),
     }
-    Ok(addr)
 }
 
 impl api::Handler for Daemon {

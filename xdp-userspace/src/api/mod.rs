@@ -78,7 +78,7 @@ pub struct BackendRef {
     /// The backend's address.
     pub address: IpAddr,
     /// The backend's port, when the service has several backends on one
-    /// address [default: the service's].
+    /// address [default: the service's, or the only one at the address].
     #[arg(long)]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub port: Option<u16>,
