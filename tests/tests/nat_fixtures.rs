@@ -22,8 +22,8 @@ use std::{
 
 use xdp_common::{
     Backend, NatFwd, NatRev, Reason, SnatPool, BACKEND_ACTIVE, BACKEND_DOWN, NAT_F_ANSWERED,
-    NAT_F_CLOSING, NAT_F_REFUSED, NAT_F_REPLICATED, NAT_RECLAIM_WINDOW_S, NAT_SWEEP_MARGIN_S,
-    NAT_UNANSWERED_TIMEOUT_S, PROTO_TCP, PROTO_UDP, SVC_F_NAT_RETRY,
+    NAT_F_CLOSING, NAT_F_REFUSED, NAT_F_REPLICATED, NAT_F_SEQ, NAT_RECLAIM_WINDOW_S,
+    NAT_SWEEP_MARGIN_S, NAT_UNANSWERED_TIMEOUT_S, PROTO_TCP, PROTO_UDP, SVC_F_NAT_RETRY,
 };
 use xdplb::{addr, dataplane::monotonic_coarse_ns};
 use xdplb_tests::{
@@ -375,10 +375,18 @@ fn tcp_and_udp_are_translated_both_ways_over_ipv4_and_ipv6() {
         );
 
         // Both table entries, field by field.
-        // Unanswered so far: the short timeout.
+        // Unanswered so far: the short timeout. A TCP side's sequence
+        // numbers are tracked from its first segment.
+        let (tracked, client_seq) = if f.proto == PROTO_TCP {
+            (NAT_F_SEQ, client_seg(&f, frame::SYN, b"").seq)
+        } else {
+            (0, 0)
+        };
         let unanswered = (0, NAT_UNANSWERED_TIMEOUT_S);
         let fwd = h.fwd(f.client, f.vip, f.proto).unwrap();
-        assert_eq!((fwd.flags, fwd.timeout_s), unanswered, "{what}: {fwd:?}");
+        let client_side = (fwd.flags, fwd.timeout_s, fwd.seq);
+        let expected = (tracked, NAT_UNANSWERED_TIMEOUT_S, client_seq);
+        assert_eq!(client_side, expected, "{what}: {fwd:?}");
         assert!(fwd.last_seen_ns > 0, "{what}: {fwd:?}");
         let snat = SocketAddr::new(f.snat, port);
         let rev = h
@@ -409,7 +417,7 @@ fn tcp_and_udp_are_translated_both_ways_over_ipv4_and_ipv6() {
         };
         assert_eq!(
             [(fwd.flags, fwd.timeout_s), (rev.flags, rev.timeout_s)],
-            [(NAT_F_ANSWERED, timeout); 2],
+            [(NAT_F_ANSWERED | tracked, timeout); 2],
             "{what}: answered"
         );
 
@@ -609,6 +617,62 @@ fn fin_and_rst_mark_flows_closing() {
             "{}: client RST: {fwd:?}",
             k.what
         );
+    }
+}
+
+/// A FIN or RST far from its sender's sequence numbers is a stranger's
+/// (spoofing a client's, or a backend's, 5-tuple blindly): it must not
+/// mark the flow closing, or one spoofed segment per guessed client port
+/// would cut every connection of that client idle for longer than
+/// `tcp_closing_timeout`. It is still forwarded (the endpoint answers it
+/// itself, RFC 5961), and so is a stray data segment, which must not move
+/// the tracked sequence next to the stray FIN or RST either. The sender's
+/// own FIN or RST closes, also across the sequence numbers' wrap.
+#[test]
+fn a_fin_or_rst_out_of_its_senders_window_does_not_close_a_flow() {
+    let mut h = Harness::standard();
+    let flows = standard_flows();
+    // Half the sequence space away: as far as a blind guess can be.
+    let at = |seg: Seg, seq: u32| Seg { seq, ..seg };
+    let far = |seg: Seg| Seg {
+        seq: seg.seq.wrapping_add(0x8000_0000),
+        ..seg
+    };
+    let mut client_port = 41000;
+    for f in [&flows[0], &flows[2]] {
+        for flags in [frame::RST, frame::RST | frame::ACK, frame::FIN | frame::ACK] {
+            for isn in [0x1234_5678, 0xffff_ff00] {
+                client_port += 1;
+                let f = f.with_client_port(client_port);
+                let what = format!("{}, flags {flags:#04x}, ISN {isn:#x}", f.what);
+                let syn = at(client_seg(&f, frame::SYN, b""), isn);
+                let port = h.forward(&what, &syn, &f);
+                h.backend_sends(&what, &f, port, frame::SYN | frame::ACK, b"");
+                let data = at(client_seg(&f, frame::ACK, &[7; 0x1ff]), isn + 1);
+                h.forward(&what, &data, &f);
+                h.forward(&what, &far(data.clone()), &f);
+                h.forward(&what, &far(at(client_seg(&f, flags, b""), isn)), &f);
+                let ack = backend_seg(&f, port, frame::ACK, b"");
+                h.reverse(&what, &far(ack), &f);
+                h.reverse(&what, &far(backend_seg(&f, port, flags, b"")), &f);
+                let snat = SocketAddr::new(f.snat, port);
+                let states = |h: &Harness| {
+                    let fwd = h.fwd(f.client, f.vip, f.proto).unwrap();
+                    let rev = h.rev(f.backend, snat, f.proto).unwrap();
+                    let closing = |flags: u16| flags & NAT_F_CLOSING;
+                    [
+                        (closing(fwd.flags), fwd.timeout_s),
+                        (closing(rev.flags), rev.timeout_s),
+                    ]
+                };
+                let open = (0, DEFAULT_TIMEOUTS.tcp);
+                assert_eq!(states(&h), [open; 2], "{what}: strays left the flow open");
+                let own = at(client_seg(&f, flags, b""), isn.wrapping_add(0x200));
+                h.forward(&what, &own, &f);
+                let closing = (NAT_F_CLOSING, DEFAULT_TIMEOUTS.closing);
+                assert_eq!(states(&h), [closing; 2], "{what}: the client's own closes");
+            }
+        }
     }
 }
 

@@ -252,6 +252,46 @@ pub const NAT_F_RETRIED: u16 = 8;
 /// learns the way back to the client from the kernel's routing table on
 /// its first reply (`NatRev::ifindex` is 0 until then).
 pub const NAT_F_REPLICATED: u16 = 16;
+/// `NatFwd::flags` / `NatRev::flags`: the entry's `seq` holds its sender's
+/// highest TCP sequence number (see [`nat_track_seq`]). Not set in an
+/// entry replicated from a peer until its first segment here.
+pub const NAT_F_SEQ: u16 = 32;
+
+/// How far, either way, a TCP segment's sequence number may be from the
+/// highest its sender was seen using for the segment to count as that
+/// sender's: only such a FIN or RST closes a NAT flow. Without it, a
+/// stranger spoofing a client's 5-tuple (its address known, its port
+/// guessed: one segment per port) cut every connection of that client
+/// idle for longer than `tcp_closing_timeout`; now a blind guess needs
+/// 2^32 / 2^21 = 2,048 segments per port. Wider than one segment plus the
+/// reordering between a sender's segments; a sender's own FIN or RST is
+/// within it (a RST answering a segment carries that segment's ACK, up to
+/// the data in flight behind). One ignored is harmless: the flow keeps its
+/// idle timeout instead of the closing one.
+pub const NAT_SEQ_WINDOW: u32 = 1 << 20;
+
+/// Tracks a TCP segment's sequence number `seq` in an entry's `flags`
+/// ([`NAT_F_SEQ`]) and `highest`: whether it is plausibly the sender's
+/// (the first one tracked always is). Only such a segment moves `highest`
+/// forward, so a stranger's segment far away cannot carry the window to
+/// where its next one would be taken for the sender's.
+#[inline(always)]
+pub fn nat_track_seq(flags: &mut u16, highest: &mut u32, seq: u32) -> bool {
+    if *flags & NAT_F_SEQ == 0 {
+        *flags |= NAT_F_SEQ;
+        *highest = seq;
+        return true;
+    }
+    let ahead = seq.wrapping_sub(*highest);
+    if ahead <= NAT_SEQ_WINDOW {
+        *highest = seq;
+        true
+    } else {
+        // Behind (a retransmission, a reordered segment) by at most the
+        // window: the sender's, but `highest` stays.
+        ahead >= NAT_SEQ_WINDOW.wrapping_neg()
+    }
+}
 
 /// Idle timeout, seconds, of a NAT flow the backend has not answered yet
 /// (a SYN, a first datagram), like netfilter's SYN_SENT/UNREPLIED states
@@ -328,7 +368,9 @@ pub struct NatFwd {
     pub last_seen_ns: u64,
     /// Idle timeout now in force, seconds.
     pub timeout_s: u32,
-    pub _pad: u32,
+    /// The highest sequence number of the client's segments (TCP, with
+    /// [`NAT_F_SEQ`]): see [`nat_track_seq`].
+    pub seq: u32,
     /// The SNAT address the flow is translated to: the one of the node
     /// that made the translation, which a replicated flow keeps.
     pub snat_addr: [u32; 4],
@@ -354,7 +396,9 @@ pub struct NatRev {
     pub _pad: u16,
     pub last_seen_ns: u64,
     pub timeout_s: u32,
-    pub _pad2: u32,
+    /// The highest sequence number of the backend's segments (TCP, with
+    /// [`NAT_F_SEQ`]): see [`nat_track_seq`].
+    pub seq: u32,
 }
 
 impl NatFwd {

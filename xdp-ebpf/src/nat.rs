@@ -19,10 +19,10 @@ use aya_ebpf::{
 };
 use network_types::eth::EthHdr;
 use xdp_common::{
-    nat_expired, nat_partner_expired, Backend, FlowKey, NatFwd, NatRev, NatSource, Reason, Service,
-    ServiceKey, MAX_SNAT_POOL, NAT_F_ANSWERED, NAT_F_CLOSING, NAT_F_REFUSED, NAT_F_RETRIED,
-    NAT_PORT_TRIES, NAT_UNANSWERED_PER_SOURCE, NAT_UNANSWERED_TIMEOUT_S, PROTO_TCP, PROTO_UDP,
-    SVC_F_NAT_RETRY, SYN_RETRANSMITTED_NS, V4_MAPPED_PREFIX,
+    nat_expired, nat_partner_expired, nat_track_seq, Backend, FlowKey, NatFwd, NatRev, NatSource,
+    Reason, Service, ServiceKey, MAX_SNAT_POOL, NAT_F_ANSWERED, NAT_F_CLOSING, NAT_F_REFUSED,
+    NAT_F_RETRIED, NAT_PORT_TRIES, NAT_UNANSWERED_PER_SOURCE, NAT_UNANSWERED_TIMEOUT_S, PROTO_TCP,
+    PROTO_UDP, SVC_F_NAT_RETRY, SYN_RETRANSMITTED_NS, V4_MAPPED_PREFIX,
 };
 
 use crate::{
@@ -138,7 +138,12 @@ pub fn forward(ctx: &XdpContext, p: &Packet, service: &Service) -> Result<u32, R
         match BACKENDS.get(f.backend).filter(|b| b.is_live()) {
             Some(backend) if !f.expired(now) && !retrying => {
                 f.last_seen_ns = now;
-                if p.fin_or_rst() && f.flags & NAT_F_CLOSING == 0 {
+                // Only the client's own FIN or RST closes: a stranger's,
+                // far from the client's sequence numbers, is passed on
+                // (the backend judges it) but changes nothing here.
+                let own =
+                    key.proto == PROTO_TCP && nat_track_seq(&mut f.flags, &mut f.seq, p.tcp_seq);
+                if own && p.fin_or_rst() && f.flags & NAT_F_CLOSING == 0 {
                     f.flags |= NAT_F_CLOSING;
                     f.timeout_s = service.nat_closing_timeout;
                     // Both directions close together (FIN/RST are rare: the
@@ -182,7 +187,7 @@ pub fn forward(ctx: &XdpContext, p: &Packet, service: &Service) -> Result<u32, R
     // retried: the new backend knows nothing of it and resets it, and
     // that reset must reach the client, as a second refusal does.
     let moved_mid_connection = key.proto == PROTO_TCP && !p.syn();
-    let fwd = NatFwd {
+    let mut fwd = NatFwd {
         backend: id,
         nat_port_be: port,
         flags: if retried || moved_mid_connection {
@@ -192,9 +197,12 @@ pub fn forward(ctx: &XdpContext, p: &Packet, service: &Service) -> Result<u32, R
         },
         last_seen_ns: now,
         timeout_s: unanswered_timeout(service, key.proto),
-        _pad: 0,
+        seq: 0,
         snat_addr: snat,
     };
+    if key.proto == PROTO_TCP {
+        nat_track_seq(&mut fwd.flags, &mut fwd.seq, p.tcp_seq);
+    }
     if NAT_FWD.insert(key, &fwd, 0).is_err() {
         let _ = NAT_REV.remove(&taken.rk);
         return Err(Reason::DropNatFull);
@@ -282,7 +290,8 @@ fn allocate(
         _pad: 0,
         last_seen_ns: now,
         timeout_s: unanswered_timeout(service, key.proto),
-        _pad2: 0,
+        // The backend's sequence numbers: tracked from its first answer.
+        seq: 0,
     };
     scan.now = now;
     scan.base = u32::from(service.nat_port_base);
@@ -469,6 +478,8 @@ pub fn reverse(ctx: &XdpContext, p: &Packet) -> Result<u32, Reason> {
         }
     }
     r.last_seen_ns = now;
+    // Only the backend's own FIN or RST closes (see `forward`).
+    let own = p.key.proto == PROTO_TCP && nat_track_seq(&mut r.flags, &mut r.seq, p.tcp_seq);
     if r.flags & NAT_F_ANSWERED == 0 {
         if p.rst() && refused(r, p.key.proto) {
             count(Reason::NatRetry);
@@ -476,7 +487,7 @@ pub fn reverse(ctx: &XdpContext, p: &Packet) -> Result<u32, Reason> {
         }
         answered(r, p.key.proto);
     }
-    if p.fin_or_rst() && r.flags & NAT_F_CLOSING == 0 {
+    if own && p.fin_or_rst() && r.flags & NAT_F_CLOSING == 0 {
         close_both(r, p.key.proto);
     }
     // A replicated entry's first reply here: the kernel's routing table

@@ -78,6 +78,9 @@ pub struct Packet {
     pub ipv6: bool,
     /// A TCP segment's flags (0 for other protocols).
     pub tcp_flags: u8,
+    /// A TCP segment's sequence number, host order (0 for other
+    /// protocols): NAT tells a sender's FIN or RST from a stranger's by it.
+    pub tcp_seq: u32,
 }
 
 impl Packet {
@@ -178,6 +181,7 @@ pub fn parse(ctx: &XdpContext) -> Result<Packet, Reason> {
 
     let ipv6 = ether_type == ETH_P_IPV6;
     let mut tcp_flags = 0;
+    let mut tcp_seq = 0;
     // Both headers start with the two ports; require the whole header so a
     // truncated segment is never forwarded.
     let ports: *const [u16; 2] = match key.proto {
@@ -185,6 +189,7 @@ pub fn parse(ctx: &XdpContext) -> Result<Packet, Reason> {
             let tcp: *const TcpHdr = ptr_at(ctx, l4).ok_or(Reason::PassMalformed)?;
             // Flags are the low bits of byte 13.
             tcp_flags = unsafe { *(tcp as *const u8).add(13) };
+            tcp_seq = u32::from_be_bytes(unsafe { (*tcp).seq });
             tcp.cast()
         }
         PROTO_UDP => ptr_at::<UdpHdr>(ctx, l4)
@@ -198,6 +203,7 @@ pub fn parse(ctx: &XdpContext) -> Result<Packet, Reason> {
                 l4,
                 ipv6,
                 tcp_flags,
+                tcp_seq,
             })
         }
     };
@@ -210,5 +216,6 @@ pub fn parse(ctx: &XdpContext) -> Result<Packet, Reason> {
         l4,
         ipv6,
         tcp_flags,
+        tcp_seq,
     })
 }

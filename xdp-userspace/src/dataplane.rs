@@ -538,7 +538,7 @@ impl FlowTable {
             flags,
             last_seen_ns: now,
             timeout_s,
-            _pad: 0,
+            seq: 0,
             snat_addr: addr::to_words(snat.ip()),
         };
         // Reply side first: a client packet finding the forward entry can
