@@ -1074,7 +1074,18 @@ fn icmp_errors_about_translated_flows_are_translated_back() {
         let (t, code, rest) = c.icmp;
         let quote = frame::quote(&sent[14..], c.quote_max, c.decrement);
         let error = frame::icmp_message(ip(router), f.snat, t, code, rest, &quote);
+        // Anyone can send such an error: it must change no NAT state
+        // (no closing, no refresh keeping a dead flow alive).
+        let snat = SocketAddr::new(f.snat, port);
+        let state = |h: &Harness| {
+            (
+                h.fwd(f.client, f.vip, f.proto),
+                h.rev(f.backend, snat, f.proto),
+            )
+        };
+        let before = state(&h);
         let out = h.run_tx(what, &frame::frame(LB_MAC_B, ROUTER_MAC, &error));
+        assert_eq!(state(&h), before, "{what}: NAT entries after the error");
         // Expected: from the VIP to the client, quoting the client's own
         // packet (as the router would have quoted it had there been no NAT).
         let quote = frame::quote(&seg.ip(), c.quote_max, c.decrement);
