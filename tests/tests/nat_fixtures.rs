@@ -676,6 +676,39 @@ fn a_fin_or_rst_out_of_its_senders_window_does_not_close_a_flow() {
     }
 }
 
+/// A translation's replies go back to the MAC its client's first packet
+/// came from. A frame from a group address (broadcast, multicast: no
+/// sender has one) or from the zero MAC is malformed and makes none: else
+/// a stranger on the client's segment could have a flow's replies, a whole
+/// download, sent to every host there.
+#[test]
+fn a_frame_from_a_group_or_zero_mac_makes_no_translation() {
+    let mut h = Harness::standard();
+    let macs = [
+        [0xff; 6],
+        [0x01, 0, 0x5e, 0, 0, 0x01],
+        [0x33, 0x33, 0, 0, 0, 0x01],
+        [0; 6],
+    ];
+    let mut cases = 0;
+    for f in standard_flows() {
+        for mac in macs {
+            let input = client_seg(&f, frame::SYN, b"").frame(LB_MAC_A, mac);
+            let (verdict, out) = h.run(&input);
+            let what = format!("{} from {mac:02x?}", f.what);
+            assert_eq!(verdict, XDP_PASS, "{what}");
+            assert_eq!(out, input, "{what}: must pass unchanged");
+            assert!(
+                h.fwd(f.client, f.vip, f.proto).is_none(),
+                "{what}: no translation"
+            );
+            cases += 1;
+        }
+    }
+    assert_eq!(h.reason(Reason::PassMalformed), cases);
+    assert_eq!(h.reason(Reason::NatNew), 0);
+}
+
 /// After FIN/RST a flow expires after the short closing timeout, so its
 /// port can be taken by a new flow then: that is what the closing timeout
 /// is for. One port, closing timeout 1 s: the first flow closes, a second

@@ -165,6 +165,10 @@ pub fn forward(ctx: &XdpContext, p: &Packet, service: &Service) -> Result<u32, R
     if stale.is_none() && key.proto == PROTO_TCP && !p.syn() {
         return Err(Reason::DropNatNoFlow);
     }
+    // The translation sends its replies to this frame's source MAC: a
+    // group address (no sender has one) would have every host on the
+    // client's segment receive them, a stranger's whole download.
+    sender_mac(ctx)?;
     let id = match stale {
         Some((refused, _, _, true)) => maglev::pick_other(service, key, refused),
         _ => maglev::pick(service, key),
@@ -217,6 +221,19 @@ pub fn forward(ctx: &XdpContext, p: &Packet, service: &Service) -> Result<u32, R
         stats::signal(id, |s| &mut s.confirmed);
     }
     send_forward(ctx, p, id, service, backend, (snat, port), true)
+}
+
+/// A frame whose source MAC cannot be a sender's (a group address, group
+/// bit set, or zero) is malformed.
+#[inline(always)]
+fn sender_mac(ctx: &XdpContext) -> Result<(), Reason> {
+    let eth: *const EthHdr = ptr_at(ctx, 0).ok_or(Reason::PassMalformed)?;
+    // SAFETY: bounds checked.
+    let mac = unsafe { (*eth).src_addr };
+    if mac[0] & 1 != 0 || mac == [0; 6] {
+        return Err(Reason::PassMalformed);
+    }
+    Ok(())
 }
 
 #[inline(always)]
