@@ -240,3 +240,25 @@ fn configured(bed: &Bed) -> serde_json::Value {
     }
     services
 }
+
+/// A backend refused for want of a route is accepted once the route
+/// exists: the refusal is not remembered (it was, until a change that
+/// succeeded made the daemon forget it, whatever the kernel's routes).
+#[test]
+fn a_backend_refused_for_want_of_a_route_is_accepted_once_routed() {
+    let bed = bed("route");
+    // TEST-NET-2: routed nowhere in the testbed until the route below.
+    let add = ["backend", "add", "web4", "198.51.100.7"];
+    let err = format!("{:#}", bed.lb.cli(&add).unwrap_err());
+    assert!(err.contains("no route to backend 198.51.100.7"), "{err}");
+
+    let lb_iface = bed.topo.lb_iface();
+    bed.topo
+        .lb()
+        .exec(&["ip", "route", "add", "198.51.100.0/24", "dev", lb_iface])
+        .unwrap();
+    let added = bed.lb.cli(&add).unwrap();
+    assert!(added.contains("added"), "{added}");
+    let backend = bed.lb.backend("web4", "198.51.100.7".parse().unwrap());
+    assert!(backend.is_ok(), "not listed after its add: {backend:?}");
+}

@@ -133,17 +133,21 @@ impl Resolver {
         self.known.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Resolves the backends of `config` not resolved yet, waiting up to
-    /// [`RESOLVE_WAIT`] for their MACs. Slow: call without holding locks
-    /// that health checks or the API need.
+    /// Resolves the backends of `config` not resolved yet, or whose last
+    /// look-up failed, waiting up to [`RESOLVE_WAIT`] for their MACs. Slow:
+    /// call without holding locks that health checks or the API need.
     /// Forgets the answers for backends `config` no longer has.
     pub fn prepare(&self, config: &Config) {
         let wanted = targets(&config.services);
+        // A failed look-up is asked again: it is what refused the change
+        // that named the backend, and the refresh re-resolves only the
+        // programmed backends, so a kept failure would refuse every later
+        // change naming it even after the operator added the route.
         let missing: Vec<Target> = {
             let known = self.known();
             wanted
                 .iter()
-                .filter(|t| !known.hops.contains_key(t))
+                .filter(|t| !known.hops.get(t).is_some_and(Result::is_ok))
                 .copied()
                 .collect()
         };
