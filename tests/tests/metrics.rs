@@ -7,7 +7,7 @@
 use std::{
     collections::BTreeMap,
     io::{Read as _, Write as _},
-    net::TcpStream,
+    net::{SocketAddr, TcpStream},
     os::{
         fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
         unix::process::CommandExt as _,
@@ -18,10 +18,11 @@ use std::{
 };
 
 use serde_json::{json, Value};
+use socket2::{Domain, Socket, Type};
 use xdplb_tests::{
     bed::Bed,
     find_executable,
-    lb::{dsr_config_with, Load},
+    lb::{dsr_config, dsr_config_with, Load},
     proc::Proc,
     topology::Topology,
     RemoveOnDrop,
@@ -532,4 +533,94 @@ fn status_page_shows_a_backend_going_down_without_a_reload() {
         std::fs::copy(&shot, docs).unwrap();
     }
     load.stop();
+}
+
+/// A service of `n` unchecked IPv6 backends on the lb's own segment (no
+/// host has their addresses): megabytes of metrics.
+fn many_backends(topo: &Topology, n: usize) -> String {
+    let vip = topo.vip(true);
+    let mut text = format!(
+        "[[service]]\nname = \"many\"\nvip = \"{vip}\"\nport = 81\nprotocol = \"tcp\"\n\n\
+         [service.health_check]\ntype = \"none\"\n\n"
+    );
+    for i in 0..n {
+        text += &format!("[[service.backend]]\naddress = \"fd77::1:{i:x}\"\n\n");
+    }
+    text
+}
+
+/// Whether the listener answers `GET /` (no snapshot: cheap) within
+/// `limit`.
+fn answers(limit: Duration) -> bool {
+    let Ok(mut stream) = TcpStream::connect(METRICS) else {
+        return false;
+    };
+    stream.set_read_timeout(Some(limit)).unwrap();
+    let asked = write!(stream, "GET / HTTP/1.1\r\nHost: localhost\r\n\r\n");
+    let mut head = [0; 12];
+    asked.is_ok() && stream.read_exact(&mut head).is_ok() && head.starts_with(b"HTTP/1.1 200")
+}
+
+/// Clients that ask for a scrape of megabytes and never read it hold the
+/// listener's 64 connection slots for the connection lifetime (30 s), not
+/// for as long as they like, and then find their connections closed.
+/// Meanwhile their scrapes, one snapshot at a time, keep no API change
+/// waiting long.
+#[test]
+fn clients_that_never_read_their_answer_free_their_slots() {
+    let bed = Bed::dsr("unread", 1, |topo| {
+        format!(
+            "[daemon]\nmetrics_listen = \"{METRICS}\"\n\n{}{}",
+            dsr_config(topo),
+            many_backends(topo, 3000)
+        )
+    });
+    let size = get(&bed, "/metrics").1.len();
+    // More than loopback's socket buffers hold: the answer is stuck.
+    assert!(size > 4 << 20, "a scrape of {size} bytes");
+    let lb = bed.topo.lb();
+    let asked = Instant::now();
+    let mut holders: Vec<TcpStream> = lb.run(|| {
+        let addr: SocketAddr = METRICS.parse().unwrap();
+        (0..64)
+            .map(|_| {
+                let socket = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+                socket.set_recv_buffer_size(4096).unwrap();
+                socket.connect(&addr.into()).unwrap();
+                let mut stream = TcpStream::from(socket);
+                write!(stream, "GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n").unwrap();
+                stream
+            })
+            .collect()
+    });
+    let b1 = bed.addr(1).to_string();
+    let change = Instant::now();
+    bed.lb.cli(&["backend", "drain", "web4", &b1]).unwrap();
+    // Well under a second alone (about 0.4 s here with the 64 scrapes,
+    // 21 s when each took its own snapshot at once); 5 s for a loaded
+    // machine.
+    let took = change.elapsed();
+    assert!(took < Duration::from_secs(5), "a drain took {took:?}");
+    assert!(
+        !lb.run(|| answers(Duration::from_secs(2))),
+        "the 64 holders did not take every slot"
+    );
+    // The lifetime, and 10 s for a loaded machine.
+    let give_up = asked + Duration::from_secs(30 + 10);
+    while !lb.run(|| answers(Duration::from_secs(1))) {
+        assert!(Instant::now() < give_up, "the listener is still taken");
+    }
+    for holder in &mut holders {
+        holder
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        // What the daemon had sent, then the end of the connection (not a
+        // read timeout).
+        let read = std::io::copy(holder, &mut std::io::sink());
+        let ended = match &read {
+            Ok(n) => (*n as usize) < size,
+            Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+        };
+        assert!(ended, "a holder's connection: {read:?}");
+    }
 }

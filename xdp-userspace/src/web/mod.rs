@@ -9,7 +9,11 @@
 
 pub mod metrics;
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    net::SocketAddr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use anyhow::Context as _;
 use axum::{
@@ -26,7 +30,10 @@ use hyper_util::{
 };
 use serde::Serialize;
 use serde_json::Value;
-use tokio::{net::TcpListener, sync::Semaphore};
+use tokio::{
+    net::TcpListener,
+    sync::{Mutex, Semaphore},
+};
 
 use crate::{
     api::{ApiError, Handler, Request},
@@ -64,10 +71,32 @@ const MAX_CONNECTIONS: usize = 64;
 /// How long a client may take to send a request head: a stalled client
 /// frees its connection slot after this.
 const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a connection may live, its answer delivered: a client that
+/// does not read its answer (megabytes at thousands of backends) frees its
+/// slot and the answer's memory after this. Building the answer takes
+/// seconds at the datapath's limits, and a scraper gives up sooner
+/// (Prometheus after 10 s); the rest is margin for a slow link.
+const CONNECTION_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A snapshot and when it was started.
+type Dated = (Instant, Arc<Snapshot>);
+
+/// What the routes share: the sources, and the latest snapshot.
+#[derive(Clone)]
+struct Shared {
+    sources: Sources,
+    /// The latest snapshot and when it was started. Held while one is
+    /// taken, so at most one is taken at a time, and requests that arrive
+    /// meanwhile wait for it and answer from the next: taking one holds
+    /// the daemon's lock for a while at thousands of backends, so one per
+    /// client at once would keep API changes and health verdicts waiting.
+    latest: Arc<Mutex<Option<Dated>>>,
+}
 
 /// Serves on `listener` (from [`bind`]) until the future is dropped: the
-/// router over hyper's HTTP/1.1, with a head timeout and a connection cap
-/// (`axum::serve` has neither).
+/// router over hyper's HTTP/1.1, one request per connection, with a head
+/// timeout, a connection lifetime and a connection cap (`axum::serve` has
+/// none of them).
 pub async fn serve(listener: std::net::TcpListener, sources: Sources) -> anyhow::Result<()> {
     let listener = TcpListener::from_std(listener).context("registering the metrics listener")?;
     let addr = listener
@@ -78,7 +107,10 @@ pub async fn serve(listener: std::net::TcpListener, sources: Sources) -> anyhow:
         .route("/", get(page))
         .route("/metrics", get(metrics_text))
         .route("/api/status", get(status_json))
-        .with_state(sources);
+        .with_state(Shared {
+            sources,
+            latest: Arc::default(),
+        });
     let service = TowerToHyperService::new(router);
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
@@ -98,13 +130,19 @@ pub async fn serve(listener: std::net::TcpListener, sources: Sources) -> anyhow:
         };
         let service = service.clone();
         tokio::spawn(async move {
-            let served = http1::Builder::new()
+            let connection = http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(HEAD_TIMEOUT)
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
-            if let Err(err) = served {
-                tracing::debug!("metrics connection: {err}");
+                // A kept-alive connection would reach the lifetime limit,
+                // and lose an answer, sooner or later.
+                .keep_alive(false)
+                .serve_connection(TokioIo::new(stream), service);
+            match tokio::time::timeout(CONNECTION_TIMEOUT, connection).await {
+                Ok(Ok(())) => {}
+                Ok(Err(err)) => tracing::debug!("metrics connection: {err}"),
+                Err(_) => tracing::debug!(
+                    "metrics connection: closed after {CONNECTION_TIMEOUT:?}, its answer unread"
+                ),
             }
             drop(slot);
         });
@@ -158,10 +196,25 @@ impl Snapshot {
     }
 }
 
-/// Takes a snapshot off the async workers.
-async fn snapshot(sources: Sources) -> Result<Snapshot, Response> {
+/// A snapshot started after the request arrived (so an answer never shows
+/// an older state than the one asked about), taken off the async workers,
+/// or shared with the requests that waited for the same one.
+async fn snapshot(shared: Shared) -> Result<Arc<Snapshot>, Response> {
+    let asked = Instant::now();
+    let mut latest = shared.latest.lock().await;
+    if let Some((started, snapshot)) = latest.as_ref() {
+        if *started >= asked {
+            return Ok(Arc::clone(snapshot));
+        }
+    }
+    let started = Instant::now();
+    let sources = shared.sources;
     match tokio::task::spawn_blocking(move || Snapshot::take(&sources)).await {
-        Ok(Ok(snapshot)) => Ok(snapshot),
+        Ok(Ok(snapshot)) => {
+            let snapshot = Arc::new(snapshot);
+            *latest = Some((started, Arc::clone(&snapshot)));
+            Ok(snapshot)
+        }
         Ok(Err(err)) => Err((StatusCode::INTERNAL_SERVER_ERROR, err.message).into_response()),
         Err(err) => Err((StatusCode::INTERNAL_SERVER_ERROR, err.to_string()).into_response()),
     }
@@ -180,7 +233,7 @@ async fn page() -> impl IntoResponse {
 /// OpenMetrics for scrapers that ask for it (Prometheus does), the classic
 /// text format otherwise.
 async fn metrics_text(
-    State(sources): State<Sources>,
+    State(shared): State<Shared>,
     headers: HeaderMap,
 ) -> Result<impl IntoResponse, Response> {
     let openmetrics = headers
@@ -188,7 +241,7 @@ async fn metrics_text(
         .iter()
         .filter_map(|value| value.to_str().ok())
         .any(|value| value.contains("application/openmetrics-text"));
-    let text = metrics::encode(&snapshot(sources).await?);
+    let text = metrics::encode(&*snapshot(shared).await?);
     let (content_type, text) = if openmetrics {
         (metrics::OPENMETRICS, text)
     } else {
@@ -197,7 +250,7 @@ async fn metrics_text(
     Ok(([(header::CONTENT_TYPE, content_type)], text))
 }
 
-async fn status_json(State(sources): State<Sources>) -> Result<impl IntoResponse, Response> {
-    let snapshot = snapshot(sources).await?;
-    Ok(([(header::CACHE_CONTROL, "no-store")], Json(snapshot)))
+async fn status_json(State(shared): State<Shared>) -> Result<Response, Response> {
+    let snapshot = snapshot(shared).await?;
+    Ok(([(header::CACHE_CONTROL, "no-store")], Json(&*snapshot)).into_response())
 }
