@@ -597,10 +597,10 @@ fn clients_that_never_read_their_answer_free_their_slots() {
     let change = Instant::now();
     bed.lb.cli(&["backend", "drain", "web4", &b1]).unwrap();
     // Well under a second alone (about 0.4 s here with the 64 scrapes,
-    // 21 s when each took its own snapshot at once); 5 s for a loaded
+    // 21 s when each took its own snapshot at once); 10 s for a loaded
     // machine.
     let took = change.elapsed();
-    assert!(took < Duration::from_secs(5), "a drain took {took:?}");
+    assert!(took < Duration::from_secs(10), "a drain took {took:?}");
     assert!(
         !lb.run(|| answers(Duration::from_secs(2))),
         "the 64 holders did not take every slot"
