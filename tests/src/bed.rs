@@ -1,4 +1,5 @@
-//! The end-to-end testbed most daemon tests share: a DSR [`Topology`] with
+//! The end-to-end testbed most daemon tests share: a [`Topology`] (DSR, unless
+//! said otherwise) with
 //! `xdplb-testbackend` serving HTTP on every backend, the pass-through on
 //! the lb's peer, and the real daemon running a given configuration.
 
@@ -56,9 +57,19 @@ impl Bed {
     /// and starts the daemon with `config(&topo)`. Panics (the test fails)
     /// if any step fails; needs root.
     pub fn dsr(tag: &str, backends: usize, config: impl FnOnce(&Topology) -> String) -> Self {
+        Self::new(Shape::Dsr, tag, backends, config)
+    }
+
+    /// [`Bed::dsr`] in another shape.
+    pub fn new(
+        shape: Shape,
+        tag: &str,
+        backends: usize,
+        config: impl FnOnce(&Topology) -> String,
+    ) -> Self {
         let xdplb = bin_path("xdplb").expect("xdplb binary (cargo build --bins)");
         let testbackend = bin_path("xdplb-testbackend").expect("xdplb-testbackend binary");
-        let (topo, backends) = served(Shape::Dsr, tag, backends, &xdplb, &testbackend);
+        let (topo, backends) = served(shape, tag, backends, &xdplb, &testbackend);
         let lb = Xdplb::start(&xdplb, &topo, &config(&topo)).expect("xdplb");
         Self {
             lb,

@@ -15,8 +15,7 @@ use std::{
 
 use xdplb_tests::{
     assert_within,
-    bed::{served, Bed},
-    bin_path,
+    bed::Bed,
     lb::{
         dsr_config_with, failed_between, nat_config, served_after, start_backend, Load, Xdplb,
         BACKEND_PORT,
@@ -46,29 +45,15 @@ const FAST: Duration = Duration::from_millis(200);
 /// quicker detection can only be the passive one.
 const SLOW: Duration = Duration::from_secs(1);
 
-/// The DSR bed with three backends, checked every `interval`.
-fn dsr_bed(tag: &str, interval: Duration) -> Bed {
-    Bed::dsr(tag, 3, |topo| {
-        dsr_config_with(topo, &health_check(interval))
+/// A bed of `shape` with three backends, checked every `interval`.
+fn bed(shape: Shape, tag: &str, interval: Duration) -> Bed {
+    Bed::new(shape, tag, 3, |topo| {
+        let check = health_check(interval);
+        match shape {
+            Shape::Dsr => dsr_config_with(topo, &check),
+            _ => nat_config(topo, &check),
+        }
     })
-}
-
-/// A NAT bed: three backends serving, the daemon with `nat_config`.
-/// Fields drop in order: daemon, backends, topology.
-struct NatBed {
-    lb: Xdplb,
-    backends: Vec<Proc>,
-    topo: Topology,
-}
-
-impl NatBed {
-    fn new(shape: Shape, tag: &str) -> Self {
-        let xdplb = bin_path("xdplb").expect("xdplb binary (cargo build --bins)");
-        let (topo, backends) = served(shape, tag, 3, &xdplb, Path::new(TESTBACKEND));
-        let config = nat_config(&topo, &health_check(FAST));
-        let lb = Xdplb::start(&xdplb, &topo, &config).expect("xdplb");
-        Self { lb, backends, topo }
-    }
 }
 
 /// The IPv6 service `web6` (VIP port 80) of a running bed.
@@ -80,7 +65,16 @@ struct Web6<'a> {
     interval: Duration,
 }
 
-impl Web6<'_> {
+impl<'a> Web6<'a> {
+    fn of(bed: &'a mut Bed, interval: Duration) -> Self {
+        Web6 {
+            lb: &bed.lb,
+            backends: &mut bed.backends,
+            topo: &bed.topo,
+            interval,
+        }
+    }
+
     fn vip(&self) -> SocketAddr {
         SocketAddr::new(self.topo.vip6().into(), 80)
     }
@@ -206,13 +200,8 @@ impl Web6<'_> {
 
 #[test]
 fn dsr_balances_and_fails_over_an_ipv6_service() {
-    let mut bed = dsr_bed("v6dsr", FAST);
-    let mut web6 = Web6 {
-        lb: &bed.lb,
-        backends: &mut bed.backends,
-        topo: &bed.topo,
-        interval: FAST,
-    };
+    let mut bed = bed(Shape::Dsr, "v6dsr", FAST);
+    let mut web6 = Web6::of(&mut bed, FAST);
     web6.assert_balanced(30000);
     let answer = web6.assert_flow_named(30500, 80);
     assert_eq!(answer["nat"], serde_json::Value::Null, "{answer}");
@@ -222,13 +211,8 @@ fn dsr_balances_and_fails_over_an_ipv6_service() {
 #[test]
 fn nat_balances_and_fails_over_ipv6_in_both_shapes() {
     for (shape, tag) in [(Shape::NatTwoArm, "v6nat2"), (Shape::NatOneArm, "v6nat1")] {
-        let mut bed = NatBed::new(shape, tag);
-        let mut web6 = Web6 {
-            lb: &bed.lb,
-            backends: &mut bed.backends,
-            topo: &bed.topo,
-            interval: FAST,
-        };
+        let mut bed = bed(shape, tag, FAST);
+        let mut web6 = Web6::of(&mut bed, FAST);
         web6.assert_balanced(30000);
         // The backend sees the SNAT address; the client, the VIP.
         let (_, seen) = peer(web6.topo.client(), web6.vip()).unwrap();
@@ -247,13 +231,8 @@ fn nat_balances_and_fails_over_ipv6_in_both_shapes() {
 
 #[test]
 fn a_dead_ipv6_backend_is_suspected_from_its_traffic() {
-    let mut bed = dsr_bed("v6pas", SLOW);
-    let mut web6 = Web6 {
-        lb: &bed.lb,
-        backends: &mut bed.backends,
-        topo: &bed.topo,
-        interval: SLOW,
-    };
+    let mut bed = bed(Shape::Dsr, "v6pas", SLOW);
+    let mut web6 = Web6::of(&mut bed, SLOW);
     // passive's promise: under 300 ms under load.
     let b1 = web6.fail_over_and_recover("IPv6 passive", Duration::from_millis(300));
     assert!(b1["passive"]["suspicions"].as_u64().unwrap() >= 1, "{b1}");
@@ -287,13 +266,8 @@ fn wait_mac(web6: &Web6, i: usize, mac: &str, limit: Duration) -> Duration {
 /// (e2e_control's bound for IPv4).
 #[test]
 fn ipv6_next_hops_are_resolved_and_followed() {
-    let mut bed = dsr_bed("v6nh", FAST);
-    let web6 = Web6 {
-        lb: &bed.lb,
-        backends: &mut bed.backends,
-        topo: &bed.topo,
-        interval: FAST,
-    };
+    let mut bed = bed(Shape::Dsr, "v6nh", FAST);
+    let web6 = Web6::of(&mut bed, FAST);
     let (lb, topo) = (web6.lb, web6.topo);
     let dev = topo.lb_iface();
 
