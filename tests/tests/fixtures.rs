@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 
 use xdp_common::{
     Backend, Reason, BACKEND_ACTIVE, BACKEND_DOWN, BACKEND_DRAINING, FLOW_F_RETRIED, PROTO_TCP,
-    PROTO_UDP, SVC_F_NO_BACKEND,
+    PROTO_UDP, SVC_F_HASH_SRC_ONLY, SVC_F_NO_BACKEND,
 };
 use xdplb::addr;
 use xdplb_tests::{
@@ -356,6 +356,40 @@ fn kernel_and_userspace_pick_the_same_backend() {
     assert!(
         used.iter().all(|&n| n > 50),
         "300 flows spread over 3 backends: {used:?}"
+    );
+}
+
+#[test]
+fn a_source_hashed_service_sends_all_of_a_clients_flows_to_one_backend() {
+    let mut h = Harness::standard();
+    let vip = sa("10.0.100.1:8081");
+    let mut svc = dsr_service(5, 10 * TABLE_SIZE, TABLE_SIZE);
+    svc.flags = SVC_F_HASH_SRC_ONLY;
+    h.0.set_service(vip, PROTO_TCP, svc, &[0, 1, 2]).unwrap();
+    let mut used = [0u32; 3];
+    for client in 1..=60u8 {
+        let ip: std::net::IpAddr = format!("10.0.1.{client}").parse().unwrap();
+        let mut picked = None;
+        // Ports that a 5-tuple hash would spread over all three backends.
+        for port in 30000..30010u16 {
+            let src = SocketAddr::new(ip, port);
+            let expected = h.0.maps.route(src, vip, PROTO_TCP).unwrap().backend_id as usize;
+            let input = Seg::probe(src, vip, PROTO_TCP).frame(LB_MAC, CLIENT_MAC);
+            let (verdict, out) = h.run(&input);
+            assert_eq!(verdict, XDP_TX);
+            let got = backend_of(&out);
+            assert_eq!(got, Some(expected), "{src}: kernel and userspace agree");
+            assert_eq!(
+                *picked.get_or_insert(expected),
+                expected,
+                "{src}: as its other flows"
+            );
+        }
+        used[picked.unwrap()] += 1;
+    }
+    assert!(
+        used.iter().all(|&n| n > 5),
+        "60 clients spread over 3 backends: {used:?}"
     );
 }
 
