@@ -14,8 +14,9 @@
 //! - A restarted peer's messages from before the restart, replayed, are
 //!   refused as stale, and so is an old full copy played back; a full
 //!   copy under another key is refused and counted.
-//! - A peer's NAT record never takes over the replies of a translation
-//!   this node made.
+//! - A full copy that ends short is not taken for the peer's whole table.
+//! - A peer's NAT record never takes over a translation this node made
+//!   (neither its replies nor its client's packets).
 
 use std::{
     io::{ErrorKind, Read as _, Write as _},
@@ -335,8 +336,13 @@ fn a_restarted_peers_old_messages_are_not_believed_again() {
         };
         wire::encode(&key, &header, records)
     };
+    // A pin of a service this node does not have: received, unmatched.
+    let elsewhere = FlowRecord {
+        service: (topo.vip(false), 81, 6),
+        ..record
+    };
     // Captured from the peer's run 1; then the peer restarts (run 2).
-    let captured = message(1, Kind::Flows, &[record]);
+    let captured = message(1, Kind::Flows, &[record, elsewhere]);
     let restarted = message(2, Kind::Heartbeat, &[]);
     let udp = topo.client().run(|| UdpSocket::bind(peer).unwrap());
     let send = |msg: &[u8]| {
@@ -346,7 +352,13 @@ fn a_restarted_peers_old_messages_are_not_believed_again() {
     wait_until(
         "the peer's message believed",
         Duration::from_secs(5),
-        || count(&lb, "received") == 1,
+        || count(&lb, "received") == 2,
+    );
+    let r = replication(&lb);
+    assert_eq!(
+        (r["installed"].as_u64(), r["unmatched"].as_u64()),
+        (Some(1), Some(1)),
+        "{r}"
     );
     send(&restarted);
     // The replay, twice: refused both times, as stale.
@@ -358,13 +370,14 @@ fn a_restarted_peers_old_messages_are_not_believed_again() {
         count(&lb, "stale") == stale + 2
     });
     let r = replication(&lb);
-    assert_eq!(r["received"], 1, "a replayed pin was believed: {r}");
+    assert_eq!(r["received"], 2, "a replayed pin was believed: {r}");
 }
 
 /// A peer's NAT record that names this node's own SNAT address and port
 /// (a peer configured with this node's SNAT address, say) for another
-/// client is not installed: the reply entry of this node's own
-/// translation stays, and its connection keeps working.
+/// client is not installed, nor one for the client of this node's own
+/// translation: the node's own entries stay, and its connection keeps
+/// working.
 #[test]
 fn a_peers_record_never_turns_this_nodes_nat_replies_to_another_client() {
     let xdplb = bin_path("xdplb").expect("xdplb binary (cargo build --bins)");
@@ -394,24 +407,94 @@ fn a_peers_record_never_turns_this_nodes_nat_replies_to_another_client() {
             timeout_s: 3600,
         }),
     };
-    let header = Header {
-        kind: Kind::Flows,
-        sender: 99,
-        seq: 1,
-        sent_ms: now_ms(),
+    // Nor is one for this very connection's client, from another SNAT
+    // address (the peer's own): the forward entry this node made stays.
+    let ours = exec_line(topo.client(), "ss -Htn state established dport = :80");
+    let client: SocketAddr = (ours.split_whitespace().nth(2))
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("no connection at the client: {ours:?}"));
+    let same_client = FlowRecord {
+        client,
+        nat: Some(Translation {
+            snat: "198.18.0.99:40000".parse().unwrap(),
+            timeout_s: 3600,
+        }),
+        ..record
     };
-    let msg = wire::encode(&Key::new(KEY.as_bytes()), &header, &[record]);
-    topo.client().run(|| {
-        UdpSocket::bind(peer).unwrap().send_to(&msg, node).unwrap();
-    });
-    wait_until("the record received", Duration::from_secs(5), || {
-        count(&lb, "received") == 1
+    let udp = topo.client().run(|| UdpSocket::bind(peer).unwrap());
+    for (seq, record) in [(1, record), (2, same_client)] {
+        let header = Header {
+            kind: Kind::Flows,
+            sender: 99,
+            seq,
+            sent_ms: now_ms(),
+        };
+        let msg = wire::encode(&Key::new(KEY.as_bytes()), &header, &[record]);
+        udp.send_to(&msg, node).unwrap();
+    }
+    wait_until("the records received", Duration::from_secs(5), || {
+        count(&lb, "received") == 2
     });
     assert_eq!(count(&lb, "installed"), 0, "{}", replication(&lb));
     let failed = conn.exchange(&[], 1);
     assert!(
         failed.is_empty(),
         "the node's own connection broke: {failed:?}"
+    );
+}
+
+/// A full copy whose end says more flows were sent than came is not taken
+/// for the peer's whole table: the pull fails (the starting node tries
+/// the next peer, or says it starts with its own flows only), and no
+/// full copy is reported as pulled.
+#[test]
+fn a_full_copy_that_ends_short_is_not_taken_for_complete() {
+    let xdplb = bin_path("xdplb").expect("xdplb binary (cargo build --bins)");
+    let (topo, _backends) = served(Shape::Dsr, "chsh", 1, &xdplb, Path::new(TESTBACKEND));
+    let (_, peer, config) = bed(&topo);
+    let key = Key::new(KEY.as_bytes());
+    let record = FlowRecord {
+        service: (topo.vip(false), 80, 6),
+        client: "198.18.0.1:40000".parse().unwrap(),
+        backend: SocketAddr::new(topo.backend_addr(1, false), 80),
+        nat: None,
+    };
+    // One pin, then an end that counts two.
+    let copy: Vec<u8> = [(Kind::Flows, 0, vec![record]), (Kind::SyncEnd, 2, vec![])]
+        .into_iter()
+        .flat_map(|(kind, seq, records)| {
+            let header = Header {
+                kind,
+                sender: 5,
+                seq,
+                sent_ms: now_ms(),
+            };
+            let msg = wire::encode(&key, &header, &records);
+            let mut frame = (msg.len() as u32).to_be_bytes().to_vec();
+            frame.extend_from_slice(&msg);
+            frame
+        })
+        .collect();
+    let listener = topo.client().run(|| TcpListener::bind(peer).unwrap());
+    let server = std::thread::spawn(move || {
+        let (mut conn, _) = listener.accept().unwrap();
+        let mut len = [0u8; 4];
+        conn.read_exact(&mut len).unwrap();
+        let mut request = vec![0u8; u32::from_be_bytes(len) as usize];
+        conn.read_exact(&mut request).unwrap();
+        let _ = conn.write_all(&copy);
+    });
+    let lb = Xdplb::start(&xdplb, &topo, &config).unwrap();
+    server.join().unwrap();
+    let log = lb.proc.output_text();
+    assert!(
+        log.contains("no full copy: the copy ended after 1 of 2 flows"),
+        "{log}"
+    );
+    let r = replication(&lb);
+    assert!(
+        r["last_pull"].is_null(),
+        "a short copy reported as pulled: {r}"
     );
 }
 

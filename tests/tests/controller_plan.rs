@@ -11,7 +11,7 @@ use std::{
 
 use xdp_common::{
     Backend, Globals, Service, ServiceKey, BACKEND_ACTIVE, BACKEND_DOWN, BACKEND_DRAINING,
-    MAX_BACKENDS,
+    MAX_BACKENDS, SVC_F_HASH_SRC_ONLY,
 };
 use xdplb::{
     config::{Admin, Config},
@@ -142,6 +142,33 @@ fn a_change_that_fails_while_planning_writes_nothing() {
             assert_eq!(entry.state, BACKEND_ACTIVE);
             assert!(entry.next_hop_resolved(), "{entry:?}");
         }
+    });
+}
+
+/// A change the Maglev table does not show (here the hash, which leaves
+/// the same backends in every slot) still reaches the service's entry,
+/// which is where the datapath reads it; and back.
+#[test]
+fn a_change_only_the_service_entry_shows_is_written() {
+    let (ns, _pins, _datapath, maps) = bed();
+
+    ns.run(move || {
+        let mut controller = Controller::new(maps).unwrap();
+        let services: &[(&str, &str, &[&str])] = &[("a", "10.0.0.1", &["10.1.0.11"])];
+        let flags = |c: &Controller| {
+            let entries = snapshot(c.maps()).services;
+            assert_eq!(entries.len(), 1, "{entries:?}");
+            entries[0].1.flags & SVC_F_HASH_SRC_ONLY
+        };
+        controller.apply(&config(services)).unwrap();
+        assert_eq!(flags(&controller), 0);
+        let table = snapshot(controller.maps()).maglev;
+        let source = config_with("", "hash = \"source\"\n", services);
+        controller.apply(&source).unwrap();
+        assert_eq!(snapshot(controller.maps()).maglev, table, "same table");
+        assert_eq!(flags(&controller), SVC_F_HASH_SRC_ONLY, "hash = source");
+        controller.apply(&config(services)).unwrap();
+        assert_eq!(flags(&controller), 0, "hash = 5-tuple again");
     });
 }
 

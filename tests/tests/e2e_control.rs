@@ -537,6 +537,19 @@ fn bad_input_is_refused_and_changes_nothing() {
         "reload error {msg:?}"
     );
     assert_eq!(shape(&bed.lb.json(&["service", "list"]).unwrap()), before);
+    // Nor replication settings: its sockets are bound at start.
+    let replicating = format!(
+        "[cluster]\nreplication_listen = \"10.77.0.2:4700\"\n\
+         replication_key = \"0123456789abcdef\"\n\
+         [[cluster.peer]]\naddress = \"10.77.0.3:4700\"\n\n{good}"
+    );
+    bed.lb.write_config(&replicating).unwrap();
+    let msg = format!("{:#}", bed.lb.cli(&["reload"]).expect_err("replication"));
+    assert!(
+        msg.contains("[cluster] replication settings") && msg.contains("restart"),
+        "reload error {msg:?}"
+    );
+    assert_eq!(shape(&bed.lb.json(&["service", "list"]).unwrap()), before);
 
     bed.lb.write_config(&good).unwrap();
     let (ok, err) = run_once(&bed, "nosuch0", &bed.lb.config_path(), &[]);

@@ -2230,5 +2230,12 @@ port = 8080
             let err = parse(&NAT.replace(from, to)).unwrap_err();
             assert!(err.field.ends_with(needle), "{err}");
         }
+        // A peer's SNAT address: its backends' replies are the peer's.
+        let cluster = "[cluster]\nreplication_listen = \"10.1.0.1:4700\"\n\
+                       replication_key = \"0123456789abcdef\"\n[[cluster.peer]]\n\
+                       address = \"10.1.0.3:4700\"\nsnat_addresses = [\"10.1.0.2\"]\n";
+        let err = parse(&format!("{cluster}{NAT}")).unwrap_err();
+        assert_eq!(err.field, "service \"web\".nat.snat_addresses", "{err}");
+        assert!(err.problem.contains("10.1.0.2 is also a peer's"), "{err}");
     }
 }

@@ -345,6 +345,17 @@ mod tests {
             ),
             (
                 "replication_listen = \"10.0.0.1:1\"\nreplication_key = \"0123456789abcdef\"\n\
+                 [[cluster.peer]]\naddress = \"10.0.0.2:1\"\n\
+                 [[cluster.peer]]\naddress = \"10.0.0.2:1\"",
+                "cluster.peer[1].address: 10.0.0.2:1 is listed twice",
+            ),
+            (
+                "replication_listen = \"0.0.0.0:1\"\nreplication_key = \"0123456789abcdef\"\n\
+                 [[cluster.peer]]\naddress = \"10.0.0.2:1\"",
+                "cluster.replication_listen: 0.0.0.0:1: give this node's own address",
+            ),
+            (
+                "replication_listen = \"10.0.0.1:1\"\nreplication_key = \"0123456789abcdef\"\n\
                  [[cluster.peer]]\naddress = \"10.0.0.2:1\"\nsnat_addresses = [\"10.9.9.9\"]\n\
                  [[cluster.peer]]\naddress = \"10.0.0.3:1\"\nsnat_addresses = [\"10.9.9.9\"]",
                 "cluster.peer[1].snat_addresses[0]: 10.9.9.9 is listed twice",

@@ -90,6 +90,10 @@ mod tests {
         let port = [backend("10.0.0.11:80", 0, 1), backend("10.0.0.12:81", 1, 1)];
         assert_ne!(print(&base), print(&weight));
         assert_ne!(print(&base), print(&port));
+        // The same slots, two backends of one host told apart by port
+        // alone (the tables above differ in their slots too).
+        let by_port = |id: u32| Some(SocketAddr::from(([10, 0, 0, 11], 80 + id as u16)));
+        assert_ne!(fingerprint(&[0, 1], by_port), fingerprint(&[0, 0], by_port));
         assert_eq!(fingerprint(&[], |_| None), "empty");
     }
 }
