@@ -142,6 +142,19 @@ fn a_change_that_fails_while_planning_writes_nothing() {
             assert_eq!(entry.state, BACKEND_ACTIVE);
             assert!(entry.next_hop_resolved(), "{entry:?}");
         }
+
+        // A removed service takes its entry and its backends' with it.
+        let ids: Vec<u32> = a.backends.values().map(|b| b.id).collect();
+        controller.apply(&config(&[])).unwrap();
+        let empty = snapshot(controller.maps());
+        assert_eq!(empty.services, vec![]);
+        for id in ids {
+            assert_eq!(
+                empty.backends[id as usize],
+                Backend::default(),
+                "backend {id}"
+            );
+        }
     });
 }
 
