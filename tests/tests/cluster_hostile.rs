@@ -15,6 +15,7 @@
 //!   refused as stale, and so is an old full copy played back; a full
 //!   copy under another key is refused and counted.
 //! - A full copy that ends short is not taken for the peer's whole table.
+//! - A SYN its backend never answered is not sent to the peer.
 //! - A peer's NAT record never takes over a translation this node made
 //!   (neither its replies nor its client's packets).
 
@@ -34,7 +35,7 @@ use xdplb::cluster::replication::wire::{self, FlowRecord, Header, Key, Kind, Tra
 use xdplb_tests::{
     bed::served,
     bin_path,
-    client::restarting,
+    client::{self, restarting},
     cluster::wait_until,
     lb::{dsr_config, nat_config, LongLived, Xdplb, BACKEND_PORT},
     netns::exec_line,
@@ -496,6 +497,51 @@ fn a_full_copy_that_ends_short_is_not_taken_for_complete() {
         r["last_pull"].is_null(),
         "a short copy reported as pulled: {r}"
     );
+}
+
+/// Only flows their backend answered are sent to peers: a SYN left
+/// unanswered (a spoofed one, a flood) stays this node's, so that a flood
+/// cannot fill every node's table of established flows.
+#[test]
+fn an_unanswered_syn_is_not_sent_to_peers() {
+    let xdplb = bin_path("xdplb").expect("xdplb binary (cargo build --bins)");
+    let (topo, _backends) = served(Shape::Dsr, "chun", 1, &xdplb, Path::new(TESTBACKEND));
+    let (_, peer, config) = bed(&topo);
+    let udp = topo.client().run(|| UdpSocket::bind(peer).unwrap());
+    let lb = Xdplb::start(&xdplb, &topo, &config).unwrap();
+    let vip = SocketAddr::new(topo.vip(false), 80);
+    let client = topo.client_addr(false);
+    // The backend's answers to the client go nowhere: its SYN stays
+    // unanswered (the client sends it again) and its flow never opens.
+    let blackhole = format!("ip route add blackhole {client}/32");
+    exec_line(topo.backend(1), &blackhole);
+    let unanswered = topo
+        .client()
+        .run(|| client::StreamConn::open(vip, Some(41000), Duration::from_millis(1500)).is_err());
+    assert!(unanswered, "the backend answered through a blackhole route");
+    exec_line(
+        topo.backend(1),
+        &format!("ip route del blackhole {client}/32"),
+    );
+    // An answered one after it, which is sent: the datapath reports in
+    // order, so the first one would have come first.
+    let _answered = LongLived::open(&topo, vip, 41001, 1).unwrap();
+    let key = Key::new(KEY.as_bytes());
+    udp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut sent = Vec::new();
+    let mut buf = [0u8; 2048];
+    while !sent.contains(&41001) {
+        let (n, _) = restarting(|| udp.recv_from(&mut buf)).expect("no pin sent within 5 s");
+        let (header, records) = wire::decode(&key, &buf[..n]).unwrap();
+        if header.kind == Kind::Flows {
+            sent.extend(records.iter().map(|r| r.client.port()));
+        }
+    }
+    assert!(
+        !sent.contains(&41000),
+        "an unanswered SYN was sent: {sent:?}"
+    );
+    drop(lb);
 }
 
 /// The node's address, the peer's (the client's, where the tests play
