@@ -266,38 +266,13 @@ fn full_copy_is_refused(name: &str, key: &Key, sent_ms: u64, counter: &str, why:
     let xdplb = bin_path("xdplb").expect("xdplb binary (cargo build --bins)");
     let (topo, _backends) = served(Shape::Dsr, name, 1, &xdplb, Path::new(TESTBACKEND));
     let (_, peer, config) = bed(&topo);
-    let record = FlowRecord {
-        service: (topo.vip(false), 80, 6),
-        client: "198.18.0.1:40000".parse().unwrap(),
-        backend: SocketAddr::new(topo.backend_addr(1, false), 80),
-        nat: None,
-    };
-    // One pin, then the end of the copy.
-    let recorded: Vec<u8> = [(Kind::Flows, 0, vec![record]), (Kind::SyncEnd, 1, vec![])]
-        .into_iter()
-        .flat_map(|(kind, seq, records)| {
-            let header = Header {
-                kind,
-                sender: 5,
-                seq,
-                sent_ms,
-            };
-            let msg = wire::encode(key, &header, &records);
-            let mut frame = (msg.len() as u32).to_be_bytes().to_vec();
-            frame.extend_from_slice(&msg);
-            frame
-        })
-        .collect();
-    let listener = topo.client().run(|| TcpListener::bind(peer).unwrap());
-    let player = std::thread::spawn(move || {
-        let (mut conn, _) = listener.accept().unwrap();
-        let mut len = [0u8; 4];
-        conn.read_exact(&mut len).unwrap();
-        let mut request = vec![0u8; u32::from_be_bytes(len) as usize];
-        conn.read_exact(&mut request).unwrap();
-        // The node may hang up before reading it all.
-        let _ = conn.write_all(&recorded);
-    });
+    let record = pin(&topo);
+    let copy = full_copy(
+        key,
+        sent_ms,
+        [(Kind::Flows, 0, vec![record]), (Kind::SyncEnd, 1, vec![])],
+    );
+    let player = answer_pull(&topo, peer, copy);
     let lb = Xdplb::start(&xdplb, &topo, &config).unwrap();
     player.join().unwrap();
     let r = replication(&lb);
@@ -311,6 +286,52 @@ fn full_copy_is_refused(name: &str, key: &Key, sent_ms: u64, counter: &str, why:
     assert!(log.contains(&format!("no full copy: {why}")), "{log}");
 }
 
+/// A pin of the bed's IPv4 service to b1, for a client no host has.
+fn pin(topo: &Topology) -> FlowRecord {
+    FlowRecord {
+        service: (topo.vip(false), 80, 6),
+        client: "198.18.0.1:40000".parse().unwrap(),
+        backend: SocketAddr::new(topo.backend_addr(1, false), 80),
+        nat: None,
+    }
+}
+
+/// A full copy as a peer (run 5) sends it: each of `parts`, a message of
+/// that kind, sequence number and records, signed with `key`, sent at
+/// `sent_ms`, framed.
+fn full_copy(key: &Key, sent_ms: u64, parts: [(Kind, u64, Vec<FlowRecord>); 2]) -> Vec<u8> {
+    parts
+        .into_iter()
+        .flat_map(|(kind, seq, records)| {
+            let header = Header {
+                kind,
+                sender: 5,
+                seq,
+                sent_ms,
+            };
+            let msg = wire::encode(key, &header, &records);
+            let mut frame = (msg.len() as u32).to_be_bytes().to_vec();
+            frame.extend_from_slice(&msg);
+            frame
+        })
+        .collect()
+}
+
+/// Plays the peer at `peer` (bound in the client's namespace): answers
+/// the one pull that comes with `copy`.
+fn answer_pull(topo: &Topology, peer: SocketAddr, copy: Vec<u8>) -> std::thread::JoinHandle<()> {
+    let listener = topo.client().run(|| TcpListener::bind(peer).unwrap());
+    std::thread::spawn(move || {
+        let (mut conn, _) = listener.accept().unwrap();
+        let mut len = [0u8; 4];
+        conn.read_exact(&mut len).unwrap();
+        let mut request = vec![0u8; u32::from_be_bytes(len) as usize];
+        conn.read_exact(&mut request).unwrap();
+        // The node may hang up before reading it all.
+        let _ = conn.write_all(&copy);
+    })
+}
+
 /// A peer's messages replayed after it restarted (within the 30 s their
 /// age allows) are refused: a run the peer left behind is not believed
 /// again. Taking it for a new run reset the sequence check, so both runs'
@@ -322,12 +343,7 @@ fn a_restarted_peers_old_messages_are_not_believed_again() {
     let (node, peer, config) = bed(&topo);
     let lb = Xdplb::start(&xdplb, &topo, &config).unwrap();
     let key = Key::new(KEY.as_bytes());
-    let record = FlowRecord {
-        service: (topo.vip(false), 80, 6),
-        client: "198.18.0.1:40000".parse().unwrap(),
-        backend: SocketAddr::new(topo.backend_addr(1, false), 80),
-        nat: None,
-    };
+    let record = pin(&topo);
     let message = |run: u64, kind: Kind, records: &[FlowRecord]| {
         let header = Header {
             kind,
@@ -453,40 +469,18 @@ fn a_full_copy_that_ends_short_is_not_taken_for_complete() {
     let xdplb = bin_path("xdplb").expect("xdplb binary (cargo build --bins)");
     let (topo, _backends) = served(Shape::Dsr, "chsh", 1, &xdplb, Path::new(TESTBACKEND));
     let (_, peer, config) = bed(&topo);
-    let key = Key::new(KEY.as_bytes());
-    let record = FlowRecord {
-        service: (topo.vip(false), 80, 6),
-        client: "198.18.0.1:40000".parse().unwrap(),
-        backend: SocketAddr::new(topo.backend_addr(1, false), 80),
-        nat: None,
-    };
     // One pin, then an end that counts two.
-    let copy: Vec<u8> = [(Kind::Flows, 0, vec![record]), (Kind::SyncEnd, 2, vec![])]
-        .into_iter()
-        .flat_map(|(kind, seq, records)| {
-            let header = Header {
-                kind,
-                sender: 5,
-                seq,
-                sent_ms: now_ms(),
-            };
-            let msg = wire::encode(&key, &header, &records);
-            let mut frame = (msg.len() as u32).to_be_bytes().to_vec();
-            frame.extend_from_slice(&msg);
-            frame
-        })
-        .collect();
-    let listener = topo.client().run(|| TcpListener::bind(peer).unwrap());
-    let server = std::thread::spawn(move || {
-        let (mut conn, _) = listener.accept().unwrap();
-        let mut len = [0u8; 4];
-        conn.read_exact(&mut len).unwrap();
-        let mut request = vec![0u8; u32::from_be_bytes(len) as usize];
-        conn.read_exact(&mut request).unwrap();
-        let _ = conn.write_all(&copy);
-    });
+    let parts = [
+        (Kind::Flows, 0, vec![pin(&topo)]),
+        (Kind::SyncEnd, 2, vec![]),
+    ];
+    let player = answer_pull(
+        &topo,
+        peer,
+        full_copy(&Key::new(KEY.as_bytes()), now_ms(), parts),
+    );
     let lb = Xdplb::start(&xdplb, &topo, &config).unwrap();
-    server.join().unwrap();
+    player.join().unwrap();
     let log = lb.proc.output_text();
     assert!(
         log.contains("no full copy: the copy ended after 1 of 2 flows"),
