@@ -11,8 +11,9 @@
 //!   copy for ever: the node gives up once the puller would have.
 //! - A peer that trickles a full copy does not hold a starting node (which
 //!   pulls before it announces) for ever.
-//! - A restarted peer's messages from before the restart, replayed, are
-//!   refused as stale, and so is an old full copy played back; a full
+//! - A peer's newer pin replaces the one held; a restarted peer's
+//!   messages from before the restart, replayed, are refused as stale (the
+//!   pin stays), and so is an old full copy played back; a full
 //!   copy under another key is refused and counted.
 //! - A full copy that ends short is not taken for the peer's whole table.
 //! - A SYN its backend never answered is not sent to the peer.
@@ -339,16 +340,16 @@ fn answer_pull(topo: &Topology, peer: SocketAddr, copy: Vec<u8>) -> std::thread:
 #[test]
 fn a_restarted_peers_old_messages_are_not_believed_again() {
     let xdplb = bin_path("xdplb").expect("xdplb binary (cargo build --bins)");
-    let (topo, _backends) = served(Shape::Dsr, "chrp", 1, &xdplb, Path::new(TESTBACKEND));
+    let (topo, _backends) = served(Shape::Dsr, "chrp", 2, &xdplb, Path::new(TESTBACKEND));
     let (node, peer, config) = bed(&topo);
     let lb = Xdplb::start(&xdplb, &topo, &config).unwrap();
     let key = Key::new(KEY.as_bytes());
     let record = pin(&topo);
-    let message = |run: u64, kind: Kind, records: &[FlowRecord]| {
+    let message = |run: u64, seq: u64, kind: Kind, records: &[FlowRecord]| {
         let header = Header {
             kind,
             sender: run,
-            seq: 1,
+            seq,
             sent_ms: now_ms(),
         };
         wire::encode(&key, &header, records)
@@ -359,8 +360,8 @@ fn a_restarted_peers_old_messages_are_not_believed_again() {
         ..record
     };
     // Captured from the peer's run 1; then the peer restarts (run 2).
-    let captured = message(1, Kind::Flows, &[record, elsewhere]);
-    let restarted = message(2, Kind::Heartbeat, &[]);
+    let captured = message(1, 1, Kind::Flows, &[record, elsewhere]);
+    let restarted = message(2, 1, Kind::Heartbeat, &[]);
     let udp = topo.client().run(|| UdpSocket::bind(peer).unwrap());
     let send = |msg: &[u8]| {
         udp.send_to(msg, node).unwrap();
@@ -377,6 +378,18 @@ fn a_restarted_peers_old_messages_are_not_believed_again() {
         (Some(1), Some(1)),
         "{r}"
     );
+    // The peer's next message moves the pin to b2 (the flow was re-picked
+    // there): a peer's newer pin replaces the one held here.
+    let moved = FlowRecord {
+        backend: SocketAddr::new(topo.backend_addr(2, false), 80),
+        ..record
+    };
+    send(&message(1, 2, Kind::Flows, &[moved]));
+    let vip = SocketAddr::new(topo.vip(false), 80);
+    let backend = || lb.flow(record.client, vip).unwrap()["backend"].clone();
+    wait_until("the newer pin installed", Duration::from_secs(5), || {
+        backend() == moved.backend.to_string()
+    });
     send(&restarted);
     // The replay, twice: refused both times, as stale.
     std::thread::sleep(Duration::from_millis(200));
@@ -387,7 +400,12 @@ fn a_restarted_peers_old_messages_are_not_believed_again() {
         count(&lb, "stale") == stale + 2
     });
     let r = replication(&lb);
-    assert_eq!(r["received"], 2, "a replayed pin was believed: {r}");
+    assert_eq!(r["received"], 3, "a replayed pin was believed: {r}");
+    assert_eq!(
+        backend(),
+        moved.backend.to_string(),
+        "a replay moved the pin back"
+    );
 }
 
 /// A peer's NAT record that names this node's own SNAT address and port
