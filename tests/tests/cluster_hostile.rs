@@ -14,7 +14,8 @@
 //! - A peer's newer pin replaces the one held; a restarted peer's
 //!   messages from before the restart, replayed, are refused as stale (the
 //!   pin stays), and so is an old full copy played back; a full
-//!   copy under another key is refused and counted.
+//!   copy under another key is refused and counted; a copy pulled after a
+//!   gap fills in what was lost and replaces no pin held.
 //! - A full copy that ends short is not taken for the peer's whole table.
 //! - A SYN its backend never answered is not sent to the peer.
 //! - A peer's NAT record never takes over a translation this node made
@@ -406,6 +407,56 @@ fn a_restarted_peers_old_messages_are_not_believed_again() {
         moved.backend.to_string(),
         "a replay moved the pin back"
     );
+}
+
+/// A full copy pulled after a gap in a peer's messages fills in what was
+/// lost, but does not replace a pin this node holds: a peer's message may
+/// have installed it after the copy was taken.
+#[test]
+fn a_pulled_copy_does_not_replace_a_pin_held() {
+    let xdplb = bin_path("xdplb").expect("xdplb binary (cargo build --bins)");
+    let (topo, _backends) = served(Shape::Dsr, "chpl", 2, &xdplb, Path::new(TESTBACKEND));
+    let (node, peer, config) = bed(&topo);
+    // Nothing answers its first pull: it starts with its own flows.
+    let lb = Xdplb::start(&xdplb, &topo, &config).unwrap();
+    let key = Key::new(KEY.as_bytes());
+    let on = |b: usize, client: &str| FlowRecord {
+        backend: SocketAddr::new(topo.backend_addr(b, false), 80),
+        client: client.parse().unwrap(),
+        ..pin(&topo)
+    };
+    let (held, lost) = (on(2, "198.18.0.1:40000"), on(2, "198.18.0.2:40000"));
+    let message = |seq: u64, record: FlowRecord| {
+        let header = Header {
+            kind: Kind::Flows,
+            sender: 7,
+            seq,
+            sent_ms: now_ms(),
+        };
+        wire::encode(&key, &header, &[record])
+    };
+    let udp = topo.client().run(|| UdpSocket::bind(peer).unwrap());
+    udp.send_to(&message(1, held), node).unwrap();
+    let vip = SocketAddr::new(topo.vip(false), 80);
+    let backend = |r: &FlowRecord| lb.flow(r.client, vip).unwrap()["backend"].clone();
+    wait_until("the pin held", Duration::from_secs(5), || {
+        backend(&held) == held.backend.to_string()
+    });
+    // The copy the peer serves has the held flow on b1, and the lost one.
+    let parts = [
+        (Kind::Flows, 0, vec![on(1, "198.18.0.1:40000"), lost]),
+        (Kind::SyncEnd, 2, vec![]),
+    ];
+    let player = answer_pull(&topo, peer, full_copy(&key, now_ms(), parts));
+    // Message 2 lost: 3 shows the gap, and the node pulls.
+    udp.send_to(&message(3, on(1, "198.18.0.3:40000")), node)
+        .unwrap();
+    player.join().unwrap();
+    wait_until("the copy pulled", Duration::from_secs(5), || {
+        !replication(&lb)["last_pull"].is_null()
+    });
+    assert_eq!(backend(&lost), lost.backend.to_string(), "the lost pin");
+    assert_eq!(backend(&held), held.backend.to_string(), "the held pin");
 }
 
 /// A peer's NAT record that names this node's own SNAT address and port
