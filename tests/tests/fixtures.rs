@@ -3,7 +3,7 @@
 //! description, an input frame, the expected verdict and the expected output
 //! frame. Maps are populated by the test itself. Needs root (BPF).
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use xdp_common::{
     Backend, Reason, BACKEND_ACTIVE, BACKEND_DOWN, BACKEND_DRAINING, FLOW_F_RETRIED, PROTO_TCP,
@@ -32,6 +32,10 @@ fn packet(src: &str, dst: &str, proto: u8, vlan: Option<u16>) -> Vec<u8> {
 }
 
 fn sa(s: &str) -> SocketAddr {
+    s.parse().unwrap()
+}
+
+fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
 }
 
@@ -619,4 +623,134 @@ fn a_syn_flood_never_evicts_an_established_flow() {
         })
         .collect();
     assert!(picks.contains(&Some(2)), "b3 takes new flows: {picks:?}");
+}
+
+const ROUTER_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x77];
+
+/// A router's ICMP error about `packet` (an IP packet it could not
+/// forward), sent to the packet's source `to`, as a frame to the load
+/// balancer: IPv4 "fragmentation needed" (MTU 1400), quoting 548 bytes as
+/// Linux does, or ICMPv6 "packet too big" (MTU 1280), quoting 1232.
+fn too_big(to: SocketAddr, packet: &[u8]) -> Vec<u8> {
+    let (router, icmp, max) = if to.is_ipv4() {
+        (sa("10.0.200.1:0"), (3, 4, [0, 0, 0x05, 0x78]), 548)
+    } else {
+        (sa("[fd00:200::1]:0"), (2, 0, [0, 0, 0x05, 0x00]), 1232)
+    };
+    let quote = frame::quote(packet, max, true);
+    let ip = frame::icmp_message(router.ip(), to.ip(), icmp.0, icmp.1, icmp.2, &quote);
+    frame::frame(LB_MAC, ROUTER_MAC, &ip)
+}
+
+/// A DSR backend's reply (from the VIP) to `client`, big enough that a
+/// router on the way sends it back as too big.
+fn big_reply(vip: SocketAddr, client: SocketAddr, proto: u8) -> Vec<u8> {
+    let payload = [0x5a; 1400];
+    match proto {
+        PROTO_TCP => Seg::tcp(vip, client, frame::ACK | frame::PSH, &payload).ip(),
+        _ => Seg::udp(vip, client, &payload).ip(),
+    }
+}
+
+/// DSR: a backend replies from the VIP, so a router that cannot forward a
+/// too-big reply sends "fragmentation needed" / "packet too big" to the
+/// VIP, that is here. Path MTU discovery needs it at the backend: it goes,
+/// unchanged but for the MACs, to the flow's pinned backend (not the one
+/// the table would pick now), or, for a flow unknown here, to the one the
+/// table picks, pinning nothing.
+#[test]
+fn icmp_errors_about_dsr_flows_go_to_the_flows_backend() {
+    let mut h = Harness::standard();
+    // (VIP, service id in `standard`, protocol).
+    let services = [
+        ("10.0.100.1:80", 0, PROTO_TCP),
+        ("10.0.100.1:53", 1, PROTO_UDP),
+        ("[fd00:100::1]:80", 2, PROTO_TCP),
+        ("[fd00:100::1]:53", 3, PROTO_UDP),
+    ];
+    for (n, &(vip, id, proto)) in services.iter().enumerate() {
+        let vip = sa(vip);
+        let client = if vip.is_ipv4() { "10.0.0.1" } else { "fd00::1" };
+        let client = SocketAddr::new(client.parse().unwrap(), 40000);
+        let stranger = SocketAddr::new(client.ip(), 40001);
+        let first = Seg::probe(client, vip, proto).frame(LB_MAC, CLIENT_MAC);
+        check_forwarded(&mut h, "the client's first packet", &first, 0);
+        // The table now names backend 1 only: the flow stays on 0.
+        h.set_service(&vip.to_string(), proto, id, (2 * id + 1) * TABLE_SIZE, &[1]);
+        let about_flow = too_big(vip, &big_reply(vip, client, proto));
+        let about_stranger = too_big(vip, &big_reply(vip, stranger, proto));
+        check(
+            &mut h,
+            [
+                forwarded("an error about a pinned flow", about_flow, 0),
+                forwarded("an error about an unknown flow", about_stranger, 1),
+            ],
+        );
+        let route = h.0.maps.route(stranger, vip, proto).unwrap();
+        assert_eq!(
+            route.backend_id, 1,
+            "{vip}: the client's first packet's pick"
+        );
+        assert!(!route.established, "{vip}: an error pins no flow");
+        assert_eq!(h.reason(Reason::DsrIcmp), 2 * n as u64 + 2, "{vip}");
+    }
+    assert_eq!(h.reason(Reason::FlowNew), 4);
+    assert_eq!(h.reason(Reason::PassNotService), 0);
+}
+
+/// An ICMP error the load balancer has no flow for passes to the kernel
+/// untouched, as before: about a packet not sent from a VIP, from a VIP
+/// port or protocol without service, from a service without backends, or
+/// addressed to another MAC; and an echo request is no error.
+#[test]
+fn icmp_errors_about_no_dsr_flow_pass_untouched() {
+    let mut h = Harness::standard();
+    h.set_service("10.0.100.1:8080", PROTO_TCP, 4, 8 * TABLE_SIZE, &[]);
+    let error =
+        |from: &str, to: &str, proto: u8| too_big(sa(from), &big_reply(sa(from), sa(to), proto));
+    let echo = |from: &str, to: &str| {
+        let ip = frame::icmp_message(ip(from), ip(to), 128, 0, [0, 1, 0, 1], &[]);
+        frame::frame(LB_MAC, CLIENT_MAC, &ip)
+    };
+    // Sent to the VIP, quoting another address's packet.
+    let misaddressed = {
+        let reply = big_reply(sa("10.0.0.2:80"), sa("10.0.0.1:40000"), PROTO_TCP);
+        let quote = frame::quote(&reply, 548, true);
+        let ip = frame::icmp_message(ip("10.0.200.1"), ip("10.0.100.1"), 3, 4, [0; 4], &quote);
+        frame::frame(LB_MAC, ROUTER_MAC, &ip)
+    };
+    let foreign = with_macs(
+        &error("10.0.100.1:80", "10.0.0.1:40000", PROTO_TCP),
+        [0x02, 0, 0, 0, 0, 0x99],
+        ROUTER_MAC,
+    );
+    let not_service = [
+        (
+            "from another address",
+            error("10.0.0.2:80", "10.0.0.1:40000", PROTO_TCP),
+        ),
+        (
+            "from the VIP, no service on its port",
+            error("10.0.100.1:443", "10.0.0.1:1", PROTO_TCP),
+        ),
+        (
+            "from the VIP, TCP port, UDP",
+            error("[fd00:100::1]:80", "[fd00::1]:1", PROTO_UDP),
+        ),
+        (
+            "from a service without backends",
+            error("10.0.100.1:8080", "10.0.0.1:1", PROTO_TCP),
+        ),
+        ("to the VIP, quoting another address's packet", misaddressed),
+        (
+            "an ICMPv6 echo request to the VIP",
+            echo("fd00::1", "fd00:100::1"),
+        ),
+    ];
+    let count = not_service.len() as u64;
+    check(&mut h, not_service.map(|(what, f)| untouched(what, f)));
+    check(&mut h, [untouched("to another MAC", foreign)]);
+    assert_eq!(h.reason(Reason::PassNotService), count);
+    assert_eq!(h.reason(Reason::PassNotForUs), 1);
+    assert_eq!(h.reason(Reason::DsrIcmp), 0);
 }

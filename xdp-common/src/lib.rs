@@ -32,9 +32,8 @@ pub mod map_names {
     /// packet so far (LRU, small): a flood of SYNs churns this table, never
     /// the one of answered flows.
     pub const OPENING: &str = "xdplb_open_v1";
-    /// Per-CPU counter per `Reason` (v4: 22 reasons, `pass_no_route` and
-    /// `drop_nat_no_flow`, `flow_retry` added).
-    pub const REASONS: &str = "xdplb_stats_v4";
+    /// Per-CPU counter per `Reason` (v5: 23 reasons, `dsr_icmp` added).
+    pub const REASONS: &str = "xdplb_stats_v5";
     /// Per-CPU `Counters` per service id (v2: `new_flows` added).
     pub const SERVICE_STATS: &str = "xdplb_svcst_v2";
     /// Per-CPU `Counters` per backend id (v2: `new_flows` added).
@@ -595,10 +594,14 @@ pub enum Reason {
     /// DSR: a flow whose client retransmitted its SYN unanswered moved to
     /// another backend (once).
     FlowRetry,
+    /// DSR: an ICMP error about a flow (a router's "fragmentation needed"
+    /// about a backend's reply, sent to the VIP) was sent to the flow's
+    /// backend.
+    DsrIcmp,
 }
 
 /// Number of `Reason` counters.
-pub const REASON_COUNT: u32 = 22;
+pub const REASON_COUNT: u32 = 23;
 
 impl Reason {
     /// Every reason, in index order.
@@ -625,6 +628,7 @@ impl Reason {
         Reason::PassNoRoute,
         Reason::DropNatNoFlow,
         Reason::FlowRetry,
+        Reason::DsrIcmp,
     ];
 
     /// Stable name used by the CLI, logs and tests.
@@ -652,6 +656,7 @@ impl Reason {
             Reason::PassNoRoute => "pass_no_route",
             Reason::DropNatNoFlow => "drop_nat_no_flow",
             Reason::FlowRetry => "flow_retry",
+            Reason::DsrIcmp => "dsr_icmp",
         }
     }
 }

@@ -8,6 +8,7 @@ mod conntrack;
 mod csum;
 mod events;
 mod forward;
+mod icmp;
 mod ifmac;
 mod maglev;
 mod maps;
@@ -64,8 +65,13 @@ fn balance(ctx: &XdpContext) -> Result<u32, Reason> {
     // written in place, so a reader sees one version or the other.
     let Some(service) = (unsafe { SERVICES.get(&service_key) }) else {
         // Not for a service: maybe a reply to a NAT flow (only looked up
-        // when NAT is in use, to keep other traffic's cost down).
-        if GLOBALS.get(0).is_some_and(|g| g.nat_enabled != 0) {
+        // when NAT is in use, to keep other traffic's cost down), or an
+        // ICMP error about a flow (ICMP has no ports: never a service's).
+        let nat = GLOBALS.get(0).is_some_and(|g| g.nat_enabled != 0);
+        if icmp::is_icmp(&packet) {
+            return icmp_error(ctx, &packet, nat);
+        }
+        if nat {
             for_us(ctx)?;
             return nat::reverse(ctx, &packet);
         }
@@ -141,6 +147,25 @@ fn balance(ctx: &XdpContext) -> Result<u32, Reason> {
             deliver(ctx, service, id, backend, true)
         }
     }
+}
+
+/// An ICMP error about one of our flows: a DSR flow's goes to its backend;
+/// else, with NAT on, a translated flow's is translated back to its client.
+/// Anything else (an echo, an error about someone else's packet) is
+/// passed as before.
+#[inline(always)]
+fn icmp_error(ctx: &XdpContext, packet: &parse::Packet, nat: bool) -> Result<u32, Reason> {
+    let quoted = icmp::quoted(ctx, packet);
+    if let Ok(q) = &quoted {
+        if let Some(verdict) = icmp::to_backend(ctx, q)? {
+            return Ok(verdict);
+        }
+    }
+    if !nat {
+        return Err(Reason::PassNotService);
+    }
+    for_us(ctx)?;
+    nat::icmp_error(ctx, packet, &quoted?)
 }
 
 /// Before any balancing decision (NAT replies included): a frame another

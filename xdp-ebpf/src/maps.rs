@@ -40,7 +40,7 @@ pub static FLOWS: LruHashMap<FlowKey, Flow> = LruHashMap::pinned(MAX_FLOWS, BPF_
 pub static OPENING: LruHashMap<FlowKey, Flow> =
     LruHashMap::pinned(MAX_OPENING_FLOWS, BPF_F_NO_COMMON_LRU);
 
-#[map(name = "xdplb_stats_v4")]
+#[map(name = "xdplb_stats_v5")]
 pub static REASONS: PerCpuArray<u64> = PerCpuArray::pinned(REASON_COUNT, 0);
 
 #[map(name = "xdplb_svcst_v2")]

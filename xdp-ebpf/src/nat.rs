@@ -22,16 +22,18 @@ use xdp_common::{
     nat_expired, nat_partner_expired, nat_track_seq, Backend, FlowKey, NatFwd, NatRev, NatSource,
     Reason, Service, ServiceKey, MAX_SNAT_POOL, NAT_F_ANSWERED, NAT_F_CLOSING, NAT_F_REFUSED,
     NAT_F_RETRIED, NAT_PORT_TRIES, NAT_UNANSWERED_PER_SOURCE, NAT_UNANSWERED_TIMEOUT_S, PROTO_TCP,
-    PROTO_UDP, SVC_F_NAT_RETRY, SYN_RETRANSMITTED_NS, V4_MAPPED_PREFIX,
+    PROTO_UDP, SVC_F_NAT_RETRY, SYN_RETRANSMITTED_NS,
 };
 
 use crate::{
     csum::{self, Diff},
-    forward, maglev,
+    forward,
+    icmp::Quoted,
+    maglev,
     maps::{
         BACKENDS, NAT_FULL_UNTIL, NAT_FWD, NAT_REV, NAT_SCAN, NAT_SOURCES, SERVICES, SNAT_POOLS,
     },
-    parse::{ptr_at, Packet, PROTO_ICMP, PROTO_ICMPV6},
+    parse::{ptr_at, Packet},
     replicate,
     stats::{self, count},
 };
@@ -471,13 +473,11 @@ fn send_forward(
     Ok(verdict)
 }
 
-/// A packet that matched no service: a backend's reply to a NAT flow, an
-/// ICMP error about one, or none of our business (`Err(PassNotService)`).
+/// A TCP/UDP packet that matched no service: a backend's reply to a NAT
+/// flow, or none of our business (`Err(PassNotService)`). ICMP errors
+/// about NAT flows go to [`icmp_error`] instead.
 #[inline(always)]
 pub fn reverse(ctx: &XdpContext, p: &Packet) -> Result<u32, Reason> {
-    if p.key.proto == PROTO_ICMP || p.key.proto == PROTO_ICMPV6 {
-        return icmp_error(ctx, p);
-    }
     let r = NAT_REV.get_ptr_mut(&p.key).ok_or(Reason::PassNotService)?;
     // SAFETY: valid for this run.
     let r = unsafe { &mut *r };
@@ -731,67 +731,18 @@ fn rewrite(
     Ok(())
 }
 
-/// ICMP "destination unreachable" (port unreachable, fragmentation
-/// needed...) and "time exceeded", and ICMPv6 "destination unreachable",
-/// "packet too big" and "time exceeded", sent to our SNAT address about a
+/// An ICMP error (see `icmp::quoted`) sent to our SNAT address about a
 /// packet we translated: translated back to the client, the quoted packet
 /// included, so path MTU discovery works through the load balancer.
 #[inline(always)]
-fn icmp_error(ctx: &XdpContext, p: &Packet) -> Result<u32, Reason> {
+pub fn icmp_error(ctx: &XdpContext, p: &Packet, q: &Quoted) -> Result<u32, Reason> {
     let v6 = p.ipv6;
-    let icmp_type: *const u8 = ptr_at(ctx, p.l4).ok_or(Reason::PassMalformed)?;
-    let t = unsafe { *icmp_type };
-    let is_error = if v6 {
-        t == 1 || t == 2 || t == 3
-    } else {
-        t == 3 || t == 11
-    };
-    if !is_error {
-        return Err(Reason::PassNotService);
-    }
-    // The quoted packet: the one we sent to the backend.
-    let inner_l3 = p.l4 + 8;
-    let (inner_l4, inner_proto, inner_src_off, inner_dst_off) = if v6 {
-        let next: *const u8 = ptr_at(ctx, inner_l3 + 6).ok_or(Reason::PassNotService)?;
-        (inner_l3 + 40, unsafe { *next }, inner_l3 + 8, inner_l3 + 24)
-    } else {
-        let vihl: *const u8 = ptr_at(ctx, inner_l3).ok_or(Reason::PassNotService)?;
-        let ihl = usize::from(unsafe { *vihl } & 0x0f) * 4;
-        if ihl < 20 {
-            return Err(Reason::PassNotService);
-        }
-        let proto: *const u8 = ptr_at(ctx, inner_l3 + 9).ok_or(Reason::PassNotService)?;
-        (
-            inner_l3 + ihl,
-            unsafe { *proto },
-            inner_l3 + 12,
-            inner_l3 + 16,
-        )
-    };
-    if inner_proto != PROTO_TCP && inner_proto != PROTO_UDP {
-        return Err(Reason::PassNotService);
-    }
-    let mut inner_src = [0u32; 4];
-    let mut inner_dst = [0u32; 4];
-    read_addr(ctx, inner_src_off, &mut inner_src, v6)?;
-    read_addr(ctx, inner_dst_off, &mut inner_dst, v6)?;
-    // Only an error sent to the address the quoted packet came from (our
-    // SNAT address) is about a packet we sent; one addressed elsewhere is
-    // someone else's, whatever it quotes.
-    if p.key.dst != inner_src {
-        return Err(Reason::PassNotService);
-    }
-    let ports: *const [u16; 2] = ptr_at(ctx, inner_l4).ok_or(Reason::PassNotService)?;
-    let [inner_sport, inner_dport] = unsafe { core::ptr::read_unaligned(ports) };
+    let (inner_l3, inner_l4, inner_proto) = (q.l3, q.l4, q.proto);
+    let (inner_src, inner_dst) = (q.src, q.dst);
+    let (inner_sport, inner_dport) = (q.sport_be, q.dport_be);
+    let (inner_src_off, inner_dst_off) = q.addr_offsets(v6);
     // The reply key: as the backend would answer the quoted packet.
-    let rk = FlowKey {
-        src: inner_dst,
-        dst: inner_src,
-        sport_be: inner_dport,
-        dport_be: inner_sport,
-        proto: inner_proto,
-        _pad: [0; 3],
-    };
+    let rk = q.answered_flow();
     let r = NAT_REV.get_ptr(&rk).ok_or(Reason::PassNotService)?;
     // SAFETY: valid for this run.
     let r = unsafe { &*r };
@@ -851,17 +802,4 @@ fn icmp_error(ctx: &XdpContext, p: &Packet) -> Result<u32, Reason> {
     write_u16(ctx, p.l4 + 2, icmp.apply(old))?;
     count(Reason::NatIcmp);
     to_client(ctx, r)
-}
-
-#[inline(always)]
-fn read_addr(ctx: &XdpContext, off: usize, out: &mut [u32; 4], v6: bool) -> Result<(), Reason> {
-    if v6 {
-        let a: *const [u32; 4] = ptr_at(ctx, off).ok_or(Reason::PassNotService)?;
-        *out = unsafe { core::ptr::read_unaligned(a) };
-    } else {
-        let a: *const u32 = ptr_at(ctx, off).ok_or(Reason::PassNotService)?;
-        let [a0, a1, a2] = V4_MAPPED_PREFIX;
-        *out = [a0, a1, a2, unsafe { core::ptr::read_unaligned(a) }];
-    }
-    Ok(())
 }
