@@ -27,7 +27,9 @@ use std::{
 };
 
 use etherparse::{LaxNetSlice, LaxSlicedPacket, TransportSlice};
-use xdp_common::{Backend, Service, BACKEND_ACTIVE, PROTO_TCP, PROTO_UDP, SVC_F_NO_BACKEND};
+use xdp_common::{
+    Backend, Reason, Service, BACKEND_ACTIVE, PROTO_TCP, PROTO_UDP, SVC_F_NO_BACKEND,
+};
 use xdplb::addr;
 use xdplb_tests::{
     datapath::{
@@ -209,8 +211,9 @@ impl Fuzzer {
                 let t = self.live[self.rng.below(self.live.len())];
                 self.seg(t.backend, t.snat, t.proto, &payload)
             }
-            // An ICMP error about a live translation, or quoting garbage.
-            8 if !self.live.is_empty() => return self.icmp_error(),
+            // An ICMP error about a live translation or a DSR flow, or
+            // quoting garbage.
+            8 => return self.icmp_error(),
             // Not for any service.
             _ => {
                 let v6 = self.rng.chance(30);
@@ -249,14 +252,23 @@ impl Fuzzer {
         }
     }
 
-    /// An ICMP error from a router to the SNAT address quoting a packet of a
-    /// live translation (sometimes cut short or replaced by garbage).
+    /// An ICMP error from a router about a packet sent from the address it
+    /// is addressed to: a live translation's (to the SNAT address) or a DSR
+    /// backend's reply to a client (to the VIP); sometimes cut short or
+    /// replaced by garbage.
     fn icmp_error(&mut self) -> Vec<u8> {
-        let t = self.live[self.rng.below(self.live.len())];
-        let mut quoted = if t.proto == PROTO_TCP {
-            Seg::tcp(t.snat, t.backend, ACK, b"quoted data")
+        let (from, to, proto) = if self.live.is_empty() || self.rng.chance(50) {
+            let (vip, port, proto) = *self.rng.pick(&DSR);
+            let client = self.client(vip.contains(':'));
+            (SocketAddr::new(ip(vip), port), client, proto)
         } else {
-            Seg::udp(t.snat, t.backend, b"quoted data")
+            let t = self.live[self.rng.below(self.live.len())];
+            (t.snat, t.backend, t.proto)
+        };
+        let mut quoted = if proto == PROTO_TCP {
+            Seg::tcp(from, to, ACK, b"quoted data")
+        } else {
+            Seg::udp(from, to, b"quoted data")
         }
         .ip();
         if self.rng.chance(20) {
@@ -268,7 +280,7 @@ impl Fuzzer {
         let quote = frame::quote(&quoted, max, false);
         // (router, [(ICMP type, code, the 4 bytes after the checksum)]):
         // too big, unreachable, time exceeded.
-        let (router, errors): (_, [(u8, u8, [u8; 4]); 3]) = if t.snat.is_ipv4() {
+        let (router, errors): (_, [(u8, u8, [u8; 4]); 3]) = if from.is_ipv4() {
             (
                 "10.0.1.254",
                 [(3, 4, [0, 0, 5, 0xdc]), (3, 3, [0; 4]), (11, 0, [0; 4])],
@@ -280,7 +292,7 @@ impl Fuzzer {
             )
         };
         let (kind, code, rest) = *self.rng.pick(&errors);
-        let packet = frame::icmp_message(ip(router), t.snat.ip(), kind, code, rest, &quote);
+        let packet = frame::icmp_message(ip(router), from.ip(), kind, code, rest, &quote);
         frame::frame(LB_MAC, CLIENT_MAC, &packet)
     }
 
@@ -543,6 +555,8 @@ fn fuzzed_frames_never_abort_and_rewrite_only_what_they_may() {
             c.nat_rewrites_verified > 0,
             "no verified NAT rewrite: {c:?}"
         );
+        let dsr_icmp = fuzzer.dp.reason(Reason::DsrIcmp).unwrap();
+        assert!(dsr_icmp > 0, "no ICMP error sent to a DSR backend: {c:?}");
     }
 }
 
