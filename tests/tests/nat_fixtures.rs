@@ -522,6 +522,15 @@ fn replies_matching_no_flow_pass_untouched() {
         IpAddr::V6(_) => a,
     };
     let mapped_reply = Seg::tcp(mapped(f.backend), mapped(to_port), frame::ACK, b"x");
+    // A router's "fragmentation needed" about a translated reply (VIP ->
+    // client), sent to the VIP: the client side's business, not a
+    // backend's (a DSR service's would go to its backend).
+    let about_reply = {
+        let reply = Seg::tcp(f.vip, f.client, frame::ACK, &[0; 1400]).ip();
+        let quote = frame::quote(&reply, 548, true);
+        let error = frame::icmp_message(ip(ROUTER4), f.vip.ip(), 3, 4, [0, 0, 5, 0x78], &quote);
+        frame::frame(LB_MAC_A, ROUTER_MAC, &error)
+    };
     let cases = [
         (
             "reply to a port with no translation",
@@ -552,6 +561,7 @@ fn replies_matching_no_flow_pass_untouched() {
             "IPv6 in the IPv4-mapped form of a translated reply",
             from_backend(&mapped_reply, 0),
         ),
+        ("an ICMP error about a reply, sent to the VIP", about_reply),
     ];
     for (what, input) in &cases {
         let (verdict, out) = h.run(input);
