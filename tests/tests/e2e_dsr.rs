@@ -1,13 +1,20 @@
 //! End to end in veth namespaces: the demo topology (client, load balancer,
 //! three backends running a real HTTP server with the VIP on loopback, one
 //! L2 segment), the real `xdplb` binary attached in native XDP mode, and
-//! real TCP connections from the client. Needs root.
+//! real TCP connections from the client; and path MTU discovery through DSR,
+//! with the client namespace as the router in front of a narrower link.
+//! Needs root.
 
-use std::net::SocketAddr;
+use std::{net::SocketAddr, time::Duration};
 
 use xdp_common::Reason;
 use xdplb::dataplane::Maps;
-use xdplb_tests::{bed::Bed, lb::dsr_config, traffic::requests};
+use xdplb_tests::{
+    bed::Bed,
+    lb::dsr_config,
+    netns::{exec_line, unique_prefix, Netns},
+    traffic::{download, pattern_sha256, requests},
+};
 
 #[test]
 fn dsr_balances_real_connections_over_ipv4_and_ipv6() {
@@ -78,4 +85,62 @@ fn dsr_balances_real_connections_over_ipv4_and_ipv6() {
     assert!(!bed.lb.pin_dir.exists(), "pins removed");
     let link = bed.lb_link();
     assert!(!link.contains("xdp"), "XDP detached: {link}");
+}
+
+/// Path MTU discovery through DSR. A backend answers from the VIP, so a
+/// router that cannot forward its full-sized replies sends "fragmentation
+/// needed" / "packet too big" to the VIP, that is to the load balancer,
+/// which must pass it on to the backend: else the download stalls in a
+/// black hole. Here the client namespace is that router: a far client sits
+/// behind it on a 1400-byte link and advertises the MSS of a 1500-byte
+/// path (as a client behind a tunnel does when nothing clamps the MSS).
+#[test]
+fn path_mtu_discovery_reaches_dsr_backends() {
+    let bed = Bed::dsr("dmtu", 1, dsr_config);
+    let (router, b1) = (bed.topo.client(), bed.topo.backend(1));
+    let far = Netns::new(&format!("{}-far", unique_prefix("dmtu"))).unwrap();
+    let far_name = far.name();
+    for (ns, line) in [
+        (
+            router,
+            format!("ip link add narrow type veth peer name eth0 netns {far_name}"),
+        ),
+        (router, "ip link set narrow mtu 1400 up".into()),
+        (router, "ip addr add 10.77.200.1/24 dev narrow".into()),
+        (router, "ip addr add fd77:200::1/64 dev narrow nodad".into()),
+        (router, "sysctl -qw net.ipv4.ip_forward=1".into()),
+        (router, "sysctl -qw net.ipv6.conf.all.forwarding=1".into()),
+        (&far, "ip link set eth0 mtu 1400 up".into()),
+        (&far, "ip addr add 10.77.200.2/24 dev eth0".into()),
+        (&far, "ip addr add fd77:200::2/64 dev eth0 nodad".into()),
+        (
+            &far,
+            "ip route add default via 10.77.200.1 advmss 1460".into(),
+        ),
+        (
+            &far,
+            "ip -6 route add default via fd77:200::1 advmss 1440".into(),
+        ),
+        (b1, "ip route add 10.77.200.0/24 via 10.77.0.1".into()),
+        (b1, "ip -6 route add fd77:200::/64 via fd77::1".into()),
+    ] {
+        exec_line(ns, &line);
+    }
+    let n = 4 << 20;
+    let want = pattern_sha256(n).unwrap();
+    for (v6, far_addr) in [(false, "10.77.200.2"), (true, "fd77:200::2")] {
+        let vip = SocketAddr::new(bed.topo.vip(v6), 80);
+        // A stalled download fails at its 30 s read timeout.
+        let got = far.run(|| download(vip, n, Duration::from_secs(30)));
+        let got = got.unwrap_or_else(|e| panic!("{vip}: {e:#}\n{}", bed.lb.stats_text()));
+        assert_eq!(got.sha256, want, "{vip}: the download arrived changed");
+        let route = exec_line(b1, &format!("ip route get {far_addr}"));
+        assert!(
+            route.contains("mtu 1400"),
+            "{vip}: b1 learned the path MTU: {route}"
+        );
+    }
+    let maps = Maps::open_pinned(&bed.lb.pin_dir).unwrap();
+    let forwarded = maps.reason_count(Reason::DsrIcmp).unwrap();
+    assert!(forwarded >= 2, "ICMP errors sent to b1: {forwarded}");
 }
