@@ -85,11 +85,11 @@ type Dated = (Instant, Arc<Snapshot>);
 #[derive(Clone)]
 struct Shared {
     sources: Sources,
-    /// The latest snapshot and when it was started. Held while one is
-    /// taken, so at most one is taken at a time, and requests that arrive
-    /// meanwhile wait for it and answer from the next: taking one holds
-    /// the daemon's lock for a while at thousands of backends, so one per
-    /// client at once would keep API changes and health verdicts waiting.
+    /// Held while a snapshot is taken, so at most one is taken at a time,
+    /// and requests that arrive meanwhile wait for it and answer from the
+    /// next: taking one holds the daemon's lock for a while at thousands of
+    /// backends, so one per client at once would keep API changes and
+    /// health verdicts waiting.
     latest: Arc<Mutex<Option<Dated>>>,
 }
 
