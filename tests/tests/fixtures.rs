@@ -372,11 +372,11 @@ fn a_source_hashed_service_sends_all_of_a_clients_flows_to_one_backend() {
     h.0.set_service(vip, PROTO_TCP, svc, &[0, 1, 2]).unwrap();
     let mut used = [0u32; 3];
     for client in 1..=60u8 {
-        let ip: std::net::IpAddr = format!("10.0.1.{client}").parse().unwrap();
+        let addr = ip(&format!("10.0.1.{client}"));
         let mut picked = None;
         // Ports that a 5-tuple hash would spread over all three backends.
         for port in 30000..30010u16 {
-            let src = SocketAddr::new(ip, port);
+            let src = SocketAddr::new(addr, port);
             let expected = h.0.maps.route(src, vip, PROTO_TCP).unwrap().backend_id as usize;
             let input = Seg::probe(src, vip, PROTO_TCP).frame(LB_MAC, CLIENT_MAC);
             let (verdict, out) = h.run(&input);
