@@ -99,6 +99,18 @@ pub struct ServiceKey {
     pub _pad: u8,
 }
 
+impl ServiceKey {
+    #[inline(always)]
+    pub const fn new(addr: [u32; 4], port_be: u16, proto: u8) -> Self {
+        Self {
+            addr,
+            port_be,
+            proto,
+            _pad: 0,
+        }
+    }
+}
+
 /// `Service::flags`: hash the source address only (client affinity).
 pub const SVC_F_HASH_SRC_ONLY: u32 = 1;
 /// `Service::flags`: no backend takes new flows; new flows are dropped.
@@ -194,6 +206,15 @@ impl Backend {
 /// The first three words of an IPv4 address as the maps store it
 /// (`::ffff:a.b.c.d`, wire bytes read as native-endian words).
 pub const V4_MAPPED_PREFIX: [u32; 3] = [0, 0, u32::from_be(0x0000_ffff)];
+
+/// Whether `addr` (key words) is IPv4-mapped, that is how the maps store
+/// an IPv4 address. Word by word: a slice comparison would be a `bcmp`
+/// call, which BPF has not.
+#[inline(always)]
+pub fn is_v4_mapped(addr: &[u32; 4]) -> bool {
+    let [a0, a1, a2] = V4_MAPPED_PREFIX;
+    addr[0] == a0 && addr[1] == a1 && addr[2] == a2
+}
 
 /// Connection-tracking key: the packet's 5-tuple as received.
 #[repr(C)]

@@ -9,7 +9,7 @@ use crate::{
     conntrack::{self, Lookup},
     forward, maglev,
     maps::{BACKENDS, SERVICES},
-    parse::{ptr_at, Packet, PROTO_ICMP, PROTO_ICMPV6},
+    parse::{addr_offsets, ptr_at, Packet, PROTO_ICMP, PROTO_ICMPV6},
     stats::count,
 };
 
@@ -34,16 +34,6 @@ pub struct Quoted {
 }
 
 impl Quoted {
-    /// Offsets of its source and destination address fields.
-    #[inline(always)]
-    pub fn addr_offsets(&self, v6: bool) -> (usize, usize) {
-        if v6 {
-            (self.l3 + 8, self.l3 + 24)
-        } else {
-            (self.l3 + 12, self.l3 + 16)
-        }
-    }
-
     /// The flow the quoted packet answers: its reverse, as the peer that
     /// received it had sent.
     #[inline(always)]
@@ -102,7 +92,7 @@ pub fn quoted(ctx: &XdpContext, p: &Packet) -> Result<Quoted, Reason> {
         sport_be: 0,
         dport_be: 0,
     };
-    let (src_off, dst_off) = q.addr_offsets(v6);
+    let (src_off, dst_off) = addr_offsets(l3, v6);
     read_addr(ctx, src_off, &mut q.src, v6)?;
     read_addr(ctx, dst_off, &mut q.dst, v6)?;
     // Only an error sent to the address the quoted packet came from (our
@@ -139,12 +129,7 @@ fn read_addr(ctx: &XdpContext, off: usize, out: &mut [u32; 4], v6: bool) -> Resu
 /// backend, for the caller to handle as before.
 #[inline(always)]
 pub fn to_backend(ctx: &XdpContext, q: &Quoted) -> Result<Option<u32>, Reason> {
-    let skey = ServiceKey {
-        addr: q.src,
-        port_be: q.sport_be,
-        proto: q.proto,
-        _pad: 0,
-    };
+    let skey = ServiceKey::new(q.src, q.sport_be, q.proto);
     // SAFETY: service values are replaced whole, never written in place.
     let Some(service) = (unsafe { SERVICES.get(&skey) }) else {
         return Ok(None);

@@ -55,12 +55,7 @@ pub fn xdplb(ctx: XdpContext) -> u32 {
 fn balance(ctx: &XdpContext) -> Result<u32, Reason> {
     let packet = parse::parse(ctx)?;
     let key = &packet.key;
-    let service_key = ServiceKey {
-        addr: key.dst,
-        port_be: key.dport_be,
-        proto: key.proto,
-        _pad: 0,
-    };
+    let service_key = ServiceKey::new(key.dst, key.dport_be, key.proto);
     // SAFETY: service values are replaced whole by the control plane, never
     // written in place, so a reader sees one version or the other.
     let Some(service) = (unsafe { SERVICES.get(&service_key) }) else {

@@ -33,7 +33,7 @@ use crate::{
     maps::{
         BACKENDS, NAT_FULL_UNTIL, NAT_FWD, NAT_REV, NAT_SCAN, NAT_SOURCES, SERVICES, SNAT_POOLS,
     },
-    parse::{ptr_at, Packet},
+    parse::{addr_offsets, ptr_at, Packet},
     replicate,
     stats::{self, count},
 };
@@ -560,12 +560,7 @@ fn route_to_client(ctx: &XdpContext, r: &mut NatRev, v6: bool) -> bool {
 /// The service a reply entry's flow belongs to.
 #[inline(always)]
 fn service_of(r: &NatRev, proto: u8) -> Option<&'static Service> {
-    let skey = ServiceKey {
-        addr: r.vip,
-        port_be: r.vip_port_be,
-        proto,
-        _pad: 0,
-    };
+    let skey = ServiceKey::new(r.vip, r.vip_port_be, proto);
     // SAFETY: service values are replaced whole, never written in place.
     unsafe { SERVICES.get(&skey) }
 }
@@ -655,15 +650,6 @@ fn to_client(ctx: &XdpContext, r: &NatRev) -> Result<u32, Reason> {
 
 /// Offsets of a packet's address fields and L4 checksum.
 #[inline(always)]
-fn addr_offsets(p: &Packet) -> (usize, usize) {
-    if p.ipv6 {
-        (p.l3 + 8, p.l3 + 24)
-    } else {
-        (p.l3 + 12, p.l3 + 16)
-    }
-}
-
-#[inline(always)]
 fn write_addr(ctx: &XdpContext, off: usize, addr: &[u32; 4], v6: bool) -> Result<(), Reason> {
     if v6 {
         let a: *mut [u32; 4] = ptr_at(ctx, off).ok_or(Reason::PassMalformed)?;
@@ -709,7 +695,7 @@ fn rewrite(
     l4.u16(k.sport_be, sport);
     l4.u16(k.dport_be, dport);
 
-    let (src_off, dst_off) = addr_offsets(p);
+    let (src_off, dst_off) = addr_offsets(p.l3, p.ipv6);
     write_addr(ctx, src_off, src, v6)?;
     write_addr(ctx, dst_off, dst, v6)?;
     if !v6 {
@@ -740,7 +726,7 @@ pub fn icmp_error(ctx: &XdpContext, p: &Packet, q: &Quoted) -> Result<u32, Reaso
     let (inner_l3, inner_l4, inner_proto) = (q.l3, q.l4, q.proto);
     let (inner_src, inner_dst) = (q.src, q.dst);
     let (inner_sport, inner_dport) = (q.sport_be, q.dport_be);
-    let (inner_src_off, inner_dst_off) = q.addr_offsets(v6);
+    let (inner_src_off, inner_dst_off) = addr_offsets(q.l3, v6);
     // The reply key: as the backend would answer the quoted packet.
     let rk = q.answered_flow();
     let r = NAT_REV.get_ptr(&rk).ok_or(Reason::PassNotService)?;
@@ -788,7 +774,7 @@ pub fn icmp_error(ctx: &XdpContext, p: &Packet, q: &Quoted) -> Result<u32, Reaso
     let mut outer = Diff::default();
     outer.addr(&p.key.src, &r.vip, v6);
     outer.addr(&p.key.dst, &r.client, v6);
-    let (src_off, dst_off) = addr_offsets(p);
+    let (src_off, dst_off) = addr_offsets(p.l3, p.ipv6);
     write_addr(ctx, src_off, &r.vip, v6)?;
     write_addr(ctx, dst_off, &r.client, v6)?;
     if v6 {

@@ -11,7 +11,7 @@ use network_types::{
     udp::UdpHdr,
     vlan::VlanHdr,
 };
-use xdp_common::{FlowKey, Reason, PROTO_TCP, PROTO_UDP, V4_MAPPED_PREFIX};
+use xdp_common::{is_v4_mapped, FlowKey, Reason, PROTO_TCP, PROTO_UDP, V4_MAPPED_PREFIX};
 
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
@@ -104,12 +104,15 @@ impl Packet {
     }
 }
 
-/// Whether `addr` (key words) is IPv4-mapped. Word by word: a slice
-/// comparison would be a `bcmp` call, which BPF has not.
+/// Offsets of the source and destination address fields of the IP header
+/// at `l3`.
 #[inline(always)]
-fn v4_mapped(addr: &[u32; 4]) -> bool {
-    let [a0, a1, a2] = V4_MAPPED_PREFIX;
-    addr[0] == a0 && addr[1] == a1 && addr[2] == a2
+pub fn addr_offsets(l3: usize, v6: bool) -> (usize, usize) {
+    if v6 {
+        (l3 + 8, l3 + 24)
+    } else {
+        (l3 + 12, l3 + 16)
+    }
 }
 
 /// Parses Ethernet (with at most one VLAN tag), IPv4 or IPv6, then the
@@ -171,7 +174,7 @@ pub fn parse(ctx: &XdpContext) -> Result<Packet, Reason> {
             // such an address (never valid on the wire, RFC 4291 2.5.5.2)
             // would match IPv4 services, flows, NAT translations and
             // per-source limits, and be rewritten as IPv4 traffic.
-            if v4_mapped(&key.src) || v4_mapped(&key.dst) {
+            if is_v4_mapped(&key.src) || is_v4_mapped(&key.dst) {
                 return Err(Reason::PassNotService);
             }
             l3 + Ipv6Hdr::LEN

@@ -28,12 +28,7 @@ pub fn from_words(words: [u32; 4]) -> IpAddr {
 
 /// The map key of the service at `vip:port` over `proto`.
 pub fn service_key(vip: IpAddr, port: u16, proto: u8) -> ServiceKey {
-    ServiceKey {
-        addr: to_words(vip),
-        port_be: port.to_be(),
-        proto,
-        _pad: 0,
-    }
+    ServiceKey::new(to_words(vip), port.to_be(), proto)
 }
 
 /// The flow-table key of a packet from `src` to `dst` over `proto`.
